@@ -1,0 +1,86 @@
+"""``create_app(config)``: builds and wires everything; nothing runs at import time.
+
+Background services live in ``cleanup_ctx``, started in order and stopped in reverse:
+backends (connection pools) → discovery (the catalog and its refresh loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.backends.base import Backend
+from gateway.backends.ollama import OllamaBackend
+from gateway.backends.openai_compat import OpenAICompatBackend
+from gateway.config import BackendConfig, GatewayConfig
+from gateway.http import middlewares
+from gateway.http.routes import add_routes
+from gateway.keys import BACKENDS, CATALOG, CONFIG
+from gateway.routing.catalog import ModelCatalog
+
+log = logging.getLogger(__name__)
+
+# Start-up waits this long for the first discovery; slower backends join on the next round.
+FIRST_DISCOVERY_SECONDS = 10.0
+
+
+def build_backend(config: BackendConfig) -> Backend:
+    if config.kind == "ollama":
+        return OllamaBackend(config)
+    return OpenAICompatBackend(config)
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[
+            middlewares.request_id,
+            middlewares.error_envelope,
+            middlewares.auth(config.auth.key_hashes),
+        ],
+    )
+    app[CONFIG] = config
+    backends = {b.name: build_backend(b) for b in config.backends}
+    app[BACKENDS] = backends
+    app[CATALOG] = ModelCatalog(
+        backends.values(), optional=[b.name for b in config.backends if b.optional]
+    )
+    app.on_response_prepare.append(middlewares.add_request_id)
+    app.cleanup_ctx.append(_backends_ctx)
+    app.cleanup_ctx.append(_discovery_ctx)
+    add_routes(app)
+    return app
+
+
+async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
+    backends = app[BACKENDS].values()
+    for backend in backends:
+        await backend.start()
+    yield
+    await asyncio.gather(*(backend.close() for backend in backends))
+
+
+async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    catalog = app[CATALOG]
+    interval = app[CONFIG].server.discovery_interval
+    first = asyncio.create_task(catalog.refresh())
+    done, _ = await asyncio.wait({first}, timeout=FIRST_DISCOVERY_SECONDS)
+    if not done:
+        log.warning("first model discovery is still running after %.0fs; serving meanwhile",
+                    FIRST_DISCOVERY_SECONDS)
+
+    async def loop() -> None:
+        await first
+        while True:
+            await asyncio.sleep(interval)
+            await catalog.refresh()
+
+    task = asyncio.create_task(loop(), name="discovery")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

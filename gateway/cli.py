@@ -1,0 +1,150 @@
+"""``gateway``: serve | demo | models | keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.app import build_backend, create_app
+from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, is_loopback, load_config
+from gateway.http.middlewares import key_digest
+from gateway.routing.catalog import ModelCatalog
+
+log = logging.getLogger("gateway")
+
+DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.toml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
+    serve.add_argument("--host", help="address to listen on (overrides the config)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides the config)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback address without API keys")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="simulated Ollama and MLX servers plus the gateway")
+    demo.add_argument("--port", type=int, help="gateway port (default: the demo config's)")
+    demo.set_defaults(run=_demo)
+
+    models = commands.add_parser("models", help="list the models each backend has")
+    models.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
+    models.set_defaults(run=_models)
+
+    keys = commands.add_parser("keys", help="API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser("new", help="print a fresh API key and the hash to configure")
+    new.set_defaults(run=_new_key)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    config = config.with_server(**overrides)
+    host = config.server.host
+    if not is_loopback(host) and not config.auth.key_hashes and not args.insecure_no_auth:
+        print(f"gateway: refusing to listen on {host} without API keys: anyone who can reach "
+              "it could use your models.\n  Add keys (gateway keys new → [auth] key_hashes) or "
+              "pass --insecure-no-auth.", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+def run(config: GatewayConfig) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_grace`` to finish."""
+    server = config.server
+    log.info("gateway listening on http://%s:%d (config %s)", server.host, server.port,
+             config.source)
+    web.run_app(
+        create_app(config),
+        host=server.host,
+        port=server.port,
+        shutdown_timeout=server.shutdown_grace,
+        handler_cancellation=True,  # a client that hangs up cancels its upstream request
+        access_log=None,
+        print=None,
+        loop=new_event_loop(),
+    )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    config = load_config(DEMO_CONFIG)
+    if args.port is not None:
+        config = config.with_server(port=args.port)
+    run_demo(config)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    return asyncio.run(_print_models(config))
+
+
+async def _print_models(config: GatewayConfig) -> int:
+    backends = [build_backend(b) for b in config.backends]
+    for backend in backends:
+        await backend.start()
+    try:
+        catalog = ModelCatalog(backends)
+        await catalog.refresh()
+    finally:
+        await asyncio.gather(*(b.close() for b in backends))
+    for spec, (name, status) in zip(config.backends, catalog.status().items(), strict=True):
+        state = "up" if status.ok else f"DOWN: {status.error}"
+        print(f"{name}  ({spec.kind}, {spec.tier}, {spec.url})  {state}")
+        for info in catalog.listing(name):
+            size = f"{info.parameters / 1e9:.1f}B" if info.parameters else "-"
+            context = str(info.context_length or "-")
+            caps = ",".join(sorted(info.capabilities))
+            loaded = "loaded" if info.loaded else ""
+            print(f"  {info.name:<40} {size:>7} {info.quantization or '-':<8} "
+                  f"ctx {context:>7}  {caps}  {loaded}".rstrip())
+        if status.ok and not catalog.listing(name):
+            print("  (no models)")
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key = "gw-" + secrets.token_urlsafe(32)
+    print(f"key:  {key}")
+    print(f"hash: {key_digest(key)}")
+    print("\nGive the key to the client; put only the hash in the config:\n")
+    print(f'[auth]\nkey_hashes = ["{key_digest(key)}"]')
+    return 0

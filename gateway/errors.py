@@ -1,0 +1,158 @@
+"""The errors a client can see, each with its OpenAI shape and HTTP status.
+
+Two factories turn a ``GatewayError`` into bytes: ``error_body`` for an HTTP response and
+``GatewayError.sse_event`` for an error sent in-band after a stream has started.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    """An error with a status and an OpenAI body: ``{"error": {message, type, param, code}}``."""
+
+    status: int = 500
+    type: str = "api_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+    def sse_event(self) -> str:
+        """The one ``data:`` payload that ends a stream which cannot finish."""
+        return orjson.dumps(self.payload()).decode()
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model {model!r} does not exist or is not served here.",
+                         param="model")
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError):
+    """A backend failed: unreachable, answered with an error, or broke off a stream."""
+
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, backend: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.backend = backend
+
+
+class Unavailable(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "api_error"
+    code = "upstream_timeout"
+
+
+def from_upstream_status(
+    backend: str, status: int, message: str, retry_after: float | None, code: str | None = None
+) -> GatewayError:
+    """Map an upstream HTTP error onto what the client should see.
+
+    Client mistakes (400, 404, 413) are passed on as such; the gateway's own credentials
+    being refused is the gateway's problem (502), not the client's 401.
+    """
+    text = f"{backend}: {message}" if message else f"{backend} answered HTTP {status}"
+    if status == 400 or status == 422:
+        return InvalidRequest(message or text, code=code or _error_code(message))
+    if status == 404:
+        return NotFound(text, code="model_not_found", param="model")
+    if status == 413:
+        return PayloadTooLarge(text)
+    if status == 429:
+        return RateLimited(text, retry_after=retry_after if retry_after is not None else 1)
+    if status in (408, 504):
+        return UpstreamTimeout(text, backend=backend)
+    if status == 503:
+        return Unavailable(text, backend=backend, retry_after=retry_after or 1)
+    if status in (401, 403):
+        return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend)
+    return UpstreamError(text, backend=backend)
+
+
+def _error_code(message: str) -> str | None:
+    lowered = message.lower()
+    if "context" in lowered and ("length" in lowered or "window" in lowered or "size" in lowered):
+        return "context_length_exceeded"
+    if "content" in lowered and ("policy" in lowered or "filter" in lowered):
+        return "content_policy_violation"
+    return None

@@ -1,0 +1,116 @@
+"""HTTP concerns only: request ids, the error envelope, and API-key auth.
+
+Anything that reads or rewrites a body or a stream is a plugin, not a middleware.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Iterable
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from gateway.keys import CONFIG, REQUEST_ID, TENANT
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Paths anyone may call: liveness for load balancers and orchestrators.
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.body(),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams included, names its request."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["x-request-id"] = request_id
+
+
+@web.middleware
+async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    supplied = request.headers.get("x-request-id", "")
+    request[REQUEST_ID] = supplied if _CLIENT_ID.fullmatch(supplied) else secrets.token_hex(8)
+    return await handler(request)
+
+
+@web.middleware
+async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as OpenAI-shaped JSON, never a traceback or an HTML page."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].server.max_body_bytes
+        return error_response(PayloadTooLarge(
+            f"The request body is larger than the limit of {limit} bytes."))
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"No route for {request.method} {request.path}.",
+                                       code="unknown_url"))
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        error = InvalidRequest(f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                               status=405, code="method_not_allowed")
+        response = error_response(error)
+        response.headers["Allow"] = allowed
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(GatewayError(exc.reason, status=exc.status,
+                                           type="invalid_request_error"))
+    except Exception:
+        log.exception("request %s failed", request.get(REQUEST_ID, "?"))
+        return error_response(GatewayError("The gateway failed to handle this request.",
+                                           code="internal_error"))
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def auth(key_hashes: Iterable[str]) -> Middleware:
+    """Bearer API keys checked against their SHA-256 digests; the tenant is a digest prefix."""
+    digests = frozenset(h.removeprefix("sha256:") for h in key_hashes)
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not digests or request.path in PUBLIC_PATHS:
+            request[TENANT] = ""
+            return await handler(request)
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationFailed(
+                "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+        digest = key_digest(key.strip())
+        if digest not in digests:
+            raise AuthenticationFailed("Invalid API key.")
+        request[TENANT] = digest[:16]
+        return await handler(request)
+
+    return check
+
+
+def json_response(data: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json", headers=headers)

@@ -1,0 +1,17 @@
+"""Every typed key under which the application and requests keep their state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.backends.base import Backend
+from gateway.config import GatewayConfig
+from gateway.routing.catalog import ModelCatalog
+
+CONFIG = web.AppKey("config", GatewayConfig)
+BACKENDS = web.AppKey("backends", dict[str, Backend])
+CATALOG = web.AppKey("catalog", ModelCatalog)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+# Who is asking: a short digest of the API key, or "" when auth is off.
+TENANT = web.RequestKey("tenant", str)

@@ -1,0 +1,202 @@
+"""Ollama's native wire format: OpenAI requests → ``/api/chat`` and ``/api/generate``
+payloads, NDJSON lines → normalized chunks, and model listings → ``ModelInfo``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import orjson
+
+from gateway.backends.base import Chunk, ModelInfo, Usage, parse_parameter_size
+from gateway.errors import InvalidRequest, UpstreamError
+from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
+
+# Extra sampling fields some clients send, which Ollama understands under the same name.
+_PASSTHROUGH_OPTIONS = ("top_k", "min_p", "repeat_penalty", "frequency_penalty",
+                        "presence_penalty")
+
+
+def options(sampling: Sampling, body: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if sampling.temperature is not None:
+        out["temperature"] = sampling.temperature
+    if sampling.top_p is not None:
+        out["top_p"] = sampling.top_p
+    if sampling.max_tokens is not None:
+        out["num_predict"] = sampling.max_tokens
+    if sampling.stop:
+        out["stop"] = sampling.stop
+    if sampling.seed is not None:
+        out["seed"] = sampling.seed
+    for key in _PASSTHROUGH_OPTIONS:
+        if isinstance(body.get(key), int | float):
+            out[key] = body[key]
+    return out
+
+
+def chat_payload(req: ChatRequest, model: str, keep_alive: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": messages(req.messages),
+        "stream": req.stream,
+    }
+    opts = options(req.sampling, req.body)
+    if opts:
+        payload["options"] = opts
+    if req.tools and req.tool_choice != "none":
+        payload["tools"] = req.tools
+    fmt = req.response_format or {}
+    if fmt.get("type") == "json_object":
+        payload["format"] = "json"
+    elif fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        payload["format"] = schema if isinstance(schema, dict) else "json"
+    if req.reasoning_effort is not None:
+        payload["think"] = req.reasoning_effort not in ("none", "minimal")
+    if keep_alive:
+        payload["keep_alive"] = keep_alive
+    return payload
+
+
+def generate_payload(req: CompletionRequest, model: str, keep_alive: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {"model": model, "prompt": req.prompt, "stream": req.stream}
+    if req.suffix is not None:
+        payload["suffix"] = req.suffix
+    opts = options(req.sampling, req.body)
+    if opts:
+        payload["options"] = opts
+    if keep_alive:
+        payload["keep_alive"] = keep_alive
+    return payload
+
+
+def messages(source: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages in Ollama's shape: text content, base64 ``images``, object arguments."""
+    out: list[dict[str, Any]] = []
+    tool_names: dict[str, str] = {}
+    for message in source:
+        role = message["role"]
+        role = {"developer": "system", "function": "tool"}.get(role, role)
+        content = message.get("content")
+        converted: dict[str, Any] = {"role": role, "content": text_of(content)}
+        if isinstance(content, list):
+            images = [_image_data(p) for p in content if p.get("type") == "image_url"]
+            if images:
+                converted["images"] = images
+        calls = message.get("tool_calls")
+        if calls:
+            converted["tool_calls"] = [_tool_call_out(call, tool_names) for call in calls]
+        if role == "tool":
+            name = message.get("name") or tool_names.get(message.get("tool_call_id") or "")
+            if name:
+                converted["tool_name"] = name
+        out.append(converted)
+    return out
+
+
+def _image_data(part: dict[str, Any]) -> str:
+    url = image_url(part)
+    if not url.startswith("data:"):
+        raise InvalidRequest(
+            "Images must be sent inline as data: URLs (data:image/png;base64,...); "
+            "the gateway does not fetch remote URLs.", param="messages", code="invalid_image_url",
+        )
+    _, _, data = url.partition(",")
+    return data
+
+
+def _tool_call_out(call: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    function = call["function"]
+    arguments = function.get("arguments") or "{}"
+    if isinstance(arguments, str):
+        try:
+            arguments = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                f"tool call {function['name']!r} has arguments that are not valid JSON.",
+                param="messages",
+            ) from None
+    if call.get("id"):
+        names[call["id"]] = function["name"]
+    return {"function": {"name": function["name"], "arguments": arguments}}
+
+
+class StreamTranslator:
+    """NDJSON objects from ``/api/chat`` or ``/api/generate`` → chunks, one answer's worth."""
+
+    __slots__ = ("_backend", "_calls")
+
+    def __init__(self, backend: str) -> None:
+        self._backend = backend
+        self._calls = 0
+
+    def chunk(self, obj: dict[str, Any]) -> Chunk:
+        if "error" in obj:
+            raise UpstreamError(f"{self._backend}: {obj['error']}", backend=self._backend,
+                                code="upstream_stream_error")
+        message = obj.get("message")
+        if message is not None:
+            chunk = Chunk(content=message.get("content") or "",
+                          reasoning=message.get("thinking") or "")
+            calls = message.get("tool_calls")
+            if calls:
+                chunk.tool_calls = [self._tool_call(call) for call in calls]
+        else:  # /api/generate
+            chunk = Chunk(content=obj.get("response") or "", reasoning=obj.get("thinking") or "")
+        if obj.get("done"):
+            reason = obj.get("done_reason")
+            chunk.finish_reason = (
+                "tool_calls" if self._calls else "length" if reason == "length" else "stop"
+            )
+            chunk.usage = Usage(obj.get("prompt_eval_count") or 0, obj.get("eval_count") or 0)
+        return chunk
+
+    def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        function = call.get("function") or {}
+        arguments = function.get("arguments", {})
+        self._calls += 1
+        return {
+            "index": self._calls - 1,
+            "id": call.get("id") or "call_" + secrets.token_hex(12),
+            "type": "function",
+            "function": {
+                "name": function.get("name", ""),
+                "arguments": arguments if isinstance(arguments, str)
+                else orjson.dumps(arguments).decode(),
+            },
+        }
+
+
+def model_info(
+    backend: str, entry: dict[str, Any], show: dict[str, Any] | None, loaded: set[str]
+) -> ModelInfo:
+    """One ``/api/tags`` entry, completed by ``/api/show`` when available."""
+    details = entry.get("details") or {}
+    name = entry.get("name") or entry.get("model") or ""
+    capabilities = set((show or {}).get("capabilities") or entry.get("capabilities") or [])
+    if not capabilities:
+        capabilities = {"completion"}
+    if "completion" in capabilities:
+        capabilities.add("chat")
+    return ModelInfo(
+        name=name,
+        backend=backend,
+        family=details.get("family", ""),
+        parameters=parse_parameter_size(details.get("parameter_size")),
+        quantization=details.get("quantization_level", ""),
+        context_length=_context_length(details, show),
+        capabilities=frozenset(capabilities),
+        loaded=name in loaded,
+        details=details,
+    )
+
+
+def _context_length(details: dict[str, Any], show: dict[str, Any] | None) -> int | None:
+    if isinstance(details.get("context_length"), int):
+        return int(details["context_length"])
+    for key, value in ((show or {}).get("model_info") or {}).items():
+        if key.endswith(".context_length") and isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,266 @@
+"""OpenAI request views: the body is parsed once and checked here, then read by attribute.
+
+Only the fields the gateway acts on are checked; anything else stays in ``body`` and is
+passed through to OpenAI-compatible backends untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidRequest
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not raw:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+@dataclass(slots=True)
+class Sampling:
+    """Generation settings shared by chat and text completions."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    stop: list[str] | None
+    seed: int | None
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    sampling: Sampling
+    tools: list[dict[str, Any]] | None
+    tool_choice: Any
+    response_format: dict[str, Any] | None
+    reasoning_effort: str | None
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    body: dict[str, Any]
+    model: str
+    prompt: str
+    suffix: str | None
+    stream: bool
+    include_usage: bool
+    sampling: Sampling
+
+
+@dataclass(slots=True)
+class EmbeddingRequest:
+    body: dict[str, Any]
+    model: str
+    inputs: list[str]
+    encoding_format: str
+    dimensions: int | None
+
+
+def parse_chat(body: dict[str, Any]) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty array of message objects.")
+    for i, message in enumerate(messages):
+        _check_message(message, i)
+    tools = _optional(body, "tools", list, "an array of tool definitions")
+    if tools is not None:
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise _bad(f"tools[{i}]", "Each tool must be {'type': 'function', 'function': "
+                           "{'name': ..., 'parameters': {...}}}.")
+    response_format = _optional(body, "response_format", dict, "an object")
+    if response_format is not None and response_format.get("type") not in (
+        "text", "json_object", "json_schema"
+    ):
+        raise _bad("response_format.type", "must be 'text', 'json_object' or 'json_schema'.")
+    effort = _optional(body, "reasoning_effort", str, "a string")
+    _single_choice(body)
+    return ChatRequest(
+        body=body,
+        model=_model(body),
+        messages=messages,
+        stream=_stream(body),
+        include_usage=_include_usage(body),
+        sampling=_sampling(body),
+        tools=tools or None,
+        tool_choice=body.get("tool_choice"),
+        response_format=response_format,
+        reasoning_effort=effort,
+    )
+
+
+def parse_completion(body: dict[str, Any]) -> CompletionRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _bad("prompt", "'prompt' must be a string (one prompt per request).")
+    suffix = _optional(body, "suffix", str, "a string")
+    if body.get("echo"):
+        raise _bad("echo", "'echo' is not supported.")
+    _single_choice(body)
+    return CompletionRequest(
+        body=body,
+        model=_model(body),
+        prompt=prompt,
+        suffix=suffix,
+        stream=_stream(body),
+        include_usage=_include_usage(body),
+        sampling=_sampling(body),
+    )
+
+
+def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+        raise _bad("input", "'input' must be a string or a non-empty array of strings.")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise _bad("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
+    dimensions = _optional(body, "dimensions", int, "a positive integer")
+    if dimensions is not None and dimensions < 1:
+        raise _bad("dimensions", "'dimensions' must be a positive integer.")
+    return EmbeddingRequest(
+        body=body, model=_model(body), inputs=inputs, encoding_format=encoding,
+        dimensions=dimensions,
+    )
+
+
+# --- field checks ---------------------------------------------------------------------------
+
+
+def _bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        raise _bad(key, f"'{key}' must be {what}, got {type(value).__name__}.")
+    return value
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model", "'model' is required and must be a non-empty string.")
+    return model
+
+
+def _stream(body: dict[str, Any]) -> bool:
+    return bool(_optional(body, "stream", bool, "true or false"))
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = _optional(body, "stream_options", dict, "an object")
+    return bool(options and options.get("include_usage"))
+
+
+def _single_choice(body: dict[str, Any]) -> None:
+    n = _optional(body, "n", int, "an integer")
+    if n is not None and n != 1:
+        raise _bad("n", "Only n=1 is supported; send several requests for several answers.")
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    value = _optional(body, key, (int, float), "a number")
+    if value is not None and not low <= value <= high:
+        raise _bad(key, f"'{key}' must be between {low:g} and {high:g}.")
+    return None if value is None else float(value)
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    max_tokens = _optional(body, "max_completion_tokens", int, "an integer")
+    if max_tokens is None:
+        max_tokens = _optional(body, "max_tokens", int, "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise _bad("max_tokens", "'max_tokens' must be at least 1.")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _bad("stop", "'stop' must be a string or an array of strings.")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        stop=stop or None,
+        seed=_optional(body, "seed", int, "an integer"),
+    )
+
+
+def _check_message(message: Any, i: int) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise _bad(where, f"{where} must be an object with 'role' and 'content'.")
+    role = message.get("role")
+    if role not in ROLES:
+        raise _bad(f"{where}.role", f"{where}.role must be one of {sorted(ROLES)}.")
+    content = message.get("content")
+    if content is None:
+        if role != "assistant":
+            raise _bad(f"{where}.content", f"{where}.content is required for role {role!r}.")
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            _check_part(part, f"{where}.content[{j}]")
+    elif not isinstance(content, str):
+        raise _bad(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise _bad(f"{where}.tool_calls", "tool_calls must be an array.")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise _bad(f"{where}.tool_calls[{j}]", "each tool call needs function.name.")
+
+
+def _check_part(part: Any, where: str) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise _bad(f"{where}.text", f"{where}.text must be a string.")
+    elif kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise _bad(f"{where}.image_url", f"{where}.image_url.url must be a string.")
+    elif not isinstance(kind, str):
+        raise _bad(where, f"{where} must be a content part object with a 'type'.")
+
+
+def image_url(part: dict[str, Any]) -> str:
+    """The URL of an ``image_url`` content part (object or bare-string form)."""
+    image = part["image_url"]
+    return image["url"] if isinstance(image, dict) else image  # type: ignore[no-any-return]
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content, whichever form it takes."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")

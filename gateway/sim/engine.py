@@ -1,0 +1,272 @@
+"""What both simulated servers share: turning a request into a planned answer, the
+request log tests read, the faults applied before and during a response, and the paced
+stream driver. The protocol modules only frame bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from gateway.sim.fleet import (
+    THOUGHT,
+    Faults,
+    SimModel,
+    continuation,
+    count_tokens,
+    json_reply,
+    tokens,
+    tool_arguments,
+)
+
+LOG_LIMIT = 10_000
+
+
+@dataclass(slots=True)
+class Ask:
+    """A request, reduced to what decides the answer."""
+
+    texts: list[str]  # every message's text (or the prompt)
+    last_role: str = "user"
+    prefill: str = ""  # text of a final assistant message
+    images: int = 0
+    tools: list[dict[str, Any]] | None = None
+    last_tool_result: str | None = None
+    json_format: bool = False
+    schema: dict[str, Any] | None = None
+    think: bool | None = None
+    max_tokens: int | None = None
+    suffix: str | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    thinking: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish: str = "stop"
+    prompt_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.thinking) + len(self.content) + len(self.tool_calls)
+
+    def pieces(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = [("thinking", t) for t in self.thinking]
+        out += [("content", t) for t in self.content]
+        if self.tool_calls:
+            out.append(("tool_calls", self.tool_calls))
+        return out
+
+
+class SimError(Exception):
+    """An error answer: status, message and an OpenAI error code."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+
+
+def plan_answer(model: SimModel, ask: Ask) -> Plan:
+    """The answer a model gives; raises ``SimError`` for requests it refuses."""
+    if "embedding" in model.capabilities and "completion" not in model.capabilities:
+        raise SimError(400, f'"{model.name}" does not support generate')
+    if ask.images and "vision" not in model.capabilities:
+        raise SimError(400, f"{model.name} does not support images")
+    if ask.tools and "tools" not in model.capabilities:
+        raise SimError(400, f"registry.ollama.ai/library/{model.name} does not support tools")
+    prompt_tokens = sum(count_tokens(t) for t in ask.texts) + 4 * len(ask.texts)
+    if prompt_tokens > model.context_length:
+        raise SimError(400, f"This model's maximum context length is {model.context_length} "
+                       f"tokens. However, your messages resulted in {prompt_tokens} tokens.",
+                       "context_length_exceeded")
+    plan = Plan(prompt_tokens=prompt_tokens)
+    if model.thinking == "field" and ask.think is not False and not ask.prefill:
+        plan.thinking = tokens(THOUGHT)
+    if ask.tools and ask.last_role != "tool":
+        tool = ask.tools[0]
+        plan.tool_calls = [{"name": tool["function"]["name"], "arguments": tool_arguments(tool)}]
+        plan.finish = "tool_calls"
+        return plan
+    text = model.reply
+    if ask.last_tool_result is not None:
+        text = f"The tool said: {ask.last_tool_result}"
+    if ask.suffix is not None:
+        text = "return a + b"
+    if ask.json_format:
+        text = orjson.dumps(json_reply(text, ask.schema)).decode()
+    if model.thinking == "tags" and not ask.prefill:
+        text = f"<think>{THOUGHT}</think>\n\n{text}"
+    parts = tokens(continuation(text, ask.prefill))
+    if ask.max_tokens is not None and len(parts) > ask.max_tokens:
+        parts = parts[: ask.max_tokens]
+        plan.finish = "length"
+    plan.content = parts
+    return plan
+
+
+class Framer(Protocol):
+    """The wire format of one response (NDJSON or SSE)."""
+
+    def piece(self, kind: str, value: Any) -> bytes: ...
+    def malformed(self) -> bytes: ...
+    def error(self, message: str) -> bytes: ...
+    def keepalive(self) -> bytes: ...
+    def end(self, plan: Plan, terminate: bool) -> bytes:
+        """The closing bytes; without ``terminate``, the end-of-stream marker is left out."""
+        ...
+
+
+class SimState:
+    """The models a simulated server has and the log of what it was asked."""
+
+    def __init__(self, models: Sequence[SimModel]) -> None:
+        self.models = {m.name: m for m in models}
+        self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_LIMIT)
+        self._count = 0
+
+    def record(self, request: web.Request, model: str, payload: dict[str, Any],
+               stream: bool, prefill: bool) -> dict[str, Any]:
+        self._count += 1
+        entry = {
+            "n": self._count, "t": time.time(), "path": request.path, "model": model,
+            "stream": stream, "prefill": prefill, "payload": payload,
+            "authorization": request.headers.get("Authorization"),
+            "outcome": "pending", "tokens": 0,
+        }
+        self.log.append(entry)
+        return entry
+
+
+async def apply_faults(request: web.Request, faults: Faults, ask: Ask,
+                       record: dict[str, Any]) -> None:
+    """The faults that strike before any response byte is sent."""
+    if faults.latency:
+        await asyncio.sleep(faults.latency)
+    if faults.reset:
+        record["outcome"] = "reset"
+        await reset(request)
+    if faults.no_response:
+        record["outcome"] = "no_response"
+        await hold()
+    if faults.status:
+        record["outcome"] = f"status {faults.status}"
+        raise SimError(faults.status, faults.message or f"simulated HTTP {faults.status}",
+                       retry_after=faults.retry_after)
+    if faults.content_policy:
+        record["outcome"] = "content_policy"
+        raise SimError(400, faults.message or "Your request was rejected as a result of our "
+                       "safety system.", "content_policy_violation")
+    if faults.reject_prefill and ask.prefill:
+        record["outcome"] = "prefill_rejected"
+        raise SimError(400, "This model does not support assistant message prefill; the "
+                       "final message must be from the user.", "prefill_not_supported")
+
+
+async def reset(request: web.Request) -> None:
+    """Drop the connection with a TCP reset, as a crashed server would."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    await asyncio.sleep(60)  # the handler is cancelled as the connection is lost
+    raise asyncio.CancelledError
+
+
+async def hold() -> None:
+    """Keep the connection open and say nothing until the client gives up."""
+    await asyncio.sleep(3600)
+    raise asyncio.CancelledError
+
+
+@contextlib.contextmanager
+def watch(record: dict[str, Any]) -> Iterator[None]:
+    """Note in the log when the client (the gateway) hangs up on this request."""
+    try:
+        yield
+    except (ConnectionResetError, asyncio.CancelledError):
+        record["closed_by_client"] = True
+        if record["outcome"] == "pending":
+            record["outcome"] = "client_closed"
+        raise
+
+
+async def stream_plan(request: web.Request, response: web.StreamResponse, model: SimModel,
+                      faults: Faults, plan: Plan, framer: Framer,
+                      record: dict[str, Any]) -> None:
+    """Send a planned answer at the model's pace, with the in-stream faults."""
+    ttft, delay = model.pace()
+    if ttft:
+        await response.write(framer.keepalive())
+        await asyncio.sleep(ttft)
+    for i, (kind, value) in enumerate(plan.pieces()):
+        if faults.cut_after is not None and i >= faults.cut_after:
+            record["outcome"] = "cut"
+            await reset(request)
+        if faults.stall_after is not None and i >= faults.stall_after:
+            record["outcome"] = "stalled"
+            await hold()
+        if faults.error_after is not None and i >= faults.error_after:
+            record["outcome"] = "error_event"
+            await response.write(framer.error(faults.message or "simulated failure"))
+            await response.write_eof()
+            return
+        if faults.malformed_at == i:
+            await response.write(framer.malformed())
+        if i and delay:
+            await asyncio.sleep(delay)
+        await response.write(framer.piece(kind, value))
+        record["tokens"] += 1
+    await response.write(framer.end(plan, terminate=not faults.missing_done))
+    await response.write_eof()
+    if record["outcome"] == "pending":
+        record["outcome"] = "completed"
+
+
+SIM_STATE = web.AppKey("sim_state", SimState)
+
+
+def control_routes(state: SimState) -> list[web.RouteDef]:
+    """``/_sim/*``: set faults per model, read and clear the request log."""
+
+    async def set_faults(request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in state.models:
+            return web.json_response({"error": f"no model {name!r}"}, status=404)
+        try:
+            state.models[name].faults = Faults.from_dict(await request.json())
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ok": True})
+
+    async def clear_faults(request: web.Request) -> web.Response:
+        for model in state.models.values():
+            model.faults = Faults()
+        return web.json_response({"ok": True})
+
+    async def read_log(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(list(state.log)), content_type="application/json")
+
+    async def clear_log(request: web.Request) -> web.Response:
+        state.log.clear()
+        return web.json_response({"ok": True})
+
+    return [
+        web.put("/_sim/faults/{model:.+}", set_faults),
+        web.delete("/_sim/faults", clear_faults),
+        web.get("/_sim/requests", read_log),
+        web.delete("/_sim/requests", clear_log),
+    ]

@@ -1,0 +1,267 @@
+"""A simulated OpenAI-compatible server, in the flavour of mlx_lm.server (role repeated in
+every delta, ``: keepalive`` comments while "processing the prompt", no ``owned_by``),
+llama.cpp (its error shape), or a cloud API.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from gateway.sim.engine import (
+    SIM_STATE,
+    Ask,
+    Plan,
+    SimError,
+    SimState,
+    apply_faults,
+    control_routes,
+    plan_answer,
+    stream_plan,
+    watch,
+)
+from gateway.sim.fleet import SimModel, count_tokens, embedding
+
+Flavor = Literal["mlx", "llamacpp", "openai"]
+
+
+def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx") -> web.Application:
+    state = SimState(models)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_errors(flavor)])
+    app[SIM_STATE] = state
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body, model = await _parse(request, state)
+        return await _answer(request, state, model, body, _chat_ask(body), flavor, chat=True)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body, model = await _parse(request, state)
+        ask = Ask(texts=[str(body.get("prompt") or "")], suffix=body.get("suffix"),
+                  max_tokens=_max_tokens(body))
+        return await _answer(request, state, model, body, ask, flavor, chat=False)
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body, model = await _parse(request, state)
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs or []
+        record = state.record(request, model.name, body, False, False)
+        await apply_faults(request, model.take_faults(), Ask(texts=inputs), record)
+        if "embedding" not in model.capabilities:
+            raise SimError(400, f"{model.name} does not support embeddings")
+        dims = body.get("dimensions") or model.embedding_length
+        record["outcome"] = "completed"
+        tokens = sum(count_tokens(str(t)) for t in inputs)
+        return _json({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": embedding(str(t), dims)}
+                     for i, t in enumerate(inputs)],
+            "model": model.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    async def list_models(request: web.Request) -> web.Response:
+        created = int(time.time())
+        data = []
+        for model in models:
+            entry: dict[str, Any] = {"id": model.name, "object": "model", "created": created}
+            if flavor != "mlx":
+                entry["owned_by"] = "llamacpp" if flavor == "llamacpp" else "system"
+            data.append(entry)
+        return _json({"object": "list", "data": data})
+
+    async def health(request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    app.add_routes([
+        web.get("/health", health),
+        web.get("/v1/models", list_models),
+        web.post("/v1/chat/completions", chat),
+        web.post("/v1/completions", completions),
+        web.post("/v1/embeddings", embeddings),
+        *control_routes(state),
+    ])
+    return app
+
+
+async def _parse(request: web.Request, state: SimState) -> tuple[dict[str, Any], SimModel]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise SimError(400, "Invalid JSON in request body") from None
+    if not isinstance(body, dict):
+        raise SimError(400, "Request body must be a JSON object")
+    model = state.models.get(str(body.get("model")))
+    if model is None:
+        raise SimError(404, f"The model `{body.get('model')}` does not exist.", "model_not_found")
+    return body, model
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) else None
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+def _chat_ask(body: dict[str, Any]) -> Ask:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise SimError(400, "messages must be a non-empty array")
+    last = messages[-1]
+    fmt = body.get("response_format") or {}
+    images = sum(
+        1 for m in messages if isinstance(m.get("content"), list)
+        for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url"
+    )
+    return Ask(
+        texts=[_text(m.get("content")) for m in messages],
+        last_role=last.get("role", "user"),
+        prefill=_text(last.get("content")) if last.get("role") == "assistant" else "",
+        images=images,
+        tools=body.get("tools") or None,
+        last_tool_result=_text(last.get("content")) if last.get("role") == "tool" else None,
+        json_format=fmt.get("type") in ("json_object", "json_schema"),
+        schema=(fmt.get("json_schema") or {}).get("schema"),
+        think=None if body.get("reasoning_effort") is None
+        else body.get("reasoning_effort") != "none",
+        max_tokens=_max_tokens(body),
+    )
+
+
+async def _answer(request: web.Request, state: SimState, model: SimModel, body: dict[str, Any],
+                  ask: Ask, flavor: Flavor, *, chat: bool) -> web.StreamResponse:
+    stream = bool(body.get("stream"))
+    record = state.record(request, model.name, body, stream, bool(ask.prefill))
+    faults = model.take_faults()
+    with watch(record):
+        await apply_faults(request, faults, ask, record)
+        plan = plan_answer(model, ask)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        framer = _Framer(model.name, flavor, chat, include_usage)
+        if not stream:
+            record["outcome"] = "completed"
+            record["tokens"] = plan.completion_tokens
+            return _json(framer.whole(plan))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await stream_plan(request, response, model, faults, plan, framer, record)
+    return response
+
+
+class _Framer:
+    def __init__(self, model: str, flavor: Flavor, chat: bool, include_usage: bool) -> None:
+        self.flavor = flavor
+        self.chat = chat
+        self.include_usage = include_usage
+        self.first = True
+        self.base = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8),
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": f"fp_{flavor}",
+        }
+
+    def _event(self, data: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+
+    def _choice(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                    "finish_reason": finish}
+        if self.first or self.flavor == "mlx":
+            delta = {"role": "assistant", **delta}
+        self.first = False
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def piece(self, kind: str, value: Any) -> bytes:
+        if kind == "content":
+            delta: dict[str, Any] = {"content": value}
+        elif kind == "thinking":
+            delta = {"reasoning_content": value}
+        else:
+            delta = {"tool_calls": _tool_calls(value)}
+        return self._event({**self.base, "choices": [self._choice(delta, None)]})
+
+    def malformed(self) -> bytes:
+        return b'data: {"id": "chatcmpl-broken", "choices": [{"delta": \n\n'
+
+    def error(self, message: str) -> bytes:
+        return self._event({"error": {"message": message, "type": "server_error",
+                                      "param": None, "code": None}})
+
+    def keepalive(self) -> bytes:
+        return b": keepalive 1/1\n\n" if self.flavor == "mlx" else b""
+
+    def end(self, plan: Plan, terminate: bool) -> bytes:
+        out = self._event({**self.base, "choices": [self._choice({}, plan.finish)]})
+        if self.include_usage:
+            usage_object = "chat.completion" if self.flavor == "mlx" else self.base["object"]
+            out += self._event({**self.base, "object": usage_object, "choices": [],
+                                "usage": _usage(plan)})
+        return out + (b"data: [DONE]\n\n" if terminate else b"")
+
+    def whole(self, plan: Plan) -> dict[str, Any]:
+        text = "".join(plan.content)
+        choice: dict[str, Any]
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if plan.thinking:
+                message["reasoning_content"] = "".join(plan.thinking)
+            if plan.tool_calls:
+                message["tool_calls"] = _tool_calls(plan.tool_calls)
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": plan.finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": plan.finish}
+        return {**self.base, "object": "chat.completion" if self.chat else "text_completion",
+                "choices": [choice], "usage": _usage(plan)}
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"index": i, "id": f"call_{secrets.token_hex(6)}", "type": "function",
+         "function": {"name": c["name"], "arguments": orjson.dumps(c["arguments"]).decode()}}
+        for i, c in enumerate(calls)
+    ]
+
+
+def _usage(plan: Plan) -> dict[str, int]:
+    return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.completion_tokens,
+            "total_tokens": plan.prompt_tokens + plan.completion_tokens}
+
+
+def _errors(flavor: Flavor) -> Callable[..., Any]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Any]) -> Any:
+        try:
+            return await handler(request)
+        except SimError as exc:
+            error: dict[str, Any] = {"message": exc.message}
+            if flavor == "llamacpp":
+                kind = "exceed_context_size_error" if exc.code == "context_length_exceeded" \
+                    else "invalid_request_error"
+                error.update(code=exc.status, type=kind)
+            else:
+                kind = "invalid_request_error" if exc.status < 500 else "server_error"
+                error.update(type=kind, param=None, code=exc.code)
+            headers = {"Retry-After": f"{exc.retry_after:g}"} if exc.retry_after is not None \
+                else None
+            return web.Response(status=exc.status, body=orjson.dumps({"error": error}),
+                                content_type="application/json", headers=headers)
+
+    return middleware
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")

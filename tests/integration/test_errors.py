@@ -1,0 +1,292 @@
+"""Every error a client can meet arrives as OpenAI-shaped JSON with the right status, and
+every upstream failure ends in a clean error rather than a hang or a truncated "success".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def quick_gateway(ollama_sim: Sim, mlx_sim: Sim) -> Iterator[ServerThread]:
+    """A gateway with one-second timeouts and a small body limit, before both simulators."""
+    timeouts = {"headers": 1.0, "idle": 1.0, "total": 10.0}
+    config = gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url, timeouts=timeouts),
+        backend("mlx", "openai", mlx_sim.api_url, timeouts=timeouts),
+        server={"max_body_bytes": 4096},
+    )
+    server = start_gateway(config)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def http(quick_gateway: ServerThread) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=quick_gateway.url) as session:
+        yield session
+
+
+def assert_error(status: int, body: bytes, expected_status: int, **fields: Any) -> dict[str, Any]:
+    assert status == expected_status, body
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    for key, value in fields.items():
+        assert error[key] == value, (key, error)
+    return error  # type: ignore[no-any-return]
+
+
+async def post(http: aiohttp.ClientSession, path: str, data: Any) -> tuple[int, bytes, Any]:
+    body = data if isinstance(data, bytes) else orjson.dumps(data)
+    async with http.post(path, data=body, headers={"Content-Type": "application/json"}) as r:
+        return r.status, await r.read(), r.headers
+
+
+async def stream_events(http: aiohttp.ClientSession, payload: dict[str, Any]) -> list[Any]:
+    """The data payloads of a streamed answer, parsed ([DONE] kept as the string)."""
+    async with http.post(CHAT, json={**payload, "stream": True}) as response:
+        assert response.status == 200
+        raw = (await response.read()).decode()
+    events = [line[len("data: "):] for line in raw.split("\n") if line.startswith("data: ")]
+    return [e if e == "[DONE]" else orjson.loads(e) for e in events]
+
+
+# --- malformed requests ------------------------------------------------------------------
+
+
+async def test_malformed_json_is_a_400(http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, CHAT, b'{"model": "qwq:32b", "messages": [')
+    error = assert_error(status, body, 400, type="invalid_request_error")
+    assert "not valid JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ([1, 2], None),
+        ({"messages": USER}, "model"),
+        ({"model": "qwq:32b"}, "messages"),
+        ({"model": "qwq:32b", "messages": []}, "messages"),
+        ({"model": "qwq:32b", "messages": "hi"}, "messages"),
+        ({"model": "qwq:32b", "messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"model": "qwq:32b", "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": "qwq:32b", "messages": USER, "temperature": "hot"}, "temperature"),
+        ({"model": "qwq:32b", "messages": USER, "temperature": 7}, "temperature"),
+        ({"model": "qwq:32b", "messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"model": "qwq:32b", "messages": USER, "stream": "yes"}, "stream"),
+        ({"model": "qwq:32b", "messages": USER, "stop": [1]}, "stop"),
+        ({"model": "qwq:32b", "messages": USER, "n": 3}, "n"),
+        ({"model": "qwq:32b", "messages": USER, "tools": [{"type": "function"}]}, "tools[0]"),
+    ],
+)
+async def test_missing_or_wrong_typed_fields_are_a_400_naming_the_field(
+    http: aiohttp.ClientSession, payload: Any, param: str | None
+) -> None:
+    status, body, _ = await post(http, CHAT, payload)
+    assert_error(status, body, 400, type="invalid_request_error", param=param)
+
+
+async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, "/v1/completions", {"model": "qwq:32b", "prompt": 5})
+    assert_error(status, body, 400, param="prompt")
+    status, body, _ = await post(http, "/v1/embeddings", {"model": "nomic-embed-text"})
+    assert_error(status, body, 400, param="input")
+    status, body, _ = await post(http, "/v1/embeddings",
+                                 {"model": "nomic-embed-text", "input": "x",
+                                  "encoding_format": "hex"})
+    assert_error(status, body, 400, param="encoding_format")
+
+
+async def test_unknown_model_is_a_404_model_not_found(http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, CHAT, {"model": "gpt-17", "messages": USER})
+    error = assert_error(status, body, 404, code="model_not_found", param="model")
+    assert "gpt-17" in error["message"]
+
+
+async def test_body_over_the_limit_is_a_413(http: aiohttp.ClientSession) -> None:
+    big = {"model": "qwq:32b", "messages": [{"role": "user", "content": "x" * 10_000}]}
+    status, body, _ = await post(http, CHAT, big)
+    assert_error(status, body, 413, code="request_too_large")
+
+
+async def test_unknown_route_and_wrong_method_answer_in_json(http: aiohttp.ClientSession) -> None:
+    async with http.get("/v1/nothing-here") as response:
+        assert_error(response.status, await response.read(), 404, code="unknown_url")
+    async with http.get(CHAT) as response:
+        assert_error(response.status, await response.read(), 405, code="method_not_allowed")
+        assert response.headers["Allow"] == "POST"
+
+
+# --- upstream failures before the answer starts ------------------------------------------
+
+
+async def test_unreachable_backend_is_a_502() -> None:
+    dead = backend("dead", "openai", f"http://127.0.0.1:{free_port()}/v1", models=["ghost"])
+    server = start_gateway(gateway_config(dead))
+    try:
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            status, body, _ = await post(http, CHAT, {"model": "ghost", "messages": USER})
+    finally:
+        server.stop()
+    error = assert_error(status, body, 502, code="backend_unreachable")
+    assert "dead" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_503_with_retry_after_is_passed_on(
+    http: aiohttp.ClientSession, ollama_sim: Sim, stream: bool
+) -> None:
+    ollama_sim.fault("qwq:32b", status=503, retry_after=7, message="server busy, please try "
+                     "again.  maximum pending requests exceeded")
+    status, body, headers = await post(http, CHAT, {"model": "qwq:32b", "messages": USER,
+                                                    "stream": stream})
+    error = assert_error(status, body, 503)
+    assert "server busy" in error["message"]
+    assert headers["Retry-After"] == "7"
+
+
+async def test_upstream_429_is_a_429_with_retry_after(
+    http: aiohttp.ClientSession, mlx_sim: Sim
+) -> None:
+    mlx_sim.fault("command-r-plus:104b", status=429, retry_after=3)
+    status, body, headers = await post(http, CHAT, {"model": "command-r-plus:104b",
+                                                    "messages": USER})
+    assert_error(status, body, 429, type="rate_limit_error")
+    assert headers["Retry-After"] == "3"
+
+
+async def test_upstream_500_is_a_502(http: aiohttp.ClientSession, ollama_sim: Sim) -> None:
+    ollama_sim.fault("qwq:32b", status=500, message="llama runner process has terminated")
+    status, body, _ = await post(http, CHAT, {"model": "qwq:32b", "messages": USER})
+    error = assert_error(status, body, 502, type="api_error")
+    assert "llama runner process has terminated" in error["message"]
+
+
+async def test_connection_reset_before_headers_is_a_502(
+    http: aiohttp.ClientSession, ollama_sim: Sim
+) -> None:
+    ollama_sim.fault("qwq:32b", reset=True)
+    status, body, _ = await post(http, CHAT, {"model": "qwq:32b", "messages": USER})
+    assert_error(status, body, 502, code="upstream_error")
+    assert (await post(http, CHAT, {"model": "phi3.5:3.8b", "messages": USER}))[0] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_silent_upstream_is_a_504_within_the_header_timeout(
+    http: aiohttp.ClientSession, ollama_sim: Sim, stream: bool
+) -> None:
+    ollama_sim.fault("qwq:32b", no_response=True)
+    started = time.monotonic()
+    status, body, _ = await post(http, CHAT, {"model": "qwq:32b", "messages": USER,
+                                              "stream": stream})
+    assert_error(status, body, 504, code="upstream_timeout")
+    assert time.monotonic() - started < 5
+    [record] = ollama_sim.requests("/api/chat")
+    assert record["outcome"] == "no_response"
+
+
+async def test_context_length_error_keeps_its_code(gateway: ServerThread) -> None:
+    too_long = [{"role": "user", "content": "word " * 5000}]  # llava:7b holds 4096 tokens
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        status, body, _ = await post(http, CHAT, {"model": "llava:7b", "messages": too_long})
+    error = assert_error(status, body, 400, code="context_length_exceeded")
+    assert "maximum context length is 4096" in error["message"]
+
+
+async def test_content_policy_rejection_keeps_its_code(
+    http: aiohttp.ClientSession, mlx_sim: Sim
+) -> None:
+    mlx_sim.fault("command-r-plus:104b", content_policy=True)
+    status, body, _ = await post(http, CHAT, {"model": "command-r-plus:104b", "messages": USER})
+    assert_error(status, body, 400, code="content_policy_violation")
+
+
+# --- upstream failures after the answer started -------------------------------------------
+
+
+def assert_in_band_error(events: list[Any]) -> dict[str, Any]:
+    assert "[DONE]" not in events, "a broken stream must not look finished"
+    assert "error" in events[-1], events[-1]
+    assert not any(e["choices"] and e["choices"][0]["finish_reason"] for e in events[:-1])
+    return events[-1]["error"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("sim_name", ["ollama_sim", "mlx_sim"])
+async def test_stream_cut_mid_answer_ends_with_an_in_band_error(
+    http: aiohttp.ClientSession, request: pytest.FixtureRequest, sim_name: str
+) -> None:
+    sim: Sim = request.getfixturevalue(sim_name)
+    model = "qwq:32b" if sim_name == "ollama_sim" else "command-r-plus:104b"
+    sim.fault(model, cut_after=3)
+    events = await stream_events(http, {"model": model, "messages": USER})
+    error = assert_in_band_error(events)
+    assert error["type"] == "api_error"
+    assert len([e for e in events if "choices" in e]) >= 3
+
+
+async def test_stalled_stream_ends_with_an_in_band_timeout(
+    http: aiohttp.ClientSession, ollama_sim: Sim
+) -> None:
+    ollama_sim.fault("phi3.5:3.8b", stall_after=4)
+    started = time.monotonic()
+    events = await stream_events(http, {"model": "phi3.5:3.8b", "messages": USER})
+    assert time.monotonic() - started < 5
+    assert assert_in_band_error(events)["code"] == "upstream_timeout"
+    # The gateway hung up on the stalled upstream rather than leaving it open.
+    assert ollama_sim.requests("/api/chat")[-1].get("closed_by_client") is True
+
+
+@pytest.mark.parametrize("sim_name", ["ollama_sim", "mlx_sim"])
+async def test_error_event_mid_stream_becomes_an_in_band_error(
+    http: aiohttp.ClientSession, request: pytest.FixtureRequest, sim_name: str
+) -> None:
+    sim: Sim = request.getfixturevalue(sim_name)
+    model = "phi3.5:3.8b" if sim_name == "ollama_sim" else "command-r-plus:104b"
+    sim.fault(model, error_after=2, message="CUDA error: out of memory")
+    events = await stream_events(http, {"model": model, "messages": USER})
+    assert "out of memory" in assert_in_band_error(events)["message"]
+
+
+@pytest.mark.parametrize("sim_name", ["ollama_sim", "mlx_sim"])
+async def test_malformed_event_is_skipped_and_the_answer_completes(
+    http: aiohttp.ClientSession, request: pytest.FixtureRequest, sim_name: str
+) -> None:
+    sim: Sim = request.getfixturevalue(sim_name)
+    model = "phi3.5:3.8b" if sim_name == "ollama_sim" else "command-r-plus:104b"
+    sim.fault(model, malformed_at=2)
+    events = await stream_events(http, {"model": model, "messages": USER})
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text.startswith("The quick brown fox")
+    assert text.endswith("when a machine fails.")
+
+
+async def test_stream_without_done_is_finalised_with_usage(
+    http: aiohttp.ClientSession, mlx_sim: Sim
+) -> None:
+    mlx_sim.fault("command-r-plus:104b", missing_done=True)
+    events = await stream_events(http, {"model": "command-r-plus:104b", "messages": USER,
+                                        "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] > 0
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_ollama_stream_that_ends_without_done_is_an_error_not_an_answer(
+    http: aiohttp.ClientSession, ollama_sim: Sim
+) -> None:
+    ollama_sim.fault("phi3.5:3.8b", missing_done=True)
+    events = await stream_events(http, {"model": "phi3.5:3.8b", "messages": USER})
+    assert assert_in_band_error(events)["code"] == "upstream_truncated"

@@ -1,0 +1,123 @@
+"""Test plumbing: real servers on free loopback ports, each in its own thread and event
+loop, so both the sync and the async OpenAI SDK (and curl) can talk to them over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, parse_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """An aiohttp application served on 127.0.0.1 from a background thread."""
+
+    def __init__(self, make_app: Callable[[], web.Application], *, shutdown_timeout: float = 5.0,
+                 port: int | None = None) -> None:
+        self._make_app = make_app
+        self._shutdown_timeout = shutdown_timeout
+        self.port = port or free_port()
+        self.loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.app: web.Application | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=60)
+        return self
+
+    async def _start(self) -> None:
+        self.app = self._make_app()
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=self._shutdown_timeout)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's loop (for reading its state safely)."""
+        async def run() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=60)
+            self._runner = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Sim:
+    """A running simulator and its control surface (``/_sim/*``)."""
+
+    def __init__(self, server: ServerThread, kind: str) -> None:
+        self.server = server
+        self.kind = kind
+        self.url = server.url
+
+    @property
+    def api_url(self) -> str:
+        """The URL a gateway backend config points at."""
+        return self.url if self.kind == "ollama" else self.url + "/v1"
+
+    def fault(self, model: str, **knobs: Any) -> None:
+        """Make ``model`` misbehave (see ``gateway.sim.fleet.Faults`` for the knobs)."""
+        self._call("PUT", f"/_sim/faults/{model}", knobs)
+
+    def clear(self) -> None:
+        self._call("DELETE", "/_sim/faults")
+        self._call("DELETE", "/_sim/requests")
+
+    def requests(self, path: str | None = None) -> list[dict[str, Any]]:
+        """What the simulator was asked, oldest first, optionally for one path."""
+        log: list[dict[str, Any]] = self._call("GET", "/_sim/requests")
+        return [r for r in log if path is None or r["path"] == path]
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+def backend(name: str, kind: str, url: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "url": url, **extra}
+
+
+def gateway_config(*backends: dict[str, Any], **sections: dict[str, Any]) -> GatewayConfig:
+    """A validated config, as if read from TOML, for the given backends."""
+    server = {"port": 0, "shutdown_grace": 2.0, **sections.pop("server", {})}
+    return parse_config({"server": server, "backends": list(backends), **sections},
+                        source="<test>")
+
+
+def start_gateway(config: GatewayConfig) -> ServerThread:
+    return ServerThread(lambda: create_app(config)).start()
