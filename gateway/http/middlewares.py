@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import secrets
 from collections.abc import Iterable
 
 import orjson
@@ -23,6 +22,7 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.keys import CONFIG, REQUEST_ID, TENANT
+from gateway.protocol.responses import unique_id
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 @web.middleware
 async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     supplied = request.headers.get("x-request-id", "")
-    request[REQUEST_ID] = supplied if _CLIENT_ID.fullmatch(supplied) else secrets.token_hex(8)
+    request[REQUEST_ID] = supplied if _CLIENT_ID.fullmatch(supplied) else unique_id()
     return await handler(request)
 
 

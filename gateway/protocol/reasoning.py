@@ -17,10 +17,15 @@ async def split_think_tags(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk
 
     Holds back only what could still be the start of a tag, so text keeps flowing.
     """
-    state = "start"  # start → thinking → answer; or start → answer
+    state = "start"  # start → thinking → after → answer; or start → answer
     pending = ""
     async for chunk in chunks:
-        if state == "answer" or not chunk.content:
+        if state == "after" and chunk.content:
+            # The blank lines a model puts after </think> are not part of its answer.
+            chunk.content = chunk.content.lstrip()
+            if chunk.content:
+                state = "answer"
+        if state in ("answer", "after") or not chunk.content:
             if chunk.finish_reason is not None and pending:
                 chunk = _flush(chunk, pending, state)
                 pending = ""
@@ -47,9 +52,9 @@ async def split_think_tags(chunks: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk
         # state == "thinking"
         end = text.find(CLOSE)
         if end >= 0:
-            state = "answer"
             chunk.reasoning += text[:end]
-            chunk.content = text[end + len(CLOSE):].lstrip("\n")
+            chunk.content = text[end + len(CLOSE):].lstrip()
+            state = "answer" if chunk.content else "after"
         else:
             keep = _partial_suffix(text, CLOSE)
             chunk.reasoning += text[: len(text) - keep]

@@ -4,6 +4,7 @@ aggregate bodies of non-streaming answers (which are collected streams).
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +19,17 @@ from gateway.config import ReasoningMode
 Kind = Literal["chat", "text"]
 
 
+# Ids are unique, not secret: a per-process random part and a counter (no syscall per id).
+_PROCESS_ID = secrets.token_hex(6)
+_COUNTER = itertools.count()
+
+
+def unique_id() -> str:
+    return f"{_PROCESS_ID}{next(_COUNTER):010x}"
+
+
 def new_id(kind: Kind) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + unique_id()
 
 
 class StreamEncoder:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 
+from gateway.cli import new_event_loop
 from gateway.sim import SimModel, create_ollama_app, create_openai_app, seed_fleet, start_site
 
 
@@ -40,8 +41,9 @@ def main() -> None:
         finally:
             await runner.cleanup()
 
+    loop = new_event_loop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+        loop.run_until_complete(serve())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""``python -m loadtest``: see loadtest/run.py."""
+
+from loadtest.run import main
+
+main()

@@ -1,0 +1,230 @@
+"""Side-by-side benchmark: direct to the simulator, through the bare proxy, through the
+gateway — all in one run, on the same machine, against the same simulated backend.
+
+    .venv/bin/python -m loadtest            # writes loadtest/RESULTS.md
+
+Load comes from wrk (C, one thread) so the generator costs little of the 2 cores;
+streaming time to first token is measured by a Python client, one request at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MODEL = "command-r-plus:104b"
+REPLY = "The quick brown fox jumps over the lazy dog and the gateway keeps out of its way."
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something short."}],
+        "max_tokens": 64}
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, ' ..
+    '"p50": %%d, "p99": %%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def add(self, key: str, sample: dict[str, float]) -> None:
+        self.samples.setdefault(key, []).append(sample)
+
+    def median(self, key: str, metric: str) -> float:
+        return statistics.median(s[metric] for s in self.samples[key])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, float]:
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s",
+         str(script), url + "/v1/chat/completions"],
+        capture_output=True, text=True, check=True,
+    )
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    data = json.loads(line[len("RESULT "):])
+    if data["errors"] or data["non2xx"]:
+        raise RuntimeError(f"{url}: {data['errors']} socket errors, {data['non2xx']} non-2xx")
+    return {
+        "rps": data["requests"] / (data["duration_us"] / 1e6),
+        "p50_ms": data["p50"] / 1000,
+        "p99_ms": data["p99"] / 1000,
+    }
+
+
+async def ttft(url: str, requests: int) -> dict[str, float]:
+    """Time to the first content token of a streamed answer, one request at a time."""
+    payload = {**BODY, "stream": True}
+    firsts: list[float] = []
+    totals: list[float] = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(requests):
+            started = time.perf_counter()
+            first = None
+            async with http.post(url + "/v1/chat/completions", json=payload) as response:
+                async for line in response.content:
+                    if first is None and b'"content":"' in line.replace(b" ", b""):
+                        first = time.perf_counter() - started
+            assert first is not None, "no content in the stream"
+            firsts.append(first * 1000)
+            totals.append((time.perf_counter() - started) * 1000)
+    firsts.sort()
+    return {"ttft_p50_ms": statistics.median(firsts),
+            "ttft_p99_ms": firsts[int(len(firsts) * 0.99) - 1],
+            "stream_p50_ms": statistics.median(totals)}
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not shutil.which("wrk"):
+        raise SystemExit("loadtest needs wrk: apt-get install -y wrk")
+
+
+def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
+    ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="loadtest-"))
+    sim_port, proxy_port, gateway_port = free_port(), free_port(), free_port()
+    config = work / "gateway.toml"
+    config.write_text(
+        f'[server]\nport = {gateway_port}\n\n[[backends]]\nname = "sim"\nkind = "openai"\n'
+        f'url = "http://127.0.0.1:{sim_port}/v1"\nmax_connections = 100\n')
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(BODY))
+    python = sys.executable
+    processes = [
+        start([python, "-m", "gateway.sim", "openai", "--port", str(sim_port), "--reply", REPLY],
+              work / "sim.log"),
+        start([python, str(HERE / "bare_proxy.py"), "--upstream", f"http://127.0.0.1:{sim_port}",
+               "--port", str(proxy_port)], work / "proxy.log"),
+    ]
+    try:
+        wait_ready(f"http://127.0.0.1:{sim_port}/health")
+        processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
+                                "--config", str(config)], work / "gateway.log"))
+        wait_ready(f"http://127.0.0.1:{gateway_port}/health")
+        targets = [
+            Target("direct to simulator", f"http://127.0.0.1:{sim_port}"),
+            Target("bare aiohttp proxy", f"http://127.0.0.1:{proxy_port}"),
+            Target("gateway", f"http://127.0.0.1:{gateway_port}"),
+        ]
+        for target in targets:  # warm up connections, caches and the JIT-less interpreter
+            wrk(target.url, 8, 2, script)
+        for round_ in range(rounds):
+            for target in targets:  # interleaved, so drift in the machine hits all alike
+                print(f"round {round_ + 1}/{rounds}: {target.name}", file=sys.stderr)
+                target.add("c1", wrk(target.url, 1, seconds, script))
+                target.add("c32", wrk(target.url, 32, seconds, script))
+                target.add("stream", asyncio.run(ttft(target.url, stream_requests)))
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
+    report = render(targets, seconds, rounds, stream_requests)
+    out.write_text(report)
+    return report
+
+
+def render(targets: list[Target], seconds: float, rounds: int, stream_requests: int) -> str:
+    direct, bare, gateway = targets
+    rows = []
+    for t in targets:
+        rows.append(
+            f"| {t.name} | {t.median('c1', 'rps'):,.0f} | {t.median('c1', 'p50_ms'):.3f} | "
+            f"{t.median('c1', 'p99_ms'):.3f} | {t.median('c32', 'rps'):,.0f} | "
+            f"{t.median('c32', 'p50_ms'):.2f} | {t.median('c32', 'p99_ms'):.2f} | "
+            f"{t.median('stream', 'ttft_p50_ms'):.3f} | {t.median('stream', 'ttft_p99_ms'):.3f} |")
+    throughput = gateway.median("c32", "rps") / bare.median("c32", "rps")
+    added = gateway.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
+    added_bare = bare.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
+    added_ttft = gateway.median("stream", "ttft_p50_ms") - direct.median("stream", "ttft_p50_ms")
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    return f"""# Gateway benchmark
+
+Command: `.venv/bin/python -m loadtest --seconds {seconds:g} --rounds {rounds}`
+({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores,
+Python {platform.python_version()}, load from wrk with one thread; medians of {rounds}
+interleaved rounds of {seconds:g} s each; streaming: {stream_requests} sequential requests
+per round).
+
+Every row answers the same request from the same simulated OpenAI-compatible server
+(`python -m gateway.sim openai`, a {len(REPLY.split())}-word reply, no pacing): directly,
+through `loadtest/bare_proxy.py` (forward the body, relay the answer), and through the
+gateway (parse and validate, resolve the model, translate, re-encode).
+
+| path | c=1 req/s | c=1 p50 ms | c=1 p99 ms | c=32 req/s | c=32 p50 ms | c=32 p99 ms | stream TTFT p50 ms | stream TTFT p99 ms |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+- Gateway throughput at c=32: **{throughput:.0%} of the bare proxy** (target ≥ 80%: {verdict(throughput >= 0.8)}).
+- Gateway added p50 latency at c=1: **{added:.3f} ms over direct** (target ≤ 1 ms: {verdict(added <= 1.0)}); the bare proxy adds {added_bare:.3f} ms.
+- Gateway added time to first token: {added_ttft:.3f} ms over direct.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stream-requests", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    print(run(args.seconds, args.rounds, args.stream_requests, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The ``gateway`` command as a user runs it: serve, demo, models, keys; curl as the client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Sim, free_port
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def write_config(path: Path, ollama: Sim, mlx: Sim, extra: str = "") -> Path:
+    path.write_text(f"""
+[server]
+host = "127.0.0.1"
+shutdown_grace = 10.0
+{extra}
+
+[[backends]]
+name = "ollama"
+kind = "ollama"
+url = "{ollama.api_url}"
+
+[[backends]]
+name = "mlx"
+kind = "openai"
+url = "{mlx.api_url}"
+""")
+    return path
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited early: {process.communicate()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+@pytest.fixture
+def served(
+    tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
+    process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url + "/health", process)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def test_curl_streams_server_sent_events(served: tuple[str, subprocess.Popen[str]]) -> None:
+    url, _ = served
+    body = json.dumps({"model": "qwq:32b", "stream": True,
+                       "messages": [{"role": "user", "content": "Hello"}]})
+    result = subprocess.run(
+        ["curl", "-sN", "-D", "-", f"{url}/v1/chat/completions",
+         "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    headers, _, events = result.stdout.partition("\n\n")  # text mode turned CRLF into LF
+    assert "content-type: text/event-stream" in headers.lower()
+    assert "x-request-id:" in headers.lower()
+    data = [line for line in events.split("\n") if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert json.loads(data[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_shutdown_lets_a_stream_in_flight_finish(
+    served: tuple[str, subprocess.Popen[str]], ollama_sim: Sim
+) -> None:
+    url, process = served
+    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=20)  # about 1.5 s for the whole answer
+    received: list[str] = []
+
+    def read_stream() -> None:
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": "phi3.5:3.8b", "stream": True,
+                             "messages": [{"role": "user", "content": "Hello"}]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            received.extend(line.decode() for line in response)
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    time.sleep(0.5)  # the stream is under way
+    process.send_signal(signal.SIGTERM)
+    reader.join(timeout=30)
+    assert process.wait(timeout=15) == 0
+    assert "data: [DONE]\n" in received
+    # New connections are refused once shutdown has begun.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url + "/health", timeout=2)
+
+
+def test_models_command_lists_each_backends_models(
+    tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
+) -> None:
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
+    result = subprocess.run([*GATEWAY, "models", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ollama  (ollama, primary,") and lines[0].endswith("up")
+    llava = next(line for line in lines if "llava:7b" in line)
+    assert "7.2B" in llava and "ctx    4096" in llava and "vision" in llava
+    assert any("deepseek-r1-distill-llama:70b" in line for line in lines)
+
+
+def test_models_command_reports_a_backend_that_is_down(tmp_path: Path) -> None:
+    config = tmp_path / "down.toml"
+    config.write_text(f'[[backends]]\nname = "gone"\nkind = "ollama"\n'
+                      f'url = "http://127.0.0.1:{free_port()}"\n')
+    result = subprocess.run([*GATEWAY, "models", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30, check=True)
+    assert "gone" in result.stdout and "DOWN: cannot connect" in result.stdout
+
+
+def test_keys_new_prints_a_key_and_its_hash() -> None:
+    result = subprocess.run([*GATEWAY, "keys", "new"], capture_output=True, text=True,
+                            timeout=30, check=True)
+    pairs = (line.split(":", 1) for line in result.stdout.splitlines()[:2])
+    fields = {k: v.strip() for k, v in pairs}
+    assert fields["key"].startswith("gw-") and len(fields["key"]) > 40
+    assert fields["hash"] == hashlib.sha256(fields["key"].encode()).hexdigest()
+    assert f'key_hashes = ["{fields["hash"]}"]' in result.stdout
+
+
+def test_non_loopback_without_keys_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run([*GATEWAY, "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without API keys" in result.stderr
+    assert "--insecure-no-auth" in result.stderr
+
+
+def test_config_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[server]\nport = "eighty"\n')
+    result = subprocess.run([*GATEWAY, "serve", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{config}: server.port: expected an integer, got 'eighty'" in result.stderr
+
+
+def test_demo_serves_the_simulated_fleet() -> None:
+    port = free_port()
+    process = subprocess.Popen([*GATEWAY, "demo", "--port", str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models", process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+            ids = [m["id"] for m in json.loads(r.read())["data"]]
+        assert {"qwq:32b", "command-r-plus:104b"} <= set(ids)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
+    assert "curl" in output and 'base_url="http://127.0.0.1:' in output

@@ -1,0 +1,141 @@
+"""The OpenAI SDK through the gateway to real servers: mlx_lm.server and llama.cpp.
+
+At temperature 0 both are deterministic, so what the gateway returns must be exactly what
+the server returns to a direct call: the translation loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.e2e.conftest import RealServer
+from tests.support import ServerThread, backend, gateway_config, start_gateway
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gateway_to_real(real_mlx: RealServer, real_llamacpp: RealServer) -> Iterator[ServerThread]:
+    config = gateway_config(
+        backend("mlx", "openai", real_mlx.url),
+        backend("llamacpp", "openai", real_llamacpp.url),
+    )
+    server = start_gateway(config)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["mlx", "llamacpp"])
+def real(request: pytest.FixtureRequest) -> RealServer:
+    server: RealServer = request.getfixturevalue(f"real_{request.param}")
+    return server
+
+
+@pytest.fixture
+def via_gateway(gateway_to_real: ServerThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway_to_real.url + "/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+def direct(real: RealServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=real.url, api_key="x", max_retries=0) as c:
+        yield c
+
+
+def test_models_discovered_from_both_servers(via_gateway: openai.OpenAI, real: RealServer) -> None:
+    assert real.model in [m.id for m in via_gateway.models.list()]
+
+
+def test_chat_matches_a_direct_call(
+    via_gateway: openai.OpenAI, direct: openai.OpenAI, real: RealServer
+) -> None:
+    ask = {"model": real.model, "messages": QUESTION, "temperature": 0, "max_tokens": 12}
+    expected = direct.chat.completions.create(**ask)  # type: ignore[call-overload]
+    got = via_gateway.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert got.choices[0].message.content == expected.choices[0].message.content
+    assert got.choices[0].message.content  # real text, not an empty answer
+    assert got.choices[0].finish_reason == expected.choices[0].finish_reason
+    assert got.usage.completion_tokens == expected.usage.completion_tokens
+    assert got.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert got.model == real.model
+
+
+def test_streamed_chat_matches_the_whole_answer(
+    via_gateway: openai.OpenAI, real: RealServer
+) -> None:
+    ask = {"model": real.model, "messages": QUESTION, "temperature": 0, "max_tokens": 12}
+    whole = via_gateway.chat.completions.create(**ask)  # type: ignore[call-overload]
+    chunks = list(via_gateway.chat.completions.create(
+        **ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completion_matches_a_direct_call(
+    via_gateway: openai.OpenAI, direct: openai.OpenAI, real: RealServer
+) -> None:
+    ask = {"model": real.model, "prompt": "The capital of France is", "temperature": 0,
+           "max_tokens": 8}
+    expected = direct.completions.create(**ask)  # type: ignore[call-overload]
+    got = via_gateway.completions.create(**ask)  # type: ignore[call-overload]
+    assert got.choices[0].text == expected.choices[0].text != ""
+    streamed = via_gateway.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == got.choices[0].text
+
+
+async def test_async_client_against_real_servers(
+    gateway_to_real: ServerThread, real: RealServer
+) -> None:
+    async with openai.AsyncOpenAI(base_url=gateway_to_real.url + "/v1", api_key="x",
+                                  max_retries=0) as client:
+        reply = await client.chat.completions.create(
+            model=real.model, messages=QUESTION, temperature=0, max_tokens=6)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(
+            model=real.model, messages=QUESTION, temperature=0, max_tokens=6,  # type: ignore[arg-type]
+            stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == reply.choices[0].message.content != ""
+
+
+def test_llamacpp_real_answer_at_temperature_zero(via_gateway: openai.OpenAI) -> None:
+    reply = via_gateway.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}],
+        temperature=0, max_tokens=20)
+    text = reply.choices[0].message.content or ""
+    assert len(text.split()) >= 3  # SmolLM2 answers in words
+    assert any(ch.isalpha() for ch in text)
+
+
+def test_llamacpp_embeddings(via_gateway: openai.OpenAI, real_llamacpp: RealServer) -> None:
+    result = via_gateway.embeddings.create(model="smollm2-135m", input=["hello", "world"])
+    assert len(result.data) == 2
+    assert len(result.data[0].embedding) == 576
+    assert result.data[0].embedding != result.data[1].embedding
+    with openai.OpenAI(base_url=real_llamacpp.url, api_key="x") as direct:
+        expected = direct.embeddings.create(model="smollm2-135m", input="hello",
+                                            encoding_format="float")
+    assert result.data[0].embedding == pytest.approx(expected.data[0].embedding, abs=1e-6)
+
+
+def test_llamacpp_accepts_tools_and_answers(via_gateway: openai.OpenAI) -> None:
+    # SmolLM2's template cannot call tools; the request must still pass through cleanly.
+    tool = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object"}}}
+    reply = via_gateway.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, tools=[tool], temperature=0, max_tokens=8)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_llamacpp_context_overflow_is_a_400_context_length_exceeded(
+    via_gateway: openai.OpenAI,
+) -> None:
+    huge = [{"role": "user", "content": "hello world " * 1500}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        via_gateway.chat.completions.create(model="smollm2-135m", messages=huge, max_tokens=4)
+    assert caught.value.code == "context_length_exceeded"
+    assert "context" in caught.value.message

@@ -1,0 +1,42 @@
+"""How reasoning reaches clients is the operator's choice: a separate field (default),
+inline in <think> tags for clients that only show content, or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(params=["inline", "drop"])
+def mode_gateway(request: pytest.FixtureRequest, ollama_sim: Sim, mlx_sim: Sim
+                 ) -> Iterator[tuple[str, ServerThread]]:
+    config = gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        backend("mlx", "openai", mlx_sim.api_url),
+        server={"reasoning": request.param},
+    )
+    server = start_gateway(config)
+    yield request.param, server
+    server.stop()
+
+
+@pytest.mark.parametrize("model", ["qwq:32b", "deepseek-r1-distill-llama:70b"])
+def test_reasoning_modes(mode_gateway: tuple[str, ServerThread], model: str) -> None:
+    mode, server = mode_gateway
+    expected = f"<think>{THOUGHT}</think>{DEFAULT_REPLY}" if mode == "inline" else DEFAULT_REPLY
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        whole = client.chat.completions.create(model=model, messages=USER)
+        stream = list(client.chat.completions.create(model=model, messages=USER, stream=True))
+    assert whole.choices[0].message.content == expected
+    assert getattr(whole.choices[0].message, "reasoning_content", None) is None
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    assert not any(getattr(c.choices[0].delta, "reasoning_content", None)
+                   for c in stream if c.choices)

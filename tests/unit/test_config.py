@@ -1,0 +1,88 @@
+"""Configs load into frozen dataclasses; every mistake is named by file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gateway.config import DEFAULT_CONFIG, ConfigError, is_loopback, load_config, parse_config
+
+
+def test_the_embedded_default_is_loopback_only_and_discovers_local_servers() -> None:
+    config = load_config()
+    assert config.source == str(DEFAULT_CONFIG)
+    assert is_loopback(config.server.host)
+    assert not config.auth.key_hashes
+    urls = {b.name: (b.kind, b.url, b.optional) for b in config.backends}
+    assert urls == {"ollama": ("ollama", "http://127.0.0.1:11434", True),
+                    "mlx": ("openai", "http://127.0.0.1:11435/v1", True)}
+
+
+def test_the_demo_config_loads() -> None:
+    config = load_config(DEFAULT_CONFIG.parent / "demo.toml")
+    assert [b.kind for b in config.backends] == ["ollama", "openai"]
+
+
+def test_configs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_config().server.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"server": {"port": "80"}}, "server.port: expected an integer, got '80'"),
+        ({"server": {"port": True}}, "server.port: expected an integer, got True"),
+        ({"server": {"prot": 80}}, "server.prot: unknown key"),
+        ({"server": {"reasoning": "loud"}},
+         "server.reasoning: expected one of ['separate', 'inline', 'drop'], got 'loud'"),
+        ({"backends": [{"name": "a", "kind": "ollama"}]}, "backends[0].url: required key"),
+        ({"backends": [{"name": "a", "kind": "vllm", "url": "http://x"}]},
+         "backends[0].kind: expected one of ['ollama', 'openai']"),
+        ({"backends": [{"name": "a", "kind": "openai", "url": "localhost:8080"}]},
+         "backends[0].url: expected an http:// or https:// URL"),
+        ({"backends": [{"name": "a", "kind": "openai", "url": "http://x",
+                        "api_key_env": "sk-live-abc123"}]},
+         "backends[0].api_key_env: expected the name of an environment variable"),
+        ({"backends": [{"name": "a", "kind": "openai", "url": "http://x",
+                        "timeouts": {"idle": 0}}]},
+         "backends[0].timeouts.idle: expected a number of seconds > 0"),
+        ({"backends": [{"name": "a", "kind": "openai", "url": "http://x"},
+                       {"name": "a", "kind": "ollama", "url": "http://y"}]},
+         "backends[1].name: duplicate backend name 'a'"),
+        ({"auth": {"key_hashes": ["secret"]}}, "auth.key_hashes[0]: expected a SHA-256"),
+    ],
+)
+def test_mistakes_are_named(document: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match="^x.toml: " + _escape(message)):
+        parse_config(document, source="x.toml")
+
+
+def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match=f"^{_escape(str(broken))}: not valid TOML"):
+        load_config(broken)
+
+
+def test_integers_are_accepted_where_seconds_are_expected() -> None:
+    config = parse_config({"server": {"shutdown_grace": 5}})
+    assert config.server.shutdown_grace == 5.0 and isinstance(config.server.shutdown_grace, float)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+    ("192.168.1.5", False), ("gateway.example", False),
+])
+def test_loopback_detection(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
