@@ -37,11 +37,7 @@ def build_backend(config: BackendConfig) -> Backend:
 def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[
-            middlewares.request_id,
-            middlewares.error_envelope,
-            middlewares.auth(config.auth.key_hashes),
-        ],
+        middlewares=[middlewares.gateway_middleware(config.auth.key_hashes)],
     )
     app[CONFIG] = config
     backends = {b.name: build_backend(b) for b in config.backends}

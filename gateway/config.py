@@ -74,6 +74,10 @@ class BackendConfig:
             yield "api_key_env", "expected the name of an environment variable, not a key"
         if self.max_connections < 1:
             yield "max_connections", "expected an integer >= 1"
+        if self.keep_alive and not re.fullmatch(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+",
+                                                self.keep_alive):
+            yield "keep_alive", ("expected seconds (\"300\", \"-1\" for ever) or a duration "
+                                 f"(\"5m\", \"1h30m\"), got {self.keep_alive!r}")
 
 
 @dataclass(frozen=True, slots=True)

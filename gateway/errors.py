@@ -82,9 +82,11 @@ class NotFound(GatewayError):
 class ModelNotFound(NotFound):
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model {model!r} does not exist or is not served here.",
-                         param="model")
+    def __init__(self, model: str, unreachable: list[str] | None = None) -> None:
+        message = f"The model {model!r} does not exist or is not served here."
+        if unreachable:
+            message += f" (Not reachable right now: {', '.join(unreachable)}.)"
+        super().__init__(message, param="model")
 
 
 class PayloadTooLarge(GatewayError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config import Tier
@@ -50,7 +50,6 @@ class ModelInfo:
     context_length: int | None = None
     capabilities: frozenset[str] = frozenset({"completion", "chat"})
     loaded: bool = False
-    details: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,21 +1,25 @@
 """HTTP plumbing shared by the backend adapters: one pooled session per backend, the
-timeouts, and the translation of every network failure into a ``GatewayError``.
+timeouts, the loop that turns an upstream answer into chunks, and the translation of every
+network failure into a ``GatewayError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from yarl import URL
 
+from gateway.backends.base import Chunk
 from gateway.config import BackendConfig
 from gateway.errors import (
     GatewayError,
@@ -23,11 +27,26 @@ from gateway.errors import (
     UpstreamTimeout,
     from_upstream_status,
 )
-from gateway.protocol.sse import IdleTimeout, iter_lines
+from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_lines
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_BODY = 64 * 1024
+MAX_RETRY_AFTER = 3600.0
+DRAIN_SECONDS = 0.25
+_JSON = {"Content-Type": "application/json"}
+
+
+class Translator(Protocol):
+    """Upstream JSON objects → chunks, for one answer (see ``gateway.protocol``)."""
+
+    finished: bool  # the finish reason has arrived
+    complete: bool  # ... and the usage: nothing more can follow
+
+    def chunk(self, obj: Any) -> Chunk: ...
+
+
+Decoder = Callable[[AsyncIterator[bytes]], AsyncIterator[Any]]
 
 
 class HttpBackend:
@@ -39,6 +58,17 @@ class HttpBackend:
         self.tier = config.tier
         self.base_url = config.url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # parsed once, not on every request
+        limits = config.timeouts
+        # A streamed answer sends headers at once, then keeps talking: sock_read bounds the
+        # wait for headers (the line reader enforces the shorter idle limit between chunks).
+        # A whole answer sends headers only when generation is done: only `total` applies.
+        self._timeouts = {
+            "stream": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect,
+                                            sock_read=limits.headers),
+            "whole": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect),
+            "quick": aiohttp.ClientTimeout(total=limits.connect),
+        }
 
     async def start(self) -> None:
         headers = {"User-Agent": "hybrid-gateway"}
@@ -49,12 +79,9 @@ class HttpBackend:
             else:
                 log.warning("backend %s: environment variable %s is not set; requests go "
                             "without an API key", self.name, self.config.api_key_env)
-        timeouts = self.config.timeouts
         self._session = aiohttp.ClientSession(
             headers=headers,
             connector=aiohttp.TCPConnector(limit=self.config.max_connections),
-            timeout=aiohttp.ClientTimeout(total=timeouts.total, sock_connect=timeouts.connect),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
         )
 
     async def close(self) -> None:
@@ -68,74 +95,149 @@ class HttpBackend:
             raise RuntimeError(f"backend {self.name} is not started")
         return self._session
 
-    @asynccontextmanager
-    async def request(
-        self, method: str, path: str, payload: Any = None, *, wait: float | None = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """An upstream response with a 2xx status; anything else raises a GatewayError.
-
-        The connection is closed, not pooled, if the caller stops reading early (a client
-        that went away), so the upstream server sees the request end.
+    def request(self, method: str, path: str, payload: Any = None, *,
+                timeout: str = "whole") -> Exchange:
+        """``async with backend.request(...) as response``: a 2xx upstream response, or a
+        ``GatewayError`` for anything else (an error status, a timeout, a broken connection),
+        raised on entry or from the reads inside the block. ``timeout``: "stream", "whole"
+        or "quick" (probes: the connect timeout for everything).
         """
-        url = self.base_url + path
+        url = self._urls.get(path) or self._urls.setdefault(path, URL(self.base_url + path))
         data = orjson.dumps(payload) if payload is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else None
-        limit = wait if wait is not None else self.config.timeouts.headers
-        response: aiohttp.ClientResponse | None = None
-        try:
-            async with asyncio.timeout(limit):
-                response = await self.session.request(method, url, data=data, headers=headers)
-            if response.status >= 400:
-                raise await self._status_error(response)
-            yield response
-        except GatewayError:
-            raise
-        except IdleTimeout as exc:
-            raise UpstreamTimeout(f"{self.name} stalled: {exc}", backend=self.name) from None
-        except TimeoutError:
-            what = "response headers" if response is None else "the answer"
-            raise UpstreamTimeout(
-                f"{self.name} did not send {what} in time", backend=self.name
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                f"cannot connect to backend {self.name}: {exc.strerror or exc}",
-                backend=self.name, code="backend_unreachable",
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(
-                f"backend {self.name} broke off the connection ({type(exc).__name__})",
-                backend=self.name,
-            ) from None
-        finally:
-            if response is not None:
-                # Unread data left means the caller stopped early: drop the connection.
-                if not response.content.at_eof():
-                    response.close()
-                response.release()
+        return Exchange(self, method, url, data, self._timeouts[timeout])
 
-    async def get_json(self, path: str, *, wait: float | None = None) -> Any:
-        """GET a JSON document; ``wait`` bounds the wait for headers (default: headers timeout)."""
-        async with self.request("GET", path, wait=wait) as response:
-            return orjson.loads(await response.read())
+    async def get_json(self, path: str, *, quick: bool = False) -> Any:
+        async with self.request("GET", path, timeout="quick" if quick else "whole") as response:
+            return await self.read_json(response)
 
     async def post_json(self, path: str, payload: Any) -> Any:
         async with self.request("POST", path, payload) as response:
-            body = await response.read()
+            return await self.read_json(response)
+
+    async def read_json(self, response: aiohttp.ClientResponse) -> Any:
+        body = await response.read()
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(f"{self.name} sent a response that is not JSON",
                                 backend=self.name) from None
 
+    async def generate(self, path: str, payload: dict[str, Any], translator: Translator,
+                       decode: Decoder) -> AsyncGenerator[Chunk]:
+        """The answer to ``payload`` as chunks, streamed or whole as ``payload["stream"]``
+        says. Events that cannot be understood are skipped; an answer that ends before its
+        finish is an error, never a shorter answer.
+        """
+        stream = bool(payload["stream"])
+        async with self.request("POST", path, payload,
+                                timeout="stream" if stream else "whole") as response:
+            if not stream:
+                try:
+                    yield translator.chunk(await self.read_json(response))
+                except MalformedEvent as exc:
+                    raise UpstreamError(f"{self.name} sent an answer of the wrong shape: {exc}",
+                                        backend=self.name) from None
+            else:
+                try:
+                    async for obj in decode(self.lines(response)):
+                        try:
+                            chunk = translator.chunk(obj)
+                        except MalformedEvent:
+                            log.warning("backend %s: skipped a malformed stream event", self.name)
+                            continue
+                        yield chunk
+                        if translator.complete:
+                            break
+                except IdleTimeout:
+                    if not translator.finished:  # silent after the finish: the answer is whole
+                        raise
+                await _drain(response)
+        if not translator.finished:
+            raise UpstreamError(f"{self.name} ended the answer before it was complete",
+                                backend=self.name, code="upstream_truncated")
+
     def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         return iter_lines(response.content, self.config.timeouts.idle)
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
+    async def status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
         body = await response.content.read(MAX_ERROR_BODY)
         message, code = error_details(body)
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return from_upstream_status(self.name, response.status, message, retry_after, code)
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read the little that follows a complete answer ([DONE], the chunked terminator), so
+    the connection goes back to the pool instead of being closed; but never wait long.
+    """
+    if response.content.at_eof():
+        return
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while await response.content.readany():
+                pass
+
+
+class Exchange:
+    """One upstream request-response. The connection is closed, not pooled, when the caller
+    stops reading early (a client that went away), so the upstream sees the request end.
+
+    A class rather than ``@asynccontextmanager``: it runs on every request.
+    """
+
+    __slots__ = ("_backend", "_data", "_method", "_response", "_timeout", "_url")
+
+    def __init__(self, backend: HttpBackend, method: str, url: URL, data: bytes | None,
+                 timeout: aiohttp.ClientTimeout) -> None:
+        self._backend, self._method, self._url = backend, method, url
+        self._data, self._timeout = data, timeout
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        backend = self._backend
+        try:
+            response = await backend.session.request(
+                self._method, self._url, data=self._data, timeout=self._timeout,
+                headers=_JSON if self._data is not None else None)
+        except Exception as exc:
+            raise _translate(backend.name, exc, started=False) from None
+        self._response = response
+        if response.status >= 400:
+            error = await backend.status_error(response)
+            self._finish()
+            raise error
+        return response
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        self._finish()
+        if isinstance(exc, Exception) and not isinstance(exc, GatewayError):
+            raise _translate(self._backend.name, exc, started=True) from None
+
+    def _finish(self) -> None:
+        response = self._response
+        if response is not None:
+            if not response.content.at_eof():  # stopped early: drop the connection
+                response.close()
+            response.release()
+
+
+def _translate(backend: str, exc: Exception, *, started: bool) -> Exception:
+    """A network-level failure as the ``GatewayError`` a client should see."""
+    if isinstance(exc, IdleTimeout):
+        return UpstreamTimeout(f"{backend} stalled: {exc}", backend=backend)
+    if isinstance(exc, TimeoutError):
+        what = "the answer" if started else "response headers"
+        return UpstreamTimeout(f"{backend} did not send {what} in time", backend=backend)
+    if isinstance(exc, LineTooLong):
+        return UpstreamError(f"{backend} sent {exc}", backend=backend)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(f"cannot connect to backend {backend}: {exc.strerror or exc}",
+                             backend=backend, code="backend_unreachable")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamError(f"backend {backend} broke off the connection "
+                             f"({type(exc).__name__})", backend=backend)
+    return exc
 
 
 def error_details(body: bytes) -> tuple[str, str | None]:
@@ -164,11 +266,12 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)

@@ -6,23 +6,19 @@ reach the model), with the model name, streaming and usage reporting set by the 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import orjson
-
-from gateway.backends.base import Chunk, EmbeddingResult, Health, ModelInfo, Usage
+from gateway.backends.base import Chunk, EmbeddingResult, Health, ModelInfo
 from gateway.backends.http import HttpBackend
 from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
-from gateway.protocol.sse import IdleTimeout, iter_events
+from gateway.protocol.openai_stream import OpenAITranslator
+from gateway.protocol.sse import decode_sse
 
-log = logging.getLogger(__name__)
-
-# Fields of the client's body that only concern the client-gateway leg.
-_GATEWAY_ONLY = ("stream", "stream_options", "max_completion_tokens", "max_tokens")
+# Fields of the client's body the gateway sets itself for the upstream leg.
+_GATEWAY_SET = ("stream", "stream_options", "max_completion_tokens", "max_tokens")
 
 
 class OpenAICompatBackend(HttpBackend):
@@ -31,22 +27,27 @@ class OpenAICompatBackend(HttpBackend):
             names = list(self.config.models)
         else:
             data = await self.get_json("/models")
-            names = [m["id"] for m in data.get("data") or [] if isinstance(m, dict) and "id" in m]
+            listed = data.get("data") if isinstance(data, dict) else None
+            names = [m["id"] for m in listed or [] if isinstance(m, dict)
+                     and isinstance(m.get("id"), str)]
         return [ModelInfo(name=name, backend=self.name) for name in names]
 
     async def probe(self) -> Health:
         started = time.perf_counter()
         try:
-            await self.get_json("/models", wait=self.config.timeouts.connect)
+            await self.get_json("/models", quick=True)
         except GatewayError as exc:
             return Health(False, exc.message)
         return Health(True, "models listed", (time.perf_counter() - started) * 1000)
 
     def chat(self, req: ChatRequest, model: str) -> AsyncGenerator[Chunk]:
-        return self._generate("/chat/completions", self._payload(req.body, model, req.stream))
+        payload = self._payload(req, model)
+        return self.generate("/chat/completions", payload, OpenAITranslator(self.name),
+                             decode_sse)
 
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
-        return self._generate("/completions", self._payload(req.body, model, req.stream))
+        payload = self._payload(req, model)
+        return self.generate("/completions", payload, OpenAITranslator(self.name), decode_sse)
 
     async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult:
         payload: dict[str, Any] = {"model": model, "input": req.inputs, "encoding_format": "float"}
@@ -56,98 +57,23 @@ class OpenAICompatBackend(HttpBackend):
         try:
             rows = sorted(data["data"], key=lambda row: row.get("index", 0))
             vectors = [row["embedding"] for row in rows]
-        except (KeyError, TypeError, AttributeError):
+            usage = data.get("usage") or {}
+            return EmbeddingResult(vectors, int(usage.get("prompt_tokens") or 0))
+        except (KeyError, TypeError, AttributeError, ValueError):
             raise UpstreamError(f"{self.name} sent an embedding response without embeddings",
                                 backend=self.name) from None
-        usage = data.get("usage") or {}
-        return EmbeddingResult(vectors, usage.get("prompt_tokens") or 0)
 
-    def _payload(self, body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
-        payload = {k: v for k, v in body.items() if k not in _GATEWAY_ONLY}
+    def _payload(self, req: ChatRequest | CompletionRequest, model: str) -> dict[str, Any]:
+        body = req.body
+        payload = {k: v for k, v in body.items() if k not in _GATEWAY_SET}
         payload["model"] = model
-        payload["stream"] = stream
-        if stream:
+        payload["stream"] = req.stream
+        if req.stream:
             payload["stream_options"] = {"include_usage": True}
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if self.config.max_tokens_param == "as_sent":
             for key in ("max_tokens", "max_completion_tokens"):
-                if key in body:
+                if body.get(key) is not None:
                     payload[key] = body[key]
-        elif limit is not None:
-            payload["max_tokens"] = limit
+        elif req.sampling.max_tokens is not None:
+            payload["max_tokens"] = req.sampling.max_tokens
         return payload
-
-    async def _generate(self, path: str, payload: dict[str, Any]) -> AsyncGenerator[Chunk]:
-        translator = StreamTranslator(self.name)
-        async with self.request("POST", path, payload) as response:
-            if not payload["stream"]:
-                yield translator.chunk(_json(await response.read(), self.name))
-                return
-            try:
-                async for _event, data in iter_events(self.lines(response)):
-                    if data == b"[DONE]":
-                        break
-                    try:
-                        obj = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        log.warning("backend %s: skipped a malformed stream event", self.name)
-                        continue
-                    yield translator.chunk(obj)
-                    if translator.finished and translator.usage_seen:
-                        break  # nothing can follow the usage
-            except IdleTimeout:
-                if not translator.finished:
-                    raise
-        if not translator.finished:
-            raise UpstreamError(f"{self.name} ended the stream before the answer was complete",
-                                backend=self.name, code="upstream_truncated")
-
-
-class StreamTranslator:
-    """OpenAI chunks (or a whole completion) from any compatible server → chunks."""
-
-    __slots__ = ("_backend", "finished", "usage_seen")
-
-    def __init__(self, backend: str) -> None:
-        self._backend = backend
-        self.finished = False
-        self.usage_seen = False
-
-    def chunk(self, obj: Any) -> Chunk:
-        if not isinstance(obj, dict):
-            raise UpstreamError(f"{self._backend} sent an event that is not an object",
-                                backend=self._backend)
-        if obj.get("error"):
-            error = obj["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            raise UpstreamError(f"{self._backend}: {message}", backend=self._backend,
-                                code="upstream_stream_error")
-        chunk = Chunk()
-        choices = obj.get("choices")
-        if choices:
-            choice = choices[0]
-            delta = choice.get("delta") or choice.get("message") or {}
-            chunk.content = delta.get("content") or choice.get("text") or ""
-            chunk.reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-            calls = delta.get("tool_calls")
-            if calls:
-                chunk.tool_calls = [
-                    {**call, "index": call.get("index", i)} for i, call in enumerate(calls)
-                ]
-            chunk.finish_reason = choice.get("finish_reason")
-            if chunk.finish_reason is not None:
-                self.finished = True
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage_seen = True
-            chunk.usage = Usage(usage.get("prompt_tokens") or 0,
-                                usage.get("completion_tokens") or 0)
-        return chunk
-
-
-def _json(body: bytes, backend: str) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(f"{backend} sent a response that is not JSON",
-                            backend=backend) from None

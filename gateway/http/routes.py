@@ -8,7 +8,6 @@ import base64
 import time
 from array import array
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +25,6 @@ from gateway.protocol.openai import (
     parse_completion,
     parse_embedding,
 )
-from gateway.protocol.reasoning import split_think_tags
 from gateway.protocol.responses import (
     Kind,
     StreamEncoder,
@@ -58,22 +56,26 @@ async def _generate(
         upstream = backend.complete(req, model)
     reasoning = request.app[CONFIG].server.reasoning
     headers = {"x-gateway-backend": backend.name, "x-gateway-model": model}
-    # Closing both ends at once drops the upstream connection the moment the client goes.
-    async with aclosing(upstream), aclosing(split_think_tags(upstream)) as chunks:
-        first = await _first(chunks, backend.name)
+    try:
+        first = await _first(upstream, backend.name)
         if req.stream:
             encoder = StreamEncoder(kind, model, include_usage=req.include_usage,
                                     reasoning=reasoning)
-            return await write_stream(request, first, chunks, encoder, headers)
-        completion = await collect(chunks, first)
+            return await write_stream(request, first, upstream, encoder, headers)
+        completion = await collect(upstream, first)
+    finally:
+        await upstream.aclose()  # drops the upstream connection the moment the client goes
     return json_response(completion_body(kind, completion, model, reasoning), headers)
 
 
 async def _first(chunks: AsyncIterator[Chunk], backend: str) -> Chunk:
-    chunk = await anext(chunks, None)
-    if chunk is None:
-        raise UpstreamError(f"{backend} sent an empty answer", backend=backend)
-    return chunk
+    """The first chunk that says something: until then, a failure is still an HTTP error
+    (and, for routing, still a failover rather than a broken stream).
+    """
+    async for chunk in chunks:
+        if chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason:
+            return chunk
+    raise UpstreamError(f"{backend} sent an empty answer", backend=backend)
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -108,9 +110,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     statuses = request.app[CATALOG].status()
+    # No error text here: /health needs no key, and errors name internal hosts and ports.
     backends = {
-        name: {"ok": s.ok, "models": s.models, "error": s.error or None,
-               "checked_at": int(s.refreshed_at) or None}
+        name: {"ok": s.ok, "models": s.models, "checked_at": int(s.refreshed_at) or None}
         for name, s in statuses.items()
     }
     up = sum(s.ok for s in statuses.values())

@@ -8,6 +8,8 @@ a truncated answer is never presented as a finished one.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -15,7 +17,10 @@ from aiohttp_sse import EventSourceResponse
 
 from gateway.backends.base import Chunk, Usage
 from gateway.errors import GatewayError
+from gateway.keys import REQUEST_ID
 from gateway.protocol.responses import StreamEncoder
+
+log = logging.getLogger(__name__)
 
 PING_SECONDS = 15.0  # ": ping" comments keep idle proxies and IDE plugins from hanging up
 
@@ -27,26 +32,48 @@ async def write_stream(
     encoder: StreamEncoder,
     headers: dict[str, str],
 ) -> web.StreamResponse:
+    """Send ``first`` and the rest of ``chunks``; every failure after the commit ends the
+    stream in-band (nothing may escape: a second response would corrupt this one).
+    """
     response = EventSourceResponse(
         headers=headers, sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS
     )
     await response.prepare(request)
     async with response:
-        usage: Usage | None = None
-        chunk: Chunk | None = first
         try:
-            while chunk is not None:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                data = encoder.encode(chunk)
-                if data is not None:
-                    await response.send(data)
-                chunk = await anext(chunks, None)
+            usage = await _relay(response, first, chunks, encoder)
         except GatewayError as exc:
-            await response.send(exc.sse_event())
+            await _send_error(response, exc)
             return response
-        final = encoder.encode_usage(usage)
-        if final is not None:
-            await response.send(final)
-        await response.send("[DONE]")
+        except (ConnectionError, TimeoutError):
+            return response  # the client went away or stopped reading; the caller cleans up
+        except Exception:
+            log.exception("stream %s failed", request.get(REQUEST_ID, "?"))
+            await _send_error(response, GatewayError("The gateway failed while streaming.",
+                                                     code="internal_error"))
+            return response
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            final = encoder.encode_usage(usage)
+            if final is not None:
+                await response.send(final)
+            await response.send("[DONE]")
     return response
+
+
+async def _relay(response: EventSourceResponse, first: Chunk, chunks: AsyncIterator[Chunk],
+                 encoder: StreamEncoder) -> Usage | None:
+    usage: Usage | None = None
+    chunk: Chunk | None = first
+    while chunk is not None:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        data = encoder.encode(chunk)
+        if data is not None:
+            await response.send(data)
+        chunk = await anext(chunks, None)
+    return usage
+
+
+async def _send_error(response: EventSourceResponse, error: GatewayError) -> None:
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        await response.send(error.sse_event())

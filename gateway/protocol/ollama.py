@@ -12,6 +12,8 @@ import orjson
 from gateway.backends.base import Chunk, ModelInfo, Usage, parse_parameter_size
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
+from gateway.protocol.reasoning import ThinkTagSplitter
+from gateway.protocol.sse import MalformedEvent
 
 # Extra sampling fields some clients send, which Ollama understands under the same name.
 _PASSTHROUGH_OPTIONS = ("top_k", "min_p", "repeat_penalty", "frequency_penalty",
@@ -36,7 +38,8 @@ def options(sampling: Sampling, body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def chat_payload(req: ChatRequest, model: str, keep_alive: str) -> dict[str, Any]:
+def chat_payload(req: ChatRequest, model: str, keep_alive: str, *, thinks: bool) -> dict[str, Any]:
+    """``thinks``: the model has the thinking capability (only such models accept ``think``)."""
     payload: dict[str, Any] = {
         "model": model,
         "messages": messages(req.messages),
@@ -53,10 +56,10 @@ def chat_payload(req: ChatRequest, model: str, keep_alive: str) -> dict[str, Any
     elif fmt.get("type") == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema")
         payload["format"] = schema if isinstance(schema, dict) else "json"
-    if req.reasoning_effort is not None:
+    if req.reasoning_effort is not None and thinks:
         payload["think"] = req.reasoning_effort not in ("none", "minimal")
     if keep_alive:
-        payload["keep_alive"] = keep_alive
+        payload["keep_alive"] = keep_alive_value(keep_alive)
     return payload
 
 
@@ -68,8 +71,13 @@ def generate_payload(req: CompletionRequest, model: str, keep_alive: str) -> dic
     if opts:
         payload["options"] = opts
     if keep_alive:
-        payload["keep_alive"] = keep_alive
+        payload["keep_alive"] = keep_alive_value(keep_alive)
     return payload
+
+
+def keep_alive_value(text: str) -> str | int:
+    """Ollama takes a number of seconds or a Go duration ("5m"); "-1" must go as a number."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def messages(source: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -97,13 +105,13 @@ def messages(source: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _image_data(part: dict[str, Any]) -> str:
-    url = image_url(part)
-    if not url.startswith("data:"):
+    url = image_url(part) or ""
+    header, _, data = url.partition(",")
+    if not (header.startswith("data:") and header.endswith(";base64") and data):
         raise InvalidRequest(
-            "Images must be sent inline as data: URLs (data:image/png;base64,...); "
+            "Images must be sent inline as base64 data: URLs (data:image/png;base64,...); "
             "the gateway does not fetch remote URLs.", param="messages", code="invalid_image_url",
         )
-    _, _, data = url.partition(",")
     return data
 
 
@@ -123,34 +131,45 @@ def _tool_call_out(call: dict[str, Any], names: dict[str, str]) -> dict[str, Any
     return {"function": {"name": function["name"], "arguments": arguments}}
 
 
-class StreamTranslator:
-    """NDJSON objects from ``/api/chat`` or ``/api/generate`` → chunks, one answer's worth."""
+class OllamaTranslator:
+    """``/api/chat`` or ``/api/generate`` objects (stream lines or a whole answer) → chunks."""
 
-    __slots__ = ("_backend", "_calls")
+    __slots__ = ("_backend", "_calls", "_think", "complete", "finished")
 
     def __init__(self, backend: str) -> None:
         self._backend = backend
         self._calls = 0
+        self._think = ThinkTagSplitter()
+        self.finished = self.complete = False
 
-    def chunk(self, obj: dict[str, Any]) -> Chunk:
+    def chunk(self, obj: Any) -> Chunk:
+        if not isinstance(obj, dict):
+            raise MalformedEvent("not an object")
         if "error" in obj:
             raise UpstreamError(f"{self._backend}: {obj['error']}", backend=self._backend,
                                 code="upstream_stream_error")
-        message = obj.get("message")
-        if message is not None:
-            chunk = Chunk(content=message.get("content") or "",
-                          reasoning=message.get("thinking") or "")
-            calls = message.get("tool_calls")
-            if calls:
-                chunk.tool_calls = [self._tool_call(call) for call in calls]
-        else:  # /api/generate
-            chunk = Chunk(content=obj.get("response") or "", reasoning=obj.get("thinking") or "")
+        try:
+            chunk = self._delta(obj)
+        except (AttributeError, TypeError) as exc:
+            raise MalformedEvent(str(exc)) from None
         if obj.get("done"):
             reason = obj.get("done_reason")
             chunk.finish_reason = (
                 "tool_calls" if self._calls else "length" if reason == "length" else "stop"
             )
-            chunk.usage = Usage(obj.get("prompt_eval_count") or 0, obj.get("eval_count") or 0)
+            chunk.usage = Usage(_count(obj, "prompt_eval_count"), _count(obj, "eval_count"))
+            self.finished = self.complete = True
+        return self._think.feed(chunk)
+
+    def _delta(self, obj: dict[str, Any]) -> Chunk:
+        message = obj.get("message")
+        if message is None:  # /api/generate
+            return Chunk(content=_text(obj.get("response")), reasoning=_text(obj.get("thinking")))
+        chunk = Chunk(content=_text(message.get("content")),
+                      reasoning=_text(message.get("thinking")))
+        calls = message.get("tool_calls")
+        if calls:
+            chunk.tool_calls = [self._tool_call(call) for call in calls]
         return chunk
 
     def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +186,19 @@ class StreamTranslator:
                 else orjson.dumps(arguments).decode(),
             },
         }
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedEvent(f"text of type {type(value).__name__}")
+    return value
+
+
+def _count(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    return value if isinstance(value, int) else 0
 
 
 def model_info(
@@ -189,7 +221,6 @@ def model_info(
         context_length=_context_length(details, show),
         capabilities=frozenset(capabilities),
         loaded=name in loaded,
-        details=details,
     )
 
 

@@ -84,14 +84,11 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     if tools is not None:
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                    not isinstance(function.get("parameters", {}), dict):
                 raise _bad(f"tools[{i}]", "Each tool must be {'type': 'function', 'function': "
                            "{'name': ..., 'parameters': {...}}}.")
-    response_format = _optional(body, "response_format", dict, "an object")
-    if response_format is not None and response_format.get("type") not in (
-        "text", "json_object", "json_schema"
-    ):
-        raise _bad("response_format.type", "must be 'text', 'json_object' or 'json_schema'.")
+    response_format = _response_format(body)
     effort = _optional(body, "reasoning_effort", str, "a string")
     _single_choice(body)
     return ChatRequest(
@@ -162,6 +159,20 @@ def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
     return value
 
 
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = _optional(body, "response_format", dict, "an object")
+    if fmt is None:
+        return None
+    if fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise _bad("response_format.type", "must be 'text', 'json_object' or 'json_schema'.")
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise _bad("response_format.json_schema",
+                       "json_schema must be an object whose 'schema' is a JSON schema object.")
+    return fmt  # type: ignore[no-any-return]
+
+
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
@@ -227,14 +238,25 @@ def _check_message(message: Any, i: int) -> None:
             _check_part(part, f"{where}.content[{j}]")
     elif not isinstance(content, str):
         raise _bad(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise _bad(f"{where}.{key}", f"{where}.{key} must be a string.")
     calls = message.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list):
             raise _bad(f"{where}.tool_calls", "tool_calls must be an array.")
         for j, call in enumerate(calls):
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise _bad(f"{where}.tool_calls[{j}]", "each tool call needs function.name.")
+            _check_tool_call(call, f"{where}.tool_calls[{j}]")
+
+
+def _check_tool_call(call: Any, where: str) -> None:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise _bad(where, f"{where} needs function.name.")
+    if call.get("id") is not None and not isinstance(call["id"], str):
+        raise _bad(f"{where}.id", f"{where}.id must be a string.")
+    if not isinstance(function.get("arguments", ""), str | dict):
+        raise _bad(f"{where}.function.arguments", "arguments must be a JSON string.")
 
 
 def _check_part(part: Any, where: str) -> None:
@@ -243,18 +265,17 @@ def _check_part(part: Any, where: str) -> None:
         if not isinstance(part.get("text"), str):
             raise _bad(f"{where}.text", f"{where}.text must be a string.")
     elif kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str):
+        if image_url(part) is None:
             raise _bad(f"{where}.image_url", f"{where}.image_url.url must be a string.")
     elif not isinstance(kind, str):
         raise _bad(where, f"{where} must be a content part object with a 'type'.")
 
 
-def image_url(part: dict[str, Any]) -> str:
+def image_url(part: dict[str, Any]) -> str | None:
     """The URL of an ``image_url`` content part (object or bare-string form)."""
-    image = part["image_url"]
-    return image["url"] if isinstance(image, dict) else image  # type: ignore[no-any-return]
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    return url if isinstance(url, str) else None
 
 
 def text_of(content: Any) -> str:

@@ -57,10 +57,6 @@ class StreamEncoder:
             "system_fingerprint": None,
         }
 
-    @property
-    def id(self) -> str:
-        return str(self._base["id"])
-
     def encode(self, chunk: Chunk) -> str | None:
         """The event for a chunk, or None when nothing in it reaches this client."""
         if self._kind == "text":
@@ -154,13 +150,17 @@ class Completion:
         if function.get("arguments"):
             call["function"]["arguments"] += function["arguments"]
 
+    def text(self, reasoning: ReasoningMode) -> str:
+        """The content as the client sees it (with the reasoning inline when so configured)."""
+        if self.reasoning and reasoning == "inline":
+            return f"<think>{self.reasoning}</think>{self.content}"
+        return self.content
+
     def message(self, reasoning: ReasoningMode) -> dict[str, Any]:
-        content = self.content
+        content = self.text(reasoning)
         message: dict[str, Any] = {"role": "assistant"}
         if self.reasoning and reasoning == "separate":
             message["reasoning_content"] = self.reasoning
-        elif self.reasoning and reasoning == "inline":
-            content = f"<think>{self.reasoning}</think>{content}"
         message["content"] = content if content or not self.tool_calls else None
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
@@ -186,10 +186,7 @@ def completion_body(
         choice = {"index": 0, "message": completion.message(reasoning), "logprobs": None,
                   "finish_reason": completion.finish_reason}
     else:
-        text = completion.content
-        if completion.reasoning and reasoning == "inline":
-            text = f"<think>{completion.reasoning}</think>{text}"
-        choice = {"index": 0, "text": text, "logprobs": None,
+        choice = {"index": 0, "text": completion.text(reasoning), "logprobs": None,
                   "finish_reason": completion.finish_reason}
     return {
         "id": new_id(kind),

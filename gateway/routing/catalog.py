@@ -74,24 +74,25 @@ class ModelCatalog:
 
     def resolve(self, name: str) -> list[Deployment]:
         """The deployments of a model, by exact name, without ``:latest``, or ``backend/name``."""
+        found = self._lookup(name)
+        if not found and "/" in name:
+            backend, _, rest = name.partition("/")
+            if backend in self._listings:
+                found = [d for d in self._lookup(rest) if d.backend.name == backend]
+        if not found:
+            raise ModelNotFound(name, self._unreachable())
+        return found
+
+    def _lookup(self, name: str) -> list[Deployment]:
         found = self._index.get(name)
         if found is None and ":" not in name:
             found = self._index.get(name + ":latest")
         if found is None and name.endswith(":latest"):
             found = self._index.get(name.removesuffix(":latest"))
-        if found is None and "/" in name:
-            backend, _, rest = name.partition("/")
-            if backend in self._listings:
-                found = [d for d in self._resolve_or_empty(rest) if d.backend.name == backend]
-        if not found:
-            raise ModelNotFound(name)
-        return found
+        return found or []
 
-    def _resolve_or_empty(self, name: str) -> list[Deployment]:
-        try:
-            return self.resolve(name)
-        except ModelNotFound:
-            return []
+    def _unreachable(self) -> list[str]:
+        return [name for name, listing in self._listings.items() if not listing.status.ok]
 
     def models(self) -> list[Deployment]:
         """One deployment per model name: the first backend (in config order) serving it."""

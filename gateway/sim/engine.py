@@ -78,6 +78,13 @@ class SimError(Exception):
         self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
 
 
+async def pace_whole(model: SimModel, plan: Plan) -> None:
+    """A whole (non-streamed) answer takes as long as its stream would have."""
+    ttft, delay = model.pace()
+    if ttft or delay:
+        await asyncio.sleep(ttft + delay * max(0, len(plan.pieces()) - 1))
+
+
 def plan_answer(model: SimModel, ask: Ask) -> Plan:
     """The answer a model gives; raises ``SimError`` for requests it refuses."""
     if "embedding" in model.capabilities and "completion" not in model.capabilities:
@@ -121,6 +128,7 @@ class Framer(Protocol):
 
     def piece(self, kind: str, value: Any) -> bytes: ...
     def malformed(self) -> bytes: ...
+    def bad_shape(self) -> bytes: ...
     def error(self, message: str) -> bytes: ...
     def keepalive(self) -> bytes: ...
     def end(self, plan: Plan, terminate: bool) -> bytes:
@@ -143,6 +151,8 @@ class SimState:
             "n": self._count, "t": time.time(), "path": request.path, "model": model,
             "stream": stream, "prefill": prefill, "payload": payload,
             "authorization": request.headers.get("Authorization"),
+            "peer": (request.transport.get_extra_info("peername") or (None, None))[1]
+            if request.transport else None,
             "outcome": "pending", "tokens": 0,
         }
         self.log.append(entry)
@@ -226,11 +236,15 @@ async def stream_plan(request: web.Request, response: web.StreamResponse, model:
             return
         if faults.malformed_at == i:
             await response.write(framer.malformed())
+        if faults.bad_shape_at == i:
+            await response.write(framer.bad_shape())
         if i and delay:
             await asyncio.sleep(delay)
         await response.write(framer.piece(kind, value))
         record["tokens"] += 1
     await response.write(framer.end(plan, terminate=not faults.missing_done))
+    if faults.end_delay:
+        await asyncio.sleep(faults.end_delay)
     await response.write_eof()
     if record["outcome"] == "pending":
         record["outcome"] = "completed"

@@ -32,9 +32,11 @@ class Faults:
     no_response: bool = False  # accept the request, never answer
     cut_after: int | None = None  # reset the connection after N tokens
     stall_after: int | None = None  # go silent after N tokens, connection left open
-    malformed_at: int | None = None  # one broken event before token N
+    malformed_at: int | None = None  # one event that is not JSON, before token N
+    bad_shape_at: int | None = None  # one JSON event of the wrong shape, before token N
     error_after: int | None = None  # an in-band error event after N tokens, then the end
     missing_done: bool = False  # end the stream cleanly without [DONE] / done:true
+    end_delay: float = 0.0  # pause between the last event and the end of the HTTP body
     content_policy: bool = False  # refuse as a content-policy violation
     reject_prefill: bool = False  # refuse a final assistant message (prefill)
     remaining: int | None = None
@@ -111,12 +113,20 @@ def continuation(reply: str, prefill: str) -> str:
 
 def tool_arguments(tool: dict[str, Any]) -> dict[str, Any]:
     """Arguments that satisfy a tool's required parameters."""
-    params = (tool.get("function") or {}).get("parameters") or {}
-    props = params.get("properties") or {}
+    params = (tool.get("function") or {}).get("parameters")
+    params = params if isinstance(params, dict) else {}
+    props = params.get("properties")
+    props = props if isinstance(props, dict) else {}
     sample = {"string": "Paris", "number": 1.5, "integer": 1, "boolean": True,
               "array": [], "object": {}}
-    return {name: sample.get((props.get(name) or {}).get("type", "string"), "Paris")
-            for name in params.get("required") or []}
+    required = params.get("required")
+    return {name: sample.get(_type_of(props.get(name)), "Paris")
+            for name in required if isinstance(name, str)} if isinstance(required, list) else {}
+
+
+def _type_of(spec: Any) -> str:
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    return kind if isinstance(kind, str) else "string"
 
 
 def json_reply(text: str, schema: dict[str, Any] | None) -> dict[str, Any]:

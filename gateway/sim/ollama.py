@@ -5,6 +5,7 @@ NDJSON streams and ``{"error": "..."}`` errors.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from gateway.sim.engine import (
     SimState,
     apply_faults,
     control_routes,
+    pace_whole,
     plan_answer,
     stream_plan,
     watch,
@@ -141,10 +143,12 @@ async def _answer(request: web.Request, state: SimState, model: SimModel,
     faults = model.take_faults()
     with watch(record):
         await apply_faults(request, faults, ask, record)
+        _check_options(model, payload)
         plan = plan_answer(model, ask)
         model.loaded = True
         framer = _Framer(model.name, chat)
         if not stream:
+            await pace_whole(model, plan)
             record["outcome"] = "completed"
             record["tokens"] = plan.completion_tokens
             return web.Response(body=framer.whole(plan), content_type="application/json")
@@ -152,6 +156,22 @@ async def _answer(request: web.Request, state: SimState, model: SimModel,
         await response.prepare(request)
         await stream_plan(request, response, model, faults, plan, framer, record)
     return response
+
+
+_DURATION = re.compile(r"-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
+
+
+def _check_options(model: SimModel, payload: dict[str, Any]) -> None:
+    """What real Ollama refuses: think for a model that cannot think, suffix for a model
+    without fill-in-the-middle, a keep_alive that is not a number or a Go duration.
+    """
+    if payload.get("think") is not None and "thinking" not in model.capabilities:
+        raise SimError(400, f'"{model.name}" does not support thinking')
+    if payload.get("suffix") and "insert" not in model.capabilities:
+        raise SimError(400, f"registry.ollama.ai/library/{model.name} does not support insert")
+    keep_alive = payload.get("keep_alive")
+    if isinstance(keep_alive, str) and not _DURATION.fullmatch(keep_alive):
+        raise SimError(400, f'time: missing unit in duration "{keep_alive}"')
 
 
 async def _embed(request: web.Request, state: SimState, model: SimModel,
@@ -208,6 +228,9 @@ class _Framer:
 
     def malformed(self) -> bytes:
         return b'{"model": "' + self.model.encode() + b'", "message": {"role": "assis\n'
+
+    def bad_shape(self) -> bytes:
+        return b'["not", "an", "object"]\n'
 
     def error(self, message: str) -> bytes:
         return orjson.dumps({"error": message}) + b"\n"

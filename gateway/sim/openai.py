@@ -21,6 +21,7 @@ from gateway.sim.engine import (
     SimState,
     apply_faults,
     control_routes,
+    pace_whole,
     plan_answer,
     stream_plan,
     watch,
@@ -148,6 +149,7 @@ async def _answer(request: web.Request, state: SimState, model: SimModel, body: 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         framer = _Framer(model.name, flavor, chat, include_usage)
         if not stream:
+            await pace_whole(model, plan)
             record["outcome"] = "completed"
             record["tokens"] = plan.completion_tokens
             return _json(framer.whole(plan))
@@ -195,6 +197,9 @@ class _Framer:
 
     def malformed(self) -> bytes:
         return b'data: {"id": "chatcmpl-broken", "choices": [{"delta": \n\n'
+
+    def bad_shape(self) -> bytes:
+        return self._event({**self.base, "choices": ["not", "a", "choice"]})
 
     def error(self, message: str) -> bytes:
         return self._event({"error": {"message": message, "type": "server_error",

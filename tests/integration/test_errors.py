@@ -20,8 +20,8 @@ USER = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture
 def quick_gateway(ollama_sim: Sim, mlx_sim: Sim) -> Iterator[ServerThread]:
-    """A gateway with one-second timeouts and a small body limit, before both simulators."""
-    timeouts = {"headers": 1.0, "idle": 1.0, "total": 10.0}
+    """A gateway with short timeouts and a small body limit, before both simulators."""
+    timeouts = {"headers": 1.0, "idle": 1.0, "total": 3.0}
     config = gateway_config(
         backend("ollama", "ollama", ollama_sim.api_url, timeouts=timeouts),
         backend("mlx", "openai", mlx_sim.api_url, timeouts=timeouts),
@@ -183,18 +183,31 @@ async def test_connection_reset_before_headers_is_a_502(
     assert (await post(http, CHAT, {"model": "phi3.5:3.8b", "messages": USER}))[0] == 200
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_silent_upstream_is_a_504_within_the_header_timeout(
-    http: aiohttp.ClientSession, ollama_sim: Sim, stream: bool
+@pytest.mark.parametrize(("stream", "limit"), [(True, 1.0), (False, 3.0)])
+async def test_silent_upstream_is_a_504_within_its_timeout(
+    http: aiohttp.ClientSession, ollama_sim: Sim, stream: bool, limit: float
 ) -> None:
+    # A stream must start within `headers`; a whole answer may take up to `total`.
     ollama_sim.fault("qwq:32b", no_response=True)
     started = time.monotonic()
     status, body, _ = await post(http, CHAT, {"model": "qwq:32b", "messages": USER,
                                               "stream": stream})
     assert_error(status, body, 504, code="upstream_timeout")
-    assert time.monotonic() - started < 5
+    assert limit <= time.monotonic() - started < limit + 1.5
     [record] = ollama_sim.requests("/api/chat")
-    assert record["outcome"] == "no_response"
+    assert record["outcome"] == "no_response" and record["closed_by_client"]
+
+
+async def test_a_whole_answer_may_take_longer_than_the_header_timeout(
+    http: aiohttp.ClientSession, ollama_sim: Sim
+) -> None:
+    # Ollama sends the headers of a non-streamed answer only when generation is done.
+    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=15)  # ~2 s for the answer, headers after it
+    started = time.monotonic()
+    status, body, _ = await post(http, CHAT, {"model": "phi3.5:3.8b", "messages": USER})
+    assert status == 200, body
+    assert time.monotonic() - started > 1.5
+    assert orjson.loads(body)["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_context_length_error_keeps_its_code(gateway: ServerThread) -> None:
@@ -290,3 +303,61 @@ async def test_ollama_stream_that_ends_without_done_is_an_error_not_an_answer(
     ollama_sim.fault("phi3.5:3.8b", missing_done=True)
     events = await stream_events(http, {"model": "phi3.5:3.8b", "messages": USER})
     assert assert_in_band_error(events)["code"] == "upstream_truncated"
+
+
+@pytest.mark.parametrize("sim_name", ["ollama_sim", "mlx_sim"])
+async def test_event_of_the_wrong_shape_is_skipped(
+    http: aiohttp.ClientSession, request: pytest.FixtureRequest, sim_name: str
+) -> None:
+    sim: Sim = request.getfixturevalue(sim_name)
+    model = "phi3.5:3.8b" if sim_name == "ollama_sim" else "command-r-plus:104b"
+    sim.fault(model, bad_shape_at=3)
+    events = await stream_events(http, {"model": model, "messages": USER})
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text.endswith("when a machine fails.") and text.startswith("The quick")
+
+
+@pytest.mark.parametrize(
+    ("messages", "extra", "param"),
+    [
+        (USER, {"response_format": {"type": "json_schema", "json_schema": "x"}},
+         "response_format.json_schema"),
+        ([*USER, {"role": "assistant", "content": None,
+                  "tool_calls": [{"id": {"a": 1}, "function": {"name": "f"}}]}], {},
+         "messages[1].tool_calls[0].id"),
+        ([*USER, {"role": "tool", "tool_call_id": [1], "content": "x"}], {},
+         "messages[1].tool_call_id"),
+        (USER, {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+         "tools[0]"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}], {},
+         "messages[0].content[0].image_url"),
+    ],
+)
+async def test_wrong_types_deep_in_the_body_are_a_400(
+    http: aiohttp.ClientSession, messages: list[Any], extra: dict[str, Any], param: str
+) -> None:
+    status, body, _ = await post(http, CHAT, {"model": "qwq:32b", "messages": messages, **extra})
+    assert_error(status, body, 400, param=param)
+
+
+async def test_a_data_url_that_is_not_base64_is_a_400(http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, CHAT, {"model": "llava:7b", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:abc"}}]}]})
+    assert_error(status, body, 400, code="invalid_image_url")
+
+
+async def test_a_model_name_of_many_prefixes_is_a_plain_404(gateway: ServerThread) -> None:
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        status, body, _ = await post(http, CHAT, {"model": "ollama/" * 3000 + "x",
+                                                  "messages": USER})
+    assert_error(status, body, 404, code="model_not_found")
+
+
+async def test_an_absurd_retry_after_is_not_passed_on(
+    http: aiohttp.ClientSession, ollama_sim: Sim
+) -> None:
+    ollama_sim.fault("phi3.5:3.8b", status=429, retry_after=float("inf"))
+    status, body, headers = await post(http, CHAT, {"model": "phi3.5:3.8b", "messages": USER})
+    assert_error(status, body, 429)
+    assert headers["Retry-After"] == "1"

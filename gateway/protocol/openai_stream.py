@@ -1,0 +1,68 @@
+"""What OpenAI-compatible servers send back — stream chunks or a whole completion — as
+normalized chunks. Servers differ (MLX repeats the role in every delta, llama.cpp puts the
+usage in the finish chunk, vLLM calls reasoning ``reasoning``); all end up the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.backends.base import Chunk, Usage
+from gateway.errors import UpstreamError
+from gateway.protocol.reasoning import ThinkTagSplitter
+from gateway.protocol.sse import MalformedEvent
+
+
+class OpenAITranslator:
+    __slots__ = ("_backend", "_think", "complete", "finished")
+
+    def __init__(self, backend: str) -> None:
+        self._backend = backend
+        self._think = ThinkTagSplitter()
+        self.finished = self.complete = False
+
+    def chunk(self, obj: Any) -> Chunk:
+        if not isinstance(obj, dict):
+            raise MalformedEvent("not an object")
+        if obj.get("error"):
+            error = obj["error"]
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise UpstreamError(f"{self._backend}: {message}", backend=self._backend,
+                                code="upstream_stream_error")
+        try:
+            chunk = self._choice(obj.get("choices"))
+            usage = obj.get("usage")
+            if usage is not None:
+                chunk.usage = Usage(int(usage.get("prompt_tokens") or 0),
+                                    int(usage.get("completion_tokens") or 0))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise MalformedEvent(str(exc)) from None
+        if chunk.finish_reason is not None:
+            self.finished = True
+        if self.finished and chunk.usage is not None:
+            self.complete = True
+        return self._think.feed(chunk)
+
+    def _choice(self, choices: Any) -> Chunk:
+        if not choices:
+            return Chunk()
+        choice = choices[0]
+        delta = choice.get("delta") or choice.get("message") or {}
+        chunk = Chunk(
+            content=_text(delta.get("content") or choice.get("text")),
+            reasoning=_text(delta.get("reasoning_content") or delta.get("reasoning")),
+            finish_reason=choice.get("finish_reason"),
+        )
+        calls = delta.get("tool_calls")
+        if calls:
+            chunk.tool_calls = [{**call, "index": call.get("index", i)}
+                                for i, call in enumerate(calls)]
+        return chunk
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedEvent(f"text of type {type(value).__name__}")
+    return value

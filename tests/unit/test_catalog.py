@@ -1,0 +1,77 @@
+"""Model names resolve to deployments the way clients write them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from gateway.backends.base import Chunk, EmbeddingResult, Health, ModelInfo
+from gateway.errors import GatewayError, ModelNotFound, UpstreamError
+from gateway.routing.catalog import ModelCatalog
+
+
+class Listed:
+    """A backend reduced to its model list (the catalog never asks it for anything else)."""
+
+    tier = "primary"
+
+    def __init__(self, name: str, models: list[str] | None) -> None:
+        self.name = name
+        self._models = models
+
+    async def list_models(self) -> list[ModelInfo]:
+        if self._models is None:
+            raise UpstreamError(f"cannot connect to backend {self.name}")
+        return [ModelInfo(name=m, backend=self.name) for m in self._models]
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def probe(self) -> Health: return Health(True)
+    def chat(self, req: object, model: str) -> AsyncGenerator[Chunk]: raise NotImplementedError
+    def complete(self, req: object, model: str) -> AsyncGenerator[Chunk]: raise NotImplementedError
+    async def embed(self, req: object, model: str) -> EmbeddingResult: raise NotImplementedError
+
+
+async def catalog(*backends: Listed) -> ModelCatalog:
+    result = ModelCatalog(backends)  # type: ignore[arg-type]
+    await result.refresh()
+    return result
+
+
+async def test_names_with_and_without_latest_and_with_a_backend_prefix() -> None:
+    cat = await catalog(Listed("ollama", ["llama3.2:latest", "qwen:7b"]),
+                        Listed("mlx", ["mlx-community/Qwen-7B", "qwen:7b"]))
+    assert [d.model.name for d in cat.resolve("llama3.2")] == ["llama3.2:latest"]
+    assert [d.backend.name for d in cat.resolve("qwen:7b")] == ["ollama", "mlx"]
+    assert [d.backend.name for d in cat.resolve("mlx/qwen:7b")] == ["mlx"]
+    assert [d.model.name for d in cat.resolve("mlx-community/Qwen-7B")] == ["mlx-community/Qwen-7B"]
+    assert [m.model.name for m in cat.models()] == [
+        "llama3.2:latest", "qwen:7b", "mlx-community/Qwen-7B"]
+
+
+async def test_unknown_models_name_the_backends_that_could_not_be_asked() -> None:
+    cat = await catalog(Listed("ollama", ["a"]), Listed("mlx", None))
+    with pytest.raises(ModelNotFound) as caught:
+        cat.resolve("b")
+    assert "Not reachable right now: mlx" in caught.value.message
+    assert cat.status()["mlx"].ok is False and cat.status()["ollama"].ok is True
+
+
+async def test_a_backend_that_goes_away_keeps_its_last_known_models() -> None:
+    flaky = Listed("ollama", ["a"])
+    cat = await catalog(flaky)
+    flaky._models = None
+    await cat.refresh()
+    assert cat.resolve("a")[0].backend is flaky
+    assert cat.status()["ollama"].ok is False
+
+
+async def test_a_listing_that_raises_something_unexpected_does_not_stop_discovery() -> None:
+    class Broken(Listed):
+        async def list_models(self) -> list[ModelInfo]:
+            raise KeyError("models")
+
+    cat = await catalog(Broken("weird", []), Listed("ollama", ["a"]))
+    assert cat.resolve("a") and not cat.status()["weird"].ok
+    assert isinstance(ModelNotFound("x"), GatewayError)

@@ -1,0 +1,49 @@
+"""Upstream failures map onto the status a client should see."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.backends.http import error_details, parse_retry_after
+from gateway.errors import from_upstream_status
+
+
+@pytest.mark.parametrize(("upstream", "client", "kind"), [
+    (400, 400, "invalid_request_error"), (401, 502, "api_error"), (403, 502, "api_error"),
+    (404, 404, "not_found_error"), (408, 504, "api_error"), (413, 413, "invalid_request_error"),
+    (429, 429, "rate_limit_error"), (500, 502, "api_error"), (502, 502, "api_error"),
+    (503, 503, "service_unavailable"), (504, 504, "api_error"),
+])
+def test_status_mapping(upstream: int, client: int, kind: str) -> None:
+    error = from_upstream_status("b", upstream, "msg", None)
+    assert (error.status, error.type) == (client, kind)
+
+
+def test_the_gateways_own_credentials_being_refused_is_not_the_clients_401() -> None:
+    error = from_upstream_status("cloud", 401, "Incorrect API key provided: sk-...", None)
+    assert "sk-" not in error.message and error.status == 502
+
+
+def test_retry_after_defaults_when_throttled_without_one() -> None:
+    assert from_upstream_status("b", 429, "", None).headers() == {"Retry-After": "1"}
+    assert from_upstream_status("b", 503, "", 7.2).headers() == {"Retry-After": "8"}
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"error": "model \\"x\\" not found"}', ('model "x" not found', None)),
+    (b'{"error": {"message": "too long", "code": "context_length_exceeded"}}',
+     ("too long", "context_length_exceeded")),
+    (b'{"error": {"code": 400, "message": "exceeds", "type": "exceed_context_size_error"}}',
+     ("exceeds", "context_length_exceeded")),
+    (b"Not Found", ("Not Found", None)),
+])
+def test_error_bodies_in_every_dialect(body: bytes, expected: tuple[str, str | None]) -> None:
+    assert error_details(body) == expected
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("3", 3.0), ("0.5", 0.5), ("-4", 0.0), ("inf", None), ("nan", None), ("soon", None),
+    ("99999999", 3600.0), (None, None),
+])
+def test_retry_after_parsing(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value) == seconds

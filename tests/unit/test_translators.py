@@ -1,0 +1,95 @@
+"""Upstream answers, in every dialect, become the same normalized chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import UpstreamError
+from gateway.protocol.ollama import OllamaTranslator
+from gateway.protocol.openai_stream import OpenAITranslator
+from gateway.protocol.sse import MalformedEvent
+
+
+def test_ollama_stream_lines() -> None:
+    t = OllamaTranslator("o")
+    first = t.chunk({"message": {"role": "assistant", "content": "Hi", "thinking": ""},
+                     "done": False})
+    assert (first.content, first.finish_reason, t.finished) == ("Hi", None, False)
+    last = t.chunk({"message": {"role": "assistant", "content": ""}, "done": True,
+                    "done_reason": "length", "prompt_eval_count": 7, "eval_count": 3})
+    assert last.finish_reason == "length"
+    assert last.usage is not None and last.usage.as_dict() == {
+        "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert t.finished and t.complete
+
+
+def test_ollama_tool_calls_get_indexes_ids_and_json_arguments() -> None:
+    t = OllamaTranslator("o")
+    chunk = t.chunk({"message": {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "a", "arguments": {"x": 1}}},
+        {"function": {"name": "b", "arguments": {}}}]}, "done": False})
+    assert [(c["index"], c["function"]["name"], c["function"]["arguments"])
+            for c in chunk.tool_calls or []] == [(0, "a", '{"x":1}'), (1, "b", "{}")]
+    assert all(c["id"].startswith("call_") for c in chunk.tool_calls or [])
+    done = t.chunk({"message": {"role": "assistant", "content": ""}, "done": True,
+                    "done_reason": "stop"})
+    assert done.finish_reason == "tool_calls"
+
+
+def test_ollama_error_line_is_an_upstream_error() -> None:
+    with pytest.raises(UpstreamError, match="out of memory"):
+        OllamaTranslator("o").chunk({"error": "out of memory"})
+
+
+@pytest.mark.parametrize("obj", [["x"], {"message": "text"}, {"message": {"content": 5}},
+                                 {"response": {"a": 1}}])
+def test_ollama_objects_of_the_wrong_shape_are_malformed(obj: object) -> None:
+    with pytest.raises(MalformedEvent):
+        OllamaTranslator("o").chunk(obj)
+
+
+def test_openai_chunks_from_mlx_and_llamacpp() -> None:
+    t = OpenAITranslator("m")
+    # MLX repeats the role; llama.cpp starts with a role-only chunk and null content.
+    assert t.chunk({"choices": [{"delta": {"role": "assistant", "content": None}}]}).content == ""
+    assert t.chunk({"choices": [{"delta": {"role": "assistant", "content": "A"}}]}).content == "A"
+    finish = t.chunk({"choices": [{"delta": {}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    assert finish.finish_reason == "stop" and finish.usage is not None
+    assert t.finished and t.complete
+
+
+def test_openai_usage_chunk_after_the_finish_completes_the_answer() -> None:
+    t = OpenAITranslator("m")
+    t.chunk({"choices": [{"delta": {}, "finish_reason": "length"}]})
+    assert t.finished and not t.complete
+    t.chunk({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    assert t.complete
+
+
+def test_openai_whole_completion_and_reasoning_field_names() -> None:
+    t = OpenAITranslator("m")
+    chunk = t.chunk({"choices": [{"message": {"role": "assistant", "content": "x",
+                                              "reasoning": "because"},
+                                  "finish_reason": "stop"}]})
+    assert (chunk.content, chunk.reasoning, chunk.finish_reason) == ("x", "because", "stop")
+
+
+def test_openai_think_tags_in_text_become_reasoning() -> None:
+    t = OpenAITranslator("m")
+    texts = ["<think>", "hmm", "</think>", "\n\nYes."]
+    chunks = [t.chunk({"choices": [{"delta": {"content": x}}]}) for x in texts]
+    assert "".join(c.reasoning for c in chunks) == "hmm"
+    assert "".join(c.content for c in chunks) == "Yes."
+
+
+@pytest.mark.parametrize("obj", [{"choices": ["x"]}, {"choices": [{"delta": {"content": 3}}]},
+                                 {"usage": "many"}, "text"])
+def test_openai_events_of_the_wrong_shape_are_malformed(obj: object) -> None:
+    with pytest.raises(MalformedEvent):
+        OpenAITranslator("m").chunk(obj)
+
+
+def test_openai_error_event_is_an_upstream_error() -> None:
+    with pytest.raises(UpstreamError, match="boom"):
+        OpenAITranslator("m").chunk({"error": {"message": "boom"}})
