@@ -20,8 +20,10 @@ from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.http import middlewares
 from gateway.http.routes import add_routes
-from gateway.keys import BACKENDS, CATALOG, CONFIG
+from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, ROUTER
 from gateway.routing.catalog import ModelCatalog
+from gateway.routing.health import HealthWatcher
+from gateway.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,16 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[CONFIG] = config
     backends = {b.name: build_backend(b) for b in config.backends}
     app[BACKENDS] = backends
-    app[CATALOG] = ModelCatalog(
-        backends.values(), optional=[b.name for b in config.backends if b.optional]
-    )
+    catalog = ModelCatalog(backends.values(), config.models,
+                           optional=[b.name for b in config.backends if b.optional])
+    app[CATALOG] = catalog
+    router = app[ROUTER] = Router(config, backends, catalog)
+    app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
+                                config.routing.health_interval)
     app.on_response_prepare.append(middlewares.add_request_id)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
+    app.cleanup_ctx.append(_health_ctx)
     app.on_startup.append(_freeze_startup_objects)
     add_routes(app)
     return app
@@ -69,6 +75,14 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await backend.start()
     yield
     await asyncio.gather(*(backend.close() for backend in backends))
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[HEALTH].run(), name="health")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:

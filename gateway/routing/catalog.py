@@ -7,12 +7,15 @@ its last known models (it may be restarting); requests to it then fail with a cl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.backends.base import Backend, ModelInfo
+from gateway.config import ModelConfig
 from gateway.errors import GatewayError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -41,20 +44,45 @@ class _Listing:
 
 
 class ModelCatalog:
-    def __init__(self, backends: Iterable[Backend], optional: Iterable[str] = ()) -> None:
+    """Model name → deployments. Backends list their models under their own names; the
+    config's ``[[models]]`` adds names that span backends (the same model on Ollama and on
+    MLX) and capabilities or context lengths a backend cannot tell.
+    """
+
+    def __init__(self, backends: Iterable[Backend], models: Iterable[ModelConfig] = (),
+                 optional: Iterable[str] = ()) -> None:
         self._backends = list(backends)
+        self._models = list(models)
         self._optional = set(optional)
         self._listings = {b.name: _Listing() for b in self._backends}
         self._index: dict[str, list[Deployment]] = {}
+        self._refreshing: asyncio.Lock | None = None
 
     async def refresh(self) -> None:
         """Ask every backend for its models, concurrently, and rebuild the index."""
-        await asyncio.gather(*(self._refresh_one(b) for b in self._backends))
+        self._refreshing = self._refreshing or asyncio.Lock()
+        async with self._refreshing:
+            await asyncio.gather(*(self._refresh_one(b) for b in self._backends))
+            self._index = self._build_index()
+
+    def _build_index(self) -> dict[str, list[Deployment]]:
+        by_name = {b.name: b for b in self._backends}
+        listed = {(b.name, m.name): m for b in self._backends
+                  for m in self._listings[b.name].models}
         index: dict[str, list[Deployment]] = {}
-        for backend in self._backends:
-            for info in self._listings[backend.name].models:
-                index.setdefault(info.name, []).append(Deployment(backend, info))
-        self._index = index
+        for (backend, _), info in listed.items():
+            index.setdefault(info.name, []).append(Deployment(by_name[backend], info))
+        for spec in self._models:
+            deployments = index.setdefault(spec.name, [])
+            for d in spec.deployments:
+                found = listed.get((d.backend, d.model))
+                if found is not None and all(x.model is not found for x in deployments):
+                    deployments.append(Deployment(by_name[d.backend], found))
+            if spec.capabilities or spec.context_length:
+                index[spec.name] = [_override(d, spec) for d in deployments]
+            if not deployments:
+                del index[spec.name]
+        return index
 
     async def _refresh_one(self, backend: Backend) -> None:
         listing = self._listings[backend.name]
@@ -103,3 +131,22 @@ class ModelCatalog:
 
     def listing(self, backend: str) -> list[ModelInfo]:
         return list(self._listings[backend].models)
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def deployments(self, name: str) -> list[Deployment]:
+        """The deployments under exactly this name (none if unknown)."""
+        return self._index.get(name, [])
+
+
+def _override(deployment: Deployment, spec: ModelConfig) -> Deployment:
+    info = deployment.model
+    changes: dict[str, Any] = {}
+    if spec.capabilities:
+        changes["capabilities"] = frozenset(spec.capabilities) | {"chat", "completion"} \
+            if "completion" in spec.capabilities else frozenset(spec.capabilities)
+        changes["known"] = True
+    if spec.context_length:
+        changes["context_length"] = spec.context_length
+    return Deployment(deployment.backend, dataclasses.replace(info, **changes))

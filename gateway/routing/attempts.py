@@ -1,0 +1,182 @@
+"""The attempt plan of one request: which deployment to try next after what went wrong.
+
+Bounded attempts; jittered exponential backoff for transient failures; ``Retry-After``
+honoured up to a cap (a longer wait fails over instead); the same upstream model name on
+every retry; a silent deployment (a timeout) failed over rather than retried; a
+context-length error sent to a model with a larger window; client errors and content-policy
+rejections passed on untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Literal
+
+from gateway.config import RoutingConfig
+from gateway.errors import GatewayError, RateLimited, Unavailable, UpstreamError, UpstreamTimeout
+from gateway.routing.balancer import Balancer, DeploymentState
+from gateway.routing.catalog import Deployment
+from gateway.routing.selector import Candidate
+
+log = logging.getLogger(__name__)
+
+Disposition = Literal["propagate", "retry", "wait", "failover", "bigger"]
+
+
+def disposition(error: GatewayError) -> Disposition:
+    """What an error means for the next attempt."""
+    if isinstance(error, UpstreamTimeout):
+        return "failover"  # a silent route is not retried blindly
+    if error.code == "content_policy_violation":
+        return "propagate"
+    if error.code == "context_length_exceeded":
+        return "bigger"
+    if error.code == "deployment_busy":
+        return "failover"
+    if error.status in (429, 503):
+        return "wait"
+    if isinstance(error, UpstreamError):
+        return "retry"  # 5xx, refused or reset connection, a stream that broke off
+    if error.status == 404:
+        return "failover"  # the backend no longer has the model: the catalog is behind
+    return "propagate"  # the request itself is wrong; another model would say the same
+
+
+def counts_against(error: GatewayError) -> bool:
+    """Whether an error is the deployment's fault (and so counts toward its breaker)."""
+    return disposition(error) in ("retry", "wait", "failover") and error.code != "deployment_busy"
+
+
+class Lease:
+    """One attempt on one deployment, holding one of its concurrency slots."""
+
+    __slots__ = ("candidate", "deployment", "released", "started", "state")
+
+    def __init__(self, candidate: Candidate, deployment: Deployment,
+                 state: DeploymentState) -> None:
+        self.candidate = candidate
+        self.deployment = deployment
+        self.state = state
+        self.started = time.monotonic()
+        self.released = False
+
+    def answered(self) -> None:
+        """The first token arrived: the deployment works, and this is how fast it was."""
+        self.state.breaker.success()
+        self.state.observe(time.monotonic() - self.started)
+
+    def failed(self, error: GatewayError) -> None:
+        if counts_against(error):
+            self.state.breaker.failure()
+        else:
+            self.state.breaker.trial_running = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.release()
+
+
+class Attempts:
+    """Hands out leases, one per attempt, in the order the rules above give."""
+
+    def __init__(self, config: RoutingConfig, balancer: Balancer,
+                 candidates: list[Candidate]) -> None:
+        self._config = config
+        self._balancer = balancer
+        self._candidates = list(candidates)
+        self._tried: set[tuple[str, str]] = set()
+        self._retries: dict[tuple[str, str], int] = {}
+        self._current: Lease | None = None
+        self.count = 0
+
+    async def next(self, error: GatewayError | None = None, *, move_on: bool = False) -> Lease:
+        """The next attempt's lease; raises the error that ends the request instead.
+        ``move_on``: do not retry the deployment that just failed (a stream broke mid-way).
+        """
+        if error is not None:
+            await self._after(error, move_on)
+        while True:
+            if self.count >= self._config.max_attempts:
+                raise error or Unavailable("No attempts left.", retry_after=1)
+            lease = self._retry_lease() or self._fresh_lease()
+            if lease is None:
+                raise error or Unavailable(
+                    "No healthy deployment can take this request right now.",
+                    retry_after=self._config.breaker.cooldown)
+            try:
+                await lease.state.acquire(self._config.queue_timeout)
+            except RateLimited as busy:
+                busy.code = "deployment_busy"
+                self._tried.add(_key(lease.deployment))
+                error = busy
+                continue
+            lease.state.breaker.claim()
+            self.count += 1
+            self._current = lease
+            return lease
+
+    def again(self, lease: Lease) -> Lease:
+        """Another attempt on the same deployment, keeping its slot (a restart without
+        prefill after the deployment refused one).
+        """
+        if self.count >= self._config.max_attempts:
+            raise Unavailable("No attempts left.", retry_after=1)
+        self.count += 1
+        lease.state.breaker.claim()
+        lease.started = time.monotonic()
+        return lease
+
+    async def _after(self, error: GatewayError, move_on: bool) -> None:
+        kind = disposition(error)
+        if kind == "propagate":
+            raise error
+        current = self._current
+        if current is None:
+            raise error
+        key = _key(current.deployment)
+        used = self._retries.get(key, 0)
+        if not move_on and kind in ("retry", "wait") and used < self._config.retries:
+            delay = self._delay(kind, error, used)
+            if delay is not None:
+                self._retries[key] = used + 1
+                log.info("retrying %s/%s in %.2fs after: %s", *key, delay, error.message)
+                await asyncio.sleep(delay)
+                return  # _retry_lease picks the same deployment again
+        self._tried.add(key)
+        if kind == "bigger":
+            floor = current.candidate.context_length
+            self._candidates = [c for c in self._candidates
+                                if c is not current.candidate and c.context_length > floor]
+
+    def _delay(self, kind: str, error: GatewayError, used: int) -> float | None:
+        if kind == "wait" and error.retry_after is not None:
+            # A long Retry-After: better served elsewhere than waited for.
+            return error.retry_after if error.retry_after <= self._config.retry_after_cap \
+                else None
+        backoff = min(self._config.backoff_max, self._config.backoff_initial * 2.0 ** used)
+        return backoff * random.uniform(0.5, 1.5)
+
+    def _retry_lease(self) -> Lease | None:
+        current = self._current
+        if current is None or _key(current.deployment) in self._tried:
+            return None
+        if not current.state.breaker.available():
+            self._tried.add(_key(current.deployment))
+            return None
+        return Lease(current.candidate, current.deployment, current.state)
+
+    def _fresh_lease(self) -> Lease | None:
+        for candidate in self._candidates:
+            untried = [d for d in candidate.deployments if _key(d) not in self._tried]
+            chosen = self._balancer.choose(untried)
+            if chosen is not None:
+                return Lease(candidate, chosen, self._balancer.state(chosen))
+        return None
+
+
+def _key(deployment: Deployment) -> tuple[str, str]:
+    return deployment.backend.name, deployment.model.name

@@ -1,0 +1,109 @@
+"""Load balancing among the deployments of one model: power of two choices on requests in
+flight weighted by an EWMA of latency, under a per-deployment concurrency cap with a
+bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from collections.abc import Sequence
+
+from gateway.config import RoutingConfig
+from gateway.errors import RateLimited
+from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.catalog import Deployment
+
+EWMA_WEIGHT = 0.3  # share of the newest latency sample
+INITIAL_LATENCY = 0.5  # seconds, until a deployment has answered once
+
+
+class DeploymentState:
+    """What the gateway knows of one deployment from the traffic it sent there."""
+
+    __slots__ = ("breaker", "in_flight", "latency", "limit", "max_queue", "waiters")
+
+    def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.limit = limit  # 0: unlimited
+        self.max_queue = max_queue
+        self.in_flight = 0
+        self.latency = INITIAL_LATENCY
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def score(self) -> float:
+        return (self.in_flight + 1) * self.latency
+
+    def has_room(self) -> bool:
+        return not self.limit or self.in_flight < self.limit
+
+    def can_queue(self) -> bool:
+        return self.has_room() or len(self.waiters) < self.max_queue
+
+    async def acquire(self, patience: float) -> None:
+        """A slot, waiting in line (at most ``patience`` seconds) when the deployment is full."""
+        if self.has_room() and not self.waiters:
+            self.in_flight += 1
+            return
+        if len(self.waiters) >= self.max_queue:
+            raise RateLimited("All deployments of this model are busy.", retry_after=1)
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(patience):
+                await waiter  # release() hands its slot over: in_flight stays counted
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot arrived just as this request gave up: pass it on
+            elif waiter in self.waiters:
+                self.waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise RateLimited("Waited too long for a free slot on a busy deployment.",
+                                  retry_after=max(1.0, self.latency)) from None
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next in line
+                return
+        self.in_flight -= 1
+
+    def observe(self, seconds: float) -> None:
+        self.latency += EWMA_WEIGHT * (seconds - self.latency)
+
+
+class Balancer:
+    """Every deployment's state, kept across catalog refreshes, and the choice among them."""
+
+    def __init__(self, config: RoutingConfig, limits: dict[str, tuple[int, int]]) -> None:
+        self._config = config
+        self._limits = limits  # backend → (max_concurrency, max_queue)
+        self._states: dict[tuple[str, str], DeploymentState] = {}
+
+    def state(self, deployment: Deployment) -> DeploymentState:
+        key = (deployment.backend.name, deployment.model.name)
+        state = self._states.get(key)
+        if state is None:
+            limit, queue = self._limits.get(key[0], (0, 64))
+            breaker = CircuitBreaker(self._config.breaker.failures, self._config.breaker.cooldown)
+            state = self._states[key] = DeploymentState(limit, queue, breaker)
+        return state
+
+    def states_of(self, backend: str) -> list[DeploymentState]:
+        return [s for (name, _), s in self._states.items() if name == backend]
+
+    def choose(self, deployments: Sequence[Deployment]) -> Deployment | None:
+        """Power of two choices among the deployments whose breaker lets traffic through
+        and that can take (or queue) one more request.
+        """
+        now = time.monotonic()
+        open_ = [d for d in deployments
+                 if self.state(d).breaker.available(now) and self.state(d).can_queue()]
+        if len(open_) <= 1:
+            return open_[0] if open_ else None
+        first, second = random.sample(open_, 2)
+        return first if self.state(first).score() <= self.state(second).score() else second

@@ -1,0 +1,65 @@
+"""A circuit breaker per deployment: stop sending traffic to what keeps failing, try it
+again after a cool-down, and give it its traffic back the moment it answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+State = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """closed → (``failures`` in a row) → open → (``cooldown`` later) half-open: one trial
+    request; its success closes the breaker, its failure opens it again.
+    """
+
+    __slots__ = ("_cooldown", "_threshold", "failures", "opened_at", "state", "trial_running")
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown
+        self.state: State = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+        self.trial_running = False
+
+    def available(self, now: float | None = None) -> bool:
+        """Whether a request may go now (without claiming the half-open trial)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            return (now if now is not None else time.monotonic()) - self.opened_at >= \
+                self._cooldown
+        return not self.trial_running
+
+    def claim(self) -> None:
+        """A request is going: if the breaker is not closed, it is the one trial."""
+        if self.state != "closed":
+            self.state = "half_open"
+            self.trial_running = True
+
+    def success(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self.trial_running = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.trial_running = False
+        if self.state == "half_open" or self.failures >= self._threshold:
+            self.state = "open"
+            self.opened_at = time.monotonic()
+
+    def trip(self) -> None:
+        """Open at once (the backend behind it is known to be down)."""
+        self.state = "open"
+        self.opened_at = time.monotonic()
+        self.trial_running = False
+
+    def retry_now(self) -> None:
+        """The backend is back: allow a trial right away instead of after the cool-down."""
+        if self.state != "closed":
+            self.state = "half_open"
+            self.trial_running = False

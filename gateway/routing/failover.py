@@ -1,0 +1,209 @@
+"""One request's answer, from whichever deployment can give it.
+
+Before the first token, every failure is a failover (or a clean HTTP error when nothing is
+left). After it — the client already has part of the answer — a stream that dies or stalls
+is rescued: the partial answer goes to a fallback as an assistant prefill to continue; a
+fallback that refuses prefill is restarted and only what extends the text already sent is
+forwarded; if neither works the stream ends with one clean in-band error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+from gateway.backends.base import Chunk
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.routing.attempts import Attempts, Lease
+from gateway.routing.catalog import Deployment
+
+log = logging.getLogger(__name__)
+
+# Opens the upstream stream for a deployment, continuing ``prefill`` when given.
+Opener = Callable[[Deployment, str | None, int], AsyncGenerator[Chunk]]
+
+
+class RoutedAnswer:
+    """``await start()`` for the first chunk (headers can then be sent), then iterate
+    ``chunks()`` for the rest; ``deployment``/``attempts``/``route`` say who answered.
+    """
+
+    def __init__(self, attempts: Attempts, opener: Opener, *, streamed: bool,
+                 rescue: bool) -> None:
+        self._attempts = attempts
+        self._open = opener
+        self._streamed = streamed
+        self._rescue_enabled = rescue
+        self._lease: Lease | None = None
+        self._stream: AsyncGenerator[Chunk] | None = None
+        self._sent: list[str] = []  # the answer text the client has (for a rescue)
+        self._tool_calls_sent = False
+        self.on_switch: Callable[[str], None] | None = None
+
+    @property
+    def deployment(self) -> Deployment:
+        assert self._lease is not None, "start() first"
+        return self._lease.deployment
+
+    @property
+    def attempts(self) -> int:
+        return self._attempts.count
+
+    @property
+    def route(self) -> str:
+        assert self._lease is not None, "start() first"
+        return self._lease.candidate.reason
+
+    async def start(self) -> Chunk:
+        """Attempts until one deployment sends its first token."""
+        error: GatewayError | None = None
+        try:
+            while True:
+                lease = await self._attempts.next(error)
+                first, error = await self._try(lease, None)
+                if first is not None:
+                    self._track(first)
+                    return first
+        except BaseException:
+            await self.close()
+            raise
+
+    async def chunks(self) -> AsyncGenerator[Chunk]:
+        """The rest of the answer, rescued if the stream breaks."""
+        try:
+            while True:
+                assert self._stream is not None and self._lease is not None
+                try:
+                    async for chunk in self._stream:
+                        self._track(chunk)
+                        yield chunk
+                    return
+                except GatewayError as error:
+                    self._lease.failed(error)
+                    await self._drop_stream()
+                    if not self._rescuable(error):
+                        raise
+                    log.warning("stream from %s/%s broke (%s); rescuing",
+                                self._lease.deployment.backend.name,
+                                self._lease.deployment.model.name, error.message)
+                    await self._rescue(error)
+        finally:
+            await self.close()
+
+    def _track(self, chunk: Chunk) -> None:
+        """Remember what the client has been given, to continue from it if need be."""
+        if chunk.content:
+            self._sent.append(chunk.content)
+        if chunk.tool_calls:
+            self._tool_calls_sent = True
+
+    async def close(self) -> None:
+        await self._drop_stream()
+        if self._lease is not None:
+            self._lease.release()
+
+    async def _try(self, lease: Lease, prefill: str | None
+                   ) -> tuple[Chunk | None, GatewayError | None]:
+        """One attempt up to its first token: the chunk, or the error that ended it."""
+        if self._lease is not None and self._lease is not lease:
+            self._lease.release()
+        self._lease = lease
+        stream = self._open(lease.deployment, prefill, len(self._sent))
+        limit = lease.deployment.backend.config.timeouts.first_token if self._streamed else None
+        try:
+            async with asyncio.timeout(limit):
+                first = await _first(stream, lease.deployment)
+        except TimeoutError:
+            error: GatewayError = UpstreamTimeout(
+                f"{lease.deployment.backend.name} sent no token within {limit:g}s",
+                backend=lease.deployment.backend.name)
+        except GatewayError as exc:
+            error = exc
+        else:
+            lease.answered()
+            self._stream = stream
+            return first, None
+        await stream.aclose()
+        lease.failed(error)
+        return None, error
+
+    def _rescuable(self, error: GatewayError) -> bool:
+        return (self._rescue_enabled and not self._tool_calls_sent
+                and isinstance(error, UpstreamError))
+
+    async def _rescue(self, error: GatewayError) -> None:
+        """Continue the answer elsewhere; raises the error that ends it when nothing can."""
+        text = "".join(self._sent)
+        move_on = True
+        while True:
+            lease = await self._attempts.next(error, move_on=move_on)
+            move_on = False
+            prefill = text if text and lease.deployment.backend.config.continues_prefill \
+                else None
+            first, error_ = await self._try(lease, prefill)
+            if first is None and prefill is not None and isinstance(error_, InvalidRequest):
+                # This fallback refuses to continue a prefill: restart it instead, and
+                # forward only what goes beyond the text already sent.
+                lease = self._attempts.again(lease)
+                prefill = None
+                first, error_ = await self._try(lease, None)
+            if first is not None:
+                break
+            assert error_ is not None
+            error = error_
+        assert self._stream is not None
+        stream = _chain(first, self._stream)
+        if prefill is None and text:
+            stream = _beyond(stream, text, lease.deployment)
+        self._stream = stream
+        if self.on_switch is not None:
+            self.on_switch(lease.deployment.model.name)
+
+    async def _drop_stream(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+
+
+async def _first(stream: AsyncIterator[Chunk], deployment: Deployment) -> Chunk:
+    """The first chunk that says something."""
+    async for chunk in stream:
+        if chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason:
+            return chunk
+    name = deployment.backend.name
+    raise UpstreamError(f"{name} sent an empty answer", backend=name)
+
+
+async def _chain(first: Chunk, rest: AsyncGenerator[Chunk]) -> AsyncGenerator[Chunk]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
+
+
+async def _beyond(stream: AsyncGenerator[Chunk], sent: str, deployment: Deployment
+                  ) -> AsyncGenerator[Chunk]:
+    """A restarted answer, minus the part the client already has. If it takes another turn
+    than what was sent, it cannot be spliced on: that ends the stream with an error.
+    """
+    seen = ""
+    try:
+        async for chunk in stream:
+            if len(seen) >= len(sent):
+                yield chunk
+                continue
+            seen += chunk.content
+            chunk.reasoning = ""  # the client saw the reasoning the first time
+            if not (seen.startswith(sent) or sent.startswith(seen)):
+                name = deployment.backend.name
+                raise UpstreamError(f"the answer broke off, and {name}'s answer differs from "
+                                    "what was already sent", backend=name,
+                                    code="upstream_truncated")
+            chunk.content = seen[len(sent):]
+            if chunk.content or chunk.finish_reason or chunk.usage or chunk.tool_calls:
+                yield chunk
+    finally:
+        await stream.aclose()

@@ -1,0 +1,83 @@
+"""The one place that decides which backend serves a request."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator
+
+from gateway.backends.base import Backend, Chunk, EmbeddingResult
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
+from gateway.routing.attempts import Attempts
+from gateway.routing.balancer import Balancer
+from gateway.routing.catalog import Deployment, ModelCatalog
+from gateway.routing.failover import RoutedAnswer
+from gateway.routing.selector import Candidate, Selector, needs_of
+
+
+class Router:
+    def __init__(self, config: GatewayConfig, backends: dict[str, Backend],
+                 catalog: ModelCatalog) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.selector = Selector(catalog, config)
+        limits = {b.name: (b.max_concurrency, b.max_queue) for b in config.backends}
+        self.balancer = Balancer(config.routing, limits)
+        self.backends = backends
+
+    def answer(self, req: ChatRequest | CompletionRequest) -> RoutedAnswer:
+        """The routed answer to a chat or text completion; ``await .start()`` runs it."""
+        candidates = self.selector.route(req.model, needs_of(req))
+
+        def opener(deployment: Deployment, prefill: str | None, sent: int
+                   ) -> AsyncGenerator[Chunk]:
+            ask = _continuing(req, prefill, sent) if prefill else req
+            backend, model = deployment.backend, deployment.model.name
+            if isinstance(ask, ChatRequest):
+                return backend.chat(ask, model)
+            return backend.complete(ask, model)
+
+        attempts = Attempts(self.config.routing, self.balancer, candidates)
+        return RoutedAnswer(attempts, opener, streamed=req.stream,
+                            rescue=self.config.routing.rescue)
+
+    async def embed(self, req: EmbeddingRequest) -> tuple[EmbeddingResult, Deployment, int]:
+        """Embeddings, failing over only among deployments of the model asked for: another
+        model's vectors would not be comparable.
+        """
+        candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
+        attempts = Attempts(self.config.routing, self.balancer, [candidate])
+        error: GatewayError | None = None
+        while True:
+            lease = await attempts.next(error)
+            try:
+                result = await lease.deployment.backend.embed(req, lease.deployment.model.name)
+            except GatewayError as exc:
+                lease.failed(exc)
+                error = exc
+                continue
+            finally:
+                lease.release()
+            lease.answered()
+            return result, lease.deployment, attempts.count
+
+
+def _continuing(req: ChatRequest | CompletionRequest, text: str, sent: int
+                ) -> ChatRequest | CompletionRequest:
+    """The request asking a model to continue ``text`` (already sent to the client, in about
+    ``sent`` tokens) instead of starting over.
+    """
+    limit = req.sampling.max_tokens
+    sampling = req.sampling if limit is None else \
+        dataclasses.replace(req.sampling, max_tokens=max(1, limit - sent))
+    body = dict(req.body)
+    if limit is not None:
+        body["max_tokens"] = sampling.max_tokens
+        body.pop("max_completion_tokens", None)
+    if isinstance(req, ChatRequest):
+        messages = [*req.messages, {"role": "assistant", "content": text}]
+        body["messages"] = messages
+        return dataclasses.replace(req, body=body, messages=messages, sampling=sampling)
+    body["prompt"] = req.prompt + text
+    return dataclasses.replace(req, body=body, prompt=body["prompt"], sampling=sampling)

@@ -1,0 +1,188 @@
+"""Which models may answer a request, best first: the model asked for or an ``auto`` alias's
+picks, then the model's fallbacks, then the lower tiers — each filtered by what the request
+needs (images → vision, tools → tools, its length → a context window that fits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gateway.config import AliasConfig, GatewayConfig
+from gateway.errors import InvalidRequest, Unavailable
+from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
+from gateway.routing.catalog import Deployment, ModelCatalog
+
+SEED_OLLAMA = ("qwq:32b", "qwen2.5-coder:32b", "phi3.5:3.8b")
+SEED_MLX = ("command-r-plus:104b", "deepseek-r1-distill-llama:70b")
+
+# The seed system's choices; a config's [aliases."name"] replaces one or adds another.
+BUILTIN_ALIASES: dict[str, AliasConfig] = {
+    "auto": AliasConfig(priority={"ollama": SEED_OLLAMA, "mlx": SEED_MLX},
+                        prefer=("ollama", "mlx"), others="largest"),
+    "auto:code": AliasConfig(
+        priority={"ollama": ("qwen2.5-coder:32b", "qwq:32b", "phi3.5:3.8b"),
+                  "mlx": ("deepseek-r1-distill-llama:70b", "command-r-plus:104b")},
+        prefer=("ollama", "mlx"), others="largest"),
+    "auto:fast": AliasConfig(priority={"ollama": ("phi3.5:3.8b",)}, others="smallest"),
+    "auto:vision": AliasConfig(require=("vision",), others="largest"),
+    "auto:reasoning": AliasConfig(priority={"ollama": ("qwq:32b",),
+                                            "mlx": ("deepseek-r1-distill-llama:70b",)},
+                                  prefer=("ollama", "mlx")),
+}
+TIER_ORDER = ("primary", "server", "cloud")
+CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What a request asks of a model."""
+
+    vision: bool = False
+    tools: bool = False
+    tokens: int = 0  # estimated prompt tokens plus the completion limit
+
+    def met_by(self, deployment: Deployment) -> bool:
+        info = deployment.model
+        return (info.can("completion")
+                and (not self.vision or info.can("vision"))
+                and (not self.tools or info.can("tools"))
+                and (not info.context_length or info.context_length >= self.tokens))
+
+    def sure(self, candidate: Candidate) -> bool:
+        """Whether the model is known (not just presumed) to have what is needed."""
+        wanted = [c for c, on in (("vision", self.vision), ("tools", self.tools)) if on]
+        return all(d.model.known and all(c in d.model.capabilities for c in wanted)
+                   for d in candidate.deployments) if wanted else True
+
+    def describe(self) -> str:
+        parts = [p for p, on in (("images", self.vision), ("tools", self.tools)) if on]
+        return " and ".join([*parts, f"~{self.tokens} tokens of context"])
+
+
+def needs_of(req: ChatRequest | CompletionRequest) -> Needs:
+    limit = req.sampling.max_tokens or 0
+    if isinstance(req, CompletionRequest):
+        return Needs(tokens=len(req.prompt) // CHARS_PER_TOKEN + limit)
+    chars = sum(len(text_of(m.get("content"))) for m in req.messages)
+    vision = any(isinstance(m.get("content"), list) and
+                 any(p.get("type") == "image_url" for p in m["content"]) for m in req.messages)
+    return Needs(vision=vision, tools=bool(req.tools and req.tool_choice != "none"),
+                 tokens=chars // CHARS_PER_TOKEN + limit)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A model that may answer, its deployments, and why it is in the list."""
+
+    name: str
+    deployments: list[Deployment]
+    reason: str
+
+    @property
+    def context_length(self) -> int:
+        return max((d.model.context_length or 0 for d in self.deployments), default=0)
+
+
+class Selector:
+    def __init__(self, catalog: ModelCatalog, config: GatewayConfig) -> None:
+        self._catalog = catalog
+        self._aliases = {**BUILTIN_ALIASES, **config.aliases}
+        self._fallbacks = {m.name: m.fallbacks for m in config.models if m.fallbacks}
+        self._default_fallbacks = config.routing.fallbacks
+        self._tier_fallback = config.routing.tier_fallback
+
+    def is_alias(self, name: str) -> bool:
+        return name in self._aliases
+
+    def route(self, name: str, needs: Needs) -> list[Candidate]:
+        """The candidates for a request, best first; never empty."""
+        if name in self._aliases:
+            route = self.alias_picks(name, needs)
+            if not route:
+                raise self._nothing_fits(name, needs)
+        else:
+            route = [Candidate(name, self._catalog.resolve(name), "requested")]
+        seen = {c.name for c in route}
+        for fallback in self._fallback_names(name):
+            for candidate in self._expand(fallback, needs, f"fallback for {name}"):
+                if candidate.name not in seen:
+                    seen.add(candidate.name)
+                    route.append(candidate)
+        if self._tier_fallback:
+            for candidate in self._lower_tiers(route, needs):
+                if candidate.name not in seen:
+                    seen.add(candidate.name)
+                    route.append(candidate)
+        return route
+
+    def alias_picks(self, alias: str, needs: Needs) -> list[Candidate]:
+        """An alias's models that exist now and meet the needs, best first: the best of each
+        priority list (in the preferred order), then the rest of the lists, then others.
+        """
+        spec = self._aliases[alias]
+        required = Needs(vision=needs.vision or "vision" in spec.require,
+                         tools=needs.tools or "tools" in spec.require, tokens=needs.tokens)
+        labels = [*spec.prefer, *(k for k in spec.priority if k not in spec.prefer)]
+        lists = [[c for c in (self._candidate(n, required, alias, f"{label} priority #{i + 1}")
+                              for i, n in enumerate(spec.priority.get(label, ()))) if c]
+                 for label in labels]
+        picks = [lst[0] for lst in lists if lst] + [c for lst in lists for c in lst[1:]]
+        if spec.others != "none":
+            listed = {c.name for c in picks}
+            rest = [c for c in self._qualifying(required, alias, spec.require)
+                    if c.name not in listed]
+            rest.sort(key=_size, reverse=spec.others == "largest")
+            picks += rest
+        # A model known to see images (or call tools) before one only presumed able to.
+        picks.sort(key=lambda c: not required.sure(c))
+        return picks
+
+    def _candidate(self, name: str, needs: Needs, alias: str, why: str) -> Candidate | None:
+        deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)]
+        return Candidate(name, deployments, f"{alias}: {why}") if deployments else None
+
+    def _qualifying(self, needs: Needs, alias: str, require: Iterable[str]) -> list[Candidate]:
+        out = []
+        for name in self._catalog.names():
+            deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)
+                           and all(d.model.can(cap) for cap in require)]
+            if deployments:
+                out.append(Candidate(name, deployments, f"{alias}: available model"))
+        return out
+
+    def _fallback_names(self, name: str) -> tuple[str, ...]:
+        return self._fallbacks.get(name, self._default_fallbacks)
+
+    def _expand(self, name: str, needs: Needs, why: str) -> list[Candidate]:
+        if name in self._aliases:
+            return [Candidate(c.name, c.deployments, f"{why} ({c.reason})")
+                    for c in self.alias_picks(name, needs)]
+        found = self._candidate(name, needs, why, "listed")
+        return [Candidate(name, found.deployments, why)] if found else []
+
+    def _lower_tiers(self, route: list[Candidate], needs: Needs) -> list[Candidate]:
+        """Models of the tiers below the lowest one already in the route (server, cloud)."""
+        tiers = {d.backend.tier for c in route for d in c.deployments}
+        lowest = max((TIER_ORDER.index(t) for t in tiers), default=0)
+        out: list[Candidate] = []
+        for tier in TIER_ORDER[lowest + 1:]:
+            tier_models = [
+                Candidate(name, ds, f"{tier} tier fallback")
+                for name in self._catalog.names()
+                if (ds := [d for d in self._catalog.deployments(name)
+                           if d.backend.tier == tier and needs.met_by(d)])
+            ]
+            out += sorted(tier_models, key=_size, reverse=True)
+        return out
+
+    def _nothing_fits(self, alias: str, needs: Needs) -> Exception:
+        if any(self._catalog.deployments(name) for name in self._catalog.names()):
+            return InvalidRequest(f"No model available for {alias!r} can take this request "
+                                  f"({needs.describe()}).", param="model",
+                                  code="no_capable_model")
+        return Unavailable(f"No model is available for {alias!r} right now.", retry_after=5)
+
+
+def _size(candidate: Candidate) -> float:
+    return max((d.model.parameters or 0 for d in candidate.deployments), default=0)

@@ -1,0 +1,297 @@
+"""The fault matrix: one test per upstream fault. Each checks what the client received (a
+complete answer or a clean error), what the upstream saw (attempts, the gaps between them,
+model names, prefill or not), and that the gateway still answers afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway.sim.fleet import DEFAULT_REPLY
+from tests.integration.conftest import Fleet, fleet_config
+from tests.support import ServerThread, start_gateway
+
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Any
+    text: str  # the answer's content, streamed or not
+    body: Any  # the JSON body, or the list of stream events
+    finish: str | None = None
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        if isinstance(self.body, dict):
+            return self.body.get("error")  # type: ignore[no-any-return]
+        last = self.body[-1] if self.body else None
+        return last.get("error") if isinstance(last, dict) else None
+
+
+async def ask(gateway: ServerThread, model: str, *, stream: bool = False,
+              messages: list[dict[str, Any]] = USER, **extra: Any) -> Reply:
+    payload = {"model": model, "messages": messages, "stream": stream, **extra}
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.url + "/v1/chat/completions", json=payload
+    ) as response:
+        raw = await response.read()
+    if not stream or response.status != 200:
+        body = orjson.loads(raw)
+        choice = (body.get("choices") or [{}])[0]
+        return Reply(response.status, response.headers,
+                     (choice.get("message") or {}).get("content") or "", body,
+                     choice.get("finish_reason"))
+    events = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    parsed = [e if e == "[DONE]" else orjson.loads(e) for e in events]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in parsed
+                   if isinstance(e, dict) and e.get("choices"))
+    finishes = [e["choices"][0]["finish_reason"] for e in parsed
+                if isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"]]
+    return Reply(response.status, response.headers, text, parsed,
+                 finishes[-1] if finishes else None)
+
+
+def complete(reply: Reply) -> None:
+    """The client got the whole answer, properly finished."""
+    assert reply.status == 200, reply.body
+    assert reply.text == DEFAULT_REPLY, reply.text
+    assert reply.finish == "stop"
+    if isinstance(reply.body, list):
+        assert reply.body[-1] == "[DONE]"
+
+
+def gaps(records: list[dict[str, Any]]) -> list[float]:
+    return [b["t"] - a["t"] for a, b in zip(records, records[1:], strict=False)]
+
+
+async def still_answers(gateway: ServerThread) -> None:
+    complete(await ask(gateway, "qwen2.5-coder:32b"))
+
+
+# --- before the first token ----------------------------------------------------------------
+
+
+async def test_429_with_retry_after_is_waited_out_on_the_same_model(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", status=429, retry_after=1, remaining=1)
+    reply = await ask(routed_gateway, "qwq:32b")
+    complete(reply)
+    attempts = fleet.primary.requests("/api/chat")
+    assert [r["model"] for r in attempts] == ["qwq:32b", "qwq:32b"]
+    assert 0.95 <= gaps(attempts)[0] < 1.6  # Retry-After: 1
+    assert reply.headers["x-gateway-attempts"] == "2"
+    assert reply.headers["x-gateway-model"] == "qwq:32b"
+    await still_answers(routed_gateway)
+
+
+async def test_persistent_429_without_retry_after_fails_over(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", status=429)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)
+    tried = fleet.primary.requests("/api/chat")
+    assert [r["model"] for r in tried if r["model"] == "qwq:32b"] == ["qwq:32b", "qwq:32b"]
+    assert gaps(tried[:2])[0] < 0.5  # jittered backoff, not a fixed second
+    assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+    assert reply.headers["x-gateway-route"] == "fallback for qwq:32b"
+    assert reply.headers["x-gateway-attempts"] == "3"
+
+
+async def test_500_once_is_retried_once(routed_gateway: ServerThread, fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", status=500, message="runner crashed", remaining=1)
+    reply = await ask(routed_gateway, "qwq:32b")
+    complete(reply)
+    attempts = fleet.primary.requests("/api/chat")
+    assert [r["outcome"] for r in attempts] == ["status 500", "completed"]
+    assert 0.02 <= gaps(attempts)[0] < 0.5
+    assert reply.body["model"] == "qwq:32b"
+
+
+async def test_persistent_503_fails_over_and_bills_only_the_answer(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", status=503)
+    reply = await ask(routed_gateway, "qwq:32b")
+    complete(reply)
+    assert reply.body["model"] == "qwen2.5-coder:32b"
+    answered = [r for sim in (fleet.primary, fleet.secondary) for r in sim.requests("/api/chat")
+                if r["model"] == "qwen2.5-coder:32b"]
+    assert len(answered) == 1
+    assert reply.body["usage"]["completion_tokens"] == len(DEFAULT_REPLY.split())
+
+
+async def test_reset_before_headers_is_retried_then_failed_over(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", reset=True)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)
+    assert [r["outcome"] for r in fleet.primary.requests("/api/chat")
+            if r["model"] == "qwq:32b"] == ["reset", "reset"]
+    assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_no_response_fails_over_without_retrying_the_silent_route(
+    routed_gateway: ServerThread, fleet: Fleet, stream: bool
+) -> None:
+    fleet.primary.fault("qwq:32b", no_response=True)
+    started = time.monotonic()
+    reply = await ask(routed_gateway, "qwq:32b", stream=stream)
+    complete(reply)
+    [silent] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
+    assert silent["closed_by_client"]
+    # A stream must start within the 1 s header limit; a whole answer has `total` (10 s).
+    assert time.monotonic() - started < (3 if stream else 12)
+    assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+
+
+async def test_slow_first_token_fails_over(routed_gateway: ServerThread, fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", ttft=3)
+    started = time.monotonic()
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)
+    assert time.monotonic() - started < 2.5  # first-token limit: 1 s
+    [slow] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
+    assert slow["closed_by_client"] and slow["tokens"] == 0
+    assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+
+
+async def test_context_length_error_goes_to_a_larger_window(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    long = [{"role": "user", "content": "word " * 100}]  # tiny-ctx:1b holds 64 tokens
+    reply = await ask(routed_gateway, "tiny-ctx:1b", messages=long)
+    complete(reply)
+    assert [r["outcome"] for r in fleet.primary.requests("/api/chat")
+            if r["model"] == "tiny-ctx:1b"] == ["pending"]  # refused, once, not retried
+    assert reply.body["model"] == "qwen2.5-coder:32b"
+
+
+async def test_content_policy_rejection_is_passed_on_untouched(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", content_policy=True)
+    reply = await ask(routed_gateway, "qwq:32b")
+    assert reply.status == 400
+    assert reply.error and reply.error["code"] == "content_policy_violation"
+    assert len(fleet.primary.requests("/api/chat")) == 1
+    assert not fleet.secondary.requests() and not fleet.server.requests()
+    await still_answers(routed_gateway)
+
+
+# --- after the first token: the stream is rescued -------------------------------------------
+
+
+async def test_stream_cut_mid_answer_is_continued_with_a_prefill(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", cut_after=5)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)  # seamless: the exact answer, once
+    [cut] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
+    assert cut["outcome"] == "cut" and cut["tokens"] == 5
+    rescue = [r for s in (fleet.primary, fleet.secondary) for r in s.requests("/api/chat")
+              if r["model"] == "qwen2.5-coder:32b"]
+    assert len(rescue) == 1 and rescue[0]["prefill"]
+    sent = "".join(DEFAULT_REPLY.split(" ")[i] + " " for i in range(5))
+    assert rescue[0]["payload"]["messages"][-1] == {"role": "assistant", "content": sent}
+    events = [e for e in reply.body if isinstance(e, dict)]
+    assert events[0]["model"] == "qwq:32b" and events[-1]["model"] == "qwen2.5-coder:32b"
+    await still_answers(routed_gateway)
+
+
+async def test_stalled_stream_is_rescued(routed_gateway: ServerThread, fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", stall_after=4)
+    started = time.monotonic()
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)
+    assert time.monotonic() - started < 3  # idle limit: 1 s
+    [stalled] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
+    assert stalled["outcome"] == "stalled" and stalled["closed_by_client"]
+
+
+async def test_fallback_that_rejects_prefill_is_restarted_and_deduplicated(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", cut_after=6)
+    for host in (fleet.primary, fleet.secondary):
+        host.fault("qwen2.5-coder:32b", reject_prefill=True)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)
+    fallback = [r for s in (fleet.primary, fleet.secondary) for r in s.requests("/api/chat")
+                if r["model"] == "qwen2.5-coder:32b"]
+    assert [(r["prefill"], r["outcome"]) for r in fallback] == [
+        (True, "prefill_rejected"), (False, "completed")]
+
+
+async def test_a_stream_that_cannot_be_rescued_ends_with_one_clean_error(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", cut_after=3)
+    for host in (fleet.primary, fleet.secondary):
+        host.fault("qwen2.5-coder:32b", status=500)
+    for sim in (fleet.server, fleet.cloud):
+        sim.fault("smollm2:135m" if sim is fleet.server else "gpt-4o-mini", status=500)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    assert reply.status == 200 and "[DONE]" not in reply.body
+    assert reply.error is not None and reply.finish is None
+    assert sum(1 for e in reply.body if isinstance(e, dict) and "error" in e) == 1
+
+
+async def test_malformed_event_is_skipped_without_another_attempt(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", malformed_at=3)
+    complete(await ask(routed_gateway, "qwq:32b", stream=True))
+    assert len(fleet.primary.requests("/api/chat")) == 1
+
+
+async def test_stream_without_done_is_finalised_at_once(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.cloud.fault("gpt-4o-mini", missing_done=True)
+    started = time.monotonic()
+    reply = await ask(routed_gateway, "gpt-4o-mini", stream=True,
+                      stream_options={"include_usage": True})
+    complete(reply)
+    assert time.monotonic() - started < 0.9  # not after the 1 s idle limit
+    assert reply.body[-2]["usage"]["completion_tokens"] == len(DEFAULT_REPLY.split())
+    assert len(fleet.cloud.requests()) == 1
+
+
+# --- a primary that goes away and comes back ----------------------------------------------
+
+
+async def test_primary_down_for_a_while_then_back(fleet: Fleet) -> None:
+    gateway = start_gateway(fleet_config(fleet))
+    try:
+        complete(await ask(gateway, "qwq:32b"))
+        fleet.threads["primary"].stop()
+        outage = [await ask(gateway, "qwq:32b", stream=i % 2 == 0) for i in range(6)]
+        for reply in outage:
+            complete(reply)
+            assert reply.headers["x-gateway-backend"] == "secondary"
+        from tests.integration.conftest import _sims
+
+        fleet.restart("primary", _sims()["primary"][1])
+        deadline = time.monotonic() + 5
+        while True:
+            reply = await ask(gateway, "qwq:32b")
+            complete(reply)
+            if reply.headers["x-gateway-backend"] == "primary":
+                break
+            assert time.monotonic() < deadline, "the primary did not get its traffic back"
+            await __import__("asyncio").sleep(0.2)
+    finally:
+        gateway.stop()
