@@ -49,8 +49,9 @@ def create_app(config: GatewayConfig) -> web.Application:
                            optional=[b.name for b in config.backends if b.optional])
     app[CATALOG] = catalog
     router = app[ROUTER] = Router(config, backends, catalog)
-    app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
-                                config.routing.health_interval)
+    health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
+                                         config.routing.health_interval)
+    router.on_unreachable = health.lost
     app.on_response_prepare.append(middlewares.add_request_id)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)

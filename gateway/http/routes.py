@@ -93,13 +93,18 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    entries = [model_entry(d.model, d.backend.name) for d in request.app[CATALOG].models()]
+    entries = [model_entry(name, d.backend.name) for name, d in request.app[CATALOG].models()]
+    entries += [model_entry(alias, "gateway") for alias in request.app[ROUTER].selector.aliases()]
     return json_response({"object": "list", "data": entries})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    deployment = request.app[CATALOG].resolve(request.match_info["model"])[0]
-    return json_response(model_entry(deployment.model, deployment.backend.name))
+    name = request.match_info["model"]
+    selector = request.app[ROUTER].selector
+    if selector.is_alias(name) and name in selector.aliases():
+        return json_response(model_entry(name, "gateway"))
+    deployment = request.app[CATALOG].resolve(name)[0]
+    return json_response(model_entry(name, deployment.backend.name))
 
 
 async def health(request: web.Request) -> web.Response:

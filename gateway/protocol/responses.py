@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.backends.base import Chunk, ModelInfo, Usage
+from gateway.backends.base import Chunk, Usage
 from gateway.config import ReasoningMode
 
 Kind = Literal["chat", "text"]
@@ -203,5 +203,5 @@ def completion_body(
     }
 
 
-def model_entry(info: ModelInfo, owner: str) -> dict[str, Any]:
-    return {"id": info.name, "object": "model", "created": 0, "owned_by": owner}
+def model_entry(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from gateway.config import RoutingConfig
@@ -30,6 +31,8 @@ def disposition(error: GatewayError) -> Disposition:
     """What an error means for the next attempt."""
     if isinstance(error, UpstreamTimeout):
         return "failover"  # a silent route is not retried blindly
+    if error.code == "backend_unreachable":
+        return "failover"  # nothing listens there: another host, not the same one again
     if error.code == "content_policy_violation":
         return "propagate"
     if error.code == "context_length_exceeded":
@@ -84,8 +87,10 @@ class Attempts:
     """Hands out leases, one per attempt, in the order the rules above give."""
 
     def __init__(self, config: RoutingConfig, balancer: Balancer,
-                 candidates: list[Candidate]) -> None:
+                 candidates: list[Candidate],
+                 on_unreachable: Callable[[str], None] = lambda backend: None) -> None:
         self._config = config
+        self._on_unreachable = on_unreachable
         self._balancer = balancer
         self._candidates = list(candidates)
         self._tried: set[tuple[str, str]] = set()
@@ -104,9 +109,7 @@ class Attempts:
                 raise error or Unavailable("No attempts left.", retry_after=1)
             lease = self._retry_lease() or self._fresh_lease()
             if lease is None:
-                raise error or Unavailable(
-                    "No healthy deployment can take this request right now.",
-                    retry_after=self._config.breaker.cooldown)
+                raise error or self._nothing_available()
             try:
                 await lease.state.acquire(self._config.queue_timeout)
             except RateLimited as busy:
@@ -137,6 +140,8 @@ class Attempts:
         current = self._current
         if current is None:
             raise error
+        if error.code == "backend_unreachable":
+            self._on_unreachable(current.deployment.backend.name)
         key = _key(current.deployment)
         used = self._retries.get(key, 0)
         if not move_on and kind in ("retry", "wait") and used < self._config.retries:
@@ -164,10 +169,25 @@ class Attempts:
         current = self._current
         if current is None or _key(current.deployment) in self._tried:
             return None
-        if not current.state.breaker.available():
+        if not self._balancer.usable(current.deployment, time.monotonic()):
             self._tried.add(_key(current.deployment))
             return None
         return Lease(current.candidate, current.deployment, current.state)
+
+    def _nothing_available(self) -> GatewayError:
+        now = time.monotonic()
+        healthy = [self._balancer.state(d) for c in self._candidates for d in c.deployments
+                   if self._balancer.usable(d, now)]
+        if healthy:  # up, but every one of them full, queue included
+            wait = min(s.latency or 1.0 for s in healthy)
+            return RateLimited("All deployments of this model are busy; retry shortly.",
+                               retry_after=max(1.0, wait), code="deployment_busy")
+        down = sorted({d.backend.name for c in self._candidates for d in c.deployments
+                       if d.backend.name in self._balancer.down})
+        names = ", ".join(dict.fromkeys(c.name for c in self._candidates))
+        detail = f" (down: {', '.join(down)})" if down else " (their circuit breakers are open)"
+        return Unavailable(f"No deployment of {names} can answer right now{detail}.",
+                           retry_after=self._config.breaker.cooldown)
 
     def _fresh_lease(self) -> Lease | None:
         for candidate in self._candidates:

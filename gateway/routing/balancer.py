@@ -17,23 +17,29 @@ from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.catalog import Deployment
 
 EWMA_WEIGHT = 0.3  # share of the newest latency sample
-INITIAL_LATENCY = 0.5  # seconds, until a deployment has answered once
+# A latency older than this says little about now: the deployment is tried again (a slow
+# host that recovered must be able to show it).
+STALE_SECONDS = 15.0
 
 
 class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
-    __slots__ = ("breaker", "in_flight", "latency", "limit", "max_queue", "waiters")
+    __slots__ = ("breaker", "in_flight", "latency", "limit", "max_queue", "observed_at",
+                 "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
         self.limit = limit  # 0: unlimited
         self.max_queue = max_queue
         self.in_flight = 0
-        self.latency = INITIAL_LATENCY
+        self.latency: float | None = None  # None: never answered, so worth a try
+        self.observed_at = 0.0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    def score(self) -> float:
+    def score(self, now: float) -> float:
+        if self.latency is None or now - self.observed_at > STALE_SECONDS:
+            return float(self.in_flight)  # unknown or stale: explore (lowest scores win)
         return (self.in_flight + 1) * self.latency
 
     def has_room(self) -> bool:
@@ -61,7 +67,7 @@ class DeploymentState:
                 self.waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
                 raise RateLimited("Waited too long for a free slot on a busy deployment.",
-                                  retry_after=max(1.0, self.latency)) from None
+                                  retry_after=max(1.0, self.latency or 0.0)) from None
             raise
 
     def release(self) -> None:
@@ -73,7 +79,11 @@ class DeploymentState:
         self.in_flight -= 1
 
     def observe(self, seconds: float) -> None:
-        self.latency += EWMA_WEIGHT * (seconds - self.latency)
+        if self.latency is None:
+            self.latency = seconds
+        else:
+            self.latency += EWMA_WEIGHT * (seconds - self.latency)
+        self.observed_at = time.monotonic()
 
 
 class Balancer:
@@ -83,6 +93,7 @@ class Balancer:
         self._config = config
         self._limits = limits  # backend → (max_concurrency, max_queue)
         self._states: dict[tuple[str, str], DeploymentState] = {}
+        self.down: set[str] = set()  # backends known to be unreachable right now
 
     def state(self, deployment: Deployment) -> DeploymentState:
         key = (deployment.backend.name, deployment.model.name)
@@ -96,14 +107,19 @@ class Balancer:
     def states_of(self, backend: str) -> list[DeploymentState]:
         return [s for (name, _), s in self._states.items() if name == backend]
 
+    def usable(self, deployment: Deployment, now: float) -> bool:
+        """Its backend is up and its breaker lets a request through."""
+        return deployment.backend.name not in self.down and \
+            self.state(deployment).breaker.available(now)
+
     def choose(self, deployments: Sequence[Deployment]) -> Deployment | None:
         """Power of two choices among the deployments whose breaker lets traffic through
         and that can take (or queue) one more request.
         """
         now = time.monotonic()
-        open_ = [d for d in deployments
-                 if self.state(d).breaker.available(now) and self.state(d).can_queue()]
+        open_ = [d for d in deployments if self.usable(d, now) and self.state(d).can_queue()]
         if len(open_) <= 1:
             return open_[0] if open_ else None
         first, second = random.sample(open_, 2)
-        return first if self.state(first).score() <= self.state(second).score() else second
+        return first if self.state(first).score(now) <= self.state(second).score(now) \
+            else second

@@ -122,9 +122,9 @@ class ModelCatalog:
     def _unreachable(self) -> list[str]:
         return [name for name, listing in self._listings.items() if not listing.status.ok]
 
-    def models(self) -> list[Deployment]:
-        """One deployment per model name: the first backend (in config order) serving it."""
-        return [deployments[0] for deployments in self._index.values()]
+    def models(self) -> list[tuple[str, Deployment]]:
+        """Each model name with its first deployment (in config order)."""
+        return [(name, deployments[0]) for name, deployments in self._index.items()]
 
     def status(self) -> dict[str, BackendStatus]:
         return {name: listing.status for name, listing in self._listings.items()}

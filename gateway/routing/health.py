@@ -45,14 +45,17 @@ class HealthWatcher:
         if health.ok and was is False:
             log.info("backend %s is back (%s)", backend.name, health.detail)
             await self.recovered(backend.name)
-        elif not health.ok and was is not False:
-            log.warning("backend %s is down: %s", backend.name, health.detail)
-            self.lost(backend.name)
+        elif not health.ok:
+            self.lost(backend.name, health.detail)
         return health.ok
 
-    def lost(self, backend: str) -> None:
-        """Stop sending it traffic now."""
+    def lost(self, backend: str, reason: str = "connection refused") -> None:
+        """Stop sending it traffic now, and watch for its return closely."""
+        if self.up.get(backend) is not False:
+            log.warning("backend %s is down (%s); its traffic goes elsewhere", backend, reason)
         self.up[backend] = False
+        self._next[backend] = time.monotonic() + self._interval
+        self._balancer.down.add(backend)
         for state in self._balancer.states_of(backend):
             state.breaker.trip()
 
@@ -60,5 +63,6 @@ class HealthWatcher:
         """Learn what it serves now and let traffic try it at once."""
         self.up[backend] = True
         await self._catalog.refresh()
+        self._balancer.down.discard(backend)
         for state in self._balancer.states_of(backend):
             state.breaker.retry_now()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from gateway.backends.base import Backend, Chunk, EmbeddingResult
 from gateway.config import GatewayConfig
@@ -25,6 +25,8 @@ class Router:
         limits = {b.name: (b.max_concurrency, b.max_queue) for b in config.backends}
         self.balancer = Balancer(config.routing, limits)
         self.backends = backends
+        # Told when a connection to a backend is refused (the health watcher listens).
+        self.on_unreachable: Callable[[str], None] = lambda backend: None
 
     def answer(self, req: ChatRequest | CompletionRequest) -> RoutedAnswer:
         """The routed answer to a chat or text completion; ``await .start()`` runs it."""
@@ -38,7 +40,7 @@ class Router:
                 return backend.chat(ask, model)
             return backend.complete(ask, model)
 
-        attempts = Attempts(self.config.routing, self.balancer, candidates)
+        attempts = Attempts(self.config.routing, self.balancer, candidates, self.on_unreachable)
         return RoutedAnswer(attempts, opener, streamed=req.stream,
                             rescue=self.config.routing.rescue)
 
@@ -47,7 +49,7 @@ class Router:
         model's vectors would not be comparable.
         """
         candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
-        attempts = Attempts(self.config.routing, self.balancer, [candidate])
+        attempts = Attempts(self.config.routing, self.balancer, [candidate], self.on_unreachable)
         error: GatewayError | None = None
         while True:
             lease = await attempts.next(error)

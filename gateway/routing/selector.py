@@ -100,7 +100,7 @@ class Selector:
         if name in self._aliases:
             route = self.alias_picks(name, needs)
             if not route:
-                raise self._nothing_fits(name, needs)
+                raise self._nothing_fits(name, self._required(name, needs))
         else:
             route = [Candidate(name, self._catalog.resolve(name), "requested")]
         seen = {c.name for c in route}
@@ -121,8 +121,7 @@ class Selector:
         priority list (in the preferred order), then the rest of the lists, then others.
         """
         spec = self._aliases[alias]
-        required = Needs(vision=needs.vision or "vision" in spec.require,
-                         tools=needs.tools or "tools" in spec.require, tokens=needs.tokens)
+        required = self._required(alias, needs)
         labels = [*spec.prefer, *(k for k in spec.priority if k not in spec.prefer)]
         lists = [[c for c in (self._candidate(n, required, alias, f"{label} priority #{i + 1}")
                               for i, n in enumerate(spec.priority.get(label, ()))) if c]
@@ -132,11 +131,23 @@ class Selector:
             listed = {c.name for c in picks}
             rest = [c for c in self._qualifying(required, alias, spec.require)
                     if c.name not in listed]
-            rest.sort(key=_size, reverse=spec.others == "largest")
+            if spec.others == "largest":
+                rest.sort(key=_size, reverse=True)
+            else:  # a model of unknown size is not presumed small
+                rest.sort(key=lambda c: _size(c) or float("inf"))
             picks += rest
         # A model known to see images (or call tools) before one only presumed able to.
         picks.sort(key=lambda c: not required.sure(c))
         return picks
+
+    def _required(self, alias: str, needs: Needs) -> Needs:
+        require = self._aliases[alias].require
+        return Needs(vision=needs.vision or "vision" in require,
+                     tools=needs.tools or "tools" in require, tokens=needs.tokens)
+
+    def aliases(self) -> list[str]:
+        """The aliases that can pick a model right now."""
+        return [name for name in self._aliases if self.alias_picks(name, Needs())]
 
     def _candidate(self, name: str, needs: Needs, alias: str, why: str) -> Candidate | None:
         deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)]

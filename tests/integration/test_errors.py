@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.sim import SimModel, create_openai_app
 from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
 
 CHAT = "/v1/chat/completions"
@@ -132,16 +133,32 @@ async def test_unknown_route_and_wrong_method_answer_in_json(http: aiohttp.Clien
 # --- upstream failures before the answer starts ------------------------------------------
 
 
-async def test_unreachable_backend_is_a_502() -> None:
+async def test_a_backend_known_to_be_down_is_a_503_with_retry_after() -> None:
     dead = backend("dead", "openai", f"http://127.0.0.1:{free_port()}/v1", models=["ghost"])
     server = start_gateway(gateway_config(dead))
     try:
         async with aiohttp.ClientSession(base_url=server.url) as http:
-            status, body, _ = await post(http, CHAT, {"model": "ghost", "messages": USER})
+            status, body, headers = await post(http, CHAT, {"model": "ghost", "messages": USER})
+    finally:
+        server.stop()
+    error = assert_error(status, body, 503)
+    assert "ghost" in error["message"] and "down: dead" in error["message"]
+    assert int(headers["Retry-After"]) >= 1
+
+
+async def test_a_backend_that_just_went_away_is_a_502() -> None:
+    fleet = [SimModel("solo:1b")]
+    sim = ServerThread(lambda: create_openai_app(fleet, flavor="llamacpp")).start()
+    server = start_gateway(gateway_config(backend("solo", "openai", sim.url + "/v1")))
+    try:
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            assert (await post(http, CHAT, {"model": "solo:1b", "messages": USER}))[0] == 200
+            sim.stop()  # the health watcher has not noticed yet: the request finds out
+            status, body, _ = await post(http, CHAT, {"model": "solo:1b", "messages": USER})
     finally:
         server.stop()
     error = assert_error(status, body, 502, code="backend_unreachable")
-    assert "dead" in error["message"]
+    assert "solo" in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -46,7 +46,7 @@ async def test_names_with_and_without_latest_and_with_a_backend_prefix() -> None
     assert [d.backend.name for d in cat.resolve("qwen:7b")] == ["ollama", "mlx"]
     assert [d.backend.name for d in cat.resolve("mlx/qwen:7b")] == ["mlx"]
     assert [d.model.name for d in cat.resolve("mlx-community/Qwen-7B")] == ["mlx-community/Qwen-7B"]
-    assert [m.model.name for m in cat.models()] == [
+    assert [name for name, _ in cat.models()] == [
         "llama3.2:latest", "qwen:7b", "mlx-community/Qwen-7B"]
 
 
@@ -75,3 +75,26 @@ async def test_a_listing_that_raises_something_unexpected_does_not_stop_discover
     cat = await catalog(Broken("weird", []), Listed("ollama", ["a"]))
     assert cat.resolve("a") and not cat.status()["weird"].ok
     assert isinstance(ModelNotFound("x"), GatewayError)
+
+
+async def test_one_name_for_the_same_model_on_ollama_and_mlx() -> None:
+    from gateway.config import DeploymentConfig, ModelConfig
+
+    coder = ModelConfig(
+        name="coder",
+        deployments=(DeploymentConfig("ollama", "qwen2.5-coder:32b"),
+                     DeploymentConfig("mlx", "mlx-community/Qwen2.5-Coder-32B-Instruct-4bit"),
+                     DeploymentConfig("mlx", "not-there")),
+        capabilities=("completion", "tools"), context_length=32768)
+    cat = ModelCatalog([Listed("ollama", ["qwen2.5-coder:32b"]),
+                        Listed("mlx", ["mlx-community/Qwen2.5-Coder-32B-Instruct-4bit"])],
+                       [coder])  # type: ignore[list-item]
+    await cat.refresh()
+    deployments = cat.resolve("coder")
+    assert [(d.backend.name, d.model.name) for d in deployments] == [
+        ("ollama", "qwen2.5-coder:32b"), ("mlx", "mlx-community/Qwen2.5-Coder-32B-Instruct-4bit")]
+    assert all(d.model.context_length == 32768 and d.model.known
+               and "tools" in d.model.capabilities and "chat" in d.model.capabilities
+               for d in deployments)
+    # The backends' own names still work, one deployment each.
+    assert len(cat.resolve("qwen2.5-coder:32b")) == 1

@@ -1,0 +1,93 @@
+"""Load balancing between two hosts serving the same model, concurrency caps, and a host
+that dies under load."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from tests.integration.conftest import Fleet, fleet_config
+from tests.integration.test_failover import ask, complete
+from tests.support import backend, gateway_config, start_gateway
+
+MODEL = "qwen2.5-coder:32b"
+
+
+def served_by(fleet: Fleet) -> collections.Counter[str]:
+    return collections.Counter({"primary": len(fleet.primary.requests("/api/chat")),
+                                "secondary": len(fleet.secondary.requests("/api/chat"))})
+
+
+async def test_two_hosts_share_concurrent_load(fleet: Fleet) -> None:
+    for host in (fleet.primary, fleet.secondary):
+        host.fault(MODEL, tokens_per_s=100)
+    gateway = start_gateway(fleet_config(fleet))
+    try:
+        replies = await asyncio.gather(*(ask(gateway, MODEL) for _ in range(24)))
+    finally:
+        gateway.stop()
+    for reply in replies:
+        complete(reply)
+    counts = served_by(fleet)
+    assert min(counts.values()) >= 6, counts  # both take a real share
+
+
+async def test_a_slow_host_gets_little_traffic(fleet: Fleet) -> None:
+    fleet.secondary.fault(MODEL, ttft=0.3)
+    gateway = start_gateway(fleet_config(fleet))
+    try:
+        for _ in range(20):
+            complete(await ask(gateway, MODEL))
+    finally:
+        gateway.stop()
+    assert served_by(fleet)["secondary"] <= 2, served_by(fleet)
+
+
+async def test_past_the_cap_and_the_queue_requests_get_429_with_retry_after(
+    fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", tokens_per_s=20)  # ~1.5 s per answer
+    gateway = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, max_concurrency=1, max_queue=1),
+        routing={"tier_fallback": False, "queue_timeout": 5.0}))
+    try:
+        replies = await asyncio.gather(*(ask(gateway, "qwq:32b") for _ in range(3)))
+    finally:
+        gateway.stop()
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [200, 200, 429], statuses
+    [busy] = [r for r in replies if r.status == 429]
+    assert busy.error is not None and busy.error["type"] == "rate_limit_error"
+    assert int(busy.headers["Retry-After"]) >= 1
+    # The two that were let in ran one after the other, never together.
+    runs = sorted((r["t"], r["t"]) for r in fleet.primary.requests("/api/chat"))
+    assert len(runs) == 2 and runs[1][0] - runs[0][0] > 1.0
+
+
+async def test_a_host_killed_under_load_fails_no_request(fleet: Fleet) -> None:
+    for host in (fleet.primary, fleet.secondary):
+        host.fault(MODEL, tokens_per_s=150)
+    gateway = start_gateway(fleet_config(fleet))
+    done = 0
+    served_before_death = 0
+
+    async def client(i: int) -> None:
+        nonlocal done
+        for j in range(10):
+            reply = await ask(gateway, MODEL, stream=(i + j) % 2 == 0)
+            complete(reply)
+            done += 1
+
+    async def killer() -> None:
+        nonlocal served_before_death
+        while done < 30:
+            await asyncio.sleep(0.02)
+        served_before_death = len(fleet.secondary.requests("/api/chat"))
+        await asyncio.to_thread(fleet.threads["secondary"].stop)
+
+    try:
+        await asyncio.gather(killer(), *(client(i) for i in range(12)))
+    finally:
+        gateway.stop()
+    assert done == 120
+    assert served_before_death > 5  # it did take its share before it died

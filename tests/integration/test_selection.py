@@ -1,0 +1,102 @@
+"""Auto-selection: the seed system's priority lists on simulated hosts, and what a request
+needs (images, tools, a long prompt) deciding among them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.integration.conftest import Fleet
+from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
+
+USER = [{"role": "user", "content": "Hello"}]
+PIXEL = "data:image/png;base64," + base64.b64encode(b"\x89PNG pixel").decode()
+
+
+@pytest.fixture
+def client(gateway: ServerThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+def picked(client: openai.OpenAI, model: str, **extra: object) -> tuple[str, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=extra.pop("messages", USER), **extra)  # type: ignore[arg-type]
+    body = raw.parse()
+    assert raw.headers["x-gateway-model"] == body.model
+    return body.model, raw.headers["x-gateway-route"]
+
+
+@pytest.mark.parametrize(("alias", "model", "route"), [
+    ("auto", "qwq:32b", "auto: ollama priority #1"),
+    ("auto:code", "qwen2.5-coder:32b", "auto:code: ollama priority #1"),
+    ("auto:fast", "phi3.5:3.8b", "auto:fast: ollama priority #1"),
+    ("auto:vision", "llava:7b", "auto:vision: available model"),
+    ("auto:reasoning", "qwq:32b", "auto:reasoning: ollama priority #1"),
+])
+def test_aliases_pick_by_the_seed_priority_lists(
+    client: openai.OpenAI, alias: str, model: str, route: str
+) -> None:
+    assert picked(client, alias) == (model, route)
+
+
+def test_the_other_familys_best_is_next_when_the_first_pick_fails(
+    client: openai.OpenAI, ollama_sim: Sim
+) -> None:
+    ollama_sim.fault("qwq:32b", status=500)
+    assert picked(client, "auto") == ("command-r-plus:104b", "auto: mlx priority #1")
+
+
+def test_without_ollama_auto_picks_from_the_mlx_list(mlx_sim: Sim) -> None:
+    gateway = start_gateway(gateway_config(
+        backend("ollama", "ollama", f"http://127.0.0.1:{free_port()}", optional=True),
+        backend("mlx", "openai", mlx_sim.api_url)))
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+            assert picked(c, "auto") == ("command-r-plus:104b", "auto: mlx priority #1")
+    finally:
+        gateway.stop()
+
+
+def test_an_image_goes_to_a_vision_model(client: openai.OpenAI, ollama_sim: Sim) -> None:
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                          {"type": "image_url", "image_url": {"url": PIXEL}}]}]
+    assert picked(client, "auto", messages=image)[0] == "llava:7b"
+    assert ollama_sim.requests("/api/chat")[-1]["payload"]["messages"][0]["images"]
+
+
+def test_tools_go_to_a_model_that_can_call_them(client: openai.OpenAI) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    # auto:fast prefers phi3.5, which cannot call tools: the smallest model that can answers.
+    model, _ = picked(client, "auto:fast", tools=[tool])
+    assert model in ("qwen2.5-coder:32b", "qwq:32b")
+
+
+def test_a_long_prompt_goes_to_a_model_whose_window_fits(client: openai.OpenAI) -> None:
+    long = [{"role": "user", "content": "word " * 35_000}]  # ~44k tokens: past qwq's 32k
+    assert picked(client, "auto", messages=long) == ("phi3.5:3.8b",
+                                                    "auto: ollama priority #3")
+
+
+def test_aliases_are_listed_as_models(client: openai.OpenAI) -> None:
+    ids = {m.id: m.owned_by for m in client.models.list()}
+    assert ids["auto"] == ids["auto:code"] == "gateway"
+    assert ids["qwq:32b"] == "ollama"
+
+
+async def test_when_nothing_can_take_the_request_the_error_says_why(fleet: Fleet) -> None:
+    gateway = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url),
+        backend("secondary", "ollama", fleet.secondary.api_url)))
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c, \
+                pytest.raises(openai.BadRequestError) as caught:
+            c.chat.completions.create(model="auto:vision", messages=USER)
+    finally:
+        gateway.stop()
+    assert caught.value.code == "no_capable_model"
+    assert "images" in caught.value.message
