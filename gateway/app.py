@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.backends.base import Backend
+from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
@@ -34,6 +35,8 @@ FIRST_DISCOVERY_SECONDS = 10.0
 def build_backend(config: BackendConfig) -> Backend:
     if config.kind == "ollama":
         return OllamaBackend(config)
+    if config.kind == "embedded":
+        return EmbeddedBackend(config)
     return OpenAICompatBackend(config)
 
 
@@ -52,7 +55,6 @@ def create_app(config: GatewayConfig) -> web.Application:
     health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
-    app.on_response_prepare.append(middlewares.add_request_id)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
     app.cleanup_ctx.append(_health_ctx)

@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.app import build_backend, create_app
 from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, is_loopback, load_config
 from gateway.http.middlewares import key_digest
-from gateway.routing.catalog import ModelCatalog
+from gateway.report import print_catalog
 
 log = logging.getLogger("gateway")
 
@@ -114,30 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    return asyncio.run(_print_models(config))
-
-
-async def _print_models(config: GatewayConfig) -> int:
-    backends = [build_backend(b) for b in config.backends]
-    for backend in backends:
-        await backend.start()
-    try:
-        catalog = ModelCatalog(backends)
-        await catalog.refresh()
-    finally:
-        await asyncio.gather(*(b.close() for b in backends))
-    for spec, (name, status) in zip(config.backends, catalog.status().items(), strict=True):
-        state = "up" if status.ok else f"DOWN: {status.error}"
-        print(f"{name}  ({spec.kind}, {spec.tier}, {spec.url})  {state}")
-        for info in catalog.listing(name):
-            size = f"{info.parameters / 1e9:.1f}B" if info.parameters else "-"
-            context = str(info.context_length or "-")
-            caps = ",".join(sorted(info.capabilities))
-            loaded = "loaded" if info.loaded else ""
-            print(f"  {info.name:<40} {size:>7} {info.quantization or '-':<8} "
-                  f"ctx {context:>7}  {caps}  {loaded}".rstrip())
-        if status.ok and not catalog.listing(name):
-            print("  (no models)")
+    asyncio.run(print_catalog(config, [build_backend(b) for b in config.backends]))
     return 0
 
 

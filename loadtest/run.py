@@ -24,6 +24,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -52,6 +53,8 @@ end
 class Target:
     name: str
     url: str
+    body: dict[str, Any]
+    script: Path
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def add(self, key: str, sample: dict[str, float]) -> None:
@@ -101,9 +104,9 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
     }
 
 
-async def ttft(url: str, requests: int) -> dict[str, float]:
+async def ttft(url: str, body: dict[str, Any], requests: int) -> dict[str, float]:
     """Time to the first content token of a streamed answer, one request at a time."""
-    payload = {**BODY, "stream": True}
+    payload = {**body, "stream": True}
     firsts: list[float] = []
     totals: list[float] = []
     async with aiohttp.ClientSession() as http:
@@ -123,6 +126,19 @@ async def ttft(url: str, requests: int) -> dict[str, float]:
             "stream_p50_ms": statistics.median(totals)}
 
 
+def _config(port: int, backends: dict[str, str]) -> str:
+    sections = [f'[server]\nport = {port}\n']
+    sections += [f'[[backends]]\nname = "{name}"\nkind = "openai"\nurl = "{url}"\n'
+                 for name, url in backends.items()]
+    return "\n".join(sections)
+
+
+def _target(name: str, port: int, body: dict[str, Any], work: Path) -> Target:
+    script = work / f"post-{port}.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(body))
+    return Target(name, f"http://127.0.0.1:{port}", body, script)
+
+
 def ensure_wrk() -> None:
     if shutil.which("wrk"):
         return
@@ -137,38 +153,42 @@ def ensure_wrk() -> None:
 def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="loadtest-"))
-    sim_port, proxy_port, gateway_port = free_port(), free_port(), free_port()
-    config = work / "gateway.toml"
-    config.write_text(
-        f'[server]\nport = {gateway_port}\n\n[[backends]]\nname = "sim"\nkind = "openai"\n'
-        f'url = "http://127.0.0.1:{sim_port}/v1"\nmax_connections = 100\n')
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT % json.dumps(BODY))
+    ports = {name: free_port() for name in ("sim", "sim2", "proxy", "gateway", "routed")}
+    sims = {name: f"http://127.0.0.1:{ports[name]}/v1" for name in ("sim", "sim2")}
+    (work / "gateway.toml").write_text(_config(ports["gateway"], {"sim": sims["sim"]}))
+    (work / "routed.toml").write_text(_config(ports["routed"], {"host-a": sims["sim"],
+                                                                 "host-b": sims["sim2"]}))
     python = sys.executable
     processes = [
-        start([python, "-m", "gateway.sim", "openai", "--port", str(sim_port), "--reply", REPLY],
-              work / "sim.log"),
-        start([python, str(HERE / "bare_proxy.py"), "--upstream", f"http://127.0.0.1:{sim_port}",
-               "--port", str(proxy_port)], work / "proxy.log"),
+        start([python, "-m", "gateway.sim", "openai", "--port", str(ports[name]), "--reply",
+               REPLY], work / f"{name}.log") for name in ("sim", "sim2")
     ]
+    processes.append(start([python, str(HERE / "bare_proxy.py"), "--upstream",
+                            f"http://127.0.0.1:{ports['sim']}", "--port", str(ports["proxy"])],
+                           work / "proxy.log"))
     try:
-        wait_ready(f"http://127.0.0.1:{sim_port}/health")
-        processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
-                                "--config", str(config)], work / "gateway.log"))
-        wait_ready(f"http://127.0.0.1:{gateway_port}/health")
+        for name in ("sim", "sim2"):
+            wait_ready(f"http://127.0.0.1:{ports[name]}/health")
+        for name in ("gateway", "routed"):
+            processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
+                                    "--config", str(work / f"{name}.toml")], work / f"{name}.log"))
+            wait_ready(f"http://127.0.0.1:{ports[name]}/health")
+        routed = {**BODY, "model": "auto"}
         targets = [
-            Target("direct to simulator", f"http://127.0.0.1:{sim_port}"),
-            Target("bare aiohttp proxy", f"http://127.0.0.1:{proxy_port}"),
-            Target("gateway", f"http://127.0.0.1:{gateway_port}"),
+            _target("direct to simulator", ports["sim"], BODY, work),
+            _target("bare aiohttp proxy", ports["proxy"], BODY, work),
+            _target("gateway", ports["gateway"], BODY, work),
+            _target("gateway, routed: `auto`, 2 deployments, breakers", ports["routed"],
+                    routed, work),
         ]
         for target in targets:  # warm up connections, caches and the JIT-less interpreter
-            wrk(target.url, 8, 2, script)
+            wrk(target.url, 8, 2, target.script)
         for round_ in range(rounds):
             for target in targets:  # interleaved, so drift in the machine hits all alike
                 print(f"round {round_ + 1}/{rounds}: {target.name}", file=sys.stderr)
-                target.add("c1", wrk(target.url, 1, seconds, script))
-                target.add("c32", wrk(target.url, 32, seconds, script))
-                target.add("stream", asyncio.run(ttft(target.url, stream_requests)))
+                target.add("c1", wrk(target.url, 1, seconds, target.script))
+                target.add("c32", wrk(target.url, 32, seconds, target.script))
+                target.add("stream", asyncio.run(ttft(target.url, target.body, stream_requests)))
     finally:
         for process in processes:
             process.terminate()
@@ -180,7 +200,7 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
 
 
 def render(targets: list[Target], seconds: float, rounds: int, stream_requests: int) -> str:
-    direct, bare, gateway = targets
+    direct, bare, gateway, routed = targets
     rows = []
     for t in targets:
         rows.append(
@@ -189,6 +209,7 @@ def render(targets: list[Target], seconds: float, rounds: int, stream_requests: 
             f"{t.median('c32', 'p50_ms'):.2f} | {t.median('c32', 'p99_ms'):.2f} | "
             f"{t.median('stream', 'ttft_p50_ms'):.3f} | {t.median('stream', 'ttft_p99_ms'):.3f} |")
     throughput = gateway.median("c32", "rps") / bare.median("c32", "rps")
+    routed_share = routed.median("c32", "rps") / bare.median("c32", "rps")
     added = gateway.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
     added_bare = bare.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
     added_ttft = gateway.median("stream", "ttft_p50_ms") - direct.median("stream", "ttft_p50_ms")
@@ -201,7 +222,7 @@ Python {platform.python_version()}, load from wrk with one thread; medians of {r
 interleaved rounds of {seconds:g} s each; streaming: {stream_requests} sequential requests
 per round).
 
-Every row answers the same request from the same simulated OpenAI-compatible server
+Every row answers the same request from a simulated OpenAI-compatible server
 (`python -m gateway.sim openai`, a {len(REPLY.split())}-word reply, no pacing): directly,
 through `loadtest/bare_proxy.py` (forward the body, relay the answer), and through the
 gateway (parse and validate, resolve the model, translate, re-encode). All three servers run
@@ -215,6 +236,9 @@ passes (`gc.freeze()`, gateway/app.py), which the bare proxy does not.
 - Gateway throughput at c=32: **{throughput:.0%} of the bare proxy** (target ≥ 80%: {verdict(throughput >= 0.8)}).
 - Gateway added p50 latency at c=1: **{added:.3f} ms over direct** (target ≤ 1 ms: {verdict(added <= 1.0)}); the bare proxy adds {added_bare:.3f} ms.
 - Gateway added time to first token: {added_ttft:.3f} ms over direct.
+- With the full routing path (the `auto` alias picking among two deployments of the same
+  model on two simulator processes, power-of-two-choices, breakers): **{routed_share:.0%} of
+  the bare proxy's throughput** at c=32.
 """
 
 

@@ -82,6 +82,9 @@ class HttpBackend:
         self._session = aiohttp.ClientSession(
             headers=headers,
             connector=aiohttp.TCPConnector(limit=self.config.max_connections),
+            # Cookies a backend sets must never ride along on another client's request
+            # (and keeping none saves work on every call).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:

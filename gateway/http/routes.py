@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.http.middlewares import json_response
 from gateway.http.sse import write_stream
-from gateway.keys import CATALOG, CONFIG, ROUTER
+from gateway.keys import CATALOG, CONFIG, REQUEST_ID, ROUTER
 from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
@@ -23,6 +23,7 @@ from gateway.protocol.openai import (
     parse_embedding,
 )
 from gateway.protocol.responses import (
+    Completion,
     Kind,
     StreamEncoder,
     collect,
@@ -47,18 +48,21 @@ async def _generate(
 ) -> web.StreamResponse:
     routed = request.app[ROUTER].answer(req)
     first = await routed.start()
-    chunks = routed.chunks()
     reasoning = request.app[CONFIG].server.reasoning
     try:
         headers = _route_headers(routed.deployment, routed.attempts, routed.route)
+        headers["x-request-id"] = request[REQUEST_ID]
         if req.stream:
             encoder = StreamEncoder(kind, routed.deployment.model.name,
                                     include_usage=req.include_usage, reasoning=reasoning)
             routed.on_switch = encoder.switch_model
-            return await write_stream(request, first, chunks, encoder, headers)
-        completion = await collect(chunks, first)
+            return await write_stream(request, first, routed.chunks(), encoder, headers)
+        if first.finish_reason is not None:  # a whole answer comes in one piece
+            completion = Completion()
+            completion.add(first)
+        else:
+            completion = await collect(routed.chunks(), first)
     finally:
-        await chunks.aclose()
         await routed.close()  # drops the upstream connection the moment the client goes
     body = completion_body(kind, completion, routed.deployment.model.name, reasoning)
     return json_response(body, headers)
@@ -108,15 +112,20 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Alive, and how each backend and deployment is doing. No error text: /health needs no
+    key, and upstream errors name internal hosts and ports.
+    """
     statuses = request.app[CATALOG].status()
-    # No error text here: /health needs no key, and errors name internal hosts and ports.
+    balancer = request.app[ROUTER].balancer
+    ok = {name: s.ok and name not in balancer.down for name, s in statuses.items()}
     backends = {
-        name: {"ok": s.ok, "models": s.models, "checked_at": int(s.refreshed_at) or None}
+        name: {"ok": ok[name], "models": s.models, "checked_at": int(s.refreshed_at) or None}
         for name, s in statuses.items()
     }
-    up = sum(s.ok for s in statuses.values())
-    status = "ok" if up == len(statuses) else "degraded" if up else "no_backends"
-    return json_response({"status": status, "time": int(time.time()), "backends": backends})
+    up = sum(ok.values())
+    status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
+    return json_response({"status": status, "time": int(time.time()), "backends": backends,
+                          "deployments": balancer.report()})
 
 
 def add_routes(app: web.Application) -> None:

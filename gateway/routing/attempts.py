@@ -20,7 +20,7 @@ from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, RateLimited, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.routing.balancer import Balancer, DeploymentState
 from gateway.routing.catalog import Deployment
-from gateway.routing.selector import Candidate
+from gateway.routing.selector import Candidate, Route
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ class Lease:
 class Attempts:
     """Hands out leases, one per attempt, in the order the rules above give."""
 
-    def __init__(self, config: RoutingConfig, balancer: Balancer,
-                 candidates: list[Candidate],
+    def __init__(self, config: RoutingConfig, balancer: Balancer, route: Route,
                  on_unreachable: Callable[[str], None] = lambda backend: None) -> None:
         self._config = config
         self._on_unreachable = on_unreachable
         self._balancer = balancer
-        self._candidates = list(candidates)
+        self._candidates = list(route.first)
+        self._more: Callable[[], list[Candidate]] | None = route.fallbacks
         self._tried: set[tuple[str, str]] = set()
         self._retries: dict[tuple[str, str], int] = {}
         self._current: Lease | None = None
@@ -154,6 +154,9 @@ class Attempts:
         self._tried.add(key)
         if kind == "bigger":
             floor = current.candidate.context_length
+            if self._more is not None:
+                self._candidates += self._more()
+                self._more = None
             self._candidates = [c for c in self._candidates
                                 if c is not current.candidate and c.context_length > floor]
 
@@ -190,12 +193,16 @@ class Attempts:
                            retry_after=self._config.breaker.cooldown)
 
     def _fresh_lease(self) -> Lease | None:
-        for candidate in self._candidates:
-            untried = [d for d in candidate.deployments if _key(d) not in self._tried]
-            chosen = self._balancer.choose(untried)
-            if chosen is not None:
-                return Lease(candidate, chosen, self._balancer.state(chosen))
-        return None
+        while True:
+            for candidate in self._candidates:
+                untried = [d for d in candidate.deployments if _key(d) not in self._tried]
+                chosen = self._balancer.choose(untried)
+                if chosen is not None:
+                    return Lease(candidate, chosen, self._balancer.state(chosen))
+            if self._more is None:
+                return None
+            self._candidates += self._more()  # the first candidates are spent: fall back
+            self._more = None
 
 
 def _key(deployment: Deployment) -> tuple[str, str]:

@@ -104,6 +104,16 @@ class Balancer:
             state = self._states[key] = DeploymentState(limit, queue, breaker)
         return state
 
+    def report(self) -> dict[str, dict[str, object]]:
+        """Every deployment that has seen traffic: breaker, load, latency."""
+        return {
+            f"{backend}/{model}": {
+                "breaker": s.breaker.state, "in_flight": s.in_flight, "queued": len(s.waiters),
+                "latency_ms": round(s.latency * 1000, 1) if s.latency is not None else None,
+            }
+            for (backend, model), s in sorted(self._states.items())
+        }
+
     def states_of(self, backend: str) -> list[DeploymentState]:
         return [s for (name, _), s in self._states.items() if name == backend]
 
@@ -117,6 +127,9 @@ class Balancer:
         and that can take (or queue) one more request.
         """
         now = time.monotonic()
+        if len(deployments) == 1:  # the common case: nothing to balance
+            only = deployments[0]
+            return only if self.usable(only, now) and self.state(only).can_queue() else None
         open_ = [d for d in deployments if self.usable(d, now) and self.state(d).can_queue()]
         if len(open_) <= 1:
             return open_[0] if open_ else None

@@ -57,6 +57,7 @@ class ModelCatalog:
         self._listings = {b.name: _Listing() for b in self._backends}
         self._index: dict[str, list[Deployment]] = {}
         self._refreshing: asyncio.Lock | None = None
+        self.version = 0  # bumped whenever the index is rebuilt
 
     async def refresh(self) -> None:
         """Ask every backend for its models, concurrently, and rebuild the index."""
@@ -64,6 +65,7 @@ class ModelCatalog:
         async with self._refreshing:
             await asyncio.gather(*(self._refresh_one(b) for b in self._backends))
             self._index = self._build_index()
+            self.version += 1
 
     def _build_index(self) -> dict[str, list[Deployment]]:
         by_name = {b.name: b for b in self._backends}

@@ -110,9 +110,12 @@ class RoutedAnswer:
             self._lease.release()
         self._lease = lease
         stream = self._open(lease.deployment, prefill, len(self._sent))
-        limit = lease.deployment.backend.config.timeouts.first_token if self._streamed else None
+        limit = lease.deployment.backend.config.timeouts.first_token
         try:
-            async with asyncio.timeout(limit):
+            if self._streamed:
+                async with asyncio.timeout(limit):
+                    first = await _first(stream, lease.deployment)
+            else:  # a whole answer: the backend's `total` bounds it
                 first = await _first(stream, lease.deployment)
         except TimeoutError:
             error: GatewayError = UpstreamTimeout(

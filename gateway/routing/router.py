@@ -13,7 +13,7 @@ from gateway.routing.attempts import Attempts
 from gateway.routing.balancer import Balancer
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.failover import RoutedAnswer
-from gateway.routing.selector import Candidate, Selector, needs_of
+from gateway.routing.selector import Candidate, Route, Selector
 
 
 class Router:
@@ -30,7 +30,7 @@ class Router:
 
     def answer(self, req: ChatRequest | CompletionRequest) -> RoutedAnswer:
         """The routed answer to a chat or text completion; ``await .start()`` runs it."""
-        candidates = self.selector.route(req.model, needs_of(req))
+        route = self.selector.route(req)
 
         def opener(deployment: Deployment, prefill: str | None, sent: int
                    ) -> AsyncGenerator[Chunk]:
@@ -40,7 +40,7 @@ class Router:
                 return backend.chat(ask, model)
             return backend.complete(ask, model)
 
-        attempts = Attempts(self.config.routing, self.balancer, candidates, self.on_unreachable)
+        attempts = Attempts(self.config.routing, self.balancer, route, self.on_unreachable)
         return RoutedAnswer(attempts, opener, streamed=req.stream,
                             rescue=self.config.routing.rescue)
 
@@ -49,7 +49,8 @@ class Router:
         model's vectors would not be comparable.
         """
         candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
-        attempts = Attempts(self.config.routing, self.balancer, [candidate], self.on_unreachable)
+        attempts = Attempts(self.config.routing, self.balancer, Route([candidate], list),
+                            self.on_unreachable)
         error: GatewayError | None = None
         while True:
             lease = await attempts.next(error)

