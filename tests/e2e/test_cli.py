@@ -132,6 +132,32 @@ def test_models_command_lists_each_backends_models(
     assert any("deepseek-r1-distill-llama:70b" in line for line in lines)
 
 
+def test_models_command_shows_alias_picks_and_the_live_gateways_breakers(
+    tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim, f"port = {port}")
+    process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", process)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+                            ).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).read()
+        result = subprocess.run([*GATEWAY, "models", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30, check=True)
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+    lines = result.stdout.splitlines()
+    assert any(line.strip().startswith("qwq:32b") and line.endswith("breaker closed")
+               for line in lines), result.stdout
+    assert any(line.strip().startswith("auto ") and "→ qwq:32b" in line for line in lines)
+    assert any(line.strip().startswith("auto:vision") and "→ llava:7b" in line for line in lines)
+
+
 def test_models_command_reports_a_backend_that_is_down(tmp_path: Path) -> None:
     config = tmp_path / "down.toml"
     config.write_text(f'[[backends]]\nname = "gone"\nkind = "ollama"\n'

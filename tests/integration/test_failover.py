@@ -295,3 +295,26 @@ async def test_primary_down_for_a_while_then_back(fleet: Fleet) -> None:
             await __import__("asyncio").sleep(0.2)
     finally:
         gateway.stop()
+
+
+async def test_an_open_breaker_sends_traffic_elsewhere_and_shows_in_health(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", status=500)
+    for _ in range(2):  # 2 + 1 failed attempts: the breaker (3 failures) opens
+        complete(await ask(routed_gateway, "qwq:32b"))
+    async with aiohttp.ClientSession() as http, http.get(routed_gateway.url + "/health") as r:
+        health = await r.json()
+    assert health["deployments"]["primary/qwq:32b"]["breaker"] == "open"
+    tried = len([r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"])
+    for _ in range(3):
+        reply = await ask(routed_gateway, "qwq:32b")
+        complete(reply)
+        assert reply.headers["x-gateway-attempts"] == "1"  # straight to the fallback
+    assert len([r for r in fleet.primary.requests("/api/chat")
+                if r["model"] == "qwq:32b"]) == tried  # not bothered while open
+    fleet.primary.clear()
+    await __import__("asyncio").sleep(1.1)  # the cool-down: one trial goes through, and works
+    reply = await ask(routed_gateway, "qwq:32b")
+    complete(reply)
+    assert reply.headers["x-gateway-model"] == "qwq:32b"

@@ -26,6 +26,13 @@ def test_the_demo_config_loads() -> None:
     assert [b.kind for b in config.backends] == ["ollama", "openai"]
 
 
+def test_the_seed_topology_loads() -> None:
+    config = load_config(DEFAULT_CONFIG.parent / "seed-topology.toml")
+    assert [b.tier for b in config.backends] == ["primary", "primary", "server", "cloud"]
+    coder = config.models[0]
+    assert [d.backend for d in coder.deployments] == ["ollama", "mlx"]
+
+
 def test_configs_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_config().server.port = 1  # type: ignore[misc]

@@ -1,0 +1,93 @@
+"""Circuit breakers and deployment slots: the state routing keeps per deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.errors import (
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.routing.attempts import disposition
+from gateway.routing.balancer import DeploymentState
+from gateway.routing.breaker import CircuitBreaker
+
+
+def test_opens_after_consecutive_failures_and_lets_one_trial_through_after_cooldown() -> None:
+    breaker = CircuitBreaker(failures=2, cooldown=0.05)
+    breaker.failure()
+    breaker.success()  # a success in between resets the count
+    breaker.failure()
+    assert breaker.state == "closed" and breaker.available()
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.available()
+    time.sleep(0.06)
+    assert breaker.available()
+    breaker.claim()
+    assert breaker.state == "half_open" and not breaker.available()  # one trial at a time
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.available()  # the trial failed
+    time.sleep(0.06)
+    breaker.claim()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.available()
+
+
+def test_a_backend_known_down_trips_and_a_recovered_one_is_tried_at_once() -> None:
+    breaker = CircuitBreaker(failures=3, cooldown=60)
+    breaker.trip()
+    assert not breaker.available()
+    breaker.retry_now()
+    assert breaker.available() and breaker.state == "half_open"
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (UpstreamTimeout("slow"), "failover"),
+    (UpstreamError("refused", code="backend_unreachable"), "failover"),
+    (UpstreamError("reset"), "retry"),
+    (RateLimited("slow down", retry_after=2), "wait"),
+    (Unavailable("busy"), "wait"),
+    (RateLimited("full", code="deployment_busy"), "failover"),
+    (InvalidRequest("too long", code="context_length_exceeded"), "bigger"),
+    (InvalidRequest("no", code="content_policy_violation"), "propagate"),
+    (InvalidRequest("bad field"), "propagate"),
+    (NotFound("gone", code="model_not_found"), "failover"),
+])
+def test_what_each_error_means_for_the_next_attempt(error: Exception, expected: str) -> None:
+    assert disposition(error) == expected  # type: ignore[arg-type]
+
+
+async def test_a_full_deployment_queues_then_refuses() -> None:
+    state = DeploymentState(limit=1, max_queue=1, breaker=CircuitBreaker(3, 1))
+    await state.acquire(1)
+    waiting = asyncio.create_task(state.acquire(1))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and len(state.waiters) == 1
+    with pytest.raises(RateLimited):
+        await state.acquire(1)  # the queue is full too
+    state.release()  # the slot goes straight to the one waiting
+    await waiting
+    assert state.in_flight == 1 and not state.waiters
+
+
+async def test_waiting_too_long_is_a_429_and_a_cancelled_waiter_leaves_the_line() -> None:
+    state = DeploymentState(limit=1, max_queue=5, breaker=CircuitBreaker(3, 1))
+    await state.acquire(1)
+    with pytest.raises(RateLimited) as caught:
+        await state.acquire(0.05)
+    assert caught.value.retry_after is not None
+    waiter = asyncio.create_task(state.acquire(5))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not state.waiters
+    state.release()
+    assert state.in_flight == 0
