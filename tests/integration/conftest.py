@@ -4,6 +4,7 @@ model on the server (server tier) and a cloud API (cloud tier).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,10 +66,8 @@ def fleet() -> Iterator[Fleet]:
     fleet = Fleet(threads=threads, **sims)
     yield fleet
     for thread in fleet.threads.values():
-        try:
+        with contextlib.suppress(RuntimeError):  # stopped by the test
             thread.stop()
-        except RuntimeError:
-            pass  # stopped by the test
 
 
 FAST = {"headers": 1.0, "first_token": 1.0, "idle": 1.0, "total": 10.0, "connect": 1.0}

@@ -70,6 +70,7 @@ async def test_a_host_killed_under_load_fails_no_request(fleet: Fleet) -> None:
     gateway = start_gateway(fleet_config(fleet))
     done = 0
     served_before_death = 0
+    thirty_done = asyncio.Event()
 
     async def client(i: int) -> None:
         nonlocal done
@@ -77,11 +78,12 @@ async def test_a_host_killed_under_load_fails_no_request(fleet: Fleet) -> None:
             reply = await ask(gateway, MODEL, stream=(i + j) % 2 == 0)
             complete(reply)
             done += 1
+            if done == 30:
+                thirty_done.set()
 
     async def killer() -> None:
         nonlocal served_before_death
-        while done < 30:
-            await asyncio.sleep(0.02)
+        await thirty_done.wait()
         served_before_death = len(fleet.secondary.requests("/api/chat"))
         await asyncio.to_thread(fleet.threads["secondary"].stop)
 

@@ -5,6 +5,7 @@ model names, prefill or not), and that the gateway still answers afterwards.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,7 @@ def complete(reply: Reply) -> None:
 
 
 def gaps(records: list[dict[str, Any]]) -> list[float]:
-    return [b["t"] - a["t"] for a, b in zip(records, records[1:], strict=False)]
+    return [b["t"] - a["t"] for a, b in itertools.pairwise(records)]
 
 
 async def still_answers(gateway: ServerThread) -> None:
