@@ -74,8 +74,7 @@ async def _freeze_startup_objects(app: web.Application) -> None:
 
 async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
     backends = app[BACKENDS].values()
-    for backend in backends:
-        await backend.start()
+    await asyncio.gather(*(backend.start() for backend in backends))
     yield
     await asyncio.gather(*(backend.close() for backend in backends))
 

@@ -149,7 +149,8 @@ def from_upstream_status(
     if status == 503:
         return Unavailable(text, backend=backend, retry_after=retry_after)
     if status in (401, 403):
-        return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend)
+        return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend,
+                             code="upstream_auth_failed")
     return UpstreamError(text, backend=backend)
 
 

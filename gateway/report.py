@@ -26,6 +26,8 @@ async def catalog_report(config: GatewayConfig, backends: list[Backend]) -> str:
     for spec, (name, status) in zip(config.backends, catalog.status().items(), strict=True):
         where = spec.url or "embedded"
         state = "up" if status.ok else f"DOWN: {status.error}"
+        if spec.kind == "embedded":
+            state = "runs with the gateway (not started for this listing)"
         lines.append(f"{name}  ({spec.kind}, {spec.tier}, {where})  {state}")
         lines += [_model_line(info, breakers.get(f"{name}/{info.name}"))
                   for info in catalog.listing(name)]
@@ -77,9 +79,10 @@ async def _live_breakers(config: GatewayConfig) -> dict[str, str]:
 
 
 async def print_catalog(config: GatewayConfig, backends: list[Backend]) -> None:
-    for backend in backends:
-        await backend.start()
+    # An embedded backend is not started just to be listed: it would load its model.
+    asked = [b for b in backends if b.config.kind != "embedded"]
     try:
+        await asyncio.gather(*(b.start() for b in asked))
         print(await catalog_report(config, backends))
     finally:
-        await asyncio.gather(*(b.close() for b in backends))
+        await asyncio.gather(*(b.close() for b in asked))

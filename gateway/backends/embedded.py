@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ from gateway.config import BackendConfig
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PARAMETERS = 135e6
+CHECK_SECONDS = 5.0  # health checks of a running server
+WEDGED_AFTER = 3  # failed checks in a row before a live but silent server is restarted
 START_SECONDS = 120.0  # loading a model on a small CPU box takes a while
 MAX_RESTART_DELAY = 30.0
 
@@ -84,13 +88,17 @@ class EmbeddedBackend(OpenAICompatBackend):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        await self._stop_process()
-        await super().close()
+        try:
+            await self._stop_process()
+        finally:
+            await super().close()
 
     async def list_models(self) -> list[ModelInfo]:
         if self._supervisor is None:
             return []
-        return [ModelInfo(name=self.model_name, backend=self.name,
+        # The gateway chose this model itself: what it can do is known, not presumed.
+        return [ModelInfo(name=self.model_name, backend=self.name, known=True,
+                          parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
                           context_length=self.config.context_size // self.config.parallel)]
 
     async def probe(self) -> Health:
@@ -99,29 +107,57 @@ class EmbeddedBackend(OpenAICompatBackend):
         return await super().probe()
 
     async def _supervise(self) -> None:
-        """Keep the server running: start it, and start it again whenever it dies."""
+        """Keep the server running: start it, and start it again whenever it dies or stops
+        answering.
+        """
         delay = 1.0
         while True:
-            self._ready.clear()
-            await self._spawn()
-            if await self._wait_healthy():
-                self._ready.set()
-                delay = 1.0
-            else:
-                log.warning("backend %s: the llama.cpp server did not come up", self.name)
-                await self._stop_process(keep=True)
-            assert self.process is not None
-            code = await self.process.wait()
-            log.warning("backend %s: the llama.cpp server exited (%s); restarting in %.0fs",
-                        self.name, code, delay)
+            try:
+                self._ready.clear()
+                await self._spawn()
+                if await self._wait_healthy():
+                    self._ready.set()
+                    delay = 1.0
+                    why = await self._watch()
+                else:
+                    why = "it did not come up"
+                await self._stop_process()
+            except Exception as exc:  # the supervisor itself must not die
+                log.exception("backend %s: supervising llama.cpp failed", self.name)
+                why = repr(exc)
+            log.warning("backend %s: the llama.cpp server stopped (%s); restarting in %.0fs",
+                        self.name, why, delay)
             await asyncio.sleep(delay)
             delay = min(MAX_RESTART_DELAY, delay * 2)
             self.restarts += 1
 
+    async def _watch(self) -> str:
+        """Wait until the running server dies or stops answering; say which."""
+        assert self.process is not None
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(CHECK_SECONDS):
+                    code = await self.process.wait()
+                return f"exit code {code}"
+            except TimeoutError:
+                pass
+            failures = 0 if await self._healthy() else failures + 1
+            if failures >= WEDGED_AFTER:
+                return f"no answer to {failures} health checks"
+
+    async def _healthy(self) -> bool:
+        url = f"http://127.0.0.1:{self._port}/health"
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                return r.status == 200
+        return False
+
     async def _spawn(self) -> None:
         settings = {"model": str(self._model_path), "port": self._port,
                     "context_size": self.config.context_size, "parallel": self.config.parallel,
-                    "threads": self.config.threads, "alias": self.model_name}
+                    "threads": self.config.threads, "alias": self.model_name,
+                    "parent": os.getpid()}
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.backends.llamacpp_main", json.dumps(settings),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -131,23 +167,17 @@ class EmbeddedBackend(OpenAICompatBackend):
 
     async def _wait_healthy(self) -> bool:
         """Poll /health until the model is loaded (503 while loading) or the process dies."""
-        url = f"http://127.0.0.1:{self._port}/health"
         deadline = asyncio.get_running_loop().time() + START_SECONDS
         assert self.process is not None
         while self.process.returncode is None and asyncio.get_running_loop().time() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        log.info("backend %s: llama.cpp is serving %s", self.name,
-                                 self.model_name)
-                        return True
+            if await self._healthy():
+                log.info("backend %s: llama.cpp is serving %s", self.name, self.model_name)
+                return True
             await asyncio.sleep(0.2)
         return False
 
-    async def _stop_process(self, *, keep: bool = False) -> None:
-        process = self.process
-        if not keep:
-            self.process = None
+    async def _stop_process(self) -> None:
+        process, self.process = self.process, None
         if process is None or process.returncode is not None:
             return
         process.terminate()

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER = 3600.0
 DRAIN_SECONDS = 0.25
+LISTING_SECONDS = 30.0
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -67,6 +68,9 @@ class HttpBackend:
             "stream": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect,
                                             sock_read=limits.headers),
             "whole": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect),
+            # Model listings: a server that takes longer is as good as down for discovery.
+            "listing": aiohttp.ClientTimeout(total=min(LISTING_SECONDS, limits.total),
+                                             sock_connect=limits.connect),
             "quick": aiohttp.ClientTimeout(total=limits.connect),
         }
 
@@ -110,11 +114,12 @@ class HttpBackend:
         return Exchange(self, method, url, data, self._timeouts[timeout])
 
     async def get_json(self, path: str, *, quick: bool = False) -> Any:
-        async with self.request("GET", path, timeout="quick" if quick else "whole") as response:
-            return await self.read_json(response)
+        """A listing (or, ``quick``, a probe: the connect timeout for everything)."""
+        async with self.request("GET", path, timeout="quick" if quick else "listing") as r:
+            return await self.read_json(r)
 
-    async def post_json(self, path: str, payload: Any) -> Any:
-        async with self.request("POST", path, payload) as response:
+    async def post_json(self, path: str, payload: Any, *, limits: str = "whole") -> Any:
+        async with self.request("POST", path, payload, timeout=limits) as response:
             return await self.read_json(response)
 
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:

@@ -3,12 +3,14 @@ which offers only a Python API (``Server(CommonParams)`` serving from background
 
     python -m gateway.backends.llamacpp_main '{"model": "...", "port": 8081, ...}'
 
-Exits on SIGTERM (the default action), as the gateway stops it.
+Exits on SIGTERM (the default action), as the gateway stops it, and by itself when the
+gateway that started it is gone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -29,8 +31,9 @@ def main() -> None:
     params.model_alias = {settings["alias"]}
     server = xllamacpp.Server(params)  # returns once the model is loaded and serving
     print(f"llama.cpp serving {settings['alias']} on {server.listening_address}", flush=True)
-    while True:
-        time.sleep(3600)
+    parent = settings["parent"]
+    while os.getppid() == parent:  # the gateway died without stopping us: go with it
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class OllamaBackend(HttpBackend):
         if digest in self._shown:
             return self._shown[digest]
         try:
-            show = await self.post_json("/api/show", {"model": entry.get("name")})
+            show = await self.post_json("/api/show", {"model": entry.get("name")},
+                                        limits="listing")
         except GatewayError as exc:
             log.info("backend %s: /api/show %s failed: %s", self.name, entry.get("name"), exc)
             return None

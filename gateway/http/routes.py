@@ -50,9 +50,8 @@ async def _generate(
     first = await routed.start()
     reasoning = request.app[CONFIG].server.reasoning
     try:
-        headers = _route_headers(routed.deployment, routed.attempts, routed.route)
-        headers["x-request-id"] = request[REQUEST_ID]
         if req.stream:
+            headers = _route_headers(request, routed.deployment, routed.attempts, routed.route)
             encoder = StreamEncoder(kind, routed.deployment.model.name,
                                     include_usage=req.include_usage, reasoning=reasoning)
             routed.on_switch = encoder.switch_model
@@ -65,15 +64,19 @@ async def _generate(
     finally:
         await routed.close()  # drops the upstream connection the moment the client goes
     body = completion_body(kind, completion, routed.deployment.model.name, reasoning)
-    return json_response(body, headers)
+    # Built now, not before: who answered in the end.
+    return json_response(body, _route_headers(request, routed.deployment, routed.attempts,
+                                              routed.route))
 
 
-def _route_headers(deployment: Deployment, attempts: int, route: str) -> dict[str, str]:
+def _route_headers(request: web.Request, deployment: Deployment, attempts: int,
+                   route: str) -> dict[str, str]:
     return {
         "x-gateway-backend": deployment.backend.name,
         "x-gateway-model": deployment.model.name,
         "x-gateway-attempts": str(attempts),
         "x-gateway-route": route,
+        "x-request-id": request[REQUEST_ID],
     }
 
 
@@ -93,7 +96,7 @@ async def embeddings(request: web.Request) -> web.Response:
         "model": model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
-    return json_response(body, _route_headers(deployment, attempts, "requested"))
+    return json_response(body, _route_headers(request, deployment, attempts, "requested"))
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -117,7 +120,7 @@ async def health(request: web.Request) -> web.Response:
     """
     statuses = request.app[CATALOG].status()
     balancer = request.app[ROUTER].balancer
-    ok = {name: s.ok and name not in balancer.down for name, s in statuses.items()}
+    ok = {name: s.ok and not balancer.is_down(name) for name, s in statuses.items()}
     backends = {
         name: {"ok": ok[name], "models": s.models, "checked_at": int(s.refreshed_at) or None}
         for name, s in statuses.items()

@@ -31,8 +31,10 @@ def disposition(error: GatewayError) -> Disposition:
     """What an error means for the next attempt."""
     if isinstance(error, UpstreamTimeout):
         return "failover"  # a silent route is not retried blindly
-    if error.code == "backend_unreachable":
-        return "failover"  # nothing listens there: another host, not the same one again
+    if error.code in ("backend_unreachable", "upstream_auth_failed"):
+        return "failover"  # nothing listens there, or it refuses our key: not the same again
+    if error.code == "rescue_diverged":
+        return "propagate"  # the fallback answered fine, just differently: nothing to retry
     if error.code == "content_policy_violation":
         return "propagate"
     if error.code == "context_length_exceeded":
@@ -54,9 +56,12 @@ def counts_against(error: GatewayError) -> bool:
 
 
 class Lease:
-    """One attempt on one deployment, holding one of its concurrency slots."""
+    """One attempt on one deployment, holding one of its concurrency slots until released.
+    Releasing it is safe on every path (twice is harmless), and a breaker trial that ended
+    without a verdict (the client left) is handed back.
+    """
 
-    __slots__ = ("candidate", "deployment", "released", "started", "state")
+    __slots__ = ("candidate", "deployment", "judged", "released", "started", "state")
 
     def __init__(self, candidate: Candidate, deployment: Deployment,
                  state: DeploymentState) -> None:
@@ -65,21 +70,26 @@ class Lease:
         self.state = state
         self.started = time.monotonic()
         self.released = False
+        self.judged = False
 
     def answered(self) -> None:
         """The first token arrived: the deployment works, and this is how fast it was."""
+        self.judged = True
         self.state.breaker.success()
         self.state.observe(time.monotonic() - self.started)
 
     def failed(self, error: GatewayError) -> None:
+        self.judged = True
         if counts_against(error):
             self.state.breaker.failure()
         else:
-            self.state.breaker.trial_running = False
+            self.state.breaker.end_trial()
 
     def release(self) -> None:
         if not self.released:
             self.released = True
+            if not self.judged:
+                self.state.breaker.end_trial()
             self.state.release()
 
 
@@ -96,6 +106,7 @@ class Attempts:
         self._tried: set[tuple[str, str]] = set()
         self._retries: dict[tuple[str, str], int] = {}
         self._current: Lease | None = None
+        self._first_error: GatewayError | None = None
         self.count = 0
 
     async def next(self, error: GatewayError | None = None, *, move_on: bool = False) -> Lease:
@@ -103,35 +114,41 @@ class Attempts:
         ``move_on``: do not retry the deployment that just failed (a stream broke mid-way).
         """
         if error is not None:
+            if self._first_error is None and error.code != "deployment_busy":
+                self._first_error = error
             await self._after(error, move_on)
         while True:
             if self.count >= self._config.max_attempts:
-                raise error or Unavailable("No attempts left.", retry_after=1)
+                raise self._final(error)
             lease = self._retry_lease() or self._fresh_lease()
             if lease is None:
-                raise error or self._nothing_available()
+                raise self._final(error) if error or self._first_error \
+                    else self._nothing_available()
             try:
                 await lease.state.acquire(self._config.queue_timeout)
             except RateLimited as busy:
                 busy.code = "deployment_busy"
                 self._tried.add(_key(lease.deployment))
-                error = busy
+                error = self._first_error or busy
                 continue
-            lease.state.breaker.claim()
-            self.count += 1
-            self._current = lease
-            return lease
+            return self._begin(lease)
 
-    def again(self, lease: Lease) -> Lease:
-        """Another attempt on the same deployment, keeping its slot (a restart without
-        prefill after the deployment refused one).
+    def _begin(self, lease: Lease) -> Lease:
+        lease.state.breaker.claim()
+        lease.started = time.monotonic()  # after any wait in line: that is not latency
+        self.count += 1
+        self._current = lease
+        return lease
+
+    async def again(self, lease: Lease, error: GatewayError) -> Lease:
+        """Another attempt on the same deployment (a restart without prefill after the
+        deployment refused one).
         """
         if self.count >= self._config.max_attempts:
-            raise Unavailable("No attempts left.", retry_after=1)
-        self.count += 1
-        lease.state.breaker.claim()
-        lease.started = time.monotonic()
-        return lease
+            raise error
+        fresh = Lease(lease.candidate, lease.deployment, lease.state)
+        await fresh.state.acquire(self._config.queue_timeout)
+        return self._begin(fresh)
 
     async def _after(self, error: GatewayError, move_on: bool) -> None:
         kind = disposition(error)
@@ -154,9 +171,7 @@ class Attempts:
         self._tried.add(key)
         if kind == "bigger":
             floor = current.candidate.context_length
-            if self._more is not None:
-                self._candidates += self._more()
-                self._more = None
+            self._fall_back()
             self._candidates = [c for c in self._candidates
                                 if c is not current.candidate and c.context_length > floor]
 
@@ -177,6 +192,12 @@ class Attempts:
             return None
         return Lease(current.candidate, current.deployment, current.state)
 
+    def _final(self, error: GatewayError | None) -> GatewayError:
+        """The error the client sees when nothing is left: what the model asked for said,
+        rather than what some fallback said about a request it was never meant for.
+        """
+        return self._first_error or error or Unavailable("No attempts left.", retry_after=1)
+
     def _nothing_available(self) -> GatewayError:
         now = time.monotonic()
         healthy = [self._balancer.state(d) for c in self._candidates for d in c.deployments
@@ -186,7 +207,7 @@ class Attempts:
             return RateLimited("All deployments of this model are busy; retry shortly.",
                                retry_after=max(1.0, wait), code="deployment_busy")
         down = sorted({d.backend.name for c in self._candidates for d in c.deployments
-                       if d.backend.name in self._balancer.down})
+                       if self._balancer.is_down(d.backend.name)})
         names = ", ".join(dict.fromkeys(c.name for c in self._candidates))
         detail = f" (down: {', '.join(down)})" if down else " (their circuit breakers are open)"
         return Unavailable(f"No deployment of {names} can answer right now{detail}.",
@@ -199,10 +220,16 @@ class Attempts:
                 chosen = self._balancer.choose(untried)
                 if chosen is not None:
                     return Lease(candidate, chosen, self._balancer.state(chosen))
-            if self._more is None:
+            if not self._fall_back():
                 return None
-            self._candidates += self._more()  # the first candidates are spent: fall back
-            self._more = None
+
+    def _fall_back(self) -> bool:
+        """Add the fallbacks to the candidates (once); whether there were any to add."""
+        if self._more is None:
+            return False
+        self._candidates += self._more()  # the first candidates are spent
+        self._more = None
+        return True
 
 
 def _key(deployment: Deployment) -> tuple[str, str]:

@@ -93,7 +93,7 @@ class Balancer:
         self._config = config
         self._limits = limits  # backend → (max_concurrency, max_queue)
         self._states: dict[tuple[str, str], DeploymentState] = {}
-        self.down: set[str] = set()  # backends known to be unreachable right now
+        self._down: set[str] = set()  # backends known to be unreachable right now
 
     def state(self, deployment: Deployment) -> DeploymentState:
         key = (deployment.backend.name, deployment.model.name)
@@ -117,9 +117,24 @@ class Balancer:
     def states_of(self, backend: str) -> list[DeploymentState]:
         return [s for (name, _), s in self._states.items() if name == backend]
 
+    def mark_down(self, backend: str) -> None:
+        """Take every deployment of a backend out of rotation."""
+        self._down.add(backend)
+        for state in self.states_of(backend):
+            state.breaker.trip()
+
+    def mark_up(self, backend: str) -> None:
+        """A backend is back: every deployment of it may be tried at once."""
+        self._down.discard(backend)
+        for state in self.states_of(backend):
+            state.breaker.retry_now()
+
+    def is_down(self, backend: str) -> bool:
+        return backend in self._down
+
     def usable(self, deployment: Deployment, now: float) -> bool:
         """Its backend is up and its breaker lets a request through."""
-        return deployment.backend.name not in self.down and \
+        return deployment.backend.name not in self._down and \
             self.state(deployment).breaker.available(now)
 
     def choose(self, deployments: Sequence[Deployment]) -> Deployment | None:

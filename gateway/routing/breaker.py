@@ -40,6 +40,12 @@ class CircuitBreaker:
             self.state = "half_open"
             self.trial_running = True
 
+    def end_trial(self) -> None:
+        """A trial ended without a verdict (the client left, the request was refused before
+        reaching the upstream): let another request be the trial.
+        """
+        self.trial_running = False
+
     def success(self) -> None:
         self.state = "closed"
         self.failures = 0

@@ -86,6 +86,15 @@ class ModelCatalog:
                 del index[spec.name]
         return index
 
+    async def refresh_backend(self, name: str) -> None:
+        """Ask one backend again (it just came back) and rebuild the index."""
+        self._refreshing = self._refreshing or asyncio.Lock()
+        backend = next(b for b in self._backends if b.name == name)
+        await self._refresh_one(backend)
+        async with self._refreshing:
+            self._index = self._build_index()
+            self.version += 1
+
     async def _refresh_one(self, backend: Backend) -> None:
         listing = self._listings[backend.name]
         try:

@@ -81,6 +81,7 @@ class RoutedAnswer:
                     return
                 except GatewayError as error:
                     self._lease.failed(error)
+                    self._lease.release()
                     await self._drop_stream()
                     if not self._rescuable(error):
                         raise
@@ -105,13 +106,14 @@ class RoutedAnswer:
 
     async def _try(self, lease: Lease, prefill: str | None
                    ) -> tuple[Chunk | None, GatewayError | None]:
-        """One attempt up to its first token: the chunk, or the error that ended it."""
-        if self._lease is not None and self._lease is not lease:
-            self._lease.release()
-        self._lease = lease
-        stream = self._open(lease.deployment, prefill, len(self._sent))
+        """One attempt up to its first token: the chunk, or the error that ended it (its
+        slot then freed at once, so a retry never waits on it).
+        """
+        self._lease = lease  # close() releases it if the client leaves meanwhile
         limit = lease.deployment.backend.config.timeouts.first_token
+        stream: AsyncGenerator[Chunk] | None = None
         try:
+            stream = self._open(lease.deployment, prefill, len(self._sent))
             if self._streamed:
                 async with asyncio.timeout(limit):
                     first = await _first(stream, lease.deployment)
@@ -127,13 +129,15 @@ class RoutedAnswer:
             lease.answered()
             self._stream = stream
             return first, None
-        await stream.aclose()
+        if stream is not None:
+            await stream.aclose()
         lease.failed(error)
+        lease.release()
         return None, error
 
     def _rescuable(self, error: GatewayError) -> bool:
         return (self._rescue_enabled and not self._tool_calls_sent
-                and isinstance(error, UpstreamError))
+                and isinstance(error, UpstreamError) and error.code != "rescue_diverged")
 
     async def _rescue(self, error: GatewayError) -> None:
         """Continue the answer elsewhere; raises the error that ends it when nothing can."""
@@ -148,7 +152,7 @@ class RoutedAnswer:
             if first is None and prefill is not None and isinstance(error_, InvalidRequest):
                 # This fallback refuses to continue a prefill: restart it instead, and
                 # forward only what goes beyond the text already sent.
-                lease = self._attempts.again(lease)
+                lease = await self._attempts.again(lease, error_)
                 prefill = None
                 first, error_ = await self._try(lease, None)
             if first is not None:
@@ -156,10 +160,9 @@ class RoutedAnswer:
             assert error_ is not None
             error = error_
         assert self._stream is not None
-        stream = _chain(first, self._stream)
-        if prefill is None and text:
-            stream = _beyond(stream, text, lease.deployment)
-        self._stream = stream
+        # The client has had its reasoning; a restart also repeats the text already sent.
+        self._stream = _continuation(_chain(first, self._stream),
+                                     text if prefill is None else "", lease.deployment)
         if self.on_switch is not None:
             self.on_switch(lease.deployment.model.name)
 
@@ -187,25 +190,24 @@ async def _chain(first: Chunk, rest: AsyncGenerator[Chunk]) -> AsyncGenerator[Ch
         await rest.aclose()
 
 
-async def _beyond(stream: AsyncGenerator[Chunk], sent: str, deployment: Deployment
-                  ) -> AsyncGenerator[Chunk]:
-    """A restarted answer, minus the part the client already has. If it takes another turn
-    than what was sent, it cannot be spliced on: that ends the stream with an error.
+async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: Deployment
+                        ) -> AsyncGenerator[Chunk]:
+    """A rescuing answer as the client should get it: no reasoning (it had that), and, for a
+    restart, without the text it already has. A restart that takes another turn than what
+    was sent cannot be spliced on: that ends the stream with an error.
     """
     seen = ""
     try:
         async for chunk in stream:
-            if len(seen) >= len(sent):
-                yield chunk
-                continue
-            seen += chunk.content
-            chunk.reasoning = ""  # the client saw the reasoning the first time
-            if not (seen.startswith(sent) or sent.startswith(seen)):
-                name = deployment.backend.name
-                raise UpstreamError(f"the answer broke off, and {name}'s answer differs from "
-                                    "what was already sent", backend=name,
-                                    code="upstream_truncated")
-            chunk.content = seen[len(sent):]
+            chunk.reasoning = ""
+            if len(seen) < len(sent):
+                seen += chunk.content
+                if not (seen.startswith(sent) or sent.startswith(seen)):
+                    name = deployment.backend.name
+                    raise UpstreamError(f"the answer broke off, and {name}'s new answer "
+                                        "differs from what was already sent", backend=name,
+                                        code="rescue_diverged")
+                chunk.content = seen[len(sent):]
             if chunk.content or chunk.finish_reason or chunk.usage or chunk.tool_calls:
                 yield chunk
     finally:

@@ -1,6 +1,6 @@
 """Watches each backend with its cheap probe. A backend that stops answering has every
-breaker behind it opened at once (no request waits for a timeout to find out); one that
-comes back is rediscovered and gets its traffic back right away.
+deployment behind it taken out of rotation at once (no request waits for a timeout to find
+out); one that comes back gets its traffic back at once and is rediscovered alongside.
 """
 
 from __future__ import annotations
@@ -27,42 +27,50 @@ class HealthWatcher:
         self._interval = interval
         self.up: dict[str, bool | None] = {b.name: None for b in backends}  # None: not yet
         self._next: dict[str, float] = {b.name: 0.0 for b in backends}
+        self._refreshes: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         while True:
             now = time.monotonic()
             due = [b for b in self._backends if self._next[b.name] <= now]
             if due:
-                await asyncio.gather(*(self.check(b) for b in due))
+                await asyncio.gather(*(self._check_safely(b) for b in due))
             await asyncio.sleep(self._interval / 2)
 
-    async def check(self, backend: Backend) -> bool:
+    async def _check_safely(self, backend: Backend) -> None:
+        try:
+            await self.check(backend)
+        except Exception:  # one odd backend must not stop the watch over all of them
+            log.exception("health check of backend %s failed", backend.name)
+            self.lost(backend.name, "its health check failed")
+
+    async def check(self, backend: Backend) -> None:
         health = await backend.probe()
-        was = self.up[backend.name]
-        self.up[backend.name] = health.ok
+        was = self.up[backend.name]  # read after the probe: lost() may have run meanwhile
         factor = UP_INTERVAL_FACTOR if health.ok else 1
         self._next[backend.name] = time.monotonic() + self._interval * factor
-        if health.ok and was is False:
-            log.info("backend %s is back (%s)", backend.name, health.detail)
-            await self.recovered(backend.name)
-        elif not health.ok:
+        if health.ok:
+            self.up[backend.name] = True
+            if was is False:
+                log.info("backend %s is back (%s)", backend.name, health.detail)
+                self.recovered(backend.name)
+        else:
             self.lost(backend.name, health.detail)
-        return health.ok
 
     def lost(self, backend: str, reason: str = "connection refused") -> None:
         """Stop sending it traffic now, and watch for its return closely."""
         if self.up.get(backend) is not False:
             log.warning("backend %s is down (%s); its traffic goes elsewhere", backend, reason)
         self.up[backend] = False
-        self._next[backend] = time.monotonic() + self._interval
-        self._balancer.down.add(backend)
-        for state in self._balancer.states_of(backend):
-            state.breaker.trip()
+        self._next[backend] = min(self._next.get(backend, 0.0),
+                                  time.monotonic() + self._interval)
+        self._balancer.mark_down(backend)
 
-    async def recovered(self, backend: str) -> None:
-        """Learn what it serves now and let traffic try it at once."""
+    def recovered(self, backend: str) -> None:
+        """Give it its traffic back now; learn what it serves now, in the background."""
         self.up[backend] = True
-        await self._catalog.refresh()
-        self._balancer.down.discard(backend)
-        for state in self._balancer.states_of(backend):
-            state.breaker.retry_now()
+        self._balancer.mark_up(backend)
+        task = asyncio.create_task(self._catalog.refresh_backend(backend),
+                                   name=f"rediscover-{backend}")
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)

@@ -31,7 +31,7 @@ BUILTIN_ALIASES: dict[str, AliasConfig] = {
                                   prefer=("ollama", "mlx")),
 }
 TIER_ORDER = ("primary", "server", "cloud")
-PICKS_CACHE = 512  # remembered alias picks (per alias, needs and catalog version)
+PICKS_CACHE = 64  # remembered alias picks (per alias, capability needs, catalog version)
 CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
 
 
@@ -100,7 +100,9 @@ class Selector:
         self._fallbacks = {m.name: m.fallbacks for m in config.models if m.fallbacks}
         self._default_fallbacks = config.routing.fallbacks
         self._tier_fallback = config.routing.tier_fallback
-        self._picks: dict[tuple[str, Needs, int], list[Candidate]] = {}
+        self._picks: dict[tuple[str, bool, bool, int],
+                          tuple[list[list[Candidate]], list[Candidate]]] = {}
+        self._known = {m.name for m in config.models}
 
     def is_alias(self, name: str) -> bool:
         return name in self._aliases
@@ -116,6 +118,11 @@ class Selector:
             first = self.alias_picks(name, needs)
             if not first:
                 raise self._nothing_fits(name, self._required(name, needs))
+        elif name in self._known:
+            # A configured model whose backend is away right now (never listed since start):
+            # its fallbacks answer instead of a 404.
+            deployments = self._catalog.deployments(name)
+            first = [Candidate(name, deployments, "requested")] if deployments else []
         else:
             first = [Candidate(name, self._catalog.resolve(name), "requested")]
         return Route(first, lambda: self._fallbacks_for(name, first, needs_of(req)))
@@ -138,37 +145,49 @@ class Selector:
 
     def alias_picks(self, alias: str, needs: Needs) -> list[Candidate]:
         """An alias's models that exist now and meet the needs, best first: the best of each
-        priority list (in the preferred order), then the rest of the lists, then others.
-        Remembered until the catalog changes.
+        priority list (in the preferred order), then the rest of the lists, then others; a
+        model known to have what is needed before one only presumed to.
         """
-        key = (alias, needs, self._catalog.version)
-        picks = self._picks.get(key)
-        if picks is None:
+        required = self._required(alias, needs)
+        lists, others = self._groups(alias, required)
+        if needs.tokens:  # the prompt's length decides per request: not part of the cache
+            lists = [_fitting(group, needs) for group in lists]
+            others = _fitting(others, needs)
+        picks = [group[0] for group in lists if group]
+        picks += [c for group in lists for c in group[1:]] + others
+        picks.sort(key=lambda c: not required.sure(c))
+        return picks
+
+    def _groups(self, alias: str, required: Needs
+                ) -> tuple[list[list[Candidate]], list[Candidate]]:
+        """The alias's priority lists and its other models, as available now (remembered
+        until the catalog changes).
+        """
+        key = (alias, required.vision, required.tools, self._catalog.version)
+        groups = self._picks.get(key)
+        if groups is None:
             if len(self._picks) >= PICKS_CACHE:
                 self._picks.clear()
-            picks = self._picks[key] = self._pick(alias, needs)
-        return list(picks)
+            groups = self._picks[key] = self._group(alias, required)
+        return groups
 
-    def _pick(self, alias: str, needs: Needs) -> list[Candidate]:
+    def _group(self, alias: str, required: Needs
+               ) -> tuple[list[list[Candidate]], list[Candidate]]:
         spec = self._aliases[alias]
-        required = self._required(alias, needs)
         labels = [*spec.prefer, *(k for k in spec.priority if k not in spec.prefer)]
         lists = [[c for c in (self._candidate(n, required, alias, f"{label} priority #{i + 1}")
                               for i, n in enumerate(spec.priority.get(label, ()))) if c]
                  for label in labels]
-        picks = [lst[0] for lst in lists if lst] + [c for lst in lists for c in lst[1:]]
+        rest: list[Candidate] = []
         if spec.others != "none":
-            listed = {c.name for c in picks}
+            listed = {c.name for group in lists for c in group}
             rest = [c for c in self._qualifying(required, alias, spec.require)
                     if c.name not in listed]
             if spec.others == "largest":
                 rest.sort(key=_size, reverse=True)
             else:  # a model of unknown size is not presumed small
                 rest.sort(key=lambda c: _size(c) or float("inf"))
-            picks += rest
-        # A model known to see images (or call tools) before one only presumed able to.
-        picks.sort(key=lambda c: not required.sure(c))
-        return picks
+        return lists, rest
 
     def _required(self, alias: str, needs: Needs) -> Needs:
         require = self._aliases[alias].require
@@ -224,6 +243,15 @@ class Selector:
                                   f"({needs.describe()}).", param="model",
                                   code="no_capable_model")
         return Unavailable(f"No model is available for {alias!r} right now.", retry_after=5)
+
+
+def _fitting(candidates: list[Candidate], needs: Needs) -> list[Candidate]:
+    out = []
+    for c in candidates:
+        deployments = [d for d in c.deployments if needs.met_by(d)]
+        if deployments:
+            out.append(Candidate(c.name, deployments, c.reason))
+    return out
 
 
 def _size(candidate: Candidate) -> float:

@@ -22,7 +22,7 @@ def host_models() -> list[SimModel]:
         SimModel("qwen2.5-coder:32b", family="qwen2", parameter_size="32.8B",
                  context_length=32768, capabilities=(*TOOLS, "insert")),
         SimModel("qwq:32b", family="qwen2", parameter_size="32.8B", context_length=32768,
-                 capabilities=TOOLS),
+                 capabilities=(*TOOLS, "thinking"), thinking="field"),
         SimModel("tiny-ctx:1b", family="llama", parameter_size="1.2B", context_length=64,
                  capabilities=("completion",)),
     ]

@@ -59,9 +59,24 @@ async def test_past_the_cap_and_the_queue_requests_get_429_with_retry_after(
     [busy] = [r for r in replies if r.status == 429]
     assert busy.error is not None and busy.error["type"] == "rate_limit_error"
     assert int(busy.headers["Retry-After"]) >= 1
-    # The two that were let in ran one after the other, never together.
-    runs = sorted((r["t"], r["t"]) for r in fleet.primary.requests("/api/chat"))
-    assert len(runs) == 2 and runs[1][0] - runs[0][0] > 1.0
+    # The two that were let in ran one after the other (each takes ~1.5 s), never together.
+    starts = sorted(r["t"] for r in fleet.primary.requests("/api/chat"))
+    assert len(starts) == 2 and starts[1] - starts[0] > 1.0
+
+
+async def test_a_retry_under_a_cap_of_one_does_not_wait_for_its_own_slot(fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", status=500, remaining=1)
+    gateway = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, max_concurrency=1),
+        routing={"tier_fallback": False, "queue_timeout": 3.0, "backoff_initial": 0.05}))
+    try:
+        started = asyncio.get_running_loop().time()
+        reply = await ask(gateway, "qwq:32b")
+    finally:
+        gateway.stop()
+    complete(reply)
+    assert reply.headers["x-gateway-attempts"] == "2"
+    assert asyncio.get_running_loop().time() - started < 1.5
 
 
 async def test_a_host_killed_under_load_fails_no_request(fleet: Fleet) -> None:

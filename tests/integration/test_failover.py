@@ -14,11 +14,12 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.sim.fleet import DEFAULT_REPLY
+from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from tests.integration.conftest import Fleet, fleet_config
 from tests.support import ServerThread, start_gateway
 
 USER = [{"role": "user", "content": "Hello"}]
+THINK = len(THOUGHT.split())  # qwq:32b thinks this many tokens before it answers
 
 
 @dataclass
@@ -197,16 +198,20 @@ async def test_content_policy_rejection_is_passed_on_untouched(
 async def test_stream_cut_mid_answer_is_continued_with_a_prefill(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
-    fleet.primary.fault("qwq:32b", cut_after=5)
+    fleet.primary.fault("qwq:32b", cut_after=THINK + 5)  # five words into the answer
     reply = await ask(routed_gateway, "qwq:32b", stream=True)
     complete(reply)  # seamless: the exact answer, once
     [cut] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
-    assert cut["outcome"] == "cut" and cut["tokens"] == 5
+    assert cut["outcome"] == "cut" and cut["tokens"] == THINK + 5
     rescue = [r for s in (fleet.primary, fleet.secondary) for r in s.requests("/api/chat")
               if r["model"] == "qwen2.5-coder:32b"]
     assert len(rescue) == 1 and rescue[0]["prefill"]
-    sent = "".join(DEFAULT_REPLY.split(" ")[i] + " " for i in range(5))
-    assert rescue[0]["payload"]["messages"][-1] == {"role": "assistant", "content": sent}
+    # The prefill is what the client had when the stream broke: up to the five words sent
+    # (a reset may swallow the last one in flight, which the client then never saw either).
+    prefill = rescue[0]["payload"]["messages"][-1]
+    assert prefill["role"] == "assistant"
+    assert DEFAULT_REPLY.startswith(prefill["content"])
+    assert 3 <= len(prefill["content"].split()) <= 5
     events = [e for e in reply.body if isinstance(e, dict)]
     assert events[0]["model"] == "qwq:32b" and events[-1]["model"] == "qwen2.5-coder:32b"
     await still_answers(routed_gateway)
@@ -225,7 +230,7 @@ async def test_stalled_stream_is_rescued(routed_gateway: ServerThread, fleet: Fl
 async def test_fallback_that_rejects_prefill_is_restarted_and_deduplicated(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
-    fleet.primary.fault("qwq:32b", cut_after=6)
+    fleet.primary.fault("qwq:32b", cut_after=THINK + 6)
     for host in (fleet.primary, fleet.secondary):
         host.fault("qwen2.5-coder:32b", reject_prefill=True)
     reply = await ask(routed_gateway, "qwq:32b", stream=True)
@@ -319,3 +324,50 @@ async def test_an_open_breaker_sends_traffic_elsewhere_and_shows_in_health(
     reply = await ask(routed_gateway, "qwq:32b")
     complete(reply)
     assert reply.headers["x-gateway-model"] == "qwq:32b"
+
+
+async def test_a_rescue_does_not_repeat_reasoning_the_client_already_has(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", cut_after=3)  # mid-thought: no answer text sent yet
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    complete(reply)
+    reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content") or ""
+                        for e in reply.body if isinstance(e, dict) and e.get("choices"))
+    assert reasoning == "".join(THOUGHT.split(" ")[i] + " " for i in range(3))
+
+
+async def test_a_cancelled_breaker_trial_does_not_lock_the_deployment_out(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    import asyncio
+
+    fleet.primary.fault("qwq:32b", status=500)
+    for _ in range(2):
+        complete(await ask(routed_gateway, "qwq:32b"))  # the breaker opens
+    fleet.primary.fault("qwq:32b", ttft=0.8)
+    await asyncio.sleep(1.1)  # cool-down over: the next request is the trial...
+    try:
+        async with asyncio.timeout(0.3):
+            await ask(routed_gateway, "qwq:32b", stream=True)  # ...and its client leaves
+    except TimeoutError:
+        pass
+    fleet.primary.clear()
+    await asyncio.sleep(0.2)
+    reply = await ask(routed_gateway, "qwq:32b")
+    complete(reply)
+    assert reply.headers["x-gateway-model"] == "qwq:32b"  # tried again, not shut out
+
+
+async def test_a_configured_model_whose_host_was_down_at_start_falls_back(
+    fleet: Fleet
+) -> None:
+    fleet.threads["primary"].stop()  # qwq:32b lives only there
+    gateway = start_gateway(fleet_config(fleet))
+    try:
+        reply = await ask(gateway, "qwq:32b")
+    finally:
+        gateway.stop()
+    complete(reply)
+    assert reply.headers["x-gateway-backend"] == "secondary"
+    assert reply.headers["x-gateway-route"] == "fallback for qwq:32b"

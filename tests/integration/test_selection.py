@@ -5,10 +5,14 @@ needs (images, tools, a long prompt) deciding among them.
 from __future__ import annotations
 
 import base64
+import json
+import time
+import urllib.request
 from collections.abc import Iterator
 
 import openai
 import pytest
+from aiohttp import web
 
 from tests.integration.conftest import Fleet
 from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
@@ -100,3 +104,32 @@ async def test_when_nothing_can_take_the_request_the_error_says_why(fleet: Fleet
         gateway.stop()
     assert caught.value.code == "no_capable_model"
     assert "images" in caught.value.message
+
+
+def test_a_backend_with_a_strange_health_answer_does_not_stop_the_watch(fleet: Fleet) -> None:
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response(["not", "what", "ollama", "says"])
+
+    def make_odd() -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{path:.*}", odd)
+        return app
+
+    odd_server = ServerThread(make_odd).start()
+    config = gateway_config(
+        backend("odd", "ollama", odd_server.url),
+        backend("secondary", "ollama", fleet.secondary.api_url),
+        routing={"health_interval": 0.3})
+    gateway = start_gateway(config)
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+            assert picked(c, "qwen2.5-coder:32b")[0] == "qwen2.5-coder:32b"
+            fleet.threads["secondary"].stop()
+            time.sleep(2.0)  # the watcher, still alive, notices the secondary is gone
+            with urllib.request.urlopen(gateway.url + "/health") as response:
+                health = json.loads(response.read())
+            assert health["backends"]["secondary"]["ok"] is False
+            assert health["backends"]["odd"]["ok"] is False
+    finally:
+        gateway.stop()
+        odd_server.stop()
