@@ -5,6 +5,7 @@ model names, prefill or not), and that the gateway still answers afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.sim import create_ollama_app
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
-from tests.integration.conftest import Fleet, fleet_config
+from tests.integration.conftest import Fleet, fleet_config, host_models
 from tests.support import ServerThread, start_gateway
 
 USER = [{"role": "user", "content": "Hello"}]
@@ -288,9 +290,7 @@ async def test_primary_down_for_a_while_then_back(fleet: Fleet) -> None:
         for reply in outage:
             complete(reply)
             assert reply.headers["x-gateway-backend"] == "secondary"
-        from tests.integration.conftest import _sims
-
-        fleet.restart("primary", _sims()["primary"][1])
+        fleet.restart("primary", lambda: create_ollama_app(host_models()))
         deadline = time.monotonic() + 5
         while True:
             reply = await ask(gateway, "qwq:32b")
@@ -298,7 +298,7 @@ async def test_primary_down_for_a_while_then_back(fleet: Fleet) -> None:
             if reply.headers["x-gateway-backend"] == "primary":
                 break
             assert time.monotonic() < deadline, "the primary did not get its traffic back"
-            await __import__("asyncio").sleep(0.2)
+            await asyncio.sleep(0.2)
     finally:
         gateway.stop()
 
@@ -320,7 +320,7 @@ async def test_an_open_breaker_sends_traffic_elsewhere_and_shows_in_health(
     assert len([r for r in fleet.primary.requests("/api/chat")
                 if r["model"] == "qwq:32b"]) == tried  # not bothered while open
     fleet.primary.clear()
-    await __import__("asyncio").sleep(1.1)  # the cool-down: one trial goes through, and works
+    await asyncio.sleep(1.1)  # the cool-down: one trial goes through, and works
     reply = await ask(routed_gateway, "qwq:32b")
     complete(reply)
     assert reply.headers["x-gateway-model"] == "qwq:32b"
@@ -340,8 +340,6 @@ async def test_a_rescue_does_not_repeat_reasoning_the_client_already_has(
 async def test_a_cancelled_breaker_trial_does_not_lock_the_deployment_out(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
-    import asyncio
-
     fleet.primary.fault("qwq:32b", status=500)
     for _ in range(2):
         complete(await ask(routed_gateway, "qwq:32b"))  # the breaker opens
