@@ -30,6 +30,7 @@ from gateway.sim.fleet import (
 )
 
 LOG_LIMIT = 10_000
+CUT_SETTLE = 0.05  # seconds between the last token and the reset of a cut stream
 
 
 @dataclass(slots=True)
@@ -225,6 +226,9 @@ async def stream_plan(request: web.Request, response: web.StreamResponse, model:
     for i, (kind, value) in enumerate(plan.pieces()):
         if faults.cut_after is not None and i >= faults.cut_after:
             record["outcome"] = "cut"
+            # Let what was sent arrive first: a reset discards what the peer has not read,
+            # and "cut after N tokens" means N tokens reached the other side.
+            await asyncio.sleep(CUT_SETTLE)
             await reset(request)
         if faults.stall_after is not None and i >= faults.stall_after:
             record["outcome"] = "stalled"
