@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +100,18 @@ class Sim:
         """What the simulator was asked, oldest first, optionally for one path."""
         log: list[dict[str, Any]] = self._call("GET", "/_sim/requests")
         return [r for r in log if path is None or r["path"] == path]
+
+    def hung_up(self, path: str, model: str, timeout: float = 3.0) -> dict[str, Any]:
+        """The last request for ``model`` once the simulator saw its client hang up (the
+        gateway closing the upstream connection reaches it a moment after the client's answer).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [r for r in self.requests(path) if r["model"] == model]
+            if (records and records[-1].get("closed_by_client")) or time.monotonic() > deadline:
+                assert records, f"no request for {model} reached the simulator"
+                return records[-1]
+            time.sleep(0.02)
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

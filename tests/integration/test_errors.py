@@ -211,7 +211,8 @@ async def test_silent_upstream_is_a_504_within_its_timeout(
                                               "stream": stream})
     assert_error(status, body, 504, code="upstream_timeout")
     assert limit <= time.monotonic() - started < limit + 1.5
-    [record] = ollama_sim.requests("/api/chat")
+    assert len(ollama_sim.requests("/api/chat")) == 1
+    record = ollama_sim.hung_up("/api/chat", "qwq:32b")
     assert record["outcome"] == "no_response" and record["closed_by_client"]
 
 
@@ -275,7 +276,7 @@ async def test_stalled_stream_ends_with_an_in_band_timeout(
     assert time.monotonic() - started < 5
     assert assert_in_band_error(events)["code"] == "upstream_timeout"
     # The gateway hung up on the stalled upstream rather than leaving it open.
-    assert ollama_sim.requests("/api/chat")[-1].get("closed_by_client") is True
+    assert ollama_sim.hung_up("/api/chat", "phi3.5:3.8b").get("closed_by_client") is True
 
 
 @pytest.mark.parametrize("sim_name", ["ollama_sim", "mlx_sim"])

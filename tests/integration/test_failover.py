@@ -153,8 +153,8 @@ async def test_no_response_fails_over_without_retrying_the_silent_route(
     started = time.monotonic()
     reply = await ask(routed_gateway, "qwq:32b", stream=stream)
     complete(reply)
-    [silent] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
-    assert silent["closed_by_client"]
+    assert len([r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]) == 1
+    assert fleet.primary.hung_up("/api/chat", "qwq:32b")["closed_by_client"]
     # A stream must start within the 1 s header limit; a whole answer has `total` (10 s).
     assert time.monotonic() - started < (3 if stream else 12)
     assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
@@ -166,7 +166,8 @@ async def test_slow_first_token_fails_over(routed_gateway: ServerThread, fleet: 
     reply = await ask(routed_gateway, "qwq:32b", stream=True)
     complete(reply)
     assert time.monotonic() - started < 2.5  # first-token limit: 1 s
-    [slow] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
+    assert len([r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]) == 1
+    slow = fleet.primary.hung_up("/api/chat", "qwq:32b")
     assert slow["closed_by_client"] and slow["tokens"] == 0
     assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
 
@@ -221,7 +222,7 @@ async def test_stalled_stream_is_rescued(routed_gateway: ServerThread, fleet: Fl
     reply = await ask(routed_gateway, "qwq:32b", stream=True)
     complete(reply)
     assert time.monotonic() - started < 3  # idle limit: 1 s
-    [stalled] = [r for r in fleet.primary.requests("/api/chat") if r["model"] == "qwq:32b"]
+    stalled = fleet.primary.hung_up("/api/chat", "qwq:32b")
     assert stalled["outcome"] == "stalled" and stalled["closed_by_client"]
 
 
