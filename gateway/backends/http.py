@@ -35,7 +35,6 @@ MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER = 3600.0
 DRAIN_SECONDS = 0.25
 LISTING_SECONDS = 30.0
-_JSON = {"Content-Type": "application/json"}
 
 
 class Translator(Protocol):
@@ -75,7 +74,8 @@ class HttpBackend:
         }
 
     async def start(self) -> None:
-        headers = {"User-Agent": "hybrid-gateway"}
+        # Content-Type on every request (GETs ignore it): no per-request header merging.
+        headers = {"User-Agent": "hybrid-gateway", "Content-Type": "application/json"}
         if self.config.api_key_env:
             key = os.environ.get(self.config.api_key_env)
             if key:
@@ -205,8 +205,7 @@ class Exchange:
         backend = self._backend
         try:
             response = await backend.session.request(
-                self._method, self._url, data=self._data, timeout=self._timeout,
-                headers=_JSON if self._data is not None else None)
+                self._method, self._url, data=self._data, timeout=self._timeout)
         except Exception as exc:
             raise _translate(backend.name, exc, started=False) from None
         self._response = response
