@@ -13,7 +13,7 @@ from gateway.backends.base import Chunk, ModelInfo, Usage, parse_parameter_size
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
 from gateway.protocol.reasoning import ThinkTagSplitter
-from gateway.protocol.sse import MalformedEvent
+from gateway.protocol.sse import MalformedEvent, text_field
 
 # Extra sampling fields some clients send, which Ollama understands under the same name.
 _PASSTHROUGH_OPTIONS = ("top_k", "min_p", "repeat_penalty", "frequency_penalty",
@@ -164,9 +164,10 @@ class OllamaTranslator:
     def _delta(self, obj: dict[str, Any]) -> Chunk:
         message = obj.get("message")
         if message is None:  # /api/generate
-            return Chunk(content=_text(obj.get("response")), reasoning=_text(obj.get("thinking")))
-        chunk = Chunk(content=_text(message.get("content")),
-                      reasoning=_text(message.get("thinking")))
+            return Chunk(content=text_field(obj.get("response")),
+                         reasoning=text_field(obj.get("thinking")))
+        chunk = Chunk(content=text_field(message.get("content")),
+                      reasoning=text_field(message.get("thinking")))
         calls = message.get("tool_calls")
         if calls:
             chunk.tool_calls = [self._tool_call(call) for call in calls]
@@ -186,14 +187,6 @@ class OllamaTranslator:
                 else orjson.dumps(arguments).decode(),
             },
         }
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise MalformedEvent(f"text of type {type(value).__name__}")
-    return value
 
 
 def _count(obj: dict[str, Any], key: str) -> int:

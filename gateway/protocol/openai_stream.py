@@ -10,7 +10,7 @@ from typing import Any
 from gateway.backends.base import Chunk, Usage
 from gateway.errors import UpstreamError
 from gateway.protocol.reasoning import ThinkTagSplitter
-from gateway.protocol.sse import MalformedEvent
+from gateway.protocol.sse import MalformedEvent, text_field
 
 
 class OpenAITranslator:
@@ -49,8 +49,8 @@ class OpenAITranslator:
         choice = choices[0]
         delta = choice.get("delta") or choice.get("message") or {}
         chunk = Chunk(
-            content=_text(delta.get("content") or choice.get("text")),
-            reasoning=_text(delta.get("reasoning_content") or delta.get("reasoning")),
+            content=text_field(delta.get("content") or choice.get("text")),
+            reasoning=text_field(delta.get("reasoning_content") or delta.get("reasoning")),
             finish_reason=choice.get("finish_reason"),
         )
         calls = delta.get("tool_calls")
@@ -58,11 +58,3 @@ class OpenAITranslator:
             chunk.tool_calls = [{**call, "index": call.get("index", i)}
                                 for i, call in enumerate(calls)]
         return chunk
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise MalformedEvent(f"text of type {type(value).__name__}")
-    return value

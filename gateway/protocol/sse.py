@@ -36,6 +36,15 @@ class MalformedEvent(ValueError):
     """An event that parsed but does not have the shape its protocol promises."""
 
 
+def text_field(value: Any) -> str:
+    """A text field of an upstream event: absent is empty, anything but a string is broken."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedEvent(f"text of type {type(value).__name__}")
+    return value
+
+
 async def iter_lines(stream: ByteStream, idle: float) -> AsyncIterator[bytes]:
     """Lines without their ending; raises ``IdleTimeout`` after ``idle`` seconds of silence."""
     rest = b""
