@@ -195,8 +195,26 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
         for process in processes:
             process.wait(timeout=10)
     report = render(targets, seconds, rounds, stream_requests)
-    out.write_text(report)
+    out.write_text(report + _history(out, targets))
     return report
+
+
+HISTORY = "## Earlier runs"
+
+
+def _history(out: Path, targets: list[Target]) -> str:
+    """The summary line of every run so far: this machine's speed varies from hour to hour
+    (it is a shared virtual machine), and one run is one sample.
+    """
+    old = out.read_text().split(HISTORY, 1)[1].strip().splitlines() if out.exists() and \
+        HISTORY in out.read_text() else []
+    direct, bare, gateway, routed = targets
+    line = (f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: gateway "
+            f"{gateway.median('c32', 'rps') / bare.median('c32', 'rps'):.0%} of the bare proxy "
+            f"at c=32 (routed {routed.median('c32', 'rps') / bare.median('c32', 'rps'):.0%}); "
+            f"bare proxy {bare.median('c32', 'rps'):,.0f} req/s; gateway adds "
+            f"{gateway.median('c1', 'p50_ms') - direct.median('c1', 'p50_ms'):.3f} ms p50 at c=1")
+    return f"\n{HISTORY}\n\n" + "\n".join([line, *old]) + "\n"
 
 
 def render(targets: list[Target], seconds: float, rounds: int, stream_requests: int) -> str:
@@ -233,11 +251,11 @@ passes (`gc.freeze()`, gateway/app.py), which the bare proxy does not.
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-- Gateway throughput at c=32: **{throughput:.0%} of the bare proxy** (target ≥ 80%: {verdict(throughput >= 0.8)}).
+- Gateway throughput at c=32: **{throughput:.1%} of the bare proxy** (target ≥ 80%: {verdict(throughput >= 0.8)}).
 - Gateway added p50 latency at c=1: **{added:.3f} ms over direct** (target ≤ 1 ms: {verdict(added <= 1.0)}); the bare proxy adds {added_bare:.3f} ms.
 - Gateway added time to first token: {added_ttft:.3f} ms over direct.
 - With the full routing path (the `auto` alias picking among two deployments of the same
-  model on two simulator processes, power-of-two-choices, breakers): **{routed_share:.0%} of
+  model on two simulator processes, power-of-two-choices, breakers): **{routed_share:.1%} of
   the bare proxy's throughput** at c=32.
 """
 
