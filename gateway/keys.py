@@ -9,12 +9,14 @@ from gateway.config import GatewayConfig
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
+from gateway.tunnel.manager import TunnelManager
 
 CONFIG = web.AppKey("config", GatewayConfig)
 BACKENDS = web.AppKey("backends", dict[str, Backend])
 CATALOG = web.AppKey("catalog", ModelCatalog)
 ROUTER = web.AppKey("router", Router)
 HEALTH = web.AppKey("health", HealthWatcher)
+TUNNELS = web.AppKey("tunnels", TunnelManager)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # Who is asking: a short digest of the API key, or "" when auth is off.

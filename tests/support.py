@@ -54,6 +54,11 @@ class ServerThread:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
 
+    @staticmethod
+    async def _cleanup(runner: web.AppRunner) -> None:
+        await runner.cleanup()
+        await asyncio.sleep(0.05)  # connections closed above finish closing before the loop stops
+
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the server's loop (for reading its state safely)."""
         async def run() -> Any:
@@ -62,7 +67,8 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=60)
+            asyncio.run_coroutine_threadsafe(self._cleanup(self._runner), self.loop).result(
+                timeout=60)
             self._runner = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.http.middlewares import json_response
 from gateway.http.sse import write_stream
-from gateway.keys import CATALOG, CONFIG, REQUEST_ID, ROUTER
+from gateway.keys import CATALOG, CONFIG, REQUEST_ID, ROUTER, TUNNELS
 from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
@@ -128,6 +128,7 @@ async def health(request: web.Request) -> web.Response:
     up = sum(ok.values())
     status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
     return json_response({"status": status, "time": int(time.time()), "backends": backends,
+                          "tunnels": request.app[TUNNELS].report(),
                           "deployments": balancer.report()})
 
 

@@ -44,6 +44,11 @@ class HealthWatcher:
             log.exception("health check of backend %s failed", backend.name)
             self.lost(backend.name, "its health check failed")
 
+    async def check_now(self, name: str) -> None:
+        """Probe one backend now (its tunnel just came up, say)."""
+        backend = next(b for b in self._backends if b.name == name)
+        await self._check_safely(backend)
+
     async def check(self, backend: Backend) -> None:
         health = await backend.probe()
         was = self.up[backend.name]  # read after the probe: lost() may have run meanwhile

@@ -1,0 +1,161 @@
+"""Opening an SSH connection the way both tunnel directions need it (asyncssh, no ``ssh``
+binary): key, agent or password auth, strict or accept-new host-key checking, keepalives;
+and failures explained in words that say what to do. Secrets never appear in messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from gateway.config import TunnelConfig
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_MISSES = 3  # unanswered keepalives before the link counts as dead
+
+
+class TunnelError(Exception):
+    """Why an SSH connection could not be made, and what to do about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+async def connect(config: TunnelConfig) -> asyncssh.SSHClientConnection:
+    """An authenticated SSH connection, or a ``TunnelError`` saying why not."""
+    known_hosts = known_hosts_path(config)
+    try:
+        options = _options(config, known_hosts)
+        return await asyncssh.connect(config.host, **options)
+    except Exception as exc:
+        raise explain(exc, config, known_hosts) from None
+
+
+def known_hosts_path(config: TunnelConfig) -> Path:
+    return Path(config.known_hosts).expanduser()
+
+
+def _options(config: TunnelConfig, known_hosts: Path) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "username": config.user,
+        "port": config.port,
+        "known_hosts": str(known_hosts) if known_hosts.is_file() else (),
+        "keepalive_interval": config.keepalive,
+        "keepalive_count_max": KEEPALIVE_MISSES,
+        "connect_timeout": config.connect_timeout,
+        "client_factory": lambda: _HostKeyPolicy(config, known_hosts),
+    }
+    if config.key_file:
+        options["client_keys"] = [str(Path(config.key_file).expanduser())]
+        if config.key_passphrase_env:
+            options["passphrase"] = _secret(config.key_passphrase_env, "key_passphrase_env")
+    elif not config.agent:
+        options["client_keys"] = ()
+    if not config.agent:
+        options["agent_path"] = None
+    if config.password_env:
+        options["password"] = _secret(config.password_env, "password_env")
+    return options
+
+
+def explain(exc: Exception, config: TunnelConfig, known_hosts: Path) -> TunnelError:
+    """An SSH failure as a sentence and a hint."""
+    where = f"{config.user}@{config.host}:{config.port}"
+    if isinstance(exc, TunnelError):
+        return exc
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        if _known_keys(known_hosts, config):
+            return TunnelError(
+                f"the host key of {where} does not match the one in {known_hosts}",
+                "if the server was really reinstalled, remove its old line from known_hosts; "
+                "otherwise someone may be in the middle: do not connect")
+        return TunnelError(
+            f"the host key of {where} is not known ({known_hosts})",
+            f"add it: ssh-keyscan -p {config.port} {config.host} >> {known_hosts}, "
+            'or set host_key = "accept-new" to trust it on first use')
+    if isinstance(exc, asyncssh.PermissionDenied):
+        ways = [w for w, on in (("key " + config.key_file, bool(config.key_file)),
+                                ("ssh-agent", config.agent),
+                                (f"password from ${config.password_env}",
+                                 bool(config.password_env))) if on]
+        return TunnelError(f"{where} refused to authenticate {config.user!r}",
+                           f"tried: {', '.join(ways) or 'nothing'}; check the user, that the "
+                           "public key is in authorized_keys, or the password")
+    if isinstance(exc, ConnectionRefusedError):
+        return TunnelError(f"connection to {config.host}:{config.port} refused",
+                           "is sshd running there, on that port?")
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return TunnelError(f"no answer from {config.host}:{config.port} within "
+                           f"{config.connect_timeout:g}s", "is the host up and reachable?")
+    if isinstance(exc, OSError):
+        return TunnelError(f"cannot reach {config.host}:{config.port}: {exc.strerror or exc}",
+                           "check the host name and the network")
+    if isinstance(exc, asyncssh.KeyImportError | asyncssh.KeyEncryptionError):
+        return TunnelError(f"cannot use the key {config.key_file}: {exc}",
+                           "check key_file and key_passphrase_env")
+    if isinstance(exc, asyncssh.Error):
+        return TunnelError(f"SSH to {where} failed: {exc.reason}")
+    return TunnelError(f"SSH to {where} failed: {type(exc).__name__}")
+
+
+def backoff(attempt: int, config: TunnelConfig) -> float:
+    """Jittered exponential delay before reconnect attempt ``attempt`` (0-based)."""
+    delay = min(config.backoff_max, config.backoff_initial * 2.0 ** attempt)
+    return random.uniform(delay / 2, delay)
+
+
+def _secret(variable: str, key: str) -> str:
+    value = os.environ.get(variable)
+    if value is None:
+        raise TunnelError(f"environment variable {variable} (named by {key}) is not set",
+                          f"export {variable}=... before starting the gateway")
+    return value
+
+
+def _known_keys(known_hosts: Path, config: TunnelConfig) -> bool:
+    """Whether known_hosts has any key for this host (so an unknown key means a change)."""
+    if not known_hosts.is_file():
+        return False
+    try:
+        keys = asyncssh.read_known_hosts(str(known_hosts)).match(
+            config.host, "", config.port)[0]
+    except (OSError, ValueError):
+        return False
+    return bool(keys)
+
+
+class _HostKeyPolicy(asyncssh.SSHClient):
+    """accept-new: a host seen for the first time is trusted and written to known_hosts;
+    a host known under another key never is (asyncssh asks here only for keys it does not
+    already trust).
+    """
+
+    def __init__(self, config: TunnelConfig, known_hosts: Path) -> None:
+        self._config = config
+        self._known_hosts = known_hosts
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        if self._config.host_key != "accept-new" or _known_keys(self._known_hosts,
+                                                                  self._config):
+            return False
+        name = host if port == 22 else f"[{host}]:{port}"
+        line = f"{name} {key.export_public_key().decode().strip()}\n"
+        self._known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        with self._known_hosts.open("a") as file:
+            file.write(line)
+        log.warning("tunnel %s: trusted the new host key of %s (%s) and recorded it in %s",
+                    self._config.name, name, key.get_fingerprint(), self._known_hosts)
+        return True

@@ -1,0 +1,247 @@
+"""Tunnels against real SSH servers on loopback: OpenSSH's sshd and asyncssh's own server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.keys import TUNNELS
+from gateway.sim import SimModel, create_ollama_app, create_openai_app
+from gateway.sim.fleet import DEFAULT_REPLY
+from tests import ssh_peers
+from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+USER = [{"role": "user", "content": "Hello"}]
+MODEL = "qwen2.5-coder:32b"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return ssh_peers.make_keys(tmp_path_factory.mktemp("ssh"))
+
+
+@pytest.fixture
+def workstation() -> Iterator[Sim]:
+    """Ollama on the "workstation" (reached only through the tunnel in these tests)."""
+    server = ServerThread(lambda: create_ollama_app([SimModel(MODEL)])).start()
+    yield Sim(server, "ollama")
+    server.stop()
+
+
+@pytest.fixture
+def light() -> Iterator[Sim]:
+    """A light model on the gateway's own server: the fallback tier."""
+    server = ServerThread(lambda: create_openai_app([SimModel("smollm2:135m")],
+                                                    flavor="llamacpp")).start()
+    yield Sim(server, "llamacpp")
+    server.stop()
+
+
+def tunnel_config(keys: Keys, port: int, workstation: Sim, light: Sim | None = None,
+                  **tunnel: Any) -> Any:
+    backends = [backend("studio", "ollama", "", tunnel="studio/ollama",
+                        timeouts={"connect": 1.0, "first_token": 2.0, "idle": 2.0})]
+    if light is not None:
+        backends.append(backend("light", "openai", light.api_url, tier="server"))
+    settings = {"name": "studio", "host": "127.0.0.1", "port": port, "user": "root",
+                "key_file": str(keys.client), "agent": False,
+                "known_hosts": str(keys.known_hosts(port)), "keepalive": 1.0,
+                "backoff_initial": 0.2, "backoff_max": 1.0,
+                "forwards": [{"name": "ollama", "remote_port": workstation.server.port}],
+                **tunnel}
+    return gateway_config(*backends, tunnels=[settings], routing={"health_interval": 0.5})
+
+
+def client(gateway: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+
+
+def health(gateway: ServerThread) -> dict[str, Any]:
+    with urllib.request.urlopen(gateway.url + "/health", timeout=5) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def wait_until(check: Any, limit: float, what: str) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < limit, f"{what} took over {limit}s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("server_kind", ["openssh", "asyncssh"])
+def test_chat_through_the_tunnel_with_the_sdk_streaming(
+    keys: Keys, workstation: Sim, server_kind: str
+) -> None:
+    server = OpenSSHServer(keys).start() if server_kind == "openssh" else \
+        AsyncSSHServer(keys).start()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation))
+    try:
+        with client(gateway) as c:
+            stream = c.chat.completions.create(model=MODEL, messages=USER, stream=True)
+            text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            reply = c.chat.completions.create(model=MODEL, messages=USER)
+        assert text == DEFAULT_REPLY == reply.choices[0].message.content
+        assert len(workstation.requests("/api/chat")) == 2  # it went through the tunnel
+        assert health(gateway)["tunnels"]["studio"]["state"] == "up"
+    finally:
+        gateway.stop()
+        server.kill() if isinstance(server, OpenSSHServer) else server.stop()
+
+
+def test_sshd_killed_then_restarted(keys: Keys, workstation: Sim, light: Sim) -> None:
+    sshd = OpenSSHServer(keys).start()
+    gateway = start_gateway(tunnel_config(keys, sshd.port, workstation, light))
+    try:
+        with client(gateway) as c:
+            raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
+            assert raw.headers["x-gateway-backend"] == "studio"
+            sshd.kill()
+            took = wait_until(lambda: not health(gateway)["backends"]["studio"]["ok"], 2.0,
+                              "marking the backend behind the tunnel down")
+            assert health(gateway)["tunnels"]["studio"]["state"] != "up"
+            for _ in range(3):  # served by the server tier meanwhile, without waiting
+                started = time.monotonic()
+                raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
+                assert raw.headers["x-gateway-backend"] == "light"
+                assert raw.parse().choices[0].message.content == DEFAULT_REPLY
+                assert time.monotonic() - started < 0.5
+            sshd = OpenSSHServer(keys, port=sshd.port).start()
+
+            def primary_again() -> bool:
+                r = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
+                return r.headers["x-gateway-backend"] == "studio"
+
+            back = wait_until(primary_again, 5.0, "the primary serving again")
+        print(f"down noticed in {took:.2f}s; primary back {back:.2f}s after sshd restarted")
+    finally:
+        gateway.stop()
+        sshd.kill()
+
+
+def test_a_stream_in_flight_when_the_tunnel_drops_is_rescued(
+    keys: Keys, workstation: Sim, light: Sim
+) -> None:
+    workstation.fault(MODEL, tokens_per_s=20)  # ~1.5 s for the whole answer
+    sshd = OpenSSHServer(keys).start()
+    gateway = start_gateway(tunnel_config(keys, sshd.port, workstation, light))
+    try:
+        with client(gateway) as c:
+            stream = c.chat.completions.create(model=MODEL, messages=USER, stream=True)
+            pieces = []
+            for chunk in stream:
+                pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+                if len(pieces) == 5:
+                    sshd.kill()  # mid-answer
+        assert "".join(pieces) == DEFAULT_REPLY  # whole, once: continued on the light model
+        assert len(light.requests()) == 1
+    finally:
+        gateway.stop()
+        sshd.kill()
+
+
+def tunnel_error(gateway: ServerThread) -> tuple[str, str, str]:
+    assert gateway.app is not None
+    tunnel = gateway.app[TUNNELS].tunnels["studio"]
+    wait_until(lambda: bool(tunnel.error), 5.0, "the first connection attempt")
+    return tunnel.state, tunnel.error, tunnel.hint
+
+
+def test_a_wrong_host_key_is_refused_with_a_clear_message(keys: Keys, workstation: Sim) -> None:
+    impostor = AsyncSSHServer(keys, host_key=keys.other_host).start()
+    gateway = start_gateway(tunnel_config(keys, impostor.port, workstation))
+    try:
+        state, error, hint = tunnel_error(gateway)
+        assert state != "up"
+        assert error == f"the host key of root@127.0.0.1:{impostor.port} does not match the " \
+            f"one in {keys.known_hosts(impostor.port)}"
+        assert "someone may be in the middle" in hint
+        assert not workstation.requests()
+    finally:
+        gateway.stop()
+        impostor.stop()
+
+
+def test_an_unknown_host_key_is_refused_unless_accept_new(
+    keys: Keys, workstation: Sim, tmp_path: Path
+) -> None:
+    server = AsyncSSHServer(keys).start()
+    empty = tmp_path / "known_hosts"
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation,
+                                          known_hosts=str(empty)))
+    try:
+        _, error, hint = tunnel_error(gateway)
+        assert "is not known" in error and "ssh-keyscan" in hint and "accept-new" in hint
+    finally:
+        gateway.stop()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation,
+                                          known_hosts=str(empty), host_key="accept-new"))
+    try:
+        with client(gateway) as c:
+            assert c.chat.completions.create(model=MODEL, messages=USER).choices
+        assert f"[127.0.0.1]:{server.port} ssh-ed25519 " in empty.read_text()
+    finally:
+        gateway.stop()
+        server.stop()
+    # The key is now on record: a server answering there with another key is refused.
+    impostor = AsyncSSHServer(keys, host_key=keys.other_host)
+    impostor.port = server.port
+    impostor.start()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation,
+                                          known_hosts=str(empty), host_key="accept-new"))
+    try:
+        _, error, _ = tunnel_error(gateway)
+        assert "does not match" in error
+    finally:
+        gateway.stop()
+        impostor.stop()
+
+
+def test_a_wrong_password_is_refused_and_never_shown(
+    keys: Keys, workstation: Sim, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    server = AsyncSSHServer(keys).start()
+    monkeypatch.setenv("STUDIO_PASSWORD", "hunter2-not-the-password")
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation, key_file="",
+                                          password_env="STUDIO_PASSWORD"))
+    try:
+        state, error, hint = tunnel_error(gateway)
+        assert error == f"root@127.0.0.1:{server.port} refused to authenticate 'root'"
+        assert "password from $STUDIO_PASSWORD" in hint
+        shown = error + hint + json.dumps(health(gateway)) + caplog.text
+        assert "hunter2" not in shown
+    finally:
+        gateway.stop()
+    monkeypatch.setenv("STUDIO_PASSWORD", ssh_peers.PASSWORD)
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation, key_file="",
+                                          password_env="STUDIO_PASSWORD"))
+    try:
+        with client(gateway) as c:
+            assert c.chat.completions.create(model=MODEL, messages=USER).choices
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+async def test_health_lists_the_tunnel_states(keys: Keys, workstation: Sim) -> None:
+    server = AsyncSSHServer(keys).start()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation))
+    try:
+        states = health(gateway)["tunnels"]
+        assert states["studio"]["state"] == "up" and states["studio"]["reconnects"] == 0
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(1.0)
+        assert health(gateway)["tunnels"]["studio"]["state"] in ("down", "backing_off",
+                                                                   "connecting")
+    finally:
+        gateway.stop()
