@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import getpass
 import logging
 import secrets
 import sys
@@ -12,7 +14,14 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.app import build_backend, create_app
-from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, is_loopback, load_config
+from gateway.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    GatewayConfig,
+    TunnelConfig,
+    is_loopback,
+    load_config,
+)
 from gateway.http.middlewares import key_digest
 from gateway.report import print_catalog
 
@@ -23,9 +32,12 @@ DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.toml"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    args.raw = raw
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)  # chatty at INFO
     try:
         code: int = args.run(args)
     except ConfigError as exc:
@@ -55,6 +67,36 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models each backend has")
     models.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
     models.set_defaults(run=_models)
+
+    check = commands.add_parser("check", help="open the tunnels, ask the backends, say what "
+                                "to fix; non-zero exit when the primary tier is unreachable")
+    check.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
+    check.set_defaults(run=_check)
+
+    agent = commands.add_parser(
+        "tunnel-agent", help="on the workstation: keep reverse tunnels to the gateway server")
+    agent.add_argument("--server", required=True, metavar="[USER@]HOST[:PORT]",
+                       help="the gateway server's sshd")
+    agent.add_argument("--key", default="", help="private key file")
+    agent.add_argument("--key-passphrase-env", default="", metavar="VAR",
+                       help="environment variable holding the key's passphrase")
+    agent.add_argument("--password-env", default="", metavar="VAR",
+                       help="environment variable holding the password")
+    agent.add_argument("--no-agent", action="store_true", help="do not use ssh-agent")
+    agent.add_argument("--known-hosts", default="~/.ssh/known_hosts")
+    agent.add_argument("--accept-new", action="store_true",
+                       help="trust a server never seen before (and record its key)")
+    agent.add_argument("--forward", action="append", metavar="SERVER_PORT[:HOST]:LOCAL_PORT",
+                       help="repeatable; default: 11434 and 11435 (Ollama, MLX)")
+    agent.add_argument("--keepalive", type=float, default=5.0)
+    agent.add_argument("--no-interactive", action="store_true",
+                       help="no pty session beside the forwards (sshd then delays small "
+                       "answers by ~40 ms)")
+    agent.add_argument("--print-systemd", action="store_true",
+                       help="print a systemd unit running this command at boot, and exit")
+    agent.add_argument("--print-launchd", action="store_true",
+                       help="print a launchd plist running this command at boot, and exit")
+    agent.set_defaults(run=_tunnel_agent)
 
     keys = commands.add_parser("keys", help="API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -115,6 +157,47 @@ def _demo(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     asyncio.run(print_catalog(config, [build_backend(b) for b in config.backends]))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gateway.doctor import check
+
+    report, ok = asyncio.run(check(load_config(args.config)))
+    print(report)
+    return 0 if ok else 1
+
+
+def _tunnel_agent(args: argparse.Namespace) -> int:
+    from gateway.tunnel.agent import (
+        DEFAULT_FORWARDS,
+        RemoteForward,
+        ReverseAgent,
+        launchd_plist,
+        systemd_unit,
+    )
+
+    if args.print_systemd or args.print_launchd:
+        arguments = [a for a in args.raw[args.raw.index("tunnel-agent") + 1:]
+                     if a not in ("--print-systemd", "--print-launchd")]
+        print(systemd_unit(arguments) if args.print_systemd else launchd_plist(arguments))
+        return 0
+    try:
+        forwards = [RemoteForward.parse(f) for f in args.forward or DEFAULT_FORWARDS]
+    except ValueError as exc:
+        print(f"gateway tunnel-agent: {exc}", file=sys.stderr)
+        return 2
+    user, _, rest = args.server.rpartition("@")
+    host, _, port = rest.partition(":")
+    ssh = TunnelConfig(
+        name="agent", host=host, port=int(port or 22), user=user or getpass.getuser(),
+        key_file=args.key, key_passphrase_env=args.key_passphrase_env,
+        password_env=args.password_env, agent=not args.no_agent,
+        known_hosts=args.known_hosts, host_key="accept-new" if args.accept_new else "strict",
+        keepalive=args.keepalive, interactive=not args.no_interactive)
+    loop = new_event_loop()
+    with contextlib.suppress(KeyboardInterrupt):
+        loop.run_until_complete(ReverseAgent(ssh, forwards).run())
     return 0
 
 

@@ -83,6 +83,10 @@ class TunnelConfig:
     # is trusted and recorded (like OpenSSH's accept-new); a changed key is always refused.
     host_key: Literal["strict", "accept-new"] = "strict"
     keepalive: float = 5.0  # seconds between keepalives; three unanswered drop the link
+    # Hold a pty session (running `cat`) open beside the forwards: OpenSSH's sshd turns off
+    # Nagle's algorithm only on interactive connections, and without that every small
+    # answer through the tunnel waits ~40 ms for a delayed ACK.
+    interactive: bool = True
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5  # reconnect delays grow from this...
     backoff_max: float = 30.0  # ...to this, jittered

@@ -133,6 +133,39 @@ def _config(port: int, backends: dict[str, str]) -> str:
     return "\n".join(sections)
 
 
+def _start_sshd(work: Path) -> Any:
+    """A real sshd on loopback (the tunnel tests' own), installed when missing."""
+    if not Path("/usr/sbin/sshd").exists() and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "openssh-server"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    sys.path.insert(0, str(ROOT))
+    from tests.ssh_peers import OpenSSHServer, make_keys
+
+    return OpenSSHServer(make_keys(work / "ssh")).start()
+
+
+def _tunneled_config(port: int, sim_port: int, sshd: Any, work: Path) -> str:
+    keys = sshd.keys
+    return f"""[server]
+port = {port}
+
+[[tunnels]]
+name = "studio"
+host = "127.0.0.1"
+port = {sshd.port}
+user = "root"
+key_file = "{keys.client}"
+agent = false
+known_hosts = "{keys.known_hosts(sshd.port)}"
+forwards = [{{ name = "sim", remote_port = {sim_port} }}]
+
+[[backends]]
+name = "sim"
+kind = "openai"
+tunnel = "studio/sim"
+"""
+
+
 def _target(name: str, port: int, body: dict[str, Any], work: Path) -> Target:
     script = work / f"post-{port}.lua"
     script.write_text(WRK_SCRIPT % json.dumps(body))
@@ -153,11 +186,15 @@ def ensure_wrk() -> None:
 def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="loadtest-"))
-    ports = {name: free_port() for name in ("sim", "sim2", "proxy", "gateway", "routed")}
+    ports = {name: free_port() for name in ("sim", "sim2", "proxy", "gateway", "routed",
+                                            "tunneled")}
     sims = {name: f"http://127.0.0.1:{ports[name]}/v1" for name in ("sim", "sim2")}
     (work / "gateway.toml").write_text(_config(ports["gateway"], {"sim": sims["sim"]}))
     (work / "routed.toml").write_text(_config(ports["routed"], {"host-a": sims["sim"],
                                                                  "host-b": sims["sim2"]}))
+    sshd = _start_sshd(work)
+    (work / "tunneled.toml").write_text(_tunneled_config(ports["tunneled"], ports["sim"],
+                                                         sshd, work))
     python = sys.executable
     processes = [
         start([python, "-m", "gateway.sim", "openai", "--port", str(ports[name]), "--reply",
@@ -169,7 +206,7 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     try:
         for name in ("sim", "sim2"):
             wait_ready(f"http://127.0.0.1:{ports[name]}/health")
-        for name in ("gateway", "routed"):
+        for name in ("gateway", "routed", "tunneled"):
             processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
                                     "--config", str(work / f"{name}.toml")], work / f"{name}.log"))
             wait_ready(f"http://127.0.0.1:{ports[name]}/health")
@@ -180,6 +217,8 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
             _target("gateway", ports["gateway"], BODY, work),
             _target("gateway, routed: `auto`, 2 deployments, breakers", ports["routed"],
                     routed, work),
+            _target("gateway through an SSH tunnel (OpenSSH sshd)", ports["tunneled"], BODY,
+                    work),
         ]
         for target in targets:  # warm up connections, caches and the JIT-less interpreter
             wrk(target.url, 8, 2, target.script)
@@ -194,6 +233,7 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
             process.terminate()
         for process in processes:
             process.wait(timeout=10)
+        sshd.kill()
     report = render(targets, seconds, rounds, stream_requests)
     out.write_text(report + _history(out, targets))
     return report
@@ -208,7 +248,7 @@ def _history(out: Path, targets: list[Target]) -> str:
     """
     old = out.read_text().split(HISTORY, 1)[1].strip().splitlines() if out.exists() and \
         HISTORY in out.read_text() else []
-    direct, bare, gateway, routed = targets
+    direct, bare, gateway, routed, _ = targets
     line = (f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: gateway "
             f"{gateway.median('c32', 'rps') / bare.median('c32', 'rps'):.0%} of the bare proxy "
             f"at c=32 (routed {routed.median('c32', 'rps') / bare.median('c32', 'rps'):.0%}); "
@@ -218,7 +258,7 @@ def _history(out: Path, targets: list[Target]) -> str:
 
 
 def render(targets: list[Target], seconds: float, rounds: int, stream_requests: int) -> str:
-    direct, bare, gateway, routed = targets
+    direct, bare, gateway, routed, tunneled = targets
     rows = []
     for t in targets:
         rows.append(
@@ -228,6 +268,9 @@ def render(targets: list[Target], seconds: float, rounds: int, stream_requests: 
             f"{t.median('stream', 'ttft_p50_ms'):.3f} | {t.median('stream', 'ttft_p99_ms'):.3f} |")
     throughput = gateway.median("c32", "rps") / bare.median("c32", "rps")
     routed_share = routed.median("c32", "rps") / bare.median("c32", "rps")
+    tunnel_share = tunneled.median("c32", "rps") / gateway.median("c32", "rps")
+    tunnel_ttft = tunneled.median("stream", "ttft_p50_ms") - \
+        gateway.median("stream", "ttft_p50_ms")
     added = gateway.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
     added_bare = bare.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
     added_ttft = gateway.median("stream", "ttft_p50_ms") - direct.median("stream", "ttft_p50_ms")
@@ -257,6 +300,9 @@ passes (`gc.freeze()`, gateway/app.py), which the bare proxy does not.
 - With the full routing path (the `auto` alias picking among two deployments of the same
   model on two simulator processes, power-of-two-choices, breakers): **{routed_share:.1%} of
   the bare proxy's throughput** at c=32.
+- Through an SSH tunnel (the gateway's own, asyncssh, to OpenSSH's sshd on loopback, then
+  to the same simulator): {tunnel_share:.1%} of the gateway's direct throughput at c=32, and
+  {tunnel_ttft:+.3f} ms time to first token against the same backend direct.
 """
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import asyncssh
 
 from gateway.config import TunnelConfig
-from gateway.tunnel.ssh import TunnelError, backoff, connect
+from gateway.tunnel.ssh import TunnelError, backoff, connect, make_interactive
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Tunnel:
             self._set("connecting")
             try:
                 connection = await connect(self.config)
+                await make_interactive(connection, self.config)
                 await self._forward(connection)
             except TunnelError as exc:
                 self.error, self.hint = exc.message, exc.hint

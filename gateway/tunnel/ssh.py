@@ -70,6 +70,18 @@ def _options(config: TunnelConfig, known_hosts: Path) -> dict[str, Any]:
     return options
 
 
+async def make_interactive(connection: asyncssh.SSHClientConnection,
+                           config: TunnelConfig) -> None:
+    """Open the pty session that makes sshd send without delay (see ``interactive``)."""
+    if not config.interactive:
+        return
+    try:
+        await connection.create_process("cat", term_type="dumb")
+    except (asyncssh.Error, OSError) as exc:
+        log.info("tunnel %s: no pty session (%s); small answers may wait ~40 ms in sshd",
+                 config.name, getattr(exc, "reason", exc))
+
+
 def explain(exc: Exception, config: TunnelConfig, known_hosts: Path) -> TunnelError:
     """An SSH failure as a sentence and a hint."""
     where = f"{config.user}@{config.host}:{config.port}"

@@ -1,0 +1,81 @@
+"""``gateway check``: opens each tunnel and asks each backend, then says what works and, for
+what does not, what to do. Exits non-zero when no backend of the primary tier answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.app import build_backend
+from gateway.backends.base import Backend, Health
+from gateway.config import BackendConfig, GatewayConfig
+from gateway.tunnel.manager import TunnelManager
+
+FIRST_ATTEMPT_SECONDS = 15.0
+
+
+async def check(config: GatewayConfig) -> tuple[str, bool]:
+    """The report, and whether the primary tier can be reached."""
+    tunnels = TunnelManager(config.tunnels)
+    await tunnels.start(patience=FIRST_ATTEMPT_SECONDS)
+    lines: list[str] = []
+    try:
+        for tunnel in tunnels.tunnels.values():
+            where = f"{tunnel.config.user}@{tunnel.config.host}:{tunnel.config.port}"
+            if tunnel.connected:
+                lines.append(f"tunnel {tunnel.name}  {where}  up")
+                lines += [f"  forward {f.name}: 127.0.0.1:{tunnel.ports[f.name]} → "
+                          f"{f.remote_host}:{f.remote_port} on the remote host"
+                          for f in tunnel.config.forwards]
+            else:
+                lines.append(f"tunnel {tunnel.name}  {where}  DOWN: {tunnel.error}")
+                if tunnel.hint:
+                    lines.append(f"  → {tunnel.hint}")
+        backends = [(spec, build_backend(spec, tunnels)) for spec in config.backends]
+        results = await asyncio.gather(*(_probe(spec, b) for spec, b in backends))
+        for (spec, backend), health in zip(backends, results, strict=True):
+            lines += _backend_lines(spec, backend, health, tunnels)
+    finally:
+        await tunnels.close()
+    primary = [(s, h) for (s, _), h in zip(backends, results, strict=True)
+               if s.tier == "primary"]
+    reachable = sum(1 for _, h in primary if h is not None and h.ok)
+    lines.append(f"\nprimary tier: {reachable} of {len(primary)} backends answer")
+    return "\n".join(lines), reachable > 0 or not primary
+
+
+async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:
+    if spec.kind == "embedded":
+        return None  # it runs with the gateway: nothing to ask here
+    await backend.start()
+    try:
+        return await backend.probe()
+    finally:
+        await backend.close()
+
+
+def _backend_lines(spec: BackendConfig, backend: Backend, health: Health | None,
+                   tunnels: TunnelManager) -> list[str]:
+    via = f"via tunnel {spec.tunnel}" if spec.tunnel else \
+        "embedded" if spec.kind == "embedded" else spec.url
+    head = f"backend {spec.name}  ({spec.kind}, {spec.tier}, {via})"
+    if health is None:
+        return [f"{head}  runs with the gateway (not checked here)"]
+    if health.ok:
+        return [f"{head}  OK: {health.detail} ({health.latency_ms:.0f} ms)"]
+    return [f"{head}  DOWN: {health.detail}", f"  → {_hint(spec, tunnels)}"]
+
+
+def _hint(spec: BackendConfig, tunnels: TunnelManager) -> str:
+    service = "Ollama (ollama serve)" if spec.kind == "ollama" else "the server"
+    if spec.tunnel:
+        tunnel = tunnels.tunnel_of(spec.tunnel)
+        if not tunnel.connected:
+            return f"the tunnel {tunnel.name} is down (see above)"
+        forward = next(f for f in tunnel.config.forwards
+                       if f.name == spec.tunnel.partition("/")[2])
+        return (f"the service behind the tunnel is down: is {service} running on "
+                f"{tunnel.config.host}, listening on {forward.remote_host}:{forward.remote_port}?")
+    if spec.optional:
+        return f"optional: start {service} at {spec.url} when you want it"
+    return f"is {service} running at {spec.url}?"

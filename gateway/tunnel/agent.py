@@ -1,0 +1,134 @@
+"""The other direction: ``gateway tunnel-agent`` runs on the workstation, connects to the
+gateway server's sshd and asks it to listen on ``localhost:N`` for the workstation's
+services (Ollama on 11434, MLX on 11435), keeping the forwards up with the same backoff as
+the gateway's own tunnels. The gateway then sees them as ordinary local backends.
+It can print a launchd plist or a systemd unit that starts it at boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import sys
+from dataclasses import dataclass
+from xml.sax.saxutils import escape
+
+import asyncssh
+
+from gateway.config import TunnelConfig
+from gateway.tunnel.ssh import TunnelError, backoff, connect, make_interactive
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORWARDS = ("11434", "11435")  # Ollama and the MLX server, same ports on the server
+LABEL = "io.hybrid-gateway.tunnel-agent"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteForward:
+    """The server's ``127.0.0.1:listen_port`` → this machine's ``local_host:local_port``."""
+
+    listen_port: int
+    local_host: str
+    local_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> RemoteForward:
+        """``"11434"``, ``"21434:11434"`` or ``"21434:127.0.0.1:11434"``."""
+        parts = text.split(":")
+        try:
+            if len(parts) == 1:
+                return cls(int(parts[0]), "127.0.0.1", int(parts[0]))
+            if len(parts) == 2:
+                return cls(int(parts[0]), "127.0.0.1", int(parts[1]))
+            if len(parts) == 3:
+                return cls(int(parts[0]), parts[1], int(parts[2]))
+        except ValueError:
+            pass
+        raise ValueError(f"not a forward: {text!r} (expected SERVER_PORT[:HOST]:LOCAL_PORT)")
+
+    def __str__(self) -> str:
+        return f"server 127.0.0.1:{self.listen_port} → {self.local_host}:{self.local_port}"
+
+
+class ReverseAgent:
+    def __init__(self, ssh: TunnelConfig, forwards: list[RemoteForward]) -> None:
+        self.ssh = ssh
+        self.forwards = forwards
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Keep the forwards up for as long as the agent runs."""
+        attempt = 0
+        while True:
+            try:
+                connection = await connect(self.ssh)
+                await make_interactive(connection, self.ssh)
+                await self._request(connection)
+            except TunnelError as exc:
+                log.warning("tunnel agent: %s", exc)
+            else:
+                attempt = 0
+                log.info("tunnel agent: up: %s", "; ".join(map(str, self.forwards)))
+                self.connected.set()
+                await connection.wait_closed()
+                self.connected.clear()
+                log.warning("tunnel agent: the connection to %s dropped", self.ssh.host)
+            delay = backoff(attempt, self.ssh)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _request(self, connection: asyncssh.SSHClientConnection) -> None:
+        for forward in self.forwards:
+            try:
+                await connection.forward_remote_port(
+                    "127.0.0.1", forward.listen_port, forward.local_host, forward.local_port)
+            except asyncssh.Error as exc:
+                connection.close()
+                raise TunnelError(f"the server refused to listen on port {forward.listen_port}"
+                                  f": {exc.reason}", "is AllowTcpForwarding on in sshd_config, "
+                                  "and the port free on the server?") from None
+
+
+def systemd_unit(arguments: list[str]) -> str:
+    command = shlex.join([sys.executable, "-m", "gateway", "tunnel-agent", *arguments])
+    return f"""[Unit]
+Description=Hybrid gateway reverse tunnel (the workstation's models, served on the gateway)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart={command}
+Restart=always
+RestartSec=5
+# A password or key passphrase goes in an environment file, never on the command line:
+# EnvironmentFile=%h/.config/hybrid-gateway/tunnel-agent.env
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def launchd_plist(arguments: list[str]) -> str:
+    program = "\n".join(f"    <string>{escape(a)}</string>" for a in
+                        [sys.executable, "-m", "gateway", "tunnel-agent", *arguments])
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+  <key>Label</key>
+  <string>{LABEL}</string>
+  <key>ProgramArguments</key>
+  <array>
+{program}
+  </array>
+  <key>RunAtLoad</key>
+  <true/>
+  <key>KeepAlive</key>
+  <true/>
+  <key>StandardErrorPath</key>
+  <string>/tmp/{LABEL}.log</string>
+</dict>
+</plist>
+"""

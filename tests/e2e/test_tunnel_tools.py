@@ -1,0 +1,188 @@
+"""The workstation's reverse-tunnel agent and `gateway check`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.sim import SimModel, create_ollama_app
+from tests import ssh_peers
+from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
+from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+MODEL = "qwen2.5-coder:32b"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return ssh_peers.make_keys(tmp_path_factory.mktemp("ssh-tools"))
+
+
+@pytest.fixture
+def workstation() -> Iterator[Sim]:
+    server = ServerThread(lambda: create_ollama_app([SimModel(MODEL)])).start()
+    yield Sim(server, "ollama")
+    server.stop()
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/api/version", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_until(check: object, limit: float, what: str) -> float:
+    started = time.monotonic()
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() - started < limit, f"{what} took over {limit}s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_reverse_agent_keeps_its_forward_through_an_sshd_restart(
+    keys: Keys, workstation: Sim
+) -> None:
+    sshd = OpenSSHServer(keys).start()
+    listen = free_port()  # on the "server" side: where the gateway will find the workstation
+    agent = subprocess.Popen(
+        [*GATEWAY, "tunnel-agent", "--server", f"root@127.0.0.1:{sshd.port}",
+         "--key", str(keys.client), "--no-agent",
+         "--known-hosts", str(keys.known_hosts(sshd.port)),
+         "--forward", f"{listen}:127.0.0.1:{workstation.server.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server_side = f"http://127.0.0.1:{listen}"
+    gateway = None
+    try:
+        wait_until(lambda: answers(server_side), 10, "the forward appearing on the server")
+        gateway = start_gateway(gateway_config(backend("studio", "ollama", server_side)))
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+            reply = c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content
+        sshd.kill()
+        wait_until(lambda: not answers(server_side), 5, "the forward going with sshd")
+        sshd = OpenSSHServer(keys, port=sshd.port).start()
+        back = wait_until(lambda: answers(server_side), 10, "the forward coming back")
+        print(f"forward back {back:.2f}s after sshd restarted")
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        agent.terminate()
+        output, _ = agent.communicate(timeout=10)
+        sshd.kill()
+    assert "tunnel agent: up" in output and "dropped" in output
+
+
+@pytest.mark.parametrize("flag", ["--print-systemd", "--print-launchd"])
+def test_agent_prints_a_boot_unit_with_the_users_arguments(flag: str) -> None:
+    args = ["--server", "me@gateway.example:2222", "--key", "/home/me/.ssh/id_ed25519",
+            "--forward", "11434", "--accept-new"]
+    result = subprocess.run([*GATEWAY, "tunnel-agent", *args, flag], capture_output=True,
+                            text=True, timeout=30, check=True)
+    assert sys.executable in result.stdout
+    if flag == "--print-systemd":
+        assert "ExecStart=" in result.stdout and "Restart=always" in result.stdout
+        exec_line = next(line for line in result.stdout.splitlines()
+                         if line.startswith("ExecStart="))
+        assert exec_line.endswith("tunnel-agent " + " ".join(args))
+    else:
+        for arg in args:
+            assert f"<string>{arg}</string>" in result.stdout
+        assert "<key>KeepAlive</key>" in result.stdout
+    assert flag not in result.stdout
+
+
+def write_check_config(path: Path, keys: Keys, port: int, remote_port: int,
+                       extra: str = "", known_hosts: Path | None = None) -> Path:
+    path.write_text(f"""
+[[tunnels]]
+name = "studio"
+host = "127.0.0.1"
+port = {port}
+user = "root"
+agent = false
+known_hosts = "{known_hosts or keys.known_hosts(port)}"
+connect_timeout = 3.0
+{extra}
+forwards = [{{ name = "ollama", remote_port = {remote_port} }}]
+
+[[backends]]
+name = "studio"
+kind = "ollama"
+tunnel = "studio/ollama"
+""")
+    return path
+
+
+def run_check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GATEWAY, "check", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_reports_a_working_tunnel(keys: Keys, workstation: Sim, tmp_path: Path) -> None:
+    server = AsyncSSHServer(keys).start()
+    try:
+        result = run_check(write_check_config(tmp_path / "g.toml", keys, server.port,
+                                              workstation.server.port,
+                                              f'key_file = "{keys.client}"'))
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"tunnel studio  root@127.0.0.1:{server.port}  up" in result.stdout
+    assert "backend studio  (ollama, primary, via tunnel studio/ollama)  OK" in result.stdout
+
+
+def test_check_explains_an_unknown_host_key(keys: Keys, workstation: Sim,
+                                            tmp_path: Path) -> None:
+    server = AsyncSSHServer(keys).start()
+    try:
+        result = run_check(write_check_config(tmp_path / "g.toml", keys, server.port,
+                                              workstation.server.port,
+                                              f'key_file = "{keys.client}"',
+                                              known_hosts=tmp_path / "empty"))
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert "is not known" in result.stdout and "ssh-keyscan -p" in result.stdout
+    assert "the tunnel studio is down" in result.stdout
+
+
+def test_check_explains_a_service_down_behind_the_tunnel(keys: Keys, tmp_path: Path) -> None:
+    server = AsyncSSHServer(keys).start()
+    try:
+        result = run_check(write_check_config(tmp_path / "g.toml", keys, server.port,
+                                              free_port(), f'key_file = "{keys.client}"'))
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert "up" in result.stdout.splitlines()[0]
+    assert "the service behind the tunnel is down: is Ollama (ollama serve) running on " \
+        "127.0.0.1" in result.stdout
+
+
+def test_check_explains_refused_credentials_without_showing_them(
+    keys: Keys, workstation: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = AsyncSSHServer(keys).start()
+    monkeypatch.setenv("STUDIO_PASSWORD", "swordfish-wrong")
+    try:
+        result = run_check(write_check_config(tmp_path / "g.toml", keys, server.port,
+                                              workstation.server.port,
+                                              'password_env = "STUDIO_PASSWORD"'))
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert "refused to authenticate 'root'" in result.stdout
+    assert "swordfish" not in result.stdout + result.stderr
+    assert json.dumps("password from $STUDIO_PASSWORD")[1:-1] in result.stdout
