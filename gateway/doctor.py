@@ -5,6 +5,7 @@ what does not, what to do. Exits non-zero when no backend of the primary tier an
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 from gateway.app import build_backend
 from gateway.backends.base import Backend, Health
@@ -78,4 +79,7 @@ def _hint(spec: BackendConfig, tunnels: TunnelManager) -> str:
                 f"{tunnel.config.host}, listening on {forward.remote_host}:{forward.remote_port}?")
     if spec.optional:
         return f"optional: start {service} at {spec.url} when you want it"
-    return f"is {service} running at {spec.url}?"
+    host = urlsplit(spec.url).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return f"is {service} running at {spec.url}?"
+    return f"can this machine reach {host}? (DNS, network, proxy, firewall)"

@@ -5,6 +5,7 @@ port, generated host and client keys) and asyncssh's own server, in a thread of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -189,7 +190,5 @@ def _kill_tree(pid: int) -> None:
         doomed.append(current)
         stack.extend(children.get(current, []))
     for victim in reversed(doomed):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

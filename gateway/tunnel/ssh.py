@@ -58,7 +58,11 @@ def _options(config: TunnelConfig, known_hosts: Path) -> dict[str, Any]:
         "client_factory": lambda: _HostKeyPolicy(config, known_hosts),
     }
     if config.key_file:
-        options["client_keys"] = [str(Path(config.key_file).expanduser())]
+        key_file = Path(config.key_file).expanduser()
+        if not key_file.is_file():
+            raise TunnelError(f"the key file {key_file} does not exist",
+                              "check key_file (ssh-keygen -t ed25519 makes one)")
+        options["client_keys"] = [str(key_file)]
         if config.key_passphrase_env:
             options["passphrase"] = _secret(config.key_passphrase_env, "key_passphrase_env")
     elif not config.agent:

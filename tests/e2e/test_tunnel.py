@@ -215,7 +215,7 @@ def test_a_wrong_password_is_refused_and_never_shown(
     gateway = start_gateway(tunnel_config(keys, server.port, workstation, key_file="",
                                           password_env="STUDIO_PASSWORD"))
     try:
-        state, error, hint = tunnel_error(gateway)
+        _state, error, hint = tunnel_error(gateway)
         assert error == f"root@127.0.0.1:{server.port} refused to authenticate 'root'"
         assert "password from $STUDIO_PASSWORD" in hint
         shown = error + hint + json.dumps(health(gateway)) + caplog.text
