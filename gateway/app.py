@@ -89,8 +89,10 @@ def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
                 health.lost(name, f"tunnel {t.name} is down")
 
         async def up(t: Tunnel, names: list[str] = behind) -> None:
-            if t.reconnects:  # at start-up the health watch's first round covers it
-                await asyncio.gather(*(health.check_now(name) for name in names))
+            # Those known to be down are probed now (at start-up nothing is known yet:
+            # the health watch's first round covers them).
+            await asyncio.gather(*(health.check_now(name) for name in names
+                                   if health.up.get(name) is False))
 
         def services_ok(names: list[str] = behind) -> bool:
             return all(health.up.get(name) is not False for name in names)  # None: not yet

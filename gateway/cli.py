@@ -10,10 +10,11 @@ import logging
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import build_backend, create_app
+from gateway.app import create_app
 from gateway.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -32,9 +33,7 @@ DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.toml"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
-    args.raw = raw
+    args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # chatty at INFO
@@ -47,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway")
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway",
+                                     allow_abbrev=False)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     agent = commands.add_parser(
-        "tunnel-agent", help="on the workstation: keep reverse tunnels to the gateway server")
+        "tunnel-agent", help="on the workstation: keep reverse tunnels to the gateway server",
+        allow_abbrev=False)
     agent.add_argument("--server", required=True, metavar="[USER@]HOST[:PORT]",
                        help="the gateway server's sshd")
     agent.add_argument("--key", default="", help="private key file")
@@ -156,7 +157,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    asyncio.run(print_catalog(config, [build_backend(b) for b in config.backends]))
+    asyncio.run(print_catalog(config))
     return 0
 
 
@@ -169,36 +170,46 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _tunnel_agent(args: argparse.Namespace) -> int:
-    from gateway.tunnel.agent import (
-        DEFAULT_FORWARDS,
-        RemoteForward,
-        ReverseAgent,
-        launchd_plist,
-        systemd_unit,
-    )
+    from gateway.tunnel.agent import DEFAULT_FORWARDS, RemoteForward, ReverseAgent, unit
 
-    if args.print_systemd or args.print_launchd:
-        arguments = [a for a in args.raw[args.raw.index("tunnel-agent") + 1:]
-                     if a not in ("--print-systemd", "--print-launchd")]
-        print(systemd_unit(arguments) if args.print_systemd else launchd_plist(arguments))
-        return 0
     try:
         forwards = [RemoteForward.parse(f) for f in args.forward or DEFAULT_FORWARDS]
+        user, host, port = _server(args.server)
     except ValueError as exc:
         print(f"gateway tunnel-agent: {exc}", file=sys.stderr)
         return 2
-    user, _, rest = args.server.rpartition("@")
-    host, _, port = rest.partition(":")
     ssh = TunnelConfig(
-        name="agent", host=host, port=int(port or 22), user=user or getpass.getuser(),
-        key_file=args.key, key_passphrase_env=args.key_passphrase_env,
-        password_env=args.password_env, agent=not args.no_agent,
-        known_hosts=args.known_hosts, host_key="accept-new" if args.accept_new else "strict",
-        keepalive=args.keepalive, interactive=not args.no_interactive)
+        name="agent", host=host, port=port, user=user, key_file=_absolute(args.key),
+        key_passphrase_env=args.key_passphrase_env, password_env=args.password_env,
+        agent=not args.no_agent, known_hosts=_absolute(args.known_hosts),
+        host_key="accept-new" if args.accept_new else "strict", keepalive=args.keepalive,
+        interactive=not args.no_interactive)
+    if args.print_systemd or args.print_launchd:
+        print(unit(ssh, forwards, args.log_level, "systemd" if args.print_systemd
+                   else "launchd"))
+        return 0
     loop = new_event_loop()
     with contextlib.suppress(KeyboardInterrupt):
         loop.run_until_complete(ReverseAgent(ssh, forwards).run())
     return 0
+
+
+def _server(text: str) -> tuple[str, str, int]:
+    """``[user@]host[:port]``, the host possibly an IPv6 address in brackets."""
+    user, _, rest = text.rpartition("@")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = tail.removeprefix(":")
+    else:
+        host, _, port = rest.partition(":")
+    if not host or (port and not port.isdigit()) or not 0 < int(port or 22) < 65536:
+        raise ValueError(f"--server {text!r}: expected [USER@]HOST[:PORT]")
+    return user or getpass.getuser(), host, int(port or 22)
+
+
+def _absolute(path: str) -> str:
+    """A path that still means the same file when a service runs the command elsewhere."""
+    return str(Path(path).expanduser().absolute()) if path else ""
 
 
 def _new_key(args: argparse.Namespace) -> int:

@@ -58,9 +58,12 @@ class ForwardConfig:
     local_port: int = 0  # 0: a free port, chosen once at start-up
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        for key in ("remote_port", "local_port"):
-            if not 0 <= getattr(self, key) <= 65535:
-                yield key, "expected a TCP port 0-65535"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            yield "name", "expected letters, digits, '_', '.' or '-'"
+        if not 1 <= self.remote_port <= 65535:
+            yield "remote_port", "expected a TCP port 1-65535"
+        if not 0 <= self.local_port <= 65535:
+            yield "local_port", "expected a TCP port 0-65535 (0: pick a free one)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +102,13 @@ class TunnelConfig:
             value = getattr(self, key)
             if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
                 yield key, "expected the name of an environment variable, not the secret"
+        if not 1 <= self.port <= 65535:
+            yield "port", "expected a TCP port 1-65535"
         for key in ("keepalive", "connect_timeout", "backoff_initial", "backoff_max"):
             if getattr(self, key) <= 0:
                 yield key, "expected seconds > 0"
+        if self.backoff_initial > self.backoff_max:
+            yield "backoff_initial", "expected at most backoff_max"
         names = [f.name for f in self.forwards]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -299,6 +306,13 @@ class GatewayConfig:
         for i, name in enumerate(tunnel_names):
             if name in tunnel_names[:i]:
                 yield f"tunnels[{i}].name", f"duplicate tunnel name {name!r}"
+        taken = {self.server.port}
+        for i, tunnel in enumerate(self.tunnels):
+            for j, forward in enumerate(tunnel.forwards):
+                if forward.local_port and forward.local_port in taken:
+                    yield (f"tunnels[{i}].forwards[{j}].local_port",
+                           f"port {forward.local_port} is already used by the gateway")
+                taken.add(forward.local_port)
         for i, model in enumerate(self.models):
             for j, deployment in enumerate(model.deployments):
                 if deployment.backend not in names:

@@ -12,13 +12,14 @@ from gateway.backends.base import Backend, Health
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.tunnel.manager import TunnelManager
 
-FIRST_ATTEMPT_SECONDS = 15.0
+SETUP_SECONDS = 5.0  # beyond the connect timeout: key exchange, auth, the pty session
 
 
 async def check(config: GatewayConfig) -> tuple[str, bool]:
     """The report, and whether the primary tier can be reached."""
     tunnels = TunnelManager(config.tunnels)
-    await tunnels.start(patience=FIRST_ATTEMPT_SECONDS)
+    patience = max((t.connect_timeout * 2 for t in config.tunnels), default=0) + SETUP_SECONDS
+    await tunnels.start(patience=patience)
     lines: list[str] = []
     try:
         for tunnel in tunnels.tunnels.values():
@@ -29,7 +30,8 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
                           f"{f.remote_host}:{f.remote_port} on the remote host"
                           for f in tunnel.config.forwards]
             else:
-                lines.append(f"tunnel {tunnel.name}  {where}  DOWN: {tunnel.error}")
+                error = tunnel.error or f"still connecting after {patience:g}s"
+                lines.append(f"tunnel {tunnel.name}  {where}  DOWN: {error}")
                 if tunnel.hint:
                     lines.append(f"  → {tunnel.hint}")
         backends = [(spec, build_backend(spec, tunnels)) for spec in config.backends]
@@ -38,9 +40,10 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
             lines += _backend_lines(spec, backend, health, tunnels)
     finally:
         await tunnels.close()
-    primary = [(s, h) for (s, _), h in zip(backends, results, strict=True)
-               if s.tier == "primary"]
-    reachable = sum(1 for _, h in primary if h is not None and h.ok)
+    # An embedded backend is not asked here: it neither counts for nor against the tier.
+    primary = [h for (s, _), h in zip(backends, results, strict=True)
+               if s.tier == "primary" and h is not None]
+    reachable = sum(1 for h in primary if h.ok)
     lines.append(f"\nprimary tier: {reachable} of {len(primary)} backends answer")
     return "\n".join(lines), reachable > 0 or not primary
 
@@ -51,6 +54,8 @@ async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:
     await backend.start()
     try:
         return await backend.probe()
+    except Exception as exc:  # one odd backend must not cut the report short
+        return Health(False, f"the check itself failed: {type(exc).__name__}")
     finally:
         await backend.close()
 

@@ -15,6 +15,7 @@ from gateway.backends.base import Backend, ModelInfo
 from gateway.config import GatewayConfig
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.selector import Needs, Selector
+from gateway.tunnel.manager import TunnelManager
 
 
 async def catalog_report(config: GatewayConfig, backends: list[Backend]) -> str:
@@ -24,7 +25,7 @@ async def catalog_report(config: GatewayConfig, backends: list[Backend]) -> str:
     breakers = await _live_breakers(config)
     lines: list[str] = []
     for spec, (name, status) in zip(config.backends, catalog.status().items(), strict=True):
-        where = spec.url or "embedded"
+        where = f"via tunnel {spec.tunnel}" if spec.tunnel else spec.url or "embedded"
         state = "up" if status.ok else f"DOWN: {status.error}"
         if spec.kind == "embedded":
             state = "runs with the gateway (not started for this listing)"
@@ -78,7 +79,13 @@ async def _live_breakers(config: GatewayConfig) -> dict[str, str]:
     return _UNKNOWN
 
 
-async def print_catalog(config: GatewayConfig, backends: list[Backend]) -> None:
+async def print_catalog(config: GatewayConfig) -> None:
+    """Open the tunnels, ask every backend, print the report."""
+    from gateway.app import build_backend
+
+    tunnels = TunnelManager(config.tunnels)
+    await tunnels.start(patience=max((t.connect_timeout for t in config.tunnels), default=0))
+    backends = [build_backend(b, tunnels) for b in config.backends]
     # An embedded backend is not started just to be listed: it would load its model.
     asked = [b for b in backends if b.config.kind != "embedded"]
     try:
@@ -86,3 +93,4 @@ async def print_catalog(config: GatewayConfig, backends: list[Backend]) -> None:
         print(await catalog_report(config, backends))
     finally:
         await asyncio.gather(*(b.close() for b in asked))
+        await tunnels.close()

@@ -116,6 +116,7 @@ class AsyncSSHServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._server: asyncssh.SSHAcceptor | None = None
         self._connections: list[asyncssh.SSHServerConnection] = []
+        self.sessions: list[tuple[str | None, str | None]] = []  # (terminal type, command)
 
     def start(self) -> AsyncSSHServer:
         self._thread.start()
@@ -141,9 +142,17 @@ class AsyncSSHServer:
             def server_requested(self, *args: object) -> bool:
                 return True  # remote forwards
 
+        sessions = self.sessions
+
+        async def session(process: asyncssh.SSHServerProcess[str]) -> None:
+            sessions.append((process.get_terminal_type(), process.command))
+            async for _ in process.stdin:  # like `cat`: until the client goes
+                pass
+            process.exit(0)
+
         self._server = await asyncssh.create_server(
             Server, "127.0.0.1", self.port, server_host_keys=[str(self.host_key)],
-            authorized_client_keys=str(self.keys.authorized_keys))
+            authorized_client_keys=str(self.keys.authorized_keys), process_factory=session)
 
     def stop(self) -> None:
         async def close() -> None:

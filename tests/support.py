@@ -140,3 +140,12 @@ def gateway_config(*backends: dict[str, Any], **sections: dict[str, Any]) -> Gat
 
 def start_gateway(config: GatewayConfig) -> ServerThread:
     return ServerThread(lambda: create_app(config)).start()
+
+
+def wait_until(check: Callable[[], Any], limit: float, what: str) -> float:
+    """Poll ``check`` until it is true; how long that took (fails past ``limit`` seconds)."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < limit, f"{what} took over {limit}s"
+        time.sleep(0.05)
+    return time.monotonic() - started

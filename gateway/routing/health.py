@@ -28,6 +28,7 @@ class HealthWatcher:
         self.up: dict[str, bool | None] = {b.name: None for b in backends}  # None: not yet
         self._next: dict[str, float] = {b.name: 0.0 for b in backends}
         self._refreshes: set[asyncio.Task[None]] = set()
+        self._losses: dict[str, int] = {b.name: 0 for b in backends}  # lost() calls so far
 
     async def run(self) -> None:
         while True:
@@ -50,8 +51,11 @@ class HealthWatcher:
         await self._check_safely(backend)
 
     async def check(self, backend: Backend) -> None:
+        losses = self._losses[backend.name]
         health = await backend.probe()
-        was = self.up[backend.name]  # read after the probe: lost() may have run meanwhile
+        if health.ok and self._losses[backend.name] != losses:
+            return  # lost meanwhile (its tunnel dropped): an answer from before says nothing
+        was = self.up[backend.name]
         factor = UP_INTERVAL_FACTOR if health.ok else 1
         self._next[backend.name] = time.monotonic() + self._interval * factor
         if health.ok:
@@ -67,6 +71,7 @@ class HealthWatcher:
         if self.up.get(backend) is not False:
             log.warning("backend %s is down (%s); its traffic goes elsewhere", backend, reason)
         self.up[backend] = False
+        self._losses[backend] = self._losses.get(backend, 0) + 1
         self._next[backend] = min(self._next.get(backend, 0.0),
                                   time.monotonic() + self._interval)
         self._balancer.mark_down(backend)

@@ -11,7 +11,9 @@ import asyncio
 import logging
 import shlex
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from xml.sax.saxutils import escape
 
 import asyncssh
@@ -53,6 +55,10 @@ class RemoteForward:
 
 
 class ReverseAgent:
+    """Keeps remote forwards on the server for as long as it runs, reconnecting with
+    jittered backoff when the link drops.
+    """
+
     def __init__(self, ssh: TunnelConfig, forwards: list[RemoteForward]) -> None:
         self.ssh = ssh
         self.forwards = forwards
@@ -64,20 +70,34 @@ class ReverseAgent:
         while True:
             try:
                 connection = await connect(self.ssh)
-                await make_interactive(connection, self.ssh)
-                await self._request(connection)
             except TunnelError as exc:
                 log.warning("tunnel agent: %s", exc)
+            except Exception:  # the agent must outlive any surprise
+                log.exception("tunnel agent: unexpected failure")
             else:
-                attempt = 0
-                log.info("tunnel agent: up: %s", "; ".join(map(str, self.forwards)))
-                self.connected.set()
-                await connection.wait_closed()
-                self.connected.clear()
-                log.warning("tunnel agent: the connection to %s dropped", self.ssh.host)
-            delay = backoff(attempt, self.ssh)
+                started = time.monotonic()
+                try:
+                    await self._serve(connection)
+                except TunnelError as exc:
+                    log.warning("tunnel agent: %s", exc)
+                # The backoff restarts only after a while of being up, not on every
+                # connection that drops at once.
+                if time.monotonic() - started >= self.ssh.backoff_max:
+                    attempt = 0
+            await asyncio.sleep(backoff(attempt, self.ssh))
             attempt += 1
-            await asyncio.sleep(delay)
+
+    async def _serve(self, connection: asyncssh.SSHClientConnection) -> None:
+        try:
+            await make_interactive(connection, self.ssh)
+            await self._request(connection)
+            log.info("tunnel agent: up: %s", "; ".join(map(str, self.forwards)))
+            self.connected.set()
+            await connection.wait_closed()
+            log.warning("tunnel agent: the connection to %s dropped", self.ssh.host)
+        finally:
+            self.connected.clear()
+            connection.close()
 
     async def _request(self, connection: asyncssh.SSHClientConnection) -> None:
         for forward in self.forwards:
@@ -85,21 +105,48 @@ class ReverseAgent:
                 await connection.forward_remote_port(
                     "127.0.0.1", forward.listen_port, forward.local_host, forward.local_port)
             except asyncssh.Error as exc:
-                connection.close()
                 raise TunnelError(f"the server refused to listen on port {forward.listen_port}"
                                   f": {exc.reason}", "is AllowTcpForwarding on in sshd_config, "
-                                  "and the port free on the server?") from None
+                                  "and the port free on the server? (an old session of this "
+                                  "agent may still hold it until sshd's ClientAliveInterval "
+                                  "notices it is gone)") from None
 
 
-def systemd_unit(arguments: list[str]) -> str:
-    command = shlex.join([sys.executable, "-m", "gateway", "tunnel-agent", *arguments])
+def arguments(ssh: TunnelConfig, forwards: list[RemoteForward]) -> list[str]:
+    """The command-line arguments that run an agent with these settings."""
+    server = f"[{ssh.host}]" if ":" in ssh.host else ssh.host
+    out = ["--server", f"{ssh.user}@{server}:{ssh.port}"]
+    for flag, value in (("--key", ssh.key_file), ("--key-passphrase-env",
+                                                   ssh.key_passphrase_env),
+                        ("--password-env", ssh.password_env),
+                        ("--known-hosts", ssh.known_hosts)):
+        if value:
+            out += [flag, value]
+    out += [flag for flag, on in (("--no-agent", not ssh.agent),
+                                  ("--accept-new", ssh.host_key == "accept-new"),
+                                  ("--no-interactive", not ssh.interactive)) if on]
+    out += ["--keepalive", f"{ssh.keepalive:g}"]
+    for forward in forwards:
+        out += ["--forward", f"{forward.listen_port}:{forward.local_host}:{forward.local_port}"]
+    return out
+
+
+def unit(ssh: TunnelConfig, forwards: list[RemoteForward], log_level: str,
+         kind: str) -> str:
+    """A systemd unit or a launchd plist that starts the agent at boot."""
+    command = [sys.executable, "-m", "gateway", "--log-level", log_level, "tunnel-agent",
+               *arguments(ssh, forwards)]
+    return systemd_unit(command) if kind == "systemd" else launchd_plist(command)
+
+
+def systemd_unit(command: list[str]) -> str:
+    # systemd expands % specifiers and $ variables in ExecStart: escape both.
+    line = shlex.join(command).replace("%", "%%").replace("$", "$$")
     return f"""[Unit]
 Description=Hybrid gateway reverse tunnel (the workstation's models, served on the gateway)
-After=network-online.target
-Wants=network-online.target
 
 [Service]
-ExecStart={command}
+ExecStart={line}
 Restart=always
 RestartSec=5
 # A password or key passphrase goes in an environment file, never on the command line:
@@ -107,12 +154,13 @@ RestartSec=5
 
 [Install]
 WantedBy=default.target
+# As a user unit: systemctl --user enable --now gateway-tunnel-agent; and, to run without a
+# login session, loginctl enable-linger $USER.
 """
 
 
-def launchd_plist(arguments: list[str]) -> str:
-    program = "\n".join(f"    <string>{escape(a)}</string>" for a in
-                        [sys.executable, "-m", "gateway", "tunnel-agent", *arguments])
+def launchd_plist(command: list[str]) -> str:
+    program = "\n".join(f"    <string>{escape(a)}</string>" for a in command)
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
 <plist version="1.0">
@@ -128,7 +176,7 @@ def launchd_plist(arguments: list[str]) -> str:
   <key>KeepAlive</key>
   <true/>
   <key>StandardErrorPath</key>
-  <string>/tmp/{LABEL}.log</string>
+  <string>{escape(str(Path.home() / "Library" / "Logs" / (LABEL + ".log")))}</string>
 </dict>
 </plist>
 """

@@ -1,9 +1,13 @@
 """SSH tunnels the gateway owns: it opens them, keeps them up with jittered backoff, and tells
 routing at once when one drops (every backend behind it is taken out of rotation, no request
-waits for a timeout) and when it is back (rediscovery, traffic returns).
+waits for a timeout) and when it is back (the backends are probed and rejoin).
 
 States: connecting → up (the session is up and the services behind it answer) or degraded
 (session up, a service behind it down) → down when the link breaks → backing off → connecting.
+
+A forward's local port belongs to the gateway for its whole life: while the tunnel is down a
+placeholder listener holds it and turns connections away, so no other local program can
+take the port and receive what was meant for the workstation.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Literal
 
 import asyncssh
 
-from gateway.config import TunnelConfig
+from gateway.config import ConfigError, ForwardConfig, TunnelConfig
 from gateway.tunnel.ssh import TunnelError, backoff, connect, make_interactive
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,10 @@ class Tunnel:
     def __init__(self, config: TunnelConfig) -> None:
         self.config = config
         self.name = config.name
+        self._held = {f.name: _hold(f.local_port, config.name) for f in config.forwards}
         # Fixed for the process's life, so backends keep one URL across reconnects.
-        self.ports = {f.name: f.local_port or _free_port() for f in config.forwards}
+        self.ports = {name: sock.getsockname()[1] for name, sock in self._held.items()}
+        self._placeholders: dict[str, asyncio.Server] = {}
         self.connected = False
         self.phase: State = "connecting"
         self.error = ""  # why the last attempt failed (no secrets: see ssh.explain)
@@ -44,7 +50,6 @@ class Tunnel:
         self.on_down: list[Listener] = []
         self.on_up: list[Listener] = []
         self.services_ok: Callable[[], bool] = lambda: True
-        self._connection: asyncssh.SSHClientConnection | None = None
         self._first = asyncio.Event()
 
     @property
@@ -54,24 +59,30 @@ class Tunnel:
         return self.phase
 
     def url(self, forward: str) -> str:
+        """The local URL of a forward (``http://127.0.0.1:PORT``)."""
         return f"http://127.0.0.1:{self.ports[forward]}"
 
     async def run(self) -> None:
         """Connect, forward, watch the link; when it breaks, back off and do it again."""
         attempt = 0
+        await self._hold_ports()
         while True:
             self._set("connecting")
             try:
-                connection = await connect(self.config)
-                await make_interactive(connection, self.config)
-                await self._forward(connection)
+                connection = await self._open()
             except TunnelError as exc:
                 self.error, self.hint = exc.message, exc.hint
                 log.warning("tunnel %s: %s", self.name, exc)
+            except Exception as exc:  # the loop must outlive any surprise
+                self.error, self.hint = f"unexpected failure: {type(exc).__name__}", ""
+                log.exception("tunnel %s: unexpected failure", self.name)
             else:
-                attempt = 0
                 self.error = self.hint = ""
-                await self._serve(connection)
+                lasted = await self._serve(connection)
+                # A link that keeps dropping right after it is made must not be redialled
+                # in a tight loop: the backoff restarts only after a while of being up.
+                if lasted >= self.config.backoff_max:
+                    attempt = 0
             self._first.set()
             self._set("backing_off")
             await asyncio.sleep(backoff(attempt, self.config))
@@ -86,30 +97,41 @@ class Tunnel:
                 await self._first.wait()
 
     async def close(self) -> None:
-        """After ``run`` is cancelled (which closes a live connection itself)."""
-        if self._connection is not None:
-            self._connection.close()
+        """After ``run`` is cancelled: give the ports back."""
+        await self._release_placeholders()
+        for sock in self._held.values():
+            sock.close()
 
-    async def _forward(self, connection: asyncssh.SSHClientConnection) -> None:
+    async def _open(self) -> asyncssh.SSHClientConnection:
+        connection = await connect(self.config)
         try:
+            await make_interactive(connection, self.config)
+            await self._release_placeholders()
             for forward in self.config.forwards:
-                await connection.forward_local_port(
-                    "127.0.0.1", self.ports[forward.name], forward.remote_host,
-                    forward.remote_port)
-        except OSError as exc:
+                await self._forward(connection, forward)
+        except BaseException:
             connection.close()
-            raise TunnelError(f"cannot listen on a local port for tunnel {self.name}: "
-                              f"{exc.strerror or exc}", "is the port taken?") from None
+            await self._hold_ports()
+            raise
+        return connection
 
-    async def _serve(self, connection: asyncssh.SSHClientConnection) -> None:
-        self._connection = connection
+    async def _forward(self, connection: asyncssh.SSHClientConnection,
+                       forward: ForwardConfig) -> None:
+        try:
+            await connection.forward_local_port("127.0.0.1", self.ports[forward.name],
+                                                forward.remote_host, forward.remote_port)
+        except OSError as exc:
+            raise TunnelError(f"cannot listen on 127.0.0.1:{self.ports[forward.name]} for "
+                              f"tunnel {self.name}: {exc.strerror or exc}",
+                              "another program took the port") from None
+
+    async def _serve(self, connection: asyncssh.SSHClientConnection) -> float:
+        """Until the link drops; how long it lasted."""
+        started = time.monotonic()
         self.connected = True
-        if self.reconnects or self._first.is_set():
-            log.info("tunnel %s is back", self.name)
-        else:
-            log.info("tunnel %s is up (%s)", self.name, ", ".join(
-                f"127.0.0.1:{self.ports[f.name]} → {f.remote_host}:{f.remote_port}"
-                for f in self.config.forwards))
+        log.info("tunnel %s is up (%s)", self.name, ", ".join(
+            f"127.0.0.1:{self.ports[f.name]} → {f.remote_host}:{f.remote_port}"
+            for f in self.config.forwards))
         self._set("up")
         self._first.set()
         await _notify(self.on_up, self)
@@ -123,11 +145,28 @@ class Tunnel:
             raise
         finally:
             self.connected = False
-            self._connection = None
         self.reconnects += 1
         self._set("down")
+        await self._hold_ports()
         log.warning("tunnel %s dropped; the backends behind it are out of rotation", self.name)
         await _notify(self.on_down, self)
+        return time.monotonic() - started
+
+    async def _hold_ports(self) -> None:
+        """Placeholders on every forward's port: connections are turned away at once."""
+        loop = asyncio.get_running_loop()
+        for name, port in self.ports.items():
+            if name in self._placeholders:
+                continue
+            sock = self._held.pop(name, None) or _hold(port, self.name)
+            self._placeholders[name] = await loop.create_server(_TurnAway, sock=sock)
+
+    async def _release_placeholders(self) -> None:
+        placeholders, self._placeholders = self._placeholders, {}
+        for server in placeholders.values():
+            server.close()
+        for server in placeholders.values():
+            await server.wait_closed()
 
     def _set(self, phase: State) -> None:
         if phase != self.phase:
@@ -148,6 +187,7 @@ class TunnelManager:
         return self.tunnels[tunnel].url(forward)
 
     def tunnel_of(self, reference: str) -> Tunnel:
+        """The tunnel of a ``"tunnel/forward"`` reference."""
         return self.tunnels[reference.partition("/")[0]]
 
     async def start(self, patience: float = 5.0) -> None:
@@ -169,6 +209,28 @@ class TunnelManager:
                 for name, t in self.tunnels.items()}
 
 
+class _TurnAway(asyncio.Protocol):
+    """What a held port does while its tunnel is down: refuse at once, say nothing."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def _hold(port: int, tunnel: str) -> socket.socket:
+    """A listening socket on 127.0.0.1:``port`` (0: a free one), owned from now on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"tunnel {tunnel}: cannot listen on 127.0.0.1:{port} for a "
+                          f"forward: {exc.strerror} (another program has the port?)") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 async def _notify(listeners: list[Listener], tunnel: Tunnel) -> None:
     for listener in listeners:
         try:
@@ -177,9 +239,3 @@ async def _notify(listeners: list[Listener], tunnel: Tunnel) -> None:
                 await result
         except Exception:
             log.exception("tunnel %s: a listener failed", tunnel.name)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import openai
 import pytest
 
@@ -18,7 +19,15 @@ from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY
 from tests import ssh_peers
 from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
-from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    free_port,
+    gateway_config,
+    start_gateway,
+    wait_until,
+)
 
 USER = [{"role": "user", "content": "Hello"}]
 MODEL = "qwen2.5-coder:32b"
@@ -58,7 +67,8 @@ def tunnel_config(keys: Keys, port: int, workstation: Sim, light: Sim | None = N
                 "backoff_initial": 0.2, "backoff_max": 1.0,
                 "forwards": [{"name": "ollama", "remote_port": workstation.server.port}],
                 **tunnel}
-    return gateway_config(*backends, tunnels=[settings], routing={"health_interval": 0.5})
+    # A slow health watch: what happens at once must come from the tunnel's own signals.
+    return gateway_config(*backends, tunnels=[settings], routing={"health_interval": 30.0})
 
 
 def client(gateway: ServerThread) -> openai.OpenAI:
@@ -68,14 +78,6 @@ def client(gateway: ServerThread) -> openai.OpenAI:
 def health(gateway: ServerThread) -> dict[str, Any]:
     with urllib.request.urlopen(gateway.url + "/health", timeout=5) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
-
-
-def wait_until(check: Any, limit: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < limit, f"{what} took over {limit}s"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 @pytest.mark.parametrize("server_kind", ["openssh", "asyncssh"])
@@ -162,8 +164,10 @@ def test_a_wrong_host_key_is_refused_with_a_clear_message(keys: Keys, workstatio
     try:
         state, error, hint = tunnel_error(gateway)
         assert state != "up"
-        assert error == f"the host key of root@127.0.0.1:{impostor.port} does not match the " \
-            f"one in {keys.known_hosts(impostor.port)}"
+        offered = asyncssh.read_private_key(str(keys.other_host))
+        assert error == f"the host key of 127.0.0.1:{impostor.port} does not match the " \
+            f"one in {keys.known_hosts(impostor.port)} (it offered " \
+            f"{offered.get_fingerprint()})"
         assert "someone may be in the middle" in hint
         assert not workstation.requests()
     finally:
@@ -210,6 +214,7 @@ def test_a_wrong_password_is_refused_and_never_shown(
     keys: Keys, workstation: Sim, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)  # asyncssh's own messages included
     server = AsyncSSHServer(keys).start()
     monkeypatch.setenv("STUDIO_PASSWORD", "hunter2-not-the-password")
     gateway = start_gateway(tunnel_config(keys, server.port, workstation, key_file="",
@@ -233,15 +238,74 @@ def test_a_wrong_password_is_refused_and_never_shown(
         server.stop()
 
 
-async def test_health_lists_the_tunnel_states(keys: Keys, workstation: Sim) -> None:
+def test_health_lists_the_tunnel_states(keys: Keys, workstation: Sim) -> None:
     server = AsyncSSHServer(keys).start()
     gateway = start_gateway(tunnel_config(keys, server.port, workstation))
     try:
         states = health(gateway)["tunnels"]
         assert states["studio"]["state"] == "up" and states["studio"]["reconnects"] == 0
-        await asyncio.to_thread(server.stop)
-        await asyncio.sleep(1.0)
-        assert health(gateway)["tunnels"]["studio"]["state"] in ("down", "backing_off",
-                                                                   "connecting")
+        server.stop()
+        wait_until(lambda: health(gateway)["tunnels"]["studio"]["state"] != "up", 3.0,
+                   "the tunnel leaving the up state")
+        assert health(gateway)["tunnels"]["studio"]["reconnects"] == 1
     finally:
         gateway.stop()
+
+
+def test_degraded_when_the_service_behind_the_tunnel_is_down(keys: Keys) -> None:
+    server = AsyncSSHServer(keys).start()
+    nothing = Sim(ServerThread(lambda: create_ollama_app([])), "ollama")  # never started
+    nothing.server.port = free_port()
+    gateway = start_gateway(tunnel_config(keys, server.port, nothing))
+    try:
+        wait_until(lambda: health(gateway)["tunnels"]["studio"]["state"] == "degraded", 5.0,
+                   "noticing the service behind the tunnel is down")
+        assert health(gateway)["backends"]["studio"]["ok"] is False
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def test_the_tunnel_holds_a_pty_session_so_sshd_sends_without_delay(
+    keys: Keys, workstation: Sim
+) -> None:
+    server = AsyncSSHServer(keys).start()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation))
+    try:
+        assert server.sessions == [("dumb", "cat")]
+    finally:
+        gateway.stop()
+        server.stop()
+    server = AsyncSSHServer(keys).start()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation, interactive=False))
+    try:
+        with client(gateway) as c:
+            assert c.chat.completions.create(model=MODEL, messages=USER).choices
+        assert server.sessions == []
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def test_the_users_own_ssh_setup_is_not_consulted(
+    keys: Keys, workstation: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A home whose ssh config would trust anything, and whose known_hosts trusts an
+    # impostor: strict checking against the configured (missing) file must still refuse.
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile none\n")
+    impostor = AsyncSSHServer(keys, host_key=keys.other_host).start()
+    (home / ".ssh" / "known_hosts").write_text(
+        keys.known_hosts(impostor.port, keys.other_host).read_text())
+    monkeypatch.setenv("HOME", str(home))
+    gateway = start_gateway(tunnel_config(keys, impostor.port, workstation,
+                                          known_hosts=str(tmp_path / "missing")))
+    try:
+        _, error, _ = tunnel_error(gateway)
+        assert "is not known" in error
+        assert not workstation.requests()
+    finally:
+        gateway.stop()
+        impostor.stop()

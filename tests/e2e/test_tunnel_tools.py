@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,15 @@ import pytest
 from gateway.sim import SimModel, create_ollama_app
 from tests import ssh_peers
 from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
-from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    free_port,
+    gateway_config,
+    start_gateway,
+    wait_until,
+)
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 MODEL = "qwen2.5-coder:32b"
@@ -40,14 +46,6 @@ def answers(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
-
-
-def wait_until(check: object, limit: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() - started < limit, f"{what} took over {limit}s"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def test_reverse_agent_keeps_its_forward_through_an_sshd_restart(
@@ -85,22 +83,27 @@ def test_reverse_agent_keeps_its_forward_through_an_sshd_restart(
 
 
 @pytest.mark.parametrize("flag", ["--print-systemd", "--print-launchd"])
-def test_agent_prints_a_boot_unit_with_the_users_arguments(flag: str) -> None:
-    args = ["--server", "me@gateway.example:2222", "--key", "/home/me/.ssh/id_ed25519",
-            "--forward", "11434", "--accept-new"]
-    result = subprocess.run([*GATEWAY, "tunnel-agent", *args, flag], capture_output=True,
-                            text=True, timeout=30, check=True)
-    assert sys.executable in result.stdout
+def test_agent_prints_a_boot_unit_with_the_users_arguments(flag: str, tmp_path: Path) -> None:
+    args = ["--server", "me@gateway.example:2222", "--key", "id_ed25519",
+            "--forward", "11434", "--accept-new", "--password-env", "GW_PASS"]
+    result = subprocess.run([*GATEWAY, "--log-level", "debug", "tunnel-agent", *args, flag],
+                            capture_output=True, text=True, timeout=30, check=True,
+                            cwd=tmp_path)
+    expected = [sys.executable, "-m", "gateway", "--log-level", "debug", "tunnel-agent",
+                "--server", "me@gateway.example:2222", "--key", str(tmp_path / "id_ed25519"),
+                "--password-env", "GW_PASS"]
     if flag == "--print-systemd":
-        assert "ExecStart=" in result.stdout and "Restart=always" in result.stdout
         exec_line = next(line for line in result.stdout.splitlines()
                          if line.startswith("ExecStart="))
-        assert exec_line.endswith("tunnel-agent " + " ".join(args))
+        assert exec_line.startswith("ExecStart=" + " ".join(expected))
+        assert "--accept-new" in exec_line and "--forward 11434:127.0.0.1:11434" in exec_line
+        assert "Restart=always" in result.stdout
     else:
-        for arg in args:
-            assert f"<string>{arg}</string>" in result.stdout
+        strings = [line.strip()[len("<string>"):-len("</string>")]
+                   for line in result.stdout.splitlines() if line.strip().startswith("<string>")]
+        assert strings[1:1 + len(expected)] == expected  # [0] is the label
         assert "<key>KeepAlive</key>" in result.stdout
-    assert flag not in result.stdout
+    assert "--print-" not in result.stdout
 
 
 def write_check_config(path: Path, keys: Keys, port: int, remote_port: int,
@@ -166,7 +169,7 @@ def test_check_explains_a_service_down_behind_the_tunnel(keys: Keys, tmp_path: P
     finally:
         server.stop()
     assert result.returncode == 1
-    assert "up" in result.stdout.splitlines()[0]
+    assert result.stdout.splitlines()[0].endswith("  up")
     assert "the service behind the tunnel is down: is Ollama (ollama serve) running on " \
         "127.0.0.1" in result.stdout
 
@@ -185,4 +188,20 @@ def test_check_explains_refused_credentials_without_showing_them(
     assert result.returncode == 1
     assert "refused to authenticate 'root'" in result.stdout
     assert "swordfish" not in result.stdout + result.stderr
-    assert json.dumps("password from $STUDIO_PASSWORD")[1:-1] in result.stdout
+    assert "password from $STUDIO_PASSWORD" in result.stdout
+
+
+def test_models_command_lists_what_is_behind_a_tunnel(
+    keys: Keys, workstation: Sim, tmp_path: Path
+) -> None:
+    server = AsyncSSHServer(keys).start()
+    try:
+        config = write_check_config(tmp_path / "g.toml", keys, server.port,
+                                    workstation.server.port, f'key_file = "{keys.client}"')
+        result = subprocess.run([*GATEWAY, "models", "--config", str(config)],
+                                capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        server.stop()
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("studio  (ollama, primary, via tunnel studio/ollama)  up")
+    assert lines[1].strip().startswith(MODEL)
