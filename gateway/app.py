@@ -24,7 +24,8 @@ from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.http import middlewares
 from gateway.http.routes import add_routes
-from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, ROUTER, TUNNELS
+from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, PIPELINE, ROUTER, TUNNELS
+from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
@@ -65,11 +66,14 @@ def create_app(config: GatewayConfig) -> web.Application:
     health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
+    app[PIPELINE] = Pipeline(load_plugins(config), router, config.server.reasoning,
+                             config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
     app.cleanup_ctx.append(_tunnels_ctx)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
     app.cleanup_ctx.append(_health_ctx)
+    app.cleanup_ctx.append(_plugins_ctx)
     app.on_startup.append(_freeze_startup_objects)
     add_routes(app)
     return app
@@ -100,6 +104,12 @@ def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
         tunnel.on_down.append(down)
         tunnel.on_up.append(up)
         tunnel.services_ok = services_ok
+
+
+async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[PIPELINE].start()
+    yield
+    await app[PIPELINE].close()
 
 
 async def _tunnels_ctx(app: web.Application) -> AsyncIterator[None]:

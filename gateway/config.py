@@ -239,6 +239,7 @@ class RoutingConfig:
     fallbacks: tuple[str, ...] = ()  # for models without their own list (names or aliases)
     tier_fallback: bool = True  # after a model's own fallbacks: the server tier, then cloud
     rescue: bool = True  # continue a stream that broke mid-answer on another deployment
+    max_escalations: int = 1  # stronger models tried after a failing quality verdict
     health_interval: float = 2.0  # seconds between probes of a backend that is down
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
@@ -283,6 +284,22 @@ class AliasConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PluginConfig:
+    """One plugin around every request, in the order listed: a built-in one by name
+    (``safety``, ``cache``, ``qa``) or any other by ``path`` ("package.module:Class").
+    Its ``options`` are checked by the plugin itself when it is loaded.
+    """
+
+    name: str
+    path: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.path and not re.fullmatch(r"[\w.]+:[\w]+", self.path):
+            yield "path", f'expected "package.module:Class", got {self.path!r}'
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -291,6 +308,7 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     models: tuple[ModelConfig, ...] = ()
     aliases: dict[str, AliasConfig] = field(default_factory=dict)
+    plugins: tuple[PluginConfig, ...] = ()
     source: str = "<defaults>"
 
     def problems(self) -> Iterator[tuple[str, str]]:

@@ -43,6 +43,8 @@ def build(cls: type[T], data: Any, source: str, where: str = "") -> T:
 
 def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
     origin = get_origin(hint)
+    if hint is Any:
+        return value  # checked by whoever consumes it (a plugin's own options)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, source, where)  # type: ignore[arg-type]
     if origin is Literal:

@@ -12,8 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.http.middlewares import json_response
-from gateway.http.sse import write_stream
-from gateway.keys import CATALOG, CONFIG, REQUEST_ID, ROUTER, TUNNELS
+from gateway.keys import CATALOG, PIPELINE, REQUEST_ID, ROUTER, TUNNELS
 from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
@@ -23,11 +22,7 @@ from gateway.protocol.openai import (
     parse_embedding,
 )
 from gateway.protocol.responses import (
-    Completion,
     Kind,
-    StreamEncoder,
-    collect,
-    completion_body,
     model_entry,
 )
 from gateway.routing.catalog import Deployment
@@ -46,27 +41,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(
     request: web.Request, kind: Kind, req: ChatRequest | CompletionRequest
 ) -> web.StreamResponse:
-    routed = request.app[ROUTER].answer(req)
-    first = await routed.start()
-    reasoning = request.app[CONFIG].server.reasoning
-    try:
-        if req.stream:
-            headers = _route_headers(request, routed.deployment, routed.attempts, routed.route)
-            encoder = StreamEncoder(kind, routed.deployment.model.name,
-                                    include_usage=req.include_usage, reasoning=reasoning)
-            routed.on_switch = encoder.switch_model
-            return await write_stream(request, first, routed.chunks(), encoder, headers)
-        if first.finish_reason is not None:  # a whole answer comes in one piece
-            completion = Completion()
-            completion.add(first)
-        else:
-            completion = await collect(routed.chunks(), first)
-    finally:
-        await routed.close()  # drops the upstream connection the moment the client goes
-    body = completion_body(kind, completion, routed.deployment.model.name, reasoning)
-    # Built now, not before: who answered in the end.
-    return json_response(body, _route_headers(request, routed.deployment, routed.attempts,
-                                              routed.route))
+    return await request.app[PIPELINE].run(request, kind, req)
 
 
 def _route_headers(request: web.Request, deployment: Deployment, attempts: int,
@@ -129,7 +104,8 @@ async def health(request: web.Request) -> web.Response:
     status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
     return json_response({"status": status, "time": int(time.time()), "backends": backends,
                           "tunnels": request.app[TUNNELS].report(),
-                          "deployments": balancer.report()})
+                          "deployments": balancer.report(),
+                          "plugins": request.app[PIPELINE].report()})
 
 
 def add_routes(app: web.Application) -> None:

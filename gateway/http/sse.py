@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -31,9 +32,12 @@ async def write_stream(
     chunks: AsyncIterator[Chunk],
     encoder: StreamEncoder,
     headers: dict[str, str],
-) -> web.StreamResponse:
-    """Send ``first`` and the rest of ``chunks``; every failure after the commit ends the
-    stream in-band (nothing may escape: a second response would corrupt this one).
+    on_end: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+) -> tuple[web.StreamResponse, bool]:
+    """Send ``first`` and the rest of ``chunks``; whether it all went out. Every failure after
+    the commit ends the stream in-band (nothing may escape: a second response would corrupt
+    this one). ``on_end`` runs when the answer is whole, before ``[DONE]``; what it returns
+    rides on the last event (the QA verdict, say).
     """
     response = EventSourceResponse(
         headers=headers, sep="\n", allow_all_methods=True, ping_interval=PING_SECONDS
@@ -42,22 +46,23 @@ async def write_stream(
     async with response:
         try:
             usage = await _relay(response, first, chunks, encoder)
+            extra = await on_end() if on_end is not None else {}
         except GatewayError as exc:
             await _send_error(response, exc)
-            return response
+            return response, False
         except (ConnectionError, TimeoutError):
-            return response  # the client went away or stopped reading; the caller cleans up
+            return response, False  # the client left or stopped reading; the caller cleans up
         except Exception:
             log.exception("stream %s failed", request.get(REQUEST_ID, "?"))
             await _send_error(response, GatewayError("The gateway failed while streaming.",
                                                      code="internal_error"))
-            return response
+            return response, False
         with contextlib.suppress(ConnectionError, TimeoutError):
-            final = encoder.encode_usage(usage)
+            final = encoder.encode_final(usage, extra)
             if final is not None:
                 await response.send(final)
             await response.send("[DONE]")
-    return response
+    return response, True
 
 
 async def _relay(response: EventSourceResponse, first: Chunk, chunks: AsyncIterator[Chunk],

@@ -90,12 +90,16 @@ class StreamEncoder:
                   "finish_reason": chunk.finish_reason}
         return self._event(choice)
 
-    def encode_usage(self, usage: Usage | None) -> str | None:
-        if not self._include_usage:
+    def encode_final(self, usage: Usage | None, extra: dict[str, Any]) -> str | None:
+        """The last event before ``[DONE]``: the usage (when asked for) and ``extra``
+        fields (the gateway's verdicts, named ``x_gateway_*``); None when there is neither.
+        """
+        if not self._include_usage and not extra:
             return None
-        return orjson.dumps(
-            {**self._base, "choices": [], "usage": (usage or Usage()).as_dict()}
-        ).decode()
+        event: dict[str, Any] = {**self._base, "choices": [], **extra}
+        if self._include_usage:
+            event["usage"] = (usage or Usage()).as_dict()
+        return orjson.dumps(event).decode()
 
     def _event(self, choice: dict[str, Any]) -> str:
         event = {**self._base, "choices": [choice]}
@@ -120,6 +124,7 @@ class StreamEncoder:
 class Completion:
     """A whole answer: what a non-streaming response reports."""
 
+    model: str = ""  # the model that gave it
     content: str = ""
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -169,6 +174,13 @@ class Completion:
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
         return message
+
+
+    def chunks(self) -> list[Chunk]:
+        """The answer as a stream again (a cached or checked answer, replayed)."""
+        calls = [{**call, "index": i} for i, call in enumerate(self.tool_calls)]
+        return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None),
+                Chunk(finish_reason=self.finish_reason, usage=self.usage)]
 
 
 async def collect(chunks: AsyncIterator[Chunk], first: Chunk | None = None) -> Completion:

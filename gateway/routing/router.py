@@ -30,8 +30,15 @@ class Router:
 
     def answer(self, req: ChatRequest | CompletionRequest) -> RoutedAnswer:
         """The routed answer to a chat or text completion; ``await .start()`` runs it."""
-        route = self.selector.route(req)
+        return self._answer(req, self.selector.route(req))
 
+    def escalate(self, req: ChatRequest | CompletionRequest, than: Deployment,
+                 why: str) -> RoutedAnswer | None:
+        """The answer of a stronger model than ``than``, or None when there is none."""
+        stronger = self.selector.stronger(req, than, why)
+        return self._answer(req, Route(stronger, list)) if stronger else None
+
+    def _answer(self, req: ChatRequest | CompletionRequest, route: Route) -> RoutedAnswer:
         def opener(deployment: Deployment, prefill: str | None, sent: int
                    ) -> AsyncGenerator[Chunk]:
             ask = _continuing(req, prefill, sent) if prefill else req

@@ -127,6 +127,29 @@ class Selector:
             first = [Candidate(name, self._catalog.resolve(name), "requested")]
         return Route(first, lambda: self._fallbacks_for(name, first, needs_of(req)))
 
+    def stronger(self, req: ChatRequest | CompletionRequest, than: Deployment, why: str
+                 ) -> list[Candidate]:
+        """Models to escalate to after an answer from ``than`` was found wanting: the next
+        larger ones first, then the cloud tier (cheap local first, stronger only when needed).
+        """
+        needs = needs_of(req)
+        size = than.model.parameters or 0
+        larger: list[Candidate] = []
+        cloud: list[Candidate] = []
+        for name in self._catalog.names():
+            deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)
+                           and d.model.name != than.model.name]
+            if not deployments:
+                continue
+            candidate = Candidate(name, deployments, f"escalated after {why}")
+            if size and _size(candidate) > size:
+                larger.append(candidate)
+            elif than.backend.tier != "cloud" and any(d.backend.tier == "cloud"
+                                                      for d in deployments):
+                cloud.append(candidate)
+        larger.sort(key=_size)
+        return larger + sorted(cloud, key=_size, reverse=True)
+
     def _fallbacks_for(self, name: str, first: list[Candidate], needs: Needs
                        ) -> list[Candidate]:
         seen = {c.name for c in first}

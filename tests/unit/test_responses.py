@@ -21,7 +21,7 @@ def test_stream_events_share_id_and_carry_the_role_first() -> None:
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}  # type: ignore[index]
     assert second["choices"][0]["delta"] == {"content": "!"}  # type: ignore[index]
     assert first["usage"] is None and first["object"] == "chat.completion.chunk"
-    usage = decode(encoder.encode_usage(Usage(3, 2)))
+    usage = decode(encoder.encode_final(Usage(3, 2), {}))
     assert usage["choices"] == [] and usage["usage"] == {
         "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
@@ -29,7 +29,7 @@ def test_stream_events_share_id_and_carry_the_role_first() -> None:
 def test_without_include_usage_there_is_no_usage_anywhere() -> None:
     encoder = StreamEncoder("chat", "m", include_usage=False, reasoning="separate")
     assert "usage" not in decode(encoder.encode(Chunk(content="Hi")))
-    assert encoder.encode_usage(Usage(1, 1)) is None
+    assert encoder.encode_final(Usage(1, 1), {}) is None
 
 
 def test_empty_chunks_after_the_first_are_not_sent() -> None:

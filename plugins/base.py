@@ -1,0 +1,94 @@
+"""The plugin contract: what runs around every chat and text completion.
+
+``on_request`` sees the request before routing (it may answer it — a cache hit — or refuse
+it by raising ``Denied``); ``on_stream`` wraps the answer's chunks on their way out;
+``on_complete`` sees the whole answer once it is done (and may ask for a stronger model).
+The one place that knows the order is ``gateway.pipeline``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.backends.base import Chunk
+from gateway.errors import InvalidRequest
+from gateway.protocol.openai import ChatRequest, CompletionRequest
+from gateway.protocol.responses import Completion, Kind
+
+
+class Denied(InvalidRequest):
+    """A request a plugin refuses: 400 ``content_policy_violation``, naming the rule."""
+
+    code = "content_policy_violation"
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{message} (rule: {rule})", param="messages")
+        self.rule = rule
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request's state, as plugins see and shape it."""
+
+    kind: Kind
+    req: ChatRequest | CompletionRequest
+    tenant: str  # a digest of the API key ("" when keys are not required)
+    client_headers: Mapping[str, str]
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response
+    # A streamed request the client gets only once it is whole (and checked): JSON formats.
+    buffered: bool = False
+    model: str = ""  # the model that answered, once known
+    failed: bool = False  # the answer ended in an error: nothing of it is kept
+    rejected: Verdict | None = None  # a plugin found the answer wanting: nothing of it is kept
+    state: dict[str, Any] = field(default_factory=dict)  # each plugin's own, by its name
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A judgement of a finished answer; ``escalate`` asks for a stronger model."""
+
+    ok: bool
+    reasons: tuple[str, ...] = ()
+    escalate: bool = False
+
+    def describe(self) -> str:
+        return "pass" if self.ok else "fail: " + ", ".join(self.reasons)
+
+
+class Plugin(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def on_request(self, ctx: RequestContext) -> Completion | None: ...
+    def on_stream(self, ctx: RequestContext,
+                  chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]: ...
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None: ...
+    def report(self) -> dict[str, Any]: ...
+
+
+class BasePlugin:
+    """Does nothing at every step: a plugin overrides only what it needs."""
+
+    name = "plugin"
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def on_request(self, ctx: RequestContext) -> Completion | None:
+        return None
+
+    def on_stream(self, ctx: RequestContext,
+                  chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        return chunks
+
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
+        return None
+
+    def report(self) -> dict[str, Any]:
+        return {}
