@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from gateway.app import build_backend
 from gateway.backends.base import Backend, Health
 from gateway.config import BackendConfig, GatewayConfig
+from gateway.pipeline import load_plugins
 from gateway.tunnel.manager import TunnelManager
 
 SETUP_SECONDS = 5.0  # beyond the connect timeout: key exchange, auth, the pty session
@@ -38,6 +39,7 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
         results = await asyncio.gather(*(_probe(spec, b) for spec, b in backends))
         for (spec, backend), health in zip(backends, results, strict=True):
             lines += _backend_lines(spec, backend, health, tunnels)
+        lines += await _plugin_lines(config)
     finally:
         await tunnels.close()
     # An embedded backend is not asked here: it neither counts for nor against the tier.
@@ -46,6 +48,22 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
     reachable = sum(1 for h in primary if h.ok)
     lines.append(f"\nprimary tier: {reachable} of {len(primary)} backends answer")
     return "\n".join(lines), reachable > 0 or not primary
+
+
+async def _plugin_lines(config: GatewayConfig) -> list[str]:
+    """Each plugin in order, with what is wrong with what it depends on (a cache's Redis)."""
+    lines = []
+    for plugin in load_plugins(config):
+        await plugin.start()
+        try:
+            check = getattr(plugin, "check", None)
+            problem = await check() if check is not None else None
+        finally:
+            await plugin.close()
+        lines.append(f"plugin {plugin.name}  " + ("OK" if problem is None else "DEGRADED"))
+        if problem:
+            lines.append(f"  → {problem}")
+    return lines
 
 
 async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:

@@ -7,6 +7,7 @@ one call to routing. The one place that knows the order of plugins.
     on_complete (QA's verdict, then the cache stores what passed) — a failing verdict on a
                 whole (or buffered) answer asks routing for a stronger model, a bounded
                 number of times
+    on_finish   (however it ended: the cache releases requests waiting on this one)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gateway.routing.router import Router
 from gateway.typed_toml import ConfigError, build
 from plugins.base import Plugin, RequestContext, Verdict
 
+ESCALATED = "x-gateway-escalated"  # the models whose answers were found wanting, and why
 BUILTIN = {"safety": "plugins.safety:SafetyPlugin", "cache": "plugins.cache:CachePlugin",
            "qa": "plugins.qa:QualityPlugin"}
 
@@ -71,15 +73,21 @@ class Pipeline:
                   req: ChatRequest | CompletionRequest) -> web.StreamResponse:
         ctx = RequestContext(kind=kind, req=req, tenant=request.get(TENANT, ""),
                              client_headers=request.headers)
-        for plugin in self.plugins:
-            hit = await plugin.on_request(ctx)
-            if hit is not None:  # answered without asking a model (a cache hit)
-                ctx.model = hit.model
-                return await self._respond(request, ctx, hit, {})
-        if req.stream and not ctx.buffered:
-            return await self._stream(request, ctx)
-        completion, headers = await self._whole(ctx)
-        return await self._respond(request, ctx, completion, headers)
+        try:
+            for plugin in self.plugins:
+                hit = await plugin.on_request(ctx)
+                if hit is not None:  # answered without asking a model (a cache hit)
+                    ctx.model = hit.model
+                    return await self._respond(request, ctx, hit, {
+                        "x-gateway-backend": plugin.name, "x-gateway-model": hit.model,
+                        "x-gateway-attempts": "0", "x-gateway-route": f"answered by {plugin.name}"})
+            if ctx.req.stream and not ctx.buffered:
+                return await self._stream(request, ctx)
+            completion, headers = await self._whole(ctx)
+            return await self._respond(request, ctx, completion, headers)
+        finally:
+            for plugin in reversed(self.plugins):
+                plugin.on_finish(ctx)
 
     async def _stream(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         routed = self.router.answer(ctx.req)
@@ -96,9 +104,9 @@ class Pipeline:
             async def finished() -> dict[str, Any]:
                 taken.model = routed.deployment.model.name
                 ctx.model = taken.model
-                await self._judge(ctx, taken)
-                return {"x_gateway_" + k.removeprefix("x-gateway-").replace("-", "_"): v
-                        for k, v in ctx.headers.items() if k.startswith("x-gateway-qa")}
+                await self._judge(ctx, taken, routed.deployment)
+                qa = ctx.headers.get("x-gateway-qa")
+                return {"x_gateway_qa": qa} if qa else {}
 
             headers = {**_route_headers(request, routed), **ctx.headers}
             response, ok = await write_stream(request, first_out, chunks, encoder, headers,
@@ -111,21 +119,24 @@ class Pipeline:
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""
         completion, headers, deployment = await self._collect(ctx, self.router.answer(ctx.req))
+        escalated: list[str] = []
         for _ in range(self.max_escalations):
-            verdict = await self._judge(ctx, completion)
+            verdict = await self._judge(ctx, completion, deployment)
             if verdict is None or not verdict.escalate:
                 return completion, headers
             routed = self.router.escalate(ctx.req, deployment, verdict.describe())
             if routed is None:
                 break
             try:
-                stronger, headers, deployment = await self._collect(ctx, routed)
+                stronger, stronger_headers, stronger_deployment = await self._collect(ctx,
+                                                                                      routed)
             except GatewayError:
                 break  # the stronger model failed: the first answer stands, verdict and all
-            ctx.headers["x-gateway-qa"] = f"escalated ({verdict.describe()})"
-            completion = stronger
+            escalated.append(f"{deployment.model.name} ({', '.join(verdict.reasons)})")
+            ctx.headers[ESCALATED] = "; ".join(escalated)
+            completion, headers, deployment = stronger, stronger_headers, stronger_deployment
         else:
-            await self._judge(ctx, completion)
+            await self._judge(ctx, completion, deployment)
         return completion, headers
 
     async def _collect(self, ctx: RequestContext, routed: RoutedAnswer
@@ -141,18 +152,26 @@ class Pipeline:
             await routed.close()
         return completion, _route_headers_of(routed), routed.deployment
 
-    async def _judge(self, ctx: RequestContext, completion: Completion) -> Verdict | None:
+    async def _judge(self, ctx: RequestContext, completion: Completion,
+                     deployment: Deployment) -> Verdict | None:
         """Every plugin's on_complete, in order; the first failing verdict that asks for a
-        stronger model (QA's), if any.
+        stronger model (QA's), if any. Verdicts are counted for the deployment that answered.
         """
         escalate: Verdict | None = None
+        judged = False
         ctx.rejected = None
         for plugin in self.plugins:
             verdict = await plugin.on_complete(ctx, completion)
-            if verdict is not None and not verdict.ok:
+            if verdict is None:
+                continue
+            judged = True
+            if not verdict.ok:
                 ctx.rejected = ctx.rejected or verdict  # later plugins (the cache) see it
                 if verdict.escalate and escalate is None:
                     escalate = verdict
+        if judged:
+            reasons = ctx.rejected.reasons if ctx.rejected else ()
+            self.router.balancer.state(deployment).judged(ctx.rejected is None, reasons)
         return escalate
 
     def _wrap(self, ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

@@ -34,10 +34,19 @@ MODEL = "command-r-plus:104b"
 REPLY = "The quick brown fox jumps over the lazy dog and the gateway keeps out of its way."
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something short."}],
         "max_tokens": 64}
+# What the plugins cost grows with the text they read: a prompt of about 2 KB of ordinary
+# prose (no personal data, so nothing is redacted and the request goes on).
+LONG_PROMPT = " ".join(
+    f"Paragraph {i}: the service reads its settings at start-up, checks them, and then answers "
+    f"requests until it is told to stop; each answer is logged with its duration." for i in
+    range(12))
+LONG_BODY = {**BODY, "messages": [{"role": "user", "content": LONG_PROMPT}]}
+CACHED_BODY = {**BODY, "temperature": 0}  # deterministic: the cache keeps its answer
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [[%s]]
 wrk.headers["Content-Type"] = "application/json"
+%s
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -55,6 +64,7 @@ class Target:
     url: str
     body: dict[str, Any]
     script: Path
+    headers: dict[str, str] = field(default_factory=dict)
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def add(self, key: str, sample: dict[str, float]) -> None:
@@ -104,7 +114,8 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
     }
 
 
-async def ttft(url: str, body: dict[str, Any], requests: int) -> dict[str, float]:
+async def ttft(url: str, body: dict[str, Any], requests: int, headers: dict[str, str]
+               ) -> dict[str, float]:
     """Time to the first content token of a streamed answer, one request at a time."""
     payload = {**body, "stream": True}
     firsts: list[float] = []
@@ -113,7 +124,8 @@ async def ttft(url: str, body: dict[str, Any], requests: int) -> dict[str, float
         for _ in range(requests):
             started = time.perf_counter()
             first = None
-            async with http.post(url + "/v1/chat/completions", json=payload) as response:
+            async with http.post(url + "/v1/chat/completions", json=payload,
+                                 headers=headers) as response:
                 async for line in response.content:
                     if first is None and b'"content":"' in line.replace(b" ", b""):
                         first = time.perf_counter() - started
@@ -126,11 +138,27 @@ async def ttft(url: str, body: dict[str, Any], requests: int) -> dict[str, float
             "stream_p50_ms": statistics.median(totals)}
 
 
-def _config(port: int, backends: dict[str, str]) -> str:
+def _config(port: int, backends: dict[str, str], plugins: str = "") -> str:
     sections = [f'[server]\nport = {port}\n']
     sections += [f'[[backends]]\nname = "{name}"\nkind = "openai"\nurl = "{url}"\n'
                  for name, url in backends.items()]
-    return "\n".join(sections)
+    return "\n".join([*sections, plugins])
+
+
+CHECKED = '[[plugins]]\nname = "safety"\n\n[[plugins]]\nname = "qa"\n'
+CACHED = '[[plugins]]\nname = "cache"\n'
+
+
+def _redis_cache(url: str) -> str:
+    return f'{CACHED}[plugins.options]\nbackend = "redis"\nredis_url = "{url}"\n'
+
+
+def _start_redis() -> Any:
+    """A Redis server of the benchmark's own on a free port (the tests' helper)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.redis_peer import RedisServer
+
+    return RedisServer().start()
 
 
 def _start_sshd(work: Path) -> Any:
@@ -166,10 +194,12 @@ tunnel = "studio/sim"
 """
 
 
-def _target(name: str, port: int, body: dict[str, Any], work: Path) -> Target:
-    script = work / f"post-{port}.lua"
-    script.write_text(WRK_SCRIPT % json.dumps(body))
-    return Target(name, f"http://127.0.0.1:{port}", body, script)
+def _target(name: str, port: int, body: dict[str, Any], work: Path,
+            headers: dict[str, str] | None = None) -> Target:
+    extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
+    script = work / f"post-{port}-{len(list(work.glob('post-*')))}.lua"
+    script.write_text(WRK_SCRIPT % (json.dumps(body), extra))
+    return Target(name, f"http://127.0.0.1:{port}", body, script, headers or {})
 
 
 def ensure_wrk() -> None:
@@ -187,11 +217,16 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="loadtest-"))
     ports = {name: free_port() for name in ("sim", "sim2", "proxy", "gateway", "routed",
-                                            "tunneled")}
+                                            "tunneled", "checked", "cached", "redis_cached")}
     sims = {name: f"http://127.0.0.1:{ports[name]}/v1" for name in ("sim", "sim2")}
     (work / "gateway.toml").write_text(_config(ports["gateway"], {"sim": sims["sim"]}))
     (work / "routed.toml").write_text(_config(ports["routed"], {"host-a": sims["sim"],
                                                                  "host-b": sims["sim2"]}))
+    redis = _start_redis()
+    (work / "checked.toml").write_text(_config(ports["checked"], {"sim": sims["sim"]}, CHECKED))
+    (work / "cached.toml").write_text(_config(ports["cached"], {"sim": sims["sim"]}, CACHED))
+    (work / "redis_cached.toml").write_text(_config(ports["redis_cached"], {"sim": sims["sim"]},
+                                                    _redis_cache(redis.url)))
     sshd = _start_sshd(work)
     (work / "tunneled.toml").write_text(_tunneled_config(ports["tunneled"], ports["sim"],
                                                          sshd, work))
@@ -206,7 +241,7 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     try:
         for name in ("sim", "sim2"):
             wait_ready(f"http://127.0.0.1:{ports[name]}/health")
-        for name in ("gateway", "routed", "tunneled"):
+        for name in ("gateway", "routed", "tunneled", "checked", "cached", "redis_cached"):
             processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
                                     "--config", str(work / f"{name}.toml")], work / f"{name}.log"))
             wait_ready(f"http://127.0.0.1:{ports[name]}/health")
@@ -219,6 +254,14 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
                     routed, work),
             _target("gateway through an SSH tunnel (OpenSSH sshd)", ports["tunneled"], BODY,
                     work),
+            _target("gateway, 2 KB prompt", ports["gateway"], LONG_BODY, work),
+            _target("gateway + safety + QA, 2 KB prompt", ports["checked"], LONG_BODY, work),
+            _target("gateway + cache (memory): miss", ports["cached"], CACHED_BODY, work,
+                    {"x-gateway-cache": "refresh"}),
+            _target("gateway + cache (memory): hit", ports["cached"], CACHED_BODY, work),
+            _target("gateway + cache (Redis): miss", ports["redis_cached"], CACHED_BODY, work,
+                    {"x-gateway-cache": "refresh"}),
+            _target("gateway + cache (Redis): hit", ports["redis_cached"], CACHED_BODY, work),
         ]
         for target in targets:  # warm up connections, caches and the JIT-less interpreter
             wrk(target.url, 8, 2, target.script)
@@ -227,13 +270,15 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
                 print(f"round {round_ + 1}/{rounds}: {target.name}", file=sys.stderr)
                 target.add("c1", wrk(target.url, 1, seconds, target.script))
                 target.add("c32", wrk(target.url, 32, seconds, target.script))
-                target.add("stream", asyncio.run(ttft(target.url, target.body, stream_requests)))
+                target.add("stream", asyncio.run(ttft(target.url, target.body, stream_requests,
+                                                      target.headers)))
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait(timeout=10)
         sshd.kill()
+        redis.kill()
     report = render(targets, seconds, rounds, stream_requests)
     out.write_text(report + _history(out, targets))
     return report
@@ -248,7 +293,7 @@ def _history(out: Path, targets: list[Target]) -> str:
     """
     old = out.read_text().split(HISTORY, 1)[1].strip().splitlines() if out.exists() and \
         HISTORY in out.read_text() else []
-    direct, bare, gateway, routed, _ = targets
+    direct, bare, gateway, routed = targets[:4]
     line = (f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: gateway "
             f"{gateway.median('c32', 'rps') / bare.median('c32', 'rps'):.0%} of the bare proxy "
             f"at c=32 (routed {routed.median('c32', 'rps') / bare.median('c32', 'rps'):.0%}); "
@@ -258,7 +303,8 @@ def _history(out: Path, targets: list[Target]) -> str:
 
 
 def render(targets: list[Target], seconds: float, rounds: int, stream_requests: int) -> str:
-    direct, bare, gateway, routed, tunneled = targets
+    direct, bare, gateway, routed, tunneled, long, checked, miss, hit, redis_miss, redis_hit = \
+        targets
     rows = []
     for t in targets:
         rows.append(
@@ -275,6 +321,10 @@ def render(targets: list[Target], seconds: float, rounds: int, stream_requests: 
     added_bare = bare.median("c1", "p50_ms") - direct.median("c1", "p50_ms")
     added_ttft = gateway.median("stream", "ttft_p50_ms") - direct.median("stream", "ttft_p50_ms")
     verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    # What the plugins add to each request, in milliseconds of the machine's time: the
+    # difference of the inverse throughputs at c=32 (the server saturated).
+    per_request = lambda t, base: 1000 / t.median("c32", "rps") - 1000 / base.median(  # noqa
+        "c32", "rps")
     return f"""# Gateway benchmark
 
 Command: `.venv/bin/python -m loadtest --seconds {seconds:g} --rounds {rounds}`
@@ -303,6 +353,24 @@ passes (`gc.freeze()`, gateway/app.py), which the bare proxy does not.
 - Through an SSH tunnel (the gateway's own, asyncssh, to OpenSSH's sshd on loopback, then
   to the same simulator): {tunnel_share:.1%} of the gateway's direct throughput at c=32, and
   {tunnel_ttft:+.3f} ms time to first token against the same backend direct.
+- Safety checker and quality assurance on a 2 KB prompt: {checked.median("c32", "rps") /
+  long.median("c32", "rps"):.1%} of the plain gateway's throughput at c=32, that is
+  **{per_request(checked, long):.3f} ms per request**; p50 at c=1
+  {checked.median("c1", "p50_ms") - long.median("c1", "p50_ms"):+.3f} ms.
+- Cache hits (in memory): **{hit.median("c32", "rps"):,.0f} req/s at c=32**,
+  {hit.median("c32", "rps") / miss.median("c32", "rps"):.1f} times the rate of cache misses (every request
+  sent with `x-gateway-cache: refresh`: asked upstream and stored) and
+  {hit.median("c32", "rps") / bare.median("c32", "rps"):.1%} of the bare proxy; p50 at c=1
+  {hit.median("c1", "p50_ms"):.3f} ms against {miss.median("c1", "p50_ms"):.3f} ms for a miss
+  and {bare.median("c1", "p50_ms"):.3f} ms through the bare proxy.
+- Cache hits from Redis (the benchmark's own redis-server on loopback):
+  {redis_hit.median("c32", "rps"):,.0f} req/s at c=32, {redis_hit.median("c32", "rps") /
+  redis_miss.median("c32", "rps"):.1f} times its misses, {redis_hit.median("c32", "rps") /
+  bare.median("c32", "rps"):.1%} of the bare proxy; p50 at c=1 {redis_hit.median("c1",
+  "p50_ms"):.3f} ms (miss {redis_miss.median("c1", "p50_ms"):.3f} ms).
+
+The simulator answers at once, so a cache hit here saves only the upstream hop; against a
+model that takes seconds per answer, a hit saves those seconds.
 """
 
 

@@ -2,8 +2,9 @@
 
 ``on_request`` sees the request before routing (it may answer it — a cache hit — or refuse
 it by raising ``Denied``); ``on_stream`` wraps the answer's chunks on their way out;
-``on_complete`` sees the whole answer once it is done (and may ask for a stronger model).
-The one place that knows the order is ``gateway.pipeline``.
+``on_complete`` sees the whole answer once it is done (and may ask for a stronger model);
+``on_finish`` is told the request is over, however it ended (answered, failed, or the client
+gone). The one place that knows the order is ``gateway.pipeline``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Plugin(Protocol):
     def on_stream(self, ctx: RequestContext,
                   chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]: ...
     async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None: ...
+    def on_finish(self, ctx: RequestContext) -> None: ...
     def report(self) -> dict[str, Any]: ...
 
 
@@ -88,6 +90,9 @@ class BasePlugin:
         return chunks
 
     async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
+        return None
+
+    def on_finish(self, ctx: RequestContext) -> None:
         return None
 
     def report(self) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def backend(name: str, kind: str, url: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "kind": kind, "url": url, **extra}
 
 
-def gateway_config(*backends: dict[str, Any], **sections: dict[str, Any]) -> GatewayConfig:
+def gateway_config(*backends: dict[str, Any], **sections: Any) -> GatewayConfig:
     """A validated config, as if read from TOML, for the given backends."""
     server = {"port": 0, "shutdown_grace": 2.0, **sections.pop("server", {})}
     return parse_config({"server": server, "backends": list(backends), **sections},

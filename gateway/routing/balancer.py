@@ -26,7 +26,7 @@ class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
     __slots__ = ("breaker", "in_flight", "latency", "limit", "max_queue", "observed_at",
-                 "waiters")
+                 "verdicts", "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -36,6 +36,8 @@ class DeploymentState:
         self.latency: float | None = None  # None: never answered, so worth a try
         self.observed_at = 0.0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # How its answers were judged (quality assurance): "pass", "fail" and each reason.
+        self.verdicts = collections.Counter[str]()
 
     def score(self, now: float) -> float:
         if self.latency is None or now - self.observed_at > STALE_SECONDS:
@@ -78,6 +80,10 @@ class DeploymentState:
                 return
         self.in_flight -= 1
 
+    def judged(self, ok: bool, reasons: Sequence[str]) -> None:
+        self.verdicts["pass" if ok else "fail"] += 1
+        self.verdicts.update(reason.split(" (")[0] for reason in reasons)
+
     def observe(self, seconds: float) -> None:
         if self.latency is None:
             self.latency = seconds
@@ -110,6 +116,7 @@ class Balancer:
             f"{backend}/{model}": {
                 "breaker": s.breaker.state, "in_flight": s.in_flight, "queued": len(s.waiters),
                 "latency_ms": round(s.latency * 1000, 1) if s.latency is not None else None,
+                **({"verdicts": dict(s.verdicts)} if s.verdicts else {}),
             }
             for (backend, model), s in sorted(self._states.items())
         }

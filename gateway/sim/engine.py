@@ -86,8 +86,11 @@ async def pace_whole(model: SimModel, plan: Plan) -> None:
         await asyncio.sleep(ttft + delay * max(0, len(plan.pieces()) - 1))
 
 
-def plan_answer(model: SimModel, ask: Ask) -> Plan:
-    """The answer a model gives; raises ``SimError`` for requests it refuses."""
+def plan_answer(model: SimModel, ask: Ask, faults: Faults | None = None) -> Plan:
+    """The answer a model gives (or the one a fault dictates); raises ``SimError`` for
+    requests it refuses.
+    """
+    reply = faults.reply if faults else None
     if "embedding" in model.capabilities and "completion" not in model.capabilities:
         raise SimError(400, f'"{model.name}" does not support generate')
     if ask.images and "vision" not in model.capabilities:
@@ -102,25 +105,30 @@ def plan_answer(model: SimModel, ask: Ask) -> Plan:
     plan = Plan(prompt_tokens=prompt_tokens)
     if model.thinking == "field" and ask.think is not False and not ask.prefill:
         plan.thinking = tokens(THOUGHT)
-    if ask.tools and ask.last_role != "tool":
+    if reply is not None:  # a fault: this text as it is (no tool call, no JSON shaping)
+        text = reply
+    elif ask.tools and ask.last_role != "tool":
         tool = ask.tools[0]
         plan.tool_calls = [{"name": tool["function"]["name"], "arguments": tool_arguments(tool)}]
         plan.finish = "tool_calls"
         return plan
-    text = model.reply
-    if ask.last_tool_result is not None:
-        text = f"The tool said: {ask.last_tool_result}"
-    if ask.suffix is not None:
-        text = "return a + b"
-    if ask.json_format:
-        text = orjson.dumps(json_reply(text, ask.schema)).decode()
-    if model.thinking == "tags" and not ask.prefill:
-        text = f"<think>{THOUGHT}</think>\n\n{text}"
+    else:
+        text = model.reply
+        if ask.last_tool_result is not None:
+            text = f"The tool said: {ask.last_tool_result}"
+        if ask.suffix is not None:
+            text = "return a + b"
+        if ask.json_format:
+            text = orjson.dumps(json_reply(text, ask.schema)).decode()
+        if model.thinking == "tags" and not ask.prefill:
+            text = f"<think>{THOUGHT}</think>\n\n{text}"
     parts = tokens(continuation(text, ask.prefill))
     if ask.max_tokens is not None and len(parts) > ask.max_tokens:
         parts = parts[: ask.max_tokens]
         plan.finish = "length"
     plan.content = parts
+    if faults and faults.finish:
+        plan.finish = faults.finish
     return plan
 
 

@@ -39,6 +39,8 @@ class Faults:
     end_delay: float = 0.0  # pause between the last event and the end of the HTTP body
     content_policy: bool = False  # refuse as a content-policy violation
     reject_prefill: bool = False  # refuse a final assistant message (prefill)
+    reply: str | None = None  # answer this text, as it is, whatever was asked ("" answers empty)
+    finish: str | None = None  # end with this finish reason ("length": cut by its own limit)
     remaining: int | None = None
 
     @classmethod

@@ -144,7 +144,7 @@ async def _answer(request: web.Request, state: SimState, model: SimModel,
     with watch(record):
         await apply_faults(request, faults, ask, record)
         _check_options(model, payload)
-        plan = plan_answer(model, ask)
+        plan = plan_answer(model, ask, faults)
         model.loaded = True
         framer = _Framer(model.name, chat)
         if not stream:

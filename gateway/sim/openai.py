@@ -145,7 +145,7 @@ async def _answer(request: web.Request, state: SimState, model: SimModel, body: 
     faults = model.take_faults()
     with watch(record):
         await apply_faults(request, faults, ask, record)
-        plan = plan_answer(model, ask)
+        plan = plan_answer(model, ask, faults)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         framer = _Framer(model.name, flavor, chat, include_usage)
         if not stream:

@@ -212,3 +212,18 @@ def test_demo_serves_the_simulated_fleet() -> None:
             process.communicate()
     assert process.returncode == 0
     assert "curl" in output and 'base_url="http://127.0.0.1:' in output
+
+
+def test_check_reports_a_cache_whose_redis_does_not_answer(tmp_path: Path) -> None:
+    config = tmp_path / "cache.toml"
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    config.write_text(f'[[backends]]\nname = "gone"\nkind = "ollama"\noptional = true\n'
+                      f'url = "http://127.0.0.1:{free_port()}"\n\n'
+                      f'[[plugins]]\nname = "safety"\n\n'
+                      f'[[plugins]]\nname = "cache"\n[plugins.options]\nbackend = "redis"\n'
+                      f'redis_url = "{redis_url}"\n')
+    result = subprocess.run([*GATEWAY, "check", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert "plugin safety  OK" in result.stdout
+    assert "plugin cache  DEGRADED" in result.stdout
+    assert f"Redis at {redis_url} does not answer" in result.stdout

@@ -1,0 +1,114 @@
+"""Where the cache keeps answers: Redis (shared by every gateway process) or memory (one
+process, bounded). A store that cannot answer in time raises ``StoreUnavailable``; the cache
+then serves uncached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Protocol
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+QUIET_SECONDS = 1.0  # after a failure, Redis is not asked again for this long
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (down, slow, or refusing)."""
+
+
+class Store(Protocol):
+    async def start(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+
+class MemoryStore:
+    """An LRU of at most ``max_entries`` answers, each kept until its time is up."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: collections.OrderedDict[str, tuple[float, bytes]] = \
+            collections.OrderedDict()
+        self._max = max_entries
+
+    async def start(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires < time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._entries[key] = (time.monotonic() + ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+
+class RedisStore:
+    """Redis through a blocking pool (the default pool fails past its size instead of
+    waiting); every call bounded by ``timeout``. After a failure it keeps quiet for a
+    moment, so an outage costs requests nothing rather than a timeout each.
+    """
+
+    def __init__(self, url: str, timeout: float, max_connections: int) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._client: redis.Redis | None = None
+        self._quiet_until = 0.0
+
+    async def start(self) -> None:
+        pool = redis.BlockingConnectionPool.from_url(
+            self._url, max_connections=self._max_connections, timeout=self._timeout,
+            socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
+        self._client = redis.Redis(connection_pool=pool)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def ping(self) -> None:
+        await self._call(lambda client: client.ping())
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._call(lambda client: client.get(key))
+        return value if isinstance(value, bytes) else None
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        await self._call(lambda client: client.set(key, value, px=int(ttl * 1000)))
+
+    async def _call(self, operation: object) -> object:
+        if self._client is None or time.monotonic() < self._quiet_until:
+            raise StoreUnavailable
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                return await operation(self._client)  # type: ignore[operator]
+        except (RedisError, OSError, TimeoutError) as exc:
+            if time.monotonic() >= self._quiet_until:
+                log.warning("cache: Redis unavailable (%s); serving uncached",
+                            type(exc).__name__)
+            self._quiet_until = time.monotonic() + QUIET_SECONDS
+            raise StoreUnavailable from None

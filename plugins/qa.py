@@ -1,0 +1,200 @@
+"""Quality assurance: a finished answer is checked, and a poor one from a cheap model is taken
+to a stronger one.
+
+Checks: an empty answer; one cut by the length limit when the client set none; a repetition
+loop; invalid JSON when the response format asks for JSON (and, for ``json_schema``, a check
+against the schema); a refusal the request gave no reason for. The verdict goes in the header
+``x-gateway-qa`` (and the last chunk of a stream). A failing verdict on a whole answer — or a
+streamed one the client gets only once it is whole, which JSON formats are by default — asks
+the pipeline for a stronger model. The pipeline counts verdicts per deployment, for routing.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.protocol.openai import ChatRequest
+from gateway.protocol.responses import Completion
+from plugins.base import BasePlugin, RequestContext, Verdict
+
+HEADER = "x-gateway-qa"
+CHECKS = ("empty", "length", "repetition", "json", "refusal")
+
+_REFUSAL = re.compile(
+    r"^\W*(?:I(?:'m| am)\s+(?:sorry|afraid)[,.]?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|"
+    r"won't|am\s+(?:not\s+able|unable))|I\s+(?:can(?:no|')t|cannot|won't|am\s+(?:not\s+able|"
+    r"unable)\s+to)\s+(?:help|assist|provide|comply|do\s+that|fulfil|answer|create|write)|"
+    r"(?:Sorry|Unfortunately),?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|won't)|"
+    r"As\s+an\s+AI(?:\s+language\s+model)?,?\s+I\s+(?:can(?:no|')t|cannot|don't|am\s+not))",
+    re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityOptions:
+    checks: tuple[str, ...] = CHECKS
+    escalate: bool = True  # a failing answer is taken to a stronger model (when it can be)
+    buffer_json: bool = True  # streams asking for JSON reach the client only once checked
+    loop_min_chars: int = 120  # the least text a repetition loop must span
+    refusal_max_chars: int = 400  # longer answers that open with an apology are answers
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for check in self.checks:
+            if check not in CHECKS:
+                yield "checks", f"no such check {check!r} (checks: {', '.join(CHECKS)})"
+        if self.loop_min_chars < 20:
+            yield "loop_min_chars", "expected at least 20"
+
+
+class QualityPlugin(BasePlugin):
+    Options = QualityOptions
+    name = "qa"
+
+    def __init__(self, options: QualityOptions) -> None:
+        self.options = options
+        self.checks = frozenset(options.checks)
+        self.stats = collections.Counter[str]()  # per model: in the routing report
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.stats)
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if ctx.req.stream and self.options.buffer_json and "json" in self.checks and \
+                _json_format(ctx) is not None:
+            ctx.buffered = True
+        return None
+
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict:
+        reasons = tuple(self.judge(ctx, result))
+        self.stats["pass" if not reasons else "fail"] += 1
+        self.stats.update(reason.split(" (")[0] for reason in reasons)
+        verdict = Verdict(ok=not reasons, reasons=reasons,
+                          escalate=bool(reasons) and self.options.escalate)
+        ctx.headers[HEADER] = verdict.describe()
+        return verdict
+
+    def judge(self, ctx: RequestContext, result: Completion) -> Iterator[str]:
+        """The names of the checks the answer fails."""
+        text = result.content
+        if result.tool_calls:  # an answer by tool call: its text may well be empty
+            return
+        if "empty" in self.checks and not text.strip():
+            yield "empty"
+            return
+        if "length" in self.checks and result.finish_reason == "length" and \
+                ctx.req.sampling.max_tokens is None:
+            yield "length"
+        if "repetition" in self.checks and looping(text, self.options.loop_min_chars):
+            yield "repetition"
+        fmt = _json_format(ctx)
+        if "json" in self.checks and fmt is not None:
+            problem = json_problem(text, fmt)
+            if problem is not None:
+                yield f"json ({problem})"
+        if "refusal" in self.checks and len(text) <= self.options.refusal_max_chars and \
+                _REFUSAL.match(text) and not ctx.headers.get("x-gateway-safety"):
+            yield "refusal"
+
+
+def _json_format(ctx: RequestContext) -> dict[str, Any] | None:
+    if not isinstance(ctx.req, ChatRequest) or not ctx.req.response_format:
+        return None
+    fmt = ctx.req.response_format
+    return fmt if fmt.get("type") in ("json_object", "json_schema") else None
+
+
+def looping(text: str, min_chars: int) -> bool:
+    """Whether the text ends in one piece repeated over and over.
+
+    A loop is a stretch of at least ``min_chars`` characters and at least four periods long
+    that repeats itself — what a model stuck in a cycle writes ("I will help. I will help.
+    …", or one line again and again). Only the periods at which the last few characters
+    recur are tried, so an answer without a loop costs a few searches.
+    """
+    text = text.rstrip()
+    n = len(text)
+    if n < min_chars:
+        return False
+    probe = text[-16:]
+    end = n - len(probe)  # where the probe starts
+    at = text.rfind(probe, 0, n - 1)
+    while at >= 0:
+        period = end - at
+        needed = max(min_chars, 4 * period)
+        if needed > n:
+            return False  # longer periods need even more text
+        if text[n - needed + period:] == text[n - needed:n - period]:
+            return True
+        at = text.rfind(probe, 0, at + len(probe) - 1)
+    return False
+
+
+def json_problem(text: str, fmt: dict[str, Any]) -> str | None:
+    """What is wrong with ``text`` as the JSON the response format asks for, or None."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return "not valid JSON"
+    if fmt.get("type") == "json_object":
+        return None if isinstance(value, dict) else "not a JSON object"
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        return None
+    return schema_problem(value, schema, "$")
+
+
+_TYPES: dict[str, Any] = {
+    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+    "integer": int, "number": (int, float),
+}
+
+
+def schema_problem(value: Any, schema: dict[str, Any], at: str) -> str | None:
+    """The first way ``value`` breaks ``schema`` (types, required and allowed properties,
+    items, enum, const), or None. A check of structure, not a full JSON Schema validator.
+    """
+    if "const" in schema and value != schema["const"]:
+        return f"{at} is not {schema['const']!r}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{at} is not one of the allowed values"
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key] and all(
+                schema_problem(value, s, at) for s in schema[key] if isinstance(s, dict)):
+            return f"{at} matches none of {key}"
+    wanted = schema.get("type")
+    types = wanted if isinstance(wanted, list) else [wanted] if wanted else []
+    if types and not any(_is(value, t) for t in types):
+        return f"{at} is not of type {'/'.join(map(str, types))}"
+    if isinstance(value, dict):
+        for name in schema.get("required", ()):
+            if name not in value:
+                return f"{at}.{name} is missing"
+        properties = schema.get("properties") or {}
+        for name, item in value.items():
+            if name in properties and isinstance(properties[name], dict):
+                problem = schema_problem(item, properties[name], f"{at}.{name}")
+                if problem:
+                    return problem
+            elif schema.get("additionalProperties") is False:
+                return f"{at}.{name} is not allowed"
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problem = schema_problem(item, schema["items"], f"{at}[{i}]")
+            if problem:
+                return problem
+    return None
+
+
+def _is(value: Any, type_name: Any) -> bool:
+    expected = _TYPES.get(type_name)
+    if expected is None:
+        return True  # a type this check does not know is not held against the answer
+    if isinstance(value, bool) and type_name in ("integer", "number"):
+        return False
+    return isinstance(value, expected)

@@ -1,0 +1,320 @@
+"""What the safety checker looks for: personal data, secrets, prompt injection, jailbreaks.
+
+Each rule is one or more phrases (patterns) and, where a pattern alone would cry wolf, a check
+of what it found (Luhn for card numbers, mod-97 for IBANs, digit counts for phone numbers,
+placeholders for passwords in URLs, code comments for e-mail addresses).
+
+Speed: most text holds none of this, so each phrase names the words it cannot do without
+(``anchors``, looked for in the lower-cased text, which is fast) and the number rules share
+one cheap look for a long enough run of digits (``gate``); a pattern runs only past those.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+Category = Literal["personal", "secret", "injection"]
+
+
+class Text:
+    """A text being checked, with what the rules share: its lower-case form and which
+    gates it passed.
+    """
+
+    __slots__ = ("_gates", "lower", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.lower = text.lower()
+        self._gates: dict[re.Pattern[str], bool] = {}
+
+    def passes(self, gate: re.Pattern[str]) -> bool:
+        passed = self._gates.get(gate)
+        if passed is None:
+            passed = self._gates[gate] = gate.search(self.text) is not None
+        return passed
+
+
+@dataclass(frozen=True, slots=True)
+class Phrase:
+    pattern: re.Pattern[str]
+    anchors: tuple[str, ...] = ()  # lower-case; one must be in the text (none: always tried)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    category: Category
+    description: str
+    phrases: tuple[Phrase, ...]
+    accept: Callable[[re.Match[str], str], bool] | None = None  # a found match is real
+    gate: re.Pattern[str] | None = None  # the text must hold this before any phrase is tried
+    redacts: str | None = field(default=None)  # the group to redact (default: the match)
+
+    def span(self, match: re.Match[str]) -> tuple[int, int]:
+        """What to redact of a match."""
+        return match.span(self.redacts) if self.redacts else match.span()
+
+    def find(self, text: str | Text) -> Iterator[re.Match[str]]:
+        """The matches in the text, in order."""
+        scan = text if isinstance(text, Text) else Text(text)
+        if self.gate is not None and not scan.passes(self.gate):
+            return
+        found = []
+        for phrase in self.phrases:
+            if phrase.anchors and not any(a in scan.lower for a in phrase.anchors):
+                continue
+            for match in phrase.pattern.finditer(scan.text):
+                if self.accept is None or self.accept(match, scan.text):
+                    found.append(match)
+        if len(self.phrases) > 1:
+            found.sort(key=lambda m: m.start())
+        yield from found
+
+
+# -- checks of what a pattern found ------------------------------------------------------
+
+def luhn(digits: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(digits)):
+        n = ord(char) - 48
+        if i % 2:
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+    return total % 10 == 0
+
+
+_CARD_PREFIX = re.compile(r"4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5|4[4-9])|35")
+
+
+def _card(match: re.Match[str], text: str) -> bool:
+    digits = re.sub(r"\D", "", match.group())
+    return 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None and luhn(digits)
+
+
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BR": 29, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20,
+    "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30,
+    "KZ": 20, "LB": 28, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22,
+    "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24, "PL": 28, "PS": 29,
+    "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SE": 24, "SI": 19, "SK": 24, "SM": 27,
+    "TN": 24, "TR": 26, "UA": 29, "VG": 24, "XK": 20,
+}
+
+
+def iban_valid(iban: str) -> bool:
+    iban = iban.replace(" ", "").upper()
+    if IBAN_LENGTHS.get(iban[:2]) != len(iban):
+        return False
+    rearranged = iban[4:] + iban[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def _iban(match: re.Match[str], text: str) -> bool:
+    return iban_valid(match.group())
+
+
+def _phone(match: re.Match[str], text: str) -> bool:
+    digits = sum(c.isdigit() for c in match.group())
+    return 10 <= digits <= 15
+
+
+_EXAMPLE_DOMAIN = re.compile(
+    r"(?:^|\.)(?:example\.(?:com|org|net)|[^.]+\.(?:test|example|invalid|localhost))$", re.I)
+_COMMENT_LINE = re.compile(r"^\s*(?:#|//|/?\*|--|;|%|<!--|\")")
+_CODE_MARKERS = ("__author__", "@author", "author", "maintainer", "copyright", "email =")
+
+
+def _email(match: re.Match[str], text: str) -> bool:
+    """An address someone could be reached at: not a documentation domain, and not the
+    author line of a piece of code (which is what code pasted into a prompt carries).
+    """
+    if _EXAMPLE_DOMAIN.search(match.group().rpartition("@")[2]):
+        return False
+    token_start = max(text.rfind(" ", 0, match.start()), text.rfind("\n", 0, match.start()))
+    if "://" in text[token_start + 1:match.start()]:  # user:password@host of a URL
+        return False
+    if text.count("```", 0, match.start()) % 2:  # inside a fenced code block
+        return False
+    line_start = text.rfind("\n", 0, match.start()) + 1
+    line_end = text.find("\n", match.end())
+    line = text[line_start:line_end if line_end >= 0 else len(text)]
+    if _COMMENT_LINE.match(line):
+        return False
+    return not any(marker in line.lower() for marker in _CODE_MARKERS)
+
+
+_PLACEHOLDER = re.compile(
+    r"^(?:pass(?:word|wd)?|secret|changeme|token|x+|\*+|\.+|<[^>]*>|\$\{?\w+\}?|\{+\w+\}+|"
+    r"%\w+%|your[-_]?\w*|\w*[-_]here|pwd|redacted)$", re.I)
+
+
+def _url_password(match: re.Match[str], text: str) -> bool:
+    return not _PLACEHOLDER.match(match.group("secret"))
+
+
+# -- the rules ---------------------------------------------------------------------------
+
+_I = re.IGNORECASE
+_DIGITS = re.compile(r"\d[\d ().+-]{8,}\d")  # ten or more characters of a number, at least
+
+
+def _one(pattern: str, *anchors: str, flags: int = 0) -> tuple[Phrase, ...]:
+    return (Phrase(re.compile(pattern, flags), anchors),)
+
+
+def _phrases(*phrases: tuple[str, tuple[str, ...]], flags: int) -> tuple[Phrase, ...]:
+    return tuple(Phrase(re.compile(pattern, flags), anchors) for pattern, anchors in phrases)
+
+
+_OVERRIDE_VERBS = ("ignore", "disregard", "forget", "override", "bypass", "set aside",
+                   "throw out", "discard")
+_LIMITS = ("restriction", "filter", "limit", "rule", "guideline", "censor", "polic", "ethic",
+           "guardrail", "safeguard", "moderation")
+
+RULES: tuple[Rule, ...] = (
+    Rule("email", "personal", "an e-mail address", _one(
+        r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b", "@"), _email),
+    Rule("phone", "personal", "a phone number", _one(
+        r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
+        r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4})(?![\w-])"), _phone,
+        gate=_DIGITS),
+    Rule("card", "personal", "a payment card number", _one(
+        r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card, gate=_DIGITS),
+    Rule("iban", "personal", "an IBAN", _one(
+        r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban, gate=_DIGITS),
+    Rule("api_key", "secret", "an API key", _one(
+        r"(?<![\w-])(?:sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?[A-Za-z0-9_-]{20,}"
+        r"|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
+        r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|[rs]k_live_[0-9A-Za-z]{20,}"
+        r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?![\w-])",
+        "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-")),
+    Rule("private_key", "secret", "a private key", _one(
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s]*)",
+        "-----begin")),
+    Rule("bearer_token", "secret", "a bearer token", _one(
+        r"\b[Bb]earer\s+[A-Za-z0-9._~+/-]{16,}=*"
+        r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", "bearer", "eyj")),
+    Rule("url_password", "secret", "a password in a URL", _one(
+        r"://[^\s:/@]*:(?P<secret>[^\s@/]+)@", "://"), _url_password, redacts="secret"),
+    Rule("prompt_injection", "injection", "an attempt to override the instructions", _phrases(
+        # "ignore all previous instructions", "disregard your system prompt"
+        (r"\b(?:ignore|disregard|forget|override|bypass)\s+(?:all\s+|any\s+)?(?:of\s+)?"
+         r"(?:the\s+|your\s+|my\s+|these\s+|those\s+)?(?:(?:previous|prior|above|earlier|"
+         r"preceding|original|initial|system|existing|developer)\s+)+(?:instructions?|prompts?|"
+         r"rules|directions|directives|guidelines|messages|context|programming)\b",
+         _OVERRIDE_VERBS),
+        (r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+(?:of\s+)?)?your\s+(?:\w+\s+)?"
+         r"(?:instructions|rules|guidelines|programming|system\s+prompt|directives)\b",
+         _OVERRIDE_VERBS),
+        (r"\b(?:ignore|disregard)\s+all\s+(?:instructions|rules|guidelines)\b", _OVERRIDE_VERBS),
+        (r"\b(?:set\s+aside|throw\s+out|discard)\s+(?:all\s+|whatever\s+|any\s+)?(?:of\s+)?"
+         r"(?:the\s+|your\s+)?(?:\w+\s+){0,2}(?:instructions|setup\s+text|system\s+prompt|"
+         r"rules|directives|guidelines)\b", ("set aside", "throw out", "discard")),
+        (r"\bstop\s+following\s+(?:your|the|all)\s+(?:\w+\s+)?(?:instructions|rules|"
+         r"guidelines|prompt|system\s+prompt)\b", ("stop following",)),
+        (r"\bforget\s+(?:everything|all)\s+(?:above|before|you\s+(?:were|have\s+been)\s+told)",
+         ("forget",)),
+        (r"\b(?:previous|prior|above|earlier|preceding|original)\s+instructions\s+(?:are|is)\s+"
+         r"(?:now\s+)?(?:void|cancell?ed|null|obsolete|revoked|invalid|no\s+longer\s+valid)"
+         r"|\b(?:instructions|directives|rules|guidelines)\s+you\s+(?:received|were\s+given|got)"
+         r"\s+(?:before|earlier|previously|until\s+now)(?:\s+\w+){0,3}\s+(?:are|is)\s+(?:now\s+)?"
+         r"(?:void|cancell?ed|null|obsolete|revoked|invalid|superseded)", ("instructions",
+                                                                         "directives", "rules",
+                                                                         "guidelines")),
+        (r"\byou\s+(?:are|must)\s+no\s+longer\s+(?:follow|bound|restricted|obey)",
+         ("no longer",)),
+        # asking for the hidden prompt: "reveal your system prompt", "repeat the text above
+        # starting with 'You are'", "print everything above this line"
+        (r"\b(?:reveal|print|show|repeat|output|leak|dump|display|tell\s+me)\s+(?:me\s+|us\s+)?"
+         r"(?:your\s+(?:\w+\s+)?(?:system\s+prompt|system\s+message|developer\s+message|"
+         r"instructions|prompt)|the\s+(?:\w+\s+)?(?:system\s+prompt|system\s+message|"
+         r"developer\s+message|(?:hidden|initial|original|secret)\s+(?:instructions|prompt)))",
+         ("prompt", "instructions", "system message", "developer message")),
+        (r"\b(?:repeat|print|output|copy)\s+(?:all\s+(?:of\s+)?)?(?:the\s+(?:text|words|content)"
+         r"|everything)\s+above\b(?:\s+this\s+line)?(?=.{0,80}\b(?:start|first|verbatim|exact))",
+         ("above",)),
+        (r"\b(?:what\s+(?:were|are)|output|repeat|print|show|reveal|list)\s+(?:me\s+)?"
+         r"(?:the\s+|your\s+)?(?:exact\s+|full\s+|original\s+|initial\s+)*(?:instructions|"
+         r"rules|prompt)\s+you\s+(?:were|have\s+been|got)\s+given", ("given",)),
+        # what a document says to the model reading it (an indirect injection)
+        (r"\b(?:AI|assistant|model|LLM|chatbot|bot)s?\s+(?:that\s+(?:is|are)\s+)?(?:reading|"
+         r"processing|summari[sz]ing|parsing|analy[sz]ing)\s+(?:this|these)\b",
+         ("reading this", "processing this", "summarizing this", "summarising this",
+          "parsing this", "analyzing this", "analysing this", "reading these")),
+        # forged turn boundaries and system voices inside user text
+        (r"</?\s*(?:system|im_start|im_end)\s*>|<\|im_(?:start|end)\|>",
+         ("system", "im_start", "im_end")),
+        (r"\[\s*end\s+of\s+(?:the\s+)?(?:user\s+)?(?:input|prompt|conversation|instructions)\s*\]",
+         ("end of",)),
+        (r"^\s*(?:new|updated|real)\s+instructions?\s*:", ("instruction",)),
+        (r"^[\s#\[]*(?-i:SYSTEM)[\s#\]]*(?:(?:override|message|prompt|notice|update)\s*)?:"
+         r"|^\s*\[\s*(?-i:SYSTEM)\b[^\]\n]{0,30}\]", ("system",)),
+        (r"^\s*\[?system\]?\s*(?:override|message|prompt)?\s*:\s*(?:you|ignore|from\s+now)",
+         ("system",)),
+        flags=_I | re.M)),
+    Rule("jailbreak", "injection", "a jailbreak attempt", _phrases(
+        # personas: DAN, "do anything now", special modes
+        (r"(?-i:\bDAN\b)(?=.{0,200}\b(?:mode|anything|now|jailbr|restrict|rules|polic))",
+         ("dan",)),
+        (r"\bdo\s+anything\s+now\b", ("anything",)),
+        (r"\b(?:developer|god|jailbreak|unrestricted|unfiltered|evil|sudo)\s+mode\s*"
+         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on)\b(?!\s+(?:my|the|your|a|an|android|ios|"
+         r"windows|chrome|pixel|iphone|phone|device|mac|pc|steam|console)\b)", ("mode",)),
+        (r"\b(?:in|into|enter|entering|enable|activate)\s+(?:jailbreak|unrestricted|unfiltered|"
+         r"evil|DAN)\s+mode\b", ("mode",)),
+        (r"\b(?:you\s+are|you're)\s+(?:now\s+)?jailbroken\b"
+         r"|\bjailbroken\s+(?:AI|model|assistant|mode|version|responses?)\b", ("jailbr",)),
+        # an assistant without limits: "pretend you are an AI without restrictions",
+        # "an uncensored model", "you have no ethical guidelines", "free from OpenAI's policies"
+        (r"\b(?:pretend|imagine|act|behave|respond)\s+(?:that\s+)?(?:as\s+if\s+)?(?:you\s+"
+         r"(?:are|were)\s+|to\s+be\s+|as\s+)?(?:an?\s+)?(?:\w+\s+){0,3}(?:AI|model|assistant|"
+         r"chatbot|bot|LLM)\s+(?:\w+\s+){0,2}(?:without|with\s+no|free\s+(?:of|from))\s+"
+         r"(?:any\s+)?(?:\w+\s+)?(?:restrictions|filters|limits|limitations|rules|guidelines|"
+         r"censorship|policies|ethics)", _LIMITS),
+        (r"\b(?:AI|model|assistant|chatbot|LLM)\s+(?:with\s+no|without\s+(?:any\s+)?)\s*(?:ethical"
+         r"\s+|moral\s+|content\s+)?(?:guidelines|restrictions|filters|limits|rules|censorship)\b",
+         _LIMITS),
+        (r"\b(?:unfiltered|uncensored|unrestricted|amoral|unaligned)[\s-]+(?:AI|model|assistant|"
+         r"chatbot|version|LLM|mode|llm)\b",
+         ("unfiltered", "uncensored", "unrestricted", "amoral", "unaligned")),
+        (r"\byou\s+(?:have|has)\s+no\s+(?:ethical|moral|content)?\s*(?:guidelines|"
+         r"restrictions|limits|boundaries|filters|rules|principles)", _LIMITS),
+        (r"\b(?:free|freed|liberated|released|escaped)\s+from\s+(?:all\s+)?(?:OpenAI|Anthropic|"
+         r"your|the|its|any)\s*(?:'s)?\s*(?:content\s+)?(?:polic(?:y|ies)|rules|guidelines|"
+         r"restrictions|constraints|training)"
+         r"|\bescaped\s+(?:its|your|the)\s+(?:training|guidelines|rules|alignment)",
+         ("free", "liberated", "released", "escaped")),
+        (r"\bno\s+longer\s+(?:has|have|needs?)\s+to\s+(?:follow|obey|comply\s+with|respect)\s+"
+         r"(?:any|its|your|the)\s+(?:\w+\s+)?(?:polic(?:y|ies)|rules|guidelines|restrictions)",
+         ("no longer",)),
+        # switching the safety off
+        (r"\b(?:ignore|bypass|disable|turn\s+off)\s+(?:all\s+|your\s+)*(?:safety|content)\s+"
+         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)",
+         ("ignore", "bypass", "disable", "turn off")),
+        (r"\b(?:(?:ethical|safety|content|moral)\s+(?:restrictions?|filters?|filtering|"
+         r"guidelines|polic(?:y|ies)|rules)|guardrails?|safeguards?|moderation(?:\s+layer)?)\s+"
+         r"(?:\w+\s+){0,2}(?:are\s+|is\s+|has\s+been\s+|have\s+been\s+)?(?:now\s+)?(?:disabled|"
+         r"removed|lifted|ripped\s+out|stripped(?:\s+out)?|switched\s+off|turned\s+off)\b",
+         ("disabled", "removed", "lifted", "ripped out", "stripped", "switched off",
+          "turned off")),
+        # role-play as a way round: "stay in character", the grandmother who read recipes
+        (r"\bstay\s+in\s+character\b(?=.{0,300}\b(?:no|without|never)\b)", ("in character",)),
+        (r"\bgrandm(?:a|other)\b.{0,160}\b(?:used\s+to|would)\b.{0,120}\b(?:recipe|"
+         r"instructions|how\s+to\s+make|making|keys|steps|explosive|napalm|weapon|synthes)",
+         ("grandm",)),
+        flags=_I | re.S)),
+)
+
+BY_NAME = {rule.name: rule for rule in RULES}
+
+# Secrets a model might say: redacted from answers as they stream. Each is a run of text
+# without white space, save the two that are not (a bearer token, a private key block).
+OUTPUT_RULES = tuple(rule for rule in RULES if rule.category == "secret")

@@ -1,0 +1,324 @@
+"""The response cache against a real Redis server (the tests' own, on a free port): hits and
+misses, expiry, the per-request directives, tenants kept apart, SSE replay read by the
+official SDK, coalesced misses, and a Redis that dies or stalls under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.redis_peer import RedisServer
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway, wait_until
+
+MODEL = "qwen2.5-coder:32b"
+KEY_A, KEY_B = "gw-tenant-a-0123456789", "gw-tenant-b-0123456789"
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def cached_gateway(sim: Sim, redis: RedisServer | None, **options: Any) -> ServerThread:
+    store = {"backend": "redis", "redis_url": redis.url} if redis else {"backend": "memory"}
+    auth = options.pop("auth", {})
+    return start_gateway(gateway_config(
+        backend("ollama", "ollama", sim.api_url),
+        plugins=[{"name": "cache", "options": {**store, **options}}],
+        **({"auth": auth} if auth else {})))
+
+
+@pytest.fixture
+def gateway(ollama_sim: Sim, redis_server: RedisServer) -> Iterator[ServerThread]:
+    redis_server.command("FLUSHALL")
+    server = cached_gateway(ollama_sim, redis_server)
+    yield server
+    server.stop()
+
+
+def ask(server: ServerThread, content: str, *, key: str = "x", headers: dict[str, str] | None
+        = None, **extra: Any) -> tuple[str, str]:
+    """The answer's text and its ``x-gateway-cache`` header."""
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": content}],
+            extra_headers=headers or {}, **{"temperature": 0, **extra})
+        return raw.parse().choices[0].message.content or "", raw.headers["x-gateway-cache"]
+
+
+def upstream_calls(sim: Sim) -> int:
+    return len(sim.requests("/api/chat"))
+
+
+def health(server: ServerThread) -> dict[str, Any]:
+    with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+def test_a_repeated_request_is_answered_from_redis(gateway: ServerThread, ollama_sim: Sim,
+                                                    redis_server: RedisServer) -> None:
+    first, state = ask(gateway, "What is a monad?")
+    assert state == "miss"
+    assert redis_server.keys("gw:cache:*") == 1
+    second, state = ask(gateway, "What is a monad?")
+    assert (second, state) == (first, "hit")
+    assert upstream_calls(ollama_sim) == 1
+    assert ask(gateway, "What is a functor?")[1] == "miss"  # another question, another answer
+    assert upstream_calls(ollama_sim) == 2
+
+
+def test_sampling_settings_are_part_of_the_key(gateway: ServerThread, ollama_sim: Sim) -> None:
+    ask(gateway, "Name a colour.", seed=1)
+    assert ask(gateway, "Name a colour.", seed=2)[1] == "miss"
+    assert ask(gateway, "Name a colour.", seed=1, max_tokens=5)[1] == "miss"
+    assert ask(gateway, "Name a colour.", seed=1)[1] == "hit"
+    assert upstream_calls(ollama_sim) == 3
+
+
+def test_only_deterministic_requests_are_cached_unless_forced(gateway: ServerThread,
+                                                              ollama_sim: Sim) -> None:
+    assert ask(gateway, "Write a poem.", temperature=0.8)[1] == "skip"
+    assert ask(gateway, "Write a poem.", temperature=0.8)[1] == "skip"
+    assert upstream_calls(ollama_sim) == 2
+    force = {"x-gateway-cache": "force"}
+    assert ask(gateway, "Write a poem.", temperature=0.8, headers=force)[1] == "miss"
+    assert ask(gateway, "Write a poem.", temperature=0.8, headers=force)[1] == "hit"
+    assert upstream_calls(ollama_sim) == 3
+
+
+def test_bypass_and_refresh(gateway: ServerThread, ollama_sim: Sim) -> None:
+    ask(gateway, "Define entropy.")
+    bypass = {"x-gateway-cache": "bypass"}
+    assert ask(gateway, "Define entropy.", headers=bypass)[1] == "bypass"
+    assert upstream_calls(ollama_sim) == 2
+    # refresh asks the model again and keeps the new answer
+    ollama_sim.fault(MODEL, reply="Entropy, freshly asked.")
+    assert ask(gateway, "Define entropy.", headers={"x-gateway-cache": "refresh"}) == (
+        "Entropy, freshly asked.", "refresh")
+    ollama_sim.clear()
+    assert ask(gateway, "Define entropy.") == ("Entropy, freshly asked.", "hit")
+    assert upstream_calls(ollama_sim) == 0  # (the log was cleared with the fault)
+
+
+def test_entries_expire_after_their_ttl(ollama_sim: Sim, redis_server: RedisServer) -> None:
+    for store in (redis_server, None):  # Redis, then the in-memory store
+        server = cached_gateway(ollama_sim, store, ttl=0.5)
+        try:
+            question = f"What is a lens? ({'redis' if store else 'memory'})"
+            assert ask(server, question)[1] == "miss"
+            assert ask(server, question)[1] == "hit"
+            time.sleep(0.7)
+            assert ask(server, question)[1] == "miss"
+        finally:
+            server.stop()
+
+
+def test_one_tenant_never_sees_anothers_answer(ollama_sim: Sim,
+                                               redis_server: RedisServer) -> None:
+    auth = {"key_hashes": [hashlib.sha256(k.encode()).hexdigest() for k in (KEY_A, KEY_B)]}
+    server = cached_gateway(ollama_sim, redis_server, auth=auth)
+    try:
+        ollama_sim.fault(MODEL, reply="Tenant A's private answer.")
+        assert ask(server, "Summarise my notes.", key=KEY_A) == (
+            "Tenant A's private answer.", "miss")
+        ollama_sim.clear()
+        text, state = ask(server, "Summarise my notes.", key=KEY_B)
+        assert state == "miss" and "Tenant A" not in text
+        assert ask(server, "Summarise my notes.", key=KEY_A) == (
+            "Tenant A's private answer.", "hit")
+    finally:
+        server.stop()
+    shared = cached_gateway(ollama_sim, redis_server, auth=auth, shared=True)
+    try:
+        ask(shared, "A public question.", key=KEY_A)
+        assert ask(shared, "A public question.", key=KEY_B)[1] == "hit"
+    finally:
+        shared.stop()
+
+
+def test_a_hit_is_replayed_as_a_stream_the_sdk_reads(gateway: ServerThread,
+                                                     ollama_sim: Sim) -> None:
+    def stream() -> tuple[list[Any], str]:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "Tell me about SSE."}],
+                temperature=0, stream=True, stream_options={"include_usage": True})
+            return list(raw.parse()), raw.headers["x-gateway-cache"]
+
+    live, state = stream()
+    assert state == "miss"
+    replay, state = stream()
+    assert state == "hit"
+    assert upstream_calls(ollama_sim) == 1
+
+    def text(chunks: list[Any]) -> str:
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    assert text(replay) == text(live) != ""
+    assert replay[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in replay if c.choices]
+    assert finishes[-1] == "stop" and finishes.count("stop") == 1
+    assert replay[-1].usage is not None and replay[-1].usage == live[-1].usage
+    assert {c.model for c in replay} == {MODEL}
+    # and the stream's answer is the non-streamed one
+    assert ask(gateway, "Tell me about SSE.") == (text(live), "hit")
+
+
+@pytest.mark.parametrize("fault", [
+    {"status": 500},  # an error
+    {"error_after": 2},  # an answer that broke off with an in-band error
+    {"cut_after": 2},  # a connection cut in the middle
+])
+def test_a_failed_answer_is_never_kept(gateway: ServerThread, ollama_sim: Sim,
+                                       redis_server: RedisServer, fault: dict[str, Any]) -> None:
+    ollama_sim.fault(MODEL, **fault)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+        try:
+            chunks = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Explain RAID."}],
+                temperature=0, stream=True)
+            for _ in chunks:
+                pass
+        except openai.APIError:
+            pass  # the client hears of the failure (how depends on when it struck)
+    assert redis_server.keys("gw:cache:*") == 0
+    ollama_sim.clear()
+    assert ask(gateway, "Explain RAID.")[1] == "miss"
+    assert ask(gateway, "Explain RAID.")[1] == "hit"
+
+
+def test_an_answer_cut_by_the_models_own_limit_is_not_kept(gateway: ServerThread,
+                                                           ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, finish="length")
+    ask(gateway, "A long story, please.")
+    assert ask(gateway, "A long story, please.")[1] == "miss"
+    ollama_sim.clear()
+    # cut by the client's own max_tokens: that is the answer it asked for
+    ask(gateway, "A long story, please.", max_tokens=3)
+    assert ask(gateway, "A long story, please.", max_tokens=3)[1] == "hit"
+
+
+def test_identical_concurrent_misses_share_one_upstream_call(gateway: ServerThread,
+                                                             ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, latency=1.0)  # the first answer takes long enough for all to arrive
+
+    async def burst() -> list[tuple[str, str]]:
+        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x",
+                                      max_retries=0, timeout=30) as client:
+            async def one() -> tuple[str, str]:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Why is the sky blue?"}],
+                    temperature=0)
+                body = raw.parse()
+                return body.choices[0].message.content or "", raw.headers["x-gateway-cache"]
+            return await asyncio.gather(*(one() for _ in range(100)))
+
+    answers = asyncio.run(burst())
+    assert upstream_calls(ollama_sim) == 1
+    assert len({text for text, _ in answers}) == 1
+    states = sorted(state for _, state in answers)
+    assert states.count("miss") == 1 and states.count("hit") == 99
+    assert health(gateway)["plugins"]["cache"]["coalesced"] >= 90
+
+
+def test_a_stalled_redis_costs_a_bounded_wait(gateway: ServerThread, ollama_sim: Sim,
+                                              redis_server: RedisServer) -> None:
+    ask(gateway, "Is Redis single-threaded?")
+    sleeper = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "1.5"))
+    sleeper.start()
+    try:
+        time.sleep(0.1)  # Redis is now asleep, answering no one
+        started = time.monotonic()
+        text, state = ask(gateway, "Is Redis single-threaded?")
+        took = time.monotonic() - started
+    finally:
+        sleeper.join()
+    assert state == "miss" and text  # answered by the model instead
+    assert took < 1.0, f"the request waited {took:.2f}s on a stalled Redis"
+    assert health(gateway)["plugins"]["cache"]["store_errors"] >= 1
+
+
+def test_redis_killed_under_load_fails_no_request_and_caching_resumes(ollama_sim: Sim) -> None:
+    with RedisServer() as redis_server:
+        server = cached_gateway(ollama_sim, redis_server)
+        try:
+            results: list[tuple[int, str]] = []
+
+            async def load(seconds: float) -> None:
+                async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x",
+                                              max_retries=0, timeout=30) as client:
+                    stop = time.monotonic() + seconds
+
+                    async def worker(n: int) -> None:
+                        i = 0
+                        while time.monotonic() < stop:
+                            i += 1
+                            try:
+                                raw = await client.chat.completions.with_raw_response.create(
+                                    model=MODEL, temperature=0, messages=[
+                                        {"role": "user", "content": f"Question {i % 7}"}])
+                                raw.parse()
+                                results.append((raw.status_code, raw.headers["x-gateway-cache"]))
+                            except openai.APIError as exc:
+                                results.append((getattr(exc, "status_code", 0) or 0, str(exc)))
+                    await asyncio.gather(*(worker(n) for n in range(8)))
+
+            runner = threading.Thread(target=asyncio.run, args=(load(3.0),))
+            runner.start()
+            time.sleep(1.0)
+            port = redis_server.port
+            redis_server.kill()
+            killed_at = len(results)
+            runner.join()
+            assert len(results) > killed_at + 10, "the load did not go on after the kill"
+            failures = [r for r in results if r[0] != 200]
+            assert not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
+            assert health(server)["plugins"]["cache"]["store_errors"] >= 1
+
+            # Redis comes back (empty, on the same port): answers are kept and served again.
+            revived = RedisServer(port).start()
+            try:
+                def resumed() -> bool:
+                    ask(server, "After the outage")
+                    return ask(server, "After the outage")[1] == "hit"
+                wait_until(resumed, 10, "caching to resume")
+                assert revived.keys("gw:cache:*") >= 1
+            finally:
+                revived.kill()
+        finally:
+            server.stop()
+
+
+def test_when_the_first_of_identical_requests_fails_the_others_do_not_wait_on_it(
+        gateway: ServerThread, ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, status=500, latency=0.3)
+
+    async def burst() -> list[int]:
+        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x",
+                                      max_retries=0, timeout=30) as client:
+            async def one() -> int:
+                try:
+                    await client.chat.completions.create(
+                        model=MODEL, temperature=0,
+                        messages=[{"role": "user", "content": "Doomed question"}])
+                    return 200
+                except openai.APIStatusError as exc:
+                    return exc.status_code
+            return await asyncio.gather(*(one() for _ in range(10)))
+
+    started = time.monotonic()
+    statuses = asyncio.run(burst())
+    assert set(statuses) == {502}
+    assert time.monotonic() - started < 10  # each asked on its own, none waited for a leader

@@ -1,0 +1,102 @@
+"""The plugin pipeline: a third-party plugin loaded by dotted path, the configured order, what
+each step sees, and config mistakes caught at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.backends.base import Chunk
+from gateway.pipeline import load_plugins
+from gateway.protocol.responses import Completion
+from gateway.typed_toml import ConfigError
+from plugins.base import BasePlugin, RequestContext, Verdict
+from tests.support import Sim, backend, gateway_config, start_gateway
+
+MODEL = "qwen2.5-coder:32b"
+steps: list[str] = []
+
+
+@dataclass(frozen=True, slots=True)
+class ShoutOptions:
+    suffix: str = "!"
+
+
+class Shout(BasePlugin):
+    """A third-party plugin: upper-cases answers as they stream and notes each step."""
+
+    Options = ShoutOptions
+
+    def __init__(self, options: ShoutOptions) -> None:
+        self.options = options
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        steps.append(f"{self.name}.request")
+        ctx.headers["x-shout"] = self.options.suffix
+
+    def on_stream(self, ctx: RequestContext,
+                  chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        async def louder() -> AsyncIterator[Chunk]:
+            async for chunk in chunks:
+                chunk.content = chunk.content.upper()
+                yield chunk
+        return louder()
+
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
+        steps.append(f"{self.name}.complete:{result.content[:5]}")
+        return None
+
+    def on_finish(self, ctx: RequestContext) -> None:
+        steps.append(f"{self.name}.finish")
+
+    def report(self) -> dict[str, Any]:
+        return {"suffix": self.options.suffix}
+
+
+PATH = "tests.integration.test_pipeline:Shout"
+
+
+def test_a_plugin_is_loaded_by_dotted_path_and_run_in_order(ollama_sim: Sim) -> None:
+    steps.clear()
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        plugins=[{"name": "first", "path": PATH, "options": {"suffix": "?"}},
+                 {"name": "second", "path": PATH}]))
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            body = raw.parse()
+        with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+            report = json.loads(response.read())["plugins"]
+    finally:
+        server.stop()
+    text = body.choices[0].message.content or ""
+    assert text == text.upper() and text.strip()
+    assert raw.headers["x-shout"] == "!"  # the later plugin's word is the last
+    assert steps == ["first.request", "second.request", f"first.complete:{text[:5]}",
+                    f"second.complete:{text[:5]}", "second.finish", "first.finish"]
+    assert report == {"first": {"suffix": "?"}, "second": {"suffix": "!"}}
+
+
+@pytest.mark.parametrize(("plugin", "message"), [
+    ({"name": "cahce"}, "no built-in plugin 'cahce'"),
+    ({"name": "x", "path": "tests.nowhere:Plugin"}, "cannot load tests.nowhere:Plugin"),
+    ({"name": "x", "path": "tests.integration.test_pipeline:Nothing"}, "cannot load"),
+    ({"name": "x", "path": PATH, "options": {"sufix": "?"}}, r"plugins\[0\].options.sufix"),
+    ({"name": "cache", "options": {"ttl": 0}}, "ttl: expected seconds > 0"),
+    ({"name": "cache", "options": {"backend": "memcached"}}, "backend"),
+    ({"name": "qa", "options": {"checks": ["empty", "vibes"]}}, "no such check 'vibes'"),
+])
+def test_plugin_mistakes_are_caught_when_the_config_is_loaded(plugin: dict[str, Any],
+                                                               message: str) -> None:
+    config = gateway_config(backend("o", "ollama", "http://127.0.0.1:1"), plugins=[plugin])
+    with pytest.raises(ConfigError, match=message):
+        load_plugins(config)

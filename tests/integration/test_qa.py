@@ -1,0 +1,220 @@
+"""Quality assurance: simulated models that answer empty, loop, break JSON, stop short or
+refuse; the gateway takes the request to a stronger model, a bounded number of times, and
+says so.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.sim import SimModel, create_ollama_app, create_openai_app
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+SMALL, BIG, CLOUD = "small:1b", "big:70b", "gpt-4o-mini"
+LOOP = "I will check the logs. " * 30
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}, "population": {
+        "type": "integer"}}, "required": ["name", "population"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[tuple[Sim, Sim]]:
+    models = [SimModel(SMALL, parameter_size="1.2B"), SimModel(BIG, parameter_size="70.6B")]
+    with ServerThread(lambda: create_ollama_app(models)) as local, \
+            ServerThread(lambda: create_openai_app([SimModel(CLOUD)], flavor="openai")) as cloud:
+        yield Sim(local, "ollama"), Sim(cloud, "openai")
+
+
+@pytest.fixture
+def local(sims: tuple[Sim, Sim]) -> Iterator[Sim]:
+    for sim in sims:
+        sim.clear()
+    yield sims[0]
+    for sim in sims:
+        sim.clear()
+
+
+@pytest.fixture
+def cloud(sims: tuple[Sim, Sim], local: Sim) -> Sim:
+    return sims[1]
+
+
+def qa_gateway(local: Sim, cloud: Sim, max_escalations: int = 1, **options: Any
+               ) -> ServerThread:
+    return start_gateway(gateway_config(
+        backend("local", "ollama", local.api_url),
+        backend("cloud", "openai", cloud.api_url, tier="cloud", models=[CLOUD]),
+        routing={"max_escalations": max_escalations},
+        plugins=[{"name": "qa", "options": options}]))
+
+
+@pytest.fixture
+def gateway(local: Sim, cloud: Sim) -> Iterator[ServerThread]:
+    server = qa_gateway(local, cloud)
+    yield server
+    server.stop()
+
+
+def chat(server: ServerThread, content: str = "Hello", **extra: Any) -> tuple[Any, Any]:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=extra.pop("model", SMALL), messages=[{"role": "user", "content": content}],
+            **extra)
+        return raw.parse(), raw.headers
+
+
+def asked(sim: Sim) -> list[str]:
+    path = "/api/chat" if sim.kind == "ollama" else "/v1/chat/completions"
+    return [r["model"] for r in sim.requests(path)]
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ({"reply": ""}, "empty"),
+    ({"reply": LOOP}, "repetition"),
+    ({"finish": "length"}, "length"),
+    ({"reply": "I'm sorry, but I can't help with that."}, "refusal"),
+])
+def test_a_poor_answer_is_taken_to_a_stronger_model(gateway: ServerThread, local: Sim,
+                                                    fault: dict[str, Any], reason: str) -> None:
+    local.fault(SMALL, **fault)
+    body, headers = chat(gateway)
+    assert body.model == BIG and headers["x-gateway-model"] == BIG
+    assert body.choices[0].message.content and body.choices[0].finish_reason == "stop"
+    assert headers["x-gateway-escalated"] == f"{SMALL} ({reason})"
+    assert headers["x-gateway-qa"] == "pass"
+    assert asked(local) == [SMALL, BIG]
+
+
+def test_broken_json_is_taken_to_a_stronger_model(gateway: ServerThread, local: Sim) -> None:
+    local.fault(SMALL, reply='{"name": "Oslo", "population": ')
+    body, headers = chat(gateway, response_format={"type": "json_object"})
+    assert body.model == BIG
+    assert isinstance(json.loads(body.choices[0].message.content), dict)
+    assert headers["x-gateway-escalated"] == f"{SMALL} (json (not valid JSON))"
+
+
+def test_json_that_breaks_the_schema_is_taken_to_a_stronger_model(gateway: ServerThread,
+                                                                  local: Sim) -> None:
+    local.fault(SMALL, reply='{"name": "Oslo"}')
+    body, headers = chat(gateway, response_format=SCHEMA)
+    assert body.model == BIG
+    answer = json.loads(body.choices[0].message.content)
+    assert set(answer) == {"name", "population"}
+    assert "population is missing" in headers["x-gateway-escalated"]
+
+
+def test_a_good_answer_is_not_escalated(gateway: ServerThread, local: Sim) -> None:
+    body, headers = chat(gateway, response_format=SCHEMA)
+    assert body.model == SMALL and headers["x-gateway-qa"] == "pass"
+    assert "x-gateway-escalated" not in headers
+    # cut by the client's own limit: what it asked for
+    body, headers = chat(gateway, max_tokens=2)
+    assert body.choices[0].finish_reason == "length" and headers["x-gateway-qa"] == "pass"
+    assert asked(local) == [SMALL, SMALL]
+
+
+def test_escalation_is_bounded(local: Sim, cloud: Sim) -> None:
+    for sim, model in ((local, SMALL), (local, BIG), (cloud, CLOUD)):
+        sim.fault(model, reply="")
+    for limit, expected in ((1, [SMALL, BIG]), (2, [SMALL, BIG, CLOUD]),
+                            (5, [SMALL, BIG, CLOUD])):
+        server = qa_gateway(local, cloud, max_escalations=limit)
+        try:
+            body, headers = chat(server)
+        finally:
+            server.stop()
+        assert asked(local) + asked(cloud) == expected
+        assert body.model == expected[-1]  # the last answer stands, verdict and all
+        assert headers["x-gateway-qa"] == "fail: empty"
+        for sim in (local, cloud):
+            sim._call("DELETE", "/_sim/requests")
+
+
+def test_the_cloud_is_the_last_resort(gateway: ServerThread, local: Sim, cloud: Sim) -> None:
+    local.fault(BIG, reply="")
+    body, headers = chat(gateway, model=BIG)
+    assert body.model == CLOUD
+    assert headers["x-gateway-escalated"] == f"{BIG} (empty)"
+
+
+def test_escalation_can_be_turned_off(local: Sim, cloud: Sim) -> None:
+    local.fault(SMALL, reply="")
+    server = qa_gateway(local, cloud, escalate=False)
+    try:
+        body, headers = chat(server)
+    finally:
+        server.stop()
+    assert body.model == SMALL and headers["x-gateway-qa"] == "fail: empty"
+    assert asked(local) == [SMALL]
+
+
+def sse_events(server: ServerThread, body: dict[str, Any]) -> tuple[list[Any], Any]:
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        lines = response.read().decode().splitlines()
+        events = [json.loads(line[6:]) for line in lines
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        return events, response.headers
+
+
+def test_a_json_stream_is_buffered_checked_and_escalated(gateway: ServerThread,
+                                                         local: Sim) -> None:
+    local.fault(SMALL, reply='{"name": ')
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=SMALL, messages=[{"role": "user", "content": "A city, as JSON"}],
+            response_format={"type": "json_object"}, stream=True)
+        chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)  # the client never saw the broken JSON
+    assert {c.model for c in chunks} == {BIG}
+    assert raw.headers["x-gateway-escalated"] == f"{SMALL} (json (not valid JSON))"
+
+
+def test_a_plain_stream_carries_its_verdict_in_the_last_event(gateway: ServerThread,
+                                                              local: Sim) -> None:
+    local.fault(SMALL, reply=LOOP)
+    events, _ = sse_events(gateway, {"model": SMALL, "stream": True,
+                                     "messages": [{"role": "user", "content": "Hi"}]})
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if e.get("choices")) == LOOP  # streamed as it came: too late to escalate
+    assert events[-1]["x_gateway_qa"] == "fail: repetition"
+    assert all("x_gateway_qa" not in e for e in events[:-1])
+    assert asked(local) == [SMALL]
+
+
+def test_verdicts_are_counted_per_deployment(gateway: ServerThread, local: Sim) -> None:
+    local.fault(SMALL, reply="", remaining=1)
+    chat(gateway)
+    chat(gateway)
+    with urllib.request.urlopen(gateway.url + "/health", timeout=5) as response:
+        deployments = json.loads(response.read())["deployments"]
+    assert deployments[f"local/{SMALL}"]["verdicts"] == {"pass": 1, "fail": 1, "empty": 1}
+    assert deployments[f"local/{BIG}"]["verdicts"] == {"pass": 1}
+
+
+def test_a_failing_answer_is_not_cached(local: Sim, cloud: Sim) -> None:
+    local.fault(SMALL, reply="")
+    server = start_gateway(gateway_config(
+        backend("local", "ollama", local.api_url),
+        routing={"max_escalations": 0},
+        plugins=[{"name": "qa"}, {"name": "cache"}]))
+    try:
+        for _ in range(2):
+            _, headers = chat(server, temperature=0)
+            assert headers["x-gateway-cache"] == "miss"
+        local.clear()
+        chat(server, temperature=0)
+        _, headers = chat(server, temperature=0)
+        assert headers["x-gateway-cache"] == "hit"
+    finally:
+        server.stop()

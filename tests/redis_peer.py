@@ -1,0 +1,82 @@
+"""A real Redis server of the tests' own, on a free loopback port (never the machine's shared
+one): started, killed and brought back by PID.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support import free_port
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(path).exists():
+        raise RuntimeError("redis-server is not installed: ./run-tests installs it "
+                           "(apt-get install redis-server)")
+    return path
+
+
+class RedisServer:
+    """``redis-server`` with no persistence, owned by the test that started it."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.folder = tempfile.mkdtemp(prefix="gw-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.folder, "--protected-mode", "yes",
+             "--enable-debug-command", "local"],  # DEBUG SLEEP: a Redis that stalls
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        """Gone at once, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def command(self, *args: str) -> bytes:
+        """One command in the inline protocol; the first line of the reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall((" ".join(args) + "\r\n").encode())
+            return sock.makefile("rb").readline().rstrip(b"\r\n")
+
+    def ping(self) -> bool:
+        try:
+            return self.command("PING") == b"+PONG"
+        except OSError:
+            return False
+
+    def keys(self, pattern: str = "*") -> int:
+        """How many keys match (DBSIZE-like, for one pattern)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"KEYS {pattern}\r\n".encode())
+            reader = sock.makefile("rb")
+            header = reader.readline()
+            return int(header[1:]) if header.startswith(b"*") else 0
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)

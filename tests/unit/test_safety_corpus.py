@@ -1,0 +1,65 @@
+"""The safety rules against committed corpora: harmful examples of each rule must be found by
+that rule, ordinary prompts (code with authors' addresses, card-like numbers that fail Luhn,
+talk about security) by none. Rates are printed; thresholds asserted.
+
+Two corpora, each written without sight of the rules: ``harmful``/``benign`` (the rules were
+tuned on it) and ``heldout_*`` (written later; at first contact the rules found 88% of it
+with 3% false positives — injection 3/10 and jailbreak 5/10 — and some phrase families were
+then generalised, so it is no longer unseen).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+
+from plugins.safety_rules import BY_NAME, RULES
+
+CORPUS = Path(__file__).parent.parent / "data" / "safety"
+DETECTION_MIN = 0.95  # of all harmful examples
+RULE_DETECTION_MIN = 0.75  # of each rule's (attack phrasings vary the most)
+FALSE_POSITIVE_MAX = 0.02  # of the benign prompts
+
+
+def load(name: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in (CORPUS / name).read_text().splitlines() if line]
+
+
+def found_by(text: str) -> list[str]:
+    return [rule.name for rule in RULES if any(True for _ in rule.find(text))]
+
+
+@pytest.mark.parametrize("prefix", ["", "heldout_"])
+def test_the_rules_find_the_harmful_corpus_and_spare_the_benign_one(prefix: str) -> None:
+    harmful, benign = load(f"{prefix}harmful.jsonl"), load(f"{prefix}benign.jsonl")
+    assert {row["rule"] for row in harmful} == set(BY_NAME), "every rule has examples"
+    hits: collections.Counter[str] = collections.Counter()
+    totals: collections.Counter[str] = collections.Counter()
+    missed = []
+    for row in harmful:
+        totals[row["rule"]] += 1
+        if row["rule"] in found_by(row["text"]):
+            hits[row["rule"]] += 1
+        else:
+            missed.append(row)
+    false_positives = [(row, found_by(row["text"])) for row in benign if found_by(row["text"])]
+
+    print(f"\n{prefix or 'tuning '}corpus\n{'rule':<18}{'found':>8}{'rate':>8}")
+    for rule in BY_NAME:
+        print(f"{rule:<18}{hits[rule]:>4}/{totals[rule]:<3}{hits[rule] / totals[rule]:>8.1%}")
+    detection = sum(hits.values()) / len(harmful)
+    fp_rate = len(false_positives) / len(benign)
+    print(f"detection {detection:.1%} of {len(harmful)}; false positives {fp_rate:.1%} "
+          f"of {len(benign)}")
+    for row in missed:
+        print("  missed", row["rule"], repr(row["text"][:100]))
+    for row, rules in false_positives:
+        print("  false positive", rules, repr(row["text"][:100]))
+
+    assert detection >= DETECTION_MIN
+    for rule in BY_NAME:
+        assert hits[rule] / totals[rule] >= RULE_DETECTION_MIN, rule
+    assert fp_rate <= FALSE_POSITIVE_MAX
