@@ -13,6 +13,7 @@ one call to routing. The one place that knows the order of plugins.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +32,8 @@ from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
 from gateway.typed_toml import ConfigError, build
 from plugins.base import Plugin, RequestContext, Verdict
+
+log = logging.getLogger(__name__)
 
 ESCALATED = "x-gateway-escalated"  # the models whose answers were found wanting, and why
 BUILTIN = {"safety": "plugins.safety:SafetyPlugin", "cache": "plugins.cache:CachePlugin",
@@ -87,7 +90,10 @@ class Pipeline:
             return await self._respond(request, ctx, completion, headers)
         finally:
             for plugin in reversed(self.plugins):
-                plugin.on_finish(ctx)
+                try:
+                    plugin.on_finish(ctx)
+                except Exception:  # one plugin's bug must not keep the others from cleaning up
+                    log.exception("plugin %s: on_finish failed", plugin.name)
 
     async def _stream(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         routed = self.router.answer(ctx.req)
@@ -130,8 +136,13 @@ class Pipeline:
             try:
                 stronger, stronger_headers, stronger_deployment = await self._collect(ctx,
                                                                                       routed)
-            except GatewayError:
-                break  # the stronger model failed: the first answer stands, verdict and all
+            except GatewayError as exc:
+                # The stronger model failed: the answer stands, verdict and all, and the
+                # header says that a stronger one was asked.
+                escalated.append(f"{deployment.model.name} ({', '.join(verdict.reasons)}); "
+                                 f"the stronger model failed ({exc.code or exc.status})")
+                ctx.headers[ESCALATED] = "; ".join(escalated)
+                break
             escalated.append(f"{deployment.model.name} ({', '.join(verdict.reasons)})")
             ctx.headers[ESCALATED] = "; ".join(escalated)
             completion, headers, deployment = stronger, stronger_headers, stronger_deployment

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import orjson
 
 from gateway.backends.base import Usage
-from gateway.protocol.openai import ChatRequest
 from gateway.protocol.responses import Completion
 from plugins.base import BasePlugin, RequestContext, Verdict
 from plugins.cache_store import MemoryStore, RedisStore, Store, StoreUnavailable
@@ -90,43 +89,62 @@ class CachePlugin(BasePlugin):
         key = self._key(ctx)
         ctx.state[self.name] = key
         if directive != "refresh":
-            hit = await self._get(key)
-            if hit is None and key in self._inflight:  # the same request is being answered
+            if key in self._inflight:  # the same request is being answered: wait for it
                 hit = await self._follow(key)
+            else:
+                hit = await self._lookup(ctx, key)
             if hit is not None:
                 self.stats["hits"] += 1
                 ctx.headers[HEADER] = "hit"
                 return hit
         self.stats["misses"] += 1
         ctx.headers[HEADER] = "refresh" if directive == "refresh" else "miss"
-        self._inflight.setdefault(key, asyncio.get_running_loop().create_future())
-        ctx.state[self.name + ".leader"] = True
+        if self.name + ".future" not in ctx.state and key not in self._inflight:
+            self._lead(ctx, key)
         return None
+
+    async def _lookup(self, ctx: RequestContext, key: str) -> Completion | None:
+        """The stored answer. Identical requests that arrive while the store is asked wait
+        for this one, and then for its model's answer if nothing was stored.
+        """
+        self._lead(ctx, key)
+        hit = await self._get(key)
+        if hit is not None:
+            self._release(ctx, hit)
+        return hit
+
+    def _lead(self, ctx: RequestContext, key: str) -> None:
+        future = asyncio.get_running_loop().create_future()
+        ctx.state[self.name + ".future"] = self._inflight[key] = future
+
+    def _release(self, ctx: RequestContext, result: Completion | None) -> None:
+        """Those waiting on this request get its answer (None: each then asks on its own)."""
+        future = ctx.state.pop(self.name + ".future", None)
+        if future is None:
+            return
+        if self._inflight.get(ctx.state[self.name]) is future:
+            del self._inflight[ctx.state[self.name]]
+        if not future.done():
+            future.set_result(result)
 
     async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
         key = ctx.state.get(self.name)
-        if key is None or not ctx.state.get(self.name + ".leader"):
+        if key is None:
             return None
+        if ctx.rejected is not None:
+            return None  # a stronger model may be asked: those waiting wait for its answer
         # A cut answer is kept only when the client's own limit cut it: that is its answer.
         whole = result.finish_reason in ("stop", "tool_calls") or (
             result.finish_reason == "length" and ctx.req.sampling.max_tokens is not None)
-        keep = whole and not ctx.failed and ctx.rejected is None
+        keep = whole and not ctx.failed
         if keep:
             await self._put(key, result)
-        self._settle(key, result if keep else None)
+        self._release(ctx, result if keep else None)
         return None
 
     def on_finish(self, ctx: RequestContext) -> None:
-        """However the request ended, those waiting on it are released (with nothing, if
-        nothing was kept: each then asks on its own).
-        """
-        if ctx.state.get(self.name + ".leader"):
-            self._settle(ctx.state.get(self.name), None)
-
-    def _settle(self, key: str | None, result: Completion | None) -> None:
-        future = self._inflight.pop(key, None) if key else None
-        if future is not None and not future.done():
-            future.set_result(result)
+        """However the request ended, those still waiting on it are released."""
+        self._release(ctx, None)
 
     async def _follow(self, key: str) -> Completion | None:
         self.stats["coalesced"] += 1
@@ -152,21 +170,21 @@ class CachePlugin(BasePlugin):
             self.stats["store_errors"] += 1
 
     def _key(self, ctx: RequestContext) -> str:
-        req = ctx.req
-        sampling = req.sampling
-        what: dict[str, Any] = {
-            "kind": ctx.kind, "model": req.model, "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "stop": sampling.stop, "seed": sampling.seed,
-            "tenant": "" if self.options.shared else ctx.tenant,
-        }
-        if isinstance(req, ChatRequest):
-            what.update(messages=req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                        response_format=req.response_format, effort=req.reasoning_effort)
-        else:
-            what.update(prompt=req.prompt, suffix=req.suffix)
+        """A digest of everything in the request body (as the models will see it: after
+        redaction) but the fields that cannot change the answer, with the kind and tenant.
+        A field the gateway does not know yet changes the key: two requests share an
+        answer only when nothing that may decide it differs.
+        """
+        what = {name: value for name, value in ctx.req.body.items() if name not in _NOT_KEYED}
+        what[" kind"] = ctx.kind
+        what[" tenant"] = "" if self.options.shared else ctx.tenant
         canonical = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)
         return "gw:cache:" + hashlib.sha256(canonical).hexdigest()
+
+
+# What a request may say that does not change its answer: how it is delivered, and notes
+# about the caller.
+_NOT_KEYED = frozenset({"stream", "stream_options", "user", "metadata", "store"})
 
 
 def _deterministic(ctx: RequestContext) -> bool:

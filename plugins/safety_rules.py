@@ -11,31 +11,51 @@ one cheap look for a long enough run of digits (``gate``); a pattern runs only p
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Category = Literal["personal", "secret", "injection"]
 
 
 class Text:
-    """A text being checked, with what the rules share: its lower-case form and which
-    gates it passed.
+    """A text being checked, with what the rules share: its lower-case form, which gates it
+    passed, and where its lines and code fences are (found once, so that a check of each
+    match is not a scan of the whole text).
     """
 
-    __slots__ = ("_gates", "lower", "text")
+    __slots__ = ("_fences", "_gates", "_lines", "lower", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.lower = text.lower()
         self._gates: dict[re.Pattern[str], bool] = {}
+        self._lines: list[int] | None = None
+        self._fences: list[int] | None = None
 
     def passes(self, gate: re.Pattern[str]) -> bool:
         passed = self._gates.get(gate)
         if passed is None:
             passed = self._gates[gate] = gate.search(self.text) is not None
         return passed
+
+    def line_start(self, at: int) -> int:
+        """Where the line that holds position ``at`` starts."""
+        if self._lines is None:
+            self._lines = [m.start() for m in re.finditer("\n", self.text)]
+        i = bisect.bisect_left(self._lines, at)
+        return self._lines[i - 1] + 1 if i else 0
+
+    def fenced(self, at: int) -> bool:
+        """Whether position ``at`` is inside a fenced code block (```)."""
+        if self._fences is None:
+            self._fences = [m.start() for m in re.finditer("```", self.text)]
+        return bisect.bisect_left(self._fences, at) % 2 == 1
+
+
+Finder = Callable[[Text], Iterator[tuple[int, int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,29 +70,30 @@ class Rule:
     category: Category
     description: str
     phrases: tuple[Phrase, ...]
-    accept: Callable[[re.Match[str], str], bool] | None = None  # a found match is real
+    accept: Callable[[re.Match[str], Text], bool] | None = None  # a found match is real
     gate: re.Pattern[str] | None = None  # the text must hold this before any phrase is tried
-    redacts: str | None = field(default=None)  # the group to redact (default: the match)
+    redacts: str | None = None  # the group of a match to redact (default: all of it)
+    finder: tuple[tuple[str, ...], Finder] | None = None  # anchors, and a finder of spans
 
-    def span(self, match: re.Match[str]) -> tuple[int, int]:
-        """What to redact of a match."""
-        return match.span(self.redacts) if self.redacts else match.span()
-
-    def find(self, text: str | Text) -> Iterator[re.Match[str]]:
-        """The matches in the text, in order."""
+    def find(self, text: str | Text) -> list[tuple[int, int]]:
+        """Where in the text this rule finds something (the spans to redact), in order."""
         scan = text if isinstance(text, Text) else Text(text)
         if self.gate is not None and not scan.passes(self.gate):
-            return
+            return []
         found = []
         for phrase in self.phrases:
             if phrase.anchors and not any(a in scan.lower for a in phrase.anchors):
                 continue
             for match in phrase.pattern.finditer(scan.text):
-                if self.accept is None or self.accept(match, scan.text):
-                    found.append(match)
-        if len(self.phrases) > 1:
-            found.sort(key=lambda m: m.start())
-        yield from found
+                if self.accept is None or self.accept(match, scan):
+                    found.append(match.span(self.redacts) if self.redacts else match.span())
+        if self.finder is not None:
+            anchors, finder = self.finder
+            if any(a in scan.lower for a in anchors):
+                found += finder(scan)
+        if len(self.phrases) + (self.finder is not None) > 1:
+            found.sort()
+        return found
 
 
 # -- checks of what a pattern found ------------------------------------------------------
@@ -90,7 +111,7 @@ def luhn(digits: str) -> bool:
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5|4[4-9])|35")
 
 
-def _card(match: re.Match[str], text: str) -> bool:
+def _card(match: re.Match[str], text: Text) -> bool:
     digits = re.sub(r"\D", "", match.group())
     return 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None and luhn(digits)
 
@@ -115,38 +136,38 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
 
 
-def _iban(match: re.Match[str], text: str) -> bool:
+def _iban(match: re.Match[str], text: Text) -> bool:
     return iban_valid(match.group())
 
 
-def _phone(match: re.Match[str], text: str) -> bool:
+def _phone(match: re.Match[str], text: Text) -> bool:
     digits = sum(c.isdigit() for c in match.group())
     return 10 <= digits <= 15
 
 
 _EXAMPLE_DOMAIN = re.compile(
     r"(?:^|\.)(?:example\.(?:com|org|net)|[^.]+\.(?:test|example|invalid|localhost))$", re.I)
-_COMMENT_LINE = re.compile(r"^\s*(?:#|//|/?\*|--|;|%|<!--|\")")
+_COMMENT_LINE = re.compile(r"[ \t]*(?:#|//|/?\*|--|;|%|<!--|\")")  # matched from a line's start
 _CODE_MARKERS = ("__author__", "@author", "author", "maintainer", "copyright", "email =")
 
 
-def _email(match: re.Match[str], text: str) -> bool:
-    """An address someone could be reached at: not a documentation domain, and not the
-    author line of a piece of code (which is what code pasted into a prompt carries).
+def _email(match: re.Match[str], text: Text) -> bool:
+    """An address someone could be reached at: not a documentation domain, not the
+    ``user:password@host`` of a URL, and not the author line of a piece of code (which is
+    what code pasted into a prompt carries).
     """
     if _EXAMPLE_DOMAIN.search(match.group().rpartition("@")[2]):
         return False
-    token_start = max(text.rfind(" ", 0, match.start()), text.rfind("\n", 0, match.start()))
-    if "://" in text[token_start + 1:match.start()]:  # user:password@host of a URL
+    before = text.text[max(0, match.start() - 256):match.start()]
+    if "://" in before[max(before.rfind(" "), before.rfind("\n")) + 1:]:
         return False
-    if text.count("```", 0, match.start()) % 2:  # inside a fenced code block
+    if text.fenced(match.start()):
         return False
-    line_start = text.rfind("\n", 0, match.start()) + 1
-    line_end = text.find("\n", match.end())
-    line = text[line_start:line_end if line_end >= 0 else len(text)]
-    if _COMMENT_LINE.match(line):
+    start = text.line_start(match.start())
+    if _COMMENT_LINE.match(text.text, start, match.start()):
         return False
-    return not any(marker in line.lower() for marker in _CODE_MARKERS)
+    near = text.text[max(start, match.start() - 120):match.end() + 120].split("\n", 1)[0]
+    return not any(marker in near.lower() for marker in _CODE_MARKERS)
 
 
 _PLACEHOLDER = re.compile(
@@ -154,8 +175,70 @@ _PLACEHOLDER = re.compile(
     r"%\w+%|your[-_]?\w*|\w*[-_]here|pwd|redacted)$", re.I)
 
 
-def _url_password(match: re.Match[str], text: str) -> bool:
+def _url_password(match: re.Match[str], text: Text) -> bool:
     return not _PLACEHOLDER.match(match.group("secret"))
+
+
+KEY_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
+_KEY_END = re.compile(r"[ \t]*-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+_KEY_LINE = re.compile(  # a line of a key's body: base64, or one of PEM's header lines
+    r"[ \t]*(?:[A-Za-z0-9+/]+=*|(?:Proc-Type|DEK-Info|Comment): [^\n]*)?[ \t\r]*")
+_KEY_DATA = re.compile(r"[A-Za-z0-9+/]{16}")  # a line of key material, not a stray word
+_END_LINE = re.compile(r"-----END [A-Z0-9 ]*-{0,5}")
+
+
+def _may_end(line: str) -> bool:
+    """Whether a line not yet whole may become a key's END line."""
+    line = line.strip()
+    return "-----END".startswith(line) or _END_LINE.fullmatch(line) is not None
+
+
+def key_body(text: str, pos: int) -> tuple[int, str]:
+    """Reading a private key's body from ``pos`` (the start of a line): where it ends and
+    how — ``closed`` (after its END line), ``broken`` (before the first line that cannot be
+    part of it) or ``open`` (the text ran out inside it: more may come). Linear in the body.
+    """
+    while True:
+        newline = text.find("\n", pos)
+        end = len(text) if newline < 0 else newline
+        closing = _KEY_END.match(text, pos, end)
+        if closing:
+            return closing.end(), "closed"
+        if newline < 0:  # the last line, perhaps not whole yet
+            whole = _KEY_LINE.fullmatch(text, pos) or _may_end(text[pos:])
+            return (len(text), "open") if whole else (pos, "broken")
+        if not _KEY_LINE.fullmatch(text, pos, end):
+            return pos, "broken"
+        pos = newline + 1
+
+
+def key_block(text: str, begin: re.Match[str]) -> tuple[int, str, bool]:
+    """A private key from its BEGIN line: where it ends, how (see ``key_body``), and whether
+    it holds key material at all (a BEGIN line alone, as in a text about PEM files, does not).
+    """
+    newline = text.find("\n", begin.end())
+    rest = text[begin.end():newline if newline >= 0 else len(text)]
+    if rest.strip():  # the header line goes on: a key pasted on one line, or prose
+        one_line = _ONE_LINE_KEY.match(text, begin.start())
+        return (one_line.end(), "closed", True) if one_line else (begin.end(), "broken", False)
+    if newline < 0:
+        return len(text), "open", False
+    end, how = key_body(text, newline + 1)
+    return end, how, how == "closed" or _KEY_DATA.search(text, newline + 1, end) is not None
+
+
+# A key on one line: pasted with spaces, or inside a JSON string with its newlines escaped.
+_ONE_LINE_KEY = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
+                           r"(?:[ \t]|\\[nrt])(?:[A-Za-z0-9+/= \t]|\\[nrt]){16,}?-----END \1-----")
+
+
+def _private_keys(text: Text) -> Iterator[tuple[int, int]]:
+    pos = 0
+    while (begin := KEY_BEGIN.search(text.text, pos)) is not None:
+        end, _, material = key_block(text.text, begin)
+        if material:
+            yield begin.start(), end
+        pos = max(end, begin.end())
 
 
 # -- the rules ---------------------------------------------------------------------------
@@ -195,10 +278,7 @@ RULES: tuple[Rule, ...] = (
         r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|[rs]k_live_[0-9A-Za-z]{20,}"
         r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?![\w-])",
         "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-")),
-    Rule("private_key", "secret", "a private key", _one(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-        r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s]*)",
-        "-----begin")),
+    Rule("private_key", "secret", "a private key", (), finder=(("-----begin",), _private_keys)),
     Rule("bearer_token", "secret", "a bearer token", _one(
         r"\b[Bb]earer\s+[A-Za-z0-9._~+/-]{16,}=*"
         r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", "bearer", "eyj")),
@@ -254,11 +334,11 @@ RULES: tuple[Rule, ...] = (
          ("system", "im_start", "im_end")),
         (r"\[\s*end\s+of\s+(?:the\s+)?(?:user\s+)?(?:input|prompt|conversation|instructions)\s*\]",
          ("end of",)),
-        (r"^\s*(?:new|updated|real)\s+instructions?\s*:", ("instruction",)),
-        (r"^[\s#\[]*(?-i:SYSTEM)[\s#\]]*(?:(?:override|message|prompt|notice|update)\s*)?:"
-         r"|^\s*\[\s*(?-i:SYSTEM)\b[^\]\n]{0,30}\]", ("system",)),
-        (r"^\s*\[?system\]?\s*(?:override|message|prompt)?\s*:\s*(?:you|ignore|from\s+now)",
-         ("system",)),
+        (r"^[ \t]*(?:new|updated|real)[ \t]+instructions?[ \t]*:", ("instruction",)),
+        (r"^[ \t#\[]*(?-i:SYSTEM)[ \t#\]]*(?:(?:override|message|prompt|notice|update)[ \t]*)?:"
+         r"|^[ \t]*\[[ \t]*(?-i:SYSTEM)\b[^\]\n]{0,30}\]", ("system",)),
+        (r"^[ \t]*\[?system\]?[ \t]*(?:override|message|prompt)?[ \t]*:[ \t]*(?:you|ignore|"
+         r"from\s+now)", ("system",)),
         flags=_I | re.M)),
     Rule("jailbreak", "injection", "a jailbreak attempt", _phrases(
         # personas: DAN, "do anything now", special modes

@@ -114,7 +114,9 @@ def continuation(reply: str, prefill: str) -> str:
 
 
 def tool_arguments(tool: dict[str, Any]) -> dict[str, Any]:
-    """Arguments that satisfy a tool's required parameters."""
+    """Arguments that satisfy a tool's required parameters (a parameter's ``default``, where
+    it states one, as a model given that schema tends to do).
+    """
     params = (tool.get("function") or {}).get("parameters")
     params = params if isinstance(params, dict) else {}
     props = params.get("properties")
@@ -122,8 +124,14 @@ def tool_arguments(tool: dict[str, Any]) -> dict[str, Any]:
     sample = {"string": "Paris", "number": 1.5, "integer": 1, "boolean": True,
               "array": [], "object": {}}
     required = params.get("required")
-    return {name: sample.get(_type_of(props.get(name)), "Paris")
-            for name in required if isinstance(name, str)} if isinstance(required, list) else {}
+    if not isinstance(required, list):
+        return {}
+    return {name: _default_of(props.get(name), sample.get(_type_of(props.get(name)), "Paris"))
+            for name in required if isinstance(name, str)}
+
+
+def _default_of(spec: Any, otherwise: Any) -> Any:
+    return spec["default"] if isinstance(spec, dict) and "default" in spec else otherwise
 
 
 def _type_of(spec: Any) -> str:

@@ -100,3 +100,35 @@ def test_plugin_mistakes_are_caught_when_the_config_is_loaded(plugin: dict[str, 
     config = gateway_config(backend("o", "ollama", "http://127.0.0.1:1"), plugins=[plugin])
     with pytest.raises(ConfigError, match=message):
         load_plugins(config)
+
+
+class Broken(BasePlugin):
+    """A plugin whose clean-up fails."""
+
+    def __init__(self, options: Any) -> None:
+        pass
+
+    def on_finish(self, ctx: RequestContext) -> None:
+        steps.append(f"{self.name}.finish")
+        raise RuntimeError("a bug in a plugin")
+
+
+def test_a_plugin_failing_to_clean_up_does_not_stop_the_others(ollama_sim: Sim) -> None:
+    """A broken on_finish after the answer is logged; the plugins before it in the clean-up
+    order still run (the cache would otherwise leave identical requests waiting).
+    """
+    steps.clear()
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        plugins=[{"name": "shout", "path": PATH},
+                 {"name": "broken", "path": "tests.integration.test_pipeline:Broken"}]))
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            for _ in range(2):
+                answer = client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}])
+                assert answer.choices[0].message.content
+    finally:
+        server.stop()
+    assert [step for step in steps if step.endswith(".finish")] == [
+        "broken.finish", "shout.finish"] * 2

@@ -5,6 +5,7 @@ says so.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -218,3 +219,45 @@ def test_a_failing_answer_is_not_cached(local: Sim, cloud: Sim) -> None:
         assert headers["x-gateway-cache"] == "hit"
     finally:
         server.stop()
+
+
+def test_when_the_stronger_model_fails_the_first_answer_stands_and_says_so(
+        gateway: ServerThread, local: Sim, cloud: Sim) -> None:
+    local.fault(SMALL, reply="")
+    local.fault(BIG, status=500)
+    cloud.fault(CLOUD, status=500)
+    body, headers = chat(gateway)
+    assert body.model == SMALL and body.choices[0].message.content == ""
+    assert headers["x-gateway-qa"] == "fail: empty"
+    assert headers["x-gateway-escalated"].startswith(
+        f"{SMALL} (empty); the stronger model failed (")
+    assert asked(local)[:2] == [SMALL, BIG]
+
+
+def test_identical_requests_waiting_on_an_escalated_one_get_the_stronger_answer(
+        local: Sim, cloud: Sim) -> None:
+    """Ten identical requests at once: one asks the small model, which answers empty; it is
+    taken to the big one, and all ten get the big model's answer from that one call each.
+    """
+    local.fault(SMALL, reply="", latency=0.3)
+    server = start_gateway(gateway_config(
+        backend("local", "ollama", local.api_url),
+        plugins=[{"name": "qa"}, {"name": "cache"}]))
+
+    async def burst() -> list[tuple[str, str]]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x",
+                                      max_retries=0, timeout=30) as client:
+            async def one() -> tuple[str, str]:
+                answer = await client.chat.completions.create(
+                    model=SMALL, temperature=0,
+                    messages=[{"role": "user", "content": "Name a fjord"}])
+                return answer.model, answer.choices[0].message.content or ""
+            return await asyncio.gather(*(one() for _ in range(10)))
+
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        server.stop()
+    assert {model for model, _ in answers} == {BIG}
+    assert len({text for _, text in answers}) == 1 and answers[0][1]
+    assert asked(local) == [SMALL, BIG]

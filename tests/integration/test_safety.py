@@ -5,6 +5,7 @@ model says are redacted in flight, streamed or not. What was found is never logg
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -130,6 +131,59 @@ def test_secrets_in_answers_are_redacted_in_flight(gateway: ServerThread, ollama
     assert text == ("Set it like this: export OPENAI_API_KEY=[REDACTED:api_key] then run it. "
                     "Use Authorization: [REDACTED:bearer_token] and this key:\n"
                     "[REDACTED:private_key]\nDone.")
+
+
+TOOL = {"type": "function", "function": {"name": "call_api", "parameters": {
+    "type": "object", "required": ["url", "key"], "properties": {
+        "url": {"type": "string"}, "key": {"type": "string", "default": OPENAI_KEY}}}}}
+
+
+def test_tool_call_arguments_are_checked_both_ways(gateway: ServerThread,
+                                                   ollama_sim: Sim) -> None:
+    """A secret in the arguments of an earlier tool call never reaches the model; one a model
+    puts in a tool call's arguments never reaches the client, streamed or not.
+    """
+    history = [
+        {"role": "user", "content": "Call the API"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {
+                "name": "call_api", "arguments": f'{{"key": "{OPENAI_KEY}"}}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "401 Unauthorized"},
+    ]
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=history, tools=[TOOL])
+        assert verdicts(raw.headers) == {"redacted": {"api_key"}}
+        sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"][1]["tool_calls"]
+        assert sent[0]["function"]["arguments"] == {"key": "[REDACTED:api_key]"}
+
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Call the API"}], tools=[TOOL])
+        function = (answer.choices[0].message.tool_calls or [])[0].function
+        assert function.name == "call_api"
+        assert json.loads(function.arguments)["key"] == "[REDACTED:api_key]"
+
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Call the API"}], tools=[TOOL],
+            stream=True)
+        arguments = "".join(
+            call.function.arguments or "" for chunk in stream if chunk.choices
+            for call in chunk.choices[0].delta.tool_calls or [] if call.function)
+        assert json.loads(arguments)["key"] == "[REDACTED:api_key]"
+        assert OPENAI_KEY not in arguments
+
+
+def test_a_long_request_is_checked_off_the_event_loop_and_answered(gateway: ServerThread,
+                                                                  ollama_sim: Sim) -> None:
+    """A 90 KB prompt (a log pasted whole) is read in a worker thread: its secret is
+    redacted and the answer comes back.
+    """
+    log_text = "".join(f"12:00:{i % 60:02d} GET /api/items/{i} 200 OK\n" for i in range(2400))
+    text, headers = chat(gateway, f"{log_text}token={OPENAI_KEY}\nWhat went wrong?")
+    assert text and len(log_text) > 80_000
+    assert verdicts(headers) == {"redacted": {"api_key"}}
+    seen = sent_to_model(ollama_sim)
+    assert OPENAI_KEY not in seen and seen.endswith("token=[REDACTED:api_key]\nWhat went wrong?")
 
 
 def test_output_redaction_can_be_turned_off(ollama_sim: Sim) -> None:

@@ -34,14 +34,46 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperat
 
 def test_the_key_covers_what_decides_the_answer_and_nothing_else() -> None:
     assert key(BASE) == key(dict(reversed(list(BASE.items()))))  # order does not matter
-    assert key(BASE) == key({**BASE, "user": "someone", "stream": True})
+    # How the answer is delivered, and notes about the caller, do not change it.
+    assert key(BASE) == key({**BASE, "user": "someone", "stream": True, "store": True,
+                             "stream_options": {"include_usage": True},
+                             "metadata": {"team": "a"}})
+    # Everything else may: fields the gateway acts on, and fields it only passes along.
     for change in ({"model": "n"}, {"temperature": 0.5}, {"seed": 3}, {"max_tokens": 9},
                    {"messages": [{"role": "user", "content": "hi!"}]},
                    {"response_format": {"type": "json_object"}},
-                   {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+                   {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                   {"presence_penalty": 1.0}, {"frequency_penalty": 0.5},
+                   {"logprobs": True}, {"logit_bias": {"50256": -100}}, {"stop": ["\n"]},
+                   {"reasoning_effort": "high"}):
         assert key({**BASE, **change}) != key(BASE), change
+    # Nested objects are compared by content, not by the order their keys came in.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"a": 1, "b": 2}}}
+    reordered = {"function": {"parameters": {"b": 2, "a": 1}, "name": "f"}, "type": "function"}
+    assert key({**BASE, "tools": [tool]}) == key({**BASE, "tools": [reordered]})
+
+
+def test_the_key_is_that_of_the_redacted_request() -> None:
+    """Two requests that differ only in a secret the safety plugin redacted share an answer:
+    what the model saw was the same (and the secret is in no key).
+    """
+    from plugins.safety import SafetyOptions, SafetyPlugin
+
+    safety = SafetyPlugin(SafetyOptions())
+
+    def redacted_key(secret: str) -> str:
+        body = {**BASE, "messages": [{"role": "user", "content": f"why does {secret} fail?"}]}
+        ctx = RequestContext("chat", parse_chat(body), "t1", {})
+        asyncio.run(safety.on_request(ctx))
+        return CachePlugin(CacheOptions())._key(ctx)
+
+    assert redacted_key("sk-" + "a1" * 20) == redacted_key("sk-" + "b2" * 20)
+    assert redacted_key("sk-" + "a1" * 20) != key(BASE)
 
 
 def test_the_key_is_the_tenants_own_unless_shared() -> None:
     assert key(BASE, "t1") != key(BASE, "t2")
+    # A body cannot name another tenant's scope.
+    assert key({**BASE, " tenant": "t2"}, "t1") != key(BASE, "t2")
+    assert key({**BASE, " tenant": ""}, "t1") != key(BASE, "t1", shared=True)
     assert key(BASE, "t1", shared=True) == key(BASE, "t2", shared=True)

@@ -5,12 +5,13 @@ how little it holds back; repetition loops; JSON and schema checks.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
 from plugins.qa import json_problem, looping
 from plugins.safety import StreamRedactor
-from plugins.safety_rules import OUTPUT_RULES, iban_valid, luhn
+from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule, iban_valid, luhn
 
 SECRET_TEXT = (
     "Use key sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789 and the header Authorization: "
@@ -69,8 +70,78 @@ def test_holdback_is_bounded_by_what_a_secret_needs() -> None:
 
 
 def test_an_unfinished_private_key_is_redacted_at_the_end() -> None:
-    text, _ = redact_in_pieces("here:\n-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBY", None)
+    text, _ = redact_in_pieces(
+        "here:\n-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBYp8Qm2bXg4kLqZ0vR9T3wA", None)
     assert text == "here:\n[REDACTED:private_key]"
+
+
+SECRETS = (  # what must never come out of a stream, whatever surrounds it
+    "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+    "ghp_0123456789abcdefABCDEF0123456789abcd",
+    "AKIAIOSFODNN7EXAMPLQ",
+    "xoxb-1234567890-abcdefghijkl",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dBjftJeZ4CVPmB92K27uhbUJU1p1r",
+)
+BEFORE = ("", " ", "\n", "_", "-", "(", '"', "'", "key=", "Authorization: Bearer ",
+          "token: ", "`", "=", "x")
+
+
+def test_no_secret_leaks_whatever_stands_before_it_and_however_the_stream_is_cut() -> None:
+    """Secrets after every kind of neighbour, cut at random: the stream never shows one, and
+    (where the neighbour lets the secret start a word) says what redacting the whole text
+    at once says.
+    """
+    rng = random.Random(7)
+    for secret in SECRETS:
+        for before in BEFORE:
+            text = f"Here {before}{secret} and more text after it."
+            whole, _ = redact_in_pieces(text, None)
+            word_start = before == "" or not (before[-1].isalnum() or before[-1] in "_-")
+            if word_start:
+                assert secret not in whole, (before, secret)
+            for _ in range(40):
+                streamed, _ = redact_in_pieces(text, rng)
+                if word_start:
+                    assert secret not in streamed, (before, secret, streamed)
+                    assert streamed == whole, (before, secret, streamed)
+
+
+def test_a_text_about_pem_files_is_not_redacted() -> None:
+    for text in ("A key file starts with -----BEGIN PRIVATE KEY----- and you keep it secret.",
+                 "Look for the line\n-----BEGIN RSA PRIVATE KEY-----\nand what follows it."):
+        assert redact_in_pieces(text, None)[0] == text
+        assert redact_in_pieces(text, random.Random(3))[0] == text
+
+
+def test_an_address_in_a_code_comment_is_not_personal_data() -> None:
+    email = BY_NAME["email"]
+    for text in ("Why?\n\nfunction f() {\n            // TODO(k.oduya@hey.com): drop it\n}",
+                 "Look:\n# maintainer: k.oduya@hey.com\nimport os",
+                 "```\nsend(to='k.oduya@hey.com')\n```"):
+        assert email.find(text) == [], text
+    for text in ("Write to k.oduya@hey.com about it", "Why?\n  k.oduya@hey.com // not code"):
+        assert email.find(text) != [], text
+
+
+ADVERSARIAL = (  # inputs that make careless patterns backtrack; 64 KB each
+    "a" * 65536, " " * 65536, "\n" * 65536, "1" * 65536, "1 " * 32768, "1-" * 32768,
+    "@" * 65536, "a@" * 32768, "a.a@" * 16384, "x" * 65000 + "@example.org",
+    "sk-" * 21845, "Bearer " * 9362, "://" * 21845, "a:b@" * 16384, "eyJ." * 16384,
+    "-----BEGIN PRIVATE KEY-----\n" * 2340, "-----BEGIN PRIVATE KEY-----\n" + "A" * 65000,
+    "-----BEGIN PRIVATE KEY----- " + "A " * 32000, "```" * 21845, "SYSTEM: " * 8192,
+    "ignore " * 9362, "\t" * 65536 + "system:", "GB82" * 16384, "+1 (" * 16384,
+)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.name)
+def test_no_rule_is_slow_on_adversarial_input(rule: Rule) -> None:
+    """Every rule reads 64 KB of its worst known input in well under the time a request has
+    (linear patterns take milliseconds; a backtracking one would take minutes).
+    """
+    for text in ADVERSARIAL:
+        started = time.perf_counter()
+        rule.find(text)
+        assert time.perf_counter() - started < 2.0, (rule.name, text[:20])
 
 
 def test_number_checks() -> None:
