@@ -42,8 +42,25 @@ BUILTIN = {"safety": "plugins.safety:SafetyPlugin", "cache": "plugins.cache:Cach
 
 def load_plugins(config: GatewayConfig) -> list[Plugin]:
     """The configured plugins, each built from its own checked options."""
-    return [_load(spec, config.source, f"plugins[{i}]")
-            for i, spec in enumerate(config.plugins)]
+    plugins = [_load(spec, config.source, f"plugins[{i}]")
+               for i, spec in enumerate(config.plugins)]
+    _check_order(config)
+    return plugins
+
+
+def _check_order(config: GatewayConfig) -> None:
+    """The cache keeps what the plugins before it let through: it must come after the safety
+    checker (whose redacted request it keys, and whose blocks a hit would skip) and after
+    quality assurance (whose rejected answers it must not keep).
+    """
+    paths = [spec.path or BUILTIN.get(spec.name) for spec in config.plugins]
+    if BUILTIN["cache"] not in paths:
+        return
+    cache = paths.index(BUILTIN["cache"])
+    for name in ("safety", "qa"):
+        if BUILTIN[name] in paths[cache:]:
+            raise ConfigError(f"{config.source}: plugins: {name} must come before cache "
+                              f"(the cache keeps only what {name} let through)")
 
 
 def _load(spec: PluginConfig, source: str, where: str) -> Plugin:

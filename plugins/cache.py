@@ -99,8 +99,9 @@ class CachePlugin(BasePlugin):
                 return hit
         self.stats["misses"] += 1
         ctx.headers[HEADER] = "refresh" if directive == "refresh" else "miss"
-        if self.name + ".future" not in ctx.state and key not in self._inflight:
-            self._lead(ctx, key)
+        if directive != "refresh" and self.name + ".future" not in ctx.state and \
+                key not in self._inflight:
+            self._lead(ctx, key)  # (a refresh leads no one: others may take the stored answer)
         return None
 
     async def _lookup(self, ctx: RequestContext, key: str) -> Completion | None:
@@ -178,7 +179,7 @@ class CachePlugin(BasePlugin):
         what = {name: value for name, value in ctx.req.body.items() if name not in _NOT_KEYED}
         what[" kind"] = ctx.kind
         what[" tenant"] = "" if self.options.shared else ctx.tenant
-        canonical = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)  # (bodies are at most 128 deep)
         return "gw:cache:" + hashlib.sha256(canonical).hexdigest()
 
 

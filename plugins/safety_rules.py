@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from plugins.safety_keys import keys
+
 Category = Literal["personal", "secret", "injection"]
 
 
@@ -172,73 +174,16 @@ def _email(match: re.Match[str], text: Text) -> bool:
 
 _PLACEHOLDER = re.compile(
     r"^(?:pass(?:word|wd)?|secret|changeme|token|x+|\*+|\.+|<[^>]*>|\$\{?\w+\}?|\{+\w+\}+|"
-    r"%\w+%|your[-_]?\w*|\w*[-_]here|pwd|redacted)$", re.I)
+    r"%\w+%|your[-_]\w+|your(?:pass(?:word)?|secret|token|key|pwd)\w*|\w*[-_]here|pwd|"
+    r"redacted)$", re.I)
 
 
 def _url_password(match: re.Match[str], text: Text) -> bool:
     return not _PLACEHOLDER.match(match.group("secret"))
 
 
-KEY_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-_KEY_END = re.compile(r"[ \t]*-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
-_KEY_LINE = re.compile(  # a line of a key's body: base64, or one of PEM's header lines
-    r"[ \t]*(?:[A-Za-z0-9+/]+=*|(?:Proc-Type|DEK-Info|Comment): [^\n]*)?[ \t\r]*")
-_KEY_DATA = re.compile(r"[A-Za-z0-9+/]{16}")  # a line of key material, not a stray word
-_END_LINE = re.compile(r"-----END [A-Z0-9 ]*-{0,5}")
-
-
-def _may_end(line: str) -> bool:
-    """Whether a line not yet whole may become a key's END line."""
-    line = line.strip()
-    return "-----END".startswith(line) or _END_LINE.fullmatch(line) is not None
-
-
-def key_body(text: str, pos: int) -> tuple[int, str]:
-    """Reading a private key's body from ``pos`` (the start of a line): where it ends and
-    how — ``closed`` (after its END line), ``broken`` (before the first line that cannot be
-    part of it) or ``open`` (the text ran out inside it: more may come). Linear in the body.
-    """
-    while True:
-        newline = text.find("\n", pos)
-        end = len(text) if newline < 0 else newline
-        closing = _KEY_END.match(text, pos, end)
-        if closing:
-            return closing.end(), "closed"
-        if newline < 0:  # the last line, perhaps not whole yet
-            whole = _KEY_LINE.fullmatch(text, pos) or _may_end(text[pos:])
-            return (len(text), "open") if whole else (pos, "broken")
-        if not _KEY_LINE.fullmatch(text, pos, end):
-            return pos, "broken"
-        pos = newline + 1
-
-
-def key_block(text: str, begin: re.Match[str]) -> tuple[int, str, bool]:
-    """A private key from its BEGIN line: where it ends, how (see ``key_body``), and whether
-    it holds key material at all (a BEGIN line alone, as in a text about PEM files, does not).
-    """
-    newline = text.find("\n", begin.end())
-    rest = text[begin.end():newline if newline >= 0 else len(text)]
-    if rest.strip():  # the header line goes on: a key pasted on one line, or prose
-        one_line = _ONE_LINE_KEY.match(text, begin.start())
-        return (one_line.end(), "closed", True) if one_line else (begin.end(), "broken", False)
-    if newline < 0:
-        return len(text), "open", False
-    end, how = key_body(text, newline + 1)
-    return end, how, how == "closed" or _KEY_DATA.search(text, newline + 1, end) is not None
-
-
-# A key on one line: pasted with spaces, or inside a JSON string with its newlines escaped.
-_ONE_LINE_KEY = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
-                           r"(?:[ \t]|\\[nrt])(?:[A-Za-z0-9+/= \t]|\\[nrt]){16,}?-----END \1-----")
-
-
 def _private_keys(text: Text) -> Iterator[tuple[int, int]]:
-    pos = 0
-    while (begin := KEY_BEGIN.search(text.text, pos)) is not None:
-        end, _, material = key_block(text.text, begin)
-        if material:
-            yield begin.start(), end
-        pos = max(end, begin.end())
+    return keys(text.text)
 
 
 # -- the rules ---------------------------------------------------------------------------
@@ -262,7 +207,7 @@ _LIMITS = ("restriction", "filter", "limit", "rule", "guideline", "censor", "pol
 
 RULES: tuple[Rule, ...] = (
     Rule("email", "personal", "an e-mail address", _one(
-        r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+        r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b", "@"), _email),
     Rule("phone", "personal", "a phone number", _one(
         r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
@@ -276,12 +221,13 @@ RULES: tuple[Rule, ...] = (
         r"(?<![\w-])(?:sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?[A-Za-z0-9_-]{20,}"
         r"|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
         r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|[rs]k_live_[0-9A-Za-z]{20,}"
-        r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?![\w-])",
+        r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?!\w)",
         "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-")),
     Rule("private_key", "secret", "a private key", (), finder=(("-----begin",), _private_keys)),
     Rule("bearer_token", "secret", "a bearer token", _one(
-        r"\b[Bb]earer\s+[A-Za-z0-9._~+/-]{16,}=*"
-        r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", "bearer", "eyj")),
+        r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"
+        r"|(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+        "bearer", "eyj")),
     Rule("url_password", "secret", "a password in a URL", _one(
         r"://[^\s:/@]*:(?P<secret>[^\s@/]+)@", "://"), _url_password, redacts="secret"),
     Rule("prompt_injection", "injection", "an attempt to override the instructions", _phrases(

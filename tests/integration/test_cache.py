@@ -112,6 +112,25 @@ def test_bypass_and_refresh(gateway: ServerThread, ollama_sim: Sim) -> None:
     assert upstream_calls(ollama_sim) == 0  # (the log was cleared with the fault)
 
 
+def test_a_refresh_in_flight_keeps_no_one_waiting(gateway: ServerThread,
+                                                  ollama_sim: Sim) -> None:
+    """While a refresh asks a slow model again, the same request without it is answered
+    from the store at once.
+    """
+    ask(gateway, "Define a group.")
+    ollama_sim.fault(MODEL, latency=2.0)
+    refreshing = threading.Thread(target=ask, args=(gateway, "Define a group."),
+                                  kwargs={"headers": {"x-gateway-cache": "refresh"}})
+    refreshing.start()
+    try:
+        wait_until(lambda: upstream_calls(ollama_sim) == 2, 5, "the refresh to reach the model")
+        started = time.monotonic()
+        assert ask(gateway, "Define a group.")[1] == "hit"
+        assert time.monotonic() - started < 1.0
+    finally:
+        refreshing.join()
+
+
 def test_entries_expire_after_their_ttl(ollama_sim: Sim, redis_server: RedisServer) -> None:
     for store in (redis_server, None):  # Redis, then the in-memory store
         server = cached_gateway(ollama_sim, store, ttl=0.5)

@@ -102,6 +102,21 @@ def test_plugin_mistakes_are_caught_when_the_config_is_loaded(plugin: dict[str, 
         load_plugins(config)
 
 
+@pytest.mark.parametrize("order", [["cache", "qa"], ["cache", "safety"],
+                                   ["safety", "cache", "qa"]])
+def test_the_cache_must_come_after_what_it_trusts(order: list[str]) -> None:
+    """Listed before QA, the cache would keep answers QA rejects; before the safety checker,
+    a hit would skip its blocks.
+    """
+    config = gateway_config(backend("o", "ollama", "http://127.0.0.1:1"),
+                            plugins=[{"name": name} for name in order])
+    with pytest.raises(ConfigError, match="must come before cache"):
+        load_plugins(config)
+    good = gateway_config(backend("o", "ollama", "http://127.0.0.1:1"),
+                          plugins=[{"name": name} for name in ("safety", "qa", "cache")])
+    assert [plugin.name for plugin in load_plugins(good)] == ["safety", "qa", "cache"]
+
+
 class Broken(BasePlugin):
     """A plugin whose clean-up fails."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,6 +172,37 @@ def test_tool_call_arguments_are_checked_both_ways(gateway: ServerThread,
             for call in chunk.choices[0].delta.tool_calls or [] if call.function)
         assert json.loads(arguments)["key"] == "[REDACTED:api_key]"
         assert OPENAI_KEY not in arguments
+
+
+def test_every_text_sent_on_is_checked(mlx_sim: Sim) -> None:
+    """An OpenAI-compatible backend gets the body as the client wrote it, so every text in it
+    is read: the older ``function_call`` form, refusals, and predicted output too.
+    """
+    server = start_gateway(gateway_config(backend("mlx", "openai", mlx_sim.api_url),
+                                          plugins=[{"name": "safety"}]))
+    body = {
+        "model": "command-r-plus:104b",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": f"Use {OPENAI_KEY}"}]},
+            {"role": "assistant", "content": None, "function_call": {
+                "name": "call_api", "arguments": f'{{"key": "{OPENAI_KEY}"}}'}},
+            {"role": "function", "name": "call_api", "content": "401"},
+            {"role": "assistant", "content": [{"type": "refusal",
+                                               "refusal": f"I won't print {OPENAI_KEY}"}]},
+            {"role": "user", "content": "Try again"}],
+        "prediction": {"type": "content", "content": f"key = {OPENAI_KEY}"},
+    }
+    try:
+        request = urllib.request.Request(server.url + "/v1/chat/completions",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    finally:
+        server.stop()
+    sent = json.dumps(mlx_sim.requests("/v1/chat/completions")[-1]["payload"])
+    assert OPENAI_KEY not in sent
+    assert sent.count("[REDACTED:api_key]") == 4
 
 
 def test_a_long_request_is_checked_off_the_event_loop_and_answered(gateway: ServerThread,

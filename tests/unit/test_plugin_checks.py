@@ -106,6 +106,72 @@ def test_no_secret_leaks_whatever_stands_before_it_and_however_the_stream_is_cut
                     assert streamed == whole, (before, secret, streamed)
 
 
+ONE_LINE_KEY = ("-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIB"
+                "\\nAQC7VJTUt9Us8cKj\\n-----END PRIVATE KEY-----")
+ENCRYPTED_KEY = ("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
+                 "DEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\nMIIEpAIBAAKCAQEA7sOhQm9ndXNLZXlN\n"
+                 "YXRlcmlhbEZvclRlc3RpbmcxMjM0NTY3\n-----END RSA PRIVATE KEY-----")
+
+
+@pytest.mark.parametrize(("text", "secret"), [
+    # a key in a JSON string (as in a tool call's arguments), and pasted on one line
+    ('{"key": "' + ONE_LINE_KEY + '"}', "MIIEvQIBADANBgkq"),
+    ("x " + ONE_LINE_KEY.replace("\\n", " ") + " y", "MIIEvQIBADANBgkq"),
+    # an encrypted key, whose header lines are not base64
+    ("Here:\n" + ENCRYPTED_KEY + "\nDone.", "MIIEpAIBAAKCAQEA"),
+    # letters whose lower case is longer than they are, before a key and a password
+    ("export KEY_" + "İ" * 10 + "=sk-proj-Abcdefghijklmnopqrstuvwx1234 ok", "Abcdefghijklmnop"),
+    ("DSN=" + "İ" * 12 + "postgres://admin:Hunter2Secret@db/app ok", "Hunter2Secret"),
+    # a JWT longer than the run held back (large identity tokens are)
+    ("token: eyJhbGciOiJSUzI1NiJ9.eyJ" + "a" * 4800 + ".c2lnbmF0dXJlc2lnbmF0dXJl end",
+     "c2lnbmF0dXJl"),
+    # a bearer token in capitals
+    ("AUTHORIZATION: BEARER abcdefghijklmnop0123456789 ok", "abcdefghijklmnop"),
+])
+def test_secrets_of_every_shape_are_redacted_however_the_stream_is_cut(text: str,
+                                                                       secret: str) -> None:
+    whole, _ = redact_in_pieces(text, None)
+    assert secret not in whole and "[REDACTED:" in whole
+    for seed in range(30):
+        streamed, _ = redact_in_pieces(text, random.Random(seed))
+        assert secret not in streamed, (seed, streamed)
+    for cut in range(1, len(text), max(1, len(text) // 200)):  # in two pieces
+        halves = StreamRedactor(list(OUTPUT_RULES), 16384)
+        streamed = halves.feed(text[:cut]) + halves.feed(text[cut:]) + halves.flush()
+        assert secret not in streamed, (cut, streamed)
+    one_by_one = StreamRedactor(list(OUTPUT_RULES), 16384)
+    assert secret not in "".join(one_by_one.feed(c) for c in text) + one_by_one.flush()
+
+
+def test_what_a_stream_holds_costs_time_in_proportion_to_it() -> None:
+    """Long held text in small pieces: a bearer token of 40 KB, a private key of 16 KB, a
+    key header followed by 17,000 spaces. Each is read in well under a second, and redacted.
+    """
+    key = "-----BEGIN PRIVATE KEY-----\n" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\n" * 420 + \
+        "-----END PRIVATE KEY-----\nafter"
+    for text, expected in (
+            ("Bearer " + "QWxhZGRpbjpvcGVu" * 2560 + " ok", "[REDACTED:bearer_token] ok"),
+            (key, "[REDACTED:private_key]\nafter"),
+            ("-----BEGIN RSA PRIVATE KEY-----" + " " * 17000 + "\nafter", None)):
+        redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
+        started = time.perf_counter()
+        out = "".join(redactor.feed(text[i:i + 4]) for i in range(0, len(text), 4))
+        out += redactor.flush()
+        assert time.perf_counter() - started < 1.0, text[:20]
+        if expected is not None:
+            assert out == expected
+
+
+def test_the_rules_edges() -> None:
+    api_key, bearer, url = BY_NAME["api_key"], BY_NAME["bearer_token"], BY_NAME["url_password"]
+    assert api_key.find("id AKIAIOSFODNN7EXAMPLQ-prod") != []  # a key before a hyphen
+    assert api_key.find("mask-" + "a" * 30) == []  # inside a word: not a key
+    assert bearer.find("BEARER abcdefghijklmnop0123") != []
+    assert url.find("postgres://bob:yourself2024@db/app") != []  # not a placeholder
+    for placeholder in ("your_password", "yourpassword", "<password>", "${DB_PASS}", "xxxx"):
+        assert url.find(f"postgres://bob:{placeholder}@db/app") == [], placeholder
+
+
 def test_a_text_about_pem_files_is_not_redacted() -> None:
     for text in ("A key file starts with -----BEGIN PRIVATE KEY----- and you keep it secret.",
                  "Look for the line\n-----BEGIN RSA PRIVATE KEY-----\nand what follows it."):
@@ -130,6 +196,8 @@ ADVERSARIAL = (  # inputs that make careless patterns backtrack; 64 KB each
     "-----BEGIN PRIVATE KEY-----\n" * 2340, "-----BEGIN PRIVATE KEY-----\n" + "A" * 65000,
     "-----BEGIN PRIVATE KEY----- " + "A " * 32000, "```" * 21845, "SYSTEM: " * 8192,
     "ignore " * 9362, "\t" * 65536 + "system:", "GB82" * 16384, "+1 (" * 16384,
+    "@ " + "a%" * 32767, "eyJ-" * 16384, "-----BEGIN PRIVATE KEY----- x " * 2048,
+    "grandma would " * 4681, "DAN " * 16384, "://a:" * 13107,
 )
 
 

@@ -1,0 +1,238 @@
+"""Secrets redacted from a stream of text as it passes, holding back as little as it can.
+
+Text leaves as soon as it cannot be part of a secret. What is held back: a run of text
+(no white space) from where a secret may begin (a key's prefix such as ``sk-`` at the start
+of a word, ``eyJ``, ``://``, or the start of one of those at the very end), a ``Bearer``
+word and what follows it, and an open private-key block. Released text is read by the same
+rules as a request, with the character released before it as context, so the stream says
+what redacting the whole answer at once would say.
+
+Bounds: a run is held up to ``MAX_RUN`` characters and a private key up to ``max_block``.
+Past that, a run shaped like a secret (a key's prefix or a bearer token, then only token
+characters) or one a rule finds still going on is redacted there and the rest of it is
+dropped as it arrives; any other run is let go, but for its last few characters. Each
+piece costs time in proportion to itself and to what is held, never to the whole answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Callable
+
+from plugins.safety_keys import BEGIN, NOT_ONE_LINE, ONE_LINE_END, OPEN_HEADER, block, body
+from plugins.safety_rules import Rule, Text
+
+MAX_RUN = 4096  # the most of a run without white space held back as a possible secret
+TAIL = 64  # what is kept of a run let go: enough for the start of any secret
+
+# How secrets begin. A key's prefix must start a word, as its rule says.
+_KEY_MARKERS = ("sk-", "sk_live_", "rk_live_", "akia", "asia", "ghp_", "gho_", "ghu_", "ghs_",
+                "ghr_", "github_pat_", "xox", "aiza", "hf_", "glpat-")
+_OTHER_MARKERS = ("bearer", "eyj", "://", "-----begin")
+_MARKER = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:" + "|".join(map(re.escape, _KEY_MARKERS)) + ")|"
+    + "|".join(map(re.escape, _OTHER_MARKERS)), re.IGNORECASE)
+# The beginnings of markers (lower case), and whether they must start a word.
+_PARTIAL = {marker[:k]: marker in _KEY_MARKERS
+            for marker in _OTHER_MARKERS + _KEY_MARKERS for k in range(len(marker) - 1, 0, -1)}
+_LONGEST = max(map(len, _PARTIAL))
+_BEARER_BEFORE = re.compile(r"(?<![A-Za-z0-9_])bearer\s+$", re.IGNORECASE)
+_SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a secret's shape
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
+_SPACES = " \n\t\r\f\v"
+
+# What reads the rest of a secret too long to hold as it arrives: how much of the text is
+# still part of it, and whether it has ended there.
+Reader = Callable[[str], tuple[int, bool]]
+# A secret found where the text is cut: its rule, how much of the text from the cut it
+# takes, and what reads the rest of it.
+Secret = tuple[str, int, Reader]
+
+
+class StreamRedactor:
+    """Text in, text out with secrets replaced; holds back only what may yet become one."""
+
+    def __init__(self, rules: list[Rule], max_block: int) -> None:
+        self.rules = rules
+        self.hint = _hint(rules)
+        self.max_block = max_block
+        self.pending = ""  # held back
+        self.context = ""  # the last character released
+        self.reading: Reader | None = None  # inside a secret too long to hold: dropping it
+        self.resume: int | None = None  # where the open key at the start of pending goes on
+        self.found = collections.Counter[str]()
+
+    def feed(self, text: str) -> str:
+        self.pending += text
+        out = []
+        while True:
+            if self.reading is not None:
+                end, ended = self.reading(self.pending)
+                self.pending = self.pending[end:]
+                if not ended:
+                    break
+                self.reading = None
+            cut, secret = self._cut(self.pending)
+            released, self.pending = self.pending[:cut], self.pending[cut:]
+            out.append(self._redact(released))
+            if secret is None:
+                break
+            rule, taken, self.reading = secret
+            out.append(f"[REDACTED:{rule}]")
+            self.found[rule] += 1
+            self.pending, self.context, self.resume = self.pending[taken:], "]", None
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self.pending, self.resume = self.pending, "", None
+        if self.reading is not None:  # the stream ended inside a secret too long to hold
+            self.reading = None
+            return ""
+        return self._redact(held)
+
+    def _cut(self, text: str) -> tuple[int, Secret | None]:
+        """Where the text may be cut: before anything that may still grow into a secret;
+        and a secret too long to hold that starts there, if that is what was found.
+        """
+        whole_key = (0, 0)  # the last private key, whole: never cut inside
+        resume, self.resume = self.resume, None
+        begin = text.rfind("-----BEGIN")
+        if begin >= 0:
+            header = BEGIN.match(text, begin)
+            if header is None:
+                if OPEN_HEADER.fullmatch(text, begin):
+                    return begin, None  # a header not yet whole
+            else:
+                found = block(text, header, resume if begin == 0 else None)
+                if found.how == "open":
+                    if len(text) - begin <= self.max_block:
+                        if found.resume is not None:
+                            self.resume = found.resume - begin
+                        return begin, None
+                    if found.one_line:
+                        taken = max(header.end(), len(text) - TAIL) - begin
+                        return begin, ("private_key", taken, _one_line_rest)
+                    taken = (len(text) if found.resume is None else found.resume) - begin
+                    return begin, ("private_key", taken, _key_rest)
+                whole_key = (begin, found.end)
+        run = max(text.rfind(space) for space in _SPACES) + 1
+        bearer = _BEARER_BEFORE.search(text, max(0, run - 64), run)
+        hold = bearer.start() if bearer is not None else _secret_start(text, run)
+        if hold is None:
+            cut = len(text)
+        elif len(text) - hold > MAX_RUN:
+            return self._too_long(text, hold)
+        else:
+            cut = hold
+        return (whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut), None
+
+    def _too_long(self, text: str, hold: int) -> tuple[int, Secret | None]:
+        """A run held past ``MAX_RUN``: a secret still arriving is redacted where it starts
+        and the rest of it dropped; anything else is let go but for its last characters.
+        """
+        start = max(0, hold - 1)  # with a character of context
+        scan = Text(text[start:])
+        spans = [(start + s, start + e, rule.name) for rule in self.rules
+                 for s, e in rule.find(scan) if start + s >= hold]
+        for s, e, rule in spans:
+            if e == len(text):
+                return s, (rule, e - s, _token_rest)
+        if not text.startswith(("://", "-"), hold) and _SHAPED.fullmatch(text, hold):
+            rule = "bearer_token" if text[hold] in "bBeE" else "api_key"
+            return hold, (rule, len(text) - hold, _token_rest)
+        cut = len(text) - TAIL
+        for s, e, _ in spans:
+            if s < cut < e:
+                cut = e
+        return cut, None
+
+    def _redact(self, text: str) -> str:
+        """The released text with secrets replaced; the last character released before is
+        read with it (not redacted, not returned): the context the rules' patterns look at.
+        """
+        if not text:
+            return text
+        context, self.context = self.context, text[-1]
+        if self.hint:
+            low = text.lower()
+            if not any(anchor in low for anchor in self.hint):
+                return text  # nothing any rule needs is there (most pieces of most answers)
+        text = context + text
+        scan = Text(text)
+        for rule in self.rules:
+            # (a match that would start at the context was ruled out when it was released)
+            spans = [span for span in rule.find(scan) if span[0] >= len(context)]
+            if spans:
+                self.found[rule.name] += len(spans)
+                text = redact(text, spans, rule.name)
+                scan = Text(text)
+        self.context = text[-1]  # as the client has it: a tag's "]" if it ends in one
+        return text[len(context):]
+
+
+def redact(text: str, spans: list[tuple[int, int]], rule: str) -> str:
+    """The text with each span (in order; overlaps skipped) replaced by the rule's tag."""
+    out: list[str] = []
+    last = 0
+    for start, end in spans:
+        if start < last:
+            continue
+        out += (text[last:start], f"[REDACTED:{rule}]")
+        last = end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _secret_start(text: str, run: int) -> int | None:
+    """Where, in the run of text from ``run`` to the end, a secret may begin: its first
+    marker, or a last few characters that may become one.
+    """
+    marker = _MARKER.search(text, run)
+    if marker is not None:
+        return marker.start()
+    for at in range(max(run, len(text) - _LONGEST), len(text)):
+        word = _PARTIAL.get(text[at:].lower())
+        if word is not None and not (word and at > 0 and (
+                text[at - 1].isascii() and (text[at - 1].isalnum() or text[at - 1] in "_-"))):
+            return at
+    return None
+
+
+def _key_rest(text: str) -> tuple[int, bool]:
+    """The rest of a private key's body, from the start of a line."""
+    found = body(text, 0)
+    if found.how != "open":
+        return found.end, True
+    return found.resume or 0, False  # the line not yet whole is kept
+
+
+def _one_line_rest(text: str) -> tuple[int, bool]:
+    """The rest of a private key on one line."""
+    end = ONE_LINE_END.search(text)
+    if end is not None:
+        return end.end(), True
+    other = NOT_ONE_LINE.search(text)
+    if other is not None:
+        return other.start(), True
+    return max(0, len(text) - TAIL), False  # what may be the start of its END is kept
+
+
+def _token_rest(text: str) -> tuple[int, bool]:
+    """The rest of a token: up to the first character no token has."""
+    other = _NOT_TOKEN.search(text)
+    return (len(text), False) if other is None else (other.start(), True)
+
+
+def _hint(rules: list[Rule]) -> tuple[str, ...]:
+    """Everything the rules need, one of which a text must hold for any of them to match
+    (empty: some rule needs nothing, so every text is read).
+    """
+    anchors: set[str] = set()
+    for rule in rules:
+        if any(not phrase.anchors for phrase in rule.phrases):
+            return ()
+        anchors.update(a for phrase in rule.phrases for a in phrase.anchors)
+        if rule.finder is not None:
+            anchors.update(rule.finder[0])
+    return tuple(sorted(anchors))
