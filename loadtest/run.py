@@ -80,9 +80,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_ready(url: str, timeout: float = 30) -> None:
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A free port for each name, no two the same (the system may offer a port twice)."""
+    ports: dict[str, int] = {}
+    for name in names:
+        while (port := free_port()) in ports.values():
+            pass
+        ports[name] = port
+    return ports
+
+
+def wait_ready(url: str, timeout: float = 30,
+               process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``url`` answers; and ``process`` must be the one answering: alive, not a
+    failed start beside another server that happens to hold the port.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, process.args))} exited "
+                               f"({process.returncode}): see its log")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
@@ -216,8 +233,8 @@ def ensure_wrk() -> None:
 def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="loadtest-"))
-    ports = {name: free_port() for name in ("sim", "sim2", "proxy", "gateway", "routed",
-                                            "tunneled", "checked", "cached", "redis_cached")}
+    ports = free_ports(("sim", "sim2", "proxy", "gateway", "routed", "tunneled", "checked",
+                        "cached", "redis_cached"))
     sims = {name: f"http://127.0.0.1:{ports[name]}/v1" for name in ("sim", "sim2")}
     (work / "gateway.toml").write_text(_config(ports["gateway"], {"sim": sims["sim"]}))
     (work / "routed.toml").write_text(_config(ports["routed"], {"host-a": sims["sim"],
@@ -244,7 +261,10 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
         for name in ("gateway", "routed", "tunneled", "checked", "cached", "redis_cached"):
             processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
                                     "--config", str(work / f"{name}.toml")], work / f"{name}.log"))
-            wait_ready(f"http://127.0.0.1:{ports[name]}/health")
+            wait_ready(f"http://127.0.0.1:{ports[name]}/health", process=processes[-1])
+            time.sleep(0.3)  # a process that lost its port exits right after start-up
+            if processes[-1].poll() is not None:
+                raise RuntimeError(f"the {name} gateway exited: see {work / name}.log")
         routed = {**BODY, "model": "auto"}
         targets = [
             _target("direct to simulator", ports["sim"], BODY, work),

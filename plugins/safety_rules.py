@@ -28,12 +28,13 @@ class Text:
     match is not a scan of the whole text).
     """
 
-    __slots__ = ("_fences", "_gates", "_lines", "lower", "text")
+    __slots__ = ("_anchors", "_fences", "_gates", "_lines", "lower", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.lower = text.lower()
         self._gates: dict[re.Pattern[str], bool] = {}
+        self._anchors: dict[str, bool] = {}  # many phrases share anchors: each is looked for once
         self._lines: list[int] | None = None
         self._fences: list[int] | None = None
 
@@ -42,6 +43,16 @@ class Text:
         if passed is None:
             passed = self._gates[gate] = gate.search(self.text) is not None
         return passed
+
+    def holds(self, anchors: tuple[str, ...]) -> bool:
+        """Whether the text holds one of these (lower-case) words."""
+        for anchor in anchors:
+            held = self._anchors.get(anchor)
+            if held is None:
+                held = self._anchors[anchor] = anchor in self.lower
+            if held:
+                return True
+        return False
 
     def line_start(self, at: int) -> int:
         """Where the line that holds position ``at`` starts."""
@@ -84,14 +95,14 @@ class Rule:
             return []
         found = []
         for phrase in self.phrases:
-            if phrase.anchors and not any(a in scan.lower for a in phrase.anchors):
+            if phrase.anchors and not scan.holds(phrase.anchors):
                 continue
             for match in phrase.pattern.finditer(scan.text):
                 if self.accept is None or self.accept(match, scan):
                     found.append(match.span(self.redacts) if self.redacts else match.span())
         if self.finder is not None:
             anchors, finder = self.finder
-            if any(a in scan.lower for a in anchors):
+            if scan.holds(anchors):
                 found += finder(scan)
         if len(self.phrases) + (self.finder is not None) > 1:
             found.sort()
