@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-# A header not yet whole, at the end of what has arrived.
+# A header not yet whole, at the end of what has arrived (none is longer than this).
 OPEN_HEADER = re.compile(r"-----BEGIN(?: (?:[A-Z0-9]+ )*[A-Z0-9]*)?-{0,4}")
+HEADER_MAX = 64
 _END = re.compile(r"[ \t]*-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
-_LINE = re.compile(  # a line of a body: base64, or one of PEM's header lines (bounded)
-    r"[ \t]*(?:[A-Za-z0-9+/]{1,200}=*|(?:Proc-Type|DEK-Info|Comment): [^\n]{0,200})?[ \t\r]*")
+_LINE = re.compile(  # a line of a body: base64, or one of PEM's header lines (bounded, and
+    # possessive: a line of spaces that goes wrong at its end is not tried again and again)
+    r"[ \t]{0,64}+(?:[A-Za-z0-9+/]{1,200}+=*|(?:Proc-Type|DEK-Info|Comment): [^\n]{0,200})?"
+    r"[ \t\r]{0,64}+")
 _DATA = re.compile(r"[A-Za-z0-9+/]{16}")  # a line of key material, not a stray word
 _END_LINE = re.compile(r"-----END [A-Z0-9 ]*-{0,5}")
 _LINE_STARTS = ("-----END", "Proc-Type: ", "DEK-Info: ", "Comment: ")
@@ -27,7 +30,7 @@ _LINE_STARTS = ("-----END", "Proc-Type: ", "DEK-Info: ", "Comment: ")
 # become that.
 _ONE_LINE = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
                        r"(?:[ \t]|\\[nrt])(?:[A-Za-z0-9+/= \t]|\\[nrt]){16,}?-----END \1-----")
-_ONE_LINE_OPEN = re.compile(r"(?:[A-Za-z0-9+/= \t]|\\[nrt]?)*(?:-[-A-Z0-9 ]*)?")
+_ONE_LINE_OPEN = re.compile(r"(?:[A-Za-z0-9+/= \t]|\\[nrt]|\\\Z)*+(?:-[-A-Z0-9 ]*)?")
 ONE_LINE_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 NOT_ONE_LINE = re.compile(r"[^A-Za-z0-9+/= \t\\-]")  # a character no key on one line has
 
@@ -62,9 +65,11 @@ def body(text: str, pos: int) -> Block:
 
 def _may_go_on(line: str) -> bool:
     """Whether a line not yet whole may become one of a key's: its END line or a header."""
-    line = line.strip()
-    return any(start.startswith(line) for start in _LINE_STARTS) or \
-        _END_LINE.fullmatch(line) is not None
+    stripped = line.strip()
+    if not stripped:
+        return len(line) <= 128  # (white space, but not without end)
+    return any(start.startswith(stripped) for start in _LINE_STARTS) or \
+        _END_LINE.fullmatch(stripped) is not None
 
 
 def block(text: str, begin: re.Match[str], resume: int | None = None) -> Block:

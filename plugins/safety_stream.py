@@ -20,7 +20,15 @@ import collections
 import re
 from collections.abc import Callable
 
-from plugins.safety_keys import BEGIN, NOT_ONE_LINE, ONE_LINE_END, OPEN_HEADER, block, body
+from plugins.safety_keys import (
+    BEGIN,
+    HEADER_MAX,
+    NOT_ONE_LINE,
+    ONE_LINE_END,
+    OPEN_HEADER,
+    block,
+    body,
+)
 from plugins.safety_rules import Rule, Text
 
 MAX_RUN = 4096  # the most of a run without white space held back as a possible secret
@@ -37,9 +45,9 @@ _MARKER = re.compile(
 _PARTIAL = {marker[:k]: marker in _KEY_MARKERS
             for marker in _OTHER_MARKERS + _KEY_MARKERS for k in range(len(marker) - 1, 0, -1)}
 _LONGEST = max(map(len, _PARTIAL))
-_BEARER_BEFORE = re.compile(r"(?<![A-Za-z0-9_])bearer\s+$", re.IGNORECASE)
 _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a secret's shape
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
+_URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
 _SPACES = " \n\t\r\f\v"
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
@@ -101,24 +109,25 @@ class StreamRedactor:
         if begin >= 0:
             header = BEGIN.match(text, begin)
             if header is None:
-                if OPEN_HEADER.fullmatch(text, begin):
-                    return begin, None  # a header not yet whole
+                if len(text) - begin <= HEADER_MAX and OPEN_HEADER.fullmatch(text, begin):
+                    return _hold_before(text, begin), None  # a header not yet whole
             else:
                 found = block(text, header, resume if begin == 0 else None)
                 if found.how == "open":
                     if len(text) - begin <= self.max_block:
                         if found.resume is not None:
                             self.resume = found.resume - begin
-                        return begin, None
+                        return _hold_before(text, begin), None
                     if found.one_line:
                         taken = max(header.end(), len(text) - TAIL) - begin
                         return begin, ("private_key", taken, _one_line_rest)
                     taken = (len(text) if found.resume is None else found.resume) - begin
                     return begin, ("private_key", taken, _key_rest)
                 whole_key = (begin, found.end)
-        run = max(text.rfind(space) for space in _SPACES) + 1
-        bearer = _BEARER_BEFORE.search(text, max(0, run - 64), run)
-        hold = bearer.start() if bearer is not None else _secret_start(text, run)
+        run = _run_start(text, len(text))
+        hold = _bearer_before(text, run)
+        if hold is None:
+            hold = _secret_start(text, run)
         if hold is None:
             cut = len(text)
         elif len(text) - hold > MAX_RUN:
@@ -141,7 +150,17 @@ class StreamRedactor:
         if not text.startswith(("://", "-"), hold) and _SHAPED.fullmatch(text, hold):
             rule = "bearer_token" if text[hold] in "bBeE" else "api_key"
             return hold, (rule, len(text) - hold, _token_rest)
+        # Let it go, but for its last few characters and a later secret that may have begun
+        # and not yet grown enough for its rule to see it: a key or token whose characters
+        # run to the end, or a URL whose password may yet come.
         cut = len(text) - TAIL
+        for later in _MARKER.finditer(text, max(hold + 1, _token_run(text)), cut):
+            if not text.startswith(("://", "-"), later.start()):
+                cut = later.start()
+                break
+        url = text.rfind("://", hold + 1, cut)
+        if url >= 0 and _URL_DONE.search(text, url + 3) is None:
+            cut = url
         for s, e, _ in spans:
             if s < cut < e:
                 cut = e
@@ -182,6 +201,40 @@ def redact(text: str, spans: list[tuple[int, int]], rule: str) -> str:
         last = end
     out.append(text[last:])
     return "".join(out)
+
+
+def _token_run(text: str) -> int:
+    """Where the run of token characters that ends the text starts."""
+    other = _NOT_TOKEN.search(text[::-1])
+    return 0 if other is None else len(text) - other.start()
+
+
+def _run_start(text: str, end: int) -> int:
+    """Where the run of text without white space that ends at ``end`` starts."""
+    return max(text.rfind(space, 0, end) for space in _SPACES) + 1
+
+
+def _bearer_before(text: str, run: int) -> int | None:
+    """Where a ``Bearer`` word starts, if only white space (and not too much of it) stands
+    between it and the run from ``run``: what follows it is its token.
+    """
+    lo = max(0, run - MAX_RUN)
+    word = lo + len(text[lo:run].rstrip())  # where the last word before the white space ends
+    start = word - 6
+    if word == run or start < lo or text[start:word].lower() != "bearer":
+        return None
+    before = text[start - 1] if start > 0 else " "
+    return None if before.isascii() and (before.isalnum() or before == "_") else start
+
+
+def _hold_before(text: str, at: int) -> int:
+    """Where to cut to hold ``at`` and any secret that may have begun earlier in its run."""
+    run = _run_start(text, at)
+    bearer = _bearer_before(text, run)
+    if bearer is not None:
+        return bearer
+    marker = _MARKER.search(text, run, at)
+    return at if marker is None else marker.start()
 
 
 def _secret_start(text: str, run: int) -> int | None:

@@ -143,6 +143,25 @@ def test_secrets_of_every_shape_are_redacted_however_the_stream_is_cut(text: str
     assert secret not in "".join(one_by_one.feed(c) for c in text) + one_by_one.flush()
 
 
+JWT = ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2"
+       "MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+LONG_URL = "see https://x.io/cb?s=" + "b" * 4100 + "&t="
+
+
+@pytest.mark.parametrize("chunks", [
+    ["Authorization: Bearer", " " * 60, "abcdefghijklmnop0123456789abcdef end"],
+    ["x sk-abcdefghij-----BEGIN", " x"],  # a key cut short by what looks like a PEM header
+    [LONG_URL + JWT[:72], JWT[72:] + " end"],  # a token after a run longer than is held
+    [LONG_URL + JWT[:90], JWT[90:] + " end"],
+    [LONG_URL + "postgres://admin:", "Pa55w0rdPa55w0rd@db:5432 end"],
+], ids=["bearer-spaces", "header-after-key", "jwt-72", "jwt-90", "url-password"])
+def test_unlucky_cuts_show_what_the_whole_text_shows(chunks: list[str]) -> None:
+    whole, _ = redact_in_pieces("".join(chunks), None)
+    redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
+    streamed = "".join(redactor.feed(chunk) for chunk in chunks) + redactor.flush()
+    assert streamed == whole and "[REDACTED:" in whole
+
+
 def test_what_a_stream_holds_costs_time_in_proportion_to_it() -> None:
     """Long held text in small pieces: a bearer token of 40 KB, a private key of 16 KB, a
     key header followed by 17,000 spaces. Each is read in well under a second, and redacted.
@@ -152,7 +171,10 @@ def test_what_a_stream_holds_costs_time_in_proportion_to_it() -> None:
     for text, expected in (
             ("Bearer " + "QWxhZGRpbjpvcGVu" * 2560 + " ok", "[REDACTED:bearer_token] ok"),
             (key, "[REDACTED:private_key]\nafter"),
-            ("-----BEGIN RSA PRIVATE KEY-----" + " " * 17000 + "\nafter", None)):
+            ("-----BEGIN RSA PRIVATE KEY-----" + " " * 17000 + "\nafter", None),
+            ("intro -----BEGIN" + " AB" * 4000, None),  # a header that never ends
+            ("-----BEGIN PRIVATE KEY-----\n" + "QUJDREVGR0hJSktMTU5PUFFSU1RV\n" * 600
+             + " " * 20000, None)):  # a key past max_block, then a line of spaces
         redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
         started = time.perf_counter()
         out = "".join(redactor.feed(text[i:i + 4]) for i in range(0, len(text), 4))
@@ -198,6 +220,8 @@ ADVERSARIAL = (  # inputs that make careless patterns backtrack; 64 KB each
     "ignore " * 9362, "\t" * 65536 + "system:", "GB82" * 16384, "+1 (" * 16384,
     "@ " + "a%" * 32767, "eyJ-" * 16384, "-----BEGIN PRIVATE KEY----- x " * 2048,
     "grandma would " * 4681, "DAN " * 16384, "://a:" * 13107,
+    "-----BEGIN PRIVATE KEY-----" + "\\nQUJD" * 10000 + "!",  # a JSON-escaped key, cut
+    "-----BEGIN PRIVATE KEY-----\n" + " " * 65000 + "!",
 )
 
 
