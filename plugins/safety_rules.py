@@ -344,7 +344,7 @@ RULES: tuple[Rule, ...] = (
           "turned off")),
         # role-play as a way round: "stay in character", the grandmother who read recipes
         (r"\bstay\s+in\s+character\b(?=.{0,300}\b(?:no|without|never)\b)", ("in character",)),
-        (r"\bgrandm(?:a|other)\b.{0,160}\b(?:used\s+to|would)\b.{0,120}\b(?:recipe|"
+        (r"\bgrandm(?:a|other)\b(?>.{0,160}?\b(?:used\s+to|would)\b).{0,120}?\b(?:recipe|"
          r"instructions|how\s+to\s+make|making|keys|steps|explosive|napalm|weapon|synthes)",
          ("grandm",)),
         flags=_I | re.S)),
