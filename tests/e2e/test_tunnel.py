@@ -18,6 +18,7 @@ from gateway.keys import TUNNELS
 from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY
 from tests import ssh_peers
+from tests.e2e.conftest import TUNNEL_MODEL
 from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
 from tests.support import (
     ServerThread,
@@ -30,20 +31,7 @@ from tests.support import (
 )
 
 USER = [{"role": "user", "content": "Hello"}]
-MODEL = "qwen2.5-coder:32b"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return ssh_peers.make_keys(tmp_path_factory.mktemp("ssh"))
-
-
-@pytest.fixture
-def workstation() -> Iterator[Sim]:
-    """Ollama on the "workstation" (reached only through the tunnel in these tests)."""
-    server = ServerThread(lambda: create_ollama_app([SimModel(MODEL)])).start()
-    yield Sim(server, "ollama")
-    server.stop()
+MODEL = TUNNEL_MODEL  # what the workstation fixture serves
 
 
 @pytest.fixture

@@ -5,17 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from gateway.sim import SimModel, create_ollama_app
-from tests import ssh_peers
+from tests.e2e.conftest import TUNNEL_MODEL
 from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
 from tests.support import (
-    ServerThread,
     Sim,
     backend,
     free_port,
@@ -25,19 +22,7 @@ from tests.support import (
 )
 
 GATEWAY = [sys.executable, "-m", "gateway"]
-MODEL = "qwen2.5-coder:32b"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return ssh_peers.make_keys(tmp_path_factory.mktemp("ssh-tools"))
-
-
-@pytest.fixture
-def workstation() -> Iterator[Sim]:
-    server = ServerThread(lambda: create_ollama_app([SimModel(MODEL)])).start()
-    yield Sim(server, "ollama")
-    server.stop()
+MODEL = TUNNEL_MODEL  # what the workstation fixture serves
 
 
 def answers(url: str) -> bool:
