@@ -22,8 +22,9 @@ from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
+from gateway.doors import openai
+from gateway.http import health as health_endpoint
 from gateway.http import middlewares
-from gateway.http.routes import add_routes
 from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, PIPELINE, ROUTER, TUNNELS
 from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
@@ -66,8 +67,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
-    app[PIPELINE] = Pipeline(load_plugins(config), router, config.server.reasoning,
-                             config.routing.max_escalations)
+    app[PIPELINE] = Pipeline(load_plugins(config), router, config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
     app.cleanup_ctx.append(_tunnels_ctx)
     app.cleanup_ctx.append(_backends_ctx)
@@ -75,7 +75,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_plugins_ctx)
     app.on_startup.append(_freeze_startup_objects)
-    add_routes(app)
+    openai.add_routes(app)
+    health_endpoint.add_routes(app)
     return app
 
 

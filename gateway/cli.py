@@ -25,6 +25,7 @@ from gateway.config import (
 )
 from gateway.http.middlewares import key_digest
 from gateway.report import print_catalog
+from gateway.runtime import new_event_loop
 
 log = logging.getLogger("gateway")
 
@@ -135,14 +136,6 @@ def run(config: GatewayConfig) -> None:
         print=None,
         loop=new_event_loop(),
     )
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _demo(args: argparse.Namespace) -> int:

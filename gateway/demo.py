@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.cli import new_event_loop
 from gateway.config import GatewayConfig
+from gateway.runtime import new_event_loop
 from gateway.sim import create_ollama_app, create_openai_app, seed_fleet, start_site
 
 PACE = {"ttft": 0.25, "tokens_per_s": 30.0}  # a workstation-like feel when streaming

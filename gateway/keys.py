@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
+from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.tunnel.manager import TunnelManager
-
-if TYPE_CHECKING:  # the pipeline imports the HTTP layer, which imports these keys
-    from gateway.pipeline import Pipeline
 
 CONFIG = web.AppKey("config", GatewayConfig)
 BACKENDS = web.AppKey("backends", dict[str, Backend])
@@ -22,7 +18,7 @@ CATALOG = web.AppKey("catalog", ModelCatalog)
 ROUTER = web.AppKey("router", Router)
 HEALTH = web.AppKey("health", HealthWatcher)
 TUNNELS = web.AppKey("tunnels", TunnelManager)
-PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
+PIPELINE = web.AppKey("pipeline", Pipeline)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 # Who is asking: a short digest of the API key, or "" when auth is off.

@@ -11,8 +11,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.backends.base import Backend, ModelInfo
+from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
+from gateway.protocol.units import ModelInfo
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.selector import Needs, Selector
 from gateway.tunnel.manager import TunnelManager

@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.backends.base import Chunk
 from gateway.errors import InvalidRequest
-from gateway.protocol.openai import ChatRequest, CompletionRequest
-from gateway.protocol.responses import Completion, Kind
+from gateway.protocol.openai import ChatRequest, CompletionRequest, Kind
+from gateway.protocol.units import Chunk, Completion
 
 
 class Denied(InvalidRequest):

@@ -18,8 +18,7 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.backends.base import Usage
-from gateway.protocol.responses import Completion
+from gateway.protocol.units import Completion, Usage
 from plugins.base import BasePlugin, RequestContext, Verdict
 from plugins.cache_store import MemoryStore, RedisStore, Store, StoreUnavailable
 

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from gateway.protocol.openai import ChatRequest
-from gateway.protocol.responses import Completion
+from gateway.protocol.units import Completion
 from plugins.base import BasePlugin, RequestContext, Verdict
 
 HEADER = "x-gateway-qa"

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends.base import Chunk
 from gateway.protocol.openai import ChatRequest, CompletionRequest
+from gateway.protocol.units import Chunk
 from plugins.base import BasePlugin, Denied, RequestContext
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Text
 from plugins.safety_stream import StreamRedactor, redact

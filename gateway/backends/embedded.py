@@ -20,9 +20,10 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.backends.base import Health, ModelInfo
+from gateway.backends.base import Health
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig
+from gateway.protocol.units import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from gateway.backends.base import Chunk
 from gateway.config import BackendConfig
 from gateway.errors import (
     GatewayError,
@@ -28,6 +27,7 @@ from gateway.errors import (
     from_upstream_status,
 )
 from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_lines
+from gateway.protocol.units import Chunk
 
 log = logging.getLogger(__name__)
 

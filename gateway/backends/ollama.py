@@ -10,12 +10,13 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from gateway.backends.base import Chunk, EmbeddingResult, Health, ModelInfo
+from gateway.backends.base import Health
 from gateway.backends.http import HttpBackend
 from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol import ollama
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.sse import decode_ndjson
+from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from gateway.backends.base import Chunk, EmbeddingResult, Health, ModelInfo
+from gateway.backends.base import Health
 from gateway.backends.http import HttpBackend
 from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.openai_stream import OpenAITranslator
 from gateway.protocol.sse import decode_sse
+from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
 
 # Fields of the client's body the gateway sets itself for the upstream leg.
 _GATEWAY_SET = ("stream", "stream_options", "max_completion_tokens", "max_tokens")

@@ -9,11 +9,11 @@ from typing import Any
 
 import orjson
 
-from gateway.backends.base import Chunk, ModelInfo, Usage, parse_parameter_size
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
+from gateway.protocol.units import Chunk, ModelInfo, Usage, parse_parameter_size
 
 # Extra sampling fields some clients send, which Ollama understands under the same name.
 _PASSTHROUGH_OPTIONS = ("top_k", "min_p", "repeat_penalty", "frequency_penalty",

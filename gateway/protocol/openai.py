@@ -7,12 +7,13 @@ passed through to OpenAI-compatible backends untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from gateway.errors import InvalidRequest
 
+Kind = Literal["chat", "text"]  # a chat completion, or a text completion
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 

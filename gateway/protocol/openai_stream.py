@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.backends.base import Chunk, Usage
 from gateway.errors import UpstreamError
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
+from gateway.protocol.units import Chunk, Usage
 
 
 class OpenAITranslator:

@@ -1,12 +1,14 @@
 """Reasoning models that write their thoughts into the text (``<think>…</think>``, as
 DeepSeek-R1 distills and QwQ do on MLX or llama.cpp) get them moved to ``Chunk.reasoning``,
 so every backend's reasoning reaches clients the same way. The backends' stream translators
-run every chunk through a ``ThinkTagSplitter``.
+run every chunk through a ``ThinkTagSplitter``; each door shows reasoning to its client
+through a ``ReasoningView``.
 """
 
 from __future__ import annotations
 
-from gateway.backends.base import Chunk
+from gateway.config import ReasoningMode
+from gateway.protocol.units import Chunk, Completion
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -64,3 +66,35 @@ def _partial_suffix(text: str, tag: str) -> int:
         if tag.startswith(text[-size:]):
             return size
     return 0
+
+
+class ReasoningView:
+    """How one client sees a model's reasoning (``[server] reasoning``): in its door's own
+    reasoning field ("separate"), inline in the text between ``<think>`` tags for clients
+    that read only text ("inline"), or not at all ("drop").
+    """
+
+    __slots__ = ("_mode", "_thinking")
+
+    def __init__(self, mode: ReasoningMode) -> None:
+        self._mode = mode
+        self._thinking = False  # inline: inside an open <think> tag
+
+    def split(self, chunk: Chunk) -> tuple[str, str]:
+        """The reasoning for the door's own field, and the text, of one streamed chunk."""
+        if self._mode != "inline":
+            return (chunk.reasoning if self._mode == "separate" else ""), chunk.content
+        text = ""
+        if chunk.reasoning:
+            text = chunk.reasoning if self._thinking else OPEN + chunk.reasoning
+            self._thinking = True
+        if self._thinking and (chunk.content or chunk.finish_reason or chunk.tool_calls):
+            text += CLOSE
+            self._thinking = False
+        return "", text + chunk.content
+
+    def whole(self, completion: Completion) -> tuple[str, str]:
+        """The reasoning for the door's own field, and the text, of a whole answer."""
+        if self._mode == "inline" and completion.reasoning:
+            return "", f"{OPEN}{completion.reasoning}{CLOSE}{completion.content}"
+        return (completion.reasoning if self._mode == "separate" else ""), completion.content

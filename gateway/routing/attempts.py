@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Literal
 
+from gateway.backoff import backoff
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, RateLimited, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.routing.balancer import Balancer, DeploymentState
@@ -180,8 +180,7 @@ class Attempts:
             # A long Retry-After: better served elsewhere than waited for.
             return error.retry_after if error.retry_after <= self._config.retry_after_cap \
                 else None
-        backoff = min(self._config.backoff_max, self._config.backoff_initial * 2.0 ** used)
-        return backoff * random.uniform(0.5, 1.5)
+        return backoff(used, self._config.backoff_initial, self._config.backoff_max)
 
     def _retry_lease(self) -> Lease | None:
         current = self._current

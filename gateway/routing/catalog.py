@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends.base import Backend, ModelInfo
+from gateway.backends.base import Backend
 from gateway.config import ModelConfig
 from gateway.errors import GatewayError, ModelNotFound
+from gateway.protocol.units import ModelInfo
 
 log = logging.getLogger(__name__)
 

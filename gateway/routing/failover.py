@@ -13,8 +13,8 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from gateway.backends.base import Chunk
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.protocol.units import Chunk
 from gateway.routing.attempts import Attempts, Lease
 from gateway.routing.catalog import Deployment
 
@@ -175,7 +175,7 @@ class RoutedAnswer:
 async def _first(stream: AsyncIterator[Chunk], deployment: Deployment) -> Chunk:
     """The first chunk that says something."""
     async for chunk in stream:
-        if chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason:
+        if chunk.says_something():
             return chunk
     name = deployment.backend.name
     raise UpstreamError(f"{name} sent an empty answer", backend=name)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncGenerator, Callable
 
-from gateway.backends.base import Backend, Chunk, EmbeddingResult
+from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
+from gateway.protocol.units import Chunk, EmbeddingResult
 from gateway.routing.attempts import Attempts
 from gateway.routing.balancer import Balancer
 from gateway.routing.catalog import Deployment, ModelCatalog

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 
-from gateway.cli import new_event_loop
+from gateway.runtime import new_event_loop
 from gateway.sim import SimModel, create_ollama_app, create_openai_app, seed_fleet, start_site
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.backends.base import parse_parameter_size
+from gateway.protocol.units import parse_parameter_size
 from gateway.sim.engine import (
     SIM_STATE,
     Ask,

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -19,7 +18,7 @@ from xml.sax.saxutils import escape
 import asyncssh
 
 from gateway.config import TunnelConfig
-from gateway.tunnel.ssh import TunnelError, backoff, connect, make_interactive
+from gateway.tunnel.ssh import TunnelError, connect, keep_connected, make_interactive
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +65,10 @@ class ReverseAgent:
 
     async def run(self) -> None:
         """Keep the forwards up for as long as the agent runs."""
-        attempt = 0
-        while True:
-            try:
-                connection = await connect(self.ssh)
-            except TunnelError as exc:
-                log.warning("tunnel agent: %s", exc)
-            except Exception:  # the agent must outlive any surprise
-                log.exception("tunnel agent: unexpected failure")
-            else:
-                started = time.monotonic()
-                try:
-                    await self._serve(connection)
-                except TunnelError as exc:
-                    log.warning("tunnel agent: %s", exc)
-                # The backoff restarts only after a while of being up, not on every
-                # connection that drops at once.
-                if time.monotonic() - started >= self.ssh.backoff_max:
-                    attempt = 0
-            await asyncio.sleep(backoff(attempt, self.ssh))
-            attempt += 1
+        await keep_connected(self.ssh, self._session, lambda exc: None, "tunnel agent")
+
+    async def _session(self) -> None:
+        await self._serve(await connect(self.ssh))
 
     async def _serve(self, connection: asyncssh.SSHClientConnection) -> None:
         try:

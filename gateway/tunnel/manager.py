@@ -23,7 +23,7 @@ from typing import Literal
 import asyncssh
 
 from gateway.config import ConfigError, ForwardConfig, TunnelConfig
-from gateway.tunnel.ssh import TunnelError, backoff, connect, make_interactive
+from gateway.tunnel.ssh import TunnelError, connect, keep_connected, make_interactive
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +64,26 @@ class Tunnel:
 
     async def run(self) -> None:
         """Connect, forward, watch the link; when it breaks, back off and do it again."""
-        attempt = 0
         await self._hold_ports()
-        while True:
-            self._set("connecting")
-            try:
-                connection = await self._open()
-            except TunnelError as exc:
-                self.error, self.hint = exc.message, exc.hint
-                log.warning("tunnel %s: %s", self.name, exc)
-            except Exception as exc:  # the loop must outlive any surprise
-                self.error, self.hint = f"unexpected failure: {type(exc).__name__}", ""
-                log.exception("tunnel %s: unexpected failure", self.name)
-            else:
-                self.error = self.hint = ""
-                lasted = await self._serve(connection)
-                # A link that keeps dropping right after it is made must not be redialled
-                # in a tight loop: the backoff restarts only after a while of being up.
-                if lasted >= self.config.backoff_max:
-                    attempt = 0
+        await keep_connected(self.config, self._session, self._failed, f"tunnel {self.name}")
+
+    async def _session(self) -> None:
+        self._set("connecting")
+        try:
+            connection = await self._open()
+            self.error = self.hint = ""
+            await self._serve(connection)
+        finally:
             self._first.set()
             self._set("backing_off")
-            await asyncio.sleep(backoff(attempt, self.config))
-            attempt += 1
+
+    def _failed(self, exc: Exception) -> None:
+        """Why the last attempt failed, for /health and ``gateway check`` (no secrets: see
+        ``ssh.explain``)."""
+        if isinstance(exc, TunnelError):
+            self.error, self.hint = exc.message, exc.hint
+        else:
+            self.error, self.hint = f"unexpected failure: {type(exc).__name__}", ""
 
     async def wait_first_attempt(self, patience: float) -> None:
         """Until the first connection attempt has succeeded or failed (or ``patience`` ran
@@ -125,9 +122,8 @@ class Tunnel:
                               f"tunnel {self.name}: {exc.strerror or exc}",
                               "another program took the port") from None
 
-    async def _serve(self, connection: asyncssh.SSHClientConnection) -> float:
-        """Until the link drops; how long it lasted."""
-        started = time.monotonic()
+    async def _serve(self, connection: asyncssh.SSHClientConnection) -> None:
+        """Until the link drops."""
         self.connected = True
         log.info("tunnel %s is up (%s)", self.name, ", ".join(
             f"127.0.0.1:{self.ports[f.name]} → {f.remote_host}:{f.remote_port}"
@@ -150,7 +146,6 @@ class Tunnel:
         await self._hold_ports()
         log.warning("tunnel %s dropped; the backends behind it are out of rotation", self.name)
         await _notify(self.on_down, self)
-        return time.monotonic() - started
 
     async def _hold_ports(self) -> None:
         """Placeholders on every forward's port: connections are turned away at once."""

@@ -14,19 +14,19 @@ import contextlib
 import fcntl
 import logging
 import os
-import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncssh
 
+from gateway.backoff import backoff
 from gateway.config import TunnelConfig
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_MISSES = 3  # unanswered keepalives before the link counts as dead
-MAX_DOUBLINGS = 32  # the backoff stops growing long before this; past it, no overflow
 
 
 class TunnelError(Exception):
@@ -180,11 +180,30 @@ def _host_key_error(exc: asyncssh.DisconnectError, config: TunnelConfig, known_h
         'or set host_key = "accept-new" to trust it on first use')
 
 
-def backoff(attempt: int, config: TunnelConfig) -> float:
-    """Jittered exponential delay before reconnect attempt ``attempt`` (0-based)."""
-    delay = min(config.backoff_max,
-                config.backoff_initial * 2.0 ** min(attempt, MAX_DOUBLINGS))
-    return random.uniform(delay / 2, delay)
+async def keep_connected(config: TunnelConfig, session: Callable[[], Awaitable[object]],
+                         on_failure: Callable[[Exception], None], label: str) -> NoReturn:
+    """Run ``session`` (connect, then serve until the link drops) again and again for ever,
+    with jittered backoff in between: the reconnect loop of both tunnel directions.
+
+    A failure of any kind is told to ``on_failure`` and the loop goes on (it must outlive
+    any surprise). A link that keeps dropping right after it is made is not redialled in a
+    tight loop: the backoff starts over only after a session that lasted ``backoff_max``.
+    """
+    attempt = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await session()
+        except TunnelError as exc:
+            log.warning("%s: %s", label, exc)
+            on_failure(exc)
+        except Exception as exc:
+            log.exception("%s: unexpected failure", label)
+            on_failure(exc)
+        if time.monotonic() - started >= config.backoff_max:
+            attempt = 0
+        await asyncio.sleep(backoff(attempt, config.backoff_initial, config.backoff_max))
+        attempt += 1
 
 
 def _secret(variable: str, key: str) -> str:

@@ -13,9 +13,8 @@ from typing import Any
 import openai
 import pytest
 
-from gateway.backends.base import Chunk
 from gateway.pipeline import load_plugins
-from gateway.protocol.responses import Completion
+from gateway.protocol.units import Chunk, Completion
 from gateway.typed_toml import ConfigError
 from plugins.base import BasePlugin, RequestContext, Verdict
 from tests.support import Sim, backend, gateway_config, start_gateway

@@ -6,8 +6,9 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from gateway.backends.base import Chunk, EmbeddingResult, Health, ModelInfo
+from gateway.backends.base import Health
 from gateway.errors import GatewayError, ModelNotFound, UpstreamError
+from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
 from gateway.routing.catalog import ModelCatalog
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.backends.base import Chunk
 from gateway.protocol.reasoning import ThinkTagSplitter
+from gateway.protocol.units import Chunk
 
 
 def feed(pieces: list[str]) -> list[Chunk]:

@@ -7,19 +7,20 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from gateway.backoff import backoff
 from gateway.config import ConfigError, TunnelConfig, parse_config
 from gateway.tunnel.agent import RemoteForward, arguments
-from gateway.tunnel.ssh import _append_line, backoff, explain
+from gateway.tunnel.ssh import _append_line, explain
 
 TUNNEL = TunnelConfig(name="studio", host="studio.local", user="me", port=2222,
                       key_file="/k", password_env="PW", backoff_initial=0.5, backoff_max=30)
 
 
 def test_backoff_grows_jittered_and_stays_bounded_forever() -> None:
-    assert 0.25 <= backoff(0, TUNNEL) <= 0.5
-    assert 2.0 <= backoff(3, TUNNEL) <= 4.0
+    assert 0.25 <= backoff(0, 0.5, 30.0) <= 0.5
+    assert 2.0 <= backoff(3, 0.5, 30.0) <= 4.0
     for attempt in (10, 1024, 10**6):  # hours of an unreachable host: no overflow
-        assert 15.0 <= backoff(attempt, TUNNEL) <= 30.0
+        assert 15.0 <= backoff(attempt, 0.5, 30.0) <= 30.0
 
 
 @pytest.mark.parametrize(("text", "forward"), [

@@ -1,47 +1,49 @@
-"""What clients receive: stream events and whole completions built from chunks."""
+"""What OpenAI clients receive: stream events and whole completions built from chunks."""
 
 from __future__ import annotations
 
 import orjson
 
-from gateway.backends.base import Chunk, Usage
-from gateway.protocol.responses import Completion, StreamEncoder, completion_body
+from gateway.doors.openai import ChatStream, completion_body
+from gateway.protocol.units import Chunk, Completion, Usage
 
 
-def decode(data: str | None) -> dict[str, object]:
-    assert data is not None
-    return orjson.loads(data)  # type: ignore[no-any-return]
+def decode(data: bytes) -> dict[str, object]:
+    assert data.startswith(b"data: ") and data.endswith(b"\n\n")
+    return orjson.loads(data[6:])  # type: ignore[no-any-return]
 
 
 def test_stream_events_share_id_and_carry_the_role_first() -> None:
-    encoder = StreamEncoder("chat", "m", include_usage=True, reasoning="separate")
-    first = decode(encoder.encode(Chunk(content="Hi")))
-    second = decode(encoder.encode(Chunk(content="!")))
+    encoder = ChatStream("chat", "m", include_usage=True, reasoning="separate")
+    first = decode(encoder.chunk(Chunk(content="Hi")))
+    second = decode(encoder.chunk(Chunk(content="!")))
     assert first["id"] == second["id"] and first["created"] == second["created"]
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}  # type: ignore[index]
     assert second["choices"][0]["delta"] == {"content": "!"}  # type: ignore[index]
     assert first["usage"] is None and first["object"] == "chat.completion.chunk"
-    usage = decode(encoder.encode_final(Usage(3, 2), {}))
+    encoder.chunk(Chunk(finish_reason="stop", usage=Usage(3, 2)))
+    usage = decode(encoder.end({}).removesuffix(b"data: [DONE]\n\n"))
     assert usage["choices"] == [] and usage["usage"] == {
         "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 
 def test_without_include_usage_there_is_no_usage_anywhere() -> None:
-    encoder = StreamEncoder("chat", "m", include_usage=False, reasoning="separate")
-    assert "usage" not in decode(encoder.encode(Chunk(content="Hi")))
-    assert encoder.encode_final(Usage(1, 1), {}) is None
+    encoder = ChatStream("chat", "m", include_usage=False, reasoning="separate")
+    assert "usage" not in decode(encoder.chunk(Chunk(content="Hi")))
+    encoder.chunk(Chunk(usage=Usage(1, 1)))
+    assert encoder.end({}) == b"data: [DONE]\n\n"
 
 
 def test_empty_chunks_after_the_first_are_not_sent() -> None:
-    encoder = StreamEncoder("chat", "m", include_usage=False, reasoning="separate")
-    assert encoder.encode(Chunk(content="a")) is not None
-    assert encoder.encode(Chunk(usage=Usage(1, 1))) is None
-    assert encoder.encode(Chunk(reasoning="r")) is not None
+    encoder = ChatStream("chat", "m", include_usage=False, reasoning="separate")
+    assert encoder.chunk(Chunk(content="a"))
+    assert encoder.chunk(Chunk(usage=Usage(1, 1))) == b""
+    assert encoder.chunk(Chunk(reasoning="r"))
 
 
 def test_inline_reasoning_is_wrapped_in_think_tags_across_chunks() -> None:
-    encoder = StreamEncoder("chat", "m", include_usage=False, reasoning="inline")
-    texts = [decode(encoder.encode(c))["choices"][0]["delta"]["content"]  # type: ignore[index]
+    encoder = ChatStream("chat", "m", include_usage=False, reasoning="inline")
+    texts = [decode(encoder.chunk(c))["choices"][0]["delta"]["content"]  # type: ignore[index]
              for c in (Chunk(reasoning="a"), Chunk(reasoning="b"), Chunk(content="c"))]
     assert "".join(texts) == "<think>ab</think>c"
 
@@ -54,7 +56,7 @@ def test_tool_call_deltas_merge_into_whole_calls() -> None:
     completion.add(Chunk(tool_calls=[{"index": 1, "id": "call_2", "type": "function",
                                       "function": {"name": "g", "arguments": "{}"}}]))
     completion.add(Chunk(finish_reason="tool_calls", usage=Usage(5, 4)))
-    body = completion_body("chat", completion, "m", "separate")
+    body = completion_body("chat", completion, "separate")
     message = body["choices"][0]["message"]
     assert message["content"] is None
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"])
@@ -66,6 +68,6 @@ def test_tool_call_deltas_merge_into_whole_calls() -> None:
 def test_text_completion_body() -> None:
     completion = Completion()
     completion.add(Chunk(content="return a + b", finish_reason="stop", usage=Usage(4, 5)))
-    body = completion_body("text", completion, "m", "separate")
+    body = completion_body("text", completion, "separate")
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["text"] == "return a + b"

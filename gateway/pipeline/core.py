@@ -8,111 +8,79 @@ one call to routing. The one place that knows the order of plugins.
                 whole (or buffered) answer asks routing for a stronger model, a bounded
                 number of times
     on_finish   (however it ended: the cache releases requests waiting on this one)
+
+The pipeline takes a protocol-neutral ``RequestContext`` and returns an ``Answer``; the doors
+parse and encode the wire formats on either side of it.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
-
-from gateway.backends.base import Chunk
-from gateway.config import GatewayConfig, PluginConfig, ReasoningMode
-from gateway.errors import GatewayError
-from gateway.http.middlewares import json_response
-from gateway.http.sse import write_stream
-from gateway.keys import REQUEST_ID, TENANT
-from gateway.protocol.openai import ChatRequest, CompletionRequest
-from gateway.protocol.responses import Completion, Kind, StreamEncoder, completion_body
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.pipeline.answer import Answer, Embeddings, Listed, Streamed, Whole, route_headers
+from gateway.protocol.openai import EmbeddingRequest
+from gateway.protocol.units import Chunk, Completion, ModelInfo
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
-from gateway.typed_toml import ConfigError, build
 from plugins.base import Plugin, RequestContext, Verdict
 
 log = logging.getLogger(__name__)
 
 ESCALATED = "x-gateway-escalated"  # the models whose answers were found wanting, and why
-BUILTIN = {"safety": "plugins.safety:SafetyPlugin", "cache": "plugins.cache:CachePlugin",
-           "qa": "plugins.qa:QualityPlugin"}
-
-
-def load_plugins(config: GatewayConfig) -> list[Plugin]:
-    """The configured plugins, each built from its own checked options."""
-    plugins = [_load(spec, config.source, f"plugins[{i}]")
-               for i, spec in enumerate(config.plugins)]
-    _check_order(config)
-    return plugins
-
-
-def _check_order(config: GatewayConfig) -> None:
-    """The cache keeps what the plugins before it let through: it must come after the safety
-    checker (whose redacted request it keys, and whose blocks a hit would skip) and after
-    quality assurance (whose rejected answers it must not keep).
-    """
-    paths = [spec.path or BUILTIN.get(spec.name) for spec in config.plugins]
-    if BUILTIN["cache"] not in paths:
-        return
-    cache = paths.index(BUILTIN["cache"])
-    for name in ("safety", "qa"):
-        if BUILTIN[name] in paths[cache:]:
-            raise ConfigError(f"{config.source}: plugins: {name} must come before cache "
-                              f"(the cache keeps only what {name} let through)")
-
-
-def _load(spec: PluginConfig, source: str, where: str) -> Plugin:
-    path = spec.path or BUILTIN.get(spec.name)
-    if path is None:
-        raise ConfigError(f"{source}: {where}.name: no built-in plugin {spec.name!r} "
-                          f"(built-in: {', '.join(BUILTIN)}; others need a path)")
-    module, _, attribute = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{source}: {where}.path: cannot load {path}: {exc}") from None
-    options_type = getattr(cls, "Options", None)
-    options = build(options_type, spec.options, source, f"{where}.options") \
-        if options_type is not None else spec.options
-    plugin: Plugin = cls(options)
-    plugin.name = spec.name
-    return plugin
 
 
 class Pipeline:
-    def __init__(self, plugins: list[Plugin], router: Router, reasoning: ReasoningMode,
-                 max_escalations: int = 1) -> None:
+    def __init__(self, plugins: list[Plugin], router: Router, max_escalations: int = 1) -> None:
         self.plugins = plugins
         self.router = router
-        self.reasoning = reasoning
         self.max_escalations = max_escalations
+        self._first_seen: dict[str, int] = {}  # model name → when the gateway first saw it
 
-    async def run(self, request: web.Request, kind: Kind,
-                  req: ChatRequest | CompletionRequest) -> web.StreamResponse:
-        ctx = RequestContext(kind=kind, req=req, tenant=request.get(TENANT, ""),
-                             client_headers=request.headers)
+    async def run(self, ctx: RequestContext) -> Answer:
+        """The answer to a chat or text completion, in the shape the request asked for: a
+        ``Streamed`` answer when it asked for a stream, else a ``Whole`` one.
+        """
+        streamed: Answer | None = None
         try:
             for plugin in self.plugins:
                 hit = await plugin.on_request(ctx)
                 if hit is not None:  # answered without asking a model (a cache hit)
                     ctx.model = hit.model
-                    return await self._respond(request, ctx, hit, {
-                        "x-gateway-backend": plugin.name, "x-gateway-model": hit.model,
-                        "x-gateway-attempts": "0", "x-gateway-route": f"answered by {plugin.name}"})
+                    route = route_headers(plugin.name, hit.model, 0, f"answered by {plugin.name}")
+                    streamed = self._deliver(ctx, hit, route)
+                    return streamed
             if ctx.req.stream and not ctx.buffered:
-                return await self._stream(request, ctx)
-            completion, headers = await self._whole(ctx)
-            return await self._respond(request, ctx, completion, headers)
+                streamed = await self._stream(ctx)
+                return streamed
+            completion, route = await self._whole(ctx)
+            streamed = self._deliver(ctx, completion, route)
+            return streamed
         finally:
-            for plugin in reversed(self.plugins):
-                try:
-                    plugin.on_finish(ctx)
-                except Exception:  # one plugin's bug must not keep the others from cleaning up
-                    log.exception("plugin %s: on_finish failed", plugin.name)
+            if not isinstance(streamed, Streamed):  # a stream is over when the door closes it
+                self._finish(ctx)
 
-    async def _stream(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+    def _deliver(self, ctx: RequestContext, completion: Completion, route: dict[str, str]
+                 ) -> Answer:
+        """A finished answer, whole or replayed as a stream (a cache hit, a checked answer)."""
+        headers = {**route, **ctx.headers}
+        if not ctx.req.stream:
+            return Whole(completion, headers)
+        first, *rest = completion.chunks()
+
+        async def finish() -> dict[str, str]:
+            return {}  # every verdict is in the headers already
+
+        async def close(ok: bool) -> None:
+            self._finish(ctx)
+
+        return Streamed(first, _replay(rest), headers, completion.model, finish, close)
+
+    async def _stream(self, ctx: RequestContext) -> Streamed:
         routed = self.router.answer(ctx.req)
         first = await routed.start()
         taken = Completion()
@@ -120,24 +88,63 @@ class Pipeline:
             ctx.model = routed.deployment.model.name
             chunks = _taking(taken, self._wrap(ctx, _chain(first, routed.chunks())))
             first_out = await anext(chunks)
-            encoder = StreamEncoder(ctx.kind, ctx.model, include_usage=ctx.req.include_usage,
-                                    reasoning=self.reasoning)
-            routed.on_switch = encoder.switch_model
-
-            async def finished() -> dict[str, Any]:
-                taken.model = routed.deployment.model.name
-                ctx.model = taken.model
-                await self._judge(ctx, taken, routed.deployment)
-                qa = ctx.headers.get("x-gateway-qa")
-                return {"x_gateway_qa": qa} if qa else {}
-
-            headers = {**_route_headers(request, routed), **ctx.headers}
-            response, ok = await write_stream(request, first_out, chunks, encoder, headers,
-                                              finished)
-            ctx.failed = not ok
-            return response
-        finally:
+        except BaseException:
             await routed.close()
+            raise
+        headers = {**_route_of(routed), **ctx.headers}
+
+        async def finish() -> dict[str, str]:
+            taken.model = ctx.model = routed.deployment.model.name
+            await self._judge(ctx, taken, routed.deployment)
+            return {k: v for k, v in ctx.headers.items() if headers.get(k) != v}
+
+        async def close(ok: bool) -> None:
+            ctx.failed = ctx.failed or not ok
+            try:
+                await routed.close()
+            finally:
+                self._finish(ctx)
+
+        answer = Streamed(first_out, chunks, headers, ctx.model, finish, close)
+        routed.on_switch = answer.switched
+        return answer
+
+    def _finish(self, ctx: RequestContext) -> None:
+        for plugin in reversed(self.plugins):
+            try:
+                plugin.on_finish(ctx)
+            except Exception:  # one plugin's bug must not keep the others from cleaning up
+                log.exception("plugin %s: on_finish failed", plugin.name)
+
+    async def embed(self, req: EmbeddingRequest) -> Embeddings:
+        """Embeddings of the model asked for (no plugins: nothing is generated)."""
+        result, deployment, attempts = await self.router.embed(req)
+        model = deployment.model.name
+        return Embeddings(result, model,
+                          route_headers(deployment.backend.name, model, attempts, "requested"))
+
+    def models(self) -> list[Listed]:
+        """Every model a client can ask for: the backends' models, then the aliases that
+        can pick one now.
+        """
+        listed = [self._listed(name, d.backend.name, d.model)
+                  for name, d in self.router.catalog.models()]
+        return listed + [self._listed(alias, "gateway", None)
+                         for alias in self.router.selector.aliases()]
+
+    def model(self, name: str) -> Listed:
+        """One model by the name a client asks for (raises ``ModelNotFound``)."""
+        selector = self.router.selector
+        if selector.is_alias(name):
+            if name in selector.aliases():
+                return self._listed(name, "gateway", None)
+            raise ModelNotFound(name)
+        deployment = self.router.catalog.resolve(name)[0]
+        return self._listed(name, deployment.backend.name, deployment.model)
+
+    def _listed(self, name: str, owner: str, info: ModelInfo | None) -> Listed:
+        created = self._first_seen.setdefault(name, int(time.time()))
+        return Listed(name, owner, info, created)
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""
@@ -178,7 +185,7 @@ class Pipeline:
             completion.model = ctx.model = routed.deployment.model.name
         finally:
             await routed.close()
-        return completion, _route_headers_of(routed), routed.deployment
+        return completion, _route_of(routed), routed.deployment
 
     async def _judge(self, ctx: RequestContext, completion: Completion,
                      deployment: Deployment) -> Verdict | None:
@@ -206,27 +213,6 @@ class Pipeline:
         for plugin in self.plugins:
             chunks = plugin.on_stream(ctx, chunks)
         return chunks
-
-    async def _respond(self, request: web.Request, ctx: RequestContext, completion: Completion,
-                       route: dict[str, str]) -> web.StreamResponse:
-        headers = {**route, **ctx.headers, "x-request-id": request[REQUEST_ID]}
-        if not ctx.req.stream:
-            body = completion_body(ctx.kind, completion, completion.model, self.reasoning)
-            return json_response(body, headers)
-        encoder = StreamEncoder(ctx.kind, completion.model, include_usage=ctx.req.include_usage,
-                                reasoning=self.reasoning)
-        first, *rest = completion.chunks()
-
-        async def replay() -> AsyncIterator[Chunk]:
-            for chunk in rest:
-                yield chunk
-
-        async def verdicts() -> dict[str, Any]:
-            qa = ctx.headers.get("x-gateway-qa")
-            return {"x_gateway_qa": qa} if qa else {}
-
-        response, _ = await write_stream(request, first, replay(), encoder, headers, verdicts)
-        return response
 
     async def start(self) -> None:
         for plugin in self.plugins:
@@ -256,15 +242,12 @@ async def _taking(completion: Completion, chunks: AsyncIterator[Chunk]
         yield chunk
 
 
-def _route_headers(request: web.Request, routed: RoutedAnswer) -> dict[str, str]:
-    return {**_route_headers_of(routed), "x-request-id": request[REQUEST_ID]}
-
-
-def _route_headers_of(routed: RoutedAnswer) -> dict[str, str]:
+def _route_of(routed: RoutedAnswer) -> dict[str, str]:
     deployment = routed.deployment
-    return {
-        "x-gateway-backend": deployment.backend.name,
-        "x-gateway-model": deployment.model.name,
-        "x-gateway-attempts": str(routed.attempts),
-        "x-gateway-route": routed.route,
-    }
+    return route_headers(deployment.backend.name, deployment.model.name, routed.attempts,
+                         routed.route)
+
+
+async def _replay(chunks: list[Chunk]) -> AsyncIterator[Chunk]:
+    for chunk in chunks:
+        yield chunk

@@ -1,0 +1,32 @@
+"""``GET /health``: alive, and how each backend, deployment, tunnel and plugin is doing.
+It needs no key, so it shows no error text: upstream errors name internal hosts and ports.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from gateway.http.middlewares import json_response
+from gateway.keys import CATALOG, PIPELINE, ROUTER, TUNNELS
+
+
+async def health(request: web.Request) -> web.Response:
+    statuses = request.app[CATALOG].status()
+    balancer = request.app[ROUTER].balancer
+    ok = {name: s.ok and not balancer.is_down(name) for name, s in statuses.items()}
+    backends = {
+        name: {"ok": ok[name], "models": s.models, "checked_at": int(s.refreshed_at) or None}
+        for name, s in statuses.items()
+    }
+    up = sum(ok.values())
+    status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
+    return json_response({"status": status, "time": int(time.time()), "backends": backends,
+                          "tunnels": request.app[TUNNELS].report(),
+                          "deployments": balancer.report(),
+                          "plugins": request.app[PIPELINE].report()})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)  # one of the middleware's PUBLIC_PATHS

@@ -1,0 +1,134 @@
+"""Writing a streamed answer to the client, in whichever format its door speaks: server-sent
+events (OpenAI, the Responses API, Anthropic) or newline-delimited JSON (Ollama).
+
+The stream is committed (status 200 sent) only once the first chunk is in hand, so a
+backend that fails before answering still gets a proper HTTP error. After that, an error
+becomes the door's in-band error event and the stream ends without its normal ending: a
+truncated answer is never presented as a finished one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from gateway.errors import GatewayError
+from gateway.keys import REQUEST_ID
+from gateway.pipeline import Streamed
+from gateway.protocol.units import Chunk
+
+log = logging.getLogger(__name__)
+
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+PING_SECONDS = 15.0  # ": ping" comments keep idle proxies and IDE plugins from hanging up
+SEND_SECONDS = 120.0  # a client that takes no data for this long is dropped
+
+
+class StreamEncoder(Protocol):
+    """One answer in one door's stream format. Each method returns the bytes to send,
+    framed (``b""``: nothing).
+    """
+
+    media_type: str
+
+    def begin(self) -> bytes: ...  # before the first chunk (a door's opening events)
+    def chunk(self, chunk: Chunk) -> bytes: ...
+    def end(self, trailers: dict[str, str]) -> bytes: ...  # the answer is whole
+    def error(self, error: GatewayError) -> bytes: ...  # it cannot be finished
+    def switch_model(self, model: str) -> None: ...  # a rescue goes on from another model
+
+
+def sse_event(data: bytes, event: str | None = None) -> bytes:
+    """One server-sent event (``data`` is one line of JSON)."""
+    if event is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def sse_comments(fields: dict[str, str]) -> bytes:
+    """``: name: value`` comment lines, which every event-stream client skips: how verdicts
+    known only at the end ride along without a client having to understand them.
+    """
+    return b"".join(f": {name}: {_one_line(value)}\n\n".encode() for name, value in fields.items())
+
+
+def ndjson_line(obj: object) -> bytes:
+    return orjson.dumps(obj) + b"\n"
+
+
+async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEncoder
+                       ) -> web.StreamResponse:
+    """Send ``answer`` encoded by ``encoder``; the answer is closed however it ends."""
+    answer.on_switch = encoder.switch_model
+    headers = {**answer.headers, "x-request-id": request[REQUEST_ID]}
+    ok = False
+    try:
+        response: web.StreamResponse
+        if encoder.media_type == SSE:
+            response = EventSourceResponse(headers=headers, sep="\n", allow_all_methods=True,
+                                           ping_interval=PING_SECONDS,
+                                           send_timeout=SEND_SECONDS)
+        else:
+            response = web.StreamResponse(headers={**headers,
+                                                   "Content-Type": encoder.media_type})
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        pinging = response if isinstance(response, EventSourceResponse) \
+            else contextlib.nullcontext(response)
+        async with pinging:
+            ok = await _relay(request, response, answer, encoder)
+    finally:
+        await answer.close(ok)
+    return response
+
+
+async def _relay(request: web.Request, response: web.StreamResponse, answer: Streamed,
+                 encoder: StreamEncoder) -> bool:
+    """Whether the whole answer went out. Every failure after the commit ends the stream
+    in-band (nothing may escape: a second response would corrupt this one).
+    """
+    try:
+        await _send(request, response, encoder.begin() + encoder.chunk(answer.first))
+        async for chunk in answer.rest:
+            data = encoder.chunk(chunk)
+            if data:
+                await _send(request, response, data)
+        trailers = await answer.finish()
+    except GatewayError as exc:
+        await _send_last(request, response, encoder.error(exc))
+        return False
+    except (ConnectionError, TimeoutError):
+        return False  # the client left or stopped reading; the caller cleans up
+    except Exception:
+        log.exception("stream %s failed", request.get(REQUEST_ID, "?"))
+        await _send_last(request, response, encoder.error(GatewayError(
+            "The gateway failed while streaming.", code="internal_error")))
+        return False
+    await _send_last(request, response, encoder.end(trailers))
+    return True
+
+
+async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    try:
+        async with asyncio.timeout(SEND_SECONDS):
+            await response.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # a stalled client never drains the buffer: drop it
+        raise
+
+
+async def _send_last(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        await _send(request, response, data)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")

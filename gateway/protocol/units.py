@@ -1,0 +1,134 @@
+"""The units every layer speaks: backends produce ``Chunk`` objects, plugins read and
+rewrite them, the doors encode them; a ``Completion`` is a whole answer (a collected stream);
+``ModelInfo`` is what discovery learns of a model; ``EmbeddingResult`` is a set of vectors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One piece of an answer: text, reasoning, tool-call deltas, the finish, the usage."""
+
+    content: str = ""
+    reasoning: str = ""
+    # OpenAI tool-call deltas: {"index", "id"?, "type"?, "function": {"name"?, "arguments"}}
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    def says_something(self) -> bool:
+        """Whether it carries anything of the answer (not only its usage)."""
+        return bool(self.content or self.reasoning or self.tool_calls or self.finish_reason)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole answer: what a non-streaming response reports."""
+
+    model: str = ""  # the model that gave it
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.content:
+            self.content += chunk.content
+        if chunk.reasoning:
+            self.reasoning += chunk.reasoning
+        if chunk.tool_calls:
+            for delta in chunk.tool_calls:
+                self._merge_tool_call(delta)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def _merge_tool_call(self, delta: dict[str, Any]) -> None:
+        index = delta.get("index", len(self.tool_calls))
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append(
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+        call = self.tool_calls[index]
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        if function.get("arguments"):
+            call["function"]["arguments"] += function["arguments"]
+
+    def chunks(self) -> list[Chunk]:
+        """The answer as a stream again (a cached or checked answer, replayed)."""
+        calls = [{**call, "index": i} for i, call in enumerate(self.tool_calls)]
+        return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None),
+                Chunk(finish_reason=self.finish_reason, usage=self.usage)]
+
+
+async def collect(chunks: AsyncIterator[Chunk], first: Chunk | None = None) -> Completion:
+    """The aggregate of a chunk stream (``first`` being one already taken from it)."""
+    completion = Completion()
+    if first is not None:
+        completion.add(first)
+    async for chunk in chunks:
+        completion.add(chunk)
+    return completion
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    backend: str
+    family: str = ""
+    parameters: float | None = None  # parameter count, parsed from "7.6B" / "135M"
+    quantization: str = ""
+    context_length: int | None = None
+    capabilities: frozenset[str] = frozenset({"completion", "chat"})
+    # Whether the capabilities come from the backend (Ollama) or are a guess (an
+    # OpenAI-compatible server tells only names): a guess never rules a model out.
+    known: bool = False
+    loaded: bool = False
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities or not self.known
+
+
+@dataclass(slots=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int = 0
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMBT]?)\s*$", re.IGNORECASE)
+_SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+
+
+def parse_parameter_size(text: str | None) -> float | None:
+    """``"7.6B"`` → 7.6e9, ``"135M"`` → 1.35e8; anything else → None."""
+    if not text:
+        return None
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    return float(match.group(1)) * _SCALE[match.group(2).upper()]
