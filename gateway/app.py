@@ -25,6 +25,7 @@ from gateway.config import BackendConfig, GatewayConfig
 from gateway.doors import openai
 from gateway.http import health as health_endpoint
 from gateway.http import middlewares
+from gateway.http.cors import Cors
 from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, PIPELINE, ROUTER, TUNNELS
 from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
@@ -52,10 +53,13 @@ def build_backend(config: BackendConfig, tunnels: TunnelManager | None = None) -
 
 
 def create_app(config: GatewayConfig) -> web.Application:
+    cors = Cors(config.server.cors_origins) if config.server.cors_origins else None
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[middlewares.gateway_middleware(config.auth.key_hashes)],
+        middlewares=[middlewares.gateway_middleware(config.auth.key_hashes, cors=cors)],
     )
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
     tunnels = app[TUNNELS] = TunnelManager(config.tunnels)
     backends = {b.name: build_backend(b, tunnels) for b in config.backends}

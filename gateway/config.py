@@ -190,6 +190,9 @@ class ServerConfig:
     # for clients that only read content, or not at all.
     reasoning: ReasoningMode = "separate"
     discovery_interval: float = 30.0
+    # Origins a browser app may call the gateway from ("https://app.example.com", or "*"
+    # for any); none by default.
+    cors_origins: tuple[str, ...] = ()
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not 0 <= self.port <= 65535:
@@ -200,6 +203,10 @@ class ServerConfig:
             yield "shutdown_grace", "expected seconds >= 0"
         if self.discovery_interval <= 0:
             yield "discovery_interval", "expected seconds > 0"
+        for i, origin in enumerate(self.cors_origins):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                yield (f"cors_origins[{i}]", 'expected "*" or an origin like '
+                       f'"https://app.example.com" (scheme and host, no path), got {origin!r}')
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,7 @@ class AuthenticationFailed(GatewayError):
 
 class NotFound(GatewayError):
     status = 404
-    type = "not_found_error"
+    type = "invalid_request_error"  # as OpenAI types every 404, an unknown model's included
 
 
 class ModelNotFound(NotFound):

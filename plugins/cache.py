@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import time
@@ -196,8 +197,8 @@ def _encode(result: Completion) -> bytes:
     return orjson.dumps({
         "model": result.model, "content": result.content, "reasoning": result.reasoning,
         "tool_calls": result.tool_calls, "finish_reason": result.finish_reason,
-        "usage": [result.usage.prompt_tokens, result.usage.completion_tokens]
-        if result.usage else None, "at": time.time(),
+        "usage": dataclasses.astuple(result.usage) if result.usage else None,
+        "logprobs": result.logprobs, "fingerprint": result.fingerprint, "at": time.time(),
     })
 
 
@@ -208,7 +209,8 @@ def _decode(raw: bytes) -> Completion | None:
         return Completion(model=data["model"], content=data["content"],
                           reasoning=data["reasoning"], tool_calls=data["tool_calls"],
                           finish_reason=data["finish_reason"],
-                          usage=Usage(*usage) if usage else None)
+                          usage=Usage(*usage) if usage else None,
+                          logprobs=data.get("logprobs"), fingerprint=data.get("fingerprint"))
     except (orjson.JSONDecodeError, KeyError, TypeError):
         log.warning("cache: skipped an entry that cannot be read")
         return None

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -149,3 +151,16 @@ def wait_until(check: Callable[[], Any], limit: float, what: str) -> float:
         assert time.monotonic() - started < limit, f"{what} took over {limit}s"
         time.sleep(0.05)
     return time.monotonic() - started
+
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def run_node(script: str, *args: str, timeout: float = 60) -> str:
+    """Run one of tests/node's scripts with the Node SDKs run-tests installed there; what it
+    printed (it fails the test if the script fails).
+    """
+    result = subprocess.run(["node", script, *args], cwd=NODE_DIR, capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, f"node {script} failed:\n{result.stderr}"
+    return result.stdout

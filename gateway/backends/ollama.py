@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.backends.base import Health
 from gateway.backends.http import HttpBackend
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.protocol import ollama
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.sse import decode_ndjson
@@ -62,6 +62,10 @@ class OllamaBackend(HttpBackend):
                              decode_ndjson)
 
     async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult:
+        if req.token_ids:
+            raise InvalidRequest(f"{self.name} (Ollama) embeds text only: send 'input' as text "
+                                 "for this model, not token ids.", param="input",
+                                 code="unsupported_input")
         payload: dict[str, Any] = {"model": model, "input": req.inputs}
         if req.dimensions is not None:
             payload["dimensions"] = req.dimensions

@@ -25,13 +25,12 @@ _GATEWAY_SET = ("stream", "stream_options", "max_completion_tokens", "max_tokens
 class OpenAICompatBackend(HttpBackend):
     async def list_models(self) -> list[ModelInfo]:
         if self.config.models:
-            names = list(self.config.models)
-        else:
-            data = await self.get_json("/models")
-            listed = data.get("data") if isinstance(data, dict) else None
-            names = [m["id"] for m in listed or [] if isinstance(m, dict)
-                     and isinstance(m.get("id"), str)]
-        return [ModelInfo(name=name, backend=self.name) for name in names]
+            return [ModelInfo(name=name, backend=self.name) for name in self.config.models]
+        data = await self.get_json("/models")
+        listed = data.get("data") if isinstance(data, dict) else None
+        return [ModelInfo(name=m["id"], backend=self.name,
+                          created=m["created"] if isinstance(m.get("created"), int) else None)
+                for m in listed or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def probe(self) -> Health:
         started = time.perf_counter()

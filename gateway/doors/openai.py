@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.config import ReasoningMode
 from gateway.errors import GatewayError
 from gateway.http.middlewares import json_response
-from gateway.http.stream import SSE, sse_event, write_stream
+from gateway.http.stream import SSE, sse_comments, sse_event, write_stream
 from gateway.keys import CONFIG, PIPELINE, TENANT
 from gateway.pipeline import Listed, Whole
 from gateway.protocol.ids import unique_id
@@ -82,7 +82,8 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def model_entry(model: Listed) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": 0, "owned_by": model.owner}
+    return {"id": model.name, "object": "model", "created": model.created,
+            "owned_by": model.owner}
 
 
 def add_routes(app: web.Application) -> None:
@@ -134,11 +135,13 @@ class ChatStream:
     def chunk(self, chunk: Chunk) -> bytes:
         if chunk.usage is not None:
             self._usage = chunk.usage
+        if chunk.fingerprint:
+            self._base["system_fingerprint"] = chunk.fingerprint
         reasoning, text = self._view.split(chunk)
         if self._kind == "text":
             if not text and chunk.finish_reason is None:
                 return b""
-            return self._event({"index": 0, "text": text, "logprobs": None,
+            return self._event({"index": 0, "text": text, "logprobs": chunk.logprobs,
                                 "finish_reason": chunk.finish_reason})
         delta: dict[str, Any] = {}
         if not self._started:
@@ -148,27 +151,26 @@ class ChatStream:
         if text:
             delta["content"] = text
         if chunk.tool_calls:
+            delta.setdefault("content", None)
             delta["tool_calls"] = chunk.tool_calls
         if not delta and chunk.finish_reason is None:
             return b""
         if not self._started:
             delta.setdefault("content", "")
             self._started = True
-        return self._event({"index": 0, "delta": delta, "logprobs": None,
+        return self._event({"index": 0, "delta": delta, "logprobs": chunk.logprobs,
                             "finish_reason": chunk.finish_reason})
 
     def end(self, trailers: dict[str, str]) -> bytes:
-        """The usage (when asked for) and the gateway's late verdicts (``x_gateway_*``
-        fields), then ``[DONE]``.
+        """The usage, when the client asked for it (the only event without choices); the
+        gateway's late verdicts as comment lines (``: x-gateway-qa: pass``), which clients
+        skip; then ``[DONE]``.
         """
-        extra = {name.replace("-", "_"): value for name, value in trailers.items()}
         out = b""
-        if self._include_usage or extra:
-            event: dict[str, Any] = {**self._base, "choices": [], **extra}
-            if self._include_usage:
-                event["usage"] = (self._usage or Usage()).as_dict()
-            out = sse_event(orjson.dumps(event))
-        return out + b"data: [DONE]\n\n"
+        if self._include_usage:
+            usage = (self._usage or Usage()).as_dict()
+            out = sse_event(orjson.dumps({**self._base, "choices": [], "usage": usage}))
+        return out + sse_comments(trailers) + b"data: [DONE]\n\n"
 
     def error(self, error: GatewayError) -> bytes:
         return sse_event(error.body())
@@ -192,17 +194,17 @@ def completion_body(kind: Kind, completion: Completion, reasoning: ReasoningMode
         message["content"] = text if text or not completion.tool_calls else None
         if completion.tool_calls:
             message["tool_calls"] = completion.tool_calls
-        choice = {"index": 0, "message": message, "logprobs": None,
+        choice = {"index": 0, "message": message, "logprobs": completion.logprobs,
                   "finish_reason": completion.finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None,
+        choice = {"index": 0, "text": text, "logprobs": completion.logprobs,
                   "finish_reason": completion.finish_reason}
     return {
         "id": new_id(kind),
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": completion.model,
-        "system_fingerprint": None,
+        "system_fingerprint": completion.fingerprint,
         "choices": [choice],
         "usage": (completion.usage or Usage()).as_dict(),
     }

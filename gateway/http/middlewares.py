@@ -23,6 +23,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from gateway.http.cors import Cors
 from gateway.keys import CONFIG, REQUEST_ID, TENANT
 from gateway.protocol.ids import unique_id
 
@@ -46,10 +47,11 @@ ErrorShape = Callable[[GatewayError], web.Response]
 
 
 def gateway_middleware(key_hashes: Iterable[str],
-                       shapes: Sequence[tuple[str, ErrorShape]] = ()) -> Middleware:
-    """Request id, API-key auth and the error envelope, in one layer (one per request is
-    measurably cheaper than three). ``shapes``: path prefixes and the error shape of the
-    door under each (the first match wins; else OpenAI's).
+                       shapes: Sequence[tuple[str, ErrorShape]] = (),
+                       cors: Cors | None = None) -> Middleware:
+    """Request id, CORS preflights, API-key auth and the error envelope, in one layer (one
+    per request is measurably cheaper than several). ``shapes``: path prefixes and the error
+    shape of the door under each (the first match wins; else OpenAI's).
     """
     digests = frozenset(h.removeprefix("sha256:") for h in key_hashes)
 
@@ -65,6 +67,9 @@ def gateway_middleware(key_hashes: Iterable[str],
         supplied = request.headers.get("x-request-id", "")
         request_id = request[REQUEST_ID] = \
             supplied if _CLIENT_ID.fullmatch(supplied) else unique_id()
+        if cors is not None and (preflight := cors.preflight(request)) is not None:
+            preflight.headers["x-request-id"] = request_id
+            return preflight
         try:
             request[TENANT] = authenticate(request, digests)
             response = await handler(request)

@@ -143,7 +143,11 @@ class Pipeline:
         return self._listed(name, deployment.backend.name, deployment.model)
 
     def _listed(self, name: str, owner: str, info: ModelInfo | None) -> Listed:
-        created = self._first_seen.setdefault(name, int(time.time()))
+        """With the time the backend gives for the model, else when the gateway first saw
+        it (an alias: when it was first listed).
+        """
+        created = info.created if info is not None and info.created else \
+            self._first_seen.setdefault(name, int(time.time()))
         return Listed(name, owner, info, created)
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:

@@ -4,7 +4,9 @@ payloads, NDJSON lines → normalized chunks, and model listings → ``ModelInfo
 
 from __future__ import annotations
 
+import re
 import secrets
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -215,7 +217,23 @@ def model_info(
         capabilities=frozenset(capabilities),
         known=True,
         loaded=name in loaded,
+        created=epoch_seconds(entry.get("modified_at")),
     )
+
+
+_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$")
+
+
+def epoch_seconds(text: Any) -> int | None:
+    """Ollama's RFC 3339 times ("2024-05-01T12:00:00.123456789-07:00", nanoseconds and
+    all) as Unix seconds; None for anything else.
+    """
+    match = _TIME.match(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    zone = match.group(3) or "Z"
+    stamp = datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone))
+    return int(stamp.timestamp())
 
 
 def _context_length(details: dict[str, Any], show: dict[str, Any] | None) -> int | None:

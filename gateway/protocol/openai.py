@@ -89,9 +89,13 @@ class CompletionRequest:
 class EmbeddingRequest:
     body: dict[str, Any]
     model: str
-    inputs: list[str]
+    inputs: list[str] | list[list[int]]  # texts, or token ids (one list per input)
     encoding_format: str
     dimensions: int | None
+
+    @property
+    def token_ids(self) -> bool:
+        return bool(self.inputs) and isinstance(self.inputs[0], list)
 
 
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
@@ -147,10 +151,7 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
 
 
 def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
-    raw = body.get("input")
-    inputs = [raw] if isinstance(raw, str) else raw
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
-        raise _bad("input", "'input' must be a string or a non-empty array of strings.")
+    inputs = _embedding_inputs(body.get("input"))
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise _bad("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
@@ -161,6 +162,27 @@ def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
         body=body, model=_model(body), inputs=inputs, encoding_format=encoding,
         dimensions=dimensions,
     )
+
+
+def _embedding_inputs(raw: Any) -> list[str] | list[list[int]]:
+    """OpenAI's four forms of ``input``: a string, strings, an array of token ids, or arrays
+    of token ids.
+    """
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw:
+        if all(isinstance(t, str) for t in raw):
+            return raw
+        if all(_token(t) for t in raw):
+            return [raw]
+        if all(isinstance(t, list) and t and all(_token(i) for i in t) for t in raw):
+            return raw
+    raise _bad("input", "'input' must be a string, a non-empty array of strings, an array of "
+                        "token ids (integers >= 0), or an array of such arrays.")
+
+
+def _token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # --- field checks ---------------------------------------------------------------------------

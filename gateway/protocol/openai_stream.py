@@ -33,8 +33,10 @@ class OpenAITranslator:
             chunk = self._choice(obj.get("choices"))
             usage = obj.get("usage")
             if usage is not None:
-                chunk.usage = Usage(int(usage.get("prompt_tokens") or 0),
-                                    int(usage.get("completion_tokens") or 0))
+                chunk.usage = usage_of(usage)
+            fingerprint = obj.get("system_fingerprint")
+            if isinstance(fingerprint, str) and fingerprint:
+                chunk.fingerprint = fingerprint
         except (AttributeError, TypeError, ValueError) as exc:
             raise MalformedEvent(str(exc)) from None
         if chunk.finish_reason is not None:
@@ -53,8 +55,20 @@ class OpenAITranslator:
             reasoning=text_field(delta.get("reasoning_content") or delta.get("reasoning")),
             finish_reason=choice.get("finish_reason"),
         )
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and logprobs:
+            chunk.logprobs = logprobs
         calls = delta.get("tool_calls")
         if calls:
             chunk.tool_calls = [{**call, "index": call.get("index", i)}
                                 for i, call in enumerate(calls)]
         return chunk
+
+
+def usage_of(usage: dict[str, Any]) -> Usage:
+    """OpenAI's usage object, with the cache and reasoning details when it has them."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                 cached_tokens=cached if isinstance(cached, int) else None,
+                 reasoning_tokens=reasoning if isinstance(reasoning, int) else None)

@@ -15,13 +15,23 @@ from typing import Any
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Details a backend may report (None: it did not): prompt tokens served from its cache,
+    # and the share of the completion spent reasoning.
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's usage object."""
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
 
 
 @dataclass(slots=True)
@@ -34,6 +44,10 @@ class Chunk:
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    # Token log probabilities, as an OpenAI-compatible server sends them for this piece:
+    # {"content": [...]} for chat, {"tokens": [...], "token_logprobs": [...], ...} for text.
+    logprobs: dict[str, Any] | None = None
+    fingerprint: str | None = None  # the backend's system_fingerprint, when it sends one
 
     def says_something(self) -> bool:
         """Whether it carries anything of the answer (not only its usage)."""
@@ -50,6 +64,8 @@ class Completion:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: Usage | None = None
+    logprobs: dict[str, Any] | None = None
+    fingerprint: str | None = None
 
     def add(self, chunk: Chunk) -> None:
         if chunk.content:
@@ -63,6 +79,10 @@ class Completion:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
             self.usage = chunk.usage
+        if chunk.logprobs:
+            self.logprobs = merge_logprobs(self.logprobs, chunk.logprobs)
+        if chunk.fingerprint:
+            self.fingerprint = chunk.fingerprint
 
     def _merge_tool_call(self, delta: dict[str, Any]) -> None:
         index = delta.get("index", len(self.tool_calls))
@@ -82,8 +102,23 @@ class Completion:
     def chunks(self) -> list[Chunk]:
         """The answer as a stream again (a cached or checked answer, replayed)."""
         calls = [{**call, "index": i} for i, call in enumerate(self.tool_calls)]
-        return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None),
+        return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None,
+                      logprobs=self.logprobs, fingerprint=self.fingerprint),
                 Chunk(finish_reason=self.finish_reason, usage=self.usage)]
+
+
+def merge_logprobs(whole: dict[str, Any] | None, piece: dict[str, Any]) -> dict[str, Any]:
+    """Log probabilities of a stream's pieces as one answer's: each list grows by the
+    piece's (``content`` for chat; ``tokens``, ``token_logprobs``... for text).
+    """
+    if whole is None:
+        return {k: list(v) if isinstance(v, list) else v for k, v in piece.items()}
+    for key, value in piece.items():
+        if isinstance(value, list) and isinstance(whole.get(key), list):
+            whole[key].extend(value)
+        elif whole.get(key) is None:
+            whole[key] = list(value) if isinstance(value, list) else value
+    return whole
 
 
 async def collect(chunks: AsyncIterator[Chunk], first: Chunk | None = None) -> Completion:
@@ -109,6 +144,7 @@ class ModelInfo:
     # OpenAI-compatible server tells only names): a guess never rules a model out.
     known: bool = False
     loaded: bool = False
+    created: int | None = None  # when the backend says the model was made (Unix seconds)
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities or not self.known

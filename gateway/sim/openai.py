@@ -49,14 +49,18 @@ def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx") -> web
     async def embeddings(request: web.Request) -> web.Response:
         body, model = await _parse(request, state)
         inputs = body.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs or []
+        # A string, strings, one array of token ids, or arrays of them (OpenAI's forms).
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs
+                                       and all(isinstance(t, int) for t in inputs)):
+            inputs = [inputs]
+        inputs = inputs or []
         record = state.record(request, model.name, body, False, False)
         await apply_faults(request, model.take_faults(), Ask(texts=inputs), record)
         if "embedding" not in model.capabilities:
             raise SimError(400, f"{model.name} does not support embeddings")
         dims = body.get("dimensions") or model.embedding_length
         record["outcome"] = "completed"
-        tokens = sum(count_tokens(str(t)) for t in inputs)
+        tokens = sum(len(t) if isinstance(t, list) else count_tokens(str(t)) for t in inputs)
         return _json({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": embedding(str(t), dims)}

@@ -145,3 +145,29 @@ def test_llamacpp_context_overflow_is_a_400_context_length_exceeded(
         via_gateway.chat.completions.create(model="smollm2-135m", messages=huge, max_tokens=4)
     assert caught.value.code == "context_length_exceeded"
     assert "context" in caught.value.message
+
+
+def test_llamacpp_logprobs_fingerprint_and_usage_details_reach_the_client(
+    via_gateway: openai.OpenAI, real_llamacpp: RealServer
+) -> None:
+    ask = {"model": "smollm2-135m", "messages": QUESTION, "temperature": 0, "max_tokens": 5,
+           "logprobs": True, "top_logprobs": 2}
+    with openai.OpenAI(base_url=real_llamacpp.url, api_key="x") as direct:
+        expected = direct.chat.completions.create(**ask)  # type: ignore[call-overload]
+    got = via_gateway.chat.completions.create(**ask)  # type: ignore[call-overload]
+    want = expected.choices[0].logprobs.content
+    assert want, "llama.cpp sends logprobs when asked"
+    have = got.choices[0].logprobs.content
+    assert [(t.token, len(t.top_logprobs)) for t in have] == \
+        [(t.token, len(t.top_logprobs)) for t in want]
+    assert [t.logprob for t in have] == pytest.approx([t.logprob for t in want], abs=1e-4)
+    assert got.system_fingerprint == expected.system_fingerprint
+    assert got.usage is not None and expected.usage is not None
+    # The gateway asked second, for the same prompt: llama.cpp served it from its prompt
+    # cache, and says so.
+    assert got.usage.prompt_tokens_details is not None
+    assert got.usage.prompt_tokens_details.cached_tokens
+    stream = via_gateway.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+    streamed = [t.token for c in stream if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content or []]
+    assert streamed == [t.token for t in want]

@@ -156,15 +156,14 @@ def test_escalation_can_be_turned_off(local: Sim, cloud: Sim) -> None:
     assert asked(local) == [SMALL]
 
 
-def sse_events(server: ServerThread, body: dict[str, Any]) -> tuple[list[Any], Any]:
+def sse_lines(server: ServerThread, body: dict[str, Any]) -> tuple[list[str], Any]:
+    """The lines of an event stream, blank ones left out."""
     request = urllib.request.Request(
         server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        lines = response.read().decode().splitlines()
-        events = [json.loads(line[6:]) for line in lines
-                  if line.startswith("data: ") and line != "data: [DONE]"]
-        return events, response.headers
+        return [line for line in response.read().decode().splitlines() if line], \
+            response.headers
 
 
 def test_a_json_stream_is_buffered_checked_and_escalated(gateway: ServerThread,
@@ -181,15 +180,17 @@ def test_a_json_stream_is_buffered_checked_and_escalated(gateway: ServerThread,
     assert raw.headers["x-gateway-escalated"] == f"{SMALL} (json (not valid JSON))"
 
 
-def test_a_plain_stream_carries_its_verdict_in_the_last_event(gateway: ServerThread,
-                                                              local: Sim) -> None:
+def test_a_plain_stream_carries_its_verdict_in_a_comment_before_done(
+        gateway: ServerThread, local: Sim) -> None:
     local.fault(SMALL, reply=LOOP)
-    events, _ = sse_events(gateway, {"model": SMALL, "stream": True,
-                                     "messages": [{"role": "user", "content": "Hi"}]})
-    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events
-                   if e.get("choices")) == LOOP  # streamed as it came: too late to escalate
-    assert events[-1]["x_gateway_qa"] == "fail: repetition"
-    assert all("x_gateway_qa" not in e for e in events[:-1])
+    lines, _ = sse_lines(gateway, {"model": SMALL, "stream": True,
+                                   "messages": [{"role": "user", "content": "Hi"}]})
+    events = [json.loads(line[6:]) for line in lines
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == LOOP
+    # Streamed as it came (too late to escalate); no event without choices was asked for.
+    assert all(e["choices"] for e in events)
+    assert lines[-2:] == [": x-gateway-qa: fail: repetition", "data: [DONE]"]
     assert asked(local) == [SMALL]
 
 

@@ -8,6 +8,7 @@ from gateway.errors import UpstreamError
 from gateway.protocol.ollama import OllamaTranslator
 from gateway.protocol.openai_stream import OpenAITranslator
 from gateway.protocol.sse import MalformedEvent
+from gateway.protocol.units import Chunk, Completion
 
 
 def test_ollama_stream_lines() -> None:
@@ -93,3 +94,28 @@ def test_openai_events_of_the_wrong_shape_are_malformed(obj: object) -> None:
 def test_openai_error_event_is_an_upstream_error() -> None:
     with pytest.raises(UpstreamError, match="boom"):
         OpenAITranslator("m").chunk({"error": {"message": "boom"}})
+
+
+def test_openai_logprobs_fingerprint_and_usage_details_are_kept() -> None:
+    t = OpenAITranslator("m")
+    top = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}
+    chunk = t.chunk({"system_fingerprint": "b4567-cpu", "choices": [
+        {"delta": {"content": "Hi"}, "logprobs": {"content": [top]}}]})
+    assert chunk.logprobs == {"content": [top]} and chunk.fingerprint == "b4567-cpu"
+    last = t.chunk({"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": {
+        "prompt_tokens": 9, "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 8},
+        "completion_tokens_details": {"reasoning_tokens": 3}}})
+    assert last.usage is not None and last.usage.as_dict() == {
+        "prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 8},
+        "completion_tokens_details": {"reasoning_tokens": 3}}
+
+
+def test_a_whole_answer_gathers_the_logprobs_of_its_pieces() -> None:
+    completion = Completion()
+    for token in ("A", "B"):
+        completion.add(Chunk(content=token, logprobs={"content": [{"token": token}]}))
+    completion.add(Chunk(content="C", logprobs={"tokens": ["C"], "token_logprobs": [-1.0]}))
+    assert completion.logprobs == {"content": [{"token": "A"}, {"token": "B"}],
+                                   "tokens": ["C"], "token_logprobs": [-1.0]}
