@@ -22,7 +22,7 @@ from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
-from gateway.doors import openai
+from gateway.doors import ollama, openai
 from gateway.http import health as health_endpoint
 from gateway.http import middlewares
 from gateway.http.cors import Cors
@@ -56,7 +56,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     cors = Cors(config.server.cors_origins) if config.server.cors_origins else None
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[middlewares.gateway_middleware(config.auth.key_hashes, cors=cors)],
+        middlewares=[middlewares.gateway_middleware(
+            config.auth.key_hashes, shapes=[("/api/", ollama.error_response)], cors=cors)],
     )
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
@@ -80,6 +81,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_plugins_ctx)
     app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)
+    ollama.add_routes(app)
     health_endpoint.add_routes(app)
     return app
 

@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import logging
 import secrets
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,25 +112,48 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = config.with_server(**overrides)
-    host = config.server.host
-    if not is_loopback(host) and not config.auth.key_hashes and not args.insecure_no_auth:
-        print(f"gateway: refusing to listen on {host} without API keys: anyone who can reach "
-              "it could use your models.\n  Add keys (gateway keys new → [auth] key_hashes) or "
-              "pass --insecure-no-auth.", file=sys.stderr)
+    for host, _ in config.server.addresses():
+        if not is_loopback(host) and not config.auth.key_hashes and not args.insecure_no_auth:
+            print(f"gateway: refusing to listen on {host} without API keys: anyone who can "
+                  "reach it could use your models.\n  Add keys (gateway keys new → [auth] "
+                  "key_hashes) or pass --insecure-no-auth.", file=sys.stderr)
+            return 2
+    try:
+        more = [_listening(host, port) for host, port in config.server.addresses()[1:]]
+    except OSError as exc:
+        print(f"gateway: cannot listen on {exc.filename}: {exc.strerror} (is another server, "
+              "Ollama itself say, using that port?)", file=sys.stderr)
         return 2
-    run(config)
+    run(config, more)
     return 0
 
 
-def run(config: GatewayConfig) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_grace`` to finish."""
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket listening on one of ``[server] also_listen``'s addresses."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from None
+    sock.listen(128)
+    return sock
+
+
+def run(config: GatewayConfig, more: list[socket.socket] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_grace`` to finish.
+    ``more``: listening sockets serving the gateway too (``[server] also_listen``).
+    """
     server = config.server
-    log.info("gateway listening on http://%s:%d (config %s)", server.host, server.port,
-             config.source)
+    log.info("gateway listening on %s (config %s)", ", ".join(
+        f"http://{host}:{port}" for host, port in server.addresses()), config.source)
     web.run_app(
         create_app(config),
         host=server.host,
         port=server.port,
+        sock=more or None,
         shutdown_timeout=server.shutdown_grace,
         handler_cancellation=True,  # a client that hangs up cancels its upstream request
         access_log=None,

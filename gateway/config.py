@@ -193,6 +193,13 @@ class ServerConfig:
     # Origins a browser app may call the gateway from ("https://app.example.com", or "*"
     # for any); none by default.
     cors_origins: tuple[str, ...] = ()
+    # More addresses serving the same gateway, "host:port": "127.0.0.1:11434" on a machine
+    # without Ollama lets tools with Ollama's address built in use the gateway unchanged.
+    also_listen: tuple[str, ...] = ()
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every (host, port) to listen on, the main address first."""
+        return [(self.host, self.port), *(split_address(a) for a in self.also_listen)]
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not 0 <= self.port <= 65535:
@@ -203,6 +210,11 @@ class ServerConfig:
             yield "shutdown_grace", "expected seconds >= 0"
         if self.discovery_interval <= 0:
             yield "discovery_interval", "expected seconds > 0"
+        for i, address in enumerate(self.also_listen):
+            try:
+                split_address(address)
+            except ValueError as exc:
+                yield f"also_listen[{i}]", str(exc)
         for i, origin in enumerate(self.cors_origins):
             if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
                 yield (f"cors_origins[{i}]", 'expected "*" or an origin like '
@@ -366,6 +378,15 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfi
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key")
     return build(GatewayConfig, {**data, "source": source}, source)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (an IPv6 host in brackets) → (host, port)."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "host:port", got {address!r}')
+    return host, int(port)
 
 
 def is_loopback(host: str) -> bool:

@@ -89,6 +89,7 @@ class ModelNotFound(NotFound):
         if unreachable:
             message += f" (Not reachable right now: {', '.join(unreachable)}.)"
         super().__init__(message, param="model")
+        self.model = model
 
 
 class PayloadTooLarge(GatewayError):

@@ -179,6 +179,8 @@ class CachePlugin(BasePlugin):
         what = {name: value for name, value in ctx.req.body.items() if name not in _NOT_KEYED}
         what[" kind"] = ctx.kind
         what[" tenant"] = "" if self.options.shared else ctx.tenant
+        if ctx.req.ollama:  # an Ollama client's options beyond OpenAI's (num_ctx, ...)
+            what[" ollama"] = {k: v for k, v in ctx.req.ollama.items() if k != "keep_alive"}
         canonical = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)  # (bodies are at most 128 deep)
         return "gw:cache:" + hashlib.sha256(canonical).hexdigest()
 

@@ -57,7 +57,8 @@ class OllamaBackend(HttpBackend):
                              decode_ndjson)
 
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
-        payload = ollama.generate_payload(req, model, self.config.keep_alive)
+        payload = ollama.generate_payload(req, model, self.config.keep_alive,
+                                          thinks=model in self._thinkers)
         return self.generate("/api/generate", payload, ollama.OllamaTranslator(self.name),
                              decode_ndjson)
 

@@ -30,8 +30,9 @@ from gateway.protocol.ids import unique_id
 log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Paths anyone may call: liveness for load balancers and orchestrators.
-PUBLIC_PATHS = frozenset({"/health"})
+# Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
+# and version by which Ollama's clients recognise a server.
+PUBLIC_PATHS = frozenset({"/health", "/", "/api/version"})
 
 
 def error_response(error: GatewayError) -> web.Response:

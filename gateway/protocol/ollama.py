@@ -1,12 +1,13 @@
 """Ollama's native wire format: OpenAI requests → ``/api/chat`` and ``/api/generate``
-payloads, NDJSON lines → normalized chunks, and model listings → ``ModelInfo``.
+payloads, NDJSON lines → normalized chunks, and model listings → ``ModelInfo``; with the
+pieces the Ollama door shares (option names, times, sizes).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,6 +21,11 @@ from gateway.protocol.units import Chunk, ModelInfo, Usage, parse_parameter_size
 # Extra sampling fields some clients send, which Ollama understands under the same name.
 _PASSTHROUGH_OPTIONS = ("top_k", "min_p", "repeat_penalty", "frequency_penalty",
                         "presence_penalty")
+# Ollama options that are OpenAI request fields too (``options`` maps them back); the rest
+# of Ollama's options have no OpenAI field and travel in a request's ``ollama`` fields.
+OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens",
+                 "stop": "stop", "seed": "seed", "frequency_penalty": "frequency_penalty",
+                 "presence_penalty": "presence_penalty"}
 
 
 def options(sampling: Sampling, body: dict[str, Any]) -> dict[str, Any]:
@@ -62,10 +68,11 @@ def chat_payload(req: ChatRequest, model: str, keep_alive: str, *, thinks: bool)
         payload["think"] = req.reasoning_effort not in ("none", "minimal")
     if keep_alive:
         payload["keep_alive"] = keep_alive_value(keep_alive)
-    return payload
+    return _with_client_fields(payload, req.ollama, thinks)
 
 
-def generate_payload(req: CompletionRequest, model: str, keep_alive: str) -> dict[str, Any]:
+def generate_payload(req: CompletionRequest, model: str, keep_alive: str, *,
+                     thinks: bool) -> dict[str, Any]:
     payload: dict[str, Any] = {"model": model, "prompt": req.prompt, "stream": req.stream}
     if req.suffix is not None:
         payload["suffix"] = req.suffix
@@ -74,6 +81,21 @@ def generate_payload(req: CompletionRequest, model: str, keep_alive: str) -> dic
         payload["options"] = opts
     if keep_alive:
         payload["keep_alive"] = keep_alive_value(keep_alive)
+    return _with_client_fields(payload, req.ollama, thinks)
+
+
+def _with_client_fields(payload: dict[str, Any], fields: dict[str, Any] | None,
+                        thinks: bool) -> dict[str, Any]:
+    """What an Ollama client asked for beyond OpenAI's fields, passed on as it asked."""
+    if not fields:
+        return payload
+    if fields.get("options"):
+        payload["options"] = {**payload.get("options", {}), **fields["options"]}
+    for key in ("keep_alive", "format", "raw"):
+        if key in fields:
+            payload[key] = fields[key]
+    if "think" in fields and thinks:  # only thinking models accept it
+        payload["think"] = fields["think"]
     return payload
 
 
@@ -219,6 +241,22 @@ def model_info(
         loaded=name in loaded,
         created=epoch_seconds(entry.get("modified_at")),
     )
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix seconds as Ollama writes times: RFC 3339 in UTC, to the microsecond."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parameter_size(count: float | None) -> str:
+    """A parameter count as Ollama writes it: "8.0B", "135M"; "" when unknown."""
+    if not count:
+        return ""
+    if count >= 1e9:
+        return f"{count / 1e9:.1f}B"
+    if count >= 1e6:
+        return f"{count / 1e6:.0f}M"
+    return f"{count / 1e3:.0f}K"
 
 
 _TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$")

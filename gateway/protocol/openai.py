@@ -72,6 +72,9 @@ class ChatRequest:
     tool_choice: Any
     response_format: dict[str, Any] | None
     reasoning_effort: str | None
+    # What an Ollama client asked for that no OpenAI field says (options such as num_ctx,
+    # keep_alive, think): only Ollama backends send it on.
+    ollama: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -83,6 +86,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     sampling: Sampling
+    ollama: dict[str, Any] | None = None  # as ChatRequest.ollama
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import ollama
 import pytest
 
 from tests.support import Sim, free_port
@@ -227,3 +229,36 @@ def test_check_reports_a_cache_whose_redis_does_not_answer(tmp_path: Path) -> No
     assert "plugin safety  OK" in result.stdout
     assert "plugin cache  DEGRADED" in result.stdout
     assert f"Redis at {redis_url} does not answer" in result.stdout
+
+
+def test_also_listen_serves_ollamas_address_too(tmp_path: Path, ollama_sim: Sim,
+                                                mlx_sim: Sim) -> None:
+    main, ollama_port = free_port(), free_port()
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim,
+                          extra=f'also_listen = ["127.0.0.1:{ollama_port}"]')
+    process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config), "--port", str(main)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{main}/health", process)
+        client = ollama.Client(host=f"127.0.0.1:{ollama_port}")  # as OLLAMA_HOST may say
+        try:
+            assert "qwq:32b" in [m.model for m in client.list().models]
+        finally:
+            client.close()
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+
+
+def test_an_also_listen_address_in_use_is_a_clear_refusal(tmp_path: Path, ollama_sim: Sim,
+                                                          mlx_sim: Sim) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim,
+                              extra=f'also_listen = ["127.0.0.1:{port}"]')
+        result = subprocess.run([*GATEWAY, "serve", "--config", str(config), "--port",
+                                 str(free_port())], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

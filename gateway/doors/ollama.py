@@ -1,0 +1,199 @@
+"""The Ollama door: Ollama's native API (``/api/*``) as the ``ollama`` client libraries,
+Continue, Open WebUI, Twinny and Llama Coder speak it, answered from every model the gateway
+can route, with the same routing, failover and plugins as every other door.
+
+Errors come as Ollama sends them: ``{"error": "..."}`` with the status, and one such line
+once a stream has begun. The gateway serves models but does not manage them: pulling,
+creating, copying, pushing and deleting get a clear refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.doors.ollama_codec import (
+    OllamaStream,
+    Shape,
+    bad,
+    chat_request,
+    generate_request,
+    loaded,
+    model_of,
+    thinking_mode,
+)
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.http.middlewares import json_response
+from gateway.http.stream import write_stream
+from gateway.keys import CONFIG, PIPELINE, TENANT
+from gateway.pipeline import Listed, Whole
+from gateway.protocol.ollama import parameter_size, rfc3339
+from gateway.protocol.openai import ChatRequest, CompletionRequest, parse_body, parse_embedding
+from plugins.base import RequestContext
+
+API_VERSION = "0.12.6"  # the Ollama release whose API this door follows (clients check it)
+NOT_MANAGED = ("this is an LLM gateway: it serves the models its backends have and does not "
+               "pull, create, copy, push or delete models; do that on the Ollama server itself")
+# Ollama's capability names (a backend that cannot tell gets none claimed for it).
+CAPABILITIES = ("completion", "vision", "tools", "thinking", "embedding", "insert")
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": API_VERSION})
+
+
+async def tags(request: web.Request) -> web.Response:
+    return json_response({"models": [_entry(m) for m in request.app[PIPELINE].models()]})
+
+
+async def running(request: web.Request) -> web.Response:
+    """``/api/ps``: the models a backend says are loaded now."""
+    models = [m for m in request.app[PIPELINE].models() if m.info is not None and m.info.loaded]
+    return json_response({"models": [
+        {**_entry(m), "expires_at": None, "size_vram": 0,
+         "context_length": (m.info.context_length if m.info else None) or 0}
+        for m in models]})
+
+
+async def show(request: web.Request) -> web.Response:
+    model = request.app[PIPELINE].model(model_of(parse_body(await request.read())))
+    info = model.info
+    model_info: dict[str, Any] = {}
+    if info is not None:
+        family = info.family or "general"
+        model_info["general.architecture"] = family
+        if info.parameters:
+            model_info["general.parameter_count"] = int(info.parameters)
+        if info.context_length:
+            model_info[f"{family}.context_length"] = info.context_length
+    return json_response({"license": "", "modelfile": "", "parameters": "", "template": "",
+                          "details": _details(model), "model_info": model_info,
+                          "capabilities": _capabilities(model) or ["completion"],
+                          "modified_at": rfc3339(model.created)})
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    body = parse_body(await request.read())
+    req = chat_request(body)
+    if req is None:
+        return json_response(loaded(request.app[PIPELINE].model(model_of(body)).name, "chat"))
+    return await _answer(request, "chat", req, body, started)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    body = parse_body(await request.read())
+    req = generate_request(body)
+    if req is None:
+        return json_response(loaded(request.app[PIPELINE].model(model_of(body)).name,
+                                    "generate"))
+    return await _answer(request, "generate", req, body, started)
+
+
+async def _answer(request: web.Request, shape: Shape, req: ChatRequest | CompletionRequest,
+                  body: dict[str, Any], started: float) -> web.StreamResponse:
+    ctx = RequestContext(kind="chat" if isinstance(req, ChatRequest) else "text", req=req,
+                         tenant=request[TENANT], client_headers=request.headers)
+    answer = await request.app[PIPELINE].run(ctx)
+    mode = thinking_mode(body, request.app[CONFIG].server.reasoning)
+    if isinstance(answer, Whole):
+        encoder = OllamaStream(shape, answer.completion.model, mode, started)
+        return json_response(encoder.whole(answer.completion), answer.headers)
+    return await write_stream(request, answer, OllamaStream(shape, answer.model, mode, started))
+
+
+async def embed(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    body = parse_body(await request.read())
+    model, text = model_of(body), body.get("input")
+    if text in ("", []):
+        return json_response({"model": model, "embeddings": []})
+    if not isinstance(text, str) and not (isinstance(text, list) and
+                                          all(isinstance(t, str) for t in text)):
+        raise bad("invalid input type: input must be a string or an array of strings")
+    ask = {"model": model, "input": text}
+    if body.get("dimensions") is not None:
+        ask["dimensions"] = body["dimensions"]
+    answer = await request.app[PIPELINE].embed(parse_embedding(ask))
+    return json_response({"model": answer.model, "embeddings": answer.result.vectors,
+                          "total_duration": int((time.perf_counter() - started) * 1e9),
+                          "load_duration": 0, "prompt_eval_count": answer.result.prompt_tokens},
+                         answer.headers)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The older ``/api/embeddings``: one prompt, one vector."""
+    body = parse_body(await request.read())
+    model, prompt = model_of(body), body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise bad("prompt must be a string")
+    if not prompt:
+        return json_response({"embedding": []})
+    answer = await request.app[PIPELINE].embed(parse_embedding({"model": model,
+                                                                "input": prompt}))
+    return json_response({"embedding": answer.result.vectors[0]}, answer.headers)
+
+
+async def not_managed(request: web.Request) -> web.Response:
+    raise GatewayError(NOT_MANAGED, status=403, type="permission_error", code="not_managed")
+
+
+def error_response(error: GatewayError) -> web.Response:
+    """An error as Ollama sends one: ``{"error": "..."}`` (an unknown model in its words)."""
+    message = f"model '{error.model}' not found" if isinstance(error, ModelNotFound) \
+        else error.message
+    return web.Response(status=error.status, body=orjson.dumps({"error": message}),
+                        content_type="application/json", headers=error.headers())
+
+
+def _entry(model: Listed) -> dict[str, Any]:
+    """A model as ``/api/tags`` lists it (both ``name`` and ``model``: clients read either)."""
+    entry: dict[str, Any] = {
+        "name": model.name, "model": model.name, "modified_at": rfc3339(model.created),
+        "size": 0, "digest": hashlib.sha256(f"{model.owner}/{model.name}".encode()).hexdigest(),
+        "details": _details(model)}
+    capabilities = _capabilities(model)
+    if capabilities:
+        entry["capabilities"] = capabilities
+    return entry
+
+
+def _details(model: Listed) -> dict[str, Any]:
+    info = model.info
+    family = info.family if info is not None else ""
+    return {"parent_model": "", "format": "", "family": family,
+            "families": [family] if family else [],
+            "parameter_size": parameter_size(info.parameters if info else None),
+            "quantization_level": info.quantization if info else ""}
+
+
+def _capabilities(model: Listed) -> list[str]:
+    info = model.info
+    if info is None or not info.known:
+        return []
+    return [c for c in CAPABILITIES if c in info.capabilities]
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", root)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", running)
+    app.router.add_post("/api/show", show)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embeddings)
+    for path in ("/api/pull", "/api/create", "/api/copy", "/api/push"):
+        app.router.add_post(path, not_managed)
+    app.router.add_delete("/api/delete", not_managed)
+    app.router.add_route("*", "/api/blobs/{digest}", not_managed)

@@ -1,0 +1,349 @@
+"""The Ollama door's wire format: ``/api/chat`` and ``/api/generate`` requests as the
+gateway's one internal request, and answers as Ollama's NDJSON lines or one JSON object.
+
+A request's Ollama options that OpenAI also has (temperature, num_predict...) become its
+fields; the rest (num_ctx, top_k, keep_alive, think...) ride along in ``req.ollama`` and only
+Ollama backends send them on. ``/api/generate`` is a text completion when it is ``raw`` or
+fills in the middle (``suffix``), and otherwise one chat turn, as Ollama applies the model's
+template to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Literal
+
+import orjson
+
+from gateway.config import ReasoningMode
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.http.stream import NDJSON, ndjson_line
+from gateway.protocol.ollama import OPENAI_FIELDS, rfc3339
+from gateway.protocol.openai import ChatRequest, CompletionRequest, parse_chat, parse_completion
+from gateway.protocol.reasoning import ReasoningView
+from gateway.protocol.units import Chunk, Completion, Usage
+
+Shape = Literal["chat", "generate"]  # which endpoint's lines: message or response
+
+
+def bad(message: str) -> InvalidRequest:
+    return InvalidRequest(message, code="invalid_value")
+
+
+def model_of(body: dict[str, Any]) -> str:
+    """The model a request names (Ollama's clients say ``model``, some older ones ``name``)."""
+    model = body.get("model") or body.get("name")
+    if not isinstance(model, str) or not model.strip():
+        raise bad("model is required")
+    return model
+
+
+def streams(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", True)  # Ollama streams unless told not to
+    if not isinstance(stream, bool):
+        raise bad("stream must be true or false")
+    return stream
+
+
+def chat_request(body: dict[str, Any]) -> ChatRequest | None:
+    """The request, or None for one without messages (Ollama's way to load a model)."""
+    model, stream = model_of(body), streams(body)
+    messages = body.get("messages") or []
+    if not isinstance(messages, list):
+        raise bad("messages must be an array")
+    if not messages:
+        return None
+    openai: dict[str, Any] = {"model": model, "stream": stream,
+                              "messages": _messages(messages)}
+    tools = body.get("tools")
+    if tools:  # the Python client sends [] for none
+        openai["tools"] = tools
+    fmt = _response_format(body.get("format"))
+    if fmt is not None:
+        openai["response_format"] = fmt
+    fields = _sampling(body, openai)
+    req = parse_chat(openai)
+    req.ollama = fields
+    return req
+
+
+def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | None:
+    """A text completion (``raw``, or ``suffix``: fill in the middle) or a chat turn; None
+    for a request without a prompt (Ollama's way to load a model).
+    """
+    model, stream = model_of(body), streams(body)
+    prompt, suffix, system = (_text(body, key) for key in ("prompt", "suffix", "system"))
+    images = _images(body.get("images"), "images")
+    raw = body.get("raw") is True
+    if raw and (system or body.get("template") or body.get("context")):
+        raise bad("raw mode does not support template, system, or context")
+    if not prompt and not images and suffix is None:
+        return None
+    openai: dict[str, Any] = {"model": model, "stream": stream}
+    if raw or suffix is not None:
+        if images:
+            raise bad("images need a chat turn: send them without raw or suffix")
+        openai["prompt"] = prompt or ""
+        if suffix is not None:
+            openai["suffix"] = suffix
+        fields = _sampling(body, openai)
+        if raw:
+            fields["raw"] = True
+        if body.get("format"):
+            fields["format"] = body["format"]
+        completion = parse_completion(openai)
+        completion.ollama = fields
+        return completion
+    user: dict[str, Any] = {"role": "user", "content": prompt or ""}
+    if images:
+        user["images"] = images
+    openai["messages"] = _messages([*([{"role": "system", "content": system}] if system
+                                      else []), user])
+    fmt = _response_format(body.get("format"))
+    if fmt is not None:
+        openai["response_format"] = fmt
+    fields = _sampling(body, openai)
+    chat = parse_chat(openai)
+    chat.ollama = fields
+    return chat
+
+
+def thinking_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
+    """How reasoning reaches this client: not at all when it said ``think: false``."""
+    return "drop" if body.get("think") is False else mode
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Ollama messages as OpenAI's: images as data-URL parts, tool-call arguments as JSON
+    text, each tool result tied to the call it answers.
+    """
+    out: list[dict[str, Any]] = []
+    ids = (f"call_{n}" for n in itertools.count())
+    open_calls: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}] must be an object with role and content")
+        converted: dict[str, Any] = {"role": message.get("role"),
+                                     "content": message.get("content") or ""}
+        images = _images(message.get("images"), f"messages[{i}].images")
+        if images:
+            converted["content"] = [{"type": "text", "text": converted["content"]}, *(
+                {"type": "image_url", "image_url": {"url": _data_url(image)}}
+                for image in images)]
+        calls = message.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise bad(f"messages[{i}].tool_calls must be an array")
+            made = [_call(call, next(ids), f"messages[{i}]") for call in calls]
+            converted["tool_calls"] = made
+            open_calls += [(c["id"], c["function"]["name"]) for c in made]
+        if converted["role"] == "tool":
+            name = message.get("tool_name")
+            match = next((c for c in open_calls if c[1] == name), None) or \
+                (open_calls[0] if open_calls else None)
+            if match is not None:
+                open_calls.remove(match)
+                converted["tool_call_id"] = match[0]
+        out.append(converted)
+    return out
+
+
+def _call(call: Any, default_id: str, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad(f"{where}.tool_calls: each needs function.name")
+    arguments = function.get("arguments", {})
+    if not isinstance(arguments, str):
+        arguments = orjson.dumps(arguments).decode()
+    call_id = call.get("id")
+    return {"id": call_id if isinstance(call_id, str) and call_id else default_id,
+            "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _images(images: Any, where: str) -> list[str]:
+    if images is None:
+        return []
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise bad(f"{where} must be an array of base64-encoded images")
+    return images
+
+
+# What an image's first base64 characters say it is.
+_IMAGE_KINDS = (("iVBORw0KGgo", "image/png"), ("/9j/", "image/jpeg"), ("R0lGOD", "image/gif"),
+                ("UklGR", "image/webp"))
+
+
+def _data_url(image: str) -> str:
+    kind = next((t for prefix, t in _IMAGE_KINDS if image.startswith(prefix)), "image/png")
+    return f"data:{kind};base64,{image}"
+
+
+def _response_format(fmt: Any) -> dict[str, Any] | None:
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
+    raise bad('format must be "json" or a JSON schema object')
+
+
+def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
+    """Sets the OpenAI fields of the request's options on ``openai``; the Ollama fields
+    that have none (other options, keep_alive, think).
+    """
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise bad("options must be an object")
+    rest = {k: v for k, v in options.items() if k not in OPENAI_FIELDS}
+    for option, field in OPENAI_FIELDS.items():
+        value = options.get(option)
+        if value is None or (option == "num_predict" and isinstance(value, int)
+                             and value <= 0):  # -1: no limit, -2: fill the context
+            continue
+        openai[field] = value
+    fields: dict[str, Any] = {"options": rest} if rest else {}
+    for key in ("keep_alive", "think"):
+        if body.get(key) is not None:
+            fields[key] = body[key]
+    return fields
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise bad(f"{key} must be a string")
+    return value
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+class OllamaStream:
+    """One answer as Ollama's NDJSON lines, and as its one object when not streamed.
+
+    Tool calls go out whole, their arguments as objects (as Ollama sends them), on a line of
+    their own before the last; the last line says ``done`` with Ollama's counts and
+    durations as the gateway saw them (nanoseconds, from when the request arrived).
+    """
+
+    media_type = NDJSON
+    __slots__ = ("_calls", "_first_at", "_model", "_reason", "_shape", "_started", "_usage",
+                 "_view")
+
+    def __init__(self, shape: Shape, model: str, reasoning: ReasoningMode,
+                 started: float) -> None:
+        self._shape = shape
+        self._model = model
+        self._view = ReasoningView(reasoning)
+        self._started = started  # time.perf_counter() when the request arrived
+        self._first_at: float | None = None
+        self._calls = Completion()  # tool-call deltas, merged
+        self._usage: Usage | None = None
+        self._reason = "stop"
+
+    def switch_model(self, model: str) -> None:
+        self._model = model
+
+    def begin(self) -> bytes:
+        return b""
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        if self._first_at is None:
+            self._first_at = time.perf_counter()
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        if chunk.finish_reason is not None:
+            self._reason = "length" if chunk.finish_reason == "length" else "stop"
+        if chunk.tool_calls:
+            self._calls.add(Chunk(tool_calls=chunk.tool_calls))
+        thought, text = self._view.split(chunk)
+        if not text and not thought:
+            return b""
+        return ndjson_line(self._line(text, thought, done=False))
+
+    def end(self, trailers: dict[str, str]) -> bytes:
+        """The tool calls, whole, then the last line (with the gateway's late verdicts as
+        ``x_gateway_*`` fields, which clients ignore).
+        """
+        out = b""
+        if self._calls.tool_calls and self._shape == "chat":
+            line = self._line("", "", done=False)
+            line["message"]["tool_calls"] = tool_calls(self._calls)
+            out = ndjson_line(line)
+        last = {**self._line("", "", done=True), **self._counts()}
+        last.update({name.replace("-", "_"): value for name, value in trailers.items()})
+        return out + ndjson_line(last)
+
+    def error(self, error: GatewayError) -> bytes:
+        return ndjson_line({"error": error.message})
+
+    def whole(self, completion: Completion) -> dict[str, Any]:
+        """The answer as one object, as Ollama sends it with ``stream: false``."""
+        self._usage = completion.usage
+        self._reason = "length" if completion.finish_reason == "length" else "stop"
+        thought, text = self._view.whole(completion)
+        body = {**self._line(text, thought, done=True), **self._counts()}
+        if completion.tool_calls and self._shape == "chat":
+            body["message"]["tool_calls"] = tool_calls(completion)
+        return body
+
+    def _line(self, text: str, thought: str, *, done: bool) -> dict[str, Any]:
+        line: dict[str, Any] = {"model": self._model, "created_at": rfc3339(time.time())}
+        if self._shape == "chat":
+            message = {"role": "assistant", "content": text}
+            if thought:
+                message["thinking"] = thought
+            line["message"] = message
+        else:
+            line["response"] = text
+            if thought:
+                line["thinking"] = thought
+        line["done"] = done
+        return line
+
+    def _counts(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        first = self._first_at or self._started
+        usage = self._usage or Usage()
+        return {"done_reason": self._reason,
+                "total_duration": _ns(now - self._started), "load_duration": 0,
+                "prompt_eval_count": usage.prompt_tokens,
+                "prompt_eval_duration": _ns(first - self._started),
+                "eval_count": usage.completion_tokens, "eval_duration": _ns(now - first)}
+
+
+def tool_calls(completion: Completion) -> list[dict[str, Any]]:
+    """Whole tool calls as Ollama's: arguments as an object (text that is not a JSON object
+    is kept under ``"arguments"``, not lost).
+    """
+    out = []
+    for i, call in enumerate(completion.tool_calls):
+        function = call["function"]
+        try:
+            arguments = orjson.loads(function["arguments"] or "{}")
+        except orjson.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            arguments = {"arguments": function["arguments"]}
+        out.append({"id": call["id"], "function": {"index": i, "name": function["name"],
+                                                   "arguments": arguments}})
+    return out
+
+
+def _ns(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))
+
+
+def loaded(model: str, shape: Shape) -> dict[str, Any]:
+    """What Ollama answers to a request without a prompt: the model is ready."""
+    line: dict[str, Any] = {"model": model, "created_at": rfc3339(time.time())}
+    if shape == "chat":
+        line["message"] = {"role": "assistant", "content": ""}
+    else:
+        line["response"] = ""
+    return {**line, "done": True, "done_reason": "load"}

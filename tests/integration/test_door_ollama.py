@@ -1,0 +1,197 @@
+"""The Ollama door, through the real ``ollama`` client libraries (Python, and the npm
+package under Node), to the simulated fleet: what Continue, Open WebUI and the ollama
+tutorials do must work against the gateway as against Ollama itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+from collections.abc import Iterator
+
+import ollama
+import pytest
+
+from gateway.sim import SimModel, create_ollama_app
+from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
+from tests.support import ServerThread, Sim, backend, gateway_config, run_node, start_gateway
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+USER = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+def client(gateway: ServerThread) -> Iterator[ollama.Client]:
+    client = ollama.Client(host=gateway.url)
+    yield client
+    client.close()
+
+
+def test_list_names_every_model_with_its_details(client: ollama.Client) -> None:
+    models = {m.model: m for m in client.list().models}
+    assert {"qwq:32b", "command-r-plus:104b", "nomic-embed-text:latest", "auto",
+            "auto:code"} <= set(models)
+    coder = models["qwen2.5-coder:32b"]
+    assert coder.details is not None
+    assert (coder.details.family, coder.details.parameter_size) == ("qwen2", "32.8B")
+    assert coder.modified_at is not None and coder.modified_at.year == 2026
+
+
+def test_show_tells_capabilities_and_context(client: ollama.Client) -> None:
+    shown = client.show("qwq:32b")
+    assert set(shown.capabilities or []) >= {"completion", "tools", "thinking"}
+    assert shown.modelinfo is not None and shown.modelinfo["qwen2.context_length"] == 32768
+
+
+def test_ps_lists_what_the_backend_has_loaded() -> None:
+    models = [SimModel("llama3.2:3b", loaded=True), SimModel("phi3.5:3.8b")]
+    with ServerThread(lambda: create_ollama_app(models)) as sim:
+        server = start_gateway(gateway_config(backend("ollama", "ollama", sim.url)))
+        client = ollama.Client(host=server.url)
+        try:
+            assert [m.model for m in client.ps().models] == ["llama3.2:3b"]
+        finally:
+            client.close()
+            server.stop()
+
+
+def test_chat_whole_and_streamed(client: ollama.Client) -> None:
+    reply = client.chat(model="qwen2.5-coder:32b", messages=USER, stream=False)
+    assert reply.message.content == DEFAULT_REPLY
+    assert reply.done and reply.done_reason == "stop"
+    assert reply.eval_count == len(DEFAULT_REPLY.split()) and reply.prompt_eval_count
+    assert reply.total_duration and reply.total_duration > 0
+    parts = list(client.chat(model="command-r-plus:104b", messages=USER, stream=True))
+    assert "".join(p.message.content or "" for p in parts) == DEFAULT_REPLY
+    assert [p.done for p in parts].count(True) == 1 and parts[-1].done
+    assert parts[-1].eval_count == len(DEFAULT_REPLY.split())
+
+
+def test_options_reach_the_backend_num_ctx_included(client: ollama.Client,
+                                                    ollama_sim: Sim) -> None:
+    reply = client.chat(model="qwen2.5-coder:32b", messages=USER, stream=False, options={
+        "temperature": 0.2, "num_predict": 3, "seed": 7, "num_ctx": 8192, "top_k": 20},
+        keep_alive="10m")
+    assert reply.message.content == "The quick brown " and reply.done_reason == "length"
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]
+    assert sent["options"] == {"temperature": 0.2, "num_predict": 3, "seed": 7,
+                               "num_ctx": 8192, "top_k": 20}
+    assert sent["keep_alive"] == "10m"
+
+
+def test_tool_call_round_trip(client: ollama.Client, ollama_sim: Sim) -> None:
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat(model="qwen2.5-coder:32b", messages=question, tools=[WEATHER_TOOL])
+    calls = first.message.tool_calls or []
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    second = client.chat(model="qwen2.5-coder:32b", tools=[WEATHER_TOOL], messages=[
+        *question, first.message,
+        {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}])
+    assert second.message.content == "The tool said: sunny, 21 C"
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                    "arguments": {"city": "Paris"}}
+    assert sent[2] == {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}
+
+
+def test_streamed_tool_calls_arrive_whole(client: ollama.Client) -> None:
+    parts = list(client.chat(model="qwen2.5-coder:32b", messages=USER, tools=[WEATHER_TOOL],
+                             stream=True))
+    calls = [c for p in parts for c in p.message.tool_calls or []]
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    assert parts[-1].done
+
+
+def test_images_reach_a_vision_model(client: ollama.Client, ollama_sim: Sim) -> None:
+    pixel = b"\x89PNG fake pixel"
+    client.chat(model="llava:7b", messages=[
+        {"role": "user", "content": "What is this?", "images": [pixel]}])
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"][0]
+    assert sent == {"role": "user", "content": "What is this?",
+                    "images": [base64.b64encode(pixel).decode()]}
+
+
+def test_thinking_comes_as_thinking_and_think_false_drops_it(client: ollama.Client) -> None:
+    reply = client.chat(model="qwq:32b", messages=USER, think=True)
+    assert reply.message.thinking == THOUGHT and reply.message.content == DEFAULT_REPLY
+    plain = client.chat(model="qwq:32b", messages=USER, think=False)
+    assert not plain.message.thinking and plain.message.content == DEFAULT_REPLY
+
+
+def test_json_format_and_schema(client: ollama.Client, ollama_sim: Sim) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    reply = client.chat(model="qwen2.5-coder:32b", messages=USER, format=schema)
+    assert isinstance(json.loads(reply.message.content or ""), dict)
+    assert ollama_sim.requests("/api/chat")[-1]["payload"]["format"] == schema
+
+
+def test_generate_fills_in_the_middle(client: ollama.Client, ollama_sim: Sim) -> None:
+    reply = client.generate(model="qwen2.5-coder:32b", prompt="def add(a, b):\n",
+                            suffix="\n    return c\n")
+    assert reply.response and reply.done
+    sent = ollama_sim.requests("/api/generate")[-1]["payload"]
+    assert (sent["prompt"], sent["suffix"]) == ("def add(a, b):\n", "\n    return c\n")
+    streamed = list(client.generate(model="qwen2.5-coder:32b", prompt="Once", stream=True))
+    assert "".join(p.response for p in streamed) == DEFAULT_REPLY and streamed[-1].done
+
+
+def test_generate_with_system_is_a_chat_turn(client: ollama.Client, ollama_sim: Sim) -> None:
+    reply = client.generate(model="phi3.5:3.8b", prompt="Hi", system="Be brief.")
+    assert reply.response == DEFAULT_REPLY
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent == [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"}]
+
+
+def test_raw_generate_is_sent_raw(client: ollama.Client, ollama_sim: Sim) -> None:
+    client.generate(model="phi3.5:3.8b", prompt="<|user|>Hi<|end|>", raw=True)
+    sent = ollama_sim.requests("/api/generate")[-1]["payload"]
+    assert sent["raw"] is True and sent["prompt"] == "<|user|>Hi<|end|>"
+
+
+def test_embed_and_the_older_embeddings(client: ollama.Client) -> None:
+    result = client.embed(model="nomic-embed-text", input=["one", "two"])
+    assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 768
+    single = client.embeddings(model="nomic-embed-text", prompt="one")
+    assert list(single.embedding) == pytest.approx(list(result.embeddings[0]), abs=1e-6)
+
+
+def test_errors_come_as_ollama_sends_them(client: ollama.Client, ollama_sim: Sim) -> None:
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.chat(model="no-such-model", messages=USER)
+    assert (missing.value.status_code, missing.value.error) == \
+        (404, "model 'no-such-model' not found")
+    with pytest.raises(ollama.ResponseError) as pull:
+        client.pull("llama3.2")
+    assert pull.value.status_code == 403 and "does not pull" in pull.value.error
+    ollama_sim.fault("qwen2.5-coder:32b", cut_after=3)
+    with pytest.raises(ollama.ResponseError) as cut:
+        list(client.chat(model="qwen2.5-coder:32b", messages=USER, stream=True))
+    assert cut.value.status_code == -1  # an error line mid-stream, as Ollama sends one
+
+
+def test_a_prompt_less_request_loads_the_model(client: ollama.Client) -> None:
+    assert client.generate(model="phi3.5:3.8b").done_reason == "load"
+    assert client.chat(model="phi3.5:3.8b", messages=[]).done_reason == "load"
+
+
+def test_root_and_version_answer_as_ollama(gateway: ServerThread) -> None:
+    with urllib.request.urlopen(gateway.url + "/", timeout=5) as response:
+        assert response.read() == b"Ollama is running"
+    with urllib.request.urlopen(gateway.url + "/api/version", timeout=5) as response:
+        assert json.loads(response.read())["version"]
+
+
+def test_the_npm_client_lists_chats_and_generates(gateway: ServerThread) -> None:
+    out = json.loads(run_node("ollama_client.mjs", gateway.url, "qwen2.5-coder:32b"))
+    assert "qwen2.5-coder:32b" in out["names"]
+    assert out["streamed"] == DEFAULT_REPLY == out["whole"]
+    assert out["tool"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert out["generated"] == DEFAULT_REPLY
+    assert out["missing"] == {"status": 404, "error": "model 'no-such-model' not found"}
