@@ -59,13 +59,7 @@ def chat_request(body: dict[str, Any]) -> ChatRequest | None:
     tools = body.get("tools")
     if tools:  # the Python client sends [] for none
         openai["tools"] = tools
-    fmt = _response_format(body.get("format"))
-    if fmt is not None:
-        openai["response_format"] = fmt
-    fields = _sampling(body, openai)
-    req = parse_chat(openai)
-    req.ollama = fields
-    return req
+    return _chat(body, openai)
 
 
 def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | None:
@@ -100,13 +94,20 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
         user["images"] = images
     openai["messages"] = _messages([*([{"role": "system", "content": system}] if system
                                       else []), user])
+    return _chat(body, openai)
+
+
+def _chat(body: dict[str, Any], openai: dict[str, Any]) -> ChatRequest:
+    """The chat request: ``openai`` (its model, stream and messages set) with the format
+    and sampling of the Ollama ``body``.
+    """
     fmt = _response_format(body.get("format"))
     if fmt is not None:
         openai["response_format"] = fmt
     fields = _sampling(body, openai)
-    chat = parse_chat(openai)
-    chat.ollama = fields
-    return chat
+    req = parse_chat(openai)
+    req.ollama = fields
+    return req
 
 
 def thinking_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
