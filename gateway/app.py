@@ -1,8 +1,8 @@
 """``create_app(config)``: builds and wires everything; nothing runs at import time.
 
 Background services live in ``cleanup_ctx``, started in order and stopped in reverse:
-tunnels → backends (connection pools) → discovery (the catalog and its refresh loop) →
-health watch.
+the store (of Responses API responses) → tunnels → backends (connection pools) → discovery
+(the catalog and its refresh loop) → health watch → plugins.
 """
 
 from __future__ import annotations
@@ -22,15 +22,25 @@ from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
-from gateway.doors import ollama, openai
+from gateway.doors import ollama, openai, responses
 from gateway.http import health as health_endpoint
 from gateway.http import middlewares
 from gateway.http.cors import Cors
-from gateway.keys import BACKENDS, CATALOG, CONFIG, HEALTH, PIPELINE, ROUTER, TUNNELS
+from gateway.keys import (
+    BACKENDS,
+    CATALOG,
+    CONFIG,
+    HEALTH,
+    PIPELINE,
+    RESPONSES,
+    ROUTER,
+    TUNNELS,
+)
 from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
+from gateway.store import open_store
 from gateway.tunnel.manager import Tunnel, TunnelManager
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,9 @@ def create_app(config: GatewayConfig) -> web.Application:
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
+    kept = config.responses
+    app[RESPONSES] = open_store(kept.backend, kept.redis_url, max_entries=kept.max_entries,
+                                timeout=kept.timeout, max_connections=16, label="responses")
     tunnels = app[TUNNELS] = TunnelManager(config.tunnels)
     backends = {b.name: build_backend(b, tunnels) for b in config.backends}
     app[BACKENDS] = backends
@@ -74,6 +87,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     router.on_unreachable = health.lost
     app[PIPELINE] = Pipeline(load_plugins(config), router, config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_tunnels_ctx)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
@@ -82,6 +96,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)
     ollama.add_routes(app)
+    responses.add_routes(app)
     health_endpoint.add_routes(app)
     return app
 
@@ -117,6 +132,12 @@ async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[PIPELINE].start()
     yield
     await app[PIPELINE].close()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[RESPONSES].start()
+    yield
+    await app[RESPONSES].close()
 
 
 async def _tunnels_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -222,6 +222,24 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponsesConfig:
+    """Where Responses API responses are kept for ``previous_response_id``, and how long."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ttl: float = 3600.0  # seconds a stored response can be continued from
+    max_entries: int = 10_000  # memory backend
+    timeout: float = 0.1  # the longest Redis may make a request wait
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for key in ("ttl", "timeout"):
+            if getattr(self, key) <= 0:
+                yield key, "expected seconds > 0"
+        if self.max_entries < 1:
+            yield "max_entries", "expected an integer >= 1"
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Bearer API keys, stored only as SHA-256 hex digests (see ``gateway keys new``)."""
 
@@ -328,6 +346,7 @@ class GatewayConfig:
     models: tuple[ModelConfig, ...] = ()
     aliases: dict[str, AliasConfig] = field(default_factory=dict)
     plugins: tuple[PluginConfig, ...] = ()
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     source: str = "<defaults>"
 
     def problems(self) -> Iterator[tuple[str, str]]:

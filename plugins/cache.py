@@ -20,8 +20,8 @@ from typing import Any, Literal
 import orjson
 
 from gateway.protocol.units import Completion, Usage
+from gateway.store import Store, StoreUnavailable, open_store
 from plugins.base import BasePlugin, RequestContext, Verdict
-from plugins.cache_store import MemoryStore, RedisStore, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,10 @@ class CachePlugin(BasePlugin):
 
     def __init__(self, options: CacheOptions) -> None:
         self.options = options
-        self.store: Store = RedisStore(options.redis_url, options.timeout,
-                                       options.max_connections) \
-            if options.backend == "redis" else MemoryStore(options.max_entries)
+        self.store: Store = open_store(options.backend, options.redis_url,
+                                       max_entries=options.max_entries,
+                                       timeout=options.timeout,
+                                       max_connections=options.max_connections, label="cache")
         self._inflight: dict[str, asyncio.Future[Completion | None]] = {}
         self.stats = collections.Counter[str]()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import orjson
@@ -63,9 +64,14 @@ def ndjson_line(obj: object) -> bytes:
     return orjson.dumps(obj) + b"\n"
 
 
-async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEncoder
+async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEncoder, *,
+                       before_end: Callable[[], Awaitable[None]] | None = None
                        ) -> web.StreamResponse:
-    """Send ``answer`` encoded by ``encoder``; the answer is closed however it ends."""
+    """Send ``answer`` encoded by ``encoder``; the answer is closed however it ends.
+    ``before_end`` runs once the answer is whole, before its last events go out (the
+    Responses door stores the response there, so a client that continues the conversation
+    the moment it has the end finds it).
+    """
     answer.on_switch = encoder.switch_model
     headers = {**answer.headers, "x-request-id": request[REQUEST_ID]}
     ok = False
@@ -83,14 +89,15 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
         pinging = response if isinstance(response, EventSourceResponse) \
             else contextlib.nullcontext(response)
         async with pinging:
-            ok = await _relay(request, response, answer, encoder)
+            ok = await _relay(request, response, answer, encoder, before_end)
     finally:
         await answer.close(ok)
     return response
 
 
 async def _relay(request: web.Request, response: web.StreamResponse, answer: Streamed,
-                 encoder: StreamEncoder) -> bool:
+                 encoder: StreamEncoder, before_end: Callable[[], Awaitable[None]] | None
+                 ) -> bool:
     """Whether the whole answer went out. Every failure after the commit ends the stream
     in-band (nothing may escape: a second response would corrupt this one).
     """
@@ -100,7 +107,9 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
             data = encoder.chunk(chunk)
             if data:
                 await _send(request, response, data)
-        trailers = await answer.finish()
+        last = encoder.end(await answer.finish())
+        if before_end is not None:
+            await before_end()
     except GatewayError as exc:
         await _send_last(request, response, encoder.error(exc))
         return False
@@ -111,7 +120,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
         await _send_last(request, response, encoder.error(GatewayError(
             "The gateway failed while streaming.", code="internal_error")))
         return False
-    await _send_last(request, response, encoder.end(trailers))
+    await _send_last(request, response, last)
     return True
 
 

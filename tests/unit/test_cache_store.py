@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from gateway.protocol.openai import parse_chat
+from gateway.store import MemoryStore
 from plugins.base import RequestContext
 from plugins.cache import CacheOptions, CachePlugin
-from plugins.cache_store import MemoryStore
 
 
 def test_the_memory_store_keeps_the_most_recently_used_within_its_bound() -> None:

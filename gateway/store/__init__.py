@@ -1,6 +1,6 @@
-"""Where the cache keeps answers: Redis (shared by every gateway process) or memory (one
-process, bounded). A store that cannot answer in time raises ``StoreUnavailable``; the cache
-then serves uncached.
+"""Key-value stores for what the gateway keeps (cached answers, stored responses): Redis,
+shared by every gateway process, or memory, one process's, bounded. A store that cannot
+answer in time raises ``StoreUnavailable``; its user then goes on without it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,19 @@ class Store(Protocol):
     async def close(self) -> None: ...
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+    async def delete(self, key: str) -> bool: ...  # whether it was there
+
+
+def open_store(kind: str, redis_url: str, *, max_entries: int, timeout: float,
+               max_connections: int, label: str) -> Store:
+    """A Redis store (``kind`` "redis") or a memory one; ``label`` names it in the log."""
+    if kind == "redis":
+        return RedisStore(redis_url, timeout, max_connections, label)
+    return MemoryStore(max_entries)
 
 
 class MemoryStore:
-    """An LRU of at most ``max_entries`` answers, each kept until its time is up."""
+    """An LRU of at most ``max_entries`` values, each kept until its time is up."""
 
     def __init__(self, max_entries: int) -> None:
         self._entries: collections.OrderedDict[str, tuple[float, bytes]] = \
@@ -65,6 +74,9 @@ class MemoryStore:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    async def delete(self, key: str) -> bool:
+        return self._entries.pop(key, None) is not None
+
 
 class RedisStore:
     """Redis through a blocking pool (the default pool fails past its size instead of
@@ -72,8 +84,10 @@ class RedisStore:
     moment, so an outage costs requests nothing rather than a timeout each.
     """
 
-    def __init__(self, url: str, timeout: float, max_connections: int) -> None:
+    def __init__(self, url: str, timeout: float, max_connections: int,
+                 label: str = "store") -> None:
         self._url = url
+        self._label = label
         self._timeout = timeout
         self._max_connections = max_connections
         self._client: redis.Redis | None = None
@@ -100,6 +114,9 @@ class RedisStore:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self._call(lambda client: client.set(key, value, px=int(ttl * 1000)))
 
+    async def delete(self, key: str) -> bool:
+        return bool(await self._call(lambda client: client.delete(key)))
+
     async def _call(self, operation: object) -> object:
         if self._client is None or time.monotonic() < self._quiet_until:
             raise StoreUnavailable
@@ -108,7 +125,7 @@ class RedisStore:
                 return await operation(self._client)  # type: ignore[operator]
         except (RedisError, OSError, TimeoutError) as exc:
             if time.monotonic() >= self._quiet_until:
-                log.warning("cache: Redis unavailable (%s); serving uncached",
+                log.warning("%s: Redis unavailable (%s); going on without it", self._label,
                             type(exc).__name__)
             self._quiet_until = time.monotonic() + QUIET_SECONDS
             raise StoreUnavailable from None

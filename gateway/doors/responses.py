@@ -1,0 +1,127 @@
+"""The Responses API door: ``POST /v1/responses`` (streamed as semantic events, or whole),
+``GET`` and ``DELETE /v1/responses/{id}``, as the ``openai`` SDKs' ``client.responses``
+speaks it (Codex CLI, newer SDK code).
+
+A response asked to be stored (``store``, true unless the request says otherwise) is kept,
+for its tenant only, for ``[responses] ttl`` seconds: ``previous_response_id`` continues the
+conversation from it. Built-in tools (web search, file search, code interpreter...) need
+OpenAI's own servers: the gateway refuses them clearly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.doors.responses_codec import ResponseStream, bad, chat_body, new_response
+from gateway.errors import GatewayError, NotFound, Unavailable
+from gateway.http.middlewares import json_response
+from gateway.http.stream import write_stream
+from gateway.keys import CONFIG, PIPELINE, RESPONSES, TENANT
+from gateway.pipeline import Whole
+from gateway.protocol.openai import parse_body, parse_chat
+from gateway.store import StoreUnavailable
+from plugins.base import RequestContext
+
+log = logging.getLogger(__name__)
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    body = parse_body(await request.read())
+    store = body.get("store", True)
+    if not isinstance(store, bool):
+        raise bad("store", "'store' must be true or false.")
+    history: list[dict[str, Any]] = []
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        if not isinstance(previous, str):
+            raise bad("previous_response_id", "'previous_response_id' must be a string.")
+        history = (await _load(request, previous, "previous_response_id"))["conversation"]
+    chat, conversation = chat_body(body, history)
+    ctx = RequestContext(kind="chat", req=parse_chat(chat), tenant=request[TENANT],
+                         client_headers=request.headers)
+    answer = await request.app[PIPELINE].run(ctx)
+    reasoning = request.app[CONFIG].server.reasoning
+    response = new_response(body, store)
+    if isinstance(answer, Whole):
+        response["model"] = answer.completion.model
+        encoder = ResponseStream(response, reasoning, quiet=True)
+        result = encoder.whole(answer.completion)
+        if store:
+            await _keep(request, encoder, conversation)
+        return json_response(result, answer.headers)
+    response["model"] = answer.model
+    encoder = ResponseStream(response, reasoning)
+
+    async def keep() -> None:
+        if store:
+            await _keep(request, encoder, conversation)
+
+    return await write_stream(request, answer, encoder, before_end=keep)
+
+
+async def retrieve(request: web.Request) -> web.Response:
+    if request.query.get("stream") == "true":
+        raise bad("stream", "A stored response is sent whole; streaming it again is not "
+                            "supported.")
+    record = await _load(request, request.match_info["id"], None)
+    return json_response(record["response"])
+
+
+async def delete(request: web.Request) -> web.Response:
+    response_id = request.match_info["id"]
+    try:
+        found = await request.app[RESPONSES].delete(_key(request, response_id))
+    except StoreUnavailable:
+        raise _store_down() from None
+    if not found:
+        raise _missing(response_id, None)
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def _keep(request: web.Request, encoder: ResponseStream,
+                conversation: list[dict[str, Any]]) -> None:
+    """Store the response and its conversation; a store that is down costs the request
+    nothing but this (the log says so).
+    """
+    response = encoder.response
+    record = {"response": response, "conversation": [*conversation, encoder.assistant_turn()]}
+    try:
+        await request.app[RESPONSES].set(_key(request, response["id"]), orjson.dumps(record),
+                                         request.app[CONFIG].responses.ttl)
+    except StoreUnavailable:
+        log.warning("response %s could not be stored: the store is unavailable",
+                    response["id"])
+
+
+async def _load(request: web.Request, response_id: str, param: str | None) -> dict[str, Any]:
+    try:
+        raw = await request.app[RESPONSES].get(_key(request, response_id))
+    except StoreUnavailable:
+        raise _store_down() from None
+    if raw is None:
+        raise _missing(response_id, param)
+    record: dict[str, Any] = orjson.loads(raw)
+    return record
+
+
+def _key(request: web.Request, response_id: str) -> str:
+    return f"gw:response:{request[TENANT]}:{response_id}"
+
+
+def _missing(response_id: str, param: str | None) -> GatewayError:
+    return NotFound(f"No response with id {response_id!r} is stored here (it may have "
+                    "expired, or was not stored).", param=param, code="response_not_found")
+
+
+def _store_down() -> GatewayError:
+    return Unavailable("The store of responses is unavailable right now.", retry_after=1)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/responses", create)
+    app.router.add_get("/v1/responses/{id}", retrieve)
+    app.router.add_delete("/v1/responses/{id}", delete)

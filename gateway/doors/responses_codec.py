@@ -1,0 +1,398 @@
+"""The Responses API's wire format: ``instructions`` and ``input`` items as the gateway's
+chat request, and the answer as a Response object or as its stream of semantic events
+(``response.created`` … ``response.completed``), as the ``openai`` SDK's types define them.
+
+A model's reasoning becomes a ``reasoning`` item whose summary is the reasoning text; its
+text a ``message`` item; each tool call a ``function_call`` item.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from gateway.config import ReasoningMode
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.http.stream import SSE, sse_comments, sse_event
+from gateway.protocol.ids import unique_id
+from gateway.protocol.reasoning import ReasoningView
+from gateway.protocol.units import Chunk, Completion, Usage
+
+
+def bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The chat request for a Responses request continuing ``history`` (the messages of the
+    responses before it), and the conversation to keep with this response (the history and
+    this input; the instructions are not carried over, as OpenAI does not).
+    """
+    if "input" not in body:
+        raise bad("input", "'input' is required: a string or an array of input items.")
+    if body.get("background"):
+        raise bad("background", "Background responses are not supported by the gateway.")
+    conversation = [*history, *input_messages(body["input"])]
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad("instructions", "'instructions' must be a string.")
+    chat: dict[str, Any] = {
+        "model": body.get("model"), "stream": body.get("stream", False),
+        "messages": [{"role": "system", "content": instructions}, *conversation]
+        if instructions else conversation}
+    if body.get("tools"):
+        chat["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    fmt = _format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
+    for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
+                         ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
+                         ("user", "user"), ("metadata", "metadata")):
+        if body.get(ours) is not None:
+            chat[theirs] = body[ours]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
+        chat["reasoning_effort"] = reasoning["effort"]
+    return chat, conversation
+
+
+def input_messages(items: Any) -> list[dict[str, Any]]:
+    """``input`` as chat messages: a string is one user message; items are messages,
+    function calls (joined to the assistant turn before them) and their outputs.
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise bad("input", "'input' must be a string or an array of input items.")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad(where, f"{where} must be an object.")
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            out.append({"role": item.get("role"),
+                        "content": _content(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function", "function": {
+                "name": _string(item, "name", where), "arguments": item.get("arguments") or "{}"}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                        "content": _tool_output(item.get("output"), where)})
+        elif kind == "reasoning":
+            continue  # a model's reasoning is not sent back to it
+        else:
+            raise bad(f"{where}.type", f"{where}: input items of type {kind!r} are not "
+                                       "supported by the gateway.")
+    return out
+
+
+def _content(content: Any, where: str) -> Any:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            parts.append({"type": "text", "text": part["refusal"]})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif kind == "input_image":
+            raise bad(f"{where}.content[{j}]", "Images must be sent as image_url (a data: "
+                                               "URL); file ids are not supported.")
+        else:
+            raise bad(f"{where}.content[{j}]", f"{where}.content[{j}]: parts of type {kind!r} "
+                                               "are not supported by the gateway.")
+    return parts
+
+
+def _tool_output(output: Any, where: str) -> str:
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        return "".join(p.get("text", "") for p in output
+                       if isinstance(p, dict) and p.get("type") == "input_text")
+    raise bad(f"{where}.output", f"{where}.output must be a string or an array of parts.")
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise bad(f"{where}.{key}", f"{where}.{key} is required (a string).")
+    return value
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise bad("tools", "'tools' must be an array.")
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise bad(f"tools[{i}]", f"The gateway cannot run the built-in tool {kind!r}: only "
+                                     "function tools ({'type': 'function', 'name': ...}) work.")
+        function: dict[str, Any] = {"name": _string(tool, "name", f"tools[{i}]"),
+                                    "parameters": tool.get("parameters") or
+                                    {"type": "object", "properties": {}}}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and \
+            isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'name': ...}.")
+
+
+def _format(text: Any) -> dict[str, Any] | None:
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    if fmt["type"] == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    raise bad("text.format.type", "'text.format.type' must be 'text', 'json_object' or "
+                                  "'json_schema'.")
+
+
+def new_response(body: dict[str, Any], store: bool) -> dict[str, Any]:
+    """The Response object before its output: what the request said, echoed."""
+    return {
+        "id": "resp_" + unique_id(), "object": "response", "created_at": int(time.time()),
+        "status": "in_progress", "model": body.get("model"), "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "metadata": body.get("metadata") or {}, "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"), "max_output_tokens": body.get("max_output_tokens"),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": body.get("reasoning"),
+        "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
+        "store": store, "user": body.get("user"), "usage": None,
+    }
+
+
+class ResponseStream:
+    """One answer as a Response: its stream events as they happen, and the whole object.
+
+    Items open when their first piece arrives and close when another kind of piece comes
+    or the answer ends; the last event carries the whole response with every item.
+    """
+
+    media_type = SSE
+
+    def __init__(self, response: dict[str, Any], reasoning: ReasoningMode, *,
+                 quiet: bool = False) -> None:
+        self.response = response
+        self._view = ReasoningView(reasoning)
+        self._quiet = quiet  # a whole answer: the state, no events
+        self._sequence = 0
+        self._open: dict[str, Any] | None = None  # the reasoning or message item being written
+        self._text = ""  # ... its text so far
+        self._calls: dict[int, dict[str, Any]] = {}  # function_call items by tool-call index
+        self._usage: Usage | None = None
+        self._finish = "stop"
+
+    def switch_model(self, model: str) -> None:
+        self.response["model"] = model
+
+    def begin(self) -> bytes:
+        return self._lifecycle("response.created") + self._lifecycle("response.in_progress")
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        if chunk.finish_reason is not None:
+            self._finish = chunk.finish_reason
+        thought, text = self._view.split(chunk)
+        out = b""
+        if thought:
+            out += self._write("reasoning", thought)
+        if text:
+            out += self._write("message", text)
+        for delta in chunk.tool_calls or ():
+            out += self._call(delta)
+        return out
+
+    def end(self, trailers: dict[str, str]) -> bytes:
+        out = self._close() + self._close_calls()
+        self.response["usage"] = _usage(self._usage or Usage())
+        if self._finish == "length":
+            self.response["status"] = "incomplete"
+            self.response["incomplete_details"] = {"reason": "max_output_tokens"}
+            return out + sse_comments(trailers) + self._lifecycle("response.incomplete")
+        self.response["status"] = "completed"
+        self.response["completed_at"] = int(time.time())
+        return out + sse_comments(trailers) + self._lifecycle("response.completed")
+
+    def error(self, error: GatewayError) -> bytes:
+        code = "rate_limit_exceeded" if error.status == 429 else "server_error"
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": code, "message": error.message}
+        return self._event("error", code=error.code or code, message=error.message,
+                           param=error.param) + self._lifecycle("response.failed")
+
+    def whole(self, completion: Completion) -> dict[str, Any]:
+        """The Response object of a whole answer."""
+        for chunk in completion.chunks():
+            self.chunk(chunk)
+        self.end({})
+        return self.response
+
+    def assistant_turn(self) -> dict[str, Any]:
+        """The answer as a chat message, to continue the conversation from."""
+        text = "".join(part["text"] for item in self.response["output"]
+                       if item["type"] == "message" for part in item["content"])
+        calls = [{"id": item["call_id"], "type": "function",
+                  "function": {"name": item["name"], "arguments": item["arguments"]}}
+                 for item in self.response["output"] if item["type"] == "function_call"]
+        turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if calls:
+            turn["tool_calls"] = calls
+        return turn
+
+    # --- items ------------------------------------------------------------------------------
+
+    def _write(self, kind: str, text: str) -> bytes:
+        out = b""
+        if self._open is None or self._open["type"] != kind:
+            out = self._close() + self._start(kind)
+        assert self._open is not None
+        self._text += text
+        where = self._where()
+        if kind == "reasoning":
+            return out + self._event("response.reasoning_summary_text.delta", **where,
+                                     summary_index=0, delta=text)
+        return out + self._event("response.output_text.delta", **where, content_index=0,
+                                 delta=text, logprobs=[])
+
+    def _start(self, kind: str) -> bytes:
+        if kind == "reasoning":
+            item: dict[str, Any] = {"id": "rs_" + unique_id(), "type": "reasoning",
+                                    "summary": [], "status": "in_progress"}
+        else:
+            item = {"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
+                    "status": "in_progress", "content": []}
+        self._open, self._text = item, ""
+        out = self._added(item)
+        if kind == "reasoning":
+            return out + self._event("response.reasoning_summary_part.added", **self._where(),
+                                     summary_index=0, part=_summary(""))
+        return out + self._event("response.content_part.added", **self._where(),
+                                 content_index=0, part=_output_text(""))
+
+    def _close(self) -> bytes:
+        item, text = self._open, self._text
+        if item is None:
+            return b""
+        self._open = None
+        where = self._where(item)
+        if item["type"] == "reasoning":
+            item["summary"] = [_summary(text)]
+            out = self._event("response.reasoning_summary_text.done", **where,
+                              summary_index=0, text=text) + \
+                self._event("response.reasoning_summary_part.done", **where,
+                            summary_index=0, part=_summary(text))
+        else:
+            item["content"] = [_output_text(text)]
+            out = self._event("response.output_text.done", **where, content_index=0,
+                              text=text, logprobs=[]) + \
+                self._event("response.content_part.done", **where, content_index=0,
+                            part=_output_text(text))
+        return out + self._done(item)
+
+    def _call(self, delta: dict[str, Any]) -> bytes:
+        index = delta.get("index", len(self._calls))
+        function = delta.get("function") or {}
+        out = b""
+        item = self._calls.get(index)
+        if item is None:
+            out = self._close()
+            call_id = delta.get("id") or "call_" + unique_id()
+            item = self._calls[index] = {
+                "id": "fc_" + unique_id(), "type": "function_call", "call_id": call_id,
+                "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
+            out += self._added(item)
+        piece = function.get("arguments") or ""
+        if piece:
+            item["arguments"] += piece
+            out += self._event("response.function_call_arguments.delta", **self._where(item),
+                               delta=piece)
+        return out
+
+    def _close_calls(self) -> bytes:
+        out = b""
+        for item in self._calls.values():
+            out += self._event("response.function_call_arguments.done", **self._where(item),
+                               arguments=item["arguments"]) + self._done(item)
+        self._calls = {}
+        return out
+
+    def _added(self, item: dict[str, Any]) -> bytes:
+        self.response["output"].append(item)
+        return self._event("response.output_item.added", output_index=self._index(item),
+                           item=item)
+
+    def _done(self, item: dict[str, Any]) -> bytes:
+        item["status"] = "incomplete" if self._finish == "length" and \
+            item["type"] == "message" else "completed"
+        return self._event("response.output_item.done", output_index=self._index(item),
+                           item=item)
+
+    def _where(self, item: dict[str, Any] | None = None) -> dict[str, Any]:
+        item = item if item is not None else self._open
+        assert item is not None
+        return {"item_id": item["id"], "output_index": self._index(item)}
+
+    def _index(self, item: dict[str, Any]) -> int:
+        return next(i for i, each in enumerate(self.response["output"]) if each is item)
+
+    def _lifecycle(self, kind: str) -> bytes:
+        return self._event(kind, response=self.response)
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        if self._quiet:
+            return b""
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return sse_event(orjson.dumps(event), event=kind)
+
+
+def _summary(text: str) -> dict[str, Any]:
+    return {"type": "summary_text", "text": text}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens or 0,
+                                     "cache_write_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}

@@ -1,0 +1,187 @@
+"""The Responses API door, through the official ``openai`` SDK with strict validation of
+every body and event it receives: create (whole and streamed), the ``stream`` helper, a
+function-calling round trip, ``previous_response_id``, ``parse`` with a Pydantic model,
+reasoning summaries, stored responses per tenant, and clear refusals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import openai
+import pydantic
+import pytest
+
+from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"], "additionalProperties": False}, "strict": True}
+
+
+def sdk(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
+                         _strict_response_validation=True)
+
+
+@pytest.fixture
+def client(gateway: ServerThread) -> Iterator[openai.OpenAI]:
+    with sdk(gateway.url) as c:
+        yield c
+
+
+def test_create_returns_a_whole_response(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="qwen2.5-coder:32b", input="Hello there",
+                                       instructions="Be brief.")
+    assert response.status == "completed" and response.object == "response"
+    assert response.output_text == DEFAULT_REPLY
+    assert response.model == "qwen2.5-coder:32b" and response.instructions == "Be brief."
+    assert response.usage is not None and response.usage.output_tokens == \
+        len(DEFAULT_REPLY.split())
+    assert response.usage.total_tokens == response.usage.input_tokens + \
+        response.usage.output_tokens
+
+
+def test_a_stream_is_the_semantic_events_in_order(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model="command-r-plus:104b", input="Hello there",
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == DEFAULT_REPLY
+    assert events[-1].response.output_text == DEFAULT_REPLY  # type: ignore[union-attr]
+    assert events[-1].response.usage is not None  # type: ignore[union-attr]
+
+
+def test_the_stream_helper_gives_the_final_response(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="qwen2.5-coder:32b", input="Hello there") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == DEFAULT_REPLY
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_function_calling_round_trip(client: openai.OpenAI, ollama_sim: Sim,
+                                     streamed: bool) -> None:
+    ask = {"model": "qwen2.5-coder:32b", "tools": [TOOL], "input": "Weather in Paris?"}
+    if streamed:
+        with client.responses.stream(**ask) as stream:  # type: ignore[call-overload]
+            first = stream.get_final_response()
+    else:
+        first = client.responses.create(**ask)  # type: ignore[call-overload]
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    second = client.responses.create(
+        model="qwen2.5-coder:32b", tools=[TOOL], previous_response_id=first.id,  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "sunny, 21 C"}])
+    assert second.output_text == "The tool said: sunny, 21 C"
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[2]["tool_name"] == "get_weather"
+
+
+def test_previous_response_id_continues_the_conversation(client: openai.OpenAI,
+                                                         ollama_sim: Sim) -> None:
+    first = client.responses.create(model="phi3.5:3.8b", input="My name is Ada.",
+                                    instructions="Be brief.")
+    second = client.responses.create(model="phi3.5:3.8b", input="What is my name?",
+                                     previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    # The earlier turn comes along; the earlier instructions do not (as OpenAI does).
+    assert sent == [{"role": "user", "content": "My name is Ada."},
+                    {"role": "assistant", "content": DEFAULT_REPLY},
+                    {"role": "user", "content": "What is my name?"}]
+
+
+class City(pydantic.BaseModel):
+    name: str
+    population: int
+
+
+def test_parse_with_a_pydantic_model(client: openai.OpenAI, ollama_sim: Sim) -> None:
+    parsed = client.responses.parse(model="qwen2.5-coder:32b", input="A city, please",
+                                    text_format=City)
+    assert isinstance(parsed.output_parsed, City)
+    schema = ollama_sim.requests("/api/chat")[-1]["payload"]["format"]
+    assert set(schema["properties"]) == {"name", "population"}
+
+
+def test_reasoning_comes_as_a_summary_item(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="qwq:32b", input="Hello there",
+                                       reasoning={"effort": "medium", "summary": "auto"})
+    kinds = [item.type for item in response.output]
+    assert kinds == ["reasoning", "message"]
+    assert response.output[0].summary[0].text == THOUGHT  # type: ignore[union-attr]
+    assert response.output_text == DEFAULT_REPLY
+    streamed = list(client.responses.create(model="qwq:32b", input="Hello there",
+                                            stream=True))
+    summary = "".join(e.delta for e in streamed
+                      if e.type == "response.reasoning_summary_text.delta")
+    assert summary == THOUGHT
+
+
+def test_stored_responses_can_be_read_and_deleted(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="phi3.5:3.8b", input="Hello there")
+    again = client.responses.retrieve(response.id)
+    assert again.id == response.id and again.output_text == DEFAULT_REPLY
+    client.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+    unstored = client.responses.create(model="phi3.5:3.8b", input="Hello", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_a_tenant_sees_only_its_own_responses(ollama_sim: Sim) -> None:
+    keys = ["sk-alice", "sk-bob"]
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        auth={"key_hashes": [hashlib.sha256(k.encode()).hexdigest() for k in keys]}))
+    try:
+        with sdk(server.url, "sk-alice") as alice, sdk(server.url, "sk-bob") as bob:
+            mine = alice.responses.create(model="phi3.5:3.8b", input="a secret")
+            assert alice.responses.retrieve(mine.id).id == mine.id
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.retrieve(mine.id)
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.create(model="phi3.5:3.8b", input="and?",
+                                     previous_response_id=mine.id)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("tool", [{"type": "web_search"}, {"type": "file_search",
+                                                           "vector_store_ids": ["vs_1"]},
+                                  {"type": "code_interpreter", "container": {"type": "auto"}}])
+def test_built_in_tools_are_refused_clearly(client: openai.OpenAI, tool: dict[str, object]
+                                            ) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="phi3.5:3.8b", input="Search", tools=[tool])  # type: ignore[list-item]
+    assert "cannot run the built-in tool" in caught.value.message
+    assert caught.value.param == "tools[0]"
+
+
+def test_an_unknown_previous_response_is_a_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model="phi3.5:3.8b", input="Hi",
+                                previous_response_id="resp_nothing")
+    assert caught.value.param == "previous_response_id"
+
+
+def test_a_stream_that_breaks_ends_failed(client: openai.OpenAI, ollama_sim: Sim) -> None:
+    ollama_sim.fault("phi3.5:3.8b", cut_after=3)
+    events = list(client.responses.create(model="phi3.5:3.8b", input="Hello there",
+                                          stream=True))
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-1].response.status == "failed"  # type: ignore[union-attr]
+    assert events[-1].response.error is not None  # type: ignore[union-attr]
