@@ -22,7 +22,7 @@ from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig
-from gateway.doors import ollama, openai, responses
+from gateway.doors import anthropic, ollama, openai, responses
 from gateway.http import health as health_endpoint
 from gateway.http import middlewares
 from gateway.http.cors import Cors
@@ -67,7 +67,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[middlewares.gateway_middleware(
-            config.auth.key_hashes, shapes=[("/api/", ollama.error_response)], cors=cors)],
+            config.auth.key_hashes, cors=cors, shapes=[
+                ("/api/", ollama.error_response), ("/v1/messages", anthropic.error_response)])],
     )
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
@@ -97,6 +98,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     openai.add_routes(app)
     ollama.add_routes(app)
     responses.add_routes(app)
+    anthropic.add_routes(app)
     health_endpoint.add_routes(app)
     return app
 

@@ -31,8 +31,9 @@ from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
 from gateway.keys import CONFIG, PIPELINE, TENANT
 from gateway.pipeline import Listed, Whole
-from gateway.protocol.ollama import parameter_size, rfc3339
+from gateway.protocol.ollama import parameter_size
 from gateway.protocol.openai import ChatRequest, CompletionRequest, parse_body, parse_embedding
+from gateway.protocol.times import rfc3339
 from plugins.base import RequestContext
 
 API_VERSION = "0.12.6"  # the Ollama release whose API this door follows (clients check it)

@@ -19,9 +19,10 @@ import orjson
 from gateway.config import ReasoningMode
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.stream import NDJSON, ndjson_line
-from gateway.protocol.ollama import OPENAI_FIELDS, rfc3339
+from gateway.protocol.ollama import OPENAI_FIELDS
 from gateway.protocol.openai import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from gateway.protocol.reasoning import ReasoningView
+from gateway.protocol.times import rfc3339
 from gateway.protocol.units import Chunk, Completion, Usage
 
 Shape = Literal["chat", "generate"]  # which endpoint's lines: message or response

@@ -29,6 +29,7 @@ from gateway.protocol.openai import (
     parse_embedding,
 )
 from gateway.protocol.reasoning import ReasoningView
+from gateway.protocol.times import rfc3339
 from gateway.protocol.units import Chunk, Completion, Usage
 from plugins.base import RequestContext
 
@@ -73,8 +74,13 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list",
-                          "data": [model_entry(m) for m in request.app[PIPELINE].models()]})
+    """The models, in a list both OpenAI's and Anthropic's SDKs read (Anthropic's pages on
+    unless told there is no more).
+    """
+    data = [model_entry(m) for m in request.app[PIPELINE].models()]
+    return json_response({"object": "list", "data": data, "has_more": False,
+                          "first_id": data[0]["id"] if data else None,
+                          "last_id": data[-1]["id"] if data else None})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -82,8 +88,11 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def model_entry(model: Listed) -> dict[str, Any]:
+    """A model as OpenAI's SDKs read it, and Anthropic's (``type``, ``display_name``,
+    ``created_at``)."""
     return {"id": model.name, "object": "model", "created": model.created,
-            "owned_by": model.owner}
+            "owned_by": model.owner, "type": "model", "display_name": model.name,
+            "created_at": rfc3339(model.created)}
 
 
 def add_routes(app: web.Application) -> None:

@@ -15,6 +15,7 @@ parse and encode the wire formats on either side of it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from typing import Any
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.pipeline.answer import Answer, Embeddings, Listed, Streamed, Whole, route_headers
 from gateway.protocol.openai import EmbeddingRequest
-from gateway.protocol.units import Chunk, Completion, ModelInfo
+from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
@@ -115,6 +116,31 @@ class Pipeline:
                 plugin.on_finish(ctx)
             except Exception:  # one plugin's bug must not keep the others from cleaning up
                 log.exception("plugin %s: on_finish failed", plugin.name)
+
+    async def count_tokens(self, ctx: RequestContext) -> tuple[int, dict[str, str]]:
+        """How many tokens the prompt is, as the model answering it counts them: it is asked
+        for a one-token answer, whose usage says. The plugins read the request as ever (the
+        safety checker redacts and blocks; a cached answer's usage counts too), but nothing
+        judges or keeps that answer.
+        """
+        sampling = dataclasses.replace(ctx.req.sampling, max_tokens=1)
+        ctx.req = dataclasses.replace(ctx.req, stream=False, sampling=sampling,
+                                      body={**ctx.req.body, "max_tokens": 1, "stream": False})
+        try:
+            for plugin in self.plugins:
+                hit = await plugin.on_request(ctx)
+                if hit is not None:
+                    return (hit.usage or Usage()).prompt_tokens, route_headers(
+                        plugin.name, hit.model, 0, f"answered by {plugin.name}")
+            routed = self.router.answer(ctx.req)
+            first = await routed.start()
+            try:
+                answer = await collect(routed.chunks(), first)
+            finally:
+                await routed.close()
+            return (answer.usage or Usage()).prompt_tokens, _route_of(routed)
+        finally:
+            self._finish(ctx)
 
     async def embed(self, req: EmbeddingRequest) -> Embeddings:
         """Embeddings of the model asked for (no plugins: nothing is generated)."""

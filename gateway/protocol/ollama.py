@@ -5,9 +5,7 @@ pieces the Ollama door shares (option names, times, sizes).
 
 from __future__ import annotations
 
-import re
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -16,6 +14,7 @@ from gateway.errors import InvalidRequest, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
+from gateway.protocol.times import epoch_seconds
 from gateway.protocol.units import Chunk, ModelInfo, Usage, parse_parameter_size
 
 # Extra sampling fields some clients send, which Ollama understands under the same name.
@@ -243,11 +242,6 @@ def model_info(
     )
 
 
-def rfc3339(seconds: float) -> str:
-    """Unix seconds as Ollama writes times: RFC 3339 in UTC, to the microsecond."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def parameter_size(count: float | None) -> str:
     """A parameter count as Ollama writes it: "8.0B", "135M"; "" when unknown."""
     if not count:
@@ -257,21 +251,6 @@ def parameter_size(count: float | None) -> str:
     if count >= 1e6:
         return f"{count / 1e6:.0f}M"
     return f"{count / 1e3:.0f}K"
-
-
-_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$")
-
-
-def epoch_seconds(text: Any) -> int | None:
-    """Ollama's RFC 3339 times ("2024-05-01T12:00:00.123456789-07:00", nanoseconds and
-    all) as Unix seconds; None for anything else.
-    """
-    match = _TIME.match(text) if isinstance(text, str) else None
-    if match is None:
-        return None
-    zone = match.group(3) or "Z"
-    stamp = datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone))
-    return int(stamp.timestamp())
 
 
 def _context_length(details: dict[str, Any], show: dict[str, Any] | None) -> int | None:

@@ -1,0 +1,62 @@
+"""The Anthropic door: ``POST /v1/messages`` (streamed as Anthropic's events, or whole) and
+``POST /v1/messages/count_tokens``, as the ``anthropic`` SDK, Claude Code and other agents
+speak them; keys by ``x-api-key`` or ``Authorization``; errors in Anthropic's shape.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.doors.anthropic_codec import (
+    MessageStream,
+    chat_body,
+    error_body,
+    message_body,
+    reasoning_mode,
+)
+from gateway.errors import GatewayError
+from gateway.http.middlewares import json_response
+from gateway.http.stream import write_stream
+from gateway.keys import CONFIG, PIPELINE, REQUEST_ID, TENANT
+from gateway.pipeline import Whole
+from gateway.protocol.openai import parse_body, parse_chat
+from plugins.base import RequestContext
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    body = parse_body(await request.read())
+    chat, ollama = chat_body(body)
+    req = parse_chat(chat)
+    req.ollama = ollama or None
+    ctx = RequestContext(kind="chat", req=req, tenant=request[TENANT],
+                         client_headers=request.headers)
+    answer = await request.app[PIPELINE].run(ctx)
+    mode = reasoning_mode(body, request.app[CONFIG].server.reasoning)
+    # The SDK reads its request id from "request-id".
+    answer.headers["request-id"] = request[REQUEST_ID]
+    if isinstance(answer, Whole):
+        return json_response(message_body(answer.completion, mode), answer.headers)
+    return await write_stream(request, answer, MessageStream(answer.model, mode))
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """The prompt's length as the model counts it."""
+    body = parse_body(await request.read())
+    chat, ollama = chat_body(body, counting=True)
+    req = parse_chat(chat)
+    req.ollama = ollama or None
+    ctx = RequestContext(kind="chat", req=req, tenant=request[TENANT],
+                         client_headers=request.headers)
+    tokens, headers = await request.app[PIPELINE].count_tokens(ctx)
+    return json_response({"input_tokens": tokens}, headers)
+
+
+def error_response(error: GatewayError) -> web.Response:
+    """An error as Anthropic sends one: ``{"type": "error", "error": {"type", "message"}}``."""
+    return web.Response(status=error.status, body=error_body(error),
+                        content_type="application/json", headers=error.headers())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)

@@ -1,0 +1,376 @@
+"""Anthropic's Messages API wire format: a ``/v1/messages`` request as the gateway's chat
+request, and the answer as a Message or its stream of events (``message_start`` …
+``message_stop``), as the ``anthropic`` SDK's types define them.
+
+Tool results (in user turns) become tool messages, tool uses (in assistant turns) tool
+calls; thinking blocks sent back are the client's copy of the model's reasoning and are not
+sent to it again. A reasoning model's thoughts come out as thinking blocks, signed by the
+gateway (clients need a signature to send them back).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.config import ReasoningMode
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.http.stream import SSE, sse_comments, sse_event
+from gateway.protocol.ids import unique_id
+from gateway.protocol.reasoning import ReasoningView
+from gateway.protocol.units import Chunk, Completion, Usage
+
+SIGNATURE = "hybrid-gateway"  # thinking blocks the gateway made: clients send them back as is
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                "content_filter": "refusal"}
+# Anthropic's error types, by the HTTP status the gateway answers with.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+               429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def error_type(error: GatewayError) -> str:
+    return ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500
+                           else "api_error")
+
+
+def error_body(error: GatewayError) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": error_type(error),
+                                                    "message": error.message}})
+
+
+def chat_body(body: dict[str, Any], *, counting: bool = False
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chat request for a Messages request, and what only Ollama backends take (top_k,
+    think). ``counting``: a count_tokens request (it has no max_tokens).
+    """
+    max_tokens = body.get("max_tokens")
+    if not counting and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                         or max_tokens < 1):
+        raise bad("max_tokens", "'max_tokens' is required: the most tokens to generate, an "
+                                "integer of at least 1.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty array of messages.")
+    system = _system(body.get("system"))
+    chat: dict[str, Any] = {"model": body.get("model"),
+                            "stream": body.get("stream", False) and not counting,
+                            "messages": [*system, *_messages(messages)]}
+    if not counting:
+        chat["max_tokens"] = max_tokens
+    if body.get("stop_sequences") is not None:
+        chat["stop"] = body["stop_sequences"]
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            chat[key] = body[key]
+    if body.get("tools"):
+        chat["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        _tool_choice(body["tool_choice"], chat)
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    fmt = (body.get("output_config") or {}).get("format") \
+        if isinstance(body.get("output_config"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": fmt.get("schema") or {}}}
+    ollama: dict[str, Any] = {}
+    if body.get("top_k") is not None:
+        ollama["options"] = {"top_k": body["top_k"]}
+    thinking = thinking_of(body)
+    if thinking is not None:
+        ollama["think"] = thinking
+    return chat, ollama
+
+
+def thinking_of(body: dict[str, Any]) -> bool | None:
+    """Whether the client turned thinking on (``enabled``, ``adaptive``) or off; None: it
+    did not say.
+    """
+    thinking = body.get("thinking")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    return None if kind is None else kind != "disabled"
+
+
+def reasoning_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
+    """How reasoning reaches this client: not at all when it turned thinking off."""
+    return "drop" if thinking_of(body) is False else mode
+
+
+def _system(system: Any) -> list[dict[str, Any]]:
+    if system is None or system == "":
+        return []
+    if isinstance(system, list):
+        system = "\n\n".join(_texts(system, "system"))
+    if not isinstance(system, str):
+        raise bad("system", "'system' must be a string or an array of text blocks.")
+    return [{"role": "system", "content": system}]
+
+
+def _messages(messages: list[Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad(where, f"{where} must be an object with role and content.")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant", "system"):
+            raise bad(f"{where}.role", f"{where}.role must be 'user', 'assistant' or 'system'.")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+        elif not isinstance(content, list):
+            raise bad(f"{where}.content", f"{where}.content must be a string or an array of "
+                                          "content blocks.")
+        elif role == "assistant":
+            out.append(_assistant(content, where))
+        else:
+            out += _user(role, content, where)
+    return out
+
+
+def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
+    text: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        kind = _kind(block, f"{where}.content[{j}]")
+        if kind == "text":
+            text.append(_text(block, f"{where}.content[{j}]"))
+        elif kind == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {})
+                .decode()}})
+        elif kind not in ("thinking", "redacted_thinking"):  # the model's own, not resent
+            raise _unsupported(kind, f"{where}.content[{j}]")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
+    """Tool results first (as tool messages answering the calls before them), then the
+    rest of the turn.
+    """
+    results: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}.content[{j}]"
+        kind = _kind(block, at)
+        if kind == "text":
+            parts.append({"type": "text", "text": _text(block, at)})
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, at)}})
+        elif kind == "tool_result":
+            content = block.get("content")
+            text = content if isinstance(content, str) else \
+                "".join(_texts(content or [], f"{at}.content"))
+            if block.get("is_error"):
+                text = f"Error: {text}"
+            results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                            "content": text})
+        else:
+            raise _unsupported(kind, at)
+    if not parts:
+        return results
+    if all(p["type"] == "text" for p in parts):
+        return [*results, {"role": role, "content": "".join(p["text"] for p in parts)}]
+    return [*results, {"role": role, "content": parts}]
+
+
+def _image_url(block: dict[str, Any], where: str) -> str:
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64":
+        return f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    if isinstance(source, dict) and source.get("type") == "url" and \
+            isinstance(source.get("url"), str):
+        return str(source["url"])
+    raise bad(f"{where}.source", "Images must be sent as base64 (or a URL); file ids are "
+                                 "not supported by the gateway.")
+
+
+def _texts(blocks: Any, where: str) -> list[str]:
+    if not isinstance(blocks, list):
+        raise bad(where, f"{where} must be an array of text blocks.")
+    return [_text(b, f"{where}[{i}]") for i, b in enumerate(blocks)
+            if _kind(b, f"{where}[{i}]") == "text"]
+
+
+def _kind(block: Any, where: str) -> str:
+    kind = block.get("type") if isinstance(block, dict) else None
+    if not isinstance(kind, str):
+        raise bad(where, f"{where} must be a content block with a 'type'.")
+    return kind
+
+
+def _text(block: dict[str, Any], where: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise bad(f"{where}.text", f"{where}.text must be a string.")
+    return text
+
+
+def _unsupported(kind: str, where: str) -> InvalidRequest:
+    return bad(where, f"{where}: content blocks of type {kind!r} are not supported by the "
+                      "gateway.")
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise bad("tools", "'tools' must be an array.")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise bad(f"tools[{i}]", f"tools[{i}] needs a name.")
+        if tool.get("type") not in (None, "custom"):
+            raise bad(f"tools[{i}]", f"The gateway cannot run Anthropic's server tool "
+                                     f"{tool['type']!r}: only tools the client runs work.")
+        function = {"name": tool["name"], "parameters": tool.get("input_schema") or
+                    {"type": "object", "properties": {}}}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in ("auto", "any", "none"):
+        chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
+    elif kind == "tool" and isinstance(choice.get("name"), str):
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise bad("tool_choice", "'tool_choice' must be {'type': 'auto'}, {'type': 'any'}, "
+                                 "{'type': 'none'} or {'type': 'tool', 'name': ...}.")
+    if isinstance(choice, dict) and choice.get("disable_parallel_tool_use"):
+        chat["parallel_tool_calls"] = False
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+def message_body(completion: Completion, reasoning: ReasoningMode) -> dict[str, Any]:
+    """A whole answer as a Message."""
+    thought, text = ReasoningView(reasoning).whole(completion)
+    content: list[dict[str, Any]] = []
+    if thought:
+        content.append({"type": "thinking", "thinking": thought, "signature": SIGNATURE})
+    if text or not completion.tool_calls:
+        content.append({"type": "text", "text": text})
+    for call in completion.tool_calls:
+        content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                        "input": _arguments(call["function"]["arguments"])})
+    return {"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
+            "model": completion.model, "content": content,
+            "stop_reason": STOP_REASONS.get(completion.finish_reason, "end_turn"),
+            "stop_sequence": None, "usage": _usage(completion.usage or Usage())}
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {"arguments": text}
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": usage.cached_tokens or 0}
+
+
+class MessageStream:
+    """One answer as Anthropic's stream events: a block per kind of content, in order (the
+    thinking, the text, each tool use), each started, written and stopped in turn.
+    """
+
+    media_type = SSE
+    __slots__ = ("_block", "_calls", "_index", "_message", "_reason", "_usage", "_view")
+
+    def __init__(self, model: str, reasoning: ReasoningMode) -> None:
+        self._view = ReasoningView(reasoning)
+        self._message: dict[str, Any] = {
+            "id": "msg_" + unique_id(), "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}
+        self._block: str | None = None  # the kind of the block being written
+        self._index = -1  # ... and its index
+        self._calls: dict[int, int] = {}  # tool-call index → block index
+        self._usage: Usage | None = None
+        self._reason = "end_turn"
+
+    def switch_model(self, model: str) -> None:
+        self._message["model"] = model
+
+    def begin(self) -> bytes:
+        return _event("message_start", message=self._message) + _event("ping")
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        if chunk.finish_reason is not None:
+            self._reason = STOP_REASONS.get(chunk.finish_reason, "end_turn")
+        thought, text = self._view.split(chunk)
+        out = b""
+        if thought:
+            out += self._open("thinking", {"type": "thinking", "thinking": "",
+                                           "signature": ""}) + \
+                self._delta({"type": "thinking_delta", "thinking": thought})
+        if text:
+            out += self._open("text", {"type": "text", "text": ""}) + \
+                self._delta({"type": "text_delta", "text": text})
+        for delta in chunk.tool_calls or ():
+            out += self._tool(delta)
+        return out
+
+    def end(self, trailers: dict[str, str]) -> bytes:
+        usage = self._usage or Usage()
+        return self._close() + sse_comments(trailers) + _event(
+            "message_delta", delta={"stop_reason": self._reason, "stop_sequence": None},
+            usage=_usage(usage)) + _event("message_stop")
+
+    def error(self, error: GatewayError) -> bytes:
+        return sse_event(error_body(error), event="error")
+
+    def _tool(self, delta: dict[str, Any]) -> bytes:
+        index = delta.get("index", 0)
+        function = delta.get("function") or {}
+        out = b""
+        if index not in self._calls:
+            out = self._open(f"tool_use {index}", {
+                "type": "tool_use", "id": delta.get("id") or "toolu_" + unique_id(),
+                "name": function.get("name") or "", "input": {}})
+            self._calls[index] = self._index
+        piece = function.get("arguments") or ""
+        if piece and self._calls[index] == self._index:
+            out += self._delta({"type": "input_json_delta", "partial_json": piece})
+        return out
+
+    def _open(self, kind: str, block: dict[str, Any]) -> bytes:
+        if self._block == kind:
+            return b""
+        out = self._close()
+        self._block, self._index = kind, self._index + 1
+        return out + _event("content_block_start", index=self._index, content_block=block)
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return _event("content_block_delta", index=self._index, delta=delta)
+
+    def _close(self) -> bytes:
+        if self._block is None:
+            return b""
+        out = b""
+        if self._block == "thinking":
+            out = self._delta({"type": "signature_delta", "signature": SIGNATURE})
+        self._block = None
+        return out + _event("content_block_stop", index=self._index)
+
+
+def _event(kind: str, **fields: Any) -> bytes:
+    return sse_event(orjson.dumps({"type": kind, **fields}), event=kind)

@@ -1,0 +1,27 @@
+"""Times as the wire formats write them: RFC 3339 (Ollama, Anthropic) and Unix seconds."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix seconds as RFC 3339 in UTC, to the microsecond."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$")
+
+
+def epoch_seconds(text: Any) -> int | None:
+    """RFC 3339 times as Ollama writes them ("2024-05-01T12:00:00.123456789-07:00",
+    nanoseconds and all) as Unix seconds; None for anything else.
+    """
+    match = _TIME.match(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    zone = match.group(3) or "Z"
+    stamp = datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone))
+    return int(stamp.timestamp())

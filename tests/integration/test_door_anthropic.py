@@ -1,0 +1,164 @@
+"""The Anthropic door, through the official ``anthropic`` SDK: messages whole and streamed,
+the ``messages.stream`` helper, a tool-use round trip, thinking blocks from a reasoning
+model, token counting, the model list, keys by ``x-api-key``, and errors in Anthropic's
+shape (before a stream and within one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import aiohttp
+import anthropic
+import pytest
+
+from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+USER = [{"role": "user", "content": "Hello there"}]
+TOOL = {"name": "get_weather", "description": "Weather in a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                         "required": ["city"]}}
+
+
+@pytest.fixture
+def client(gateway: ServerThread) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def test_create_returns_a_whole_message(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(model="qwen2.5-coder:32b", max_tokens=256, messages=USER,
+                                     system="Be brief.")
+    assert message.type == "message" and message.role == "assistant"
+    assert [b.type for b in message.content] == ["text"]
+    assert message.content[0].text == DEFAULT_REPLY  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn" and message.model == "qwen2.5-coder:32b"
+    assert message.usage.output_tokens == len(DEFAULT_REPLY.split())
+    assert message.usage.input_tokens > 0
+    assert message._request_id  # from the request-id header
+
+
+def test_a_stream_is_anthropics_events_in_order(client: anthropic.Anthropic) -> None:
+    events = list(client.messages.create(model="command-r-plus:104b", max_tokens=256,
+                                         messages=USER, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["message_start", "content_block_start", "content_block_delta"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    text = "".join(e.delta.text for e in events  # type: ignore[union-attr]
+                   if e.type == "content_block_delta" and e.delta.type == "text_delta")
+    assert text == DEFAULT_REPLY
+    delta = next(e for e in events if e.type == "message_delta")
+    assert delta.delta.stop_reason == "end_turn"  # type: ignore[union-attr]
+    assert delta.usage.output_tokens == len(DEFAULT_REPLY.split())  # type: ignore[union-attr]
+
+
+def test_the_stream_helper(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(model="qwen2.5-coder:32b", max_tokens=256,
+                                messages=USER) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(pieces) == final.content[0].text == DEFAULT_REPLY  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_tool_use_round_trip(client: anthropic.Anthropic, ollama_sim: Sim,
+                             streamed: bool) -> None:
+    ask = {"model": "qwen2.5-coder:32b", "max_tokens": 256, "tools": [TOOL],
+           "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    if streamed:
+        with client.messages.stream(**ask) as stream:  # type: ignore[arg-type]
+            first = stream.get_final_message()
+    else:
+        first = client.messages.create(**ask)  # type: ignore[call-overload]
+    assert first.stop_reason == "tool_use"
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert [(u.name, u.input) for u in uses] == [("get_weather", {"city": "Paris"})]
+    second = client.messages.create(model="qwen2.5-coder:32b", max_tokens=256, tools=[TOOL],  # type: ignore[list-item]
+                                    messages=[*ask["messages"],  # type: ignore[misc]
+                                              {"role": "assistant", "content": first.content},
+                                              {"role": "user", "content": [
+                                                  {"type": "tool_result", "tool_use_id": uses[0].id,
+                                                   "content": "sunny, 21 C"}]}])
+    assert second.content[0].text == "The tool said: sunny, 21 C"  # type: ignore[union-attr]
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[2] == {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}
+
+
+def test_thinking_blocks_come_signed_and_go_back(client: anthropic.Anthropic) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    with client.messages.stream(model="qwq:32b", max_tokens=4096, messages=USER,
+                                thinking=thinking) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    block = final.content[0]
+    assert block.thinking == THOUGHT and block.signature  # type: ignore[union-attr]
+    again = client.messages.create(model="qwq:32b", max_tokens=4096, thinking=thinking,  # type: ignore[arg-type]
+                                   messages=[*USER, {"role": "assistant",  # type: ignore[list-item]
+                                                     "content": final.content},
+                                             {"role": "user", "content": "And then?"}])
+    assert again.content[-1].text == DEFAULT_REPLY  # type: ignore[union-attr]
+    off = client.messages.create(model="qwq:32b", max_tokens=256, messages=USER,
+                                 thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"]
+
+
+def test_count_tokens_is_the_models_count(client: anthropic.Anthropic) -> None:
+    counted = client.messages.count_tokens(model="qwen2.5-coder:32b", messages=USER,
+                                           system="Be brief.")
+    used = client.messages.create(model="qwen2.5-coder:32b", max_tokens=16, messages=USER,
+                                  system="Be brief.")
+    assert counted.input_tokens == used.usage.input_tokens > 0
+
+
+def test_the_model_list_ends(client: anthropic.Anthropic) -> None:
+    models = list(client.models.list())  # pages on unless told there are no more
+    assert "qwq:32b" in [m.id for m in models]
+    assert models[0].created_at.year >= 2026
+
+
+def test_errors_in_anthropics_shape(client: anthropic.Anthropic, ollama_sim: Sim) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="no-such-model", max_tokens=16, messages=USER)
+    assert missing.value.type == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as server_tool:
+        client.messages.create(model="qwen2.5-coder:32b", max_tokens=16, messages=USER,
+                               tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    assert "server tool" in server_tool.value.api_message
+    ollama_sim.fault("phi3.5:3.8b", cut_after=3)
+    with pytest.raises(anthropic.APIStatusError) as cut:
+        list(client.messages.create(model="phi3.5:3.8b", max_tokens=256, messages=USER,
+                                    stream=True))
+    assert cut.value.status_code == 200 and cut.value.type == "api_error"
+
+
+async def test_a_key_in_x_api_key_is_accepted_and_max_tokens_is_required(
+        ollama_sim: Sim) -> None:
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        auth={"key_hashes": [hashlib.sha256(b"sk-agent").hexdigest()]}))
+    try:
+        url = server.url + "/v1/messages"
+        body = {"model": "phi3.5:3.8b", "max_tokens": 32, "messages": USER}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body, headers={"x-api-key": "sk-agent",
+                                                          "anthropic-version": "2023-06-01"}
+                                 ) as ok:
+                assert ok.status == 200
+                assert (await ok.json())["content"][0]["text"] == DEFAULT_REPLY
+            async with http.post(url, json=body, headers={"x-api-key": "sk-wrong"}) as denied:
+                assert denied.status == 401
+                assert (await denied.json())["error"]["type"] == "authentication_error"
+            async with http.post(url, json={"model": "phi3.5:3.8b", "messages": USER},
+                                 headers={"x-api-key": "sk-agent"}) as no_limit:
+                assert no_limit.status == 400
+                error = await no_limit.json()
+                assert error["type"] == "error" and "max_tokens" in error["error"]["message"]
+        with anthropic.Anthropic(base_url=server.url, api_key="sk-agent", max_retries=0) as sdk:
+            assert sdk.messages.create(model="phi3.5:3.8b", max_tokens=32,
+                                       messages=USER).content  # the SDK's Bearer works too
+    finally:
+        server.stop()
