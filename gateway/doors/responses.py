@@ -48,7 +48,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     response = new_response(body, store)
     if isinstance(answer, Whole):
         response["model"] = answer.completion.model
-        encoder = ResponseStream(response, reasoning, quiet=True)
+        encoder = ResponseStream(response, reasoning)
         result = encoder.whole(answer.completion)
         if store:
             await _keep(request, encoder, conversation)

@@ -204,12 +204,11 @@ class ResponseStream:
 
     media_type = SSE
 
-    def __init__(self, response: dict[str, Any], reasoning: ReasoningMode, *,
-                 quiet: bool = False) -> None:
+    def __init__(self, response: dict[str, Any], reasoning: ReasoningMode) -> None:
         self.response = response
         self._view = ReasoningView(reasoning)
-        self._quiet = quiet  # a whole answer: the state, no events
         self._sequence = 0
+        self._indexes: dict[str, int] = {}  # output index by item id
         self._open: dict[str, Any] | None = None  # the reasoning or message item being written
         self._text = ""  # ... its text so far
         self._calls: dict[int, dict[str, Any]] = {}  # function_call items by tool-call index
@@ -239,14 +238,18 @@ class ResponseStream:
 
     def end(self, trailers: dict[str, str]) -> bytes:
         out = self._close() + self._close_calls()
+        return out + sse_comments(trailers) + self._lifecycle(self._conclude())
+
+    def _conclude(self) -> str:
+        """The response's final status and usage; the event that says so."""
         self.response["usage"] = _usage(self._usage or Usage())
         if self._finish == "length":
             self.response["status"] = "incomplete"
             self.response["incomplete_details"] = {"reason": "max_output_tokens"}
-            return out + sse_comments(trailers) + self._lifecycle("response.incomplete")
+            return "response.incomplete"
         self.response["status"] = "completed"
         self.response["completed_at"] = int(time.time())
-        return out + sse_comments(trailers) + self._lifecycle("response.completed")
+        return "response.completed"
 
     def error(self, error: GatewayError) -> bytes:
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
@@ -256,10 +259,21 @@ class ResponseStream:
                            param=error.param) + self._lifecycle("response.failed")
 
     def whole(self, completion: Completion) -> dict[str, Any]:
-        """The Response object of a whole answer."""
-        for chunk in completion.chunks():
-            self.chunk(chunk)
-        self.end({})
+        """The Response object of a whole answer: the same items a stream would have."""
+        self._usage, self._finish = completion.usage, completion.finish_reason
+        thought, text = self._view.whole(completion)
+        output = self.response["output"]
+        if thought:
+            output.append({"id": "rs_" + unique_id(), "type": "reasoning",
+                           "summary": [_summary(thought)], "status": "completed"})
+        if text or not completion.tool_calls:
+            output.append({"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
+                           "status": "incomplete" if self._finish == "length" else "completed",
+                           "content": [_output_text(text)]})
+        output += [{"id": "fc_" + unique_id(), "type": "function_call", "call_id": call["id"],
+                    "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                    "status": "completed"} for call in completion.tool_calls]
+        self._conclude()
         return self.response
 
     def assistant_turn(self) -> dict[str, Any]:
@@ -352,6 +366,7 @@ class ResponseStream:
         return out
 
     def _added(self, item: dict[str, Any]) -> bytes:
+        self._indexes[item["id"]] = len(self.response["output"])
         self.response["output"].append(item)
         return self._event("response.output_item.added", output_index=self._index(item),
                            item=item)
@@ -368,14 +383,12 @@ class ResponseStream:
         return {"item_id": item["id"], "output_index": self._index(item)}
 
     def _index(self, item: dict[str, Any]) -> int:
-        return next(i for i, each in enumerate(self.response["output"]) if each is item)
+        return self._indexes[item["id"]]
 
     def _lifecycle(self, kind: str) -> bytes:
         return self._event(kind, response=self.response)
 
     def _event(self, kind: str, **fields: Any) -> bytes:
-        if self._quiet:
-            return b""
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return sse_event(orjson.dumps(event), event=kind)
