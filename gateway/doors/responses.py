@@ -49,10 +49,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     if isinstance(answer, Whole):
         response["model"] = answer.completion.model
         encoder = ResponseStream(response, reasoning)
-        result = encoder.whole(answer.completion)
+        encoder.whole(answer.completion)
         if store:
             await _keep(request, encoder, conversation)
-        return json_response(result, answer.headers)
+        return json_response(encoder.dumped, answer.headers)
     response["model"] = answer.model
     encoder = ResponseStream(response, reasoning)
 
@@ -88,9 +88,10 @@ async def _keep(request: web.Request, encoder: ResponseStream,
     nothing but this (the log says so).
     """
     response = encoder.response
-    record = {"response": response, "conversation": [*conversation, encoder.assistant_turn()]}
+    turns = orjson.dumps([*conversation, encoder.assistant_turn()])
+    record = b'{"response":%s,"conversation":%s}' % (encoder.dumped, turns)
     try:
-        await request.app[RESPONSES].set(_key(request, response["id"]), orjson.dumps(record),
+        await request.app[RESPONSES].set(_key(request, response["id"]), record,
                                          request.app[CONFIG].responses.ttl)
     except StoreUnavailable:
         log.warning("response %s could not be stored: the store is unavailable",

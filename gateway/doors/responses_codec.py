@@ -52,7 +52,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
         chat["response_format"] = fmt
     for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                          ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
-                         ("user", "user"), ("metadata", "metadata")):
+                         ("user", "user")):
         if body.get(ours) is not None:
             chat[theirs] = body[ours]
     reasoning = body.get("reasoning")
@@ -206,6 +206,7 @@ class ResponseStream:
 
     def __init__(self, response: dict[str, Any], reasoning: ReasoningMode) -> None:
         self.response = response
+        self.dumped = b""  # the response as JSON, as last sent (written once, used again)
         self._view = ReasoningView(reasoning)
         self._sequence = 0
         self._indexes: dict[str, int] = {}  # output index by item id
@@ -219,7 +220,7 @@ class ResponseStream:
         self.response["model"] = model
 
     def begin(self) -> bytes:
-        return self._lifecycle("response.created") + self._lifecycle("response.in_progress")
+        return self._lifecycle("response.created", "response.in_progress")
 
     def chunk(self, chunk: Chunk) -> bytes:
         if chunk.usage is not None:
@@ -274,6 +275,7 @@ class ResponseStream:
                     "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                     "status": "completed"} for call in completion.tool_calls]
         self._conclude()
+        self.dumped = orjson.dumps(self.response)
         return self.response
 
     def assistant_turn(self) -> dict[str, Any]:
@@ -385,8 +387,16 @@ class ResponseStream:
     def _index(self, item: dict[str, Any]) -> int:
         return self._indexes[item["id"]]
 
-    def _lifecycle(self, kind: str) -> bytes:
-        return self._event(kind, response=self.response)
+    def _lifecycle(self, *kinds: str) -> bytes:
+        """Events that carry the whole response (serialized once for all of them)."""
+        self.dumped = orjson.dumps(self.response)
+        out = b""
+        for kind in kinds:
+            data = b'{"type":"%s","sequence_number":%d,"response":%s}' % (
+                kind.encode(), self._sequence, self.dumped)
+            self._sequence += 1
+            out += sse_event(data, event=kind)
+        return out
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         event = {"type": kind, "sequence_number": self._sequence, **fields}

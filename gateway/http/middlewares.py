@@ -135,8 +135,9 @@ def _http_exception(request: web.Request, exc: web.HTTPException,
 
 
 def json_response(data: object, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data),
-                        headers={**headers, **_JSON} if headers else _JSON)
+    """``data`` as a JSON body (bytes: already JSON)."""
+    body = data if isinstance(data, bytes) else orjson.dumps(data)
+    return web.Response(body=body, headers={**headers, **_JSON} if headers else _JSON)
 
 
 _JSON = {"Content-Type": "application/json"}
