@@ -16,6 +16,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.openai_stream import OpenAITranslator
 from gateway.protocol.sse import decode_sse
+from gateway.protocol.times import plausible_seconds
 from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
 
 # Fields of the client's body the gateway sets itself for the upstream leg.
@@ -29,7 +30,7 @@ class OpenAICompatBackend(HttpBackend):
         data = await self.get_json("/models")
         listed = data.get("data") if isinstance(data, dict) else None
         return [ModelInfo(name=m["id"], backend=self.name,
-                          created=m["created"] if isinstance(m.get("created"), int) else None)
+                          created=plausible_seconds(m.get("created")))
                 for m in listed or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def probe(self) -> Health:

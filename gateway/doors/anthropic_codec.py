@@ -18,6 +18,7 @@ from gateway.config import ReasoningMode
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.stream import SSE, sse_comments, sse_event
 from gateway.protocol.ids import unique_id
+from gateway.protocol.openai import arguments_object
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.units import Chunk, Completion, Usage
 
@@ -264,19 +265,11 @@ def message_body(completion: Completion, reasoning: ReasoningMode) -> dict[str, 
         content.append({"type": "text", "text": text})
     for call in completion.tool_calls:
         content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                        "input": _arguments(call["function"]["arguments"])})
+                        "input": arguments_object(call["function"]["arguments"])})
     return {"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
             "model": completion.model, "content": content,
             "stop_reason": STOP_REASONS.get(completion.finish_reason, "end_turn"),
             "stop_sequence": None, "usage": _usage(completion.usage or Usage())}
-
-
-def _arguments(text: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text or "{}")
-    except orjson.JSONDecodeError:
-        value = None
-    return value if isinstance(value, dict) else {"arguments": text}
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -288,6 +281,9 @@ def _usage(usage: Usage) -> dict[str, Any]:
 class MessageStream:
     """One answer as Anthropic's stream events: a block per kind of content, in order (the
     thinking, the text, each tool use), each started, written and stopped in turn.
+
+    A tool use goes out whole once the answer is, its input one JSON object: the SDK parses
+    the input after every delta and refuses a model's broken JSON outright.
     """
 
     media_type = SSE
@@ -301,7 +297,7 @@ class MessageStream:
             "usage": {"input_tokens": 0, "output_tokens": 0}}
         self._block: str | None = None  # the kind of the block being written
         self._index = -1  # ... and its index
-        self._calls: dict[int, int] = {}  # tool-call index → block index
+        self._calls = Completion()  # the tool-call deltas, merged
         self._usage: Usage | None = None
         self._reason = "end_turn"
 
@@ -325,35 +321,30 @@ class MessageStream:
         if text:
             out += self._open("text", {"type": "text", "text": ""}) + \
                 self._delta({"type": "text_delta", "text": text})
-        for delta in chunk.tool_calls or ():
-            out += self._tool(delta)
+        if chunk.tool_calls:
+            self._calls.add(Chunk(tool_calls=chunk.tool_calls))
         return out
 
     def end(self, trailers: dict[str, str]) -> bytes:
-        usage = self._usage or Usage()
-        return self._close() + sse_comments(trailers) + _event(
+        out = self._close()
+        for call in self._calls.tool_calls:
+            out += self._open("tool_use", {"type": "tool_use", "id": call["id"],
+                                           "name": call["function"]["name"], "input": {}})
+            arguments = arguments_object(call["function"]["arguments"])
+            out += self._delta({"type": "input_json_delta",
+                                "partial_json": orjson.dumps(arguments).decode()}) + \
+                self._close()
+        if self._calls.tool_calls and self._reason != "max_tokens":
+            self._reason = "tool_use"
+        return out + sse_comments(trailers) + _event(
             "message_delta", delta={"stop_reason": self._reason, "stop_sequence": None},
-            usage=_usage(usage)) + _event("message_stop")
+            usage=_usage(self._usage or Usage())) + _event("message_stop")
 
     def error(self, error: GatewayError) -> bytes:
         return sse_event(error_body(error), event="error")
 
-    def _tool(self, delta: dict[str, Any]) -> bytes:
-        index = delta.get("index", 0)
-        function = delta.get("function") or {}
-        out = b""
-        if index not in self._calls:
-            out = self._open(f"tool_use {index}", {
-                "type": "tool_use", "id": delta.get("id") or "toolu_" + unique_id(),
-                "name": function.get("name") or "", "input": {}})
-            self._calls[index] = self._index
-        piece = function.get("arguments") or ""
-        if piece and self._calls[index] == self._index:
-            out += self._delta({"type": "input_json_delta", "partial_json": piece})
-        return out
-
     def _open(self, kind: str, block: dict[str, Any]) -> bytes:
-        if self._block == kind:
+        if self._block == kind and kind != "tool_use":
             return b""
         out = self._close()
         self._block, self._index = kind, self._index + 1

@@ -20,7 +20,13 @@ from gateway.config import ReasoningMode
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.stream import NDJSON, ndjson_line
 from gateway.protocol.ollama import OPENAI_FIELDS
-from gateway.protocol.openai import ChatRequest, CompletionRequest, parse_chat, parse_completion
+from gateway.protocol.openai import (
+    ChatRequest,
+    CompletionRequest,
+    arguments_object,
+    parse_chat,
+    parse_completion,
+)
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.times import rfc3339
 from gateway.protocol.units import Chunk, Completion, Usage
@@ -69,6 +75,7 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
     """
     model, stream = model_of(body), streams(body)
     prompt, suffix, system = (_text(body, key) for key in ("prompt", "suffix", "system"))
+    suffix = suffix or None  # an empty suffix is none, as Ollama has it
     images = _images(body.get("images"), "images")
     raw = body.get("raw") is True
     if raw and (system or body.get("template") or body.get("context")):
@@ -320,21 +327,11 @@ class OllamaStream:
 
 
 def tool_calls(completion: Completion) -> list[dict[str, Any]]:
-    """Whole tool calls as Ollama's: arguments as an object (text that is not a JSON object
-    is kept under ``"arguments"``, not lost).
-    """
-    out = []
-    for i, call in enumerate(completion.tool_calls):
-        function = call["function"]
-        try:
-            arguments = orjson.loads(function["arguments"] or "{}")
-        except orjson.JSONDecodeError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            arguments = {"arguments": function["arguments"]}
-        out.append({"id": call["id"], "function": {"index": i, "name": function["name"],
-                                                   "arguments": arguments}})
-    return out
+    """Whole tool calls as Ollama's: arguments as an object."""
+    return [{"id": call["id"], "function": {
+        "index": i, "name": call["function"]["name"],
+        "arguments": arguments_object(call["function"]["arguments"])}}
+        for i, call in enumerate(completion.tool_calls)]
 
 
 def _ns(seconds: float) -> int:

@@ -123,8 +123,14 @@ def _tool_output(output: Any, where: str) -> str:
     if isinstance(output, str):
         return output
     if isinstance(output, list):
-        return "".join(p.get("text", "") for p in output
-                       if isinstance(p, dict) and p.get("type") == "input_text")
+        texts = []
+        for j, part in enumerate(output):
+            if isinstance(part, dict) and part.get("type") == "input_text":
+                if not isinstance(part.get("text"), str):
+                    raise bad(f"{where}.output[{j}].text", f"{where}.output[{j}].text must "
+                                                           "be a string.")
+                texts.append(part["text"])
+        return "".join(texts)
     raise bad(f"{where}.output", f"{where}.output must be a string or an array of parts.")
 
 
@@ -183,7 +189,7 @@ def new_response(body: dict[str, Any], store: bool) -> dict[str, Any]:
     return {
         "id": "resp_" + unique_id(), "object": "response", "created_at": int(time.time()),
         "status": "in_progress", "model": body.get("model"), "output": [],
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
         "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
         "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
         "metadata": body.get("metadata") or {}, "temperature": body.get("temperature"),
@@ -273,7 +279,8 @@ class ResponseStream:
                            "content": [_output_text(text)]})
         output += [{"id": "fc_" + unique_id(), "type": "function_call", "call_id": call["id"],
                     "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                    "status": "completed"} for call in completion.tool_calls]
+                    "status": "incomplete" if self._finish == "length" else "completed"}
+                   for call in completion.tool_calls]
         self._conclude()
         self.dumped = orjson.dumps(self.response)
         return self.response
@@ -285,7 +292,7 @@ class ResponseStream:
         calls = [{"id": item["call_id"], "type": "function",
                   "function": {"name": item["name"], "arguments": item["arguments"]}}
                  for item in self.response["output"] if item["type"] == "function_call"]
-        turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+        turn: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
         if calls:
             turn["tool_calls"] = calls
         return turn
@@ -352,6 +359,8 @@ class ResponseStream:
                 "id": "fc_" + unique_id(), "type": "function_call", "call_id": call_id,
                 "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
             out += self._added(item)
+        if function.get("name") and not item["name"]:  # a server that names it late
+            item["name"] = function["name"]
         piece = function.get("arguments") or ""
         if piece:
             item["arguments"] += piece
@@ -375,7 +384,7 @@ class ResponseStream:
 
     def _done(self, item: dict[str, Any]) -> bytes:
         item["status"] = "incomplete" if self._finish == "length" and \
-            item["type"] == "message" else "completed"
+            item["type"] != "reasoning" else "completed"
         return self._event("response.output_item.done", output_index=self._index(item),
                            item=item)
 

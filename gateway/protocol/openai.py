@@ -273,7 +273,7 @@ def _check_message(message: Any, i: int) -> None:
     if not isinstance(message, dict):
         raise _bad(where, f"{where} must be an object with 'role' and 'content'.")
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise _bad(f"{where}.role", f"{where}.role must be one of {sorted(ROLES)}.")
     content = message.get("content")
     if content is None:
@@ -322,6 +322,17 @@ def image_url(part: dict[str, Any]) -> str | None:
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     return url if isinstance(url, str) else None
+
+
+def arguments_object(text: str) -> dict[str, Any]:
+    """A tool call's JSON arguments as the object APIs other than OpenAI's want; text that
+    is not a JSON object (a model's mistake) is kept under ``"arguments"``, not lost.
+    """
+    try:
+        value = orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {"arguments": text}
 
 
 def text_of(content: Any) -> str:

@@ -8,17 +8,24 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import UpstreamError
+from gateway.protocol.ids import unique_id
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
 from gateway.protocol.units import Chunk, Usage
 
 
 class OpenAITranslator:
-    __slots__ = ("_backend", "_think", "complete", "finished")
+    """Every tool call it passes on has an id (one made up when the server gave none, so
+    the client can answer it), and an answer that called tools finishes with
+    ``tool_calls`` whatever the server said (agents loop on that).
+    """
+
+    __slots__ = ("_backend", "_calls", "_think", "complete", "finished")
 
     def __init__(self, backend: str) -> None:
         self._backend = backend
         self._think = ThinkTagSplitter()
+        self._calls: set[int] = set()  # the indexes of the tool calls begun
         self.finished = self.complete = False
 
     def chunk(self, obj: Any) -> Chunk:
@@ -60,9 +67,19 @@ class OpenAITranslator:
             chunk.logprobs = logprobs
         calls = delta.get("tool_calls")
         if calls:
-            chunk.tool_calls = [{**call, "index": call.get("index", i)}
-                                for i, call in enumerate(calls)]
+            chunk.tool_calls = [self._call(call, i) for i, call in enumerate(calls)]
+        if chunk.finish_reason == "stop" and self._calls:
+            chunk.finish_reason = "tool_calls"
         return chunk
+
+    def _call(self, call: dict[str, Any], position: int) -> dict[str, Any]:
+        index = call.get("index", position)
+        out = {**call, "index": index}
+        if index not in self._calls:
+            self._calls.add(index)
+            if not call.get("id"):
+                out["id"] = "call_" + unique_id()
+        return out
 
 
 def usage_of(usage: dict[str, Any]) -> Usage:

@@ -25,3 +25,14 @@ def epoch_seconds(text: Any) -> int | None:
     zone = match.group(3) or "Z"
     stamp = datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone))
     return int(stamp.timestamp())
+
+
+LATEST = 2**33  # Unix seconds in the year 2242: larger is milliseconds, or a mistake
+
+
+def plausible_seconds(value: Any) -> int | None:
+    """A backend's Unix time in seconds, or None when it is not one (a count of
+    milliseconds, say, which would be a date thousands of years away).
+    """
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < LATEST
+    return value if ok else None

@@ -195,3 +195,10 @@ def test_the_npm_client_lists_chats_and_generates(gateway: ServerThread) -> None
     assert out["tool"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     assert out["generated"] == DEFAULT_REPLY
     assert out["missing"] == {"status": 404, "error": "model 'no-such-model' not found"}
+
+
+def test_an_empty_suffix_is_no_suffix(client: ollama.Client, ollama_sim: Sim) -> None:
+    reply = client.generate(model="phi3.5:3.8b", prompt="Hi", suffix="")
+    assert reply.response == DEFAULT_REPLY
+    assert ollama_sim.requests("/api/chat")  # a chat turn, the model's template applied
+    assert not ollama_sim.requests("/api/generate")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.request
 from collections.abc import Iterator
 
 import openai
@@ -185,3 +186,35 @@ def test_a_stream_that_breaks_ends_failed(client: openai.OpenAI, ollama_sim: Sim
     assert [e.type for e in events[-2:]] == ["error", "response.failed"]
     assert events[-1].response.status == "failed"  # type: ignore[union-attr]
     assert events[-1].response.error is not None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("output", [[{"type": "input_text", "text": None}],
+                                    [{"type": "input_text", "text": 5}], 7])
+def test_a_tool_output_of_the_wrong_type_is_a_400(client: openai.OpenAI,
+                                                  output: object) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="phi3.5:3.8b", input=[  # type: ignore[list-item]
+            {"type": "function_call_output", "call_id": "call_1", "output": output}])
+    assert caught.value.param and caught.value.param.startswith("input[0].output")
+
+
+def test_an_empty_answer_can_be_continued(client: openai.OpenAI, ollama_sim: Sim) -> None:
+    ollama_sim.fault("phi3.5:3.8b", reply="", remaining=1)
+    first = client.responses.create(model="phi3.5:3.8b", input="Hello there")
+    assert first.output_text == ""
+    client.responses.create(model="phi3.5:3.8b", input="Still there?",
+                            previous_response_id=first.id)
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent[1] == {"role": "assistant", "content": ""}
+
+
+def test_parallel_tool_calls_null_is_echoed_as_a_boolean(gateway: ServerThread) -> None:
+    request = urllib.request.Request(
+        gateway.url + "/v1/responses", method="POST",
+        data=json.dumps({"model": "phi3.5:3.8b", "input": "Hi",
+                         "parallel_tool_calls": None}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["parallel_tool_calls"] is True
+    openai.types.responses.Response.model_validate(body, strict=False)

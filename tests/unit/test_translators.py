@@ -8,6 +8,7 @@ from gateway.errors import UpstreamError
 from gateway.protocol.ollama import OllamaTranslator
 from gateway.protocol.openai_stream import OpenAITranslator
 from gateway.protocol.sse import MalformedEvent
+from gateway.protocol.times import plausible_seconds, rfc3339
 from gateway.protocol.units import Chunk, Completion
 
 
@@ -119,3 +120,22 @@ def test_a_whole_answer_gathers_the_logprobs_of_its_pieces() -> None:
     completion.add(Chunk(content="C", logprobs={"tokens": ["C"], "token_logprobs": [-1.0]}))
     assert completion.logprobs == {"content": [{"token": "A"}, {"token": "B"}],
                                    "tokens": ["C"], "token_logprobs": [-1.0]}
+
+
+def test_openai_tool_calls_get_ids_and_finish_as_tool_calls() -> None:
+    t = OpenAITranslator("m")
+    first = t.chunk({"choices": [{"delta": {"tool_calls": [
+        {"index": 0, "function": {"name": "f", "arguments": "{\"a\""}}]}}]})
+    more = t.chunk({"choices": [{"delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": ": 1}"}}]}}]})
+    last = t.chunk({"choices": [{"delta": {}, "finish_reason": "stop"}]})
+    assert first.tool_calls is not None and first.tool_calls[0]["id"].startswith("call_")
+    assert more.tool_calls is not None and "id" not in more.tool_calls[0]  # one id per call
+    assert last.finish_reason == "tool_calls"  # whatever the server said
+
+
+def test_a_backends_time_in_milliseconds_is_not_taken_for_seconds() -> None:
+    assert plausible_seconds(1_717_000_000) == 1_717_000_000
+    assert plausible_seconds(1_717_000_000_000) is None  # milliseconds
+    assert plausible_seconds(True) is None and plausible_seconds("1717000000") is None
+    assert rfc3339(1_717_000_000).startswith("2024-05-29T")
