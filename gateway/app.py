@@ -21,7 +21,7 @@ from gateway.backends.base import Backend
 from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
-from gateway.config import BackendConfig, GatewayConfig
+from gateway.config import BackendConfig, GatewayConfig, is_loopback
 from gateway.doors import anthropic, ollama, openai, responses
 from gateway.http import health as health_endpoint
 from gateway.http import middlewares
@@ -63,14 +63,14 @@ def build_backend(config: BackendConfig, tunnels: TunnelManager | None = None) -
 
 
 def create_app(config: GatewayConfig) -> web.Application:
-    cors = Cors(config.server.cors_origins) if config.server.cors_origins else None
+    cors = Cors(config.server.cors_origins, loopback_only=not config.auth.key_hashes and all(
+        is_loopback(host) for host, _ in config.server.addresses()))
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[middlewares.gateway_middleware(
-            config.auth.key_hashes, cors=cors, shapes=[
-                ("/api/", ollama.error_response), ("/v1/messages", anthropic.error_response)])],
+        middlewares=[middlewares.gateway_middleware(config.auth.key_hashes, cors, shapes=[
+            ("/api/", ollama.error_response), ("/v1/messages", anthropic.error_response)])],
     )
-    if cors is not None:
+    if config.server.cors_origins:
         app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
     kept = config.responses

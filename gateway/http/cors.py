@@ -1,12 +1,21 @@
-"""CORS, so a browser app can call the gateway directly: off unless ``[server] cors_origins``
-lists the origins allowed (``"*"`` for any). A preflight ``OPTIONS`` is answered before
-authentication (browsers send it without credentials); every answer to an allowed origin
-says so, and lets the page read the ``x-gateway-*`` headers.
+"""Browsers. CORS, so a browser app can call the gateway directly: off unless
+``[server] cors_origins`` lists the origins allowed (``"*"`` for any). A preflight
+``OPTIONS`` is answered before authentication (browsers send it without credentials); every
+answer to an allowed origin says so, and lets the page read the ``x-gateway-*`` headers.
+
+And a guard, as Ollama has one: a request a web page sends from an origin neither listed nor
+on this machine is refused (a page could otherwise have a gateway without keys generate for
+it: a form needs no preflight); and a gateway without keys listening on loopback answers only
+requests addressed to a loopback name (a page that rebinds its own name to 127.0.0.1 could
+otherwise read the answers).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -17,17 +26,37 @@ EXPOSE_HEADERS = ("x-request-id, x-gateway-backend, x-gateway-model, x-gateway-a
 MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 
 
+# Origins on this machine: loopback pages, and the schemes desktop apps and IDE webviews
+# (VS Code's, Tauri's, Electron's) send.
+_LOCAL_ORIGIN = re.compile(r"(https?://(localhost|[^/:]+\.localhost|127(\.\d{1,3}){3}|\[::1\])"
+                           r"(:\d+)?|(app|file|tauri|vscode-webview|vscode-file)://.*)")
+
+
 class Cors:
-    def __init__(self, origins: Iterable[str]) -> None:
+    def __init__(self, origins: Iterable[str], *, loopback_only: bool = False) -> None:
         self._origins = frozenset(origins)
         self._any = "*" in self._origins
+        self._loopback_only = loopback_only  # no keys, on loopback: loopback names only
 
     def allowed(self, origin: str) -> bool:
         return self._any or origin in self._origins
 
+    def refusal(self, request: web.Request) -> str | None:
+        """Why this request is refused (None: it is not)."""
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.allowed(origin) and \
+                not _LOCAL_ORIGIN.fullmatch(origin):
+            return (f"Requests from web pages at {origin} are not allowed; list the origin "
+                    "in [server] cors_origins to allow them.")
+        if self._loopback_only and not _loopback_name(request.host):
+            return (f"This gateway answers only requests addressed to this machine "
+                    f"(localhost), not to {request.host!r}.")
+        return None
+
     def preflight(self, request: web.Request) -> web.Response | None:
-        """The answer to a preflight request (None: this is not one)."""
-        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        """The answer to a preflight request (None: this is not one, or CORS is off)."""
+        if not self._origins or request.method != "OPTIONS" or \
+                "Access-Control-Request-Method" not in request.headers:
             return None
         response = web.Response(status=204)
         origin = request.headers.get("Origin", "")
@@ -52,3 +81,17 @@ class Cors:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             response.headers["Vary"] = "Origin"
+
+
+def _loopback_name(host: str) -> bool:
+    """Whether a Host header names this machine: localhost, *.localhost or a loopback IP."""
+    try:
+        name = (urlsplit("//" + host).hostname or "").lower()
+    except ValueError:  # a Host header that is not a host
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

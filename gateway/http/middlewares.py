@@ -47,12 +47,12 @@ def error_response(error: GatewayError) -> web.Response:
 ErrorShape = Callable[[GatewayError], web.Response]
 
 
-def gateway_middleware(key_hashes: Iterable[str],
-                       shapes: Sequence[tuple[str, ErrorShape]] = (),
-                       cors: Cors | None = None) -> Middleware:
-    """Request id, CORS preflights, API-key auth and the error envelope, in one layer (one
-    per request is measurably cheaper than several). ``shapes``: path prefixes and the error
-    shape of the door under each (the first match wins; else OpenAI's).
+def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
+                       shapes: Sequence[tuple[str, ErrorShape]] = ()) -> Middleware:
+    """Request id, the browser guard and CORS preflights, API-key auth and the error
+    envelope, in one layer (one per request is measurably cheaper than several). ``shapes``:
+    path prefixes and the error shape of the door under each (the first match wins; else
+    OpenAI's).
     """
     digests = frozenset(h.removeprefix("sha256:") for h in key_hashes)
 
@@ -68,10 +68,14 @@ def gateway_middleware(key_hashes: Iterable[str],
         supplied = request.headers.get("x-request-id", "")
         request_id = request[REQUEST_ID] = \
             supplied if _CLIENT_ID.fullmatch(supplied) else unique_id()
-        if cors is not None and (preflight := cors.preflight(request)) is not None:
+        refusal = cors.refusal(request)
+        if refusal is None and (preflight := cors.preflight(request)) is not None:
             preflight.headers["x-request-id"] = request_id
             return preflight
         try:
+            if refusal is not None:
+                raise GatewayError(refusal, status=403, type="permission_error",
+                                   code="origin_not_allowed")
             request[TENANT] = authenticate(request, digests)
             response = await handler(request)
         except GatewayError as exc:

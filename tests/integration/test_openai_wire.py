@@ -203,3 +203,41 @@ async def test_another_origin_gets_no_cors_headers(browser_gateway: ServerThread
             http.options(browser_gateway.url + "/v1/chat/completions",
                          headers=headers) as preflight:
         assert "Access-Control-Allow-Origin" not in preflight.headers
+
+
+async def test_a_web_page_elsewhere_cannot_make_a_keyless_gateway_generate(
+        gateway: ServerThread, ollama_sim: Sim) -> None:
+    # A form on any site can POST text/plain without a preflight; the gateway refuses it.
+    form = json.dumps({"model": "phi3.5:3.8b", "messages": USER})
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/chat/completions", data=form,
+            headers={"Origin": "https://evil.example", "Content-Type": "text/plain"}) as refused:
+        assert refused.status == 403
+        assert (await refused.json())["error"]["code"] == "origin_not_allowed"
+    assert ollama_sim.requests("/api/chat") == []
+    for origin in ("http://localhost:5173", "vscode-webview://1a2b3c"):  # this machine's
+        async with aiohttp.ClientSession() as http, http.post(
+                gateway.url + "/v1/chat/completions", data=form,
+                headers={"Origin": origin}) as allowed:
+            assert allowed.status == 200
+
+
+async def test_a_keyless_gateway_on_loopback_answers_only_loopback_names(
+        gateway: ServerThread) -> None:
+    # A page that rebinds its own name to 127.0.0.1 sends its own name as the Host.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.url + "/api/tags",
+                            headers={"Host": "attacker.example:4000"}) as rebound:
+            assert rebound.status == 403
+            assert "localhost" in (await rebound.json())["error"]
+        async with http.get(gateway.url + "/api/tags",
+                            headers={"Host": "localhost:4000"}) as local:
+            assert local.status == 200
+
+
+async def test_a_gateway_with_keys_takes_any_host(browser_gateway: ServerThread) -> None:
+    async with aiohttp.ClientSession() as http, http.get(
+            browser_gateway.url + "/v1/models",
+            headers={"Host": "gateway.internal", "Authorization": "Bearer sk-browser-app"}
+    ) as response:
+        assert response.status == 200  # the key protects it; a proxy may rename it
