@@ -229,14 +229,18 @@ class ResponsesConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     ttl: float = 3600.0  # seconds a stored response can be continued from
     max_entries: int = 10_000  # memory backend
+    max_bytes: int = 256 * 1024 * 1024  # memory backend: all responses together
+    # One response with its whole conversation: a larger one is not kept (the log says so).
+    max_record_bytes: int = 4 * 1024 * 1024
     timeout: float = 0.1  # the longest Redis may make a request wait
 
     def problems(self) -> Iterator[tuple[str, str]]:
         for key in ("ttl", "timeout"):
             if getattr(self, key) <= 0:
                 yield key, "expected seconds > 0"
-        if self.max_entries < 1:
-            yield "max_entries", "expected an integer >= 1"
+        for key in ("max_entries", "max_bytes", "max_record_bytes"):
+            if getattr(self, key) < 1:
+                yield key, "expected an integer >= 1"
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,11 @@ async def _keep(request: web.Request, encoder: ResponseStream,
     response = encoder.response
     turns = orjson.dumps([*conversation, encoder.assistant_turn()])
     record = b'{"response":%s,"conversation":%s}' % (encoder.dumped, turns)
+    limit = request.app[CONFIG].responses.max_record_bytes
+    if len(record) > limit:
+        log.warning("response %s is not stored: with its conversation it is %d bytes, over "
+                    "[responses] max_record_bytes (%d)", response["id"], len(record), limit)
+        return
     try:
         await request.app[RESPONSES].set(_key(request, response["id"]), record,
                                          request.app[CONFIG].responses.ttl)

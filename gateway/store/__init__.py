@@ -33,20 +33,24 @@ class Store(Protocol):
 
 
 def open_store(kind: str, redis_url: str, *, max_entries: int, timeout: float,
-               max_connections: int, label: str) -> Store:
+               max_connections: int, label: str, max_bytes: int | None = None) -> Store:
     """A Redis store (``kind`` "redis") or a memory one; ``label`` names it in the log."""
     if kind == "redis":
         return RedisStore(redis_url, timeout, max_connections, label)
-    return MemoryStore(max_entries)
+    return MemoryStore(max_entries, max_bytes)
 
 
 class MemoryStore:
-    """An LRU of at most ``max_entries`` values, each kept until its time is up."""
+    """An LRU of at most ``max_entries`` values (and ``max_bytes`` of them, when given),
+    each kept until its time is up.
+    """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int | None = None) -> None:
         self._entries: collections.OrderedDict[str, tuple[float, bytes]] = \
             collections.OrderedDict()
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
 
     async def start(self) -> None:
         return None
@@ -56,6 +60,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
     async def get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -63,19 +68,28 @@ class MemoryStore:
             return None
         expires, value = entry
         if expires < time.monotonic():
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return value
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._drop(key)
         self._entries[key] = (time.monotonic() + ttl, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        self._bytes += len(value)
+        while len(self._entries) > self._max or \
+                (self._max_bytes is not None and self._bytes > self._max_bytes):
+            self._drop(next(iter(self._entries)))  # the least recently used
 
     async def delete(self, key: str) -> bool:
-        return self._entries.pop(key, None) is not None
+        return self._drop(key)
+
+    def _drop(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._bytes -= len(entry[1])
+        return True
 
 
 class RedisStore:

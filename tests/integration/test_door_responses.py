@@ -218,3 +218,18 @@ def test_parallel_tool_calls_null_is_echoed_as_a_boolean(gateway: ServerThread) 
         body = json.loads(response.read())
     assert body["parallel_tool_calls"] is True
     openai.types.responses.Response.model_validate(body, strict=False)
+
+
+def test_a_response_over_the_size_limit_is_answered_but_not_kept(ollama_sim: Sim) -> None:
+    server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                                          responses={"max_record_bytes": 2048}))
+    try:
+        with sdk(server.url) as client:
+            small = client.responses.create(model="phi3.5:3.8b", input="Hello there")
+            large = client.responses.create(model="phi3.5:3.8b", input="x" * 4096)
+            assert large.output_text == DEFAULT_REPLY  # answered all the same
+            assert client.responses.retrieve(small.id).id == small.id
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(large.id)
+    finally:
+        server.stop()

@@ -24,6 +24,19 @@ def test_the_memory_store_keeps_the_most_recently_used_within_its_bound() -> Non
     assert asyncio.run(scenario()) == [b"1", None, b"3", None]
 
 
+def test_the_memory_store_keeps_no_more_bytes_than_its_bound() -> None:
+    async def scenario() -> list[bytes | None]:
+        store = MemoryStore(max_entries=100, max_bytes=10)
+        await store.set("a", b"1234", 60)
+        await store.set("b", b"5678", 60)
+        await store.set("a", b"12", 60)  # replaced: only its new size counts
+        await store.set("c", b"abcd", 60)  # 2 + 4 + 4 fits exactly
+        await store.set("d", b"efgh", 60)  # b, the least recently used, goes
+        return [await store.get(k) for k in "abcd"]
+
+    assert asyncio.run(scenario()) == [b"12", None, b"abcd", b"efgh"]
+
+
 def key(body: dict[str, object], tenant: str = "t1", shared: bool = False) -> str:
     plugin = CachePlugin(CacheOptions(shared=shared))
     return plugin._key(RequestContext("chat", parse_chat(body), tenant, {}))
