@@ -1,7 +1,6 @@
-"""The errors a client can see, each with its OpenAI shape and HTTP status.
-
-Two factories turn a ``GatewayError`` into bytes: ``error_body`` for an HTTP response and
-``GatewayError.sse_event`` for an error sent in-band after a stream has started.
+"""The errors a client can see, each with its HTTP status and OpenAI shape
+(``GatewayError.body``); the other doors write the same error in their own shapes, as an
+HTTP answer or in-band once a stream has started.
 """
 
 from __future__ import annotations
@@ -60,9 +59,6 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return orjson.dumps(self.payload())
 
-    def sse_event(self) -> str:
-        """The one ``data:`` payload that ends a stream which cannot finish."""
-        return orjson.dumps(self.payload()).decode()
 
 
 class InvalidRequest(GatewayError):

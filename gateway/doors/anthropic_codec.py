@@ -18,7 +18,7 @@ from gateway.config import ReasoningMode
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.stream import SSE, sse_comments, sse_event
 from gateway.protocol.ids import unique_id
-from gateway.protocol.openai import arguments_object
+from gateway.protocol.openai import arguments_object, invalid
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.units import Chunk, Completion, Usage
 
@@ -29,10 +29,6 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
-
-
-def bad(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param, code="invalid_value")
 
 
 def error_type(error: GatewayError) -> str:
@@ -53,11 +49,11 @@ def chat_body(body: dict[str, Any], *, counting: bool = False
     max_tokens = body.get("max_tokens")
     if not counting and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                          or max_tokens < 1):
-        raise bad("max_tokens", "'max_tokens' is required: the most tokens to generate, an "
+        raise invalid("max_tokens", "'max_tokens' is required: the most tokens to generate, an "
                                 "integer of at least 1.")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad("messages", "'messages' must be a non-empty array of messages.")
+        raise invalid("messages", "'messages' must be a non-empty array of messages.")
     system = _system(body.get("system"))
     chat: dict[str, Any] = {"model": body.get("model"),
                             "stream": body.get("stream", False) and not counting,
@@ -110,7 +106,7 @@ def _system(system: Any) -> list[dict[str, Any]]:
     if isinstance(system, list):
         system = "\n\n".join(_texts(system, "system"))
     if not isinstance(system, str):
-        raise bad("system", "'system' must be a string or an array of text blocks.")
+        raise invalid("system", "'system' must be a string or an array of text blocks.")
     return [{"role": "system", "content": system}]
 
 
@@ -119,14 +115,14 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise bad(where, f"{where} must be an object with role and content.")
+            raise invalid(where, f"{where} must be an object with role and content.")
         role, content = message.get("role"), message.get("content")
         if role not in ("user", "assistant", "system"):
-            raise bad(f"{where}.role", f"{where}.role must be 'user', 'assistant' or 'system'.")
+            raise invalid(f"{where}.role", f"{where}.role must be 'user', 'assistant' or 'system'.")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
         elif not isinstance(content, list):
-            raise bad(f"{where}.content", f"{where}.content must be a string or an array of "
+            raise invalid(f"{where}.content", f"{where}.content must be a string or an array of "
                                           "content blocks.")
         elif role == "assistant":
             out.append(_assistant(content, where))
@@ -191,13 +187,13 @@ def _image_url(block: dict[str, Any], where: str) -> str:
     if isinstance(source, dict) and source.get("type") == "url" and \
             isinstance(source.get("url"), str):
         return str(source["url"])
-    raise bad(f"{where}.source", "Images must be sent as base64 (or a URL); file ids are "
+    raise invalid(f"{where}.source", "Images must be sent as base64 (or a URL); file ids are "
                                  "not supported by the gateway.")
 
 
 def _texts(blocks: Any, where: str) -> list[str]:
     if not isinstance(blocks, list):
-        raise bad(where, f"{where} must be an array of text blocks.")
+        raise invalid(where, f"{where} must be an array of text blocks.")
     return [_text(b, f"{where}[{i}]") for i, b in enumerate(blocks)
             if _kind(b, f"{where}[{i}]") == "text"]
 
@@ -205,31 +201,31 @@ def _texts(blocks: Any, where: str) -> list[str]:
 def _kind(block: Any, where: str) -> str:
     kind = block.get("type") if isinstance(block, dict) else None
     if not isinstance(kind, str):
-        raise bad(where, f"{where} must be a content block with a 'type'.")
+        raise invalid(where, f"{where} must be a content block with a 'type'.")
     return kind
 
 
 def _text(block: dict[str, Any], where: str) -> str:
     text = block.get("text")
     if not isinstance(text, str):
-        raise bad(f"{where}.text", f"{where}.text must be a string.")
+        raise invalid(f"{where}.text", f"{where}.text must be a string.")
     return text
 
 
 def _unsupported(kind: str, where: str) -> InvalidRequest:
-    return bad(where, f"{where}: content blocks of type {kind!r} are not supported by the "
+    return invalid(where, f"{where}: content blocks of type {kind!r} are not supported by the "
                       "gateway.")
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
-        raise bad("tools", "'tools' must be an array.")
+        raise invalid("tools", "'tools' must be an array.")
     out = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-            raise bad(f"tools[{i}]", f"tools[{i}] needs a name.")
+            raise invalid(f"tools[{i}]", f"tools[{i}] needs a name.")
         if tool.get("type") not in (None, "custom"):
-            raise bad(f"tools[{i}]", f"The gateway cannot run Anthropic's server tool "
+            raise invalid(f"tools[{i}]", f"The gateway cannot run Anthropic's server tool "
                                      f"{tool['type']!r}: only tools the client runs work.")
         function = {"name": tool["name"], "parameters": tool.get("input_schema") or
                     {"type": "object", "properties": {}}}
@@ -246,7 +242,7 @@ def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
     elif kind == "tool" and isinstance(choice.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     else:
-        raise bad("tool_choice", "'tool_choice' must be {'type': 'auto'}, {'type': 'any'}, "
+        raise invalid("tool_choice", "'tool_choice' must be {'type': 'auto'}, {'type': 'any'}, "
                                  "{'type': 'none'} or {'type': 'tool', 'name': ...}.")
     if isinstance(choice, dict) and choice.get("disable_parallel_tool_use"):
         chat["parallel_tool_calls"] = False

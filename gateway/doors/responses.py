@@ -16,13 +16,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.doors.responses_codec import ResponseStream, bad, chat_body, new_response
+from gateway.doors.responses_codec import ResponseStream, chat_body, new_response
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
 from gateway.keys import CONFIG, PIPELINE, RESPONSES, TENANT
 from gateway.pipeline import Whole
-from gateway.protocol.openai import parse_body, parse_chat
+from gateway.protocol.openai import invalid, parse_body, parse_chat
 from gateway.store import StoreUnavailable
 from plugins.base import RequestContext
 
@@ -33,12 +33,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     body = parse_body(await request.read())
     store = body.get("store", True)
     if not isinstance(store, bool):
-        raise bad("store", "'store' must be true or false.")
+        raise invalid("store", "'store' must be true or false.")
     history: list[dict[str, Any]] = []
     previous = body.get("previous_response_id")
     if previous is not None:
         if not isinstance(previous, str):
-            raise bad("previous_response_id", "'previous_response_id' must be a string.")
+            raise invalid("previous_response_id", "'previous_response_id' must be a string.")
         history = (await _load(request, previous, "previous_response_id"))["conversation"]
     chat, conversation = chat_body(body, history)
     ctx = RequestContext(kind="chat", req=parse_chat(chat), tenant=request[TENANT],
@@ -65,7 +65,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 async def retrieve(request: web.Request) -> web.Response:
     if request.query.get("stream") == "true":
-        raise bad("stream", "A stored response is sent whole; streaming it again is not "
+        raise invalid("stream", "A stored response is sent whole; streaming it again is not "
                             "supported.")
     record = await _load(request, request.match_info["id"], None)
     return json_response(record["response"])

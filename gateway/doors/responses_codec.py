@@ -14,15 +14,12 @@ from typing import Any
 import orjson
 
 from gateway.config import ReasoningMode
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError
 from gateway.http.stream import SSE, sse_comments, sse_event
 from gateway.protocol.ids import unique_id
+from gateway.protocol.openai import invalid
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.units import Chunk, Completion, Usage
-
-
-def bad(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param, code="invalid_value")
 
 
 def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
@@ -32,13 +29,13 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
     this input; the instructions are not carried over, as OpenAI does not).
     """
     if "input" not in body:
-        raise bad("input", "'input' is required: a string or an array of input items.")
+        raise invalid("input", "'input' is required: a string or an array of input items.")
     if body.get("background"):
-        raise bad("background", "Background responses are not supported by the gateway.")
+        raise invalid("background", "Background responses are not supported by the gateway.")
     conversation = [*history, *input_messages(body["input"])]
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
-        raise bad("instructions", "'instructions' must be a string.")
+        raise invalid("instructions", "'instructions' must be a string.")
     chat: dict[str, Any] = {
         "model": body.get("model"), "stream": body.get("stream", False),
         "messages": [{"role": "system", "content": instructions}, *conversation]
@@ -68,12 +65,12 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     if not isinstance(items, list):
-        raise bad("input", "'input' must be a string or an array of input items.")
+        raise invalid("input", "'input' must be a string or an array of input items.")
     out: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
-            raise bad(where, f"{where} must be an object.")
+            raise invalid(where, f"{where} must be an object.")
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind == "message":
             out.append({"role": item.get("role"),
@@ -91,7 +88,7 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
         elif kind == "reasoning":
             continue  # a model's reasoning is not sent back to it
         else:
-            raise bad(f"{where}.type", f"{where}: input items of type {kind!r} are not "
+            raise invalid(f"{where}.type", f"{where}: input items of type {kind!r} are not "
                                        "supported by the gateway.")
     return out
 
@@ -100,7 +97,7 @@ def _content(content: Any, where: str) -> Any:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of parts.")
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -111,10 +108,10 @@ def _content(content: Any, where: str) -> Any:
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
             parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
         elif kind == "input_image":
-            raise bad(f"{where}.content[{j}]", "Images must be sent as image_url (a data: "
+            raise invalid(f"{where}.content[{j}]", "Images must be sent as image_url (a data: "
                                                "URL); file ids are not supported.")
         else:
-            raise bad(f"{where}.content[{j}]", f"{where}.content[{j}]: parts of type {kind!r} "
+            raise invalid(f"{where}.content[{j}]", f"{where}.content[{j}]: parts of type {kind!r} "
                                                "are not supported by the gateway.")
     return parts
 
@@ -127,28 +124,28 @@ def _tool_output(output: Any, where: str) -> str:
         for j, part in enumerate(output):
             if isinstance(part, dict) and part.get("type") == "input_text":
                 if not isinstance(part.get("text"), str):
-                    raise bad(f"{where}.output[{j}].text", f"{where}.output[{j}].text must "
+                    raise invalid(f"{where}.output[{j}].text", f"{where}.output[{j}].text must "
                                                            "be a string.")
                 texts.append(part["text"])
         return "".join(texts)
-    raise bad(f"{where}.output", f"{where}.output must be a string or an array of parts.")
+    raise invalid(f"{where}.output", f"{where}.output must be a string or an array of parts.")
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:
     value = item.get(key)
     if not isinstance(value, str) or not value:
-        raise bad(f"{where}.{key}", f"{where}.{key} is required (a string).")
+        raise invalid(f"{where}.{key}", f"{where}.{key} is required (a string).")
     return value
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
-        raise bad("tools", "'tools' must be an array.")
+        raise invalid("tools", "'tools' must be an array.")
     out = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
-            raise bad(f"tools[{i}]", f"The gateway cannot run the built-in tool {kind!r}: only "
+            raise invalid(f"tools[{i}]", f"The gateway cannot run the built-in tool {kind!r}: only "
                                      "function tools ({'type': 'function', 'name': ...}) work.")
         function: dict[str, Any] = {"name": _string(tool, "name", f"tools[{i}]"),
                                     "parameters": tool.get("parameters") or
@@ -167,7 +164,7 @@ def _tool_choice(choice: Any) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function" and \
             isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+    raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
                              "{'type': 'function', 'name': ...}.")
 
 
@@ -180,7 +177,7 @@ def _format(text: Any) -> dict[str, Any] | None:
     if fmt["type"] == "json_schema":
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
-    raise bad("text.format.type", "'text.format.type' must be 'text', 'json_object' or "
+    raise invalid("text.format.type", "'text.format.type' must be 'text', 'json_object' or "
                                   "'json_schema'.")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from gateway.errors import GatewayError, ModelNotFound
@@ -48,13 +48,10 @@ class Pipeline:
         """
         streamed: Answer | None = None
         try:
-            for plugin in self.plugins:
-                hit = await plugin.on_request(ctx)
-                if hit is not None:  # answered without asking a model (a cache hit)
-                    ctx.model = hit.model
-                    route = route_headers(plugin.name, hit.model, 0, f"answered by {plugin.name}")
-                    streamed = self._deliver(ctx, hit, route)
-                    return streamed
+            answered = await self._ask_plugins(ctx)
+            if answered is not None:
+                streamed = self._deliver(ctx, *answered)
+                return streamed
             if ctx.req.stream and not ctx.buffered:
                 streamed = await self._stream(ctx)
                 return streamed
@@ -64,6 +61,19 @@ class Pipeline:
         finally:
             if not isinstance(streamed, Streamed):  # a stream is over when the door closes it
                 self._finish(ctx)
+
+    async def _ask_plugins(self, ctx: RequestContext
+                           ) -> tuple[Completion, dict[str, str]] | None:
+        """Every plugin's on_request, in order; the answer one of them gave without asking a
+        model (a cache hit) and its route headers, if any did.
+        """
+        for plugin in self.plugins:
+            hit = await plugin.on_request(ctx)
+            if hit is not None:
+                ctx.model = hit.model
+                return hit, route_headers(plugin.name, hit.model, 0,
+                                          f"answered by {plugin.name}")
+        return None
 
     def _deliver(self, ctx: RequestContext, completion: Completion, route: dict[str, str]
                  ) -> Answer:
@@ -102,6 +112,7 @@ class Pipeline:
         async def close(ok: bool) -> None:
             ctx.failed = ctx.failed or not ok
             try:
+                await chunks.aclose()  # the plugins' stream wrappers, then the upstream
                 await routed.close()
             finally:
                 self._finish(ctx)
@@ -127,11 +138,10 @@ class Pipeline:
         ctx.req = dataclasses.replace(ctx.req, stream=False, sampling=sampling,
                                       body={**ctx.req.body, "max_tokens": 1, "stream": False})
         try:
-            for plugin in self.plugins:
-                hit = await plugin.on_request(ctx)
-                if hit is not None:
-                    return (hit.usage or Usage()).prompt_tokens, route_headers(
-                        plugin.name, hit.model, 0, f"answered by {plugin.name}")
+            answered = await self._ask_plugins(ctx)
+            if answered is not None:
+                hit, route = answered
+                return (hit.usage or Usage()).prompt_tokens, route
             routed = self.router.answer(ctx.req)
             first = await routed.start()
             try:
@@ -263,13 +273,18 @@ async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chun
 
 
 async def _taking(completion: Completion, chunks: AsyncIterator[Chunk]
-                  ) -> AsyncIterator[Chunk]:
+                  ) -> AsyncGenerator[Chunk]:
     """The chunks, added to ``completion`` as they go out: the answer as the client has it,
-    which is what the plugins judge and the cache keeps.
+    which is what the plugins judge and the cache keeps. Closing it closes ``chunks``.
     """
-    async for chunk in chunks:
-        completion.add(chunk)
-        yield chunk
+    try:
+        async for chunk in chunks:
+            completion.add(chunk)
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _route_of(routed: RoutedAnswer) -> dict[str, str]:

@@ -105,7 +105,7 @@ class EmbeddingRequest:
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "'messages' must be a non-empty array of message objects.")
+        raise invalid("messages", "'messages' must be a non-empty array of message objects.")
     for i, message in enumerate(messages):
         _check_message(message, i)
     tools = _optional(body, "tools", list, "an array of tool definitions")
@@ -114,7 +114,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
             function = tool.get("function") if isinstance(tool, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
                     not isinstance(function.get("parameters", {}), dict):
-                raise _bad(f"tools[{i}]", "Each tool must be {'type': 'function', 'function': "
+                raise invalid(f"tools[{i}]", "Each tool must be {'type': 'function', 'function': "
                            "{'name': ..., 'parameters': {...}}}.")
     response_format = _response_format(body)
     effort = _optional(body, "reasoning_effort", str, "a string")
@@ -138,10 +138,10 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise _bad("prompt", "'prompt' must be a string (one prompt per request).")
+        raise invalid("prompt", "'prompt' must be a string (one prompt per request).")
     suffix = _optional(body, "suffix", str, "a string")
     if body.get("echo"):
-        raise _bad("echo", "'echo' is not supported.")
+        raise invalid("echo", "'echo' is not supported.")
     _single_choice(body)
     return CompletionRequest(
         body=body,
@@ -158,10 +158,10 @@ def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
     inputs = _embedding_inputs(body.get("input"))
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
-        raise _bad("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
+        raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
     dimensions = _optional(body, "dimensions", int, "a positive integer")
     if dimensions is not None and dimensions < 1:
-        raise _bad("dimensions", "'dimensions' must be a positive integer.")
+        raise invalid("dimensions", "'dimensions' must be a positive integer.")
     return EmbeddingRequest(
         body=body, model=_model(body), inputs=inputs, encoding_format=encoding,
         dimensions=dimensions,
@@ -181,7 +181,7 @@ def _embedding_inputs(raw: Any) -> list[str] | list[list[int]]:
             return [raw]
         if all(isinstance(t, list) and t and all(_token(i) for i in t) for t in raw):
             return raw
-    raise _bad("input", "'input' must be a string, a non-empty array of strings, an array of "
+    raise invalid("input", "'input' must be a string, a non-empty array of strings, an array of "
                         "token ids (integers >= 0), or an array of such arrays.")
 
 
@@ -192,7 +192,8 @@ def _token(value: Any) -> bool:
 # --- field checks ---------------------------------------------------------------------------
 
 
-def _bad(param: str, message: str) -> InvalidRequest:
+def invalid(param: str, message: str) -> InvalidRequest:
+    """A 400 naming the field at fault."""
     return InvalidRequest(message, param=param, code="invalid_value")
 
 
@@ -201,7 +202,7 @@ def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
     if value is None:
         return None
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-        raise _bad(key, f"'{key}' must be {what}, got {type(value).__name__}.")
+        raise invalid(key, f"'{key}' must be {what}, got {type(value).__name__}.")
     return value
 
 
@@ -210,11 +211,11 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     if fmt is None:
         return None
     if fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise _bad("response_format.type", "must be 'text', 'json_object' or 'json_schema'.")
+        raise invalid("response_format.type", "must be 'text', 'json_object' or 'json_schema'.")
     if fmt["type"] == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise _bad("response_format.json_schema",
+            raise invalid("response_format.json_schema",
                        "json_schema must be an object whose 'schema' is a JSON schema object.")
     return fmt  # type: ignore[no-any-return]
 
@@ -222,7 +223,7 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise _bad("model", "'model' is required and must be a non-empty string.")
+        raise invalid("model", "'model' is required and must be a non-empty string.")
     return model
 
 
@@ -238,13 +239,13 @@ def _include_usage(body: dict[str, Any]) -> bool:
 def _single_choice(body: dict[str, Any]) -> None:
     n = _optional(body, "n", int, "an integer")
     if n is not None and n != 1:
-        raise _bad("n", "Only n=1 is supported; send several requests for several answers.")
+        raise invalid("n", "Only n=1 is supported; send several requests for several answers.")
 
 
 def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
     value = _optional(body, key, (int, float), "a number")
     if value is not None and not low <= value <= high:
-        raise _bad(key, f"'{key}' must be between {low:g} and {high:g}.")
+        raise invalid(key, f"'{key}' must be between {low:g} and {high:g}.")
     return None if value is None else float(value)
 
 
@@ -253,12 +254,12 @@ def _sampling(body: dict[str, Any]) -> Sampling:
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", int, "an integer")
     if max_tokens is not None and max_tokens < 1:
-        raise _bad("max_tokens", "'max_tokens' must be at least 1.")
+        raise invalid("max_tokens", "'max_tokens' must be at least 1.")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise _bad("stop", "'stop' must be a string or an array of strings.")
+        raise invalid("stop", "'stop' must be a string or an array of strings.")
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -271,26 +272,26 @@ def _sampling(body: dict[str, Any]) -> Sampling:
 def _check_message(message: Any, i: int) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
-        raise _bad(where, f"{where} must be an object with 'role' and 'content'.")
+        raise invalid(where, f"{where} must be an object with 'role' and 'content'.")
     role = message.get("role")
     if not isinstance(role, str) or role not in ROLES:
-        raise _bad(f"{where}.role", f"{where}.role must be one of {sorted(ROLES)}.")
+        raise invalid(f"{where}.role", f"{where}.role must be one of {sorted(ROLES)}.")
     content = message.get("content")
     if content is None:
         if role != "assistant":
-            raise _bad(f"{where}.content", f"{where}.content is required for role {role!r}.")
+            raise invalid(f"{where}.content", f"{where}.content is required for role {role!r}.")
     elif isinstance(content, list):
         for j, part in enumerate(content):
             _check_part(part, f"{where}.content[{j}]")
     elif not isinstance(content, str):
-        raise _bad(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of parts.")
     for key in ("name", "tool_call_id"):
         if message.get(key) is not None and not isinstance(message[key], str):
-            raise _bad(f"{where}.{key}", f"{where}.{key} must be a string.")
+            raise invalid(f"{where}.{key}", f"{where}.{key} must be a string.")
     calls = message.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list):
-            raise _bad(f"{where}.tool_calls", "tool_calls must be an array.")
+            raise invalid(f"{where}.tool_calls", "tool_calls must be an array.")
         for j, call in enumerate(calls):
             _check_tool_call(call, f"{where}.tool_calls[{j}]")
 
@@ -298,23 +299,23 @@ def _check_message(message: Any, i: int) -> None:
 def _check_tool_call(call: Any, where: str) -> None:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise _bad(where, f"{where} needs function.name.")
+        raise invalid(where, f"{where} needs function.name.")
     if call.get("id") is not None and not isinstance(call["id"], str):
-        raise _bad(f"{where}.id", f"{where}.id must be a string.")
+        raise invalid(f"{where}.id", f"{where}.id must be a string.")
     if not isinstance(function.get("arguments", ""), str | dict):
-        raise _bad(f"{where}.function.arguments", "arguments must be a JSON string.")
+        raise invalid(f"{where}.function.arguments", "arguments must be a JSON string.")
 
 
 def _check_part(part: Any, where: str) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         if not isinstance(part.get("text"), str):
-            raise _bad(f"{where}.text", f"{where}.text must be a string.")
+            raise invalid(f"{where}.text", f"{where}.text must be a string.")
     elif kind == "image_url":
         if image_url(part) is None:
-            raise _bad(f"{where}.image_url", f"{where}.image_url.url must be a string.")
+            raise invalid(f"{where}.image_url", f"{where}.image_url.url must be a string.")
     elif not isinstance(kind, str):
-        raise _bad(where, f"{where} must be a content part object with a 'type'.")
+        raise invalid(where, f"{where} must be a content part object with a 'type'.")
 
 
 def image_url(part: dict[str, Any]) -> str | None:

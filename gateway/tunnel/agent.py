@@ -11,6 +11,7 @@ import asyncio
 import logging
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -67,17 +68,20 @@ class ReverseAgent:
         """Keep the forwards up for as long as the agent runs."""
         await keep_connected(self.ssh, self._session, lambda exc: None, "tunnel agent")
 
-    async def _session(self) -> None:
-        await self._serve(await connect(self.ssh))
+    async def _session(self) -> float:
+        """Connect and keep the forwards until the link drops; how long it was up."""
+        return await self._serve(await connect(self.ssh))
 
-    async def _serve(self, connection: asyncssh.SSHClientConnection) -> None:
+    async def _serve(self, connection: asyncssh.SSHClientConnection) -> float:
         try:
             await make_interactive(connection, self.ssh)
             await self._request(connection)
             log.info("tunnel agent: up: %s", "; ".join(map(str, self.forwards)))
             self.connected.set()
+            started = time.monotonic()
             await connection.wait_closed()
             log.warning("tunnel agent: the connection to %s dropped", self.ssh.host)
+            return time.monotonic() - started
         finally:
             self.connected.clear()
             connection.close()

@@ -67,12 +67,13 @@ class Tunnel:
         await self._hold_ports()
         await keep_connected(self.config, self._session, self._failed, f"tunnel {self.name}")
 
-    async def _session(self) -> None:
+    async def _session(self) -> float:
+        """Connect and serve until the link drops; how long it was up."""
         self._set("connecting")
         try:
             connection = await self._open()
             self.error = self.hint = ""
-            await self._serve(connection)
+            return await self._serve(connection)
         finally:
             self._first.set()
             self._set("backing_off")
@@ -122,8 +123,9 @@ class Tunnel:
                               f"tunnel {self.name}: {exc.strerror or exc}",
                               "another program took the port") from None
 
-    async def _serve(self, connection: asyncssh.SSHClientConnection) -> None:
-        """Until the link drops."""
+    async def _serve(self, connection: asyncssh.SSHClientConnection) -> float:
+        """Until the link drops; how long it was up."""
+        started = time.monotonic()
         self.connected = True
         log.info("tunnel %s is up (%s)", self.name, ", ".join(
             f"127.0.0.1:{self.ports[f.name]} → {f.remote_host}:{f.remote_port}"
@@ -146,6 +148,7 @@ class Tunnel:
         await self._hold_ports()
         log.warning("tunnel %s dropped; the backends behind it are out of rotation", self.name)
         await _notify(self.on_down, self)
+        return time.monotonic() - started
 
     async def _hold_ports(self) -> None:
         """Placeholders on every forward's port: connections are turned away at once."""

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -180,27 +179,28 @@ def _host_key_error(exc: asyncssh.DisconnectError, config: TunnelConfig, known_h
         'or set host_key = "accept-new" to trust it on first use')
 
 
-async def keep_connected(config: TunnelConfig, session: Callable[[], Awaitable[object]],
+async def keep_connected(config: TunnelConfig, session: Callable[[], Awaitable[float]],
                          on_failure: Callable[[Exception], None], label: str) -> NoReturn:
-    """Run ``session`` (connect, then serve until the link drops) again and again for ever,
-    with jittered backoff in between: the reconnect loop of both tunnel directions.
+    """Run ``session`` (connect, then serve until the link drops; how long the link was up)
+    again and again for ever, with jittered backoff in between: the reconnect loop of both
+    tunnel directions.
 
     A failure of any kind is told to ``on_failure`` and the loop goes on (it must outlive
     any surprise). A link that keeps dropping right after it is made is not redialled in a
-    tight loop: the backoff starts over only after a session that lasted ``backoff_max``.
+    tight loop: the backoff starts over only after a link that was up for ``backoff_max``.
     """
     attempt = 0
     while True:
-        started = time.monotonic()
+        up = 0.0
         try:
-            await session()
+            up = await session()
         except TunnelError as exc:
             log.warning("%s: %s", label, exc)
             on_failure(exc)
         except Exception as exc:
             log.exception("%s: unexpected failure", label)
             on_failure(exc)
-        if time.monotonic() - started >= config.backoff_max:
+        if up >= config.backoff_max:
             attempt = 0
         await asyncio.sleep(backoff(attempt, config.backoff_initial, config.backoff_max))
         attempt += 1

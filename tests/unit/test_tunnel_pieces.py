@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncssh
@@ -9,8 +10,9 @@ import pytest
 
 from gateway.backoff import backoff
 from gateway.config import ConfigError, TunnelConfig, parse_config
+from gateway.tunnel import ssh
 from gateway.tunnel.agent import RemoteForward, arguments
-from gateway.tunnel.ssh import _append_line, explain
+from gateway.tunnel.ssh import TunnelError, _append_line, explain
 
 TUNNEL = TunnelConfig(name="studio", host="studio.local", user="me", port=2222,
                       key_file="/k", password_env="PW", backoff_initial=0.5, backoff_max=30)
@@ -92,3 +94,26 @@ def test_a_backend_must_name_an_existing_forward() -> None:
         parse_config({"tunnels": [{"name": "t", "host": "h", "user": "u",
                                    "forwards": [{"name": "o", "remote_port": 1}]}],
                       "backends": [{"name": "b", "kind": "ollama", "tunnel": "t/x"}]})
+
+
+def test_the_backoff_starts_over_only_after_a_link_that_was_up_long_enough(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[int] = []
+    monkeypatch.setattr(ssh, "backoff", lambda attempt, *_: tried.append(attempt) or 0.0)
+    # Two failures (however slow), a link up briefly, one up for backoff_max, one more failure.
+    outcomes: list[float | Exception] = [TunnelError("refused"), TunnelError("timed out"), 1.0,
+                                         TUNNEL.backoff_max, TunnelError("refused")]
+
+    async def session() -> float:
+        if not outcomes:
+            raise asyncio.CancelledError  # the gateway is stopping
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    failures: list[Exception] = []
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(ssh.keep_connected(TUNNEL, session, failures.append, "test"))
+    assert tried == [0, 1, 2, 0, 1]
+    assert len(failures) == 3
