@@ -131,13 +131,16 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
     text, each tool result tied to the call it answers.
     """
     out: list[dict[str, Any]] = []
-    ids = (f"call_{n}" for n in itertools.count())
+    ids = itertools.count()
     open_calls: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}] must be an object with role and content")
         converted: dict[str, Any] = {"role": message.get("role"),
                                      "content": message.get("content") or ""}
+        if message.keys() <= _PLAIN and converted["role"] != "tool":  # the common case
+            out.append(converted)
+            continue
         images = _images(message.get("images"), f"messages[{i}].images")
         if images:
             converted["content"] = [{"type": "text", "text": converted["content"]}, *(
@@ -147,7 +150,7 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
         if calls:
             if not isinstance(calls, list):
                 raise bad(f"messages[{i}].tool_calls must be an array")
-            made = [_call(call, next(ids), f"messages[{i}]") for call in calls]
+            made = [_call(call, f"call_{next(ids)}", f"messages[{i}]") for call in calls]
             converted["tool_calls"] = made
             open_calls += [(c["id"], c["function"]["name"]) for c in made]
         if converted["role"] == "tool":
@@ -159,6 +162,9 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
                 converted["tool_call_id"] = match[0]
         out.append(converted)
     return out
+
+
+_PLAIN = frozenset({"role", "content"})  # a message with nothing else to convert
 
 
 def _call(call: Any, default_id: str, where: str) -> dict[str, Any]:
@@ -208,13 +214,14 @@ def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise bad("options must be an object")
-    rest = {k: v for k, v in options.items() if k not in OPENAI_FIELDS}
-    for option, field in OPENAI_FIELDS.items():
-        value = options.get(option)
-        if value is None or (option == "num_predict" and isinstance(value, int)
-                             and value <= 0):  # -1: no limit, -2: fill the context
-            continue
-        openai[field] = value
+    rest: dict[str, Any] = {}
+    for option, value in options.items():
+        field = OPENAI_FIELDS.get(option)
+        if field is None:
+            rest[option] = value
+        elif value is not None and not (option == "num_predict" and isinstance(value, int)
+                                        and value <= 0):  # -1: no limit, -2: to the end
+            openai[field] = value
     fields: dict[str, Any] = {"options": rest} if rest else {}
     for key in ("keep_alive", "think"):
         if body.get(key) is not None:
@@ -251,7 +258,7 @@ class OllamaStream:
         self._view = ReasoningView(reasoning)
         self._started = started  # time.perf_counter() when the request arrived
         self._first_at: float | None = None
-        self._calls = Completion()  # tool-call deltas, merged
+        self._calls: Completion | None = None  # tool-call deltas, merged (when there are)
         self._usage: Usage | None = None
         self._reason = "stop"
 
@@ -269,6 +276,7 @@ class OllamaStream:
         if chunk.finish_reason is not None:
             self._reason = "length" if chunk.finish_reason == "length" else "stop"
         if chunk.tool_calls:
+            self._calls = self._calls or Completion()
             self._calls.add(Chunk(tool_calls=chunk.tool_calls))
         thought, text = self._view.split(chunk)
         if not text and not thought:
@@ -280,7 +288,7 @@ class OllamaStream:
         ``x_gateway_*`` fields, which clients ignore).
         """
         out = b""
-        if self._calls.tool_calls and self._shape == "chat":
+        if self._calls is not None and self._shape == "chat":
             line = self._line("", "", done=False)
             line["message"]["tool_calls"] = tool_calls(self._calls)
             out = ndjson_line(line)
@@ -320,10 +328,11 @@ class OllamaStream:
         first = self._first_at or self._started
         usage = self._usage or Usage()
         return {"done_reason": self._reason,
-                "total_duration": _ns(now - self._started), "load_duration": 0,
+                "total_duration": int((now - self._started) * 1e9), "load_duration": 0,
                 "prompt_eval_count": usage.prompt_tokens,
-                "prompt_eval_duration": _ns(first - self._started),
-                "eval_count": usage.completion_tokens, "eval_duration": _ns(now - first)}
+                "prompt_eval_duration": int((first - self._started) * 1e9),
+                "eval_count": usage.completion_tokens,
+                "eval_duration": int((now - first) * 1e9)}
 
 
 def tool_calls(completion: Completion) -> list[dict[str, Any]]:
@@ -332,10 +341,6 @@ def tool_calls(completion: Completion) -> list[dict[str, Any]]:
         "index": i, "name": call["function"]["name"],
         "arguments": arguments_object(call["function"]["arguments"])}}
         for i, call in enumerate(completion.tool_calls)]
-
-
-def _ns(seconds: float) -> int:
-    return max(0, int(seconds * 1e9))
 
 
 def loaded(model: str, shape: Shape) -> dict[str, Any]:

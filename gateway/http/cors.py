@@ -24,6 +24,7 @@ EXPOSE_HEADERS = ("x-request-id, x-gateway-backend, x-gateway-model, x-gateway-a
                   "x-gateway-route, x-gateway-cache, x-gateway-qa, x-gateway-safety, "
                   "x-gateway-escalated, retry-after")
 MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
+HOSTS_KEPT = 64  # Host headers whose judgement is remembered
 
 
 # Origins on this machine: loopback pages, and the schemes desktop apps and IDE webviews
@@ -37,6 +38,7 @@ class Cors:
         self._origins = frozenset(origins)
         self._any = "*" in self._origins
         self._loopback_only = loopback_only  # no keys, on loopback: loopback names only
+        self._hosts: dict[str, bool] = {}  # Host headers judged so far (a few, repeated)
 
     def allowed(self, origin: str) -> bool:
         return self._any or origin in self._origins
@@ -48,7 +50,7 @@ class Cors:
                 not _LOCAL_ORIGIN.fullmatch(origin):
             return (f"Requests from web pages at {origin} are not allowed; list the origin "
                     "in [server] cors_origins to allow them.")
-        if self._loopback_only and not _loopback_name(request.host):
+        if self._loopback_only and not self._loopback(request.host):
             return (f"This gateway answers only requests addressed to this machine "
                     f"(localhost), not to {request.host!r}.")
         return None
@@ -70,6 +72,14 @@ class Cors:
                 "Vary": "Origin",
             })
         return response
+
+    def _loopback(self, host: str) -> bool:
+        known = self._hosts.get(host)
+        if known is None:
+            if len(self._hosts) >= HOSTS_KEPT:  # names made up to fill memory
+                self._hosts.clear()
+            known = self._hosts[host] = _loopback_name(host)
+        return known
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Headers for every answer to an allowed origin, streams included (an
