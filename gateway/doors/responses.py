@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.doors.responses_codec import ResponseStream, chat_body, new_response
+from gateway.doors.responses_answer import ResponseStream, new_response
+from gateway.doors.responses_request import chat_body
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.doors import anthropic_codec, ollama_codec, responses_codec
+from gateway.doors import anthropic_codec, ollama_codec, responses_request
 from gateway.errors import GatewayError
 from gateway.protocol.openai import parse_chat, parse_completion, parse_embedding
 
@@ -20,7 +20,7 @@ IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
 
 
 def _responses(body: dict[str, Any]) -> None:
-    chat, _ = responses_codec.chat_body(body, [])
+    chat, _ = responses_request.chat_body(body, [])
     parse_chat(chat)
 
 

@@ -1,0 +1,113 @@
+"""Configuration: TOML (stdlib ``tomllib``) validated into frozen dataclasses at load.
+
+Every error names the file, the key and what was expected, e.g.
+``configs/x.toml: backends[1].url: expected an http:// or https:// URL, got 'localhost'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config.routing import (
+    AliasConfig,
+    BreakerConfig,
+    DeploymentConfig,
+    ModelConfig,
+    PluginConfig,
+    RoutingConfig,
+)
+from gateway.config.serving import (
+    AuthConfig,
+    ReasoningMode,
+    ResponsesConfig,
+    ServerConfig,
+    is_loopback,
+    split_address,
+)
+from gateway.config.upstreams import (
+    BackendConfig,
+    BackendKind,
+    ForwardConfig,
+    Tier,
+    Timeouts,
+    TunnelConfig,
+)
+from gateway.typed_toml import ConfigError, build
+
+__all__ = [
+    "AliasConfig", "AuthConfig", "BackendConfig", "BackendKind", "BreakerConfig",
+    "ConfigError", "DeploymentConfig", "ForwardConfig", "GatewayConfig", "ModelConfig",
+    "PluginConfig", "ReasoningMode", "ResponsesConfig", "RoutingConfig", "ServerConfig",
+    "Tier", "Timeouts", "TunnelConfig", "is_loopback", "load_config", "parse_config",
+    "split_address",
+]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "gateway.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    tunnels: tuple[TunnelConfig, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    models: tuple[ModelConfig, ...] = ()
+    aliases: dict[str, AliasConfig] = field(default_factory=dict)
+    plugins: tuple[PluginConfig, ...] = ()
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    source: str = "<defaults>"
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        names = [b.name for b in self.backends]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                yield f"backends[{i}].name", f"duplicate backend name {name!r}"
+        forwards = {f"{t.name}/{f.name}" for t in self.tunnels for f in t.forwards}
+        for i, backend in enumerate(self.backends):
+            if backend.tunnel and backend.tunnel not in forwards:
+                yield f"backends[{i}].tunnel", f"no tunnel forward {backend.tunnel!r}"
+        tunnel_names = [t.name for t in self.tunnels]
+        for i, name in enumerate(tunnel_names):
+            if name in tunnel_names[:i]:
+                yield f"tunnels[{i}].name", f"duplicate tunnel name {name!r}"
+        taken = {self.server.port}
+        for i, tunnel in enumerate(self.tunnels):
+            for j, forward in enumerate(tunnel.forwards):
+                if forward.local_port and forward.local_port in taken:
+                    yield (f"tunnels[{i}].forwards[{j}].local_port",
+                           f"port {forward.local_port} is already used by the gateway")
+                taken.add(forward.local_port)
+        for i, model in enumerate(self.models):
+            for j, deployment in enumerate(model.deployments):
+                if deployment.backend not in names:
+                    yield (f"models[{i}].deployments[{j}].backend",
+                           f"no backend named {deployment.backend!r}")
+
+    def with_server(self, **changes: Any) -> GatewayConfig:
+        """A copy with some server settings replaced (CLI flags)."""
+        return dataclasses.replace(self, server=dataclasses.replace(self.server, **changes))
+
+
+def load_config(path: str | Path | None = None) -> GatewayConfig:
+    """Read and validate a TOML config; ``None`` means the embedded default."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> GatewayConfig:
+    """Validate an already-parsed TOML document."""
+    if "source" in data:
+        raise ConfigError(f"{source}: source: unknown key")
+    return build(GatewayConfig, {**data, "source": source}, source)

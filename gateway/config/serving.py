@@ -1,0 +1,109 @@
+"""Settings of how the gateway serves clients: where it listens, who may call it, how
+reasoning reaches them, and how long Responses API responses are kept.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+ReasoningMode = Literal["separate", "inline", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The listening side."""
+
+    host: str = "127.0.0.1"
+    port: int = 4000
+    max_body_bytes: int = 20 * 1024 * 1024  # images arrive base64-encoded in the body
+    shutdown_grace: float = 30.0  # in-flight streams get this long to finish on shutdown
+    # How reasoning text reaches clients: a reasoning_content delta, inline in <think> tags
+    # for clients that only read content, or not at all.
+    reasoning: ReasoningMode = "separate"
+    discovery_interval: float = 30.0
+    # Origins a browser app may call the gateway from ("https://app.example.com", or "*"
+    # for any); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # More addresses serving the same gateway, "host:port": "127.0.0.1:11434" on a machine
+    # without Ollama lets tools with Ollama's address built in use the gateway unchanged.
+    also_listen: tuple[str, ...] = ()
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every (host, port) to listen on, the main address first."""
+        return [(self.host, self.port), *(split_address(a) for a in self.also_listen)]
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if not 0 <= self.port <= 65535:
+            yield "port", "expected a TCP port 0-65535"
+        if self.max_body_bytes < 1024:
+            yield "max_body_bytes", "expected at least 1024"
+        if self.shutdown_grace < 0:
+            yield "shutdown_grace", "expected seconds >= 0"
+        if self.discovery_interval <= 0:
+            yield "discovery_interval", "expected seconds > 0"
+        for i, address in enumerate(self.also_listen):
+            try:
+                split_address(address)
+            except ValueError as exc:
+                yield f"also_listen[{i}]", str(exc)
+        for i, origin in enumerate(self.cors_origins):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                yield (f"cors_origins[{i}]", 'expected "*" or an origin like '
+                       f'"https://app.example.com" (scheme and host, no path), got {origin!r}')
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesConfig:
+    """Where Responses API responses are kept for ``previous_response_id``, and how long."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ttl: float = 3600.0  # seconds a stored response can be continued from
+    max_entries: int = 10_000  # memory backend
+    max_bytes: int = 256 * 1024 * 1024  # memory backend: all responses together
+    # One response with its whole conversation: a larger one is not kept (the log says so).
+    max_record_bytes: int = 4 * 1024 * 1024
+    timeout: float = 0.1  # the longest Redis may make a request wait
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for key in ("ttl", "timeout"):
+            if getattr(self, key) <= 0:
+                yield key, "expected seconds > 0"
+        for key in ("max_entries", "max_bytes", "max_record_bytes"):
+            if getattr(self, key) < 1:
+                yield key, "expected an integer >= 1"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Bearer API keys, stored only as SHA-256 hex digests (see ``gateway keys new``)."""
+
+    key_hashes: tuple[str, ...] = ()
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for i, digest in enumerate(self.key_hashes):
+            if not re.fullmatch(r"(sha256:)?[0-9a-f]{64}", digest):
+                yield f"key_hashes[{i}]", "expected a SHA-256 hex digest (gateway keys new)"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (an IPv6 host in brackets) → (host, port)."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "host:port", got {address!r}')
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the gateway on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,168 @@
+"""The Responses API's requests: ``instructions`` and ``input`` items (messages, function
+calls and their outputs) as the gateway's chat request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.protocol.openai import invalid
+
+
+def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The chat request for a Responses request continuing ``history`` (the messages of the
+    responses before it), and the conversation to keep with this response (the history and
+    this input; the instructions are not carried over, as OpenAI does not).
+    """
+    if "input" not in body:
+        raise invalid("input", "'input' is required: a string or an array of input items.")
+    if body.get("background"):
+        raise invalid("background", "Background responses are not supported by the gateway.")
+    conversation = [*history, *input_messages(body["input"])]
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise invalid("instructions", "'instructions' must be a string.")
+    chat: dict[str, Any] = {
+        "model": body.get("model"), "stream": body.get("stream", False),
+        "messages": [{"role": "system", "content": instructions}, *conversation]
+        if instructions else conversation}
+    if body.get("tools"):
+        chat["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    fmt = _format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
+    for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
+                         ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
+                         ("user", "user")):
+        if body.get(ours) is not None:
+            chat[theirs] = body[ours]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
+        chat["reasoning_effort"] = reasoning["effort"]
+    return chat, conversation
+
+
+def input_messages(items: Any) -> list[dict[str, Any]]:
+    """``input`` as chat messages: a string is one user message; items are messages,
+    function calls (joined to the assistant turn before them) and their outputs.
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise invalid("input", "'input' must be a string or an array of input items.")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(where, f"{where} must be an object.")
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            out.append({"role": item.get("role"),
+                        "content": _content(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function", "function": {
+                "name": _string(item, "name", where), "arguments": item.get("arguments") or "{}"}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                        "content": _tool_output(item.get("output"), where)})
+        elif kind == "reasoning":
+            continue  # a model's reasoning is not sent back to it
+        else:
+            raise invalid(f"{where}.type", f"{where}: input items of type {kind!r} are not "
+                                       "supported by the gateway.")
+    return out
+
+
+def _content(content: Any, where: str) -> Any:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            parts.append({"type": "text", "text": part["refusal"]})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif kind == "input_image":
+            raise invalid(f"{where}.content[{j}]", "Images must be sent as image_url (a data: "
+                                               "URL); file ids are not supported.")
+        else:
+            raise invalid(f"{where}.content[{j}]", f"{where}.content[{j}]: parts of type {kind!r} "
+                                               "are not supported by the gateway.")
+    return parts
+
+
+def _tool_output(output: Any, where: str) -> str:
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        texts = []
+        for j, part in enumerate(output):
+            if isinstance(part, dict) and part.get("type") == "input_text":
+                if not isinstance(part.get("text"), str):
+                    raise invalid(f"{where}.output[{j}].text", f"{where}.output[{j}].text must "
+                                                           "be a string.")
+                texts.append(part["text"])
+        return "".join(texts)
+    raise invalid(f"{where}.output", f"{where}.output must be a string or an array of parts.")
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise invalid(f"{where}.{key}", f"{where}.{key} is required (a string).")
+    return value
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise invalid("tools", "'tools' must be an array.")
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise invalid(f"tools[{i}]", f"The gateway cannot run the built-in tool {kind!r}: only "
+                                     "function tools ({'type': 'function', 'name': ...}) work.")
+        function: dict[str, Any] = {"name": _string(tool, "name", f"tools[{i}]"),
+                                    "parameters": tool.get("parameters") or
+                                    {"type": "object", "properties": {}}}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and \
+            isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'name': ...}.")
+
+
+def _format(text: Any) -> dict[str, Any] | None:
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    if fmt["type"] == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    raise invalid("text.format.type", "'text.format.type' must be 'text', 'json_object' or "
+                                  "'json_schema'.")
