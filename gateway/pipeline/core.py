@@ -46,20 +46,20 @@ class Pipeline:
         """The answer to a chat or text completion, in the shape the request asked for: a
         ``Streamed`` answer when it asked for a stream, else a ``Whole`` one.
         """
-        streamed: Answer | None = None
+        answer: Answer | None = None
         try:
             answered = await self._ask_plugins(ctx)
             if answered is not None:
-                streamed = self._deliver(ctx, *answered)
-                return streamed
+                answer = self._deliver(ctx, *answered)
+                return answer
             if ctx.req.stream and not ctx.buffered:
-                streamed = await self._stream(ctx)
-                return streamed
+                answer = await self._stream(ctx)
+                return answer
             completion, route = await self._whole(ctx)
-            streamed = self._deliver(ctx, completion, route)
-            return streamed
+            answer = self._deliver(ctx, completion, route)
+            return answer
         finally:
-            if not isinstance(streamed, Streamed):  # a stream is over when the door closes it
+            if not isinstance(answer, Streamed):  # a stream is over when the door closes it
                 self._finish(ctx)
 
     async def _ask_plugins(self, ctx: RequestContext
