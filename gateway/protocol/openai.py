@@ -159,9 +159,7 @@ def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
-    dimensions = _optional(body, "dimensions", int, "a positive integer")
-    if dimensions is not None and dimensions < 1:
-        raise invalid("dimensions", "'dimensions' must be a positive integer.")
+    dimensions = _integer(body, "dimensions", 1, 65_536)
     return EmbeddingRequest(
         body=body, model=_model(body), inputs=inputs, encoding_format=encoding,
         dimensions=dimensions,
@@ -201,7 +199,8 @@ def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
     value = body.get(key)
     if value is None:
         return None
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         raise invalid(key, f"'{key}' must be {what}, got {type(value).__name__}.")
     return value
 
@@ -249,12 +248,24 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
     return None if value is None else float(value)
 
 
+MAX_TOKENS = 10_000_000  # past any model's window: a number this large is a mistake
+INT64 = 2**63
+
+
+def _integer(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = _optional(body, key, int, "an integer")
+    if value is not None and not low <= value <= high:
+        raise invalid(key, f"'{key}' must be between {low} and {high}.")
+    return value  # type: ignore[no-any-return]
+
+
 def _sampling(body: dict[str, Any]) -> Sampling:
-    max_tokens = _optional(body, "max_completion_tokens", int, "an integer")
+    max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS)
     if max_tokens is None:
-        max_tokens = _optional(body, "max_tokens", int, "an integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise invalid("max_tokens", "'max_tokens' must be at least 1.")
+        max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS)
+    for key in ("frequency_penalty", "presence_penalty"):
+        _number(body, key, -2.0, 2.0)
+    _integer(body, "top_logprobs", 0, 20)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -265,7 +276,7 @@ def _sampling(body: dict[str, Any]) -> Sampling:
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
         stop=stop or None,
-        seed=_optional(body, "seed", int, "an integer"),
+        seed=_integer(body, "seed", -INT64, INT64 - 1),
     )
 
 

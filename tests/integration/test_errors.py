@@ -90,6 +90,15 @@ async def test_malformed_json_is_a_400(http: aiohttp.ClientSession) -> None:
         ({"model": "qwq:32b", "messages": USER, "stop": [1]}, "stop"),
         ({"model": "qwq:32b", "messages": USER, "n": 3}, "n"),
         ({"model": "qwq:32b", "messages": USER, "tools": [{"type": "function"}]}, "tools[0]"),
+        ({"model": "qwq:32b", "messages": [{"role": [], "content": "hi"}]}, "messages[0].role"),
+        ({"model": "qwq:32b", "messages": [{"role": {}, "content": "hi"}]}, "messages[0].role"),
+        # A JSON true is not a number, and numbers have bounds.
+        ({"model": "qwq:32b", "messages": USER, "temperature": True}, "temperature"),
+        ({"model": "qwq:32b", "messages": USER, "max_tokens": True}, "max_tokens"),
+        ({"model": "qwq:32b", "messages": USER, "max_tokens": 10**12}, "max_tokens"),
+        ({"model": "qwq:32b", "messages": USER, "seed": 2**63}, "seed"),  # past int64
+        ({"model": "qwq:32b", "messages": USER, "top_logprobs": 99}, "top_logprobs"),
+        ({"model": "qwq:32b", "messages": USER, "presence_penalty": 9}, "presence_penalty"),
     ],
 )
 async def test_missing_or_wrong_typed_fields_are_a_400_naming_the_field(
@@ -108,6 +117,10 @@ async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession) -
                                  {"model": "nomic-embed-text", "input": "x",
                                   "encoding_format": "hex"})
     assert_error(status, body, 400, param="encoding_format")
+    for dimensions in (0, True, 10**7):
+        status, body, _ = await post(http, "/v1/embeddings", {
+            "model": "nomic-embed-text", "input": "x", "dimensions": dimensions})
+        assert_error(status, body, 400, param="dimensions")
 
 
 async def test_unknown_model_is_a_404_model_not_found(http: aiohttp.ClientSession) -> None:
