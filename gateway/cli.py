@@ -25,8 +25,9 @@ from gateway.config import (
     load_config,
 )
 from gateway.http.middlewares import key_digest
+from gateway.http.server import GatewayRunner
 from gateway.report import print_catalog
-from gateway.runtime import new_event_loop
+from gateway.runtime import new_event_loop, until_signalled
 
 log = logging.getLogger("gateway")
 
@@ -146,20 +147,28 @@ def run(config: GatewayConfig, more: list[socket.socket] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_grace`` to finish.
     ``more``: listening sockets serving the gateway too (``[server] also_listen``).
     """
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serving(config, more or []))
+    finally:
+        loop.close()
+
+
+async def _serving(config: GatewayConfig, more: list[socket.socket]) -> None:
     server = config.server
-    log.info("gateway listening on %s (config %s)", ", ".join(
-        f"http://{host}:{port}" for host, port in server.addresses()), config.source)
-    web.run_app(
-        create_app(config),
-        host=server.host,
-        port=server.port,
-        sock=more or None,
-        shutdown_timeout=server.shutdown_grace,
-        handler_cancellation=True,  # a client that hangs up cancels its upstream request
-        access_log=None,
-        print=None,
-        loop=new_event_loop(),
-    )
+    runner = GatewayRunner(create_app(config), access_log=None,
+                           handler_cancellation=True,  # a client that hangs up cancels
+                           shutdown_timeout=server.shutdown_grace)  # its upstream request
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, server.host, server.port).start()
+        for sock in more:
+            await web.SockSite(runner, sock).start()
+        log.info("gateway listening on %s (config %s)", ", ".join(
+            f"http://{host}:{port}" for host, port in server.addresses()), config.source)
+        await until_signalled()
+    finally:
+        await runner.cleanup()  # stops accepting, then lets requests in flight finish
 
 
 def _demo(args: argparse.Namespace) -> int:

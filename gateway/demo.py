@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from gateway.runtime import new_event_loop
+from gateway.http.server import GatewayRunner
+from gateway.runtime import new_event_loop, until_signalled
 from gateway.sim import create_ollama_app, create_openai_app, seed_fleet, start_site
 
 PACE = {"ttft": 0.25, "tokens_per_s": 30.0}  # a workstation-like feel when streaming
@@ -37,18 +36,14 @@ async def _demo(config: GatewayConfig) -> None:
             create_openai_app(fleet["mlx"], flavor="mlx")
         runners.append(await start_site(app, host, port))
         print(f"simulated {backend.kind:<6} ({backend.name}) on {backend.url}")
-    gateway = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None,
+    gateway = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None,
                             shutdown_timeout=config.server.shutdown_grace)
     await gateway.setup()
     await web.TCPSite(gateway, config.server.host, config.server.port).start()
     base = f"http://{config.server.host}:{config.server.port}"
     print(_EXAMPLES.format(base=base), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await gateway.cleanup()
         for runner in runners:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
+from gateway.http.server import GatewayRunner
 
 
 def free_port() -> int:
@@ -51,7 +52,7 @@ class ServerThread:
 
     async def _start(self) -> None:
         self.app = self._make_app()
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+        self._runner = GatewayRunner(self.app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=self._shutdown_timeout)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()

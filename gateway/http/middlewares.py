@@ -77,9 +77,19 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
                 raise GatewayError(refusal, status=403, type="permission_error",
                                    code="origin_not_allowed")
             request[TENANT] = authenticate(request, digests)
+            check_body(request, request.app[CONFIG].server.max_body_bytes)
             response = await handler(request)
         except GatewayError as exc:
             response = shaped(request, exc)
+        except web.RequestPayloadError:
+            # The body could not be read (its Content-Encoding does not decode, say): the
+            # connection cannot be used again, and what is left of the body is not worth
+            # reading (it ends as read, so aiohttp does not try).
+            request.content.feed_eof()
+            response = shaped(request, InvalidRequest(
+                "The request body could not be read: its Content-Encoding does not decode.",
+                code="bad_body"))
+            response.force_close()
         except web.HTTPException as exc:
             response = _http_exception(request, exc, shaped)
         except Exception:
@@ -88,9 +98,29 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
                 "The gateway failed to handle this request.", code="internal_error"))
         if not response.prepared:  # a stream sets it before its headers go out
             response.headers["x-request-id"] = request_id
+            if response.status in (413, 415):
+                response.force_close()  # the body was not read: the connection is spent
         return response
 
     return middleware
+
+
+# Content-Encodings of request bodies the gateway decodes.
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+
+
+def check_body(request: web.Request, limit: int) -> None:
+    """Refuse, before a byte of it is read, a body the gateway cannot take: larger than
+    ``limit`` by its declared length, or in an encoding it cannot decode.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise GatewayError(f"The request body's Content-Encoding {encoding!r} cannot be "
+                           "decoded here: send it plain, or compressed with gzip or deflate.",
+                           status=415, type="invalid_request_error",
+                           code="unsupported_encoding")
 
 
 def authenticate(request: web.Request, digests: frozenset[str]) -> str:
@@ -110,7 +140,8 @@ def authenticate(request: web.Request, digests: frozenset[str]) -> str:
 
 
 def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    """The SHA-256 of a key (bytes that were not UTF-8 count as they came)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _http_exception(request: web.Request, exc: web.HTTPException,

@@ -1,0 +1,130 @@
+"""Requests that are not well-formed HTTP, or whose body cannot be read, sent over a raw
+socket as a probe would: each gets an error in OpenAI's shape, the connection is closed
+cleanly (never left broken for the next request), and no header value reaches the log.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+SECRET = "sk-live-0123456789abcdef"
+CHAT = {"model": "phi3.5:3.8b", "messages": [{"role": "user", "content": "Hello"}]}
+
+
+@pytest.fixture
+def keyed(ollama_sim: Sim) -> Iterator[ServerThread]:
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        auth={"key_hashes": [hashlib.sha256(SECRET.encode()).hexdigest()]}))
+    yield server
+    server.stop()
+
+
+def exchange(server: ServerThread, raw: bytes, *, then_closed: bool = False
+             ) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw``; the status, headers and body of the one answer to it (and, when
+    ``then_closed``, check that the server then closed the connection).
+    """
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed without an answer"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip()
+                   for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += sock.recv(65536)
+        if then_closed:
+            sock.settimeout(3)
+            assert sock.recv(1) == b"", "the connection was left open"
+    return int(lines[0].split()[1]), headers, body
+
+
+def post(body: bytes, *extra: str) -> bytes:
+    head = ["POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1",
+            "Content-Type: application/json", f"Content-Length: {len(body)}",
+            f"Authorization: Bearer {SECRET}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def openai_error(body: bytes) -> dict[str, object]:
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_does_not_decompress_is_a_400_on_a_closed_connection(
+        keyed: ServerThread, encoding: str, caplog: pytest.LogCaptureFixture) -> None:
+    status, headers, body = exchange(keyed, post(b"this is not compressed",
+                                                 f"Content-Encoding: {encoding}"),
+                                     then_closed=True)
+    assert status == 400 and headers.get("connection") == "close"
+    assert openai_error(body)["code"] == "bad_body"
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback
+
+
+def test_a_compressed_body_that_decompresses_is_answered(keyed: ServerThread) -> None:
+    status, _, body = exchange(keyed, post(gzip.compress(json.dumps(CHAT).encode()),
+                                           "Content-Encoding: gzip", "Connection: close"))
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "br", "compress"])
+def test_an_encoding_the_gateway_cannot_decode_is_a_415(keyed: ServerThread,
+                                                        encoding: str) -> None:
+    status, _, body = exchange(keyed, post(b"\x28\xb5\x2f\xfd", f"Content-Encoding: {encoding}"))
+    assert status == 415
+    assert openai_error(body)["code"] == "unsupported_encoding"
+
+
+def test_a_key_that_is_not_utf8_is_refused_not_crashed_on(keyed: ServerThread) -> None:
+    raw = post(json.dumps(CHAT).encode()).replace(SECRET.encode(), b"sk-\xff\xfe")
+    status, _, body = exchange(keyed, raw)
+    assert status == 401 and openai_error(body)["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("raw", [
+    b"GE\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",  # a method HTTP does not have
+    f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\x01x"
+    "\r\n\r\n".encode(),  # a bad character in a header carrying a key
+    b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a URL too long
+    b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+], ids=["method", "header-character", "url-length", "header-count"])
+def test_what_aiohttp_refuses_comes_in_openais_shape_and_no_header_is_logged(
+        keyed: ServerThread, raw: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    status, _, body = exchange(keyed, raw, then_closed=True)
+    assert status == 400
+    error = openai_error(body)
+    assert error["type"] == "invalid_request_error"
+    assert SECRET not in body.decode("latin-1")
+    logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    assert SECRET not in logged
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
+        ollama_sim: Sim) -> None:
+    server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                                          server={"max_body_bytes": 4096}))
+    try:
+        head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n")
+        status, headers, body = exchange(server, head.encode())  # and not one byte of it
+        assert status == 413 and headers.get("connection") == "close"
+        assert openai_error(body)["code"] == "request_too_large"
+    finally:
+        server.stop()
