@@ -27,7 +27,7 @@ from gateway.errors import (
     from_upstream_status,
 )
 from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_lines
-from gateway.protocol.units import Chunk
+from gateway.protocol.units import Chunk, Completion
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,10 @@ class HttpBackend:
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}  # parsed once, not on every request
         limits = config.timeouts
-        # A streamed answer sends headers at once, then keeps talking: sock_read bounds the
-        # wait for headers (the line reader enforces the shorter idle limit between chunks).
-        # A whole answer sends headers only when generation is done: only `total` applies.
+        # Answers are always asked for as streams, which send headers at once and then keep
+        # talking: sock_read bounds the wait for headers (the line reader enforces the
+        # shorter idle limit between chunks). Other calls (embeddings, /api/show) send their
+        # headers when their work is done: only `total` bounds them.
         self._timeouts = {
             "stream": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect,
                                             sock_read=limits.headers),
@@ -131,38 +132,38 @@ class HttpBackend:
                                 backend=self.name) from None
 
     async def generate(self, path: str, payload: dict[str, Any], translator: Translator,
-                       decode: Decoder) -> AsyncGenerator[Chunk]:
-        """The answer to ``payload`` as chunks, streamed or whole as ``payload["stream"]``
-        says. Events that cannot be understood are skipped; an answer that ends before its
-        finish is an error, never a shorter answer.
+                       decode: Decoder, *, whole: bool = False) -> AsyncGenerator[Chunk]:
+        """The answer to ``payload`` as chunks. The upstream is always asked for a stream, so
+        a backend that accepts and then falls silent is found out within the header and
+        idle limits, never only at ``total``; a ``whole`` answer is the stream collected
+        here, and comes as one chunk and its finish. Events that cannot be understood are
+        skipped; an answer that ends before its finish is an error, never a shorter answer.
         """
-        stream = bool(payload["stream"])
-        async with self.request("POST", path, payload,
-                                timeout="stream" if stream else "whole") as response:
-            if not stream:
-                try:
-                    yield translator.chunk(await self.read_json(response))
-                except MalformedEvent as exc:
-                    raise UpstreamError(f"{self.name} sent an answer of the wrong shape: {exc}",
-                                        backend=self.name) from None
-            else:
-                try:
-                    async for obj in decode(self.lines(response)):
-                        try:
-                            chunk = translator.chunk(obj)
-                        except MalformedEvent:
-                            log.warning("backend %s: skipped a malformed stream event", self.name)
-                            continue
+        collected = Completion() if whole else None
+        async with self.request("POST", path, payload, timeout="stream") as response:
+            try:
+                async for obj in decode(self.lines(response)):
+                    try:
+                        chunk = translator.chunk(obj)
+                    except MalformedEvent:
+                        log.warning("backend %s: skipped a malformed stream event", self.name)
+                        continue
+                    if collected is None:
                         yield chunk
-                        if translator.complete:
-                            break
-                except IdleTimeout:
-                    if not translator.finished:  # silent after the finish: the answer is whole
-                        raise
-                await _drain(response)
+                    else:
+                        collected.add(chunk)
+                    if translator.complete:
+                        break
+            except IdleTimeout:
+                if not translator.finished:  # silent after the finish: the answer is whole
+                    raise
+            await _drain(response)
         if not translator.finished:
             raise UpstreamError(f"{self.name} ended the answer before it was complete",
                                 backend=self.name, code="upstream_truncated")
+        if collected is not None:
+            for chunk in collected.chunks():
+                yield chunk
 
     def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         return iter_lines(response.content, self.config.timeouts.idle)

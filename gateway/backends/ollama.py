@@ -54,13 +54,13 @@ class OllamaBackend(HttpBackend):
         payload = ollama.chat_payload(req, model, self.config.keep_alive,
                                       thinks=model in self._thinkers)
         return self.generate("/api/chat", payload, ollama.OllamaTranslator(self.name),
-                             decode_ndjson)
+                             decode_ndjson, whole=not req.stream)
 
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
         payload = ollama.generate_payload(req, model, self.config.keep_alive,
                                           thinks=model in self._thinkers)
         return self.generate("/api/generate", payload, ollama.OllamaTranslator(self.name),
-                             decode_ndjson)
+                             decode_ndjson, whole=not req.stream)
 
     async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult:
         if req.token_ids:

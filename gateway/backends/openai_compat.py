@@ -44,11 +44,12 @@ class OpenAICompatBackend(HttpBackend):
     def chat(self, req: ChatRequest, model: str) -> AsyncGenerator[Chunk]:
         payload = self._payload(req, model)
         return self.generate("/chat/completions", payload, OpenAITranslator(self.name),
-                             decode_sse)
+                             decode_sse, whole=not req.stream)
 
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
         payload = self._payload(req, model)
-        return self.generate("/completions", payload, OpenAITranslator(self.name), decode_sse)
+        return self.generate("/completions", payload, OpenAITranslator(self.name), decode_sse,
+                             whole=not req.stream)
 
     async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult:
         payload: dict[str, Any] = {"model": model, "input": req.inputs, "encoding_format": "float"}
@@ -68,9 +69,8 @@ class OpenAICompatBackend(HttpBackend):
         body = req.body
         payload = {k: v for k, v in body.items() if k not in _GATEWAY_SET}
         payload["model"] = model
-        payload["stream"] = req.stream
-        if req.stream:
-            payload["stream_options"] = {"include_usage": True}
+        payload["stream"] = True  # a whole answer is the collected stream
+        payload["stream_options"] = {"include_usage": True}
         if self.config.max_tokens_param == "as_sent":
             for key in ("max_tokens", "max_completion_tokens"):
                 if body.get(key) is not None:

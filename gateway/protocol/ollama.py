@@ -50,7 +50,7 @@ def chat_payload(req: ChatRequest, model: str, keep_alive: str, *, thinks: bool)
     payload: dict[str, Any] = {
         "model": model,
         "messages": messages(req.messages),
-        "stream": req.stream,
+        "stream": True,  # a whole answer is the collected stream
     }
     opts = options(req.sampling, req.body)
     if opts:
@@ -72,7 +72,7 @@ def chat_payload(req: ChatRequest, model: str, keep_alive: str, *, thinks: bool)
 
 def generate_payload(req: CompletionRequest, model: str, keep_alive: str, *,
                      thinks: bool) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": model, "prompt": req.prompt, "stream": req.stream}
+    payload: dict[str, Any] = {"model": model, "prompt": req.prompt, "stream": True}
     if req.suffix is not None:
         payload["suffix"] = req.suffix
     opts = options(req.sampling, req.body)

@@ -117,7 +117,7 @@ class RoutedAnswer:
             if self._streamed:
                 async with asyncio.timeout(limit):
                     first = await _first(stream, lease.deployment)
-            else:  # a whole answer: the backend's `total` bounds it
+            else:  # a whole answer comes at its end: the header and idle limits bound it
                 first = await _first(stream, lease.deployment)
         except TimeoutError:
             error: GatewayError = UpstreamTimeout(

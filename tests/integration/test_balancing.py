@@ -19,8 +19,10 @@ def served_by(fleet: Fleet) -> collections.Counter[str]:
 
 
 async def test_two_hosts_share_concurrent_load(fleet: Fleet) -> None:
+    # Equal hosts, with a time to first token as real ones have (the latency the balancer
+    # weighs; a simulator's bare millisecond would be the machine's noise alone).
     for host in (fleet.primary, fleet.secondary):
-        host.fault(MODEL, tokens_per_s=100)
+        host.fault(MODEL, tokens_per_s=100, ttft=0.05)
     gateway = start_gateway(fleet_config(fleet))
     try:
         replies = await asyncio.gather(*(ask(gateway, MODEL) for _ in range(24)))

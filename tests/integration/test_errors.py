@@ -213,11 +213,14 @@ async def test_connection_reset_before_headers_is_a_502(
     assert (await post(http, CHAT, {"model": "phi3.5:3.8b", "messages": USER}))[0] == 200
 
 
-@pytest.mark.parametrize(("stream", "limit"), [(True, 1.0), (False, 3.0)])
+@pytest.mark.parametrize("stream", [True, False])
 async def test_silent_upstream_is_a_504_within_its_timeout(
-    http: aiohttp.ClientSession, ollama_sim: Sim, stream: bool, limit: float
+    http: aiohttp.ClientSession, ollama_sim: Sim, stream: bool
 ) -> None:
-    # A stream must start within `headers`; a whole answer may take up to `total`.
+    # Streamed or whole (a whole answer is a collected stream), an answer must start
+    # within `headers`: a backend that accepts and then hangs is found out in a second,
+    # not when `total` (3 s here, 600 s by default) runs out.
+    limit = 1.0
     ollama_sim.fault("qwq:32b", no_response=True)
     started = time.monotonic()
     status, body, _ = await post(http, CHAT, {"model": "qwq:32b", "messages": USER,
@@ -232,8 +235,9 @@ async def test_silent_upstream_is_a_504_within_its_timeout(
 async def test_a_whole_answer_may_take_longer_than_the_header_timeout(
     http: aiohttp.ClientSession, ollama_sim: Sim
 ) -> None:
-    # Ollama sends the headers of a non-streamed answer only when generation is done.
-    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=15)  # ~2 s for the answer, headers after it
+    # A whole answer that keeps coming (the gateway reads it as a stream) may take longer
+    # than `headers` (1 s here): only silence counts against it.
+    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=15)  # ~2 s for the answer
     started = time.monotonic()
     status, body, _ = await post(http, CHAT, {"model": "phi3.5:3.8b", "messages": USER})
     assert status == 200, body
