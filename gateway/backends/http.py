@@ -240,7 +240,12 @@ def _translate(backend: str, exc: Exception, *, started: bool) -> Exception:
     if isinstance(exc, LineTooLong):
         return UpstreamError(f"{backend} sent {exc}", backend=backend)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError(f"cannot connect to backend {backend}: {exc.strerror or exc}",
+        # The client hears why in words, never the backend's address ("Connect call failed
+        # ('127.0.0.1', 47102)"); the log has it all.
+        log.info("backend %s: cannot connect: %s", backend, exc)
+        errno = exc.os_error.errno if exc.os_error else None
+        why = os.strerror(errno).lower() if errno else "the connection failed"
+        return UpstreamError(f"cannot connect to backend {backend}: {why}",
                              backend=backend, code="backend_unreachable")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return UpstreamError(f"backend {backend} broke off the connection "

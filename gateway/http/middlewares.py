@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import orjson
@@ -65,6 +66,7 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
         supplied = request.headers.get("x-request-id", "")
         request_id = request[REQUEST_ID] = \
             supplied if _CLIENT_ID.fullmatch(supplied) else unique_id()
@@ -100,6 +102,9 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
             response.headers["x-request-id"] = request_id
             if response.status in (413, 415):
                 response.force_close()  # the body was not read: the connection is spent
+        if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)
+            log.debug("%s %s %s: %d in %.1f ms", request_id, request.method, request.path,
+                      response.status, (time.perf_counter() - started) * 1000)
         return response
 
     return middleware

@@ -138,6 +138,9 @@ class Attempts:
         lease.started = time.monotonic()  # after any wait in line: that is not latency
         self.count += 1
         self._current = lease
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("attempt %d: %s/%s (%s)", self.count, *_key(lease.deployment),
+                      lease.candidate.reason)
         return lease
 
     async def again(self, lease: Lease, error: GatewayError) -> Lease:

@@ -262,3 +262,29 @@ def test_an_also_listen_address_in_use_is_a_clear_refusal(tmp_path: Path, ollama
                                  str(free_port())], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_log_level_debug_shows_each_request_and_attempt(tmp_path: Path, ollama_sim: Sim,
+                                                        mlx_sim: Sim) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
+    process = subprocess.Popen([*GATEWAY, "--log-level", "debug", "serve", "--config",
+                                str(config), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", process)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": "qwq:32b", "messages": [
+                {"role": "user", "content": "Hello"}]}).encode(),
+            headers={"Content-Type": "application/json", "x-request-id": "trace-7",
+                     "Authorization": "Bearer sk-not-for-the-log"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=15)
+    debug = [line for line in output.splitlines() if " DEBUG " in line]
+    assert any("trace-7 POST /v1/chat/completions: 200" in line for line in debug), output
+    assert any("attempt 1: ollama/qwq:32b" in line for line in debug), output
+    assert "sk-not-for-the-log" not in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import aiohttp
@@ -34,6 +35,15 @@ def test_a_client_request_id_is_kept(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="qwq:32b", messages=USER, extra_headers={"x-request-id": "trace-42"})
     assert raw.headers["x-request-id"] == "trace-42"
+
+
+@pytest.mark.parametrize("supplied", ["a" * 129, "two words", "back\\\\slash", "x;y=1"])
+def test_a_client_request_id_that_could_mislead_a_log_is_replaced(
+        client: openai.OpenAI, supplied: str) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="qwq:32b", messages=USER, extra_headers={"x-request-id": supplied})
+    kept = raw.headers["x-request-id"]
+    assert kept != supplied and re.fullmatch(r"[0-9a-f]{22}", kept)  # the gateway's own
 
 
 async def test_health_reports_each_backend_without_error_details(
