@@ -26,6 +26,7 @@ from gateway.doors import anthropic, ollama, openai, responses
 from gateway.http import health as health_endpoint
 from gateway.http import middlewares
 from gateway.http.cors import Cors
+from gateway.http.middlewares import BodyBudget
 from gateway.keys import (
     BACKENDS,
     CATALOG,
@@ -67,8 +68,10 @@ def create_app(config: GatewayConfig) -> web.Application:
         is_loopback(host) for host, _ in config.server.addresses()))
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[middlewares.gateway_middleware(config.auth.key_hashes, cors, shapes=[
-            ("/api/", ollama.error_response), ("/v1/messages", anthropic.error_response)])],
+        middlewares=[middlewares.gateway_middleware(
+            config.auth.key_hashes, cors, BodyBudget(config.server.bodies_in_flight_bytes),
+            shapes=[("/api/", ollama.error_response),
+                    ("/v1/messages", anthropic.error_response)])],
     )
     if config.server.cors_origins:
         app.on_response_prepare.append(cors.on_prepare)

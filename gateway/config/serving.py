@@ -20,6 +20,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 4000
     max_body_bytes: int = 20 * 1024 * 1024  # images arrive base64-encoded in the body
+    body_timeout: float = 30.0  # the longest a request body may take to arrive
+    # Request bodies held at once, all requests together (a body of unknown length counts
+    # as max_body_bytes): past it, requests are turned away (503) rather than buffered.
+    bodies_in_flight_bytes: int = 256 * 1024 * 1024
     shutdown_grace: float = 30.0  # in-flight streams get this long to finish on shutdown
     # How reasoning text reaches clients: a reasoning_content delta, inline in <think> tags
     # for clients that only read content, or not at all.
@@ -41,6 +45,10 @@ class ServerConfig:
             yield "port", "expected a TCP port 0-65535"
         if self.max_body_bytes < 1024:
             yield "max_body_bytes", "expected at least 1024"
+        if self.body_timeout <= 0:
+            yield "body_timeout", "expected seconds > 0"
+        if self.bodies_in_flight_bytes < self.max_body_bytes:
+            yield "bodies_in_flight_bytes", "expected at least max_body_bytes"
         if self.shutdown_grace < 0:
             yield "shutdown_grace", "expected seconds >= 0"
         if self.discovery_interval <= 0:

@@ -7,11 +7,13 @@ the default).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import orjson
 from aiohttp import web
@@ -23,6 +25,7 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    Unavailable,
 )
 from gateway.http.cors import Cors
 from gateway.keys import CONFIG, REQUEST_ID, TENANT
@@ -48,7 +51,7 @@ def error_response(error: GatewayError) -> web.Response:
 ErrorShape = Callable[[GatewayError], web.Response]
 
 
-def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
+def gateway_middleware(key_hashes: Iterable[str], cors: Cors, bodies: BodyBudget,
                        shapes: Sequence[tuple[str, ErrorShape]] = ()) -> Middleware:
     """Request id, the browser guard and CORS preflights, API-key auth and the error
     envelope, in one layer (one per request is measurably cheaper than several). ``shapes``:
@@ -79,8 +82,14 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
                 raise GatewayError(refusal, status=403, type="permission_error",
                                    code="origin_not_allowed")
             request[TENANT] = authenticate(request, digests)
-            check_body(request, request.app[CONFIG].server.max_body_bytes)
-            response = await handler(request)
+            server = request.app[CONFIG].server
+            check_body(request, server.max_body_bytes)
+            if request.body_exists:
+                with bodies.holding(request.content_length or server.max_body_bytes):
+                    await read_body(request, server.body_timeout)
+                    response = await handler(request)
+            else:
+                response = await handler(request)
         except GatewayError as exc:
             response = shaped(request, exc)
         except web.RequestPayloadError:
@@ -100,7 +109,7 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
                 "The gateway failed to handle this request.", code="internal_error"))
         if not response.prepared:  # a stream sets it before its headers go out
             response.headers["x-request-id"] = request_id
-            if response.status in (413, 415):
+            if response.status in (408, 413, 415):
                 response.force_close()  # the body was not read: the connection is spent
         if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)
             log.debug("%s %s %s: %d in %.1f ms", request_id, request.method, request.path,
@@ -108,6 +117,39 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors,
         return response
 
     return middleware
+
+
+class BodyBudget:
+    """The bytes of request bodies held at once, all requests together, bounded: a flood of
+    large (or never-ending) uploads is turned away instead of filling memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[None]:
+        if self.held + size > self.limit:
+            raise Unavailable("Too many large request bodies are being received at once; "
+                              "retry shortly.", retry_after=1, code="bodies_in_flight")
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
+async def read_body(request: web.Request, patience: float) -> None:
+    """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds."""
+    try:
+        async with asyncio.timeout(patience):
+            await request.read()
+    except TimeoutError:
+        request.content.feed_eof()  # no lingering for the rest: it is not coming
+        raise GatewayError(f"The request body did not arrive within {patience:g} seconds.",
+                           status=408, type="invalid_request_error",
+                           code="body_timeout") from None
 
 
 # Content-Encodings of request bodies the gateway decodes.

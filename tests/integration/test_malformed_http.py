@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -128,3 +129,38 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
         assert openai_error(body)["code"] == "request_too_large"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def impatient(ollama_sim: Sim) -> Iterator[ServerThread]:
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        server={"body_timeout": 1.0, "max_body_bytes": 8192,
+                "bodies_in_flight_bytes": 12288}))
+    yield server
+    server.stop()
+
+
+def test_a_body_that_never_ends_is_a_408_within_the_body_timeout(
+        impatient: ServerThread) -> None:
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "5\r\n{\"mod\r\n")  # ... and then nothing more, ever
+    status, _, body = exchange(impatient, head.encode(), then_closed=True)
+    assert status == 408 and openai_error(body)["code"] == "body_timeout"
+
+
+def test_bodies_in_flight_past_the_budget_are_turned_away(impatient: ServerThread) -> None:
+    # One upload of 8 KB is under way (slowly); a second would pass the 12 KB budget.
+    slow = socket.create_connection(("127.0.0.1", impatient.port), timeout=10)
+    try:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 8000\r\n\r\n{")
+        time.sleep(0.2)  # the gateway is holding it
+        status, headers, body = exchange(impatient, post(b"x" * 8000))
+        assert status == 503 and headers["retry-after"] == "1"
+        assert openai_error(body)["code"] == "bodies_in_flight"
+    finally:
+        slow.close()
+    status, _, _ = exchange(impatient, post(json.dumps(CHAT).encode(), "Connection: close"))
+    assert status == 200  # the budget is given back when a request ends
