@@ -91,11 +91,14 @@ class AuthConfig:
     """Bearer API keys, stored only as SHA-256 hex digests (see ``gateway keys new``)."""
 
     key_hashes: tuple[str, ...] = ()
+    # Keys for the operator: /health in full, the admin API. Not keys for models.
+    admin_key_hashes: tuple[str, ...] = ()
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        for i, digest in enumerate(self.key_hashes):
-            if not re.fullmatch(r"(sha256:)?[0-9a-f]{64}", digest):
-                yield f"key_hashes[{i}]", "expected a SHA-256 hex digest (gateway keys new)"
+        for name in ("key_hashes", "admin_key_hashes"):
+            for i, digest in enumerate(getattr(self, name)):
+                if not re.fullmatch(r"(sha256:)?[0-9a-f]{64}", digest):
+                    yield f"{name}[{i}]", "expected a SHA-256 hex digest (gateway keys new)"
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -1,5 +1,9 @@
 """``GET /health``: alive, and how each backend, deployment, tunnel and plugin is doing.
-It needs no key, so it shows no error text: upstream errors name internal hosts and ports.
+
+It needs no key, so a gateway that has keys tells only whether it is up (what a load
+balancer needs), unless the caller shows an admin key; a gateway without keys, open to
+everyone anyway, tells all. It never shows error text: upstream errors name internal hosts
+and ports.
 """
 
 from __future__ import annotations
@@ -8,8 +12,8 @@ import time
 
 from aiohttp import web
 
-from gateway.http.middlewares import json_response
-from gateway.keys import CATALOG, PIPELINE, ROUTER, TUNNELS
+from gateway.http.middlewares import is_admin, json_response
+from gateway.keys import CATALOG, CONFIG, PIPELINE, ROUTER, TUNNELS
 
 
 async def health(request: web.Request) -> web.Response:
@@ -22,6 +26,8 @@ async def health(request: web.Request) -> web.Response:
     }
     up = sum(ok.values())
     status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
+    if request.app[CONFIG].auth.key_hashes and not is_admin(request):
+        return json_response({"status": status, "time": int(time.time())})
     return json_response({"status": status, "time": int(time.time()), "backends": backends,
                           "tunnels": request.app[TUNNELS].report(),
                           "deployments": balancer.report(),

@@ -174,16 +174,29 @@ def authenticate(request: web.Request, digests: frozenset[str]) -> str:
     """The tenant (a digest prefix of the API key), or "" when keys are not required."""
     if not digests or request.path in PUBLIC_PATHS:
         return ""
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        key = request.headers.get("x-api-key", "")  # how Anthropic's clients send it
-    if not key.strip():
+    key = presented_key(request)
+    if not key:
         raise AuthenticationFailed(
             "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-    digest = key_digest(key.strip())
+    digest = key_digest(key)
     if digest not in digests:
         raise AuthenticationFailed("Invalid API key.")
     return digest[:16]
+
+
+def presented_key(request: web.Request) -> str:
+    """The key a request carries (``Authorization: Bearer`` or ``x-api-key``), or ""."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        key = request.headers.get("x-api-key", "")  # how Anthropic's clients send it
+    return key.strip()
+
+
+def is_admin(request: web.Request) -> bool:
+    """Whether the request carries one of the operator's keys (``[auth] admin_key_hashes``)."""
+    digests = {h.removeprefix("sha256:") for h in request.app[CONFIG].auth.admin_key_hashes}
+    key = presented_key(request)
+    return bool(key) and key_digest(key) in digests
 
 
 def key_digest(key: str) -> str:

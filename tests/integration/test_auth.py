@@ -16,6 +16,7 @@ import pytest
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
 
 KEY = "gw-test-key-0123456789"
+ADMIN = "gw-admin-key-9876543210"
 USER = [{"role": "user", "content": "Hello"}]
 
 
@@ -26,7 +27,8 @@ def guarded(ollama_sim: Sim, mlx_sim: Sim, monkeypatch: pytest.MonkeyPatch
     config = gateway_config(
         backend("ollama", "ollama", ollama_sim.api_url),
         backend("mlx", "openai", mlx_sim.api_url, api_key_env="TEST_MLX_KEY"),
-        auth={"key_hashes": [hashlib.sha256(KEY.encode()).hexdigest()]},
+        auth={"key_hashes": [hashlib.sha256(KEY.encode()).hexdigest()],
+              "admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]},
     )
     server = start_gateway(config)
     yield server
@@ -57,9 +59,20 @@ def test_a_missing_key_is_a_401_that_says_how_to_send_one(guarded: ServerThread)
     assert error["code"] == "missing_api_key" and "Bearer" in error["message"]
 
 
-def test_health_needs_no_key(guarded: ServerThread) -> None:
-    with urllib.request.urlopen(guarded.url + "/health", timeout=5) as response:
-        assert json.loads(response.read())["status"] == "ok"
+def health(server: ServerThread, key: str | None = None) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(server.url + "/health", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def test_health_needs_no_key_and_tells_only_liveness_without_the_admin_key(
+        guarded: ServerThread) -> None:
+    for key in (None, KEY):  # no key, or a key for models
+        assert set(health(guarded, key)) == {"status", "time"}
+        assert health(guarded, key)["status"] == "ok"
+    full = health(guarded, ADMIN)
+    assert {"backends", "deployments", "tunnels", "plugins"} <= set(full)
 
 
 def test_client_credentials_never_reach_a_backend(
