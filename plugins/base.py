@@ -4,7 +4,8 @@
 it by raising ``Denied``); ``on_stream`` wraps the answer's chunks on their way out;
 ``on_complete`` sees the whole answer once it is done (and may ask for a stronger model);
 ``on_finish`` is told the request is over, however it ended (answered, failed, or the client
-gone). The one place that knows the order is ``gateway.pipeline``.
+gone); ``on_embed`` sees what is to be embedded (and may rewrite it, or refuse it). The
+one place that knows the order is ``gateway.pipeline``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.errors import InvalidRequest
-from gateway.protocol.openai import ChatRequest, CompletionRequest, Kind
+from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest, Kind
 from gateway.protocol.units import Chunk, Completion
 
 
@@ -67,6 +68,7 @@ class Plugin(Protocol):
                   chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]: ...
     async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None: ...
     def on_finish(self, ctx: RequestContext) -> None: ...
+    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest: ...
     def report(self) -> dict[str, Any]: ...
 
 
@@ -93,6 +95,9 @@ class BasePlugin:
 
     def on_finish(self, ctx: RequestContext) -> None:
         return None
+
+    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest:
+        return req
 
     def report(self) -> dict[str, Any]:
         return {}

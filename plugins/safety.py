@@ -20,9 +20,15 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from gateway.protocol.openai import ChatRequest, CompletionRequest
+from gateway.protocol.openai import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    parse_chat,
+    parse_completion,
+)
 from gateway.protocol.units import Chunk
 from plugins.base import BasePlugin, Denied, RequestContext
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Text
@@ -37,9 +43,6 @@ DEFAULT_ACTIONS = {
     "api_key": "redact", "private_key": "redact", "bearer_token": "redact",
     "url_password": "redact", "prompt_injection": "flag", "jailbreak": "block",
 }
-# Prompt attacks come from users and from what tools bring back, not from the operator's
-# own system prompt.
-UNTRUSTED_ROLES = frozenset({"user", "tool", "function"})
 INLINE_CHARS = 65_536  # requests with more text than this are checked in a worker thread
 
 
@@ -47,6 +50,7 @@ INLINE_CHARS = 65_536  # requests with more text than this are checked in a work
 class SafetyOptions:
     actions: dict[str, str] = field(default_factory=dict)  # rule → block|redact|flag|off
     output: bool = True  # redact secrets from answers as they stream
+    embeddings: bool = True  # read what is to be embedded too (personal data, secrets)
     max_block: int = 16_384  # the most of an open private-key block held back from a stream
 
     def problems(self) -> Iterator[tuple[str, str]]:
@@ -77,7 +81,7 @@ class SafetyPlugin(BasePlugin):
     async def on_request(self, ctx: RequestContext) -> None:
         size = 0
 
-        def count(text: str, untrusted: bool) -> str:
+        def count(text: str, trust: Trust) -> str:
             nonlocal size
             size += len(text)
             return text
@@ -96,17 +100,26 @@ class SafetyPlugin(BasePlugin):
         """The request as models may see it, and what was redacted and flagged in it
         (raises ``Denied`` for what a rule blocks).
         """
+        check, verdicts = self._checker()
+        return _map_request(req, check), verdicts()
+
+    def _checker(self) -> tuple[Check, Callable[[], str]]:
+        """A check of texts, one request's, and what it has redacted and flagged so far."""
         flagged: dict[str, None] = {}
         redacted: dict[str, None] = {}
 
-        def check(text: str, untrusted: bool) -> str:
+        def check(text: str, trust: Trust) -> str:
             scan = Text(text)
-            for rule, action in self.rules:
-                if rule.category == "injection" and not untrusted:
+            for rule, found in self.rules:
+                attack = rule.category == "injection"
+                if attack and trust == "trusted":
                     continue
                 spans = rule.find(scan)
                 if not spans:
                     continue
+                action = found
+                if attack and action == "block" and (trust == "quoted" or _quoted(text, spans)):
+                    action = "flag"  # quoted (a tool result, code): reported, not refused
                 self.stats[f"{rule.name}.{action}"] += 1
                 if action == "block":
                     log.info("safety: blocked a request (rule %s)", rule.name)
@@ -120,10 +133,23 @@ class SafetyPlugin(BasePlugin):
                     scan = Text(text)
             return text
 
-        req = _map_request(req, check)
-        verdicts = [f"{what}={','.join(rules)}" for what, rules in
-                    (("redacted", redacted), ("flagged", flagged)) if rules]
-        return req, "; ".join(verdicts)
+        def verdicts() -> str:
+            return "; ".join(f"{what}={','.join(rules)}" for what, rules in
+                             (("redacted", redacted), ("flagged", flagged)) if rules)
+
+        return check, verdicts
+
+    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest:
+        """Texts to embed, read for personal data and secrets (not prompt attacks: nothing
+        follows them).
+        """
+        if not self.options.embeddings or req.token_ids:
+            return req
+        check, _ = self._checker()
+        checked = [check(text, "trusted") for text in req.inputs if isinstance(text, str)]
+        if checked == req.inputs:
+            return req
+        return dataclasses.replace(req, inputs=checked, body={**req.body, "input": checked})
 
     def on_stream(self, ctx: RequestContext,
                   chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
@@ -191,87 +217,77 @@ def _flush_calls(redactors: dict[int, StreamRedactor]) -> list[dict[str, Any]]:
     return out
 
 
-Check = Callable[[str, bool], str]  # a text, and whether it is untrusted → the text to send
+# Where a text sits, for the prompt-attack rules: the operator's own instructions
+# ("trusted": not read for attacks), what a user or a tool definition says ("untrusted"),
+# and what is quoted rather than said (tool results, the model's own earlier turns, code,
+# predicted output: attacks there are flagged, never refused).
+Trust = Literal["trusted", "untrusted", "quoted"]
+Check = Callable[[str, Trust], str]  # a text and where it sits → the text to send
+TRUST_OF_ROLE: dict[str, Trust] = {"system": "trusted", "developer": "trusted",
+                                   "user": "untrusted", "assistant": "quoted",
+                                   "tool": "quoted", "function": "quoted"}
+FENCE = "```"
 
 
 def _map_request(req: ChatRequest | CompletionRequest, check: Check
                  ) -> ChatRequest | CompletionRequest:
-    """The request with ``check`` applied to every text in it that a model reads (a new
-    request only when something changed).
+    """The request with ``check`` applied to every text in it that a backend will receive
+    (a new request only when something changed): the body as it will be sent, walked
+    whole, so nothing is missed for the name of its field.
     """
-    if isinstance(req, CompletionRequest):
-        prompt = check(req.prompt, True)
-        suffix = check(req.suffix, True) if req.suffix else req.suffix
-        if prompt == req.prompt and suffix == req.suffix:
-            return req
-        body = {**req.body, "prompt": prompt}
-        if suffix is not None:
-            body["suffix"] = suffix
-        return dataclasses.replace(req, body=body, prompt=prompt, suffix=suffix)
-    changed: dict[str, Any] = {}
-    messages = [_map_message(m, check) for m in req.messages]
-    if any(a is not b for a, b in zip(messages, req.messages, strict=True)):
-        changed["messages"] = messages
-    # Predicted output (sent on to OpenAI-compatible backends as it is).
-    prediction = req.body.get("prediction")
-    if isinstance(prediction, dict):
-        content = _map_content(prediction.get("content"), check, False)
-        if content is not prediction.get("content"):
-            changed["prediction"] = {**prediction, "content": content}
-    if not changed:
+    body: dict[str, Any] = {}
+    for key, value in req.body.items():
+        if key == "model":  # what routing reads: never rewritten
+            body[key] = value
+        elif key == "messages" and isinstance(value, list):
+            messages = [_walk(m, check, _trust_of(m)) for m in value]
+            body[key] = value if all(a is b for a, b in zip(messages, value, strict=True)) \
+                else messages
+        elif key in ("prompt", "suffix") and isinstance(req, CompletionRequest):
+            # A prompt with a suffix is code to be filled in: quoted.
+            body[key] = _walk(value, check, "quoted" if req.suffix is not None
+                              else "untrusted")
+        else:
+            body[key] = _walk(value, check, "quoted" if key == "prediction" else "untrusted")
+    if all(body[k] is v for k, v in req.body.items()):
         return req
-    return dataclasses.replace(req, body={**req.body, **changed}, messages=messages)
+    changed = parse_chat(body) if isinstance(req, ChatRequest) else parse_completion(body)
+    changed.ollama = req.ollama
+    return changed
 
 
-def _map_message(message: dict[str, Any], check: Check) -> dict[str, Any]:
-    """The message with ``check`` applied to each piece of its text, its refusal and the
-    arguments of the calls it made (a new dict only when something changed).
+def _trust_of(message: Any) -> Trust:
+    role = message.get("role") if isinstance(message, dict) else None
+    return TRUST_OF_ROLE.get(role, "untrusted") if isinstance(role, str) else "untrusted"
+
+
+def _walk(value: Any, check: Check, trust: Trust) -> Any:
+    """``value`` with ``check`` applied to every string in it (the same object when nothing
+    changed). Base64 payloads (images as data: URLs) are not text a model reads.
     """
-    untrusted = message.get("role") in UNTRUSTED_ROLES
-    changed: dict[str, Any] = {}
-    content = _map_content(message.get("content"), check, untrusted)
-    if content is not message.get("content"):
-        changed["content"] = content
-    refusal = message.get("refusal")
-    if isinstance(refusal, str) and (checked := check(refusal, False)) != refusal:
-        changed["refusal"] = checked
-    calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        new_calls = [_map_call(call, "function", check) for call in calls]
-        if any(a is not b for a, b in zip(new_calls, calls, strict=True)):
-            changed["tool_calls"] = new_calls
-    call = _map_call(message, "function_call", check)  # the older form of a tool call
-    if call is not message:
-        changed["function_call"] = call["function_call"]
-    return {**message, **changed} if changed else message
+    if isinstance(value, str):
+        if value.startswith("data:") and ";base64," in value[:100]:
+            return value
+        checked = check(value, trust)
+        return value if checked == value else checked
+    if isinstance(value, list):
+        items = [_walk(item, check, trust) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    if isinstance(value, dict):
+        mapped = {k: _walk(v, check, trust) for k, v in value.items()}
+        return value if all(mapped[k] is v for k, v in value.items()) else mapped
+    return value
 
 
-def _map_content(content: Any, check: Check, untrusted: bool) -> Any:
-    """Text content, or content parts with their text and refusals checked (the same object
-    when nothing changed).
-    """
-    if isinstance(content, str):
-        checked = check(content, untrusted)
-        return content if checked == content else checked
-    if not isinstance(content, list):
-        return content
-    parts = []
-    for part in content:
-        if isinstance(part, dict):
-            kind = part.get("type")  # a text part's text is under "text", a refusal's under
-            text = part.get(kind) if kind in ("text", "refusal") else None  # "refusal"
-            if isinstance(text, str) and (checked := check(text, untrusted)) != text:
-                part = {**part, kind: checked}
-        parts.append(part)
-    return content if all(a is b for a, b in zip(parts, content, strict=True)) else parts
-
-
-def _map_call(holder: Any, key: str, check: Check) -> Any:
-    """``holder`` with the ``arguments`` of its ``key`` (a function call) checked."""
-    function = holder.get(key) if isinstance(holder, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return holder
-    checked = check(function["arguments"], False)
-    if checked == function["arguments"]:
-        return holder
-    return {**holder, key: {**function, "arguments": checked}}
+def _quoted(text: str, spans: list[tuple[int, int]]) -> bool:
+    """Whether every span lies inside a fenced code block of ``text``."""
+    if FENCE not in text:
+        return False
+    fences, at = [], text.find(FENCE)
+    while at >= 0:
+        fences.append(at)
+        at = text.find(FENCE, at + len(FENCE))
+    blocks = list(zip(fences[::2], fences[1::2], strict=False))
+    if len(fences) % 2:
+        blocks.append((fences[-1], len(text)))  # an open block runs to the end
+    return all(any(start < a and b <= end for start, end in blocks) for a, b in spans)

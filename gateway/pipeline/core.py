@@ -153,7 +153,11 @@ class Pipeline:
             self._finish(ctx)
 
     async def embed(self, req: EmbeddingRequest) -> Embeddings:
-        """Embeddings of the model asked for (no plugins: nothing is generated)."""
+        """Embeddings of the model asked for, of the inputs as the plugins leave them (the
+        safety checker's redactions; nothing is generated, so nothing else applies).
+        """
+        for plugin in self.plugins:
+            req = await plugin.on_embed(req)
         result, deployment, attempts = await self.router.embed(req)
         model = deployment.model.name
         return Embeddings(result, model,
