@@ -23,15 +23,18 @@ from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig, is_loopback
 from gateway.doors import anthropic, ollama, openai, responses
+from gateway.http import admin, middlewares
 from gateway.http import health as health_endpoint
-from gateway.http import middlewares
+from gateway.http.access import rate_headers
+from gateway.http.bodies import BodyBudget
 from gateway.http.cors import Cors
-from gateway.http.middlewares import BodyBudget
 from gateway.keys import (
     BACKENDS,
     CATALOG,
     CONFIG,
     HEALTH,
+    KEYBOOK,
+    LIMITS,
     PIPELINE,
     RESPONSES,
     ROUTER,
@@ -42,6 +45,7 @@ from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.store import open_store
+from gateway.tenants import KeyBook, Limits, Link, MemoryLimits, RedisKeys, RedisLimits
 from gateway.tunnel.manager import Tunnel, TunnelManager
 
 log = logging.getLogger(__name__)
@@ -64,15 +68,18 @@ def build_backend(config: BackendConfig, tunnels: TunnelManager | None = None) -
 
 
 def create_app(config: GatewayConfig) -> web.Application:
-    cors = Cors(config.server.cors_origins, loopback_only=not config.auth.key_hashes and all(
+    cors = Cors(config.server.cors_origins, loopback_only=not config.keyed and all(
         is_loopback(host) for host, _ in config.server.addresses()))
+    book, limits = _tenancy(config)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[middlewares.gateway_middleware(
-            config.auth.key_hashes, cors, BodyBudget(config.server.bodies_in_flight_bytes),
+            book, limits, cors, BodyBudget(config.server.bodies_in_flight_bytes),
             shapes=[("/api/", ollama.error_response),
                     ("/v1/messages", anthropic.error_response)])],
     )
+    app[KEYBOOK], app[LIMITS] = book, limits
+    app.on_response_prepare.append(rate_headers)
     if config.server.cors_origins:
         app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
@@ -93,6 +100,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[PIPELINE] = Pipeline(load_plugins(config), router, config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_tenants_ctx)
     app.cleanup_ctx.append(_tunnels_ctx)
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
@@ -104,6 +112,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     responses.add_routes(app)
     anthropic.add_routes(app)
     health_endpoint.add_routes(app)
+    admin.add_routes(app)
     return app
 
 
@@ -138,6 +147,23 @@ async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[PIPELINE].start()
     yield
     await app[PIPELINE].close()
+
+
+def _tenancy(config: GatewayConfig) -> tuple[KeyBook, Limits]:
+    """The key book and the limits' counters: in memory, or shared through Redis."""
+    tenants = config.tenants
+    if tenants.store == "redis":
+        link = Link(tenants.redis_url, tenants.timeout)  # one pool for keys and limits
+        return (KeyBook(config.keys, config.auth.key_hashes, RedisKeys(link)),
+                RedisLimits(link, tenants.on_redis_down))
+    return KeyBook(config.keys, config.auth.key_hashes), MemoryLimits()
+
+
+async def _tenants_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    shared = app[KEYBOOK].shared
+    if shared is not None:
+        await shared.link.close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

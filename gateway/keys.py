@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway.backends.base import Backend
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, KeyConfig
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.store import Store
+from gateway.tenants import KeyBook, Limits, Tally
 from gateway.tunnel.manager import TunnelManager
 
 CONFIG = web.AppKey("config", GatewayConfig)
@@ -22,6 +25,13 @@ TUNNELS = web.AppKey("tunnels", TunnelManager)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RESPONSES = web.AppKey("responses", Store)  # stored Responses API responses
 
+KEYBOOK = web.AppKey("keybook", KeyBook)
+LIMITS = web.AppKey("limits", Limits)
+
 REQUEST_ID = web.RequestKey("request_id", str)
-# Who is asking: a short digest of the API key, or "" when auth is off.
+# Who is asking: the key's id (for an unnamed key, a digest prefix), or "" when auth is off.
 TENANT = web.RequestKey("tenant", str)
+KEY = web.RequestKey("key", KeyConfig)  # the key presented, when there is one
+BODY = web.RequestKey("body", dict[str, Any])  # the JSON body, once parsed
+USAGE = web.RequestKey("usage", Tally)  # the tokens the answers used (a key with limits)
+RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])  # x-ratelimit-*

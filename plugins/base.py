@@ -10,7 +10,7 @@ one place that knows the order is ``gateway.pipeline``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +44,11 @@ class RequestContext:
     failed: bool = False  # the answer ended in an error: nothing of it is kept
     rejected: Verdict | None = None  # a plugin found the answer wanting: nothing of it is kept
     state: dict[str, Any] = field(default_factory=dict)  # each plugin's own, by its name
+    # Told the tokens an answer from a model used, once it is whole (a key's limits count).
+    on_usage: Callable[[int], None] | None = None
+    # Whose cached answers the caller may get: its key's setting ("key", "shared", "off"),
+    # or "" for the cache's own.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)

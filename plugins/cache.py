@@ -82,6 +82,8 @@ class CachePlugin(BasePlugin):
 
     async def on_request(self, ctx: RequestContext) -> Completion | None:
         directive = ctx.client_headers.get(HEADER, "").strip().lower()
+        if ctx.cache_scope == "off":  # the caller's key keeps out of the cache
+            directive = "bypass"
         deterministic = _deterministic(ctx)
         if directive == "bypass" or (not deterministic and directive != "force"
                                      and self.options.deterministic_only):
@@ -179,7 +181,8 @@ class CachePlugin(BasePlugin):
         """
         what = {name: value for name, value in ctx.req.body.items() if name not in _NOT_KEYED}
         what[" kind"] = ctx.kind
-        what[" tenant"] = "" if self.options.shared else ctx.tenant
+        shared = self.options.shared if not ctx.cache_scope else ctx.cache_scope == "shared"
+        what[" tenant"] = "" if shared else ctx.tenant
         if ctx.req.ollama:  # an Ollama client's options beyond OpenAI's (num_ctx, ...)
             what[" ollama"] = {k: v for k, v in ctx.req.ollama.items() if k != "keep_alive"}
         canonical = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)  # (bodies are at most 128 deep)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -165,3 +166,46 @@ def run_node(script: str, *args: str, timeout: float = 60) -> str:
                             text=True, timeout=timeout, check=False)
     assert result.returncode == 0, f"node {script} failed:\n{result.stderr}"
     return result.stdout
+
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited early: {process.communicate()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+class GatewayProcess:
+    """``gateway serve`` in a process of its own, as an operator runs it."""
+
+    def __init__(self, config: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [*GATEWAY, "serve", "--config", str(config), "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(self.url + "/health", self.process)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> str:
+        """Ends it (by its PID); what it printed."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.communicate(timeout=15)[0]
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.communicate(timeout=10)[0]

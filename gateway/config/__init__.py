@@ -23,9 +23,11 @@ from gateway.config.routing import (
 )
 from gateway.config.serving import (
     AuthConfig,
+    KeyConfig,
     ReasoningMode,
     ResponsesConfig,
     ServerConfig,
+    TenantsConfig,
     is_loopback,
     split_address,
 )
@@ -40,10 +42,29 @@ from gateway.config.upstreams import (
 from gateway.typed_toml import ConfigError, build
 
 __all__ = [
-    "AliasConfig", "AuthConfig", "BackendConfig", "BackendKind", "BreakerConfig",
-    "ConfigError", "DeploymentConfig", "ForwardConfig", "GatewayConfig", "ModelConfig",
-    "PluginConfig", "ReasoningMode", "ResponsesConfig", "RoutingConfig", "ServerConfig",
-    "Tier", "Timeouts", "TunnelConfig", "is_loopback", "load_config", "parse_config",
+    "AliasConfig",
+    "AuthConfig",
+    "BackendConfig",
+    "BackendKind",
+    "BreakerConfig",
+    "ConfigError",
+    "DeploymentConfig",
+    "ForwardConfig",
+    "GatewayConfig",
+    "KeyConfig",
+    "ModelConfig",
+    "PluginConfig",
+    "ReasoningMode",
+    "ResponsesConfig",
+    "RoutingConfig",
+    "ServerConfig",
+    "TenantsConfig",
+    "Tier",
+    "Timeouts",
+    "TunnelConfig",
+    "is_loopback",
+    "load_config",
+    "parse_config",
     "split_address",
 ]
 
@@ -61,6 +82,8 @@ class GatewayConfig:
     aliases: dict[str, AliasConfig] = field(default_factory=dict)
     plugins: tuple[PluginConfig, ...] = ()
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    keys: tuple[KeyConfig, ...] = ()
     source: str = "<defaults>"
 
     def problems(self) -> Iterator[tuple[str, str]]:
@@ -83,11 +106,20 @@ class GatewayConfig:
                     yield (f"tunnels[{i}].forwards[{j}].local_port",
                            f"port {forward.local_port} is already used by the gateway")
                 taken.add(forward.local_port)
+        ids = [k.id for k in self.keys]
+        for i, key_id in enumerate(ids):
+            if key_id in ids[:i]:
+                yield f"keys[{i}].id", f"duplicate key id {key_id!r}"
         for i, model in enumerate(self.models):
             for j, deployment in enumerate(model.deployments):
                 if deployment.backend not in names:
                     yield (f"models[{i}].deployments[{j}].backend",
                            f"no backend named {deployment.backend!r}")
+
+    @property
+    def keyed(self) -> bool:
+        """Whether requests need an API key (any kept in the config, or in Redis)."""
+        return bool(self.auth.key_hashes or self.keys) or self.tenants.store == "redis"
 
     def with_server(self, **changes: Any) -> GatewayConfig:
         """A copy with some server settings replaced (CLI flags)."""

@@ -118,3 +118,51 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """A named API key and what it may do (0: no limit). Only its SHA-256 is kept."""
+
+    id: str
+    hash: str
+    name: str = ""
+    created: int = 0  # Unix seconds
+    expires: int = 0  # Unix seconds; 0: never
+    models: tuple[str, ...] = ()  # the models and aliases it may ask for (none: all)
+    rpm: int = 0  # requests per minute
+    tpm: int = 0  # tokens per minute, prompt and answer together
+    concurrency: int = 0  # requests at once
+    budget: int = 0  # tokens per budget_period
+    budget_period: Literal["day", "month"] = "day"
+    # Whose cached answers it may get: its own ("key"), any key's ("shared"), none ("off");
+    # unset: as the cache's own ``shared`` option says.
+    cache: Literal["", "key", "shared", "off"] = ""
+    revoked: bool = False
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.id):
+            yield "id", "expected 1-64 letters, digits, '_', '.' or '-'"
+        if not re.fullmatch(r"(sha256:)?[0-9a-f]{64}", self.hash):
+            yield "hash", "expected a SHA-256 hex digest (gateway keys new)"
+        for key in ("rpm", "tpm", "concurrency", "budget", "created", "expires"):
+            if getattr(self, key) < 0:
+                yield key, "expected an integer >= 0"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantsConfig:
+    """Where keys and their counters live: the config and this process's memory, or Redis
+    (shared by every gateway process, so limits hold for all of them together).
+    """
+
+    store: Literal["config", "redis"] = "config"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # When Redis does not answer: "open" counts in this process alone until it is back;
+    # "closed" refuses requests (503).
+    on_redis_down: Literal["open", "closed"] = "open"
+    timeout: float = 0.1  # the longest one call to Redis may make a request wait
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.timeout <= 0:
+            yield "timeout", "expected seconds > 0"

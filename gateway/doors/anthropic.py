@@ -15,22 +15,21 @@ from gateway.doors.anthropic_codec import (
     reasoning_mode,
 )
 from gateway.errors import GatewayError
+from gateway.http.access import context
+from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
-from gateway.keys import CONFIG, PIPELINE, REQUEST_ID, TENANT
+from gateway.keys import CONFIG, PIPELINE, REQUEST_ID
 from gateway.pipeline import Whole
-from gateway.protocol.openai import parse_body, parse_chat
-from plugins.base import RequestContext
+from gateway.protocol.openai import parse_chat
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    body = parse_body(await request.read())
+    body = await body_of(request)
     chat, ollama = chat_body(body)
     req = parse_chat(chat)
     req.ollama = ollama or None
-    ctx = RequestContext(kind="chat", req=req, tenant=request[TENANT],
-                         client_headers=request.headers)
-    answer = await request.app[PIPELINE].run(ctx)
+    answer = await request.app[PIPELINE].run(context(request, "chat", req))
     mode = reasoning_mode(body, request.app[CONFIG].server.reasoning)
     # The SDK reads its request id from "request-id".
     answer.headers["request-id"] = request[REQUEST_ID]
@@ -41,13 +40,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's length as the model counts it."""
-    body = parse_body(await request.read())
+    body = await body_of(request)
     chat, ollama = chat_body(body, counting=True)
     req = parse_chat(chat)
     req.ollama = ollama or None
-    ctx = RequestContext(kind="chat", req=req, tenant=request[TENANT],
-                         client_headers=request.headers)
-    tokens, headers = await request.app[PIPELINE].count_tokens(ctx)
+    tokens, headers = await request.app[PIPELINE].count_tokens(context(request, "chat", req))
     return json_response({"input_tokens": tokens}, headers)
 
 

@@ -27,14 +27,15 @@ from gateway.doors.ollama_codec import (
     thinking_mode,
 )
 from gateway.errors import GatewayError, ModelNotFound
+from gateway.http.access import context, usage_sink, visible
+from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
-from gateway.keys import CONFIG, PIPELINE, TENANT
+from gateway.keys import CONFIG, PIPELINE
 from gateway.pipeline import Listed, Whole
 from gateway.protocol.ollama import parameter_size
-from gateway.protocol.openai import ChatRequest, CompletionRequest, parse_body, parse_embedding
+from gateway.protocol.openai import ChatRequest, CompletionRequest, Kind, parse_embedding
 from gateway.protocol.times import rfc3339
-from plugins.base import RequestContext
 
 API_VERSION = "0.12.6"  # the Ollama release whose API this door follows (clients check it)
 NOT_MANAGED = ("this is an LLM gateway: it serves the models its backends have and does not "
@@ -52,12 +53,14 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def tags(request: web.Request) -> web.Response:
-    return json_response({"models": [_entry(m) for m in request.app[PIPELINE].models()]})
+    models = visible(request, request.app[PIPELINE].models())
+    return json_response({"models": [_entry(m) for m in models]})
 
 
 async def running(request: web.Request) -> web.Response:
     """``/api/ps``: the models a backend says are loaded now."""
-    models = [m for m in request.app[PIPELINE].models() if m.info is not None and m.info.loaded]
+    models = [m for m in visible(request, request.app[PIPELINE].models())
+              if m.info is not None and m.info.loaded]
     return json_response({"models": [
         {**_entry(m), "expires_at": None, "size_vram": 0,
          "context_length": (m.info.context_length if m.info else None) or 0}
@@ -65,7 +68,7 @@ async def running(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    model = request.app[PIPELINE].model(model_of(parse_body(await request.read())))
+    model = request.app[PIPELINE].model(model_of(await body_of(request)))
     info = model.info
     model_info: dict[str, Any] = {}
     if info is not None:
@@ -83,7 +86,7 @@ async def show(request: web.Request) -> web.Response:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    body = parse_body(await request.read())
+    body = await body_of(request)
     req = chat_request(body)
     if req is None:
         return json_response(loaded(request.app[PIPELINE].model(model_of(body)).name, "chat"))
@@ -92,7 +95,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    body = parse_body(await request.read())
+    body = await body_of(request)
     req = generate_request(body)
     if req is None:
         return json_response(loaded(request.app[PIPELINE].model(model_of(body)).name,
@@ -102,9 +105,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 async def _answer(request: web.Request, shape: Shape, req: ChatRequest | CompletionRequest,
                   body: dict[str, Any], started: float) -> web.StreamResponse:
-    ctx = RequestContext(kind="chat" if isinstance(req, ChatRequest) else "text", req=req,
-                         tenant=request[TENANT], client_headers=request.headers)
-    answer = await request.app[PIPELINE].run(ctx)
+    kind: Kind = "chat" if isinstance(req, ChatRequest) else "text"
+    answer = await request.app[PIPELINE].run(context(request, kind, req))
     mode = thinking_mode(body, request.app[CONFIG].server.reasoning)
     if isinstance(answer, Whole):
         encoder = OllamaStream(shape, answer.completion.model, mode, started)
@@ -114,7 +116,7 @@ async def _answer(request: web.Request, shape: Shape, req: ChatRequest | Complet
 
 async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    body = parse_body(await request.read())
+    body = await body_of(request)
     model, text = model_of(body), body.get("input")
     if text in ("", []):
         return json_response({"model": model, "embeddings": []})
@@ -124,7 +126,7 @@ async def embed(request: web.Request) -> web.Response:
     ask = {"model": model, "input": text}
     if body.get("dimensions") is not None:
         ask["dimensions"] = body["dimensions"]
-    answer = await request.app[PIPELINE].embed(parse_embedding(ask))
+    answer = await request.app[PIPELINE].embed(parse_embedding(ask), usage_sink(request))
     return json_response({"model": answer.model, "embeddings": answer.result.vectors,
                           "total_duration": int((time.perf_counter() - started) * 1e9),
                           "load_duration": 0, "prompt_eval_count": answer.result.prompt_tokens},
@@ -133,14 +135,14 @@ async def embed(request: web.Request) -> web.Response:
 
 async def embeddings(request: web.Request) -> web.Response:
     """The older ``/api/embeddings``: one prompt, one vector."""
-    body = parse_body(await request.read())
+    body = await body_of(request)
     model, prompt = model_of(body), body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise bad("prompt must be a string")
     if not prompt:
         return json_response({"embedding": []})
-    answer = await request.app[PIPELINE].embed(parse_embedding({"model": model,
-                                                                "input": prompt}))
+    answer = await request.app[PIPELINE].embed(
+        parse_embedding({"model": model, "input": prompt}), usage_sink(request))
     return json_response({"embedding": answer.result.vectors[0]}, answer.headers)
 
 

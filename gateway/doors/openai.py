@@ -14,16 +14,17 @@ from aiohttp import web
 
 from gateway.config import ReasoningMode
 from gateway.errors import GatewayError
+from gateway.http.access import context, usage_sink, visible
+from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.http.stream import SSE, sse_comments, sse_event, write_stream
-from gateway.keys import CONFIG, PIPELINE, TENANT
+from gateway.keys import CONFIG, PIPELINE
 from gateway.pipeline import Listed, Whole
 from gateway.protocol.ids import unique_id
 from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
     Kind,
-    parse_body,
     parse_chat,
     parse_completion,
     parse_embedding,
@@ -31,24 +32,21 @@ from gateway.protocol.openai import (
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.times import rfc3339
 from gateway.protocol.units import Chunk, Completion, Usage
-from plugins.base import RequestContext
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_chat(parse_body(await request.read()))
+    req = parse_chat(await body_of(request))
     return await _generate(request, "chat", req)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_completion(parse_body(await request.read()))
+    req = parse_completion(await body_of(request))
     return await _generate(request, "text", req)
 
 
 async def _generate(request: web.Request, kind: Kind, req: ChatRequest | CompletionRequest
                     ) -> web.StreamResponse:
-    ctx = RequestContext(kind=kind, req=req, tenant=request[TENANT],
-                         client_headers=request.headers)
-    answer = await request.app[PIPELINE].run(ctx)
+    answer = await request.app[PIPELINE].run(context(request, kind, req))
     reasoning = request.app[CONFIG].server.reasoning
     if isinstance(answer, Whole):
         return json_response(completion_body(kind, answer.completion, reasoning),
@@ -59,8 +57,8 @@ async def _generate(request: web.Request, kind: Kind, req: ChatRequest | Complet
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    req = parse_embedding(parse_body(await request.read()))
-    answer = await request.app[PIPELINE].embed(req)
+    req = parse_embedding(await body_of(request))
+    answer = await request.app[PIPELINE].embed(req, usage_sink(request))
     rows: list[dict[str, Any]] = []
     for i, vector in enumerate(answer.result.vectors):
         embedding: Any = vector
@@ -77,7 +75,7 @@ async def list_models(request: web.Request) -> web.Response:
     """The models, in a list both OpenAI's and Anthropic's SDKs read (Anthropic's pages on
     unless told there is no more).
     """
-    data = [model_entry(m) for m in request.app[PIPELINE].models()]
+    data = [model_entry(m) for m in visible(request, request.app[PIPELINE].models())]
     return json_response({"object": "list", "data": data, "has_more": False,
                           "first_id": data[0]["id"] if data else None,
                           "last_id": data[-1]["id"] if data else None})

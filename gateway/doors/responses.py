@@ -19,19 +19,20 @@ from aiohttp import web
 from gateway.doors.responses_answer import ResponseStream, new_response
 from gateway.doors.responses_request import chat_body
 from gateway.errors import GatewayError, NotFound, Unavailable
+from gateway.http.access import context
+from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
 from gateway.keys import CONFIG, PIPELINE, RESPONSES, TENANT
 from gateway.pipeline import Whole
-from gateway.protocol.openai import invalid, parse_body, parse_chat
+from gateway.protocol.openai import invalid, parse_chat
 from gateway.store import StoreUnavailable
-from plugins.base import RequestContext
 
 log = logging.getLogger(__name__)
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    body = parse_body(await request.read())
+    body = await body_of(request)
     store = body.get("store", True)
     if not isinstance(store, bool):
         raise invalid("store", "'store' must be true or false.")
@@ -42,9 +43,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             raise invalid("previous_response_id", "'previous_response_id' must be a string.")
         history = (await _load(request, previous, "previous_response_id"))["conversation"]
     chat, conversation = chat_body(body, history)
-    ctx = RequestContext(kind="chat", req=parse_chat(chat), tenant=request[TENANT],
-                         client_headers=request.headers)
-    answer = await request.app[PIPELINE].run(ctx)
+    answer = await request.app[PIPELINE].run(context(request, "chat", parse_chat(chat)))
     reasoning = request.app[CONFIG].server.reasoning
     response = new_response(body, store)
     if isinstance(answer, Whole):

@@ -12,7 +12,8 @@ import time
 
 from aiohttp import web
 
-from gateway.http.middlewares import is_admin, json_response
+from gateway.http.access import is_admin
+from gateway.http.middlewares import json_response
 from gateway.keys import CATALOG, CONFIG, PIPELINE, ROUTER, TUNNELS
 
 
@@ -26,7 +27,7 @@ async def health(request: web.Request) -> web.Response:
     }
     up = sum(ok.values())
     status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
-    if request.app[CONFIG].auth.key_hashes and not is_admin(request):
+    if request.app[CONFIG].keyed and not is_admin(request):
         return json_response({"status": status, "time": int(time.time())})
     return json_response({"status": status, "time": int(time.time()), "backends": backends,
                           "tunnels": request.app[TUNNELS].report(),

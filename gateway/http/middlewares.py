@@ -1,4 +1,4 @@
-"""HTTP concerns only: request ids, the error envelope, and API-key auth.
+"""HTTP concerns only: request ids, the error envelope, keys and their limits, bodies.
 
 Anything that reads or rewrites a body or a stream is a plugin, not a middleware. Errors are
 written in the shape of the door a path belongs to (each door brings its own; OpenAI's is
@@ -7,36 +7,31 @@ the default).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import (
-    AuthenticationFailed,
     GatewayError,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    Unavailable,
 )
+from gateway.http.access import admit_admin, identify, limited
+from gateway.http.bodies import BodyBudget, check_body, read_body
 from gateway.http.cors import Cors
 from gateway.keys import CONFIG, REQUEST_ID, TENANT
 from gateway.protocol.ids import unique_id
+from gateway.tenants import KeyBook, Limits
 
 log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
-# and version by which Ollama's clients recognise a server.
-PUBLIC_PATHS = frozenset({"/health", "/", "/api/version"})
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -51,14 +46,13 @@ def error_response(error: GatewayError) -> web.Response:
 ErrorShape = Callable[[GatewayError], web.Response]
 
 
-def gateway_middleware(key_hashes: Iterable[str], cors: Cors, bodies: BodyBudget,
+def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBudget,
                        shapes: Sequence[tuple[str, ErrorShape]] = ()) -> Middleware:
-    """Request id, the browser guard and CORS preflights, API-key auth and the error
-    envelope, in one layer (one per request is measurably cheaper than several). ``shapes``:
-    path prefixes and the error shape of the door under each (the first match wins; else
-    OpenAI's).
+    """Request id, the browser guard and CORS preflights, keys and their limits, the body,
+    and the error envelope, in one layer (one per request is measurably cheaper than
+    several). ``shapes``: path prefixes and the error shape of the door under each (the
+    first match wins; else OpenAI's).
     """
-    digests = frozenset(h.removeprefix("sha256:") for h in key_hashes)
 
     def shaped(request: web.Request, error: GatewayError) -> web.Response:
         path = request.path
@@ -81,15 +75,18 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors, bodies: BodyBudget
             if refusal is not None:
                 raise GatewayError(refusal, status=403, type="permission_error",
                                    code="origin_not_allowed")
-            request[TENANT] = authenticate(request, digests)
+            key = await identify(request, book)
+            request[TENANT] = key.id if key is not None else ""
+            if request.path.startswith("/admin/"):
+                admit_admin(request)
             server = request.app[CONFIG].server
             check_body(request, server.max_body_bytes)
             if request.body_exists:
                 with bodies.holding(request.content_length or server.max_body_bytes):
                     await read_body(request, server.body_timeout)
-                    response = await handler(request)
+                    response = await limited(request, handler, key, limits)
             else:
-                response = await handler(request)
+                response = await limited(request, handler, key, limits)
         except GatewayError as exc:
             response = shaped(request, exc)
         except web.RequestPayloadError:
@@ -119,91 +116,6 @@ def gateway_middleware(key_hashes: Iterable[str], cors: Cors, bodies: BodyBudget
     return middleware
 
 
-class BodyBudget:
-    """The bytes of request bodies held at once, all requests together, bounded: a flood of
-    large (or never-ending) uploads is turned away instead of filling memory.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    @contextlib.contextmanager
-    def holding(self, size: int) -> Iterator[None]:
-        if self.held + size > self.limit:
-            raise Unavailable("Too many large request bodies are being received at once; "
-                              "retry shortly.", retry_after=1, code="bodies_in_flight")
-        self.held += size
-        try:
-            yield
-        finally:
-            self.held -= size
-
-
-async def read_body(request: web.Request, patience: float) -> None:
-    """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds."""
-    try:
-        async with asyncio.timeout(patience):
-            await request.read()
-    except TimeoutError:
-        request.content.feed_eof()  # no lingering for the rest: it is not coming
-        raise GatewayError(f"The request body did not arrive within {patience:g} seconds.",
-                           status=408, type="invalid_request_error",
-                           code="body_timeout") from None
-
-
-# Content-Encodings of request bodies the gateway decodes.
-ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
-
-
-def check_body(request: web.Request, limit: int) -> None:
-    """Refuse, before a byte of it is read, a body the gateway cannot take: larger than
-    ``limit`` by its declared length, or in an encoding it cannot decode.
-    """
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in ENCODINGS:
-        raise GatewayError(f"The request body's Content-Encoding {encoding!r} cannot be "
-                           "decoded here: send it plain, or compressed with gzip or deflate.",
-                           status=415, type="invalid_request_error",
-                           code="unsupported_encoding")
-
-
-def authenticate(request: web.Request, digests: frozenset[str]) -> str:
-    """The tenant (a digest prefix of the API key), or "" when keys are not required."""
-    if not digests or request.path in PUBLIC_PATHS:
-        return ""
-    key = presented_key(request)
-    if not key:
-        raise AuthenticationFailed(
-            "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-    digest = key_digest(key)
-    if digest not in digests:
-        raise AuthenticationFailed("Invalid API key.")
-    return digest[:16]
-
-
-def presented_key(request: web.Request) -> str:
-    """The key a request carries (``Authorization: Bearer`` or ``x-api-key``), or ""."""
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        key = request.headers.get("x-api-key", "")  # how Anthropic's clients send it
-    return key.strip()
-
-
-def is_admin(request: web.Request) -> bool:
-    """Whether the request carries one of the operator's keys (``[auth] admin_key_hashes``)."""
-    digests = {h.removeprefix("sha256:") for h in request.app[CONFIG].auth.admin_key_hashes}
-    key = presented_key(request)
-    return bool(key) and key_digest(key) in digests
-
-
-def key_digest(key: str) -> str:
-    """The SHA-256 of a key (bytes that were not UTF-8 count as they came)."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def _http_exception(request: web.Request, exc: web.HTTPException,
                     shaped: Callable[[web.Request, GatewayError], web.Response]
                     ) -> web.StreamResponse:
@@ -229,10 +141,12 @@ def _http_exception(request: web.Request, exc: web.HTTPException,
                                        type="invalid_request_error"))
 
 
-def json_response(data: object, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(data: object, headers: dict[str, str] | None = None,
+                  status: int = 200) -> web.Response:
     """``data`` as a JSON body (bytes: already JSON)."""
     body = data if isinstance(data, bytes) else orjson.dumps(data)
-    return web.Response(body=body, headers={**headers, **_JSON} if headers else _JSON)
+    return web.Response(body=body, status=status,
+                        headers={**headers, **_JSON} if headers else _JSON)
 
 
 _JSON = {"Content-Type": "application/json"}

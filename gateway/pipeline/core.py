@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from gateway.errors import GatewayError, ModelNotFound
@@ -50,12 +50,14 @@ class Pipeline:
         try:
             answered = await self._ask_plugins(ctx)
             if answered is not None:
+                _used(ctx, Usage())  # no model was asked: no tokens used
                 answer = self._deliver(ctx, *answered)
                 return answer
             if ctx.req.stream and not ctx.buffered:
                 answer = await self._stream(ctx)
                 return answer
             completion, route = await self._whole(ctx)
+            _used(ctx, completion.usage)
             answer = self._deliver(ctx, completion, route)
             return answer
         finally:
@@ -106,6 +108,7 @@ class Pipeline:
 
         async def finish() -> dict[str, str]:
             taken.model = ctx.model = routed.deployment.model.name
+            _used(ctx, taken.usage)
             await self._judge(ctx, taken, routed.deployment)
             return {k: v for k, v in ctx.headers.items() if headers.get(k) != v}
 
@@ -148,17 +151,22 @@ class Pipeline:
                 answer = await collect(routed.chunks(), first)
             finally:
                 await routed.close()
+            _used(ctx, answer.usage)
             return (answer.usage or Usage()).prompt_tokens, _route_of(routed)
         finally:
             self._finish(ctx)
 
-    async def embed(self, req: EmbeddingRequest) -> Embeddings:
+    async def embed(self, req: EmbeddingRequest,
+                    on_usage: Callable[[int], None] | None = None) -> Embeddings:
         """Embeddings of the model asked for, of the inputs as the plugins leave them (the
         safety checker's redactions; nothing is generated, so nothing else applies).
+        ``on_usage`` is told the tokens embedded.
         """
         for plugin in self.plugins:
             req = await plugin.on_embed(req)
         result, deployment, attempts = await self.router.embed(req)
+        if on_usage is not None:
+            on_usage(result.prompt_tokens)
         model = deployment.model.name
         return Embeddings(result, model,
                           route_headers(deployment.backend.name, model, attempts, "requested"))
@@ -289,6 +297,12 @@ async def _taking(completion: Completion, chunks: AsyncIterator[Chunk]
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
+
+
+def _used(ctx: RequestContext, usage: Usage | None) -> None:
+    """Tell the caller the tokens a model's answer used (when it said)."""
+    if ctx.on_usage is not None and usage is not None:
+        ctx.on_usage(usage.prompt_tokens + usage.completion_tokens)
 
 
 def _route_of(routed: RoutedAnswer) -> dict[str, str]:

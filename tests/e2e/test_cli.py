@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,9 +18,7 @@ from pathlib import Path
 import ollama
 import pytest
 
-from tests.support import Sim, free_port
-
-GATEWAY = [sys.executable, "-m", "gateway"]
+from tests.support import GATEWAY, Sim, free_port, wait_ready
 
 
 def write_config(path: Path, ollama: Sim, mlx: Sim, extra: str = "") -> Path:
@@ -42,20 +39,6 @@ kind = "openai"
 url = "{mlx.api_url}"
 """)
     return path
-
-
-def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"exited early: {process.communicate()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
 
 
 @pytest.fixture
@@ -169,14 +152,58 @@ def test_models_command_reports_a_backend_that_is_down(tmp_path: Path) -> None:
     assert "gone" in result.stdout and "DOWN: cannot connect" in result.stdout
 
 
-def test_keys_new_prints_a_key_and_its_hash() -> None:
-    result = subprocess.run([*GATEWAY, "keys", "new"], capture_output=True, text=True,
-                            timeout=30, check=True)
+def test_keys_new_prints_a_key_and_its_config_block(tmp_path: Path, ollama_sim: Sim,
+                                                    mlx_sim: Sim) -> None:
+    result = subprocess.run([*GATEWAY, "keys", "new", "--name", "ci bot", "--rpm", "60",
+                             "--models", "qwq:32b, auto:fast", "--expires", "30d"],
+                            capture_output=True, text=True, timeout=30, check=True)
     pairs = (line.split(":", 1) for line in result.stdout.splitlines()[:2])
     fields = {k: v.strip() for k, v in pairs}
     assert fields["key"].startswith("gw-") and len(fields["key"]) > 40
     assert fields["hash"] == hashlib.sha256(fields["key"].encode()).hexdigest()
-    assert f'key_hashes = ["{fields["hash"]}"]' in result.stdout
+    block = result.stdout[result.stdout.index("[[keys]]"):]
+    assert fields["key"] not in block  # only the hash goes in the config
+    # The block, pasted into a config, is a key the gateway serves (and limits) at once.
+    config = write_config(tmp_path / "keyed.toml", ollama_sim, mlx_sim)
+    config.write_text(config.read_text() + "\n" + block)
+    port = free_port()
+    process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config), "--port",
+                                str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url + "/health", process)
+        request = urllib.request.Request(
+            url + "/v1/models", headers={"Authorization": f"Bearer {fields['key']}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["x-ratelimit-limit-requests"] == "60"
+            listed = {m["id"] for m in json.loads(response.read())["data"]}
+        assert listed == {"qwq:32b", "auto:fast"}
+        listing = subprocess.run([*GATEWAY, "keys", "list", "--config", str(config)],
+                                 capture_output=True, text=True, timeout=30, check=True)
+        row = next(line for line in listing.stdout.splitlines() if "ci bot" in line)
+        assert "rpm 60" in row and "models qwq:32b|auto:fast" in row and row.endswith("active")
+    finally:
+        process.kill()
+        process.communicate(timeout=10)
+
+
+def test_keys_commands_say_what_is_wrong(tmp_path: Path) -> None:
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*GATEWAY, "keys", *args], capture_output=True, text=True,
+                              timeout=30)
+
+    refused = keys("new", "--rpm", "-1")
+    assert refused.returncode == 2 and "rpm: expected an integer >= 0" in refused.stderr
+    refused = keys("new", "--expires", "next tuesday")
+    assert refused.returncode == 2 and "expires: expected a date" in refused.stderr
+    refused = keys("revoke", "key-1")  # the embedded config keeps keys in the config file
+    assert refused.returncode == 2 and "edit their [[keys]] blocks" in refused.stderr
+    config = tmp_path / "redis.toml"
+    config.write_text(f'[tenants]\nstore = "redis"\nredis_url = '
+                      f'"redis://127.0.0.1:{free_port()}/0"\n')
+    refused = keys("list", "--config", str(config))
+    assert refused.returncode == 2 and "Redis does not answer" in refused.stderr
 
 
 def test_non_loopback_without_keys_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,169 @@
+"""Who is asking, and what they may do: the key a request presents (``Authorization:
+Bearer`` or ``x-api-key``), found in the key book; the models it may use; its limits,
+admitted before the request and settled when its answer is whole, their
+``x-ratelimit-*`` headers on every answer. And the ``RequestContext`` every door builds
+from a request, carrying the tenant, the usage report and the key's cache scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import KeyConfig
+from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
+from gateway.http.bodies import body_of
+from gateway.keys import CONFIG, KEY, RATE_HEADERS, TENANT, USAGE
+from gateway.pipeline import Listed
+from gateway.protocol.openai import ChatRequest, CompletionRequest, Kind
+from gateway.tenants import KeyBook, Limits, Tally, key_digest
+from plugins.base import RequestContext
+
+# Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
+# and version by which Ollama's clients recognise a server.
+PUBLIC_PATHS = frozenset({"/health", "/", "/api/version"})
+OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say
+REFUSALS = {"requests": "requests per minute", "tokens": "tokens per minute",
+            "concurrency": "requests at once", "budget": "token budget"}
+
+
+def presented_key(request: web.Request) -> str:
+    """The key a request carries (``Authorization: Bearer`` or ``x-api-key``), or ""."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        key = request.headers.get("x-api-key", "")  # how Anthropic's clients send it
+    return key.strip()
+
+
+def is_admin(request: web.Request) -> bool:
+    """Whether the request carries one of the operator's keys (``[auth] admin_key_hashes``)."""
+    digests = {h.removeprefix("sha256:") for h in request.app[CONFIG].auth.admin_key_hashes}
+    key = presented_key(request)
+    return bool(key) and key_digest(key) in digests
+
+
+async def identify(request: web.Request, book: KeyBook) -> KeyConfig | None:
+    """The key a request presents (None when the path is public or no key is needed);
+    raises for a key missing, unknown, revoked or expired.
+    """
+    if request.path in PUBLIC_PATHS or request.path.startswith("/admin/") or \
+            not book.required:
+        return None
+    presented = presented_key(request)
+    if not presented:
+        raise AuthenticationFailed(
+            "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+    key = await book.find(key_digest(presented))
+    if key is None:
+        raise AuthenticationFailed("Invalid API key.")
+    if key.revoked:
+        raise AuthenticationFailed("This API key was revoked.", code="revoked_api_key")
+    if key.expires and key.expires < time.time():
+        raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+    return key
+
+
+def admit_admin(request: web.Request) -> None:
+    """The admin API needs an admin key."""
+    if not is_admin(request):
+        raise GatewayError("The admin API needs an admin key ([auth] admin_key_hashes).",
+                           status=401, type="authentication_error", code="admin_key_required")
+
+
+async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
+                  limits: Limits) -> web.StreamResponse:
+    """The handler's answer, within what ``key`` may do: its models, and its limits,
+    admitted now and settled (with the tokens the answer used) once it is whole.
+    """
+    if key is None:
+        return await handler(request)  # type: ignore[no-any-return]
+    request[KEY] = key
+    body = await body_of(request) if request.body_exists else {}
+    model = body.get("model") if isinstance(body, dict) else None
+    if key.models and isinstance(model, str) and not _allowed(model, key.models):
+        raise GatewayError(f"This API key may not use the model {model!r} (it may use: "
+                           f"{', '.join(key.models)}).", status=403, type="permission_error",
+                           code="model_not_allowed", param="model")
+    estimate = _estimate(request, body) if key.tpm or key.budget else 0
+    admission = await limits.admit(key, estimate)
+    request[RATE_HEADERS] = admission.headers(key)
+    if admission.reason:
+        raise RateLimited(f"This API key is over its {REFUSALS[admission.reason]}; retry "
+                          "later.", retry_after=admission.retry_after,
+                          code=f"{admission.reason}_limit_exceeded")
+    tally = request[USAGE] = Tally()
+    answered = False
+    try:
+        response: web.StreamResponse = await handler(request)
+        answered = response.status < 400
+        return response
+    except asyncio.CancelledError:
+        answered = True  # the client hung up while it was being answered
+        raise
+    finally:
+        # The tokens used, as the answer said; an answer that did not say (cut off by the
+        # client, or from a backend that does not count) costs what was estimated; an
+        # error, nothing.
+        used = tally.tokens if tally.reported else estimate if answered else 0
+        await limits.settle(key, admission, estimate, used)
+
+
+async def rate_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """The key's ``x-ratelimit-*`` headers, on every answer (an ``on_response_prepare``
+    signal: streams and errors too).
+    """
+    headers = request.get(RATE_HEADERS)
+    if headers:
+        response.headers.update(headers)
+
+
+def context(request: web.Request, kind: Kind, req: ChatRequest | CompletionRequest
+            ) -> RequestContext:
+    """The request as the pipeline takes it: who asks, what they may keep, where to report
+    the tokens used.
+    """
+    key = request.get(KEY)
+    tally = request.get(USAGE)
+    return RequestContext(kind=kind, req=req, tenant=request[TENANT],
+                          client_headers=request.headers,
+                          on_usage=tally.add if tally is not None else None,
+                          cache_scope=key.cache if key is not None else "")
+
+
+def usage_sink(request: web.Request) -> Any:
+    """Where the tokens of an answer made outside a ``RequestContext`` are reported."""
+    tally = request.get(USAGE)
+    return tally.add if tally is not None else None
+
+
+def visible(request: web.Request, models: list[Listed]) -> list[Listed]:
+    """The models the request's key may use, of ``models``."""
+    key = request.get(KEY)
+    if key is None or not key.models:
+        return models
+    return [m for m in models if _allowed(m.name, key.models)]
+
+
+def _allowed(model: str, allowed: tuple[str, ...]) -> bool:
+    return model in allowed or model.removesuffix(":latest") in allowed or \
+        f"{model}:latest" in allowed
+
+
+def _estimate(request: web.Request, body: Any) -> int:
+    """The tokens a request will use, before it is answered: its text (about four
+    characters a token) and the answer's limit, or a guess at it (none for embeddings).
+    """
+    if not isinstance(body, dict) or "model" not in body:
+        return 0  # nothing to generate (a list of models, say)
+    if "embed" in request.path:
+        return (request.content_length or 0) // 4
+    options = body.get("options")
+    limits = (body.get("max_completion_tokens"), body.get("max_tokens"),
+              body.get("max_output_tokens"),
+              options.get("num_predict") if isinstance(options, dict) else None)
+    limit = next((v for v in limits if isinstance(v, int) and not isinstance(v, bool)
+                  and v > 0), OUTPUT_GUESS)
+    return (request.content_length or 0) // 4 + limit

@@ -1,0 +1,77 @@
+"""Request bodies: refused before they are read when they cannot be taken, read within a
+time limit under a budget for all bodies held at once, and parsed once (by whoever asks
+first: the middleware, for what a key may use, or a door).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
+from gateway.keys import BODY
+from gateway.protocol.openai import parse_body
+
+
+async def body_of(request: web.Request) -> dict[str, Any]:
+    """The request's JSON body, parsed (and checked) once."""
+    body = request.get(BODY)
+    if body is None:
+        body = request[BODY] = parse_body(await request.read())
+    return body
+
+
+class BodyBudget:
+    """The bytes of request bodies held at once, all requests together, bounded: a flood of
+    large (or never-ending) uploads is turned away instead of filling memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[None]:
+        if self.held + size > self.limit:
+            raise Unavailable("Too many large request bodies are being received at once; "
+                              "retry shortly.", retry_after=1, code="bodies_in_flight")
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
+async def read_body(request: web.Request, patience: float) -> None:
+    """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds."""
+    try:
+        async with asyncio.timeout(patience):
+            await request.read()
+    except TimeoutError:
+        request.content.feed_eof()  # no lingering for the rest: it is not coming
+        raise GatewayError(f"The request body did not arrive within {patience:g} seconds.",
+                           status=408, type="invalid_request_error",
+                           code="body_timeout") from None
+
+
+# Content-Encodings of request bodies the gateway decodes.
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+
+
+def check_body(request: web.Request, limit: int) -> None:
+    """Refuse, before a byte of it is read, a body the gateway cannot take: larger than
+    ``limit`` by its declared length, or in an encoding it cannot decode.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise GatewayError(f"The request body's Content-Encoding {encoding!r} cannot be "
+                           "decoded here: send it plain, or compressed with gzip or deflate.",
+                           status=415, type="invalid_request_error",
+                           code="unsupported_encoding")
+

@@ -1,0 +1,179 @@
+"""The keys a gateway answers to: named keys with what each may do (the config's
+``[[keys]]``, or Redis when ``[tenants] store = "redis"``), and the older unnamed
+``[auth] key_hashes`` (keys without limits). Only SHA-256 digests are kept.
+
+Keys in Redis are looked up again at most every ``RECHECK`` seconds by each process, so a
+key revoked through one process stops working on all of them within that time. ``issue``,
+``amend`` and ``described`` are what the admin API and ``gateway keys`` share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from gateway.config import ConfigError, KeyConfig
+from gateway.errors import Unavailable
+from gateway.tenants.link import Away, Link
+from gateway.typed_toml import build
+
+RECHECK = 0.5  # seconds a process trusts what it last read of a key in Redis
+UNKNOWN_KEPT = 1024  # digests remembered as unknown (beyond that, forgotten)
+KEYS, BY_DIGEST = "gw:keys", "gw:keys:by-digest"
+
+
+# What may be changed of a key once issued (its id, hash and birth stay).
+SETTINGS = ("name", "expires", "models", "rpm", "tpm", "concurrency", "budget",
+            "budget_period", "cache", "revoked")
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 of a key (bytes that were not UTF-8 count as they came)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def digest_of(hash_text: str) -> str:
+    return hash_text.removeprefix("sha256:")
+
+
+def new_secret() -> str:
+    return "gw-" + secrets.token_urlsafe(32)
+
+
+def issue(settings: dict[str, Any], source: str) -> tuple[str, KeyConfig]:
+    """A new key (the secret, shown once) and its record: ``settings`` checked as the
+    config's ``[[keys]]`` are (a ``ConfigError`` naming ``source`` otherwise); an id made
+    up when none is given.
+    """
+    unknown = set(settings) - {"id", *SETTINGS}
+    if unknown:
+        raise ConfigError(f"{source}: {sorted(unknown)[0]}: not a setting of a key (known: "
+                          f"id, {', '.join(SETTINGS)})")
+    secret = new_secret()
+    fields = {"id": f"key-{secrets.token_hex(4)}", **settings, "hash": key_digest(secret),
+              "created": int(time.time())}
+    return secret, build(KeyConfig, fields, source)
+
+
+def amend(record: KeyConfig, changes: dict[str, Any], source: str) -> KeyConfig:
+    """``record`` with ``changes`` to its settings, checked."""
+    fixed = set(changes) - set(SETTINGS)
+    if fixed:
+        raise ConfigError(f"{source}: {sorted(fixed)[0]}: cannot be changed (what can: "
+                          f"{', '.join(SETTINGS)})")
+    fields = {**dataclasses.asdict(record), **changes}
+    fields["models"] = list(fields["models"])
+    return build(KeyConfig, fields, source)
+
+
+def described(record: KeyConfig, source: str) -> dict[str, Any]:
+    """A key as the admin API and ``gateway keys list`` show it: never its hash."""
+    shown = dataclasses.asdict(record)
+    del shown["hash"]
+    shown["models"] = list(record.models)
+    shown["source"] = source
+    return shown
+
+
+def unnamed(digest: str) -> KeyConfig:
+    """An ``[auth] key_hashes`` key: no name, no limits."""
+    return KeyConfig(id=digest[:16], hash=digest)
+
+
+class KeyBook:
+    """Finds a key's record by the digest of what a client presented."""
+
+    def __init__(self, keys: Iterable[KeyConfig], unnamed_hashes: Iterable[str],
+                 shared: RedisKeys | None = None) -> None:
+        self._local = {digest_of(h): unnamed(digest_of(h)) for h in unnamed_hashes}
+        self._local.update({digest_of(k.hash): k for k in keys})
+        self.shared = shared
+
+    @property
+    def required(self) -> bool:
+        """Whether requests need a key at all."""
+        return bool(self._local) or self.shared is not None
+
+    async def find(self, digest: str) -> KeyConfig | None:
+        found = self._local.get(digest)
+        if found is None and self.shared is not None:
+            found = await self.shared.find(digest)
+        return found
+
+    def configured(self) -> list[KeyConfig]:
+        return list(self._local.values())
+
+    def local(self, key_id: str) -> KeyConfig | None:
+        """The key of the config with this id."""
+        return next((k for k in self._local.values() if k.id == key_id), None)
+
+
+class RedisKeys:
+    """Named keys in Redis: ``gw:keys`` (id → record) and ``gw:keys:by-digest``."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._find = link.client.register_script(FIND)
+        self._seen: dict[str, tuple[float, KeyConfig | None]] = {}  # digest → (until, record)
+
+    async def find(self, digest: str) -> KeyConfig | None:
+        now = time.monotonic()
+        seen = self._seen.get(digest)
+        if seen is not None and seen[0] > now:
+            return seen[1]
+        try:
+            raw = await self.link.call(lambda: self._find(keys=[BY_DIGEST, KEYS], args=[digest]))
+        except Away:
+            if seen is not None:  # Redis is away: what was last known stands
+                return seen[1]
+            raise Unavailable("The store of API keys is unavailable right now.",
+                              retry_after=1, code="key_store_unavailable") from None
+        record = _record(raw) if raw else None
+        if record is None and len(self._seen) >= UNKNOWN_KEPT:
+            self._seen.clear()  # digests made up to fill memory
+        self._seen[digest] = (now + RECHECK, record)
+        return record
+
+    async def all(self) -> list[KeyConfig]:
+        raw = await self.link.call(lambda: self.link.client.hgetall(KEYS))
+        return sorted((r for r in map(_record, raw.values()) if r), key=lambda r: r.created)
+
+    async def get(self, key_id: str) -> KeyConfig | None:
+        raw = await self.link.call(lambda: self.link.client.hget(KEYS, key_id))
+        return _record(raw) if raw else None
+
+    async def put(self, record: KeyConfig) -> None:
+        """Store a key (new, or changed: settings, revoked)."""
+        body = orjson.dumps(dataclasses.asdict(record))
+
+        async def write() -> None:
+            async with self.link.client.pipeline(transaction=True) as pipe:
+                pipe.hset(KEYS, record.id, body)
+                pipe.hset(BY_DIGEST, digest_of(record.hash), record.id)
+                await pipe.execute()
+
+        await self.link.call(write)
+        self._seen.pop(digest_of(record.hash), None)
+
+
+# A key's record by the digest of its secret, in one step. KEYS: by-digest, records.
+FIND = """
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+if not id then return false end
+return redis.call('HGET', KEYS[2], id)
+"""
+
+
+def _record(raw: Any) -> KeyConfig | None:
+    try:
+        data = orjson.loads(raw)
+        data["models"] = tuple(data.get("models") or ())
+        return KeyConfig(**data)
+    except (orjson.JSONDecodeError, TypeError):
+        return None

@@ -1,0 +1,51 @@
+"""The tenants' Redis: one connection pool for keys and limits, every call bounded in time,
+and, after a call fails, a quiet second in which Redis is not asked at all (requests then
+never queue behind a Redis that is gone or stalled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+QUIET_SECONDS = 1.0  # after Redis failed, it is not asked again for this long
+T = TypeVar("T")
+
+
+class Away(Exception):
+    """Redis did not answer in time (or is resting after it did not)."""
+
+
+class Link:
+    def __init__(self, url: str, timeout: float, max_connections: int = 32) -> None:
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout,
+            socket_timeout=timeout * 2, socket_connect_timeout=timeout * 2)
+        self.client = redis.Redis(connection_pool=pool)
+        self.timeout = timeout
+        self.quiet_until = 0.0
+
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """What ``make()`` gives, within the bound; ``Away`` when Redis cannot say."""
+        if time.monotonic() < self.quiet_until:
+            raise Away
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await make()
+        except (RedisError, OSError, TimeoutError) as exc:
+            if time.monotonic() >= self.quiet_until:
+                log.warning("tenants: Redis does not answer (%s); asking again in %.0fs",
+                            type(exc).__name__, QUIET_SECONDS)
+            self.quiet_until = time.monotonic() + QUIET_SECONDS
+            raise Away from None
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,304 @@
+"""Named keys and their limits in one gateway process (counted in memory): the models a key
+may use, requests and tokens per minute, requests at once, a token budget, expiry and
+revocation; OpenAI's ``x-ratelimit-*`` headers on every answer, a 429 with ``Retry-After``
+past a limit, as each door's client library sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway, wait_until
+
+MODEL = "qwq:32b"
+USER = [{"role": "user", "content": "Hello"}]
+ADMIN = "gw-admin-key-for-tenants-0000"
+
+
+def secret(name: str) -> str:
+    return f"gw-test-{name}-key-0123456789"
+
+
+def key(name: str, **settings: Any) -> dict[str, Any]:
+    return {"id": name, "name": f"the {name} key",
+            "hash": hashlib.sha256(secret(name).encode()).hexdigest(), **settings}
+
+
+KEYS = [
+    key("rpm3", rpm=3),
+    key("tpm", tpm=600),
+    key("one", concurrency=1),
+    key("budget", budget=60, budget_period="month"),
+    key("small", models=["phi3.5:3.8b", "auto:fast"]),
+    key("expired", expires=int(time.time()) - 60),
+    key("revoked", revoked=True),
+    key("free"),
+]
+
+
+@pytest.fixture
+def keyed(ollama_sim: Sim) -> Iterator[ServerThread]:
+    config = gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url), keys=KEYS,
+        auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]})
+    server = start_gateway(config)
+    yield server
+    server.stop()
+
+
+def client(server: ServerThread, name: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=secret(name), max_retries=0)
+
+
+@contextlib.contextmanager
+def ollama_as(server: ServerThread, name: str) -> Iterator[ollama.Client]:
+    ollama_client = ollama.Client(host=server.url,
+                                  headers={"Authorization": f"Bearer {secret(name)}"})
+    try:
+        yield ollama_client
+    finally:
+        ollama_client.close()
+
+
+def test_requests_per_minute_answer_429_past_the_limit_with_openais_headers(
+        keyed: ServerThread) -> None:
+    with client(keyed, "rpm3") as c:
+        left = []
+        for _ in range(3):
+            raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
+            assert raw.headers["x-ratelimit-limit-requests"] == "3"
+            left.append(raw.headers["x-ratelimit-remaining-requests"])
+            assert raw.headers["x-ratelimit-reset-requests"].endswith(("ms", "s"))
+        assert left == ["2", "1", "0"]
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER)
+    refused = caught.value
+    assert refused.status_code == 429
+    assert refused.body["code"] == "requests_limit_exceeded"  # type: ignore[index]
+    assert "requests per minute" in refused.message
+    # One request comes back every 20 s at 3 a minute: the client is told to wait that long.
+    assert 1 <= int(refused.response.headers["Retry-After"]) <= 20
+    assert refused.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "x-ratelimit-limit-tokens" not in refused.response.headers  # no such limit
+
+
+def test_rate_headers_come_with_streams_and_errors_too(keyed: ServerThread) -> None:
+    with client(keyed, "rpm3") as c:
+        with c.chat.completions.with_streaming_response.create(
+                model=MODEL, messages=USER, stream=True) as streamed:
+            assert streamed.headers["x-ratelimit-remaining-requests"] == "2"
+            assert "".join(streamed.iter_lines())
+        with pytest.raises(openai.NotFoundError) as caught:
+            c.chat.completions.create(model="no-such-model", messages=USER)
+        assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_tokens_per_minute_charge_an_estimate_then_what_was_used(
+        keyed: ServerThread, ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, reply=" ".join(["word"] * 120))  # about 120 tokens an answer
+    with client(keyed, "tpm") as c:
+        first = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER,
+                                                             max_tokens=500)
+        # Admitted against the estimate: the prompt's length and the answer's limit.
+        estimated = 600 - int(first.headers["x-ratelimit-remaining-tokens"])
+        assert 500 <= estimated <= 520
+        used = first.parse().usage
+        assert used is not None and used.total_tokens < estimated
+        second = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER,
+                                                              max_tokens=10)
+        # The first request's estimate was corrected to what it used: the bucket holds
+        # 600 - used - the second estimate (plus what refilled meanwhile: 10 a second).
+        left = int(second.headers["x-ratelimit-remaining-tokens"])
+        expected = 600 - used.total_tokens - (estimated - 500 + 10)
+        assert expected <= left <= expected + 30
+        # A request that may take more than is left waits.
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER, max_tokens=500)
+    assert caught.value.body["code"] == "tokens_limit_exceeded"  # type: ignore[index]
+    assert caught.value.response.headers["x-ratelimit-limit-tokens"] == "600"
+
+
+def test_concurrent_requests_beyond_the_limit_are_refused_until_one_ends(
+        keyed: ServerThread, ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, ttft=1.0)
+    outcome: list[str] = []
+
+    def slow() -> None:
+        with client(keyed, "one") as c:
+            outcome.append(c.chat.completions.create(model=MODEL, messages=USER).id)
+
+    first = threading.Thread(target=slow)
+    first.start()
+    time.sleep(0.4)
+    with client(keyed, "one") as c:
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER)
+        assert caught.value.body["code"] == "concurrency_limit_exceeded"  # type: ignore[index]
+        first.join(timeout=10)
+        assert outcome, "the request in flight was not answered"
+        ollama_sim.clear()
+        assert c.chat.completions.create(model=MODEL, messages=USER).choices
+
+
+def test_a_spent_budget_refuses_until_the_period_ends(keyed: ServerThread,
+                                                      ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, reply=" ".join(["word"] * 80))
+    with client(keyed, "budget") as c:
+        c.chat.completions.create(model=MODEL, messages=USER)  # 80-odd tokens of 60
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER)
+    assert caught.value.body["code"] == "budget_limit_exceeded"  # type: ignore[index]
+    # The budget is a month's: the wait is until the month ends (UTC), at most 31 days.
+    retry = int(caught.value.response.headers["Retry-After"])
+    assert 0 < retry <= 31 * 86400
+
+
+def test_a_key_may_use_only_its_models_and_lists_only_those(keyed: ServerThread) -> None:
+    with client(keyed, "small") as c:
+        assert c.chat.completions.create(model="phi3.5:3.8b", messages=USER).choices
+        assert c.chat.completions.create(model="auto:fast", messages=USER).choices
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER)
+        assert caught.value.body["code"] == "model_not_allowed"  # type: ignore[index]
+        assert {m.id for m in c.models.list()} == {"phi3.5:3.8b", "auto:fast"}
+        with pytest.raises(openai.PermissionDeniedError):
+            c.embeddings.create(model="nomic-embed-text", input="hi")
+    with ollama_as(keyed, "small") as ollama_client:
+        assert {m.model for m in ollama_client.list().models} == {"phi3.5:3.8b", "auto:fast"}
+    with client(keyed, "free") as c:
+        assert MODEL in {m.id for m in c.models.list()}
+
+
+@pytest.mark.parametrize(("name", "code"), [("expired", "expired_api_key"),
+                                            ("revoked", "revoked_api_key")])
+def test_expired_and_revoked_keys_are_refused(keyed: ServerThread, name: str,
+                                              code: str) -> None:
+    with client(keyed, name) as c, pytest.raises(openai.AuthenticationError) as caught:
+        c.models.list()
+    assert caught.value.body["code"] == code  # type: ignore[index]
+
+
+def test_other_doors_say_429_as_their_clients_expect(keyed: ServerThread) -> None:
+    with client(keyed, "rpm3") as c:
+        for _ in range(3):
+            c.chat.completions.create(model=MODEL, messages=USER)
+    with anthropic.Anthropic(base_url=keyed.url, api_key=secret("rpm3"),
+                             max_retries=0) as claude, \
+            pytest.raises(anthropic.RateLimitError) as refused:
+        claude.messages.create(model=MODEL, max_tokens=20, messages=USER)  # type: ignore[arg-type]
+    assert refused.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert refused.value.response.headers["Retry-After"]
+    with ollama_as(keyed, "rpm3") as ollama_client, \
+            pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(model=MODEL, messages=USER)
+    assert caught.value.status_code == 429 and "requests per minute" in caught.value.error
+
+
+def test_limits_are_per_key(keyed: ServerThread) -> None:
+    with client(keyed, "rpm3") as c:
+        for _ in range(3):
+            c.chat.completions.create(model=MODEL, messages=USER)
+    with client(keyed, "free") as c:
+        raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
+        assert "x-ratelimit-limit-requests" not in raw.headers  # no limits: no headers
+        for _ in range(10):
+            c.chat.completions.create(model=MODEL, messages=USER)
+
+
+def admin_call(server: ServerThread, method: str, path: str, body: Any = None,
+               token: str = ADMIN) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        server.url + path, method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_admin_api_shows_config_keys_and_says_where_to_change_them(
+        keyed: ServerThread) -> None:
+    status, listing = admin_call(keyed, "GET", "/admin/keys")
+    assert status == 200
+    shown = {k["id"]: k for k in listing["data"]}
+    assert shown["rpm3"]["rpm"] == 3 and shown["rpm3"]["source"] == "config"
+    assert all("hash" not in k for k in listing["data"])  # never the digest
+    assert admin_call(keyed, "GET", "/admin/keys/small")[1]["models"] == \
+        ["phi3.5:3.8b", "auto:fast"]
+    status, error = admin_call(keyed, "POST", "/admin/keys", {"name": "new"})
+    assert status == 409 and error["error"]["code"] == "keys_in_config"
+    status, error = admin_call(keyed, "DELETE", "/admin/keys/rpm3")
+    assert status == 409 and "config file" in error["error"]["message"]
+    assert admin_call(keyed, "GET", "/admin/keys/nobody")[0] == 404
+    # A tenant's key is not an admin key.
+    status, error = admin_call(keyed, "GET", "/admin/keys", token=secret("free"))
+    assert status == 401 and error["error"]["code"] == "admin_key_required"
+
+
+def test_what_costs_tokens_an_error_nothing_a_cut_stream_its_estimate(
+        keyed: ServerThread, ollama_sim: Sim) -> None:
+    def left(c: openai.OpenAI) -> int:
+        raw = c.models.with_raw_response.list()  # (asks for no tokens itself)
+        return int(raw.headers["x-ratelimit-remaining-tokens"])
+
+    with client(keyed, "tpm") as c:
+        assert left(c) == 600
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="no-such-model", messages=USER, max_tokens=300)
+        assert left(c) == 600  # charged 300-odd while it was asked, then given back
+        ollama_sim.fault(MODEL, tokens_per_s=5)  # a slow stream, cut off after one chunk
+        with c.chat.completions.create(model=MODEL, messages=USER, max_tokens=200,
+                                       stream=True) as stream:
+            next(iter(stream))
+        # The answer never said what it used: what was estimated for it stays charged.
+        wait_until(lambda: left(c) < 420, 5, "the cut stream to be settled")
+        assert 340 <= left(c) < 420  # 600 - (200 + the prompt), and a few seconds of refill
+
+
+def test_a_keys_cache_scope_and_cached_answers_cost_no_tokens(ollama_sim: Sim) -> None:
+    config = gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        plugins=[{"name": "cache", "options": {"backend": "memory"}}],
+        keys=[key("tpm", tpm=6000), key("off", cache="off"), key("pool-a", cache="shared"),
+              key("pool-b", cache="shared"), key("own")])
+    server = start_gateway(config)
+
+    def ask(name: str, question: str = "Cached?") -> tuple[str | None, dict[str, str]]:
+        with client(server, name) as c:
+            raw = c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": question}], temperature=0)
+            return raw.headers.get("x-gateway-cache"), dict(raw.headers)
+
+    try:
+        assert ask("tpm")[0] == "miss"
+        with client(server, "tpm") as c:
+            before = int(c.models.with_raw_response.list().headers[
+                "x-ratelimit-remaining-tokens"])
+        assert ask("tpm")[0] == "hit"
+        # Admitted against its estimate, then given it all back: no model was asked.
+        with client(server, "tpm") as c:
+            after = int(c.models.with_raw_response.list().headers[
+                "x-ratelimit-remaining-tokens"])
+        assert before <= after <= before + 100 * 2  # (100 a second refill, at most)
+        assert [ask("off")[0], ask("off")[0]] == ["bypass", "bypass"]
+        assert ask("pool-a", "Pooled?")[0] == "miss"
+        assert ask("pool-b", "Pooled?")[0] == "hit"  # the shared pool answers
+        assert ask("own", "Pooled?")[0] == "miss"  # a key of its own does not see the pool's
+        assert ask("own", "Pooled?")[0] == "hit"
+    finally:
+        server.stop()
