@@ -79,7 +79,8 @@ def create_app(config: GatewayConfig) -> web.Application:
                     ("/v1/messages", anthropic.error_response)])],
     )
     app[KEYBOOK], app[LIMITS] = book, limits
-    app.on_response_prepare.append(rate_headers)
+    if book.required:
+        app.on_response_prepare.append(rate_headers)
     if config.server.cors_origins:
         app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
@@ -161,6 +162,7 @@ def _tenancy(config: GatewayConfig) -> tuple[KeyBook, Limits]:
 
 async def _tenants_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
+    await app[LIMITS].close()
     shared = app[KEYBOOK].shared
     if shared is not None:
         await shared.link.close()

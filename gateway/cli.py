@@ -286,9 +286,9 @@ def _keys_new(args: argparse.Namespace) -> int:
     if config.tenants.store == "redis":
         async def put() -> None:
             async with _redis_keys(config) as keys:
-                if await keys.get(record.id) is not None:
+                if any(k.id == record.id for k in config.keys) or \
+                        not await keys.create(record):
                     raise ConfigError(f"options: id: a key {record.id!r} exists already")
-                await keys.put(record)
         asyncio.run(put())
         print(f"key:  {secret}")
         print(f"id:   {record.id} (kept in Redis: every gateway process knows it now)")

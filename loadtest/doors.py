@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import http.client
 import json
 import os
@@ -27,7 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.run import BODY, HERE, MODEL, REPLY, _config, free_ports, start, wait_ready
+from loadtest.run import (
+    BODY,
+    HERE,
+    MODEL,
+    REPLY,
+    _config,
+    _start_redis,
+    free_ports,
+    start,
+    wait_ready,
+)
 
 DOORS: dict[str, tuple[str, dict[str, Any]]] = {
     "`/v1/chat/completions` (OpenAI)": ("/v1/chat/completions", BODY),
@@ -41,6 +52,19 @@ DOORS: dict[str, tuple[str, dict[str, Any]]] = {
                       "options": {"num_predict": 64}}),
 }
 LIMIT = 0.10  # each door: at most this much more than /v1/chat/completions
+KEY = "gw-loadtest-key-with-limits-000000"
+# A key whose every rate limit is counted on each request (none is ever reached).
+KEYED = f'''
+[[keys]]
+id = "loadtest"
+hash = "{hashlib.sha256(KEY.encode()).hexdigest()}"
+rpm = 1000000000
+tpm = 1000000000
+concurrency = 1000
+'''
+LIMITED = {"memory": "with a key's limits counted in memory",
+           "redis": "with a key's limits counted in Redis (one Lua script to admit, one to "
+                    "settle)"}
 
 
 class Counted:
@@ -52,10 +76,11 @@ class Counted:
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/{name}.%p", *args],
             stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT, cwd=work)
 
-    def per_request(self, port: int, path: str, body: dict[str, Any], requests: int) -> float:
+    def per_request(self, port: int, path: str, body: dict[str, Any], requests: int,
+                    key: str = "") -> float:
         subprocess.run(["callgrind_control", "-z", str(self.process.pid)], check=True,
                        capture_output=True)
-        _send(port, path, body, requests)
+        _send(port, path, body, requests, key)
         subprocess.run(["callgrind_control", "-d", str(self.process.pid)], check=True,
                        capture_output=True)
         dump = max(glob.glob(f"{self.work}/{self.name}.{self.process.pid}.*"),
@@ -70,13 +95,16 @@ class Counted:
         self.process.wait(timeout=300)
 
 
-def _send(port: int, path: str, body: dict[str, Any], requests: int) -> None:
+def _send(port: int, path: str, body: dict[str, Any], requests: int, key: str = "") -> None:
     """Sequential requests on one kept-alive connection, each answered 200."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     try:
         for _ in range(requests):
-            connection.request("POST", path, data, {"Content-Type": "application/json"})
+            connection.request("POST", path, data, headers)
             response = connection.getresponse()
             response.read()
             if response.status != 200:
@@ -93,9 +121,17 @@ def run(requests: int, out: Path) -> str:
         else:
             raise SystemExit("loadtest.doors needs valgrind: apt-get install -y valgrind")
     work = Path(tempfile.mkdtemp(prefix="loadtest-doors-"))
-    ports = free_ports(("sim", "proxy", "gateway"))
-    (work / "gateway.toml").write_text(
-        _config(ports["gateway"], {"sim": f"http://127.0.0.1:{ports['sim']}/v1"}))
+    ports = free_ports(("sim", "proxy", "gateway", "memory", "redis"))
+    upstream = {"sim": f"http://127.0.0.1:{ports['sim']}/v1"}
+    (work / "gateway.toml").write_text(_config(ports["gateway"], upstream))
+    redis = _start_redis()
+    (work / "memory.toml").write_text(_config(ports["memory"], upstream, KEYED))
+    (work / "redis.toml").write_text(_config(ports["redis"], upstream, KEYED + f'''
+[tenants]
+store = "redis"
+redis_url = "{redis.url}"
+timeout = 5.0
+'''))
     python = sys.executable
     sim = start([python, "-m", "gateway.sim", "openai", "--port", str(ports["sim"]), "--reply",
                  REPLY], work / "sim.log")
@@ -107,11 +143,17 @@ def run(requests: int, out: Path) -> str:
                         work, "proxy")
         gateway = Counted([python, "-m", "gateway", "--log-level", "warning", "serve",
                            "--config", str(work / "gateway.toml")], work, "gateway")
-        counted = [proxy, gateway]
-        wait_ready(f"http://127.0.0.1:{ports['gateway']}/health", timeout=600,
-                   process=gateway.process)
+        limited = {store: Counted([python, "-m", "gateway", "--log-level", "warning", "serve",
+                                   "--config", str(work / f"{store}.toml")], work, store)
+                   for store in LIMITED}
+        counted = [proxy, gateway, *limited.values()]
+        for name, each in (("gateway", gateway), *limited.items()):
+            wait_ready(f"http://127.0.0.1:{ports[name]}/health", timeout=600,
+                       process=each.process)
         for path, body in DOORS.values():  # warm up: imports, connections, caches
             _send(ports["gateway"], path, body, 20)
+        for store in LIMITED:
+            _send(ports[store], "/v1/chat/completions", BODY, 20, KEY)
         _send(ports["proxy"], "/v1/chat/completions", BODY, 20)
         counts: dict[str, float] = {}
         for _ in range(2):
@@ -120,11 +162,16 @@ def run(requests: int, out: Path) -> str:
             for name, (path, body) in DOORS.items():
                 count = gateway.per_request(ports["gateway"], path, body, requests)
                 counts[name] = min(counts.get(name, count), count)
+            for store, each in limited.items():
+                count = each.per_request(ports[store], "/v1/chat/completions", BODY, requests,
+                                         KEY)
+                counts[store] = min(counts.get(store, count), count)
     finally:
         for each in counted:
             each.stop()
         sim.terminate()
         sim.wait(timeout=10)
+        redis.kill()
     report = render(counts, requests)
     out.write_text(report)
     return report
@@ -140,6 +187,9 @@ def render(counts: dict[str, float], requests: int) -> str:
             f"{over:+.1%} ({'met' if over <= LIMIT else 'NOT met'})"
         rows.append(f"| gateway, {name} | {counts[name]:,.0f} | {counts[name] / chat:.2f} | "
                     f"{verdict} |")
+    for store, what in LIMITED.items():
+        rows.append(f"| gateway, `/v1/chat/completions` {what} | {counts[store]:,.0f} | "
+                    f"{counts[store] / chat:.2f} | {counts[store] / chat - 1:+.1%} |")
     return f"""# What each front door costs
 
 Command: `.venv/bin/python -m loadtest.doors --requests {requests}`
@@ -151,7 +201,10 @@ The same question (a 17-word answer from the simulated OpenAI-compatible server,
 streamed) through each front door of one gateway process, and through the bare proxy, all in
 one run. Instructions per request include everything the process does for it: HTTP in and
 out, parsing, routing, the upstream call, encoding; the Responses API door also stores the
-response (its default).
+response (its default). The last rows are the same chat request from a key with limits on
+requests and tokens per minute and on requests at once, in a gateway process of its own:
+what admitting and settling it costs (for Redis, this process's side only; the scripts run
+in the benchmark's own redis-server).
 
 | path | instructions per request | against the gateway's chat | over chat (target: at most {LIMIT:.0%}) |
 |---|---:|---:|---|

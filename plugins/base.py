@@ -49,6 +49,8 @@ class RequestContext:
     # Whose cached answers the caller may get: its key's setting ("key", "shared", "off"),
     # or "" for the cache's own.
     cache_scope: str = ""
+    # The models (and aliases) the caller may use, fallbacks and escalations too (none: all).
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

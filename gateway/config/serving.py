@@ -146,8 +146,8 @@ class KeyConfig:
         if not re.fullmatch(r"(sha256:)?[0-9a-f]{64}", self.hash):
             yield "hash", "expected a SHA-256 hex digest (gateway keys new)"
         for key in ("rpm", "tpm", "concurrency", "budget", "created", "expires"):
-            if getattr(self, key) < 0:
-                yield key, "expected an integer >= 0"
+            if not 0 <= getattr(self, key) <= 2**53:
+                yield key, "expected an integer >= 0 (and below 2**53)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
 from gateway.http.bodies import body_of
 from gateway.keys import CONFIG, KEY, RATE_HEADERS, TENANT, USAGE
 from gateway.pipeline import Listed
-from gateway.protocol.openai import ChatRequest, CompletionRequest, Kind
+from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
+from gateway.routing.catalog import named_in
 from gateway.tenants import KeyBook, Limits, Tally, key_digest
 from plugins.base import RequestContext
 
@@ -46,11 +47,10 @@ def is_admin(request: web.Request) -> bool:
 
 
 async def identify(request: web.Request, book: KeyBook) -> KeyConfig | None:
-    """The key a request presents (None when the path is public or no key is needed);
-    raises for a key missing, unknown, revoked or expired.
+    """The key a request presents (None when the path is public); raises for a key
+    missing, unknown, revoked or expired. Only asked when the gateway has keys.
     """
-    if request.path in PUBLIC_PATHS or request.path.startswith("/admin/") or \
-            not book.required:
+    if request.path in PUBLIC_PATHS or request.path.startswith("/admin/"):
         return None
     presented = presented_key(request)
     if not presented:
@@ -82,12 +82,11 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         return await handler(request)  # type: ignore[no-any-return]
     request[KEY] = key
     body = await body_of(request) if request.body_exists else {}
-    model = body.get("model") if isinstance(body, dict) else None
-    if key.models and isinstance(model, str) and not _allowed(model, key.models):
-        raise GatewayError(f"This API key may not use the model {model!r} (it may use: "
-                           f"{', '.join(key.models)}).", status=403, type="permission_error",
-                           code="model_not_allowed", param="model")
-    estimate = _estimate(request, body) if key.tpm or key.budget else 0
+    if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
+        for name in (body.get("model"), body.get("name")):
+            if isinstance(name, str) and name:
+                check_model(request, name)
+    estimate = await _estimate(request, body) if key.tpm or key.budget else 0
     admission = await limits.admit(key, estimate)
     request[RATE_HEADERS] = admission.headers(key)
     if admission.reason:
@@ -108,7 +107,7 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         # client, or from a backend that does not count) costs what was estimated; an
         # error, nothing.
         used = tally.tokens if tally.reported else estimate if answered else 0
-        await limits.settle(key, admission, estimate, used)
+        await limits.settle(key, admission, min(used, MAX_TOKENS))
 
 
 async def rate_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -120,17 +119,30 @@ async def rate_headers(request: web.Request, response: web.StreamResponse) -> No
         response.headers.update(headers)
 
 
+def check_model(request: web.Request, model: str) -> None:
+    """Refuse a model the request's key may not use."""
+    key = request.get(KEY)
+    if key is not None and key.models and not named_in(model, key.models):
+        raise GatewayError(f"This API key may not use the model {model!r} (it may use: "
+                           f"{', '.join(key.models)}).", status=403, type="permission_error",
+                           code="model_not_allowed", param="model")
+
+
 def context(request: web.Request, kind: Kind, req: ChatRequest | CompletionRequest
             ) -> RequestContext:
-    """The request as the pipeline takes it: who asks, what they may keep, where to report
-    the tokens used.
+    """The request as the pipeline takes it: who asks, which models they may use, what
+    they may keep, where to report the tokens used.
     """
     key = request.get(KEY)
+    if key is None:
+        return RequestContext(kind=kind, req=req, tenant=request[TENANT],
+                              client_headers=request.headers)
+    check_model(request, req.model)
     tally = request.get(USAGE)
     return RequestContext(kind=kind, req=req, tenant=request[TENANT],
                           client_headers=request.headers,
                           on_usage=tally.add if tally is not None else None,
-                          cache_scope=key.cache if key is not None else "")
+                          cache_scope=key.cache, models=key.models)
 
 
 def usage_sink(request: web.Request) -> Any:
@@ -144,26 +156,22 @@ def visible(request: web.Request, models: list[Listed]) -> list[Listed]:
     key = request.get(KEY)
     if key is None or not key.models:
         return models
-    return [m for m in models if _allowed(m.name, key.models)]
+    return [m for m in models if named_in(m.name, key.models)]
 
 
-def _allowed(model: str, allowed: tuple[str, ...]) -> bool:
-    return model in allowed or model.removesuffix(":latest") in allowed or \
-        f"{model}:latest" in allowed
-
-
-def _estimate(request: web.Request, body: Any) -> int:
+async def _estimate(request: web.Request, body: dict[str, Any]) -> int:
     """The tokens a request will use, before it is answered: its text (about four
     characters a token) and the answer's limit, or a guess at it (none for embeddings).
     """
-    if not isinstance(body, dict) or "model" not in body:
+    if "model" not in body and "name" not in body:
         return 0  # nothing to generate (a list of models, say)
+    prompt = len(await request.read()) // 4  # (the body as decoded)
     if "embed" in request.path:
-        return (request.content_length or 0) // 4
+        return prompt
     options = body.get("options")
     limits = (body.get("max_completion_tokens"), body.get("max_tokens"),
               body.get("max_output_tokens"),
               options.get("num_predict") if isinstance(options, dict) else None)
     limit = next((v for v in limits if isinstance(v, int) and not isinstance(v, bool)
                   and v > 0), OUTPUT_GUESS)
-    return (request.content_length or 0) // 4 + limit
+    return prompt + min(limit, MAX_TOKENS)

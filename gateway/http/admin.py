@@ -34,11 +34,10 @@ async def create_key(request: web.Request) -> web.Response:
     shared = _shared(request)
     fields = _fields(await body_of(request))
     secret, record = _checked(lambda: issue(fields, SOURCE))
-    if await _shared_call(shared.get(record.id)) is not None or \
-            request.app[KEYBOOK].local(record.id) is not None:
+    if request.app[KEYBOOK].local(record.id) is not None or \
+            not await _shared_call(shared.create(record)):
         raise GatewayError(f"A key with the id {record.id!r} exists already.", status=409,
                            type="invalid_request_error", code="key_exists", param="id")
-    await _shared_call(shared.put(record))
     return json_response({**described(record, "redis"), "key": secret}, status=201)
 
 

@@ -75,7 +75,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             if refusal is not None:
                 raise GatewayError(refusal, status=403, type="permission_error",
                                    code="origin_not_allowed")
-            key = await identify(request, book)
+            key = await identify(request, book) if book.required else None
             request[TENANT] = key.id if key is not None else ""
             if request.path.startswith("/admin/"):
                 admit_admin(request)
@@ -84,9 +84,11 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             if request.body_exists:
                 with bodies.holding(request.content_length or server.max_body_bytes):
                     await read_body(request, server.body_timeout)
-                    response = await limited(request, handler, key, limits)
+                    response = await (handler(request) if key is None
+                                      else limited(request, handler, key, limits))
             else:
-                response = await limited(request, handler, key, limits)
+                response = await (handler(request) if key is None
+                                  else limited(request, handler, key, limits))
         except GatewayError as exc:
             response = shaped(request, exc)
         except web.RequestPayloadError:

@@ -94,7 +94,7 @@ class Pipeline:
         return Streamed(first, _replay(rest), headers, completion.model, finish, close)
 
     async def _stream(self, ctx: RequestContext) -> Streamed:
-        routed = self.router.answer(ctx.req)
+        routed = self.router.answer(ctx.req, ctx.models)
         first = await routed.start()
         taken = Completion()
         try:
@@ -145,7 +145,7 @@ class Pipeline:
             if answered is not None:
                 hit, route = answered
                 return (hit.usage or Usage()).prompt_tokens, route
-            routed = self.router.answer(ctx.req)
+            routed = self.router.answer(ctx.req, ctx.models)
             first = await routed.start()
             try:
                 answer = await collect(routed.chunks(), first)
@@ -200,13 +200,14 @@ class Pipeline:
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""
-        completion, headers, deployment = await self._collect(ctx, self.router.answer(ctx.req))
+        completion, headers, deployment = await self._collect(
+            ctx, self.router.answer(ctx.req, ctx.models))
         escalated: list[str] = []
         for _ in range(self.max_escalations):
             verdict = await self._judge(ctx, completion, deployment)
             if verdict is None or not verdict.escalate:
                 return completion, headers
-            routed = self.router.escalate(ctx.req, deployment, verdict.describe())
+            routed = self.router.escalate(ctx.req, deployment, verdict.describe(), ctx.models)
             if routed is None:
                 break
             try:

@@ -22,6 +22,12 @@ from gateway.protocol.units import ModelInfo
 log = logging.getLogger(__name__)
 
 
+def named_in(name: str, names: Iterable[str]) -> bool:
+    """Whether ``name`` is one of ``names`` (``model`` and ``model:latest`` being one)."""
+    bare = name.removesuffix(":latest")
+    return any(n.removesuffix(":latest") == bare for n in names)
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
     """One model on one backend; ``model.name`` is the name the backend knows it by."""

@@ -29,14 +29,17 @@ class Router:
         # Told when a connection to a backend is refused (the health watcher listens).
         self.on_unreachable: Callable[[str], None] = lambda backend: None
 
-    def answer(self, req: ChatRequest | CompletionRequest) -> RoutedAnswer:
-        """The routed answer to a chat or text completion; ``await .start()`` runs it."""
-        return self._answer(req, self.selector.route(req))
+    def answer(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = ()
+               ) -> RoutedAnswer:
+        """The routed answer to a chat or text completion; ``await .start()`` runs it.
+        ``allowed``: the only models that may answer besides the one asked for (none: any).
+        """
+        return self._answer(req, self.selector.route(req, allowed))
 
     def escalate(self, req: ChatRequest | CompletionRequest, than: Deployment,
-                 why: str) -> RoutedAnswer | None:
+                 why: str, allowed: tuple[str, ...] = ()) -> RoutedAnswer | None:
         """The answer of a stronger model than ``than``, or None when there is none."""
-        stronger = self.selector.stronger(req, than, why)
+        stronger = self.selector.stronger(req, than, why, allowed)
         return self._answer(req, Route(stronger, list)) if stronger else None
 
     def _answer(self, req: ChatRequest | CompletionRequest, route: Route) -> RoutedAnswer:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from gateway.config import AliasConfig, GatewayConfig
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
-from gateway.routing.catalog import Deployment, ModelCatalog
+from gateway.routing.catalog import Deployment, ModelCatalog, named_in
 
 SEED_OLLAMA = ("qwq:32b", "qwen2.5-coder:32b", "phi3.5:3.8b")
 SEED_MLX = ("command-r-plus:104b", "deepseek-r1-distill-llama:70b")
@@ -107,10 +107,11 @@ class Selector:
     def is_alias(self, name: str) -> bool:
         return name in self._aliases
 
-    def route(self, req: ChatRequest | CompletionRequest) -> Route:
+    def route(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = ()
+              ) -> Route:
         """The candidates for a request, best first; never empty. The fallbacks (and what
         the request needs of them) are worked out only if the first candidates cannot answer:
-        most requests never need them.
+        most requests never need them; with ``allowed``, only those models among them.
         """
         name = req.model
         if name in self._aliases:
@@ -125,18 +126,25 @@ class Selector:
             first = [Candidate(name, deployments, "requested")] if deployments else []
         else:
             first = [Candidate(name, self._catalog.resolve(name), "requested")]
+        if allowed:
+            return Route(first, lambda: [c for c in self._fallbacks_for(name, first,
+                                                                        needs_of(req))
+                                         if named_in(c.name, allowed)])
         return Route(first, lambda: self._fallbacks_for(name, first, needs_of(req)))
 
-    def stronger(self, req: ChatRequest | CompletionRequest, than: Deployment, why: str
-                 ) -> list[Candidate]:
+    def stronger(self, req: ChatRequest | CompletionRequest, than: Deployment, why: str,
+                 allowed: tuple[str, ...] = ()) -> list[Candidate]:
         """Models to escalate to after an answer from ``than`` was found wanting: the next
-        larger ones first, then the cloud tier (cheap local first, stronger only when needed).
+        larger ones first, then the cloud tier (cheap local first, stronger only when needed);
+        with ``allowed``, only those.
         """
         needs = needs_of(req)
         size = than.model.parameters or 0
         larger: list[Candidate] = []
         cloud: list[Candidate] = []
         for name in self._catalog.names():
+            if allowed and not named_in(name, allowed):
+                continue
             deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)
                            and d.model.name != than.model.name]
             if not deployments:

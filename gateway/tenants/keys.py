@@ -67,8 +67,7 @@ def amend(record: KeyConfig, changes: dict[str, Any], source: str) -> KeyConfig:
     if fixed:
         raise ConfigError(f"{source}: {sorted(fixed)[0]}: cannot be changed (what can: "
                           f"{', '.join(SETTINGS)})")
-    fields = {**dataclasses.asdict(record), **changes}
-    fields["models"] = list(fields["models"])
+    fields = {**dataclasses.asdict(record), "models": list(record.models), **changes}
     return build(KeyConfig, fields, source)
 
 
@@ -93,6 +92,7 @@ class KeyBook:
                  shared: RedisKeys | None = None) -> None:
         self._local = {digest_of(h): unnamed(digest_of(h)) for h in unnamed_hashes}
         self._local.update({digest_of(k.hash): k for k in keys})
+        self._local_ids = {k.id for k in self._local.values()}
         self.shared = shared
 
     @property
@@ -104,6 +104,8 @@ class KeyBook:
         found = self._local.get(digest)
         if found is None and self.shared is not None:
             found = await self.shared.find(digest)
+            if found is not None and found.id in self._local_ids:
+                return None  # an id of the config's: one tenant must not have two keys
         return found
 
     def configured(self) -> list[KeyConfig]:
@@ -120,6 +122,7 @@ class RedisKeys:
     def __init__(self, link: Link) -> None:
         self.link = link
         self._find = link.client.register_script(FIND)
+        self._create = link.client.register_script(CREATE)
         self._seen: dict[str, tuple[float, KeyConfig | None]] = {}  # digest → (until, record)
 
     async def find(self, digest: str) -> KeyConfig | None:
@@ -135,6 +138,8 @@ class RedisKeys:
             raise Unavailable("The store of API keys is unavailable right now.",
                               retry_after=1, code="key_store_unavailable") from None
         record = _record(raw) if raw else None
+        if record is not None and digest_of(record.hash) != digest:
+            record = None  # the id was given to another key since
         if record is None and len(self._seen) >= UNKNOWN_KEPT:
             self._seen.clear()  # digests made up to fill memory
         self._seen[digest] = (now + RECHECK, record)
@@ -148,17 +153,17 @@ class RedisKeys:
         raw = await self.link.call(lambda: self.link.client.hget(KEYS, key_id))
         return _record(raw) if raw else None
 
+    async def create(self, record: KeyConfig) -> bool:
+        """Store a new key; False when its id is taken."""
+        args: list[str | bytes] = [record.id, orjson.dumps(dataclasses.asdict(record)),
+                                   digest_of(record.hash)]
+        created = await self.link.call(lambda: self._create(keys=[KEYS, BY_DIGEST], args=args))
+        return bool(created)
+
     async def put(self, record: KeyConfig) -> None:
-        """Store a key (new, or changed: settings, revoked)."""
+        """Store a key's changed record (settings, revoked)."""
         body = orjson.dumps(dataclasses.asdict(record))
-
-        async def write() -> None:
-            async with self.link.client.pipeline(transaction=True) as pipe:
-                pipe.hset(KEYS, record.id, body)
-                pipe.hset(BY_DIGEST, digest_of(record.hash), record.id)
-                await pipe.execute()
-
-        await self.link.call(write)
+        await self.link.call(lambda: self.link.client.hset(KEYS, record.id, body))
         self._seen.pop(digest_of(record.hash), None)
 
 
@@ -167,6 +172,13 @@ FIND = """
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 if not id then return false end
 return redis.call('HGET', KEYS[2], id)
+"""
+
+# A new key, unless its id is taken. KEYS: records, by-digest. ARGV: id, record, digest.
+CREATE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+return 1
 """
 
 

@@ -2,16 +2,22 @@
 continuously), requests at once (leases), and a token budget per day or month.
 
 A request is admitted with an estimate of its tokens, every limit checked at once and
-charged only if all allow it; it is settled when its answer is whole (the estimate
-corrected to the tokens used, the budget charged, its lease given back). Counted in this
-process's memory, or in Redis by one Lua script per step, atomically: every gateway process
-together then allows exactly the configured rate, on Redis's clock. When Redis does not
-answer within its bound, counting goes on in this process alone ("open") or requests are
-refused ("closed"), and Redis is asked again a second later.
+charged only if all allow it (the estimate taken from the tokens bucket and reserved from
+the budget); it is settled when its answer is whole: what was charged corrected to the
+tokens used (an answer longer than a minute's tokens leaves the bucket in debt, paid off
+before the next request), its lease given back. Counted in this process's memory, or in
+Redis by one Lua script per step, atomically: every gateway process together then allows
+exactly the configured rate, on Redis's clock. When Redis does not answer within its
+bound, counting goes on in this process alone ("open") or requests are refused ("closed").
+
+Leases in Redis last ``LEASE_SECONDS`` and are renewed while their requests run, so a
+process that dies frees its slots within that time; one that Redis could not be told to
+give back (it was away) is given back once it answers again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import itertools
@@ -24,7 +30,10 @@ from gateway.config import KeyConfig
 from gateway.errors import Unavailable
 from gateway.tenants.link import Away, Link
 
-LEASE_SECONDS = 900.0  # a request that never says it ended frees its slot after this
+LEASE_SECONDS = 30.0  # a slot in Redis not renewed by its process (it died) frees after this
+RENEW_SECONDS = 10.0  # how often a process renews the slots of its requests in flight
+MEMORY_LEASE_SECONDS = 3600.0  # (in memory a slot is always given back; this is a backstop)
+DEBT_MINUTES = 60  # a bucket owes at most this many minutes' worth of tokens
 Reason = Literal["", "requests", "tokens", "concurrency", "budget"]
 
 
@@ -39,6 +48,8 @@ class Admission:
     tokens_left: float | None = None
     tokens_reset: float = 0.0
     lease: str = ""
+    charged: int = 0  # tokens taken from the bucket now, corrected when settled
+    reserved: int = 0  # tokens reserved from the budget now, corrected when settled
     local: bool = False  # counted in this process (Redis was away, or is not used)
 
     def headers(self, key: KeyConfig) -> dict[str, str]:
@@ -70,8 +81,8 @@ class Tally:
 
 class Limits(Protocol):
     async def admit(self, key: KeyConfig, tokens: int) -> Admission: ...
-    async def settle(self, key: KeyConfig, admission: Admission, estimate: int,
-                     used: int) -> None: ...
+    async def settle(self, key: KeyConfig, admission: Admission, used: int) -> None: ...
+    async def close(self) -> None: ...
 
 
 def duration(seconds: float) -> str:
@@ -104,54 +115,65 @@ class MemoryLimits:
 
     buckets: dict[tuple[str, str], _Bucket] = field(default_factory=dict)
     leases: dict[str, dict[str, float]] = field(default_factory=dict)  # key → lease → until
-    budgets: dict[tuple[str, str], int] = field(default_factory=dict)  # (key, period) → used
+    budgets: dict[str, tuple[str, int]] = field(default_factory=dict)  # key → (period, used)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     async def admit(self, key: KeyConfig, tokens: int) -> Admission:
         now = time.monotonic()
+        admission = Admission(local=True)
         waits: list[tuple[Reason, float]] = []
-        costs: dict[str, tuple[_Bucket, int, int]] = {}  # bucket, its limit, the cost
-        for name, limit, cost in (("requests", key.rpm, 1), ("tokens", key.tpm, tokens)):
-            if limit:
-                bucket = self._bucket(key.id, name, limit, now)
-                costs[name] = (bucket, limit, min(cost, limit))
-                if costs[name][2] > bucket.tokens:
-                    waits.append((name, (costs[name][2] - bucket.tokens) * 60 / limit))  # type: ignore[arg-type]
+        requests = self._bucket(key.id, "requests", key.rpm, now) if key.rpm else None
+        if requests is not None and requests.tokens < 1:
+            waits.append(("requests", (1 - requests.tokens) * 60 / key.rpm))
+        bucket = self._bucket(key.id, "tokens", key.tpm, now) if key.tpm else None
+        cost = min(tokens, key.tpm)
+        if bucket is not None and cost > bucket.tokens:
+            waits.append(("tokens", (cost - bucket.tokens) * 60 / key.tpm))
         leases = {k: v for k, v in self.leases.get(key.id, {}).items() if v > now}
         self.leases[key.id] = leases
         if key.concurrency and len(leases) >= key.concurrency:
             waits.append(("concurrency", 1.0))
         label, ends = period(key, time.time())
-        if key.budget and self.budgets.get((key.id, label), 0) >= key.budget:
+        spent = self._spent(key.id, label)
+        if key.budget and spent >= key.budget:
             waits.append(("budget", ends))
-        admission = Admission(local=True)
         if waits:
             admission.reason, admission.retry_after = waits[0][0], max(w for _, w in waits)
         else:
-            for bucket, _, cost in costs.values():
+            if requests is not None:
+                requests.tokens -= 1
+            if bucket is not None:
                 bucket.tokens -= cost
+                admission.charged = cost
             if key.concurrency:
                 admission.lease = str(next(self._ids))
-                leases[admission.lease] = now + LEASE_SECONDS
-        for name, (bucket, limit, _) in costs.items():
-            reset = (limit - bucket.tokens) * 60 / limit
-            if name == "requests":
-                admission.requests_left, admission.requests_reset = bucket.tokens, reset
-            else:
-                admission.tokens_left, admission.tokens_reset = bucket.tokens, reset
+                leases[admission.lease] = now + MEMORY_LEASE_SECONDS
+            if key.budget:
+                self.budgets[key.id] = (label, spent + tokens)
+                admission.reserved = tokens
+        if requests is not None:
+            admission.requests_left = requests.tokens
+            admission.requests_reset = (key.rpm - requests.tokens) * 60 / key.rpm
+        if bucket is not None:
+            admission.tokens_left = bucket.tokens
+            admission.tokens_reset = (key.tpm - bucket.tokens) * 60 / key.tpm
         return admission
 
-    async def settle(self, key: KeyConfig, admission: Admission, estimate: int,
-                     used: int) -> None:
-        now = time.monotonic()
-        if key.tpm and used != estimate:
-            bucket = self._bucket(key.id, "tokens", key.tpm, now)
-            bucket.tokens = max(-key.tpm, bucket.tokens - (used - estimate))
+    async def settle(self, key: KeyConfig, admission: Admission, used: int) -> None:
+        if key.tpm and used != admission.charged:
+            bucket = self._bucket(key.id, "tokens", key.tpm, time.monotonic())
+            bucket.tokens = min(float(key.tpm), max(-DEBT_MINUTES * key.tpm,
+                                                    bucket.tokens - (used - admission.charged)))
         if admission.lease:
             self.leases.get(key.id, {}).pop(admission.lease, None)
-        if key.budget and used:
+        if key.budget and used != admission.reserved:
             label = period(key, time.time())[0]
-            self.budgets[(key.id, label)] = self.budgets.get((key.id, label), 0) + used
+            self.budgets[key.id] = (label, max(0, self._spent(key.id, label)
+                                              + used - admission.reserved))
+
+    def _spent(self, key_id: str, label: str) -> int:
+        kept = self.budgets.get(key_id)
+        return kept[1] if kept is not None and kept[0] == label else 0  # (a new period: 0)
 
     def _bucket(self, key_id: str, name: str, limit: int, now: float) -> _Bucket:
         bucket = self.buckets.get((key_id, name))
@@ -161,10 +183,15 @@ class MemoryLimits:
         bucket.at = now
         return bucket
 
+    async def close(self) -> None:
+        return None
+
 
 # Every limit of one key checked, and charged only if all allow it, on Redis's clock.
 # KEYS: requests bucket, tokens bucket, leases, budget counter (one hash slot: {key id}).
-# ARGV: rpm, tpm, concurrency, budget, tokens, lease id, lease ms.
+# ARGV: rpm, tpm, concurrency, budget, tokens, lease id, lease ms, the budget period's
+# seconds left. Returns the refusal ("" when admitted), the wait in ms, the requests and
+# tokens left, the tokens charged.
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -176,7 +203,8 @@ local function level(key, cap)
 end
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local concurrency, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-local cost = math.min(tonumber(ARGV[5]), tpm)
+local estimate = tonumber(ARGV[5])
+local cost = math.min(estimate, tpm)
 local reason, wait = '', 0
 local requests, tokens = -1, -1
 if rpm > 0 then
@@ -199,29 +227,36 @@ if concurrency > 0 then
 end
 if budget > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= budget then
   if reason == '' then reason = 'budget' end
+  wait = math.max(wait, tonumber(ARGV[8]) * 1000)
 end
-if reason == '' then
-  if rpm > 0 then
-    requests = requests - 1
-    redis.call('HSET', KEYS[1], 'tokens', requests, 'ts', now)
-    redis.call('PEXPIRE', KEYS[1], 120000)
-  end
-  if tpm > 0 then
-    tokens = tokens - cost
-    redis.call('HSET', KEYS[2], 'tokens', tokens, 'ts', now)
-    redis.call('PEXPIRE', KEYS[2], 120000)
-  end
-  if concurrency > 0 then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), ARGV[6])
-    redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]))
-  end
+if reason ~= '' then return {reason, tostring(wait), tostring(requests), tostring(tokens), '0'} end
+if rpm > 0 then
+  requests = requests - 1
+  redis.call('HSET', KEYS[1], 'tokens', requests, 'ts', now)
+  redis.call('PEXPIRE', KEYS[1], 120000)
 end
-return {reason, tostring(wait), tostring(requests), tostring(tokens)}
+if tpm > 0 then
+  tokens = tokens - cost
+  redis.call('HSET', KEYS[2], 'tokens', tokens, 'ts', now)
+  redis.call('PEXPIRE', KEYS[2], 60000 * (1 + math.ceil(math.max(0, -tokens) / tpm)) + 60000)
+else
+  cost = 0
+end
+if concurrency > 0 then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]) * 2)
+end
+if budget > 0 then
+  redis.call('INCRBY', KEYS[4], estimate)
+  redis.call('EXPIRE', KEYS[4], math.ceil(tonumber(ARGV[8])) + 3600)
+end
+return {'', '0', tostring(requests), tostring(tokens), tostring(cost)}
 """
 
-# The answer is whole: the tokens estimated corrected to those used, the budget charged,
-# the lease given back. KEYS: tokens bucket, leases, budget counter. ARGV: tpm, used minus
-# estimate, lease id, used, budget seconds left.
+# The answer is whole: the tokens charged corrected to those used (the bucket may owe up to
+# an hour's), the budget's reservation likewise, the lease given back. KEYS: tokens bucket,
+# leases, budget counter. ARGV: tpm, used minus charged, lease id, used minus reserved,
+# budget seconds left.
 SETTLE = """
 local tpm, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and delta ~= 0 then
@@ -231,15 +266,25 @@ if tpm > 0 and delta ~= 0 then
   local tokens = tonumber(b[1]) or tpm
   local ts = tonumber(b[2]) or now
   tokens = math.min(tpm, tokens + math.max(0, now - ts) * tpm / 60000)
-  tokens = math.max(-tpm, tokens - delta)
+  tokens = math.min(tpm, math.max(-60 * tpm, tokens - delta))
   redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
-  redis.call('PEXPIRE', KEYS[1], 120000)
+  redis.call('PEXPIRE', KEYS[1], 60000 * (1 + math.ceil(math.max(0, -tokens) / tpm)) + 60000)
 end
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
-if tonumber(ARGV[4]) > 0 and tonumber(ARGV[5]) > 0 then
-  redis.call('INCRBY', KEYS[3], ARGV[4])
+local spent = tonumber(ARGV[4])
+if spent ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('INCRBY', KEYS[3], spent) < 0 then redis.call('SET', KEYS[3], 0) end
   redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[5])) + 3600)
 end
+return 1
+"""
+
+# The slots of requests still running, renewed. KEYS: leases. ARGV: lease ms, lease ids.
+RENEW = """
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return 1
 """
 
@@ -251,26 +296,39 @@ class RedisLimits:
         self.link = link
         self._admit = link.client.register_script(ADMIT)
         self._settle = link.client.register_script(SETTLE)
+        self._renew = link.client.register_script(RENEW)
         self._on_down = on_down
         self._local = MemoryLimits()  # while Redis is away ("open")
         self._leases = itertools.count()
         self._prefix = f"{time.time_ns():x}"  # lease ids unique across processes
+        self._held: dict[str, set[str]] = {}  # leases key → the leases of requests running
+        self._orphans: dict[str, set[str]] = {}  # leases key → leases to give back
+        self._tending: asyncio.Task[None] | None = None
 
     async def admit(self, key: KeyConfig, tokens: int) -> Admission:
         if not (key.rpm or key.tpm or key.concurrency or key.budget):
             return Admission()
         lease = f"{self._prefix}-{next(self._leases)}" if key.concurrency else ""
         label, ends = period(key, time.time())
+        keys = _keys(key, label)
         args: list[str | int | float] = [key.rpm, key.tpm, key.concurrency, key.budget,
-                                         tokens, lease, int(LEASE_SECONDS * 1000)]
+                                         tokens, lease, int(LEASE_SECONDS * 1000), ends]
         try:
-            said, wait, requests, left = await self.link.call(
-                lambda: self._admit(keys=_keys(key, label), args=args))
+            said, wait, requests, left, charged = await self.link.call(
+                lambda: self._admit(keys=keys, args=args))
         except Away:
+            if lease:  # (the script may have run before the answer was given up on)
+                self._orphans.setdefault(keys[2], set()).add(lease)
+                self._tend()
             return await self._without_redis(key, tokens)
         reason: Reason = said.decode()
-        admission = Admission(reason=reason, lease=lease if not reason else "")
-        admission.retry_after = ends if reason == "budget" else float(wait) / 1000
+        admission = Admission(reason=reason, retry_after=float(wait) / 1000)
+        if not reason:
+            admission.lease, admission.charged = lease, int(charged)
+            admission.reserved = tokens if key.budget else 0
+            if lease:
+                self._held.setdefault(keys[2], set()).add(lease)
+                self._tend()
         if key.rpm:
             admission.requests_left = float(requests)
             admission.requests_reset = (key.rpm - float(requests)) * 60 / key.rpm
@@ -279,25 +337,72 @@ class RedisLimits:
             admission.tokens_reset = (key.tpm - float(left)) * 60 / key.tpm
         return admission
 
-    async def settle(self, key: KeyConfig, admission: Admission, estimate: int,
-                     used: int) -> None:
+    async def settle(self, key: KeyConfig, admission: Admission, used: int) -> None:
         if admission.local:
-            await self._local.settle(key, admission, estimate, used)
+            await self._local.settle(key, admission, used)
             return
         if not (key.tpm or admission.lease or key.budget):
             return
         label, ends = period(key, time.time())
-        keys = _keys(key, label)[1:]
-        args: list[str | int | float] = [key.tpm, used - estimate, admission.lease,
-                                         used if key.budget else 0, ends]
-        with contextlib.suppress(Away):  # the lease lapses on its own; these tokens go
-            await self.link.call(lambda: self._settle(keys=keys, args=args))  # uncounted
+        keys = _keys(key, label)
+        if admission.lease:
+            self._held.get(keys[2], set()).discard(admission.lease)
+        args: list[str | int | float] = [key.tpm, used - admission.charged, admission.lease,
+                                         used - admission.reserved if key.budget else 0, ends]
+        try:
+            await self.link.call(lambda: self._settle(keys=keys[1:], args=args))
+        except Away:  # the tokens go uncounted; the lease is given back later
+            if admission.lease:
+                self._orphans.setdefault(keys[2], set()).add(admission.lease)
 
     async def _without_redis(self, key: KeyConfig, tokens: int) -> Admission:
         if self._on_down == "closed":
             raise Unavailable("Limits cannot be checked right now (their store does not "
                               "answer); retry shortly.", retry_after=1, code="limits_unavailable")
         return await self._local.admit(key, tokens)
+
+    def _tend(self) -> None:
+        if self._tending is None or self._tending.done():
+            self._tending = asyncio.get_running_loop().create_task(self._tend_leases())
+
+    async def _tend_leases(self) -> None:
+        """Renew the leases of requests running; give back those Redis missed."""
+        renewed = time.monotonic()
+        while any(self._held.values()) or self._orphans:
+            await asyncio.sleep(1.0 if self._orphans else RENEW_SECONDS / 5)
+            for leases_key in list(self._orphans):
+                await self._give_back(leases_key, set(self._orphans[leases_key]))
+            if time.monotonic() - renewed >= RENEW_SECONDS:
+                renewed = time.monotonic()
+                for leases_key in list(self._held):
+                    await self._renew_held(leases_key)
+
+    async def _give_back(self, leases_key: str, leases: set[str]) -> None:
+        with contextlib.suppress(Away):
+            await self.link.call(lambda: self.link.client.zrem(leases_key, *leases),
+                                 patient=True)
+            left = self._orphans[leases_key] - leases
+            if left:
+                self._orphans[leases_key] = left
+            else:
+                del self._orphans[leases_key]
+
+    async def _renew_held(self, leases_key: str) -> None:
+        held = self._held[leases_key]
+        if not held:
+            del self._held[leases_key]
+            return
+        args: list[str | int | float] = [int(LEASE_SECONDS * 1000), *held]
+        with contextlib.suppress(Away):
+            await self.link.call(lambda: self._renew(keys=[leases_key], args=args),
+                                 patient=True)
+
+    async def close(self) -> None:
+        if self._tending is not None:
+            self._tending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tending
+
 
 def _keys(key: KeyConfig, label: str) -> list[str]:
     tag = "{" + key.id + "}"  # one hash slot, for Redis Cluster

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,19 @@ class Link:
         self.timeout = timeout
         self.quiet_until = 0.0
 
-    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
-        """What ``make()`` gives, within the bound; ``Away`` when Redis cannot say."""
-        if time.monotonic() < self.quiet_until:
+    async def call(self, make: Callable[[], Awaitable[T]], patient: bool = False) -> T:
+        """What ``make()`` gives, within the bound; ``Away`` when Redis cannot say.
+        ``patient``: asked even in the quiet second (work in the background, which no
+        request waits for).
+        """
+        if not patient and time.monotonic() < self.quiet_until:
             raise Away
         try:
             async with asyncio.timeout(self.timeout):
                 return await make()
+        except ResponseError as exc:  # Redis is there, and refused this one command
+            log.warning("tenants: Redis refused a command: %s", exc)
+            raise Away from None
         except (RedisError, OSError, TimeoutError) as exc:
             if time.monotonic() >= self.quiet_until:
                 log.warning("tenants: Redis does not answer (%s); asking again in %.0fs",

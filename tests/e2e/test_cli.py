@@ -204,6 +204,11 @@ def test_keys_commands_say_what_is_wrong(tmp_path: Path) -> None:
                       f'"redis://127.0.0.1:{free_port()}/0"\n')
     refused = keys("list", "--config", str(config))
     assert refused.returncode == 2 and "Redis does not answer" in refused.stderr
+    config.write_text(config.read_text() + f'\n[[keys]]\nid = "taken"\nhash = "{"0" * 64}"\n')
+    refused = keys("new", "--id", "taken", "--config", str(config))
+    assert refused.returncode == 2 and "a key 'taken' exists already" in refused.stderr
+    refused = keys("new", "--expires", "99999999999999999999d")
+    assert refused.returncode == 2 and "expires: expected an integer" in refused.stderr
 
 
 def test_non_loopback_without_keys_is_refused(tmp_path: Path) -> None:

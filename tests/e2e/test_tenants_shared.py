@@ -183,6 +183,14 @@ def test_the_admin_api_changes_a_keys_limits_for_every_process(
     assert status == 400 and "hash: cannot be changed" in error["error"]["message"]
     status, _, error = call(first.url, "/admin/keys", ADMIN, {"id": issued["id"]})
     assert status == 409 and error["error"]["code"] == "key_exists"
+    for models in ("qwq:32b", 5, None, {"a": 1}):  # a list of names, or nothing changes
+        status, _, error = call(first.url, f"/admin/keys/{issued['id']}", ADMIN,
+                                {"models": models}, method="PATCH")
+        assert status == 400 and "models: expected a list" in error["error"]["message"]
+    status, _, error = call(first.url, f"/admin/keys/{issued['id']}", ADMIN, [1],
+                            method="PATCH")
+    assert status == 400
+    assert call(first.url, f"/admin/keys/{issued['id']}", ADMIN)[2]["models"] == [MODEL]
 
 
 def test_the_keys_command_manages_keys_every_process_sees(
@@ -204,6 +212,47 @@ def test_the_keys_command_manages_keys_every_process_sees(
     keys("revoke", "cli-made")
     wait_until(lambda: chat(first.url, key)[0] == 401, 1.0, "the revoked key refused")
     assert keys("list").splitlines()[-1].endswith("revoked")
+
+
+def test_a_slot_redis_could_not_be_told_of_is_given_back_when_it_answers(
+        tmp_path: Path, redis: RedisServer, ollama_sim: Sim) -> None:
+    """A request ends while Redis stalls: its slot (one request at once) is not held for
+    good, but given back once Redis answers again."""
+    config = config_file(tmp_path / "slots.toml", redis, ollama_sim, timeout=0.1,
+                         keys=config_key("single", concurrency=1))
+    gateway = GatewayProcess(config)
+    try:
+        ollama_sim.fault(MODEL, ttft=0.6)
+        answered: list[int] = []
+        slow = threading.Thread(target=lambda: answered.append(
+            chat(gateway.url, secret("single"))[0]))
+        slow.start()
+        time.sleep(0.3)  # admitted: its slot is in Redis
+        stall = threading.Thread(target=redis.command, args=("DEBUG", "SLEEP", "1.5"))
+        stall.start()  # the answer ends while Redis stalls: it cannot be told
+        slow.join(timeout=10)
+        stall.join(timeout=10)
+        assert answered == [200]
+        ollama_sim.clear()
+        time.sleep(1.2)  # Redis answers again, and the process asks it again
+        assert redis.command("ZCARD", "gw:rl:{single}:leases") in (b":0", b":1")
+        wait_until(lambda: redis.command("ZCARD", "gw:rl:{single}:leases") == b":0", 3,
+                   "the slot given back")
+        assert [chat(gateway.url, secret("single"))[0] for _ in range(3)] == [200] * 3
+    finally:
+        gateway.stop()
+
+
+def test_keys_in_redis_keep_working_while_it_is_away(
+        pair: tuple[GatewayProcess, GatewayProcess], redis: RedisServer) -> None:
+    first, _ = pair
+    issued = issue(first, name="steady")
+    assert chat(first.url, issued["key"])[0] == 200
+    redis.kill()
+    time.sleep(0.6)  # past the half second a process trusts what it read
+    assert [chat(first.url, issued["key"])[0] for _ in range(3)] == [200] * 3
+    status, _, error = call(first.url, "/admin/keys", ADMIN, {"name": "now"})
+    assert status == 503 and error["error"]["code"] == "key_store_unavailable"
 
 
 def load(url: str, key: str, stop: threading.Event, record: list[tuple[float, int, float]]

@@ -302,3 +302,76 @@ def test_a_keys_cache_scope_and_cached_answers_cost_no_tokens(ollama_sim: Sim) -
         assert ask("own", "Pooled?")[0] == "hit"
     finally:
         server.stop()
+
+
+def test_a_huge_max_tokens_waits_for_a_full_bucket_and_cannot_refill_it(
+        keyed: ServerThread) -> None:
+    with client(keyed, "tpm") as c:
+        first = c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=USER, max_tokens=5_000_000)
+        assert first.headers["x-ratelimit-remaining-tokens"] == "0"  # a whole minute's
+        used = first.parse().usage
+        assert used is not None
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER, max_tokens=5_000_000)
+        # What the first answer did not use came back, no more: it waits for the rest.
+        assert caught.value.body["code"] == "tokens_limit_exceeded"  # type: ignore[index]
+        left = 600 - used.total_tokens
+        assert left <= int(caught.value.response.headers["x-ratelimit-remaining-tokens"]) \
+            <= left + 20
+
+
+def test_an_answer_longer_than_a_minutes_tokens_is_paid_off_before_the_next(
+        keyed: ServerThread, ollama_sim: Sim) -> None:
+    ollama_sim.fault(MODEL, reply=" ".join(["word"] * 1500))  # 1,500 tokens of 600 a minute
+    with client(keyed, "tpm") as c:
+        assert c.chat.completions.create(model=MODEL, messages=USER).usage.total_tokens > 1500  # type: ignore[union-attr]
+        with pytest.raises(openai.RateLimitError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER, max_tokens=10)
+    # The bucket owes 900-odd tokens: a minute and a half before 20-odd are there again.
+    assert 90 <= int(caught.value.response.headers["Retry-After"]) <= 100
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/chat", {"name": MODEL, "messages": USER}),
+    ("/api/generate", {"model": None, "name": MODEL, "prompt": "Hi"}),
+    ("/api/show", {"name": MODEL}),
+    ("/api/embed", {"model": "", "name": "nomic-embed-text", "input": "Hi"}),
+    ("/v1/responses", {"model": MODEL, "input": "Hi"}),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 10, "messages": USER}),
+])
+def test_no_door_or_field_lets_a_key_past_its_models(keyed: ServerThread, path: str,
+                                                     body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        keyed.url + path, data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {secret('small')}",
+                 "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 403
+    assert "may not use the model" in caught.value.read().decode()
+
+
+def test_fallbacks_and_lower_tiers_answer_only_with_a_keys_models(ollama_sim: Sim,
+                                                                 mlx_sim: Sim) -> None:
+    """A key's model failing does not let another model answer it, as it would a key
+    without a list (the model's fallback, then the server tier)."""
+    config = gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        backend("mlx", "openai", mlx_sim.api_url, tier="server"),
+        models=[{"name": MODEL, "fallbacks": ["qwen2.5-coder:32b"]}],
+        keys=[key("only", models=[MODEL]), key("also", models=[MODEL, "qwen2.5-coder:32b"]),
+              key("free")])
+    server = start_gateway(config)
+    ollama_sim.fault(MODEL, status=500)
+    try:
+        with client(server, "free") as c:
+            assert c.chat.completions.create(model=MODEL, messages=USER).model != MODEL
+        with client(server, "also") as c:
+            assert c.chat.completions.create(model=MODEL, messages=USER).model == \
+                "qwen2.5-coder:32b"
+        with client(server, "only") as c, pytest.raises(openai.APIStatusError) as caught:
+            c.chat.completions.create(model=MODEL, messages=USER)
+        assert caught.value.status_code >= 500
+    finally:
+        server.stop()
