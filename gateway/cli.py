@@ -286,8 +286,8 @@ def _keys_new(args: argparse.Namespace) -> int:
     if config.tenants.store == "redis":
         async def put() -> None:
             async with _redis_keys(config) as keys:
-                if any(k.id == record.id for k in config.keys) or \
-                        not await keys.create(record):
+                configured = KeyBook(config.keys, config.auth.key_hashes)
+                if configured.local(record.id) is not None or not await keys.create(record):
                     raise ConfigError(f"options: id: a key {record.id!r} exists already")
         asyncio.run(put())
         print(f"key:  {secret}")

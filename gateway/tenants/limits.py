@@ -2,13 +2,17 @@
 continuously), requests at once (leases), and a token budget per day or month.
 
 A request is admitted with an estimate of its tokens, every limit checked at once and
-charged only if all allow it (the estimate taken from the tokens bucket and reserved from
-the budget); it is settled when its answer is whole: what was charged corrected to the
-tokens used (an answer longer than a minute's tokens leaves the bucket in debt, paid off
-before the next request), its lease given back. Counted in this process's memory, or in
-Redis by one Lua script per step, atomically: every gateway process together then allows
-exactly the configured rate, on Redis's clock. When Redis does not answer within its
-bound, counting goes on in this process alone ("open") or requests are refused ("closed").
+charged only if all allow it (the estimate taken from the tokens bucket); it is settled
+when its answer is whole: what was charged corrected to the tokens used (an answer longer
+than a minute's tokens leaves the bucket in debt, paid off before the next request), the
+tokens added to the budget's period, its lease given back. A budget is not reserved: one
+that runs out while requests are running lets them finish (reserving their estimates would
+let one request with a large ``max_tokens`` turn every other away until the period ends).
+
+Counted in this process's memory, or in Redis by one Lua script per step, atomically:
+every gateway process together then allows exactly the configured rate, on Redis's clock.
+When Redis does not answer within its bound, counting goes on in this process alone
+("open") or requests are refused ("closed").
 
 Leases in Redis last ``LEASE_SECONDS`` and are renewed while their requests run, so a
 process that dies frees its slots within that time; one that Redis could not be told to
@@ -28,12 +32,13 @@ from typing import Literal, Protocol
 
 from gateway.config import KeyConfig
 from gateway.errors import Unavailable
-from gateway.tenants.link import Away, Link
+from gateway.tenants.link import Away, Link, Unasked
 
 LEASE_SECONDS = 30.0  # a slot in Redis not renewed by its process (it died) frees after this
 RENEW_SECONDS = 10.0  # how often a process renews the slots of its requests in flight
 MEMORY_LEASE_SECONDS = 3600.0  # (in memory a slot is always given back; this is a backstop)
 DEBT_MINUTES = 60  # a bucket owes at most this many minutes' worth of tokens
+GIVE_BACK_AT_ONCE = 1000  # leases given back in one command
 Reason = Literal["", "requests", "tokens", "concurrency", "budget"]
 
 
@@ -49,7 +54,7 @@ class Admission:
     tokens_reset: float = 0.0
     lease: str = ""
     charged: int = 0  # tokens taken from the bucket now, corrected when settled
-    reserved: int = 0  # tokens reserved from the budget now, corrected when settled
+    period: str = ""  # the budget's period when admitted (its tokens are counted there)
     local: bool = False  # counted in this process (Redis was away, or is not used)
 
     def headers(self, key: KeyConfig) -> dict[str, str]:
@@ -148,9 +153,7 @@ class MemoryLimits:
             if key.concurrency:
                 admission.lease = str(next(self._ids))
                 leases[admission.lease] = now + MEMORY_LEASE_SECONDS
-            if key.budget:
-                self.budgets[key.id] = (label, spent + tokens)
-                admission.reserved = tokens
+            admission.period = label
         if requests is not None:
             admission.requests_left = requests.tokens
             admission.requests_reset = (key.rpm - requests.tokens) * 60 / key.rpm
@@ -166,10 +169,10 @@ class MemoryLimits:
                                                     bucket.tokens - (used - admission.charged)))
         if admission.lease:
             self.leases.get(key.id, {}).pop(admission.lease, None)
-        if key.budget and used != admission.reserved:
+        if key.budget and used:
             label = period(key, time.time())[0]
-            self.budgets[key.id] = (label, max(0, self._spent(key.id, label)
-                                              + used - admission.reserved))
+            if label == admission.period:  # (a period since begun starts from nothing)
+                self.budgets[key.id] = (label, self._spent(key.id, label) + used)
 
     def _spent(self, key_id: str, label: str) -> int:
         kept = self.budgets.get(key_id)
@@ -246,17 +249,13 @@ if concurrency > 0 then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), ARGV[6])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]) * 2)
 end
-if budget > 0 then
-  redis.call('INCRBY', KEYS[4], estimate)
-  redis.call('EXPIRE', KEYS[4], math.ceil(tonumber(ARGV[8])) + 3600)
-end
 return {'', '0', tostring(requests), tostring(tokens), tostring(cost)}
 """
 
 # The answer is whole: the tokens charged corrected to those used (the bucket may owe up to
-# an hour's), the budget's reservation likewise, the lease given back. KEYS: tokens bucket,
-# leases, budget counter. ARGV: tpm, used minus charged, lease id, used minus reserved,
-# budget seconds left.
+# an hour's), the tokens used added to the budget, the lease given back. KEYS: tokens
+# bucket, leases, budget counter (of the period it was admitted in). ARGV: tpm, used minus
+# charged, lease id, tokens used (0: no budget), seconds the counter is kept.
 SETTLE = """
 local tpm, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and delta ~= 0 then
@@ -271,10 +270,9 @@ if tpm > 0 and delta ~= 0 then
   redis.call('PEXPIRE', KEYS[1], 60000 * (1 + math.ceil(math.max(0, -tokens) / tpm)) + 60000)
 end
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
-local spent = tonumber(ARGV[4])
-if spent ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
-  if redis.call('INCRBY', KEYS[3], spent) < 0 then redis.call('SET', KEYS[3], 0) end
-  redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[5])) + 3600)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('INCRBY', KEYS[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[5])))
 end
 return 1
 """
@@ -302,7 +300,8 @@ class RedisLimits:
         self._leases = itertools.count()
         self._prefix = f"{time.time_ns():x}"  # lease ids unique across processes
         self._held: dict[str, set[str]] = {}  # leases key → the leases of requests running
-        self._orphans: dict[str, set[str]] = {}  # leases key → leases to give back
+        # leases key → lease → until when to try giving it back (Redis drops it after)
+        self._orphans: dict[str, dict[str, float]] = {}
         self._tending: asyncio.Task[None] | None = None
 
     async def admit(self, key: KeyConfig, tokens: int) -> Admission:
@@ -316,16 +315,15 @@ class RedisLimits:
         try:
             said, wait, requests, left, charged = await self.link.call(
                 lambda: self._admit(keys=keys, args=args))
-        except Away:
-            if lease:  # (the script may have run before the answer was given up on)
-                self._orphans.setdefault(keys[2], set()).add(lease)
-                self._tend()
+        except Away as away:
+            if lease and not isinstance(away, Unasked):  # (the script may have run before
+                self._orphan(keys[2], lease)             # the answer was given up on)
             return await self._without_redis(key, tokens)
         reason: Reason = said.decode()
         admission = Admission(reason=reason, retry_after=float(wait) / 1000)
         if not reason:
             admission.lease, admission.charged = lease, int(charged)
-            admission.reserved = tokens if key.budget else 0
+            admission.period = label
             if lease:
                 self._held.setdefault(keys[2], set()).add(lease)
                 self._tend()
@@ -343,23 +341,27 @@ class RedisLimits:
             return
         if not (key.tpm or admission.lease or key.budget):
             return
-        label, ends = period(key, time.time())
-        keys = _keys(key, label)
+        keys = _keys(key, admission.period)  # (the budget of the period it was admitted in)
         if admission.lease:
             self._held.get(keys[2], set()).discard(admission.lease)
         args: list[str | int | float] = [key.tpm, used - admission.charged, admission.lease,
-                                         used - admission.reserved if key.budget else 0, ends]
+                                         used if key.budget else 0,
+                                         period(key, time.time())[1] + 3600]
         try:
             await self.link.call(lambda: self._settle(keys=keys[1:], args=args))
         except Away:  # the tokens go uncounted; the lease is given back later
             if admission.lease:
-                self._orphans.setdefault(keys[2], set()).add(admission.lease)
+                self._orphan(keys[2], admission.lease)
 
     async def _without_redis(self, key: KeyConfig, tokens: int) -> Admission:
         if self._on_down == "closed":
             raise Unavailable("Limits cannot be checked right now (their store does not "
                               "answer); retry shortly.", retry_after=1, code="limits_unavailable")
         return await self._local.admit(key, tokens)
+
+    def _orphan(self, leases_key: str, lease: str) -> None:
+        self._orphans.setdefault(leases_key, {})[lease] = time.monotonic() + LEASE_SECONDS
+        self._tend()
 
     def _tend(self) -> None:
         if self._tending is None or self._tending.done():
@@ -371,21 +373,26 @@ class RedisLimits:
         while any(self._held.values()) or self._orphans:
             await asyncio.sleep(1.0 if self._orphans else RENEW_SECONDS / 5)
             for leases_key in list(self._orphans):
-                await self._give_back(leases_key, set(self._orphans[leases_key]))
+                await self._give_back(leases_key)
             if time.monotonic() - renewed >= RENEW_SECONDS:
                 renewed = time.monotonic()
                 for leases_key in list(self._held):
                     await self._renew_held(leases_key)
 
-    async def _give_back(self, leases_key: str, leases: set[str]) -> None:
-        with contextlib.suppress(Away):
-            await self.link.call(lambda: self.link.client.zrem(leases_key, *leases),
-                                 patient=True)
-            left = self._orphans[leases_key] - leases
-            if left:
-                self._orphans[leases_key] = left
-            else:
-                del self._orphans[leases_key]
+    async def _give_back(self, leases_key: str) -> None:
+        now = time.monotonic()
+        orphans = self._orphans[leases_key]
+        for lease in [lease for lease, until in orphans.items() if until < now]:
+            del orphans[lease]  # Redis has dropped it by now
+        leases = list(orphans)[:GIVE_BACK_AT_ONCE]
+        if leases:
+            with contextlib.suppress(Away):
+                await self.link.call(lambda: self.link.client.zrem(leases_key, *leases),
+                                     patient=True)
+                for lease in leases:
+                    orphans.pop(lease, None)
+        if not orphans:
+            del self._orphans[leases_key]
 
     async def _renew_held(self, leases_key: str) -> None:
         held = self._held[leases_key]

@@ -24,6 +24,10 @@ class Away(Exception):
     """Redis did not answer in time (or is resting after it did not)."""
 
 
+class Unasked(Away):
+    """Redis was not asked: it is resting after it did not answer."""
+
+
 class Link:
     def __init__(self, url: str, timeout: float, max_connections: int = 32) -> None:
         pool = redis.BlockingConnectionPool.from_url(
@@ -32,21 +36,26 @@ class Link:
         self.client = redis.Redis(connection_pool=pool)
         self.timeout = timeout
         self.quiet_until = 0.0
+        self._refusal_logged = 0.0
 
     async def call(self, make: Callable[[], Awaitable[T]], patient: bool = False) -> T:
         """What ``make()`` gives, within the bound; ``Away`` when Redis cannot say.
-        ``patient``: asked even in the quiet second (work in the background, which no
-        request waits for).
+        ``patient``: asked even in the quiet second, and a failure does not start one (work
+        in the background, which no request waits for).
         """
         if not patient and time.monotonic() < self.quiet_until:
-            raise Away
+            raise Unasked
         try:
             async with asyncio.timeout(self.timeout):
                 return await make()
         except ResponseError as exc:  # Redis is there, and refused this one command
-            log.warning("tenants: Redis refused a command: %s", exc)
+            if time.monotonic() - self._refusal_logged >= QUIET_SECONDS:
+                self._refusal_logged = time.monotonic()
+                log.warning("tenants: Redis refused a command: %s", exc)
             raise Away from None
         except (RedisError, OSError, TimeoutError) as exc:
+            if patient:
+                raise Away from None
             if time.monotonic() >= self.quiet_until:
                 log.warning("tenants: Redis does not answer (%s); asking again in %.0fs",
                             type(exc).__name__, QUIET_SECONDS)

@@ -375,3 +375,26 @@ def test_fallbacks_and_lower_tiers_answer_only_with_a_keys_models(ollama_sim: Si
         assert caught.value.status_code >= 500
     finally:
         server.stop()
+
+
+def test_a_large_request_in_flight_does_not_spend_the_budget_of_others(
+        keyed: ServerThread, ollama_sim: Sim) -> None:
+    """(Estimates are not reserved from a budget: one request asking for ten million
+    tokens would otherwise turn every other away until the month ends.)"""
+    ollama_sim.fault(MODEL, ttft=1.0)
+    outcome: list[int] = []
+
+    def large() -> None:
+        with client(keyed, "budget") as c:
+            reply = c.chat.completions.create(model=MODEL, messages=USER,
+                                              max_tokens=10_000_000)
+            outcome.append(reply.usage.total_tokens if reply.usage else 0)
+
+    running = threading.Thread(target=large)
+    running.start()
+    time.sleep(0.3)
+    ollama_sim.clear()
+    with client(keyed, "budget") as c:
+        assert c.chat.completions.create(model=MODEL, messages=USER, max_tokens=10).choices
+    running.join(timeout=10)
+    assert outcome and outcome[0] < 60  # (the budget, 60 a month, was never spent)
