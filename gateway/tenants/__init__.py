@@ -3,21 +3,9 @@ requests at once, a budget), counted in memory or, shared by every process, in R
 """
 
 from gateway.tenants.keys import KeyBook, RedisKeys, amend, described, issue, key_digest
-from gateway.tenants.limits import Admission, Limits, MemoryLimits, RedisLimits, Tally
+from gateway.tenants.limits import Admission, Limits, MemoryLimits, Tally
 from gateway.tenants.link import Away, Link
+from gateway.tenants.shared_limits import RedisLimits
 
-__all__ = [
-           "Admission",
-           "Away",
-           "KeyBook",
-           "Limits",
-           "Link",
-           "MemoryLimits",
-           "RedisKeys",
-           "RedisLimits",
-           "Tally",
-           "amend",
-           "described",
-           "issue",
-           "key_digest",
-]
+__all__ = ["Admission", "Away", "KeyBook", "Limits", "Link", "MemoryLimits", "RedisKeys",
+           "RedisLimits", "Tally", "amend", "described", "issue", "key_digest"]
