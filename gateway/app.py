@@ -38,6 +38,7 @@ from gateway.keys import (
     PIPELINE,
     RESPONSES,
     ROUTER,
+    TELEMETRY,
     TUNNELS,
 )
 from gateway.pipeline import Pipeline, load_plugins
@@ -45,8 +46,10 @@ from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.store import open_store
+from gateway.telemetry import Telemetry
 from gateway.tenants import KeyBook, Limits, Link, MemoryLimits, RedisKeys, RedisLimits
 from gateway.tunnel.manager import Tunnel, TunnelManager
+from plugins.base import Plugin
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +71,14 @@ def build_backend(config: BackendConfig, tunnels: TunnelManager | None = None) -
 
 
 def create_app(config: GatewayConfig) -> web.Application:
+    telemetry = Telemetry(config.telemetry)
     cors = Cors(config.server.cors_origins, loopback_only=not config.keyed and all(
         is_loopback(host) for host, _ in config.server.addresses()))
     book, limits = _tenancy(config)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[middlewares.gateway_middleware(
-            book, limits, cors, BodyBudget(config.server.bodies_in_flight_bytes),
+            book, limits, cors, BodyBudget(config.server.bodies_in_flight_bytes), telemetry,
             shapes=[("/api/", ollama.error_response),
                     ("/v1/messages", anthropic.error_response)])],
     )
@@ -94,13 +98,17 @@ def create_app(config: GatewayConfig) -> web.Application:
     catalog = ModelCatalog(backends.values(), config.models,
                            optional=[b.name for b in config.backends if b.optional])
     app[CATALOG] = catalog
-    router = app[ROUTER] = Router(config, backends, catalog)
+    app[TELEMETRY] = telemetry
+    router = app[ROUTER] = Router(config, backends, catalog, telemetry.instruments)
     health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
-    app[PIPELINE] = Pipeline(load_plugins(config), router, config.routing.max_escalations)
+    pipeline = app[PIPELINE] = Pipeline(load_plugins(config), router,
+                                        config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
+    _gauges(telemetry, router, tunnels, health, pipeline)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_tenants_ctx)
     app.cleanup_ctx.append(_tunnels_ctx)
     app.cleanup_ctx.append(_backends_ctx)
@@ -142,6 +150,45 @@ def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
         tunnel.on_down.append(down)
         tunnel.on_up.append(up)
         tunnel.services_ok = services_ok
+
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _gauges(telemetry: Telemetry, router: Router, tunnels: TunnelManager,
+            health: HealthWatcher, pipeline: Pipeline) -> None:
+    """The metrics read from the gateway's state when collected (nothing per request)."""
+    metrics = telemetry.metrics
+    states = router.balancer.states
+    deployment = ("gateway.backend", "gen_ai.request.model")
+    metrics.gauge("gateway.breaker.state", "Each deployment's circuit breaker: 0 closed, 1 "
+                  "half-open (one trial request), 2 open", deployment,
+                  lambda: [(k, BREAKER_STATES[s.breaker.state]) for k, s in states()])
+    metrics.gauge("gateway.deployment.in_flight", "Requests each deployment is answering",
+                  deployment, lambda: [(k, s.in_flight) for k, s in states()])
+    metrics.gauge("gateway.deployment.queued", "Requests waiting for a slot on each "
+                  "deployment", deployment, lambda: [(k, len(s.waiters)) for k, s in states()])
+    metrics.gauge("gateway.backend.up", "Whether each backend answers its health probe (1), "
+                  "or not (0)", ("gateway.backend",),
+                  lambda: [((name, ), 1 if up else 0) for name, up in health.up.items()
+                           if up is not None])
+    metrics.gauge("gateway.tunnel.up", "Whether each SSH tunnel is up (1), or not (0)",
+                  ("gateway.tunnel",), lambda: [((t.name,), 1 if t.state in ("up", "degraded")
+                                                 else 0) for t in tunnels.tunnels.values()])
+    for plugin in pipeline.plugins:
+        for count in plugin.counts():
+            def read(plugin: Plugin = plugin, name: str = count.name
+                     ) -> list[tuple[tuple[str, ...], float]]:
+                return [item for c in plugin.counts() if c.name == name
+                        for item in c.values.items()]
+
+            metrics.observed_counter(count.name, count.description, count.labels, read)
+
+
+async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[TELEMETRY].start()
+    yield
+    await app[TELEMETRY].close()
 
 
 async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:

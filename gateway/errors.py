@@ -39,6 +39,11 @@ class GatewayError(Exception):
         self.param = param
         self.retry_after = retry_after
 
+    @property
+    def label(self) -> str:
+        """The error in a word, for metrics and traces: its code, else its type."""
+        return self.code or self.type
+
     def payload(self) -> dict[str, Any]:
         return {
             "error": {

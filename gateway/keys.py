@@ -13,6 +13,7 @@ from gateway.routing.catalog import ModelCatalog
 from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.store import Store
+from gateway.telemetry import Telemetry
 from gateway.tenants import KeyBook, Limits, Tally
 from gateway.tunnel.manager import TunnelManager
 
@@ -24,6 +25,7 @@ HEALTH = web.AppKey("health", HealthWatcher)
 TUNNELS = web.AppKey("tunnels", TunnelManager)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RESPONSES = web.AppKey("responses", Store)  # stored Responses API responses
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 
 KEYBOOK = web.AppKey("keybook", KeyBook)
 LIMITS = web.AppKey("limits", Limits)

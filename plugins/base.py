@@ -65,6 +65,18 @@ class Verdict:
         return "pass" if self.ok else "fail: " + ", ".join(self.reasons)
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """A counter a plugin keeps, as a metric: its OpenTelemetry name, what it counts, its
+    labels, and each label set's total now.
+    """
+
+    name: str
+    description: str
+    labels: tuple[str, ...]
+    values: dict[tuple[str, ...], float]
+
+
 class Plugin(Protocol):
     name: str
 
@@ -77,6 +89,7 @@ class Plugin(Protocol):
     def on_finish(self, ctx: RequestContext) -> None: ...
     async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest: ...
     def report(self) -> dict[str, Any]: ...
+    def counts(self) -> list[Count]: ...
 
 
 class BasePlugin:
@@ -108,3 +121,7 @@ class BasePlugin:
 
     def report(self) -> dict[str, Any]:
         return {}
+
+    def counts(self) -> list[Count]:
+        """Its counters as metrics (read when they are collected, never per request)."""
+        return []

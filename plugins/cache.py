@@ -21,7 +21,7 @@ import orjson
 
 from gateway.protocol.units import Completion, Usage
 from gateway.store import Store, StoreUnavailable, open_store
-from plugins.base import BasePlugin, RequestContext, Verdict
+from plugins.base import BasePlugin, Count, RequestContext, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ class CachePlugin(BasePlugin):
 
     def report(self) -> dict[str, Any]:
         return {"backend": self.options.backend, **self.stats}
+
+    def counts(self) -> list[Count]:
+        stats = self.stats
+        return [Count("gateway.cache.lookups", "Cache lookups: answered from the cache (hit), "
+                      "by waiting for the same request in flight (coalesced), or not (miss)",
+                      ("result",), {("hit",): stats["hits"], ("miss",): stats["misses"],
+                                    ("coalesced",): stats["coalesced"]}),
+                Count("gateway.cache.store_errors", "Cache reads and writes its store failed",
+                      (), {(): stats["store_errors"]})]
 
     async def check(self) -> str | None:
         """What is wrong with the store, for ``gateway check`` (None: nothing)."""

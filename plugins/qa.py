@@ -21,7 +21,7 @@ import orjson
 
 from gateway.protocol.openai import ChatRequest
 from gateway.protocol.units import Completion
-from plugins.base import BasePlugin, RequestContext, Verdict
+from plugins.base import BasePlugin, Count, RequestContext, Verdict
 
 HEADER = "x-gateway-qa"
 CHECKS = ("empty", "length", "repetition", "json", "refusal")
@@ -62,6 +62,13 @@ class QualityPlugin(BasePlugin):
 
     def report(self) -> dict[str, Any]:
         return dict(self.stats)
+
+    def counts(self) -> list[Count]:
+        stats = self.stats
+        return [Count("gateway.qa.verdicts", "Answers judged, by verdict", ("verdict",),
+                      {("pass",): stats["pass"], ("fail",): stats["fail"]}),
+                Count("gateway.qa.failures", "Checks answers failed, by check", ("check",),
+                      {(check,): stats[check] for check in self.checks})]
 
     async def on_request(self, ctx: RequestContext) -> None:
         if ctx.req.stream and self.options.buffer_json and "json" in self.checks and \

@@ -30,7 +30,7 @@ from gateway.protocol.openai import (
     parse_completion,
 )
 from gateway.protocol.units import Chunk
-from plugins.base import BasePlugin, Denied, RequestContext
+from plugins.base import BasePlugin, Count, Denied, RequestContext
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Text
 from plugins.safety_stream import StreamRedactor, redact
 
@@ -77,6 +77,18 @@ class SafetyPlugin(BasePlugin):
 
     def report(self) -> dict[str, Any]:
         return dict(self.stats)
+
+    def counts(self) -> list[Count]:
+        """``rule.action`` (what was found in requests) and ``output.rule`` (redacted from
+        answers) as one metric.
+        """
+        actions: dict[tuple[str, ...], float] = {}
+        for name, n in list(self.stats.items()):
+            first, _, second = name.partition(".")
+            actions[(second, "redact_output") if first == "output" else (first, second)] = n
+        return [Count("gateway.safety.actions", "What the safety checker did, by rule and "
+                      "action (block, redact, flag; redact_output: in an answer)",
+                      ("rule", "action"), actions)]
 
     async def on_request(self, ctx: RequestContext) -> None:
         size = 0

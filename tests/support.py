@@ -69,6 +69,10 @@ class ServerThread:
             return fn()
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
 
+    def wait(self, fn: Callable[[], Any]) -> Any:
+        """Await ``fn()`` on the server's loop; what it gives."""
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout=30)
+
     def stop(self) -> None:
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._cleanup(self._runner), self.loop).result(

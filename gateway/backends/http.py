@@ -28,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_lines
 from gateway.protocol.units import Chunk, Completion
+from gateway.telemetry import UPSTREAM
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,11 @@ class Exchange:
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
         backend = self._backend
+        traceparent = UPSTREAM.get()  # the attempt's span, or the client's own
         try:
             response = await backend.session.request(
-                self._method, self._url, data=self._data, timeout=self._timeout)
+                self._method, self._url, data=self._data, timeout=self._timeout,
+                headers={"traceparent": traceparent} if traceparent else None)
         except Exception as exc:
             raise _translate(backend.name, exc, started=False) from None
         self._response = response

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config.observing import TelemetryConfig
 from gateway.config.routing import (
     AliasConfig,
     BreakerConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "ResponsesConfig",
     "RoutingConfig",
     "ServerConfig",
+    "TelemetryConfig",
     "TenantsConfig",
     "Tier",
     "Timeouts",
@@ -83,6 +85,7 @@ class GatewayConfig:
     plugins: tuple[PluginConfig, ...] = ()
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     keys: tuple[KeyConfig, ...] = ()
     source: str = "<defaults>"
 

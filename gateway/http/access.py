@@ -26,6 +26,8 @@ from plugins.base import RequestContext
 # Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
 # and version by which Ollama's clients recognise a server.
 PUBLIC_PATHS = frozenset({"/health", "/", "/api/version"})
+# Paths for the operator: anyone's on a gateway without keys, else an admin key's.
+OPERATOR_PATHS = frozenset({"/metrics"})
 OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say
 REFUSALS = {"requests": "requests per minute", "tokens": "tokens per minute",
             "concurrency": "requests at once", "budget": "token budget"}
@@ -50,7 +52,8 @@ async def identify(request: web.Request, book: KeyBook) -> KeyConfig | None:
     """The key a request presents (None when the path is public); raises for a key
     missing, unknown, revoked or expired. Only asked when the gateway has keys.
     """
-    if request.path in PUBLIC_PATHS or request.path.startswith("/admin/"):
+    if request.path in PUBLIC_PATHS or request.path in OPERATOR_PATHS or \
+            request.path.startswith("/admin/"):
         return None
     presented = presented_key(request)
     if not presented:

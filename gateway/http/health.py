@@ -1,4 +1,5 @@
-"""``GET /health``: alive, and how each backend, deployment, tunnel and plugin is doing.
+"""``GET /health``: alive, and how each backend, deployment, tunnel and plugin is doing;
+``GET /metrics``: the metrics, for Prometheus.
 
 It needs no key, so a gateway that has keys tells only whether it is up (what a load
 balancer needs), unless the caller shows an admin key; a gateway without keys, open to
@@ -12,9 +13,10 @@ import time
 
 from aiohttp import web
 
+from gateway.errors import NotFound
 from gateway.http.access import is_admin
 from gateway.http.middlewares import json_response
-from gateway.keys import CATALOG, CONFIG, PIPELINE, ROUTER, TUNNELS
+from gateway.keys import CATALOG, CONFIG, PIPELINE, ROUTER, TELEMETRY, TUNNELS
 
 
 async def health(request: web.Request) -> web.Response:
@@ -35,5 +37,20 @@ async def health(request: web.Request) -> web.Response:
                           "plugins": request.app[PIPELINE].report()})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Every metric in Prometheus's text format (an admin key's, when the gateway has keys:
+    one of the middleware's OPERATOR_PATHS).
+    """
+    telemetry = request.app[TELEMETRY]
+    if not telemetry.metrics.enabled:
+        raise NotFound("Metrics are off ([telemetry] metrics = false).", code="metrics_off")
+    return web.Response(body=telemetry.metrics.prometheus().encode(),
+                        headers={"Content-Type": PROMETHEUS})
+
+
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)  # one of the middleware's PUBLIC_PATHS
+    app.router.add_get("/metrics", metrics)

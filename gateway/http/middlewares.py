@@ -22,11 +22,12 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from gateway.http.access import admit_admin, identify, limited
+from gateway.http.access import OPERATOR_PATHS, admit_admin, identify, limited
 from gateway.http.bodies import BodyBudget, check_body, read_body
 from gateway.http.cors import Cors
-from gateway.keys import CONFIG, REQUEST_ID, TENANT
+from gateway.keys import BODY, CONFIG, REQUEST_ID, TENANT
 from gateway.protocol.ids import unique_id
+from gateway.telemetry import AnySpan, Instruments, Telemetry
 from gateway.tenants import KeyBook, Limits
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,33 @@ def error_response(error: GatewayError) -> web.Response:
 ErrorShape = Callable[[GatewayError], web.Response]
 
 
+# The front door of each path, and the operation it asks of a model (as the GenAI semantic
+# conventions name it; "" for none).
+ROUTES = {
+    "/v1/chat/completions": ("openai", "chat"), "/v1/completions": ("openai", "text_completion"),
+    "/v1/embeddings": ("openai", "embeddings"), "/v1/responses": ("responses", "chat"),
+    "/v1/messages": ("anthropic", "chat"), "/v1/messages/count_tokens": ("anthropic", ""),
+    "/api/chat": ("ollama", "chat"), "/api/generate": ("ollama", "text_completion"),
+    "/api/embed": ("ollama", "embeddings"), "/api/embeddings": ("ollama", "embeddings"),
+}
+
+
+def route_of(path: str) -> tuple[str, str]:
+    """The front door of ``path`` and the model operation it asks for."""
+    found = ROUTES.get(path)
+    if found is not None:
+        return found
+    if path.startswith("/v1/responses"):
+        return "responses", ""
+    if path.startswith("/v1/"):
+        return "openai", ""
+    if path.startswith("/api/") or path == "/":
+        return "ollama", ""
+    return "gateway", ""
+
+
 def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBudget,
+                       telemetry: Telemetry,
                        shapes: Sequence[tuple[str, ErrorShape]] = ()) -> Middleware:
     """Request id, the browser guard and CORS preflights, keys and their limits, the body,
     and the error envelope, in one layer (one per request is measurably cheaper than
@@ -71,13 +98,20 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
         if refusal is None and (preflight := cors.preflight(request)) is not None:
             preflight.headers["x-request-id"] = request_id
             return preflight
+        door, operation = route_of(request.path)
+        span = telemetry.request_span(
+            f"{request.method} {request.path if door != 'gateway' else 'gateway'}",
+            request.headers.get("traceparent"),
+            {"http.request.method": request.method, "url.path": request.path,
+             "gateway.door": door, "gateway.request_id": request_id})
         try:
             if refusal is not None:
                 raise GatewayError(refusal, status=403, type="permission_error",
                                    code="origin_not_allowed")
             key = await identify(request, book) if book.required else None
             request[TENANT] = key.id if key is not None else ""
-            if request.path.startswith("/admin/"):
+            if request.path.startswith("/admin/") or \
+                    (request.path in OPERATOR_PATHS and book.required):
                 admit_admin(request)
             server = request.app[CONFIG].server
             check_body(request, server.max_body_bytes)
@@ -110,12 +144,46 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             response.headers["x-request-id"] = request_id
             if response.status in (408, 413, 415):
                 response.force_close()  # the body was not read: the connection is spent
+        took = time.perf_counter() - started
+        _observed(telemetry.instruments, span, door, operation, request, response, took)
         if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)
             log.debug("%s %s %s: %d in %.1f ms", request_id, request.method, request.path,
-                      response.status, (time.perf_counter() - started) * 1000)
+                      response.status, took * 1000)
         return response
 
     return middleware
+
+
+def _observed(counted: Instruments, span: AnySpan, door: str, operation: str,
+              request: web.Request, response: web.StreamResponse, took: float) -> None:
+    """The request in the metrics, and its span ended."""
+    headers = response.headers
+    model = headers.get("x-gateway-model", "")
+    counted.requests.add((door, str(response.status), model))
+    if operation and response.status < 400:
+        counted.duration.record((operation, model, door), took)
+    if span.recording:
+        span.set("http.response.status_code", response.status)
+        if operation:
+            span.set("gen_ai.operation.name", operation)
+        body = request.get(BODY)
+        if body is not None and isinstance(body.get("model"), str):
+            span.set("gen_ai.request.model", body["model"])
+        for header, attribute in SPAN_HEADERS:
+            if header in headers:
+                span.set(attribute, headers[header])
+        if request.get(TENANT):
+            span.set("gateway.tenant", request[TENANT])
+        if response.status >= 500:
+            span.fail(f"HTTP {response.status}", str(response.status))
+        span.end()
+
+
+# Answer headers that say how a request was answered, as its span's attributes.
+SPAN_HEADERS = (("x-gateway-model", "gen_ai.response.model"),
+                ("x-gateway-backend", "gateway.backend"),
+                ("x-gateway-attempts", "gateway.attempts"),
+                ("x-gateway-cache", "gateway.cache"))
 
 
 def _http_exception(request: web.Request, exc: web.HTTPException,

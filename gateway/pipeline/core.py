@@ -28,6 +28,7 @@ from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
+from gateway.telemetry import current_span
 from plugins.base import Plugin, RequestContext, Verdict
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,16 @@ class Pipeline:
         """Every plugin's on_request, in order; the answer one of them gave without asking a
         model (a cache hit) and its route headers, if any did.
         """
+        request_span = current_span()
         for plugin in self.plugins:
-            hit = await plugin.on_request(ctx)
+            span = request_span.child(f"{plugin.name} on_request")
+            try:
+                hit = await plugin.on_request(ctx)
+            except GatewayError as exc:
+                span.fail(exc.message, exc.label)
+                raise
+            finally:
+                span.end()
             if hit is not None:
                 ctx.model = hit.model
                 return hit, route_headers(plugin.name, hit.model, 0,
@@ -210,6 +219,8 @@ class Pipeline:
             routed = self.router.escalate(ctx.req, deployment, verdict.describe(), ctx.models)
             if routed is None:
                 break
+            for reason in verdict.reasons:
+                self.router.instruments.escalations.add((reason.split(" (")[0],))
             try:
                 stronger, stronger_headers, stronger_deployment = await self._collect(ctx,
                                                                                       routed)
@@ -248,8 +259,13 @@ class Pipeline:
         escalate: Verdict | None = None
         judged = False
         ctx.rejected = None
+        request_span = current_span()
         for plugin in self.plugins:
+            span = request_span.child(f"{plugin.name} on_complete")
             verdict = await plugin.on_complete(ctx, completion)
+            if verdict is not None:
+                span.set("gateway.verdict", verdict.describe())
+            span.end()
             if verdict is None:
                 continue
             judged = True

@@ -21,6 +21,7 @@ from gateway.errors import GatewayError, RateLimited, Unavailable, UpstreamError
 from gateway.routing.balancer import Balancer, DeploymentState
 from gateway.routing.catalog import Deployment
 from gateway.routing.selector import Candidate, Route
+from gateway.telemetry import NO_SPAN, UPSTREAM, AnySpan, Instruments, Span
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class Lease:
     without a verdict (the client left) is handed back.
     """
 
-    __slots__ = ("candidate", "deployment", "judged", "released", "started", "state")
+    __slots__ = ("candidate", "counted", "deployment", "judged", "released", "span", "started",
+                 "state")
 
     def __init__(self, candidate: Candidate, deployment: Deployment,
                  state: DeploymentState) -> None:
@@ -71,12 +73,16 @@ class Lease:
         self.started = time.monotonic()
         self.released = False
         self.judged = False
+        self.span: AnySpan = NO_SPAN  # the attempt's, once it begins
+        self.counted: Instruments | None = None  # (set when it begins)
 
     def answered(self) -> None:
         """The first token arrived: the deployment works, and this is how fast it was."""
         self.judged = True
         self.state.breaker.success()
         self.state.observe(time.monotonic() - self.started)
+        if self.counted is not None:
+            self.counted.attempts.add((*_key(self.deployment), "ok"))
 
     def failed(self, error: GatewayError) -> None:
         self.judged = True
@@ -84,6 +90,10 @@ class Lease:
             self.state.breaker.failure()
         else:
             self.state.breaker.end_trial()
+        if self.counted is not None:
+            self.counted.attempts.add((*_key(self.deployment), error.label))
+        self.span.fail(error.message, error.label)
+        self.span.set("gateway.disposition", disposition(error))
 
     def release(self) -> None:
         if not self.released:
@@ -91,14 +101,19 @@ class Lease:
             if not self.judged:
                 self.state.breaker.end_trial()
             self.state.release()
+            self.span.end()
 
 
 class Attempts:
     """Hands out leases, one per attempt, in the order the rules above give."""
 
     def __init__(self, config: RoutingConfig, balancer: Balancer, route: Route,
+                 instruments: Instruments, operation: str = "chat",
                  on_unreachable: Callable[[str], None] = lambda backend: None) -> None:
         self._config = config
+        self._instruments = instruments
+        self._operation = operation  # (as the GenAI conventions name it: chat, embeddings)
+        self.span: AnySpan = NO_SPAN  # the routing's: each attempt's is a child of it
         self._on_unreachable = on_unreachable
         self._balancer = balancer
         self._candidates = list(route.first)
@@ -129,6 +144,7 @@ class Attempts:
             except RateLimited as busy:
                 busy.code = "deployment_busy"
                 self._tried.add(_key(lease.deployment))
+                self._instruments.failovers.add((lease.deployment.backend.name, busy.label))
                 error = self._first_error or busy
                 continue
             return self._begin(lease)
@@ -138,6 +154,18 @@ class Attempts:
         lease.started = time.monotonic()  # after any wait in line: that is not latency
         self.count += 1
         self._current = lease
+        lease.counted = self._instruments
+        if isinstance(self.span, Span):
+            deployment = lease.deployment
+            lease.span = span = self.span.child(
+                f"{self._operation} {deployment.model.name}", "client", {
+                    "gen_ai.operation.name": self._operation,
+                    "gen_ai.request.model": deployment.model.name,
+                    "gen_ai.provider.name": deployment.backend.config.kind,
+                    "gateway.backend": deployment.backend.name,
+                    "gateway.attempt": self.count,
+                    "gateway.route.reason": lease.candidate.reason})
+            UPSTREAM.set(span.traceparent())  # what the backend's request carries
         if log.isEnabledFor(logging.DEBUG):
             log.debug("attempt %d: %s/%s (%s)", self.count, *_key(lease.deployment),
                       lease.candidate.reason)
@@ -168,10 +196,12 @@ class Attempts:
             delay = self._delay(kind, error, used)
             if delay is not None:
                 self._retries[key] = used + 1
+                self._instruments.retries.add((key[0], error.label))
                 log.info("retrying %s/%s in %.2fs after: %s", *key, delay, error.message)
                 await asyncio.sleep(delay)
                 return  # _retry_lease picks the same deployment again
         self._tried.add(key)
+        self._instruments.failovers.add((key[0], error.label))
         if kind == "bigger":
             floor = current.candidate.context_length
             self._fall_back()

@@ -121,6 +121,10 @@ class Balancer:
             for (backend, model), s in sorted(self._states.items())
         }
 
+    def states(self) -> list[tuple[tuple[str, str], DeploymentState]]:
+        """(backend, model) and state of every deployment that has seen traffic."""
+        return list(self._states.items())
+
     def states_of(self, backend: str) -> list[DeploymentState]:
         return [s for (name, _), s in self._states.items() if name == backend]
 

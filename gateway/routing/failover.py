@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
-from gateway.protocol.units import Chunk
+from gateway.protocol.units import Chunk, Usage
 from gateway.routing.attempts import Attempts, Lease
 from gateway.routing.catalog import Deployment
+from gateway.telemetry import NO_SPAN, AnySpan, Instruments, current_span
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +31,21 @@ class RoutedAnswer:
     ``chunks()`` for the rest; ``deployment``/``attempts``/``route`` say who answered.
     """
 
-    def __init__(self, attempts: Attempts, opener: Opener, *, streamed: bool,
-                 rescue: bool) -> None:
+    def __init__(self, attempts: Attempts, opener: Opener, instruments: Instruments, *,
+                 streamed: bool, rescue: bool, alias: str = "") -> None:
         self._attempts = attempts
         self._open = opener
+        self._instruments = instruments
+        self._alias = alias  # the alias asked for ("": a model by name)
         self._streamed = streamed
         self._rescue_enabled = rescue
         self._lease: Lease | None = None
         self._stream: AsyncGenerator[Chunk] | None = None
         self._sent: list[str] = []  # the answer text the client has (for a rescue)
         self._tool_calls_sent = False
+        self._usage: Usage | None = None
+        self._first_at = 0.0
+        self._span: AnySpan = NO_SPAN
         self.on_switch: Callable[[str], None] | None = None
 
     @property
@@ -58,16 +65,30 @@ class RoutedAnswer:
     async def start(self) -> Chunk:
         """Attempts until one deployment sends its first token."""
         error: GatewayError | None = None
+        self._span = self._attempts.span = current_span().child("route")
         try:
             while True:
                 lease = await self._attempts.next(error)
                 first, error = await self._try(lease, None)
                 if first is not None:
                     self._track(first)
+                    self._answering(lease)
                     return first
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                self._span.fail(exc.message, exc.label)
             await self.close()
             raise
+
+    def _answering(self, lease: Lease) -> None:
+        model = lease.deployment.model.name
+        self._first_at = time.monotonic()
+        if self._alias:
+            self._instruments.picks.add((self._alias, model))
+        span = self._span
+        span.set("gen_ai.response.model", model)
+        span.set("gateway.backend", lease.deployment.backend.name)
+        span.set("gateway.route.reason", lease.candidate.reason)
 
     async def chunks(self) -> AsyncGenerator[Chunk]:
         """The rest of the answer, rescued if the stream breaks."""
@@ -78,6 +99,7 @@ class RoutedAnswer:
                     async for chunk in self._stream:
                         self._track(chunk)
                         yield chunk
+                    self._count_tokens()
                     return
                 except GatewayError as error:
                     self._lease.failed(error)
@@ -88,7 +110,11 @@ class RoutedAnswer:
                     log.warning("stream from %s/%s broke (%s); rescuing",
                                 self._lease.deployment.backend.name,
                                 self._lease.deployment.model.name, error.message)
-                    await self._rescue(error)
+                    try:
+                        await self._rescue(error)
+                    except GatewayError:
+                        self._instruments.rescues.add(("failed",))
+                        raise
         finally:
             await self.close()
 
@@ -98,11 +124,29 @@ class RoutedAnswer:
             self._sent.append(chunk.content)
         if chunk.tool_calls:
             self._tool_calls_sent = True
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+
+    def _count_tokens(self) -> None:
+        """The answer is whole: its tokens, and how fast they came."""
+        usage, lease = self._usage, self._lease
+        if usage is None or lease is None:
+            return
+        model = lease.deployment.model.name
+        counted = self._instruments
+        counted.tokens.record(("input", model), usage.prompt_tokens)
+        counted.tokens.record(("output", model), usage.completion_tokens)
+        took = time.monotonic() - self._first_at
+        if usage.completion_tokens > 1 and took > 0:
+            counted.speed.record((model,), (usage.completion_tokens - 1) / took)
+        self._span.set("gen_ai.usage.input_tokens", usage.prompt_tokens)
+        self._span.set("gen_ai.usage.output_tokens", usage.completion_tokens)
 
     async def close(self) -> None:
         await self._drop_stream()
         if self._lease is not None:
             self._lease.release()
+        self._span.end()
 
     async def _try(self, lease: Lease, prefill: str | None
                    ) -> tuple[Chunk | None, GatewayError | None]:
@@ -127,6 +171,9 @@ class RoutedAnswer:
             error = exc
         else:
             lease.answered()
+            self._instruments.ttft.record(
+                (lease.deployment.model.name, lease.deployment.backend.name),
+                time.monotonic() - lease.started)
             self._stream = stream
             return first, None
         if stream is not None:
@@ -160,6 +207,7 @@ class RoutedAnswer:
             assert error_ is not None
             error = error_
         assert self._stream is not None
+        self._instruments.rescues.add(("continued" if prefill is not None else "restarted",))
         # The client has had its reasoning; a restart also repeats the text already sent.
         self._stream = _continuation(_chain(first, self._stream),
                                      text if prefill is None else "", lease.deployment)

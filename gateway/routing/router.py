@@ -15,12 +15,14 @@ from gateway.routing.balancer import Balancer
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.selector import Candidate, Route, Selector
+from gateway.telemetry import Instruments, current_span
 
 
 class Router:
     def __init__(self, config: GatewayConfig, backends: dict[str, Backend],
-                 catalog: ModelCatalog) -> None:
+                 catalog: ModelCatalog, instruments: Instruments) -> None:
         self.config = config
+        self.instruments = instruments
         self.catalog = catalog
         self.selector = Selector(catalog, config)
         limits = {b.name: (b.max_concurrency, b.max_queue) for b in config.backends}
@@ -51,8 +53,12 @@ class Router:
                 return backend.chat(ask, model)
             return backend.complete(ask, model)
 
-        attempts = Attempts(self.config.routing, self.balancer, route, self.on_unreachable)
-        return RoutedAnswer(attempts, opener, streamed=req.stream,
+        operation = "chat" if isinstance(req, ChatRequest) else "text_completion"
+        attempts = Attempts(self.config.routing, self.balancer, route, self.instruments,
+                            operation, self.on_unreachable)
+        alias = req.model if self.selector.is_alias(req.model) else ""
+        return RoutedAnswer(attempts, opener, self.instruments, alias=alias,
+                            streamed=req.stream,
                             rescue=self.config.routing.rescue)
 
     async def embed(self, req: EmbeddingRequest) -> tuple[EmbeddingResult, Deployment, int]:
@@ -61,7 +67,8 @@ class Router:
         """
         candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
         attempts = Attempts(self.config.routing, self.balancer, Route([candidate], list),
-                            self.on_unreachable)
+                            self.instruments, "embeddings", self.on_unreachable)
+        attempts.span = current_span()
         error: GatewayError | None = None
         while True:
             lease = await attempts.next(error)

@@ -160,6 +160,7 @@ class SimState:
             "n": self._count, "t": time.time(), "path": request.path, "model": model,
             "stream": stream, "prefill": prefill, "payload": payload,
             "authorization": request.headers.get("Authorization"),
+            "traceparent": request.headers.get("traceparent"),
             "peer": (request.transport.get_extra_info("peername") or (None, None))[1]
             if request.transport else None,
             "outcome": "pending", "tokens": 0,

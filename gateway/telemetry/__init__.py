@@ -1,0 +1,154 @@
+"""Telemetry: the gateway's metrics and traces (``Telemetry``, one per app), every
+instrument named here once, and the request's span for whoever adds to its trace.
+
+The lowest layer but config: routing, backends, the pipeline and HTTP all record here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from typing import Any
+
+from gateway.config import TelemetryConfig
+from gateway.telemetry.metrics import RATES, TOKENS, Counter, Histogram, Metrics
+from gateway.telemetry.tracing import (
+    NO_SPAN,
+    UPSTREAM,
+    AnySpan,
+    Span,
+    Tracer,
+    parse_traceparent,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NO_SPAN", "UPSTREAM", "AnySpan", "Instruments", "Metrics", "Span", "Telemetry",
+           "Tracer", "current_span"]
+
+# The span of the request being answered (NO_SPAN when it is not traced).
+CURRENT: contextvars.ContextVar[AnySpan] = contextvars.ContextVar("span", default=NO_SPAN)
+
+
+def current_span() -> AnySpan:
+    return CURRENT.get()
+
+
+class Instruments:
+    """The metrics every part of the gateway records, by OpenTelemetry's names (the GenAI
+    semantic conventions' where they have one).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        m = metrics
+        self.requests: Counter = m.counter(
+            "gateway.requests", "Requests answered, by front door, status and the model that "
+            "answered", ("door", "status", "model"), unit="{request}")
+        self.duration: Histogram = m.histogram(
+            "gen_ai.client.operation.duration", "Time to answer a request, whole",
+            ("gen_ai.operation.name", "gen_ai.response.model", "door"))
+        self.ttft: Histogram = m.histogram(
+            "gen_ai.server.time_to_first_token", "Time from sending a request to a backend to "
+            "its first token", ("gen_ai.response.model", "gateway.backend"))
+        self.tokens: Histogram = m.histogram(
+            "gen_ai.client.token.usage", "Tokens of each answer, prompt (input) and answer "
+            "(output)", ("gen_ai.token.type", "gen_ai.response.model"), unit="{token}",
+            bounds=TOKENS)
+        self.speed: Histogram = m.histogram(
+            "gateway.output.speed", "Output tokens a second, from the first token to the last",
+            ("gen_ai.response.model",), unit="{token}/s", bounds=RATES)
+        self.attempts: Counter = m.counter(
+            "gateway.attempts", "Attempts on a backend's model, and how each went ('ok', or "
+            "the error's code)", ("gateway.backend", "gen_ai.request.model", "outcome"))
+        self.retries: Counter = m.counter(
+            "gateway.retries", "Attempts made again on the same deployment, by reason",
+            ("gateway.backend", "reason"))
+        self.failovers: Counter = m.counter(
+            "gateway.failovers", "Deployments given up for the next, by reason",
+            ("gateway.backend", "reason"))
+        self.rescues: Counter = m.counter(
+            "gateway.rescues", "Streams that broke mid-answer, and how they ended "
+            "('continued', 'restarted', 'failed')", ("outcome",))
+        self.escalations: Counter = m.counter(
+            "gateway.escalations", "Answers found wanting and asked of a stronger model",
+            ("reason",))
+        self.picks: Counter = m.counter(
+            "gateway.alias.picks", "The model each alias (auto, auto:code, ...) had answer",
+            ("alias", "gen_ai.response.model"))
+
+
+class Telemetry:
+    """Metrics, traces and their exporters, for one gateway."""
+
+    def __init__(self, config: TelemetryConfig) -> None:
+        self.config = config
+        self.metrics = Metrics(enabled=config.metrics)
+        self.instruments = Instruments(self.metrics)
+        self.tracer = Tracer(config.traces, config.sample_ratio, config.service_name,
+                             readable=_readable_spans)
+        self.metric_exporters: list[Any] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def request_span(self, name: str, traceparent: str | None,
+                     attributes: dict[str, Any]) -> AnySpan:
+        """The span of a request arriving, made current; the client's ``traceparent`` (or
+        this span's) is what requests to backends carry.
+        """
+        if self.tracer.enabled:
+            span = self.tracer.request_span(name, traceparent, attributes)
+            CURRENT.set(span)
+        else:
+            span = NO_SPAN
+            CURRENT.set(span)
+        UPSTREAM.set(traceparent if traceparent is None or parse_traceparent(traceparent)
+                     else None)
+        return span
+
+    async def start(self) -> None:
+        if self.config.otlp_endpoint:
+            from gateway.telemetry.sdk import otlp_exporters
+
+            metrics, spans = otlp_exporters(self.config.otlp_endpoint, self.config.traces)
+            if self.config.metrics:
+                self.metric_exporters.append(metrics)
+            if spans is not None:
+                self.tracer.exporters.append(spans)
+        self.tracer.start()
+        if self.metric_exporters:
+            self._task = asyncio.create_task(self._exporting_metrics(), name="metrics export")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.export_metrics()
+        for exporter in self.metric_exporters:
+            with contextlib.suppress(Exception):
+                exporter.shutdown()
+        await self.tracer.close()
+
+    async def export_metrics(self) -> None:
+        if not self.metric_exporters:
+            return
+        from gateway.telemetry.sdk import metrics_data
+
+        data = metrics_data(self.metrics, self.config.service_name)
+        for exporter in self.metric_exporters:
+            try:
+                await asyncio.to_thread(exporter.export, data)
+            except Exception:
+                log.exception("metrics: exporter %s failed", type(exporter).__name__)
+
+    async def _exporting_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.export_interval)
+            await self.export_metrics()
+
+
+def _readable_spans(spans: list[Span], service_name: str) -> list[Any]:
+    from gateway.telemetry.sdk import readable_spans  # the SDK, once spans are exported
+
+    return readable_spans(spans, service_name)
