@@ -1,8 +1,9 @@
 """``create_app(config)``: builds and wires everything; nothing runs at import time.
 
 Background services live in ``cleanup_ctx``, started in order and stopped in reverse:
-the store (of Responses API responses) → tunnels → backends (connection pools) → discovery
-(the catalog and its refresh loop) → health watch → plugins.
+the store (of Responses API responses) → telemetry → tenants → tunnels → backends
+(connection pools) → discovery (the catalog and its refresh loop) → health watch → plugins →
+the monitor (healing, alerts).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig, is_loopback
 from gateway.doors import anthropic, ollama, openai, responses
-from gateway.http import admin, middlewares
+from gateway.http import admin, middlewares, status
 from gateway.http import health as health_endpoint
 from gateway.http.access import rate_headers
 from gateway.http.bodies import BodyBudget
@@ -35,15 +36,16 @@ from gateway.keys import (
     HEALTH,
     KEYBOOK,
     LIMITS,
+    MONITOR,
     PIPELINE,
     RESPONSES,
     ROUTER,
     TELEMETRY,
     TUNNELS,
 )
+from gateway.monitor import HealthWatcher, Monitor
 from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
-from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.store import open_store
 from gateway.telemetry import Telemetry
@@ -100,13 +102,15 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[CATALOG] = catalog
     app[TELEMETRY] = telemetry
     router = app[ROUTER] = Router(config, backends, catalog, telemetry.instruments)
-    health = app[HEALTH] = HealthWatcher(list(backends.values()), catalog, router.balancer,
+    health = app[HEALTH] = HealthWatcher(list(backends.values()), router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
     pipeline = app[PIPELINE] = Pipeline(load_plugins(config), router,
                                         config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
     _gauges(telemetry, router, tunnels, health, pipeline)
+    app[MONITOR] = Monitor(config, router, catalog, backends, tunnels, health, pipeline,
+                           telemetry)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_tenants_ctx)
@@ -115,6 +119,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_discovery_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_plugins_ctx)
+    app.cleanup_ctx.append(_monitor_ctx)
     app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)
     ollama.add_routes(app)
@@ -122,6 +127,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     anthropic.add_routes(app)
     health_endpoint.add_routes(app)
     admin.add_routes(app)
+    status.add_routes(app)
     return app
 
 
@@ -189,6 +195,12 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[TELEMETRY].start()
     yield
     await app[TELEMETRY].close()
+
+
+async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[MONITOR].start()
+    yield
+    await app[MONITOR].close()
 
 
 async def _plugins_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ from gateway.app import build_backend
 from gateway.backends.base import Backend, Health
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.pipeline import load_plugins
+from gateway.routing.catalog import ModelCatalog
 from gateway.tunnel.manager import TunnelManager
 
 SETUP_SECONDS = 5.0  # beyond the connect timeout: key exchange, auth, the pty session
@@ -36,9 +37,16 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
                 if tunnel.hint:
                     lines.append(f"  → {tunnel.hint}")
         backends = [(spec, build_backend(spec, tunnels)) for spec in config.backends]
-        results = await asyncio.gather(*(_probe(spec, b) for spec, b in backends))
-        for (spec, backend), health in zip(backends, results, strict=True):
-            lines += _backend_lines(spec, backend, health, tunnels)
+        asked = [b for spec, b in backends if spec.kind != "embedded"]
+        await asyncio.gather(*(b.start() for b in asked))
+        try:
+            results = await asyncio.gather(*(_probe(spec, b) for spec, b in backends))
+            for (spec, backend), health in zip(backends, results, strict=True):
+                lines += _backend_lines(spec, backend, health, tunnels)
+            lines += await _model_lines(config, [b for (_, b), h in zip(
+                backends, results, strict=True) if h is not None and h.ok])
+        finally:
+            await asyncio.gather(*(b.close() for b in asked))
         lines += await _plugin_lines(config)
     finally:
         await tunnels.close()
@@ -66,16 +74,23 @@ async def _plugin_lines(config: GatewayConfig) -> list[str]:
     return lines
 
 
+async def _model_lines(config: GatewayConfig, answering: list[Backend]) -> list[str]:
+    """The ``[[models]]`` deployments whose backend answers but does not list their model."""
+    if not config.models:
+        return []
+    catalog = ModelCatalog(answering, config.models)
+    await catalog.refresh()
+    return [f"WARNING {warning}: requests for it go to its fallbacks"
+            for warning in catalog.unlisted()]
+
+
 async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:
     if spec.kind == "embedded":
         return None  # it runs with the gateway: nothing to ask here
-    await backend.start()
     try:
         return await backend.probe()
     except Exception as exc:  # one odd backend must not cut the report short
         return Health(False, f"the check itself failed: {type(exc).__name__}")
-    finally:
-        await backend.close()
 
 
 def _backend_lines(spec: BackendConfig, backend: Backend, health: Health | None,

@@ -8,9 +8,9 @@ from aiohttp import web
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig, KeyConfig
+from gateway.monitor import HealthWatcher, Monitor
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
-from gateway.routing.health import HealthWatcher
 from gateway.routing.router import Router
 from gateway.store import Store
 from gateway.telemetry import Telemetry
@@ -26,6 +26,7 @@ TUNNELS = web.AppKey("tunnels", TunnelManager)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RESPONSES = web.AppKey("responses", Store)  # stored Responses API responses
 TELEMETRY = web.AppKey("telemetry", Telemetry)
+MONITOR = web.AppKey("monitor", Monitor)
 
 KEYBOOK = web.AppKey("keybook", KeyBook)
 LIMITS = web.AppKey("limits", Limits)

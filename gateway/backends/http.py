@@ -98,6 +98,12 @@ class HttpBackend:
             await self._session.close()
             self._session = None
 
+    async def keep_warm(self, model: str, within: float) -> str | None:
+        """Load ``model`` if it would be unloaded within ``within`` seconds; what was done
+        (None: nothing, or nothing this backend can do: it keeps its models loaded itself).
+        """
+        return None
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

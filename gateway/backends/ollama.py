@@ -5,7 +5,9 @@ capabilities, context length, what is loaded, thinking, keep_alive.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -80,6 +82,25 @@ class OllamaBackend(HttpBackend):
         count = data.get("prompt_eval_count")
         return EmbeddingResult(vectors, count if isinstance(count, int) else 0)
 
+    async def keep_warm(self, model: str, within: float) -> str | None:
+        """Ollama unloads a model ``keep_alive`` after its last request (5 minutes unless
+        set): load it again before then, with Ollama's documented preload (a generate
+        without a prompt). Raises ``GatewayError`` when Ollama does not answer.
+        """
+        data = await self.get_json("/api/ps", quick=True)
+        listed = data.get("models") if isinstance(data, dict) else None
+        bare = model.removesuffix(":latest")
+        entry = next((m for m in listed or [] if isinstance(m, dict)
+                      and str(m.get("name", "")).removesuffix(":latest") == bare), None)
+        if entry is not None:
+            until = _timestamp(entry.get("expires_at"))
+            if until is None or until - time.time() > within:
+                return None
+        await self.post_json("/api/generate", {
+            "model": model, "keep_alive": ollama.keep_alive_value(self.config.keep_alive or
+                                                                  WARM_FOR)})
+        return "refreshed" if entry is not None else "loaded"
+
     async def _loaded(self) -> set[str]:
         try:
             data = await self.get_json("/api/ps")
@@ -101,4 +122,18 @@ class OllamaBackend(HttpBackend):
         if isinstance(show, dict):
             self._shown[digest] = show
             return show
+        return None
+
+
+WARM_FOR = "30m"  # how long a model kept warm stays loaded, unless keep_alive says
+
+
+def _timestamp(text: Any) -> float | None:
+    """Seconds since the epoch of Ollama's RFC 3339 times (nanoseconds, any offset)."""
+    if not isinstance(text, str):
+        return None
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
         return None

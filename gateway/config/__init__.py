@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config.observing import TelemetryConfig
+from gateway.config.observing import AlertRule, MonitorConfig, SinkConfig, TelemetryConfig
 from gateway.config.routing import (
     AliasConfig,
     BreakerConfig,
@@ -43,6 +43,7 @@ from gateway.config.upstreams import (
 from gateway.typed_toml import ConfigError, build
 
 __all__ = [
+    "AlertRule",
     "AliasConfig",
     "AuthConfig",
     "BackendConfig",
@@ -54,11 +55,13 @@ __all__ = [
     "GatewayConfig",
     "KeyConfig",
     "ModelConfig",
+    "MonitorConfig",
     "PluginConfig",
     "ReasoningMode",
     "ResponsesConfig",
     "RoutingConfig",
     "ServerConfig",
+    "SinkConfig",
     "TelemetryConfig",
     "TenantsConfig",
     "Tier",
@@ -86,6 +89,7 @@ class GatewayConfig:
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     keys: tuple[KeyConfig, ...] = ()
     source: str = "<defaults>"
 

@@ -47,7 +47,8 @@ class Cors:
         """Why this request is refused (None: it is not)."""
         origin = request.headers.get("Origin")
         if origin is not None and not self.allowed(origin) and \
-                not _LOCAL_ORIGIN.fullmatch(origin):
+                not _LOCAL_ORIGIN.fullmatch(origin) and \
+                origin.partition("://")[2] != request.host:  # (the gateway's own pages)
             return (f"Requests from web pages at {origin} are not allowed; list the origin "
                     "in [server] cors_origins to allow them.")
         if self._loopback_only and not self._loopback(request.host):

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -27,7 +28,7 @@ from gateway.http.bodies import BodyBudget, check_body, read_body
 from gateway.http.cors import Cors
 from gateway.keys import BODY, CONFIG, REQUEST_ID, TENANT
 from gateway.protocol.ids import unique_id
-from gateway.telemetry import AnySpan, Instruments, Telemetry
+from gateway.telemetry import NOTES, AnySpan, Instruments, Telemetry
 from gateway.tenants import KeyBook, Limits
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             preflight.headers["x-request-id"] = request_id
             return preflight
         door, operation = route_of(request.path)
+        notes: dict[str, Any] | None = None
+        if operation and telemetry.keeps_requests:
+            notes = {}
+            NOTES.set(notes)
         span = telemetry.request_span(
             f"{request.method} {request.path if door != 'gateway' else 'gateway'}",
             request.headers.get("traceparent"),
@@ -110,8 +115,10 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                                    code="origin_not_allowed")
             key = await identify(request, book) if book.required else None
             request[TENANT] = key.id if key is not None else ""
-            if request.path.startswith("/admin/") or \
-                    (request.path in OPERATOR_PATHS and book.required):
+            if request.path in OPERATOR_PATHS:
+                if book.required:
+                    admit_admin(request)
+            elif request.path.startswith("/admin/"):
                 admit_admin(request)
             server = request.app[CONFIG].server
             check_body(request, server.max_body_bytes)
@@ -125,6 +132,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                                   else limited(request, handler, key, limits))
         except GatewayError as exc:
             response = shaped(request, exc)
+            if notes is not None:
+                notes["error"] = exc.label
         except web.RequestPayloadError:
             # The body could not be read (its Content-Encoding does not decode, say): the
             # connection cannot be used again, and what is left of the body is not worth
@@ -146,6 +155,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                 response.force_close()  # the body was not read: the connection is spent
         took = time.perf_counter() - started
         _observed(telemetry.instruments, span, door, operation, request, response, took)
+        if notes is not None:
+            telemetry.answered(_record(request, response, door, operation, took, notes))
         if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)
             log.debug("%s %s %s: %d in %.1f ms", request_id, request.method, request.path,
                       response.status, took * 1000)
@@ -177,6 +188,28 @@ def _observed(counted: Instruments, span: AnySpan, door: str, operation: str,
         if response.status >= 500:
             span.fail(f"HTTP {response.status}", str(response.status))
         span.end()
+
+
+def _record(request: web.Request, response: web.StreamResponse, door: str, operation: str,
+            took: float, notes: dict[str, Any]) -> dict[str, Any]:
+    """The request's line in the request log (and among the dashboard's last requests):
+    what was asked and how it was answered, never what was said.
+    """
+    headers = response.headers
+    body = request.get(BODY)
+    asked = body.get("model") if body is not None else None
+    record = {"time": round(time.time(), 3), "id": request[REQUEST_ID],
+              "tenant": request.get(TENANT, ""), "door": door, "operation": operation,
+              "model": asked if isinstance(asked, str) else "",
+              "served": headers.get("x-gateway-model", ""),
+              "backend": headers.get("x-gateway-backend", ""),
+              "attempts": int(headers.get("x-gateway-attempts", 0) or 0),
+              "route": headers.get("x-gateway-route", ""),
+              "status": response.status, "ms": round(took * 1000, 1),
+              "stream": isinstance(body, dict) and body.get("stream") is True, **notes}
+    if "x-gateway-cache" in headers:
+        record["cache"] = headers["x-gateway-cache"]
+    return record
 
 
 # Answer headers that say how a request was answered, as its span's attributes.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import logging
 import time
 from collections.abc import Iterable
@@ -156,6 +157,25 @@ class ModelCatalog:
     def deployments(self, name: str) -> list[Deployment]:
         """The deployments under exactly this name (none if unknown)."""
         return self._index.get(name, [])
+
+    def unlisted(self) -> list[str]:
+        """The configured ``[[models]]`` deployments whose backend answered without listing
+        their model (a typo sends every request for it to the fallbacks), said plainly.
+        """
+        out = []
+        for spec in self._models:
+            for d in spec.deployments:
+                listing = self._listings.get(d.backend)
+                if listing is None or not listing.status.ok:
+                    continue  # not listed yet: the backend is away, not wrong
+                names = [m.name for m in listing.models]
+                if not named_in(d.model, names):
+                    near = difflib.get_close_matches(d.model, names, n=1, cutoff=0.6)
+                    hint = f"; did you mean {near[0]!r}?" if near else \
+                        f" (it lists {len(names)} models)"
+                    out.append(f"[[models]] {spec.name!r}: backend {d.backend!r} does not list "
+                               f"the model {d.model!r}{hint}")
+        return out
 
 
 def _override(deployment: Deployment, spec: ModelConfig) -> Deployment:

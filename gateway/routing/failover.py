@@ -18,7 +18,7 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError, Upstream
 from gateway.protocol.units import Chunk, Usage
 from gateway.routing.attempts import Attempts, Lease
 from gateway.routing.catalog import Deployment
-from gateway.telemetry import NO_SPAN, AnySpan, Instruments, current_span
+from gateway.telemetry import NO_SPAN, NOTES, AnySpan, Instruments, current_span
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,10 @@ class RoutedAnswer:
             counted.speed.record((model,), (usage.completion_tokens - 1) / took)
         self._span.set("gen_ai.usage.input_tokens", usage.prompt_tokens)
         self._span.set("gen_ai.usage.output_tokens", usage.completion_tokens)
+        notes = NOTES.get()
+        if notes is not None:
+            notes["input_tokens"] = usage.prompt_tokens
+            notes["output_tokens"] = usage.completion_tokens
 
     async def close(self) -> None:
         await self._drop_stream()
@@ -171,9 +175,12 @@ class RoutedAnswer:
             error = exc
         else:
             lease.answered()
+            ttft = time.monotonic() - lease.started
             self._instruments.ttft.record(
-                (lease.deployment.model.name, lease.deployment.backend.name),
-                time.monotonic() - lease.started)
+                (lease.deployment.model.name, lease.deployment.backend.name), ttft)
+            notes = NOTES.get()
+            if notes is not None:
+                notes["ttft_ms"] = round(ttft * 1000, 1)
             self._stream = stream
             return first, None
         if stream is not None:

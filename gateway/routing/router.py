@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncGenerator, Callable
 
 from gateway.backends.base import Backend
@@ -14,7 +15,7 @@ from gateway.routing.attempts import Attempts
 from gateway.routing.balancer import Balancer
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.failover import RoutedAnswer
-from gateway.routing.selector import Candidate, Route, Selector
+from gateway.routing.selector import Candidate, Needs, Route, Selector
 from gateway.telemetry import Instruments, current_span
 
 
@@ -82,6 +83,32 @@ class Router:
                 lease.release()
             lease.answered()
             return result, lease.deployment, attempts.count
+
+    def picks(self) -> dict[str, tuple[str, Deployment] | None]:
+        """What each alias sends a plain request to now: its best model that has a usable
+        deployment, and that deployment (None: nothing it could pick is up).
+        """
+        now = time.monotonic()
+        out: dict[str, tuple[str, Deployment] | None] = {}
+        for alias in self.selector.aliases(available=False):
+            out[alias] = next(((c.reason, d) for c in self.selector.alias_picks(alias, Needs())
+                               for d in c.deployments if self.balancer.usable(d, now)), None)
+        return out
+
+    def usable(self) -> list[Deployment]:
+        """Every deployment that can take a request now (its backend up, its breaker
+        letting traffic through).
+        """
+        now = time.monotonic()
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for name in self.catalog.names():
+            for d in self.catalog.deployments(name):
+                key = (d.backend.name, d.model.name)
+                if key not in seen and self.balancer.usable(d, now):
+                    seen.add(key)
+                    out.append(d)
+        return out
 
 
 def _continuing(req: ChatRequest | CompletionRequest, text: str, sent: int

@@ -126,6 +126,8 @@ async def _chat(request: web.Request, state: SimState, model: SimModel,
 
 async def _generate(request: web.Request, state: SimState, model: SimModel,
                     payload: dict[str, Any]) -> web.StreamResponse:
+    if not payload.get("prompt") and not payload.get("images") and "suffix" not in payload:
+        return _load(request, state, model, payload)
     ask = Ask(
         texts=[str(payload.get("prompt") or "")],
         suffix=payload.get("suffix"),
@@ -134,6 +136,20 @@ async def _generate(request: web.Request, state: SimState, model: SimModel,
         max_tokens=(payload.get("options") or {}).get("num_predict"),
     )
     return await _answer(request, state, model, payload, ask, chat=False)
+
+
+def _load(request: web.Request, state: SimState, model: SimModel,
+          payload: dict[str, Any]) -> web.Response:
+    """A generate without a prompt loads the model (``keep_alive`` 0: unloads it), and
+    answers with one object whatever ``stream`` says, as Ollama does.
+    """
+    unload = payload.get("keep_alive") in (0, "0", "0s", "0m")
+    record = state.record(request, model.name, payload, False, False)
+    record["outcome"] = "unloaded" if unload else "loaded"
+    model.loaded = not unload
+    return web.json_response({
+        "model": model.name, "created_at": _now(), "response": "", "done": True,
+        "done_reason": "unload" if unload else "load"})
 
 
 async def _answer(request: web.Request, state: SimState, model: SimModel,

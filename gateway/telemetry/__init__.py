@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+from collections import deque
 from typing import Any
 
 from gateway.config import TelemetryConfig
 from gateway.telemetry.metrics import RATES, TOKENS, Counter, Histogram, Metrics
+from gateway.telemetry.requests import RequestLog
 from gateway.telemetry.tracing import (
     NO_SPAN,
     UPSTREAM,
@@ -25,7 +27,9 @@ from gateway.telemetry.tracing import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NO_SPAN", "UPSTREAM", "AnySpan", "Instruments", "Metrics", "Span", "Telemetry",
+RECENT = 50  # requests kept for the dashboard
+
+__all__ = ["NOTES", "NO_SPAN", "UPSTREAM", "AnySpan", "Instruments", "Metrics", "Span", "Telemetry",
            "Tracer", "current_span"]
 
 # The span of the request being answered (NO_SPAN when it is not traced).
@@ -34,6 +38,12 @@ CURRENT: contextvars.ContextVar[AnySpan] = contextvars.ContextVar("span", defaul
 
 def current_span() -> AnySpan:
     return CURRENT.get()
+
+
+# What routing learns of the request being answered (time to first token, tokens), for its
+# line in the request log; None when nobody keeps requests.
+NOTES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "notes", default=None)
 
 
 class Instruments:
@@ -90,6 +100,16 @@ class Telemetry:
                              readable=_readable_spans)
         self.metric_exporters: list[Any] = []
         self._task: asyncio.Task[None] | None = None
+        # The last requests answered, as the request log writes them (kept with the metrics).
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.requests_log = RequestLog(config.request_log)
+        self.keeps_requests = config.metrics or bool(config.request_log)
+
+    def answered(self, record: dict[str, Any]) -> None:
+        """A request answered: among the recent ones, and in the request log."""
+        if self.metrics.enabled:
+            self.recent.append(record)
+        self.requests_log.write(record)
 
     def request_span(self, name: str, traceparent: str | None,
                      attributes: dict[str, Any]) -> AnySpan:
@@ -116,6 +136,7 @@ class Telemetry:
             if spans is not None:
                 self.tracer.exporters.append(spans)
         self.tracer.start()
+        self.requests_log.open()
         if self.metric_exporters:
             self._task = asyncio.create_task(self._exporting_metrics(), name="metrics export")
 
@@ -129,6 +150,7 @@ class Telemetry:
             with contextlib.suppress(Exception):
                 exporter.shutdown()
         await self.tracer.close()
+        self.requests_log.close()
 
     async def export_metrics(self) -> None:
         if not self.metric_exporters:

@@ -131,6 +131,16 @@ class Metrics:
         if self.enabled:
             self.external.append((Counter(name, description, labels, unit), read))
 
+    def read_counter(self, name: str) -> dict[Labels, float]:
+        """A counter's values now, by name (one kept elsewhere read now); {} for none."""
+        for counter in self.counters:
+            if counter.name == name:
+                return dict(counter.values)
+        for counter, reading in self.external:
+            if counter.name == name:
+                return dict(reading())
+        return {}
+
     def prometheus(self) -> str:
         """Everything, in Prometheus's text exposition format (version 0.0.4)."""
         out: list[str] = []

@@ -1,6 +1,7 @@
 """Watches each backend with its cheap probe. A backend that stops answering has every
 deployment behind it taken out of rotation at once (no request waits for a timeout to find
-out); one that comes back gets its traffic back at once and is rediscovered alongside.
+out); one that comes back gets its traffic back at once, and the healer is told (it
+rediscovers the backend's models).
 """
 
 from __future__ import annotations
@@ -8,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from gateway.backends.base import Backend
 from gateway.routing.balancer import Balancer
-from gateway.routing.catalog import ModelCatalog
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +20,15 @@ UP_INTERVAL_FACTOR = 5  # a healthy backend is probed this many times less often
 
 
 class HealthWatcher:
-    def __init__(self, backends: list[Backend], catalog: ModelCatalog, balancer: Balancer,
-                 interval: float) -> None:
+    def __init__(self, backends: list[Backend], balancer: Balancer, interval: float) -> None:
         self._backends = backends
-        self._catalog = catalog
         self._balancer = balancer
         self._interval = interval
         self.up: dict[str, bool | None] = {b.name: None for b in backends}  # None: not yet
         self._next: dict[str, float] = {b.name: 0.0 for b in backends}
-        self._refreshes: set[asyncio.Task[None]] = set()
         self._losses: dict[str, int] = {b.name: 0 for b in backends}  # lost() calls so far
+        self.since: dict[str, float] = {b.name: time.time() for b in backends}  # last change
+        self.on_recovered: list[Callable[[str], None]] = []
 
     async def run(self) -> None:
         while True:
@@ -60,6 +60,8 @@ class HealthWatcher:
         self._next[backend.name] = time.monotonic() + self._interval * factor
         if health.ok:
             self.up[backend.name] = True
+            if was is None:
+                self.since[backend.name] = time.time()
             if was is False:
                 log.info("backend %s is back (%s)", backend.name, health.detail)
                 self.recovered(backend.name)
@@ -70,6 +72,7 @@ class HealthWatcher:
         """Stop sending it traffic now, and watch for its return closely."""
         if self.up.get(backend) is not False:
             log.warning("backend %s is down (%s); its traffic goes elsewhere", backend, reason)
+            self.since[backend] = time.time()
         self.up[backend] = False
         self._losses[backend] = self._losses.get(backend, 0) + 1
         self._next[backend] = min(self._next.get(backend, 0.0),
@@ -77,10 +80,13 @@ class HealthWatcher:
         self._balancer.mark_down(backend)
 
     def recovered(self, backend: str) -> None:
-        """Give it its traffic back now; learn what it serves now, in the background."""
+        """Give it its traffic back now, and tell whoever listens (the healer)."""
         self.up[backend] = True
+        self.since[backend] = time.time()
         self._balancer.mark_up(backend)
-        task = asyncio.create_task(self._catalog.refresh_backend(backend),
-                                   name=f"rediscover-{backend}")
-        self._refreshes.add(task)
-        task.add_done_callback(self._refreshes.discard)
+        for listener in self.on_recovered:
+            listener(backend)
+
+    def down_for(self, backend: str) -> float:
+        """Seconds the backend has been down (0 when it is not known to be)."""
+        return time.time() - self.since[backend] if self.up.get(backend) is False else 0.0

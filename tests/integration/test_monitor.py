@@ -1,0 +1,319 @@
+"""The monitor against the simulated fleet: /ready for load balancers, /admin/status, the
+healing actions (rediscovery, breaker probes, keeping the picked model loaded, configured
+models their backend does not list), alerts delivered once to a webhook, Slack and Telegram
+receivers of the test's own (one failing at first), Redis watched, and the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.sim import SimModel, create_ollama_app
+from tests.integration.conftest import FAST, Fleet, host_models
+from tests.redis_peer import RedisServer
+from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
+
+USER = [{"role": "user", "content": "Hello"}]
+ADMIN = "gw-admin-key-of-the-monitor-tests"
+KEY = "gw-client-key-of-the-monitor-tests"
+QUICK = {"interval": 0.2, "resolve_after": 0.5, "group_window": 0.0, "min_interval": 0.0}
+
+
+def get(url: str, key: str = "") -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"}
+                                     if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def chat(server: ServerThread, model: str = "auto", key: str = "x") -> Any:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    return client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
+
+
+def one_ollama(fleet: Fleet, **sections: Any) -> Any:
+    return gateway_config(backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+                          routing={"health_interval": 0.2, "retries": 0,
+                                   "breaker": {"failures": 2, "cooldown": 0.5},
+                                   "tier_fallback": False},
+                          **sections)
+
+
+class Receiver:
+    """An alert receiver: records every POST (path and JSON); fails the first ``failing``."""
+
+    def __init__(self, failing: int = 0) -> None:
+        self.posts: list[tuple[str, Any]] = []
+        self.failing = failing
+        self.server = ServerThread(self._app).start()
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._post)
+        return app
+
+    async def _post(self, request: web.Request) -> web.Response:
+        if self.failing:
+            self.failing -= 1
+            return web.Response(status=503)
+        self.posts.append((request.path, await request.json()))
+        return web.json_response({"ok": True})
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.server.stop()
+
+
+def test_ready_says_whether_any_route_can_serve(fleet: Fleet) -> None:
+    server = start_gateway(one_ollama(fleet))
+    try:
+        status, body = get(server.url + "/ready")
+        assert (status, body["status"]) == (200, "ready")
+        assert body["deployments"] == len(host_models())
+        fleet.threads["primary"].stop()
+        wait_until(lambda: get(server.url + "/ready")[0] == 503, 10, "ready → 503")
+        status, body = get(server.url + "/ready")
+        assert body["status"] == "not_ready" and "no backend can serve" in body["reason"]
+        fleet.restart("primary", lambda: create_ollama_app(host_models()))
+        wait_until(lambda: get(server.url + "/ready")[0] == 200, 10, "ready again")
+    finally:
+        server.stop()
+
+
+def test_admin_status_shows_the_fleet_and_needs_the_admin_key_when_keyed(fleet: Fleet) -> None:
+    digest = hashlib.sha256
+    server = start_gateway(one_ollama(
+        fleet, auth={"key_hashes": [digest(KEY.encode()).hexdigest()],
+                     "admin_key_hashes": [digest(ADMIN.encode()).hexdigest()]}))
+    try:
+        chat(server, key=KEY)
+        assert get(server.url + "/admin/status")[0] == 401
+        assert get(server.url + "/admin/status", KEY)[0] == 401  # a client's key is not enough
+        status, body = get(server.url + "/admin/status", ADMIN)
+        assert status == 200
+        assert body["ready"] is True and body["uptime_s"] >= 0 and body["version"]
+        assert body["backends"]["primary"]["up"] is True
+        assert set(body["backends"]["primary"]["models"]) == {m.name for m in host_models()}
+        assert body["aliases"]["auto"]["model"] == "qwq:32b"
+        assert body["aliases"]["auto"]["backend"] == "primary"
+        assert body["aliases"]["auto:vision"] is None  # nothing here can see
+        assert body["deployments"]["primary/qwq:32b"]["breaker"] == "closed"
+        assert body["recent"][0]["served"] == "qwq:32b" and body["recent"][0]["model"] == "auto"
+        assert get(server.url + "/ready")[0] == 200  # /ready needs no key
+    finally:
+        server.stop()
+
+
+def test_a_configured_model_its_backend_does_not_list_is_warned_of(fleet: Fleet) -> None:
+    server = start_gateway(one_ollama(fleet, models=[{
+        "name": "coder", "deployments": [{"backend": "primary", "model": "qwen2.5-coder:32bb"}],
+        "fallbacks": ["qwq:32b"]}]))
+    try:
+        _, body = get(server.url + "/admin/status")
+        assert body["warnings"] == ["[[models]] 'coder': backend 'primary' does not list the "
+                                    "model 'qwen2.5-coder:32bb'; did you mean "
+                                    "'qwen2.5-coder:32b'?"]
+    finally:
+        server.stop()
+
+
+def healing(server: ServerThread, action: str) -> list[dict[str, Any]]:
+    return [a for a in get(server.url + "/admin/status")[1]["healing"] if a["action"] == action]
+
+
+def test_a_backend_that_returns_is_rediscovered(fleet: Fleet) -> None:
+    server = start_gateway(one_ollama(fleet, monitor=QUICK))
+    try:
+        fleet.threads["primary"].stop()
+        wait_until(lambda: get(server.url + "/ready")[0] == 503, 10, "the backend seen down")
+        fleet.restart("primary", lambda: create_ollama_app(
+            [*host_models(), SimModel("llama3.3:70b", parameter_size="70.6B")]))
+        wait_until(lambda: healing(server, "rediscover"), 10, "rediscovery")
+        assert healing(server, "rediscover")[0]["outcome"] == "ok"
+        assert chat(server, "llama3.3:70b").model == "llama3.3:70b"  # the new model serves
+    finally:
+        server.stop()
+
+
+def test_an_open_breaker_is_probed_and_closed_without_a_client_waiting(fleet: Fleet) -> None:
+    server = start_gateway(one_ollama(fleet, monitor=QUICK))
+    try:
+        fleet.primary.fault("qwq:32b", status=500)
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError):
+                chat(server, "qwq:32b")
+        breaker = lambda: get(server.url + "/admin/status")[1][  # noqa: E731
+            "deployments"]["primary/qwq:32b"]["breaker"]
+        assert breaker() == "open"
+        wait_until(lambda: [a for a in healing(server, "probe_breaker")
+                            if a["outcome"] == "failed"], 10, "a probe that fails")
+        assert breaker() == "open"  # still failing: it stays open
+        fleet.primary.clear()
+        wait_until(lambda: breaker() == "closed", 10, "the probe closing the breaker")
+        probes = [r for r in fleet.primary.requests("/api/chat")
+                  if r["payload"].get("options", {}).get("num_predict") == 1]
+        assert probes, "the probe asked for one token"
+        assert chat(server, "qwq:32b").model == "qwq:32b"
+    finally:
+        server.stop()
+
+
+def test_the_model_auto_picks_is_kept_loaded_on_ollama(fleet: Fleet) -> None:
+    server = start_gateway(one_ollama(fleet, monitor=QUICK))
+    ps = fleet.primary.api_url.removesuffix("/v1") + "/api/ps"
+
+    def loaded() -> list[str]:
+        with urllib.request.urlopen(ps, timeout=5) as response:
+            return [m["name"] for m in json.loads(response.read())["models"]]
+
+    try:
+        wait_until(lambda: "qwq:32b" in loaded(), 10, "auto's pick loaded")
+        # Ollama unloads it (its keep_alive ran out): it is loaded again.
+        request = urllib.request.Request(
+            fleet.primary.api_url.removesuffix("/v1") + "/api/generate",
+            data=json.dumps({"model": "qwq:32b", "keep_alive": 0}).encode(), method="POST")
+        urllib.request.urlopen(request, timeout=5).read()
+        assert "qwq:32b" not in loaded()
+        wait_until(lambda: "qwq:32b" in loaded(), 10, "auto's pick loaded again")
+        assert all(a["outcome"] == "ok" for a in healing(server, "keep_warm"))
+        assert len(healing(server, "keep_warm")) >= 2
+    finally:
+        server.stop()
+
+
+def test_alerts_fire_once_and_resolve_once_in_every_sink(
+    fleet: Fleet, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky = Receiver(failing=2)  # the webhook fails twice: retried with backoff
+    monkeypatch.setenv("GW_TEST_SLACK_URL", receiver.url + "/slack")
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:secret-token")
+    monkeypatch.setenv("TELEGRAM_CHAT_ID", "42")
+    monkeypatch.setenv("TELEGRAM_API_URL", receiver.url + "/telegram")
+    server = start_gateway(one_ollama(fleet, monitor={
+        **QUICK, "alerts": [{"kind": "backend_down", "after": 0.3}],
+        "sinks": [{"kind": "log"}, {"kind": "webhook", "url": flaky.url + "/hook"},
+                  {"kind": "slack", "url_env": "GW_TEST_SLACK_URL"}, {"kind": "telegram"}]}))
+    try:
+        fleet.threads["primary"].stop()
+        wait_until(lambda: len(receiver.posts) >= 2 and flaky.posts, 20, "the alert sent")
+        # Requests meanwhile are answered at once (an error: nothing can serve them).
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError):
+            chat(server, "qwq:32b")
+        assert time.monotonic() - started < 2
+        fleet.restart("primary", lambda: create_ollama_app(host_models()))
+        wait_until(lambda: len(receiver.posts) >= 4 and len(flaky.posts) >= 2, 20,
+                   "the alert resolved")
+        time.sleep(1.0)  # nothing more comes
+    finally:
+        server.stop()
+        flaky.server.stop()
+    hooks = [body for _, body in flaky.posts]
+    assert [[a["status"] for a in h["alerts"]] for h in hooks] == [["firing"], ["resolved"]]
+    assert hooks[0]["alerts"][0]["kind"] == "backend_down"
+    assert hooks[0]["alerts"][0]["target"] == "primary"
+    slack = [body["text"] for path, body in receiver.posts if path == "/slack"]
+    telegram = [(path, body) for path, body in receiver.posts if path.startswith("/telegram")]
+    assert len(slack) == 2 and "backend primary has been down" in slack[0]
+    assert "RESOLVED" in slack[1]
+    assert [p for p, _ in telegram] == ["/telegram/bot123:secret-token/sendMessage"] * 2
+    assert telegram[0][1]["chat_id"] == "42"
+
+
+def test_redis_that_stops_answering_is_an_alert(receiver: Receiver, fleet: Fleet) -> None:
+    with RedisServer() as redis:
+        server = start_gateway(one_ollama(
+            fleet, monitor={**QUICK, "alerts": [{"kind": "redis_down", "after": 0.2}],
+                            "sinks": [{"kind": "webhook", "url": receiver.url + "/hook"}]},
+            plugins=[{"name": "cache", "options": {"backend": "redis",
+                                                   "redis_url": redis.url}}]))
+        try:
+            time.sleep(0.5)
+            assert receiver.posts == []
+            redis.kill()
+            wait_until(lambda: receiver.posts, 15, "the Redis alert")
+            alert = receiver.posts[0][1]["alerts"][0]
+            assert alert["kind"] == "redis_down" and alert["status"] == "firing"
+            assert f"127.0.0.1:{redis.port}/0" in alert["summary"]
+            assert chat(server).model == "qwq:32b"  # answers go on, uncached
+        finally:
+            server.stop()
+
+
+def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Path) -> None:
+    log = tmp_path / "requests.jsonl"
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    server = start_gateway(one_ollama(
+        fleet, telemetry={"request_log": str(log)},
+        keys=[{"id": "ide", "hash": digest, "name": "ide"}]))
+    try:
+        chat(server, key=KEY)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        list(client.chat.completions.create(model="qwq:32b", messages=USER, stream=True))
+        with pytest.raises(openai.NotFoundError):
+            chat(server, "no-such-model", key=KEY)
+        get(server.url + "/health")  # not a model request: not logged
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["model"], r["served"], r["status"], r["stream"]) for r in lines] == [
+        ("auto", "qwq:32b", 200, False), ("qwq:32b", "qwq:32b", 200, True),
+        ("no-such-model", "", 404, False)]
+    first = lines[0]
+    assert first["tenant"] == "ide" and first["door"] == "openai"
+    assert first["backend"] == "primary" and first["attempts"] == 1
+    assert first["output_tokens"] > 0 and first["ttft_ms"] >= 0 and first["ms"] > 0
+    assert lines[2]["error"] == "model_not_found"
+    text = log.read_text()
+    assert KEY not in text and "Hello" not in text  # never a key or a prompt
+
+
+def test_a_sink_that_never_answers_holds_nothing_up(fleet: Fleet) -> None:
+    hang = web.Application()
+
+    async def never(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    hang.router.add_post("/", never)
+    silent = ServerThread(lambda: hang).start()
+    server = start_gateway(one_ollama(fleet, monitor={
+        **QUICK, "alerts": [{"kind": "backend_down", "after": 0.0}],
+        "sinks": [{"kind": "webhook", "url": silent.url + "/", "timeout": 30}]}))
+    try:
+        fleet.threads["primary"].stop()
+        wait_until(lambda: get(server.url + "/admin/status")[1]["alerts"]["firing"], 10,
+                   "the alert firing (its delivery hangs)")
+        fleet.restart("primary", lambda: create_ollama_app(host_models()))
+        wait_until(lambda: get(server.url + "/ready")[0] == 200, 10, "the backend back")
+        started = time.monotonic()
+        for _ in range(5):
+            assert chat(server).model == "qwq:32b"
+        assert time.monotonic() - started < 5
+    finally:
+        stopping = time.monotonic()
+        server.stop()
+        assert time.monotonic() - stopping < 8  # shutdown does not wait on the sink
+        silent.stop()
