@@ -80,8 +80,7 @@ async def _model_lines(config: GatewayConfig, answering: list[Backend]) -> list[
         return []
     catalog = ModelCatalog(answering, config.models)
     await catalog.refresh()
-    return [f"WARNING {warning}: requests for it go to its fallbacks"
-            for warning in catalog.unlisted()]
+    return [f"WARNING {warning}" for warning in catalog.unlisted()]
 
 
 async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:

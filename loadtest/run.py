@@ -249,11 +249,15 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="loadtest-"))
     ports = free_ports(("sim", "sim2", "proxy", "gateway", "routed", "tunneled", "checked",
-                        "cached", "redis_cached"))
+                        "cached", "redis_cached", "quiet", "traced"))
     sims = {name: f"http://127.0.0.1:{ports[name]}/v1" for name in ("sim", "sim2")}
     (work / "gateway.toml").write_text(_config(ports["gateway"], {"sim": sims["sim"]}))
     (work / "routed.toml").write_text(_config(ports["routed"], {"host-a": sims["sim"],
                                                                  "host-b": sims["sim2"]}))
+    (work / "quiet.toml").write_text(_config(ports["quiet"], {"sim": sims["sim"]},
+                                             "[telemetry]\nmetrics = false\n"))
+    (work / "traced.toml").write_text(_config(ports["traced"], {"sim": sims["sim"]},
+                                              "[telemetry]\ntraces = true\n"))
     redis = _start_redis()
     (work / "checked.toml").write_text(_config(ports["checked"], {"sim": sims["sim"]}, CHECKED))
     (work / "cached.toml").write_text(_config(ports["cached"], {"sim": sims["sim"]}, CACHED))
@@ -273,7 +277,8 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
     try:
         for name in ("sim", "sim2"):
             wait_ready(f"http://127.0.0.1:{ports[name]}/health")
-        for name in ("gateway", "routed", "tunneled", "checked", "cached", "redis_cached"):
+        for name in ("gateway", "routed", "tunneled", "checked", "cached", "redis_cached",
+                     "quiet", "traced"):
             processes.append(start([python, "-m", "gateway", "--log-level", "warning", "serve",
                                     "--config", str(work / f"{name}.toml")], work / f"{name}.log"))
             wait_ready(f"http://127.0.0.1:{ports[name]}/health", process=processes[-1])
@@ -297,6 +302,9 @@ def run(seconds: float, rounds: int, stream_requests: int, out: Path) -> str:
             _target("gateway + cache (Redis): miss", ports["redis_cached"], CACHED_BODY, work,
                     {"x-gateway-cache": "refresh"}),
             _target("gateway + cache (Redis): hit", ports["redis_cached"], CACHED_BODY, work),
+            _target("gateway, telemetry off (`metrics = false`)", ports["quiet"], BODY, work),
+            _target("gateway, metrics and traces (every request sampled, spans kept for an "
+                    "exporter)", ports["traced"], BODY, work),
             *(_target(f"gateway, {name}", ports["gateway"], body, work, path=path,
                       first_token=first) for name, path, body, first in DOORS),
         ]
@@ -341,7 +349,7 @@ def _history(out: Path, targets: list[Target]) -> str:
 
 def render(targets: list[Target], seconds: float, rounds: int, stream_requests: int) -> str:
     (direct, bare, gateway, routed, tunneled, long, checked, miss, hit, redis_miss, redis_hit,
-     *doors) = targets
+     quiet, traced, *doors) = targets
     rows = []
     for t in targets:
         rows.append(
@@ -406,11 +414,27 @@ passes (`gc.freeze()`, gateway/app.py), which the bare proxy does not.
   bare.median("c32", "rps"):.1%} of the bare proxy; p50 at c=1 {redis_hit.median("c1",
   "p50_ms"):.3f} ms (miss {redis_miss.median("c1", "p50_ms"):.3f} ms).
 
+{_telemetry(quiet, gateway, traced)}
+
 {_doors(gateway, doors)}
 
 The simulator answers at once, so a cache hit here saves only the upstream hop; against a
 model that takes seconds per answer, a hit saves those seconds.
 """
+
+
+def _telemetry(off: Target, metrics: Target, traced: Target) -> str:
+    """What metrics (the default) and traces cost over a gateway with telemetry off."""
+    lines = []
+    for name, t, limit in (("metrics (the default: the `gateway` row)", metrics, 0.05),
+                           ("metrics and traces at 100%", traced, 0.15)):
+        per_request = off.median("c32", "rps") / t.median("c32", "rps") - 1
+        latency = t.median("c1", "p50_ms") / off.median("c1", "p50_ms") - 1
+        ok = "met" if max(per_request, latency) < limit else "NOT met"
+        lines.append(f"  {name}: {per_request:+.1%} time per request at c=32, {latency:+.1%} "
+                     f"p50 at c=1 (target: under {limit:.0%}: {ok}).")
+    return "\n".join(["- Telemetry, against the same gateway with it off "
+                      f"({off.median('c32', 'rps'):,.0f} req/s at c=32):", *lines])
 
 
 def _doors(chat: Target, doors: list[Target]) -> str:

@@ -130,7 +130,7 @@ class Healer:
         warnings = self._catalog.unlisted()
         for warning in warnings:
             if warning not in self.warnings:
-                log.warning("%s: requests for it go to its fallbacks", warning)
+                log.warning("%s", warning)
         self.warnings = warnings
 
     def _breaker_probes(self) -> list[Coroutine[Any, Any, None]]:

@@ -28,7 +28,7 @@ from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
-from gateway.telemetry import current_span
+from gateway.telemetry import NOTES, current_span
 from plugins.base import Plugin, RequestContext, Verdict
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,7 @@ class Pipeline:
         judged = False
         ctx.rejected = None
         request_span = current_span()
+        notes = NOTES.get()
         for plugin in self.plugins:
             span = request_span.child(f"{plugin.name} on_complete")
             verdict = await plugin.on_complete(ctx, completion)
@@ -268,6 +269,8 @@ class Pipeline:
             span.end()
             if verdict is None:
                 continue
+            if notes is not None:  # the request log's line: each plugin's verdict
+                notes[plugin.name] = verdict.describe()
             judged = True
             if not verdict.ok:
                 ctx.rejected = ctx.rejected or verdict  # later plugins (the cache) see it

@@ -171,10 +171,11 @@ class ModelCatalog:
                 names = [m.name for m in listing.models]
                 if not named_in(d.model, names):
                     near = difflib.get_close_matches(d.model, names, n=1, cutoff=0.6)
-                    hint = f"; did you mean {near[0]!r}?" if near else \
-                        f" (it lists {len(names)} models)"
+                    hint = f"did you mean {near[0]!r}?" if near else \
+                        f"it lists {len(names)} models"
                     out.append(f"[[models]] {spec.name!r}: backend {d.backend!r} does not list "
-                               f"the model {d.model!r}{hint}")
+                               f"the model {d.model!r} ({hint}); requests for it go to the "
+                               "fallbacks")
         return out
 
 

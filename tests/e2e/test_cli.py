@@ -320,3 +320,18 @@ def test_log_level_debug_shows_each_request_and_attempt(tmp_path: Path, ollama_s
     assert any("trace-7 POST /v1/chat/completions: 200" in line for line in debug), output
     assert any("attempt 1: ollama/qwq:32b" in line for line in debug), output
     assert "sk-not-for-the-log" not in output
+
+
+def test_check_warns_of_a_configured_model_its_backend_does_not_list(
+    tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
+) -> None:
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
+    config.write_text(config.read_text() + '\n[[models]]\nname = "coder"\n'
+                      'deployments = [{backend = "ollama", model = "qwen2.5-coder:23b"}]\n'
+                      'fallbacks = ["qwq:32b"]\n')
+    result = subprocess.run([*GATEWAY, "check", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("WARNING [[models]] 'coder': backend 'ollama' does not list the model "
+            "'qwen2.5-coder:23b' (did you mean 'qwen2.5-coder:32b'?); requests for it go to the "
+            "fallbacks") in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ import asyncssh
 import openai
 import pytest
 
+from gateway.config import AlertRule
 from gateway.keys import TUNNELS
 from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY
@@ -113,6 +115,41 @@ def test_sshd_killed_then_restarted(keys: Keys, workstation: Sim, light: Sim) ->
 
             back = wait_until(primary_again, 5.0, "the primary serving again")
         print(f"down noticed in {took:.2f}s; primary back {back:.2f}s after sshd restarted")
+    finally:
+        gateway.stop()
+        sshd.kill()
+
+
+def test_the_monitor_restores_the_tunnel_with_no_request_arriving(
+    keys: Keys, workstation: Sim
+) -> None:
+    sshd = OpenSSHServer(keys).start()
+    config = tunnel_config(keys, sshd.port, workstation)
+    config = dataclasses.replace(config, monitor=dataclasses.replace(
+        config.monitor, interval=0.2, resolve_after=0.0, group_window=0.0,
+        alerts=(AlertRule("tunnel_down", after=0.3),)))
+    gateway = start_gateway(config)
+
+    def status() -> dict[str, Any]:
+        with urllib.request.urlopen(gateway.url + "/admin/status", timeout=5) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
+    try:
+        assert status()["tunnels"]["studio"]["state"] == "up"
+        asked = len(workstation.requests("/api/chat"))
+        sshd.kill()
+        wait_until(lambda: status()["alerts"]["firing"], 10, "the tunnel_down alert")
+        assert not status()["ready"]
+        sshd = OpenSSHServer(keys, port=sshd.port).start()
+        wait_until(lambda: status()["tunnels"]["studio"]["state"] == "up" and status()["ready"],
+                   15, "the tunnel restored")
+        done = status()
+        assert [a["target"] for a in done["healing"] if a["action"] == "reconnect_tunnel"
+                and a["outcome"] == "ok"] == ["studio"]
+        assert done["backends"]["studio"]["up"] is True
+        wait_until(lambda: [n["status"] for n in status()["alerts"]["recent"]] ==
+                   ["resolved", "firing"], 5, "the alert resolved")
+        assert len(workstation.requests("/api/chat")) == asked  # no request was needed
     finally:
         gateway.stop()
         sshd.kill()

@@ -19,6 +19,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.sim import SimModel, create_ollama_app
 from tests.integration.conftest import FAST, Fleet, host_models
@@ -133,8 +134,9 @@ def test_a_configured_model_its_backend_does_not_list_is_warned_of(fleet: Fleet)
     try:
         _, body = get(server.url + "/admin/status")
         assert body["warnings"] == ["[[models]] 'coder': backend 'primary' does not list the "
-                                    "model 'qwen2.5-coder:32bb'; did you mean "
-                                    "'qwen2.5-coder:32b'?"]
+                                    "model 'qwen2.5-coder:32bb' (did you mean "
+                                    "'qwen2.5-coder:32b'?); requests for it go to the "
+                                    "fallbacks"]
     finally:
         server.stop()
 
@@ -199,6 +201,12 @@ def test_the_model_auto_picks_is_kept_loaded_on_ollama(fleet: Fleet) -> None:
         wait_until(lambda: "qwq:32b" in loaded(), 10, "auto's pick loaded again")
         assert all(a["outcome"] == "ok" for a in healing(server, "keep_warm"))
         assert len(healing(server, "keep_warm")) >= 2
+        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(response.read().decode())
+                       for s in family.samples}
+        assert samples[("gateway_healing_actions_total",
+                        (("action", "keep_warm"), ("outcome", "ok")))] >= 2
     finally:
         server.stop()
 
@@ -266,7 +274,7 @@ def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Pa
     log = tmp_path / "requests.jsonl"
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     server = start_gateway(one_ollama(
-        fleet, telemetry={"request_log": str(log)},
+        fleet, telemetry={"request_log": str(log)}, plugins=[{"name": "qa"}],
         keys=[{"id": "ide", "hash": digest, "name": "ide"}]))
     try:
         chat(server, key=KEY)
@@ -285,6 +293,7 @@ def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Pa
     assert first["tenant"] == "ide" and first["door"] == "openai"
     assert first["backend"] == "primary" and first["attempts"] == 1
     assert first["output_tokens"] > 0 and first["ttft_ms"] >= 0 and first["ms"] > 0
+    assert first["qa"] == lines[1]["qa"] == "pass"  # the stream's late verdict too
     assert lines[2]["error"] == "model_not_found"
     text = log.read_text()
     assert KEY not in text and "Hello" not in text  # never a key or a prompt
