@@ -1,6 +1,7 @@
 """What each front door costs, in instructions per request counted by callgrind: the same
 question through ``/v1/chat/completions``, ``/v1/responses``, ``/v1/messages`` and
-``/api/chat`` of one gateway process, and through the bare proxy, in the same run.
+``/api/chat`` of one gateway process, and through the bare proxy, in the same run; and what
+a key's limits and the telemetry add to a chat request, each in a gateway process of its own.
 
     .venv/bin/python -m loadtest.doors        # writes loadtest/DOORS.md
 
@@ -65,6 +66,16 @@ concurrency = 1000
 LIMITED = {"memory": "with a key's limits counted in memory",
            "redis": "with a key's limits counted in Redis (one Lua script to admit, one to "
                     "settle)"}
+# The same chat request with telemetry off, with metrics (the default) and with metrics and
+# traces: each process's ``[telemetry]`` section, what the row says, and what it must cost less
+# than over telemetry off (None: the baseline). Traces have no exporter: every request's spans are
+# made and queued, and dropped when the queue is flushed.
+TELEMETRY: dict[str, tuple[str, str, float | None]] = {
+    "off": ("metrics = false\ntraces = false\n", "telemetry off (`metrics = false`)", None),
+    "metrics": ("metrics = true\ntraces = false\n", "with metrics (the default)", 0.05),
+    "traced": ("metrics = true\ntraces = true\nsample_ratio = 1.0\n",
+               "with metrics and traces (every request sampled, no exporter)", 0.15),
+}
 
 
 class Counted:
@@ -121,7 +132,7 @@ def run(requests: int, out: Path) -> str:
         else:
             raise SystemExit("loadtest.doors needs valgrind: apt-get install -y valgrind")
     work = Path(tempfile.mkdtemp(prefix="loadtest-doors-"))
-    ports = free_ports(("sim", "proxy", "gateway", "memory", "redis"))
+    ports = free_ports(("sim", "proxy", "gateway", "memory", "redis", *TELEMETRY))
     upstream = {"sim": f"http://127.0.0.1:{ports['sim']}/v1"}
     (work / "gateway.toml").write_text(_config(ports["gateway"], upstream))
     redis = _start_redis()
@@ -132,6 +143,9 @@ store = "redis"
 redis_url = "{redis.url}"
 timeout = 5.0
 '''))
+    for name, (section, _, _) in TELEMETRY.items():
+        (work / f"{name}.toml").write_text(_config(ports[name], upstream,
+                                                   f"[telemetry]\n{section}"))
     python = sys.executable
     sim = start([python, "-m", "gateway.sim", "openai", "--port", str(ports["sim"]), "--reply",
                  REPLY], work / "sim.log")
@@ -146,14 +160,19 @@ timeout = 5.0
         limited = {store: Counted([python, "-m", "gateway", "--log-level", "warning", "serve",
                                    "--config", str(work / f"{store}.toml")], work, store)
                    for store in LIMITED}
-        counted = [proxy, gateway, *limited.values()]
-        for name, each in (("gateway", gateway), *limited.items()):
+        observed = {name: Counted([python, "-m", "gateway", "--log-level", "warning", "serve",
+                                   "--config", str(work / f"{name}.toml")], work, name)
+                    for name in TELEMETRY}
+        counted = [proxy, gateway, *limited.values(), *observed.values()]
+        for name, each in (("gateway", gateway), *limited.items(), *observed.items()):
             wait_ready(f"http://127.0.0.1:{ports[name]}/health", timeout=600,
                        process=each.process)
         for path, body in DOORS.values():  # warm up: imports, connections, caches
             _send(ports["gateway"], path, body, 20)
         for store in LIMITED:
             _send(ports[store], "/v1/chat/completions", BODY, 20, KEY)
+        for name in TELEMETRY:
+            _send(ports[name], "/v1/chat/completions", BODY, 20)
         _send(ports["proxy"], "/v1/chat/completions", BODY, 20)
         counts: dict[str, float] = {}
         for _ in range(2):
@@ -166,6 +185,9 @@ timeout = 5.0
                 count = each.per_request(ports[store], "/v1/chat/completions", BODY, requests,
                                          KEY)
                 counts[store] = min(counts.get(store, count), count)
+            for name, each in observed.items():
+                count = each.per_request(ports[name], "/v1/chat/completions", BODY, requests)
+                counts[name] = min(counts.get(name, count), count)
     finally:
         for each in counted:
             each.stop()
@@ -184,12 +206,19 @@ def render(counts: dict[str, float], requests: int) -> str:
     for name in DOORS:
         over = counts[name] / chat - 1
         verdict = "" if name == next(iter(DOORS)) else \
-            f"{over:+.1%} ({'met' if over <= LIMIT else 'NOT met'})"
+            f"{over:+.1%} over chat ({_met(over, LIMIT)})"
         rows.append(f"| gateway, {name} | {counts[name]:,.0f} | {counts[name] / chat:.2f} | "
                     f"{verdict} |")
     for store, what in LIMITED.items():
         rows.append(f"| gateway, `/v1/chat/completions` {what} | {counts[store]:,.0f} | "
-                    f"{counts[store] / chat:.2f} | {counts[store] / chat - 1:+.1%} |")
+                    f"{counts[store] / chat:.2f} | {counts[store] / chat - 1:+.1%} over chat |")
+    off = counts[next(iter(TELEMETRY))]
+    for name, (_, what, limit) in TELEMETRY.items():
+        over = counts[name] / off - 1
+        verdict = "the baseline of the next two" if limit is None else \
+            f"{over:+.1%} over telemetry off ({_met(over, limit, under=True)})"
+        rows.append(f"| gateway, `/v1/chat/completions` {what} | {counts[name]:,.0f} | "
+                    f"{counts[name] / chat:.2f} | {verdict} |")
     return f"""# What each front door costs
 
 Command: `.venv/bin/python -m loadtest.doors --requests {requests}`
@@ -204,12 +233,23 @@ out, parsing, routing, the upstream call, encoding; the Responses API door also 
 response (its default). The last rows are the same chat request from a key with limits on
 requests and tokens per minute and on requests at once, in a gateway process of its own:
 what admitting and settling it costs (for Redis, this process's side only; the scripts run
-in the benchmark's own redis-server).
+in the benchmark's own redis-server). The three rows after them are the same chat request
+with telemetry off, with metrics (the default, as in the chat row's process, which also
+answers the other doors) and with metrics and traces (a span for the request, for the
+routing and for the upstream attempt, every request sampled, no exporter: the spans are
+made and queued, then dropped), each in a gateway process of its own: what telemetry costs
+over the same process with none.
 
-| path | instructions per request | against the gateway's chat | over chat (target: at most {LIMIT:.0%}) |
+| path | instructions per request | against the gateway's chat | over its baseline (target) |
 |---|---:|---:|---|
 {chr(10).join(rows)}
 """
+
+
+def _met(over: float, limit: float, under: bool = False) -> str:
+    """The target and whether ``over`` meets it: at most ``limit``, or less (``under``)."""
+    met = over < limit if under else over <= limit
+    return f"target: {'under' if under else 'at most'} {limit:.0%}, {'met' if met else 'NOT met'}"
 
 
 def main() -> None:

@@ -89,6 +89,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                 return shape(error)
         return error_response(error)
 
+    tracing, metered = telemetry.tracer.enabled, telemetry.metrics.enabled
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -104,11 +106,14 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
         if operation and telemetry.keeps_requests:
             notes = {}
             NOTES.set(notes)
-        span = telemetry.request_span(
-            f"{request.method} {request.path if door != 'gateway' else 'gateway'}",
-            request.headers.get("traceparent"),
-            {"http.request.method": request.method, "url.path": request.path,
-             "gateway.door": door, "gateway.request_id": request_id})
+        if tracing:
+            span = telemetry.request_span(
+                f"{request.method} {request.path if door != 'gateway' else 'gateway'}",
+                request.headers.get("traceparent"),
+                {"http.request.method": request.method, "url.path": request.path,
+                 "gateway.door": door, "gateway.request_id": request_id})
+        else:
+            span = telemetry.untraced(request.headers.get("traceparent"))
         try:
             if refusal is not None:
                 raise GatewayError(refusal, status=403, type="permission_error",
@@ -154,7 +159,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             if response.status in (408, 413, 415):
                 response.force_close()  # the body was not read: the connection is spent
         took = time.perf_counter() - started
-        _observed(telemetry.instruments, span, door, operation, request, response, took)
+        if metered or span.recording:
+            _observed(telemetry.instruments, span, door, operation, request, response, took)
         if notes is not None:
             telemetry.answered(_record(request, response, door, operation, took, notes))
         if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)

@@ -113,18 +113,22 @@ class Telemetry:
 
     def request_span(self, name: str, traceparent: str | None,
                      attributes: dict[str, Any]) -> AnySpan:
-        """The span of a request arriving, made current; the client's ``traceparent`` (or
-        this span's) is what requests to backends carry.
+        """The span of a request arriving (tracing is on), made current; the client's
+        ``traceparent`` is what requests to backends carry until an attempt has its own.
         """
-        if self.tracer.enabled:
-            span = self.tracer.request_span(name, traceparent, attributes)
-            CURRENT.set(span)
-        else:
-            span = NO_SPAN
-            CURRENT.set(span)
+        span = self.tracer.request_span(name, traceparent, attributes)
+        CURRENT.set(span)
+        self.untraced(traceparent)
+        return span
+
+    @staticmethod
+    def untraced(traceparent: str | None) -> AnySpan:
+        """A request this gateway does not trace: the client's trace, if it has one, still
+        goes on to the backends.
+        """
         UPSTREAM.set(traceparent if traceparent is None or parse_traceparent(traceparent)
                      else None)
-        return span
+        return NO_SPAN
 
     async def start(self) -> None:
         if self.config.otlp_endpoint:
