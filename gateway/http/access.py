@@ -26,7 +26,8 @@ from plugins.base import RequestContext
 # Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
 # and version by which Ollama's clients recognise a server.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/api/version", "/dashboard",
-                          "/dashboard/app.js", "/dashboard/style.css"})  # (no data in these)
+                          "/dashboard/app.js", "/dashboard/fleet.js",
+                          "/dashboard/style.css"})  # (no data in these)
 # Paths for the operator: anyone's on a gateway without keys, else an admin key's.
 OPERATOR_PATHS = frozenset({"/metrics", "/admin/status", "/dashboard/events"})
 OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say

@@ -26,6 +26,7 @@ from gateway.keys import MONITOR
 PAGES = Path(__file__).resolve().parent / "dashboard"
 FILES = {"/dashboard": ("index.html", "text/html"),
          "/dashboard/app.js": ("app.js", "text/javascript"),
+         "/dashboard/fleet.js": ("fleet.js", "text/javascript"),
          "/dashboard/style.css": ("style.css", "text/css")}
 EVENT_SECONDS = 1.0
 STOPPING = web.AppKey("dashboard_stopping", asyncio.Event)
