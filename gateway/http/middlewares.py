@@ -90,6 +90,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
         return error_response(error)
 
     tracing, metered = telemetry.tracer.enabled, telemetry.metrics.enabled
+    watched = tracing or metered or telemetry.keeps_requests  # else no telemetry per request
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -101,7 +102,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
         if refusal is None and (preflight := cors.preflight(request)) is not None:
             preflight.headers["x-request-id"] = request_id
             return preflight
-        door, operation = route_of(request.path)
+        door, operation = route_of(request.path) if watched else ("", "")
         notes: dict[str, Any] | None = None
         if operation and telemetry.keeps_requests:
             notes = {}

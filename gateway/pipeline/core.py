@@ -28,7 +28,7 @@ from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
-from gateway.telemetry import NOTES, current_span
+from gateway.telemetry import NO_SPAN, NOTES, current_span
 from plugins.base import Plugin, RequestContext, Verdict
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class Pipeline:
         """
         request_span = current_span()
         for plugin in self.plugins:
-            span = request_span.child(f"{plugin.name} on_request")
+            span = request_span.child(f"{plugin.name} on_request") if request_span.recording \
+                else NO_SPAN
             try:
                 hit = await plugin.on_request(ctx)
             except GatewayError as exc:
@@ -262,7 +263,8 @@ class Pipeline:
         request_span = current_span()
         notes = NOTES.get()
         for plugin in self.plugins:
-            span = request_span.child(f"{plugin.name} on_complete")
+            span = request_span.child(f"{plugin.name} on_complete") \
+                if request_span.recording else NO_SPAN
             verdict = await plugin.on_complete(ctx, completion)
             if verdict is not None:
                 span.set("gateway.verdict", verdict.describe())

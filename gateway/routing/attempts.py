@@ -154,7 +154,8 @@ class Attempts:
         lease.started = time.monotonic()  # after any wait in line: that is not latency
         self.count += 1
         self._current = lease
-        lease.counted = self._instruments
+        if self._instruments.enabled:
+            lease.counted = self._instruments
         if isinstance(self.span, Span):
             deployment = lease.deployment
             lease.span = span = self.span.child(

@@ -86,9 +86,10 @@ class RoutedAnswer:
         if self._alias:
             self._instruments.picks.add((self._alias, model))
         span = self._span
-        span.set("gen_ai.response.model", model)
-        span.set("gateway.backend", lease.deployment.backend.name)
-        span.set("gateway.route.reason", lease.candidate.reason)
+        if span.recording:
+            span.set("gen_ai.response.model", model)
+            span.set("gateway.backend", lease.deployment.backend.name)
+            span.set("gateway.route.reason", lease.candidate.reason)
 
     async def chunks(self) -> AsyncGenerator[Chunk]:
         """The rest of the answer, rescued if the stream breaks."""
@@ -134,13 +135,15 @@ class RoutedAnswer:
             return
         model = lease.deployment.model.name
         counted = self._instruments
-        counted.tokens.record(("input", model), usage.prompt_tokens)
-        counted.tokens.record(("output", model), usage.completion_tokens)
-        took = time.monotonic() - self._first_at
-        if usage.completion_tokens > 1 and took > 0:
-            counted.speed.record((model,), (usage.completion_tokens - 1) / took)
-        self._span.set("gen_ai.usage.input_tokens", usage.prompt_tokens)
-        self._span.set("gen_ai.usage.output_tokens", usage.completion_tokens)
+        if counted.enabled:
+            counted.tokens.record(("input", model), usage.prompt_tokens)
+            counted.tokens.record(("output", model), usage.completion_tokens)
+            took = time.monotonic() - self._first_at
+            if usage.completion_tokens > 1 and took > 0:
+                counted.speed.record((model,), (usage.completion_tokens - 1) / took)
+        if self._span.recording:
+            self._span.set("gen_ai.usage.input_tokens", usage.prompt_tokens)
+            self._span.set("gen_ai.usage.output_tokens", usage.completion_tokens)
         notes = NOTES.get()
         if notes is not None:
             notes["input_tokens"] = usage.prompt_tokens
@@ -175,12 +178,13 @@ class RoutedAnswer:
             error = exc
         else:
             lease.answered()
-            ttft = time.monotonic() - lease.started
-            self._instruments.ttft.record(
-                (lease.deployment.model.name, lease.deployment.backend.name), ttft)
             notes = NOTES.get()
-            if notes is not None:
-                notes["ttft_ms"] = round(ttft * 1000, 1)
+            if self._instruments.enabled or notes is not None:
+                ttft = time.monotonic() - lease.started
+                self._instruments.ttft.record(
+                    (lease.deployment.model.name, lease.deployment.backend.name), ttft)
+                if notes is not None:
+                    notes["ttft_ms"] = round(ttft * 1000, 1)
             self._stream = stream
             return first, None
         if stream is not None:

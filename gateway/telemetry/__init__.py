@@ -53,6 +53,7 @@ class Instruments:
 
     def __init__(self, metrics: Metrics) -> None:
         m = metrics
+        self.enabled = metrics.enabled  # (off: every instrument's update does nothing)
         self.requests: Counter = m.counter(
             "gateway.requests", "Requests answered, by front door, status and the model that "
             "answered", ("door", "status", "model"), unit="{request}")
