@@ -64,6 +64,11 @@ class Verdict:
     def describe(self) -> str:
         return "pass" if self.ok else "fail: " + ", ".join(self.reasons)
 
+    def checks(self) -> str:
+        """The verdict by check names only (a reason's detail may quote the answer)."""
+        return "pass" if self.ok else "fail: " + ", ".join(
+            reason.split(" (")[0] for reason in self.reasons)
+
 
 @dataclass(frozen=True, slots=True)
 class Count:

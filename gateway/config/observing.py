@@ -67,14 +67,15 @@ class AlertRule:
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.after < 0:
             yield "after", "expected seconds >= 0"
-        if self.window <= 0:
-            yield "window", "expected seconds > 0"
+        if not 0 < self.window <= LONGEST_WINDOW:
+            yield "window", f"expected seconds > 0, at most {LONGEST_WINDOW:g}"
         if self.kind in RATED and self.over <= 0:
             yield "over", f"a {self.kind} rule needs a threshold > 0"
         if self.kind in ("error_rate", "cloud_share") and self.over > 1:
             yield "over", "expected a share from 0 to 1 (0.2 is 20%)"
 
 
+LONGEST_WINDOW = 900.0  # the monitor keeps this much traffic history
 RATED = ("error_rate", "latency_p95", "ttft_p95", "cloud_share")
 
 SinkKind = Literal["log", "webhook", "telegram", "slack"]

@@ -109,7 +109,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             NOTES.set(notes)
         if tracing:
             span = telemetry.request_span(
-                f"{request.method} {request.path if door != 'gateway' else 'gateway'}",
+                f"{request.method} {request.path if request.path in ROUTES else door}",
                 request.headers.get("traceparent"),
                 {"http.request.method": request.method, "url.path": request.path,
                  "gateway.door": door, "gateway.request_id": request_id})

@@ -94,18 +94,21 @@ class Monitor:
         next_round = 0.0
         while True:
             now = time.monotonic()
-            self.window.sample(now)
-            if now >= next_round:
-                next_round = now + interval
-                try:
+            try:
+                self.window.sample(now)
+                if now >= next_round:
+                    next_round = now + interval
                     await self.round()
-                except Exception:  # the monitor must outlive any one bad round
-                    log.exception("monitor: a round failed")
+            except Exception:  # the monitor must outlive any one bad round
+                log.exception("monitor: a round failed")
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def round(self) -> None:
-        """Heal what is due, ping Redis, check the alert rules."""
-        await asyncio.gather(self.healer.tick(), self._ping_redis())
+        """Start the healing that is due (it runs on in the background: a model taking a
+        minute to load must not stall the rules), ping Redis, check the alert rules.
+        """
+        self.healer.tick()
+        await self._ping_redis()
         self.alerter.check(conditions(self.config.monitor.alerts, self.facts()))
 
     def facts(self) -> Facts:
@@ -119,8 +122,8 @@ class Monitor:
         for deployment in self.router.usable():
             usable[deployment.backend.tier] = usable.get(deployment.backend.tier, 0) + 1
         return Facts(
-            tunnels={t.name: now - t.since for t in self.tunnels.tunnels.values()
-                     if t.state not in ("up", "degraded")},
+            tunnels={t.name: now - t.down_since for t in self.tunnels.tunnels.values()
+                     if t.down_since},
             backends={name: self.health.down_for(name) for name, up in self.health.up.items()
                       if up is False},
             redis={where: now - since for where, since in self._redis_down.items()},
@@ -163,7 +166,8 @@ class Monitor:
             "uptime_s": round(now - self.started, 1),
             "time": now,
             "ready": self.ready()[0],
-            "tunnels": {name: {"state": t.state, "since": t.since, "reconnects": t.reconnects,
+            "tunnels": {name: {"state": t.state, "since": t.since,
+                               "down_since": t.down_since or None, "reconnects": t.reconnects,
                                "error": t.error, "hint": t.hint,
                                "forwards": {f.name: f.remote_port for f in t.config.forwards}}
                         for name, t in self.tunnels.tunnels.items()},

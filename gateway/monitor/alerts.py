@@ -86,8 +86,6 @@ def _rated(rule: AlertRule, facts: Facts) -> list[tuple[Condition, float]]:
                                       f"of {total:.0f} attempts failed in the last {window} "
                                       f"(over {rule.over:.0%})"), 0.0))
         return out
-    if traffic.requests < rule.min_requests:
-        return []
     if rule.kind == "cloud_share":
         answered = {tier: 0.0 for tier in ("primary", "server", "cloud")}
         for backend, (ok, _) in traffic.attempts.items():
@@ -100,6 +98,8 @@ def _rated(rule: AlertRule, facts: Facts) -> list[tuple[Condition, float]]:
             return [(Condition(rule, "", f"the cloud tier answered {share:.0%} of requests in "
                                f"the last {window} (over {rule.over:.0%}): the workstation "
                                "is not carrying its load"), 0.0)]
+        return []
+    if traffic.timed < rule.min_requests:
         return []
     value = traffic.p95 if rule.kind == "latency_p95" else traffic.ttft_p95
     what = "latency" if rule.kind == "latency_p95" else "time to first token"

@@ -30,6 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.monitor.health import HealthWatcher
 from gateway.protocol.openai import ChatRequest, EmbeddingRequest, parse_chat, parse_embedding
+from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.router import Router
 from gateway.telemetry import Metrics
@@ -38,6 +39,7 @@ from gateway.tunnel.manager import Tunnel, TunnelManager
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 30.0  # the longest a breaker's probe may take
+WARM_BACKOFF_MAX = 1800.0  # the longest keep_warm waits after a model was unloaded again
 PROBE_CHAT = {"model": "", "messages": [{"role": "user", "content": "ping"}],
               "max_tokens": 1, "stream": True}
 
@@ -75,6 +77,10 @@ class Healer:
         self._restarts = {name: getattr(b, "restarts", 0) for name, b in backends.items()}
         self._catalog_version = -1
         self._warm_failed: set[str] = set()
+        self._warming: set[str] = set()  # keep_warm targets being loaded now
+        self._warmed: set[str] = set()  # ... that this healer has seen loaded
+        self._warm_misses: dict[str, int] = {}  # ... unloaded meanwhile, or failing, in a row
+        self._warm_next: dict[str, float] = {}  # ... not looked at again before
         self._was_up: set[str] = set()
         health.on_recovered.append(self.rediscover)
         for tunnel in tunnels.tunnels.values():
@@ -104,16 +110,27 @@ class Healer:
                         f"reconnected ({tunnel.reconnects} so far)")
         self._was_up.add(tunnel.name)
 
-    async def tick(self) -> None:
-        """One round of what is due."""
+    def tick(self) -> None:
+        """Start what is due. Each job runs in the background, one at a time per target:
+        a model taking minutes to load must not hold the monitor's round up.
+        """
         self._count_restarts()
         self._check_models()
-        jobs: list[Coroutine[Any, Any, None]] = []
         if self._monitor.probe_breakers:
-            jobs += self._breaker_probes()
-        jobs += [self._keep_warm(alias) for alias in self._monitor.keep_warm]
-        if jobs:
-            await asyncio.gather(*jobs)
+            for key, deployment in self._breaker_probes():
+                self._spawn(self._probe(key, deployment), f"probe-{key[0]}/{key[1]}")
+        now = time.monotonic()
+        picks = self._router.picks() if self._monitor.keep_warm else {}
+        for alias in self._monitor.keep_warm:
+            pick = picks.get(alias)
+            if pick is None:
+                continue
+            deployment = pick[1]
+            target = f"{deployment.backend.name}/{deployment.model.name}"
+            if target in self._warming or now < self._warm_next.get(target, 0.0):
+                continue
+            self._warming.add(target)
+            self._spawn(self._keep_warm(alias, deployment, target), f"keep-warm-{target}")
 
     def _count_restarts(self) -> None:
         for name, backend in self._backends.items():
@@ -133,10 +150,11 @@ class Healer:
                 log.warning("%s", warning)
         self.warnings = warnings
 
-    def _breaker_probes(self) -> list[Coroutine[Any, Any, None]]:
+    def _breaker_probes(self) -> list[tuple[tuple[str, str], Deployment]]:
+        """The deployments whose open breaker's cool-down has passed, their trial claimed."""
         now = time.monotonic()
         balancer = self._router.balancer
-        jobs = []
+        due = []
         deployments: dict[tuple[str, str], Deployment] | None = None
         for key, state in balancer.states():
             breaker = state.breaker
@@ -149,17 +167,22 @@ class Healer:
             deployment = deployments.get(key)
             if deployment is not None:
                 breaker.claim()  # the one trial: clients' requests go elsewhere meanwhile
-                jobs.append(self._probe(key, deployment))
-        return jobs
+                self._probing.add(key)
+                due.append((key, deployment))
+        return due
 
     async def _probe(self, key: tuple[str, str], deployment: Deployment) -> None:
-        self._probing.add(key)
         breaker = self._router.balancer.state(deployment).breaker
         target = f"{key[0]}/{key[1]}"
         try:
             async with asyncio.timeout(PROBE_SECONDS):
                 await _ask(deployment)
         except (GatewayError, TimeoutError) as exc:
+            if isinstance(exc, GatewayError) and not counts_against(exc):
+                breaker.success()  # it answered, refusing the probe: it is up
+                self.record("probe_breaker", target, "ok", f"it answered ({exc.label}); "
+                            "breaker closed")
+                return
             breaker.failure()
             why = exc.message if isinstance(exc, GatewayError) else "no answer in time"
             self.record("probe_breaker", target, "failed", f"still failing: {why}")
@@ -172,23 +195,37 @@ class Healer:
         finally:
             self._probing.discard(key)
 
-    async def _keep_warm(self, alias: str) -> None:
-        pick = self._router.picks().get(alias)
-        if pick is None:
-            return
-        deployment = pick[1]
-        target = f"{deployment.backend.name}/{deployment.model.name}"
+    async def _keep_warm(self, alias: str, deployment: Deployment, target: str) -> None:
         try:
             done = await deployment.backend.keep_warm(deployment.model.name,
                                                       within=3 * self._monitor.interval)
         except GatewayError as exc:
+            self._back_off(target)
             if target not in self._warm_failed:  # said once until it works again
                 self.record("keep_warm", target, "failed", exc.message)
             self._warm_failed.add(target)
             return
+        finally:
+            self._warming.discard(target)
         self._warm_failed.discard(target)
+        if done == "loaded" and target in self._warmed:
+            # Unloaded since it was loaded here: something else wanted the memory. Load it
+            # again, less and less often, so as not to fight the requests that need it.
+            wait = self._back_off(target)
+            self.record("keep_warm", target, "ok", f"loaded again for {alias} (it was "
+                        f"unloaded meanwhile; next look in {wait:.0f}s)")
+            return
+        if done != "loaded":
+            self._warm_misses.pop(target, None)
+        self._warmed.add(target)
         if done:
             self.record("keep_warm", target, "ok", f"{done} for {alias}")
+
+    def _back_off(self, target: str) -> float:
+        misses = self._warm_misses[target] = self._warm_misses.get(target, 0) + 1
+        wait: float = min(WARM_BACKOFF_MAX, self._monitor.interval * 2.0 ** min(misses, 16))
+        self._warm_next[target] = time.monotonic() + wait
+        return wait
 
     def _spawn(self, job: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(job, name=name)

@@ -181,6 +181,7 @@ class Dispatcher:
         for sink, queue in zip(self.sinks, self._queues, strict=True):
             if queue.full():
                 queue.get_nowait()
+                queue.task_done()
                 log.error("alerts: the %s sink is behind; its oldest batch was dropped",
                           sink.kind)
             queue.put_nowait(batch)

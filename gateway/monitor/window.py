@@ -11,9 +11,10 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.config.observing import LONGEST_WINDOW
 from gateway.telemetry import Instruments, Metrics
 
-KEEP_SECONDS = 900.0  # the longest window a rule or chart may ask for
+KEEP_SECONDS = LONGEST_WINDOW  # the longest window a rule or chart may ask for
 HIT = (("hit",), ("coalesced",))  # cache lookups answered without a backend
 
 
@@ -27,7 +28,7 @@ class Snapshot:
     output_tokens: float = 0.0
     hits: float = 0.0
     misses: float = 0.0
-    # backend → [attempts that succeeded, attempts that failed]
+    # backend → [attempts it answered (a rightful refusal too), attempts failed by its fault]
     attempts: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -36,8 +37,9 @@ class Traffic:
     """What happened between two snapshots."""
 
     seconds: float
-    requests: float
+    requests: float  # to the model APIs (not /health, /metrics...)
     errors: float
+    timed: float  # model requests answered, whose time is in the quantiles
     p50: float | None
     p95: float | None
     ttft_p95: float | None
@@ -85,7 +87,9 @@ class Window:
             return
         i = self._i
         snap = Snapshot(now)
-        for (_, status, _), n in list(i.requests.values.items()):
+        for (door, status, _), n in list(i.requests.values.items()):
+            if door == "gateway":
+                continue  # /health, /ready, /metrics, /admin/status, the dashboard
             snap.requests += n
             if status.startswith("5"):
                 snap.errors += n
@@ -93,9 +97,14 @@ class Window:
         snap.ttft = _buckets(i.ttft.series, len(self._ttft_bounds) + 1)
         snap.output_tokens = sum(s[1] for (kind, _), s in list(i.tokens.series.items())
                                  if kind == "output")
-        for (backend, _, outcome), n in list(i.attempts.values.items()):
+        # [attempts the backend answered, those that failed by its fault]: one that rightly
+        # refused a request (a content policy, too long a prompt) answered.
+        for (backend, _, _), n in list(i.attempts.values.items()):
+            snap.attempts.setdefault(backend, [0.0, 0.0])[0] += n
+        for (backend,), n in list(i.faults.values.items()):
             pair = snap.attempts.setdefault(backend, [0.0, 0.0])
-            pair[0 if outcome == "ok" else 1] += n
+            pair[0] -= n
+            pair[1] += n
         lookups = self._metrics.read_counter("gateway.cache.lookups")
         snap.hits = sum(n for labels, n in lookups.items() if labels[:1] in HIT)
         snap.misses = sum(n for labels, n in lookups.items() if labels[:1] == ("miss",))
@@ -126,6 +135,7 @@ def _between(a: Snapshot, b: Snapshot, bounds: tuple[float, ...],
     ttft = _minus(b.ttft, a.ttft)
     return Traffic(
         seconds=b.at - a.at, requests=b.requests - a.requests, errors=b.errors - a.errors,
+        timed=sum(duration),
         p50=quantile(0.5, bounds, duration), p95=quantile(0.95, bounds, duration),
         ttft_p95=quantile(0.95, ttft_bounds, ttft),
         output_tokens=b.output_tokens - a.output_tokens, hits=b.hits - a.hits,

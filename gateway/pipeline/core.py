@@ -267,12 +267,12 @@ class Pipeline:
                 if request_span.recording else NO_SPAN
             verdict = await plugin.on_complete(ctx, completion)
             if verdict is not None:
-                span.set("gateway.verdict", verdict.describe())
+                span.set("gateway.verdict", verdict.checks())
             span.end()
             if verdict is None:
                 continue
             if notes is not None:  # the request log's line: each plugin's verdict
-                notes[plugin.name] = verdict.describe()
+                notes[plugin.name] = verdict.checks()
             judged = True
             if not verdict.ok:
                 ctx.rejected = ctx.rejected or verdict  # later plugins (the cache) see it

@@ -86,12 +86,15 @@ class Lease:
 
     def failed(self, error: GatewayError) -> None:
         self.judged = True
-        if counts_against(error):
+        fault = counts_against(error)
+        if fault:
             self.state.breaker.failure()
         else:
             self.state.breaker.end_trial()
         if self.counted is not None:
             self.counted.attempts.add((*_key(self.deployment), error.label))
+            if fault:
+                self.counted.faults.add((self.deployment.backend.name,))
         self.span.fail(error.message, error.label)
         self.span.set("gateway.disposition", disposition(error))
 

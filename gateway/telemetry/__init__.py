@@ -73,6 +73,9 @@ class Instruments:
         self.attempts: Counter = m.counter(
             "gateway.attempts", "Attempts on a backend's model, and how each went ('ok', or "
             "the error's code)", ("gateway.backend", "gen_ai.request.model", "outcome"))
+        self.faults: Counter = m.counter(
+            "gateway.backend.faults", "Attempts that failed by the backend's fault (what its "
+            "breakers count: not a request it rightly refused)", ("gateway.backend",))
         self.retries: Counter = m.counter(
             "gateway.retries", "Attempts made again on the same deployment, by reason",
             ("gateway.backend", "reason"))

@@ -38,6 +38,8 @@ class RequestLog:
             return
         try:
             self._out.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            if self.target == "-":
+                self._out.flush()  # a line as each request ends, not when a buffer fills
         except (OSError, ValueError) as exc:
             log.error("request log: writing to %s failed: %s; no longer logging requests",
                       self.target, exc)

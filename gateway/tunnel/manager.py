@@ -46,7 +46,8 @@ class Tunnel:
         self.error = ""  # why the last attempt failed (no secrets: see ssh.explain)
         self.hint = ""
         self.reconnects = 0
-        self.since = time.time()
+        self.since = time.time()  # the phase's start
+        self.down_since = time.time()  # when it was last up (start-up: when it began), or 0
         self.on_down: list[Listener] = []
         self.on_up: list[Listener] = []
         self.services_ok: Callable[[], bool] = lambda: True
@@ -170,6 +171,10 @@ class Tunnel:
         if phase != self.phase:
             self.phase = phase
             self.since = time.time()
+            if phase == "up":
+                self.down_since = 0.0
+            elif not self.down_since:
+                self.down_since = self.since
 
 
 class TunnelManager:

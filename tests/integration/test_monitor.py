@@ -199,8 +199,9 @@ def test_the_model_auto_picks_is_kept_loaded_on_ollama(fleet: Fleet) -> None:
         urllib.request.urlopen(request, timeout=5).read()
         assert "qwq:32b" not in loaded()
         wait_until(lambda: "qwq:32b" in loaded(), 10, "auto's pick loaded again")
-        assert all(a["outcome"] == "ok" for a in healing(server, "keep_warm"))
-        assert len(healing(server, "keep_warm")) >= 2
+        warmed = healing(server, "keep_warm")
+        assert all(a["outcome"] == "ok" for a in warmed) and len(warmed) >= 2
+        assert "unloaded meanwhile" in warmed[0]["detail"]  # so it backs off from now on
         with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
             samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                        for family in text_string_to_metric_families(response.read().decode())
@@ -326,3 +327,29 @@ def test_a_sink_that_never_answers_holds_nothing_up(fleet: Fleet) -> None:
         server.stop()
         assert time.monotonic() - stopping < 8  # shutdown does not wait on the sink
         silent.stop()
+
+
+def test_error_rate_counts_the_backends_faults_not_refused_requests(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    server = start_gateway(one_ollama(fleet, monitor={
+        **QUICK, "alerts": [{"kind": "error_rate", "over": 0.2, "window": 30.0,
+                             "min_requests": 4}],
+        "sinks": [{"kind": "webhook", "url": receiver.url + "/hook"}]}))
+    try:
+        fleet.primary.fault("qwq:32b", content_policy=True)  # the request's fault
+        for _ in range(5):
+            with pytest.raises(openai.BadRequestError):
+                chat(server, "qwq:32b")
+        time.sleep(2.5)  # a few samples and rounds
+        assert receiver.posts == []
+        fleet.primary.fault("qwen2.5-coder:32b", status=500)  # the backend's
+        for _ in range(5):
+            with pytest.raises(openai.InternalServerError):
+                chat(server, "qwen2.5-coder:32b")
+        wait_until(lambda: receiver.posts, 10, "the error-rate alert")
+        alert = receiver.posts[0][1]["alerts"][0]
+        assert alert["kind"] == "error_rate" and alert["target"] == "primary"
+        assert "attempts failed" in alert["summary"]
+    finally:
+        server.stop()

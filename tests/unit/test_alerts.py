@@ -84,6 +84,7 @@ def test_alerts_starting_together_go_out_as_one_message() -> None:
 
 def traffic(**fields: object) -> Traffic:
     values: dict[str, object] = {"seconds": 300.0, "requests": 100.0, "errors": 0.0,
+                                 "timed": 100.0,
                                  "p50": 0.1, "p95": 0.2, "ttft_p95": 0.1,
                                  "output_tokens": 0.0, "hits": 0.0, "misses": 0.0,
                                  "attempts": {}}
@@ -106,7 +107,7 @@ def test_rated_rules() -> None:
     assert found["latency_p95"].startswith("p95 latency was 7.50s")
     assert found["ttft_p95"].startswith("p95 time to first token was 3.00s")
     few = Facts(tier_of=tiers, traffic={300.0: traffic(
-        requests=3.0, attempts={"mac": (0.0, 3.0)})})
+        requests=3.0, timed=3.0, p95=9.0, attempts={"mac": (0.0, 3.0)})})
     assert conditions(rules, few) == []  # too few to judge
 
 
