@@ -434,7 +434,10 @@ def _telemetry(off: Target, metrics: Target, traced: Target) -> str:
         lines.append(f"  {name}: {per_request:+.1%} time per request at c=32, {latency:+.1%} "
                      f"p50 at c=1 (target: under {limit:.0%}: {ok}).")
     return "\n".join(["- Telemetry, against the same gateway with it off "
-                      f"({off.median('c32', 'rps'):,.0f} req/s at c=32):", *lines])
+                      f"({off.median('c32', 'rps'):,.0f} req/s at c=32):", *lines,
+                      "  (Differences of about 10% are within this machine's noise from one "
+                      "5 s run to the next; `loadtest/DOORS.md` counts the instructions each "
+                      "costs per request, which do not drift.)"])
 
 
 def _doors(chat: Target, doors: list[Target]) -> str:
