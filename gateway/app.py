@@ -48,6 +48,8 @@ from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.router import Router
 from gateway.store import open_store
+from gateway.tasks import Tasks
+from gateway.tasks import api as tasks_api
 from gateway.telemetry import Telemetry
 from gateway.tenants import KeyBook, Limits, Link, MemoryLimits, RedisKeys, RedisLimits
 from gateway.tunnel.manager import Tunnel, TunnelManager
@@ -78,7 +80,8 @@ def create_app(config: GatewayConfig) -> web.Application:
         is_loopback(host) for host, _ in config.server.addresses()))
     book, limits = _tenancy(config)
     app = web.Application(
-        client_max_size=config.server.max_body_bytes,
+        client_max_size=max(config.server.max_body_bytes,
+                            config.tasks.max_file_bytes + middlewares.UPLOAD_OVERHEAD),
         middlewares=[middlewares.gateway_middleware(
             book, limits, cors, BodyBudget(config.server.bodies_in_flight_bytes), telemetry,
             shapes=[("/api/", ollama.error_response),
@@ -120,11 +123,14 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_plugins_ctx)
     app.cleanup_ctx.append(_monitor_ctx)
+    app[tasks_api.TASKS] = Tasks(config, pipeline)
+    app.cleanup_ctx.append(_tasks_ctx)
     app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)
     ollama.add_routes(app)
     responses.add_routes(app)
     anthropic.add_routes(app)
+    tasks_api.add_routes(app)
     health_endpoint.add_routes(app)
     admin.add_routes(app)
     status.add_routes(app)
@@ -195,6 +201,12 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[TELEMETRY].start()
     yield
     await app[TELEMETRY].close()
+
+
+async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[tasks_api.TASKS].start()
+    yield
+    await app[tasks_api.TASKS].close()
 
 
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:

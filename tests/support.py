@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -142,8 +143,9 @@ def backend(name: str, kind: str, url: str, **extra: Any) -> dict[str, Any]:
 def gateway_config(*backends: dict[str, Any], **sections: Any) -> GatewayConfig:
     """A validated config, as if read from TOML, for the given backends."""
     server = {"port": 0, "shutdown_grace": 2.0, **sections.pop("server", {})}
-    return parse_config({"server": server, "backends": list(backends), **sections},
-                        source="<test>")
+    tasks = {"data_dir": tempfile.mkdtemp(prefix="gw-tasks-"), **sections.pop("tasks", {})}
+    return parse_config({"server": server, "backends": list(backends), "tasks": tasks,
+                         **sections}, source="<test>")
 
 
 def start_gateway(config: GatewayConfig) -> ServerThread:

@@ -32,6 +32,7 @@ from gateway.config.serving import (
     is_loopback,
     split_address,
 )
+from gateway.config.tasks import TasksConfig
 from gateway.config.upstreams import (
     BackendConfig,
     BackendKind,
@@ -62,6 +63,7 @@ __all__ = [
     "RoutingConfig",
     "ServerConfig",
     "SinkConfig",
+    "TasksConfig",
     "TelemetryConfig",
     "TenantsConfig",
     "Tier",
@@ -90,6 +92,7 @@ class GatewayConfig:
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     keys: tuple[KeyConfig, ...] = ()
     source: str = "<defaults>"
 

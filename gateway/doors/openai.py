@@ -19,11 +19,12 @@ from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.http.stream import SSE, sse_comments, sse_event, write_stream
 from gateway.keys import CONFIG, PIPELINE
-from gateway.pipeline import Listed, Whole
+from gateway.pipeline import Embeddings, Listed, Whole
 from gateway.protocol.ids import unique_id
 from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     Kind,
     parse_chat,
     parse_completion,
@@ -59,6 +60,11 @@ async def _generate(request: web.Request, kind: Kind, req: ChatRequest | Complet
 async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(await body_of(request))
     answer = await request.app[PIPELINE].embed(req, usage_sink(request))
+    return json_response(embeddings_body(req, answer), answer.headers)
+
+
+def embeddings_body(req: EmbeddingRequest, answer: Embeddings) -> dict[str, Any]:
+    """The answer to an embeddings request, as OpenAI's API writes it."""
     rows: list[dict[str, Any]] = []
     for i, vector in enumerate(answer.result.vectors):
         embedding: Any = vector
@@ -66,9 +72,8 @@ async def embeddings(request: web.Request) -> web.Response:
             embedding = base64.b64encode(array("f", vector).tobytes()).decode()
         rows.append({"object": "embedding", "index": i, "embedding": embedding})
     tokens = answer.result.prompt_tokens
-    body = {"object": "list", "data": rows, "model": answer.model,
+    return {"object": "list", "data": rows, "model": answer.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return json_response(body, answer.headers)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -86,7 +86,8 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     if key is None:
         return await handler(request)  # type: ignore[no-any-return]
     request[KEY] = key
-    body = await body_of(request) if request.body_exists else {}
+    body = await body_of(request) if request.body_exists and \
+        not request.content_type.startswith("multipart/") else {}  # (a file upload)
     if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
         for name in (body.get("model"), body.get("name")):
             if isinstance(name, str) and name:
@@ -127,9 +128,15 @@ async def rate_headers(request: web.Request, response: web.StreamResponse) -> No
 def check_model(request: web.Request, model: str) -> None:
     """Refuse a model the request's key may not use."""
     key = request.get(KEY)
-    if key is not None and key.models and not named_in(model, key.models):
+    if key is not None:
+        check_allowed(key.models, model)
+
+
+def check_allowed(models: tuple[str, ...], model: str) -> None:
+    """Refuse a model that is not one of ``models`` (none: every model is)."""
+    if models and not named_in(model, models):
         raise GatewayError(f"This API key may not use the model {model!r} (it may use: "
-                           f"{', '.join(key.models)}).", status=403, type="permission_error",
+                           f"{', '.join(models)}).", status=403, type="permission_error",
                            code="model_not_allowed", param="model")
 
 

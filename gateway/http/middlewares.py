@@ -127,9 +127,11 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             elif request.path.startswith("/admin/"):
                 admit_admin(request)
             server = request.app[CONFIG].server
-            check_body(request, server.max_body_bytes)
+            limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD \
+                if request.path == UPLOADS else server.max_body_bytes
+            check_body(request, limit)
             if request.body_exists:
-                with bodies.holding(request.content_length or server.max_body_bytes):
+                with bodies.holding(request.content_length or limit):
                     await read_body(request, server.body_timeout)
                     response = await (handler(request) if key is None
                                       else limited(request, handler, key, limits))
@@ -217,6 +219,10 @@ def _record(request: web.Request, response: web.StreamResponse, door: str, opera
     if "x-gateway-cache" in headers:
         record["cache"] = headers["x-gateway-cache"]
     return record
+
+
+UPLOADS = "/v1/files"  # bodies up to [tasks] max_file_bytes, not [server] max_body_bytes
+UPLOAD_OVERHEAD = 64 * 1024  # a multipart body's own, around the file
 
 
 # Answer headers that say how a request was answered, as its span's attributes.

@@ -1,0 +1,48 @@
+"""A batch line answered as the same request sent live would be: through the pipeline
+(routing with its tiers and fallbacks, the cache, safety, QA), within what the batch's key
+may use, its answer written as the OpenAI door writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import ReasoningMode
+from gateway.doors.openai import completion_body, embeddings_body
+from gateway.errors import GatewayError
+from gateway.http.access import check_allowed
+from gateway.pipeline import Pipeline, Whole
+from gateway.protocol.openai import Kind, parse_chat, parse_completion, parse_embedding
+from plugins.base import RequestContext
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Whose batch it is: the key's id, the models it may use, its cache scope."""
+
+    tenant: str
+    models: tuple[str, ...] = ()
+    cache_scope: str = ""
+
+
+async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: Who,
+                 reasoning: ReasoningMode) -> tuple[int, dict[str, Any]]:
+    """The status and body the endpoint would have answered the line with."""
+    try:
+        body = {**body, "stream": False}  # a batch's answers are whole
+        if endpoint == "/v1/embeddings":
+            body.pop("stream")
+            embedding = parse_embedding(body)
+            check_allowed(who.models, embedding.model)
+            return 200, embeddings_body(embedding, await pipeline.embed(embedding))
+        kind: Kind = "chat" if endpoint == "/v1/chat/completions" else "text"
+        req = parse_chat(body) if kind == "chat" else parse_completion(body)
+        check_allowed(who.models, req.model)
+        ctx = RequestContext(kind=kind, req=req, tenant=who.tenant, client_headers={},
+                             cache_scope=who.cache_scope, models=who.models)
+        result = await pipeline.run(ctx)
+        assert isinstance(result, Whole)  # (stream is false)
+        return 200, completion_body(kind, result.completion, reasoning)
+    except GatewayError as exc:
+        return exc.status, exc.payload()

@@ -1,0 +1,185 @@
+"""OpenAI's Files and Batch APIs: ``/v1/files`` (upload, list, show, content, delete) and
+``/v1/batches`` (create, show, list, cancel), each file and batch its tenant's alone
+(another key's is a 404, as if it did not exist).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.http.bodies import body_of
+from gateway.http.middlewares import UPLOAD_OVERHEAD, json_response
+from gateway.keys import CONFIG, KEY, TENANT
+from gateway.tasks import Tasks
+from gateway.tasks.records import (
+    ENDPOINTS,
+    PURPOSES,
+    WINDOWS,
+    batch_record,
+    file_record,
+    new_id,
+    shown,
+)
+
+TASKS = web.AppKey("tasks", Tasks)
+LIST_LIMIT = 100
+
+
+async def upload(request: web.Request) -> web.Response:
+    fields = _form(request, await request.read())
+    purpose = fields.get("purpose")
+    if not isinstance(purpose, str) or purpose not in PURPOSES[:2]:
+        raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES[:2])}.",
+                             param="purpose")
+    upload = fields.get("file")
+    if not isinstance(upload, tuple):
+        raise InvalidRequest("A file is needed (multipart field 'file').", param="file")
+    filename, content = upload
+    record = file_record(new_id("file-"), request[TENANT], filename, purpose, len(content))
+    await request.app[TASKS].store.save_file(record, content)
+    return json_response(shown(record))
+
+
+async def list_files(request: web.Request) -> web.Response:
+    purpose = request.query.get("purpose")
+    files = [shown(f) for f in await request.app[TASKS].store.files(request[TENANT])
+             if purpose is None or f["purpose"] == purpose]
+    return json_response({"object": "list", "data": files, "has_more": False})
+
+
+async def get_file(request: web.Request) -> web.Response:
+    return json_response(shown(await _file(request)))
+
+
+async def file_content(request: web.Request) -> web.Response:
+    record = await _file(request)
+    content = await request.app[TASKS].store.content(record["id"])
+    if content is None:
+        raise NotFound(f"The content of {record['id']} is gone.", code="file_not_found")
+    return web.Response(body=content, content_type="application/octet-stream")
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    record = await _file(request)
+    await request.app[TASKS].store.delete_file(record["id"])
+    return json_response({"id": record["id"], "object": "file", "deleted": True})
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    body = await body_of(request)
+    endpoint = body.get("endpoint")
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.",
+                             param="endpoint")
+    window = body.get("completion_window", "24h")
+    if window not in WINDOWS:
+        raise InvalidRequest("completion_window must be 24h.", param="completion_window")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or
+                                 not all(isinstance(v, str) for v in metadata.values())):
+        raise InvalidRequest("metadata must be at most 16 string values.", param="metadata")
+    source = await _file(request, body.get("input_file_id"), param="input_file_id")
+    if source["purpose"] != "batch":
+        raise InvalidRequest(f"The file {source['id']} was uploaded for {source['purpose']}; "
+                             "a batch's input needs purpose batch.", param="input_file_id")
+    tasks = request.app[TASKS]
+    content = await tasks.store.content(source["id"]) or b""
+    record = batch_record(new_id("batch_"), request[TENANT], endpoint, source["id"], window,
+                          metadata)
+    key = request.get(KEY)
+    record["models"] = list(key.models) if key is not None else []  # (the key's, for later)
+    record["cache_scope"] = key.cache if key is not None else ""
+    await tasks.store.put_batch(record)
+    return json_response(shown(await tasks.batches.begin(record, content)))
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    return json_response(shown(await _batch(request)))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    try:
+        limit = max(1, min(LIST_LIMIT, int(request.query.get("limit", "20"))))
+    except ValueError:
+        raise InvalidRequest("limit must be a number.", param="limit") from None
+    everything = await request.app[TASKS].store.batches(request[TENANT])
+    after = request.query.get("after")
+    if after is not None:
+        ids = [b["id"] for b in everything]
+        everything = everything[ids.index(after) + 1:] if after in ids else []
+    page = [shown(b) for b in everything[:limit]]
+    return json_response({"object": "list", "data": page,
+                          "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None,
+                          "has_more": len(everything) > limit})
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    record = await _batch(request)
+    changed = await request.app[TASKS].batches.cancel(record["id"])
+    if changed is None:
+        raise GatewayError(f"The batch {record['id']} is {record['status']}: it cannot be "
+                           "cancelled.", status=409, type="invalid_request_error",
+                           code="batch_not_cancellable")
+    return json_response(shown(changed))
+
+
+async def _file(request: web.Request, file_id: Any = None, param: str = "file_id"
+                ) -> dict[str, Any]:
+    file_id = file_id if file_id is not None else request.match_info["id"]
+    record = await request.app[TASKS].store.file(file_id) if isinstance(file_id, str) \
+        else None
+    if record is None or record["tenant"] != request[TENANT]:
+        raise NotFound(f"No such file: {file_id!r}.", code="file_not_found", param=param)
+    return record
+
+
+async def _batch(request: web.Request) -> dict[str, Any]:
+    batch_id = request.match_info["id"]
+    record = await request.app[TASKS].store.batch(batch_id)
+    if record is None or record["tenant"] != request[TENANT]:
+        raise NotFound(f"No such batch: {batch_id!r}.", code="batch_not_found")
+    return record
+
+
+def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """A multipart/form-data body: text fields as strings, files as (name, bytes)."""
+    if not request.content_type.startswith("multipart/form-data"):
+        raise InvalidRequest("Upload a file as multipart/form-data.", code="invalid_upload")
+    limit = request.app[CONFIG].tasks.max_file_bytes
+    if len(raw) > limit + UPLOAD_OVERHEAD:
+        raise GatewayError(f"The file is larger than the limit of {limit} bytes.",
+                           status=413, type="invalid_request_error", code="file_too_large")
+    head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        content = payload if isinstance(payload, bytes) else b""
+        if part.get_filename() is not None:
+            if len(content) > limit:
+                raise GatewayError(f"The file is larger than the limit of {limit} bytes.",
+                                   status=413, type="invalid_request_error",
+                                   code="file_too_large")
+            fields[str(name)] = (part.get_filename(), content)
+        elif isinstance(name, str):
+            fields[name] = content.decode("utf-8", "replace")
+    return fields
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/files", upload)
+    app.router.add_get("/v1/files", list_files)
+    app.router.add_get("/v1/files/{id}", get_file)
+    app.router.add_get("/v1/files/{id}/content", file_content)
+    app.router.add_delete("/v1/files/{id}", delete_file)
+    app.router.add_post("/v1/batches", create_batch)
+    app.router.add_get("/v1/batches", list_batches)
+    app.router.add_get("/v1/batches/{id}", get_batch)
+    app.router.add_post("/v1/batches/{id}/cancel", cancel_batch)

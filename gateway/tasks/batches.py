@@ -1,0 +1,121 @@
+"""A batch's life: validating → in_progress → finalizing → completed, or failed (its input
+did not pass), expired (its window ran out first: what was done is kept), cancelling →
+cancelled (lines in flight finish, the rest are not answered). Each change is made only
+from the states it may come from, so two processes (the API and a worker, two workers)
+never both make it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from gateway.tasks.local import LocalStore
+from gateway.tasks.records import check_input, file_record, new_id
+
+log = logging.getLogger(__name__)
+
+Store = LocalStore
+
+
+class Batches:
+    def __init__(self, store: Store, max_lines: int) -> None:
+        self.store = store
+        self._max_lines = max_lines
+
+    async def begin(self, record: dict[str, Any], content: bytes) -> dict[str, Any]:
+        """Check the input file; queue its lines, or fail the batch with what is wrong."""
+        lines, errors = check_input(content, record["id"], record["endpoint"],
+                                    self._max_lines)
+        now = int(time.time())
+        if errors:
+            changed = await self.store.change_batch(record["id"], {
+                "status": "failed", "failed_at": now,
+                "errors": {"object": "list", "data": errors}}, when=("validating",))
+        else:
+            await self.store.enqueue(lines)
+            changed = await self.store.change_batch(record["id"], {
+                "status": "in_progress", "in_progress_at": now,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0}},
+                when=("validating",))
+        assert changed is not None
+        return changed
+
+    async def cancel(self, batch_id: str) -> dict[str, Any] | None:
+        """Stop answering the batch's lines; those in flight finish."""
+        changed = await self.store.change_batch(
+            batch_id, {"status": "cancelling", "cancelling_at": int(time.time())},
+            when=("validating", "in_progress"))
+        if changed is not None:
+            await self.store.drop_lines(batch_id)
+            return await self.settle(batch_id) or changed
+        return None
+
+    async def expire(self, batch_id: str) -> None:
+        """Its window ran out: lines not yet answered are not answered."""
+        changed = await self.store.change_batch(
+            batch_id, {"status": "expired", "expired_at": int(time.time())},
+            when=("in_progress",))
+        if changed is not None:
+            dropped = await self.store.drop_lines(batch_id)
+            await self._write_files(changed, unanswered=dropped)
+            log.info("batch %s expired", batch_id)
+
+    async def settle(self, batch_id: str) -> dict[str, Any] | None:
+        """When no line is left: completed (or cancelled) with its output and error files."""
+        if await self.store.remaining(batch_id):
+            return None
+        now = int(time.time())
+        done = await self.store.change_batch(
+            batch_id, {"status": "finalizing", "finalizing_at": now}, when=("in_progress",))
+        if done is not None:
+            files = await self._write_files(done)
+            return await self.store.change_batch(
+                batch_id, {**files, "status": "completed", "completed_at": int(time.time())},
+                when=("finalizing",))
+        cancelling = await self.store.batch(batch_id)
+        if cancelling is None or cancelling["status"] != "cancelling":
+            return None
+        files = await self._write_files(cancelling)
+        return await self.store.change_batch(
+            batch_id, {**files, "status": "cancelled", "cancelled_at": int(time.time())},
+            when=("cancelling",))
+
+    async def _write_files(self, batch: dict[str, Any], unanswered: list[str] | None = None
+                           ) -> dict[str, Any]:
+        """The output file (lines answered 200) and the error file (the rest), as OpenAI
+        writes them: ``{"id", "custom_id", "response": {"status_code", "request_id",
+        "body"}, "error"}`` a line.
+        """
+        results = await self.store.results(batch["id"])
+        out = [orjson.dumps(r) for ok, r in results if ok]
+        bad = [orjson.dumps(r) for ok, r in results if not ok]
+        bad += [orjson.dumps(_unanswered(custom_id)) for custom_id in unanswered or ()]
+        changes: dict[str, Any] = {}
+        for field, lines in (("output_file_id", out), ("error_file_id", bad)):
+            if lines:
+                file_id = new_id("file-")
+                content = b"\n".join(lines) + b"\n"
+                await self.store.save_file(file_record(
+                    file_id, batch["tenant"], f"{batch['id']}_{field[:-8]}.jsonl",
+                    "batch_output", len(content)), content)
+                changes[field] = file_id
+        if unanswered:
+            await self.store.change_batch(batch["id"], changes)
+        return changes
+
+
+def result_line(custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """One line of an output or error file."""
+    return {"id": new_id("batch_req_"), "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": new_id("req_"), "body": body},
+            "error": None}
+
+
+def _unanswered(custom_id: str) -> dict[str, Any]:
+    return {"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
+            "error": {"code": "batch_expired", "message": "This request was not answered "
+                      "before the batch's completion window ran out."}}

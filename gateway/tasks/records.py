@@ -1,0 +1,120 @@
+"""Files and batches as OpenAI's API shows them, and the checks of a batch's input file.
+
+A batch's input is JSONL, one request a line: ``{"custom_id": "...", "method": "POST",
+"url": "/v1/chat/completions", "body": {...}}``. The whole file is checked before any
+work starts; what is wrong is said OpenAI's way, an ``errors`` list of ``{code, message,
+param, line}``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+WINDOWS = {"24h": 24 * 3600.0}  # OpenAI takes only "24h"
+PURPOSES = ("batch", "user_data", "batch_output")
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+MAX_ERRORS = 100  # validation errors reported at most (the first ones)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def file_record(file_id: str, tenant: str, filename: str, purpose: str, size: int
+                ) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()),
+            "filename": filename, "purpose": purpose, "status": "processed",
+            "expires_at": None, "status_details": None, "tenant": tenant}
+
+
+PRIVATE = frozenset({"tenant", "models", "cache_scope"})  # whose it is, what that key may do
+
+
+def shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A file or batch as the API shows it (without whose it is)."""
+    return {k: v for k, v in record.items() if k not in PRIVATE}
+
+
+def batch_record(batch_id: str, tenant: str, endpoint: str, input_file_id: str,
+                 window: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None,
+        "input_file_id": input_file_id, "completion_window": window, "status": "validating",
+        "output_file_id": None, "error_file_id": None, "created_at": now,
+        "in_progress_at": None, "expires_at": now + int(WINDOWS[window]),
+        "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+        "cancelling_at": None, "cancelled_at": None,
+        "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "metadata": metadata, "tenant": tenant,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One request of a batch."""
+
+    batch: str
+    n: int  # its place in the input file, from 1
+    custom_id: str
+    body: dict[str, Any]
+
+
+def check_input(content: bytes, batch: str, endpoint: str, max_lines: int
+                ) -> tuple[list[Line], list[dict[str, Any]]]:
+    """The batch's lines, or the errors that fail it (OpenAI's ``errors.data``)."""
+    lines: list[Line] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def error(code: str, message: str, n: int | None, param: str | None = None) -> None:
+        if len(errors) < MAX_ERRORS:
+            errors.append({"code": code, "message": message, "param": param, "line": n})
+
+    raw_lines = content.splitlines()
+    if len(raw_lines) > max_lines:
+        error("too_many_requests", f"The input file has {len(raw_lines)} lines; a batch may "
+              f"have at most {max_lines}.", None)
+        return [], errors
+    for n, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            error("invalid_json_line", "This line is not valid JSON.", n)
+            continue
+        if not isinstance(item, dict):
+            error("invalid_request", "Each line must be a JSON object.", n)
+            continue
+        custom_id = item.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            error("missing_required_parameter", "Each line needs a custom_id string.", n,
+                  "custom_id")
+        elif custom_id in seen:
+            error("duplicate_custom_id", f"The custom_id {custom_id!r} is used more than "
+                  "once; each line needs its own.", n, "custom_id")
+        else:
+            seen.add(custom_id)
+        if item.get("method", "POST") != "POST":
+            error("invalid_method", "The method must be POST.", n, "method")
+        if item.get("url") != endpoint:
+            error("mismatched_endpoint" if item.get("url") in ENDPOINTS else "invalid_url",
+                  f"The url must be the batch's endpoint, {endpoint}.", n, "url")
+        body = item.get("body")
+        if not isinstance(body, dict):
+            error("missing_required_parameter", "Each line needs a JSON object body.", n,
+                  "body")
+        elif not isinstance(body.get("model"), str):
+            error("missing_required_parameter", "The body needs a model.", n, "body.model")
+        if not errors and isinstance(custom_id, str) and isinstance(body, dict):
+            lines.append(Line(batch, n, custom_id, body))
+    if not lines and not errors:
+        error("empty_file", "The input file has no requests.", None)
+    return ([] if errors else lines), errors

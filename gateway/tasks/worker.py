@@ -1,0 +1,105 @@
+"""The worker: claims batch lines from the queue (a blocking wait, no polling), answers
+each through the pipeline, and writes its result before the line leaves the queue — so a
+worker that dies loses nothing (its lines are claimed again after the visibility timeout)
+and a line done twice is written once (results are kept per ``custom_id``).
+
+A line no backend can answer now (the whole fleet down, every deployment busy) is put back
+and tried again with backoff, until the batch's window runs out: it is not failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+from gateway.backoff import backoff
+from gateway.config import ReasoningMode, TasksConfig
+from gateway.pipeline import Pipeline
+from gateway.tasks.answer import Who, answer
+from gateway.tasks.batches import Batches, result_line
+from gateway.tasks.records import Line
+
+log = logging.getLogger(__name__)
+
+# Answers that say "not now" rather than "no": the line waits and is tried again.
+NOT_NOW = frozenset({429, 502, 503, 504})
+CLAIM_WAIT = 5.0  # seconds a claim waits for lines before looking again
+
+
+class Worker:
+    def __init__(self, batches: Batches, pipeline: Pipeline, config: TasksConfig,
+                 reasoning: ReasoningMode) -> None:
+        self._batches = batches
+        self._store = batches.store
+        self._pipeline = pipeline
+        self._config = config
+        self._reasoning = reasoning
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self._running: set[asyncio.Task[None]] = set()
+        self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
+        self.answered = 0
+
+    async def run(self) -> None:
+        room = asyncio.Event()
+        room.set()
+        while True:
+            free = self._config.concurrency - len(self._running)
+            if free <= 0:
+                room.clear()
+                await room.wait()
+                continue
+            def ended(task: asyncio.Task[None]) -> None:
+                self._running.discard(task)
+                room.set()
+
+            for line in await self._store.claim(self.name, free, CLAIM_WAIT):
+                task = asyncio.create_task(self._safely(line))
+                self._running.add(task)
+                task.add_done_callback(ended)
+
+    async def close(self) -> None:
+        """Stop claiming; lines in flight go back to the queue (another takes them)."""
+        for task in list(self._running):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _safely(self, line: Line) -> None:
+        try:
+            await self._do(line)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one odd line must not stop the worker; it is tried again
+            log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
+            await self._store.put_back(line, self._config.retry_max)
+
+    async def _do(self, line: Line) -> None:
+        batch = await self._store.batch(line.batch)
+        if batch is None or batch["status"] != "in_progress":
+            await self._store.discard(line)  # cancelled (or gone) meanwhile
+            if batch is not None:
+                await self._batches.settle(line.batch)
+            return
+        if time.time() >= batch["expires_at"]:
+            await self._store.put_back(line, 0)
+            await self._batches.expire(line.batch)
+            return
+        who = Who(batch["tenant"], tuple(batch.get("models") or ()),
+                  batch.get("cache_scope") or "")
+        status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
+                                    self._reasoning)
+        if status in NOT_NOW:
+            tries = self._tries[(line.batch, line.n)] = \
+                self._tries.get((line.batch, line.n), 0) + 1
+            await self._store.put_back(line, backoff(tries - 1, self._config.retry_initial,
+                                                     self._config.retry_max))
+            return
+        self._tries.pop((line.batch, line.n), None)
+        await self._store.finish(line, status == 200, result_line(line.custom_id, status,
+                                                                  body))
+        self.answered += 1
+        await self._batches.settle(line.batch)

@@ -1,0 +1,194 @@
+"""OpenAI's Files and Batch APIs through the official ``openai`` SDK, as its documentation
+uses them: upload a JSONL file, create a batch, poll it until it is done, read the output
+file; on the local queue (SQLite in the data directory) and the simulated fleet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.sim import SimModel, create_ollama_app
+from tests.integration.conftest import FAST, Fleet
+from tests.support import ServerThread, backend, gateway_config, start_gateway
+
+KEYS = {"alice": "gw-alice-key-of-the-batch-tests", "bob": "gw-bob-key-of-the-batch-tests"}
+
+
+EMBEDDER = SimModel("nomic-embed-text:latest", capabilities=("embedding",),
+                    embedding_length=768)
+
+
+@pytest.fixture
+def gateway(fleet: Fleet) -> Iterator[ServerThread]:
+    embedder = ServerThread(lambda: create_ollama_app([EMBEDDER])).start()
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        backend("embedder", "ollama", embedder.url, timeouts=FAST),
+        backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST),
+        keys=[{"id": name, "hash": hashlib.sha256(key.encode()).hexdigest()}
+              for name, key in KEYS.items()]))
+    yield server
+    server.stop()
+    embedder.stop()
+
+
+def client(server: ServerThread, who: str = "alice") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[who], max_retries=0)
+
+
+def jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
+    return io.BytesIO(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+
+
+def chat_line(n: int, model: str = "qwq:32b") -> dict[str, Any]:
+    return {"custom_id": f"request-{n}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"Say {n}"}],
+                     "max_tokens": 32}}
+
+
+def finished(api: openai.OpenAI, batch_id: str, limit: float = 30) -> Any:
+    deadline = time.monotonic() + limit
+    while True:
+        batch = api.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        assert time.monotonic() < deadline, f"the batch is still {batch.status}"
+        time.sleep(0.1)
+
+
+def output(api: openai.OpenAI, file_id: str) -> dict[str, dict[str, Any]]:
+    lines = api.files.content(file_id).text.splitlines()
+    by_id = {json.loads(line)["custom_id"]: json.loads(line) for line in lines}
+    assert len(by_id) == len(lines), "every custom_id once"
+    return by_id
+
+
+def test_a_chat_batch_end_to_end_with_the_sdk(gateway: ServerThread) -> None:
+    api = client(gateway)
+    source = api.files.create(file=("requests.jsonl", jsonl([chat_line(n) for n in range(20)])),
+                              purpose="batch")
+    assert source.purpose == "batch" and source.bytes > 0
+    batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                               completion_window="24h", metadata={"job": "nightly"})
+    assert batch.status in ("validating", "in_progress")
+    done = finished(api, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (20, 20, 0)
+    assert done.metadata == {"job": "nightly"} and done.output_file_id
+    assert done.error_file_id is None
+    answers = output(api, done.output_file_id)
+    assert set(answers) == {f"request-{n}" for n in range(20)}
+    for line in answers.values():
+        assert line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == "qwq:32b"
+        assert body["choices"][0]["message"]["content"]
+    assert [b.id for b in api.batches.list()] == [batch.id]
+
+
+def test_an_embeddings_batch(gateway: ServerThread) -> None:
+    api = client(gateway)
+    lines = [{"custom_id": f"doc-{n}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "nomic-embed-text", "input": f"document {n}"}} for n in range(5)]
+    source = api.files.create(file=("docs.jsonl", jsonl(lines)), purpose="batch")
+    done = finished(api, api.batches.create(input_file_id=source.id, endpoint="/v1/embeddings",
+                                            completion_window="24h").id)
+    assert done.status == "completed", done
+    answers = output(api, done.output_file_id)  # type: ignore[arg-type]
+    assert sorted(answers) == [f"doc-{n}" for n in range(5)]
+    for line in answers.values():
+        assert line["response"]["body"]["object"] == "list"
+        assert len(line["response"]["body"]["data"][0]["embedding"]) == 768
+
+
+def test_a_line_that_fails_goes_to_the_error_file(gateway: ServerThread) -> None:
+    api = client(gateway)
+    lines = [chat_line(1), chat_line(2, model="no-such-model")]
+    source = api.files.create(file=("mixed.jsonl", jsonl(lines)), purpose="batch")
+    done = finished(api, api.batches.create(input_file_id=source.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="24h").id)
+    assert done.status == "completed"
+    assert done.request_counts is not None and done.request_counts.failed == 1
+    errors = output(api, done.error_file_id)  # type: ignore[arg-type]
+    assert errors["request-2"]["response"]["status_code"] == 404
+    assert errors["request-2"]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert list(output(api, done.output_file_id)) == ["request-1"]  # type: ignore[arg-type]
+
+
+def test_a_bad_input_file_fails_validation_before_any_work(
+    gateway: ServerThread, fleet: Fleet
+) -> None:
+    api = client(gateway)
+    content = (json.dumps(chat_line(1)) + "\nnot json\n" + json.dumps(chat_line(1)) + "\n" +
+               json.dumps({**chat_line(3), "url": "/v1/embeddings"}) + "\n").encode()
+    source = api.files.create(file=("bad.jsonl", io.BytesIO(content)), purpose="batch")
+    batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    assert batch.status == "failed" and batch.errors is not None
+    found = [(e.line, e.code) for e in batch.errors.data or []]
+    assert found == [(2, "invalid_json_line"), (3, "duplicate_custom_id"),
+                     (4, "mismatched_endpoint")]
+    assert fleet.primary.requests("/api/chat") == []  # nothing was asked
+
+
+def test_a_tenant_sees_only_its_own_files_and_batches(gateway: ServerThread) -> None:
+    alice, bob = client(gateway, "alice"), client(gateway, "bob")
+    source = alice.files.create(file=("a.jsonl", jsonl([chat_line(1)])), purpose="batch")
+    batch = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(source.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(source.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.cancel(batch.id)
+    with pytest.raises(openai.NotFoundError):  # nor start one from alice's file
+        bob.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                           completion_window="24h")
+    assert [f.id for f in bob.files.list()] == [] and list(bob.batches.list()) == []
+
+
+def test_cancel_stops_the_lines_not_yet_answered(gateway: ServerThread, fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", latency=0.5)
+    api = client(gateway)
+    source = api.files.create(file=("slow.jsonl", jsonl([chat_line(n) for n in range(60)])),
+                              purpose="batch")
+    batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    time.sleep(0.3)
+    cancelled = api.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    done = finished(api, batch.id)
+    assert done.status == "cancelled" and done.request_counts is not None
+    assert 0 < done.request_counts.completed < 60  # those in flight finished; no more
+    asked = len(fleet.primary.requests("/api/chat"))
+    time.sleep(1.0)
+    assert len(fleet.primary.requests("/api/chat")) == asked
+    with pytest.raises(openai.ConflictError):
+        api.batches.cancel(batch.id)
+
+
+def test_files_are_listed_shown_and_deleted(gateway: ServerThread) -> None:
+    api = client(gateway)
+    source = api.files.create(file=("notes.txt", io.BytesIO(b"hello")), purpose="user_data")
+    assert api.files.retrieve(source.id).filename == "notes.txt"
+    assert api.files.content(source.id).content == b"hello"
+    assert [f.id for f in api.files.list()] == [source.id]
+    assert api.files.delete(source.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        api.files.retrieve(source.id)
+    with pytest.raises(openai.BadRequestError):
+        api.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="fine-tune")
