@@ -1,0 +1,65 @@
+"""Batches survive what operators meet: the gateway killed (kill -9) in the middle of a
+batch and started again on the same data directory finishes it, every line answered once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from gateway.sim import create_ollama_app
+from tests.integration.conftest import host_models
+from tests.support import GatewayProcess, ServerThread, Sim, wait_until
+
+LINES = 120
+
+
+def line(n: int) -> dict[str, Any]:
+    return {"custom_id": f"line-{n}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "qwq:32b", "messages": [{"role": "user", "content": f"{n}"}],
+                     "max_tokens": 16}}
+
+
+def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Path) -> None:
+    sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
+    sim.fault("qwq:32b", latency=0.2)  # 120 lines, 8 at once, 0.2 s each: 3 s or so
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[backends]]\nname = "studio"\nkind = "ollama"\n'
+                      f'url = "{sim.api_url}"\n\n[tasks]\ndata_dir = "{tmp_path / "data"}"\n')
+    gateway = GatewayProcess(config)
+    try:
+        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(LINES))
+        source = api.files.create(file=("work.jsonl", io.BytesIO(content)), purpose="batch")
+        batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+
+        def some_done() -> bool:
+            counts = api.batches.retrieve(batch.id).request_counts
+            return counts is not None and counts.completed >= 10
+
+        wait_until(some_done, 20, "some lines answered")
+        counts = api.batches.retrieve(batch.id).request_counts
+        assert counts is not None and counts.completed < LINES  # killed in the middle
+        gateway.process.send_signal(signal.SIGKILL)  # no shutdown, no goodbye
+        gateway.stop()  # (collects it)
+        gateway = GatewayProcess(config)  # the same data directory
+        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 60
+        while (done := api.batches.retrieve(batch.id)).status != "completed":
+            assert time.monotonic() < deadline, done
+            time.sleep(0.2)
+        assert done.request_counts is not None
+        assert (done.request_counts.total, done.request_counts.completed) == (LINES, LINES)
+        lines = api.files.content(done.output_file_id).text.splitlines()  # type: ignore[arg-type]
+        ids = [json.loads(x)["custom_id"] for x in lines]
+        assert sorted(ids) == sorted(f"line-{n}" for n in range(LINES))  # each exactly once
+    finally:
+        gateway.stop()
+        sim.server.stop()
