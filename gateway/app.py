@@ -50,6 +50,7 @@ from gateway.routing.router import Router
 from gateway.store import open_store
 from gateway.tasks import Tasks
 from gateway.tasks import api as tasks_api
+from gateway.tasks.records import TERMINAL as FINISHED
 from gateway.telemetry import Telemetry
 from gateway.tenants import KeyBook, Limits, Link, MemoryLimits, RedisKeys, RedisLimits
 from gateway.tunnel.manager import Tunnel, TunnelManager
@@ -123,7 +124,13 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_plugins_ctx)
     app.cleanup_ctx.append(_monitor_ctx)
-    app[tasks_api.TASKS] = Tasks(config, pipeline)
+    tasks = app[tasks_api.TASKS] = Tasks(config, pipeline)
+    app[MONITOR].sections["tasks"] = tasks.report
+    telemetry.metrics.gauge(
+        "gateway.batch.requests", "Requests of the batches not yet finished, by state "
+        "(total, completed, failed)", ("state",),
+        lambda: [((state,), sum(b[state] for b in tasks.recent if b["status"] not in
+                                 FINISHED)) for state in ("total", "completed", "failed")])
     app.cleanup_ctx.append(_tasks_ctx)
     app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)

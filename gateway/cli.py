@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.batch_commands import add_batches_command
 from gateway.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -102,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     agent.set_defaults(run=_tunnel_agent)
 
     add_keys_command(commands)
+    add_batches_command(commands)
     return parser
 
 

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
-
-QueueKind = Literal["local", "redis"]
 
 
 @dataclass(frozen=True, slots=True)
 class TasksConfig:
-    """``queue = "local"`` (the default) keeps files, batches and their queue in
-    ``data_dir`` (an SQLite database beside the files), for one gateway process, surviving
-    restarts. ``queue = "redis"`` keeps them in Redis, where workers in every gateway process
-    and ``gateway worker`` on any host take lines from one stream.
+    """Files, batches and their queue are kept in ``data_dir`` (an SQLite database beside
+    the files), for one gateway process, surviving restarts.
 
     ``concurrency``: lines one process answers at once; ``share``: the part of each
     deployment's ``max_concurrency`` batch lines may take, so interactive requests always
@@ -22,13 +17,11 @@ class TasksConfig:
     finished (the worker died) is given to another.
     """
 
-    queue: QueueKind = "local"
-    redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: str = "~/.local/share/hybrid-gateway"
     worker: bool = True  # run a worker inside `gateway serve`
     concurrency: int = 8
     share: float = 0.5
-    max_file_bytes: int = 200 * 1024 * 1024  # OpenAI's limit for a batch's input
+    max_file_bytes: int = 100 * 1024 * 1024  # an upload is held whole while it arrives
     max_lines: int = 50_000
     visibility_timeout: float = 300.0
     retry_initial: float = 1.0  # a line no backend can answer now waits, then again
@@ -43,5 +36,3 @@ class TasksConfig:
             yield "max_file_bytes", "expected a positive size"
         if self.visibility_timeout <= 0:
             yield "visibility_timeout", "expected seconds > 0"
-        if self.queue == "redis" and not self.redis_url.startswith(("redis://", "rediss://")):
-            yield "redis_url", "expected a redis:// or rediss:// URL"

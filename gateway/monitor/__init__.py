@@ -13,6 +13,7 @@ import contextlib
 import importlib.metadata
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,7 +74,8 @@ class Monitor:
         self._redis_down: dict[str, float] = {}  # where → since when
         self._redis_clients: dict[str, aioredis.Redis] = {}
         self._task: asyncio.Task[None] | None = None
-        self._warned_off = False
+        # More of the status, from parts above the monitor (the batches): name → report.
+        self.sections: dict[str, Callable[[], Any]] = {}
 
     async def start(self) -> None:
         self.dispatcher.start()
@@ -196,6 +198,7 @@ class Monitor:
             "healing": [a.as_dict() for a in reversed(self.healer.recent)],
             "warnings": list(self.healer.warnings),
             "recent": list(reversed(self.telemetry.recent)),
+            **{name: report() for name, report in self.sections.items()},
         }
 
 

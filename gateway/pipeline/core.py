@@ -104,7 +104,7 @@ class Pipeline:
         return Streamed(first, _replay(rest), headers, completion.model, finish, close)
 
     async def _stream(self, ctx: RequestContext) -> Streamed:
-        routed = self.router.answer(ctx.req, ctx.models)
+        routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
         first = await routed.start()
         taken = Completion()
         try:
@@ -155,7 +155,7 @@ class Pipeline:
             if answered is not None:
                 hit, route = answered
                 return (hit.usage or Usage()).prompt_tokens, route
-            routed = self.router.answer(ctx.req, ctx.models)
+            routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
             first = await routed.start()
             try:
                 answer = await collect(routed.chunks(), first)
@@ -167,14 +167,15 @@ class Pipeline:
             self._finish(ctx)
 
     async def embed(self, req: EmbeddingRequest,
-                    on_usage: Callable[[int], None] | None = None) -> Embeddings:
+                    on_usage: Callable[[int], None] | None = None,
+                    batch: bool = False) -> Embeddings:
         """Embeddings of the model asked for, of the inputs as the plugins leave them (the
         safety checker's redactions; nothing is generated, so nothing else applies).
-        ``on_usage`` is told the tokens embedded.
+        ``on_usage`` is told the tokens embedded; ``batch``: a batch line's.
         """
         for plugin in self.plugins:
             req = await plugin.on_embed(req)
-        result, deployment, attempts = await self.router.embed(req)
+        result, deployment, attempts = await self.router.embed(req, batch)
         if on_usage is not None:
             on_usage(result.prompt_tokens)
         model = deployment.model.name
@@ -211,13 +212,14 @@ class Pipeline:
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""
         completion, headers, deployment = await self._collect(
-            ctx, self.router.answer(ctx.req, ctx.models))
+            ctx, self.router.answer(ctx.req, ctx.models, ctx.batch))
         escalated: list[str] = []
         for _ in range(self.max_escalations):
             verdict = await self._judge(ctx, completion, deployment)
             if verdict is None or not verdict.escalate:
                 return completion, headers
-            routed = self.router.escalate(ctx.req, deployment, verdict.describe(), ctx.models)
+            routed = self.router.escalate(ctx.req, deployment, verdict.describe(), ctx.models,
+                                          ctx.batch)
             if routed is None:
                 break
             for reason in verdict.reasons:

@@ -62,8 +62,8 @@ class Lease:
     without a verdict (the client left) is handed back.
     """
 
-    __slots__ = ("candidate", "counted", "deployment", "judged", "released", "span", "started",
-                 "state")
+    __slots__ = ("batch", "candidate", "counted", "deployment", "judged", "released", "span",
+                 "started", "state")
 
     def __init__(self, candidate: Candidate, deployment: Deployment,
                  state: DeploymentState) -> None:
@@ -73,6 +73,7 @@ class Lease:
         self.started = time.monotonic()
         self.released = False
         self.judged = False
+        self.batch = False  # a batch line's slot (DeploymentState.take_batch_slot)
         self.span: AnySpan = NO_SPAN  # the attempt's, once it begins
         self.counted: Instruments | None = None  # (set when it begins)
 
@@ -104,6 +105,8 @@ class Lease:
             if not self.judged:
                 self.state.breaker.end_trial()
             self.state.release()
+            if self.batch:
+                self.state.batch_in_flight -= 1
             self.span.end()
 
 
@@ -112,8 +115,10 @@ class Attempts:
 
     def __init__(self, config: RoutingConfig, balancer: Balancer, route: Route,
                  instruments: Instruments, operation: str = "chat",
-                 on_unreachable: Callable[[str], None] = lambda backend: None) -> None:
+                 on_unreachable: Callable[[str], None] = lambda backend: None,
+                 batch_share: float | None = None) -> None:
         self._config = config
+        self._batch_share = batch_share  # a batch line's: the deployments' share it may take
         self._instruments = instruments
         self._operation = operation  # (as the GenAI conventions name it: chat, embeddings)
         self.span: AnySpan = NO_SPAN  # the routing's: each attempt's is a child of it
@@ -143,7 +148,7 @@ class Attempts:
                 raise self._final(error) if error or self._first_error \
                     else self._nothing_available()
             try:
-                await lease.state.acquire(self._config.queue_timeout)
+                await self._acquire(lease)
             except RateLimited as busy:
                 busy.code = "deployment_busy"
                 self._tried.add(_key(lease.deployment))
@@ -182,8 +187,15 @@ class Attempts:
         if self.count >= self._config.max_attempts:
             raise error
         fresh = Lease(lease.candidate, lease.deployment, lease.state)
-        await fresh.state.acquire(self._config.queue_timeout)
+        await self._acquire(fresh)
         return self._begin(fresh)
+
+    async def _acquire(self, lease: Lease) -> None:
+        if self._batch_share is None:
+            await lease.state.acquire(self._config.queue_timeout)
+        else:
+            lease.state.take_batch_slot(self._batch_share)
+            lease.batch = True
 
     async def _after(self, error: GatewayError, move_on: bool) -> None:
         kind = disposition(error)

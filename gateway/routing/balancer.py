@@ -25,14 +25,15 @@ STALE_SECONDS = 15.0
 class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
-    __slots__ = ("breaker", "in_flight", "latency", "limit", "max_queue", "observed_at",
-                 "verdicts", "waiters")
+    __slots__ = ("batch_in_flight", "breaker", "in_flight", "latency", "limit", "max_queue",
+                 "observed_at", "verdicts", "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
         self.limit = limit  # 0: unlimited
         self.max_queue = max_queue
         self.in_flight = 0
+        self.batch_in_flight = 0  # of in_flight: queued work's (batch lines)
         self.latency: float | None = None  # None: never answered, so worth a try
         self.observed_at = 0.0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -71,6 +72,19 @@ class DeploymentState:
                 raise RateLimited("Waited too long for a free slot on a busy deployment.",
                                   retry_after=max(1.0, self.latency or 0.0)) from None
             raise
+
+    def take_batch_slot(self, share: float) -> None:
+        """A slot for a batch line, only while interactive requests would still find room:
+        batch lines take at most ``share`` of the deployment's slots, never wait in line,
+        and never take the last free one (the line is put back and tried later).
+        """
+        cap = max(1, int(self.limit * share)) if self.limit else 0
+        if self.waiters or (cap and (self.batch_in_flight >= cap or
+                                     self.in_flight >= self.limit)):
+            raise RateLimited("This deployment's share for queued work is in use.",
+                              retry_after=1)
+        self.in_flight += 1
+        self.batch_in_flight += 1
 
     def release(self) -> None:
         while self.waiters:

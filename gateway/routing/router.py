@@ -32,20 +32,23 @@ class Router:
         # Told when a connection to a backend is refused (the health watcher listens).
         self.on_unreachable: Callable[[str], None] = lambda backend: None
 
-    def answer(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = ()
-               ) -> RoutedAnswer:
+    def answer(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = (),
+               batch: bool = False) -> RoutedAnswer:
         """The routed answer to a chat or text completion; ``await .start()`` runs it.
-        ``allowed``: the only models that may answer besides the one asked for (none: any).
+        ``allowed``: the only models that may answer besides the one asked for (none: any);
+        ``batch``: a batch line's, which takes only its share of each deployment.
         """
-        return self._answer(req, self.selector.route(req, allowed))
+        return self._answer(req, self.selector.route(req, allowed), batch)
 
     def escalate(self, req: ChatRequest | CompletionRequest, than: Deployment,
-                 why: str, allowed: tuple[str, ...] = ()) -> RoutedAnswer | None:
+                 why: str, allowed: tuple[str, ...] = (), batch: bool = False
+                 ) -> RoutedAnswer | None:
         """The answer of a stronger model than ``than``, or None when there is none."""
         stronger = self.selector.stronger(req, than, why, allowed)
-        return self._answer(req, Route(stronger, list)) if stronger else None
+        return self._answer(req, Route(stronger, list), batch) if stronger else None
 
-    def _answer(self, req: ChatRequest | CompletionRequest, route: Route) -> RoutedAnswer:
+    def _answer(self, req: ChatRequest | CompletionRequest, route: Route, batch: bool
+                ) -> RoutedAnswer:
         def opener(deployment: Deployment, prefill: str | None, sent: int
                    ) -> AsyncGenerator[Chunk]:
             ask = _continuing(req, prefill, sent) if prefill else req
@@ -56,19 +59,22 @@ class Router:
 
         operation = "chat" if isinstance(req, ChatRequest) else "text_completion"
         attempts = Attempts(self.config.routing, self.balancer, route, self.instruments,
-                            operation, self.on_unreachable)
+                            operation, self.on_unreachable,
+                            self.config.tasks.share if batch else None)
         alias = req.model if self.selector.is_alias(req.model) else ""
         return RoutedAnswer(attempts, opener, self.instruments, alias=alias,
                             streamed=req.stream,
                             rescue=self.config.routing.rescue)
 
-    async def embed(self, req: EmbeddingRequest) -> tuple[EmbeddingResult, Deployment, int]:
+    async def embed(self, req: EmbeddingRequest, batch: bool = False
+                    ) -> tuple[EmbeddingResult, Deployment, int]:
         """Embeddings, failing over only among deployments of the model asked for: another
         model's vectors would not be comparable.
         """
         candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
         attempts = Attempts(self.config.routing, self.balancer, Route([candidate], list),
-                            self.instruments, "embeddings", self.on_unreachable)
+                            self.instruments, "embeddings", self.on_unreachable,
+                            self.config.tasks.share if batch else None)
         attempts.span = current_span()
         error: GatewayError | None = None
         while True:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from gateway.config import GatewayConfig
@@ -16,6 +17,10 @@ from gateway.tasks.local import LocalStore
 from gateway.tasks.worker import Worker
 
 __all__ = ["Tasks"]
+
+log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 2.0
 
 
 class Tasks:
@@ -27,22 +32,44 @@ class Tasks:
         self.batches = Batches(self.store, tasks.max_lines)
         self.worker = Worker(self.batches, pipeline, tasks, config.server.reasoning) \
             if tasks.worker else None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.recent: list[dict[str, Any]] = []  # the batches, as last looked at
 
     async def start(self) -> None:
         await self.store.start()
+        self._tasks.append(asyncio.create_task(self._watch(), name="batches watch"))
         if self.worker is not None:
-            self._task = asyncio.create_task(self.worker.run(), name="batch worker")
+            self._tasks.append(asyncio.create_task(self.worker.run(), name="batch worker"))
+
+    async def _watch(self) -> None:
+        """Look at the batches every few seconds, for /admin/status and the metrics."""
+        while True:
+            try:
+                self.recent = [_progress(b) for b in await self.store.recent_batches()]
+            except Exception:  # the watch must outlive a bad look (a locked database)
+                log.exception("batches: looking at them failed")
+            await asyncio.sleep(WATCH_SECONDS)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self.worker is not None:
             await self.worker.close()
         await self.store.close()
 
     def report(self) -> dict[str, Any]:
+        """For /admin/status: the queue, this process's worker, the batches' progress."""
         return {"queue": "local", "worker": self.worker.name if self.worker else None,
-                "answered": self.worker.answered if self.worker else 0}
+                "answered": self.worker.answered if self.worker else 0,
+                "batches": self.recent}
+
+
+def _progress(batch: dict[str, Any]) -> dict[str, Any]:
+    counts = batch["request_counts"]
+    return {"id": batch["id"], "tenant": batch["tenant"], "status": batch["status"],
+            "endpoint": batch["endpoint"], "created_at": batch["created_at"],
+            "total": counts["total"], "completed": counts["completed"],
+            "failed": counts["failed"]}

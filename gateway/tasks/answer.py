@@ -35,12 +35,12 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
             body.pop("stream")
             embedding = parse_embedding(body)
             check_allowed(who.models, embedding.model)
-            return 200, embeddings_body(embedding, await pipeline.embed(embedding))
+            return 200, embeddings_body(embedding, await pipeline.embed(embedding, batch=True))
         kind: Kind = "chat" if endpoint == "/v1/chat/completions" else "text"
         req = parse_chat(body) if kind == "chat" else parse_completion(body)
         check_allowed(who.models, req.model)
         ctx = RequestContext(kind=kind, req=req, tenant=who.tenant, client_headers={},
-                             cache_scope=who.cache_scope, models=who.models)
+                             cache_scope=who.cache_scope, models=who.models, batch=True)
         result = await pipeline.run(ctx)
         assert isinstance(result, Whole)  # (stream is false)
         return 200, completion_body(kind, result.completion, reasoning)

@@ -38,8 +38,12 @@ CREATE TABLE IF NOT EXISTS results (batch TEXT, n INTEGER, custom_id TEXT, ok IN
 
 
 class LocalStore:
-    def __init__(self, data_dir: str, visibility_timeout: float) -> None:
+    def __init__(self, data_dir: str, visibility_timeout: float, claims: bool = True) -> None:
+        """``claims``: this process's workers claim lines (a reader, such as the CLI, does
+        not, and leaves the lines the gateway holds alone).
+        """
         self.folder = Path(os.path.expanduser(data_dir))
+        self._claims = claims
         self._timeout = visibility_timeout
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -55,7 +59,9 @@ class LocalStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a finished line is on disk when it says so
         db.executescript(SCHEMA)
-        db.execute("UPDATE lines SET holder = NULL")  # their holder was this process, before
+        if self._claims:
+            db.execute("UPDATE lines SET holder = NULL")  # their holder was this process,
+            # before: one gateway process owns a local queue
         self._db = db
 
     async def close(self) -> None:
@@ -135,6 +141,21 @@ class LocalStore:
             rows = db.execute("SELECT doc FROM batches WHERE tenant = ? ORDER BY rowid DESC",
                               (tenant,)).fetchall()
             return [_counted(db, orjson.loads(r[0])) for r in rows]
+        return await self._run(read)
+
+    async def recent_batches(self, finished: int = 10) -> list[dict[str, Any]]:
+        """Every batch not yet finished and the last ``finished`` that are, newest first,
+        whoever's they are (for the operator).
+        """
+        def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(
+                "SELECT doc FROM batches WHERE json_extract(doc, '$.status') NOT IN "
+                "('completed', 'failed', 'expired', 'cancelled') UNION ALL SELECT * FROM "
+                "(SELECT doc FROM batches WHERE json_extract(doc, '$.status') IN ('completed', "
+                "'failed', 'expired', 'cancelled') ORDER BY rowid DESC LIMIT ?)",
+                (finished,)).fetchall()
+            batches = [_counted(db, orjson.loads(r[0])) for r in rows]
+            return sorted(batches, key=lambda b: b["created_at"], reverse=True)
         return await self._run(read)
 
     async def change_batch(self, batch_id: str, changes: dict[str, Any],

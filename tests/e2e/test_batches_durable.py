@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import openai
 
 from gateway.sim import create_ollama_app
 from tests.integration.conftest import host_models
-from tests.support import GatewayProcess, ServerThread, Sim, wait_until
+from tests.support import GATEWAY, GatewayProcess, ServerThread, Sim, wait_until
 
 LINES = 120
 
@@ -60,6 +61,9 @@ def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Pat
         lines = api.files.content(done.output_file_id).text.splitlines()  # type: ignore[arg-type]
         ids = [json.loads(x)["custom_id"] for x in lines]
         assert sorted(ids) == sorted(f"line-{n}" for n in range(LINES))  # each exactly once
+        listed = subprocess.run([*GATEWAY, "batches", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+        assert f"{batch.id}  completed   [{'#' * 24}] {LINES}/{LINES}" in listed
     finally:
         gateway.stop()
         sim.server.stop()

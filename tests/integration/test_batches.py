@@ -9,16 +9,19 @@ import hashlib
 import io
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
+from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
 from tests.integration.conftest import FAST, Fleet
-from tests.support import ServerThread, backend, gateway_config, start_gateway
+from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
 
+ADMIN = "gw-admin-key-of-the-batch-tests"
 KEYS = {"alice": "gw-alice-key-of-the-batch-tests", "bob": "gw-bob-key-of-the-batch-tests"}
 
 
@@ -34,7 +37,8 @@ def gateway(fleet: Fleet) -> Iterator[ServerThread]:
         backend("embedder", "ollama", embedder.url, timeouts=FAST),
         backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST),
         keys=[{"id": name, "hash": hashlib.sha256(key.encode()).hexdigest()}
-              for name, key in KEYS.items()]))
+              for name, key in KEYS.items()],
+        auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]}))
     yield server
     server.stop()
     embedder.stop()
@@ -94,6 +98,16 @@ def test_a_chat_batch_end_to_end_with_the_sdk(gateway: ServerThread) -> None:
         assert body["object"] == "chat.completion" and body["model"] == "qwq:32b"
         assert body["choices"][0]["message"]["content"]
     assert [b.id for b in api.batches.list()] == [batch.id]
+
+    def shown() -> dict[str, Any]:  # the operator's view of it, in /admin/status
+        request = urllib.request.Request(gateway.url + "/admin/status",
+                                         headers={"Authorization": f"Bearer {ADMIN}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            found = json.loads(response.read())["tasks"]["batches"]
+        return next((b for b in found if b["id"] == batch.id), {})
+
+    wait_until(lambda: shown().get("status") == "completed", 10, "the batch in the status")
+    assert shown()["completed"] == shown()["total"] == 20
 
 
 def test_an_embeddings_batch(gateway: ServerThread) -> None:
@@ -192,3 +206,30 @@ def test_files_are_listed_shown_and_deleted(gateway: ServerThread) -> None:
         api.files.retrieve(source.id)
     with pytest.raises(openai.BadRequestError):
         api.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="fine-tune")
+
+
+def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", latency=0.3)
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST,
+                max_concurrency=4),
+        tasks={"share": 0.5, "retry_initial": 0.05, "retry_max": 0.1}))
+    try:
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        source = api.files.create(file=("slow.jsonl", jsonl([chat_line(n) for n in range(12)])),
+                                  purpose="batch")
+        batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        state = server.app[ROUTER].balancer.state
+        deployment = server.app[CATALOG].deployments("qwq:32b")[0]
+        most = 0
+        while api.batches.retrieve(batch.id).status == "in_progress":
+            most = max(most, server.call(lambda: state(deployment).batch_in_flight))
+            started = time.monotonic()  # an IDE's request meanwhile finds a free slot
+            assert api.chat.completions.create(model="qwq:32b", messages=[
+                {"role": "user", "content": "hi"}]).model == "qwq:32b"
+            assert time.monotonic() - started < 0.6  # its 0.3 s, no wait in line
+        assert most == 2  # half of the 4 slots, never more
+        assert finished(api, batch.id).request_counts.completed == 12  # type: ignore[union-attr]
+    finally:
+        server.stop()
