@@ -1,16 +1,28 @@
 """``gateway batches``: every batch not yet finished and the last ones that are, with their
-progress, read from the task store the config names (what ``/admin/status`` shows too).
+progress, read from the task store the config names (what ``/admin/status`` shows too);
+``gateway worker``: a process answering batch lines from Redis, on any host that reaches it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import logging
+import sys
 import time
 from typing import Any
 
-from gateway.config import DEFAULT_CONFIG, load_config
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import DEFAULT_CONFIG, GatewayConfig, TasksConfig, load_config
+from gateway.runtime import new_event_loop, until_signalled
+from gateway.tasks.batches import Store
 from gateway.tasks.local import LocalStore
+from gateway.tasks.shared import RedisStore
+
+log = logging.getLogger(__name__)
 
 BAR = 24  # characters of a progress bar
 
@@ -21,17 +33,51 @@ def add_batches_command(commands: Any) -> None:
     batches.add_argument("--last", type=int, default=10,
                          help="finished batches shown (default: 10)")
     batches.set_defaults(run=_batches)
+    worker = commands.add_parser(
+        "worker", help="answer batch lines from the config's Redis, without serving HTTP "
+        "(as many on as many hosts as the work needs)")
+    worker.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
+    worker.set_defaults(run=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if config.tasks.queue != "redis":
+        print('gateway worker: the config\'s [tasks] queue is "local" (the gateway\'s own '
+              'worker answers it); set queue = "redis" to share the work', file=sys.stderr)
+        return 2
+    config = dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, worker=True))
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_working(config))
+    finally:
+        loop.close()
+    return 0
+
+
+async def _working(config: GatewayConfig) -> None:
+    """Every part of the gateway but its HTTP server: the pipeline, routing, the backends,
+    the monitor, and the batch worker.
+    """
+    runner = web.AppRunner(create_app(config))
+    await runner.setup()  # (starts every service; no port is opened)
+    try:
+        log.info("gateway worker: answering batch lines from %s", config.tasks.redis_url)
+        await until_signalled()
+    finally:
+        await runner.cleanup()
 
 
 def _batches(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    print(asyncio.run(listing(config.tasks.data_dir, config.tasks.visibility_timeout,
-                              args.last)))
+    print(asyncio.run(listing(config.tasks, args.last)))
     return 0
 
 
-async def listing(data_dir: str, visibility_timeout: float, last: int) -> str:
-    store = LocalStore(data_dir, visibility_timeout, claims=False)
+async def listing(config: TasksConfig, last: int) -> str:
+    store: Store = RedisStore(config.redis_url, config.visibility_timeout) \
+        if config.queue == "redis" else \
+        LocalStore(config.data_dir, config.visibility_timeout, claims=False)
     await store.start()
     try:
         batches = await store.recent_batches(last)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
+
+QueueKind = Literal["local", "redis"]
+
 
 
 @dataclass(frozen=True, slots=True)
 class TasksConfig:
-    """Files, batches and their queue are kept in ``data_dir`` (an SQLite database beside
-    the files), for one gateway process, surviving restarts.
+    """``queue = "local"`` (the default) keeps files, batches and their queue in
+    ``data_dir`` (an SQLite database beside the files), for one gateway process, surviving
+    restarts. ``queue = "redis"`` keeps them in Redis, where the workers of every gateway
+    process and of ``gateway worker`` on any host take lines from one stream.
 
     ``concurrency``: lines one process answers at once; ``share``: the part of each
     deployment's ``max_concurrency`` batch lines may take, so interactive requests always
@@ -17,6 +23,8 @@ class TasksConfig:
     finished (the worker died) is given to another.
     """
 
+    queue: QueueKind = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: str = "~/.local/share/hybrid-gateway"
     worker: bool = True  # run a worker inside `gateway serve`
     concurrency: int = 8
@@ -36,3 +44,5 @@ class TasksConfig:
             yield "max_file_bytes", "expected a positive size"
         if self.visibility_timeout <= 0:
             yield "visibility_timeout", "expected seconds > 0"
+        if self.queue == "redis" and not self.redis_url.startswith(("redis://", "rediss://")):
+            yield "redis_url", "expected a redis:// or rediss:// URL"

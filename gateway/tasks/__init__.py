@@ -12,8 +12,9 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.pipeline import Pipeline
-from gateway.tasks.batches import Batches
+from gateway.tasks.batches import Batches, Store
 from gateway.tasks.local import LocalStore
+from gateway.tasks.shared import RedisStore
 from gateway.tasks.worker import Worker
 
 __all__ = ["Tasks"]
@@ -28,7 +29,9 @@ class Tasks:
 
     def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
         tasks = config.tasks
-        self.store = LocalStore(tasks.data_dir, tasks.visibility_timeout)
+        self.store: Store = RedisStore(tasks.redis_url, tasks.visibility_timeout) \
+            if tasks.queue == "redis" else LocalStore(tasks.data_dir, tasks.visibility_timeout)
+        self.queue = tasks.queue
         self.batches = Batches(self.store, tasks.max_lines)
         self.worker = Worker(self.batches, pipeline, tasks, config.server.reasoning) \
             if tasks.worker else None
@@ -62,7 +65,7 @@ class Tasks:
 
     def report(self) -> dict[str, Any]:
         """For /admin/status: the queue, this process's worker, the batches' progress."""
-        return {"queue": "local", "worker": self.worker.name if self.worker else None,
+        return {"queue": self.queue, "worker": self.worker.name if self.worker else None,
                 "answered": self.worker.answered if self.worker else 0,
                 "batches": self.recent}
 

@@ -15,10 +15,11 @@ import orjson
 
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import check_input, file_record, new_id
+from gateway.tasks.shared import RedisStore
 
 log = logging.getLogger(__name__)
 
-Store = LocalStore
+Store = LocalStore | RedisStore  # (the same methods: local.py is the reference)
 
 
 class Batches:

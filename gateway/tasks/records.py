@@ -64,6 +64,7 @@ class Line:
     n: int  # its place in the input file, from 1
     custom_id: str
     body: dict[str, Any]
+    ref: str = ""  # the queue's handle of it, once claimed (a Redis stream entry's id)
 
 
 def check_input(content: bytes, batch: str, endpoint: str, max_lines: int

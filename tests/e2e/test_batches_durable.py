@@ -1,5 +1,7 @@
 """Batches survive what operators meet: the gateway killed (kill -9) in the middle of a
-batch and started again on the same data directory finishes it, every line answered once.
+batch and started again on the same data directory finishes it; one of two ``gateway
+worker`` processes on Redis killed mid-batch leaves its lines to the other; every line
+answered once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import openai
 
 from gateway.sim import create_ollama_app
 from tests.integration.conftest import host_models
+from tests.redis_peer import RedisServer
 from tests.support import GATEWAY, GatewayProcess, ServerThread, Sim, wait_until
 
 LINES = 120
@@ -67,3 +70,55 @@ def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Pat
     finally:
         gateway.stop()
         sim.server.stop()
+
+
+def redis_config(path: Path, sim: Sim, redis: RedisServer, worker: bool) -> Path:
+    path.write_text(f'[[backends]]\nname = "studio"\nkind = "ollama"\nurl = "{sim.api_url}"\n\n'
+                    f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n'
+                    f'worker = {str(worker).lower()}\nvisibility_timeout = 2.0\n')
+    return path
+
+
+def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path) -> None:
+    sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
+    sim.fault("qwq:32b", latency=0.05)
+    with RedisServer() as redis:
+        config = redis_config(tmp_path / "gateway.toml", sim, redis, worker=False)
+        gateway = GatewayProcess(config)  # the API only: the workers answer
+        workers = [subprocess.Popen([*GATEWAY, "worker", "--config", str(config)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for _ in range(2)]
+        try:
+            api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+            content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(500))
+            source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
+                                      purpose="batch")
+            batch = api.batches.create(input_file_id=source.id,
+                                       endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+
+            def some_done() -> bool:
+                counts = api.batches.retrieve(batch.id).request_counts
+                return counts is not None and counts.completed >= 50
+
+            wait_until(some_done, 60, "some lines answered")
+            counts = api.batches.retrieve(batch.id).request_counts
+            assert counts is not None and counts.completed < 500  # killed in the middle
+            workers[0].send_signal(signal.SIGKILL)  # mid-line, its claims unacknowledged
+            workers[0].wait(timeout=10)
+            deadline = time.monotonic() + 90
+            while (done := api.batches.retrieve(batch.id)).status != "completed":
+                assert time.monotonic() < deadline, done
+                time.sleep(0.2)
+            assert done.request_counts is not None
+            assert (done.request_counts.completed, done.request_counts.failed) == (500, 0)
+            text = api.files.content(done.output_file_id).text  # type: ignore[arg-type]
+            ids = [json.loads(x)["custom_id"] for x in text.splitlines()]
+            assert sorted(ids) == sorted(f"line-{n}" for n in range(500))  # each once
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+                worker.wait(timeout=20)
+            gateway.stop()
+            sim.server.stop()

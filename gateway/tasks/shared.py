@@ -1,0 +1,223 @@
+"""The task store in Redis, for several gateway processes and ``gateway worker`` on any
+host: files, batches and results in keys of their own, the lines in one stream read by a
+consumer group.
+
+A worker claims lines with ``XREADGROUP`` (a blocking read: a line is picked up as soon as
+it is queued, no polling) and lines a dead worker held with ``XAUTOCLAIM`` once they have
+been idle for the visibility timeout. A result is written (``HSETNX``: once per
+``custom_id``, however often the line is done) before the line is acknowledged, so a worker
+that dies between the two only makes another do the line again, and its second result is
+not kept. A line put back for later waits in a sorted set by when it is due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
+
+from gateway.tasks.records import TERMINAL, Line
+
+P = "gw:tasks:"
+STREAM, LATER, GROUP = "gw:{tasks}:lines", "gw:{tasks}:later", "workers"
+
+# Keys of one batch share a hash tag, so each script touches one cluster slot.
+FINISH = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('DECR', KEYS[3])
+end
+"""
+DISCARD = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
+then redis.call('DECR', KEYS[3]) end
+"""
+DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, line in ipairs(due) do
+  redis.call('ZREM', KEYS[1], line)
+  redis.call('XADD', KEYS[2], '*', 'line', line)
+end
+return #due
+"""
+
+
+def _keys(batch: str) -> tuple[str, str, str, str]:
+    tag = f"{P}{{{batch}}}"
+    return f"{tag}:results", f"{tag}:counts", f"{tag}:remaining", f"{tag}:dropped"
+
+
+class RedisStore:
+    def __init__(self, url: str, visibility_timeout: float, claims: bool = True) -> None:
+        self._redis: Any = aioredis.from_url(url, socket_connect_timeout=5)  # (loosely typed)
+        self._timeout = visibility_timeout
+        self.folder = url  # (what `gateway batches` says it read)
+        self._finish = self._redis.register_script(FINISH)
+        self._discard = self._redis.register_script(DISCARD)
+        self._due = self._redis.register_script(DUE)
+
+    async def start(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self._redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # ---- files
+
+    async def save_file(self, record: dict[str, Any], content: bytes) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(f"{P}file:{record['id']}",
+                      mapping={"doc": orjson.dumps(record), "content": content})
+            pipe.zadd(f"{P}files:{record['tenant']}", {record["id"]: record["created_at"]})
+            await pipe.execute()
+
+    async def file(self, file_id: str) -> dict[str, Any] | None:
+        doc = await self._redis.hget(f"{P}file:{file_id}", "doc")
+        return orjson.loads(doc) if doc else None
+
+    async def files(self, tenant: str) -> list[dict[str, Any]]:
+        ids = await self._redis.zrange(f"{P}files:{tenant}", 0, -1)
+        docs = [await self.file(i.decode()) for i in ids]
+        return [d for d in docs if d is not None]
+
+    async def content(self, file_id: str) -> bytes | None:
+        content: bytes | None = await self._redis.hget(f"{P}file:{file_id}", "content")
+        return content
+
+    async def delete_file(self, file_id: str) -> None:
+        record = await self.file(file_id)
+        if record is not None:
+            await self._redis.zrem(f"{P}files:{record['tenant']}", file_id)
+        await self._redis.delete(f"{P}file:{file_id}")
+
+    # ---- batches
+
+    async def put_batch(self, record: dict[str, Any]) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(f"{P}batch:{record['id']}", orjson.dumps(record))
+            pipe.zadd(f"{P}batches:{record['tenant']}", {record["id"]: time.time()})
+            pipe.zadd(f"{P}batches", {record["id"]: time.time()})
+            await pipe.execute()
+
+    async def batch(self, batch_id: str) -> dict[str, Any] | None:
+        doc = await self._redis.get(f"{P}batch:{batch_id}")
+        return await self._counted(orjson.loads(doc)) if doc else None
+
+    async def _counted(self, record: dict[str, Any]) -> dict[str, Any]:
+        if record["status"] not in ("validating", "failed"):
+            counts = await self._redis.hgetall(_keys(record["id"])[1])
+            record["request_counts"] = {**record["request_counts"],
+                                        "completed": int(counts.get(b"completed", 0)),
+                                        "failed": int(counts.get(b"failed", 0))}
+        return record
+
+    async def batches(self, tenant: str) -> list[dict[str, Any]]:
+        ids = await self._redis.zrevrange(f"{P}batches:{tenant}", 0, -1)
+        docs = [await self.batch(i.decode()) for i in ids]
+        return [d for d in docs if d is not None]
+
+    async def recent_batches(self, finished: int = 10) -> list[dict[str, Any]]:
+        ids = await self._redis.zrevrange(f"{P}batches", 0, 499)
+        out, done = [], 0
+        for batch_id in ids:
+            record = await self.batch(batch_id.decode())
+            if record is None:
+                continue
+            if record["status"] in TERMINAL:
+                done += 1
+                if done > finished:
+                    continue
+            out.append(record)
+        return out
+
+    async def change_batch(self, batch_id: str, changes: dict[str, Any],
+                           when: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        key = f"{P}batch:{batch_id}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    doc = await pipe.get(key)
+                    if doc is None:
+                        return None
+                    record = orjson.loads(doc)
+                    if when and record["status"] not in when:
+                        return None
+                    record.update(changes)
+                    pipe.multi()
+                    pipe.set(key, orjson.dumps(record))
+                    await pipe.execute()
+                    return await self._counted(record)
+                except WatchError:
+                    continue  # changed meanwhile: look again
+
+    # ---- the queue
+
+    async def enqueue(self, lines: list[Line]) -> None:
+        if not lines:
+            return
+        await self._redis.incrby(_keys(lines[0].batch)[2], len(lines))
+        for start in range(0, len(lines), 500):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for line in lines[start:start + 500]:
+                    pipe.xadd(STREAM, {"line": _encoded(line)})
+                await pipe.execute()
+
+    async def claim(self, holder: str, count: int, wait: float) -> list[Line]:
+        await self._due(keys=[LATER, STREAM], args=[time.time()])
+        _, entries, *_ = await self._redis.xautoclaim(
+            STREAM, GROUP, holder, min_idle_time=int(self._timeout * 1000), count=count)
+        lines = [_decoded(ref, fields) for ref, fields in entries if fields]
+        if len(lines) < count:
+            read = await self._redis.xreadgroup(GROUP, holder, {STREAM: ">"},
+                                                count=count - len(lines),
+                                                block=max(1, int(wait * 1000)))
+            for _, got in read or []:
+                lines += [_decoded(ref, fields) for ref, fields in got]
+        return lines
+
+    async def finish(self, line: Line, ok: bool, result: dict[str, Any]) -> None:
+        results, counts, remaining, _ = _keys(line.batch)
+        await self._finish(keys=[results, counts, remaining],
+                           args=[line.custom_id, orjson.dumps({"n": line.n, "ok": ok,
+                                                                "line": result}),
+                                 "completed" if ok else "failed"])
+        await self._redis.xack(STREAM, GROUP, line.ref)
+
+    async def discard(self, line: Line) -> None:
+        results, _, remaining, dropped = _keys(line.batch)
+        await self._discard(keys=[dropped, results, remaining], args=[line.custom_id])
+        await self._redis.xack(STREAM, GROUP, line.ref)
+
+    async def put_back(self, line: Line, delay: float) -> None:
+        await self._redis.zadd(LATER, {_encoded(line): time.time() + delay})
+        await self._redis.xack(STREAM, GROUP, line.ref)  # (after: never lost between)
+
+    async def drop_lines(self, batch_id: str) -> list[str]:
+        """Lines in the stream cannot be taken out by batch: each worker that reads one of
+        a batch no longer in progress drops it (``discard``), which is quick.
+        """
+        return []
+
+    async def remaining(self, batch_id: str) -> int:
+        return int(await self._redis.get(_keys(batch_id)[2]) or 0)
+
+    async def results(self, batch_id: str) -> list[tuple[bool, dict[str, Any]]]:
+        found = await self._redis.hgetall(_keys(batch_id)[0])
+        rows = sorted((orjson.loads(v) for v in found.values()), key=lambda r: r["n"])
+        return [(r["ok"], r["line"]) for r in rows]
+
+
+def _encoded(line: Line) -> bytes:
+    return orjson.dumps({"batch": line.batch, "n": line.n, "custom_id": line.custom_id,
+                         "body": line.body})
+
+
+def _decoded(ref: bytes, fields: dict[bytes, bytes]) -> Line:
+    data = orjson.loads(fields[b"line"])
+    return Line(data["batch"], data["n"], data["custom_id"], data["body"], ref.decode())
