@@ -51,6 +51,9 @@ class RequestContext:
     cache_scope: str = ""
     # The models (and aliases) the caller may use, fallbacks and escalations too (none: all).
     models: tuple[str, ...] = ()
+    # A batch line's: it takes only its share of each deployment ([tasks] share), so
+    # interactive requests always find room.
+    batch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
