@@ -25,9 +25,12 @@ from plugins.base import RequestContext
 
 # Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
 # and version by which Ollama's clients recognise a server.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/api/version", "/dashboard",
-                          "/dashboard/app.js", "/dashboard/fleet.js",
-                          "/dashboard/style.css"})  # (no data in these)
+# The dashboard's page and its files (path → file, type): they hold no data.
+DASHBOARD = {"/dashboard": ("index.html", "text/html"),
+             "/dashboard/app.js": ("app.js", "text/javascript"),
+             "/dashboard/fleet.js": ("fleet.js", "text/javascript"),
+             "/dashboard/style.css": ("style.css", "text/css")}
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/api/version", *DASHBOARD})
 # Paths for the operator: anyone's on a gateway without keys, else an admin key's.
 OPERATOR_PATHS = frozenset({"/metrics", "/admin/status", "/dashboard/events"})
 OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say

@@ -20,14 +20,12 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from gateway.http.access import DASHBOARD
 from gateway.http.middlewares import json_response
 from gateway.keys import MONITOR
 
 PAGES = Path(__file__).resolve().parent / "dashboard"
-FILES = {"/dashboard": ("index.html", "text/html"),
-         "/dashboard/app.js": ("app.js", "text/javascript"),
-         "/dashboard/fleet.js": ("fleet.js", "text/javascript"),
-         "/dashboard/style.css": ("style.css", "text/css")}
+FILES = DASHBOARD
 EVENT_SECONDS = 1.0
 STOPPING = web.AppKey("dashboard_stopping", asyncio.Event)
 

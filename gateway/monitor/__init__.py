@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
-from gateway.monitor.alerts import Alerter, Facts, conditions
+from gateway.monitor.alerts import Alert, Alerter, Facts, conditions
 from gateway.monitor.healing import Healer
 from gateway.monitor.health import HealthWatcher
 from gateway.monitor.sinks import Dispatcher, build_sinks
@@ -202,7 +202,7 @@ class Monitor:
         }
 
 
-def _alert(alert: Any) -> dict[str, Any]:
+def _alert(alert: Alert) -> dict[str, Any]:
     c = alert.condition
     return {"rule": c.rule.id, "kind": c.rule.kind, "target": c.target,
             "severity": c.rule.severity, "summary": c.summary, "started": alert.started}

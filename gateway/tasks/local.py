@@ -12,6 +12,7 @@ is the only one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -193,11 +194,9 @@ class LocalStore:
             left = deadline - time.monotonic()
             if lines or left <= 0:
                 return lines
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 1.0)):  # (due times pass too)
                     await self._arrived.wait()
-            except TimeoutError:
-                pass
 
     def _claim(self, db: sqlite3.Connection, holder: str, count: int) -> list[Line]:
         now = time.time()

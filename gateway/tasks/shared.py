@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError, WatchError
 from gateway.tasks.records import TERMINAL, Line
 
 P = "gw:tasks:"
+RECENT = 100  # the newest batches the operator's view looks at (every few seconds)
 STREAM, LATER, GROUP = "gw:{tasks}:lines", "gw:{tasks}:later", "workers"
 
 # Keys of one batch share a hash tag, so each script touches one cluster slot.
@@ -122,7 +123,7 @@ class RedisStore:
         return [d for d in docs if d is not None]
 
     async def recent_batches(self, finished: int = 10) -> list[dict[str, Any]]:
-        ids = await self._redis.zrevrange(f"{P}batches", 0, 499)
+        ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
         out, done = [], 0
         for batch_id in ids:
             record = await self.batch(batch_id.decode())

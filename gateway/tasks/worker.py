@@ -80,6 +80,7 @@ class Worker:
     async def _do(self, line: Line) -> None:
         batch = await self._store.batch(line.batch)
         if batch is None or batch["status"] != "in_progress":
+            self._tries.pop((line.batch, line.n), None)
             await self._store.discard(line)  # cancelled (or gone) meanwhile
             if batch is not None:
                 await self._batches.settle(line.batch)
