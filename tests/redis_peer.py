@@ -23,10 +23,15 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    """``redis-server`` with no persistence, owned by the test that started it."""
+    """``redis-server`` owned by the test that started it: with no persistence, or with
+    ``appendonly`` its append-only file on, as a Redis that keeps batches should run
+    (``appendfsync everysec``, Redis's default: a crash of the Redis process loses no write
+    it answered; a crash of the machine, up to the last second).
+    """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
         self.port = port or free_port()
+        self.appendonly = appendonly
         self.folder = tempfile.mkdtemp(prefix="gw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -37,7 +42,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.folder, "--protected-mode", "yes",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+             "--dir", self.folder, "--protected-mode", "yes",
              "--enable-debug-command", "local"],  # DEBUG SLEEP: a Redis that stalls
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
@@ -53,6 +59,11 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+    def restart(self) -> None:
+        """Killed (kill -9) and started again on the same port and folder."""
+        self.kill()
+        self.start()
 
     def command(self, *args: str) -> bytes:
         """One command in the inline protocol; the first line of the reply."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.pipeline import Pipeline
-from gateway.tasks.batches import Batches, Store
+from gateway.tasks.batches import Batches, Store, StoreDown
 from gateway.tasks.local import LocalStore
 from gateway.tasks.shared import RedisStore
 from gateway.tasks.worker import Worker
@@ -45,11 +45,17 @@ class Tasks:
             self._tasks.append(asyncio.create_task(self.worker.run(), name="batch worker"))
 
     async def _watch(self) -> None:
-        """Look at the batches every few seconds, for /admin/status and the metrics."""
+        """Look at the batches every few seconds, for /admin/status and the metrics, and
+        expire those whose window has run out.
+        """
         while True:
             try:
-                self.recent = [_progress(b) for b in await self.store.recent_batches()]
-            except Exception:  # the watch must outlive a bad look (a locked database)
+                batches = await self.store.recent_batches()
+                self.recent = [_progress(b) for b in batches]
+                await self.batches.expire_overdue(batches)
+            except StoreDown as exc:
+                log.warning("batches: the task store is unavailable (%s)", type(exc).__name__)
+            except Exception:  # the watch must outlive a bad look
                 log.exception("batches: looking at them failed")
             await asyncio.sleep(WATCH_SECONDS)
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway.config import ReasoningMode
 from gateway.doors.openai import completion_body, embeddings_body
+from gateway.doors.responses_answer import ResponseStream, new_response
+from gateway.doors.responses_request import chat_body
 from gateway.errors import GatewayError
 from gateway.http.access import check_allowed
 from gateway.pipeline import Pipeline, Whole
-from gateway.protocol.openai import Kind, parse_chat, parse_completion, parse_embedding
+from gateway.protocol.openai import Kind, invalid, parse_chat, parse_completion, parse_embedding
 from plugins.base import RequestContext
 
 
@@ -29,6 +33,7 @@ class Who:
 async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: Who,
                  reasoning: ReasoningMode) -> tuple[int, dict[str, Any]]:
     """The status and body the endpoint would have answered the line with."""
+    original = body
     try:
         body = {**body, "stream": False}  # a batch's answers are whole
         if endpoint == "/v1/embeddings":
@@ -36,13 +41,24 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
             embedding = parse_embedding(body)
             check_allowed(who.models, embedding.model)
             return 200, embeddings_body(embedding, await pipeline.embed(embedding, batch=True))
-        kind: Kind = "chat" if endpoint == "/v1/chat/completions" else "text"
+        if endpoint == "/v1/responses":
+            if body.get("previous_response_id") is not None:
+                raise invalid("previous_response_id", "A batch line cannot continue a stored "
+                              "response; send the whole input.")
+            body = chat_body(body, [])[0]
+        kind: Kind = "text" if endpoint == "/v1/completions" else "chat"
         req = parse_chat(body) if kind == "chat" else parse_completion(body)
         check_allowed(who.models, req.model)
         ctx = RequestContext(kind=kind, req=req, tenant=who.tenant, client_headers={},
                              cache_scope=who.cache_scope, models=who.models, batch=True)
         result = await pipeline.run(ctx)
         assert isinstance(result, Whole)  # (stream is false)
-        return 200, completion_body(kind, result.completion, reasoning)
+        if endpoint != "/v1/responses":
+            return 200, completion_body(kind, result.completion, reasoning)
+        response = new_response(original, store=False)  # (a batch's answers are not kept)
+        response["model"] = result.completion.model
+        encoder = ResponseStream(response, reasoning)
+        encoder.whole(result.completion)
+        return 200, orjson.loads(encoder.dumped)
     except GatewayError as exc:
         return exc.status, exc.payload()

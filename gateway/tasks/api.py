@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.errors import GatewayError, InvalidRequest, NotFound, Unavailable
 from gateway.http.bodies import body_of
 from gateway.http.middlewares import UPLOAD_OVERHEAD, json_response
 from gateway.keys import CONFIG, KEY, TENANT
 from gateway.tasks import Tasks
+from gateway.tasks.batches import StoreDown
 from gateway.tasks.records import (
     ENDPOINTS,
     PURPOSES,
@@ -173,13 +176,26 @@ def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
     return fields
 
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """A store that cannot answer now (Redis restarting) is a 503 to retry, not a 500."""
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except StoreDown:
+            raise Unavailable("The task store is unavailable right now; try again shortly.",
+                              retry_after=1) from None
+    return guarded
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/files", upload)
-    app.router.add_get("/v1/files", list_files)
-    app.router.add_get("/v1/files/{id}", get_file)
-    app.router.add_get("/v1/files/{id}/content", file_content)
-    app.router.add_delete("/v1/files/{id}", delete_file)
-    app.router.add_post("/v1/batches", create_batch)
-    app.router.add_get("/v1/batches", list_batches)
-    app.router.add_get("/v1/batches/{id}", get_batch)
-    app.router.add_post("/v1/batches/{id}/cancel", cancel_batch)
+    for method, path, handler in (
+            ("POST", "/v1/files", upload), ("GET", "/v1/files", list_files),
+            ("GET", "/v1/files/{id}", get_file), ("GET", "/v1/files/{id}/content", file_content),
+            ("DELETE", "/v1/files/{id}", delete_file), ("POST", "/v1/batches", create_batch),
+            ("GET", "/v1/batches", list_batches), ("GET", "/v1/batches/{id}", get_batch),
+            ("POST", "/v1/batches/{id}/cancel", cancel_batch)):
+        app.router.add_route(method, path, _guarded(handler))

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway.tasks import local, shared
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import check_input, file_record, new_id
 from gateway.tasks.shared import RedisStore
@@ -20,6 +21,7 @@ from gateway.tasks.shared import RedisStore
 log = logging.getLogger(__name__)
 
 Store = LocalStore | RedisStore  # (the same methods: local.py is the reference)
+StoreDown = (*local.DOWN, *shared.DOWN)  # what a store raises when it cannot answer now
 
 
 class Batches:
@@ -56,14 +58,29 @@ class Batches:
         return None
 
     async def expire(self, batch_id: str) -> None:
-        """Its window ran out: lines not yet answered are not answered."""
+        """Its window ran out: lines not yet answered are not answered; the error file
+        lists them (``batch_expired``) beside the lines that failed.
+        """
         changed = await self.store.change_batch(
             batch_id, {"status": "expired", "expired_at": int(time.time())},
             when=("in_progress",))
         if changed is not None:
-            dropped = await self.store.drop_lines(batch_id)
-            await self._write_files(changed, unanswered=dropped)
+            await self.store.drop_lines(batch_id)  # (on Redis, workers drop them as read)
+            answered = {r["custom_id"] for _, r in await self.store.results(batch_id)}
+            content = await self.store.content(changed["input_file_id"]) or b""
+            lines, _ = check_input(content, batch_id, changed["endpoint"], self._max_lines)
+            await self._write_files(changed, unanswered=[
+                x.custom_id for x in lines if x.custom_id not in answered])
             log.info("batch %s expired", batch_id)
+
+    async def expire_overdue(self, batches: list[dict[str, Any]]) -> None:
+        """Expire those of ``batches`` whose window has run out (a batch whose lines all
+        wait for a fleet that is down is expired here, not only when a line is tried).
+        """
+        now = time.time()
+        for batch in batches:
+            if batch["status"] == "in_progress" and now >= batch["expires_at"]:
+                await self.expire(batch["id"])
 
     async def settle(self, batch_id: str) -> dict[str, Any] | None:
         """When no line is left: completed (or cancelled) with its output and error files."""
@@ -104,7 +121,7 @@ class Batches:
                     file_id, batch["tenant"], f"{batch['id']}_{field[:-8]}.jsonl",
                     "batch_output", len(content)), content)
                 changes[field] = file_id
-        if unanswered:
+        if unanswered is not None:
             await self.store.change_batch(batch["id"], changes)
         return changes
 

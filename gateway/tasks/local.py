@@ -26,6 +26,7 @@ import orjson
 from gateway.tasks.records import Line
 
 T = TypeVar("T")
+DOWN = (sqlite3.OperationalError,)  # the database is locked or its disk is full
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, tenant TEXT, doc TEXT);
@@ -228,15 +229,10 @@ class LocalStore:
             (time.time() + delay, line.batch, line.n)))
         self._arrived.set()
 
-    async def drop_lines(self, batch_id: str) -> list[str]:
-        """The batch's lines no worker holds now are not answered (cancelled, expired);
-        their custom ids.
-        """
-        def drop(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute("DELETE FROM lines WHERE batch = ? AND holder IS NULL "
-                              "RETURNING custom_id", (batch_id,)).fetchall()
-            return [r[0] for r in rows]
-        return await self._run(drop)
+    async def drop_lines(self, batch_id: str) -> None:
+        """The batch's lines no worker holds now are not answered (cancelled, expired)."""
+        await self._run(lambda db: db.execute(
+            "DELETE FROM lines WHERE batch = ? AND holder IS NULL", (batch_id,)))
 
     async def remaining(self, batch_id: str) -> int:
         row = await self._run(lambda db: db.execute(

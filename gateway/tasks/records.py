@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 WINDOWS = {"24h": 24 * 3600.0}  # OpenAI takes only "24h"
 PURPOSES = ("batch", "user_data", "batch_output")
 TERMINAL = ("completed", "failed", "expired", "cancelled")

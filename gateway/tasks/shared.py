@@ -13,18 +13,24 @@ not kept. A line put back for later waits in a sorted set by when it is due.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError, WatchError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, RedisError, ResponseError, WatchError
 
 from gateway.tasks.records import TERMINAL, Line
+
+log = logging.getLogger(__name__)
 
 P = "gw:tasks:"
 RECENT = 100  # the newest batches the operator's view looks at (every few seconds)
 STREAM, LATER, GROUP = "gw:{tasks}:lines", "gw:{tasks}:later", "workers"
+DOWN = (RedisError, OSError, TimeoutError)  # Redis is down, restarting or unreachable
 
 # Keys of one batch share a hash tag, so each script touches one cluster slot.
 FINISH = """
@@ -54,7 +60,13 @@ def _keys(batch: str) -> tuple[str, str, str, str]:
 
 class RedisStore:
     def __init__(self, url: str, visibility_timeout: float, claims: bool = True) -> None:
-        self._redis: Any = aioredis.from_url(url, socket_connect_timeout=5)  # (loosely typed)
+        # A connection that went stale while Redis restarted fails once: tried again on a
+        # new one (every command here may run twice: results are kept once per custom_id).
+        # The read timeout is well over the longest blocking read (a claim's wait).
+        self._redis: Any = aioredis.from_url(  # (loosely typed)
+            url, socket_connect_timeout=5, socket_timeout=30,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
+            retry_on_error=[ConnectionError])
         self._timeout = visibility_timeout
         self.folder = url  # (what `gateway batches` says it read)
         self._finish = self._redis.register_script(FINISH)
@@ -62,6 +74,13 @@ class RedisStore:
         self._due = self._redis.register_script(DUE)
 
     async def start(self) -> None:
+        try:
+            await self._group()
+        except DOWN as exc:  # a worker may start before its Redis: it waits for it
+            log.warning("tasks: Redis is unavailable (%s); the queue is made when it is "
+                        "back", type(exc).__name__)
+
+    async def _group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
             await self._redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
 
@@ -170,17 +189,22 @@ class RedisStore:
                 await pipe.execute()
 
     async def claim(self, holder: str, count: int, wait: float) -> list[Line]:
-        await self._due(keys=[LATER, STREAM], args=[time.time()])
-        _, entries, *_ = await self._redis.xautoclaim(
-            STREAM, GROUP, holder, min_idle_time=int(self._timeout * 1000), count=count)
-        lines = [_decoded(ref, fields) for ref, fields in entries if fields]
-        if len(lines) < count:
-            read = await self._redis.xreadgroup(GROUP, holder, {STREAM: ">"},
-                                                count=count - len(lines),
+        """Lines due again, lines a dead worker held, else new lines (waiting for some)."""
+        try:
+            await self._due(keys=[LATER, STREAM], args=[time.time()])
+            _, entries, *_ = await self._redis.xautoclaim(
+                STREAM, GROUP, holder, min_idle_time=int(self._timeout * 1000), count=count)
+            lines = [_decoded(ref, fields) for ref, fields in entries if fields]
+            if lines:
+                return lines  # (at once: new lines are read at the next claim)
+            read = await self._redis.xreadgroup(GROUP, holder, {STREAM: ">"}, count=count,
                                                 block=max(1, int(wait * 1000)))
-            for _, got in read or []:
-                lines += [_decoded(ref, fields) for ref, fields in got]
-        return lines
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._group()  # (Redis started empty: the first claim makes the queue)
+            return []
+        return [_decoded(ref, fields) for _, got in read or [] for ref, fields in got]
 
     async def finish(self, line: Line, ok: bool, result: dict[str, Any]) -> None:
         results, counts, remaining, _ = _keys(line.batch)
@@ -199,11 +223,10 @@ class RedisStore:
         await self._redis.zadd(LATER, {_encoded(line): time.time() + delay})
         await self._redis.xack(STREAM, GROUP, line.ref)  # (after: never lost between)
 
-    async def drop_lines(self, batch_id: str) -> list[str]:
+    async def drop_lines(self, batch_id: str) -> None:
         """Lines in the stream cannot be taken out by batch: each worker that reads one of
         a batch no longer in progress drops it (``discard``), which is quick.
         """
-        return []
 
     async def remaining(self, batch_id: str) -> int:
         return int(await self._redis.get(_keys(batch_id)[2]) or 0)

@@ -4,7 +4,9 @@ worker that dies loses nothing (its lines are claimed again after the visibility
 and a line done twice is written once (results are kept per ``custom_id``).
 
 A line no backend can answer now (the whole fleet down, every deployment busy) is put back
-and tried again with backoff, until the batch's window runs out: it is not failed.
+and tried again with backoff, until the batch's window runs out: it is not failed. A store
+that goes away (Redis restarting) stops nothing either: the worker waits for it, and the
+lines it held come back to the queue after the visibility timeout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from gateway.backoff import backoff
 from gateway.config import ReasoningMode, TasksConfig
 from gateway.pipeline import Pipeline
 from gateway.tasks.answer import Who, answer
-from gateway.tasks.batches import Batches, result_line
+from gateway.tasks.batches import Batches, StoreDown, result_line
 from gateway.tasks.records import Line
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
         self.answered = 0
+        self._down = 0  # claims in a row that found the store unavailable
 
     async def run(self) -> None:
         room = asyncio.Event()
@@ -56,10 +59,27 @@ class Worker:
                 self._running.discard(task)
                 room.set()
 
-            for line in await self._store.claim(self.name, free, CLAIM_WAIT):
+            lines = await self._claim(free)
+            for line in lines:
                 task = asyncio.create_task(self._safely(line))
                 self._running.add(task)
                 task.add_done_callback(ended)
+
+    async def _claim(self, count: int) -> list[Line]:
+        """Lines to answer; while the store is down, none (after a pause: no busy loop)."""
+        try:
+            lines = await self._store.claim(self.name, count, CLAIM_WAIT)
+        except StoreDown as exc:
+            if not self._down:
+                log.warning("batch worker: the task store is unavailable (%s); waiting for "
+                            "it", type(exc).__name__)
+            await asyncio.sleep(backoff(self._down, 0.2, 5.0))
+            self._down += 1
+            return []
+        if self._down:
+            log.info("batch worker: the task store is back")
+            self._down = 0
+        return lines
 
     async def close(self) -> None:
         """Stop claiming; lines in flight go back to the queue (another takes them)."""
@@ -73,9 +93,14 @@ class Worker:
             await self._do(line)
         except asyncio.CancelledError:
             raise
+        except StoreDown as exc:  # the line is still claimed: it comes back after the
+            # visibility timeout (and its result, if it was written, is kept once)
+            log.warning("batch %s: line %d is left for later: the task store is "
+                        "unavailable (%s)", line.batch, line.n, type(exc).__name__)
         except Exception:  # one odd line must not stop the worker; it is tried again
             log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
-            await self._store.put_back(line, self._config.retry_max)
+            with contextlib.suppress(*StoreDown):
+                await self._store.put_back(line, self._config.retry_max)
 
     async def _do(self, line: Line) -> None:
         batch = await self._store.batch(line.batch)

@@ -1,6 +1,7 @@
 """Batches survive what operators meet: the gateway killed (kill -9) in the middle of a
 batch and started again on the same data directory finishes it; one of two ``gateway
-worker`` processes on Redis killed mid-batch leaves its lines to the other; every line
+worker`` processes on Redis killed mid-batch leaves its lines to the other; Redis itself
+killed mid-batch and started again (its append-only file on) loses none; every line
 answered once.
 """
 
@@ -120,5 +121,54 @@ def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path)
                 if worker.poll() is None:
                     worker.terminate()
                 worker.wait(timeout=20)
+            gateway.stop()
+            sim.server.stop()
+
+
+def test_redis_restarted_mid_batch_loses_no_line(tmp_path: Path) -> None:
+    sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
+    sim.fault("qwq:32b", latency=0.05)
+    with RedisServer(appendonly=True) as redis:
+        config = redis_config(tmp_path / "gateway.toml", sim, redis, worker=True)
+        gateway = GatewayProcess(config)  # its own worker, and one apart
+        worker = subprocess.Popen([*GATEWAY, "worker", "--config", str(config)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+            content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(300))
+            source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
+                                      purpose="batch")
+            batch = api.batches.create(input_file_id=source.id,
+                                       endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+
+            def some_done() -> bool:
+                counts = api.batches.retrieve(batch.id).request_counts
+                return counts is not None and counts.completed >= 40
+
+            wait_until(some_done, 60, "some lines answered")
+            redis.kill()  # gone mid-batch, as in a crash
+            try:
+                api.batches.retrieve(batch.id)
+                raise AssertionError("the batch was read from a Redis that is down")
+            except openai.APIStatusError as exc:  # said plainly, to be tried again
+                assert exc.status_code == 503
+                assert exc.response.headers.get("retry-after") == "1"
+            time.sleep(1.0)
+            redis.start()  # the same port and folder: its append-only file read back
+            deadline = time.monotonic() + 90
+            while (done := api.batches.retrieve(batch.id)).status != "completed":
+                assert time.monotonic() < deadline, done
+                time.sleep(0.2)
+            assert done.request_counts is not None
+            assert (done.request_counts.completed, done.request_counts.failed) == (300, 0)
+            text = api.files.content(done.output_file_id).text  # type: ignore[arg-type]
+            ids = [json.loads(x)["custom_id"] for x in text.splitlines()]
+            assert sorted(ids) == sorted(f"line-{n}" for n in range(300))  # each once
+            assert worker.poll() is None  # the worker apart waited for Redis, and goes on
+        finally:
+            if worker.poll() is None:
+                worker.terminate()
+            worker.wait(timeout=20)
             gateway.stop()
             sim.server.stop()

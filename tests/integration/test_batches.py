@@ -18,6 +18,7 @@ import pytest
 
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
+from gateway.tasks.api import TASKS
 from tests.integration.conftest import FAST, Fleet
 from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
 
@@ -123,6 +124,28 @@ def test_an_embeddings_batch(gateway: ServerThread) -> None:
     for line in answers.values():
         assert line["response"]["body"]["object"] == "list"
         assert len(line["response"]["body"]["data"][0]["embedding"]) == 768
+
+
+def test_a_responses_batch(gateway: ServerThread) -> None:
+    api = client(gateway)
+    lines = [{"custom_id": f"ask-{n}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": "qwq:32b", "instructions": "Answer briefly.",
+                       "input": f"What is {n} + {n}?", "max_output_tokens": 32}}
+             for n in range(3)]
+    source = api.files.create(file=("asks.jsonl", jsonl(lines)), purpose="batch")
+    done = finished(api, api.batches.create(input_file_id=source.id, endpoint="/v1/responses",
+                                            completion_window="24h").id)
+    assert done.status == "completed", done
+    answers = output(api, done.output_file_id)  # type: ignore[arg-type]
+    assert sorted(answers) == [f"ask-{n}" for n in range(3)]
+    for line in answers.values():
+        body = line["response"]["body"]
+        assert body["object"] == "response" and body["status"] == "completed"
+        assert body["model"] == "qwq:32b" and body["instructions"] == "Answer briefly."
+        message = next(o for o in body["output"] if o["type"] == "message")
+        assert message["content"][0]["type"] == "output_text"
+        assert message["content"][0]["text"]
+        assert body["usage"]["output_tokens"] > 0
 
 
 def test_a_line_that_fails_goes_to_the_error_file(gateway: ServerThread) -> None:
@@ -231,5 +254,50 @@ def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None
             assert time.monotonic() - started < 0.6  # its 0.3 s, no wait in line
         assert most == 2  # half of the 4 slots, never more
         assert finished(api, batch.id).request_counts.completed == 12  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
+def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet) -> None:
+    fleet.primary.fault("qwen2.5-coder:32b", status=503)  # its only deployment: down
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        tasks={"retry_initial": 0.05, "retry_max": 0.2}))
+    try:
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        lines = [chat_line(n) for n in range(4)] + \
+            [chat_line(n, model="qwen2.5-coder:32b") for n in range(4, 8)]
+        source = api.files.create(file=("mixed.jsonl", jsonl(lines)), purpose="batch")
+        waiting = api.batches.create(input_file_id=source.id,
+                                     endpoint="/v1/chat/completions", completion_window="24h")
+        later = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        def tried() -> int:
+            return sum(r["model"] == "qwen2.5-coder:32b"
+                       for r in fleet.primary.requests("/api/chat"))
+
+        wait_until(lambda: tried() >= 4, 20, "the lines of the model that is down tried")
+        time.sleep(1.5)  # (its breaker opens: they wait in the queue, not at the backend)
+        for batch_id in (waiting.id, later.id):
+            now = api.batches.retrieve(batch_id)  # queued, not failed
+            assert now.status == "in_progress" and now.request_counts is not None
+            assert (now.request_counts.completed, now.request_counts.failed) == (4, 0)
+
+        # 24 hours pass for the first batch (its window moved to the past in the store)
+        server.wait(lambda: server.app[TASKS].store.change_batch(
+            waiting.id, {"expires_at": int(time.time()) - 1}))
+        expired = finished(api, waiting.id, limit=10)
+        assert expired.status == "expired" and expired.expired_at
+        assert sorted(output(api, expired.output_file_id)) == [  # type: ignore[arg-type]
+            f"request-{n}" for n in range(4)]  # what was done is kept
+        errors = output(api, expired.error_file_id)  # type: ignore[arg-type]
+        assert sorted(errors) == [f"request-{n}" for n in range(4, 8)]
+        assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+        assert {e["response"] for e in errors.values()} == {None}
+
+        fleet.primary.clear()  # the model is back: the other batch's lines are answered
+        done = finished(api, later.id, limit=20)
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
     finally:
         server.stop()
