@@ -15,6 +15,7 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
@@ -258,6 +259,14 @@ def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None
         server.stop()
 
 
+def batch_gauge(server: ServerThread) -> dict[str, float]:
+    """``gateway_batch_requests`` by state, as a Prometheus scraper reads it."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {s.labels["state"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "gateway_batch_requests"}
+
+
 def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet) -> None:
     fleet.primary.fault("qwen2.5-coder:32b", status=503)  # its only deployment: down
     server = start_gateway(gateway_config(
@@ -282,6 +291,8 @@ def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet
             now = api.batches.retrieve(batch_id)  # queued, not failed
             assert now.status == "in_progress" and now.request_counts is not None
             assert (now.request_counts.completed, now.request_counts.failed) == (4, 0)
+        wait_until(lambda: batch_gauge(server) == {"total": 16, "completed": 8, "failed": 0},
+                   10, "both batches' progress in /metrics")
 
         # 24 hours pass for the first batch (its window moved to the past in the store)
         server.wait(lambda: server.app[TASKS].store.change_batch(
