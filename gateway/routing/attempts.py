@@ -218,11 +218,11 @@ class Attempts:
                 return  # _retry_lease picks the same deployment again
         self._tried.add(key)
         self._instruments.failovers.add((key[0], error.label))
-        if kind == "bigger":
+        if kind == "bigger":  # only a model whose window is not known to be as small
             floor = current.candidate.context_length
             self._fall_back()
-            self._candidates = [c for c in self._candidates
-                                if c is not current.candidate and c.context_length > floor]
+            self._candidates = [c for c in self._candidates if c is not current.candidate
+                                and not (floor and 0 < c.context_length <= floor)]
 
     def _delay(self, kind: str, error: GatewayError, used: int) -> float | None:
         if kind == "wait" and error.retry_after is not None:

@@ -17,8 +17,10 @@ import pytest
 
 from gateway.sim import create_ollama_app
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
-from tests.integration.conftest import Fleet, fleet_config, host_models
-from tests.support import ServerThread, start_gateway
+from gateway.keys import ROUTER
+from gateway.protocol.openai import parse_chat
+from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
+from tests.support import ServerThread, backend, gateway_config, start_gateway
 
 USER = [{"role": "user", "content": "Hello"}]
 THINK = len(THOUGHT.split())  # qwq:32b thinks this many tokens before it answers
@@ -181,6 +183,31 @@ async def test_context_length_error_goes_to_a_larger_window(
     assert [r["outcome"] for r in fleet.primary.requests("/api/chat")
             if r["model"] == "tiny-ctx:1b"] == ["pending"]  # refused, once, not retried
     assert reply.body["model"] == "qwen2.5-coder:32b"
+
+
+async def test_context_length_error_goes_to_the_fallback_when_no_window_is_declared(
+    fleet: Fleet,
+) -> None:
+    # As a user writes it: a small model on an OpenAI-compatible server and a cloud model as
+    # its fallback; neither server says how long a context its model takes.
+    server = start_gateway(gateway_config(
+        backend("server", "openai", fleet.server.api_url, tier="server", timeouts=FAST),
+        backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST,
+                models=["gpt-4o-mini"]),
+        models=[{"name": "smollm2:135m", "fallbacks": ["gpt-4o-mini"]}],
+        routing={"tier_fallback": False}))  # (the model's own fallback, not the tier's)
+    try:
+        assert server.call(lambda: [c.context_length for c in server.app[ROUTER].selector
+                                    .route(parse_chat({"model": "smollm2:135m",
+                                                       "messages": USER})).first]) == [0]
+        long = [{"role": "user", "content": "word " * 9000}]  # smollm2:135m holds 8,192
+        reply = await ask(server, "smollm2:135m", messages=long)
+        complete(reply)
+        assert [r["model"] for r in fleet.server.requests()
+                if r["path"].endswith("/chat/completions")] == ["smollm2:135m"]  # refused once
+        assert reply.body["model"] == "gpt-4o-mini"
+    finally:
+        server.stop()
 
 
 async def test_content_policy_rejection_is_passed_on_untouched(
