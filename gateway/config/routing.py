@@ -65,6 +65,9 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()  # model names or aliases, in order
     capabilities: tuple[str, ...] = ()  # for backends that cannot tell (OpenAI-compatible)
     context_length: int = 0
+    # Whether it continues a final assistant message (a broken stream's rescue); "auto":
+    # as its backend's ``prefill`` says.
+    prefill: Literal["auto", "yes", "no"] = "auto"
 
 
 @dataclass(frozen=True, slots=True)

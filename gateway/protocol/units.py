@@ -145,6 +145,7 @@ class ModelInfo:
     known: bool = False
     loaded: bool = False
     created: int | None = None  # when the backend says the model was made (Unix seconds)
+    prefill: bool | None = None  # continues a final assistant message (None: as its backend)
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities or not self.known

@@ -36,6 +36,14 @@ class Deployment:
     backend: Backend
     model: ModelInfo
 
+    @property
+    def continues_prefill(self) -> bool:
+        """Whether it continues a final assistant message: the model's setting, else its
+        backend's.
+        """
+        prefill = self.model.prefill
+        return self.backend.config.continues_prefill if prefill is None else prefill
+
 
 @dataclass(slots=True)
 class BackendStatus:
@@ -88,7 +96,7 @@ class ModelCatalog:
                 found = listed.get((d.backend, d.model))
                 if found is not None and all(x.model is not found for x in deployments):
                     deployments.append(Deployment(by_name[d.backend], found))
-            if spec.capabilities or spec.context_length:
+            if spec.capabilities or spec.context_length or spec.prefill != "auto":
                 index[spec.name] = [_override(d, spec) for d in deployments]
             if not deployments:
                 del index[spec.name]
@@ -188,4 +196,6 @@ def _override(deployment: Deployment, spec: ModelConfig) -> Deployment:
         changes["known"] = True
     if spec.context_length:
         changes["context_length"] = spec.context_length
+    if spec.prefill != "auto":
+        changes["prefill"] = spec.prefill == "yes"
     return Deployment(deployment.backend, dataclasses.replace(info, **changes))

@@ -204,8 +204,7 @@ class RoutedAnswer:
         while True:
             lease = await self._attempts.next(error, move_on=move_on)
             move_on = False
-            prefill = text if text and lease.deployment.backend.config.continues_prefill \
-                else None
+            prefill = text if text and lease.deployment.continues_prefill else None
             first, error_ = await self._try(lease, prefill)
             if first is None and prefill is not None and isinstance(error_, InvalidRequest):
                 # This fallback refuses to continue a prefill: restart it instead, and

@@ -15,10 +15,10 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.sim import create_ollama_app
-from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from gateway.keys import ROUTER
 from gateway.protocol.openai import parse_chat
+from gateway.sim import create_ollama_app
+from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
 from tests.support import ServerThread, backend, gateway_config, start_gateway
 
@@ -265,6 +265,26 @@ async def test_fallback_that_rejects_prefill_is_restarted_and_deduplicated(
                 if r["model"] == "qwen2.5-coder:32b"]
     assert [(r["prefill"], r["outcome"]) for r in fallback] == [
         (True, "prefill_rejected"), (False, "completed")]
+
+
+@pytest.mark.parametrize("prefill", ["auto", "yes"])
+async def test_prefill_is_set_per_model(fleet: Fleet, prefill: str) -> None:
+    # The fallback runs on an OpenAI-compatible server (no prefill by default); the config
+    # says this one model there continues a final assistant message.
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        backend("server", "openai", fleet.server.api_url, tier="server", timeouts=FAST),
+        models=[{"name": "qwq:32b", "fallbacks": ["smollm2:135m"]},
+                {"name": "smollm2:135m", "prefill": prefill}],
+        routing={"tier_fallback": False}))
+    try:
+        fleet.primary.fault("qwq:32b", cut_after=THINK + 5)
+        reply = await ask(server, "qwq:32b", stream=True)
+        assert reply.status == 200 and "[DONE]" in reply.body
+        [rescue] = [r for r in fleet.server.requests() if r["model"] == "smollm2:135m"]
+        assert rescue["prefill"] is (prefill == "yes")
+    finally:
+        server.stop()
 
 
 async def test_a_stream_that_cannot_be_rescued_ends_with_one_clean_error(
