@@ -26,6 +26,7 @@ class Backend(Protocol):
     name: str
     tier: Tier
     config: BackendConfig
+    capacity: int  # requests it runs at once per model, as configured or told (0: unknown)
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

@@ -100,7 +100,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         # The gateway chose this model itself: what it can do is known, not presumed.
         return [ModelInfo(name=self.model_name, backend=self.name, known=True,
                           parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
-                          context_length=self.config.context_size // self.config.parallel)]
+                          context_length=self.config.context_size // self.config.slots)]
 
     async def probe(self) -> Health:
         if self.process is None or self.process.returncode is not None:
@@ -156,7 +156,7 @@ class EmbeddedBackend(OpenAICompatBackend):
 
     async def _spawn(self) -> None:
         settings = {"model": str(self._model_path), "port": self._port,
-                    "context_size": self.config.context_size, "parallel": self.config.parallel,
+                    "context_size": self.config.context_size, "parallel": self.config.slots,
                     "threads": self.config.threads, "alias": self.model_name,
                     "parent": os.getpid()}
         self.process = await asyncio.create_subprocess_exec(

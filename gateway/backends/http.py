@@ -58,6 +58,7 @@ class HttpBackend:
         self.name = config.name
         self.tier = config.tier
         self.base_url = config.url.rstrip("/")
+        self.capacity = config.slots  # requests it runs at once per model (0: not known)
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}  # parsed once, not on every request
         limits = config.timeouts
@@ -111,13 +112,17 @@ class HttpBackend:
         return self._session
 
     def request(self, method: str, path: str, payload: Any = None, *,
-                timeout: str = "whole") -> Exchange:
+                timeout: str = "whole", root: bool = False) -> Exchange:
         """``async with backend.request(...) as response``: a 2xx upstream response, or a
         ``GatewayError`` for anything else (an error status, a timeout, a broken connection),
         raised on entry or from the reads inside the block. ``timeout``: "stream", "whole"
-        or "quick" (probes: the connect timeout for everything).
+        or "quick" (probes: the connect timeout for everything). ``root``: ``path`` is at the
+        server's root, not under the API's ``/v1``.
         """
-        url = self._urls.get(path) or self._urls.setdefault(path, URL(self.base_url + path))
+        if root:  # beside the API's path rather than under it (llama.cpp's /props)
+            url = URL(self.base_url.removesuffix("/v1") + path)
+        else:
+            url = self._urls.get(path) or self._urls.setdefault(path, URL(self.base_url + path))
         data = orjson.dumps(payload) if payload is not None else None
         return Exchange(self, method, url, data, self._timeouts[timeout])
 

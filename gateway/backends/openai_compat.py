@@ -29,9 +29,29 @@ class OpenAICompatBackend(HttpBackend):
             return [ModelInfo(name=name, backend=self.name) for name in self.config.models]
         data = await self.get_json("/models")
         listed = data.get("data") if isinstance(data, dict) else None
-        return [ModelInfo(name=m["id"], backend=self.name,
+        window = await self._llamacpp_props() if self.tier != "cloud" else None
+        return [ModelInfo(name=m["id"], backend=self.name, context_length=window,
                           created=plausible_seconds(m.get("created")))
                 for m in listed or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    async def _llamacpp_props(self) -> int | None:
+        """A llama.cpp server says how many requests it runs at once (its slots: the
+        gateway queues the rest) and each slot's context window; other servers have no
+        ``/props``. The window, if said.
+        """
+        try:
+            async with self.request("GET", "/props", timeout="quick", root=True) as response:
+                props = await self.read_json(response)
+        except GatewayError:
+            return None
+        if not isinstance(props, dict):
+            return None
+        slots = props.get("total_slots")
+        if isinstance(slots, int) and slots > 0 and not self.config.slots:
+            self.capacity = slots
+        settings = props.get("default_generation_settings")
+        window = settings.get("n_ctx") if isinstance(settings, dict) else None
+        return window if isinstance(window, int) and window > 0 else None
 
     async def probe(self) -> Health:
         started = time.perf_counter()

@@ -11,6 +11,9 @@ from typing import Literal
 
 BackendKind = Literal["ollama", "openai", "embedded"]
 Tier = Literal["primary", "server", "cloud"]
+FIRST_TOKEN = 30.0  # a first token that has not come in this long is a stall...
+EMBEDDED_FIRST_TOKEN = 120.0  # ...except from a small CPU working through a long prompt
+EMBEDDED_SLOTS = 2
 _DURATION = re.compile(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
 
 
@@ -23,14 +26,19 @@ class Timeouts:
 
     connect: float = 3.0
     headers: float = 120.0  # request sent → response headers
-    first_token: float = 120.0  # request sent → first token (covers loading, prompt processing)
+    # Request sent → first token (covers loading, prompt processing); 0: the default for
+    # the backend's kind (BackendConfig.first_token_limit). A request waiting for a free
+    # slot waits in the gateway's queue, not here.
+    first_token: float = 0.0
     idle: float = 60.0  # longest silence between two chunks of a stream
     total: float = 600.0
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        for name in ("connect", "headers", "first_token", "idle", "total"):
+        for name in ("connect", "headers", "idle", "total"):
             if getattr(self, name) <= 0:
                 yield name, "expected a number of seconds > 0"
+        if self.first_token < 0:
+            yield "first_token", "expected a number of seconds > 0 (0: the default)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +146,27 @@ class BackendConfig:
     model_path: str = ""
     context_size: int = 4096
     threads: int = 2
-    parallel: int = 2
+    # Requests the backend runs at once per model: Ollama's OLLAMA_NUM_PARALLEL, a llama.cpp
+    # server's slots (embedded: the server's, 2 by default). 0: as the backend says (a
+    # llama.cpp server's /props), else unknown. More than that wait in the gateway's queue.
+    parallel: int = 0
 
     @property
     def continues_prefill(self) -> bool:
         return self.prefill == "yes" or (self.prefill == "auto" and self.kind == "ollama")
+
+    @property
+    def slots(self) -> int:
+        """Requests it runs at once per model, as configured (0: not said)."""
+        return self.parallel or (EMBEDDED_SLOTS if self.kind == "embedded" else 0)
+
+    @property
+    def first_token_limit(self) -> float:
+        """``timeouts.first_token``, or the default for the kind: a CPU model on this
+        server takes longer over a long prompt than a GPU or a cloud does.
+        """
+        return self.timeouts.first_token or \
+            (EMBEDDED_FIRST_TOKEN if self.kind == "embedded" else FIRST_TOKEN)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -154,10 +178,10 @@ class BackendConfig:
             yield "tunnel", f'expected "tunnel/forward", got {self.tunnel!r}'
         if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             yield "api_key_env", "expected the name of an environment variable, not a key"
-        for key in ("max_connections", "context_size", "threads", "parallel"):
+        for key in ("max_connections", "context_size", "threads"):
             if getattr(self, key) < 1:
                 yield key, "expected an integer >= 1"
-        for key in ("max_concurrency", "max_queue"):
+        for key in ("max_concurrency", "max_queue", "parallel"):
             if getattr(self, key) < 0:
                 yield key, "expected an integer >= 0"
         if self.keep_alive and not _DURATION.fullmatch(self.keep_alive):

@@ -9,7 +9,7 @@ import asyncio
 import collections
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.config import RoutingConfig
 from gateway.errors import RateLimited
@@ -73,6 +73,17 @@ class DeploymentState:
                                   retry_after=max(1.0, self.latency or 0.0)) from None
             raise
 
+    def resize(self, limit: int) -> None:
+        """A new limit (the backend told how many it runs at once); those waiting in line
+        that now fit go at once.
+        """
+        self.limit = limit
+        while self.waiters and self.has_room():
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
     def take_batch_slot(self, share: float) -> None:
         """A slot for a batch line, only while interactive requests would still find room:
         batch lines take at most ``share`` of the deployment's slots, never wait in line,
@@ -109,9 +120,10 @@ class DeploymentState:
 class Balancer:
     """Every deployment's state, kept across catalog refreshes, and the choice among them."""
 
-    def __init__(self, config: RoutingConfig, limits: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, config: RoutingConfig,
+                 limits: Callable[[str], tuple[int, int]] = lambda backend: (0, 64)) -> None:
         self._config = config
-        self._limits = limits  # backend → (max_concurrency, max_queue)
+        self._limits = limits  # backend → (requests at once per model, longest line)
         self._states: dict[tuple[str, str], DeploymentState] = {}
         self._down: set[str] = set()  # backends known to be unreachable right now
 
@@ -119,10 +131,17 @@ class Balancer:
         key = (deployment.backend.name, deployment.model.name)
         state = self._states.get(key)
         if state is None:
-            limit, queue = self._limits.get(key[0], (0, 64))
+            limit, queue = self._limits(key[0])
             breaker = CircuitBreaker(self._config.breaker.failures, self._config.breaker.cooldown)
             state = self._states[key] = DeploymentState(limit, queue, breaker)
         return state
+
+    def relimit(self) -> None:
+        """Every deployment's limit as its backend's is now (after a discovery round)."""
+        for (backend, _), state in self._states.items():
+            limit = self._limits(backend)[0]
+            if limit != state.limit:
+                state.resize(limit)
 
     def report(self) -> dict[str, dict[str, object]]:
         """Every deployment that has seen traffic: breaker, load, latency."""

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,7 @@ class ModelCatalog:
         self._index: dict[str, list[Deployment]] = {}
         self._refreshing: asyncio.Lock | None = None
         self.version = 0  # bumped whenever the index is rebuilt
+        self.on_change: list[Callable[[], None]] = []  # called after each rebuild
 
     async def refresh(self) -> None:
         """Ask every backend for its models, concurrently, and rebuild the index."""
@@ -82,6 +83,8 @@ class ModelCatalog:
             await asyncio.gather(*(self._refresh_one(b) for b in self._backends))
             self._index = self._build_index()
             self.version += 1
+        for listener in self.on_change:
+            listener()
 
     def _build_index(self) -> dict[str, list[Deployment]]:
         by_name = {b.name: b for b in self._backends}
@@ -110,6 +113,8 @@ class ModelCatalog:
         async with self._refreshing:
             self._index = self._build_index()
             self.version += 1
+        for listener in self.on_change:
+            listener()
 
     async def _refresh_one(self, backend: Backend) -> None:
         listing = self._listings[backend.name]

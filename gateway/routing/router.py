@@ -26,9 +26,21 @@ class Router:
         self.instruments = instruments
         self.catalog = catalog
         self.selector = Selector(catalog, config)
-        limits = {b.name: (b.max_concurrency, b.max_queue) for b in config.backends}
-        self.balancer = Balancer(config.routing, limits)
         self.backends = backends
+        specs = {b.name: b for b in config.backends}
+
+        def limits(name: str) -> tuple[int, int]:
+            """``max_concurrency``, else what the backend runs at once (its ``parallel``, or
+            a llama.cpp server's slots): more wait in the gateway's line, not the backend's,
+            where their wait would count against the first-token limit.
+            """
+            spec, backend = specs.get(name), backends.get(name)
+            if spec is None:
+                return 0, 64
+            return spec.max_concurrency or (backend.capacity if backend else 0), spec.max_queue
+
+        self.balancer = Balancer(config.routing, limits)
+        catalog.on_change.append(self.balancer.relimit)
         # Told when a connection to a backend is refused (the health watcher listens).
         self.on_unreachable: Callable[[str], None] = lambda backend: None
 

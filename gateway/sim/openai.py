@@ -5,6 +5,7 @@ llama.cpp (its error shape), or a cloud API.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,20 +32,37 @@ from gateway.sim.fleet import SimModel, count_tokens, embedding
 Flavor = Literal["mlx", "llamacpp", "openai"]
 
 
-def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx") -> web.Application:
+LLAMACPP_SLOTS = 4  # llama.cpp's server: --parallel's default
+
+
+def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx",
+                      slots: int = LLAMACPP_SLOTS) -> web.Application:
+    """``slots`` (llamacpp only): requests answered at once, as ``/props`` says; the rest wait
+    their turn inside the server, as llama.cpp's do (their wait counts in their time to first
+    token).
+    """
     state = SimState(models)
+    turns = asyncio.Semaphore(slots) if flavor == "llamacpp" else None
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_errors(flavor)])
     app[SIM_STATE] = state
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body, model = await _parse(request, state)
-        return await _answer(request, state, model, body, _chat_ask(body), flavor, chat=True)
+        if turns is None:
+            return await _answer(request, state, model, body, _chat_ask(body), flavor,
+                                 chat=True)
+        async with turns:
+            return await _answer(request, state, model, body, _chat_ask(body), flavor,
+                                 chat=True)
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body, model = await _parse(request, state)
         ask = Ask(texts=[str(body.get("prompt") or "")], suffix=body.get("suffix"),
                   max_tokens=_max_tokens(body))
-        return await _answer(request, state, model, body, ask, flavor, chat=False)
+        if turns is None:
+            return await _answer(request, state, model, body, ask, flavor, chat=False)
+        async with turns:
+            return await _answer(request, state, model, body, ask, flavor, chat=False)
 
     async def embeddings(request: web.Request) -> web.Response:
         body, model = await _parse(request, state)
@@ -82,8 +100,13 @@ def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx") -> web
     async def health(request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
+    async def props(request: web.Request) -> web.Response:  # llama.cpp's server only
+        window = models[0].context_length if models else 0
+        return _json({"total_slots": slots, "default_generation_settings": {"n_ctx": window}})
+
     app.add_routes([
         web.get("/health", health),
+        *([web.get("/props", props)] if flavor == "llamacpp" else []),
         web.get("/v1/models", list_models),
         web.post("/v1/chat/completions", chat),
         web.post("/v1/completions", completions),

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from gateway.keys import CATALOG, ROUTER
+from gateway.sim import SimModel, create_openai_app
 from tests.integration.conftest import Fleet, fleet_config
 from tests.integration.test_failover import ask, complete
-from tests.support import backend, gateway_config, start_gateway
+from tests.support import ServerThread, backend, gateway_config, start_gateway
 
 MODEL = "qwen2.5-coder:32b"
 
@@ -110,3 +112,39 @@ async def test_a_host_killed_under_load_fails_no_request(fleet: Fleet) -> None:
         gateway.stop()
     assert done == 120
     assert served_before_death > 5  # it did take its share before it died
+
+
+async def test_a_llamacpp_servers_slots_cap_what_it_is_sent() -> None:
+    # llama.cpp runs as many requests at once as it has slots (its /props says how many) and
+    # makes the rest wait inside, their wait counted in their time to first token.
+    model = SimModel("smollm2:135m", ttft=0.4, tokens_per_s=400)
+    upstream = ServerThread(lambda: create_openai_app([model], flavor="llamacpp",
+                                                      slots=2)).start()
+    gateway = start_gateway(gateway_config(  # as a user writes it: no limit configured
+        backend("light", "openai", upstream.url + "/v1", tier="server",
+                timeouts={"first_token": 1.0})))
+    try:
+        replies = await asyncio.gather(*(ask(gateway, "smollm2:135m", stream=True)
+                                         for _ in range(8)))
+        for reply in replies:  # 8 at once, 2 at a time: the last wait ~1.2 s in all
+            complete(reply)
+        deployment = gateway.app[CATALOG].deployments("smollm2:135m")[0]
+        assert gateway.call(lambda: gateway.app[ROUTER].balancer.state(deployment).limit) == 2
+        assert deployment.model.context_length == model.context_length  # its n_ctx, told
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
+async def test_ollamas_parallel_in_the_config_caps_what_it_is_sent(fleet: Fleet) -> None:
+    fleet.primary.fault(MODEL, ttft=0.3)
+    gateway = start_gateway(gateway_config(  # OLLAMA_NUM_PARALLEL=2 on that host
+        backend("studio", "ollama", fleet.primary.api_url, parallel=2)))
+    try:
+        pending = [asyncio.ensure_future(ask(gateway, MODEL, stream=True)) for _ in range(5)]
+        await asyncio.sleep(0.15)
+        assert len(fleet.primary.requests("/api/chat")) == 2  # the rest wait in the gateway
+        for reply in await asyncio.gather(*pending):
+            complete(reply)
+    finally:
+        gateway.stop()

@@ -15,9 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.keys import ROUTER
-from gateway.protocol.openai import parse_chat
-from gateway.sim import create_ollama_app
+from gateway.keys import CATALOG
+from gateway.sim import SIM_STATE, SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
 from tests.support import ServerThread, backend, gateway_config, start_gateway
@@ -185,29 +184,27 @@ async def test_context_length_error_goes_to_a_larger_window(
     assert reply.body["model"] == "qwen2.5-coder:32b"
 
 
-async def test_context_length_error_goes_to_the_fallback_when_no_window_is_declared(
-    fleet: Fleet,
-) -> None:
-    # As a user writes it: a small model on an OpenAI-compatible server and a cloud model as
-    # its fallback; neither server says how long a context its model takes.
+async def test_context_length_error_goes_to_the_fallback_when_no_window_is_declared() -> None:
+    # As a user writes it: a small model on an OpenAI-compatible server (one that does not
+    # say how long a context its models take) and a larger one as its fallback.
+    models = [SimModel("small", context_length=64), SimModel("large", context_length=32768)]
+    upstream = ServerThread(lambda: create_openai_app(models, flavor="openai")).start()
     server = start_gateway(gateway_config(
-        backend("server", "openai", fleet.server.api_url, tier="server", timeouts=FAST),
-        backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST,
-                models=["gpt-4o-mini"]),
-        models=[{"name": "smollm2:135m", "fallbacks": ["gpt-4o-mini"]}],
-        routing={"tier_fallback": False}))  # (the model's own fallback, not the tier's)
+        backend("vllm", "openai", upstream.url + "/v1", tier="server", timeouts=FAST),
+        models=[{"name": "small", "fallbacks": ["large"]}],
+        routing={"tier_fallback": False}))
     try:
-        assert server.call(lambda: [c.context_length for c in server.app[ROUTER].selector
-                                    .route(parse_chat({"model": "smollm2:135m",
-                                                       "messages": USER})).first]) == [0]
-        long = [{"role": "user", "content": "word " * 9000}]  # smollm2:135m holds 8,192
-        reply = await ask(server, "smollm2:135m", messages=long)
+        assert server.call(lambda: [d.model.context_length for name in ("small", "large")
+                                    for d in server.app[CATALOG].deployments(name)]) == [
+            None, None]  # not declared, not told
+        long = [{"role": "user", "content": "word " * 100}]
+        reply = await ask(server, "small", messages=long)
         complete(reply)
-        assert [r["model"] for r in fleet.server.requests()
-                if r["path"].endswith("/chat/completions")] == ["smollm2:135m"]  # refused once
-        assert reply.body["model"] == "gpt-4o-mini"
+        assert [r["model"] for r in upstream.app[SIM_STATE].log] == ["small", "large"]
+        assert reply.body["model"] == "large"
     finally:
         server.stop()
+        upstream.stop()
 
 
 async def test_content_policy_rejection_is_passed_on_untouched(
