@@ -53,7 +53,7 @@ return #due
 """
 
 
-def _keys(batch: str) -> tuple[str, str, str, str]:
+def batch_keys(batch: str) -> tuple[str, str, str, str]:
     tag = f"{P}{{{batch}}}"
     return f"{tag}:results", f"{tag}:counts", f"{tag}:remaining", f"{tag}:dropped"
 
@@ -130,7 +130,7 @@ class RedisStore:
 
     async def _counted(self, record: dict[str, Any]) -> dict[str, Any]:
         if record["status"] not in ("validating", "failed"):
-            counts = await self._redis.hgetall(_keys(record["id"])[1])
+            counts = await self._redis.hgetall(batch_keys(record["id"])[1])
             record["request_counts"] = {**record["request_counts"],
                                         "completed": int(counts.get(b"completed", 0)),
                                         "failed": int(counts.get(b"failed", 0))}
@@ -181,11 +181,11 @@ class RedisStore:
     async def enqueue(self, lines: list[Line]) -> None:
         if not lines:
             return
-        await self._redis.incrby(_keys(lines[0].batch)[2], len(lines))
+        await self._redis.incrby(batch_keys(lines[0].batch)[2], len(lines))
         for start in range(0, len(lines), 500):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for line in lines[start:start + 500]:
-                    pipe.xadd(STREAM, {"line": _encoded(line)})
+                    pipe.xadd(STREAM, {"line": encoded(line)})
                 await pipe.execute()
 
     async def claim(self, holder: str, count: int, wait: float) -> list[Line]:
@@ -207,7 +207,7 @@ class RedisStore:
         return [_decoded(ref, fields) for _, got in read or [] for ref, fields in got]
 
     async def finish(self, line: Line, ok: bool, result: dict[str, Any]) -> None:
-        results, counts, remaining, _ = _keys(line.batch)
+        results, counts, remaining, _ = batch_keys(line.batch)
         await self._finish(keys=[results, counts, remaining],
                            args=[line.custom_id, orjson.dumps({"n": line.n, "ok": ok,
                                                                 "line": result}),
@@ -215,12 +215,12 @@ class RedisStore:
         await self._redis.xack(STREAM, GROUP, line.ref)
 
     async def discard(self, line: Line) -> None:
-        results, _, remaining, dropped = _keys(line.batch)
+        results, _, remaining, dropped = batch_keys(line.batch)
         await self._discard(keys=[dropped, results, remaining], args=[line.custom_id])
         await self._redis.xack(STREAM, GROUP, line.ref)
 
     async def put_back(self, line: Line, delay: float) -> None:
-        await self._redis.zadd(LATER, {_encoded(line): time.time() + delay})
+        await self._redis.zadd(LATER, {encoded(line): time.time() + delay})
         await self._redis.xack(STREAM, GROUP, line.ref)  # (after: never lost between)
 
     async def drop_lines(self, batch_id: str) -> None:
@@ -229,15 +229,15 @@ class RedisStore:
         """
 
     async def remaining(self, batch_id: str) -> int:
-        return int(await self._redis.get(_keys(batch_id)[2]) or 0)
+        return int(await self._redis.get(batch_keys(batch_id)[2]) or 0)
 
     async def results(self, batch_id: str) -> list[tuple[bool, dict[str, Any]]]:
-        found = await self._redis.hgetall(_keys(batch_id)[0])
+        found = await self._redis.hgetall(batch_keys(batch_id)[0])
         rows = sorted((orjson.loads(v) for v in found.values()), key=lambda r: r["n"])
         return [(r["ok"], r["line"]) for r in rows]
 
 
-def _encoded(line: Line) -> bytes:
+def encoded(line: Line) -> bytes:
     return orjson.dumps({"batch": line.batch, "n": line.n, "custom_id": line.custom_id,
                          "body": line.body})
 
