@@ -217,10 +217,19 @@ class Exchange:
     async def __aenter__(self) -> aiohttp.ClientResponse:
         backend = self._backend
         traceparent = UPSTREAM.get()  # the attempt's span, or the client's own
+        headers = {"traceparent": traceparent} if traceparent else None
         try:
-            response = await backend.session.request(
-                self._method, self._url, data=self._data, timeout=self._timeout,
-                headers={"traceparent": traceparent} if traceparent else None)
+            try:
+                response = await backend.session.request(
+                    self._method, self._url, data=self._data, timeout=self._timeout,
+                    headers=headers)
+            except aiohttp.ServerDisconnectedError:
+                # A pooled connection the server had closed meanwhile (llama.cpp's server
+                # closes a kept-alive one after a few requests): it never saw this request,
+                # so it is sent again at once, on a new connection.
+                response = await backend.session.request(
+                    self._method, self._url, data=self._data, timeout=self._timeout,
+                    headers=headers)
         except Exception as exc:
             raise _translate(backend.name, exc, started=False) from None
         self._response = response

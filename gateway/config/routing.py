@@ -31,7 +31,10 @@ class RoutingConfig:
     backoff_initial: float = 0.2  # seconds; doubled per retry, jittered
     backoff_max: float = 2.0
     retry_after_cap: float = 3.0  # a longer Retry-After fails over instead of waiting
-    queue_timeout: float = 10.0  # longest wait for a free slot on a busy deployment
+    # Longest wait for a free slot when every deployment of the model is busy: in line here
+    # a request loses nothing (on a local fleet the alternative is an error); a client that
+    # gives up leaves the line.
+    queue_timeout: float = 60.0
     fallbacks: tuple[str, ...] = ()  # for models without their own list (names or aliases)
     tier_fallback: bool = True  # after a model's own fallbacks: the server tier, then cloud
     rescue: bool = True  # continue a stream that broke mid-answer on another deployment

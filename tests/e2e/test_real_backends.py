@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from gateway.keys import BACKENDS, CATALOG, ROUTER
 from tests.e2e.conftest import RealServer
 from tests.support import ServerThread, backend, gateway_config, start_gateway
 
@@ -171,3 +172,15 @@ def test_llamacpp_logprobs_fingerprint_and_usage_details_reach_the_client(
     streamed = [t.token for c in stream if c.choices and c.choices[0].logprobs
                 for t in c.choices[0].logprobs.content or []]
     assert streamed == [t.token for t in want]
+
+
+def test_llamacpp_says_how_many_it_runs_at_once_and_its_window(
+    gateway_to_real: ServerThread, real_llamacpp: RealServer
+) -> None:
+    backends, catalog = gateway_to_real.app[BACKENDS], gateway_to_real.app[CATALOG]
+    assert backends["llamacpp"].capacity == 2  # its /props total_slots (--parallel 2)
+    [deployment] = catalog.deployments(real_llamacpp.model)
+    assert deployment.model.context_length == 1024  # 2,048 of context in 2 slots
+    assert backends["mlx"].capacity == 0  # mlx_lm.server has no /props: not known
+    assert gateway_to_real.call(
+        lambda: gateway_to_real.app[ROUTER].balancer.state(deployment).limit) == 2
