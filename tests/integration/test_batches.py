@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
 from gateway.tasks.api import TASKS
-from tests.integration.conftest import FAST, Fleet
+from tests.integration.conftest import FAST, Fleet, fleet_config
 from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
 
 ADMIN = "gw-admin-key-of-the-batch-tests"
@@ -310,5 +310,29 @@ def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet
         done = finished(api, later.id, limit=20)
         assert done.status == "completed" and done.request_counts is not None
         assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
+    finally:
+        server.stop()
+
+
+def test_a_backend_failing_mid_batch_sends_its_lines_to_the_fallbacks(fleet: Fleet) -> None:
+    server = start_gateway(fleet_config(fleet))  # qwq:32b falls back to qwen2.5-coder:32b
+    try:
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        fleet.primary.fault("qwq:32b", latency=0.05)
+        source = api.files.create(file=("work.jsonl", jsonl([chat_line(n) for n in range(40)])),
+                                  purpose="batch")
+        batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        wait_until(lambda: (api.batches.retrieve(batch.id).request_counts
+                            or openai.types.BatchRequestCounts(completed=0, failed=0, total=0)
+                            ).completed >= 5, 10, "some lines answered by qwq:32b")
+        fleet.primary.fault("qwq:32b", status=500)  # it fails from here on
+        done = finished(api, batch.id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (40, 0)
+        models = [line["response"]["body"]["model"]
+                  for line in output(api, done.output_file_id).values()]  # type: ignore[arg-type]
+        assert 5 <= models.count("qwq:32b") < 40
+        assert models.count("qwen2.5-coder:32b") == 40 - models.count("qwq:32b")
     finally:
         server.stop()
