@@ -54,6 +54,7 @@ class RequestContext:
     # A batch line's: it takes only its share of each deployment ([tasks] share), so
     # interactive requests always find room.
     batch: bool = False
+    request_id: str = ""  # as the client sees it (x-request-id): feedback names it
 
 
 @dataclass(frozen=True, slots=True)

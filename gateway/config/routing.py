@@ -23,6 +23,25 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LearnedConfig:
+    """The learned policy (``policy = "learned"``): how much it explores, how much the static
+    priority counts against what it learns, and where what it learned is kept.
+    """
+
+    exploration: float = 0.2  # weight of the bonus for what is still uncertain (0: none)
+    prior_strength: float = 2.0  # the static priority counts as this many outcomes
+    outcomes: int = 10000  # outcomes kept in memory (for feedback and export)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if not 0 <= self.exploration <= 2:
+            yield "exploration", "expected a weight from 0 (never explore) to 2"
+        if self.prior_strength <= 0:
+            yield "prior_strength", "expected a number > 0"
+        if self.outcomes < 1:
+            yield "outcomes", "expected an integer >= 1"
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingConfig:
     """How a request finds an answer: attempts, retries, fallbacks, breakers."""
 
@@ -41,6 +60,10 @@ class RoutingConfig:
     max_escalations: int = 1  # stronger models tried after a failing quality verdict
     health_interval: float = 2.0  # seconds between probes of a backend that is down
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # How an alias orders its picks: its static priority lists, or what was learned from
+    # outcomes (with the lists as the prior); an alias may say otherwise.
+    policy: Literal["priority", "learned"] = "priority"
+    learned: LearnedConfig = field(default_factory=LearnedConfig)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.max_attempts < 1:
@@ -83,6 +106,13 @@ class AliasConfig:
     require: tuple[str, ...] = ()  # capabilities every pick must have
     # After the lists: every other model that qualifies, smallest or largest first.
     others: Literal["none", "smallest", "largest"] = "none"
+    policy: Literal["", "priority", "learned"] = ""  # "": as [routing] policy says
+    # What a second of an answer's time costs against its quality (0 to 1), learning.
+    latency_cost: float = 0.02
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.latency_cost < 0:
+            yield "latency_cost", "expected a number >= 0"
 
 
 @dataclass(frozen=True, slots=True)

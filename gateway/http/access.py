@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
 from gateway.http.bodies import body_of
-from gateway.keys import CONFIG, KEY, RATE_HEADERS, TENANT, USAGE
+from gateway.keys import CONFIG, KEY, RATE_HEADERS, REQUEST_ID, TENANT, USAGE
 from gateway.pipeline import Listed
 from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
 from gateway.routing.catalog import named_in
@@ -149,15 +149,16 @@ def context(request: web.Request, kind: Kind, req: ChatRequest | CompletionReque
     they may keep, where to report the tokens used.
     """
     key = request.get(KEY)
+    request_id = request.get(REQUEST_ID, "")
     if key is None:
         return RequestContext(kind=kind, req=req, tenant=request[TENANT],
-                              client_headers=request.headers)
+                              client_headers=request.headers, request_id=request_id)
     check_model(request, req.model)
     tally = request.get(USAGE)
     return RequestContext(kind=kind, req=req, tenant=request[TENANT],
                           client_headers=request.headers,
                           on_usage=tally.add if tally is not None else None,
-                          cache_scope=key.cache, models=key.models)
+                          cache_scope=key.cache, models=key.models, request_id=request_id)
 
 
 def usage_sink(request: web.Request) -> Any:

@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, ModelNotFound
 from gateway.pipeline.answer import Answer, Embeddings, Listed, Streamed, Whole, route_headers
 from gateway.protocol.openai import EmbeddingRequest
 from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
+from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
@@ -34,6 +35,7 @@ from plugins.base import Plugin, RequestContext, Verdict
 log = logging.getLogger(__name__)
 
 ESCALATED = "x-gateway-escalated"  # the models whose answers were found wanting, and why
+Outcome = tuple[RoutedAnswer, float]  # a routed answer, and when it was asked for
 
 
 class Pipeline:
@@ -104,8 +106,13 @@ class Pipeline:
         return Streamed(first, _replay(rest), headers, completion.model, finish, close)
 
     async def _stream(self, ctx: RequestContext) -> Streamed:
+        started = time.monotonic()
         routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
-        first = await routed.start()
+        try:
+            first = await routed.start()
+        except GatewayError as exc:
+            self._record(ctx, routed, started, error=exc)
+            raise
         taken = Completion()
         try:
             ctx.model = routed.deployment.model.name
@@ -119,7 +126,7 @@ class Pipeline:
         async def finish() -> dict[str, str]:
             taken.model = ctx.model = routed.deployment.model.name
             _used(ctx, taken.usage)
-            await self._judge(ctx, taken, routed.deployment)
+            await self._judge(ctx, taken, routed.deployment, (routed, started))
             return {k: v for k, v in ctx.headers.items() if headers.get(k) != v}
 
         async def close(ok: bool) -> None:
@@ -211,22 +218,25 @@ class Pipeline:
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""
-        completion, headers, deployment = await self._collect(
-            ctx, self.router.answer(ctx.req, ctx.models, ctx.batch))
+        started = time.monotonic()
+        routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
+        completion, headers, deployment = await self._collect(ctx, routed, started)
         escalated: list[str] = []
+        outcome: Outcome | None = (routed, started)  # the first answer's is learned from
         for _ in range(self.max_escalations):
-            verdict = await self._judge(ctx, completion, deployment)
+            verdict = await self._judge(ctx, completion, deployment, outcome)
+            outcome = None
             if verdict is None or not verdict.escalate:
                 return completion, headers
-            routed = self.router.escalate(ctx.req, deployment, verdict.describe(), ctx.models,
-                                          ctx.batch)
-            if routed is None:
+            stronger_routed = self.router.escalate(ctx.req, deployment, verdict.describe(),
+                                                   ctx.models, ctx.batch)
+            if stronger_routed is None:
                 break
             for reason in verdict.reasons:
                 self.router.instruments.escalations.add((reason.split(" (")[0],))
             try:
-                stronger, stronger_headers, stronger_deployment = await self._collect(ctx,
-                                                                                      routed)
+                stronger, stronger_headers, stronger_deployment = await self._collect(
+                    ctx, stronger_routed)
             except GatewayError as exc:
                 # The stronger model failed: the answer stands, verdict and all, and the
                 # header says that a stronger one was asked.
@@ -238,12 +248,21 @@ class Pipeline:
             ctx.headers[ESCALATED] = "; ".join(escalated)
             completion, headers, deployment = stronger, stronger_headers, stronger_deployment
         else:
-            await self._judge(ctx, completion, deployment)
+            await self._judge(ctx, completion, deployment, outcome)
         return completion, headers
 
-    async def _collect(self, ctx: RequestContext, routed: RoutedAnswer
+    async def _collect(self, ctx: RequestContext, routed: RoutedAnswer,
+                       started: float | None = None
                        ) -> tuple[Completion, dict[str, str], Deployment]:
-        first = await routed.start()
+        """The whole answer; a failure is recorded as the request's outcome when
+        ``started`` (the first answer's, not an escalation's).
+        """
+        try:
+            first = await routed.start()
+        except GatewayError as exc:
+            if started is not None:
+                self._record(ctx, routed, started, error=exc)
+            raise
         try:
             completion = Completion()
             async for chunk in _taking(completion, self._wrap(ctx, _chain(first,
@@ -255,9 +274,11 @@ class Pipeline:
         return completion, _route_of(routed), routed.deployment
 
     async def _judge(self, ctx: RequestContext, completion: Completion,
-                     deployment: Deployment) -> Verdict | None:
+                     deployment: Deployment, outcome: Outcome | None = None
+                     ) -> Verdict | None:
         """Every plugin's on_complete, in order; the first failing verdict that asks for a
-        stronger model (QA's), if any. Verdicts are counted for the deployment that answered.
+        stronger model (QA's), if any. Verdicts are counted for the deployment that answered;
+        with ``outcome``, the request's outcome is recorded (and learned from).
         """
         escalate: Verdict | None = None
         judged = False
@@ -283,7 +304,41 @@ class Pipeline:
         if judged:
             reasons = ctx.rejected.reasons if ctx.rejected else ()
             self.router.balancer.state(deployment).judged(ctx.rejected is None, reasons)
+        if outcome is not None:
+            self._record(ctx, outcome[0], outcome[1], completion=completion,
+                         escalating=escalate is not None)
         return escalate
+
+    def _record(self, ctx: RequestContext, routed: RoutedAnswer, started: float, *,
+                error: GatewayError | None = None, completion: Completion | None = None,
+                escalating: bool = False) -> None:
+        """The request's outcome, for learned routing, feedback and export: quality 1 for
+        an answer every check passed, 0 for one found wanting or a failure of the
+        deployments (a request that was itself at fault teaches nothing).
+        """
+        now = time.monotonic()
+        req = ctx.req
+        record: dict[str, Any] = {
+            "id": ctx.request_id, "at": round(time.time(), 3), "tenant": ctx.tenant,
+            "alias": req.model if self.router.selector.is_alias(req.model) else "",
+            "asked": req.model, "batch": ctx.batch, "feedback": None,
+            "latency_ms": round((now - started) * 1000, 1)}
+        quality: float | None
+        if error is not None:
+            record.update(ok=False, error=error.code or str(error.status))
+            quality = 0.0 if counts_against(error) else None
+        else:
+            usage = completion.usage if completion is not None else None
+            first = routed.first_token_at
+            record.update(ok=ctx.rejected is None, error=None, model=routed.model,
+                          backend=routed.deployment.backend.name,
+                          ttft_ms=round((first - started) * 1000, 1),
+                          qa=ctx.rejected.checks() if ctx.rejected else "pass",
+                          escalated=escalating)
+            if usage is not None and usage.completion_tokens > 1 and now > first:
+                record["tokens_per_s"] = round((usage.completion_tokens - 1) / (now - first), 1)
+            quality = 0.0 if ctx.rejected is not None else 1.0
+        self.router.record(req, record, routed, quality)
 
     def _wrap(self, ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         for plugin in self.plugins:

@@ -19,8 +19,8 @@ from gateway.backoff import backoff
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, RateLimited, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.routing.balancer import Balancer, DeploymentState
+from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment
-from gateway.routing.selector import Candidate, Route
 from gateway.telemetry import NO_SPAN, UPSTREAM, AnySpan, Instruments, Span
 
 log = logging.getLogger(__name__)

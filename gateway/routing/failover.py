@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from gateway.protocol.units import Chunk, Usage
 from gateway.routing.attempts import Attempts, Lease
+from gateway.routing.candidates import Decision
 from gateway.routing.catalog import Deployment
 from gateway.telemetry import NO_SPAN, NOTES, AnySpan, Instruments, current_span
 
@@ -32,8 +33,10 @@ class RoutedAnswer:
     """
 
     def __init__(self, attempts: Attempts, opener: Opener, instruments: Instruments, *,
-                 streamed: bool, rescue: bool, alias: str = "") -> None:
+                 streamed: bool, rescue: bool, alias: str = "",
+                 decision: Decision | None = None) -> None:
         self._attempts = attempts
+        self.decision = decision  # the learned pick that ordered the route, if one did
         self._open = opener
         self._instruments = instruments
         self._alias = alias  # the alias asked for ("": a model by name)
@@ -52,6 +55,17 @@ class RoutedAnswer:
     def deployment(self) -> Deployment:
         assert self._lease is not None, "start() first"
         return self._lease.deployment
+
+    @property
+    def model(self) -> str:
+        """The name the answering model was picked by (the catalog's, not the backend's)."""
+        assert self._lease is not None, "start() first"
+        return self._lease.candidate.name
+
+    @property
+    def first_token_at(self) -> float:
+        """When the answering deployment's first token came (``time.monotonic()``)."""
+        return self._first_at
 
     @property
     def attempts(self) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import numpy as np
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
@@ -13,9 +16,13 @@ from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingReq
 from gateway.protocol.units import Chunk, EmbeddingResult
 from gateway.routing.attempts import Attempts
 from gateway.routing.balancer import Balancer
+from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.failover import RoutedAnswer
-from gateway.routing.selector import Candidate, Needs, Route, Selector
+from gateway.routing.features import features_of
+from gateway.routing.learned import reward
+from gateway.routing.outcomes import Outcomes
+from gateway.routing.selector import Needs, Selector
 from gateway.telemetry import Instruments, current_span
 
 
@@ -41,6 +48,7 @@ class Router:
 
         self.balancer = Balancer(config.routing, limits)
         catalog.on_change.append(self.balancer.relimit)
+        self.outcomes = Outcomes(config.routing.learned.outcomes)
         # Told when a connection to a backend is refused (the health watcher listens).
         self.on_unreachable: Callable[[str], None] = lambda backend: None
 
@@ -50,7 +58,11 @@ class Router:
         ``allowed``: the only models that may answer besides the one asked for (none: any);
         ``batch``: a batch line's, which takes only its share of each deployment.
         """
-        return self._answer(req, self.selector.route(req, allowed), batch)
+        return self._answer(req, self.selector.route(req, allowed, self._answers_now), batch)
+
+    def _answers_now(self, candidate: Candidate) -> bool:
+        now = time.monotonic()
+        return any(self.balancer.usable(d, now) for d in candidate.deployments)
 
     def escalate(self, req: ChatRequest | CompletionRequest, than: Deployment,
                  why: str, allowed: tuple[str, ...] = (), batch: bool = False
@@ -75,8 +87,46 @@ class Router:
                             self.config.tasks.share if batch else None)
         alias = req.model if self.selector.is_alias(req.model) else ""
         return RoutedAnswer(attempts, opener, self.instruments, alias=alias,
-                            streamed=req.stream,
-                            rescue=self.config.routing.rescue)
+                            streamed=req.stream, rescue=self.config.routing.rescue,
+                            decision=route.decision)
+
+    def record(self, req: ChatRequest | CompletionRequest, outcome: dict[str, Any],
+               routed: RoutedAnswer | None, quality: float | None) -> None:
+        """Keep a request's outcome, and learn from it when a learned pick routed it
+        (``quality``: 0 to 1; None: nothing to learn, the request itself was at fault).
+        The chosen model earns the quality only if it answered: a fallback's answer means
+        the chosen one failed.
+        """
+        decision = routed.decision if routed is not None else None
+        if decision is None:
+            outcome["features"] = features_of(req).as_dict()
+        else:
+            outcome.update(features=decision.features, chosen=decision.model,
+                           x=[round(v, 4) for v in decision.x.tolist()])
+            learned = self.selector.learned
+            if quality is not None and learned is not None:
+                earned = quality if outcome.get("model") == decision.model else 0.0
+                value = reward(earned, outcome.get("latency_ms", 0) / 1000,
+                               self.selector.latency_cost(decision.alias))
+                outcome["reward"] = round(value, 4)
+                learned.learn(decision.alias, decision.model, decision.x, value)
+        self.outcomes.add(outcome)
+
+    def feedback(self, request_id: str, tenant: str, score: float) -> dict[str, Any] | None:
+        """A client's word on an answer (0: bad … 1: good), learned from as another outcome
+        of the same request; the outcome, or None when this tenant has none by that id.
+        """
+        outcome = self.outcomes.get(request_id)
+        if outcome is None or outcome.get("tenant") != tenant:
+            return None
+        outcome["feedback"] = score
+        learned, chosen = self.selector.learned, outcome.get("chosen")
+        if learned is not None and chosen and chosen == outcome.get("model") \
+                and outcome.get("x") and outcome.get("alias"):
+            value = reward(score, outcome.get("latency_ms", 0) / 1000,
+                           self.selector.latency_cost(outcome["alias"]))
+            learned.learn(outcome["alias"], chosen, np.array(outcome["x"]), value)
+        return outcome
 
     async def embed(self, req: EmbeddingRequest, batch: bool = False
                     ) -> tuple[EmbeddingResult, Deployment, int]:

@@ -5,13 +5,16 @@ needs (images → vision, tools → tools, its length → a context window that 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.config import AliasConfig, GatewayConfig
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
+from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment, ModelCatalog, named_in
+from gateway.routing.learned import LearnedOrder
+from gateway.routing.ordering import Ordering, Priority, Usable
 
 SEED_OLLAMA = ("qwq:32b", "qwen2.5-coder:32b", "phi3.5:3.8b")
 SEED_MLX = ("command-r-plus:104b", "deepseek-r1-distill-llama:70b")
@@ -24,13 +27,15 @@ BUILTIN_ALIASES: dict[str, AliasConfig] = {
         priority={"ollama": ("qwen2.5-coder:32b", "qwq:32b", "phi3.5:3.8b"),
                   "mlx": ("deepseek-r1-distill-llama:70b", "command-r-plus:104b")},
         prefer=("ollama", "mlx"), others="largest"),
-    "auto:fast": AliasConfig(priority={"ollama": ("phi3.5:3.8b",)}, others="smallest"),
+    "auto:fast": AliasConfig(priority={"ollama": ("phi3.5:3.8b",)}, others="smallest",
+                             latency_cost=0.2),
     "auto:vision": AliasConfig(require=("vision",), others="largest"),
     "auto:reasoning": AliasConfig(priority={"ollama": ("qwq:32b",),
                                             "mlx": ("deepseek-r1-distill-llama:70b",)},
                                   prefer=("ollama", "mlx")),
 }
 TIER_ORDER = ("primary", "server", "cloud")
+PRIORITY = Priority()
 PICKS_CACHE = 64  # remembered alias picks (per alias, capability needs, catalog version)
 CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
 
@@ -72,27 +77,6 @@ def needs_of(req: ChatRequest | CompletionRequest) -> Needs:
                  tokens=chars // CHARS_PER_TOKEN + limit)
 
 
-@dataclass(slots=True)
-class Route:
-    """The first candidates, and the way to the fallbacks should they all fail."""
-
-    first: list[Candidate]
-    fallbacks: Callable[[], list[Candidate]]
-
-
-@dataclass(slots=True)
-class Candidate:
-    """A model that may answer, its deployments, and why it is in the list."""
-
-    name: str
-    deployments: list[Deployment]
-    reason: str
-
-    @property
-    def context_length(self) -> int:
-        return max((d.model.context_length or 0 for d in self.deployments), default=0)
-
-
 class Selector:
     def __init__(self, catalog: ModelCatalog, config: GatewayConfig) -> None:
         self._catalog = catalog
@@ -103,22 +87,35 @@ class Selector:
         self._picks: dict[tuple[str, bool, bool, int],
                           tuple[list[list[Candidate]], list[Candidate]]] = {}
         self._known = {m.name for m in config.models}
+        learns = [name for name, spec in self._aliases.items()
+                  if (spec.policy or config.routing.policy) == "learned"]
+        # What was learned from outcomes (None: every alias keeps its static order).
+        self.learned = LearnedOrder(config.routing.learned) if learns else None
+        self._orderings: dict[str, Ordering] = {
+            name: self.learned if self.learned is not None and name in learns else PRIORITY
+            for name in self._aliases}
+
+    def latency_cost(self, alias: str) -> float:
+        return self._aliases[alias].latency_cost
 
     def is_alias(self, name: str) -> bool:
         return name in self._aliases
 
-    def route(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = ()
-              ) -> Route:
+    def route(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = (),
+              usable: Usable = lambda candidate: True) -> Route:
         """The candidates for a request, best first; never empty. The fallbacks (and what
         the request needs of them) are worked out only if the first candidates cannot answer:
-        most requests never need them; with ``allowed``, only those models among them.
+        most requests never need them; with ``allowed``, only those models among them. An
+        alias's picks are put in order by its ordering (``usable``: which can answer now).
         """
         name = req.model
+        decision = None
         if name in self._aliases:
             needs = needs_of(req)
             first = self.alias_picks(name, needs)
             if not first:
                 raise self._nothing_fits(name, self._required(name, needs))
+            first, decision = self._orderings[name].order(name, first, req, usable)
         elif name in self._known:
             # A configured model whose backend is away right now (never listed since start):
             # its fallbacks answer instead of a 404.
@@ -129,8 +126,8 @@ class Selector:
         if allowed:
             return Route(first, lambda: [c for c in self._fallbacks_for(name, first,
                                                                         needs_of(req))
-                                         if named_in(c.name, allowed)])
-        return Route(first, lambda: self._fallbacks_for(name, first, needs_of(req)))
+                                         if named_in(c.name, allowed)], decision)
+        return Route(first, lambda: self._fallbacks_for(name, first, needs_of(req)), decision)
 
     def stronger(self, req: ChatRequest | CompletionRequest, than: Deployment, why: str,
                  allowed: tuple[str, ...] = ()) -> list[Candidate]:

@@ -1,0 +1,142 @@
+"""Learned routing: which of the models an alias may pick answers a request best, learned
+from how requests like it went (a contextual bandit, LinUCB: one small linear model per
+alias and model, over the request's features).
+
+A model's estimate starts at the alias's static priority (the prior: a fresh gateway picks
+as the priority lists say) and moves with each outcome: the answer's quality (QA's verdict,
+an error, the client's feedback) less the cost of its latency (the alias's
+``latency_cost`` per second). The pick is the best estimate plus a bounded bonus for what is
+still uncertain (exploration), among the models that can take the request now: a model
+that is down or lacks what the request needs is never picked to explore.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from gateway.config import LearnedConfig
+from gateway.protocol.openai import ChatRequest, CompletionRequest
+from gateway.routing.candidates import Candidate, Decision
+from gateway.routing.features import DIMENSIONS, features_of
+from gateway.routing.ordering import Usable
+
+PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
+PRIOR_STEP = 0.05  # ...and how much lower each next one starts
+
+
+class Arm:
+    """One model's linear estimate of the reward, for one alias (ridge regression, its
+    inverse kept up to date one outcome at a time: Sherman-Morrison).
+    """
+
+    __slots__ = ("b", "inverse", "n", "theta")
+
+    def __init__(self, prior: float, strength: float) -> None:
+        self.inverse = np.eye(DIMENSIONS) / strength
+        self.b = np.zeros(DIMENSIONS)
+        self.b[0] = prior * strength  # as if ``strength`` requests had each earned ``prior``
+        self.theta = self.inverse @ self.b
+        self.n = 0
+
+    def estimate(self, x: np.ndarray) -> tuple[float, float]:
+        """The expected reward for ``x``, and how uncertain it is still."""
+        return float(self.theta @ x), math.sqrt(max(0.0, float(x @ self.inverse @ x)))
+
+    def update(self, x: np.ndarray, reward: float) -> None:
+        ix = self.inverse @ x
+        self.inverse -= np.outer(ix, ix) / (1.0 + float(x @ ix))
+        self.b += reward * x
+        self.theta = self.inverse @ self.b
+        self.n += 1
+
+    def dump(self) -> dict[str, Any]:
+        return {"inverse": self.inverse.tolist(), "b": self.b.tolist(), "n": self.n}
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Arm:
+        arm = cls.__new__(cls)
+        arm.inverse = np.array(data["inverse"], dtype=float)
+        arm.b = np.array(data["b"], dtype=float)
+        arm.theta = arm.inverse @ arm.b
+        arm.n = int(data["n"])
+        if arm.inverse.shape != (DIMENSIONS, DIMENSIONS) or arm.b.shape != (DIMENSIONS,):
+            raise ValueError("a learned state of other dimensions")
+        return arm
+
+
+class LearnedOrder:
+    """The learned ordering of an alias's picks (the selector's other ordering is the
+    static priority itself).
+    """
+
+    def __init__(self, config: LearnedConfig) -> None:
+        self._config = config
+        self._arms: dict[tuple[str, str], Arm] = {}
+        self._lock = threading.Lock()  # (outcomes from other processes arrive on a thread)
+
+    def order(self, alias: str, picks: list[Candidate], req: ChatRequest | CompletionRequest,
+              usable: Usable) -> tuple[list[Candidate], Decision | None]:
+        """The picks, best first by what was learned; those that cannot answer now after
+        the rest, in their static order.
+        """
+        ready = {id(c) for c in picks if usable(c)}
+        if len(ready) < 2:
+            return picks, None  # nothing to choose between
+        features = features_of(req)
+        x = features.vector()
+        scored = []
+        for rank, candidate in enumerate(picks):
+            if id(candidate) in ready:
+                arm = self._arm(alias, candidate.name, rank)
+                mean, width = arm.estimate(x)
+                bonus = self._config.exploration * min(width, 1.0)
+                scored.append((mean + bonus, mean, width, rank, candidate))
+        scored.sort(key=lambda s: (-s[0], s[3]))
+        (_, mean, width, _, best), (_, runner_mean, _, _, runner) = scored[0], scored[1]
+        samples = sum(arm.n for (a, _), arm in self._arms.items() if a == alias)
+        explanation = (f"learned: {best.name} {mean:.2f}±{width:.2f} > {runner.name} "
+                       f"{runner_mean:.2f}; {samples} samples")
+        first = Candidate(best.name, best.deployments, explanation)
+        ordered = [first, *(s[4] for s in scored[1:]),
+                   *(c for c in picks if id(c) not in ready)]
+        return ordered, Decision(alias, best.name, x, features.as_dict(), explanation)
+
+    def learn(self, alias: str, model: str, x: np.ndarray, reward: float) -> None:
+        with self._lock:
+            self._arm(alias, model, None).update(x, reward)
+
+    def _arm(self, alias: str, model: str, rank: int | None) -> Arm:
+        arm = self._arms.get((alias, model))
+        if arm is None:
+            prior = PRIOR_TOP - PRIOR_STEP * (rank if rank is not None else 4)
+            arm = self._arms[(alias, model)] = Arm(prior, self._config.prior_strength)
+        return arm
+
+    def samples(self) -> dict[str, dict[str, int]]:
+        """Outcomes learned from, by alias and model."""
+        out: dict[str, dict[str, int]] = {}
+        for (alias, model), arm in self._arms.items():
+            out.setdefault(alias, {})[model] = arm.n
+        return out
+
+    def dump(self) -> dict[str, Any]:
+        with self._lock:
+            return {"dimensions": DIMENSIONS,
+                    "arms": [{"alias": a, "model": m, **arm.dump()}
+                             for (a, m), arm in self._arms.items()]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state.get("dimensions") != DIMENSIONS:
+            raise ValueError("a learned state of other dimensions")
+        arms = {(item["alias"], item["model"]): Arm.load(item) for item in state["arms"]}
+        with self._lock:
+            self._arms = arms
+
+
+def reward(quality: float, seconds: float, latency_cost: float) -> float:
+    """What an outcome was worth: its quality (0 to 1) less its latency's cost."""
+    return quality - latency_cost * seconds
