@@ -28,8 +28,11 @@ class LearnedConfig:
     priority counts against what it learns, and where what it learned is kept.
     """
 
-    exploration: float = 0.2  # weight of the bonus for what is still uncertain (0: none)
+    exploration: float = 1.0  # weight of the bonus for what is still uncertain (0: none)
     prior_strength: float = 2.0  # the static priority counts as this many outcomes
+    # Outcomes a model's estimate mostly rests on: older ones weigh less and less, so a model
+    # that gets worse (or better) is noticed.
+    memory: int = 300
     outcomes: int = 10000  # outcomes kept in memory (for feedback and export)
 
     def problems(self) -> Iterator[tuple[str, str]]:
@@ -37,6 +40,8 @@ class LearnedConfig:
             yield "exploration", "expected a weight from 0 (never explore) to 2"
         if self.prior_strength <= 0:
             yield "prior_strength", "expected a number > 0"
+        if self.memory < 20:
+            yield "memory", "expected at least 20 outcomes"
         if self.outcomes < 1:
             yield "outcomes", "expected an integer >= 1"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,20 +19,24 @@ from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 KINDS = ("chat", "code", "extract", "reason", "long")
 LONG_CHARS = 6000  # a prompt this long is mostly context to read (summaries, documents)
 SCRIPT_SAMPLE = 2000  # characters looked at for the script
+HEAD, TAIL = 1500, 500  # of a longer prompt, only its start and end are read for clues
 
-_CODE = re.compile(
-    r"```|^\s*(def |class |import |from \S+ import|function |const |let |#include|public |"
-    r"SELECT |fn |package |func )|\b(code|function|compile[rd]?|bug|stack ?trace|regex|"
-    r"refactor|python|javascript|typescript|rust|golang|java|sql|bash)\b",
-    re.IGNORECASE | re.MULTILINE)
-_JSON = re.compile(r"\bjson\b", re.IGNORECASE)
-_REASON = re.compile(
-    r"\b(prove|proof|why|step by step|solve|calculate|compute|how many|derive|reason|"
-    r"puzzle|equation|probability)\b|\d\s*[-+*/^=]\s*\d", re.IGNORECASE)
+# Clues: words (looked up in a set of the prompt's words: one pass over its text), phrases,
+# lines that start as code does, and arithmetic.
+_CODE_WORDS = frozenset(("code", "function", "compile", "compiler", "compiled", "bug",
+                         "stacktrace", "regex", "refactor", "python", "javascript",
+                         "typescript", "rust", "golang", "java", "sql", "bash"))
+_REASON_WORDS = frozenset(("prove", "proof", "why", "solve", "calculate", "compute",
+                           "derive", "reason", "puzzle", "equation", "probability"))
+_PHRASES = {"stack trace": "code", "step by step": "reason", "how many": "reason"}
+_CODE_LINE = re.compile(r"^[ \t]*(?:def |class |import |from \S+ import|function |const |"
+                        r"let |#include|public |select |fn |package |func )", re.MULTILINE)
+_ARITHMETIC = re.compile(r"\d\s*[-+*/^=]\s*\d")
+_SPACES = str.maketrans({c: " " for c in string.punctuation})
 
 # The vector: a bias, then each feature scaled to about 0..1.
 NAMES = ("bias", "length", "turns", "code", "script", "tools", "images", "json",
-         "kind:code", "kind:extract", "kind:reason", "kind:long")
+         "kind:chat", "kind:code", "kind:extract", "kind:reason", "kind:long")
 DIMENSIONS = len(NAMES)
 
 
@@ -50,7 +55,8 @@ class Features:
         return np.array((
             1.0, min(1.0, math.log1p(self.chars) / 12), min(self.turns, 16) / 16,
             float(self.code), float(self.script != "latin"), float(self.tools),
-            float(self.images), float(self.json), float(self.kind == "code"),
+            float(self.images), float(self.json), float(self.kind == "chat"),
+            float(self.kind == "code"),
             float(self.kind == "extract"), float(self.kind == "reason"),
             float(self.kind == "long")))
 
@@ -73,23 +79,27 @@ def features_of(req: ChatRequest | CompletionRequest) -> Features:
                      for m in req.messages)
         kind = (req.response_format or {}).get("type")
         json = kind in ("json_object", "json_schema")
-    json = json or _JSON.search(text) is not None
-    code = _CODE.search(text) is not None
+    clues = (text if len(text) <= HEAD + TAIL else f"{text[:HEAD]}\n{text[-TAIL:]}").lower()
+    words = set(clues.translate(_SPACES).split())
+    phrases = {kind for phrase, kind in _PHRASES.items() if phrase in clues}
+    json = json or "json" in words
+    code = "```" in clues or not words.isdisjoint(_CODE_WORDS) or "code" in phrases or \
+        _CODE_LINE.search(clues) is not None
+    reason = not words.isdisjoint(_REASON_WORDS) or "reason" in phrases or \
+        _ARITHMETIC.search(clues[-TAIL:]) is not None
     return Features(chars=len(text), turns=turns, code=code, script=_script(text),
                     tools=tools, images=images, json=json,
-                    kind=_kind(text, code=code, json=json))
+                    kind=_kind(len(text), code=code, json=json, reason=reason))
 
 
-def _kind(text: str, *, code: bool, json: bool) -> str:
+def _kind(chars: int, *, code: bool, json: bool, reason: bool) -> str:
     if json:
         return "extract"
     if code:
         return "code"
-    if len(text) >= LONG_CHARS:
+    if chars >= LONG_CHARS:
         return "long"
-    if _REASON.search(text):
-        return "reason"
-    return "chat"
+    return "reason" if reason else "chat"
 
 
 def _script(text: str) -> str:

@@ -26,20 +26,28 @@ from gateway.routing.ordering import Usable
 
 PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
+FADE_EVERY = 16  # outcomes between two fadings of the old ones
 
 
 class Arm:
-    """One model's linear estimate of the reward, for one alias (ridge regression, its
-    inverse kept up to date one outcome at a time: Sherman-Morrison).
+    """One model's linear estimate of the reward, for one alias: ridge regression over the
+    request's features, its inverse kept up to date one outcome at a time
+    (Sherman-Morrison). Old outcomes fade (each weighs ``1 - 1/memory`` less per outcome
+    since, applied every ``FADE_EVERY``): a model that changes is noticed, while the prior
+    and the regularisation stay as they were.
     """
 
-    __slots__ = ("b", "inverse", "n", "theta")
+    __slots__ = ("b", "b0", "fade", "inverse", "lam", "matrix", "n", "theta")
 
-    def __init__(self, prior: float, strength: float) -> None:
+    def __init__(self, prior: float, strength: float, memory: int) -> None:
+        self.lam = strength
+        self.b0 = np.zeros(DIMENSIONS)
+        self.b0[0] = prior * strength  # as if ``strength`` requests had each earned ``prior``
+        self.matrix = np.eye(DIMENSIONS) * strength
         self.inverse = np.eye(DIMENSIONS) / strength
-        self.b = np.zeros(DIMENSIONS)
-        self.b[0] = prior * strength  # as if ``strength`` requests had each earned ``prior``
+        self.b = self.b0.copy()
         self.theta = self.inverse @ self.b
+        self.fade = (1.0 - 1.0 / memory) ** FADE_EVERY
         self.n = 0
 
     def estimate(self, x: np.ndarray) -> tuple[float, float]:
@@ -47,24 +55,34 @@ class Arm:
         return float(self.theta @ x), math.sqrt(max(0.0, float(x @ self.inverse @ x)))
 
     def update(self, x: np.ndarray, reward: float) -> None:
-        ix = self.inverse @ x
-        self.inverse -= np.outer(ix, ix) / (1.0 + float(x @ ix))
-        self.b += reward * x
-        self.theta = self.inverse @ self.b
         self.n += 1
+        self.matrix += np.outer(x, x)
+        self.b += reward * x
+        if self.n % FADE_EVERY == 0:
+            prior = np.eye(DIMENSIONS) * self.lam
+            self.matrix = prior + (self.matrix - prior) * self.fade
+            self.b = self.b0 + (self.b - self.b0) * self.fade
+            self.inverse = np.asarray(np.linalg.inv(self.matrix), dtype=float)
+        else:
+            ix = self.inverse @ x
+            self.inverse -= np.outer(ix, ix) / (1.0 + float(x @ ix))
+        self.theta = self.inverse @ self.b
 
     def dump(self) -> dict[str, Any]:
-        return {"inverse": self.inverse.tolist(), "b": self.b.tolist(), "n": self.n}
+        return {"matrix": self.matrix.tolist(), "b": self.b.tolist(), "b0": self.b0.tolist(),
+                "lam": self.lam, "fade": self.fade, "n": self.n}
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> Arm:
         arm = cls.__new__(cls)
-        arm.inverse = np.array(data["inverse"], dtype=float)
+        arm.matrix = np.array(data["matrix"], dtype=float)
         arm.b = np.array(data["b"], dtype=float)
-        arm.theta = arm.inverse @ arm.b
-        arm.n = int(data["n"])
-        if arm.inverse.shape != (DIMENSIONS, DIMENSIONS) or arm.b.shape != (DIMENSIONS,):
+        arm.b0 = np.array(data["b0"], dtype=float)
+        if arm.matrix.shape != (DIMENSIONS, DIMENSIONS) or arm.b.shape != (DIMENSIONS,):
             raise ValueError("a learned state of other dimensions")
+        arm.lam, arm.fade, arm.n = float(data["lam"]), float(data["fade"]), int(data["n"])
+        arm.inverse = np.asarray(np.linalg.inv(arm.matrix), dtype=float)
+        arm.theta = arm.inverse @ arm.b
         return arm
 
 
@@ -113,7 +131,8 @@ class LearnedOrder:
         arm = self._arms.get((alias, model))
         if arm is None:
             prior = PRIOR_TOP - PRIOR_STEP * (rank if rank is not None else 4)
-            arm = self._arms[(alias, model)] = Arm(prior, self._config.prior_strength)
+            arm = self._arms[(alias, model)] = Arm(prior, self._config.prior_strength,
+                                                   self._config.memory)
         return arm
 
     def samples(self) -> dict[str, dict[str, int]]:
