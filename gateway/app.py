@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -24,7 +26,7 @@ from gateway.backends.ollama import OllamaBackend
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig, GatewayConfig, is_loopback
 from gateway.doors import anthropic, ollama, openai, responses
-from gateway.http import admin, middlewares, status
+from gateway.http import admin, feedback, middlewares, status
 from gateway.http import health as health_endpoint
 from gateway.http.access import rate_headers
 from gateway.http.bodies import BodyBudget
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 
 # Start-up waits this long for the first discovery; slower backends join on the next round.
 FIRST_DISCOVERY_SECONDS = 10.0
+LEARNED_FILE = "learned-routing.json"
+LEARNED_SAVE_SECONDS = 10.0
 
 
 def build_backend(config: BackendConfig, tunnels: TunnelManager | None = None) -> Backend:
@@ -124,6 +128,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_plugins_ctx)
     app.cleanup_ctx.append(_monitor_ctx)
+    app.cleanup_ctx.append(_learned_ctx)
     tasks = app[tasks_api.TASKS] = Tasks(config, pipeline)
     app[MONITOR].sections["tasks"] = tasks.report
     telemetry.metrics.gauge(
@@ -141,6 +146,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     health_endpoint.add_routes(app)
     admin.add_routes(app)
     status.add_routes(app)
+    feedback.add_routes(app)
     return app
 
 
@@ -280,6 +286,41 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _learned_path(config: GatewayConfig) -> Path:
+    return Path(os.path.expanduser(config.routing.learned.state_file or
+                                   os.path.join(config.tasks.data_dir, LEARNED_FILE)))
+
+
+async def _learned_ctx(app: web.Application) -> AsyncIterator[None]:
+    """What learned routing learned before, read at start, written every few seconds (when
+    it changed) and at the end.
+    """
+    learned = app[ROUTER].selector.learned
+    if learned is None:
+        yield
+        return
+    path = _learned_path(app[CONFIG])
+    await asyncio.to_thread(learned.restore, path)
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(LEARNED_SAVE_SECONDS)
+            try:
+                await asyncio.to_thread(learned.save, path)
+            except OSError as exc:
+                log.warning("learned routing: cannot write %s: %s", path, exc)
+
+    task = asyncio.create_task(keep(), name="learned routing")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    try:
+        await asyncio.to_thread(learned.save, path)
+    except OSError as exc:
+        log.warning("learned routing: cannot write %s: %s", path, exc)
 
 
 async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -34,6 +34,9 @@ class LearnedConfig:
     # that gets worse (or better) is noticed.
     memory: int = 300
     outcomes: int = 10000  # outcomes kept in memory (for feedback and export)
+    # Where what was learned is kept across restarts ("": learned-routing.json in
+    # [tasks] data_dir).
+    state_file: str = ""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not 0 <= self.exploration <= 2:

@@ -32,7 +32,8 @@ DASHBOARD = {"/dashboard": ("index.html", "text/html"),
              "/dashboard/style.css": ("style.css", "text/css")}
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/api/version", *DASHBOARD})
 # Paths for the operator: anyone's on a gateway without keys, else an admin key's.
-OPERATOR_PATHS = frozenset({"/metrics", "/admin/status", "/dashboard/events"})
+OPERATOR_PATHS = frozenset({"/metrics", "/admin/status", "/dashboard/events",
+                            "/admin/router/outcomes"})
 OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say
 REFUSALS = {"requests": "requests per minute", "tokens": "tokens per minute",
             "concurrency": "requests at once", "budget": "token budget"}

@@ -12,17 +12,23 @@ that is down or lacks what the request needs is never picked to explore.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from gateway.config import LearnedConfig
 from gateway.protocol.openai import ChatRequest, CompletionRequest
 from gateway.routing.candidates import Candidate, Decision
 from gateway.routing.features import DIMENSIONS, features_of
 from gateway.routing.ordering import Usable
+
+log = logging.getLogger(__name__)
 
 PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
@@ -94,7 +100,9 @@ class LearnedOrder:
     def __init__(self, config: LearnedConfig) -> None:
         self._config = config
         self._arms: dict[tuple[str, str], Arm] = {}
-        self._lock = threading.Lock()  # (outcomes from other processes arrive on a thread)
+        self._lock = threading.Lock()  # (saving runs on a thread)
+        self.changes = 0  # outcomes learned from, since start
+        self._saved = 0  # ...when last saved
 
     def order(self, alias: str, picks: list[Candidate], req: ChatRequest | CompletionRequest,
               usable: Usable) -> tuple[list[Candidate], Decision | None]:
@@ -126,6 +134,7 @@ class LearnedOrder:
     def learn(self, alias: str, model: str, x: np.ndarray, reward: float) -> None:
         with self._lock:
             self._arm(alias, model, None).update(x, reward)
+            self.changes += 1
 
     def _arm(self, alias: str, model: str, rank: int | None) -> Arm:
         arm = self._arms.get((alias, model))
@@ -141,6 +150,33 @@ class LearnedOrder:
         for (alias, model), arm in self._arms.items():
             out.setdefault(alias, {})[model] = arm.n
         return out
+
+    def save(self, path: Path) -> bool:
+        """Write what was learned to ``path`` (whole or not at all), if anything changed
+        since it was last written; whether it wrote.
+        """
+        if self.changes == self._saved:
+            return False
+        changes, state = self.changes, self.dump()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(orjson.dumps(state))
+        os.replace(partial, path)
+        self._saved = changes
+        return True
+
+    def restore(self, path: Path) -> None:
+        """What was learned before, from ``path`` (a missing or unreadable file: nothing)."""
+        try:
+            self.load(orjson.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("learned routing: cannot read %s (%s); starting from the priority "
+                        "lists", path, exc)
+            return
+        log.info("learned routing: %d outcomes learned before, from %s",
+                 sum(arm.n for arm in self._arms.values()), path)
 
     def dump(self) -> dict[str, Any]:
         with self._lock:

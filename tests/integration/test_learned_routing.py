@@ -1,0 +1,147 @@
+"""Learned routing through the gateway, as a client sees it: the route header explains each
+learned pick, feedback on an answer (``POST /v1/feedback`` by its ``x-request-id``) changes
+later picks, what was learned outlives a restart, and the operator can export every
+outcome; a key can rate only its own answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.integration.conftest import FAST, Fleet
+from tests.support import ServerThread, backend, gateway_config, start_gateway
+
+KEYS = {"alice": "gw-alice-key-of-the-learning-tests", "bob": "gw-bob-key-of-the-learning-tests"}
+ALIAS = "auto:pair"  # two models the fleet has, equally good as far as QA can tell
+PAIR = ("qwq:32b", "qwen2.5-coder:32b")
+ADMIN = "gw-admin-key-of-the-learning-tests"
+
+
+def learning_gateway(fleet: Fleet, state: Path) -> ServerThread:
+    return start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        keys=[{"id": name, "hash": hashlib.sha256(key.encode()).hexdigest()}
+              for name, key in KEYS.items()],
+        auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]},
+        aliases={ALIAS: {"priority": {"ollama": list(PAIR)}, "policy": "learned"}},
+        routing={"learned": {"state_file": str(state)}}))
+
+
+@pytest.fixture
+def gateway(fleet: Fleet, tmp_path: Path) -> Iterator[ServerThread]:
+    server = learning_gateway(fleet, tmp_path / "learned.json")
+    yield server
+    server.stop()
+
+
+def client(server: ServerThread, who: str = "alice") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[who], max_retries=0)
+
+
+def ask(api: openai.OpenAI, n: int = 0) -> tuple[str, str, str]:
+    """The model that answered, the route header, the request id."""
+    raw = api.chat.completions.with_raw_response.create(
+        model=ALIAS, messages=[{"role": "user", "content": f"Tell me about the number {n}."}])
+    answer = raw.parse()
+    return answer.model, raw.headers["x-gateway-route"], raw.headers["x-request-id"]
+
+
+def rate(server: ServerThread, request_id: str, who: str = "alice", **verdict: Any
+         ) -> dict[str, Any]:
+    request = urllib.request.Request(
+        server.url + "/v1/feedback", method="POST",
+        data=json.dumps({"request_id": request_id, **verdict}).encode(),
+        headers={"Authorization": f"Bearer {KEYS[who]}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    return result
+
+
+def test_a_learned_pick_explains_itself(gateway: ServerThread) -> None:
+    model, route, _ = ask(client(gateway))
+    assert model == PAIR[0]  # a fresh gateway picks as the priority lists say
+    assert route.startswith(f"learned: {PAIR[0]} 0.60±") and f"> {PAIR[1]} 0.55" in route
+    assert route.endswith("; 0 samples")
+    _, route, _ = ask(client(gateway), 1)
+    assert route.endswith("; 1 samples")
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_feedback_changes_later_picks(gateway: ServerThread, feedback: bool) -> None:
+    api = client(gateway)
+    picks = []
+    for n in range(40):
+        model, _, request_id = ask(api, n)
+        picks.append(model)
+        if not feedback:
+            continue
+        if model == PAIR[0]:  # the user keeps saying the first model's answers are bad
+            result = rate(gateway, request_id, thumbs="down")
+            assert result == {"object": "feedback", "request_id": request_id, "score": 0.0,
+                              "model": PAIR[0], "learned": True}
+        else:
+            rate(gateway, request_id, score=1)
+    assert picks[0] == PAIR[0]
+    if feedback:
+        assert PAIR[0] not in picks[-10:], picks
+    else:  # QA passes both alike: both keep being picked
+        assert PAIR[0] in picks[-10:] and PAIR[1] in picks[-10:], picks
+
+
+def test_a_key_rates_only_its_own_answers(gateway: ServerThread) -> None:
+    _, _, request_id = ask(client(gateway, "alice"))
+    for who, body in (("bob", {"thumbs": "up"}), ("alice", {"request_id": "req_nope"})):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client(gateway, who).post("/feedback", cast_to=object,
+                                      body={"request_id": request_id, "thumbs": "up", **body})
+        assert caught.value.code == "request_not_found"
+    for wrong in ({"thumbs": "sideways"}, {"score": 7}, {"score": True}, {}):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client(gateway).post("/feedback", cast_to=object,
+                                 body={"request_id": request_id, **wrong})
+        assert bad.value.code == "invalid_value" or bad.value.status_code == 400
+
+
+def test_what_was_learned_outlives_a_restart(fleet: Fleet, tmp_path: Path) -> None:
+    state = tmp_path / "learned.json"
+    server = learning_gateway(fleet, state)
+    try:
+        for n in range(6):
+            ask(client(server), n)
+    finally:
+        server.stop()
+    assert state.exists()
+    server = learning_gateway(fleet, state)
+    try:
+        _, route, _ = ask(client(server))
+        assert route.endswith("; 6 samples"), route
+    finally:
+        server.stop()
+
+
+def test_the_operator_exports_every_outcome(gateway: ServerThread, fleet: Fleet) -> None:
+    ids = [ask(client(gateway), n)[2] for n in range(3)]
+    rate(gateway, ids[1], thumbs="up")
+    request = urllib.request.Request(gateway.url + "/admin/router/outcomes",
+                                     headers={"Authorization": f"Bearer {ADMIN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in response.read().splitlines()]
+    by_id = {o["id"]: o for o in lines}
+    assert set(ids) <= set(by_id)
+    for request_id in ids:
+        outcome = by_id[request_id]
+        assert outcome["tenant"] == "alice" and outcome["alias"] == ALIAS
+        assert outcome["model"] == outcome["chosen"] in PAIR and outcome["ok"] is True
+        assert outcome["backend"] == "primary" and outcome["qa"] == "pass"
+        assert outcome["features"]["kind"] == "chat" and len(outcome["x"]) == 13
+        assert outcome["latency_ms"] > 0 and outcome["ttft_ms"] > 0 and "reward" in outcome
+    assert by_id[ids[1]]["feedback"] == 1.0 and by_id[ids[0]]["feedback"] is None
