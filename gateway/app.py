@@ -48,6 +48,9 @@ from gateway.keys import (
 from gateway.monitor import HealthWatcher, Monitor
 from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
+from gateway.routing.learned import LearnedOrder
+from gateway.routing.learning_link import DOWN as LINK_DOWN
+from gateway.routing.learning_link import LearningLink
 from gateway.routing.router import Router
 from gateway.store import open_store
 from gateway.tasks import Tasks
@@ -294,33 +297,44 @@ def _learned_path(config: GatewayConfig) -> Path:
 
 
 async def _learned_ctx(app: web.Application) -> AsyncIterator[None]:
-    """What learned routing learned before, read at start, written every few seconds (when
-    it changed) and at the end.
+    """What learned routing learned before, read at start (from the Redis every process
+    shares, or a file), written every few seconds (when it changed) and at the end.
     """
-    learned = app[ROUTER].selector.learned
+    router = app[ROUTER]
+    learned, link = router.selector.learned, router.link
     if learned is None:
         yield
         return
     path = _learned_path(app[CONFIG])
-    await asyncio.to_thread(learned.restore, path)
+    if link is not None:
+        await link.start()
+    else:
+        await asyncio.to_thread(learned.restore, path)
 
     async def keep() -> None:
         while True:
             await asyncio.sleep(LEARNED_SAVE_SECONDS)
-            try:
-                await asyncio.to_thread(learned.save, path)
-            except OSError as exc:
-                log.warning("learned routing: cannot write %s: %s", path, exc)
+            await _save_learned(learned, link, path)
 
     task = asyncio.create_task(keep(), name="learned routing")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if link is not None:
+        await link.close()
+    else:
+        await _save_learned(learned, None, path)
+
+
+async def _save_learned(learned: LearnedOrder, link: LearningLink | None, path: Path) -> None:
     try:
-        await asyncio.to_thread(learned.save, path)
-    except OSError as exc:
-        log.warning("learned routing: cannot write %s: %s", path, exc)
+        if link is not None:
+            await link.save()
+        else:
+            await asyncio.to_thread(learned.save, path)
+    except (OSError, *LINK_DOWN) as exc:
+        log.warning("learned routing: cannot keep what was learned: %s", exc)
 
 
 async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:

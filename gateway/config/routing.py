@@ -35,8 +35,10 @@ class LearnedConfig:
     memory: int = 300
     outcomes: int = 10000  # outcomes kept in memory (for feedback and export)
     # Where what was learned is kept across restarts ("": learned-routing.json in
-    # [tasks] data_dir).
+    # [tasks] data_dir)...
     state_file: str = ""
+    # ...or a Redis every gateway process shares: each learns from all their outcomes.
+    redis_url: str = ""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not 0 <= self.exploration <= 2:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from gateway.errors import NotFound
+from gateway.errors import NotFound, Unavailable
 from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.keys import ROUTER, TENANT
 from gateway.protocol.openai import invalid
+from gateway.routing.learning_link import DOWN
 
 
 async def feedback(request: web.Request) -> web.Response:
@@ -31,7 +32,11 @@ async def feedback(request: web.Request) -> web.Response:
     else:
         raise invalid("score", "Send a 'score' from 0 (bad) to 1 (good), or 'thumbs' "
                                "(\"up\" or \"down\").")
-    outcome = request.app[ROUTER].feedback(request_id, request[TENANT], value)
+    try:
+        outcome = await request.app[ROUTER].feedback(request_id, request[TENANT], value)
+    except DOWN:
+        raise Unavailable("The store of outcomes is unavailable right now.",
+                          retry_after=1) from None
     if outcome is None:
         raise NotFound(f"No answer with the request id {request_id!r} is known here (only "
                        "the newest are kept, each for the key that asked).",
@@ -43,8 +48,12 @@ async def feedback(request: web.Request) -> web.Response:
 
 
 async def outcomes(request: web.Request) -> web.Response:
-    lines = b"".join(orjson.dumps(o, option=orjson.OPT_APPEND_NEWLINE)
-                     for o in request.app[ROUTER].outcomes.all())
+    try:
+        kept = await request.app[ROUTER].all_outcomes()
+    except DOWN:
+        raise Unavailable("The store of outcomes is unavailable right now.",
+                          retry_after=1) from None
+    lines = b"".join(orjson.dumps(o, option=orjson.OPT_APPEND_NEWLINE) for o in kept)
     return web.Response(body=lines, content_type="application/x-ndjson")
 
 

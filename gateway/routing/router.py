@@ -21,6 +21,7 @@ from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.features import features_of
 from gateway.routing.learned import reward
+from gateway.routing.learning_link import LearningLink
 from gateway.routing.outcomes import Outcomes
 from gateway.routing.selector import Needs, Selector
 from gateway.telemetry import Instruments, current_span
@@ -48,7 +49,11 @@ class Router:
 
         self.balancer = Balancer(config.routing, limits)
         catalog.on_change.append(self.balancer.relimit)
-        self.outcomes = Outcomes(config.routing.learned.outcomes)
+        learned = config.routing.learned
+        self.outcomes = Outcomes(learned.outcomes)
+        # Learning shared with every process through Redis, when configured.
+        self.link = LearningLink(learned.redis_url, self.selector.learned, learned.outcomes) \
+            if learned.redis_url and self.selector.learned is not None else None
         # Told when a connection to a backend is refused (the health watcher listens).
         self.on_unreachable: Callable[[str], None] = lambda backend: None
 
@@ -109,24 +114,41 @@ class Router:
                 value = reward(earned, outcome.get("latency_ms", 0) / 1000,
                                self.selector.latency_cost(decision.alias))
                 outcome["reward"] = round(value, 4)
-                learned.learn(decision.alias, decision.model, decision.x, value)
+                self._learn(decision.alias, decision.model, decision.x, value)
         self.outcomes.add(outcome)
+        if self.link is not None:
+            self.link.outcome(outcome)
 
-    def feedback(self, request_id: str, tenant: str, score: float) -> dict[str, Any] | None:
+    def _learn(self, alias: str, model: str, x: np.ndarray, value: float) -> None:
+        assert self.selector.learned is not None
+        self.selector.learned.learn(alias, model, x, value)
+        if self.link is not None:
+            self.link.learned(alias, model, x, value)
+
+    async def feedback(self, request_id: str, tenant: str, score: float
+                       ) -> dict[str, Any] | None:
         """A client's word on an answer (0: bad … 1: good), learned from as another outcome
         of the same request; the outcome, or None when this tenant has none by that id.
         """
         outcome = self.outcomes.get(request_id)
+        if outcome is None and self.link is not None:
+            outcome = await self.link.find(request_id)  # (kept by another process)
         if outcome is None or outcome.get("tenant") != tenant:
             return None
         outcome["feedback"] = score
-        learned, chosen = self.selector.learned, outcome.get("chosen")
-        if learned is not None and chosen and chosen == outcome.get("model") \
+        chosen = outcome.get("chosen")
+        if self.selector.learned is not None and chosen and chosen == outcome.get("model") \
                 and outcome.get("x") and outcome.get("alias"):
             value = reward(score, outcome.get("latency_ms", 0) / 1000,
                            self.selector.latency_cost(outcome["alias"]))
-            learned.learn(outcome["alias"], chosen, np.array(outcome["x"]), value)
+            self._learn(outcome["alias"], chosen, np.array(outcome["x"]), value)
+        if self.link is not None:
+            await self.link.rated(outcome)
         return outcome
+
+    async def all_outcomes(self) -> list[dict[str, Any]]:
+        """The outcomes kept (every process's, when they share Redis), oldest first."""
+        return await self.link.all() if self.link is not None else self.outcomes.all()
 
     async def embed(self, req: EmbeddingRequest, batch: bool = False
                     ) -> tuple[EmbeddingResult, Deployment, int]:

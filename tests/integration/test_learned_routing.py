@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from tests.integration.conftest import FAST, Fleet
-from tests.support import ServerThread, backend, gateway_config, start_gateway
+from tests.redis_peer import RedisServer
+from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
 
 KEYS = {"alice": "gw-alice-key-of-the-learning-tests", "bob": "gw-bob-key-of-the-learning-tests"}
 ALIAS = "auto:pair"  # two models the fleet has, equally good as far as QA can tell
@@ -145,3 +146,47 @@ def test_the_operator_exports_every_outcome(gateway: ServerThread, fleet: Fleet)
         assert outcome["features"]["kind"] == "chat" and len(outcome["x"]) == 13
         assert outcome["latency_ms"] > 0 and outcome["ttft_ms"] > 0 and "reward" in outcome
     assert by_id[ids[1]]["feedback"] == 1.0 and by_id[ids[0]]["feedback"] is None
+
+
+def samples(server: ServerThread) -> int:
+    _, route, _ = ask(client(server), 99)
+    return int(route.rsplit("; ", 1)[1].split()[0])
+
+
+def test_two_processes_sharing_redis_learn_from_each_other(fleet: Fleet,
+                                                           tmp_path: Path) -> None:
+    with RedisServer() as redis:
+        def shared() -> ServerThread:
+            return start_gateway(gateway_config(
+                backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+                keys=[{"id": name, "hash": hashlib.sha256(key.encode()).hexdigest()}
+                      for name, key in KEYS.items()],
+                auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]},
+                aliases={ALIAS: {"priority": {"ollama": list(PAIR)}, "policy": "learned"}},
+                routing={"learned": {"redis_url": redis.url,
+                                     "state_file": str(tmp_path / "unused.json")}}))
+
+        one, two = shared(), shared()
+        try:
+            ids = [ask(client(one), n)[2] for n in range(8)]
+            # (each ask of `samples` is learned from too, where it was asked)
+            wait_until(lambda: samples(two) >= 8, 10, "the other process learning of them")
+            assert rate(two, ids[0], thumbs="down")["learned"] is True  # found via Redis
+            with pytest.raises(openai.NotFoundError):  # and still only for its own key
+                client(two, "bob").post("/feedback", cast_to=object,
+                                        body={"request_id": ids[1], "thumbs": "up"})
+            request = urllib.request.Request(two.url + "/admin/router/outcomes",
+                                             headers={"Authorization": f"Bearer {ADMIN}"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                exported = [json.loads(line) for line in response.read().splitlines()]
+            assert set(ids) <= {o["id"] for o in exported}  # every process's outcomes
+            before = samples(one)
+        finally:
+            one.stop()
+            two.stop()
+        assert not (tmp_path / "unused.json").exists()  # kept in Redis, not a file
+        again = shared()  # every process restarted: what they learned is in Redis
+        try:
+            assert samples(again) >= before
+        finally:
+            again.stop()
