@@ -27,6 +27,7 @@ from gateway.config import (
 from gateway.http.server import GatewayRunner
 from gateway.key_commands import add_keys_command
 from gateway.report import print_catalog
+from gateway.router_commands import add_router_command
 from gateway.runtime import new_event_loop, until_signalled
 
 log = logging.getLogger("gateway")
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_keys_command(commands)
     add_batches_command(commands)
+    add_router_command(commands)
     return parser
 
 

@@ -38,6 +38,7 @@ class Decision:
     x: np.ndarray  # the request's features, as the policy's vector
     features: dict[str, Any]
     explanation: str
+    candidates: tuple[str, ...] = ()  # those it chose among, in their static order
 
 
 @dataclass(slots=True)

@@ -129,7 +129,17 @@ class LearnedOrder:
         first = Candidate(best.name, best.deployments, explanation)
         ordered = [first, *(s[4] for s in scored[1:]),
                    *(c for c in picks if id(c) not in ready)]
-        return ordered, Decision(alias, best.name, x, features.as_dict(), explanation)
+        return ordered, Decision(alias, best.name, x, features.as_dict(), explanation,
+                                 tuple(s[4].name for s in sorted(scored, key=lambda s: s[3])))
+
+    def pick(self, alias: str, models: list[str], x: np.ndarray) -> str:
+        """Which of ``models`` (in their static order) it would pick for ``x`` (replaying
+        outcomes offline: ``gateway router eval``).
+        """
+        def score(rank: int) -> tuple[float, int]:
+            mean, width = self._arm(alias, models[rank], rank).estimate(x)
+            return -(mean + self._config.exploration * min(width, 1.0)), rank
+        return models[min(range(len(models)), key=score)]
 
     def learn(self, alias: str, model: str, x: np.ndarray, reward: float) -> None:
         with self._lock:

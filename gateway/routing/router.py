@@ -107,6 +107,7 @@ class Router:
             outcome["features"] = features_of(req).as_dict()
         else:
             outcome.update(features=decision.features, chosen=decision.model,
+                           candidates=list(decision.candidates),
                            x=[round(v, 4) for v in decision.x.tolist()])
             learned = self.selector.learned
             if quality is not None and learned is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import ollama
 import pytest
 
-from tests.support import GATEWAY, Sim, free_port, wait_ready
+from tests.support import GATEWAY, GatewayProcess, Sim, free_port, wait_ready
 
 
 def write_config(path: Path, ollama: Sim, mlx: Sim, extra: str = "") -> Path:
@@ -335,3 +335,33 @@ def test_check_warns_of_a_configured_model_its_backend_does_not_list(
     assert ("WARNING [[models]] 'coder': backend 'ollama' does not list the model "
             "'qwen2.5-coder:23b' (did you mean 'qwen2.5-coder:32b'?); requests for it go to the "
             "fallbacks") in result.stdout
+
+
+def test_router_export_and_eval(tmp_path: Path, ollama_sim: Sim) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[routing]\npolicy = "learned"\n\n[[backends]]\nname = "studio"\n'
+                      f'kind = "ollama"\nurl = "{ollama_sim.api_url}"\n\n'
+                      f'[tasks]\ndata_dir = "{tmp_path / "data"}"\n')
+    gateway = GatewayProcess(config)
+    try:
+        for n in range(12):
+            body = json.dumps({"model": "auto", "messages": [
+                {"role": "user", "content": f"Tell me about {n}."}]}).encode()
+            request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.headers["x-gateway-route"].startswith("learned: ")
+        exported = tmp_path / "outcomes.jsonl"
+        subprocess.run([*GATEWAY, "router", "export", "--config", str(config), "--url",
+                        gateway.url, "--output", str(exported)], check=True, timeout=30)
+    finally:
+        gateway.stop()
+    outcomes = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert len(outcomes) == 12 and all(o["alias"] == "auto" and o["chosen"] for o in outcomes)
+    assert all("prompt" not in o and "messages" not in o for o in outcomes)  # no text kept
+    result = subprocess.run([*GATEWAY, "router", "eval", str(exported)], capture_output=True,
+                            text=True, timeout=30, check=True)
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in result.stdout.splitlines()[1:]}
+    assert rows[("auto", "logged")][0] == "12"
+    assert 0 < int(rows[("auto", "learned")][0]) <= 12
+    assert int(rows[("auto", "priority")][0]) <= 12
