@@ -107,6 +107,10 @@ class Sim:
         """Make ``model`` misbehave (see ``gateway.sim.fleet.Faults`` for the knobs)."""
         self._call("PUT", f"/_sim/faults/{model}", knobs)
 
+    def skills(self, model: str, skills: dict[str, float]) -> None:
+        """How often ``model`` answers each kind of task well (``SimModel.skills``)."""
+        self._call("PUT", f"/_sim/skills/{model}", skills)
+
     def clear(self) -> None:
         self._call("DELETE", "/_sim/faults")
         self._call("DELETE", "/_sim/requests")

@@ -79,6 +79,18 @@ def features_of(req: ChatRequest | CompletionRequest) -> Features:
                      for m in req.messages)
         kind = (req.response_format or {}).get("type")
         json = kind in ("json_object", "json_schema")
+    kind, json, code = _read(text, json)
+    return Features(chars=len(text), turns=turns, code=code, script=_script(text),
+                    tools=tools, images=images, json=json, kind=kind)
+
+
+def kind_of(text: str, json: bool = False) -> str:
+    """The kind of task a prompt's text looks like (``json``: JSON output was asked for)."""
+    return _read(text, json)[0]
+
+
+def _read(text: str, json: bool) -> tuple[str, bool, bool]:
+    """The kind, whether JSON is asked for, whether code is involved."""
     clues = (text if len(text) <= HEAD + TAIL else f"{text[:HEAD]}\n{text[-TAIL:]}").lower()
     words = set(clues.translate(_SPACES).split())
     phrases = {kind for phrase, kind in _PHRASES.items() if phrase in clues}
@@ -87,9 +99,7 @@ def features_of(req: ChatRequest | CompletionRequest) -> Features:
         _CODE_LINE.search(clues) is not None
     reason = not words.isdisjoint(_REASON_WORDS) or "reason" in phrases or \
         _ARITHMETIC.search(clues[-TAIL:]) is not None
-    return Features(chars=len(text), turns=turns, code=code, script=_script(text),
-                    tools=tools, images=images, json=json,
-                    kind=_kind(len(text), code=code, json=json, reason=reason))
+    return _kind(len(text), code=code, json=json, reason=reason), json, code
 
 
 def _kind(chars: int, *, code: bool, json: bool, reason: bool) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from gateway.routing.features import kind_of
 from gateway.sim.fleet import (
     THOUGHT,
     Faults,
@@ -86,6 +88,24 @@ async def pace_whole(model: SimModel, plan: Plan) -> None:
         await asyncio.sleep(ttft + delay * max(0, len(plan.pieces()) - 1))
 
 
+def poor_answer(model: SimModel, ask: Ask) -> str | None:
+    """The answer QA rejects that a model gives to a kind of task it is not good at, with the
+    chance its skill leaves (decided by the request's text, so the same request gets the same
+    answer); None: a good answer.
+    """
+    if not model.skills or ask.prefill:
+        return None
+    text = "\n".join(ask.texts)
+    json_asked = ask.json_format or '"json' in text.lower() or " json" in text.lower()
+    skill = model.skills.get(kind_of(text, json_asked), 1.0)
+    draw = zlib.crc32(f"{model.name}\n{text}".encode()) / 2**32
+    if draw < skill:
+        return None
+    if json_asked:
+        return '{"name": "'  # JSON cut short
+    return "" if draw > (1 + skill) / 2 else "It is so. " * 20  # nothing, or a loop
+
+
 def plan_answer(model: SimModel, ask: Ask, faults: Faults | None = None) -> Plan:
     """The answer a model gives (or the one a fault dictates); raises ``SimError`` for
     requests it refuses.
@@ -120,6 +140,9 @@ def plan_answer(model: SimModel, ask: Ask, faults: Faults | None = None) -> Plan
             text = "return a + b"
         if ask.json_format:
             text = orjson.dumps(json_reply(text, ask.schema)).decode()
+        poor = poor_answer(model, ask)
+        if poor is not None:
+            text = poor
         if model.thinking == "tags" and not ask.prefill:
             text = f"<think>{THOUGHT}</think>\n\n{text}"
     parts = tokens(continuation(text, ask.prefill))
@@ -279,6 +302,17 @@ def control_routes(state: SimState) -> list[web.RouteDef]:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"ok": True})
 
+    async def set_skills(request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in state.models:
+            return web.json_response({"error": f"no model {name!r}"}, status=404)
+        skills = await request.json()
+        if not isinstance(skills, dict) or not all(
+                isinstance(v, int | float) and 0 <= v <= 1 for v in skills.values()):
+            return web.json_response({"error": "expected {kind: chance 0..1}"}, status=400)
+        state.models[name].skills = {str(k): float(v) for k, v in skills.items()}
+        return web.json_response({"ok": True})
+
     async def clear_faults(request: web.Request) -> web.Response:
         for model in state.models.values():
             model.faults = Faults()
@@ -293,6 +327,7 @@ def control_routes(state: SimState) -> list[web.RouteDef]:
 
     return [
         web.put("/_sim/faults/{model:.+}", set_faults),
+        web.put("/_sim/skills/{model:.+}", set_skills),
         web.delete("/_sim/faults", clear_faults),
         web.get("/_sim/requests", read_log),
         web.delete("/_sim/requests", clear_log),

@@ -72,6 +72,10 @@ class SimModel:
     tokens_per_s: float = 0.0  # 0 = as fast as possible
     loaded: bool = False
     faults: Faults = field(default_factory=Faults)
+    # Skill by kind of task (chat, code, extract, reason, long, as the gateway's router
+    # guesses them): the chance its answer is a good one; otherwise it is one QA rejects
+    # (invalid JSON, a loop, or nothing). A kind not named: always good.
+    skills: dict[str, float] = field(default_factory=dict)
 
     def pace(self) -> tuple[float, float]:
         """(time to first token, delay between tokens), faults applied."""

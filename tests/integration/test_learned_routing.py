@@ -190,3 +190,30 @@ def test_two_processes_sharing_redis_learn_from_each_other(fleet: Fleet,
             assert samples(again) >= before
         finally:
             again.stop()
+
+
+def test_it_learns_which_model_answers_which_kind_from_qa(fleet: Fleet, tmp_path: Path) -> None:
+    # The first model fails QA on code (loops, empty answers), the second on chat.
+    fleet.primary.skills(PAIR[0], {"code": 0.1})
+    fleet.primary.skills(PAIR[1], {"chat": 0.1})
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        plugins=[{"name": "qa", "options": {"escalate": False}}],
+        aliases={ALIAS: {"priority": {"ollama": list(PAIR)}, "policy": "learned"}},
+        routing={"learned": {"state_file": str(tmp_path / "learned.json")}}))
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    asks = {"code": "Write a Python function that adds {n} to a number.",
+            "chat": "Tell me something nice about the number {n}."}
+    picked: list[tuple[str, str, str]] = []
+    try:
+        for n in range(160):
+            kind = ("code", "chat")[n % 2]
+            raw = api.chat.completions.with_raw_response.create(model=ALIAS, messages=[
+                {"role": "user", "content": asks[kind].format(n=n)}])
+            picked.append((kind, raw.parse().model, raw.headers["x-gateway-qa"]))
+    finally:
+        server.stop()
+    assert any(qa.startswith("fail") for _, _, qa in picked[:40])  # what it learned from
+    late = picked[-40:]
+    assert sum(model == PAIR[1] for kind, model, _ in late if kind == "code") >= 17
+    assert sum(model == PAIR[0] for kind, model, _ in late if kind == "chat") >= 17
