@@ -217,3 +217,25 @@ def test_it_learns_which_model_answers_which_kind_from_qa(fleet: Fleet, tmp_path
     late = picked[-40:]
     assert sum(model == PAIR[1] for kind, model, _ in late if kind == "code") >= 17
     assert sum(model == PAIR[0] for kind, model, _ in late if kind == "chat") >= 17
+
+
+def test_exploring_never_picks_a_model_without_what_the_request_needs(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        aliases={"auto:small-first": {"priority": {"ollama": ["tiny-ctx:1b", "qwq:32b"]},
+                                      "policy": "learned"}},
+        routing={"learned": {"exploration": 2.0,  # as curious as it may be
+                             "state_file": str(tmp_path / "learned.json")}}))
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    try:
+        for n in range(20):  # tiny-ctx:1b cannot call tools (its backend says so)
+            answer = api.chat.completions.create(
+                model="auto:small-first", tools=[tool],  # type: ignore[list-item]
+                messages=[{"role": "user", "content": f"What time is it, {n}?"}])
+            assert answer.model == "qwq:32b"
+    finally:
+        server.stop()
+    assert not [r for r in fleet.primary.requests("/api/chat") if r["model"] == "tiny-ctx:1b"]

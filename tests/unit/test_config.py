@@ -101,3 +101,17 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_first_token_limits_suit_interactive_use_and_the_embedded_cpu_model() -> None:
+    config = parse_config({"backends": [
+        {"name": "studio", "kind": "ollama", "url": "http://127.0.0.1:11434"},
+        {"name": "light", "kind": "embedded"},
+        {"name": "slow", "kind": "ollama", "url": "http://127.0.0.1:11435",
+         "timeouts": {"first_token": 180}},
+    ]})
+    limits = {b.name: b.first_token_limit for b in config.backends}
+    assert limits == {"studio": 30.0, "light": 120.0, "slow": 180.0}
+    slots = {b.name: b.slots for b in config.backends}
+    assert slots == {"studio": 0, "light": 2, "slow": 0}  # Ollama's: not said, so unknown
+    assert config.routing.queue_timeout == 60.0
