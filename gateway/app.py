@@ -335,6 +335,8 @@ async def _save_learned(learned: LearnedOrder, link: LearningLink | None, path: 
             await asyncio.to_thread(learned.save, path)
     except (OSError, *LINK_DOWN) as exc:
         log.warning("learned routing: cannot keep what was learned: %s", exc)
+    except Exception:  # the saving must outlive one bad save
+        log.exception("learned routing: keeping what was learned failed")
 
 
 async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:

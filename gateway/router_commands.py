@@ -2,7 +2,8 @@
 answered, how it went), as JSON lines, for analysis or ``eval``. ``gateway router eval
 FILE``: those outcomes replayed offline, comparing the learned policy with the static
 priority on the requests where each would have picked what was logged (the replay method of
-Li et al., 2011: a fair estimate when the log explored, as the learned policy does).
+Li et al., 2011: unbiased only for a log of uniformly random picks; on a log of the learned
+policy's own picks, a guide rather than a measurement).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from gateway.config import DEFAULT_CONFIG, LearnedConfig, load_config
 from gateway.routing.learned import LearnedOrder
@@ -53,7 +55,7 @@ def _export(args: argparse.Namespace) -> int:
         else:
             body = _from_gateway(args.url or f"http://{_reachable(config.server.host)}:"
                                               f"{config.server.port}")
-    except (OSError, urllib.error.URLError) as exc:
+    except (OSError, urllib.error.URLError, RedisError) as exc:
         print(f"gateway router export: {exc}", file=sys.stderr)
         return 1
     if args.output:

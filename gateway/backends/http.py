@@ -36,6 +36,7 @@ MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER = 3600.0
 DRAIN_SECONDS = 0.25
 LISTING_SECONDS = 30.0
+RESEND_WITHIN = 0.5  # seconds: a connection dropped this soon after sending never carried it
 
 
 class Translator(Protocol):
@@ -219,14 +220,18 @@ class Exchange:
         traceparent = UPSTREAM.get()  # the attempt's span, or the client's own
         headers = {"traceparent": traceparent} if traceparent else None
         try:
+            sent = time.monotonic()
             try:
                 response = await backend.session.request(
                     self._method, self._url, data=self._data, timeout=self._timeout,
                     headers=headers)
             except aiohttp.ServerDisconnectedError:
-                # A pooled connection the server had closed meanwhile (llama.cpp's server
-                # closes a kept-alive one after a few requests): it never saw this request,
-                # so it is sent again at once, on a new connection.
+                # At once: a pooled connection the server had closed meanwhile (llama.cpp's
+                # server closes a kept-alive one after a few requests), which never carried
+                # this request. Sent again on a new one: to a server of our own only (a
+                # cloud API might have begun on it, and bills).
+                if backend.tier == "cloud" or time.monotonic() - sent > RESEND_WITHIN:
+                    raise
                 response = await backend.session.request(
                     self._method, self._url, data=self._data, timeout=self._timeout,
                     headers=headers)

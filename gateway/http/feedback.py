@@ -1,7 +1,8 @@
-"""Learned routing's two doors: ``POST /v1/feedback`` (a client's word on an answer, by its
-``x-request-id``: a ``score`` from 0 to 1, or ``thumbs`` up or down; a tenant can rate only
-its own requests) and ``GET /admin/router/outcomes`` (every outcome kept, as JSON lines, for
-the operator: ``gateway router export``).
+"""Learned routing's two doors. ``POST /v1/feedback``: a client's word on an answer, by
+its ``x-request-id`` (a ``score`` from 0 to 1, or ``thumbs`` up or down); a tenant can rate
+only its own requests, and each answer counts once, however often it is rated.
+``GET /admin/router/outcomes``: every outcome kept, as JSON lines, for the operator
+(``gateway router export``).
 """
 
 from __future__ import annotations
@@ -33,18 +34,19 @@ async def feedback(request: web.Request) -> web.Response:
         raise invalid("score", "Send a 'score' from 0 (bad) to 1 (good), or 'thumbs' "
                                "(\"up\" or \"down\").")
     try:
-        outcome = await request.app[ROUTER].feedback(request_id, request[TENANT], value)
+        found = await request.app[ROUTER].feedback(request_id, request[TENANT], value)
     except DOWN:
         raise Unavailable("The store of outcomes is unavailable right now.",
                           retry_after=1) from None
-    if outcome is None:
+    if found is None:
         raise NotFound(f"No answer with the request id {request_id!r} is known here (only "
                        "the newest are kept, each for the key that asked).",
                        param="request_id", code="request_not_found")
-    model = outcome.get("model")
+    outcome, learned = found
     return json_response({"object": "feedback", "request_id": request_id, "score": value,
-                          "model": model,  # learned from: a learned pick that answered
-                          "learned": model is not None and outcome.get("chosen") == model})
+                          "model": outcome.get("model"),
+                          # learned from: the first word on a learned pick that answered
+                          "learned": learned})
 
 
 async def outcomes(request: web.Request) -> web.Response:

@@ -98,6 +98,9 @@ class DeploymentState:
         self.batch_in_flight += 1
 
     def release(self) -> None:
+        if self.limit and self.in_flight > self.limit:  # the limit was lowered: shrink first
+            self.in_flight -= 1
+            return
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():

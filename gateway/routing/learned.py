@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
 FADE_EVERY = 16  # outcomes between two fadings of the old ones
+UNRANKED = 4  # the place assumed for a model first heard of without one
 
 
 class Arm:
@@ -100,7 +101,8 @@ class LearnedOrder:
     def __init__(self, config: LearnedConfig) -> None:
         self._config = config
         self._arms: dict[tuple[str, str], Arm] = {}
-        self._lock = threading.Lock()  # (saving runs on a thread)
+        # Arms are added and changed on the event loop, and read whole by the saving thread.
+        self._lock = threading.RLock()
         self.changes = 0  # outcomes learned from, since start
         self._saved = 0  # ...when last saved
 
@@ -141,17 +143,26 @@ class LearnedOrder:
             return -(mean + self._config.exploration * min(width, 1.0)), rank
         return models[min(range(len(models)), key=score)]
 
-    def learn(self, alias: str, model: str, x: np.ndarray, reward: float) -> None:
+    def learn(self, alias: str, model: str, x: np.ndarray, reward: float,
+              rank: int | None = None) -> bool:
+        """Learn from one outcome (``rank``: the model's place in the alias's static order,
+        for its prior should this be the first heard of it); whether it could (an outcome
+        of the wrong shape, or not a number, is not learned from).
+        """
+        if x.shape != (DIMENSIONS,) or not (np.isfinite(x).all() and math.isfinite(reward)):
+            return False
         with self._lock:
-            self._arm(alias, model, None).update(x, reward)
+            self._arm(alias, model, rank).update(x, reward)
             self.changes += 1
+        return True
 
     def _arm(self, alias: str, model: str, rank: int | None) -> Arm:
         arm = self._arms.get((alias, model))
         if arm is None:
-            prior = PRIOR_TOP - PRIOR_STEP * (rank if rank is not None else 4)
-            arm = self._arms[(alias, model)] = Arm(prior, self._config.prior_strength,
-                                                   self._config.memory)
+            prior = PRIOR_TOP - PRIOR_STEP * (rank if rank is not None else UNRANKED)
+            with self._lock:
+                arm = self._arms.setdefault((alias, model), Arm(
+                    prior, self._config.prior_strength, self._config.memory))
         return arm
 
     def samples(self) -> dict[str, dict[str, int]]:
@@ -169,7 +180,7 @@ class LearnedOrder:
             return False
         changes, state = self.changes, self.dump()
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        partial = path.with_suffix(f".{os.getpid()}.partial")
         partial.write_bytes(orjson.dumps(state))
         os.replace(partial, path)
         self._saved = changes

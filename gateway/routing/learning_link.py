@@ -1,12 +1,14 @@
 """Learned routing shared through Redis (``[routing.learned] redis_url``): every gateway
 process learns from every process's outcomes, and they outlive a restart of all of them.
 
-Each outcome learned from goes into one stream (``gw:{router}:learned``), which every
-process reads (a blocking read, no polling) and learns from in turn, skipping its own; the
-outcomes themselves go into another (``gw:{router}:outcomes``, for export) and under their
-request id (so feedback sent to any process finds them). Every few seconds a process writes
-what it has learned, with the last entry of the stream it covers, so a process that starts
-reads that and only the entries after it.
+Each outcome to learn from goes into one stream (``gw:{router}:learned``), which every
+process reads (a blocking read, no polling) and learns from, its own entries too: so what a
+process has learned is exactly the stream up to the entry it last read, and a snapshot of
+it with that entry's id (written every few seconds) lets a process that starts read only the
+entries after it. While Redis is away, a process learns from its own outcomes alone. The
+outcomes themselves go into another stream (``gw:{router}:outcomes``, for export; feedback
+is added there as it comes), and what feedback needs of each, under its tenant and request
+id, for an hour (feedback sent to any process finds it).
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from gateway.routing.learned import LearnedOrder
 log = logging.getLogger(__name__)
 
 LEARNED, OUTCOMES, STATE = "gw:{router}:learned", "gw:{router}:outcomes", "gw:{router}:state"
-OUTCOME_TTL = 7 * 24 * 3600  # seconds an outcome can still be rated by its request id
+FEEDBACK_SECONDS = 3600  # how long an outcome can be rated through another process
 STREAM_LIMIT = 100_000  # entries kept in each stream (about)
+BACKLOG = 10_000  # entries waiting to be sent while Redis is slow or away (then dropped)
+RATED = ("id", "tenant", "alias", "chosen", "model", "x", "latency_ms", "candidates",
+         "feedback")  # what feedback needs of an outcome
 READ_WAIT_MS = 5000
 DOWN = (RedisError, OSError, TimeoutError)
 
 
-def _outcome_key(request_id: str) -> str:
-    return f"gw:router:outcome:{request_id}"
+def _outcome_key(tenant: str, request_id: str) -> str:
+    return f"gw:router:outcome:{tenant}:{request_id}"
 
 
 class LearningLink:
@@ -47,7 +52,9 @@ class LearningLink:
         self._outcomes = outcomes
         self.name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._last = "0-0"  # the last entry of the learned stream applied here
-        self._sends: asyncio.Queue[tuple[str, dict[str, bytes]]] = asyncio.Queue()
+        self._restored = False  # (until then, nothing is saved over the shared snapshot)
+        self._sends: asyncio.Queue[tuple[str, dict[str, bytes]]] = asyncio.Queue(BACKLOG)
+        self.dropped = 0  # entries not sent: the backlog was full
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -57,6 +64,9 @@ class LearningLink:
         except DOWN as exc:
             log.warning("learned routing: Redis is unavailable (%s); learning here alone "
                         "until it is back", type(exc).__name__)
+        except Exception:  # a snapshot that cannot be read: from the stream alone
+            log.exception("learned routing: the snapshot in Redis cannot be read")
+            self._restored = True
         self._tasks = [asyncio.create_task(self._read(), name="learned routing: read"),
                        asyncio.create_task(self._send(), name="learned routing: send")]
 
@@ -72,25 +82,34 @@ class LearningLink:
 
     # ---- what this process learned and saw, sent to the others
 
-    def learned(self, alias: str, model: str, x: np.ndarray, reward: float) -> None:
-        self._sends.put_nowait((LEARNED, {
+    def learned(self, alias: str, model: str, x: np.ndarray, reward: float,
+                rank: int | None) -> None:
+        self._send_later(LEARNED, {
             "by": self.name.encode(), "alias": alias.encode(), "model": model.encode(),
-            "x": orjson.dumps(x.tolist()), "reward": repr(reward).encode()}))
+            "x": orjson.dumps(x.tolist()), "reward": repr(reward).encode(),
+            "rank": b"" if rank is None else str(rank).encode()})
 
     def outcome(self, record: dict[str, Any]) -> None:
-        self._sends.put_nowait((OUTCOMES, {"outcome": orjson.dumps(record)}))
+        self._send_later(OUTCOMES, {"outcome": orjson.dumps(record)})
 
-    async def find(self, request_id: str) -> dict[str, Any] | None:
-        """An outcome by its request id, whichever process kept it."""
-        raw = await self._redis.get(_outcome_key(request_id))
+    def rated(self, record: dict[str, Any]) -> None:
+        """An outcome's feedback, for every process (and the export) to see."""
+        self._send_later(OUTCOMES, {"outcome": orjson.dumps(
+            {"id": record.get("id"), "tenant": record.get("tenant"),
+             "at": record.get("at"), "feedback": record.get("feedback")}),
+            "rated": orjson.dumps(record)})
+
+    def _send_later(self, stream: str, fields: dict[str, bytes]) -> None:
+        try:
+            self._sends.put_nowait((stream, fields))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def find(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        """What feedback needs of an outcome, whichever process kept it."""
+        raw = await self._redis.get(_outcome_key(tenant, request_id))
         found: dict[str, Any] | None = orjson.loads(raw) if raw else None
         return found
-
-    async def rated(self, record: dict[str, Any]) -> None:
-        """An outcome with the client's feedback, for every process to find."""
-        if record.get("id"):
-            await self._redis.set(_outcome_key(record["id"]), orjson.dumps(record),
-                                  ex=OUTCOME_TTL)
 
     async def all(self) -> list[dict[str, Any]]:
         """The newest outcomes of every process, oldest first."""
@@ -105,9 +124,12 @@ class LearningLink:
                 batch.append(self._sends.get_nowait())
             try:
                 await self._write(batch)
-            except DOWN as exc:  # lost for the others; learned here all the same
-                log.warning("learned routing: could not share %d outcomes (%s)", len(batch),
+            except DOWN as exc:  # learned from here alone; the others never hear of it
+                log.warning("learned routing: could not share %d entries (%s)", len(batch),
                             type(exc).__name__)
+                for stream, fields in batch:
+                    if stream == LEARNED:
+                        self._apply_one(fields)
                 await asyncio.sleep(1.0)
 
     async def _flush(self) -> None:
@@ -120,12 +142,14 @@ class LearningLink:
     async def _write(self, batch: list[tuple[str, dict[str, bytes]]]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream, fields in batch:
+                rated = fields.pop("rated", None)
                 pipe.xadd(stream, fields, maxlen=STREAM_LIMIT, approximate=True)
-                if stream == OUTCOMES:
-                    record = orjson.loads(fields["outcome"])
-                    if record.get("id"):
-                        pipe.set(_outcome_key(record["id"]), fields["outcome"],
-                                 ex=OUTCOME_TTL)
+                record = orjson.loads(rated or fields["outcome"]) if stream == OUTCOMES \
+                    else None
+                if record is not None and record.get("id"):
+                    pipe.set(_outcome_key(record.get("tenant") or "", record["id"]),
+                             orjson.dumps({k: record.get(k) for k in RATED}),
+                             ex=FEEDBACK_SECONDS)
             await pipe.execute()
 
     # ---- what the others learned
@@ -134,6 +158,8 @@ class LearningLink:
         failures = 0
         while True:
             try:
+                if not self._restored:
+                    await self._restore()
                 found = await self._redis.xread({LEARNED: self._last}, count=500,
                                                 block=READ_WAIT_MS)
                 failures = 0
@@ -144,37 +170,54 @@ class LearningLink:
                 failures += 1
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** failures))
                 continue
+            except Exception:  # the reader must outlive one bad read
+                log.exception("learned routing: reading what was learned failed")
+                await asyncio.sleep(1.0)
+                continue
             for _, entries in found or []:
                 self._apply(entries)
 
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for ref, fields in entries:
             self._last = ref.decode()
-            if fields.get(b"by", b"").decode() == self.name:
-                continue  # learned here already
-            try:
-                x = np.array(orjson.loads(fields[b"x"]), dtype=float)
-                self._learned.learn(fields[b"alias"].decode(), fields[b"model"].decode(), x,
-                                    float(fields[b"reward"]))
-            except (KeyError, ValueError) as exc:
-                log.warning("learned routing: skipped an entry it cannot read (%s)", exc)
+            self._apply_one(fields)
+
+    def _apply_one(self, fields: dict[Any, bytes]) -> None:
+        def field(name: str) -> bytes:
+            value = fields.get(name, fields.get(name.encode(), b""))
+            return value if isinstance(value, bytes) else str(value).encode()
+        try:
+            rank = field("rank")
+            learned = self._learned.learn(
+                field("alias").decode(), field("model").decode(),
+                np.array(orjson.loads(field("x")), dtype=float), float(field("reward")),
+                int(rank) if rank else None)
+        except Exception as exc:  # one bad entry must not stop the rest
+            learned = False
+            log.debug("learned routing: an entry it cannot read (%s)", exc)
+        if not learned:
+            log.warning("learned routing: skipped an entry it cannot learn from")
 
     # ---- what was learned, kept in Redis
 
     async def save(self) -> None:
-        """What this process has learned, and the stream's entry it covers up to."""
+        """What this process has learned, and the stream's entry it covers up to (not
+        before it has read the snapshot there: it would write over what others learned).
+        """
+        if not self._restored:
+            return
         state = {"last": self._last, "learned": self._learned.dump()}
         await self._redis.set(STATE, orjson.dumps(state))
 
     async def _restore(self) -> None:
         raw = await self._redis.get(STATE)
         if raw:
-            state = orjson.loads(raw)
             try:
+                state = orjson.loads(raw)
                 self._learned.load(state["learned"])
                 self._last = state["last"]
             except (KeyError, ValueError, TypeError) as exc:
-                log.warning("learned routing: the state in Redis cannot be read (%s); "
+                log.warning("learned routing: the snapshot in Redis cannot be read (%s); "
                             "learning from the stream", exc)
         while True:  # the entries since: at once, not one blocking read at a time
             found = await self._redis.xread({LEARNED: self._last}, count=1000)
@@ -182,3 +225,4 @@ class LearningLink:
                 break
             for _, entries in found:
                 self._apply(entries)
+        self._restored = True

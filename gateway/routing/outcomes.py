@@ -18,13 +18,16 @@ class Outcomes:
         self._by_id: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     def add(self, record: dict[str, Any]) -> None:
-        key = record.get("id") or f"anonymous-{time.monotonic_ns()}"
-        self._by_id[key] = record
+        """Keep an outcome, under its tenant and request id (a request id is the client's
+        to choose: another tenant's, alike, is another outcome).
+        """
+        request_id = record.get("id") or f"anonymous-{time.monotonic_ns()}"
+        self._by_id[_key(record.get("tenant", ""), request_id)] = record
         if len(self._by_id) > self._limit:
             self._by_id.popitem(last=False)
 
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        return self._by_id.get(request_id)
+    def get(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        return self._by_id.get(_key(tenant, request_id))
 
     def all(self) -> list[dict[str, Any]]:
         """Every outcome kept, oldest first."""
@@ -32,3 +35,7 @@ class Outcomes:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+def _key(tenant: str, request_id: str) -> str:
+    return f"{tenant}\n{request_id}"

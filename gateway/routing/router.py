@@ -109,43 +109,54 @@ class Router:
             outcome.update(features=decision.features, chosen=decision.model,
                            candidates=list(decision.candidates),
                            x=[round(v, 4) for v in decision.x.tolist()])
-            learned = self.selector.learned
-            if quality is not None and learned is not None:
+            cost = self.selector.latency_cost(decision.alias)
+            if quality is not None and self.selector.learned is not None and cost is not None:
                 earned = quality if outcome.get("model") == decision.model else 0.0
-                value = reward(earned, outcome.get("latency_ms", 0) / 1000,
-                               self.selector.latency_cost(decision.alias))
+                value = reward(earned, outcome.get("latency_ms", 0) / 1000, cost)
                 outcome["reward"] = round(value, 4)
-                self._learn(decision.alias, decision.model, decision.x, value)
+                self._learn(decision.alias, decision.model, decision.x, value,
+                            list(decision.candidates))
         self.outcomes.add(outcome)
         if self.link is not None:
             self.link.outcome(outcome)
 
-    def _learn(self, alias: str, model: str, x: np.ndarray, value: float) -> None:
-        assert self.selector.learned is not None
-        self.selector.learned.learn(alias, model, x, value)
+    def _learn(self, alias: str, model: str, x: np.ndarray, value: float,
+               candidates: list[str]) -> None:
+        """Learned from here, or (sharing through Redis) by every process alike, this one
+        too, as the outcome comes back from the stream they all read.
+        """
+        rank = candidates.index(model) if model in candidates else None
         if self.link is not None:
-            self.link.learned(alias, model, x, value)
+            self.link.learned(alias, model, x, value, rank)
+        elif self.selector.learned is not None:
+            self.selector.learned.learn(alias, model, x, value, rank)
 
     async def feedback(self, request_id: str, tenant: str, score: float
-                       ) -> dict[str, Any] | None:
-        """A client's word on an answer (0: bad … 1: good), learned from as another outcome
-        of the same request; the outcome, or None when this tenant has none by that id.
+                       ) -> tuple[dict[str, Any], bool] | None:
+        """A client's word on an answer (0: bad … 1: good), learned from once as another
+        outcome of the same request (a later word replaces the one kept, but is not learned
+        from again); the outcome and whether it was learned from now, or None when this
+        tenant has none by that id.
         """
-        outcome = self.outcomes.get(request_id)
+        outcome = self.outcomes.get(tenant, request_id)
         if outcome is None and self.link is not None:
-            outcome = await self.link.find(request_id)  # (kept by another process)
-        if outcome is None or outcome.get("tenant") != tenant:
+            outcome = await self.link.find(tenant, request_id)  # (kept by another process)
+        if outcome is None:
             return None
+        first = outcome.get("feedback") is None
         outcome["feedback"] = score
-        chosen = outcome.get("chosen")
-        if self.selector.learned is not None and chosen and chosen == outcome.get("model") \
-                and outcome.get("x") and outcome.get("alias"):
-            value = reward(score, outcome.get("latency_ms", 0) / 1000,
-                           self.selector.latency_cost(outcome["alias"]))
-            self._learn(outcome["alias"], chosen, np.array(outcome["x"]), value)
+        chosen, alias = outcome.get("chosen"), outcome.get("alias", "")
+        cost = self.selector.latency_cost(alias)
+        learns = first and self.selector.learned is not None and cost is not None and \
+            bool(chosen) and chosen == outcome.get("model") and bool(outcome.get("x"))
+        if learns:
+            assert cost is not None and chosen is not None
+            value = reward(score, outcome.get("latency_ms", 0) / 1000, cost)
+            self._learn(alias, chosen, np.array(outcome["x"], dtype=float), value,
+                        list(outcome.get("candidates") or ()))
         if self.link is not None:
-            await self.link.rated(outcome)
-        return outcome
+            self.link.rated(outcome)
+        return outcome, learns
 
     async def all_outcomes(self) -> list[dict[str, Any]]:
         """The outcomes kept (every process's, when they share Redis), oldest first."""

@@ -95,8 +95,10 @@ class Selector:
             name: self.learned if self.learned is not None and name in learns else PRIORITY
             for name in self._aliases}
 
-    def latency_cost(self, alias: str) -> float:
-        return self._aliases[alias].latency_cost
+    def latency_cost(self, alias: str) -> float | None:
+        """What a second of an answer costs for this alias (None: no such alias here)."""
+        spec = self._aliases.get(alias)
+        return spec.latency_cost if spec is not None else None
 
     def is_alias(self, name: str) -> bool:
         return name in self._aliases

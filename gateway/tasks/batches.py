@@ -7,6 +7,7 @@ never both make it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -59,28 +60,39 @@ class Batches:
 
     async def expire(self, batch_id: str) -> None:
         """Its window ran out: lines not yet answered are not answered; the error file
-        lists them (``batch_expired``) beside the lines that failed.
+        lists them (``batch_expired``) beside the lines that failed. One process makes the
+        change (the others find it made) and writes the files; should that fail, the batch
+        keeps saying so (``files_pending``) and the watch writes them again.
         """
         changed = await self.store.change_batch(
-            batch_id, {"status": "expired", "expired_at": int(time.time())},
-            when=("in_progress",))
-        if changed is not None:
-            await self.store.drop_lines(batch_id)  # (on Redis, workers drop them as read)
-            answered = {r["custom_id"] for _, r in await self.store.results(batch_id)}
-            content = await self.store.content(changed["input_file_id"]) or b""
-            lines, _ = check_input(content, batch_id, changed["endpoint"], self._max_lines)
-            await self._write_files(changed, unanswered=[
-                x.custom_id for x in lines if x.custom_id not in answered])
-            log.info("batch %s expired", batch_id)
+            batch_id, {"status": "expired", "expired_at": int(time.time()),
+                       "files_pending": True}, when=("in_progress",))
+        if changed is None:
+            return
+        await self.store.drop_lines(batch_id)  # (on Redis, workers drop them as read)
+        await self._expired_files(changed)
+        log.info("batch %s expired", batch_id)
+
+    async def _expired_files(self, batch: dict[str, Any]) -> None:
+        answered = {r["custom_id"] for _, r in await self.store.results(batch["id"])}
+        content = await self.store.content(batch["input_file_id"]) or b""
+        lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
+                                           batch["endpoint"], self._max_lines)
+        files = await self._write_files(batch, unanswered=[
+            x.custom_id for x in lines if x.custom_id not in answered])
+        await self.store.change_batch(batch["id"], {**files, "files_pending": False})
 
     async def expire_overdue(self, batches: list[dict[str, Any]]) -> None:
         """Expire those of ``batches`` whose window has run out (a batch whose lines all
-        wait for a fleet that is down is expired here, not only when a line is tried).
+        wait for a fleet that is down is expired here, not only when a line is tried), and
+        write the files of an expired one whose files could not be written.
         """
         now = time.time()
         for batch in batches:
             if batch["status"] == "in_progress" and now >= batch["expires_at"]:
                 await self.expire(batch["id"])
+            elif batch["status"] == "expired" and batch.get("files_pending"):
+                await self._expired_files(batch)
 
     async def settle(self, batch_id: str) -> dict[str, Any] | None:
         """When no line is left: completed (or cancelled) with its output and error files."""
@@ -121,8 +133,6 @@ class Batches:
                     file_id, batch["tenant"], f"{batch['id']}_{field[:-8]}.jsonl",
                     "batch_output", len(content)), content)
                 changes[field] = file_id
-        if unanswered is not None:
-            await self.store.change_batch(batch["id"], changes)
         return changes
 
 

@@ -33,7 +33,8 @@ def file_record(file_id: str, tenant: str, filename: str, purpose: str, size: in
             "expires_at": None, "status_details": None, "tenant": tenant}
 
 
-PRIVATE = frozenset({"tenant", "models", "cache_scope"})  # whose it is, what that key may do
+# Whose it is, what that key may do, and the gateway's own notes.
+PRIVATE = frozenset({"tenant", "models", "cache_scope", "files_pending"})
 
 
 def shown(record: dict[str, Any]) -> dict[str, Any]:

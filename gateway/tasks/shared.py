@@ -61,7 +61,9 @@ def batch_keys(batch: str) -> tuple[str, str, str, str]:
 class RedisStore:
     def __init__(self, url: str, visibility_timeout: float, claims: bool = True) -> None:
         # A connection that went stale while Redis restarted fails once: tried again on a
-        # new one (every command here may run twice: results are kept once per custom_id).
+        # new one (every command here may run twice: results are kept once per custom_id,
+        # a batch's count of lines is set, not added to; a line queued twice is answered
+        # twice and written once).
         # The read timeout is well over the longest blocking read (a claim's wait).
         self._redis: Any = aioredis.from_url(  # (loosely typed)
             url, socket_connect_timeout=5, socket_timeout=30,
@@ -181,7 +183,8 @@ class RedisStore:
     async def enqueue(self, lines: list[Line]) -> None:
         if not lines:
             return
-        await self._redis.incrby(batch_keys(lines[0].batch)[2], len(lines))
+        # SET, not INCRBY: a batch's lines are queued once, and a SET tried twice counts once
+        await self._redis.set(batch_keys(lines[0].batch)[2], len(lines))
         for start in range(0, len(lines), 500):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for line in lines[start:start + 500]:

@@ -97,6 +97,24 @@ def test_feedback_changes_later_picks(gateway: ServerThread, feedback: bool) -> 
         assert PAIR[0] in picks[-10:] and PAIR[1] in picks[-10:], picks
 
 
+def test_an_answer_counts_once_however_often_it_is_rated(gateway: ServerThread) -> None:
+    _, _, request_id = ask(client(gateway))
+    assert rate(gateway, request_id, thumbs="down")["learned"] is True
+    for _ in range(3):  # a rating repeated (or changed) is kept, not learned from again
+        assert rate(gateway, request_id, thumbs="up")["learned"] is False
+    _, route, _ = ask(client(gateway), 1)
+    assert route.endswith("; 2 samples")  # the first answer and its one rating
+
+
+def test_a_request_id_another_key_uses_too_is_another_answer(gateway: ServerThread) -> None:
+    for who in ("alice", "bob"):  # both send the same x-request-id
+        client(gateway, who).chat.completions.create(
+            model=ALIAS, messages=[{"role": "user", "content": f"I am {who}."}],
+            extra_headers={"x-request-id": "shared-id-1"})
+    assert rate(gateway, "shared-id-1", "alice", score=1)["learned"] is True
+    assert rate(gateway, "shared-id-1", "bob", score=0)["learned"] is True  # bob's own
+
+
 def test_a_key_rates_only_its_own_answers(gateway: ServerThread) -> None:
     _, _, request_id = ask(client(gateway, "alice"))
     for who, body in (("bob", {"thumbs": "up"}), ("alice", {"request_id": "req_nope"})):
