@@ -38,6 +38,13 @@ ESCALATED = "x-gateway-escalated"  # the models whose answers were found wanting
 Outcome = tuple[RoutedAnswer, float]  # a routed answer, and when it was asked for
 
 
+class StreamEnded(GatewayError):
+    """A stream that ended before its answer was whole (an outcome, never sent)."""
+
+    status = 499
+    code = "stream_ended_early"
+
+
 class Pipeline:
     def __init__(self, plugins: list[Plugin], router: Router, max_escalations: int = 1) -> None:
         self.plugins = plugins
@@ -123,14 +130,22 @@ class Pipeline:
             raise
         headers = {**_route_of(routed), **ctx.headers}
 
+        judged = False
+
         async def finish() -> dict[str, str]:
+            nonlocal judged
             taken.model = ctx.model = routed.deployment.model.name
             _used(ctx, taken.usage)
+            judged = True
             await self._judge(ctx, taken, routed.deployment, (routed, started))
             return {k: v for k, v in ctx.headers.items() if headers.get(k) != v}
 
         async def close(ok: bool) -> None:
             ctx.failed = ctx.failed or not ok
+            if not judged:  # it ended before it was whole: kept, not learned from (the
+                # client leaving and the stream breaking look alike from here)
+                self._record(ctx, routed, started,
+                             error=StreamEnded("The stream ended before its answer was whole."))
             try:
                 await chunks.aclose()  # the plugins' stream wrappers, then the upstream
                 await routed.close()
@@ -327,6 +342,8 @@ class Pipeline:
         if error is not None:
             record.update(ok=False, error=error.code or str(error.status))
             quality = 0.0 if counts_against(error) else None
+            if isinstance(error, StreamEnded):
+                record.update(model=routed.model, backend=routed.deployment.backend.name)
         else:
             usage = completion.usage if completion is not None else None
             first = routed.first_token_at

@@ -16,6 +16,7 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.keys import ROUTER
 from tests.integration.conftest import FAST, Fleet
 from tests.redis_peer import RedisServer
 from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
@@ -257,3 +258,18 @@ def test_exploring_never_picks_a_model_without_what_the_request_needs(
     finally:
         server.stop()
     assert not [r for r in fleet.primary.requests("/api/chat") if r["model"] == "tiny-ctx:1b"]
+
+
+def test_a_stream_that_ends_early_is_kept_not_learned_from(gateway: ServerThread,
+                                                           fleet: Fleet) -> None:
+    fleet.primary.fault(PAIR[0], tokens_per_s=5)  # slow: the client leaves after a token
+    with client(gateway).chat.completions.with_streaming_response.create(
+            model=ALIAS, stream=True, messages=[{"role": "user", "content": "Go on."}]) as raw:
+        request_id = raw.headers["x-request-id"]
+        next(raw.iter_lines())
+    wait_until(lambda: gateway.call(lambda: gateway.app[ROUTER].outcomes.get(
+        "alice", request_id)) is not None, 5, "the outcome kept")
+    outcome = gateway.call(lambda: gateway.app[ROUTER].outcomes.get("alice", request_id))
+    assert (outcome["ok"], outcome["error"], outcome["model"]) == (
+        False, "stream_ended_early", PAIR[0])
+    assert "reward" not in outcome  # the client leaving says nothing of the model
