@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,65 +33,98 @@ log = logging.getLogger(__name__)
 
 PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
-FADE_EVERY = 16  # outcomes between two fadings of the old ones
 UNRANKED = 4  # the place assumed for a model first heard of without one
+FOLD_AT, FOLD_AFTER = 16, 0.2  # pending outcomes are folded in at 16, or after 0.2 s
 
 
-class Arm:
-    """One model's linear estimate of the reward, for one alias: ridge regression over the
-    request's features, its inverse kept up to date one outcome at a time
-    (Sherman-Morrison). Old outcomes fade (each weighs ``1 - 1/memory`` less per outcome
-    since, applied every ``FADE_EVERY``): a model that changes is noticed, while the prior
-    and the regularisation stay as they were.
+class Panel:
+    """One alias's models, each a linear estimate of the reward over the request's features
+    (ridge regression), stacked so that one pass of numpy scores them all. Outcomes are
+    taken in as they come and folded in a few at a time (a matrix inverse per model then,
+    not per outcome). Old outcomes fade (each weighs ``1 - 1/memory`` less per outcome
+    since): a model that changes is noticed, while the prior and the regularisation stay.
     """
 
-    __slots__ = ("b", "b0", "fade", "inverse", "lam", "matrix", "n", "theta")
-
-    def __init__(self, prior: float, strength: float, memory: int) -> None:
+    def __init__(self, strength: float, memory: int) -> None:
         self.lam = strength
-        self.b0 = np.zeros(DIMENSIONS)
-        self.b0[0] = prior * strength  # as if ``strength`` requests had each earned ``prior``
-        self.matrix = np.eye(DIMENSIONS) * strength
-        self.inverse = np.eye(DIMENSIONS) / strength
-        self.b = self.b0.copy()
-        self.theta = self.inverse @ self.b
-        self.fade = (1.0 - 1.0 / memory) ** FADE_EVERY
-        self.n = 0
+        self.decay = 1.0 - 1.0 / memory
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        self.n: list[int] = []  # outcomes learned from, per model (those still pending too)
+        self.matrix = np.zeros((0, DIMENSIONS, DIMENSIONS))
+        self.b = np.zeros((0, DIMENSIONS))
+        self.b0 = np.zeros((0, DIMENSIONS))  # the prior's part of b
+        self.inverse = np.zeros((0, DIMENSIONS, DIMENSIONS))
+        self.theta = np.zeros((0, DIMENSIONS))
+        self.pending: list[tuple[int, np.ndarray, float]] = []
+        self.pending_since = 0.0
 
-    def estimate(self, x: np.ndarray) -> tuple[float, float]:
-        """The expected reward for ``x``, and how uncertain it is still."""
-        return float(self.theta @ x), math.sqrt(max(0.0, float(x @ self.inverse @ x)))
+    def add(self, name: str, prior: float) -> int:
+        """A model, its estimate starting at ``prior`` (as if ``strength`` requests had each
+        earned that); its place.
+        """
+        b0 = np.zeros(DIMENSIONS)
+        b0[0] = prior * self.lam
+        eye = np.eye(DIMENSIONS)
+        self.matrix = np.concatenate((self.matrix, (eye * self.lam)[None]))
+        self.inverse = np.concatenate((self.inverse, (eye / self.lam)[None]))
+        self.b = np.vstack((self.b, b0))
+        self.b0 = np.vstack((self.b0, b0))
+        self.theta = np.vstack((self.theta, b0 / self.lam))
+        self.index[name] = len(self.names)
+        self.names.append(name)
+        self.n.append(0)
+        return self.index[name]
 
-    def update(self, x: np.ndarray, reward: float) -> None:
-        self.n += 1
-        self.matrix += np.outer(x, x)
-        self.b += reward * x
-        if self.n % FADE_EVERY == 0:
-            prior = np.eye(DIMENSIONS) * self.lam
-            self.matrix = prior + (self.matrix - prior) * self.fade
-            self.b = self.b0 + (self.b - self.b0) * self.fade
-            self.inverse = np.asarray(np.linalg.inv(self.matrix), dtype=float)
-        else:
-            ix = self.inverse @ x
-            self.inverse -= np.outer(ix, ix) / (1.0 + float(x @ ix))
-        self.theta = self.inverse @ self.b
+    def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every model's expected reward for ``x``, and how uncertain each still is."""
+        if self.pending and (len(self.pending) >= FOLD_AT or
+                             time.monotonic() - self.pending_since > FOLD_AFTER):
+            self.fold()
+        ix = self.inverse @ x
+        return self.theta @ x, np.sqrt(np.maximum(ix @ x, 0.0))
 
-    def dump(self) -> dict[str, Any]:
-        return {"matrix": self.matrix.tolist(), "b": self.b.tolist(), "b0": self.b0.tolist(),
-                "lam": self.lam, "fade": self.fade, "n": self.n}
+    def learn(self, model: int, x: np.ndarray, reward: float) -> None:
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((model, x, reward))
+        self.n[model] += 1
 
-    @classmethod
-    def load(cls, data: dict[str, Any]) -> Arm:
-        arm = cls.__new__(cls)
-        arm.matrix = np.array(data["matrix"], dtype=float)
-        arm.b = np.array(data["b"], dtype=float)
-        arm.b0 = np.array(data["b0"], dtype=float)
-        if arm.matrix.shape != (DIMENSIONS, DIMENSIONS) or arm.b.shape != (DIMENSIONS,):
-            raise ValueError("a learned state of other dimensions")
-        arm.lam, arm.fade, arm.n = float(data["lam"]), float(data["fade"]), int(data["n"])
-        arm.inverse = np.asarray(np.linalg.inv(arm.matrix), dtype=float)
-        arm.theta = arm.inverse @ arm.b
-        return arm
+    def fold(self) -> None:
+        """Take the pending outcomes in: each model's old ones faded by as many steps."""
+        pending, self.pending = self.pending, []
+        by_model: dict[int, list[tuple[np.ndarray, float]]] = {}
+        for model, x, reward in pending:
+            by_model.setdefault(model, []).append((x, reward))
+        prior = np.eye(DIMENSIONS) * self.lam
+        for model, got in by_model.items():
+            xs = np.array([x for x, _ in got])
+            rewards = np.array([r for _, r in got])
+            fade = self.decay ** len(got)
+            self.matrix[model] = prior + (self.matrix[model] - prior) * fade + xs.T @ xs
+            self.b[model] = self.b0[model] + (self.b[model] - self.b0[model]) * fade + \
+                xs.T @ rewards
+            self.inverse[model] = np.linalg.inv(self.matrix[model])
+            self.theta[model] = self.inverse[model] @ self.b[model]
+
+    def dump(self) -> list[dict[str, Any]]:
+        self.fold()
+        return [{"model": name, "matrix": self.matrix[i].tolist(), "b": self.b[i].tolist(),
+                 "b0": self.b0[i].tolist(), "n": self.n[i]}
+                for i, name in enumerate(self.names)]
+
+    def load(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            matrix = np.array(item["matrix"], dtype=float)
+            b, b0 = np.array(item["b"], dtype=float), np.array(item["b0"], dtype=float)
+            if matrix.shape != (DIMENSIONS, DIMENSIONS) or b.shape != (DIMENSIONS,) \
+                    or b0.shape != (DIMENSIONS,):
+                raise ValueError("a learned state of other dimensions")
+            i = self.add(item["model"], 0.0)
+            self.matrix[i], self.b[i], self.b0[i] = matrix, b, b0
+            self.inverse[i] = np.linalg.inv(matrix)
+            self.theta[i] = self.inverse[i] @ b
+            self.n[i] = int(item["n"])
 
 
 class LearnedOrder:
@@ -100,8 +134,8 @@ class LearnedOrder:
 
     def __init__(self, config: LearnedConfig) -> None:
         self._config = config
-        self._arms: dict[tuple[str, str], Arm] = {}
-        # Arms are added and changed on the event loop, and read whole by the saving thread.
+        self._panels: dict[str, Panel] = {}
+        # Changed on the event loop, and read whole by the saving thread.
         self._lock = threading.RLock()
         self.changes = 0  # outcomes learned from, since start
         self._saved = 0  # ...when last saved
@@ -111,37 +145,43 @@ class LearnedOrder:
         """The picks, best first by what was learned; those that cannot answer now after
         the rest, in their static order.
         """
-        ready = {id(c) for c in picks if usable(c)}
+        ready = [(rank, c) for rank, c in enumerate(picks) if usable(c)]
         if len(ready) < 2:
             return picks, None  # nothing to choose between
         features = features_of(req)
         x = features.vector()
-        scored = []
-        for rank, candidate in enumerate(picks):
-            if id(candidate) in ready:
-                arm = self._arm(alias, candidate.name, rank)
-                mean, width = arm.estimate(x)
-                bonus = self._config.exploration * min(width, 1.0)
-                scored.append((mean + bonus, mean, width, rank, candidate))
-        scored.sort(key=lambda s: (-s[0], s[3]))
-        (_, mean, width, _, best), (_, runner_mean, _, _, runner) = scored[0], scored[1]
-        samples = sum(arm.n for (a, _), arm in self._arms.items() if a == alias)
-        explanation = (f"learned: {best.name} {mean:.2f}±{width:.2f} > {runner.name} "
-                       f"{runner_mean:.2f}; {samples} samples")
+        panel = self._panel(alias)
+        places = [self._place(panel, c.name, rank) for rank, c in ready]
+        with self._lock:
+            estimated, uncertain = panel.scores(x)
+        means, widths = estimated.tolist(), uncertain.tolist()  # (plain floats from here)
+        bonus = self._config.exploration
+        scored = sorted(((means[i] + bonus * min(widths[i], 1.0), rank, i, c)
+                         for (rank, c), i in zip(ready, places, strict=True)),
+                        key=lambda s: (-s[0], s[1]))
+        (_, _, best_i, best), (_, _, runner_i, runner) = scored[0], scored[1]
+        explanation = (f"learned: {best.name} {means[best_i]:.2f}±{widths[best_i]:.2f} > "
+                       f"{runner.name} {means[runner_i]:.2f}; {sum(panel.n)} samples")
         first = Candidate(best.name, best.deployments, explanation)
-        ordered = [first, *(s[4] for s in scored[1:]),
-                   *(c for c in picks if id(c) not in ready)]
+        ordered = [first, *(s[3] for s in scored[1:])]
+        if len(ready) < len(picks):
+            taken = {id(c) for _, c in ready}
+            ordered += [c for c in picks if id(c) not in taken]
         return ordered, Decision(alias, best.name, x, features.as_dict(), explanation,
-                                 tuple(s[4].name for s in sorted(scored, key=lambda s: s[3])))
+                                 tuple(c.name for _, c in ready))
 
     def pick(self, alias: str, models: list[str], x: np.ndarray) -> str:
         """Which of ``models`` (in their static order) it would pick for ``x`` (replaying
         outcomes offline: ``gateway router eval``).
         """
-        def score(rank: int) -> tuple[float, int]:
-            mean, width = self._arm(alias, models[rank], rank).estimate(x)
-            return -(mean + self._config.exploration * min(width, 1.0)), rank
-        return models[min(range(len(models)), key=score)]
+        panel = self._panel(alias)
+        places = [self._place(panel, name, rank) for rank, name in enumerate(models)]
+        with self._lock:
+            means, widths = panel.scores(x)
+        bonus = self._config.exploration
+        best = min(range(len(models)), key=lambda rank: (
+            -(means[places[rank]] + bonus * min(widths[places[rank]], 1.0)), rank))
+        return models[best]
 
     def learn(self, alias: str, model: str, x: np.ndarray, reward: float,
               rank: int | None = None) -> bool:
@@ -151,26 +191,35 @@ class LearnedOrder:
         """
         if x.shape != (DIMENSIONS,) or not (np.isfinite(x).all() and math.isfinite(reward)):
             return False
+        panel = self._panel(alias)
+        place = self._place(panel, model, rank)
         with self._lock:
-            self._arm(alias, model, rank).update(x, reward)
+            panel.learn(place, x, reward)
             self.changes += 1
         return True
 
-    def _arm(self, alias: str, model: str, rank: int | None) -> Arm:
-        arm = self._arms.get((alias, model))
-        if arm is None:
-            prior = PRIOR_TOP - PRIOR_STEP * (rank if rank is not None else UNRANKED)
+    def _panel(self, alias: str) -> Panel:
+        panel = self._panels.get(alias)
+        if panel is None:
             with self._lock:
-                arm = self._arms.setdefault((alias, model), Arm(
-                    prior, self._config.prior_strength, self._config.memory))
-        return arm
+                panel = self._panels.setdefault(
+                    alias, Panel(self._config.prior_strength, self._config.memory))
+        return panel
+
+    def _place(self, panel: Panel, model: str, rank: int | None) -> int:
+        place = panel.index.get(model)
+        if place is None:
+            with self._lock:
+                place = panel.index.get(model)
+                if place is None:
+                    prior = PRIOR_TOP - PRIOR_STEP * (rank if rank is not None else UNRANKED)
+                    place = panel.add(model, prior)
+        return place
 
     def samples(self) -> dict[str, dict[str, int]]:
         """Outcomes learned from, by alias and model."""
-        out: dict[str, dict[str, int]] = {}
-        for (alias, model), arm in self._arms.items():
-            out.setdefault(alias, {})[model] = arm.n
-        return out
+        return {alias: dict(zip(panel.names, panel.n, strict=True))
+                for alias, panel in self._panels.items()}
 
     def save(self, path: Path) -> bool:
         """Write what was learned to ``path`` (whole or not at all), if anything changed
@@ -197,20 +246,22 @@ class LearnedOrder:
                         "lists", path, exc)
             return
         log.info("learned routing: %d outcomes learned before, from %s",
-                 sum(arm.n for arm in self._arms.values()), path)
+                 sum(sum(p.n) for p in self._panels.values()), path)
 
     def dump(self) -> dict[str, Any]:
         with self._lock:
-            return {"dimensions": DIMENSIONS,
-                    "arms": [{"alias": a, "model": m, **arm.dump()}
-                             for (a, m), arm in self._arms.items()]}
+            return {"dimensions": DIMENSIONS, "aliases": {
+                alias: panel.dump() for alias, panel in self._panels.items()}}
 
     def load(self, state: dict[str, Any]) -> None:
         if state.get("dimensions") != DIMENSIONS:
             raise ValueError("a learned state of other dimensions")
-        arms = {(item["alias"], item["model"]): Arm.load(item) for item in state["arms"]}
+        panels = {}
+        for alias, items in state["aliases"].items():
+            panel = panels[alias] = Panel(self._config.prior_strength, self._config.memory)
+            panel.load(items)
         with self._lock:
-            self._arms = arms
+            self._panels = panels
 
 
 def reward(quality: float, seconds: float, latency_cost: float) -> float:
