@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -114,7 +113,7 @@ def replay(outcomes: list[dict[str, Any]], config: LearnedConfig
             outcome.get("alias")
         if not models or not chosen or not alias or "reward" not in outcome:
             continue  # not a learned pick: nothing to replay
-        x, value = np.array(outcome["x"], dtype=float), float(outcome["reward"])
+        x, value = list(outcome["x"]), float(outcome["reward"])
         sums[alias]["logged"].append(value)
         if models[0] == chosen:
             sums[alias]["priority"].append(value)

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from gateway.routing.catalog import Deployment
 
 
@@ -35,7 +33,7 @@ class Decision:
 
     alias: str
     model: str
-    x: np.ndarray  # the request's features, as the policy's vector
+    x: list[float]  # the request's features, as the policy's vector
     features: dict[str, Any]
     explanation: str
     candidates: tuple[str, ...] = ()  # those it chose among, in their static order

@@ -11,8 +11,6 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 
 # Kinds of task, guessed from the request ("chat" when nothing else fits).
@@ -51,14 +49,12 @@ class Features:
     json: bool
     kind: str
 
-    def vector(self) -> np.ndarray:
-        return np.array((
-            1.0, min(1.0, math.log1p(self.chars) / 12), min(self.turns, 16) / 16,
-            float(self.code), float(self.script != "latin"), float(self.tools),
-            float(self.images), float(self.json), float(self.kind == "chat"),
-            float(self.kind == "code"),
-            float(self.kind == "extract"), float(self.kind == "reason"),
-            float(self.kind == "long")))
+    def vector(self) -> list[float]:
+        return [1.0, min(1.0, math.log1p(self.chars) / 12), min(self.turns, 16) / 16,
+                float(self.code), float(self.script != "latin"), float(self.tools),
+                float(self.images), float(self.json), float(self.kind == "chat"),
+                float(self.kind == "code"), float(self.kind == "extract"),
+                float(self.kind == "reason"), float(self.kind == "long")]
 
     def as_dict(self) -> dict[str, Any]:
         return {"chars": self.chars, "turns": self.turns, "code": self.code,

@@ -39,10 +39,12 @@ FOLD_AT, FOLD_AFTER = 16, 0.2  # pending outcomes are folded in at 16, or after 
 
 class Panel:
     """One alias's models, each a linear estimate of the reward over the request's features
-    (ridge regression), stacked so that one pass of numpy scores them all. Outcomes are
-    taken in as they come and folded in a few at a time (a matrix inverse per model then,
-    not per outcome). Old outcomes fade (each weighs ``1 - 1/memory`` less per outcome
-    since): a model that changes is noticed, while the prior and the regularisation stay.
+    (ridge regression). Outcomes are taken in as they come and folded in a few at a time,
+    with numpy (a matrix inverse per model then, not per outcome); a request is scored in
+    plain Python over its few features that are not zero, which for vectors this small is
+    cheaper than a call into numpy. Old outcomes fade (each weighs ``1 - 1/memory`` less per
+    outcome since): a model that changes is noticed, while the prior and the regularisation
+    stay.
     """
 
     def __init__(self, strength: float, memory: int) -> None:
@@ -54,9 +56,10 @@ class Panel:
         self.matrix = np.zeros((0, DIMENSIONS, DIMENSIONS))
         self.b = np.zeros((0, DIMENSIONS))
         self.b0 = np.zeros((0, DIMENSIONS))  # the prior's part of b
-        self.inverse = np.zeros((0, DIMENSIONS, DIMENSIONS))
-        self.theta = np.zeros((0, DIMENSIONS))
-        self.pending: list[tuple[int, np.ndarray, float]] = []
+        # What scoring reads, as plain lists: each model's weights and inverse matrix.
+        self.theta: list[list[float]] = []
+        self.inverse: list[list[list[float]]] = []
+        self.pending: list[tuple[int, list[float], float]] = []
         self.pending_since = 0.0
 
     def add(self, name: str, prior: float) -> int:
@@ -65,26 +68,35 @@ class Panel:
         """
         b0 = np.zeros(DIMENSIONS)
         b0[0] = prior * self.lam
-        eye = np.eye(DIMENSIONS)
-        self.matrix = np.concatenate((self.matrix, (eye * self.lam)[None]))
-        self.inverse = np.concatenate((self.inverse, (eye / self.lam)[None]))
+        self.matrix = np.concatenate((self.matrix, (np.eye(DIMENSIONS) * self.lam)[None]))
         self.b = np.vstack((self.b, b0))
         self.b0 = np.vstack((self.b0, b0))
-        self.theta = np.vstack((self.theta, b0 / self.lam))
+        self.theta.append((b0 / self.lam).tolist())
+        self.inverse.append((np.eye(DIMENSIONS) / self.lam).tolist())
         self.index[name] = len(self.names)
         self.names.append(name)
         self.n.append(0)
         return self.index[name]
 
-    def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every model's expected reward for ``x``, and how uncertain each still is."""
+    def score(self, model: int, x: list[float], nonzero: list[int]) -> tuple[float, float]:
+        """A model's expected reward for ``x``, and how uncertain it still is."""
+        theta, inverse = self.theta[model], self.inverse[model]
+        mean = 0.0
+        spread = 0.0
+        for i in nonzero:
+            xi = x[i]
+            mean += theta[i] * xi
+            row = inverse[i]
+            spread += xi * sum(row[j] * x[j] for j in nonzero)
+        return mean, math.sqrt(spread) if spread > 0 else 0.0
+
+    def ready(self) -> None:
+        """Fold what is pending in, when enough is (or it has waited long enough)."""
         if self.pending and (len(self.pending) >= FOLD_AT or
                              time.monotonic() - self.pending_since > FOLD_AFTER):
             self.fold()
-        ix = self.inverse @ x
-        return self.theta @ x, np.sqrt(np.maximum(ix @ x, 0.0))
 
-    def learn(self, model: int, x: np.ndarray, reward: float) -> None:
+    def learn(self, model: int, x: list[float], reward: float) -> None:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((model, x, reward))
@@ -93,7 +105,7 @@ class Panel:
     def fold(self) -> None:
         """Take the pending outcomes in: each model's old ones faded by as many steps."""
         pending, self.pending = self.pending, []
-        by_model: dict[int, list[tuple[np.ndarray, float]]] = {}
+        by_model: dict[int, list[tuple[list[float], float]]] = {}
         for model, x, reward in pending:
             by_model.setdefault(model, []).append((x, reward))
         prior = np.eye(DIMENSIONS) * self.lam
@@ -104,8 +116,12 @@ class Panel:
             self.matrix[model] = prior + (self.matrix[model] - prior) * fade + xs.T @ xs
             self.b[model] = self.b0[model] + (self.b[model] - self.b0[model]) * fade + \
                 xs.T @ rewards
-            self.inverse[model] = np.linalg.inv(self.matrix[model])
-            self.theta[model] = self.inverse[model] @ self.b[model]
+            self._refresh(model)
+
+    def _refresh(self, model: int) -> None:
+        inverse = np.linalg.inv(self.matrix[model])
+        self.inverse[model] = inverse.tolist()
+        self.theta[model] = (inverse @ self.b[model]).tolist()
 
     def dump(self) -> list[dict[str, Any]]:
         self.fold()
@@ -122,8 +138,7 @@ class Panel:
                 raise ValueError("a learned state of other dimensions")
             i = self.add(item["model"], 0.0)
             self.matrix[i], self.b[i], self.b0[i] = matrix, b, b0
-            self.inverse[i] = np.linalg.inv(matrix)
-            self.theta[i] = self.inverse[i] @ b
+            self._refresh(i)
             self.n[i] = int(item["n"])
 
 
@@ -150,46 +165,53 @@ class LearnedOrder:
             return picks, None  # nothing to choose between
         features = features_of(req)
         x = features.vector()
+        nonzero = [i for i, v in enumerate(x) if v]
         panel = self._panel(alias)
         places = [self._place(panel, c.name, rank) for rank, c in ready]
-        with self._lock:
-            estimated, uncertain = panel.scores(x)
-        means, widths = estimated.tolist(), uncertain.tolist()  # (plain floats from here)
         bonus = self._config.exploration
-        scored = sorted(((means[i] + bonus * min(widths[i], 1.0), rank, i, c)
-                         for (rank, c), i in zip(ready, places, strict=True)),
-                        key=lambda s: (-s[0], s[1]))
-        (_, _, best_i, best), (_, _, runner_i, runner) = scored[0], scored[1]
-        explanation = (f"learned: {best.name} {means[best_i]:.2f}±{widths[best_i]:.2f} > "
-                       f"{runner.name} {means[runner_i]:.2f}; {sum(panel.n)} samples")
+        scored = []
+        with self._lock:
+            panel.ready()
+            for (rank, candidate), place in zip(ready, places, strict=True):
+                mean, width = panel.score(place, x, nonzero)
+                scored.append((mean + bonus * min(width, 1.0), rank, mean, width, candidate))
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        (_, _, mean, width, best), (_, _, runner_mean, _, runner) = scored[0], scored[1]
+        explanation = (f"learned: {best.name} {mean:.2f}±{width:.2f} > {runner.name} "
+                       f"{runner_mean:.2f}; {sum(panel.n)} samples")
         first = Candidate(best.name, best.deployments, explanation)
-        ordered = [first, *(s[3] for s in scored[1:])]
+        ordered = [first, *(s[4] for s in scored[1:])]
         if len(ready) < len(picks):
             taken = {id(c) for _, c in ready}
             ordered += [c for c in picks if id(c) not in taken]
         return ordered, Decision(alias, best.name, x, features.as_dict(), explanation,
                                  tuple(c.name for _, c in ready))
 
-    def pick(self, alias: str, models: list[str], x: np.ndarray) -> str:
+    def pick(self, alias: str, models: list[str], x: list[float]) -> str:
         """Which of ``models`` (in their static order) it would pick for ``x`` (replaying
         outcomes offline: ``gateway router eval``).
         """
         panel = self._panel(alias)
         places = [self._place(panel, name, rank) for rank, name in enumerate(models)]
-        with self._lock:
-            means, widths = panel.scores(x)
+        nonzero = [i for i, v in enumerate(x) if v]
         bonus = self._config.exploration
-        best = min(range(len(models)), key=lambda rank: (
-            -(means[places[rank]] + bonus * min(widths[places[rank]], 1.0)), rank))
-        return models[best]
 
-    def learn(self, alias: str, model: str, x: np.ndarray, reward: float,
+        def score(rank: int) -> tuple[float, int]:
+            mean, width = panel.score(places[rank], x, nonzero)
+            return -(mean + bonus * min(width, 1.0)), rank
+
+        with self._lock:
+            panel.ready()
+            return models[min(range(len(models)), key=score)]
+
+    def learn(self, alias: str, model: str, x: list[float], reward: float,
               rank: int | None = None) -> bool:
         """Learn from one outcome (``rank``: the model's place in the alias's static order,
         for its prior should this be the first heard of it); whether it could (an outcome
         of the wrong shape, or not a number, is not learned from).
         """
-        if x.shape != (DIMENSIONS,) or not (np.isfinite(x).all() and math.isfinite(reward)):
+        if not (isinstance(x, list) and len(x) == DIMENSIONS and math.isfinite(reward)
+                and all(isinstance(v, int | float) and math.isfinite(v) for v in x)):
             return False
         panel = self._panel(alias)
         place = self._place(panel, model, rank)

@@ -21,7 +21,6 @@ import secrets
 import socket
 from typing import Any
 
-import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -82,11 +81,11 @@ class LearningLink:
 
     # ---- what this process learned and saw, sent to the others
 
-    def learned(self, alias: str, model: str, x: np.ndarray, reward: float,
+    def learned(self, alias: str, model: str, x: list[float], reward: float,
                 rank: int | None) -> None:
         self._send_later(LEARNED, {
             "by": self.name.encode(), "alias": alias.encode(), "model": model.encode(),
-            "x": orjson.dumps(x.tolist()), "reward": repr(reward).encode(),
+            "x": orjson.dumps(x), "reward": repr(reward).encode(),
             "rank": b"" if rank is None else str(rank).encode()})
 
     def outcome(self, record: dict[str, Any]) -> None:
@@ -190,7 +189,7 @@ class LearningLink:
             rank = field("rank")
             learned = self._learned.learn(
                 field("alias").decode(), field("model").decode(),
-                np.array(orjson.loads(field("x")), dtype=float), float(field("reward")),
+                orjson.loads(field("x")), float(field("reward")),
                 int(rank) if rank else None)
         except Exception as exc:  # one bad entry must not stop the rest
             learned = False

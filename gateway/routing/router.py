@@ -7,8 +7,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import numpy as np
-
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -108,7 +106,7 @@ class Router:
         else:
             outcome.update(features=decision.features, chosen=decision.model,
                            candidates=list(decision.candidates),
-                           x=[round(v, 4) for v in decision.x.tolist()])
+                           x=decision.x)
             cost = self.selector.latency_cost(decision.alias)
             if quality is not None and self.selector.learned is not None and cost is not None:
                 earned = quality if outcome.get("model") == decision.model else 0.0
@@ -120,7 +118,7 @@ class Router:
         if self.link is not None:
             self.link.outcome(outcome)
 
-    def _learn(self, alias: str, model: str, x: np.ndarray, value: float,
+    def _learn(self, alias: str, model: str, x: list[float], value: float,
                candidates: list[str]) -> None:
         """Learned from here, or (sharing through Redis) by every process alike, this one
         too, as the outcome comes back from the stream they all read.
@@ -152,7 +150,7 @@ class Router:
         if learns:
             assert cost is not None and chosen is not None
             value = reward(score, outcome.get("latency_ms", 0) / 1000, cost)
-            self._learn(alias, chosen, np.array(outcome["x"], dtype=float), value,
+            self._learn(alias, chosen, list(outcome["x"]), value,
                         list(outcome.get("candidates") or ()))
         if self.link is not None:
             self.link.rated(outcome)
