@@ -525,14 +525,14 @@ def _workers(count: int) -> str:
     return f"{count} worker{'s' if count > 1 else ''}"
 
 
-def write_section(out: Path, section: str) -> None:
-    """Put the section in ``out`` in place of its last version, or at the end (after
-    "Earlier runs", where ``python -m loadtest`` keeps what follows when it rewrites the
-    file); the rest of the file stays as it is.
+def write_section(out: Path, section: str, heading: str = SECTION) -> None:
+    """Put the section (which starts with ``heading``) in ``out`` in place of its last
+    version, or at the end (after "Earlier runs", where ``python -m loadtest`` keeps what
+    follows when it rewrites the file); the rest of the file stays as it is.
     """
     text = out.read_text() if out.exists() else ""
-    if SECTION in text:
-        before, after = text.split(SECTION, 1)
+    if heading in text:
+        before, after = text.split(heading, 1)
         rest = after.split("\n## ", 1)
         text = before + section + ("\n## " + rest[1] if len(rest) > 1 else "")
     else:
