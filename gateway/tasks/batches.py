@@ -21,6 +21,7 @@ from gateway.tasks.shared import RedisStore
 
 log = logging.getLogger(__name__)
 
+EXPIRY_RETRY_SECONDS = 60.0  # an expiry whose files are not written by then is redone
 Store = LocalStore | RedisStore  # (the same methods: local.py is the reference)
 StoreDown = (*local.DOWN, *shared.DOWN)  # what a store raises when it cannot answer now
 
@@ -61,12 +62,13 @@ class Batches:
     async def expire(self, batch_id: str) -> None:
         """Its window ran out: lines not yet answered are not answered; the error file
         lists them (``batch_expired``) beside the lines that failed. One process makes the
-        change (the others find it made) and writes the files; should that fail, the batch
-        keeps saying so (``files_pending``) and the watch writes them again.
+        change (the others find it made): the batch is ``finalizing`` while its files are
+        written, then ``expired`` with them; should writing fail, the watch writes them
+        again a minute later.
         """
         changed = await self.store.change_batch(
-            batch_id, {"status": "expired", "expired_at": int(time.time()),
-                       "files_pending": True}, when=("in_progress",))
+            batch_id, {"status": "finalizing", "finalizing_at": int(time.time()),
+                       "expiring": True}, when=("in_progress",))
         if changed is None:
             return
         await self.store.drop_lines(batch_id)  # (on Redis, workers drop them as read)
@@ -80,18 +82,21 @@ class Batches:
                                            batch["endpoint"], self._max_lines)
         files = await self._write_files(batch, unanswered=[
             x.custom_id for x in lines if x.custom_id not in answered])
-        await self.store.change_batch(batch["id"], {**files, "files_pending": False})
+        await self.store.change_batch(batch["id"], {
+            **files, "status": "expired", "expired_at": int(time.time()), "expiring": False},
+            when=("finalizing",))
 
     async def expire_overdue(self, batches: list[dict[str, Any]]) -> None:
         """Expire those of ``batches`` whose window has run out (a batch whose lines all
         wait for a fleet that is down is expired here, not only when a line is tried), and
-        write the files of an expired one whose files could not be written.
+        finish expiring one whose files could not be written.
         """
         now = time.time()
         for batch in batches:
             if batch["status"] == "in_progress" and now >= batch["expires_at"]:
                 await self.expire(batch["id"])
-            elif batch["status"] == "expired" and batch.get("files_pending"):
+            elif batch["status"] == "finalizing" and batch.get("expiring") and \
+                    now - (batch.get("finalizing_at") or now) > EXPIRY_RETRY_SECONDS:
                 await self._expired_files(batch)
 
     async def settle(self, batch_id: str) -> dict[str, Any] | None:
