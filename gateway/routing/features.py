@@ -50,7 +50,7 @@ class Features:
     kind: str
 
     def vector(self) -> list[float]:
-        return [1.0, min(1.0, math.log1p(self.chars) / 12), min(self.turns, 16) / 16,
+        return [1.0, round(min(1.0, math.log1p(self.chars) / 12), 2), min(self.turns, 16) / 16,
                 float(self.code), float(self.script != "latin"), float(self.tools),
                 float(self.images), float(self.json), float(self.kind == "chat"),
                 float(self.kind == "code"), float(self.kind == "extract"),

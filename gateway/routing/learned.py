@@ -35,6 +35,7 @@ PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
 UNRANKED = 4  # the place assumed for a model first heard of without one
 FOLD_AT, FOLD_AFTER = 16, 0.2  # pending outcomes are folded in at 16, or after 0.2 s
+RANKINGS = 1024  # orderings remembered between two folds
 
 
 class Panel:
@@ -61,6 +62,9 @@ class Panel:
         self.inverse: list[list[list[float]]] = []
         self.pending: list[tuple[int, list[float], float]] = []
         self.pending_since = 0.0
+        # Orderings worked out since outcomes were last folded in: (features, models) →
+        # each model's (position among them, mean, width), best first.
+        self.rankings: dict[tuple[float | int, ...], list[tuple[int, float, float]]] = {}
 
     def add(self, name: str, prior: float) -> int:
         """A model, its estimate starting at ``prior`` (as if ``strength`` requests had each
@@ -76,6 +80,7 @@ class Panel:
         self.index[name] = len(self.names)
         self.names.append(name)
         self.n.append(0)
+        self.rankings.clear()
         return self.index[name]
 
     def score(self, model: int, x: list[float], nonzero: list[int]) -> tuple[float, float]:
@@ -87,8 +92,24 @@ class Panel:
             xi = x[i]
             mean += theta[i] * xi
             row = inverse[i]
-            spread += xi * sum(row[j] * x[j] for j in nonzero)
+            across = 0.0
+            for j in nonzero:
+                across += row[j] * x[j]
+            spread += xi * across
         return mean, math.sqrt(spread) if spread > 0 else 0.0
+
+    def rank(self, places: tuple[int, ...], x: list[float], bonus: float
+             ) -> list[tuple[int, float, float]]:
+        """The models at ``places``, best first (ties: the static order): each one's
+        position among them, mean and width.
+        """
+        nonzero = [i for i, v in enumerate(x) if v]
+        scored = []
+        for position, place in enumerate(places):
+            mean, width = self.score(place, x, nonzero)
+            scored.append((mean + bonus * min(width, 1.0), position, mean, width))
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        return [(position, mean, width) for _, position, mean, width in scored]
 
     def ready(self) -> None:
         """Fold what is pending in, when enough is (or it has waited long enough)."""
@@ -105,6 +126,7 @@ class Panel:
     def fold(self) -> None:
         """Take the pending outcomes in: each model's old ones faded by as many steps."""
         pending, self.pending = self.pending, []
+        self.rankings.clear()
         by_model: dict[int, list[tuple[list[float], float]]] = {}
         for model, x, reward in pending:
             by_model.setdefault(model, []).append((x, reward))
@@ -165,22 +187,25 @@ class LearnedOrder:
             return picks, None  # nothing to choose between
         features = features_of(req)
         x = features.vector()
-        nonzero = [i for i, v in enumerate(x) if v]
         panel = self._panel(alias)
-        places = [self._place(panel, c.name, rank) for rank, c in ready]
-        bonus = self._config.exploration
-        scored = []
+        places = tuple(self._place(panel, c.name, rank) for rank, c in ready)
         with self._lock:
             panel.ready()
-            for (rank, candidate), place in zip(ready, places, strict=True):
-                mean, width = panel.score(place, x, nonzero)
-                scored.append((mean + bonus * min(width, 1.0), rank, mean, width, candidate))
-        scored.sort(key=lambda s: (-s[0], s[1]))
-        (_, _, mean, width, best), (_, _, runner_mean, _, runner) = scored[0], scored[1]
+            # The same features among the same models score the same until outcomes are
+            # folded in: worked out once, then read (most requests look like another).
+            key = (*x, *places)
+            ranking = panel.rankings.get(key)
+            if ranking is None:
+                ranking = panel.rank(places, x, self._config.exploration)
+                if len(panel.rankings) >= RANKINGS:
+                    panel.rankings.clear()
+                panel.rankings[key] = ranking
+        scored = [(mean, width, ready[i][1]) for i, mean, width in ranking]
+        (mean, width, best), (runner_mean, _, runner) = scored[0], scored[1]
         explanation = (f"learned: {best.name} {mean:.2f}±{width:.2f} > {runner.name} "
                        f"{runner_mean:.2f}; {sum(panel.n)} samples")
         first = Candidate(best.name, best.deployments, explanation)
-        ordered = [first, *(s[4] for s in scored[1:])]
+        ordered = [first, *(s[2] for s in scored[1:])]
         if len(ready) < len(picks):
             taken = {id(c) for _, c in ready}
             ordered += [c for c in picks if id(c) not in taken]
@@ -205,13 +230,15 @@ class LearnedOrder:
             return models[min(range(len(models)), key=score)]
 
     def learn(self, alias: str, model: str, x: list[float], reward: float,
-              rank: int | None = None) -> bool:
+              rank: int | None = None, checked: bool = False) -> bool:
         """Learn from one outcome (``rank``: the model's place in the alias's static order,
         for its prior should this be the first heard of it); whether it could (an outcome
-        of the wrong shape, or not a number, is not learned from).
+        of the wrong shape, or not a number, is not learned from; ``checked``: ``x`` is this
+        process's own, made by ``Features.vector``).
         """
-        if not (isinstance(x, list) and len(x) == DIMENSIONS and math.isfinite(reward)
-                and all(isinstance(v, int | float) and math.isfinite(v) for v in x)):
+        if not math.isfinite(reward) or (not checked and not (
+                isinstance(x, list) and len(x) == DIMENSIONS and
+                all(isinstance(v, int | float) and math.isfinite(v) for v in x))):
             return False
         panel = self._panel(alias)
         place = self._place(panel, model, rank)

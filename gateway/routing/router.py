@@ -113,13 +113,13 @@ class Router:
                 value = reward(earned, outcome.get("latency_ms", 0) / 1000, cost)
                 outcome["reward"] = round(value, 4)
                 self._learn(decision.alias, decision.model, decision.x, value,
-                            list(decision.candidates))
+                            list(decision.candidates), checked=True)
         self.outcomes.add(outcome)
         if self.link is not None:
             self.link.outcome(outcome)
 
     def _learn(self, alias: str, model: str, x: list[float], value: float,
-               candidates: list[str]) -> None:
+               candidates: list[str], checked: bool = False) -> None:
         """Learned from here, or (sharing through Redis) by every process alike, this one
         too, as the outcome comes back from the stream they all read.
         """
@@ -127,7 +127,7 @@ class Router:
         if self.link is not None:
             self.link.learned(alias, model, x, value, rank)
         elif self.selector.learned is not None:
-            self.selector.learned.learn(alias, model, x, value, rank)
+            self.selector.learned.learn(alias, model, x, value, rank, checked)
 
     async def feedback(self, request_id: str, tenant: str, score: float
                        ) -> tuple[dict[str, Any], bool] | None:
