@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Answers that say "not now" rather than "no": the line waits and is tried again.
 NOT_NOW = frozenset({429, 502, 503, 504})
 CLAIM_WAIT = 5.0  # seconds a claim waits for lines before looking again
+NOT_YET = 0.05  # seconds before a line of a batch still being started is tried again
 
 
 class Worker:
@@ -104,6 +105,10 @@ class Worker:
 
     async def _do(self, line: Line) -> None:
         batch = await self._store.batch(line.batch)
+        if batch is not None and batch["status"] == "validating":
+            # Queued a moment before the batch says it is in progress: not yet.
+            await self._store.put_back(line, NOT_YET)
+            return
         if batch is None or batch["status"] != "in_progress":
             self._tries.pop((line.batch, line.n), None)
             await self._store.discard(line)  # cancelled (or gone) meanwhile

@@ -27,14 +27,14 @@ PAIR = ("qwq:32b", "qwen2.5-coder:32b")
 ADMIN = "gw-admin-key-of-the-learning-tests"
 
 
-def learning_gateway(fleet: Fleet, state: Path) -> ServerThread:
+def learning_gateway(fleet: Fleet, state: Path, **learned: Any) -> ServerThread:
     return start_gateway(gateway_config(
         backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
         keys=[{"id": name, "hash": hashlib.sha256(key.encode()).hexdigest()}
               for name, key in KEYS.items()],
         auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]},
         aliases={ALIAS: {"priority": {"ollama": list(PAIR)}, "policy": "learned"}},
-        routing={"learned": {"state_file": str(state)}}))
+        routing={"learned": {"state_file": str(state), **learned}}))
 
 
 @pytest.fixture
@@ -176,14 +176,7 @@ def test_two_processes_sharing_redis_learn_from_each_other(fleet: Fleet,
                                                            tmp_path: Path) -> None:
     with RedisServer() as redis:
         def shared() -> ServerThread:
-            return start_gateway(gateway_config(
-                backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
-                keys=[{"id": name, "hash": hashlib.sha256(key.encode()).hexdigest()}
-                      for name, key in KEYS.items()],
-                auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]},
-                aliases={ALIAS: {"priority": {"ollama": list(PAIR)}, "policy": "learned"}},
-                routing={"learned": {"redis_url": redis.url,
-                                     "state_file": str(tmp_path / "unused.json")}}))
+            return learning_gateway(fleet, tmp_path / "unused.json", redis_url=redis.url)
 
         one, two = shared(), shared()
         try:
