@@ -31,6 +31,31 @@ def line(n: int) -> dict[str, Any]:
                      "max_tokens": 16}}
 
 
+def under_way(api: openai.OpenAI, batch_id: str, done: int, of: int) -> None:
+    """Wait until ``done`` lines are answered, and make sure the batch is not over."""
+    def some_done() -> bool:
+        counts = api.batches.retrieve(batch_id).request_counts
+        return counts is not None and counts.completed >= done
+
+    wait_until(some_done, 60, "some lines answered")
+    counts = api.batches.retrieve(batch_id).request_counts
+    assert counts is not None and counts.completed < of  # in the middle
+
+
+def every_line_once(api: openai.OpenAI, batch_id: str, lines: int) -> None:
+    """Wait for the batch to complete; every line answered, each exactly once."""
+    deadline = time.monotonic() + 90
+    while (done := api.batches.retrieve(batch_id)).status != "completed":
+        assert time.monotonic() < deadline, done
+        time.sleep(0.2)
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (lines, lines, 0)
+    text = api.files.content(done.output_file_id).text  # type: ignore[arg-type]
+    ids = [json.loads(x)["custom_id"] for x in text.splitlines()]
+    assert sorted(ids) == sorted(f"line-{n}" for n in range(lines))  # each exactly once
+
+
 def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Path) -> None:
     sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
     sim.fault("qwq:32b", latency=0.2)  # 120 lines, 8 at once, 0.2 s each: 3 s or so
@@ -45,26 +70,12 @@ def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Pat
         batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
                                    completion_window="24h")
 
-        def some_done() -> bool:
-            counts = api.batches.retrieve(batch.id).request_counts
-            return counts is not None and counts.completed >= 10
-
-        wait_until(some_done, 20, "some lines answered")
-        counts = api.batches.retrieve(batch.id).request_counts
-        assert counts is not None and counts.completed < LINES  # killed in the middle
+        under_way(api, batch.id, 10, LINES)  # killed in the middle
         gateway.process.send_signal(signal.SIGKILL)  # no shutdown, no goodbye
         gateway.stop()  # (collects it)
         gateway = GatewayProcess(config)  # the same data directory
         api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
-        deadline = time.monotonic() + 60
-        while (done := api.batches.retrieve(batch.id)).status != "completed":
-            assert time.monotonic() < deadline, done
-            time.sleep(0.2)
-        assert done.request_counts is not None
-        assert (done.request_counts.total, done.request_counts.completed) == (LINES, LINES)
-        lines = api.files.content(done.output_file_id).text.splitlines()  # type: ignore[arg-type]
-        ids = [json.loads(x)["custom_id"] for x in lines]
-        assert sorted(ids) == sorted(f"line-{n}" for n in range(LINES))  # each exactly once
+        every_line_once(api, batch.id, LINES)
         listed = subprocess.run([*GATEWAY, "batches", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30, check=True).stdout
         assert f"{batch.id}  completed   [{'#' * 24}] {LINES}/{LINES}" in listed
@@ -98,24 +109,10 @@ def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path)
                                        endpoint="/v1/chat/completions",
                                        completion_window="24h")
 
-            def some_done() -> bool:
-                counts = api.batches.retrieve(batch.id).request_counts
-                return counts is not None and counts.completed >= 50
-
-            wait_until(some_done, 60, "some lines answered")
-            counts = api.batches.retrieve(batch.id).request_counts
-            assert counts is not None and counts.completed < 500  # killed in the middle
+            under_way(api, batch.id, 50, 500)  # killed in the middle
             workers[0].send_signal(signal.SIGKILL)  # mid-line, its claims unacknowledged
             workers[0].wait(timeout=10)
-            deadline = time.monotonic() + 90
-            while (done := api.batches.retrieve(batch.id)).status != "completed":
-                assert time.monotonic() < deadline, done
-                time.sleep(0.2)
-            assert done.request_counts is not None
-            assert (done.request_counts.completed, done.request_counts.failed) == (500, 0)
-            text = api.files.content(done.output_file_id).text  # type: ignore[arg-type]
-            ids = [json.loads(x)["custom_id"] for x in text.splitlines()]
-            assert sorted(ids) == sorted(f"line-{n}" for n in range(500))  # each once
+            every_line_once(api, batch.id, 500)
         finally:
             for worker in workers:
                 if worker.poll() is None:
@@ -142,11 +139,7 @@ def test_redis_restarted_mid_batch_loses_no_line(tmp_path: Path) -> None:
                                        endpoint="/v1/chat/completions",
                                        completion_window="24h")
 
-            def some_done() -> bool:
-                counts = api.batches.retrieve(batch.id).request_counts
-                return counts is not None and counts.completed >= 40
-
-            wait_until(some_done, 60, "some lines answered")
+            under_way(api, batch.id, 40, 300)
             redis.kill()  # gone mid-batch, as in a crash
             try:
                 api.batches.retrieve(batch.id)
@@ -156,15 +149,7 @@ def test_redis_restarted_mid_batch_loses_no_line(tmp_path: Path) -> None:
                 assert exc.response.headers.get("retry-after") == "1"
             time.sleep(1.0)
             redis.start()  # the same port and folder: its append-only file read back
-            deadline = time.monotonic() + 90
-            while (done := api.batches.retrieve(batch.id)).status != "completed":
-                assert time.monotonic() < deadline, done
-                time.sleep(0.2)
-            assert done.request_counts is not None
-            assert (done.request_counts.completed, done.request_counts.failed) == (300, 0)
-            text = api.files.content(done.output_file_id).text  # type: ignore[arg-type]
-            ids = [json.loads(x)["custom_id"] for x in text.splitlines()]
-            assert sorted(ids) == sorted(f"line-{n}" for n in range(300))  # each once
+            every_line_once(api, batch.id, 300)
             assert worker.poll() is None  # the worker apart waited for Redis, and goes on
         finally:
             if worker.poll() is None:
