@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 from gateway.routing.catalog import Deployment
+from gateway.routing.features import Features
 
 
 @dataclass(slots=True)
@@ -25,8 +26,7 @@ class Candidate:
         return max((d.model.context_length or 0 for d in self.deployments), default=0)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """A learned pick: what was known of the request when it was made, to learn from its
     outcome.
     """
@@ -34,7 +34,7 @@ class Decision:
     alias: str
     model: str
     x: list[float]  # the request's features, as the policy's vector
-    features: dict[str, Any]
+    features: Features
     explanation: str
     candidates: tuple[str, ...] = ()  # those it chose among, in their static order
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-import string
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 
@@ -30,16 +28,16 @@ _PHRASES = {"stack trace": "code", "step by step": "reason", "how many": "reason
 _CODE_LINE = re.compile(r"^[ \t]*(?:def |class |import |from \S+ import|function |const |"
                         r"let |#include|public |select |fn |package |func )", re.MULTILINE)
 _ARITHMETIC = re.compile(r"\d\s*[-+*/^=]\s*\d")
-_SPACES = str.maketrans({c: " " for c in string.punctuation})
+_WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+")  # between spaces and ASCII punctuation
 
 # The vector: a bias, then each feature scaled to about 0..1.
 NAMES = ("bias", "length", "turns", "code", "script", "tools", "images", "json",
          "kind:chat", "kind:code", "kind:extract", "kind:reason", "kind:long")
 DIMENSIONS = len(NAMES)
+_ONE_HOT = {kind: tuple(1.0 if other == kind else 0.0 for other in KINDS) for kind in KINDS}
 
 
-@dataclass(frozen=True, slots=True)
-class Features:
+class Features(NamedTuple):
     chars: int
     turns: int
     code: bool
@@ -50,11 +48,11 @@ class Features:
     kind: str
 
     def vector(self) -> list[float]:
-        return [1.0, round(min(1.0, math.log1p(self.chars) / 12), 2), min(self.turns, 16) / 16,
-                float(self.code), float(self.script != "latin"), float(self.tools),
-                float(self.images), float(self.json), float(self.kind == "chat"),
-                float(self.kind == "code"), float(self.kind == "extract"),
-                float(self.kind == "reason"), float(self.kind == "long")]
+        chars, turns, code, script, tools, images, json, kind = self
+        length = min(100, int(math.log1p(chars) * (100 / 12) + 0.5)) / 100  # 0.01 steps
+        return [1.0, length, min(turns, 16) / 16, 1.0 if code else 0.0,
+                0.0 if script == "latin" else 1.0, 1.0 if tools else 0.0,
+                1.0 if images else 0.0, 1.0 if json else 0.0, *_ONE_HOT[kind]]
 
     def as_dict(self) -> dict[str, Any]:
         return {"chars": self.chars, "turns": self.turns, "code": self.code,
@@ -63,21 +61,25 @@ class Features:
 
 
 def features_of(req: ChatRequest | CompletionRequest) -> Features:
+    """A request's features (one pass over its messages)."""
     if isinstance(req, CompletionRequest):
-        text, turns, tools, images = req.prompt, 1, False, False
-        json = False
+        text, turns, tools, images, json = req.prompt, 1, False, False, False
     else:
-        text = "\n".join(text_of(m.get("content")) for m in req.messages)
-        turns = sum(1 for m in req.messages if m.get("role") in ("user", "assistant"))
+        texts = []
+        turns = 0
+        images = False
+        for message in req.messages:
+            content = message.get("content")
+            texts.append(text_of(content))
+            if message.get("role") in ("user", "assistant"):
+                turns += 1
+            if isinstance(content, list) and not images:
+                images = any(part.get("type") == "image_url" for part in content)
+        text = texts[0] if len(texts) == 1 else "\n".join(texts)
         tools = bool(req.tools and req.tool_choice != "none")
-        images = any(isinstance(m.get("content"), list) and
-                     any(p.get("type") == "image_url" for p in m["content"])
-                     for m in req.messages)
-        kind = (req.response_format or {}).get("type")
-        json = kind in ("json_object", "json_schema")
+        json = (req.response_format or {}).get("type") in ("json_object", "json_schema")
     kind, json, code = _read(text, json)
-    return Features(chars=len(text), turns=turns, code=code, script=_script(text),
-                    tools=tools, images=images, json=json, kind=kind)
+    return Features(len(text), turns, code, _script(text), tools, images, json, kind)
 
 
 def kind_of(text: str, json: bool = False) -> str:
@@ -88,7 +90,7 @@ def kind_of(text: str, json: bool = False) -> str:
 def _read(text: str, json: bool) -> tuple[str, bool, bool]:
     """The kind, whether JSON is asked for, whether code is involved."""
     clues = (text if len(text) <= HEAD + TAIL else f"{text[:HEAD]}\n{text[-TAIL:]}").lower()
-    words = set(clues.translate(_SPACES).split())
+    words = set(_WORD.findall(clues))
     phrases = {kind for phrase, kind in _PHRASES.items() if phrase in clues}
     json = json or "json" in words
     code = "```" in clues or not words.isdisjoint(_CODE_WORDS) or "code" in phrases or \

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
 UNRANKED = 4  # the place assumed for a model first heard of without one
-FOLD_AT, FOLD_AFTER = 16, 0.2  # pending outcomes are folded in at 16, or after 0.2 s
+FOLD_AT, FOLD_AFTER = 32, 1.0  # pending outcomes are folded in at 32, or after a second
 RANKINGS = 1024  # orderings remembered between two folds
+BORDERED = DIMENSIONS + 1  # a model's sums: the features' and their products with the reward
 
 
 class Panel:
@@ -46,6 +48,10 @@ class Panel:
     cheaper than a call into numpy. Old outcomes fade (each weighs ``1 - 1/memory`` less per
     outcome since): a model that changes is noticed, while the prior and the regularisation
     stay.
+
+    Each model's sums are kept as one matrix, its features' (``A``, starting as the
+    regularisation) bordered by their products with the reward (``b``, starting as the
+    prior): one product of the outcomes' rows with themselves adds to both.
     """
 
     def __init__(self, strength: float, memory: int) -> None:
@@ -54,28 +60,28 @@ class Panel:
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         self.n: list[int] = []  # outcomes learned from, per model (those still pending too)
-        self.matrix = np.zeros((0, DIMENSIONS, DIMENSIONS))
-        self.b = np.zeros((0, DIMENSIONS))
-        self.b0 = np.zeros((0, DIMENSIONS))  # the prior's part of b
+        self.sums = np.zeros((0, BORDERED, BORDERED))  # [[A, b], [., .]] per model
+        self.start = np.zeros((0, BORDERED, BORDERED))  # ...before any outcome
         # What scoring reads, as plain lists: each model's weights and inverse matrix.
         self.theta: list[list[float]] = []
         self.inverse: list[list[list[float]]] = []
-        self.pending: list[tuple[int, list[float], float]] = []
+        self.pending: list[tuple[int, list[float]]] = []  # (model, [*x, reward])
         self.pending_since = 0.0
+        self.total = 0  # outcomes learned from, all models together
         # Orderings worked out since outcomes were last folded in: (features, models) →
-        # each model's (position among them, mean, width), best first.
-        self.rankings: dict[tuple[float | int, ...], list[tuple[int, float, float]]] = {}
+        # the ranking and the explanation of its first two (but for the samples).
+        self.rankings: dict[tuple[float | str, ...], Ranked] = {}
 
     def add(self, name: str, prior: float) -> int:
         """A model, its estimate starting at ``prior`` (as if ``strength`` requests had each
         earned that); its place.
         """
-        b0 = np.zeros(DIMENSIONS)
-        b0[0] = prior * self.lam
-        self.matrix = np.concatenate((self.matrix, (np.eye(DIMENSIONS) * self.lam)[None]))
-        self.b = np.vstack((self.b, b0))
-        self.b0 = np.vstack((self.b0, b0))
-        self.theta.append((b0 / self.lam).tolist())
+        start = np.zeros((1, BORDERED, BORDERED))
+        start[0, :DIMENSIONS, :DIMENSIONS] = np.eye(DIMENSIONS) * self.lam
+        start[0, 0, DIMENSIONS] = prior * self.lam
+        self.sums = np.concatenate((self.sums, start))
+        self.start = np.concatenate((self.start, start))
+        self.theta.append([prior, *[0.0] * (DIMENSIONS - 1)])
         self.inverse.append((np.eye(DIMENSIONS) / self.lam).tolist())
         self.index[name] = len(self.names)
         self.names.append(name)
@@ -111,44 +117,46 @@ class Panel:
         scored.sort(key=lambda s: (-s[0], s[1]))
         return [(position, mean, width) for _, position, mean, width in scored]
 
-    def ready(self) -> None:
-        """Fold what is pending in, when enough is (or it has waited long enough)."""
-        if self.pending and (len(self.pending) >= FOLD_AT or
-                             time.monotonic() - self.pending_since > FOLD_AFTER):
-            self.fold()
+    def due(self) -> bool:
+        """Whether what is pending should be folded in: enough is, or it waited long enough."""
+        return bool(self.pending) and (len(self.pending) >= FOLD_AT or
+                                       time.monotonic() - self.pending_since > FOLD_AFTER)
 
     def learn(self, model: int, x: list[float], reward: float) -> None:
         if not self.pending:
             self.pending_since = time.monotonic()
-        self.pending.append((model, x, reward))
+        self.pending.append((model, [*x, reward]))
         self.n[model] += 1
+        self.total += 1
 
     def fold(self) -> None:
         """Take the pending outcomes in: each model's old ones faded by as many steps."""
         pending, self.pending = self.pending, []
         self.rankings.clear()
-        by_model: dict[int, list[tuple[list[float], float]]] = {}
-        for model, x, reward in pending:
-            by_model.setdefault(model, []).append((x, reward))
-        prior = np.eye(DIMENSIONS) * self.lam
-        for model, got in by_model.items():
-            xs = np.array([x for x, _ in got])
-            rewards = np.array([r for _, r in got])
-            fade = self.decay ** len(got)
-            self.matrix[model] = prior + (self.matrix[model] - prior) * fade + xs.T @ xs
-            self.b[model] = self.b0[model] + (self.b[model] - self.b0[model]) * fade + \
-                xs.T @ rewards
+        by_model: dict[int, list[list[float]]] = {}
+        for model, row in pending:
+            by_model.setdefault(model, []).append(row)
+        for model, rows in by_model.items():
+            z = np.array(rows, dtype=np.float64)
+            sums, start = self.sums[model], self.start[model]
+            sums -= start  # what was learned fades; the start stays
+            sums *= self.decay ** len(rows)
+            sums += start
+            sums += z.T @ z
             self._refresh(model)
 
     def _refresh(self, model: int) -> None:
-        inverse = np.linalg.inv(self.matrix[model])
+        sums = self.sums[model]
+        inverse = np.linalg.inv(sums[:DIMENSIONS, :DIMENSIONS])
         self.inverse[model] = inverse.tolist()
-        self.theta[model] = (inverse @ self.b[model]).tolist()
+        self.theta[model] = (inverse @ sums[:DIMENSIONS, DIMENSIONS]).tolist()
 
     def dump(self) -> list[dict[str, Any]]:
+        """Each model's state, as numpy arrays of its own (``encode`` writes them)."""
         self.fold()
-        return [{"model": name, "matrix": self.matrix[i].tolist(), "b": self.b[i].tolist(),
-                 "b0": self.b0[i].tolist(), "n": self.n[i]}
+        d, sums, start = DIMENSIONS, self.sums, self.start
+        return [{"model": name, "matrix": sums[i, :d, :d].copy(), "b": sums[i, :d, d].copy(),
+                 "b0": start[i, :d, d].copy(), "n": self.n[i]}
                 for i, name in enumerate(self.names)]
 
     def load(self, items: list[dict[str, Any]]) -> None:
@@ -159,9 +167,28 @@ class Panel:
                     or b0.shape != (DIMENSIONS,):
                 raise ValueError("a learned state of other dimensions")
             i = self.add(item["model"], 0.0)
-            self.matrix[i], self.b[i], self.b0[i] = matrix, b, b0
+            self.sums[i, :DIMENSIONS, :DIMENSIONS], self.sums[i, :DIMENSIONS, DIMENSIONS] = \
+                matrix, b
+            self.start[i, :DIMENSIONS, DIMENSIONS] = b0
             self._refresh(i)
             self.n[i] = int(item["n"])
+            self.total += self.n[i]
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """A ranking of models (each one's position among them, mean and width; best first),
+    and the explanation of its first two (to which the samples are added).
+    """
+
+    ranking: list[tuple[int, float, float]]
+    explanation: str
+
+
+def _explain(names: tuple[str, ...], best: tuple[int, float, float],
+             runner: tuple[int, float, float]) -> str:
+    return (f"learned: {names[best[0]]} {best[1]:.2f}±{best[2]:.2f} > {names[runner[0]]} "
+            f"{runner[1]:.2f}; ")
 
 
 class LearnedOrder:
@@ -179,38 +206,49 @@ class LearnedOrder:
 
     def order(self, alias: str, picks: list[Candidate], req: ChatRequest | CompletionRequest,
               usable: Usable) -> tuple[list[Candidate], Decision | None]:
-        """The picks, best first by what was learned; those that cannot answer now after
-        the rest, in their static order.
+        """The picks in the order learned, the first of them the best that can answer now
+        (exploration never picks one that cannot; the others that cannot are passed over
+        when their turn comes); the static order when none can.
         """
-        ready = [(rank, c) for rank, c in enumerate(picks) if usable(c)]
-        if len(ready) < 2:
-            return picks, None  # nothing to choose between
+        if len(picks) < 2:
+            return picks, None
         features = features_of(req)
         x = features.vector()
-        panel = self._panel(alias)
-        places = tuple(self._place(panel, c.name, rank) for rank, c in ready)
-        with self._lock:
-            panel.ready()
-            # The same features among the same models score the same until outcomes are
-            # folded in: worked out once, then read (most requests look like another).
-            key = (*x, *places)
-            ranking = panel.rankings.get(key)
-            if ranking is None:
+        names = tuple([c.name for c in picks])
+        panel = self._panels.get(alias) or self._panel(alias)
+        if panel.due():
+            with self._lock:
+                panel.fold()
+        # The same features among the same models score the same until outcomes are folded
+        # in: worked out once, then read (most requests look like another).
+        key: tuple[float | str, ...] = (*x, *names)
+        ranked = panel.rankings.get(key)
+        if ranked is None:
+            with self._lock:
+                places = tuple(self._place(panel, name, rank) for rank, name in enumerate(names))
                 ranking = panel.rank(places, x, self._config.exploration)
+                ranked = Ranked(ranking, _explain(names, ranking[0], ranking[1]))
                 if len(panel.rankings) >= RANKINGS:
                     panel.rankings.clear()
-                panel.rankings[key] = ranking
-        scored = [(mean, width, ready[i][1]) for i, mean, width in ranking]
-        (mean, width, best), (runner_mean, _, runner) = scored[0], scored[1]
-        explanation = (f"learned: {best.name} {mean:.2f}±{width:.2f} > {runner.name} "
-                       f"{runner_mean:.2f}; {sum(panel.n)} samples")
-        first = Candidate(best.name, best.deployments, explanation)
-        ordered = [first, *(s[2] for s in scored[1:])]
-        if len(ready) < len(picks):
-            taken = {id(c) for _, c in ready}
-            ordered += [c for c in picks if id(c) not in taken]
-        return ordered, Decision(alias, best.name, x, features.as_dict(), explanation,
-                                 tuple(c.name for _, c in ready))
+                panel.rankings[key] = ranked
+        samples = panel.total
+        ranking = ranked.ranking
+        if usable(picks[ranking[0][0]]):
+            best, explanation = 0, ranked.explanation
+        else:  # the best estimate cannot answer now: the best of those that can
+            best = next((i for i, (position, _, _) in enumerate(ranking)
+                         if usable(picks[position])), -1)
+            if best < 0:
+                return picks, None  # none can: nothing to choose between
+            position, mean, width = ranking[best]
+            explanation = (f"learned: {names[position]} {mean:.2f}±{width:.2f} "
+                           "(better estimates cannot answer now); ")
+        explanation += f"{samples} samples"
+        chosen = picks[ranking[best][0]]
+        ordered = [picks[position] for position, _, _ in ranking]
+        ordered[best] = ordered[0]
+        ordered[0] = Candidate(chosen.name, chosen.deployments, explanation)
+        return ordered, Decision(alias, chosen.name, x, features, explanation, names)
 
     def pick(self, alias: str, models: list[str], x: list[float]) -> str:
         """Which of ``models`` (in their static order) it would pick for ``x`` (replaying
@@ -226,7 +264,8 @@ class LearnedOrder:
             return -(mean + bonus * min(width, 1.0)), rank
 
         with self._lock:
-            panel.ready()
+            if panel.due():
+                panel.fold()
             return models[min(range(len(models)), key=score)]
 
     def learn(self, alias: str, model: str, x: list[float], reward: float,
@@ -240,7 +279,7 @@ class LearnedOrder:
                 isinstance(x, list) and len(x) == DIMENSIONS and
                 all(isinstance(v, int | float) and math.isfinite(v) for v in x))):
             return False
-        panel = self._panel(alias)
+        panel = self._panels.get(alias) or self._panel(alias)
         place = self._place(panel, model, rank)
         with self._lock:
             panel.learn(place, x, reward)
@@ -279,7 +318,7 @@ class LearnedOrder:
         changes, state = self.changes, self.dump()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_bytes(orjson.dumps(state))
+        partial.write_bytes(encode(state))
         os.replace(partial, path)
         self._saved = changes
         return True
@@ -311,6 +350,11 @@ class LearnedOrder:
             panel.load(items)
         with self._lock:
             self._panels = panels
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    """A learned state (``LearnedOrder.dump``) as JSON."""
+    return orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def reward(quality: float, seconds: float, latency_cost: float) -> float:

@@ -25,7 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.routing.learned import LearnedOrder
+from gateway.routing.learned import LearnedOrder, encode
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class LearningLink:
         if not self._restored:
             return
         state = {"last": self._last, "learned": self._learned.dump()}
-        await self._redis.set(STATE, orjson.dumps(state))
+        await self._redis.set(STATE, encode(state))
 
     async def _restore(self) -> None:
         raw = await self._redis.get(STATE)

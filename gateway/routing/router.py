@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from gateway.backends.base import Backend
@@ -104,22 +104,21 @@ class Router:
         if decision is None:
             outcome["features"] = features_of(req).as_dict()
         else:
-            outcome.update(features=decision.features, chosen=decision.model,
-                           candidates=list(decision.candidates),
-                           x=decision.x)
+            outcome.update(features=decision.features.as_dict(), chosen=decision.model,
+                           candidates=decision.candidates, x=decision.x)
             cost = self.selector.latency_cost(decision.alias)
             if quality is not None and self.selector.learned is not None and cost is not None:
                 earned = quality if outcome.get("model") == decision.model else 0.0
                 value = reward(earned, outcome.get("latency_ms", 0) / 1000, cost)
-                outcome["reward"] = round(value, 4)
+                outcome["reward"] = value
                 self._learn(decision.alias, decision.model, decision.x, value,
-                            list(decision.candidates), checked=True)
+                            decision.candidates, checked=True)
         self.outcomes.add(outcome)
         if self.link is not None:
             self.link.outcome(outcome)
 
     def _learn(self, alias: str, model: str, x: list[float], value: float,
-               candidates: list[str], checked: bool = False) -> None:
+               candidates: Sequence[str], checked: bool = False) -> None:
         """Learned from here, or (sharing through Redis) by every process alike, this one
         too, as the outcome comes back from the stream they all read.
         """
@@ -151,7 +150,7 @@ class Router:
             assert cost is not None and chosen is not None
             value = reward(score, outcome.get("latency_ms", 0) / 1000, cost)
             self._learn(alias, chosen, list(outcome["x"]), value,
-                        list(outcome.get("candidates") or ()))
+                        outcome.get("candidates") or ())
         if self.link is not None:
             self.link.rated(outcome)
         return outcome, learns
