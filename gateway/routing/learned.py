@@ -183,6 +183,7 @@ class Ranked:
 
     ranking: list[tuple[int, float, float]]
     explanation: str
+    positions: tuple[int, ...]  # the ranking's, on their own
 
 
 def _explain(names: tuple[str, ...], best: tuple[int, float, float],
@@ -227,7 +228,8 @@ class LearnedOrder:
             with self._lock:
                 places = tuple(self._place(panel, name, rank) for rank, name in enumerate(names))
                 ranking = panel.rank(places, x, self._config.exploration)
-                ranked = Ranked(ranking, _explain(names, ranking[0], ranking[1]))
+                ranked = Ranked(ranking, _explain(names, ranking[0], ranking[1]),
+                                tuple(position for position, _, _ in ranking))
                 if len(panel.rankings) >= RANKINGS:
                     panel.rankings.clear()
                 panel.rankings[key] = ranked
@@ -244,8 +246,8 @@ class LearnedOrder:
             explanation = (f"learned: {names[position]} {mean:.2f}±{width:.2f} "
                            "(better estimates cannot answer now); ")
         explanation += f"{samples} samples"
-        chosen = picks[ranking[best][0]]
-        ordered = [picks[position] for position, _, _ in ranking]
+        ordered = [picks[position] for position in ranked.positions]
+        chosen = ordered[best]
         ordered[best] = ordered[0]
         ordered[0] = Candidate(chosen.name, chosen.deployments, explanation)
         return ordered, Decision(alias, chosen.name, x, features, explanation, names)
