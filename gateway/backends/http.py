@@ -48,7 +48,7 @@ class Translator(Protocol):
     def chunk(self, obj: Any) -> Chunk: ...
 
 
-Decoder = Callable[[AsyncIterator[bytes]], AsyncIterator[Any]]
+Decoder = Callable[[AsyncIterator[list[bytes]]], AsyncIterator[list[Any]]]
 
 
 class HttpBackend:
@@ -155,16 +155,20 @@ class HttpBackend:
         collected = Completion() if whole else None
         async with self.request("POST", path, payload, timeout="stream") as response:
             try:
-                async for obj in decode(self.lines(response)):
-                    try:
-                        chunk = translator.chunk(obj)
-                    except MalformedEvent:
-                        log.warning("backend %s: skipped a malformed stream event", self.name)
-                        continue
-                    if collected is None:
-                        yield chunk
-                    else:
-                        collected.add(chunk)
+                async for objects in decode(self.lines(response)):
+                    for obj in objects:
+                        try:
+                            chunk = translator.chunk(obj)
+                        except MalformedEvent:
+                            log.warning("backend %s: skipped a malformed stream event",
+                                        self.name)
+                            continue
+                        if collected is None:
+                            yield chunk
+                        else:
+                            collected.add(chunk)
+                        if translator.complete:
+                            break
                     if translator.complete:
                         break
             except IdleTimeout:
@@ -178,7 +182,7 @@ class HttpBackend:
             for chunk in collected.chunks():
                 yield chunk
 
-    def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
         return iter_lines(response.content, self.config.timeouts.idle)
 
     async def status_error(self, response: aiohttp.ClientResponse) -> GatewayError:

@@ -45,8 +45,11 @@ def text_field(value: Any) -> str:
     return value
 
 
-async def iter_lines(stream: ByteStream, idle: float) -> AsyncIterator[bytes]:
-    """Lines without their ending; raises ``IdleTimeout`` after ``idle`` seconds of silence."""
+async def iter_lines(stream: ByteStream, idle: float) -> AsyncIterator[list[bytes]]:
+    """Lines without their ending, as many at a time as each read brought (a whole answer
+    often comes in one: its lines are then handled in one loop, not one step each); raises
+    ``IdleTimeout`` after ``idle`` seconds of silence.
+    """
     rest = b""
     while True:
         timer = asyncio.timeout(idle)
@@ -65,54 +68,93 @@ async def iter_lines(stream: ByteStream, idle: float) -> AsyncIterator[bytes]:
         rest = lines.pop()
         if len(rest) > MAX_LINE:
             raise LineTooLong(f"a line longer than {MAX_LINE} bytes")
-        for line in lines:
-            yield line
+        if lines:
+            yield lines
     if rest:
-        yield rest
+        yield [rest]
 
 
-async def iter_events(lines: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
-    """``(event, data)`` pairs; multi-line data is joined with newlines."""
-    data: list[bytes] = []
-    event = b""
-    async for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            if data:
-                yield event, b"\n".join(data)
-            data, event = [], b""
-            continue
-        if line[0] == 0x3A:  # ":" starts a comment
-            continue
-        name, _, value = line.partition(b":")
-        if value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            data.append(value)
-        elif name == b"event":
-            event = value
-    if data:
-        yield event, b"\n".join(data)
+class EventReader:
+    """Server-sent events from lines, fed as they come: ``(event, data)`` pairs, multi-line
+    data joined with newlines.
+    """
+
+    __slots__ = ("data", "event")
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.event = b""
+
+    def feed(self, lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+        out = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self.data:
+                    out.append((self.event, b"\n".join(self.data)))
+                self.data, self.event = [], b""
+                continue
+            if line[0] == 0x3A:  # ":" starts a comment
+                continue
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self.data.append(value)
+            elif name == b"event":
+                self.event = value
+        return out
+
+    def end(self) -> list[tuple[bytes, bytes]]:
+        """The last event, should the stream end without its blank line."""
+        return [(self.event, b"\n".join(self.data))] if self.data else []
 
 
-async def decode_sse(lines: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-    """The JSON payloads of an OpenAI-style event stream, up to ``[DONE]``."""
-    async for _event, data in iter_events(lines):
-        if data == b"[DONE]":
-            return
-        try:
-            yield orjson.loads(data)
-        except orjson.JSONDecodeError:
-            log.warning("skipped a stream event that is not JSON: %.80r", data)
+async def iter_events(batches: AsyncIterator[list[bytes]]
+                      ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+    """The events of a stream, as many at a time as its reads brought."""
+    reader = EventReader()
+    async for lines in batches:
+        events = reader.feed(lines)
+        if events:
+            yield events
+    last = reader.end()
+    if last:
+        yield last
 
 
-async def decode_ndjson(lines: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-    """The objects of a newline-delimited JSON stream."""
-    async for line in lines:
-        if not line.strip():
-            continue
-        try:
-            yield orjson.loads(line)
-        except orjson.JSONDecodeError:
-            log.warning("skipped a stream line that is not JSON: %.80r", line)
+async def decode_sse(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[Any]]:
+    """The JSON payloads of an OpenAI-style event stream, up to ``[DONE]``, as many at a
+    time as its reads brought.
+    """
+    async for events in iter_events(batches):
+        objects: list[Any] = []
+        for _event, data in events:
+            if data == b"[DONE]":
+                if objects:
+                    yield objects
+                return
+            try:
+                objects.append(orjson.loads(data))
+            except orjson.JSONDecodeError:
+                log.warning("skipped a stream event that is not JSON: %.80r", data)
+        if objects:
+            yield objects
+
+
+async def decode_ndjson(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[Any]]:
+    """The objects of a newline-delimited JSON stream, as many at a time as its reads
+    brought.
+    """
+    async for lines in batches:
+        objects: list[Any] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                objects.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                log.warning("skipped a stream line that is not JSON: %.80r", line)
+        if objects:
+            yield objects

@@ -24,7 +24,7 @@ class Feed:
 
 
 async def events(*pieces: bytes) -> list[tuple[bytes, bytes]]:
-    return [e async for e in iter_events(iter_lines(Feed(pieces), idle=5))]
+    return [e async for batch in iter_events(iter_lines(Feed(pieces), idle=5)) for e in batch]
 
 
 async def test_events_split_anywhere_are_reassembled() -> None:
@@ -51,4 +51,4 @@ async def test_multi_line_data_and_event_names() -> None:
 
 async def test_silence_longer_than_idle_raises() -> None:
     with pytest.raises(IdleTimeout):
-        [line async for line in iter_lines(Feed([b"data: x\n"], pause=0.3), idle=0.1)]
+        [lines async for lines in iter_lines(Feed([b"data: x\n"], pause=0.3), idle=0.1)]
