@@ -87,8 +87,8 @@ class Counted:
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/{name}.%p", *args],
             stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT, cwd=work)
 
-    def per_request(self, port: int, path: str, body: dict[str, Any], requests: int,
-                    key: str = "") -> float:
+    def per_request(self, port: int, path: str, body: dict[str, Any] | list[dict[str, Any]],
+                    requests: int, key: str = "") -> float:
         subprocess.run(["callgrind_control", "-z", str(self.process.pid)], check=True,
                        capture_output=True)
         _send(port, path, body, requests, key)
@@ -106,16 +106,19 @@ class Counted:
         self.process.wait(timeout=300)
 
 
-def _send(port: int, path: str, body: dict[str, Any], requests: int, key: str = "") -> None:
-    """Sequential requests on one kept-alive connection, each answered 200."""
+def _send(port: int, path: str, body: dict[str, Any] | list[dict[str, Any]], requests: int,
+          key: str = "") -> None:
+    """Sequential requests on one kept-alive connection, each answered 200 (``body``: one
+    for all, or several sent in turn).
+    """
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    data = json.dumps(body).encode()
+    data = [json.dumps(each).encode() for each in (body if isinstance(body, list) else [body])]
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     try:
-        for _ in range(requests):
-            connection.request("POST", path, data, headers)
+        for i in range(requests):
+            connection.request("POST", path, data[i % len(data)], headers)
             response = connection.getresponse()
             response.read()
             if response.status != 200:

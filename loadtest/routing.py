@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import platform
 import random
@@ -67,8 +68,7 @@ KINDS = ("chat", "code", "extract", "reason", "long")
 SHARE = {"chat": 0.30, "code": 0.25, "extract": 0.20, "reason": 0.10, "long": 0.15}
 WINDOW = 200  # requests in the learning curve's moving mean
 # The overhead's request: a plain chat to the alias.
-PLAIN = {"model": ALIAS, "messages": [{"role": "user", "content": "Say something short."}],
-         "max_tokens": 64}
+VARIED = 200  # the overhead's requests: the workload's first, each sent as a plain chat
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,12 +536,20 @@ def ensure_valgrind() -> None:
         raise SystemExit("loadtest.routing needs valgrind: apt-get install -y valgrind")
 
 
-def overhead(sim: int, sim_pid: int, work: Path, requests: int, native_requests: int,
-             rounds: int) -> Overhead:
-    """The plain chat request to the alias, through a gateway of each policy: CPU time per
-    request outside valgrind (interleaved rounds), then instructions under callgrind.
+def varied(seed: int) -> list[dict[str, Any]]:
+    """The workload's first ``VARIED`` requests to the alias, as plain chats (the overhead's
+    requests: they differ as the workload's do, so a pick is rarely one worked out before).
     """
-    body, path = PLAIN, "/v1/chat/completions"
+    return [{"model": ALIAS, **r.body, "max_tokens": 64} for r in workload(VARIED, seed)]
+
+
+def overhead(sim: int, sim_pid: int, work: Path, requests: int, native_requests: int,
+             rounds: int, seed: int) -> Overhead:
+    """The workload's first requests in turn, to the alias, through a gateway of each
+    policy: CPU time per request outside valgrind (interleaved rounds), then instructions
+    under callgrind.
+    """
+    body, path = varied(seed), "/v1/chat/completions"
     policies = ("priority", "learned")
     ports = free_ports(policies)
     configs = {p: config(ports[p], sim, work, f"plain-{p}", p, qa=False) for p in policies}
@@ -590,21 +598,23 @@ def overhead(sim: int, sim_pid: int, work: Path, requests: int, native_requests:
     finally:
         for each in counted.values():
             each.stop()
-    return Overhead(requests, rounds, instructions, cpu_us, learned_alone(), cores)
+    return Overhead(requests, rounds, instructions, cpu_us, learned_alone(body), cores)
 
 
-def learned_alone(number: int = 2000, repeat: int = 5) -> float:
-    """µs of the learned policy's own work for the plain request (features, the pick among
-    the alias's models, learning from the outcome), in this process, the best of ``repeat``
-    runs of ``number``: hot in the caches, as it never is in a gateway between requests.
+def learned_alone(bodies: list[dict[str, Any]], number: int = 2000, repeat: int = 5
+                  ) -> float:
+    """µs of the learned policy's own work for the overhead's requests in turn (features,
+    the pick among the alias's models, learning from the outcome), in this process, the
+    best of ``repeat`` runs of ``number``: hot in the caches, as it never is in a gateway
+    between requests.
     """
     policy = LearnedOrder(LearnedConfig())
-    req = parse_chat(PLAIN)
+    reqs = itertools.cycle([parse_chat(body) for body in bodies])
     picks = [Candidate(m.name, [], f"{ALIAS}: priority #{i + 1}") for i, m in enumerate(FLEET)]
     earned = reward(1.0, 0.001, LATENCY_COST)
 
     def once() -> None:
-        _, decision = policy.order(ALIAS, picks, req, lambda candidate: True)
+        _, decision = policy.order(ALIAS, picks, next(reqs), lambda candidate: True)
         assert decision is not None
         policy.learn(ALIAS, decision.model, decision.x, earned)
 
@@ -820,9 +830,12 @@ def render(runs: Runs, cost: Overhead, args: argparse.Namespace, picture: Path) 
         *_weak_kinds(runs, learned),
     ]
     diffs = cost.added_cpu_us
-    overhead_text = f"""The same plain chat request (`"Say something short."`, no plugins,
-        the models answering at once, from a second simulated server of the same process)
-        to `{ALIAS}` through two gateway processes that differ only in `[routing] policy`:
+    overhead_text = f"""The workload's first {VARIED} requests (above, seed {args.seed}),
+        sent in turn as plain chats (no plugins, the models answering at once, from a second
+        simulated server of the same process): they differ as the workload's do, so the
+        policy rarely finds a pick it worked out before (a ranking is remembered until the
+        next outcomes are taken in, at most 32 outcomes or a second later). Each goes to
+        `{ALIAS}` through two gateway processes that differ only in `[routing] policy`:
         what the learned policy adds per request (the request's features and their vector,
         an estimate per model, the pick and its explanation, the outcome learned from and
         kept with them; what was learned written to its state file every 10 s).
@@ -856,8 +869,8 @@ def render(runs: Runs, cost: Overhead, args: argparse.Namespace, picture: Path) 
         the machine's speed drifts from one round to the next, the instruction count does
         not).""",
         f"""- The policy's own work alone (`LearnedOrder.order` and `.learn` for the same
-        request and the alias's {len(FLEET)} models, in the benchmark's process, over and
-        over: hot in the caches) takes {cost.alone_us:.0f} µs; in a gateway, between two
+        requests in turn and the alias's {len(FLEET)} models, in the benchmark's process,
+        over and over: hot in the caches) takes {cost.alone_us:.0f} µs; in a gateway, between two
         requests' other work, the same instructions run slower.""",
         f"""- While the CPU time was measured, the gateways used {cost.cores['gateways']:.2f}
         cores, the simulator {cost.cores['simulator']:.2f}, the benchmark
@@ -898,7 +911,7 @@ def run(args: argparse.Namespace) -> str:
         runs = compare(requests, args.concurrency, ports["skilled"], work, args.repeats,
                        args.tail)
         cost = overhead(ports["plain"], sim.pid, work, args.overhead_requests,
-                        args.native_requests, args.rounds)
+                        args.native_requests, args.rounds, args.seed)
     finally:
         stop(sim)
     picture = args.out.parent / "routing.png"

@@ -37,6 +37,10 @@ PRIOR_STEP = 0.05  # ...and how much lower each next one starts
 UNRANKED = 4  # the place assumed for a model first heard of without one
 FOLD_AT, FOLD_AFTER = 32, 1.0  # pending outcomes are folded in at 32, or after a second
 RANKINGS = 1024  # orderings remembered between two folds
+Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (features that are 1, others not zero)
+# A model's score for a shape: the mean and spread of its ones, the terms of each other
+# feature (index, weight, spread across the ones), and of each pair of them.
+Terms = tuple[float, float, list[tuple[int, float, float]], list[tuple[int, int, float]]]
 BORDERED = DIMENSIONS + 1  # a model's sums: the features' and their products with the reward
 
 
@@ -71,6 +75,8 @@ class Panel:
         # Orderings worked out since outcomes were last folded in: (features, models) →
         # the ranking and the explanation of its first two (but for the samples).
         self.rankings: dict[tuple[float | str, ...], Ranked] = {}
+        # Each model's scoring terms by shape of vector, until outcomes are next folded in.
+        self.terms: dict[Shape, dict[int, Terms]] = {}
 
     def add(self, name: str, prior: float) -> int:
         """A model, its estimate starting at ``prior`` (as if ``strength`` requests had each
@@ -87,34 +93,49 @@ class Panel:
         self.names.append(name)
         self.n.append(0)
         self.rankings.clear()
+        self.terms.clear()
         return self.index[name]
 
-    def score(self, model: int, x: list[float], nonzero: list[int]) -> tuple[float, float]:
-        """A model's expected reward for ``x``, and how uncertain it still is."""
-        theta, inverse = self.theta[model], self.inverse[model]
-        mean = 0.0
-        spread = 0.0
-        for i in nonzero:
-            xi = x[i]
-            mean += theta[i] * xi
-            row = inverse[i]
-            across = 0.0
-            for j in nonzero:
-                across += row[j] * x[j]
-            spread += xi * across
+    def score(self, model: int, x: list[float], shape: Shape) -> tuple[float, float]:
+        """A model's expected reward for ``x`` (of that ``shape``), and how uncertain it
+        still is: ``theta . x`` and ``sqrt(x . inverse . x)``, the parts that come from the
+        features that are 1 worked out once per shape until the next fold (most of a
+        vector is flags: only its length and turns vary from one request to the next).
+        """
+        known = self.terms.get(shape)
+        if known is None:
+            known = self.terms[shape] = {}
+        terms = known.get(model)
+        if terms is None:
+            terms = known[model] = self._terms(model, shape)
+        mean, spread, linear, square = terms
+        for i, weight, across in linear:
+            v = x[i]
+            mean += weight * v
+            spread += across * v
+        for i, j, entry in square:
+            spread += entry * x[i] * x[j]
         return mean, math.sqrt(spread) if spread > 0 else 0.0
+
+    def _terms(self, model: int, shape: Shape) -> Terms:
+        ones, scaled = shape
+        theta, inverse = self.theta[model], self.inverse[model]
+        return (sum(theta[i] for i in ones), sum(inverse[i][j] for i in ones for j in ones),
+                [(s, theta[s], sum(inverse[i][s] + inverse[s][i] for i in ones))
+                 for s in scaled],
+                [(s, t, inverse[s][t]) for s in scaled for t in scaled])
 
     def rank(self, places: tuple[int, ...], x: list[float], bonus: float
              ) -> list[tuple[int, float, float]]:
         """The models at ``places``, best first (ties: the static order): each one's
         position among them, mean and width.
         """
-        nonzero = [i for i, v in enumerate(x) if v]
+        shape = shape_of(x)
         scored = []
         for position, place in enumerate(places):
-            mean, width = self.score(place, x, nonzero)
-            scored.append((mean + bonus * min(width, 1.0), position, mean, width))
-        scored.sort(key=lambda s: (-s[0], s[1]))
+            mean, width = self.score(place, x, shape)
+            scored.append((-mean - bonus * (width if width < 1.0 else 1.0), position, mean, width))
+        scored.sort()  # (best first; ties: the static order)
         return [(position, mean, width) for _, position, mean, width in scored]
 
     def due(self) -> bool:
@@ -133,6 +154,7 @@ class Panel:
         """Take the pending outcomes in: each model's old ones faded by as many steps."""
         pending, self.pending = self.pending, []
         self.rankings.clear()
+        self.terms.clear()
         by_model: dict[int, list[list[float]]] = {}
         for model, row in pending:
             by_model.setdefault(model, []).append(row)
@@ -186,6 +208,17 @@ class Ranked:
     positions: tuple[int, ...]  # the ranking's, on their own
 
 
+def shape_of(x: list[float]) -> Shape:
+    """Which of a vector's features are 1, and which others are not zero."""
+    ones, scaled = [], []
+    for i, v in enumerate(x):
+        if v == 1.0:
+            ones.append(i)
+        elif v:
+            scaled.append(i)
+    return tuple(ones), tuple(scaled)
+
+
 def _explain(names: tuple[str, ...], best: tuple[int, float, float],
              runner: tuple[int, float, float]) -> str:
     return (f"learned: {names[best[0]]} {best[1]:.2f}±{best[2]:.2f} > {names[runner[0]]} "
@@ -207,9 +240,9 @@ class LearnedOrder:
 
     def order(self, alias: str, picks: list[Candidate], req: ChatRequest | CompletionRequest,
               usable: Usable) -> tuple[list[Candidate], Decision | None]:
-        """The picks in the order learned, the first of them the best that can answer now
-        (exploration never picks one that cannot; the others that cannot are passed over
-        when their turn comes); the static order when none can.
+        """The picks in the order learned, those that can answer now first (exploration
+        never picks one that cannot); with fewer than two that can, there is nothing to
+        choose, and the static order stands.
         """
         if len(picks) < 2:
             return picks, None
@@ -219,7 +252,8 @@ class LearnedOrder:
         panel = self._panels.get(alias) or self._panel(alias)
         if panel.due():
             with self._lock:
-                panel.fold()
+                if panel.due():  # (unless the saving thread just did)
+                    panel.fold()
         # The same features among the same models score the same until outcomes are folded
         # in: worked out once, then read (most requests look like another).
         key: tuple[float | str, ...] = (*x, *names)
@@ -234,23 +268,24 @@ class LearnedOrder:
                     panel.rankings.clear()
                 panel.rankings[key] = ranked
         samples = panel.total
-        ranking = ranked.ranking
-        if usable(picks[ranking[0][0]]):
-            best, explanation = 0, ranked.explanation
-        else:  # the best estimate cannot answer now: the best of those that can
-            best = next((i for i, (position, _, _) in enumerate(ranking)
-                         if usable(picks[position])), -1)
-            if best < 0:
-                return picks, None  # none can: nothing to choose between
-            position, mean, width = ranking[best]
-            explanation = (f"learned: {names[position]} {mean:.2f}±{width:.2f} "
-                           "(better estimates cannot answer now); ")
+        positions = ranked.positions
+        can = [usable(picks[position]) for position in positions]
+        if all(can):  # (nearly always)
+            ordered = [picks[position] for position in positions]
+            explanation, among = ranked.explanation, names
+        else:
+            ready = [i for i, ok in enumerate(can) if ok]
+            if len(ready) < 2:
+                return picks, None  # nothing to choose between
+            ranking = ranked.ranking
+            ordered = [picks[positions[i]] for i in ready] + \
+                [picks[position] for position, ok in zip(positions, can, strict=True) if not ok]
+            explanation = _explain(names, ranking[ready[0]], ranking[ready[1]])
+            among = tuple(names[p] for p in sorted(positions[i] for i in ready))
+        chosen = ordered[0]
         explanation += f"{samples} samples"
-        ordered = [picks[position] for position in ranked.positions]
-        chosen = ordered[best]
-        ordered[best] = ordered[0]
         ordered[0] = Candidate(chosen.name, chosen.deployments, explanation)
-        return ordered, Decision(alias, chosen.name, x, features, explanation, names)
+        return ordered, Decision(alias, chosen.name, x, features, explanation, among)
 
     def pick(self, alias: str, models: list[str], x: list[float]) -> str:
         """Which of ``models`` (in their static order) it would pick for ``x`` (replaying
@@ -258,11 +293,11 @@ class LearnedOrder:
         """
         panel = self._panel(alias)
         places = [self._place(panel, name, rank) for rank, name in enumerate(models)]
-        nonzero = [i for i, v in enumerate(x) if v]
+        shape = shape_of(x)
         bonus = self._config.exploration
 
         def score(rank: int) -> tuple[float, int]:
-            mean, width = panel.score(places[rank], x, nonzero)
+            mean, width = panel.score(places[rank], x, shape)
             return -(mean + bonus * min(width, 1.0)), rank
 
         with self._lock:
