@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import re
+import string
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
@@ -28,7 +30,7 @@ _PHRASES = {"stack trace": "code", "step by step": "reason", "how many": "reason
 _CODE_LINE = re.compile(r"^[ \t]*(?:def |class |import |from \S+ import|function |const |"
                         r"let |#include|public |select |fn |package |func )", re.MULTILINE)
 _ARITHMETIC = re.compile(r"\d\s*[-+*/^=]\s*\d")
-_WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+")  # between spaces and ASCII punctuation
+_EDGE = frozenset(string.punctuation)  # (with spaces) where a word starts and ends
 
 # The vector: a bias, then each feature scaled to about 0..1.
 NAMES = ("bias", "length", "turns", "code", "script", "tools", "images", "json",
@@ -90,14 +92,29 @@ def kind_of(text: str, json: bool = False) -> str:
 def _read(text: str, json: bool) -> tuple[str, bool, bool]:
     """The kind, whether JSON is asked for, whether code is involved."""
     clues = (text if len(text) <= HEAD + TAIL else f"{text[:HEAD]}\n{text[-TAIL:]}").lower()
-    words = set(_WORD.findall(clues))
     phrases = {kind for phrase, kind in _PHRASES.items() if phrase in clues}
-    json = json or "json" in words
-    code = "```" in clues or not words.isdisjoint(_CODE_WORDS) or "code" in phrases or \
+    json = json or _has_word(clues, ("json",))
+    code = "```" in clues or "code" in phrases or _has_word(clues, _CODE_WORDS) or \
         _CODE_LINE.search(clues) is not None
-    reason = not words.isdisjoint(_REASON_WORDS) or "reason" in phrases or \
+    reason = "reason" in phrases or _has_word(clues, _REASON_WORDS) or \
         _ARITHMETIC.search(clues[-TAIL:]) is not None
     return _kind(len(text), code=code, json=json, reason=reason), json, code
+
+
+def _has_word(text: str, words: Iterable[str]) -> bool:
+    """Whether one of ``words`` is a word of ``text`` (between its start or end, spaces and
+    ASCII punctuation): each found by the string's own search, then its edges looked at,
+    which for a prompt's few thousand characters is much cheaper than listing its words.
+    """
+    for word in words:
+        start = text.find(word)
+        while start >= 0:
+            end = start + len(word)
+            if (start == 0 or text[start - 1] in _EDGE or text[start - 1].isspace()) and \
+                    (end == len(text) or text[end] in _EDGE or text[end].isspace()):
+                return True
+            start = text.find(word, start + 1)
+    return False
 
 
 def _kind(chars: int, *, code: bool, json: bool, reason: bool) -> str:

@@ -17,9 +17,8 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -197,8 +196,7 @@ class Panel:
             self.total += self.n[i]
 
 
-@dataclass(frozen=True, slots=True)
-class Ranked:
+class Ranked(NamedTuple):
     """A ranking of models (each one's position among them, mean and width; best first),
     and the explanation of its first two (to which the samples are added).
     """
@@ -263,7 +261,7 @@ class LearnedOrder:
                 places = tuple(self._place(panel, name, rank) for rank, name in enumerate(names))
                 ranking = panel.rank(places, x, self._config.exploration)
                 ranked = Ranked(ranking, _explain(names, ranking[0], ranking[1]),
-                                tuple(position for position, _, _ in ranking))
+                                tuple([position for position, _, _ in ranking]))
                 if len(panel.rankings) >= RANKINGS:
                     panel.rankings.clear()
                 panel.rankings[key] = ranked
