@@ -129,18 +129,13 @@ async def decode_sse(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[
     time as its reads brought.
     """
     async for events in iter_events(batches):
-        objects: list[Any] = []
-        for _event, data in events:
-            if data == b"[DONE]":
-                if objects:
-                    yield objects
-                return
-            try:
-                objects.append(orjson.loads(data))
-            except orjson.JSONDecodeError:
-                log.warning("skipped a stream event that is not JSON: %.80r", data)
+        payloads = [data for _event, data in events]
+        done = b"[DONE]" in payloads
+        objects = _decoded(payloads[:payloads.index(b"[DONE]")] if done else payloads, "event")
         if objects:
             yield objects
+        if done:
+            return
 
 
 async def decode_ndjson(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[Any]]:
@@ -148,13 +143,17 @@ async def decode_ndjson(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[li
     brought.
     """
     async for lines in batches:
-        objects: list[Any] = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                objects.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                log.warning("skipped a stream line that is not JSON: %.80r", line)
+        objects = _decoded([line for line in lines if line.strip()], "line")
         if objects:
             yield objects
+
+
+def _decoded(payloads: list[bytes], what: str) -> list[Any]:
+    """The payloads parsed; one that is not JSON is skipped (and logged)."""
+    objects = []
+    for data in payloads:
+        try:
+            objects.append(orjson.loads(data))
+        except orjson.JSONDecodeError:
+            log.warning("skipped a stream %s that is not JSON: %.80r", what, data)
+    return objects
