@@ -5,7 +5,7 @@ decision (kept until its outcome is known).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -33,7 +33,7 @@ class Decision(NamedTuple):
 
     alias: str
     model: str
-    x: list[float]  # the request's features, as the policy's vector
+    x: Sequence[float]  # the request's features, as the policy's vector
     features: Features
     explanation: str
     candidates: tuple[str, ...] = ()  # those it chose among, in their static order

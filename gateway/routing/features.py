@@ -49,12 +49,15 @@ class Features(NamedTuple):
     json: bool
     kind: str
 
-    def vector(self) -> list[float]:
+    def vector(self) -> tuple[float, ...]:
+        """The features as the policy's vector (a tuple: kept with the outcome, it is no
+        work for the garbage collector's passes).
+        """
         chars, turns, code, script, tools, images, json, kind = self
         length = min(100, int(math.log1p(chars) * (100 / 12) + 0.5)) / 100  # 0.01 steps
-        return [1.0, length, min(turns, 16) / 16, 1.0 if code else 0.0,
+        return (1.0, length, min(turns, 16) / 16, 1.0 if code else 0.0,
                 0.0 if script == "latin" else 1.0, 1.0 if tools else 0.0,
-                1.0 if images else 0.0, 1.0 if json else 0.0, *_ONE_HOT[kind]]
+                1.0 if images else 0.0, 1.0 if json else 0.0, *_ONE_HOT[kind])
 
     def as_dict(self) -> dict[str, Any]:
         return {"chars": self.chars, "turns": self.turns, "code": self.code,

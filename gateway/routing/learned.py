@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,7 +96,7 @@ class Panel:
         self.terms.clear()
         return self.index[name]
 
-    def score(self, model: int, x: list[float], shape: Shape) -> tuple[float, float]:
+    def score(self, model: int, x: Sequence[float], shape: Shape) -> tuple[float, float]:
         """A model's expected reward for ``x`` (of that ``shape``), and how uncertain it
         still is: ``theta . x`` and ``sqrt(x . inverse . x)``, the parts that come from the
         features that are 1 worked out once per shape until the next fold (most of a
@@ -124,7 +125,7 @@ class Panel:
                  for s in scaled],
                 [(s, t, inverse[s][t]) for s in scaled for t in scaled])
 
-    def rank(self, places: tuple[int, ...], x: list[float], bonus: float
+    def rank(self, places: tuple[int, ...], x: Sequence[float], bonus: float
              ) -> list[tuple[int, float, float]]:
         """The models at ``places``, best first (ties: the static order): each one's
         position among them, mean and width.
@@ -142,7 +143,7 @@ class Panel:
         return bool(self.pending) and (len(self.pending) >= FOLD_AT or
                                        time.monotonic() - self.pending_since > FOLD_AFTER)
 
-    def learn(self, model: int, x: list[float], reward: float) -> None:
+    def learn(self, model: int, x: Sequence[float], reward: float) -> None:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((model, [*x, reward]))
@@ -206,7 +207,7 @@ class Ranked(NamedTuple):
     positions: tuple[int, ...]  # the ranking's, on their own
 
 
-def shape_of(x: list[float]) -> Shape:
+def shape_of(x: Sequence[float]) -> Shape:
     """Which of a vector's features are 1, and which others are not zero."""
     ones, scaled = [], []
     for i, v in enumerate(x):
@@ -285,7 +286,7 @@ class LearnedOrder:
         ordered[0] = Candidate(chosen.name, chosen.deployments, explanation)
         return ordered, Decision(alias, chosen.name, x, features, explanation, among)
 
-    def pick(self, alias: str, models: list[str], x: list[float]) -> str:
+    def pick(self, alias: str, models: list[str], x: Sequence[float]) -> str:
         """Which of ``models`` (in their static order) it would pick for ``x`` (replaying
         outcomes offline: ``gateway router eval``).
         """
@@ -303,7 +304,7 @@ class LearnedOrder:
                 panel.fold()
             return models[min(range(len(models)), key=score)]
 
-    def learn(self, alias: str, model: str, x: list[float], reward: float,
+    def learn(self, alias: str, model: str, x: Sequence[float], reward: float,
               rank: int | None = None, checked: bool = False) -> bool:
         """Learn from one outcome (``rank``: the model's place in the alias's static order,
         for its prior should this be the first heard of it); whether it could (an outcome
@@ -311,7 +312,7 @@ class LearnedOrder:
         process's own, made by ``Features.vector``).
         """
         if not math.isfinite(reward) or (not checked and not (
-                isinstance(x, list) and len(x) == DIMENSIONS and
+                isinstance(x, list | tuple) and len(x) == DIMENSIONS and
                 all(isinstance(v, int | float) and math.isfinite(v) for v in x))):
             return False
         panel = self._panels.get(alias) or self._panel(alias)

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -81,7 +82,7 @@ class LearningLink:
 
     # ---- what this process learned and saw, sent to the others
 
-    def learned(self, alias: str, model: str, x: list[float], reward: float,
+    def learned(self, alias: str, model: str, x: Sequence[float], reward: float,
                 rank: int | None) -> None:
         self._send_later(LEARNED, {
             "by": self.name.encode(), "alias": alias.encode(), "model": model.encode(),

@@ -120,7 +120,7 @@ class Router:
         if self.link is not None:
             self.link.outcome(outcome)
 
-    def _learn(self, alias: str, model: str, x: list[float], value: float,
+    def _learn(self, alias: str, model: str, x: Sequence[float], value: float,
                candidates: Sequence[str], checked: bool = False) -> None:
         """Learned from here, or (sharing through Redis) by every process alike, this one
         too, as the outcome comes back from the stream they all read.
