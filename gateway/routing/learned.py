@@ -254,7 +254,7 @@ class LearnedOrder:
                 if panel.due():  # (unless the saving thread just did)
                     panel.fold()
         # The same features among the same models score the same until outcomes are folded
-        # in: worked out once, then read (most requests look like another).
+        # in: worked out once, then read (requests alike, until the next fold).
         key: tuple[float | str, ...] = (*x, *names)
         ranked = panel.rankings.get(key)
         if ranked is None:
