@@ -28,6 +28,7 @@ from gateway.http.bodies import BodyBudget, check_body, read_body
 from gateway.http.cors import Cors
 from gateway.keys import BODY, CONFIG, REQUEST_ID, TENANT
 from gateway.protocol.ids import unique_id
+from gateway.protocol.times import ms, stamp
 from gateway.telemetry import NOTES, AnySpan, Instruments, Telemetry
 from gateway.tenants import KeyBook, Limits
 
@@ -207,14 +208,14 @@ def _record(request: web.Request, response: web.StreamResponse, door: str, opera
     headers = response.headers
     body = request.get(BODY)
     asked = body.get("model") if body is not None else None
-    record = {"time": round(time.time(), 3), "id": request[REQUEST_ID],
+    record = {"time": stamp(time.time()), "id": request[REQUEST_ID],
               "tenant": request.get(TENANT, ""), "door": door, "operation": operation,
               "model": asked if isinstance(asked, str) else "",
               "served": headers.get("x-gateway-model", ""),
               "backend": headers.get("x-gateway-backend", ""),
               "attempts": int(headers.get("x-gateway-attempts", 0) or 0),
               "route": headers.get("x-gateway-route", ""),
-              "status": response.status, "ms": round(took * 1000, 1),
+              "status": response.status, "ms": ms(took),
               "stream": isinstance(body, dict) and body.get("stream") is True, **notes}
     if "x-gateway-cache" in headers:
         record["cache"] = headers["x-gateway-cache"]

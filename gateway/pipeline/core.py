@@ -24,6 +24,7 @@ from typing import Any
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.pipeline.answer import Answer, Embeddings, Listed, Streamed, Whole, route_headers
 from gateway.protocol.openai import EmbeddingRequest
+from gateway.protocol.times import ms, stamp
 from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
 from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment
@@ -334,10 +335,10 @@ class Pipeline:
         now = time.monotonic()
         req = ctx.req
         record: dict[str, Any] = {
-            "id": ctx.request_id, "at": round(time.time(), 3), "tenant": ctx.tenant,
+            "id": ctx.request_id, "at": stamp(time.time()), "tenant": ctx.tenant,
             "alias": req.model if self.router.selector.is_alias(req.model) else "",
             "asked": req.model, "batch": ctx.batch, "feedback": None,
-            "latency_ms": round((now - started) * 1000, 1)}
+            "latency_ms": ms(now - started)}
         quality: float | None
         if error is not None:
             record.update(ok=False, error=error.code or str(error.status))
@@ -349,7 +350,7 @@ class Pipeline:
             first = routed.first_token_at
             record.update(ok=ctx.rejected is None, error=None, model=routed.model,
                           backend=routed.deployment.backend.name,
-                          ttft_ms=round((first - started) * 1000, 1),
+                          ttft_ms=ms(first - started),
                           qa=ctx.rejected.checks() if ctx.rejected else "pass",
                           escalated=escalating)
             if usage is not None and usage.completion_tokens > 1 and now > first:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.protocol.times import ms
 from gateway.protocol.units import Chunk, Usage
 from gateway.routing.attempts import Attempts, Lease
 from gateway.routing.candidates import Decision
@@ -198,7 +199,7 @@ class RoutedAnswer:
                 self._instruments.ttft.record(
                     (lease.deployment.model.name, lease.deployment.backend.name), ttft)
                 if notes is not None:
-                    notes["ttft_ms"] = round(ttft * 1000, 1)
+                    notes["ttft_ms"] = ms(ttft)
             self._stream = stream
             return first, None
         if stream is not None:
