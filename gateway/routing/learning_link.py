@@ -38,6 +38,7 @@ RATED = ("id", "tenant", "alias", "chosen", "model", "x", "latency_ms", "candida
          "feedback")  # what feedback needs of an outcome
 READ_WAIT_MS = 5000
 DOWN = (RedisError, OSError, TimeoutError)
+CLOSE_WAIT = 2.0  # seconds the reading and sending loops get to end, at shutdown
 
 
 def _outcome_key(tenant: str, request_id: str) -> str:
@@ -56,6 +57,7 @@ class LearningLink:
         self._sends: asyncio.Queue[tuple[str, dict[str, bytes]]] = asyncio.Queue(BACKLOG)
         self.dropped = 0  # entries not sent: the backlog was full
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     async def start(self) -> None:
         """What every process learned so far, then keep reading and sending."""
@@ -71,10 +73,14 @@ class LearningLink:
                        asyncio.create_task(self._send(), name="learned routing: send")]
 
     async def close(self) -> None:
+        # A cancelled Redis command can come back as a ConnectionError rather than the
+        # cancellation (the loops would take it for Redis being down and go on): the loops
+        # also stop on seeing ``_closing``, and are waited for a bounded time.
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT)
         with contextlib.suppress(*DOWN):
             await self._flush()
             await self.save()
@@ -117,7 +123,7 @@ class LearningLink:
         return [orjson.loads(fields[b"outcome"]) for _, fields in reversed(entries)]
 
     async def _send(self) -> None:
-        while True:
+        while not self._closing:
             first = await self._sends.get()
             batch = [first]
             while not self._sends.empty() and len(batch) < 500:
@@ -156,7 +162,7 @@ class LearningLink:
 
     async def _read(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             try:
                 if not self._restored:
                     await self._restore()
@@ -164,6 +170,8 @@ class LearningLink:
                                                 block=READ_WAIT_MS)
                 failures = 0
             except DOWN as exc:
+                if self._closing:
+                    return
                 if not failures:
                     log.warning("learned routing: Redis is unavailable (%s)",
                                 type(exc).__name__)
