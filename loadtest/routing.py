@@ -832,9 +832,9 @@ def render(runs: Runs, cost: Overhead, args: argparse.Namespace, picture: Path) 
     diffs = cost.added_cpu_us
     overhead_text = f"""The workload's first {VARIED} requests (above, seed {args.seed}),
         sent in turn as plain chats (no plugins, the models answering at once, from a second
-        simulated server of the same process): they differ as the workload's do, so the
-        policy rarely finds a pick it worked out before (a ranking is remembered until the
-        next outcomes are taken in, at most 32 outcomes or a second later). Each goes to
+        simulated server of the same process): they differ as the workload's do (each is
+        scored from its shape's coefficients, worked out for every model when outcomes are
+        taken in, every 32 outcomes or a second). Each goes to
         `{ALIAS}` through two gateway processes that differ only in `[routing] policy`:
         what the learned policy adds per request (the request's features and their vector,
         an estimate per model, the pick and its explanation, the outcome learned from and

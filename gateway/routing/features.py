@@ -36,6 +36,8 @@ _EDGE = frozenset(string.punctuation)  # (with spaces) where a word starts and e
 NAMES = ("bias", "length", "turns", "code", "script", "tools", "images", "json",
          "kind:chat", "kind:code", "kind:extract", "kind:reason", "kind:long")
 DIMENSIONS = len(NAMES)
+LENGTH, TURNS = NAMES.index("length"), NAMES.index("turns")  # the two graded features;
+FLAGS = NAMES.index("code")  # from here on, each feature is 0 or 1
 _ONE_HOT = {kind: tuple(1.0 if other == kind else 0.0 for other in KINDS) for kind in KINDS}
 
 

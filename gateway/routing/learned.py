@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import orjson
@@ -27,7 +27,7 @@ import orjson
 from gateway.config import LearnedConfig
 from gateway.protocol.openai import ChatRequest, CompletionRequest
 from gateway.routing.candidates import Candidate, Decision
-from gateway.routing.features import DIMENSIONS, features_of
+from gateway.routing.features import DIMENSIONS, FLAGS, LENGTH, TURNS, features_of
 from gateway.routing.ordering import Usable
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,23 @@ PRIOR_TOP = 0.6  # the prior estimate of an alias's first choice...
 PRIOR_STEP = 0.05  # ...and how much lower each next one starts
 UNRANKED = 4  # the place assumed for a model first heard of without one
 FOLD_AT, FOLD_AFTER = 32, 1.0  # pending outcomes are folded in at 32, or after a second
-RANKINGS = 1024  # orderings remembered between two folds
-Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (features that are 1, others not zero)
-# A model's score for a shape: the mean and spread of its ones, the terms of each other
-# feature (index, weight, spread across the ones), and of each pair of them.
-Terms = tuple[float, float, list[tuple[int, float, float]], list[tuple[int, int, float]]]
+SHAPES = 256  # shapes of vector whose coefficients are kept (worked out again at each fold)
 BORDERED = DIMENSIONS + 1  # a model's sums: the features' and their products with the reward
+# A vector's shape: all but its two graded features, length and turns (the vector is its
+# bias, those two, then flags).
+Shape = tuple[float, ...]
+# A model's estimate for the vectors of one shape, as a function of their length l and
+# turns t: mean = c + a l + b t, spread (the width squared) = q + pl l + pt t + ll l² +
+# lt l t + tt t²: (c, a, b, q, pl, pt, ll, lt, tt).
+Coefficients = tuple[float, float, float, float, float, float, float, float, float]
 
 
 class Panel:
     """One alias's models, each a linear estimate of the reward over the request's features
     (ridge regression). Outcomes are taken in as they come and folded in a few at a time,
-    with numpy (a matrix inverse per model then, not per outcome); a request is scored in
-    plain Python over its few features that are not zero, which for vectors this small is
-    cheaper than a call into numpy. Old outcomes fade (each weighs ``1 - 1/memory`` less per
+    with numpy: the changed models' matrices inverted together, then each shape of vector
+    seen lately worked out for every model, so that a request is scored in plain Python
+    from a few numbers per model. Old outcomes fade (each weighs ``1 - 1/memory`` less per
     outcome since): a model that changes is noticed, while the prior and the regularisation
     stay.
 
@@ -66,17 +69,14 @@ class Panel:
         self.n: list[int] = []  # outcomes learned from, per model (those still pending too)
         self.sums = np.zeros((0, BORDERED, BORDERED))  # [[A, b], [., .]] per model
         self.start = np.zeros((0, BORDERED, BORDERED))  # ...before any outcome
-        # What scoring reads, as plain lists: each model's weights and inverse matrix.
-        self.theta: list[list[float]] = []
-        self.inverse: list[list[list[float]]] = []
-        self.pending: list[tuple[int, list[float]]] = []  # (model, [*x, reward])
+        self.theta = np.zeros((0, DIMENSIONS))  # the weights, A⁻¹ b
+        self.inverse = np.zeros((0, DIMENSIONS, DIMENSIONS))  # A⁻¹
+        # What scoring reads: by shape of vector, each model's coefficients.
+        self.shapes: dict[Shape, list[Coefficients]] = {}
+        self.places: dict[tuple[str, ...], tuple[int, ...]] = {}  # (picks' names → places)
+        self.pending: list[tuple[int, Sequence[float], float]] = []  # (model, x, reward)
         self.pending_since = 0.0
         self.total = 0  # outcomes learned from, all models together
-        # Orderings worked out since outcomes were last folded in: (features, models) →
-        # the ranking and the explanation of its first two (but for the samples).
-        self.rankings: dict[tuple[float | str, ...], Ranked] = {}
-        # Each model's scoring terms by shape of vector, until outcomes are next folded in.
-        self.terms: dict[Shape, dict[int, Terms]] = {}
 
     def add(self, name: str, prior: float) -> int:
         """A model, its estimate starting at ``prior`` (as if ``strength`` requests had each
@@ -87,53 +87,37 @@ class Panel:
         start[0, 0, DIMENSIONS] = prior * self.lam
         self.sums = np.concatenate((self.sums, start))
         self.start = np.concatenate((self.start, start))
-        self.theta.append([prior, *[0.0] * (DIMENSIONS - 1)])
-        self.inverse.append((np.eye(DIMENSIONS) / self.lam).tolist())
-        self.index[name] = len(self.names)
+        self.theta = np.concatenate((self.theta, np.zeros((1, DIMENSIONS))))
+        self.inverse = np.concatenate((self.inverse, np.zeros((1, DIMENSIONS, DIMENSIONS))))
+        place = self.index[name] = len(self.names)
         self.names.append(name)
         self.n.append(0)
-        self.rankings.clear()
-        self.terms.clear()
-        return self.index[name]
+        self._refresh([place])
+        return place
 
-    def score(self, model: int, x: Sequence[float], shape: Shape) -> tuple[float, float]:
-        """A model's expected reward for ``x`` (of that ``shape``), and how uncertain it
-        still is: ``theta . x`` and ``sqrt(x . inverse . x)``, the parts that come from the
-        features that are 1 worked out once per shape until the next fold (most of a
-        vector is flags: only its length and turns vary from one request to the next).
+    def table(self, shape: Shape) -> list[Coefficients]:
+        """Each model's coefficients for vectors of ``shape`` (worked out if new)."""
+        table = self.shapes.get(shape)
+        if table is None:
+            if len(self.shapes) >= SHAPES:
+                self.shapes.clear()
+            table = self.shapes[shape] = self._coefficients([shape])[shape]
+        return table
+
+    def rank(self, table: list[Coefficients], places: Sequence[int], x: Sequence[float],
+             bonus: float) -> list[tuple[int, float, float]]:
+        """The models at ``places``, best first (ties: the static order), for ``x`` of the
+        shape whose ``table`` it is: each one's position among them, mean and width (the
+        mean ``theta . x`` and the width ``sqrt(x . inverse . x)``, from the coefficients).
         """
-        known = self.terms.get(shape)
-        if known is None:
-            known = self.terms[shape] = {}
-        terms = known.get(model)
-        if terms is None:
-            terms = known[model] = self._terms(model, shape)
-        mean, spread, linear, square = terms
-        for i, weight, across in linear:
-            v = x[i]
-            mean += weight * v
-            spread += across * v
-        for i, j, entry in square:
-            spread += entry * x[i] * x[j]
-        return mean, math.sqrt(spread) if spread > 0 else 0.0
-
-    def _terms(self, model: int, shape: Shape) -> Terms:
-        ones, scaled = shape
-        theta, inverse = self.theta[model], self.inverse[model]
-        return (sum(theta[i] for i in ones), sum(inverse[i][j] for i in ones for j in ones),
-                [(s, theta[s], sum(inverse[i][s] + inverse[s][i] for i in ones))
-                 for s in scaled],
-                [(s, t, inverse[s][t]) for s in scaled for t in scaled])
-
-    def rank(self, places: tuple[int, ...], x: Sequence[float], bonus: float
-             ) -> list[tuple[int, float, float]]:
-        """The models at ``places``, best first (ties: the static order): each one's
-        position among them, mean and width.
-        """
-        shape = shape_of(x)
+        length, turns = x[LENGTH], x[TURNS]
+        length2, both, turns2 = length * length, length * turns, turns * turns
         scored = []
         for position, place in enumerate(places):
-            mean, width = self.score(place, x, shape)
+            c, a, b, q, pl, pt, ll, lt, tt = table[place]
+            mean = c + a * length + b * turns
+            spread = q + pl * length + pt * turns + ll * length2 + lt * both + tt * turns2
+            width = math.sqrt(spread) if spread > 0.0 else 0.0
             scored.append((-mean - bonus * (width if width < 1.0 else 1.0), position, mean, width))
         scored.sort()  # (best first; ties: the static order)
         return [(position, mean, width) for _, position, mean, width in scored]
@@ -146,32 +130,58 @@ class Panel:
     def learn(self, model: int, x: Sequence[float], reward: float) -> None:
         if not self.pending:
             self.pending_since = time.monotonic()
-        self.pending.append((model, [*x, reward]))
+        self.pending.append((model, x, reward))
         self.n[model] += 1
         self.total += 1
 
     def fold(self) -> None:
         """Take the pending outcomes in: each model's old ones faded by as many steps."""
         pending, self.pending = self.pending, []
-        self.rankings.clear()
-        self.terms.clear()
-        by_model: dict[int, list[list[float]]] = {}
-        for model, row in pending:
-            by_model.setdefault(model, []).append(row)
-        for model, rows in by_model.items():
-            z = np.array(rows, dtype=np.float64)
+        if not pending:
+            return
+        by_model: dict[int, list[float]] = {}  # each model's outcomes: [*x, reward] in a row
+        for model, x, reward in pending:
+            flat = by_model.get(model)
+            if flat is None:
+                flat = by_model[model] = []
+            flat.extend(x)
+            flat.append(reward)
+        for model, flat in by_model.items():
+            z = np.array(flat).reshape(-1, BORDERED)
             sums, start = self.sums[model], self.start[model]
             sums -= start  # what was learned fades; the start stays
-            sums *= self.decay ** len(rows)
+            sums *= self.decay ** len(z)
             sums += start
             sums += z.T @ z
-            self._refresh(model)
+        self._refresh(list(by_model))
 
-    def _refresh(self, model: int) -> None:
-        sums = self.sums[model]
-        inverse = np.linalg.inv(sums[:DIMENSIONS, :DIMENSIONS])
-        self.inverse[model] = inverse.tolist()
-        self.theta[model] = (inverse @ sums[:DIMENSIONS, DIMENSIONS]).tolist()
+    def _refresh(self, models: list[int]) -> None:
+        """The estimates of ``models`` from their sums (their matrices inverted together),
+        then the coefficients of the shapes seen lately.
+        """
+        sums = self.sums[models]
+        inverse = np.linalg.inv(sums[:, :DIMENSIONS, :DIMENSIONS])
+        self.inverse[models] = inverse
+        self.theta[models] = (inverse @ sums[:, :DIMENSIONS, DIMENSIONS, None])[..., 0]
+        self.shapes = self._coefficients(list(self.shapes))
+
+    def _coefficients(self, shapes: list[Shape]) -> dict[Shape, list[Coefficients]]:
+        """Each model's coefficients for each shape, all at once: with ``u`` the shape's
+        vector at length and turns 0, ``c = theta . u``, ``q = u . inverse . u``, and
+        ``pl``, ``pt`` twice ``inverse . u`` at length and turns.
+        """
+        if not shapes:
+            return {}
+        base = np.array([(*shape[:LENGTH], 0.0, 0.0, *shape[LENGTH:]) for shape in shapes]).T
+        theta, inverse = self.theta, self.inverse
+        spread = inverse @ base  # (model, feature, shape)
+        c, q = (theta @ base).tolist(), (spread * base).sum(axis=1).tolist()
+        pl, pt = (2 * spread[:, LENGTH]).tolist(), (2 * spread[:, TURNS]).tolist()
+        a, b = theta[:, LENGTH].tolist(), theta[:, TURNS].tolist()
+        ll, tt = inverse[:, LENGTH, LENGTH].tolist(), inverse[:, TURNS, TURNS].tolist()
+        lt = (2 * inverse[:, LENGTH, TURNS]).tolist()
+        return {shape: [(c[m][s], a[m], b[m], q[m][s], pl[m][s], pt[m][s], ll[m], lt[m], tt[m])
+                        for m in range(len(a))] for s, shape in enumerate(shapes)}
 
     def dump(self) -> list[dict[str, Any]]:
         """Each model's state, as numpy arrays of its own (``encode`` writes them)."""
@@ -192,36 +202,20 @@ class Panel:
             self.sums[i, :DIMENSIONS, :DIMENSIONS], self.sums[i, :DIMENSIONS, DIMENSIONS] = \
                 matrix, b
             self.start[i, :DIMENSIONS, DIMENSIONS] = b0
-            self._refresh(i)
+            self._refresh([i])
             self.n[i] = int(item["n"])
             self.total += self.n[i]
 
 
-class Ranked(NamedTuple):
-    """A ranking of models (each one's position among them, mean and width; best first),
-    and the explanation of its first two (to which the samples are added).
-    """
-
-    ranking: list[tuple[int, float, float]]
-    explanation: str
-    positions: tuple[int, ...]  # the ranking's, on their own
+def shape_of(x: tuple[float, ...]) -> Shape:
+    """All of a vector but its length and turns."""
+    return x[:LENGTH] + x[FLAGS:]
 
 
-def shape_of(x: Sequence[float]) -> Shape:
-    """Which of a vector's features are 1, and which others are not zero."""
-    ones, scaled = [], []
-    for i, v in enumerate(x):
-        if v == 1.0:
-            ones.append(i)
-        elif v:
-            scaled.append(i)
-    return tuple(ones), tuple(scaled)
-
-
-def _explain(names: tuple[str, ...], best: tuple[int, float, float],
-             runner: tuple[int, float, float]) -> str:
+def _explain(names: Sequence[str], best: tuple[int, float, float],
+             runner: tuple[int, float, float], samples: int) -> str:
     return (f"learned: {names[best[0]]} {best[1]:.2f}±{best[2]:.2f} > {names[runner[0]]} "
-            f"{runner[1]:.2f}; ")
+            f"{runner[1]:.2f}; {samples} samples")
 
 
 class LearnedOrder:
@@ -253,36 +247,31 @@ class LearnedOrder:
             with self._lock:
                 if panel.due():  # (unless the saving thread just did)
                     panel.fold()
-        # The same features among the same models score the same until outcomes are folded
-        # in: worked out once, then read (requests alike, until the next fold).
-        key: tuple[float | str, ...] = (*x, *names)
-        ranked = panel.rankings.get(key)
-        if ranked is None:
+        places = panel.places.get(names)
+        shape = shape_of(x)
+        table = panel.shapes.get(shape)
+        if places is None or table is None:
             with self._lock:
-                places = tuple(self._place(panel, name, rank) for rank, name in enumerate(names))
-                ranking = panel.rank(places, x, self._config.exploration)
-                ranked = Ranked(ranking, _explain(names, ranking[0], ranking[1]),
-                                tuple([position for position, _, _ in ranking]))
-                if len(panel.rankings) >= RANKINGS:
-                    panel.rankings.clear()
-                panel.rankings[key] = ranked
-        samples = panel.total
-        positions = ranked.positions
-        can = [usable(picks[position]) for position in positions]
+                if places is None:
+                    places = panel.places[names] = tuple(
+                        self._place(panel, name, rank) for rank, name in enumerate(names))
+                table = panel.table(shape)
+        ranking = panel.rank(table, places, x, self._config.exploration)
+        can = [usable(picks[position]) for position, _, _ in ranking]
         if all(can):  # (nearly always)
-            ordered = [picks[position] for position in positions]
-            explanation, among = ranked.explanation, names
+            ordered = [picks[position] for position, _, _ in ranking]
+            first, second, among = ranking[0], ranking[1], names
         else:
-            ready = [i for i, ok in enumerate(can) if ok]
+            ready = [each for each, ok in zip(ranking, can, strict=True) if ok]
             if len(ready) < 2:
                 return picks, None  # nothing to choose between
-            ranking = ranked.ranking
-            ordered = [picks[positions[i]] for i in ready] + \
-                [picks[position] for position, ok in zip(positions, can, strict=True) if not ok]
-            explanation = _explain(names, ranking[ready[0]], ranking[ready[1]])
-            among = tuple(names[p] for p in sorted(positions[i] for i in ready))
+            ordered = [picks[position] for position, _, _ in ready] + \
+                [picks[position] for (position, _, _), ok in zip(ranking, can, strict=True)
+                 if not ok]
+            first, second = ready[0], ready[1]
+            among = tuple(names[position] for position in sorted(p for p, _, _ in ready))
+        explanation = _explain(names, first, second, panel.total)
         chosen = ordered[0]
-        explanation += f"{samples} samples"
         ordered[0] = Candidate(chosen.name, chosen.deployments, explanation)
         return ordered, Decision(alias, chosen.name, x, features, explanation, among)
 
@@ -292,17 +281,12 @@ class LearnedOrder:
         """
         panel = self._panel(alias)
         places = [self._place(panel, name, rank) for rank, name in enumerate(models)]
-        shape = shape_of(x)
-        bonus = self._config.exploration
-
-        def score(rank: int) -> tuple[float, int]:
-            mean, width = panel.score(places[rank], x, shape)
-            return -(mean + bonus * min(width, 1.0)), rank
-
+        vector = tuple(x)
         with self._lock:
             if panel.due():
                 panel.fold()
-            return models[min(range(len(models)), key=score)]
+            table = panel.table(shape_of(vector))
+            return models[panel.rank(table, places, vector, self._config.exploration)[0][0]]
 
     def learn(self, alias: str, model: str, x: Sequence[float], reward: float,
               rank: int | None = None, checked: bool = False) -> bool:

@@ -6,17 +6,19 @@ model that starts failing one kind without dropping it for the others.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gateway.config import LearnedConfig
 from gateway.protocol.openai import parse_chat
 from gateway.routing.candidates import Candidate
-from gateway.routing.features import features_of
-from gateway.routing.learned import LearnedOrder, reward
+from gateway.routing.features import DIMENSIONS, features_of
+from gateway.routing.learned import LearnedOrder, reward, shape_of
 
 KINDS = ("chat", "code", "extract", "long")
 MODELS = ("big", "coder", "small")  # the static priority: the biggest first
@@ -148,3 +150,31 @@ def test_what_it_learned_survives_a_dump_and_load() -> None:
     assert [c.name for c in first] == [c.name for c in second]
     assert first[0].reason == second[0].reason
     assert again.samples() == policy.samples()
+
+
+def test_a_request_is_scored_as_the_model_itself_would_score_it() -> None:
+    """Scoring from each shape's coefficients (worked out at a fold) gives each model's
+    estimate ``theta . x`` and width ``sqrt(x . A⁻¹ . x)``, for the gateway's own vectors
+    and for any other (as a replayed outcome may carry).
+    """
+    rng = random.Random(11)
+    policy = LearnedOrder(LearnedConfig())
+    run(policy, 400, rng)
+    panel = policy._panels["auto"]
+    panel.fold()
+    vectors = [features_of(parse_chat(prompt(rng.choice(KINDS), rng))).vector()
+               for _ in range(50)]
+    vectors += [tuple(rng.uniform(-1, 2) for _ in range(DIMENSIONS)) for _ in range(50)]
+    places = [panel.index[name] for name in MODELS]
+    for x in vectors:
+        v = np.array(x)
+        theta = np.linalg.solve(panel.sums[:, :DIMENSIONS, :DIMENSIONS],
+                                panel.sums[:, :DIMENSIONS, DIMENSIONS:])[..., 0]
+        spreads = [v @ np.linalg.solve(panel.sums[i, :DIMENSIONS, :DIMENSIONS], v)
+                   for i in range(len(MODELS))]
+        ranking = panel.rank(panel.table(shape_of(x)), places, x, 0.0)
+        assert [p for p, _, _ in ranking] == sorted(range(len(MODELS)),
+                                                    key=lambda p: -(theta[places[p]] @ v))
+        for position, mean, width in ranking:
+            assert mean == pytest.approx(theta[places[position]] @ v, abs=1e-9)
+            assert width == pytest.approx(math.sqrt(spreads[places[position]]), abs=1e-9)
