@@ -46,6 +46,7 @@ from gateway.keys import (
     TUNNELS,
 )
 from gateway.monitor import HealthWatcher, Monitor
+from gateway.monitor.shared import SharedHealth
 from gateway.pipeline import Pipeline, load_plugins
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.learned import LearnedOrder
@@ -129,6 +130,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
     app.cleanup_ctx.append(_health_ctx)
+    if config.routing.redis_url:
+        app.cleanup_ctx.append(_shared_health_ctx)
     app.cleanup_ctx.append(_plugins_ctx)
     app.cleanup_ctx.append(_monitor_ctx)
     app.cleanup_ctx.append(_learned_ctx)
@@ -289,6 +292,15 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _shared_health_ctx(app: web.Application) -> AsyncIterator[None]:
+    routing = app[CONFIG].routing
+    shared = SharedHealth(routing.redis_url, app[ROUTER].balancer, app[HEALTH],
+                          routing.breaker.cooldown)
+    await shared.start()
+    yield
+    await shared.close()
 
 
 def _learned_path(config: GatewayConfig) -> Path:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (overrides the config)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback address without API keys")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="gateway processes serving the port (default 1); they share "
+                            "state through the Redis the config names")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help=argparse.SUPPRESS)  # (a worker: its port is shared)
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="simulated Ollama and MLX servers plus the gateway")
@@ -119,21 +125,46 @@ def _serve(args: argparse.Namespace) -> int:
                   "reach it could use your models.\n  Add keys (gateway keys new → [[keys]]) "
                   "or pass --insecure-no-auth.", file=sys.stderr)
             return 2
+    if args.workers < 1:
+        print("gateway: --workers expects at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return _supervise(args, config)
     try:
-        more = [_listening(host, port) for host, port in config.server.addresses()[1:]]
+        more = [_listening(host, port, args.reuse_port)
+                for host, port in config.server.addresses()[1:]]
     except OSError as exc:
         print(f"gateway: cannot listen on {exc.filename}: {exc.strerror} (is another server, "
               "Ollama itself say, using that port?)", file=sys.stderr)
         return 2
-    run(config, more)
+    run(config, more, worker=args.reuse_port)
     return 0
 
 
-def _listening(host: str, port: int) -> socket.socket:
+def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
+    from gateway.workers import supervise
+
+    if not config.routing.redis_url:
+        log.warning("gateway: %d workers without [routing] redis_url: each finds a backend "
+                    "down, or a deployment failing, on its own", args.workers)
+    command = [sys.executable, "-m", "gateway", "--log-level", args.log_level, "serve",
+               "--reuse-port"]
+    for flag, value in (("--config", args.config), ("--host", args.host),
+                        ("--port", args.port)):
+        if value is not None:
+            command += [flag, str(value)]
+    if args.insecure_no_auth:
+        command.append("--insecure-no-auth")
+    return supervise(command, args.workers, config.server.shutdown_grace)
+
+
+def _listening(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A socket listening on one of ``[server] also_listen``'s addresses."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -143,25 +174,37 @@ def _listening(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(config: GatewayConfig, more: list[socket.socket] | None = None) -> None:
+def run(config: GatewayConfig, more: list[socket.socket] | None = None,
+        worker: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_grace`` to finish.
-    ``more``: listening sockets serving the gateway too (``[server] also_listen``).
+    ``more``: listening sockets serving the gateway too (``[server] also_listen``);
+    ``worker``: one of several processes serving the same port (``--workers``).
     """
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_serving(config, more or []))
+        loop.run_until_complete(_serving(config, more or [], worker))
     finally:
         loop.close()
 
 
-async def _serving(config: GatewayConfig, more: list[socket.socket]) -> None:
+async def _serving(config: GatewayConfig, more: list[socket.socket], worker: bool) -> None:
     server = config.server
-    runner = GatewayRunner(create_app(config), access_log=None,
+    app = create_app(config)
+    if worker:
+        from gateway.workers import WORKER_HEADER
+
+        pid = str(os.getpid())
+
+        async def name_worker(_: web.Request, response: web.StreamResponse) -> None:
+            response.headers[WORKER_HEADER] = pid
+
+        app.on_response_prepare.append(name_worker)
+    runner = GatewayRunner(app, access_log=None,
                            handler_cancellation=True,  # a client that hangs up cancels
                            shutdown_timeout=server.shutdown_grace)  # its upstream request
     await runner.setup()
     try:
-        await web.TCPSite(runner, server.host, server.port).start()
+        await web.TCPSite(runner, server.host, server.port, reuse_port=worker or None).start()
         for sock in more:
             await web.SockSite(runner, sock).start()
         log.info("gateway listening on %s (config %s)", ", ".join(

@@ -23,3 +23,15 @@ async def until_signalled() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def end_loops(tasks: list[asyncio.Task[None]], within: float) -> None:
+    """Cancel a service's background loops and wait for them, at most ``within`` seconds:
+    a cancelled Redis command can come back as a ConnectionError rather than the
+    cancellation, which a loop would take for Redis being down and go on (such a loop also
+    checks a closing flag of its own).
+    """
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=within)

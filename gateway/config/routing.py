@@ -70,6 +70,9 @@ class RoutingConfig:
     max_escalations: int = 1  # stronger models tried after a failing quality verdict
     health_interval: float = 2.0  # seconds between probes of a backend that is down
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # A Redis every gateway process shares (the workers of `serve --workers N`, other
+    # hosts): a breaker one opens, or a backend one finds down, is avoided by all at once.
+    redis_url: str = ""
     # How an alias orders its picks: its static priority lists, or what was learned from
     # outcomes (with the lists as the prior); an alias may say otherwise.
     policy: Literal["priority", "learned"] = "priority"
@@ -84,6 +87,8 @@ class RoutingConfig:
                     "health_interval"):
             if getattr(self, key) < 0:
                 yield key, "expected seconds >= 0"
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
+            yield "redis_url", "expected a redis:// or rediss:// URL"
 
 
 @dataclass(frozen=True, slots=True)

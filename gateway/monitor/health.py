@@ -29,6 +29,7 @@ class HealthWatcher:
         self._losses: dict[str, int] = {b.name: 0 for b in backends}  # lost() calls so far
         self.since: dict[str, float] = {b.name: time.time() for b in backends}  # last change
         self.on_recovered: list[Callable[[str], None]] = []
+        self.on_lost: list[Callable[[str], None]] = []  # (when it goes down)
 
     async def run(self) -> None:
         while True:
@@ -70,7 +71,8 @@ class HealthWatcher:
 
     def lost(self, backend: str, reason: str = "connection refused") -> None:
         """Stop sending it traffic now, and watch for its return closely."""
-        if self.up.get(backend) is not False:
+        was = self.up.get(backend)
+        if was is not False:
             log.warning("backend %s is down (%s); its traffic goes elsewhere", backend, reason)
             self.since[backend] = time.time()
         self.up[backend] = False
@@ -78,6 +80,9 @@ class HealthWatcher:
         self._next[backend] = min(self._next.get(backend, 0.0),
                                   time.monotonic() + self._interval)
         self._balancer.mark_down(backend)
+        if was is not False:
+            for listener in self.on_lost:
+                listener(backend)
 
     def recovered(self, backend: str) -> None:
         """Give it its traffic back now, and tell whoever listens (the healer)."""

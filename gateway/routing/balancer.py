@@ -129,15 +129,27 @@ class Balancer:
         self._limits = limits  # backend → (requests at once per model, longest line)
         self._states: dict[tuple[str, str], DeploymentState] = {}
         self._down: set[str] = set()  # backends known to be unreachable right now
+        # Told when a deployment's breaker opens (True) or closes (False) on its own.
+        self.on_breaker: Callable[[tuple[str, str], bool], None] | None = None
 
     def state(self, deployment: Deployment) -> DeploymentState:
         key = (deployment.backend.name, deployment.model.name)
         state = self._states.get(key)
+        return state if state is not None else self.state_at(key)
+
+    def state_at(self, key: tuple[str, str]) -> DeploymentState:
+        """The state of the deployment (backend, model)."""
+        state = self._states.get(key)
         if state is None:
             limit, queue = self._limits(key[0])
             breaker = CircuitBreaker(self._config.breaker.failures, self._config.breaker.cooldown)
+            breaker.on_change = lambda opened: self._breaker_changed(key, opened)
             state = self._states[key] = DeploymentState(limit, queue, breaker)
         return state
+
+    def _breaker_changed(self, key: tuple[str, str], opened: bool) -> None:
+        if self.on_breaker is not None:
+            self.on_breaker(key, opened)
 
     def relimit(self) -> None:
         """Every deployment's limit as its backend's is now (after a discovery round)."""

@@ -5,6 +5,7 @@ again after a cool-down, and give it its traffic back the moment it answers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
@@ -15,7 +16,8 @@ class CircuitBreaker:
     request; its success closes the breaker, its failure opens it again.
     """
 
-    __slots__ = ("_cooldown", "_threshold", "failures", "opened_at", "state", "trial_running")
+    __slots__ = ("_cooldown", "_threshold", "failures", "on_change", "opened_at", "state",
+                 "trial_running")
 
     def __init__(self, failures: int, cooldown: float) -> None:
         self._threshold = failures
@@ -24,6 +26,9 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at = 0.0
         self.trial_running = False
+        # Told when the breaker opens (True) or closes again (False) on what it saw itself
+        # (other gateway processes hear of it: ``monitor.shared``).
+        self.on_change: Callable[[bool], None] | None = None
 
     def available(self, now: float | None = None) -> bool:
         """Whether a request may go now (without claiming the half-open trial)."""
@@ -47,16 +52,22 @@ class CircuitBreaker:
         self.trial_running = False
 
     def success(self) -> None:
+        was = self.state
         self.state = "closed"
         self.failures = 0
         self.trial_running = False
+        if was != "closed" and self.on_change is not None:
+            self.on_change(False)
 
     def failure(self) -> None:
         self.failures += 1
         self.trial_running = False
         if self.state == "half_open" or self.failures >= self._threshold:
+            was = self.state
             self.state = "open"
             self.opened_at = time.monotonic()
+            if was != "open" and self.on_change is not None:
+                self.on_change(True)
 
     def trip(self) -> None:
         """Open at once (the backend behind it is known to be down)."""
@@ -69,3 +80,18 @@ class CircuitBreaker:
         if self.state != "closed":
             self.state = "half_open"
             self.trial_running = False
+
+    def opened_elsewhere(self) -> None:
+        """Another gateway process opened its breaker for this deployment: open here too,
+        the cool-down counted from now (then one trial, as for one opened here).
+        """
+        if self.state != "open":
+            self.state = "open"
+            self.opened_at = time.monotonic()
+            self.trial_running = False
+
+    def closed_elsewhere(self) -> None:
+        """Another gateway process saw this deployment answer again: close here too."""
+        self.state = "closed"
+        self.failures = 0
+        self.trial_running = False

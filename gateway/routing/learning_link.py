@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.routing.learned import LearnedOrder, encode
+from gateway.runtime import end_loops
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,8 @@ class LearningLink:
                        asyncio.create_task(self._send(), name="learned routing: send")]
 
     async def close(self) -> None:
-        # A cancelled Redis command can come back as a ConnectionError rather than the
-        # cancellation (the loops would take it for Redis being down and go on): the loops
-        # also stop on seeing ``_closing``, and are waited for a bounded time.
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT)
+        await end_loops(self._tasks, CLOSE_WAIT)
         with contextlib.suppress(*DOWN):
             await self._flush()
             await self.save()

@@ -1,0 +1,135 @@
+"""``gateway serve --workers 2`` as an operator runs it: two processes on one port, sharing
+one Redis (the test's own redis-server) for the cache and for breakers, in front of two
+simulated Ollama hosts that both serve the same model. Each request goes out on a new
+connection, as clients' do, so the kernel spreads them over both workers; each answer names
+the worker that gave it (``x-gateway-worker``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.sim import create_ollama_app, seed_fleet
+from gateway.workers import WORKER_HEADER
+from tests.redis_peer import RedisServer
+from tests.support import GATEWAY, ServerThread, Sim, free_port, wait_ready
+
+MODEL = "qwen2.5-coder:32b"
+
+
+def call(port: int, method: str, path: str, body: Any = None,
+         connection: http.client.HTTPConnection | None = None
+         ) -> tuple[str, dict[str, str], Any]:
+    """(worker, headers, JSON) of one request, on ``connection`` or a new one."""
+    own = connection is None
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, json.dumps(body) if body is not None else None,
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = json.loads(response.read())
+        assert response.status == 200, data
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        return headers[WORKER_HEADER], headers, data
+    finally:
+        if own:
+            conn.close()
+
+
+def until_another(port: int, than: str, method: str, path: str, body: Any = None
+                  ) -> tuple[str, dict[str, str], Any]:
+    """The first answer, on new connections, from a worker other than ``than``."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        answer = call(port, method, path, body)
+        if answer[0] != than:
+            return answer
+    raise AssertionError("every connection went to the same worker")
+
+
+def test_two_workers_serve_one_port_and_share_the_cache_and_breakers(
+    tmp_path: Path, ollama_sim: Sim
+) -> None:
+    with RedisServer() as redis, \
+            ServerThread(lambda: create_ollama_app(seed_fleet()["ollama"])) as other:
+        second = Sim(other, "ollama")
+        config = tmp_path / "gateway.toml"
+        config.write_text(f"""
+[routing]
+redis_url = "{redis.url}"
+retries = 0
+
+[routing.breaker]
+failures = 2
+cooldown = 60.0
+
+[[backends]]
+name = "first"
+kind = "ollama"
+url = "{ollama_sim.api_url}"
+
+[[backends]]
+name = "second"
+kind = "ollama"
+url = "{second.api_url}"
+
+[[plugins]]
+name = "cache"
+
+[plugins.options]
+backend = "redis"
+redis_url = "{redis.url}"
+""")
+        port = free_port()
+        process = subprocess.Popen(
+            [*GATEWAY, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", process)
+            one, _, _ = call(port, "GET", "/health")
+            two, _, _ = until_another(port, one, "GET", "/health")  # both serve
+            assert one != two
+
+            # An answer cached through one worker is a hit through the other.
+            question = {"model": MODEL, "temperature": 0,
+                        "messages": [{"role": "user", "content": "Name a river."}]}
+            first, headers, answer = call(port, "POST", "/v1/chat/completions", question)
+            assert headers["x-gateway-cache"] == "miss"
+            _, headers, again = until_another(port, first, "POST", "/v1/chat/completions",
+                                              question)
+            assert headers["x-gateway-cache"] == "hit"
+            assert again["choices"] == answer["choices"]
+
+            # A breaker opened through one worker keeps the other's traffic off too.
+            ollama_sim.fault(MODEL, status=500)
+            kept = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # one worker
+            try:
+                for n in range(6):  # each fails over to the second host, and is answered
+                    worker, _, _ = call(port, "POST", "/v1/chat/completions", {
+                        "model": MODEL, "messages": [{"role": "user", "content": f"No. {n}"}]},
+                        connection=kept)
+                _, _, health = call(port, "GET", "/health", connection=kept)
+            finally:
+                kept.close()
+            assert health["deployments"][f"first/{MODEL}"]["breaker"] == "open"
+            deadline = time.monotonic() + 10
+            while True:
+                _, _, health = until_another(port, worker, "GET", "/health")
+                if health["deployments"].get(f"first/{MODEL}", {}).get("breaker") == "open":
+                    break
+                assert time.monotonic() < deadline, health["deployments"]
+                time.sleep(0.1)
+            ollama_sim.clear()
+            for n in range(6):  # whichever worker takes them: none goes to the first host
+                call(port, "POST", "/v1/chat/completions", {
+                    "model": MODEL, "messages": [{"role": "user", "content": f"Again {n}"}]})
+            assert ollama_sim.requests("/api/chat") == []
+        finally:
+            process.terminate()
+            output = process.communicate(timeout=60)[0]
+        assert process.returncode == 0, output

@@ -1,0 +1,85 @@
+"""Health shared through Redis (``[routing] redis_url``): two gateway processes on one
+Redis (its own redis-server), the Ollama simulators as the fleet. A breaker one opens keeps
+traffic off that deployment in the other before the other has sent it anything; a backend
+one finds down is avoided by the other at once, and the other, probing it itself, gives it
+its traffic back when it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.keys import HEALTH, ROUTER
+from tests.integration.conftest import Fleet, fleet_config
+from tests.integration.test_failover import ask, complete
+from tests.redis_peer import RedisServer
+from tests.support import ServerThread, start_gateway, wait_until
+
+MODEL = "qwen2.5-coder:32b"  # on both the primary and the secondary host
+
+
+def breaker(server: ServerThread, backend: str) -> str | None:
+    report = server.call(lambda: server.app[ROUTER].balancer.report())  # type: ignore[index]
+    state: dict[str, str] | None = report.get(f"{backend}/{MODEL}")
+    return state["breaker"] if state else None
+
+
+def checked(server: ServerThread) -> bool:
+    up = server.call(lambda: dict(server.app[HEALTH].up))  # type: ignore[index]
+    return up["primary"] is True and up["secondary"] is True
+
+
+def is_down(server: ServerThread, backend: str) -> bool:
+    return bool(server.call(
+        lambda: server.app[ROUTER].balancer.is_down(backend)))  # type: ignore[index]
+
+
+async def test_a_breaker_opened_in_one_process_keeps_traffic_off_in_the_other(
+    fleet: Fleet
+) -> None:
+    fleet.primary.fault(MODEL, status=500)  # every answer from the primary host fails
+    with RedisServer() as redis:
+        one, two = (start_gateway(fleet_config(
+            fleet, redis_url=redis.url, retries=0,
+            breaker={"failures": 2, "cooldown": 30.0})) for _ in range(2))
+        try:
+            for _ in range(6):  # each fails over to the secondary host, and is answered
+                complete(await ask(one, MODEL))
+                if breaker(one, "primary") == "open":
+                    break
+            assert breaker(one, "primary") == "open"
+            # (two has not had a single request yet)
+            wait_until(lambda: breaker(two, "primary") == "open", 5,
+                       "the other process hearing of the open breaker")
+            fleet.primary.clear()  # (its request log; the primary answers well again)
+            fleet.primary.fault(MODEL, status=500)
+            for _ in range(8):
+                complete(await ask(two, MODEL))
+            assert fleet.primary.requests("/api/chat") == []  # not one tried there
+        finally:
+            one.stop()
+            two.stop()
+
+
+async def test_a_backend_one_process_finds_down_is_avoided_by_the_other_until_it_answers(
+    fleet: Fleet
+) -> None:
+    with RedisServer() as redis:
+        one, two = (start_gateway(fleet_config(fleet, redis_url=redis.url, health_interval=0.5))
+                    for _ in range(2))
+        try:
+            for server in (one, two):  # both have checked every backend once
+                wait_until(lambda s=server: checked(s), 10, "the first health checks")
+            # One process loses the primary host (its tunnel drops, say): the other one,
+            # which still reaches it, takes it out of rotation too...
+            one.call(lambda: one.app[HEALTH].lost("primary", "its tunnel dropped"))  # type: ignore[index]
+            wait_until(lambda: is_down(two, "primary"), 5,
+                       "the other process hearing the backend is down")
+            # ...then probes it itself, finds it answering, and gives it its traffic back
+            # (and says so, so the first one probes it again too).
+            wait_until(lambda: not is_down(two, "primary"), 10, "the other process's probe")
+            wait_until(lambda: not is_down(one, "primary"), 10, "the first process's probe")
+            await asyncio.gather(*(ask(two, MODEL) for _ in range(4)))
+        finally:
+            one.stop()
+            two.stop()
