@@ -1,0 +1,115 @@
+"""A short soak: bursts of mixed traffic (streams and whole answers, cache hits, errors, and
+clients that hang up mid-stream) leave nothing behind. After each burst the gateway's tasks
+come back to what they were before, and the process's open files and its connections to the
+upstream do not grow: nothing leaks per request, however it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+
+MODEL = "phi3.5:3.8b"
+BURST, AT_ONCE, HANG_UPS = 120, 16, 24  # requests per burst, at once, hung up mid-stream
+
+
+def tasks(server: ServerThread) -> int:
+    return int(server.call(lambda: len(asyncio.all_tasks())))
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def connections_to(port: int) -> int:
+    """This machine's established TCP connections to ``port`` on loopback, client ends."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and int(remote.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+async def one(http: aiohttp.ClientSession, url: str, kind: str, n: int) -> str:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": f"Question {n}"}]}
+    if kind == "cached":
+        chat = {**chat, "temperature": 0, "messages": [{"role": "user", "content": "Same"}]}
+    if kind == "unknown model":
+        chat = {**chat, "model": "no-such-model:1b"}
+    if kind == "bad body":
+        async with http.post(url, data=b"{not json", headers={
+                "Content-Type": "application/json"}) as response:
+            await response.read()
+            return f"{kind} {response.status}"
+    if kind in ("stream", "hang up"):
+        chat = {**chat, "stream": True}
+    async with http.post(url, json=chat) as response:
+        if kind == "hang up":
+            await response.content.readline()  # the first event: then the client leaves
+            response.close()
+            return f"{kind} {response.status}"
+        await response.read()
+        return f"{kind} {response.status}"
+
+
+async def burst(url: str, seed: int) -> Counter[str]:
+    rng = random.Random(seed)
+    kinds = ["hang up"] * HANG_UPS + rng.choices(
+        ["whole", "stream", "cached", "unknown model", "bad body"], k=BURST - HANG_UPS)
+    rng.shuffle(kinds)
+    limit = asyncio.Semaphore(AT_ONCE)
+    async with aiohttp.ClientSession() as http:
+        async def limited(kind: str, n: int) -> str:
+            async with limit:
+                return await one(http, url, kind, n)
+        return Counter(await asyncio.gather(*(limited(k, n) for n, k in enumerate(kinds))))
+
+
+def settled(server: ServerThread, baseline: int, limit: float = 10.0) -> int:
+    """The gateway's tasks once back to ``baseline`` (or what they are after ``limit``)."""
+    deadline = time.monotonic() + limit
+    while (count := tasks(server)) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count
+
+
+async def test_bursts_with_disconnects_leave_no_tasks_files_or_connections_behind(
+    ollama_sim: Sim
+) -> None:
+    ollama_sim.fault(MODEL, tokens_per_s=200)  # a stream lasts long enough to hang up on
+    upstream = urlsplit(ollama_sim.url).port
+    assert upstream is not None
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url, max_connections=AT_ONCE),
+        plugins=[{"name": "cache"}]))
+    url = server.url + "/v1/chat/completions"
+    try:
+        first = await burst(url, 0)  # warm: pools filled, caches and lazy objects made
+        await asyncio.sleep(0.5)
+        base_tasks = settled(server, tasks(server))
+        base_files, base_connections = open_files(), connections_to(upstream)
+        for round_ in range(1, 4):
+            seen = await burst(url, round_)
+            assert seen["hang up 200"] == HANG_UPS and seen["whole 200"] > 0, seen
+            assert seen["cached 200"] > 0 and seen["unknown model 404"] > 0, seen
+            assert seen["bad body 400"] > 0 and seen["stream 200"] > 0, seen
+            assert settled(server, base_tasks) <= base_tasks, f"round {round_}: tasks left"
+            assert open_files() <= base_files + 2, f"round {round_}: files left open"
+            # Kept-alive connections are reused, never more than the pool holds.
+            assert connections_to(upstream) <= max(base_connections, AT_ONCE), round_
+        assert sum(first.values()) == BURST
+    finally:
+        server.stop()
+    assert connections_to(upstream) == 0  # the gateway closed every one on its way out
