@@ -144,9 +144,22 @@ def _serve(args: argparse.Namespace) -> int:
 def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
     from gateway.workers import supervise
 
-    if not config.routing.redis_url:
-        log.warning("gateway: %d workers without [routing] redis_url: each finds a backend "
-                    "down, or a deployment failing, on its own", args.workers)
+    if config.server.port == 0:
+        print("gateway: --workers needs a port of its own (port 0 would give each worker a "
+              "different one)", file=sys.stderr)
+        return 2
+    if config.tasks.queue == "local":
+        print('gateway: --workers needs [tasks] queue = "redis": the local queue is one '
+              "process's (several would run a batch's lines twice)", file=sys.stderr)
+        return 2
+    alone = [what for what, unshared in (
+        ("breakers and backends found down ([routing] redis_url)", not config.routing.redis_url),
+        ("keys' limits ([tenants] store)", config.tenants.store != "redis" and config.keyed),
+        ("stored responses ([responses] backend)", config.responses.backend != "redis"),
+    ) if unshared]
+    if alone:
+        log.warning("gateway: each of the %d workers keeps its own %s", args.workers,
+                    "; ".join(alone))
     command = [sys.executable, "-m", "gateway", "--log-level", args.log_level, "serve",
                "--reuse-port"]
     for flag, value in (("--config", args.config), ("--host", args.host),
@@ -191,12 +204,13 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
     server = config.server
     app = create_app(config)
     if worker:
-        from gateway.workers import WORKER_HEADER
+        from gateway.workers import WORKER_ENV, WORKER_HEADER, end_with_supervisor
 
-        pid = str(os.getpid())
+        end_with_supervisor()
+        number = os.environ.get(WORKER_ENV, "1")
 
         async def name_worker(_: web.Request, response: web.StreamResponse) -> None:
-            response.headers[WORKER_HEADER] = pid
+            response.headers[WORKER_HEADER] = number
 
         app.on_response_prepare.append(name_worker)
     runner = GatewayRunner(app, access_log=None,

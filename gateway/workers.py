@@ -1,31 +1,56 @@
 """``gateway serve --workers N``: N gateway processes serving the same port (each socket
 bound with SO_REUSEPORT, so the kernel spreads new connections among them). Each worker is
 a whole gateway of its own; what they share is what a Redis holds for them (``[routing]
-redis_url``: breakers and backends found down; ``[routing.learned] redis_url``; a Redis
-cache and tenants' store). This process only supervises: it starts the workers, starts one
-again if it dies, and on SIGINT or SIGTERM passes the signal on and waits for them to finish
-their requests in flight.
+redis_url``: breakers and backends found down; ``[routing.learned] redis_url``; ``[tasks]
+queue = "redis"``; a Redis cache and tenants' store). This process only supervises: it
+starts the workers, starts one again if it dies (waiting longer each time it keeps dying),
+and on SIGINT or SIGTERM passes the signal on and waits for them to finish their requests
+in flight. A worker ends with it, should it be killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import subprocess
+import sys
 import time
 from types import FrameType
 
 log = logging.getLogger("gateway")
 
-STARTING = 10.0  # a worker that ends sooner than this after starting could not start
-RESTART_AFTER = 1.0  # seconds before a worker that died is started again
-WORKER_HEADER = "x-gateway-worker"  # each answer's, naming the worker (its PID)
+STARTING = 10.0  # a worker's first start that ends sooner than this: it cannot start
+RESTART_AFTER, RESTART_MAX = 1.0, 30.0  # seconds before a dead worker is started again
+SETTLED = 60.0  # a worker that lived this long starts again at the shortest wait
+WORKER_HEADER = "x-gateway-worker"  # each answer's: which worker (1 to N) gave it
+WORKER_ENV, SUPERVISOR_ENV = "GATEWAY_WORKER", "GATEWAY_SUPERVISOR"
+PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    def __init__(self, number: int, command: list[str]) -> None:
+        self.number = number
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.starts = 0
+        self.wait = RESTART_AFTER  # before the next restart
+        self.due = 0.0  # when it is to be started again (0: running or not yet started)
+
+    def start(self) -> None:
+        env = {**os.environ, WORKER_ENV: str(self.number), SUPERVISOR_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(self.command, env=env)
+        self.started = time.monotonic()
+        self.starts += 1
+        self.due = 0.0
 
 
 def supervise(command: list[str], workers: int, grace: float) -> int:
     """Run ``workers`` copies of ``command`` (a ``gateway serve`` that binds with
-    SO_REUSEPORT) until signalled; an exit code (a worker that could not start ends them
-    all with its own).
+    SO_REUSEPORT) until signalled; an exit code (a worker that could not start at all ends
+    them all with its own).
     """
     stopping: list[int] = []
 
@@ -33,33 +58,51 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
         stopping.append(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    running: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    crew = [Worker(number, command) for number in range(1, workers + 1)]
     code = 0
     try:
-        for number in range(workers):
-            running[number] = (subprocess.Popen(command), time.monotonic())
+        for worker in crew:
+            worker.start()
         log.info("gateway: %d workers (pids %s)", workers,
-                 ", ".join(str(process.pid) for process, _ in running.values()))
+                 ", ".join(str(w.process.pid) for w in crew if w.process))
         while not stopping and not code:
             time.sleep(0.2)
-            for number, (process, started) in list(running.items()):
-                ended = process.poll()
-                if ended is None or stopping:
-                    continue
-                if time.monotonic() - started < STARTING:
-                    log.error("gateway: worker %d could not start (exit code %s); stopping",
-                              number + 1, ended)
-                    code = ended or 1
-                    break
-                log.warning("gateway: worker %d (pid %d) ended (exit code %s); starting it "
-                            "again", number + 1, process.pid, ended)
-                time.sleep(RESTART_AFTER)
-                running[number] = (subprocess.Popen(command), time.monotonic())
+            code = _tend(crew, stopping)
     finally:
-        _stop_all([process for process, _ in running.values()], grace)
+        _stop_all([w.process for w in crew if w.process is not None], grace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def _tend(crew: list[Worker], stopping: list[int]) -> int:
+    """Start again each worker that died, once its wait is over; an exit code if one could
+    not start at all (0: none).
+    """
+    now = time.monotonic()
+    for worker in crew:
+        if stopping:
+            return 0
+        if worker.due:
+            if now >= worker.due:
+                worker.start()
+            continue
+        assert worker.process is not None
+        ended = worker.process.poll()
+        if ended is None:
+            continue
+        code = ended if ended >= 0 else 128 - ended  # (killed by a signal: 128 + its number)
+        lived = now - worker.started
+        if worker.starts == 1 and lived < STARTING:
+            log.error("gateway: worker %d could not start (exit code %s); stopping",
+                      worker.number, code)
+            return code or 1
+        worker.wait = RESTART_AFTER if lived > SETTLED else min(RESTART_MAX, worker.wait * 2)
+        log.warning("gateway: worker %d (pid %d) ended (exit code %s) after %.0f s; starting "
+                    "it again in %.0f s", worker.number, worker.process.pid, code, lived,
+                    worker.wait)
+        worker.due = now + worker.wait
+    return 0
 
 
 def _stop_all(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
@@ -77,3 +120,15 @@ def _stop_all(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
             log.warning("gateway: worker pid %d did not stop in time; killed", process.pid)
             process.kill()
             process.wait()
+
+
+def end_with_supervisor() -> None:
+    """In a worker: be sent SIGTERM when the supervisor dies (on Linux), and stop now if it
+    already has; a worker left behind would go on serving the port beside new ones.
+    """
+    supervisor = int(os.environ.get(SUPERVISOR_ENV, "0"))
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if supervisor and os.getppid() != supervisor:
+        raise SystemExit(0)

@@ -34,19 +34,25 @@ log = logging.getLogger(__name__)
 
 EVENTS, STATE = "gw:{health}:events", "gw:{health}:state"  # (one hash tag: one slot)
 DOWN = (RedisError, OSError, TimeoutError)
-BACKLOG = 1000  # changes waiting to be sent while Redis is slow or away (then dropped)
 CLOSE_WAIT = 2.0  # seconds the loops get to end, at shutdown
+PING_EVERY = 5.0  # seconds between pings on the subscription...
+SILENT_LIMIT = 15.0  # ...and how long it may stay silent before it is taken for dead
+STALE = 60.0  # seconds after which a backend's change, sent late, is not applied
 
 
 class SharedHealth:
     def __init__(self, url: str, balancer: Balancer, watcher: HealthWatcher,
                  cooldown: float) -> None:
-        self._redis: Any = aioredis.from_url(url, socket_connect_timeout=5)
+        self._redis: Any = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5,
+                                             socket_keepalive=True)
         self._balancer = balancer
         self._watcher = watcher
         self._cooldown = cooldown
         self.name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._sends: asyncio.Queue[dict[str, Any]] = asyncio.Queue(BACKLOG)
+        # What is still to be said, the latest change of each deployment or backend only
+        # (what Redis missed while away is said once it is back, not replayed).
+        self._unsaid: dict[str, dict[str, Any]] = {}
+        self._something_unsaid = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._hearing = False  # (applying what another process said: not said again)
@@ -62,47 +68,50 @@ class SharedHealth:
 
     async def close(self) -> None:
         self._closing = True
-        await end_loops(self._tasks, CLOSE_WAIT)
+        self._balancer.on_breaker = None
+        await end_loops([*self._tasks, *self._checks], CLOSE_WAIT)
         with contextlib.suppress(*DOWN):
             await self._redis.aclose()
 
     # ---- what this process saw, said to the others
 
     def _breaker_changed(self, key: tuple[str, str], opened: bool) -> None:
-        if not self._hearing:
-            self._say({"deployment": list(key), "open": opened,
-                       "until": time.time() + self._cooldown})
+        if not self._hearing and not self._closing:
+            self._say("deployment:" + "/".join(key), {
+                "deployment": list(key), "open": opened, "for": self._cooldown})
 
     def _backend_changed(self, backend: str, up: bool) -> None:
-        if not self._hearing:
-            self._say({"backend": backend, "up": up})
+        if not self._hearing and not self._closing:
+            self._say(f"backend:{backend}", {"backend": backend, "up": up})
 
-    def _say(self, change: dict[str, Any]) -> None:
-        change["by"] = self.name
-        with contextlib.suppress(asyncio.QueueFull):
-            self._sends.put_nowait(change)
+    def _say(self, field: str, change: dict[str, Any]) -> None:
+        change.update(by=self.name, at=time.time())
+        self._unsaid[field] = change
+        self._something_unsaid.set()
 
     async def _send(self) -> None:
         while not self._closing:
-            change = await self._sends.get()
+            await self._something_unsaid.wait()
+            self._something_unsaid.clear()
+            changes, self._unsaid = self._unsaid, {}
             try:
-                await self._write(change)
-            except DOWN as exc:  # the others find out for themselves
+                await self._write(changes)
+            except DOWN as exc:  # said again once Redis answers, unless changed since
                 log.warning("shared health: could not tell the other processes (%s)",
                             type(exc).__name__)
+                self._unsaid = {**changes, **self._unsaid}
+                self._something_unsaid.set()
                 await asyncio.sleep(1.0)
 
-    async def _write(self, change: dict[str, Any]) -> None:
-        if "deployment" in change:
-            field, gone = "deployment:" + "/".join(change["deployment"]), not change["open"]
-        else:
-            field, gone = f"backend:{change['backend']}", change["up"]
+    async def _write(self, changes: dict[str, dict[str, Any]]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.publish(EVENTS, orjson.dumps(change))
-            if gone:
-                pipe.hdel(STATE, field)
-            else:
-                pipe.hset(STATE, field, orjson.dumps(change))
+            for field, change in changes.items():
+                raw = orjson.dumps(change)
+                pipe.publish(EVENTS, raw)
+                if change.get("open") is False or change.get("up") is True:
+                    pipe.hdel(STATE, field)
+                else:
+                    pipe.hset(STATE, field, raw)
             await pipe.execute()
 
     # ---- what the others saw
@@ -115,8 +124,7 @@ class SharedHealth:
                 await pubsub.subscribe(EVENTS)
                 await self._catch_up()  # (after subscribing: nothing falls between)
                 failures = 0
-                async for message in pubsub.listen():
-                    self._hear(message.get("data"))
+                await self._hear_all(pubsub)
             except DOWN as exc:
                 if self._closing:
                     return
@@ -125,9 +133,30 @@ class SharedHealth:
                                 "this process sees", type(exc).__name__)
                 failures += 1
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** failures))
+            except Exception:  # the listener must outlive one bad turn
+                log.exception("shared health: listening failed")
+                await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(*DOWN):
                     await pubsub.aclose()
+
+    async def _hear_all(self, pubsub: Any) -> None:
+        """Each change as it is published; the subscription pinged when quiet, and taken
+        for dead (a connection dropped without a word) when not even a ping is answered.
+        """
+        heard_at = pinged_at = time.monotonic()
+        while not self._closing:
+            message = await pubsub.get_message(timeout=PING_EVERY)
+            now = time.monotonic()
+            if message is not None:
+                heard_at = now
+                if message.get("type") == "message":
+                    self._hear(message.get("data"))
+            if now - heard_at > SILENT_LIMIT:
+                raise TimeoutError("the subscription went silent")
+            if now - pinged_at >= PING_EVERY:
+                await pubsub.ping()
+                pinged_at = now
 
     async def _catch_up(self) -> None:
         """What is open or down now, as the others left it in the hash."""
@@ -148,13 +177,17 @@ class SharedHealth:
             log.warning("shared health: a change it cannot read (%s)", exc)
 
     def _apply(self, change: dict[str, Any]) -> None:
+        age = time.time() - float(change["at"])
         if "deployment" in change:
-            backend, model = change["deployment"]
-            breaker = self._balancer.state_at((str(backend), str(model))).breaker
+            backend, model = (str(part) for part in change["deployment"])
+            if (backend, model) not in dict(self._balancer.states()) and \
+                    backend not in self._watcher.up:
+                return  # (not one of this process's)
+            breaker = self._balancer.state_at((backend, model)).breaker
             if not change["open"]:
                 breaker.closed_elsewhere()
-            elif float(change["until"]) > time.time():
-                breaker.opened_elsewhere()
+            elif age < float(change["for"]):
+                breaker.opened_elsewhere(float(change["for"]) - max(0.0, age))
             else:
                 return
         else:
@@ -162,8 +195,9 @@ class SharedHealth:
             if backend not in self._watcher.up:
                 return
             if not change["up"]:
-                if self._watcher.up[backend] is not False:
-                    self._watcher.lost(backend, "another gateway process found it down")
+                if self._watcher.up[backend] is False or age > STALE:
+                    return
+                self._watcher.lost(backend, "another gateway process found it down")
             elif self._watcher.up[backend] is False:  # back: seen here first, then used
                 check = asyncio.get_running_loop().create_task(self._watcher.check_now(backend))
                 self._checks.add(check)

@@ -26,8 +26,8 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at = 0.0
         self.trial_running = False
-        # Told when the breaker opens (True) or closes again (False) on what it saw itself
-        # (other gateway processes hear of it: ``monitor.shared``).
+        # Told when the breaker opens (True) or a trial closes it again (False), on what it
+        # saw itself (other gateway processes hear of it: ``monitor.shared``).
         self.on_change: Callable[[bool], None] | None = None
 
     def available(self, now: float | None = None) -> bool:
@@ -56,7 +56,9 @@ class CircuitBreaker:
         self.state = "closed"
         self.failures = 0
         self.trial_running = False
-        if was != "closed" and self.on_change is not None:
+        # Only a trial's answer says the deployment is back (a request sent before the
+        # breaker opened, answering late, does not).
+        if was == "half_open" and self.on_change is not None:
             self.on_change(False)
 
     def failure(self) -> None:
@@ -81,13 +83,13 @@ class CircuitBreaker:
             self.state = "half_open"
             self.trial_running = False
 
-    def opened_elsewhere(self) -> None:
-        """Another gateway process opened its breaker for this deployment: open here too,
-        the cool-down counted from now (then one trial, as for one opened here).
+    def opened_elsewhere(self, remaining: float) -> None:
+        """Another gateway process opened its breaker for this deployment: open here too
+        for what remains of its cool-down (then one trial, as for one opened here).
         """
         if self.state != "open":
             self.state = "open"
-            self.opened_at = time.monotonic()
+            self.opened_at = time.monotonic() - max(0.0, self._cooldown - remaining)
             self.trial_running = False
 
     def closed_elsewhere(self) -> None:

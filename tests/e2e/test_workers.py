@@ -19,7 +19,7 @@ from gateway.workers import WORKER_HEADER
 from tests.redis_peer import RedisServer
 from tests.support import GATEWAY, ServerThread, Sim, free_port, wait_ready
 
-MODEL = "qwen2.5-coder:32b"
+MODEL, CACHED = "qwen2.5-coder:32b", "qwq:32b"  # both on both hosts
 
 
 def call(port: int, method: str, path: str, body: Any = None,
@@ -58,8 +58,14 @@ def test_two_workers_serve_one_port_and_share_the_cache_and_breakers(
     with RedisServer() as redis, \
             ServerThread(lambda: create_ollama_app(seed_fleet()["ollama"])) as other:
         second = Sim(other, "ollama")
+        # The first host fails every answer for MODEL from the start.
+        ollama_sim.fault(MODEL, status=500)
         config = tmp_path / "gateway.toml"
         config.write_text(f"""
+[tasks]
+queue = "redis"
+redis_url = "{redis.url}"
+
 [routing]
 redis_url = "{redis.url}"
 retries = 0
@@ -96,7 +102,7 @@ redis_url = "{redis.url}"
             assert one != two
 
             # An answer cached through one worker is a hit through the other.
-            question = {"model": MODEL, "temperature": 0,
+            question = {"model": CACHED, "temperature": 0,
                         "messages": [{"role": "user", "content": "Name a river."}]}
             first, headers, answer = call(port, "POST", "/v1/chat/completions", question)
             assert headers["x-gateway-cache"] == "miss"
@@ -106,14 +112,15 @@ redis_url = "{redis.url}"
             assert again["choices"] == answer["choices"]
 
             # A breaker opened through one worker keeps the other's traffic off too.
-            ollama_sim.fault(MODEL, status=500)
             kept = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # one worker
             try:
-                for n in range(6):  # each fails over to the second host, and is answered
+                for n in range(20):  # each fails over to the second host, and is answered
                     worker, _, _ = call(port, "POST", "/v1/chat/completions", {
                         "model": MODEL, "messages": [{"role": "user", "content": f"No. {n}"}]},
                         connection=kept)
-                _, _, health = call(port, "GET", "/health", connection=kept)
+                    _, _, health = call(port, "GET", "/health", connection=kept)
+                    if health["deployments"][f"first/{MODEL}"]["breaker"] == "open":
+                        break
             finally:
                 kept.close()
             assert health["deployments"][f"first/{MODEL}"]["breaker"] == "open"
@@ -133,3 +140,16 @@ redis_url = "{redis.url}"
             process.terminate()
             output = process.communicate(timeout=60)[0]
         assert process.returncode == 0, output
+
+
+def test_workers_without_a_shared_queue_or_on_port_0_are_refused(tmp_path: Path,
+                                                                 ollama_sim: Sim) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[backends]]\nname = "first"\nkind = "ollama"\n'
+                      f'url = "{ollama_sim.api_url}"\n')
+    for port, said in ((free_port(), 'needs [tasks] queue = "redis"'),
+                       (0, "needs a port of its own")):
+        result = subprocess.run([*GATEWAY, "serve", "--config", str(config), "--port",
+                                 str(port), "--workers", "2"],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and said in result.stderr, result.stderr

@@ -83,3 +83,23 @@ async def test_a_backend_one_process_finds_down_is_avoided_by_the_other_until_it
         finally:
             one.stop()
             two.stop()
+
+
+async def test_sharing_goes_on_after_redis_restarts(fleet: Fleet) -> None:
+    fleet.primary.fault(MODEL, status=500)
+    with RedisServer() as redis:
+        one, two = (start_gateway(fleet_config(
+            fleet, redis_url=redis.url, retries=0,
+            breaker={"failures": 2, "cooldown": 30.0})) for _ in range(2))
+        try:
+            redis.restart()  # both lose their connections (and Redis what it held)
+            for _ in range(6):
+                complete(await ask(one, MODEL))
+                if breaker(one, "primary") == "open":
+                    break
+            assert breaker(one, "primary") == "open"
+            wait_until(lambda: breaker(two, "primary") == "open", 15,
+                       "the other process hearing of it once both are back on Redis")
+        finally:
+            one.stop()
+            two.stop()

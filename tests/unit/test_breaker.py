@@ -91,3 +91,30 @@ async def test_waiting_too_long_is_a_429_and_a_cancelled_waiter_leaves_the_line(
     assert not state.waiters
     state.release()
     assert state.in_flight == 0
+
+
+def test_other_processes_hear_of_an_opening_and_of_a_trial_closing_it_only() -> None:
+    told: list[bool] = []
+    breaker = CircuitBreaker(failures=2, cooldown=10.0)
+    breaker.on_change = told.append
+    breaker.failure()
+    breaker.failure()  # opens
+    breaker.failure()  # (already open: nothing new)
+    assert told == [True]
+    breaker.success()  # a request sent before it opened, answering late: closes it here...
+    assert breaker.state == "closed" and told == [True]  # ...but says nothing to the others
+    breaker.failure()
+    breaker.failure()
+    breaker.opened_at -= 10.0  # the cool-down is over
+    breaker.claim()  # the one trial
+    breaker.success()
+    assert told == [True, True, False]
+
+
+def test_a_breaker_opened_elsewhere_waits_out_what_remains_of_its_cool_down() -> None:
+    breaker = CircuitBreaker(failures=2, cooldown=10.0)
+    breaker.opened_elsewhere(remaining=3.0)
+    now = time.monotonic()
+    assert breaker.state == "open"
+    assert not breaker.available(now + 2.9)
+    assert breaker.available(now + 3.1)
