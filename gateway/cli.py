@@ -34,6 +34,10 @@ from gateway.runtime import new_event_loop, until_signalled
 log = logging.getLogger("gateway")
 
 DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.toml"
+# Connections waiting to be accepted: a burst of a thousand clients at once must not find
+# the queue full (the kernel drops their handshakes, and they try again a second or more
+# later); the system's somaxconn caps it.
+BACKLOG = 2048
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,7 +187,7 @@ def _listening(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from None
-    sock.listen(128)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -218,9 +222,10 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
                            shutdown_timeout=server.shutdown_grace)  # its upstream request
     await runner.setup()
     try:
-        await web.TCPSite(runner, server.host, server.port, reuse_port=worker or None).start()
+        await web.TCPSite(runner, server.host, server.port, backlog=BACKLOG,
+                          reuse_port=worker or None).start()
         for sock in more:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, backlog=BACKLOG).start()
         log.info("gateway listening on %s (config %s)", ", ".join(
             f"http://{host}:{port}" for host, port in server.addresses()), config.source)
         await until_signalled()
