@@ -39,12 +39,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, cluster: bool = False) -> RedisServer:
+        """Started (``cluster``: as a node of a Redis Cluster, not yet joined to one)."""
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
              "--dir", self.folder, "--protected-mode", "yes",
-             "--enable-debug-command", "local"],  # DEBUG SLEEP: a Redis that stalls
+             "--enable-debug-command", "local",  # DEBUG SLEEP: a Redis that stalls
+             *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+               if cluster else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while not self.ping():
@@ -71,6 +74,14 @@ class RedisServer:
             sock.sendall((" ".join(args) + "\r\n").encode())
             return sock.makefile("rb").readline().rstrip(b"\r\n")
 
+    def bulk(self, *args: str) -> bytes:
+        """A command whose reply is one bulk string (``INFO``, ``CLUSTER INFO``): that."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall((" ".join(args) + "\r\n").encode())
+            reader = sock.makefile("rb")
+            size = int(reader.readline()[1:])
+            return reader.read(size + 2)
+
     def ping(self) -> bool:
         try:
             return self.command("PING") == b"+PONG"
@@ -91,3 +102,62 @@ class RedisServer:
     def __exit__(self, *exc: object) -> None:
         self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RedisCluster:
+    """A real Redis Cluster of three masters (``redis-server --cluster-enabled yes``, joined
+    by ``redis-cli --cluster create``), each on a free loopback port, owned by the test.
+    """
+
+    def __init__(self) -> None:
+        taken: set[int] = set()
+        self.nodes = [RedisServer(_cluster_port(taken)) for _ in range(3)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url  # (any node: a client finds the others)
+
+    def start(self) -> RedisCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        for node in self.nodes:
+            node.start(cluster=True)
+        subprocess.run([shutil.which("redis-cli") or "/usr/bin/redis-cli", "--cluster",
+                        "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while not all(b"cluster_state:ok" in node.bulk("CLUSTER", "INFO") for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis cluster did not come up")
+            time.sleep(0.1)
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        for node in self.nodes:
+            node.__exit__()
+
+
+def _cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (10000 above it) is free too, neither of them
+    ``taken`` by another node (whose ports are added there).
+    """
+    while True:
+        port = free_port()
+        if port + 10000 > 65535 or {port, port + 10000} & taken:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        taken.update((port, port + 10000))
+        return port

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Protocol
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MovedError, RedisError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,10 @@ class RedisStore:
     """Redis through a blocking pool (the default pool fails past its size instead of
     waiting); every call bounded by ``timeout``. After a failure it keeps quiet for a
     moment, so an outage costs requests nothing rather than a timeout each.
+
+    The URL may name any node of a Redis Cluster: the store finds out (at start, or when a
+    node answers that a key lives elsewhere) and goes on through a cluster client, which
+    sends each key to the node that holds its slot.
     """
 
     def __init__(self, url: str, timeout: float, max_connections: int,
@@ -104,18 +110,33 @@ class RedisStore:
         self._label = label
         self._timeout = timeout
         self._max_connections = max_connections
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | RedisCluster | None = None
         self._quiet_until = 0.0
+        self.cluster = False
 
     async def start(self) -> None:
         pool = redis.BlockingConnectionPool.from_url(
             self._url, max_connections=self._max_connections, timeout=self._timeout,
             socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
         self._client = redis.Redis(connection_pool=pool)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._timeout * 2):
+                if (await self._client.info("cluster")).get("cluster_enabled"):
+                    await self._as_cluster()
+
+    async def _as_cluster(self) -> None:
+        """Go on through a cluster client (the node said it is one of a cluster)."""
+        if self._client is not None:
+            await _close(self._client)
+        self._client = RedisCluster.from_url(
+            self._url, max_connections=self._max_connections,
+            socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
+        self.cluster = True
+        log.info("%s: Redis at %s is a cluster", self._label, self._url)
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await _close(self._client)
             self._client = None
 
     async def ping(self) -> None:
@@ -138,8 +159,22 @@ class RedisStore:
             async with asyncio.timeout(self._timeout * 2):
                 return await operation(self._client)  # type: ignore[operator]
         except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, MovedError) and not self.cluster:  # a cluster after all (it
+                # was away when the store started)
+                await self._as_cluster()
+                raise StoreUnavailable from None
             if time.monotonic() >= self._quiet_until:
                 log.warning("%s: Redis unavailable (%s); going on without it", self._label,
                             type(exc).__name__)
             self._quiet_until = time.monotonic() + QUIET_SECONDS
             raise StoreUnavailable from None
+
+
+async def _close(client: redis.Redis | RedisCluster) -> None:
+    """A client closed with its connections (a plain one's pool was given to it, so its
+    own ``aclose`` would leave the pool open).
+    """
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
