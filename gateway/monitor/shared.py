@@ -23,12 +23,13 @@ import time
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MovedError, RedisError
 
 from gateway.monitor.health import HealthWatcher
 from gateway.routing.balancer import Balancer
 from gateway.runtime import end_loops
+from gateway.store import connect
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ STALE = 60.0  # seconds after which a backend's change, sent late, is not applie
 class SharedHealth:
     def __init__(self, url: str, balancer: Balancer, watcher: HealthWatcher,
                  cooldown: float) -> None:
-        self._redis: Any = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5,
-                                             socket_keepalive=True)
+        self._url = url
+        self._redis: Any = None  # (a plain Redis, or a cluster's nodes: known at start)
         self._balancer = balancer
         self._watcher = watcher
         self._cooldown = cooldown
@@ -60,11 +61,16 @@ class SharedHealth:
         self._checks: set[asyncio.Task[None]] = set()  # probes of a backend back elsewhere
 
     async def start(self) -> None:
+        self._redis = await self._connect()
         self._balancer.on_breaker = self._breaker_changed
         self._watcher.on_lost.append(lambda backend: self._backend_changed(backend, False))
         self._watcher.on_recovered.append(lambda backend: self._backend_changed(backend, True))
         self._tasks = [asyncio.create_task(self._listen(), name="shared health: listen"),
                        asyncio.create_task(self._send(), name="shared health: send")]
+
+    async def _connect(self) -> Any:
+        return await connect(self._url, socket_connect_timeout=5, socket_timeout=5,
+                             socket_keepalive=True)
 
     async def close(self) -> None:
         self._closing = True
@@ -99,20 +105,30 @@ class SharedHealth:
             except DOWN as exc:  # said again once Redis answers, unless changed since
                 log.warning("shared health: could not tell the other processes (%s)",
                             type(exc).__name__)
+                await self._cluster_after_all(exc)
                 self._unsaid = {**changes, **self._unsaid}
                 self._something_unsaid.set()
                 await asyncio.sleep(1.0)
 
     async def _write(self, changes: dict[str, dict[str, Any]]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for field, change in changes.items():
-                raw = orjson.dumps(change)
-                pipe.publish(EVENTS, raw)
-                if change.get("open") is False or change.get("up") is True:
-                    pipe.hdel(STATE, field)
-                else:
-                    pipe.hset(STATE, field, raw)
-            await pipe.execute()
+        # (one command at a time: changes are few, and a cluster takes no pipeline of a
+        # keyless PUBLISH with its keyed writes)
+        for field, change in changes.items():
+            raw = orjson.dumps(change)
+            await self._redis.publish(EVENTS, raw)
+            if change.get("open") is False or change.get("up") is True:
+                await self._redis.hdel(STATE, field)
+            else:
+                await self._redis.hset(STATE, field, raw)
+
+    async def _cluster_after_all(self, exc: BaseException) -> None:
+        """A node answered that a key lives on another: Redis was away at start, and is a
+        cluster (then the client becomes a cluster's).
+        """
+        if isinstance(exc, MovedError) and not isinstance(self._redis, RedisCluster):
+            old, self._redis = self._redis, await self._connect()
+            with contextlib.suppress(*DOWN):
+                await old.aclose()
 
     # ---- what the others saw
 
@@ -121,6 +137,8 @@ class SharedHealth:
         while not self._closing:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(self._redis, RedisCluster):
+                    await self._redis.initialize()  # (done once: what the nodes hold)
                 await pubsub.subscribe(EVENTS)
                 await self._catch_up()  # (after subscribing: nothing falls between)
                 failures = 0
@@ -128,6 +146,7 @@ class SharedHealth:
             except DOWN as exc:
                 if self._closing:
                     return
+                await self._cluster_after_all(exc)
                 if not failures:
                     log.warning("shared health: Redis is unavailable (%s); going by what "
                                 "this process sees", type(exc).__name__)

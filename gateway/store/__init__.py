@@ -10,7 +10,7 @@ import collections
 import contextlib
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
@@ -119,10 +119,8 @@ class RedisStore:
             self._url, max_connections=self._max_connections, timeout=self._timeout,
             socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
         self._client = redis.Redis(connection_pool=pool)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(self._timeout * 2):
-                if (await self._client.info("cluster")).get("cluster_enabled"):
-                    await self._as_cluster()
+        if await on_cluster(self._client, self._timeout * 2):
+            await self._as_cluster()
 
     async def _as_cluster(self) -> None:
         """Go on through a cluster client (the node said it is one of a cluster)."""
@@ -168,6 +166,30 @@ class RedisStore:
                             type(exc).__name__)
             self._quiet_until = time.monotonic() + QUIET_SECONDS
             raise StoreUnavailable from None
+
+
+async def on_cluster(client: redis.Redis, within: float) -> bool:
+    """Whether the node ``client`` talks to is one of a Redis Cluster (a node that does not
+    answer ``within`` seconds: taken for a plain Redis).
+    """
+    with contextlib.suppress(RedisError, OSError, TimeoutError):
+        async with asyncio.timeout(within):
+            return bool((await client.info("cluster")).get("cluster_enabled"))
+    return False
+
+
+async def connect(url: str, **options: Any) -> redis.Redis | RedisCluster:
+    """A client for ``url``, through a cluster client when the node there is one of a Redis
+    Cluster (``options``: the connections' timeouts and such).
+    """
+    client = redis.Redis.from_url(url, **options)
+    if not await on_cluster(client, options.get("socket_connect_timeout") or 5.0):
+        return client
+    await client.aclose()
+    cluster = RedisCluster.from_url(url, **options)
+    with contextlib.suppress(RedisError, OSError, TimeoutError):
+        await cluster.initialize()  # (the nodes' slots: a subscription needs them at once)
+    return cluster
 
 
 async def _close(client: redis.Redis | RedisCluster) -> None:

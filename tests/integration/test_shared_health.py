@@ -12,7 +12,7 @@ import asyncio
 from gateway.keys import HEALTH, ROUTER
 from tests.integration.conftest import Fleet, fleet_config
 from tests.integration.test_failover import ask, complete
-from tests.redis_peer import RedisServer
+from tests.redis_peer import RedisCluster, RedisServer
 from tests.support import ServerThread, start_gateway, wait_until
 
 MODEL = "qwen2.5-coder:32b"  # on both the primary and the secondary host
@@ -100,6 +100,25 @@ async def test_sharing_goes_on_after_redis_restarts(fleet: Fleet) -> None:
             assert breaker(one, "primary") == "open"
             wait_until(lambda: breaker(two, "primary") == "open", 15,
                        "the other process hearing of it once both are back on Redis")
+        finally:
+            one.stop()
+            two.stop()
+
+
+async def test_breakers_are_shared_on_a_redis_cluster(fleet: Fleet) -> None:
+    fleet.primary.fault(MODEL, status=500)
+    with RedisCluster() as cluster:
+        one, two = (start_gateway(fleet_config(
+            fleet, redis_url=cluster.url, retries=0,
+            breaker={"failures": 2, "cooldown": 30.0})) for _ in range(2))
+        try:
+            for _ in range(6):
+                complete(await ask(one, MODEL))
+                if breaker(one, "primary") == "open":
+                    break
+            assert breaker(one, "primary") == "open"
+            wait_until(lambda: breaker(two, "primary") == "open", 5,
+                       "the other process hearing of it through the cluster")
         finally:
             one.stop()
             two.stop()
