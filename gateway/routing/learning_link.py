@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from gateway.routing.learned import LearnedOrder, encode
 from gateway.runtime import end_loops
+from gateway.store import connect
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ RATED = ("id", "tenant", "alias", "chosen", "model", "x", "latency_ms", "candida
 READ_WAIT_MS = 5000
 DOWN = (RedisError, OSError, TimeoutError)
 CLOSE_WAIT = 2.0  # seconds the reading and sending loops get to end, at shutdown
+CONNECTIONS: dict[str, Any] = {"socket_connect_timeout": 5,
+                               "socket_timeout": READ_WAIT_MS / 1000 + 10}
 
 
 def _outcome_key(tenant: str, request_id: str) -> str:
@@ -48,8 +51,9 @@ def _outcome_key(tenant: str, request_id: str) -> str:
 
 class LearningLink:
     def __init__(self, url: str, learned: LearnedOrder, outcomes: int) -> None:
-        self._redis: Any = aioredis.from_url(url, socket_connect_timeout=5,
-                                             socket_timeout=READ_WAIT_MS / 1000 + 10)
+        self._url = url
+        # A plain Redis until start finds out whether it is a cluster's node.
+        self._redis: Any = aioredis.from_url(url, **CONNECTIONS)
         self._learned = learned
         self._outcomes = outcomes
         self.name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -62,6 +66,8 @@ class LearningLink:
 
     async def start(self) -> None:
         """What every process learned so far, then keep reading and sending."""
+        plain, self._redis = self._redis, await connect(self._url, **CONNECTIONS)
+        await plain.aclose()
         try:
             await self._restore()
         except DOWN as exc:

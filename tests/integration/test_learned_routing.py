@@ -18,7 +18,7 @@ import pytest
 
 from gateway.keys import ROUTER
 from tests.integration.conftest import FAST, Fleet
-from tests.redis_peer import RedisServer
+from tests.redis_peer import RedisCluster, RedisServer
 from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
 
 KEYS = {"alice": "gw-alice-key-of-the-learning-tests", "bob": "gw-bob-key-of-the-learning-tests"}
@@ -266,3 +266,25 @@ def test_a_stream_that_ends_early_is_kept_not_learned_from(gateway: ServerThread
     assert (outcome["ok"], outcome["error"], outcome["model"]) == (
         False, "stream_ended_early", PAIR[0])
     assert "reward" not in outcome  # the client leaving says nothing of the model
+
+
+def test_processes_learn_from_each_other_on_a_redis_cluster(fleet: Fleet,
+                                                            tmp_path: Path) -> None:
+    with RedisCluster() as cluster:
+        def shared() -> ServerThread:
+            return learning_gateway(fleet, tmp_path / "unused.json", redis_url=cluster.url)
+
+        one, two = shared(), shared()
+        try:
+            ids = [ask(client(one), n)[2] for n in range(8)]
+            wait_until(lambda: samples(two) >= 8, 10, "the other process learning of them")
+            assert rate(two, ids[0], thumbs="down")["learned"] is True  # found via Redis
+            before = samples(one)
+        finally:
+            one.stop()
+            two.stop()
+        again = shared()  # every process restarted: what they learned is in the cluster
+        try:
+            assert samples(again) >= before
+        finally:
+            again.stop()
