@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import getpass
 import logging
-import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -208,15 +207,9 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
     server = config.server
     app = create_app(config)
     if worker:
-        from gateway.workers import WORKER_ENV, WORKER_HEADER, end_with_supervisor
+        from gateway.workers import as_worker
 
-        end_with_supervisor()
-        number = os.environ.get(WORKER_ENV, "1")
-
-        async def name_worker(_: web.Request, response: web.StreamResponse) -> None:
-            response.headers[WORKER_HEADER] = number
-
-        app.on_response_prepare.append(name_worker)
+        as_worker(app)
     runner = GatewayRunner(app, access_log=None,
                            handler_cancellation=True,  # a client that hangs up cancels
                            shutdown_timeout=server.shutdown_grace)  # its upstream request

@@ -19,6 +19,8 @@ import sys
 import time
 from types import FrameType
 
+from aiohttp import web
+
 log = logging.getLogger("gateway")
 
 STARTING = 10.0  # a worker's first start that ends sooner than this: it cannot start
@@ -122,9 +124,22 @@ def _stop_all(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
             process.wait()
 
 
-def end_with_supervisor() -> None:
-    """In a worker: be sent SIGTERM when the supervisor dies (on Linux), and stop now if it
-    already has; a worker left behind would go on serving the port beside new ones.
+def as_worker(app: web.Application) -> None:
+    """This process is one of the workers: it ends with its supervisor, and ``app`` names it
+    in each answer.
+    """
+    _end_with_supervisor()
+    number = os.environ.get(WORKER_ENV, "1")
+
+    async def name_worker(_: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = number
+
+    app.on_response_prepare.append(name_worker)
+
+
+def _end_with_supervisor() -> None:
+    """Be sent SIGTERM when the supervisor dies (on Linux), and stop now if it already has:
+    a worker left behind would go on serving the port beside new ones.
     """
     supervisor = int(os.environ.get(SUPERVISOR_ENV, "0"))
     if sys.platform.startswith("linux"):

@@ -34,20 +34,33 @@ def is_down(server: ServerThread, backend: str) -> bool:
         lambda: server.app[ROUTER].balancer.is_down(backend)))  # type: ignore[index]
 
 
+def breaking_pair(fleet: Fleet, redis_url: str) -> tuple[ServerThread, ServerThread]:
+    """Two gateway processes on one Redis, quick to open a breaker and slow to retry it."""
+    one, two = (start_gateway(fleet_config(
+        fleet, redis_url=redis_url, retries=0, breaker={"failures": 2, "cooldown": 30.0}))
+        for _ in range(2))
+    return one, two
+
+
+async def open_breaker(server: ServerThread) -> None:
+    """Requests through ``server`` until its breaker for the failing primary opens (each
+    fails over to the secondary host, and is answered).
+    """
+    for _ in range(6):
+        complete(await ask(server, MODEL))
+        if breaker(server, "primary") == "open":
+            break
+    assert breaker(server, "primary") == "open"
+
+
 async def test_a_breaker_opened_in_one_process_keeps_traffic_off_in_the_other(
     fleet: Fleet
 ) -> None:
     fleet.primary.fault(MODEL, status=500)  # every answer from the primary host fails
     with RedisServer() as redis:
-        one, two = (start_gateway(fleet_config(
-            fleet, redis_url=redis.url, retries=0,
-            breaker={"failures": 2, "cooldown": 30.0})) for _ in range(2))
+        one, two = breaking_pair(fleet, redis.url)
         try:
-            for _ in range(6):  # each fails over to the secondary host, and is answered
-                complete(await ask(one, MODEL))
-                if breaker(one, "primary") == "open":
-                    break
-            assert breaker(one, "primary") == "open"
+            await open_breaker(one)
             # (two has not had a single request yet)
             wait_until(lambda: breaker(two, "primary") == "open", 5,
                        "the other process hearing of the open breaker")
@@ -88,16 +101,10 @@ async def test_a_backend_one_process_finds_down_is_avoided_by_the_other_until_it
 async def test_sharing_goes_on_after_redis_restarts(fleet: Fleet) -> None:
     fleet.primary.fault(MODEL, status=500)
     with RedisServer() as redis:
-        one, two = (start_gateway(fleet_config(
-            fleet, redis_url=redis.url, retries=0,
-            breaker={"failures": 2, "cooldown": 30.0})) for _ in range(2))
+        one, two = breaking_pair(fleet, redis.url)
         try:
             redis.restart()  # both lose their connections (and Redis what it held)
-            for _ in range(6):
-                complete(await ask(one, MODEL))
-                if breaker(one, "primary") == "open":
-                    break
-            assert breaker(one, "primary") == "open"
+            await open_breaker(one)
             wait_until(lambda: breaker(two, "primary") == "open", 15,
                        "the other process hearing of it once both are back on Redis")
         finally:
@@ -108,15 +115,9 @@ async def test_sharing_goes_on_after_redis_restarts(fleet: Fleet) -> None:
 async def test_breakers_are_shared_on_a_redis_cluster(fleet: Fleet) -> None:
     fleet.primary.fault(MODEL, status=500)
     with RedisCluster() as cluster:
-        one, two = (start_gateway(fleet_config(
-            fleet, redis_url=cluster.url, retries=0,
-            breaker={"failures": 2, "cooldown": 30.0})) for _ in range(2))
+        one, two = breaking_pair(fleet, cluster.url)
         try:
-            for _ in range(6):
-                complete(await ask(one, MODEL))
-                if breaker(one, "primary") == "open":
-                    break
-            assert breaker(one, "primary") == "open"
+            await open_breaker(one)
             wait_until(lambda: breaker(two, "primary") == "open", 5,
                        "the other process hearing of it through the cluster")
         finally:
