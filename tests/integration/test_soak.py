@@ -106,9 +106,12 @@ async def test_bursts_with_disconnects_leave_no_tasks_files_or_connections_behin
             assert seen["cached 200"] > 0 and seen["unknown model 404"] > 0, seen
             assert seen["bad body 400"] > 0 and seen["stream 200"] > 0, seen
             assert settled(server, base_tasks) <= base_tasks, f"round {round_}: tasks left"
-            assert open_files() <= base_files + 2, f"round {round_}: files left open"
-            # Kept-alive connections are reused, never more than the pool holds.
-            assert connections_to(upstream) <= max(base_connections, AT_ONCE), round_
+            # Kept-alive connections are reused, never more than the pool holds; each one
+            # more than at the start is two descriptors here (the simulator's end too).
+            kept = connections_to(upstream)
+            assert kept <= max(base_connections, AT_ONCE), round_
+            assert open_files() <= base_files + 2 + 2 * max(0, kept - base_connections), \
+                f"round {round_}: files left open"
         assert sum(first.values()) == BURST
     finally:
         server.stop()
