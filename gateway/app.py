@@ -251,9 +251,11 @@ def _tenancy(config: GatewayConfig) -> tuple[KeyBook, Limits]:
 
 
 async def _tenants_ctx(app: web.Application) -> AsyncIterator[None]:
+    shared = app[KEYBOOK].shared
+    if shared is not None:
+        await shared.start()
     yield
     await app[LIMITS].close()
-    shared = app[KEYBOOK].shared
     if shared is not None:
         await shared.link.close()
 

@@ -176,7 +176,9 @@ def _moment(text: str) -> int:
 async def _redis_keys(config: GatewayConfig) -> AsyncIterator[RedisKeys]:
     link = Link(config.tenants.redis_url, timeout=5.0, max_connections=2)
     try:
-        yield RedisKeys(link)
+        keys = RedisKeys(link)
+        await keys.start()
+        yield keys
     except Away:
         raise ConfigError(f"{config.source}: tenants.redis_url: Redis does not answer at "
                           f"{config.tenants.redis_url}") from None

@@ -34,6 +34,7 @@ class RedisServer:
         self.appendonly = appendonly
         self.folder = tempfile.mkdtemp(prefix="gw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.cluster = False
 
     @property
     def url(self) -> str:
@@ -41,6 +42,7 @@ class RedisServer:
 
     def start(self, cluster: bool = False) -> RedisServer:
         """Started (``cluster``: as a node of a Redis Cluster, not yet joined to one)."""
+        self.cluster = cluster
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
@@ -64,9 +66,11 @@ class RedisServer:
         self.process = None
 
     def restart(self) -> None:
-        """Killed (kill -9) and started again on the same port and folder."""
+        """Killed (kill -9) and started again on the same port and folder (a cluster's node
+        rejoins its cluster).
+        """
         self.kill()
-        self.start()
+        self.start(self.cluster)
 
     def command(self, *args: str) -> bytes:
         """One command in the inline protocol; the first line of the reply."""

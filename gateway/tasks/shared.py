@@ -1,6 +1,8 @@
 """The task store in Redis, for several gateway processes and ``gateway worker`` on any
 host: files, batches and results in keys of their own, the lines in one stream read by a
-consumer group.
+consumer group. The URL may name any node of a Redis Cluster: the store finds out and goes
+on through a cluster client (a batch's keys share a hash tag, as do the stream and the
+lines put back for later, so each script runs on one node).
 
 A worker claims lines with ``XREADGROUP`` (a blocking read: a line is picked up as soon as
 it is queued, no polling) and lines a dead worker held with ``XAUTOCLAIM`` once they have
@@ -19,10 +21,12 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, RedisError, ResponseError, WatchError
+from redis.exceptions import ConnectionError, MovedError, RedisError, ResponseError
 
+from gateway.store import on_cluster
 from gateway.tasks.records import TERMINAL, Line
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,12 @@ end
 DISCARD = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
 then redis.call('DECR', KEYS[3]) end
+"""
+# A batch's record replaced only if it is still as it was read (compare and set).
+CHANGE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
 """
 DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -65,34 +75,51 @@ class RedisStore:
         # a batch's count of lines is set, not added to; a line queued twice is answered
         # twice and written once).
         # The read timeout is well over the longest blocking read (a claim's wait).
-        self._redis: Any = aioredis.from_url(  # (loosely typed)
-            url, socket_connect_timeout=5, socket_timeout=30,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
-            retry_on_error=[ConnectionError])
+        self._options: dict[str, Any] = {
+            "socket_connect_timeout": 5, "socket_timeout": 30,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
+            "retry_on_error": [ConnectionError]}
+        self._url = url
+        self._redis: Any = aioredis.from_url(url, **self._options)  # (loosely typed)
+        self.cluster = False
         self._timeout = visibility_timeout
         self.folder = url  # (what `gateway batches` says it read)
         self._finish = self._redis.register_script(FINISH)
         self._discard = self._redis.register_script(DISCARD)
         self._due = self._redis.register_script(DUE)
+        self._change = self._redis.register_script(CHANGE)
 
     async def start(self) -> None:
+        if await on_cluster(self._redis, 5.0):
+            await self._as_cluster()
         try:
             await self._group()
         except DOWN as exc:  # a worker may start before its Redis: it waits for it
             log.warning("tasks: Redis is unavailable (%s); the queue is made when it is "
                         "back", type(exc).__name__)
 
+    async def _as_cluster(self) -> None:
+        """Go on through a cluster client (a node of one answered; or said MOVED)."""
+        await self._redis.aclose()
+        self._redis = RedisCluster.from_url(self._url, **self._options)
+        self.cluster = True
+        log.info("tasks: Redis at %s is a cluster", self._url)
+
     async def _group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
             await self._redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose()  # (a client from a URL closes its own pool)
 
     # ---- files
 
+    # Records and the lists that index them live in different cluster slots, so they are
+    # written in one round trip but not one transaction: a list may name a record that is
+    # not (yet, or any more) there, and every reader of a list skips those.
+
     async def save_file(self, record: dict[str, Any], content: bytes) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(f"{P}file:{record['id']}",
                       mapping={"doc": orjson.dumps(record), "content": content})
             pipe.zadd(f"{P}files:{record['tenant']}", {record["id"]: record["created_at"]})
@@ -120,7 +147,7 @@ class RedisStore:
     # ---- batches
 
     async def put_batch(self, record: dict[str, Any]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(f"{P}batch:{record['id']}", orjson.dumps(record))
             pipe.zadd(f"{P}batches:{record['tenant']}", {record["id"]: time.time()})
             pipe.zadd(f"{P}batches", {record["id"]: time.time()})
@@ -144,7 +171,16 @@ class RedisStore:
         return [d for d in docs if d is not None]
 
     async def recent_batches(self, finished: int = 10) -> list[dict[str, Any]]:
-        ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
+        """(Looked at every few seconds by every process: where a Redis that was away at
+        start turns out to be a cluster.)
+        """
+        try:
+            ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
+        except MovedError:
+            if self.cluster:
+                raise
+            await self._as_cluster()
+            ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
         out, done = [], 0
         for batch_id in ids:
             record = await self.batch(batch_id.decode())
@@ -160,23 +196,18 @@ class RedisStore:
     async def change_batch(self, batch_id: str, changes: dict[str, Any],
                            when: tuple[str, ...] = ()) -> dict[str, Any] | None:
         key = f"{P}batch:{batch_id}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    doc = await pipe.get(key)
-                    if doc is None:
-                        return None
-                    record = orjson.loads(doc)
-                    if when and record["status"] not in when:
-                        return None
-                    record.update(changes)
-                    pipe.multi()
-                    pipe.set(key, orjson.dumps(record))
-                    await pipe.execute()
-                    return await self._counted(record)
-                except WatchError:
-                    continue  # changed meanwhile: look again
+        while True:
+            doc = await self._redis.get(key)
+            if doc is None:
+                return None
+            record = orjson.loads(doc)
+            if when and record["status"] not in when:
+                return None
+            record.update(changes)
+            if await self._change(keys=[key], args=[doc, orjson.dumps(record)],
+                                  client=self._redis):
+                return await self._counted(record)
+            # changed meanwhile: look again
 
     # ---- the queue
 
@@ -194,7 +225,7 @@ class RedisStore:
     async def claim(self, holder: str, count: int, wait: float) -> list[Line]:
         """Lines due again, lines a dead worker held, else new lines (waiting for some)."""
         try:
-            await self._due(keys=[LATER, STREAM], args=[time.time()])
+            await self._due(keys=[LATER, STREAM], args=[time.time()], client=self._redis)
             _, entries, *_ = await self._redis.xautoclaim(
                 STREAM, GROUP, holder, min_idle_time=int(self._timeout * 1000), count=count)
             lines = [_decoded(ref, fields) for ref, fields in entries if fields]
@@ -202,6 +233,10 @@ class RedisStore:
                 return lines  # (at once: new lines are read at the next claim)
             read = await self._redis.xreadgroup(GROUP, holder, {STREAM: ">"}, count=count,
                                                 block=max(1, int(wait * 1000)))
+        except MovedError:
+            if not self.cluster:  # a cluster after all (it was away when the store started)
+                await self._as_cluster()
+            return []
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -214,12 +249,14 @@ class RedisStore:
         await self._finish(keys=[results, counts, remaining],
                            args=[line.custom_id, orjson.dumps({"n": line.n, "ok": ok,
                                                                 "line": result}),
-                                 "completed" if ok else "failed"])
+                                 "completed" if ok else "failed"],
+                           client=self._redis)
         await self._redis.xack(STREAM, GROUP, line.ref)
 
     async def discard(self, line: Line) -> None:
         results, _, remaining, dropped = batch_keys(line.batch)
-        await self._discard(keys=[dropped, results, remaining], args=[line.custom_id])
+        await self._discard(keys=[dropped, results, remaining], args=[line.custom_id],
+                            client=self._redis)
         await self._redis.xack(STREAM, GROUP, line.ref)
 
     async def put_back(self, line: Line, delay: float) -> None:

@@ -9,6 +9,7 @@ key revoked through one process stops working on all of them within that time. `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import secrets
@@ -25,7 +26,9 @@ from gateway.typed_toml import build
 
 RECHECK = 0.5  # seconds a process trusts what it last read of a key in Redis
 UNKNOWN_KEPT = 1024  # digests remembered as unknown (beyond that, forgotten)
-KEYS, BY_DIGEST = "gw:keys", "gw:keys:by-digest"
+# One hash tag: the two are read and written together, by scripts (one cluster slot).
+KEYS, BY_DIGEST = "gw:{keys}:records", "gw:{keys}:by-digest"
+OLD_NAMES = {"gw:keys": KEYS, "gw:keys:by-digest": BY_DIGEST}  # before the hash tag
 
 
 # What may be changed of a key once issued (its id, hash and birth stay).
@@ -117,13 +120,26 @@ class KeyBook:
 
 
 class RedisKeys:
-    """Named keys in Redis: ``gw:keys`` (id → record) and ``gw:keys:by-digest``."""
+    """Named keys in Redis: ``gw:{keys}:records`` (id → record) and
+    ``gw:{keys}:by-digest``.
+    """
 
     def __init__(self, link: Link) -> None:
         self.link = link
-        self._find = link.client.register_script(FIND)
-        self._create = link.client.register_script(CREATE)
+        self._find = link.script(FIND)
+        self._create = link.script(CREATE)
         self._seen: dict[str, tuple[float, KeyConfig | None]] = {}  # digest → (until, record)
+
+    async def start(self) -> None:
+        """The link started; keys kept under the names of earlier versions renamed (on a
+        plain Redis: those names could not be used together on a cluster).
+        """
+        await self.link.start()
+        if self.link.cluster:
+            return
+        renames = [name for pair in OLD_NAMES.items() for name in pair]
+        with contextlib.suppress(Away):  # (away: it is asked again at the next start)
+            await self.link.call(lambda: self.link.script(RENAME)(renames, []), patient=True)
 
     async def find(self, digest: str) -> KeyConfig | None:
         now = time.monotonic()
@@ -131,7 +147,7 @@ class RedisKeys:
         if seen is not None and seen[0] > now:
             return seen[1]
         try:
-            raw = await self.link.call(lambda: self._find(keys=[BY_DIGEST, KEYS], args=[digest]))
+            raw = await self.link.call(lambda: self._find([BY_DIGEST, KEYS], [digest]))
         except Away:
             if seen is not None:  # Redis is away: what was last known stands
                 return seen[1]
@@ -157,7 +173,7 @@ class RedisKeys:
         """Store a new key; False when its id is taken."""
         args: list[str | bytes] = [record.id, orjson.dumps(dataclasses.asdict(record)),
                                    digest_of(record.hash)]
-        created = await self.link.call(lambda: self._create(keys=[KEYS, BY_DIGEST], args=args))
+        created = await self.link.call(lambda: self._create([KEYS, BY_DIGEST], args))
         return bool(created)
 
     async def put(self, record: KeyConfig) -> None:
@@ -178,6 +194,17 @@ return redis.call('HGET', KEYS[2], id)
 CREATE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# Each old name renamed to its new one, unless the new one is there already. KEYS: old,
+# new, old, new...
+RENAME = """
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('RENAME', KEYS[i], KEYS[i + 1])
+  end
+end
 return 1
 """
 

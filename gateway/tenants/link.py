@@ -1,6 +1,11 @@
 """The tenants' Redis: one connection pool for keys and limits, every call bounded in time,
 and, after a call fails, a quiet second in which Redis is not asked at all (requests then
 never queue behind a Redis that is gone or stalled).
+
+The URL may name any node of a Redis Cluster: the link finds out (at start, or when a node
+answers that a key lives elsewhere) and goes on through a cluster client. Every script
+touches the keys of one hash tag only (one key's limits, the key book), so each runs on one
+node.
 """
 
 from __future__ import annotations
@@ -8,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MovedError, RedisError, ResponseError
+
+from gateway.store import on_cluster
 
 log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 1.0  # after Redis failed, it is not asked again for this long
 T = TypeVar("T")
+Script = Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]
 
 
 class Away(Exception):
@@ -30,13 +39,35 @@ class Unasked(Away):
 
 class Link:
     def __init__(self, url: str, timeout: float, max_connections: int = 32) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.max_connections = max_connections
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout,
             socket_timeout=timeout * 2, socket_connect_timeout=timeout * 2)
-        self.client = redis.Redis(connection_pool=pool)
-        self.timeout = timeout
+        self.client: redis.Redis | RedisCluster = redis.Redis(connection_pool=pool)
+        self.cluster = False
         self.quiet_until = 0.0
         self._refusal_logged = 0.0
+
+    async def start(self) -> None:
+        """Find out whether Redis is a cluster's node (a Redis away now: later, from MOVED)."""
+        if isinstance(self.client, redis.Redis) and \
+                await on_cluster(self.client, self.timeout * 2):
+            await self._as_cluster()
+
+    async def _as_cluster(self) -> None:
+        await self.close()
+        self.client = RedisCluster.from_url(
+            self.url, max_connections=self.max_connections,
+            socket_timeout=self.timeout * 2, socket_connect_timeout=self.timeout * 2)
+        self.cluster = True
+        log.info("tenants: Redis at %s is a cluster", self.url)
+
+    def script(self, source: str) -> Script:
+        """A Lua script, called with ``(keys, args)`` on whichever client is current."""
+        registered = self.client.register_script(source)
+        return lambda keys, args: registered(keys=keys, args=args, client=self.client)
 
     async def call(self, make: Callable[[], Awaitable[T]], patient: bool = False) -> T:
         """What ``make()`` gives, within the bound; ``Away`` when Redis cannot say.
@@ -48,6 +79,10 @@ class Link:
         try:
             async with asyncio.timeout(self.timeout):
                 return await make()
+        except MovedError:
+            if not self.cluster:  # a cluster after all (it was away when the link started)
+                await self._as_cluster()
+            raise Away from None
         except ResponseError as exc:  # Redis is there, and refused this one command
             if time.monotonic() - self._refusal_logged >= QUIET_SECONDS:
                 self._refusal_logged = time.monotonic()
@@ -63,4 +98,7 @@ class Link:
             raise Away from None
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)

@@ -127,9 +127,9 @@ class RedisLimits:
 
     def __init__(self, link: Link, on_down: Literal["open", "closed"]) -> None:
         self.link = link
-        self._admit = link.client.register_script(ADMIT)
-        self._settle = link.client.register_script(SETTLE)
-        self._renew = link.client.register_script(RENEW)
+        self._admit = link.script(ADMIT)
+        self._settle = link.script(SETTLE)
+        self._renew = link.script(RENEW)
         self._on_down = on_down
         self._local = MemoryLimits()  # while Redis is away ("open")
         self._leases = itertools.count()
@@ -149,7 +149,7 @@ class RedisLimits:
                                          tokens, lease, int(LEASE_SECONDS * 1000), ends]
         try:
             said, wait, requests, left, charged = await self.link.call(
-                lambda: self._admit(keys=keys, args=args))
+                lambda: self._admit(keys, args))
         except Away as away:
             if lease and not isinstance(away, Unasked):  # (the script may have run before
                 self._orphan(keys[2], lease)             # the answer was given up on)
@@ -183,7 +183,7 @@ class RedisLimits:
                                          used if key.budget else 0,
                                          period(key, time.time())[1] + 3600]
         try:
-            await self.link.call(lambda: self._settle(keys=keys[1:], args=args))
+            await self.link.call(lambda: self._settle(keys[1:], args))
         except Away:  # the tokens go uncounted; the lease is given back later
             if admission.lease:
                 self._orphan(keys[2], admission.lease)
@@ -236,7 +236,7 @@ class RedisLimits:
             return
         args: list[str | int | float] = [int(LEASE_SECONDS * 1000), *held]
         with contextlib.suppress(Away):
-            await self.link.call(lambda: self._renew(keys=[leases_key], args=args),
+            await self.link.call(lambda: self._renew([leases_key], args),
                                  patient=True)
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@ with Redis.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 
+from gateway.tenants.keys import issue as issue_record
 from tests.redis_peer import RedisServer
 from tests.support import GATEWAY, GatewayProcess, Sim, wait_until
 
@@ -253,6 +256,26 @@ def test_keys_in_redis_keep_working_while_it_is_away(
     assert [chat(first.url, issued["key"])[0] for _ in range(3)] == [200] * 3
     status, _, error = call(first.url, "/admin/keys", ADMIN, {"name": "now"})
     assert status == 503 and error["error"]["code"] == "key_store_unavailable"
+
+
+def test_keys_kept_by_an_earlier_version_work_after_the_upgrade(
+        tmp_path: Path, redis: RedisServer, ollama_sim: Sim) -> None:
+    """Keys were kept under ``gw:keys`` and ``gw:keys:by-digest`` before they shared a hash
+    tag (for Redis Cluster): a gateway started on such a Redis renames them and goes on.
+    """
+    key, record = issue_record({"id": "from-before", "rpm": 100}, "test")
+    old = redis_client.Redis(port=redis.port)
+    old.hset("gw:keys", record.id, json.dumps(dataclasses.asdict(record)))
+    old.hset("gw:keys:by-digest", record.hash, record.id)
+    gateway = GatewayProcess(config_file(tmp_path / "upgrade.toml", redis, ollama_sim))
+    try:
+        assert chat(gateway.url, key)[0] == 200
+        status, _, listing = call(gateway.url, "/admin/keys", ADMIN)
+        assert status == 200 and [k["id"] for k in listing["data"]] == ["from-before"]
+        assert not old.exists("gw:keys", "gw:keys:by-digest")
+    finally:
+        gateway.stop()
+        old.close()
 
 
 def load(url: str, key: str, stop: threading.Event, record: list[tuple[float, int, float]]

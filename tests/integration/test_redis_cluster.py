@@ -1,36 +1,203 @@
-"""The response cache on a real Redis Cluster: three masters of the test's own, the gateway
-given the address of one of them. The cache finds out it is a cluster and keeps each answer
-on the node that holds its key's slot: answers cached are hits, spread over the nodes, with
-no error on the way (a plain client would be told MOVED for most keys, and miss).
+"""What the gateway keeps in Redis, on a real Redis Cluster: three masters of the tests' own,
+the gateway given the address of one of them. Each part finds out it is a cluster and sends
+each key to the node that holds its slot (a plain client would be told MOVED for most keys),
+and what one script or step touches shares one slot (no CROSSSLOT):
+
+- the response cache: answers cached are hits, spread over the nodes;
+- keys and their limits' counters: a key issued through one gateway works through another,
+  the two allow its rate once, not once each, and its revocation reaches both;
+- the Batch API's queue: a batch's lines are answered once each, and a batch is cancelled.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import math
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
 import openai
+import pytest
 
 from tests.redis_peer import RedisCluster
-from tests.support import Sim, backend, gateway_config, start_gateway
+from tests.support import (
+    GATEWAY,
+    ServerThread,
+    Sim,
+    backend,
+    gateway_config,
+    start_gateway,
+    wait_until,
+)
 
 MODEL = "qwq:32b"
+ADMIN = "gw-admin-key-of-the-cluster-tests"
 
 
-def test_the_cache_works_on_a_redis_cluster(ollama_sim: Sim) -> None:
-    with RedisCluster() as cluster:
-        server = start_gateway(gateway_config(
-            backend("ollama", "ollama", ollama_sim.api_url),
-            plugins=[{"name": "cache", "options": {"backend": "redis",
-                                                   "redis_url": cluster.url}}]))
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster() as started:
+        yield started
+
+
+def test_the_cache_works_on_a_redis_cluster(ollama_sim: Sim, cluster: RedisCluster) -> None:
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        plugins=[{"name": "cache", "options": {"backend": "redis",
+                                               "redis_url": cluster.url}}]))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    try:
+        def ask(n: int) -> str:
+            response = client.chat.completions.with_raw_response.create(
+                model=MODEL, temperature=0,
+                messages=[{"role": "user", "content": f"Question number {n}"}])
+            return response.headers["x-gateway-cache"]
+
+        assert [ask(n) for n in range(12)] == ["miss"] * 12
+        assert [ask(n) for n in range(12)] == ["hit"] * 12
+    finally:
+        server.stop()
+    held = [node.keys("gw:cache:*") for node in cluster.nodes]
+    assert sum(held) >= 12 and sum(1 for keys in held if keys) >= 2, held
+
+
+def tenants_config(cluster: RedisCluster) -> dict[str, Any]:
+    # The third node's address: it holds slots 10923-16383, and the keys these tests use
+    # hash below (the key book's tag "keys" to 2915; "on-cluster" to 3361, "late" to 549),
+    # so a client that did not know it talks to a cluster would be told MOVED for each.
+    return {"tenants": {"store": "redis", "redis_url": cluster.nodes[2].url, "timeout": 2.0},
+            "auth": {"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]}}
+
+
+def call(server: ServerThread, path: str, key: str, body: Any = None,
+         method: str = "POST") -> tuple[int, Any]:
+    request = urllib.request.Request(
+        server.url + path, data=json.dumps(body).encode() if body is not None else None,
+        method=method, headers={"Authorization": f"Bearer {key}",
+                                "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def chat(server: ServerThread, key: str) -> int:
+    return call(server, "/v1/chat/completions", key,
+                {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})[0]
+
+
+def test_keys_and_their_limits_are_shared_on_a_redis_cluster(
+        ollama_sim: Sim, cluster: RedisCluster, tmp_path: Path) -> None:
+    config = gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                            **tenants_config(cluster))
+    first, second = start_gateway(config), start_gateway(config)
+    try:
+        status, issued = call(first, "/admin/keys", ADMIN,
+                              {"id": "on-cluster", "rpm": 10, "concurrency": 4, "budget": 10**6})
+        assert status == 201, issued
+        key = issued["key"]
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            said = list(pool.map(lambda n: chat((first, second)[n % 2], key), range(30)))
+        took = time.monotonic() - started
+        # 10 at once, plus one each 6 s the test ran: once for both gateways, not twice
+        assert 10 <= said.count(200) <= 10 + math.ceil(took / 6) + 1, (said, took)
+        assert said.count(200) + said.count(429) == 30, said
+        held = [node.keys("gw:rl:*") for node in cluster.nodes]
+        assert sum(held) >= 2 and sum(1 for keys in held if keys) == 1, held  # one slot
+
+        status, _ = call(second, "/admin/keys/on-cluster", ADMIN, method="DELETE")
+        assert status == 200
+        wait_until(lambda: chat(first, key) == 401, 1.5, "the revoked key refused")
+    finally:
+        first.stop()
+        second.stop()
+
+    # the keys command (a process of its own) reads the same keys through the cluster
+    path = tmp_path / "cluster.toml"
+    path.write_text(f'[tenants]\nstore = "redis"\nredis_url = "{cluster.nodes[2].url}"\n\n'
+                    f'[[backends]]\nname = "ollama"\nkind = "ollama"\n'
+                    f'url = "{ollama_sim.api_url}"\n')
+    listed = subprocess.run([*GATEWAY, "keys", "list", "--config", str(path)],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    row = next(line for line in listed.splitlines() if line.startswith("on-cluster"))
+    assert "revoked" in row and "rpm 10" in row
+
+
+def test_batches_run_on_a_redis_cluster(ollama_sim: Sim, cluster: RedisCluster) -> None:
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        tasks={"queue": "redis", "redis_url": cluster.url}))
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+    def batch_of(lines: int, tag: str) -> Any:
+        rows = [{"custom_id": f"{tag}-{n}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": MODEL, "max_tokens": 8,
+                          "messages": [{"role": "user", "content": f"{tag} {n}"}]}}
+                for n in range(lines)]
+        source = api.files.create(
+            file=(f"{tag}.jsonl", io.BytesIO("\n".join(map(json.dumps, rows)).encode())),
+            purpose="batch")
+        return api.batches.create(input_file_id=source.id, completion_window="24h",
+                                  endpoint="/v1/chat/completions")
+
+    def finished(batch_id: str) -> Any:
+        deadline = time.monotonic() + 60
+        while (batch := api.batches.retrieve(batch_id)).status not in (
+                "completed", "failed", "cancelled", "expired"):
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.1)
+        return batch
+
+    try:
+        done = finished(batch_of(20, "whole").id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (20, 0)
+        answered = [json.loads(row)["custom_id"] for row in
+                    api.files.content(done.output_file_id).text.splitlines()]  # type: ignore[arg-type]
+        assert sorted(answered) == sorted(f"whole-{n}" for n in range(20))
+
+        ollama_sim.fault(MODEL, latency=0.3, remaining=40)
+        slow = batch_of(40, "slow")
+        time.sleep(0.5)
+        assert api.batches.cancel(slow.id).status in ("cancelling", "cancelled")
+        cancelled = finished(slow.id)
+        assert cancelled.status == "cancelled" and cancelled.request_counts is not None
+        assert cancelled.request_counts.completed < 40
+        assert [b.id for b in api.batches.list()][:2] == [slow.id, done.id]
+    finally:
+        ollama_sim.fault(MODEL, remaining=0)
+        server.stop()
+    held = [node.keys("gw:*tasks*") for node in cluster.nodes]
+    assert sum(1 for keys in held if keys) >= 2, held  # the batches' keys spread
+
+
+def test_a_cluster_away_at_start_is_found_out_when_it_answers(ollama_sim: Sim) -> None:
+    with RedisCluster() as own:
+        own.nodes[2].kill()  # the node the gateway is given
+        server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                                              **tenants_config(own)))
         try:
-            def ask(n: int) -> str:
-                response = client.chat.completions.with_raw_response.create(
-                    model=MODEL, temperature=0,
-                    messages=[{"role": "user", "content": f"Question number {n}"}])
-                return response.headers["x-gateway-cache"]
+            assert call(server, "/admin/keys", ADMIN, method="GET")[0] == 503
+            own.nodes[2].restart()
+            wait_until(lambda: call(server, "/admin/keys", ADMIN, method="GET")[0] == 200, 15,
+                       "the key store answering")
+            status, issued = call(server, "/admin/keys", ADMIN, {"id": "late", "rpm": 100})
+            assert status == 201, issued
 
-            assert [ask(n) for n in range(12)] == ["miss"] * 12
-            assert [ask(n) for n in range(12)] == ["hit"] * 12
+            def counted() -> bool:  # (until the link has heard MOVED, limits count locally)
+                assert chat(server, issued["key"]) == 200
+                return sum(node.keys("gw:rl:{late}:*") for node in own.nodes) > 0
+
+            wait_until(counted, 15, "the key's requests counted in the cluster")
         finally:
             server.stop()
-        held = [node.keys() for node in cluster.nodes]
-        assert sum(held) >= 12 and sum(1 for keys in held if keys) >= 2, held
