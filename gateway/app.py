@@ -141,7 +141,8 @@ def create_app(config: GatewayConfig) -> web.Application:
         "gateway.batch.requests", "Requests of the batches not yet finished, by state "
         "(total, completed, failed)", ("state",),
         lambda: [((state,), sum(b[state] for b in tasks.recent if b["status"] not in
-                                 FINISHED)) for state in ("total", "completed", "failed")])
+                                 FINISHED)) for state in ("total", "completed", "failed")],
+        across="own")  # (every worker reads the same batches)
     app.cleanup_ctx.append(_tasks_ctx)
     app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)
@@ -194,7 +195,8 @@ def _gauges(telemetry: Telemetry, router: Router, tunnels: TunnelManager,
     deployment = ("gateway.backend", "gen_ai.request.model")
     metrics.gauge("gateway.breaker.state", "Each deployment's circuit breaker: 0 closed, 1 "
                   "half-open (one trial request), 2 open", deployment,
-                  lambda: [(k, BREAKER_STATES[s.breaker.state]) for k, s in states()])
+                  lambda: [(k, BREAKER_STATES[s.breaker.state]) for k, s in states()],
+                  across="max")
     metrics.gauge("gateway.deployment.in_flight", "Requests each deployment is answering",
                   deployment, lambda: [(k, s.in_flight) for k, s in states()])
     metrics.gauge("gateway.deployment.queued", "Requests waiting for a slot on each "
@@ -202,10 +204,11 @@ def _gauges(telemetry: Telemetry, router: Router, tunnels: TunnelManager,
     metrics.gauge("gateway.backend.up", "Whether each backend answers its health probe (1), "
                   "or not (0)", ("gateway.backend",),
                   lambda: [((name, ), 1 if up else 0) for name, up in health.up.items()
-                           if up is not None])
+                           if up is not None], across="min")
     metrics.gauge("gateway.tunnel.up", "Whether each SSH tunnel is up (1), or not (0)",
                   ("gateway.tunnel",), lambda: [((t.name,), 1 if t.state in ("up", "degraded")
-                                                 else 0) for t in tunnels.tunnels.values()])
+                                                 else 0) for t in tunnels.tunnels.values()],
+                  across="min")
     for plugin in pipeline.plugins:
         for count in plugin.counts():
             def read(plugin: Plugin = plugin, name: str = count.name

@@ -5,7 +5,8 @@ redis_url``: breakers and backends found down; ``[routing.learned] redis_url``; 
 queue = "redis"``; a Redis cache and tenants' store). This process only supervises: it
 starts the workers, starts one again if it dies (waiting longer each time it keeps dying),
 and on SIGINT or SIGTERM passes the signal on and waits for them to finish their requests
-in flight. A worker ends with it, should it be killed.
+in flight. A worker ends with it, should it be killed. ``/metrics`` on any worker answers
+for all of them (``gateway.telemetry.workers``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator
 from types import FrameType
 
 from aiohttp import web
+
+from gateway.keys import TELEMETRY
+from gateway.telemetry.workers import WorkerMetrics
 
 log = logging.getLogger("gateway")
 
@@ -28,6 +35,7 @@ RESTART_AFTER, RESTART_MAX = 1.0, 30.0  # seconds before a dead worker is starte
 SETTLED = 60.0  # a worker that lived this long starts again at the shortest wait
 WORKER_HEADER = "x-gateway-worker"  # each answer's: which worker (1 to N) gave it
 WORKER_ENV, SUPERVISOR_ENV = "GATEWAY_WORKER", "GATEWAY_SUPERVISOR"
+METRICS_ENV = "GATEWAY_METRICS_DIR"  # where the workers leave their metrics for each other
 PR_SET_PDEATHSIG = 1
 
 
@@ -41,8 +49,9 @@ class Worker:
         self.wait = RESTART_AFTER  # before the next restart
         self.due = 0.0  # when it is to be started again (0: running or not yet started)
 
-    def start(self) -> None:
-        env = {**os.environ, WORKER_ENV: str(self.number), SUPERVISOR_ENV: str(os.getpid())}
+    def start(self, metrics: str) -> None:
+        env = {**os.environ, WORKER_ENV: str(self.number), SUPERVISOR_ENV: str(os.getpid()),
+               METRICS_ENV: metrics}
         self.process = subprocess.Popen(self.command, env=env)
         self.started = time.monotonic()
         self.starts += 1
@@ -61,23 +70,25 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     crew = [Worker(number, command) for number in range(1, workers + 1)]
+    metrics = tempfile.mkdtemp(prefix="gw-metrics-")
     code = 0
     try:
         for worker in crew:
-            worker.start()
+            worker.start(metrics)
         log.info("gateway: %d workers (pids %s)", workers,
                  ", ".join(str(w.process.pid) for w in crew if w.process))
         while not stopping and not code:
             time.sleep(0.2)
-            code = _tend(crew, stopping)
+            code = _tend(crew, stopping, metrics)
     finally:
         _stop_all([w.process for w in crew if w.process is not None], grace)
+        shutil.rmtree(metrics, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
 
 
-def _tend(crew: list[Worker], stopping: list[int]) -> int:
+def _tend(crew: list[Worker], stopping: list[int], metrics: str) -> int:
     """Start again each worker that died, once its wait is over; an exit code if one could
     not start at all (0: none).
     """
@@ -87,7 +98,7 @@ def _tend(crew: list[Worker], stopping: list[int]) -> int:
             return 0
         if worker.due:
             if now >= worker.due:
-                worker.start()
+                worker.start(metrics)
             continue
         assert worker.process is not None
         ended = worker.process.poll()
@@ -135,6 +146,16 @@ def as_worker(app: web.Application) -> None:
         response.headers[WORKER_HEADER] = number
 
     app.on_response_prepare.append(name_worker)
+    folder = os.environ.get(METRICS_ENV)
+    if folder:
+        shared = WorkerMetrics(app[TELEMETRY].metrics, folder, number)
+
+        async def metrics_of_all(_: web.Application) -> AsyncIterator[None]:
+            shared.start()
+            yield
+            await shared.close()
+
+        app.cleanup_ctx.append(metrics_of_all)
 
 
 def _end_with_supervisor() -> None:

@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 # Seconds: from a cache hit (well under a millisecond) to a long generation.
 SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -28,6 +28,14 @@ UNIT_SUFFIX = {"s": "_seconds", "{token}": "", "1": "", "{token}/s": "_tokens_pe
 Labels = tuple[str, ...]
 # A gauge's reading: each label set and its value, read when the metrics are collected.
 Reading = Callable[[], Iterable[tuple[Labels, float]]]
+# How a gauge's readings in several workers of one host make one: added up (requests in
+# flight), the highest (a breaker's state: the worst), the lowest (up: down in any is
+# down), or this worker's own (read from a store the workers share).
+Across = Literal["sum", "max", "min", "own"]
+# Every instrument's values, as plain data (JSON): kind → name → [[labels, value...]...];
+# "at": when it was taken (time.time()).
+Snapshot = dict[str, Any]
+GAUGES_FRESH = 5.0  # seconds another worker's gauges count for (it may have died)
 
 
 class Counter:
@@ -68,13 +76,14 @@ class Histogram:
 
 
 class Gauge:
-    __slots__ = ("description", "labels", "name", "read", "unit")
+    __slots__ = ("across", "description", "labels", "name", "read", "unit")
 
     def __init__(self, name: str, description: str, labels: Sequence[str], unit: str,
-                 read: Reading) -> None:
+                 read: Reading, across: Across = "sum") -> None:
         self.name, self.description, self.unit = name, description, unit
         self.labels = tuple(labels)
         self.read = read
+        self.across = across
 
 
 class _Off:
@@ -103,6 +112,10 @@ class Metrics:
         self.gauges: list[Gauge] = []
         # Counters kept elsewhere (a plugin's statistics), read when collected.
         self.external: list[tuple[Counter, Reading]] = []
+        # One of several workers: the totals of this worker's predecessors (counters and
+        # histograms go on from there), and the other workers' latest snapshots.
+        self.carried: Snapshot | None = None
+        self.siblings: Callable[[], list[Snapshot]] = list
 
     def counter(self, name: str, description: str, labels: Sequence[str] = (),
                 unit: str = "1") -> Counter:
@@ -121,9 +134,9 @@ class Metrics:
         return OFF  # type: ignore[return-value]
 
     def gauge(self, name: str, description: str, labels: Sequence[str], read: Reading,
-              unit: str = "1") -> None:
+              unit: str = "1", across: Across = "sum") -> None:
         if self.enabled:
-            self.gauges.append(Gauge(name, description, labels, unit, read))
+            self.gauges.append(Gauge(name, description, labels, unit, read, across))
 
     def observed_counter(self, name: str, description: str, labels: Sequence[str],
                          read: Reading, unit: str = "1") -> None:
@@ -142,17 +155,20 @@ class Metrics:
         return {}
 
     def prometheus(self) -> str:
-        """Everything, in Prometheus's text exposition format (version 0.0.4)."""
+        """Everything, in Prometheus's text exposition format (version 0.0.4); with the
+        other workers' (of ``gateway serve --workers N``) when there are some.
+        """
+        counters, histograms, gauges = self._totals(self.siblings())
         out: list[str] = []
         for counter in self._counters():
             name = prometheus_name(counter.name, counter.unit) + "_total"
             _header(out, name, counter.description, "counter")
-            for labels, value in counter.values.items():
+            for labels, value in counters[counter.name].items():
                 out.append(f"{name}{_labels(counter.labels, labels)} {_number(value)}")
         for histogram in self.histograms:
             name = prometheus_name(histogram.name, histogram.unit)
             _header(out, name, histogram.description, "histogram")
-            for labels, (buckets, total, count, _, _) in list(histogram.series.items()):
+            for labels, (buckets, total, count, *_) in histograms[histogram.name].items():
                 running = 0
                 for bound, n in zip((*histogram.bounds, math.inf), buckets, strict=True):
                     running += n
@@ -164,10 +180,48 @@ class Metrics:
         for gauge in self.gauges:
             name = prometheus_name(gauge.name, gauge.unit)
             _header(out, name, gauge.description, "gauge")
-            for labels, value in gauge.read():
+            for labels, value in gauges[gauge.name].items():
                 out.append(f"{name}{_labels(gauge.labels, labels)} {_number(value)}")
         out.append("")
         return "\n".join(out)
+
+    def snapshot(self) -> Snapshot:
+        """This worker's totals (its predecessors' included), as plain data."""
+        counters, histograms, gauges = self._totals([])
+        return {"at": time.time(),
+                "counters": {name: [[list(k), v] for k, v in found.items()]
+                             for name, found in counters.items()},
+                "histograms": {name: [[list(k), *v] for k, v in found.items()]
+                               for name, found in histograms.items()},
+                "gauges": {name: [[list(k), v] for k, v in found.items()]
+                           for name, found in gauges.items()}}
+
+    def _totals(self, others: list[Snapshot]) -> tuple[
+            dict[str, dict[Labels, float]], dict[str, dict[Labels, list[Any]]],
+            dict[str, dict[Labels, float]]]:
+        """Each instrument's values now, by name: this worker's, plus what its predecessors
+        counted, plus ``others`` (snapshots of the other workers; instruments this worker
+        does not have are left out).
+        """
+        counters = {c.name: dict(c.values) for c in self._counters()}
+        histograms = {h.name: {k: [list(v[0]), *v[1:]] for k, v in list(h.series.items())}
+                      for h in self.histograms}
+        gauges = {g.name: dict(g.read()) for g in self.gauges}
+        across = {g.name: g.across for g in self.gauges}
+        now = time.time()
+        for other in [self.carried, *others] if self.carried else others:
+            for name, rows in other.get("counters", {}).items():
+                if name in counters:
+                    _add_counts(counters[name], rows)
+            for name, rows in other.get("histograms", {}).items():
+                if name in histograms:
+                    _add_series(histograms[name], rows)
+            if other is self.carried or now - other.get("at", 0) > GAUGES_FRESH:
+                continue  # (gauges: what is now, in workers alive)
+            for name, rows in other.get("gauges", {}).items():
+                if name in gauges and across[name] != "own":
+                    _add_gauge(gauges[name], across[name], rows)
+        return counters, histograms, gauges
 
     def _counters(self) -> list[Counter]:
         """Every counter, those kept elsewhere read now."""
@@ -185,6 +239,39 @@ class Metrics:
                                   list(h.series.items())]) for h in self.histograms]
         out += [("gauge", g, list(g.read())) for g in self.gauges]
         return out
+
+
+def _add_counts(into: dict[Labels, float], rows: list[list[Any]]) -> None:
+    for labels, value in rows:
+        key = tuple(labels)
+        into[key] = into.get(key, 0.0) + value
+
+
+def _add_series(into: dict[Labels, list[Any]], rows: list[list[Any]]) -> None:
+    """Histograms' series added up: buckets, sum and count; lowest and highest."""
+    for labels, buckets, total, count, low, high in rows:
+        key = tuple(labels)
+        mine = into.get(key)
+        if mine is None:
+            into[key] = [list(buckets), total, count, low, high]
+            continue
+        if len(mine[0]) != len(buckets):
+            continue  # (bounds of another version)
+        mine[0] = [a + b for a, b in zip(mine[0], buckets, strict=True)]
+        mine[1] += total
+        mine[2] += count
+        mine[3], mine[4] = min(mine[3], low), max(mine[4], high)
+
+
+def _add_gauge(into: dict[Labels, float], across: Across, rows: list[list[Any]]) -> None:
+    for labels, value in rows:
+        key = tuple(labels)
+        if key not in into:
+            into[key] = value
+        elif across == "sum":
+            into[key] += value
+        else:
+            into[key] = max(into[key], value) if across == "max" else min(into[key], value)
 
 
 def prometheus_name(name: str, unit: str) -> str:

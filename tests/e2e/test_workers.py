@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from gateway.sim import create_ollama_app, seed_fleet
-from gateway.workers import WORKER_HEADER
+from gateway.workers import STARTING, WORKER_HEADER
 from tests.redis_peer import RedisServer
-from tests.support import GATEWAY, ServerThread, Sim, free_port, wait_ready
+from tests.support import GATEWAY, ServerThread, Sim, free_port, wait_ready, wait_until
 
 MODEL, CACHED = "qwen2.5-coder:32b", "qwq:32b"  # both on both hosts
 
@@ -153,3 +157,83 @@ def test_workers_without_a_shared_queue_or_on_port_0_are_refused(tmp_path: Path,
                                  str(port), "--workers", "2"],
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+def test_metrics_through_any_worker_count_every_workers_requests(
+        tmp_path: Path, ollama_sim: Sim) -> None:
+    """``/metrics`` answers for the host: whichever worker a scrape reaches counts every
+    worker's requests, and a worker killed and started again does not take its counts away.
+    """
+    with RedisServer() as redis:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n\n'
+                          f'[[backends]]\nname = "first"\nkind = "ollama"\n'
+                          f'url = "{ollama_sim.api_url}"\n')
+        port = free_port()
+        process = subprocess.Popen(
+            [*GATEWAY, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", process)
+            answered: list[str] = []
+            while len(answered) < 30 or len(set(answered)) < 2:  # (until both took some)
+                assert len(answered) < 300, "every connection went to the same worker"
+                answered.append(call(port, "POST", "/v1/chat/completions", {
+                    "model": CACHED,
+                    "messages": [{"role": "user", "content": f"No. {len(answered)}"}]})[0])
+            sent = len(answered)
+
+            def every_scrape_counts(total: int) -> bool:
+                said: dict[str, tuple[float, float]] = {}
+                deadline = time.monotonic() + 10
+                while len(said) < 2 and time.monotonic() < deadline:
+                    worker, counts = scrape(port)
+                    said[worker] = counts
+                return len(said) == 2 and all(c == (total, total) for c in said.values())
+
+            wait_until(lambda: every_scrape_counts(sent), 10, "every worker counting them all")
+
+            victim = worker_pids(process.pid)[0]
+            # (a worker that dies within its first STARTING seconds could not start: all stop)
+            time.sleep(max(0.0, STARTING + 0.5 - age(victim)))
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: len(worker_pids(process.pid)) == 2 and
+                       victim not in worker_pids(process.pid), 15, "the worker started again")
+            wait_ready(f"http://127.0.0.1:{port}/health", process)
+            assert every_scrape_counts(sent)  # the new worker goes on from the old one's counts
+        finally:
+            process.terminate()
+            output = process.communicate(timeout=60)[0]
+        assert process.returncode == 0, output
+
+
+def scrape(port: int) -> tuple[str, tuple[float, float]]:
+    """Which worker answered ``/metrics`` on a new connection, and the chat requests
+    answered 200 and the durations recorded that it counts (scrapes count themselves too).
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+        worker = response.getheader(WORKER_HEADER) or ""
+    finally:
+        conn.close()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    requests = sum(s.value for s in samples if s.name == "gateway_requests_total"
+                   and s.labels["door"] == "openai" and s.labels["status"] == "200")
+    durations = sum(s.value for s in samples if s.labels.get("door") == "openai"
+                    and s.name == "gen_ai_client_operation_duration_seconds_count")
+    return worker, (requests, durations)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def age(pid: int) -> float:
+    """Seconds since process ``pid`` started."""
+    started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - started / os.sysconf("SC_CLK_TCK")
