@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import MovedError, RedisError
+from redis.exceptions import MovedError, RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,8 @@ class MemoryStore:
 class RedisStore:
     """Redis through a blocking pool (the default pool fails past its size instead of
     waiting); every call bounded by ``timeout``. After a failure it keeps quiet for a
-    moment, so an outage costs requests nothing rather than a timeout each.
-
-    The URL may name any node of a Redis Cluster: the store finds out (at start, or when a
-    node answers that a key lives elsewhere) and goes on through a cluster client, which
-    sends each key to the node that holds its slot.
+    moment, so an outage costs requests nothing rather than a timeout each. The URL may name
+    any node of a Redis Cluster (``Client``).
     """
 
     def __init__(self, url: str, timeout: float, max_connections: int,
@@ -110,31 +107,26 @@ class RedisStore:
         self._label = label
         self._timeout = timeout
         self._max_connections = max_connections
-        self._client: redis.Redis | RedisCluster | None = None
+        self._client: Client | None = None
         self._quiet_until = 0.0
-        self.cluster = False
+
+    @property
+    def cluster(self) -> bool:
+        return self._client is not None and bool(self._client.cluster)
 
     async def start(self) -> None:
         pool = redis.BlockingConnectionPool.from_url(
             self._url, max_connections=self._max_connections, timeout=self._timeout,
             socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
-        self._client = redis.Redis(connection_pool=pool)
-        if await on_cluster(self._client, self._timeout * 2):
-            await self._as_cluster()
-
-    async def _as_cluster(self) -> None:
-        """Go on through a cluster client (the node said it is one of a cluster)."""
-        if self._client is not None:
-            await _close(self._client)
-        self._client = RedisCluster.from_url(
-            self._url, max_connections=self._max_connections,
-            socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
-        self.cluster = True
-        log.info("%s: Redis at %s is a cluster", self._label, self._url)
+        self._client = Client(self._url, self._label, redis.Redis(connection_pool=pool),
+                              max_connections=self._max_connections,
+                              socket_timeout=self._timeout,
+                              socket_connect_timeout=self._timeout)
+        await self._client.find_out(self._timeout * 2)
 
     async def close(self) -> None:
         if self._client is not None:
-            await _close(self._client)
+            await self._client.close()
             self._client = None
 
     async def ping(self) -> None:
@@ -151,16 +143,18 @@ class RedisStore:
         return bool(await self._call(lambda client: client.delete(key)))
 
     async def _call(self, operation: object) -> object:
-        if self._client is None or time.monotonic() < self._quiet_until:
+        client = self._client
+        if client is None or time.monotonic() < self._quiet_until:
             raise StoreUnavailable
         try:
             async with asyncio.timeout(self._timeout * 2):
-                return await operation(self._client)  # type: ignore[operator]
+                await client.find_out(self._timeout)  # (when Redis was away until now)
+                async with client.slot():
+                    return await operation(client.now)  # type: ignore[operator]
+        except MovedError:  # a cluster after all
+            client.moved()
+            raise StoreUnavailable from None
         except (RedisError, OSError, TimeoutError) as exc:
-            if isinstance(exc, MovedError) and not self.cluster:  # a cluster after all (it
-                # was away when the store started)
-                await self._as_cluster()
-                raise StoreUnavailable from None
             if time.monotonic() >= self._quiet_until:
                 log.warning("%s: Redis unavailable (%s); going on without it", self._label,
                             type(exc).__name__)
@@ -168,19 +162,72 @@ class RedisStore:
             raise StoreUnavailable from None
 
 
-async def on_cluster(client: redis.Redis, within: float) -> bool:
-    """Whether the node ``client`` talks to is one of a Redis Cluster (a node that does not
-    answer ``within`` seconds: taken for a plain Redis).
+class Client:
+    """A Redis client for a URL that may name any node of a Redis Cluster. It starts as a
+    plain client (``plain``); once the node says it is a cluster's (asked with ``CLUSTER
+    INFO`` until that could be asked, or told by a ``MOVED`` answer) it goes on through
+    redis-py's cluster client (``cluster_options``: its connections' sizes and timeouts),
+    which sends each key to the node that holds its slot. The client it replaces is closed
+    at the end only: calls may still be running on it.
+
+    The cluster client does not wait for a free connection as a blocking pool does (it
+    fails at once past ``max_connections`` a node): ``slot()`` makes calls wait their turn.
     """
-    with contextlib.suppress(RedisError, OSError, TimeoutError):
+
+    def __init__(self, url: str, label: str, plain: redis.Redis, **cluster_options: Any
+                 ) -> None:
+        self.url, self.label = url, label
+        self.now: redis.Redis | RedisCluster = plain
+        self.cluster: bool | None = None  # None: not known yet
+        self._options = cluster_options
+        self._retired: list[redis.Redis] = []
+        self._slots = asyncio.Semaphore(cluster_options.get("max_connections") or 32)
+
+    async def find_out(self, within: float) -> None:
+        """Ask the node whether it is a cluster's, unless that is known."""
+        if self.cluster is None:
+            said = await on_cluster(self.now, within)
+            if said:
+                self.moved()
+            elif said is False:
+                self.cluster = False
+
+    def moved(self) -> None:
+        """The node is a cluster's: the cluster client from now on."""
+        if self.cluster or isinstance(self.now, RedisCluster):
+            return
+        self._retired.append(self.now)
+        self.now = RedisCluster.from_url(self.url, **self._options)
+        self.cluster = True
+        log.info("%s: Redis at %s is a cluster", self.label, self.url)
+
+    def slot(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._slots if self.cluster else contextlib.nullcontext()
+
+    async def close(self) -> None:
+        for client in [self.now, *self._retired]:
+            await _close(client)
+        self._retired.clear()
+
+
+async def on_cluster(client: redis.Redis | RedisCluster, within: float) -> bool | None:
+    """Whether the node ``client`` talks to is one of a Redis Cluster (``CLUSTER INFO``:
+    refused by a plain Redis); None when it does not answer ``within`` seconds.
+    """
+    try:
         async with asyncio.timeout(within):
-            return bool((await client.info("cluster")).get("cluster_enabled"))
-    return False
+            await client.execute_command("CLUSTER", "INFO")
+            return True
+    except ResponseError:
+        return False
+    except (RedisError, OSError, TimeoutError):
+        return None
 
 
 async def connect(url: str, **options: Any) -> redis.Redis | RedisCluster:
     """A client for ``url``, through a cluster client when the node there is one of a Redis
-    Cluster (``options``: the connections' timeouts and such).
+    Cluster (``options``: the connections' timeouts and such; a node that does not answer
+    is taken for a plain Redis).
     """
     client = redis.Redis.from_url(url, **options)
     if not await on_cluster(client, options.get("socket_connect_timeout") or 5.0):

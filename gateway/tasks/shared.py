@@ -21,12 +21,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, MovedError, RedisError, ResponseError
 
-from gateway.store import on_cluster
+from gateway.store import Client
 from gateway.tasks.records import TERMINAL, Line
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,12 @@ DISCARD = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
 then redis.call('DECR', KEYS[3]) end
 """
-# A batch's record replaced only if it is still as it was read (compare and set).
+# A batch's record replaced only if it is still as it was read (compare and set); done
+# already counts as done (the script ran, and its answer was lost and the call tried again).
 CHANGE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local now = redis.call('GET', KEYS[1])
+if now == ARGV[2] then return 1 end
+if now ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
@@ -75,48 +77,50 @@ class RedisStore:
         # a batch's count of lines is set, not added to; a line queued twice is answered
         # twice and written once).
         # The read timeout is well over the longest blocking read (a claim's wait).
-        self._options: dict[str, Any] = {
+        options: dict[str, Any] = {
             "socket_connect_timeout": 5, "socket_timeout": 30,
             "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
             "retry_on_error": [ConnectionError]}
-        self._url = url
-        self._redis: Any = aioredis.from_url(url, **self._options)  # (loosely typed)
-        self.cluster = False
+        self._client = Client(url, "tasks", aioredis.from_url(url, **options), **options)
         self._timeout = visibility_timeout
         self.folder = url  # (what `gateway batches` says it read)
-        self._finish = self._redis.register_script(FINISH)
-        self._discard = self._redis.register_script(DISCARD)
-        self._due = self._redis.register_script(DUE)
-        self._change = self._redis.register_script(CHANGE)
+        plain = self._redis
+        self._finish = plain.register_script(FINISH)
+        self._discard = plain.register_script(DISCARD)
+        self._due = plain.register_script(DUE)
+        self._change = plain.register_script(CHANGE)
+
+    @property
+    def _redis(self) -> Any:  # (loosely typed)
+        return self._client.now
 
     async def start(self) -> None:
-        if await on_cluster(self._redis, 5.0):
-            await self._as_cluster()
+        await self._find_out()
         try:
             await self._group()
         except DOWN as exc:  # a worker may start before its Redis: it waits for it
             log.warning("tasks: Redis is unavailable (%s); the queue is made when it is "
                         "back", type(exc).__name__)
 
-    async def _as_cluster(self) -> None:
-        """Go on through a cluster client (a node of one answered; or said MOVED)."""
-        await self._redis.aclose()
-        self._redis = RedisCluster.from_url(self._url, **self._options)
-        self.cluster = True
-        log.info("tasks: Redis at %s is a cluster", self._url)
+    async def _find_out(self) -> None:
+        """Whether Redis is a cluster's node, once it can be asked (at start, and then at
+        each claim and look at the batches, every few seconds, until it could be).
+        """
+        await self._client.find_out(5.0)
 
     async def _group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
             await self._redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
 
     async def close(self) -> None:
-        await self._redis.aclose()  # (a client from a URL closes its own pool)
+        await self._client.close()
 
     # ---- files
 
     # Records and the lists that index them live in different cluster slots, so they are
-    # written in one round trip but not one transaction: a list may name a record that is
-    # not (yet, or any more) there, and every reader of a list skips those.
+    # written in one round trip but not one transaction: should a write be cut short, a
+    # list may name a record that is not there (every reader of a list skips those), or a
+    # record be missing from a list (it is still found by its id).
 
     async def save_file(self, record: dict[str, Any], content: bytes) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -174,12 +178,11 @@ class RedisStore:
         """(Looked at every few seconds by every process: where a Redis that was away at
         start turns out to be a cluster.)
         """
+        await self._find_out()
         try:
             ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
-        except MovedError:
-            if self.cluster:
-                raise
-            await self._as_cluster()
+        except MovedError:  # a cluster after all (it could not be asked)
+            self._client.moved()
             ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
         out, done = [], 0
         for batch_id in ids:
@@ -224,6 +227,7 @@ class RedisStore:
 
     async def claim(self, holder: str, count: int, wait: float) -> list[Line]:
         """Lines due again, lines a dead worker held, else new lines (waiting for some)."""
+        await self._find_out()
         try:
             await self._due(keys=[LATER, STREAM], args=[time.time()], client=self._redis)
             _, entries, *_ = await self._redis.xautoclaim(
@@ -233,9 +237,8 @@ class RedisStore:
                 return lines  # (at once: new lines are read at the next claim)
             read = await self._redis.xreadgroup(GROUP, holder, {STREAM: ">"}, count=count,
                                                 block=max(1, int(wait * 1000)))
-        except MovedError:
-            if not self.cluster:  # a cluster after all (it was away when the store started)
-                await self._as_cluster()
+        except MovedError:  # a cluster after all (it could not be asked)
+            self._client.moved()
             return []
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

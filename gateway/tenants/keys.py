@@ -9,7 +9,6 @@ key revoked through one process stops working on all of them within that time. `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import secrets
@@ -26,9 +25,11 @@ from gateway.typed_toml import build
 
 RECHECK = 0.5  # seconds a process trusts what it last read of a key in Redis
 UNKNOWN_KEPT = 1024  # digests remembered as unknown (beyond that, forgotten)
-# One hash tag: the two are read and written together, by scripts (one cluster slot).
-KEYS, BY_DIGEST = "gw:{keys}:records", "gw:{keys}:by-digest"
-OLD_NAMES = {"gw:keys": KEYS, "gw:keys:by-digest": BY_DIGEST}  # before the hash tag
+# The records (id → record) and the index (digest → id), read and written together by
+# scripts: on a Redis Cluster under one hash tag (one slot); on a plain Redis under the
+# names they have always had there (processes of earlier versions go on beside new ones).
+PLAIN = ("gw:keys", "gw:keys:by-digest")
+CLUSTER = ("gw:{keys}:records", "gw:{keys}:by-digest")
 
 
 # What may be changed of a key once issued (its id, hash and birth stay).
@@ -120,9 +121,7 @@ class KeyBook:
 
 
 class RedisKeys:
-    """Named keys in Redis: ``gw:{keys}:records`` (id → record) and
-    ``gw:{keys}:by-digest``.
-    """
+    """Named keys in Redis: the records and their index by digest (``PLAIN``, ``CLUSTER``)."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -131,15 +130,12 @@ class RedisKeys:
         self._seen: dict[str, tuple[float, KeyConfig | None]] = {}  # digest → (until, record)
 
     async def start(self) -> None:
-        """The link started; keys kept under the names of earlier versions renamed (on a
-        plain Redis: those names could not be used together on a cluster).
-        """
         await self.link.start()
-        if self.link.cluster:
-            return
-        renames = [name for pair in OLD_NAMES.items() for name in pair]
-        with contextlib.suppress(Away):  # (away: it is asked again at the next start)
-            await self.link.call(lambda: self.link.script(RENAME)(renames, []), patient=True)
+
+    @property
+    def _names(self) -> tuple[str, str]:
+        """(records, by digest) for the Redis there is."""
+        return CLUSTER if self.link.cluster else PLAIN
 
     async def find(self, digest: str) -> KeyConfig | None:
         now = time.monotonic()
@@ -147,7 +143,7 @@ class RedisKeys:
         if seen is not None and seen[0] > now:
             return seen[1]
         try:
-            raw = await self.link.call(lambda: self._find([BY_DIGEST, KEYS], [digest]))
+            raw = await self.link.call(lambda: self._find(self._names[::-1], [digest]))
         except Away:
             if seen is not None:  # Redis is away: what was last known stands
                 return seen[1]
@@ -162,24 +158,24 @@ class RedisKeys:
         return record
 
     async def all(self) -> list[KeyConfig]:
-        raw = await self.link.call(lambda: self.link.client.hgetall(KEYS))
+        raw = await self.link.call(lambda: self.link.client.hgetall(self._names[0]))
         return sorted((r for r in map(_record, raw.values()) if r), key=lambda r: r.created)
 
     async def get(self, key_id: str) -> KeyConfig | None:
-        raw = await self.link.call(lambda: self.link.client.hget(KEYS, key_id))
+        raw = await self.link.call(lambda: self.link.client.hget(self._names[0], key_id))
         return _record(raw) if raw else None
 
     async def create(self, record: KeyConfig) -> bool:
         """Store a new key; False when its id is taken."""
         args: list[str | bytes] = [record.id, orjson.dumps(dataclasses.asdict(record)),
                                    digest_of(record.hash)]
-        created = await self.link.call(lambda: self._create([KEYS, BY_DIGEST], args))
+        created = await self.link.call(lambda: self._create(self._names, args))
         return bool(created)
 
     async def put(self, record: KeyConfig) -> None:
         """Store a key's changed record (settings, revoked)."""
         body = orjson.dumps(dataclasses.asdict(record))
-        await self.link.call(lambda: self.link.client.hset(KEYS, record.id, body))
+        await self.link.call(lambda: self.link.client.hset(self._names[0], record.id, body))
         self._seen.pop(digest_of(record.hash), None)
 
 
@@ -196,18 +192,6 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
-
-# Each old name renamed to its new one, unless the new one is there already. KEYS: old,
-# new, old, new...
-RENAME = """
-for i = 1, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('EXISTS', KEYS[i + 1]) == 0 then
-    redis.call('RENAME', KEYS[i], KEYS[i + 1])
-  end
-end
-return 1
-"""
-
 
 def _record(raw: Any) -> KeyConfig | None:
     try:

@@ -20,7 +20,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError, RedisError, ResponseError
 
-from gateway.store import on_cluster
+from gateway.store import Client
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,29 @@ class Link:
     def __init__(self, url: str, timeout: float, max_connections: int = 32) -> None:
         self.url = url
         self.timeout = timeout
-        self.max_connections = max_connections
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout,
             socket_timeout=timeout * 2, socket_connect_timeout=timeout * 2)
-        self.client: redis.Redis | RedisCluster = redis.Redis(connection_pool=pool)
-        self.cluster = False
+        self._client = Client(url, "tenants", redis.Redis(connection_pool=pool),
+                              max_connections=max_connections, socket_timeout=timeout * 2,
+                              socket_connect_timeout=timeout * 2)
         self.quiet_until = 0.0
         self._refusal_logged = 0.0
 
-    async def start(self) -> None:
-        """Find out whether Redis is a cluster's node (a Redis away now: later, from MOVED)."""
-        if isinstance(self.client, redis.Redis) and \
-                await on_cluster(self.client, self.timeout * 2):
-            await self._as_cluster()
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        return self._client.now
 
-    async def _as_cluster(self) -> None:
-        await self.close()
-        self.client = RedisCluster.from_url(
-            self.url, max_connections=self.max_connections,
-            socket_timeout=self.timeout * 2, socket_connect_timeout=self.timeout * 2)
-        self.cluster = True
-        log.info("tenants: Redis at %s is a cluster", self.url)
+    @property
+    def cluster(self) -> bool | None:
+        """Whether Redis is a cluster's node (None: not known yet)."""
+        return self._client.cluster
+
+    async def start(self) -> None:
+        """Find out whether Redis is a cluster's node (a Redis away now: at the first call
+        it answers).
+        """
+        await self._client.find_out(self.timeout * 2)
 
     def script(self, source: str) -> Script:
         """A Lua script, called with ``(keys, args)`` on whichever client is current."""
@@ -78,10 +79,11 @@ class Link:
             raise Unasked
         try:
             async with asyncio.timeout(self.timeout):
-                return await make()
-        except MovedError:
-            if not self.cluster:  # a cluster after all (it was away when the link started)
-                await self._as_cluster()
+                await self._client.find_out(self.timeout)  # (when Redis was away until now)
+                async with self._client.slot():
+                    return await make()
+        except MovedError:  # a cluster after all (it could not be asked at start)
+            self._client.moved()
             raise Away from None
         except ResponseError as exc:  # Redis is there, and refused this one command
             if time.monotonic() - self._refusal_logged >= QUIET_SECONDS:
@@ -98,7 +100,4 @@ class Link:
             raise Away from None
 
     async def close(self) -> None:
-        if isinstance(self.client, RedisCluster):
-            await self.client.aclose()
-        else:
-            await self.client.aclose(close_connection_pool=True)
+        await self._client.close()

@@ -6,11 +6,14 @@ and what one script or step touches shares one slot (no CROSSSLOT):
 - the response cache: answers cached are hits, spread over the nodes;
 - keys and their limits' counters: a key issued through one gateway works through another,
   the two allow its rate once, not once each, and its revocation reaches both;
-- the Batch API's queue: a batch's lines are answered once each, and a batch is cancelled.
+- the Batch API's queue: a batch's lines are answered once each, and a batch is cancelled;
+- a cluster away when the gateway started is found out once it answers;
+- a burst on one key waits for the cluster client's connections instead of failing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -27,6 +30,9 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.config import KeyConfig
+from gateway.tenants.link import Link
+from gateway.tenants.shared_limits import RedisLimits
 from tests.redis_peer import RedisCluster
 from tests.support import (
     GATEWAY,
@@ -184,8 +190,9 @@ def test_batches_run_on_a_redis_cluster(ollama_sim: Sim, cluster: RedisCluster) 
 def test_a_cluster_away_at_start_is_found_out_when_it_answers(ollama_sim: Sim) -> None:
     with RedisCluster() as own:
         own.nodes[2].kill()  # the node the gateway is given
-        server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
-                                              **tenants_config(own)))
+        server = start_gateway(gateway_config(
+            backend("ollama", "ollama", ollama_sim.api_url), **tenants_config(own),
+            tasks={"queue": "redis", "redis_url": own.nodes[2].url}))
         try:
             assert call(server, "/admin/keys", ADMIN, method="GET")[0] == 503
             own.nodes[2].restart()
@@ -199,5 +206,56 @@ def test_a_cluster_away_at_start_is_found_out_when_it_answers(ollama_sim: Sim) -
                 return sum(node.keys("gw:rl:{late}:*") for node in own.nodes) > 0
 
             wait_until(counted, 15, "the key's requests counted in the cluster")
+
+            # the task store found out too (its keys hash all over): a batch runs
+            api = openai.OpenAI(base_url=server.url + "/v1", api_key=issued["key"],
+                                max_retries=0)
+            lines = [{"custom_id": f"late-{n}", "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": MODEL, "max_tokens": 8,
+                               "messages": [{"role": "user", "content": f"late {n}"}]}}
+                     for n in range(8)]
+            source = wait_for(lambda: api.files.create(
+                file=("late.jsonl", io.BytesIO("\n".join(map(json.dumps, lines)).encode())),
+                purpose="batch"))
+            batch = wait_for(lambda: api.batches.create(
+                input_file_id=source.id, completion_window="24h",
+                endpoint="/v1/chat/completions"))
+            wait_until(lambda: api.batches.retrieve(batch.id).status == "completed", 30,
+                       "the batch done")
         finally:
             server.stop()
+
+
+def wait_for(attempt: Any, limit: float = 15) -> Any:
+    """What ``attempt()`` gives once it does not fail: until the store has found out (within
+    the seconds between its looks at the batches), a key in another node's slot is a 503.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            return attempt()
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+async def test_a_burst_waits_for_the_cluster_connections_and_is_answered(
+        cluster: RedisCluster) -> None:
+    """A cluster client fails at once past its connections to a node (a plain one's pool
+    waits): the link makes calls wait their turn, so a burst on one key (one node) is
+    counted in Redis, none refused as if Redis were away.
+    """
+    link = Link(cluster.nodes[2].url, timeout=2.0, max_connections=4)
+    await link.start()
+    limits = RedisLimits(link, "closed")  # (Redis away: refused)
+    try:
+        assert link.cluster
+        key = KeyConfig(id="burst", hash="0" * 64, rpm=10_000, concurrency=1000)
+        admissions = await asyncio.gather(*(limits.admit(key, 1) for _ in range(200)))
+        assert [a.reason for a in admissions] == [""] * 200
+        assert not any(a.local for a in admissions)
+        for admission in admissions:
+            await limits.settle(key, admission, 1)
+    finally:
+        await limits.close()
+        await link.close()
