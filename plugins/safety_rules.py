@@ -5,8 +5,10 @@ of what it found (Luhn for card numbers, mod-97 for IBANs, digit counts for phon
 placeholders for passwords in URLs, code comments for e-mail addresses).
 
 Speed: most text holds none of this, so each phrase names the words it cannot do without
-(``anchors``, looked for in the lower-cased text, which is fast) and the number rules share
-one cheap look for a long enough run of digits (``gate``); a pattern runs only past those.
+(``anchors``) and the number rules share one cheap look for a long enough run of digits
+(``gate``); a pattern runs only past those. Every rule's anchors are looked for together, in
+one pass over the lower-cased text (an Aho-Corasick automaton, ``anchors_in``), so a text
+that holds none of them costs about the same for ten rules as for one.
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import ahocorasick
+
 from plugins.safety_keys import keys
 
 Category = Literal["personal", "secret", "injection"]
 
 
 class Text:
-    """A text being checked, with what the rules share: its lower-case form, which gates it
-    passed, and where its lines and code fences are (found once, so that a check of each
-    match is not a scan of the whole text).
+    """A text being checked, with what the rules share: its lower-case form, the anchors it
+    holds, which gates it passed, and where its lines and code fences are (found once, so
+    that a check of each match is not a scan of the whole text).
     """
 
-    __slots__ = ("_anchors", "_fences", "_gates", "_lines", "lower", "text")
+    __slots__ = ("_fences", "_gates", "_lines", "_present", "lower", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.lower = text.lower()
         self._gates: dict[re.Pattern[str], bool] = {}
-        self._anchors: dict[str, bool] = {}  # many phrases share anchors: each is looked for once
+        self._present: frozenset[str] | None = None
         self._lines: list[int] | None = None
         self._fences: list[int] | None = None
 
@@ -44,15 +48,16 @@ class Text:
             passed = self._gates[gate] = gate.search(self.text) is not None
         return passed
 
-    def holds(self, anchors: tuple[str, ...]) -> bool:
+    @property
+    def present(self) -> frozenset[str]:
+        """Every rule's anchors that the text holds."""
+        if self._present is None:
+            self._present = anchors_in(self.lower)
+        return self._present
+
+    def holds(self, anchors: frozenset[str]) -> bool:
         """Whether the text holds one of these (lower-case) words."""
-        for anchor in anchors:
-            held = self._anchors.get(anchor)
-            if held is None:
-                held = self._anchors[anchor] = anchor in self.lower
-            if held:
-                return True
-        return False
+        return not self.present.isdisjoint(anchors)
 
     def line_start(self, at: int) -> int:
         """Where the line that holds position ``at`` starts."""
@@ -74,7 +79,8 @@ Finder = Callable[[Text], Iterator[tuple[int, int]]]
 @dataclass(frozen=True, slots=True)
 class Phrase:
     pattern: re.Pattern[str]
-    anchors: tuple[str, ...] = ()  # lower-case; one must be in the text (none: always tried)
+    anchors: frozenset[str] = frozenset()  # lower-case; one must be in the text (none: always
+    # tried)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +92,31 @@ class Rule:
     accept: Callable[[re.Match[str], Text], bool] | None = None  # a found match is real
     gate: re.Pattern[str] | None = None  # the text must hold this before any phrase is tried
     redacts: str | None = None  # the group of a match to redact (default: all of it)
-    finder: tuple[tuple[str, ...], Finder] | None = None  # anchors, and a finder of spans
+    finder: tuple[frozenset[str], Finder] | None = None  # anchors, and a finder of spans
+
+    @property
+    def needs(self) -> frozenset[str] | None:
+        """Anchors one of which a text must hold for this rule to find anything (None: a
+        phrase needs none).
+        """
+        if any(not phrase.anchors for phrase in self.phrases):
+            return None
+        return frozenset().union(*(p.anchors for p in self.phrases),
+                                 self.finder[0] if self.finder else ())
+
+    def may_find(self, scan: Text) -> bool:
+        """Whether the text holds what this rule needs (its anchors, its gate): without,
+        it finds nothing.
+        """
+        needs = _NEEDS.get(self.name)
+        if needs is not None and scan.present.isdisjoint(needs):
+            return False
+        return self.gate is None or scan.passes(self.gate)
 
     def find(self, text: str | Text) -> list[tuple[int, int]]:
         """Where in the text this rule finds something (the spans to redact), in order."""
         scan = text if isinstance(text, Text) else Text(text)
-        if self.gate is not None and not scan.passes(self.gate):
+        if not self.may_find(scan):
             return []
         found = []
         for phrase in self.phrases:
@@ -204,11 +229,12 @@ _DIGITS = re.compile(r"\d[\d ().+-]{8,}\d")  # ten or more characters of a numbe
 
 
 def _one(pattern: str, *anchors: str, flags: int = 0) -> tuple[Phrase, ...]:
-    return (Phrase(re.compile(pattern, flags), anchors),)
+    return (Phrase(re.compile(pattern, flags), frozenset(anchors)),)
 
 
 def _phrases(*phrases: tuple[str, tuple[str, ...]], flags: int) -> tuple[Phrase, ...]:
-    return tuple(Phrase(re.compile(pattern, flags), anchors) for pattern, anchors in phrases)
+    return tuple(Phrase(re.compile(pattern, flags), frozenset(anchors))
+                 for pattern, anchors in phrases)
 
 
 _OVERRIDE_VERBS = ("ignore", "disregard", "forget", "override", "bypass", "set aside",
@@ -234,7 +260,8 @@ RULES: tuple[Rule, ...] = (
         r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|[rs]k_live_[0-9A-Za-z]{20,}"
         r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?!\w)",
         "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-")),
-    Rule("private_key", "secret", "a private key", (), finder=(("-----begin",), _private_keys)),
+    Rule("private_key", "secret", "a private key", (),
+         finder=(frozenset({"-----begin"}), _private_keys)),
     Rule("bearer_token", "secret", "a bearer token", _one(
         r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"
         r"|(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
@@ -351,6 +378,24 @@ RULES: tuple[Rule, ...] = (
 )
 
 BY_NAME = {rule.name: rule for rule in RULES}
+_NEEDS = {rule.name: rule.needs for rule in RULES}
+
+
+def _automaton() -> ahocorasick.Automaton:
+    automaton = ahocorasick.Automaton()
+    for anchor in sorted({a for rule in RULES for a in frozenset().union(
+            *(p.anchors for p in rule.phrases), rule.finder[0] if rule.finder else ())}):
+        automaton.add_word(anchor, anchor)
+    automaton.make_automaton()
+    return automaton
+
+
+_ANCHORS = _automaton()
+
+
+def anchors_in(lower: str) -> frozenset[str]:
+    """The rules' anchors that a lower-cased text holds (one pass, however many rules)."""
+    return frozenset(anchor for _, anchor in _ANCHORS.iter(lower))
 
 # Secrets a model might say: redacted from answers as they stream. Each is a run of text
 # without white space, save the two that are not (a bearer token, a private key block).

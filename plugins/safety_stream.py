@@ -29,7 +29,7 @@ from plugins.safety_keys import (
     block,
     body,
 )
-from plugins.safety_rules import Rule, Text
+from plugins.safety_rules import Rule, Text, anchors_in
 
 MAX_RUN = 4096  # the most of a run without white space held back as a possible secret
 TAIL = 64  # what is kept of a run let go: enough for the start of any secret
@@ -45,10 +45,13 @@ _MARKER = re.compile(
 _PARTIAL = {marker[:k]: marker in _KEY_MARKERS
             for marker in _OTHER_MARKERS + _KEY_MARKERS for k in range(len(marker) - 1, 0, -1)}
 _LONGEST = max(map(len, _PARTIAL))
+# Where one of those may start: a character whose lower case begins a marker.
+_FIRST = re.compile("[" + "".join(sorted({re.escape(c) for m in _KEY_MARKERS + _OTHER_MARKERS
+                                          for c in (m[0], m[0].upper())})) + "]")
 _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a secret's shape
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
-_URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
-_SPACES = " \n\t\r\f\v"
+_URL_DONE = re.compile(r"[/@]")
+_SPACE = re.compile(r"[ \n\t\r\f\v]")  # past the part of a URL a password may be in
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
 # still part of it, and whether it has ended there.
@@ -173,10 +176,8 @@ class StreamRedactor:
         if not text:
             return text
         context, self.context = self.context, text[-1]
-        if self.hint:
-            low = text.lower()
-            if not any(anchor in low for anchor in self.hint):
-                return text  # nothing any rule needs is there (most pieces of most answers)
+        if self.hint and anchors_in(text.lower()).isdisjoint(self.hint):
+            return text  # nothing any rule needs is there (most pieces of most answers)
         text = context + text
         scan = Text(text)
         for rule in self.rules:
@@ -211,7 +212,10 @@ def _token_run(text: str) -> int:
 
 def _run_start(text: str, end: int) -> int:
     """Where the run of text without white space that ends at ``end`` starts."""
-    return max(text.rfind(space, 0, end) for space in _SPACES) + 1
+    if not end:
+        return 0
+    space = _SPACE.search(text[end - 1::-1])  # (the text read backwards from the end)
+    return 0 if space is None else end - space.start()
 
 
 def _bearer_before(text: str, run: int) -> int | None:
@@ -244,11 +248,14 @@ def _secret_start(text: str, run: int) -> int | None:
     marker = _MARKER.search(text, run)
     if marker is not None:
         return marker.start()
-    for at in range(max(run, len(text) - _LONGEST), len(text)):
+    at = max(run, len(text) - _LONGEST)
+    while (candidate := _FIRST.search(text, at)) is not None:
+        at = candidate.start()
         word = _PARTIAL.get(text[at:].lower())
         if word is not None and not (word and at > 0 and (
                 text[at - 1].isascii() and (text[at - 1].isalnum() or text[at - 1] in "_-"))):
             return at
+        at += 1
     return None
 
 
@@ -277,15 +284,11 @@ def _token_rest(text: str) -> tuple[int, bool]:
     return (len(text), False) if other is None else (other.start(), True)
 
 
-def _hint(rules: list[Rule]) -> tuple[str, ...]:
+def _hint(rules: list[Rule]) -> frozenset[str]:
     """Everything the rules need, one of which a text must hold for any of them to match
     (empty: some rule needs nothing, so every text is read).
     """
-    anchors: set[str] = set()
-    for rule in rules:
-        if any(not phrase.anchors for phrase in rule.phrases):
-            return ()
-        anchors.update(a for phrase in rule.phrases for a in phrase.anchors)
-        if rule.finder is not None:
-            anchors.update(rule.finder[0])
-    return tuple(sorted(anchors))
+    needs = [rule.needs for rule in rules]
+    if any(one is None for one in needs):
+        return frozenset()
+    return frozenset().union(*needs)  # type: ignore[arg-type]

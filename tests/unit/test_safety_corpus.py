@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.safety_rules import BY_NAME, RULES
+from plugins.safety_rules import BY_NAME, RULES, Rule, Text
 
 CORPUS = Path(__file__).parent.parent / "data" / "safety"
 DETECTION_MIN = 0.95  # of all harmful examples
@@ -63,3 +63,29 @@ def test_the_rules_find_the_harmful_corpus_and_spare_the_benign_one(prefix: str)
     for rule in BY_NAME:
         assert hits[rule] / totals[rule] >= RULE_DETECTION_MIN, rule
     assert fp_rate <= FALSE_POSITIVE_MAX
+
+
+def every_phrase(rule: Rule, text: str) -> list[tuple[int, int]]:
+    """What ``rule`` finds in ``text`` with no anchor or gate looked at first: each phrase
+    tried, each finder run.
+    """
+    scan = Text(text)
+    found = [match.span(rule.redacts) if rule.redacts else match.span()
+             for phrase in rule.phrases for match in phrase.pattern.finditer(text)
+             if rule.accept is None or rule.accept(match, scan)]
+    if rule.finder is not None:
+        found += rule.finder[1](scan)
+    return sorted(found)
+
+
+def test_anchors_and_gates_only_spare_work_they_never_change_what_is_found() -> None:
+    """The one pass over a text for every rule's anchors (and the digits' gate) decides
+    which patterns run; on every text of the corpora, and on each with its words' case
+    changed, each rule finds what it finds with every pattern run.
+    """
+    texts = [row["text"] for name in ("harmful.jsonl", "benign.jsonl", "heldout_harmful.jsonl",
+                                      "heldout_benign.jsonl") for row in load(name)]
+    texts += [text.upper() for text in texts] + [text.title() for text in texts]
+    for text in texts:
+        for rule in RULES:
+            assert sorted(rule.find(text)) == every_phrase(rule, text), (rule.name, text)
