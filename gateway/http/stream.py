@@ -30,6 +30,7 @@ SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
 PING_SECONDS = 15.0  # ": ping" comments keep idle proxies and IDE plugins from hanging up
 SEND_SECONDS = 120.0  # a client that takes no data for this long is dropped
+WATCH_SECONDS = 5.0  # how often a stream's watch looks (a stalled client goes within this)
 
 
 class StreamEncoder(Protocol):
@@ -101,42 +102,72 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
     """Whether the whole answer went out. Every failure after the commit ends the stream
     in-band (nothing may escape: a second response would corrupt this one).
     """
+    watch = SendWatch(request)
     try:
-        await _send(request, response, encoder.begin() + encoder.chunk(answer.first))
+        await watch.send(response, encoder.begin() + encoder.chunk(answer.first))
         async for chunk in answer.rest:
             data = encoder.chunk(chunk)
             if data:
-                await _send(request, response, data)
+                await watch.send(response, data)
         last = encoder.end(await answer.finish())
         if before_end is not None:
             await before_end()
     except GatewayError as exc:
-        await _send_last(request, response, encoder.error(exc))
+        await _send_last(response, encoder.error(exc))
         return False
     except (ConnectionError, TimeoutError):
         return False  # the client left or stopped reading; the caller cleans up
     except Exception:
         log.exception("stream %s failed", request.get(REQUEST_ID, "?"))
-        await _send_last(request, response, encoder.error(GatewayError(
+        await _send_last(response, encoder.error(GatewayError(
             "The gateway failed while streaming.", code="internal_error")))
         return False
-    await _send_last(request, response, last)
+    finally:
+        watch.close()
+    await _send_last(response, last)
     return True
 
 
-async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
-    try:
+class SendWatch:
+    """Drops a client that takes no data for ``SEND_SECONDS`` (a stalled client never
+    drains the buffer; its connection is aborted, and the write waiting on it fails): one
+    timer a stream, looking every ``WATCH_SECONDS``, rather than one armed and cancelled
+    around each of its writes.
+    """
+
+    __slots__ = ("_handle", "_loop", "_request", "_since")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the write under way began
+        self._handle = self._loop.call_later(WATCH_SECONDS, self._look)
+
+    async def send(self, response: web.StreamResponse, data: bytes) -> None:
+        self._since = self._loop.time()
+        await response.write(data)
+        self._since = None
+
+    def _look(self) -> None:
+        since = self._since
+        if since is not None and self._loop.time() - since >= SEND_SECONDS:
+            log.info("stream %s: the client took no data for %.0fs; dropped",
+                     self._request.get(REQUEST_ID, "?"), SEND_SECONDS)
+            if self._request.transport is not None:
+                self._request.transport.abort()
+            return
+        self._handle = self._loop.call_later(WATCH_SECONDS, self._look)
+
+    def close(self) -> None:
+        """Stop looking (the last write, after, is bounded by its own watch)."""
+        self._handle.cancel()
+
+
+async def _send_last(response: web.StreamResponse, data: bytes) -> None:
+    """The stream's last events; a client that has stopped reading is not waited for."""
+    with contextlib.suppress(ConnectionError, TimeoutError):
         async with asyncio.timeout(SEND_SECONDS):
             await response.write(data)
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()  # a stalled client never drains the buffer: drop it
-        raise
-
-
-async def _send_last(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
-    with contextlib.suppress(ConnectionError, TimeoutError):
-        await _send(request, response, data)
 
 
 def _one_line(text: str) -> str:

@@ -1,23 +1,28 @@
 """A client that goes away takes its upstream request with it: the backend sees its
-connection closed and stops generating for nobody.
+connection closed and stops generating for nobody. So does one that stays but stops reading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 
+from gateway.http import stream
 from tests.support import ServerThread, Sim
 
 USER = [{"role": "user", "content": "Hello"}]
 
 
-async def wait_for_outcome(sim: Sim, path: str) -> dict[str, Any]:
-    """The request's log entry once the upstream saw it end (or after five seconds)."""
-    deadline = time.monotonic() + 5.0
+async def wait_for_outcome(sim: Sim, path: str, limit: float = 5.0) -> dict[str, Any]:
+    """The request's log entry once the upstream saw it end (or after ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
     while True:
         [record] = sim.requests(path)
         if record.get("closed_by_client") or time.monotonic() > deadline:
@@ -60,4 +65,44 @@ async def test_client_leaving_before_the_answer_cancels_the_upstream_request(
         gateway.url + "/v1/chat/completions",
         json={"model": "phi3.5:3.8b", "messages": USER},
     ) as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])  # SSE, NDJSON
+async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_closed(
+    gateway: ServerThread, ollama_sim: Sim, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A client that keeps its connection open but takes no more data: once the buffers
+    between are full, the gateway waits ``SEND_SECONDS`` for it, then drops it and closes
+    the upstream stream; the next client is served.
+    """
+    monkeypatch.setattr(stream, "SEND_SECONDS", 1.0)
+    monkeypatch.setattr(stream, "WATCH_SECONDS", 0.2)
+    ollama_sim.fault("phi3.5:3.8b", reply=" ".join(f"word{n}" for n in range(200_000)),
+                     tokens_per_s=1_000_000, remaining=1)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "phi3.5:3.8b", "messages": USER, "stream": True}).encode()
+    sleeper = socket.socket()
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting)
+    sleeper.connect((host, int(port)))
+    try:
+        sleeper.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + host.encode()
+                        + b"\r\n"
+                        b"Content-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert sleeper.recv(12) == b"HTTP/1.1 200"  # and then reads no more
+        started = time.monotonic()
+        record = await wait_for_outcome(ollama_sim, "/api/chat", limit=20.0)
+        assert record["outcome"] == "client_closed", record
+        assert record["tokens"] < 200_000  # cut short, not generated for nobody
+        assert time.monotonic() - started < 15
+        sleeper.settimeout(5)
+        with contextlib.suppress(ConnectionError):
+            while sleeper.recv(65536):  # what was buffered, then the end: dropped
+                pass
+    finally:
+        sleeper.close()
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "phi3.5:3.8b", "messages": USER}) as response:
         assert response.status == 200
