@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import ahocorasick
@@ -38,7 +38,7 @@ class Text:
         self.text = text
         self.lower = text.lower()
         self._gates: dict[re.Pattern[str], bool] = {}
-        self._present: frozenset[str] | None = None
+        self._present: set[str] | None = None
         self._lines: list[int] | None = None
         self._fences: list[int] | None = None
 
@@ -49,7 +49,7 @@ class Text:
         return passed
 
     @property
-    def present(self) -> frozenset[str]:
+    def present(self) -> set[str]:
         """Every rule's anchors that the text holds."""
         if self._present is None:
             self._present = anchors_in(self.lower)
@@ -94,21 +94,21 @@ class Rule:
     redacts: str | None = None  # the group of a match to redact (default: all of it)
     finder: tuple[frozenset[str], Finder] | None = None  # anchors, and a finder of spans
 
-    @property
-    def needs(self) -> frozenset[str] | None:
-        """Anchors one of which a text must hold for this rule to find anything (None: a
-        phrase needs none).
-        """
-        if any(not phrase.anchors for phrase in self.phrases):
-            return None
-        return frozenset().union(*(p.anchors for p in self.phrases),
-                                 self.finder[0] if self.finder else ())
+    # Anchors one of which a text must hold for this rule to find anything (None: a phrase
+    # needs none); worked out once, from the phrases and the finder.
+    needs: frozenset[str] | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        needs = None if any(not phrase.anchors for phrase in self.phrases) else \
+            frozenset().union(*(p.anchors for p in self.phrases),
+                              self.finder[0] if self.finder else ())
+        object.__setattr__(self, "needs", needs)
 
     def may_find(self, scan: Text) -> bool:
         """Whether the text holds what this rule needs (its anchors, its gate): without,
         it finds nothing.
         """
-        needs = _NEEDS.get(self.name)
+        needs = self.needs
         if needs is not None and scan.present.isdisjoint(needs):
             return False
         return self.gate is None or scan.passes(self.gate)
@@ -378,7 +378,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 BY_NAME = {rule.name: rule for rule in RULES}
-_NEEDS = {rule.name: rule.needs for rule in RULES}
 
 
 def _automaton() -> ahocorasick.Automaton:
@@ -393,9 +392,9 @@ def _automaton() -> ahocorasick.Automaton:
 _ANCHORS = _automaton()
 
 
-def anchors_in(lower: str) -> frozenset[str]:
+def anchors_in(lower: str) -> set[str]:
     """The rules' anchors that a lower-cased text holds (one pass, however many rules)."""
-    return frozenset(anchor for _, anchor in _ANCHORS.iter(lower))
+    return {anchor for _, anchor in _ANCHORS.iter(lower)}
 
 # Secrets a model might say: redacted from answers as they stream. Each is a run of text
 # without white space, save the two that are not (a bearer token, a private key block).
