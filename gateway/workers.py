@@ -147,7 +147,7 @@ def as_worker(app: web.Application) -> None:
 
     app.on_response_prepare.append(name_worker)
     folder = os.environ.get(METRICS_ENV)
-    if folder:
+    if folder and app[TELEMETRY].metrics.enabled:
         shared = WorkerMetrics(app[TELEMETRY].metrics, folder, number)
 
         async def metrics_of_all(_: web.Application) -> AsyncIterator[None]:

@@ -7,7 +7,7 @@ placeholders for passwords in URLs, code comments for e-mail addresses).
 Speed: most text holds none of this, so each phrase names the words it cannot do without
 (``anchors``) and the number rules share one cheap look for a long enough run of digits
 (``gate``); a pattern runs only past those. Every rule's anchors are looked for together, in
-one pass over the lower-cased text (an Aho-Corasick automaton, ``anchors_in``), so a text
+one pass over the case-folded text (an Aho-Corasick automaton, ``anchors_in``), so a text
 that holds none of them costs about the same for ten rules as for one.
 """
 
@@ -27,16 +27,15 @@ Category = Literal["personal", "secret", "injection"]
 
 
 class Text:
-    """A text being checked, with what the rules share: its lower-case form, the anchors it
-    holds, which gates it passed, and where its lines and code fences are (found once, so
-    that a check of each match is not a scan of the whole text).
+    """A text being checked, with what the rules share: the anchors it holds, which gates it
+    passed, and where its lines and code fences are (found once, so that a check of each
+    match is not a scan of the whole text).
     """
 
-    __slots__ = ("_fences", "_gates", "_lines", "_present", "lower", "text")
+    __slots__ = ("_fences", "_gates", "_lines", "_present", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.lower = text.lower()
         self._gates: dict[re.Pattern[str], bool] = {}
         self._present: set[str] | None = None
         self._lines: list[int] | None = None
@@ -52,7 +51,7 @@ class Text:
     def present(self) -> set[str]:
         """Every rule's anchors that the text holds."""
         if self._present is None:
-            self._present = anchors_in(self.lower)
+            self._present = anchors_in(self.text)
         return self._present
 
     def holds(self, anchors: frozenset[str]) -> bool:
@@ -392,9 +391,18 @@ def _automaton() -> ahocorasick.Automaton:
 _ANCHORS = _automaton()
 
 
-def anchors_in(lower: str) -> set[str]:
-    """The rules' anchors that a lower-cased text holds (one pass, however many rules)."""
-    return {anchor for _, anchor in _ANCHORS.iter(lower)}
+def anchors_in(text: str) -> set[str]:
+    """The rules' anchors that a text holds, in any case (one pass, however many rules).
+
+    A text is case-folded, then its dotted and dotless i made "i": so every spelling a
+    pattern matches without regard to case holds the pattern's anchor (``re.IGNORECASE``
+    matches a long s as "s", and a dotted capital I or a dotless i as "i"; folding makes
+    some texts hold more, never fewer).
+    """
+    folded = text.casefold()
+    if not folded.isascii():
+        folded = folded.replace("i\u0307", "i").replace("\u0131", "i")
+    return {anchor for _, anchor in _ANCHORS.iter(folded)}
 
 # Secrets a model might say: redacted from answers as they stream. Each is a run of text
 # without white space, save the two that are not (a bearer token, a private key block).

@@ -50,8 +50,8 @@ _FIRST = re.compile("[" + "".join(sorted({re.escape(c) for m in _KEY_MARKERS + _
                                           for c in (m[0], m[0].upper())})) + "]")
 _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a secret's shape
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
-_URL_DONE = re.compile(r"[/@]")
-_SPACE = re.compile(r"[ \n\t\r\f\v]")  # past the part of a URL a password may be in
+_URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
+_SPACE = re.compile(r"[ \n\t\r\f\v]")
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
 # still part of it, and whether it has ended there.
@@ -176,7 +176,7 @@ class StreamRedactor:
         if not text:
             return text
         context, self.context = self.context, text[-1]
-        if self.hint and anchors_in(text.lower()).isdisjoint(self.hint):
+        if self.hint and anchors_in(text).isdisjoint(self.hint):
             return text  # nothing any rule needs is there (most pieces of most answers)
         text = context + text
         scan = Text(text)

@@ -113,18 +113,18 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
         if before_end is not None:
             await before_end()
     except GatewayError as exc:
-        await _send_last(response, encoder.error(exc))
+        await _send_last(request, response, encoder.error(exc))
         return False
     except (ConnectionError, TimeoutError):
         return False  # the client left or stopped reading; the caller cleans up
     except Exception:
         log.exception("stream %s failed", request.get(REQUEST_ID, "?"))
-        await _send_last(response, encoder.error(GatewayError(
+        await _send_last(request, response, encoder.error(GatewayError(
             "The gateway failed while streaming.", code="internal_error")))
         return False
     finally:
         watch.close()
-    await _send_last(response, last)
+    await _send_last(request, response, last)
     return True
 
 
@@ -159,15 +159,23 @@ class SendWatch:
         self._handle = self._loop.call_later(WATCH_SECONDS, self._look)
 
     def close(self) -> None:
-        """Stop looking (the last write, after, is bounded by its own watch)."""
+        """Stop looking (the last write, after, is bounded by ``_send_last``)."""
         self._handle.cancel()
 
 
-async def _send_last(response: web.StreamResponse, data: bytes) -> None:
-    """The stream's last events; a client that has stopped reading is not waited for."""
-    with contextlib.suppress(ConnectionError, TimeoutError):
+async def _send_last(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    """The stream's last events; a client that has stopped reading is not waited for longer
+    than ``SEND_SECONDS`` (then dropped, as the watch would: a plain close would wait for
+    its buffer to drain, which it never does).
+    """
+    try:
         async with asyncio.timeout(SEND_SECONDS):
             await response.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    except ConnectionError:
+        pass
 
 
 def _one_line(text: str) -> str:

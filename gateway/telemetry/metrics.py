@@ -206,6 +206,7 @@ class Metrics:
         counters = {c.name: dict(c.values) for c in self._counters()}
         histograms = {h.name: {k: [list(v[0]), *v[1:]] for k, v in list(h.series.items())}
                       for h in self.histograms}
+        buckets = {h.name: len(h.bounds) + 1 for h in self.histograms}
         gauges = {g.name: dict(g.read()) for g in self.gauges}
         across = {g.name: g.across for g in self.gauges}
         now = time.time()
@@ -215,7 +216,7 @@ class Metrics:
                     _add_counts(counters[name], rows)
             for name, rows in other.get("histograms", {}).items():
                 if name in histograms:
-                    _add_series(histograms[name], rows)
+                    _add_series(histograms[name], rows, buckets[name])
             if other is self.carried or now - other.get("at", 0) > GAUGES_FRESH:
                 continue  # (gauges: what is now, in workers alive)
             for name, rows in other.get("gauges", {}).items():
@@ -243,21 +244,24 @@ class Metrics:
 
 def _add_counts(into: dict[Labels, float], rows: list[list[Any]]) -> None:
     for labels, value in rows:
-        key = tuple(labels)
-        into[key] = into.get(key, 0.0) + value
+        if isinstance(value, (int, float)):  # (not a number: written as null, skipped)
+            key = tuple(labels)
+            into[key] = into.get(key, 0.0) + value
 
 
-def _add_series(into: dict[Labels, list[Any]], rows: list[list[Any]]) -> None:
-    """Histograms' series added up: buckets, sum and count; lowest and highest."""
-    for labels, buckets, total, count, low, high in rows:
+def _add_series(into: dict[Labels, list[Any]], rows: list[list[Any]], buckets: int) -> None:
+    """Histograms' series added up: counts in each of ``buckets``, sum and count; lowest and
+    highest (a series with other bounds, written by another version, is skipped).
+    """
+    for labels, counts, total, count, low, high in rows:
+        if len(counts) != buckets:
+            continue
         key = tuple(labels)
         mine = into.get(key)
         if mine is None:
-            into[key] = [list(buckets), total, count, low, high]
+            into[key] = [list(counts), total, count, low, high]
             continue
-        if len(mine[0]) != len(buckets):
-            continue  # (bounds of another version)
-        mine[0] = [a + b for a, b in zip(mine[0], buckets, strict=True)]
+        mine[0] = [a + b for a, b in zip(mine[0], counts, strict=True)]
         mine[1] += total
         mine[2] += count
         mine[3], mine[4] = min(mine[3], low), max(mine[4], high)
@@ -265,6 +269,8 @@ def _add_series(into: dict[Labels, list[Any]], rows: list[list[Any]]) -> None:
 
 def _add_gauge(into: dict[Labels, float], across: Across, rows: list[list[Any]]) -> None:
     for labels, value in rows:
+        if not isinstance(value, (int, float)):
+            continue
         key = tuple(labels)
         if key not in into:
             into[key] = value

@@ -43,6 +43,11 @@ class WorkerMetrics:
         self._write()
 
     def _others(self) -> list[Snapshot]:
+        """The other workers' snapshots, read for a scrape; this worker's own written first,
+        so that what a scrape shows is on disk (a worker killed the moment after must not
+        leave counters that went back).
+        """
+        self._write()
         found = (_read(path) for path in self._folder.glob("worker-*.json")
                  if path != self._path)
         return [snapshot for snapshot in found if snapshot is not None]
@@ -58,7 +63,7 @@ class WorkerMetrics:
         try:
             partial.write_bytes(orjson.dumps(self._metrics.snapshot()))
             os.replace(partial, self._path)
-        except OSError as exc:
+        except (OSError, TypeError, orjson.JSONEncodeError) as exc:
             log.warning("metrics: cannot write %s (%s)", self._path, exc)
 
 

@@ -7,12 +7,14 @@ few seconds, and a worker started again going on from its predecessor's counts.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.telemetry.metrics import GAUGES_FRESH, Metrics, Snapshot
+from gateway.telemetry.workers import WorkerMetrics
 
 
 def worker(requests: int, durations: list[float], in_flight: int, breaker: int, up: int,
@@ -85,3 +87,24 @@ def test_a_worker_started_again_goes_on_from_its_predecessors_counts() -> None:
     assert seen["gen_ai_client_operation_duration_seconds_count"] == 2
     assert seen["gateway_deployment_in_flight"] == 1  # what is now, not what was
     assert as_written(after)["counters"]["gateway.requests"] == [[["200"], 6.0]]  # (passed on)
+
+
+async def test_what_a_scrape_showed_outlives_its_worker(tmp_path: Path) -> None:
+    """A worker killed the moment after it answered a scrape (before its next write): the
+    next scrape, through another worker or its successor, shows no less.
+    """
+    one = worker(requests=1000, durations=[], in_flight=0, breaker=0, up=1, batches=0)
+    two = worker(requests=1000, durations=[], in_flight=0, breaker=0, up=1, batches=0)
+    shared = [WorkerMetrics(one, str(tmp_path), "1"), WorkerMetrics(two, str(tmp_path), "2")]
+    for each in shared:
+        each.start()
+    await shared[1].close()  # (written)
+    one.counters[0].add(("200",), 50)  # counted since its last write...
+    assert scraped(one)["gateway_requests_total"] == 2050  # ...and shown
+    shared[0]._writing.cancel()  # type: ignore[union-attr]  # killed: no write at the end
+    successor = worker(requests=0, durations=[], in_flight=0, breaker=0, up=1, batches=0)
+    again = WorkerMetrics(successor, str(tmp_path), "1")
+    again.start()
+    assert scraped(two)["gateway_requests_total"] == 2050
+    assert scraped(successor)["gateway_requests_total"] == 2050
+    await again.close()
