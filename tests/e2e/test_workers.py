@@ -7,12 +7,14 @@ the worker that gave it (``x-gateway-worker``).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +97,7 @@ name = "cache"
 backend = "redis"
 redis_url = "{redis.url}"
 """)
-        port = free_port()
-        process = subprocess.Popen(
-            [*GATEWAY, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", process)
+        with two_workers(config) as (port, _):
             one, _, _ = call(port, "GET", "/health")
             two, _, _ = until_another(port, one, "GET", "/health")  # both serve
             assert one != two
@@ -140,10 +137,6 @@ redis_url = "{redis.url}"
                 call(port, "POST", "/v1/chat/completions", {
                     "model": MODEL, "messages": [{"role": "user", "content": f"Again {n}"}]})
             assert ollama_sim.requests("/api/chat") == []
-        finally:
-            process.terminate()
-            output = process.communicate(timeout=60)[0]
-        assert process.returncode == 0, output
 
 
 def test_workers_without_a_shared_queue_or_on_port_0_are_refused(tmp_path: Path,
@@ -169,12 +162,7 @@ def test_metrics_through_any_worker_count_every_workers_requests(
         config.write_text(f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n\n'
                           f'[[backends]]\nname = "first"\nkind = "ollama"\n'
                           f'url = "{ollama_sim.api_url}"\n')
-        port = free_port()
-        process = subprocess.Popen(
-            [*GATEWAY, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", process)
+        with two_workers(config) as (port, supervisor):
             answered: list[str] = []
             while len(answered) < 30 or len(set(answered)) < 2:  # (until both took some)
                 assert len(answered) < 300, "every connection went to the same worker"
@@ -193,18 +181,32 @@ def test_metrics_through_any_worker_count_every_workers_requests(
 
             wait_until(lambda: every_scrape_counts(sent), 10, "every worker counting them all")
 
-            victim = worker_pids(process.pid)[0]
+            victim = worker_pids(supervisor.pid)[0]
             # (a worker that dies within its first STARTING seconds could not start: all stop)
             time.sleep(max(0.0, STARTING + 0.5 - age(victim)))
             os.kill(victim, signal.SIGKILL)
-            wait_until(lambda: len(worker_pids(process.pid)) == 2 and
-                       victim not in worker_pids(process.pid), 15, "the worker started again")
-            wait_ready(f"http://127.0.0.1:{port}/health", process)
+            wait_until(lambda: len(worker_pids(supervisor.pid)) == 2 and
+                       victim not in worker_pids(supervisor.pid), 15, "the worker started again")
+            wait_ready(f"http://127.0.0.1:{port}/health", supervisor)
             assert every_scrape_counts(sent)  # the new worker goes on from the old one's counts
-        finally:
-            process.terminate()
-            output = process.communicate(timeout=60)[0]
-        assert process.returncode == 0, output
+
+
+@contextlib.contextmanager
+def two_workers(config: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """``gateway serve --workers 2`` on a port of its own, ready; stopped (SIGTERM) after,
+    and it must have stopped cleanly.
+    """
+    port = free_port()
+    supervisor = subprocess.Popen(
+        [*GATEWAY, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", supervisor)
+        yield port, supervisor
+    finally:
+        supervisor.terminate()
+        output = supervisor.communicate(timeout=60)[0]
+    assert supervisor.returncode == 0, output
 
 
 def scrape(port: int) -> tuple[str, tuple[float, float]]:
