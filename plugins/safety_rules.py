@@ -1,8 +1,8 @@
 """What the safety checker looks for: personal data, secrets, prompt injection, jailbreaks.
 
 Each rule is one or more phrases (patterns) and, where a pattern alone would cry wolf, a check
-of what it found (Luhn for card numbers, mod-97 for IBANs, digit counts for phone numbers,
-placeholders for passwords in URLs, code comments for e-mail addresses).
+of what it found (``plugins.safety_checks``: Luhn for card numbers, mod-97 for IBANs, digit
+counts for phone numbers, placeholders for passwords in URLs, code for e-mail addresses).
 
 Speed: most text holds none of this, so each phrase names the words it cannot do without
 (``anchors``) and the number rules share one cheap look for a long enough run of digits
@@ -21,7 +21,7 @@ from typing import Literal
 
 import ahocorasick
 
-from plugins.safety_keys import keys
+from plugins import safety_checks as checks
 
 Category = Literal["personal", "secret", "injection"]
 
@@ -133,94 +133,6 @@ class Rule:
         return found
 
 
-# -- checks of what a pattern found ------------------------------------------------------
-
-def luhn(digits: str) -> bool:
-    total = 0
-    for i, char in enumerate(reversed(digits)):
-        n = ord(char) - 48
-        if i % 2:
-            n = n * 2 - 9 if n > 4 else n * 2
-        total += n
-    return total % 10 == 0
-
-
-_CARD_PREFIX = re.compile(r"4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5|4[4-9])|35")
-
-
-def _card(match: re.Match[str], text: Text) -> bool:
-    digits = re.sub(r"\D", "", match.group())
-    return 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None and luhn(digits)
-
-
-IBAN_LENGTHS = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
-    "BR": 29, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20,
-    "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
-    "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30,
-    "KZ": 20, "LB": 28, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22,
-    "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24, "PL": 28, "PS": 29,
-    "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SE": 24, "SI": 19, "SK": 24, "SM": 27,
-    "TN": 24, "TR": 26, "UA": 29, "VG": 24, "XK": 20,
-}
-
-
-def iban_valid(iban: str) -> bool:
-    iban = iban.replace(" ", "").upper()
-    if IBAN_LENGTHS.get(iban[:2]) != len(iban):
-        return False
-    rearranged = iban[4:] + iban[:4]
-    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
-
-
-def _iban(match: re.Match[str], text: Text) -> bool:
-    return iban_valid(match.group())
-
-
-def _phone(match: re.Match[str], text: Text) -> bool:
-    digits = sum(c.isdigit() for c in match.group())
-    return 10 <= digits <= 15
-
-
-_EXAMPLE_DOMAIN = re.compile(
-    r"(?:^|\.)(?:example\.(?:com|org|net)|[^.]+\.(?:test|example|invalid|localhost))$", re.I)
-_COMMENT_LINE = re.compile(r"[ \t]*(?:#|//|/?\*|--|;|%|<!--|\")")  # matched from a line's start
-_CODE_MARKERS = ("__author__", "@author", "author", "maintainer", "copyright", "email =")
-
-
-def _email(match: re.Match[str], text: Text) -> bool:
-    """An address someone could be reached at: not a documentation domain, not the
-    ``user:password@host`` of a URL, and not the author line of a piece of code (which is
-    what code pasted into a prompt carries).
-    """
-    if _EXAMPLE_DOMAIN.search(match.group().rpartition("@")[2]):
-        return False
-    before = text.text[max(0, match.start() - 256):match.start()]
-    if "://" in before[max(before.rfind(" "), before.rfind("\n")) + 1:]:
-        return False
-    if text.fenced(match.start()):
-        return False
-    start = text.line_start(match.start())
-    if _COMMENT_LINE.match(text.text, start, match.start()):
-        return False
-    near = text.text[max(start, match.start() - 120):match.end() + 120].split("\n", 1)[0]
-    return not any(marker in near.lower() for marker in _CODE_MARKERS)
-
-
-_PLACEHOLDER = re.compile(
-    r"^(?:pass(?:word|wd)?|secret|changeme|token|x+|\*+|\.+|<[^>]*>|\$\{?\w+\}?|\{+\w+\}+|"
-    r"%\w+%|your[-_]\w+|your(?:pass(?:word)?|secret|token|key|pwd)\w*|\w*[-_]here|pwd|"
-    r"redacted)$", re.I)
-
-
-def _url_password(match: re.Match[str], text: Text) -> bool:
-    return not _PLACEHOLDER.match(match.group("secret"))
-
-
-def _private_keys(text: Text) -> Iterator[tuple[int, int]]:
-    return keys(text.text)
-
-
 # -- the rules ---------------------------------------------------------------------------
 
 _I = re.IGNORECASE
@@ -244,15 +156,15 @@ _LIMITS = ("restriction", "filter", "limit", "rule", "guideline", "censor", "pol
 RULES: tuple[Rule, ...] = (
     Rule("email", "personal", "an e-mail address", _one(
         r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b", "@"), _email),
+        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b", "@"), checks.email),
     Rule("phone", "personal", "a phone number", _one(
         r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
-        r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4})(?![\w-])"), _phone,
+        r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4})(?![\w-])"), checks.phone,
         gate=_DIGITS),
     Rule("card", "personal", "a payment card number", _one(
-        r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card, gate=_DIGITS),
+        r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), checks.card, gate=_DIGITS),
     Rule("iban", "personal", "an IBAN", _one(
-        r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban, gate=_DIGITS),
+        r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), checks.iban, gate=_DIGITS),
     Rule("api_key", "secret", "an API key", _one(
         r"(?<![\w-])(?:sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?[A-Za-z0-9_-]{20,}"
         r"|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
@@ -260,13 +172,13 @@ RULES: tuple[Rule, ...] = (
         r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?!\w)",
         "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-")),
     Rule("private_key", "secret", "a private key", (),
-         finder=(frozenset({"-----begin"}), _private_keys)),
+         finder=(frozenset({"-----begin"}), checks.private_keys)),
     Rule("bearer_token", "secret", "a bearer token", _one(
         r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"
         r"|(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
         "bearer", "eyj")),
     Rule("url_password", "secret", "a password in a URL", _one(
-        r"://[^\s:/@]*:(?P<secret>[^\s@/]+)@", "://"), _url_password, redacts="secret"),
+        r"://[^\s:/@]*:(?P<secret>[^\s@/]+)@", "://"), checks.url_password, redacts="secret"),
     Rule("prompt_injection", "injection", "an attempt to override the instructions", _phrases(
         # "ignore all previous instructions", "disregard your system prompt"
         (r"\b(?:ignore|disregard|forget|override|bypass)\s+(?:all\s+|any\s+)?(?:of\s+)?"

@@ -168,14 +168,13 @@ async def _send_last(request: web.Request, response: web.StreamResponse, data: b
     than ``SEND_SECONDS`` (then dropped, as the watch would: a plain close would wait for
     its buffer to drain, which it never does).
     """
-    try:
-        async with asyncio.timeout(SEND_SECONDS):
-            await response.write(data)
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
-    except ConnectionError:
-        pass
+    with contextlib.suppress(ConnectionError):
+        try:
+            async with asyncio.timeout(SEND_SECONDS):
+                await response.write(data)
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
 
 
 def _one_line(text: str) -> str:

@@ -11,7 +11,8 @@ import pytest
 
 from plugins.qa import json_problem, looping
 from plugins.safety import StreamRedactor
-from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule, iban_valid, luhn
+from plugins.safety_checks import iban_valid, luhn
+from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule
 
 SECRET_TEXT = (
     "Use key sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789 and the header Authorization: "
