@@ -110,10 +110,6 @@ class RedisStore:
         self._client: Client | None = None
         self._quiet_until = 0.0
 
-    @property
-    def cluster(self) -> bool:
-        return self._client is not None and bool(self._client.cluster)
-
     async def start(self) -> None:
         pool = redis.BlockingConnectionPool.from_url(
             self._url, max_connections=self._max_connections, timeout=self._timeout,
