@@ -8,6 +8,7 @@ Imported only when something is exported: a gateway that exports nothing never l
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,13 +35,18 @@ from gateway.telemetry.tracing import Span
 SCOPE = InstrumentationScope("hybrid-gateway")
 KINDS = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT, "internal": SpanKind.INTERNAL}
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# This process, as OpenTelemetry's semantic conventions name an instance: each worker of
+# ``gateway serve --workers N`` exports its own cumulative counts, which a collector must not
+# take for one stream of them.
+INSTANCE = str(uuid.uuid4())
 _resources: dict[str, Resource] = {}
 
 
 def resource(service_name: str) -> Resource:
     found = _resources.get(service_name)
     if found is None:
-        found = _resources[service_name] = Resource.create({"service.name": service_name})
+        found = _resources[service_name] = Resource.create(
+            {"service.name": service_name, "service.instance.id": INSTANCE})
     return found
 
 

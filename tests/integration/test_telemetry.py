@@ -10,8 +10,11 @@ import gzip
 import hashlib
 import itertools
 import random
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -242,8 +245,14 @@ def test_metrics_and_spans_reach_an_otlp_collector(fleet: Fleet) -> None:
         server.stop()  # what is left goes out as the gateway stops
     metrics = ExportMetricsServiceRequest.FromString(received["/v1/metrics"][-1])
     resource = metrics.resource_metrics[0]
-    assert {a.key: a.value.string_value for a in resource.resource.attributes}[
-        "service.name"] == "gateway-under-test"
+    attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
+    assert attributes["service.name"] == "gateway-under-test"
+    # each process its own instance (the workers of --workers N: one stream of counts each)
+    assert attributes["service.instance.id"] == str(uuid.UUID(attributes["service.instance.id"]))
+    other = subprocess.run([sys.executable, "-c", "from gateway.telemetry import sdk; "
+                            "print(sdk.resource('x').attributes['service.instance.id'])"],
+                           capture_output=True, text=True, check=True, timeout=60).stdout
+    assert other.strip() != attributes["service.instance.id"]
     names = {m.name: m for m in resource.scope_metrics[0].metrics}
     requests = names["gateway.requests"].sum
     assert requests.is_monotonic and sum(p.as_double for p in requests.data_points) >= 1
