@@ -76,9 +76,11 @@ class RedisStore:
         # new one (every command here may run twice: results are kept once per custom_id,
         # a batch's count of lines is set, not added to; a line queued twice is answered
         # twice and written once).
-        # The read timeout is well over the longest blocking read (a claim's wait).
+        # The read timeout is well over the longest blocking read (a claim's wait). As many
+        # connections as calls need, on a cluster too (whose client fails past its size,
+        # 100 a node by default, where a plain client's pool grows).
         options: dict[str, Any] = {
-            "socket_connect_timeout": 5, "socket_timeout": 30,
+            "socket_connect_timeout": 5, "socket_timeout": 30, "max_connections": 2**31,
             "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
             "retry_on_error": [ConnectionError]}
         self._client = Client(url, "tasks", aioredis.from_url(url, **options), **options)

@@ -31,6 +31,7 @@ import openai
 import pytest
 
 from gateway.config import KeyConfig
+from gateway.tasks.shared import RedisStore as TaskStore
 from gateway.tenants.link import Link
 from gateway.tenants.shared_limits import RedisLimits
 from tests.redis_peer import RedisCluster
@@ -259,3 +260,18 @@ async def test_a_burst_waits_for_the_cluster_connections_and_is_answered(
     finally:
         await limits.close()
         await link.close()
+
+
+async def test_the_task_store_takes_a_burst_on_a_cluster(cluster: RedisCluster) -> None:
+    """The task store's calls are not limited by the cluster client's default size (100
+    connections a node, past which it fails at once): 300 reads at once are all answered.
+    """
+    store = TaskStore(cluster.nodes[2].url, visibility_timeout=60)
+    await store.start()
+    try:
+        await store.put_batch({"id": "batch_burst", "tenant": "t", "status": "validating",
+                               "request_counts": {"total": 0, "completed": 0, "failed": 0}})
+        found = await asyncio.gather(*(store.batch("batch_burst") for _ in range(300)))
+        assert all(record is not None and record["id"] == "batch_burst" for record in found)
+    finally:
+        await store.close()
