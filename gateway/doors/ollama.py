@@ -53,13 +53,13 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def tags(request: web.Request) -> web.Response:
-    models = visible(request, request.app[PIPELINE].models())
+    models = visible(request, request.app[PIPELINE].models.all())
     return json_response({"models": [_entry(m) for m in models]})
 
 
 async def running(request: web.Request) -> web.Response:
     """``/api/ps``: the models a backend says are loaded now."""
-    models = [m for m in visible(request, request.app[PIPELINE].models())
+    models = [m for m in visible(request, request.app[PIPELINE].models.all())
               if m.info is not None and m.info.loaded]
     return json_response({"models": [
         {**_entry(m), "expires_at": None, "size_vram": 0,
@@ -68,7 +68,7 @@ async def running(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    model = request.app[PIPELINE].model(model_of(await body_of(request)))
+    model = request.app[PIPELINE].models.one(model_of(await body_of(request)))
     info = model.info
     model_info: dict[str, Any] = {}
     if info is not None:
@@ -89,7 +89,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await body_of(request)
     req = chat_request(body)
     if req is None:
-        return json_response(loaded(request.app[PIPELINE].model(model_of(body)).name, "chat"))
+        return json_response(loaded(request.app[PIPELINE].models.one(model_of(body)).name, "chat"))
     return await _answer(request, "chat", req, body, started)
 
 
@@ -98,7 +98,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await body_of(request)
     req = generate_request(body)
     if req is None:
-        return json_response(loaded(request.app[PIPELINE].model(model_of(body)).name,
+        return json_response(loaded(request.app[PIPELINE].models.one(model_of(body)).name,
                                     "generate"))
     return await _answer(request, "generate", req, body, started)
 

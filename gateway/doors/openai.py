@@ -80,14 +80,14 @@ async def list_models(request: web.Request) -> web.Response:
     """The models, in a list both OpenAI's and Anthropic's SDKs read (Anthropic's pages on
     unless told there is no more).
     """
-    data = [model_entry(m) for m in visible(request, request.app[PIPELINE].models())]
+    data = [model_entry(m) for m in visible(request, request.app[PIPELINE].models.all())]
     return json_response({"object": "list", "data": data, "has_more": False,
                           "first_id": data[0]["id"] if data else None,
                           "last_id": data[-1]["id"] if data else None})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return json_response(model_entry(request.app[PIPELINE].model(request.match_info["model"])))
+    return json_response(model_entry(request.app[PIPELINE].models.one(request.match_info["model"])))
 
 
 def model_entry(model: Listed) -> dict[str, Any]:

@@ -21,11 +21,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from gateway.errors import GatewayError, ModelNotFound
-from gateway.pipeline.answer import Answer, Embeddings, Listed, Streamed, Whole, route_headers
+from gateway.errors import GatewayError
+from gateway.pipeline.answer import Answer, Embeddings, Streamed, Whole, route_headers
+from gateway.pipeline.listing import Models
 from gateway.protocol.openai import EmbeddingRequest
 from gateway.protocol.times import ms, stamp
-from gateway.protocol.units import Chunk, Completion, ModelInfo, Usage, collect
+from gateway.protocol.units import Chunk, Completion, Usage, collect
 from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
@@ -51,7 +52,7 @@ class Pipeline:
         self.plugins = plugins
         self.router = router
         self.max_escalations = max_escalations
-        self._first_seen: dict[str, int] = {}  # model name → when the gateway first saw it
+        self.models = Models(router)
 
     async def run(self, ctx: RequestContext) -> Answer:
         """The answer to a chat or text completion, in the shape the request asked for: a
@@ -204,33 +205,6 @@ class Pipeline:
         model = deployment.model.name
         return Embeddings(result, model,
                           route_headers(deployment.backend.name, model, attempts, "requested"))
-
-    def models(self) -> list[Listed]:
-        """Every model a client can ask for: the backends' models, then the aliases that
-        can pick one now.
-        """
-        listed = [self._listed(name, d.backend.name, d.model)
-                  for name, d in self.router.catalog.models()]
-        return listed + [self._listed(alias, "gateway", None)
-                         for alias in self.router.selector.aliases()]
-
-    def model(self, name: str) -> Listed:
-        """One model by the name a client asks for (raises ``ModelNotFound``)."""
-        selector = self.router.selector
-        if selector.is_alias(name):
-            if name in selector.aliases():
-                return self._listed(name, "gateway", None)
-            raise ModelNotFound(name)
-        deployment = self.router.catalog.resolve(name)[0]
-        return self._listed(name, deployment.backend.name, deployment.model)
-
-    def _listed(self, name: str, owner: str, info: ModelInfo | None) -> Listed:
-        """With the time the backend gives for the model, else when the gateway first saw
-        it (an alias: when it was first listed).
-        """
-        created = info.created if info is not None and info.created else \
-            self._first_seen.setdefault(name, int(time.time()))
-        return Listed(name, owner, info, created)
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""

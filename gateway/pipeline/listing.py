@@ -1,0 +1,46 @@
+"""The models a client can ask for, as the doors list them (``/v1/models``, Ollama's
+``/api/tags`` and ``/api/show``): the backends' models, then the aliases that can pick one
+now, each with the time its backend gives for it or else when the gateway first saw it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.errors import ModelNotFound
+from gateway.pipeline.answer import Listed
+from gateway.protocol.units import ModelInfo
+from gateway.routing.router import Router
+
+
+class Models:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._first_seen: dict[str, int] = {}  # model name → when the gateway first saw it
+
+    def all(self) -> list[Listed]:
+        """Every model a client can ask for: the backends' models, then the aliases that
+        can pick one now.
+        """
+        listed = [self._listed(name, d.backend.name, d.model)
+                  for name, d in self.router.catalog.models()]
+        return listed + [self._listed(alias, "gateway", None)
+                         for alias in self.router.selector.aliases()]
+
+    def one(self, name: str) -> Listed:
+        """One model by the name a client asks for (raises ``ModelNotFound``)."""
+        selector = self.router.selector
+        if selector.is_alias(name):
+            if name in selector.aliases():
+                return self._listed(name, "gateway", None)
+            raise ModelNotFound(name)
+        deployment = self.router.catalog.resolve(name)[0]
+        return self._listed(name, deployment.backend.name, deployment.model)
+
+    def _listed(self, name: str, owner: str, info: ModelInfo | None) -> Listed:
+        """With the time the backend gives for the model, else when the gateway first saw
+        it (an alias: when it was first listed).
+        """
+        created = info.created if info is not None and info.created else \
+            self._first_seen.setdefault(name, int(time.time()))
+        return Listed(name, owner, info, created)
