@@ -8,6 +8,8 @@ its traffic back when it answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 from gateway.keys import HEALTH, ROUTER
 from tests.integration.conftest import Fleet, fleet_config
@@ -34,12 +36,21 @@ def is_down(server: ServerThread, backend: str) -> bool:
         lambda: server.app[ROUTER].balancer.is_down(backend)))  # type: ignore[index]
 
 
-def breaking_pair(fleet: Fleet, redis_url: str) -> tuple[ServerThread, ServerThread]:
-    """Two gateway processes on one Redis, quick to open a breaker and slow to retry it."""
-    one, two = (start_gateway(fleet_config(
-        fleet, redis_url=redis_url, retries=0, breaker={"failures": 2, "cooldown": 30.0}))
-        for _ in range(2))
-    return one, two
+@contextlib.contextmanager
+def breaking_pair(fleet: Fleet, redis_url: str) -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two gateway processes on one Redis, quick to open a breaker and slow to retry it;
+    both stopped after.
+    """
+    started: list[ServerThread] = []
+    try:
+        for _ in range(2):
+            started.append(start_gateway(fleet_config(
+                fleet, redis_url=redis_url, retries=0,
+                breaker={"failures": 2, "cooldown": 30.0})))
+        yield started[0], started[1]
+    finally:
+        for server in started:
+            server.stop()
 
 
 async def open_breaker(server: ServerThread) -> None:
@@ -57,21 +68,16 @@ async def test_a_breaker_opened_in_one_process_keeps_traffic_off_in_the_other(
     fleet: Fleet
 ) -> None:
     fleet.primary.fault(MODEL, status=500)  # every answer from the primary host fails
-    with RedisServer() as redis:
-        one, two = breaking_pair(fleet, redis.url)
-        try:
-            await open_breaker(one)
-            # (two has not had a single request yet)
-            wait_until(lambda: breaker(two, "primary") == "open", 5,
-                       "the other process hearing of the open breaker")
-            fleet.primary.clear()  # (its request log; the primary answers well again)
-            fleet.primary.fault(MODEL, status=500)
-            for _ in range(8):
-                complete(await ask(two, MODEL))
-            assert fleet.primary.requests("/api/chat") == []  # not one tried there
-        finally:
-            one.stop()
-            two.stop()
+    with RedisServer() as redis, breaking_pair(fleet, redis.url) as (one, two):
+        await open_breaker(one)
+        # (two has not had a single request yet)
+        wait_until(lambda: breaker(two, "primary") == "open", 5,
+                   "the other process hearing of the open breaker")
+        fleet.primary.clear()  # (its request log; the primary answers well again)
+        fleet.primary.fault(MODEL, status=500)
+        for _ in range(8):
+            complete(await ask(two, MODEL))
+        assert fleet.primary.requests("/api/chat") == []  # not one tried there
 
 
 async def test_a_backend_one_process_finds_down_is_avoided_by_the_other_until_it_answers(
@@ -100,26 +106,16 @@ async def test_a_backend_one_process_finds_down_is_avoided_by_the_other_until_it
 
 async def test_sharing_goes_on_after_redis_restarts(fleet: Fleet) -> None:
     fleet.primary.fault(MODEL, status=500)
-    with RedisServer() as redis:
-        one, two = breaking_pair(fleet, redis.url)
-        try:
-            redis.restart()  # both lose their connections (and Redis what it held)
-            await open_breaker(one)
-            wait_until(lambda: breaker(two, "primary") == "open", 15,
-                       "the other process hearing of it once both are back on Redis")
-        finally:
-            one.stop()
-            two.stop()
+    with RedisServer() as redis, breaking_pair(fleet, redis.url) as (one, two):
+        redis.restart()  # both lose their connections (and Redis what it held)
+        await open_breaker(one)
+        wait_until(lambda: breaker(two, "primary") == "open", 15,
+                   "the other process hearing of it once both are back on Redis")
 
 
 async def test_breakers_are_shared_on_a_redis_cluster(fleet: Fleet) -> None:
     fleet.primary.fault(MODEL, status=500)
-    with RedisCluster() as cluster:
-        one, two = breaking_pair(fleet, cluster.url)
-        try:
-            await open_breaker(one)
-            wait_until(lambda: breaker(two, "primary") == "open", 5,
-                       "the other process hearing of it through the cluster")
-        finally:
-            one.stop()
-            two.stop()
+    with RedisCluster() as cluster, breaking_pair(fleet, cluster.url) as (one, two):
+        await open_breaker(one)
+        wait_until(lambda: breaker(two, "primary") == "open", 5,
+                   "the other process hearing of it through the cluster")
