@@ -18,11 +18,11 @@ import socket
 import sys
 from pathlib import Path
 
-import aiohttp
-
 from gateway.backends.base import Health
+from gateway.backends.client import Limits
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.config import BackendConfig
+from gateway.errors import GatewayError
 from gateway.protocol.units import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PARAMETERS = 135e6
 CHECK_SECONDS = 5.0  # health checks of a running server
+HEALTH_SECONDS = 2.0  # for one health check's answer
 WEDGED_AFTER = 3  # failed checks in a row before a live but silent server is restarted
 START_SECONDS = 120.0  # loading a model on a small CPU box takes a while
 MAX_RESTART_DELAY = 30.0
@@ -62,9 +63,9 @@ class EmbeddedBackend(OpenAICompatBackend):
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self.restarts = 0
+        self._limits["health"] = Limits(config.timeouts.connect, total=HEALTH_SECONDS)
 
     async def start(self) -> None:
-        await super().start()
         try:
             model = Path(self.config.model_path) if self.config.model_path else default_model()
             if importlib.util.find_spec("xllamacpp") is None:
@@ -78,7 +79,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         self._model_path = model
         self._port = _free_port()
         self.base_url = f"http://127.0.0.1:{self._port}/v1"
-        self._urls.clear()
+        await super().start()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"embedded-{self.name}")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_SECONDS):
@@ -148,10 +149,10 @@ class EmbeddedBackend(OpenAICompatBackend):
                 return f"no answer to {failures} health checks"
 
     async def _healthy(self) -> bool:
-        url = f"http://127.0.0.1:{self._port}/health"
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                return r.status == 200
+        with contextlib.suppress(GatewayError):
+            async with self.request("GET", "/health", timeout="health", root=True) as r:
+                await r.read()
+                return True  # 200: loaded (503 while loading is an error status)
         return False
 
     async def _spawn(self) -> None:

@@ -15,10 +15,16 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
-from yarl import URL
 
+from gateway.backends.client import (
+    BadResponse,
+    ConnectFailed,
+    Disconnected,
+    Limits,
+    Pool,
+    Response,
+)
 from gateway.config import BackendConfig
 from gateway.errors import (
     GatewayError,
@@ -60,45 +66,39 @@ class HttpBackend:
         self.tier = config.tier
         self.base_url = config.url.rstrip("/")
         self.capacity = config.slots  # requests it runs at once per model (0: not known)
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}  # parsed once, not on every request
+        self._pool: Pool | None = None
         limits = config.timeouts
         # Answers are always asked for as streams, which send headers at once and then keep
-        # talking: sock_read bounds the wait for headers (the line reader enforces the
+        # talking: the read limit bounds the wait for headers (the line reader enforces the
         # shorter idle limit between chunks). Other calls (embeddings, /api/show) send their
         # headers when their work is done: only `total` bounds them.
-        self._timeouts = {
-            "stream": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect,
-                                            sock_read=limits.headers),
-            "whole": aiohttp.ClientTimeout(total=limits.total, sock_connect=limits.connect),
+        self._limits = {
+            "stream": Limits(limits.connect, read=limits.headers, total=limits.total),
+            "whole": Limits(limits.connect, total=limits.total),
             # Model listings: a server that takes longer is as good as down for discovery.
-            "listing": aiohttp.ClientTimeout(total=min(LISTING_SECONDS, limits.total),
-                                             sock_connect=limits.connect),
-            "quick": aiohttp.ClientTimeout(total=limits.connect),
+            "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total)),
+            "quick": Limits(limits.connect, total=limits.connect),
         }
 
     async def start(self) -> None:
         # Content-Type on every request (GETs ignore it): no per-request header merging.
+        # No cookies are kept: one a backend sets must never ride along on another
+        # client's request.
         headers = {"User-Agent": "hybrid-gateway", "Content-Type": "application/json"}
         if self.config.api_key_env:
-            key = os.environ.get(self.config.api_key_env)
-            if key:
+            key = os.environ.get(self.config.api_key_env, "").strip()
+            if key and key.isprintable():
                 headers["Authorization"] = f"Bearer {key}"
             else:
-                log.warning("backend %s: environment variable %s is not set; requests go "
-                            "without an API key", self.name, self.config.api_key_env)
-        self._session = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(limit=self.config.max_connections),
-            # Cookies a backend sets must never ride along on another client's request
-            # (and keeping none saves work on every call).
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+                log.warning("backend %s: environment variable %s is %s; requests go "
+                            "without an API key", self.name, self.config.api_key_env,
+                            "not a key" if key else "not set")
+        self._pool = Pool(self.base_url, self.config.max_connections, headers)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def keep_warm(self, model: str, within: float) -> str | None:
         """Load ``model`` if it would be unloaded within ``within`` seconds; what was done
@@ -107,10 +107,10 @@ class HttpBackend:
         return None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> Pool:
+        if self._pool is None:
             raise RuntimeError(f"backend {self.name} is not started")
-        return self._session
+        return self._pool
 
     def request(self, method: str, path: str, payload: Any = None, *,
                 timeout: str = "whole", root: bool = False) -> Exchange:
@@ -120,12 +120,10 @@ class HttpBackend:
         or "quick" (probes: the connect timeout for everything). ``root``: ``path`` is at the
         server's root, not under the API's ``/v1``.
         """
-        if root:  # beside the API's path rather than under it (llama.cpp's /props)
-            url = URL(self.base_url.removesuffix("/v1") + path)
-        else:
-            url = self._urls.get(path) or self._urls.setdefault(path, URL(self.base_url + path))
+        prefix = self.pool.prefix
+        target = (prefix.removesuffix("/v1") if root else prefix) + path
         data = orjson.dumps(payload) if payload is not None else None
-        return Exchange(self, method, url, data, self._timeouts[timeout])
+        return Exchange(self, method, target, data, self._limits[timeout])
 
     async def get_json(self, path: str, *, quick: bool = False) -> Any:
         """A listing (or, ``quick``, a probe: the connect timeout for everything)."""
@@ -136,7 +134,7 @@ class HttpBackend:
         async with self.request("POST", path, payload, timeout=limits) as response:
             return await self.read_json(response)
 
-    async def read_json(self, response: aiohttp.ClientResponse) -> Any:
+    async def read_json(self, response: Response) -> Any:
         body = await response.read()
         try:
             return orjson.loads(body)
@@ -182,25 +180,25 @@ class HttpBackend:
             for chunk in collected.chunks():
                 yield chunk
 
-    def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-        return iter_lines(response.content, self.config.timeouts.idle)
+    def lines(self, response: Response) -> AsyncIterator[list[bytes]]:
+        return iter_lines(response, self.config.timeouts.idle)
 
-    async def status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
-        body = await response.content.read(MAX_ERROR_BODY)
+    async def status_error(self, response: Response) -> GatewayError:
+        body = await response.read(MAX_ERROR_BODY)
         message, code = error_details(body)
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
         return from_upstream_status(self.name, response.status, message, retry_after, code)
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
+async def _drain(response: Response) -> None:
     """Read the little that follows a complete answer ([DONE], the chunked terminator), so
     the connection goes back to the pool instead of being closed; but never wait long.
     """
-    if response.content.at_eof():
+    if response.at_eof():
         return
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+    with contextlib.suppress(TimeoutError, OSError, BadResponse):
         async with asyncio.timeout(DRAIN_SECONDS):
-            while await response.content.readany():
+            while await response.readany():
                 pass
 
 
@@ -211,34 +209,34 @@ class Exchange:
     A class rather than ``@asynccontextmanager``: it runs on every request.
     """
 
-    __slots__ = ("_backend", "_data", "_method", "_response", "_timeout", "_url")
+    __slots__ = ("_backend", "_data", "_limits", "_method", "_response", "_target")
 
-    def __init__(self, backend: HttpBackend, method: str, url: URL, data: bytes | None,
-                 timeout: aiohttp.ClientTimeout) -> None:
-        self._backend, self._method, self._url = backend, method, url
-        self._data, self._timeout = data, timeout
-        self._response: aiohttp.ClientResponse | None = None
+    def __init__(self, backend: HttpBackend, method: str, target: str, data: bytes | None,
+                 limits: Limits) -> None:
+        self._backend, self._method, self._target = backend, method, target
+        self._data, self._limits = data, limits
+        self._response: Response | None = None
 
-    async def __aenter__(self) -> aiohttp.ClientResponse:
+    async def __aenter__(self) -> Response:
         backend = self._backend
         traceparent = UPSTREAM.get()  # the attempt's span, or the client's own
         headers = {"traceparent": traceparent} if traceparent else None
         try:
             sent = time.monotonic()
             try:
-                response = await backend.session.request(
-                    self._method, self._url, data=self._data, timeout=self._timeout,
-                    headers=headers)
-            except aiohttp.ServerDisconnectedError:
-                # At once: a pooled connection the server had closed meanwhile (llama.cpp's
-                # server closes a kept-alive one after a few requests), which never carried
-                # this request. Sent again on a new one: to a server of our own only (a
-                # cloud API might have begun on it, and bills).
-                if backend.tier == "cloud" or time.monotonic() - sent > RESEND_WITHIN:
+                response = await backend.pool.request(self._method, self._target, self._data,
+                                                      self._limits, headers)
+            except Disconnected as exc:
+                # At once, on a kept-alive connection, before any answer: one the server
+                # had closed meanwhile (llama.cpp's server closes a kept-alive one after a
+                # few requests), which never carried this request. Sent again on a new
+                # one: to a server of our own only (a cloud API might have begun on it,
+                # and bills).
+                if not exc.reused or exc.answered or backend.tier == "cloud" or \
+                        time.monotonic() - sent > RESEND_WITHIN:
                     raise
-                response = await backend.session.request(
-                    self._method, self._url, data=self._data, timeout=self._timeout,
-                    headers=headers)
+                response = await backend.pool.request(self._method, self._target, self._data,
+                                                      self._limits, headers)
         except Exception as exc:
             raise _translate(backend.name, exc, started=False) from None
         self._response = response
@@ -256,9 +254,7 @@ class Exchange:
 
     def _finish(self) -> None:
         response = self._response
-        if response is not None:
-            if not response.content.at_eof():  # stopped early: drop the connection
-                response.close()
+        if response is not None:  # read to its end, its connection is kept; else closed
             response.release()
 
 
@@ -271,15 +267,17 @@ def _translate(backend: str, exc: Exception, *, started: bool) -> Exception:
         return UpstreamTimeout(f"{backend} did not send {what} in time", backend=backend)
     if isinstance(exc, LineTooLong):
         return UpstreamError(f"{backend} sent {exc}", backend=backend)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        # The client hears why in words, never the backend's address ("Connect call failed
-        # ('127.0.0.1', 47102)"); the log has it all.
-        log.info("backend %s: cannot connect: %s", backend, exc)
-        errno = exc.os_error.errno if exc.os_error else None
-        why = os.strerror(errno).lower() if errno else "the connection failed"
+    if isinstance(exc, ConnectFailed):
+        # The client hears why in words, never the backend's address; the log has it all.
+        log.info("backend %s: cannot connect: %s", backend, exc.__cause__ or exc)
+        why = (exc.strerror or "the connection failed").lower()  # words, no address
         return UpstreamError(f"cannot connect to backend {backend}: {why}",
                              backend=backend, code="backend_unreachable")
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, BadResponse):
+        log.info("backend %s: %s", backend, exc)
+        return UpstreamError(f"backend {backend} sent an answer that is not HTTP",
+                             backend=backend)
+    if isinstance(exc, OSError):
         return UpstreamError(f"backend {backend} broke off the connection "
                              f"({type(exc).__name__})", backend=backend)
     return exc

@@ -1,0 +1,558 @@
+"""The HTTP/1.1 client the backends reach their servers with: a pool of kept-alive
+connections per backend, and responses whose bodies are read as they arrive.
+
+Written for the one job it has, which runs on every request and on every chunk of every
+answer: a request with a JSON body, an answer read as bytes (a stream of events, mostly).
+It speaks HTTP/1.1 with bodies framed by ``Content-Length``, by chunks or by the end of the
+connection, over TCP or TLS (``https``); no proxies, redirects or compression (it asks for
+none). Measured against aiohttp's client for a 17-token answer streamed on loopback, it
+does the request and the reading in about a quarter of the time (``loadtest/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+MAX_HEAD = 64 * 1024  # status line and headers: more is not a server the gateway can follow
+MAX_CHUNK_LINE = 4096  # a chunk's size line, extensions included
+HIGH_WATER = 256 * 1024  # bytes received and not yet read: past them, stop reading
+KEEP_IDLE = 15.0  # seconds a connection is kept unused (servers close theirs after 5-75 s)
+
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,16}")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class ConnectFailed(OSError):
+    """No connection to the server could be made (refused, unreachable, no such name, TLS)."""
+
+
+class Disconnected(ConnectionError):
+    """The server closed the connection (cleanly, not a reset) before its answer was whole.
+    ``answered``: some of the answer had come; ``reused``: the connection had carried an
+    earlier request.
+    """
+
+    def __init__(self, message: str, *, answered: bool, reused: bool) -> None:
+        super().__init__(message)
+        self.answered, self.reused = answered, reused
+
+
+class BadResponse(ValueError):
+    """What the server sent is not HTTP/1.x."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Seconds: ``connect`` to open a connection, ``read`` at most between two arrivals of
+    data (the wait for the headers included), ``total`` for the whole exchange, from the
+    wait for a connection to the body's end. None: no limit.
+    """
+
+    connect: float
+    read: float | None = None
+    total: float | None = None
+
+
+class Pool:
+    """The connections to one server; at most ``limit`` open, the rest of the requests
+    wait for one. ``headers`` go on every request.
+    """
+
+    def __init__(self, url: str, limit: int, headers: dict[str, str]) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")  # the path every request's is under
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        default_port = self.port == (443 if self._ssl else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        fixed = {"Host": host if default_port else f"{host}:{self.port}", **headers}
+        self._fixed = b"".join(_header(name, value) for name, value in fixed.items())
+        self.limit = max(1, limit)
+        self._idle: deque[Connection] = deque()
+        self._all: set[Connection] = set()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    async def request(self, method: str, target: str, body: bytes | None, limits: Limits,
+                      headers: dict[str, str] | None = None) -> Response:
+        """Send a request and wait for its answer's headers; the body is read from the
+        ``Response``, which must be ``release()``d. ``target``: the path, with its query.
+        """
+        loop = asyncio.get_running_loop()
+        response = Response(loop, method == "HEAD", limits)
+        try:
+            connection = await self._connection(loop, limits.connect, response.deadline)
+            response.send(connection, b"".join((
+                f"{method} {target} HTTP/1.1\r\n".encode("ascii"), self._fixed,
+                b"".join(_header(n, v) for n, v in headers.items()) if headers else b"",
+                b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n",
+                body or b"")))
+            await response.started()
+        except BaseException:
+            response.release()
+            raise
+        return response
+
+    async def _connection(self, loop: asyncio.AbstractEventLoop, connect: float,
+                          deadline: float | None) -> Connection:
+        while True:
+            if self._closed:
+                raise ConnectFailed("the backend's connections are closed")
+            now = loop.time()
+            while self._idle:
+                connection = self._idle.pop()  # the most recently used: the likeliest alive
+                if now - connection.idle_since < KEEP_IDLE and not connection.lost:
+                    connection.reused = True
+                    return connection
+                connection.close()
+            if len(self._all) < self.limit:
+                due = loop.time() + connect
+                return await self._open(loop, due if deadline is None else min(due, deadline))
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # it was this one's turn: pass it on
+                else:
+                    self._waiters.remove(waiter)
+                raise
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, due: float) -> Connection:
+        connection = Connection(self)
+        self._all.add(connection)  # counted while it opens, so the limit holds
+        try:
+            async with asyncio.timeout_at(due):
+                await loop.create_connection(
+                    lambda: connection, self.host, self.port, ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None)
+        except TimeoutError:
+            self._drop(connection)
+            raise
+        except OSError as exc:
+            self._drop(connection)
+            raise ConnectFailed(exc.errno, _why(exc)) from exc
+        except BaseException:
+            self._drop(connection)
+            raise
+        return connection
+
+    def put_back(self, connection: Connection) -> None:
+        """A connection whose answer was read to its end, free for the next request."""
+        if self._closed or connection.lost:
+            connection.close()
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(connection)
+        self._wake()
+
+    def _drop(self, connection: Connection) -> None:
+        """A connection that closed: its place is free."""
+        if connection in self._all:
+            self._all.discard(connection)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(connection)
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        self._closed = True
+        for connection in list(self._all):
+            connection.close()
+        self._all.clear()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # to find the pool closed
+        await asyncio.sleep(0)  # the transports' closing callbacks run
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._all)
+
+
+def _why(exc: OSError) -> str:
+    """Why a connection failed, in words that hold no address."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or 'the handshake failed'}"
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or "no such host"
+    return os.strerror(exc.errno) if exc.errno else "the connection failed"
+
+
+def _header(name: str, value: str) -> bytes:
+    if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\0"):
+        raise ValueError(f"header {name!r} cannot be sent as it is")
+    return f"{name}: {value}\r\n".encode("latin-1")
+
+
+class Connection(asyncio.Protocol):
+    """One connection; it feeds the response it is carrying."""
+
+    __slots__ = ("idle_since", "lost", "pool", "response", "reused", "transport")
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.response: Response | None = None
+        self.idle_since = 0.0
+        self.lost = False
+        self.reused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # nothing was asked: a server that talks out of turn
+            self.close()
+            return
+        response.feed(data)
+
+    def eof_received(self) -> bool:
+        self._end(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._end(exc)
+        self.pool._drop(self)
+
+    def _end(self, exc: Exception | None) -> None:
+        response, self.response = self.response, None
+        if response is not None:
+            response.connection_ended(exc)
+
+    def close(self) -> None:
+        self.lost = True
+        response, self.response = self.response, None
+        if self.transport is not None:
+            self.transport.close()
+        self.pool._drop(self)
+        if response is not None:  # the pool closing under a request
+            response.connection_ended(ConnectionAbortedError("the backend was closed"))
+
+
+class Response:
+    """An answer: its status and headers (names in lower case), and its body read with
+    ``readany``/``read``. ``release()`` gives its connection back (or closes it, if the
+    body was not read to its end).
+    """
+
+    __slots__ = ("_chunk", "_connection", "_eof", "_error", "_head", "_head_only",
+                 "_keep_alive", "_last", "_left", "_limits", "_loop", "_mode", "_paused",
+                 "_pieces", "_rest", "_reused", "_size", "_timers", "_waiter", "deadline",
+                 "headers", "status")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, head_only: bool,
+                 limits: Limits) -> None:
+        self._loop, self._head_only, self._limits = loop, head_only, limits
+        self._connection: Connection | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._head = b""  # the head, while it is arriving
+        self._mode = ""  # the body's framing: "length", "chunked", "close" (unknown: "")
+        self._left = 0  # "length": bytes to come; "chunked": of this chunk (-1: its CRLF)
+        self._chunk = b""  # "chunked": the start of a size line or CRLF cut by a read
+        self._rest = False  # "chunked": the last chunk came, its trailers are arriving
+        self._keep_alive = False
+        self._reused = False  # its connection had carried an earlier request
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._paused = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._last = loop.time()
+        self._timers: list[asyncio.TimerHandle] = []
+        self.deadline = None if limits.total is None else self._last + limits.total
+        if self.deadline is not None:
+            self._timers.append(loop.call_at(self.deadline, self._expired,
+                                             "the exchange took too long"))
+
+    # -- the connection's side
+
+    def send(self, connection: Connection, request: bytes) -> None:
+        self._connection = connection
+        self._reused = connection.reused
+        connection.response = self
+        assert connection.transport is not None
+        connection.transport.write(request)
+        self._last = self._loop.time()
+        if self._limits.read is not None:
+            self._timers.append(self._loop.call_at(self._last + self._limits.read,
+                                                   self._read_watch))
+
+    def feed(self, data: bytes) -> None:
+        self._last = self._loop.time()
+        try:
+            if not self.status:
+                data = self._feed_head(data)
+                if not data:
+                    return
+            if self._mode == "chunked":
+                self._feed_chunks(data)
+            elif self._mode == "length":
+                if len(data) > self._left:  # more than was said: the connection is spoilt
+                    data, self._keep_alive = data[:self._left], False
+                self._left -= len(data)
+                self._take(data)
+                if not self._left:
+                    self._finish()
+            elif self._mode == "close":
+                self._take(data)
+            else:  # the body was read: anything more is a server out of step
+                self._keep_alive = False
+        except BadResponse as exc:
+            self._fail(exc)
+            return
+        if self._size > HIGH_WATER and not self._paused and self._connection is not None:
+            self._paused = True
+            assert self._connection.transport is not None
+            self._connection.transport.pause_reading()
+
+    def _feed_head(self, data: bytes) -> bytes:
+        """The head, parsed once whole; what follows it."""
+        head = self._head + data if self._head else data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD:
+                raise BadResponse("a response head longer than 64 KiB")
+            self._head = head
+            return b""
+        self._head = b""
+        lines = head[:end].split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        code = rest[:3]
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or \
+                rest[3:4] not in (b"", b" "):
+            raise BadResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        status = int(code)
+        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+            return self._feed_head(head[end + 4:]) if len(head) > end + 4 else b""
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip():
+                raise BadResponse(f"a malformed header line: {line[:80]!r}")
+            key = name.decode("latin-1").lower()
+            text = value.strip().decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self.headers, self.status = headers, status
+        connection = headers.get("connection", "").lower()
+        self._keep_alive = "close" not in connection if version == b"HTTP/1.1" \
+            else "keep-alive" in connection
+        if self._head_only or status in (204, 304):
+            self._mode = "none"
+            self._finish()
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self._mode = "chunked"
+        elif "content-length" in headers:
+            length = headers["content-length"]
+            if not length.isdigit():
+                raise BadResponse(f"Content-Length {length[:40]!r}")
+            self._mode, self._left = "length", int(length)
+            if not self._left:
+                self._finish()
+        else:
+            self._mode, self._keep_alive = "close", False
+        self._wake()
+        return head[end + 4:]
+
+    def _feed_chunks(self, data: bytes) -> None:
+        if self._chunk:
+            data, self._chunk = self._chunk + data, b""
+        pos, end = 0, len(data)
+        while pos < end:
+            left = self._left
+            if left > 0:  # inside a chunk's data
+                take = min(left, end - pos)
+                self._take(data if pos == 0 and take == end else data[pos:pos + take])
+                pos += take
+                self._left = left - take or -1
+            elif left < 0:  # the CRLF after a chunk's data
+                if end - pos < 2:
+                    break
+                if data[pos:pos + 2] != b"\r\n":
+                    raise BadResponse("a chunk not ended by CRLF")
+                pos += 2
+                self._left = 0
+            else:  # a size line, or after the last chunk a trailer line
+                line_end = data.find(b"\r\n", pos)
+                if line_end < 0:
+                    if end - pos > MAX_CHUNK_LINE:
+                        raise BadResponse("a chunk size line too long")
+                    break
+                line = data[pos:line_end]
+                pos = line_end + 2
+                if self._rest:
+                    if not line:  # the blank line after the trailers: the body is whole
+                        if pos < end:
+                            self._keep_alive = False
+                        self._finish()
+                        return
+                    continue
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not _CHUNK_SIZE.fullmatch(size):
+                    raise BadResponse(f"a chunk size that is not hex: {line[:40]!r}")
+                self._left = int(size, 16)
+                if not self._left:
+                    self._rest = True
+        if pos < end:
+            self._chunk = data[pos:]
+
+    def _take(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(data)
+            self._size += len(data)
+            self._wake()
+
+    def _finish(self) -> None:
+        self._eof = True
+        self._stop_timers()
+        self._wake()
+
+    def connection_ended(self, exc: Exception | None) -> None:
+        """The server closed the connection (``exc``: why, if it broke)."""
+        self._connection = None
+        if self._eof:
+            return
+        if self._mode == "close" and exc is None:
+            self._finish()  # the end of the connection is the end of this body
+            return
+        if exc is not None:  # a reset, or the pool closing under it: not a kept-alive close
+            self._fail(exc)
+            return
+        answered = bool(self.status)
+        what = "in the middle of the answer" if answered else "before answering"
+        self._fail(Disconnected(f"the server closed the connection {what}",
+                                answered=answered, reused=self._reused))
+
+    def _read_watch(self) -> None:
+        if self._eof or self._error is not None:
+            return
+        assert self._limits.read is not None
+        due = self._last + self._limits.read
+        if self._loop.time() >= due:
+            self._expired(f"no data for {self._limits.read:g}s")
+        else:
+            self._timers.append(self._loop.call_at(due, self._read_watch))
+
+    def _expired(self, why: str) -> None:
+        if not self._eof and self._error is None:
+            self._fail(TimeoutError(why))
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._keep_alive = False
+        self._stop_timers()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.response = None
+            connection.close()
+        self._wake()
+
+    def _stop_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._paused:  # the reader wants more than is held: take it in
+            self._consumed()
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # -- the reader's side
+
+    async def started(self) -> None:
+        """Until the head has arrived."""
+        while not self.status:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def readany(self) -> bytes:
+        """What has arrived and was not read yet, waiting for some; b"" at the end."""
+        while True:
+            pieces = self._pieces
+            if pieces:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                self._consumed()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            await self._wait()
+
+    async def read(self, limit: int = -1) -> bytes:
+        """The body to its end, or its first ``limit`` bytes if it is longer."""
+        while not self._eof and (limit < 0 or self._size < limit):
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        data = b"".join(self._pieces)
+        if 0 <= limit < len(data):
+            data, rest = data[:limit], data[limit:]
+            self._pieces = [rest]
+            self._size = len(rest)
+        else:
+            self._pieces.clear()
+            self._size = 0
+        return data
+
+    def _consumed(self) -> None:
+        self._size = sum(map(len, self._pieces)) if self._pieces else 0
+        if self._paused:
+            self._paused = False
+            connection = self._connection
+            if connection is not None and connection.transport is not None:
+                connection.transport.resume_reading()
+
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read."""
+        return self._eof and not self._pieces
+
+    def release(self) -> None:
+        """Done with this answer: its connection serves the next request if the body was
+        read to its end, and is closed otherwise (the server sees the request end).
+        """
+        self._stop_timers()
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        connection.response = None
+        if self._eof and self._keep_alive and self._error is None:
+            connection.pool.put_back(connection)
+        else:
+            connection.close()

@@ -1,0 +1,369 @@
+"""The backends' HTTP/1.1 client (gateway/backends/client.py) against real servers on
+loopback: aiohttp's server, and plain sockets that send exactly the bytes a case needs (a
+chunk cut anywhere, trailers, an interim 100, a body ended by closing, a broken head).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from gateway.backends.client import BadResponse, ConnectFailed, Disconnected, Limits, Pool
+from gateway.backends.http import HttpBackend
+from gateway.config import BackendConfig
+from gateway.errors import UpstreamError
+
+LIMITS = Limits(connect=2.0, read=5.0, total=10.0)
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A TCP server whose ``handler`` answers each connection; it counts connections and
+    how many were open at once.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = self.open = self.most_open = 0
+        self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open -= 1
+            self.handlers.discard(task)
+            writer.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
+    server = RawServer(handler)
+    server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        server.server.close()
+        for task in list(server.handlers):  # ended here, not by the test's loop closing
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request's head and body (by its Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def answering(*replies: bytes, pause: float = 0.0, one_byte_at_a_time: bool = False,
+              then_close: bool = False) -> Handler:
+    """A handler that answers the requests on a connection with ``replies`` in turn."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for reply in replies:
+            await read_request(reader)
+            await asyncio.sleep(pause)
+            pieces = [reply[i:i + 1] for i in range(len(reply))] if one_byte_at_a_time \
+                else [reply]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                if one_byte_at_a_time:
+                    await asyncio.sleep(0)
+        if then_close:
+            return
+        await reader.read()  # until the client closes
+    return handler
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n"
+           b"b\r\ndata: one\n\n\r\n"
+           b"B;name=value\r\ndata: two\n\n\r\n"
+           b"0\r\nX-Trailer: yes\r\n\r\n")
+
+
+async def body_of(pool: Pool, path: str = "/x") -> tuple[int, bytes]:
+    response = await pool.request("POST", path, b"{}", LIMITS)
+    try:
+        pieces = []
+        while data := await response.readany():
+            pieces.append(data)
+        assert response.at_eof()
+        return response.status, b"".join(pieces)
+    finally:
+        response.release()
+
+
+async def test_a_chunked_body_cut_at_every_byte_reads_whole_and_keeps_its_connection() -> None:
+    async with raw_server(answering(CHUNKED, CHUNKED, one_byte_at_a_time=True)) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"data: one\n\ndata: two\n\n")
+        assert await body_of(pool) == (200, b"data: one\n\ndata: two\n\n")
+        assert server.connections == 1  # the second request went on the first's connection
+        await pool.close()
+
+
+async def test_bodies_framed_every_way_http_has() -> None:
+    sized = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" + sized
+    empty = b"HTTP/1.1 204 No Content\r\n\r\n"
+    async with raw_server(answering(sized, interim, empty, sized)) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"hello")
+        assert await body_of(pool) == (200, b"hello")  # the interim 100 is passed over
+        assert await body_of(pool) == (204, b"")
+        assert await body_of(pool) == (200, b"hello")
+        assert server.connections == 1
+        await pool.close()
+    # Ended by closing the connection (HTTP/1.0, or no length): never kept.
+    closing = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
+    async with raw_server(answering(closing, then_close=True)) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"until the end")
+        assert await body_of(pool) == (200, b"until the end")
+        assert server.connections == 2
+        await pool.close()
+    # A server that says it closes: a new connection for the next request.
+    said = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answering(said, then_close=True)) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"ok")
+        assert await body_of(pool) == (200, b"ok")
+        assert server.connections == 2
+        await pool.close()
+
+
+async def test_headers_are_read_whatever_their_case_and_repeats_are_joined() -> None:
+    reply = (b"HTTP/1.1 429 Too Many Requests\r\nretry-AFTER:  7 \r\nVia: a\r\nvia: b\r\n"
+             b"Content-Length: 0\r\n\r\n")
+    async with raw_server(answering(reply)) as server:
+        pool = Pool(server.url, 4, {})
+        response = await pool.request("GET", "/", None, LIMITS)
+        assert response.status == 429
+        assert response.headers["retry-after"] == "7"
+        assert response.headers["via"] == "a, b"
+        response.release()
+        await pool.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"SPDY/3 200 OK\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+    b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 * 1024),
+])
+async def test_what_is_not_http_is_refused_and_its_connection_dropped(reply: bytes) -> None:
+    async with raw_server(answering(reply)) as server:
+        pool = Pool(server.url, 4, {})
+        with pytest.raises(BadResponse):
+            await body_of(pool)
+        assert pool.open_connections == 0
+        await pool.close()
+
+
+async def test_at_most_limit_connections_and_the_rest_wait_their_turn() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answering(*[reply] * 20, pause=0.05)) as server:
+        pool = Pool(server.url, 2, {})
+        results = await asyncio.gather(*(body_of(pool) for _ in range(12)))
+        assert results == [(200, b"ok")] * 12
+        assert server.most_open == 2
+        assert server.connections == 2
+        await pool.close()
+
+
+async def test_silence_and_slowness_end_in_timeouts_not_hangs() -> None:
+    head_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    async with raw_server(answering(head_only)) as server:
+        pool = Pool(server.url, 4, {})
+        started = time.monotonic()
+        response = await pool.request("POST", "/", b"{}", Limits(2.0, read=0.3, total=10))
+        assert await response.readany() == b"abc"
+        with pytest.raises(TimeoutError):
+            await response.readany()
+        assert 0.25 < time.monotonic() - started < 2
+        response.release()
+        await pool.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with raw_server(silent) as server:  # no answer at all: ``total`` bounds the wait
+        pool = Pool(server.url, 4, {})
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/", b"{}", Limits(2.0, total=0.3))
+        assert time.monotonic() - started < 2
+        assert pool.open_connections == 0
+        await pool.close()
+
+
+async def test_a_connection_cut_before_or_during_the_answer_is_told_apart() -> None:
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async def close_mid_body(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        await writer.drain()
+
+    async with raw_server(close_at_once) as server:
+        pool = Pool(server.url, 4, {})
+        with pytest.raises(Disconnected) as before:
+            await pool.request("POST", "/", b"{}", LIMITS)
+        assert not before.value.answered and not before.value.reused
+        await pool.close()
+    async with raw_server(close_mid_body) as server:
+        pool = Pool(server.url, 4, {})
+        response = await pool.request("POST", "/", b"{}", LIMITS)
+        assert await response.readany() == b"half"  # what came before the cut is read
+        with pytest.raises(Disconnected) as during:
+            await response.readany()
+        assert during.value.answered
+        response.release()
+        await pool.close()
+
+
+async def test_nothing_listening_is_a_connect_failure_in_words_without_the_address() -> None:
+    async with raw_server(answering()) as server:
+        url = server.url
+    pool = Pool(url, 4, {})
+    with pytest.raises(ConnectFailed) as failed:
+        await pool.request("GET", "/", None, LIMITS)
+    assert failed.value.strerror == "Connection refused"
+    assert "127.0.0.1" not in str(failed.value)
+    await pool.close()
+
+
+async def test_a_large_body_is_held_back_by_the_reader_not_buffered_whole() -> None:
+    size = 16 * 1024 * 1024
+    sent: list[int] = []
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * 65536
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+            sent.append(len(block))
+        await reader.read()
+
+    async with raw_server(big) as server:
+        pool = Pool(server.url, 4, {})
+        response = await pool.request("GET", "/", None, LIMITS)
+        await asyncio.sleep(0.5)  # the reader reads nothing for a while
+        held_back = sum(sent)
+        got = 0
+        while data := await response.readany():
+            got += len(data)
+        assert got == size
+        assert held_back < size / 2  # the server had to wait for the reader
+        response.release()
+        await pool.close()
+
+
+async def test_closing_the_pool_ends_a_read_in_progress() -> None:
+    stalled = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with raw_server(answering(stalled)) as server:
+        pool = Pool(server.url, 4, {})
+        response = await pool.request("POST", "/", b"{}", Limits(2.0))  # no read limit
+        reading = asyncio.create_task(response.readany())
+        await asyncio.sleep(0.05)
+        await pool.close()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(reading, 2)
+        response.release()
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_replaced_unseen() -> None:
+    """llama.cpp's server closes a kept-alive connection after some requests without
+    saying so: the request sent on it meets a closed connection and is sent again.
+    """
+    async def one_per_connection(reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}')
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the client keeps the connection; then it is closed
+
+    async with raw_server(one_per_connection) as server:
+        backend = HttpBackend(BackendConfig(name="local", kind="openai", url=server.url))
+        await backend.start()
+        try:
+            for _ in range(4):
+                assert await backend.post_json("/x", {}) == {}
+                await asyncio.sleep(0.1)
+            assert server.connections == 4
+        finally:
+            await backend.close()
+
+
+async def test_requests_carry_the_backends_headers_and_a_body_an_aiohttp_server_reads() -> None:
+    seen: list[tuple[str, str, bytes]] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append((request.headers["Authorization"], request.headers["Host"],
+                     await request.read()))
+        return web.json_response({"path": request.path})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        pool = Pool(f"http://127.0.0.1:{port}/v1", 4, {"Authorization": "Bearer k"})
+        response = await pool.request("POST", pool.prefix + "/chat", b'{"a": 1}', LIMITS)
+        assert await response.read() == b'{"path": "/v1/chat"}'
+        response.release()
+        assert seen == [("Bearer k", f"127.0.0.1:{port}", b'{"a": 1}')]
+        with pytest.raises(ValueError):
+            Pool("http://127.0.0.1/", 4, {"X": "a\r\nInjected: yes"})
+        await pool.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_backend_that_cannot_be_reached_is_a_clean_gateway_error() -> None:
+    async with raw_server(answering()) as server:
+        url = server.url
+    backend = HttpBackend(BackendConfig(name="gone", kind="openai", url=url))
+    await backend.start()
+    try:
+        with pytest.raises(UpstreamError) as error:
+            await backend.post_json("/x", {})
+        assert error.value.message == "cannot connect to backend gone: connection refused"
+        assert error.value.code == "backend_unreachable"
+    finally:
+        await backend.close()
