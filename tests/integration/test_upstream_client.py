@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -124,6 +125,36 @@ async def test_a_chunked_body_cut_at_every_byte_reads_whole_and_keeps_its_connec
         assert await body_of(pool) == (200, b"data: one\n\ndata: two\n\n")
         assert await body_of(pool) == (200, b"data: one\n\ndata: two\n\n")
         assert server.connections == 1  # the second request went on the first's connection
+        await pool.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_chunks_of_every_size_cut_anywhere_read_back_the_same(seed: int) -> None:
+    rng = random.Random(seed)
+    parts = [bytes(rng.randrange(256) for _ in range(size))
+             for size in (1, 15, 16, 17, 255, 4096, 70_000, 3)]
+    body = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";x=1" if rng.random() < 0.3 else b"", p)
+                    for p in parts) + b"0\r\n\r\n"
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+
+    async def in_random_pieces(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            pos = 0
+            while pos < len(reply):
+                step = rng.choice((1, 2, 3, 7, 100, 5000, 100_000))
+                writer.write(reply[pos:pos + step])
+                await writer.drain()
+                await asyncio.sleep(0)
+                pos += step
+        await reader.read()
+
+    async with raw_server(in_random_pieces) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"".join(parts))
+        assert await body_of(pool) == (200, b"".join(parts))
+        assert server.connections == 1
         await pool.close()
 
 
