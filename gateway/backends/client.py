@@ -20,7 +20,7 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 
@@ -36,14 +36,14 @@ class ConnectFailed(OSError):
 
 
 class Disconnected(ConnectionError):
-    """The server closed the connection (cleanly, not a reset) before its answer was whole.
-    ``answered``: some of the answer had come; ``reused``: the connection had carried an
-    earlier request.
+    """The server closed the connection before its answer was whole. ``answered``: some of
+    the answer had come; ``reused``: the connection had carried an earlier request;
+    ``reset``: it was reset (a crash), not closed.
     """
 
-    def __init__(self, message: str, *, answered: bool, reused: bool) -> None:
+    def __init__(self, message: str, *, answered: bool, reused: bool, reset: bool) -> None:
         super().__init__(message)
-        self.answered, self.reused = answered, reused
+        self.answered, self.reused, self.reset = answered, reused, reset
 
 
 class BadResponse(ValueError):
@@ -69,12 +69,17 @@ class Pool:
 
     def __init__(self, url: str, limit: int, headers: dict[str, str]) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname or \
+                parts.username is not None:
+            raise ValueError("expected an http(s) URL without credentials")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.prefix = parts.path.rstrip("/")  # the path every request's is under
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        # The path every request's is under, as it goes on the wire.
+        self.prefix = quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~")
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._ssl = ssl.create_default_context()
+            self._ssl.set_alpn_protocols(["http/1.1"])
         default_port = self.port == (443 if self._ssl else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         fixed = {"Host": host if default_port else f"{host}:{self.port}", **headers}
@@ -90,15 +95,16 @@ class Pool:
         """Send a request and wait for its answer's headers; the body is read from the
         ``Response``, which must be ``release()``d. ``target``: the path, with its query.
         """
+        request = b"".join((  # made first: a request that cannot be made takes no connection
+            f"{method} {target} HTTP/1.1\r\n".encode("ascii"), self._fixed,
+            b"".join(_header(n, v) for n, v in headers.items()) if headers else b"",
+            b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n",
+            body or b""))
         loop = asyncio.get_running_loop()
         response = Response(loop, limits)
         try:
             connection = await self._connection(loop, limits.connect, response.deadline)
-            response.send(connection, b"".join((
-                f"{method} {target} HTTP/1.1\r\n".encode("ascii"), self._fixed,
-                b"".join(_header(n, v) for n, v in headers.items()) if headers else b"",
-                b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n",
-                body or b"")))
+            response.send(connection, request)
             await response.started()
         except BaseException:
             response.release()
@@ -129,7 +135,8 @@ class Pool:
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # it was this one's turn: pass it on
                 else:
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):  # (a wake may have taken it)
+                        self._waiters.remove(waiter)
                 raise
 
     async def _open(self, loop: asyncio.AbstractEventLoop, due: float) -> Connection:
@@ -149,6 +156,9 @@ class Pool:
         except BaseException:
             self._drop(connection)
             raise
+        if self._closed:  # closed while this one opened
+            connection.close()
+            raise ConnectFailed("the backend's connections are closed")
         return connection
 
     def put_back(self, connection: Connection) -> None:
@@ -156,6 +166,8 @@ class Pool:
         if self._closed or connection.lost:
             connection.close()
             return
+        assert connection.transport is not None
+        connection.transport.resume_reading()  # (a no-op unless the answer paused it)
         connection.idle_since = asyncio.get_running_loop().time()
         self._idle.append(connection)
         self._wake()
@@ -230,6 +242,7 @@ class Connection(asyncio.Protocol):
         response.feed(data)
 
     def eof_received(self) -> bool:
+        self.lost = True  # not to be picked for a request meanwhile
         self._end(None)
         return False
 
@@ -261,7 +274,8 @@ class Response:
 
     __slots__ = ("_close_delimited", "_connection", "_eof", "_error", "_head_size",
                  "_interim", "_keep_alive", "_last", "_limits", "_loop", "_parser", "_paused",
-                 "_pieces", "_reused", "_size", "_timers", "_waiter", "_whole", "deadline",
+                 "_pieces", "_read_timer", "_reused", "_size", "_total_timer", "_waiter", "_whole",
+                 "deadline",
                  "headers", "status")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
@@ -282,12 +296,13 @@ class Response:
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._last = loop.time()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._last = loop.time()  # when data last came (or reading resumed)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._total_timer: asyncio.TimerHandle | None = None
         self.deadline = None if limits.total is None else self._last + limits.total
         if self.deadline is not None:
-            self._timers.append(loop.call_at(self.deadline, self._expired,
-                                             "the exchange took too long"))
+            self._total_timer = loop.call_at(self.deadline, self._expired,
+                                             "the exchange took too long")
 
     # -- the connection's side
 
@@ -299,8 +314,8 @@ class Response:
         connection.transport.write(request)
         self._last = self._loop.time()
         if self._limits.read is not None:
-            self._timers.append(self._loop.call_at(self._last + self._limits.read,
-                                                   self._read_watch))
+            self._read_timer = self._loop.call_at(self._last + self._limits.read,
+                                                  self._read_watch)
 
     def feed(self, data: bytes) -> None:
         self._last = self._loop.time()
@@ -341,7 +356,9 @@ class Response:
         if self.status:
             return
         status = self._parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+        if status < 100:  # (wrapped by the parser into an error feed_data raises)
+            raise BadResponse(f"status {status}")
+        if status < 200:  # an interim answer (100 Continue): the real one follows
             self._interim = True
             self.headers = {}
             return
@@ -375,23 +392,32 @@ class Response:
         if self._close_delimited and exc is None:
             self._finish()  # the end of the connection is the end of this body
             return
-        if exc is not None:  # a reset, or the pool closing under it: not a kept-alive close
+        if isinstance(exc, ConnectionAbortedError):  # the pool closing under it
             self._fail(exc)
             return
         answered = bool(self.status)
         what = "in the middle of the answer" if answered else "before answering"
-        self._fail(Disconnected(f"the server closed the connection {what}",
-                                answered=answered, reused=self._reused))
+        how = "reset" if exc is not None else "closed"
+        error = Disconnected(f"the server {how} the connection {what}", answered=answered,
+                             reused=self._reused, reset=exc is not None)
+        error.__cause__ = exc
+        self._fail(error)
 
     def _read_watch(self) -> None:
+        """The read limit: one timer, moved on when data came meanwhile; a wait the
+        gateway made itself (reading paused for a slow reader) does not count.
+        """
         if self._eof or self._error is not None:
             return
         assert self._limits.read is not None
+        now = self._loop.time()
+        if self._paused:
+            self._last = now
         due = self._last + self._limits.read
-        if self._loop.time() >= due:
+        if now >= due:
             self._expired(f"no data for {self._limits.read:g}s")
         else:
-            self._timers.append(self._loop.call_at(due, self._read_watch))
+            self._read_timer = self._loop.call_at(due, self._read_watch)
 
     def _expired(self, why: str) -> None:
         if not self._eof and self._error is None:
@@ -408,9 +434,12 @@ class Response:
         self._wake()
 
     def _stop_timers(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if self._total_timer is not None:
+            self._total_timer.cancel()
+            self._total_timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -470,6 +499,7 @@ class Response:
         self._size = sum(map(len, self._pieces)) if self._pieces else 0
         if self._paused:
             self._paused = False
+            self._last = self._loop.time()
             connection = self._connection
             if connection is not None and connection.transport is not None:
                 connection.transport.resume_reading()

@@ -32,7 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
     from_upstream_status,
 )
-from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_lines
+from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_reads
 from gateway.protocol.units import Chunk, Completion
 from gateway.telemetry import UPSTREAM
 
@@ -54,7 +54,7 @@ class Translator(Protocol):
     def chunk(self, obj: Any) -> Chunk: ...
 
 
-Decoder = Callable[[AsyncIterator[list[bytes]]], AsyncIterator[list[Any]]]
+Decoder = Callable[[AsyncIterator[bytes]], AsyncIterator[list[Any]]]
 
 
 class HttpBackend:
@@ -108,8 +108,8 @@ class HttpBackend:
 
     @property
     def pool(self) -> Pool:
-        if self._pool is None:
-            raise RuntimeError(f"backend {self.name} is not started")
+        if self._pool is None:  # not started, or an embedded server that is off
+            raise UpstreamError(f"backend {self.name} is not running", backend=self.name)
         return self._pool
 
     def request(self, method: str, path: str, payload: Any = None, *,
@@ -153,7 +153,7 @@ class HttpBackend:
         collected = Completion() if whole else None
         async with self.request("POST", path, payload, timeout="stream") as response:
             try:
-                async for objects in decode(self.lines(response)):
+                async for objects in decode(self.reads(response)):
                     for obj in objects:
                         try:
                             chunk = translator.chunk(obj)
@@ -180,8 +180,8 @@ class HttpBackend:
             for chunk in collected.chunks():
                 yield chunk
 
-    def lines(self, response: Response) -> AsyncIterator[list[bytes]]:
-        return iter_lines(response, self.config.timeouts.idle)
+    def reads(self, response: Response) -> AsyncIterator[bytes]:
+        return iter_reads(response, self.config.timeouts.idle)
 
     async def status_error(self, response: Response) -> GatewayError:
         body = await response.read(MAX_ERROR_BODY)
@@ -227,13 +227,7 @@ class Exchange:
                 response = await backend.pool.request(self._method, self._target, self._data,
                                                       self._limits, headers)
             except Disconnected as exc:
-                # At once, on a kept-alive connection, before any answer: one the server
-                # had closed meanwhile (llama.cpp's server closes a kept-alive one after a
-                # few requests), which never carried this request. Sent again on a new
-                # one: to a server of our own only (a cloud API might have begun on it,
-                # and bills).
-                if not exc.reused or exc.answered or backend.tier == "cloud" or \
-                        time.monotonic() - sent > RESEND_WITHIN:
+                if not self._resend(exc, time.monotonic() - sent):
                     raise
                 response = await backend.pool.request(self._method, self._target, self._data,
                                                       self._limits, headers)
@@ -241,10 +235,28 @@ class Exchange:
             raise _translate(backend.name, exc, started=False) from None
         self._response = response
         if response.status >= 400:
-            error = await backend.status_error(response)
-            self._finish()
+            error: Exception
+            try:
+                error = await backend.status_error(response)
+            except Exception as exc:  # the error's body could not be read
+                error = _translate(backend.name, exc, started=True)
+            finally:
+                self._finish()
             raise error
         return response
+
+    def _resend(self, exc: Disconnected, after: float) -> bool:
+        """Whether a request whose kept-alive connection the server had closed meanwhile
+        (llama.cpp's server closes one after a few requests) is sent again on a new one:
+        a read, always; a generation only if the connection was closed at once and
+        cleanly, and by a server of our own (a cloud API might have begun on it, and
+        bills).
+        """
+        if not exc.reused or exc.answered:
+            return False
+        if self._method == "GET":
+            return True
+        return not exc.reset and after <= RESEND_WITHIN and self._backend.tier != "cloud"
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> None:

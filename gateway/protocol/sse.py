@@ -1,5 +1,5 @@
-"""Reading upstream streams: byte chunks → lines → JSON objects, from NDJSON (Ollama) or
-server-sent events (OpenAI-compatible servers).
+"""Reading upstream streams: byte chunks → lines (NDJSON, Ollama's) or server-sent events
+(OpenAI-compatible servers') → JSON objects.
 
 Tolerant by design, since upstream servers differ: comment and keepalive lines
 (``: keepalive 3/10``) are skipped, CRLF endings accepted, ``data:`` with or without the
@@ -45,12 +45,10 @@ def text_field(value: Any) -> str:
     return value
 
 
-async def iter_lines(stream: ByteStream, idle: float) -> AsyncIterator[list[bytes]]:
-    """Lines without their ending, as many at a time as each read brought (a whole answer
-    often comes in one: its lines are then handled in one loop, not one step each); raises
-    ``IdleTimeout`` after ``idle`` seconds of silence.
+async def iter_reads(stream: ByteStream, idle: float) -> AsyncIterator[bytes]:
+    """What each read brought, until the stream ends; raises ``IdleTimeout`` after
+    ``idle`` seconds of silence.
     """
-    rest = b""
     while True:
         timer = asyncio.timeout(idle)
         try:
@@ -61,91 +59,125 @@ async def iter_lines(stream: ByteStream, idle: float) -> AsyncIterator[list[byte
                 raise IdleTimeout(f"no data for {idle:g}s") from None
             raise
         if not data:
-            break
-        if rest:
-            data = rest + data
+            return
+        yield data
+
+
+class LineReader:
+    """Lines without their ending from bytes fed as they come, as many at a time as each
+    read brought (a whole answer often comes in one: its lines are then handled in one
+    loop, not one step each).
+    """
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._rest:
+            data = self._rest + data
         lines = data.split(b"\n")
-        rest = lines.pop()
-        if len(rest) > MAX_LINE:
+        self._rest = lines.pop()
+        if len(self._rest) > MAX_LINE:
             raise LineTooLong(f"a line longer than {MAX_LINE} bytes")
-        if lines:
-            yield lines
-    if rest:
-        yield [rest]
+        return lines
+
+    def end(self) -> list[bytes]:
+        """The last line, should the stream end without its newline."""
+        rest, self._rest = self._rest, b""
+        return [rest] if rest else []
 
 
 class EventReader:
-    """Server-sent events from lines, fed as they come: ``(event, data)`` pairs, multi-line
-    data joined with newlines.
+    """Server-sent events from bytes fed as they come: ``(event, data)`` pairs, multi-line
+    data joined with newlines. An event of one ``data: `` line (what OpenAI-compatible
+    servers send) is taken whole; any other is read line by line.
     """
 
-    __slots__ = ("data", "event")
+    __slots__ = ("_rest",)
 
     def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.event = b""
+        self._rest = b""
 
-    def feed(self, lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        if self._rest:
+            data = self._rest + data
+        if b"\r" in data:  # CRLF endings (a CR cut from its LF waits in the rest)
+            data = data.replace(b"\r\n", b"\n")
+        blocks = data.split(b"\n\n")
+        self._rest = blocks.pop()
+        if len(self._rest) > MAX_LINE:
+            raise LineTooLong(f"an event longer than {MAX_LINE} bytes")
         out = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self.data:
-                    out.append((self.event, b"\n".join(self.data)))
-                self.data, self.event = [], b""
-                continue
-            if line[0] == 0x3A:  # ":" starts a comment
-                continue
-            name, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if name == b"data":
-                self.data.append(value)
-            elif name == b"event":
-                self.event = value
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                out.append((b"", block[6:]))
+            elif block and (event := _event(block)) is not None:
+                out.append(event)
         return out
 
     def end(self) -> list[tuple[bytes, bytes]]:
         """The last event, should the stream end without its blank line."""
-        return [(self.event, b"\n".join(self.data))] if self.data else []
+        rest, self._rest = self._rest, b""
+        event = _event(rest) if rest else None
+        return [event] if event is not None else []
 
 
-async def iter_events(batches: AsyncIterator[list[bytes]]
-                      ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
-    """The events of a stream, as many at a time as its reads brought."""
-    reader = EventReader()
-    async for lines in batches:
-        events = reader.feed(lines)
-        if events:
-            yield events
-    last = reader.end()
-    if last:
-        yield last
+def _event(block: bytes) -> tuple[bytes, bytes] | None:
+    """One event's lines: its name and data (None: no data, a comment or keepalive)."""
+    name, data = b"", []
+    for line in block.split(b"\n"):
+        if not line or line[0] == 0x3A:  # ":" starts a comment
+            continue
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value
+    return (name, b"\n".join(data)) if data else None
 
 
-async def decode_sse(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[Any]]:
+async def decode_sse(reads: AsyncIterator[bytes]) -> AsyncIterator[list[Any]]:
     """The JSON payloads of an OpenAI-style event stream, up to ``[DONE]``, as many at a
     time as its reads brought.
     """
-    async for events in iter_events(batches):
-        payloads = [data for _event, data in events]
-        done = b"[DONE]" in payloads
-        objects = _decoded(payloads[:payloads.index(b"[DONE]")] if done else payloads, "event")
+    reader = EventReader()
+    async for data in reads:
+        objects, done = _payloads(reader.feed(data))
         if objects:
             yield objects
         if done:
             return
+    objects, _ = _payloads(reader.end())
+    if objects:
+        yield objects
 
 
-async def decode_ndjson(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[Any]]:
+def _payloads(events: list[tuple[bytes, bytes]]) -> tuple[list[Any], bool]:
+    """The events' JSON objects up to ``[DONE]``, and whether it came."""
+    if not events:
+        return [], False
+    payloads = [data for _event, data in events]
+    if b"[DONE]" in payloads:
+        return _decoded(payloads[:payloads.index(b"[DONE]")], "event"), True
+    return _decoded(payloads, "event"), False
+
+
+async def decode_ndjson(reads: AsyncIterator[bytes]) -> AsyncIterator[list[Any]]:
     """The objects of a newline-delimited JSON stream, as many at a time as its reads
     brought.
     """
-    async for lines in batches:
-        objects = _decoded([line for line in lines if line.strip()], "line")
+    reader = LineReader()
+    async for data in reads:
+        objects = _decoded([line for line in reader.feed(data) if line.strip()], "line")
         if objects:
             yield objects
+    objects = _decoded([line for line in reader.end() if line.strip()], "line")
+    if objects:
+        yield objects
 
 
 def _decoded(payloads: list[bytes], what: str) -> list[Any]:

@@ -335,27 +335,139 @@ async def test_closing_the_pool_ends_a_read_in_progress() -> None:
         response.release()
 
 
-async def test_a_kept_alive_connection_the_server_closed_is_replaced_unseen() -> None:
-    """llama.cpp's server closes a kept-alive connection after some requests without
-    saying so: the request sent on it meets a closed connection and is sent again.
+def one_answer_per_connection(reset: bool = False) -> Handler:
+    """A server that answers the first request on a connection and drops the connection
+    when a second one comes on it, unanswered (as llama.cpp's server does after a few;
+    ``reset``: as a crashing one does).
     """
-    async def one_per_connection(reader: asyncio.StreamReader,
-                                 writer: asyncio.StreamWriter) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}')
         await writer.drain()
-        await asyncio.sleep(0.05)  # the client keeps the connection; then it is closed
+        await read_request(reader)
+        if reset:
+            writer.transport.abort()  # type: ignore[attr-defined]
+    return handler
 
-    async with raw_server(one_per_connection) as server:
-        backend = HttpBackend(BackendConfig(name="local", kind="openai", url=server.url))
-        await backend.start()
+
+async def backend_on(url: str, tier: str = "primary") -> HttpBackend:
+    backend = HttpBackend(BackendConfig(name="b", kind="openai", url=url, tier=tier))  # type: ignore[arg-type]
+    await backend.start()
+    return backend
+
+
+async def test_a_request_that_meets_a_kept_alive_connection_closed_is_sent_again() -> None:
+    async with raw_server(one_answer_per_connection()) as server:
+        backend = await backend_on(server.url)
         try:
             for _ in range(4):
                 assert await backend.post_json("/x", {}) == {}
-                await asyncio.sleep(0.1)
-            assert server.connections == 4
+            assert server.connections == 4  # each request after the first went twice
         finally:
             await backend.close()
+
+
+async def test_only_reads_are_sent_again_to_the_cloud_or_after_a_reset() -> None:
+    async with raw_server(one_answer_per_connection(reset=True)) as server:
+        backend = await backend_on(server.url, tier="cloud")
+        try:
+            for _ in range(3):
+                assert await backend.get_json("/models") == {}
+            assert server.connections == 3
+            with pytest.raises(UpstreamError) as error:  # a reused one was reset: not sent
+                await backend.post_json("/x", {})        # again, a cloud API may bill it
+            assert "broke off the connection" in error.value.message
+            assert server.connections == 3
+            assert await backend.post_json("/x", {}) == {}  # a new connection: answered
+        finally:
+            await backend.close()
+
+
+async def test_an_error_whose_body_breaks_off_is_a_clean_error_and_frees_its_connection(
+) -> None:
+    async def half_an_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n{\"error\": ")
+        await writer.drain()
+
+    async with raw_server(half_an_error) as server:
+        backend = await backend_on(server.url)
+        try:
+            with pytest.raises(UpstreamError):
+                await backend.post_json("/x", {})
+            await asyncio.sleep(0.05)  # the closed connection's last callbacks
+            assert backend.pool.open_connections == 0
+        finally:
+            await backend.close()
+
+
+async def test_a_large_answer_read_whole_leaves_its_connection_ready_for_the_next() -> None:
+    big = b"[" + b"1," * 400_000 + b"1]"
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+    async with raw_server(answering(reply, reply)) as server:
+        pool = Pool(server.url, 4, {})
+        for _ in range(2):
+            response = await pool.request("GET", "/", None, Limits(2.0, total=5))
+            assert await response.read() == big
+            response.release()
+        assert server.connections == 1
+        await pool.close()
+
+
+async def test_a_slow_reader_is_not_taken_for_a_silent_server() -> None:
+    async def steady(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(40):
+            writer.write(b"8000\r\n" + b"x" * 0x8000 + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    async with raw_server(steady) as server:
+        pool = Pool(server.url, 4, {})
+        response = await pool.request("GET", "/", None, Limits(2.0, read=1.0, total=30))
+        await asyncio.sleep(1.5)  # the gateway's own client is slow: reading pauses
+        assert len(await response.read()) == 40 * 0x8000
+        response.release()
+        await pool.close()
+
+
+async def test_a_waiter_cancelled_as_its_turn_comes_is_cancelled_cleanly() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answering(reply, reply)) as server:
+        pool = Pool(server.url, 1, {})
+        first = await pool.request("GET", "/", None, LIMITS)
+        waiting = asyncio.create_task(pool.request("GET", "/", None, LIMITS))
+        await asyncio.sleep(0.05)
+        assert await first.read() == b"ok"
+        waiting.cancel()
+        first.release()  # the turn passes to the waiter, cancelled in the same moment
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await body_of(pool) == (200, b"ok")  # and the next one still gets it
+        await pool.close()
+
+
+async def test_odd_urls_and_statuses() -> None:
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await read_request(reader)).split(b" ")[1])
+        writer.write(b"HTTP/1.1 000 Nothing\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with raw_server(record) as server:
+        pool = Pool(server.url + "/modèles v1", 4, {})
+        with pytest.raises(BadResponse):
+            await pool.request("GET", pool.prefix + "/x", None, LIMITS)
+        assert seen == [b"/mod%C3%A8les%20v1/x"]
+        assert pool.open_connections == 0
+        await pool.close()
+    with pytest.raises(ValueError):
+        Pool("http://user:secret@127.0.0.1/", 4, {})
 
 
 async def test_requests_carry_the_backends_headers_and_a_body_an_aiohttp_server_reads() -> None:

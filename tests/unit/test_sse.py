@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 
 import pytest
 
-from gateway.protocol.sse import IdleTimeout, iter_events, iter_lines
+from gateway.protocol.sse import (
+    EventReader,
+    IdleTimeout,
+    LineTooLong,
+    decode_ndjson,
+    decode_sse,
+    iter_reads,
+)
 
 
 class Feed:
@@ -24,7 +32,32 @@ class Feed:
 
 
 async def events(*pieces: bytes) -> list[tuple[bytes, bytes]]:
-    return [e async for batch in iter_events(iter_lines(Feed(pieces), idle=5)) for e in batch]
+    reader = EventReader()
+    out = [e async for data in iter_reads(Feed(pieces), idle=5) for e in reader.feed(data)]
+    return out + reader.end()
+
+
+def by_lines(wire: bytes) -> list[tuple[bytes, bytes]]:
+    """The events of a whole stream read line by line, as the SSE specification says (CR
+    LF or LF endings): the reference the reader's shortcut must agree with.
+    """
+    out, name, data = [], b"", []
+    for line in wire.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if not line:
+            if data:
+                out.append((name, b"\n".join(data)))
+            name, data = b"", []
+        elif line[0] != 0x3A:
+            field, _, value = line.partition(b":")
+            value = value.removeprefix(b" ")
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                name = value
+    if data:
+        out.append((name, b"\n".join(data)))
+    return out
 
 
 async def test_events_split_anywhere_are_reassembled() -> None:
@@ -49,6 +82,35 @@ async def test_multi_line_data_and_event_names() -> None:
         (b"error", b"line one\nline two")]
 
 
+@pytest.mark.parametrize("seed", range(5))
+async def test_any_stream_cut_anywhere_reads_as_the_specification_says(seed: int) -> None:
+    rng = random.Random(seed)
+    parts = [b"data: {\"n\": %d}\n\n" % i for i in range(30)] + [
+        b": keepalive\n\n", b"data:{\"no space\": 1}\n\n", b"event: error\ndata: a\ndata: b\n\n",
+        b"data: one\r\n\r\n", b"\n\n\n", b"data: x\n \ndata: y\n\n", b"id: 7\ndata: z\n\n",
+        b"data: \r\n\r\n", b"data: cr\rinside\n\n"]
+    rng.shuffle(parts)
+    wire = b"".join(parts) + rng.choice([b"", b"data: last", b"data: last\n"])
+    cuts = sorted(rng.sample(range(1, len(wire)), 12))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    assert await events(*pieces) == by_lines(wire)
+
+
+async def test_payloads_stop_at_done_and_objects_come_per_read() -> None:
+    wire = [b'data: {"a": 1}\n\ndata: not json\n\n', b'data: {"b": 2}\n\ndata: [DONE]\n\n',
+            b'data: {"after": 1}\n\n']
+    reads = iter_reads(Feed(wire), idle=5)
+    assert [objects async for objects in decode_sse(reads)] == [[{"a": 1}], [{"b": 2}]]
+    lines = [b'{"a": 1}\n{"b"', b': 2}\n\n{"c": 3}']
+    assert [objects async for objects in decode_ndjson(iter_reads(Feed(lines), idle=5))] == [
+        [{"a": 1}], [{"b": 2}], [{"c": 3}]]
+
+
+async def test_an_event_past_the_limit_is_refused() -> None:
+    with pytest.raises(LineTooLong):
+        EventReader().feed(b"data: " + b"x" * (4 * 1024 * 1024 + 1))
+
+
 async def test_silence_longer_than_idle_raises() -> None:
     with pytest.raises(IdleTimeout):
-        [lines async for lines in iter_lines(Feed([b"data: x\n"], pause=0.3), idle=0.1)]
+        [data async for data in iter_reads(Feed([b"data: x\n"], pause=0.3), idle=0.1)]
