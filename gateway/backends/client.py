@@ -46,6 +46,10 @@ class Disconnected(ConnectionError):
         self.answered, self.reused, self.reset = answered, reused, reset
 
 
+class IdleTimeout(TimeoutError):
+    """The server went silent in the middle of its answer for longer than allowed."""
+
+
 class BadResponse(ValueError):
     """What the server sent is not HTTP/1.x."""
 
@@ -53,13 +57,15 @@ class BadResponse(ValueError):
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Seconds: ``connect`` to open a connection, ``read`` at most between two arrivals of
-    data (the wait for the headers included), ``total`` for the whole exchange, from the
-    wait for a connection to the body's end. None: no limit.
+    data (the wait for the headers included), ``idle`` instead of it once the headers
+    have come, ``total`` for the whole exchange, from the wait for a connection to the
+    body's end. None: no limit.
     """
 
     connect: float
     read: float | None = None
     total: float | None = None
+    idle: float | None = None
 
 
 class Pool:
@@ -317,6 +323,10 @@ class Response:
             self._read_timer = self._loop.call_at(self._last + self._limits.read,
                                                   self._read_watch)
 
+    def _silence_limit(self) -> float | None:
+        limits = self._limits
+        return limits.idle if self.status and limits.idle is not None else limits.read
+
     def feed(self, data: bytes) -> None:
         self._last = self._loop.time()
         if self._whole:  # more after the answer's end: a server out of step
@@ -364,6 +374,11 @@ class Response:
             return
         headers = self.headers
         self.status = status
+        if self._limits.idle is not None:  # from now on, the idle limit
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer = self._loop.call_at(self._loop.time() + self._limits.idle,
+                                                  self._read_watch)
         self._keep_alive = self._parser.should_keep_alive()
         self._close_delimited = status not in (204, 304) and \
             "content-length" not in headers and "transfer-encoding" not in headers
@@ -409,19 +424,20 @@ class Response:
         """
         if self._eof or self._error is not None:
             return
-        assert self._limits.read is not None
+        limit = self._silence_limit()
+        assert limit is not None
         now = self._loop.time()
         if self._paused:
             self._last = now
-        due = self._last + self._limits.read
+        due = self._last + limit
         if now >= due:
-            self._expired(f"no data for {self._limits.read:g}s")
+            self._expired(f"no data for {limit:g}s", IdleTimeout if self.status else TimeoutError)
         else:
             self._read_timer = self._loop.call_at(due, self._read_watch)
 
-    def _expired(self, why: str) -> None:
+    def _expired(self, why: str, kind: type[TimeoutError] = TimeoutError) -> None:
         if not self._eof and self._error is None:
-            self._fail(TimeoutError(why))
+            self._fail(kind(why))
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
@@ -463,6 +479,16 @@ class Response:
             if self._error is not None:
                 raise self._error
             await self._wait()
+
+    def __aiter__(self) -> Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The body as it arrives, a read at a time."""
+        data = await self.readany()
+        if not data:
+            raise StopAsyncIteration
+        return data
 
     async def readany(self) -> bytes:
         """What has arrived and was not read yet, waiting for some; b"" at the end."""

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -21,6 +21,7 @@ from gateway.backends.client import (
     BadResponse,
     ConnectFailed,
     Disconnected,
+    IdleTimeout,
     Limits,
     Pool,
     Response,
@@ -32,7 +33,7 @@ from gateway.errors import (
     UpstreamTimeout,
     from_upstream_status,
 )
-from gateway.protocol.sse import IdleTimeout, LineTooLong, MalformedEvent, iter_reads
+from gateway.protocol.sse import LineTooLong, MalformedEvent
 from gateway.protocol.units import Chunk, Completion
 from gateway.telemetry import UPSTREAM
 
@@ -54,7 +55,7 @@ class Translator(Protocol):
     def chunk(self, obj: Any) -> Chunk: ...
 
 
-Decoder = Callable[[AsyncIterator[bytes]], AsyncIterator[list[Any]]]
+Decoder = Callable[[AsyncIterable[bytes]], AsyncIterator[list[Any]]]
 
 
 class HttpBackend:
@@ -69,11 +70,12 @@ class HttpBackend:
         self._pool: Pool | None = None
         limits = config.timeouts
         # Answers are always asked for as streams, which send headers at once and then keep
-        # talking: the read limit bounds the wait for headers (the line reader enforces the
-        # shorter idle limit between chunks). Other calls (embeddings, /api/show) send their
-        # headers when their work is done: only `total` bounds them.
+        # talking: the read limit bounds the wait for headers, the idle limit the silences
+        # between chunks. Other calls (embeddings, /api/show) send their headers when
+        # their work is done: only `total` bounds them.
         self._limits = {
-            "stream": Limits(limits.connect, read=limits.headers, total=limits.total),
+            "stream": Limits(limits.connect, read=limits.headers, total=limits.total,
+                             idle=limits.idle),
             "whole": Limits(limits.connect, total=limits.total),
             # Model listings: a server that takes longer is as good as down for discovery.
             "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total)),
@@ -153,7 +155,7 @@ class HttpBackend:
         collected = Completion() if whole else None
         async with self.request("POST", path, payload, timeout="stream") as response:
             try:
-                async for objects in decode(self.reads(response)):
+                async for objects in decode(response):
                     for obj in objects:
                         try:
                             chunk = translator.chunk(obj)
@@ -179,9 +181,6 @@ class HttpBackend:
         if collected is not None:
             for chunk in collected.chunks():
                 yield chunk
-
-    def reads(self, response: Response) -> AsyncIterator[bytes]:
-        return iter_reads(response, self.config.timeouts.idle)
 
     async def status_error(self, response: Response) -> GatewayError:
         body = await response.read(MAX_ERROR_BODY)

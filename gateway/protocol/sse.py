@@ -8,24 +8,15 @@ space, a final event without its blank line still delivered, a line that is not 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
 
 import orjson
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 4 * 1024 * 1024  # longer than any sane event; beyond it the upstream is broken
-
-
-class ByteStream(Protocol):
-    async def readany(self) -> bytes: ...
-
-
-class IdleTimeout(TimeoutError):
-    """The upstream went silent between two chunks for longer than allowed."""
 
 
 class LineTooLong(ValueError):
@@ -43,24 +34,6 @@ def text_field(value: Any) -> str:
     if not isinstance(value, str):
         raise MalformedEvent(f"text of type {type(value).__name__}")
     return value
-
-
-async def iter_reads(stream: ByteStream, idle: float) -> AsyncIterator[bytes]:
-    """What each read brought, until the stream ends; raises ``IdleTimeout`` after
-    ``idle`` seconds of silence.
-    """
-    while True:
-        timer = asyncio.timeout(idle)
-        try:
-            async with timer:
-                data = await stream.readany()
-        except TimeoutError:
-            if timer.expired():
-                raise IdleTimeout(f"no data for {idle:g}s") from None
-            raise
-        if not data:
-            return
-        yield data
 
 
 class LineReader:
@@ -140,7 +113,7 @@ def _event(block: bytes) -> tuple[bytes, bytes] | None:
     return (name, b"\n".join(data)) if data else None
 
 
-async def decode_sse(reads: AsyncIterator[bytes]) -> AsyncIterator[list[Any]]:
+async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
     """The JSON payloads of an OpenAI-style event stream, up to ``[DONE]``, as many at a
     time as its reads brought.
     """
@@ -166,7 +139,7 @@ def _payloads(events: list[tuple[bytes, bytes]]) -> tuple[list[Any], bool]:
     return _decoded(payloads, "event"), False
 
 
-async def decode_ndjson(reads: AsyncIterator[bytes]) -> AsyncIterator[list[Any]]:
+async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
     """The objects of a newline-delimited JSON stream, as many at a time as its reads
     brought.
     """

@@ -14,7 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from gateway.backends.client import BadResponse, ConnectFailed, Disconnected, Limits, Pool
+from gateway.backends.client import (
+    BadResponse,
+    ConnectFailed,
+    Disconnected,
+    IdleTimeout,
+    Limits,
+    Pool,
+)
 from gateway.backends.http import HttpBackend
 from gateway.config import BackendConfig
 from gateway.errors import UpstreamError
@@ -238,6 +245,14 @@ async def test_silence_and_slowness_end_in_timeouts_not_hangs() -> None:
         response = await pool.request("POST", "/", b"{}", Limits(2.0, read=0.3, total=10))
         assert await response.readany() == b"abc"
         with pytest.raises(TimeoutError):
+            await response.readany()
+        assert 0.25 < time.monotonic() - started < 2
+        response.release()
+        # Once the headers are in, the idle limit, not the read limit, bounds a silence.
+        started = time.monotonic()
+        response = await pool.request("POST", "/", b"{}", Limits(2.0, read=5, idle=0.3))
+        assert await response.readany() == b"abc"
+        with pytest.raises(IdleTimeout):
             await response.readany()
         assert 0.25 < time.monotonic() - started < 2
         response.release()

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from gateway.protocol.sse import (
-    EventReader,
-    IdleTimeout,
-    LineTooLong,
-    decode_ndjson,
-    decode_sse,
-    iter_reads,
-)
+from gateway.protocol.sse import EventReader, LineTooLong, decode_ndjson, decode_sse
 
 
-class Feed:
+async def feed(pieces: Sequence[bytes]) -> AsyncIterator[bytes]:
     """Bytes arriving in the given pieces, as a socket delivers them."""
-
-    def __init__(self, pieces: Sequence[bytes], pause: float = 0.0) -> None:
-        self._pieces = list(pieces)
-        self._pause = pause
-
-    async def readany(self) -> bytes:
-        if self._pause:
-            await asyncio.sleep(self._pause)
-        return self._pieces.pop(0) if self._pieces else b""
+    for piece in pieces:
+        await asyncio.sleep(0)
+        yield piece
 
 
 async def events(*pieces: bytes) -> list[tuple[bytes, bytes]]:
     reader = EventReader()
-    out = [e async for data in iter_reads(Feed(pieces), idle=5) for e in reader.feed(data)]
+    out = [e async for data in feed(pieces) for e in reader.feed(data)]
     return out + reader.end()
 
 
@@ -99,10 +86,9 @@ async def test_any_stream_cut_anywhere_reads_as_the_specification_says(seed: int
 async def test_payloads_stop_at_done_and_objects_come_per_read() -> None:
     wire = [b'data: {"a": 1}\n\ndata: not json\n\n', b'data: {"b": 2}\n\ndata: [DONE]\n\n',
             b'data: {"after": 1}\n\n']
-    reads = iter_reads(Feed(wire), idle=5)
-    assert [objects async for objects in decode_sse(reads)] == [[{"a": 1}], [{"b": 2}]]
+    assert [objects async for objects in decode_sse(feed(wire))] == [[{"a": 1}], [{"b": 2}]]
     lines = [b'{"a": 1}\n{"b"', b': 2}\n\n{"c": 3}']
-    assert [objects async for objects in decode_ndjson(iter_reads(Feed(lines), idle=5))] == [
+    assert [objects async for objects in decode_ndjson(feed(lines))] == [
         [{"a": 1}], [{"b": 2}], [{"c": 3}]]
 
 
@@ -110,7 +96,3 @@ async def test_an_event_past_the_limit_is_refused() -> None:
     with pytest.raises(LineTooLong):
         EventReader().feed(b"data: " + b"x" * (4 * 1024 * 1024 + 1))
 
-
-async def test_silence_longer_than_idle_raises() -> None:
-    with pytest.raises(IdleTimeout):
-        [data async for data in iter_reads(Feed([b"data: x\n"], pause=0.3), idle=0.1)]
