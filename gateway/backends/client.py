@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -38,12 +39,15 @@ class ConnectFailed(OSError):
 class Disconnected(ConnectionError):
     """The server closed the connection before its answer was whole. ``answered``: some of
     the answer had come; ``reused``: the connection had carried an earlier request;
-    ``reset``: it was reset (a crash), not closed.
+    ``reset``: it was reset (a crash), not closed; ``after``: this long after the request
+    was sent.
     """
 
-    def __init__(self, message: str, *, answered: bool, reused: bool, reset: bool) -> None:
+    def __init__(self, message: str, *, answered: bool, reused: bool, reset: bool,
+                 after: float) -> None:
         super().__init__(message)
         self.answered, self.reused, self.reset = answered, reused, reset
+        self.after = after  # seconds from the request's sending
 
 
 class IdleTimeout(TimeoutError):
@@ -110,6 +114,9 @@ class Pool:
         response = Response(loop, limits)
         try:
             connection = await self._connection(loop, limits.connect, response.deadline)
+            if response._error is not None:  # its time ran out as its turn came: not sent
+                self.put_back(connection)
+                raise response._error
             response.send(connection, request)
             await response.started()
         except BaseException:
@@ -153,9 +160,9 @@ class Pool:
                 await loop.create_connection(
                     lambda: connection, self.host, self.port, ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None)
-        except TimeoutError:
+        except TimeoutError as exc:  # the limit, or the system's own
             self._drop(connection)
-            raise
+            raise ConnectFailed(errno.ETIMEDOUT, "connection timed out") from exc
         except OSError as exc:
             self._drop(connection)
             raise ConnectFailed(exc.errno, _why(exc)) from exc
@@ -280,7 +287,8 @@ class Response:
 
     __slots__ = ("_close_delimited", "_connection", "_eof", "_error", "_head_size",
                  "_interim", "_keep_alive", "_last", "_limits", "_loop", "_parser", "_paused",
-                 "_pieces", "_read_timer", "_reused", "_size", "_total_timer", "_waiter", "_whole",
+                 "_pieces", "_read_timer", "_reused", "_sent", "_size", "_total_timer", "_waiter",
+                 "_whole",
                  "deadline",
                  "headers", "status")
 
@@ -302,7 +310,7 @@ class Response:
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._last = loop.time()  # when data last came (or reading resumed)
+        self._last = self._sent = loop.time()  # when data last came (or reading resumed)
         self._read_timer: asyncio.TimerHandle | None = None
         self._total_timer: asyncio.TimerHandle | None = None
         self.deadline = None if limits.total is None else self._last + limits.total
@@ -318,7 +326,7 @@ class Response:
         connection.response = self
         assert connection.transport is not None
         connection.transport.write(request)
-        self._last = self._loop.time()
+        self._last = self._sent = self._loop.time()
         if self._limits.read is not None:
             self._read_timer = self._loop.call_at(self._last + self._limits.read,
                                                   self._read_watch)
@@ -334,9 +342,10 @@ class Response:
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if not self._whole:
-                self._fail(BadResponse(f"not HTTP/1.x: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if not self._whole:  # (an error raised by a callback is the parser's context)
+                why = exc.__context__ if isinstance(exc.__context__, BadResponse) else exc
+                self._fail(BadResponse(f"not HTTP/1.x: {why}"))
                 return
             self._keep_alive = False  # what followed the answer is not HTTP: not kept
         if not self.status:
@@ -366,7 +375,7 @@ class Response:
         if self.status:
             return
         status = self._parser.get_status_code()
-        if status < 100:  # (wrapped by the parser into an error feed_data raises)
+        if status < 100 or status == 101:  # (wrapped into an error feed_data raises)
             raise BadResponse(f"status {status}")
         if status < 200:  # an interim answer (100 Continue): the real one follows
             self._interim = True
@@ -380,8 +389,13 @@ class Response:
             self._read_timer = self._loop.call_at(self._loop.time() + self._limits.idle,
                                                   self._read_watch)
         self._keep_alive = self._parser.should_keep_alive()
-        self._close_delimited = status not in (204, 304) and \
-            "content-length" not in headers and "transfer-encoding" not in headers
+        chunked = headers.get("transfer-encoding", "").lower().rstrip().endswith("chunked")
+        self._close_delimited = status not in (204, 304) and not chunked and \
+            "content-length" not in headers
+
+    def on_message_begin(self) -> None:
+        if self._whole:  # a second answer nobody asked for: the connection is not kept
+            self._keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         if not self._whole:
@@ -404,17 +418,20 @@ class Response:
         self._connection = None
         if self._eof:
             return
+        if isinstance(exc, ssl.SSLEOFError):  # a TLS server that closed without saying so
+            exc = None
         if self._close_delimited and exc is None:
             self._finish()  # the end of the connection is the end of this body
             return
         if isinstance(exc, ConnectionAbortedError):  # the pool closing under it
             self._fail(exc)
             return
-        answered = bool(self.status)
+        answered = bool(self.status or self._head_size)
         what = "in the middle of the answer" if answered else "before answering"
         how = "reset" if exc is not None else "closed"
         error = Disconnected(f"the server {how} the connection {what}", answered=answered,
-                             reused=self._reused, reset=exc is not None)
+                             reused=self._reused, reset=exc is not None,
+                             after=self._loop.time() - self._sent)
         error.__cause__ = exc
         self._fail(error)
 

@@ -89,7 +89,7 @@ class HttpBackend:
         headers = {"User-Agent": "hybrid-gateway", "Content-Type": "application/json"}
         if self.config.api_key_env:
             key = os.environ.get(self.config.api_key_env, "").strip()
-            if key and key.isprintable():
+            if key and key.isprintable() and key.isascii():
                 headers["Authorization"] = f"Bearer {key}"
             else:
                 log.warning("backend %s: environment variable %s is %s; requests go "
@@ -171,7 +171,7 @@ class HttpBackend:
                             break
                     if translator.complete:
                         break
-            except IdleTimeout:
+            except TimeoutError:  # (IdleTimeout, or the total limit)
                 if not translator.finished:  # silent after the finish: the answer is whole
                     raise
             await _drain(response)
@@ -221,19 +221,18 @@ class Exchange:
         traceparent = UPSTREAM.get()  # the attempt's span, or the client's own
         headers = {"traceparent": traceparent} if traceparent else None
         try:
-            sent = time.monotonic()
             try:
                 response = await backend.pool.request(self._method, self._target, self._data,
                                                       self._limits, headers)
             except Disconnected as exc:
-                if not self._resend(exc, time.monotonic() - sent):
+                if not self._resend(exc):
                     raise
                 response = await backend.pool.request(self._method, self._target, self._data,
                                                       self._limits, headers)
         except Exception as exc:
             raise _translate(backend.name, exc, started=False) from None
         self._response = response
-        if response.status >= 400:
+        if not 200 <= response.status < 300:  # (a redirect too: backends are not followed)
             error: Exception
             try:
                 error = await backend.status_error(response)
@@ -244,7 +243,7 @@ class Exchange:
             raise error
         return response
 
-    def _resend(self, exc: Disconnected, after: float) -> bool:
+    def _resend(self, exc: Disconnected) -> bool:
         """Whether a request whose kept-alive connection the server had closed meanwhile
         (llama.cpp's server closes one after a few requests) is sent again on a new one:
         a read, always; a generation only if the connection was closed at once and
@@ -255,7 +254,7 @@ class Exchange:
             return False
         if self._method == "GET":
             return True
-        return not exc.reset and after <= RESEND_WITHIN and self._backend.tier != "cloud"
+        return not exc.reset and exc.after <= RESEND_WITHIN and self._backend.tier != "cloud"
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> None:

@@ -176,6 +176,8 @@ class BackendConfig:
             yield "url", f"expected an http:// or https:// URL, got {self.url!r}"
         elif re.match(r"https?://[^/]*@", self.url):  # never echoed: it holds a password
             yield "url", "a user and password in the URL are not sent: use api_key_env"
+        elif "?" in self.url or "#" in self.url:
+            yield "url", "expected a URL without a query or fragment (paths are added to it)"
         if self.tunnel and not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", self.tunnel):
             yield "tunnel", f'expected "tunnel/forward", got {self.tunnel!r}'
         if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):

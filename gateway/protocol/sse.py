@@ -17,6 +17,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 MAX_LINE = 4 * 1024 * 1024  # longer than any sane event; beyond it the upstream is broken
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 class LineTooLong(ValueError):
@@ -64,22 +65,33 @@ class LineReader:
 
 class EventReader:
     """Server-sent events from bytes fed as they come: ``(event, data)`` pairs, multi-line
-    data joined with newlines. An event of one ``data: `` line (what OpenAI-compatible
-    servers send) is taken whole; any other is read line by line.
+    data joined with newlines; lines end in CR LF, LF or CR, and a byte order mark at the
+    start is skipped, as the specification says. An event of one ``data: `` line (what
+    OpenAI-compatible servers send) is taken whole; any other is read line by line.
     """
 
-    __slots__ = ("_rest",)
+    __slots__ = ("_rest", "_started")
 
     def __init__(self) -> None:
         self._rest = b""
+        self._started = False
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
         if self._rest:
             data = self._rest + data
-        if b"\r" in data:  # CRLF endings (a CR cut from its LF waits in the rest)
-            data = data.replace(b"\r\n", b"\n")
+        if not self._started:
+            if len(data) < 3 and _BOM.startswith(data):
+                self._rest = data  # too short to tell yet
+                return []
+            self._started = True
+            data = data.removeprefix(_BOM)
+        held = b""
+        if b"\r" in data:
+            if data[-1] == 0x0D:  # a CR whose LF may come with the next read
+                data, held = data[:-1], b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         blocks = data.split(b"\n\n")
-        self._rest = blocks.pop()
+        self._rest = blocks.pop() + held
         if len(self._rest) > MAX_LINE:
             raise LineTooLong(f"an event longer than {MAX_LINE} bytes")
         out = []
@@ -93,7 +105,9 @@ class EventReader:
     def end(self) -> list[tuple[bytes, bytes]]:
         """The last event, should the stream end without its blank line."""
         rest, self._rest = self._rest, b""
-        event = _event(rest) if rest else None
+        if not self._started:
+            rest = rest.removeprefix(_BOM)
+        event = _event(rest.replace(b"\r\n", b"\n").replace(b"\r", b"\n")) if rest else None
         return [event] if event is not None else []
 
 

@@ -525,3 +525,75 @@ async def test_a_backend_that_cannot_be_reached_is_a_clean_gateway_error() -> No
         assert error.value.code == "backend_unreachable"
     finally:
         await backend.close()
+
+
+async def test_answers_the_client_cannot_follow_are_refused_cleanly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    upgrade = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\n\r\n")
+    async with raw_server(answering(upgrade)) as server:
+        pool = Pool(server.url, 4, {})
+        with pytest.raises(BadResponse):
+            await pool.request("GET", "/", None, LIMITS)
+        await pool.close()
+    assert "Fatal error" not in caplog.text
+    moved = b"HTTP/1.1 301 Moved\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n"
+    async with raw_server(answering(moved)) as server:
+        backend = await backend_on(server.url)
+        try:
+            with pytest.raises(UpstreamError) as error:  # not followed, not taken as an answer
+                await backend.get_json("/models")
+            assert "301" in error.value.message
+        finally:
+            await backend.close()
+
+
+async def test_an_identity_body_ends_with_its_connection_and_a_stray_answer_spoils_it() -> None:
+    identity = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nto the end"
+    async with raw_server(answering(identity, then_close=True)) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"to the end")
+        await pool.close()
+    stray = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    async with raw_server(answering(stray, stray)) as server:
+        pool = Pool(server.url, 4, {})
+        assert await body_of(pool) == (200, b"ok")
+        assert await body_of(pool) == (200, b"ok")  # not "hello", the stray one
+        assert server.connections == 2
+        await pool.close()
+
+
+async def test_a_request_that_waited_its_turn_is_still_sent_again() -> None:
+    """The time that decides a resend runs from the sending, not from the wait for a
+    connection before it.
+    """
+    async def slow_then_drop(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(0.6)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}')
+        await writer.drain()
+        await read_request(reader)  # a second request on this connection: dropped
+
+    async with raw_server(slow_then_drop) as server:
+        backend = HttpBackend(BackendConfig(name="b", kind="openai", url=server.url,
+                                            max_connections=1))
+        await backend.start()
+        try:
+            answers = await asyncio.gather(backend.post_json("/x", {}),
+                                           backend.post_json("/x", {}))
+            assert answers == [{}, {}]
+        finally:
+            await backend.close()
+
+
+async def test_a_key_that_cannot_be_a_header_is_not_sent_and_does_not_stop_the_start(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("ODD_KEY", "ключ")
+    backend = HttpBackend(BackendConfig(name="b", kind="openai", url="http://127.0.0.1:9/v1",
+                                        api_key_env="ODD_KEY"))
+    await backend.start()
+    await backend.close()
+    assert "ODD_KEY is not a key" in caplog.text
+    assert "ключ" not in caplog.text
