@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from gateway.backends.base import Health
-from gateway.backends.client import Limits
 from gateway.backends.openai_compat import OpenAICompatBackend
+from gateway.backends.response import Limits
 from gateway.config import BackendConfig
 from gateway.errors import GatewayError
 from gateway.protocol.units import ModelInfo

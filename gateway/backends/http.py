@@ -17,13 +17,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.backends.client import (
+from gateway.backends.client import ConnectFailed, Pool
+from gateway.backends.response import (
     BadResponse,
-    ConnectFailed,
     Disconnected,
     IdleTimeout,
     Limits,
-    Pool,
     Response,
 )
 from gateway.config import BackendConfig

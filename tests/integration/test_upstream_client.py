@@ -14,15 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from gateway.backends.client import (
-    BadResponse,
-    ConnectFailed,
-    Disconnected,
-    IdleTimeout,
-    Limits,
-    Pool,
-)
+from gateway.backends.client import ConnectFailed, Pool
 from gateway.backends.http import HttpBackend
+from gateway.backends.response import BadResponse, Disconnected, IdleTimeout, Limits
 from gateway.config import BackendConfig
 from gateway.errors import UpstreamError
 
@@ -77,6 +71,17 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
                 await task
 
 
+@contextlib.asynccontextmanager
+async def pooled(handler: Handler, limit: int = 4) -> AsyncIterator[tuple[RawServer, Pool]]:
+    """A server, and a pool of connections to it (closed first)."""
+    async with raw_server(handler) as server:
+        pool = Pool(server.url, limit, {})
+        try:
+            yield server, pool
+        finally:
+            await pool.close()
+
+
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     """One request's head and body (by its Content-Length)."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -127,12 +132,10 @@ async def body_of(pool: Pool, path: str = "/x") -> tuple[int, bytes]:
 
 
 async def test_a_chunked_body_cut_at_every_byte_reads_whole_and_keeps_its_connection() -> None:
-    async with raw_server(answering(CHUNKED, CHUNKED, one_byte_at_a_time=True)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(CHUNKED, CHUNKED, one_byte_at_a_time=True)) as (server, pool):
         assert await body_of(pool) == (200, b"data: one\n\ndata: two\n\n")
         assert await body_of(pool) == (200, b"data: one\n\ndata: two\n\n")
         assert server.connections == 1  # the second request went on the first's connection
-        await pool.close()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -157,55 +160,45 @@ async def test_chunks_of_every_size_cut_anywhere_read_back_the_same(seed: int) -
                 pos += step
         await reader.read()
 
-    async with raw_server(in_random_pieces) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(in_random_pieces) as (server, pool):
         assert await body_of(pool) == (200, b"".join(parts))
         assert await body_of(pool) == (200, b"".join(parts))
         assert server.connections == 1
-        await pool.close()
 
 
 async def test_bodies_framed_every_way_http_has() -> None:
     sized = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
     interim = b"HTTP/1.1 100 Continue\r\n\r\n" + sized
     empty = b"HTTP/1.1 204 No Content\r\n\r\n"
-    async with raw_server(answering(sized, interim, empty, sized)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(sized, interim, empty, sized)) as (server, pool):
         assert await body_of(pool) == (200, b"hello")
         assert await body_of(pool) == (200, b"hello")  # the interim 100 is passed over
         assert await body_of(pool) == (204, b"")
         assert await body_of(pool) == (200, b"hello")
         assert server.connections == 1
-        await pool.close()
     # Ended by closing the connection (HTTP/1.0, or no length): never kept.
     closing = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
-    async with raw_server(answering(closing, then_close=True)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(closing, then_close=True)) as (server, pool):
         assert await body_of(pool) == (200, b"until the end")
         assert await body_of(pool) == (200, b"until the end")
         assert server.connections == 2
-        await pool.close()
     # A server that says it closes: a new connection for the next request.
     said = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
-    async with raw_server(answering(said, then_close=True)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(said, then_close=True)) as (server, pool):
         assert await body_of(pool) == (200, b"ok")
         assert await body_of(pool) == (200, b"ok")
         assert server.connections == 2
-        await pool.close()
 
 
 async def test_headers_are_read_whatever_their_case_and_repeats_are_joined() -> None:
     reply = (b"HTTP/1.1 429 Too Many Requests\r\nretry-AFTER:  7 \r\nVia: a\r\nvia: b\r\n"
              b"Content-Length: 0\r\n\r\n")
-    async with raw_server(answering(reply)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(reply)) as (_server, pool):
         response = await pool.request("GET", "/", None, LIMITS)
         assert response.status == 429
         assert response.headers["retry-after"] == "7"
         assert response.headers["via"] == "a, b"
         response.release()
-        await pool.close()
 
 
 @pytest.mark.parametrize("reply", [
@@ -218,29 +211,24 @@ async def test_headers_are_read_whatever_their_case_and_repeats_are_joined() -> 
     b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 * 1024),
 ])
 async def test_what_is_not_http_is_refused_and_its_connection_dropped(reply: bytes) -> None:
-    async with raw_server(answering(reply)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(reply)) as (_server, pool):
         with pytest.raises(BadResponse):
             await body_of(pool)
         assert pool.open_connections == 0
-        await pool.close()
 
 
 async def test_at_most_limit_connections_and_the_rest_wait_their_turn() -> None:
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    async with raw_server(answering(*[reply] * 20, pause=0.05)) as server:
-        pool = Pool(server.url, 2, {})
+    async with pooled(answering(*[reply] * 20, pause=0.05), 2) as (server, pool):
         results = await asyncio.gather(*(body_of(pool) for _ in range(12)))
         assert results == [(200, b"ok")] * 12
         assert server.most_open == 2
         assert server.connections == 2
-        await pool.close()
 
 
 async def test_silence_and_slowness_end_in_timeouts_not_hangs() -> None:
     head_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
-    async with raw_server(answering(head_only)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(head_only)) as (server, pool):
         started = time.monotonic()
         response = await pool.request("POST", "/", b"{}", Limits(2.0, read=0.3, total=10))
         assert await response.readany() == b"abc"
@@ -256,7 +244,6 @@ async def test_silence_and_slowness_end_in_timeouts_not_hangs() -> None:
             await response.readany()
         assert 0.25 < time.monotonic() - started < 2
         response.release()
-        await pool.close()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -281,21 +268,17 @@ async def test_a_connection_cut_before_or_during_the_answer_is_told_apart() -> N
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
         await writer.drain()
 
-    async with raw_server(close_at_once) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(close_at_once) as (_server, pool):
         with pytest.raises(Disconnected) as before:
             await pool.request("POST", "/", b"{}", LIMITS)
         assert not before.value.answered and not before.value.reused
-        await pool.close()
-    async with raw_server(close_mid_body) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(close_mid_body) as (_server, pool):
         response = await pool.request("POST", "/", b"{}", LIMITS)
         assert await response.readany() == b"half"  # what came before the cut is read
         with pytest.raises(Disconnected) as during:
             await response.readany()
         assert during.value.answered
         response.release()
-        await pool.close()
 
 
 async def test_nothing_listening_is_a_connect_failure_in_words_without_the_address() -> None:
@@ -323,8 +306,7 @@ async def test_a_large_body_is_held_back_by_the_reader_not_buffered_whole() -> N
             sent.append(len(block))
         await reader.read()
 
-    async with raw_server(big) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(big) as (_server, pool):
         response = await pool.request("GET", "/", None, LIMITS)
         await asyncio.sleep(0.5)  # the reader reads nothing for a while
         held_back = sum(sent)
@@ -334,7 +316,6 @@ async def test_a_large_body_is_held_back_by_the_reader_not_buffered_whole() -> N
         assert got == size
         assert held_back < size / 2  # the server had to wait for the reader
         response.release()
-        await pool.close()
 
 
 async def test_closing_the_pool_ends_a_read_in_progress() -> None:
@@ -419,14 +400,12 @@ async def test_an_error_whose_body_breaks_off_is_a_clean_error_and_frees_its_con
 async def test_a_large_answer_read_whole_leaves_its_connection_ready_for_the_next() -> None:
     big = b"[" + b"1," * 400_000 + b"1]"
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
-    async with raw_server(answering(reply, reply)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(reply, reply)) as (server, pool):
         for _ in range(2):
             response = await pool.request("GET", "/", None, Limits(2.0, total=5))
             assert await response.read() == big
             response.release()
         assert server.connections == 1
-        await pool.close()
 
 
 async def test_a_slow_reader_is_not_taken_for_a_silent_server() -> None:
@@ -440,19 +419,16 @@ async def test_a_slow_reader_is_not_taken_for_a_silent_server() -> None:
         writer.write(b"0\r\n\r\n")
         await reader.read()
 
-    async with raw_server(steady) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(steady) as (_server, pool):
         response = await pool.request("GET", "/", None, Limits(2.0, read=1.0, total=30))
         await asyncio.sleep(1.5)  # the gateway's own client is slow: reading pauses
         assert len(await response.read()) == 40 * 0x8000
         response.release()
-        await pool.close()
 
 
 async def test_a_waiter_cancelled_as_its_turn_comes_is_cancelled_cleanly() -> None:
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    async with raw_server(answering(reply, reply)) as server:
-        pool = Pool(server.url, 1, {})
+    async with pooled(answering(reply, reply), 1) as (_server, pool):
         first = await pool.request("GET", "/", None, LIMITS)
         waiting = asyncio.create_task(pool.request("GET", "/", None, LIMITS))
         await asyncio.sleep(0.05)
@@ -462,7 +438,6 @@ async def test_a_waiter_cancelled_as_its_turn_comes_is_cancelled_cleanly() -> No
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert await body_of(pool) == (200, b"ok")  # and the next one still gets it
-        await pool.close()
 
 
 async def test_odd_urls_and_statuses() -> None:
@@ -531,11 +506,9 @@ async def test_answers_the_client_cannot_follow_are_refused_cleanly(
         caplog: pytest.LogCaptureFixture) -> None:
     upgrade = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                b"Connection: Upgrade\r\n\r\n")
-    async with raw_server(answering(upgrade)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(upgrade)) as (server, pool):
         with pytest.raises(BadResponse):
             await pool.request("GET", "/", None, LIMITS)
-        await pool.close()
     assert "Fatal error" not in caplog.text
     moved = b"HTTP/1.1 301 Moved\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n"
     async with raw_server(answering(moved)) as server:
@@ -550,18 +523,14 @@ async def test_answers_the_client_cannot_follow_are_refused_cleanly(
 
 async def test_an_identity_body_ends_with_its_connection_and_a_stray_answer_spoils_it() -> None:
     identity = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nto the end"
-    async with raw_server(answering(identity, then_close=True)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(identity, then_close=True)) as (server, pool):
         assert await body_of(pool) == (200, b"to the end")
-        await pool.close()
     stray = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
              b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-    async with raw_server(answering(stray, stray)) as server:
-        pool = Pool(server.url, 4, {})
+    async with pooled(answering(stray, stray)) as (server, pool):
         assert await body_of(pool) == (200, b"ok")
         assert await body_of(pool) == (200, b"ok")  # not "hello", the stray one
         assert server.connections == 2
-        await pool.close()
 
 
 async def test_a_request_that_waited_its_turn_is_still_sent_again() -> None:
