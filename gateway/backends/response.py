@@ -74,10 +74,8 @@ class Response:
 
     __slots__ = ("_close_delimited", "_connection", "_eof", "_error", "_head_size",
                  "_interim", "_keep_alive", "_last", "_limits", "_loop", "_parser", "_paused",
-                 "_pieces", "_read_timer", "_reused", "_sent", "_size", "_total_timer", "_waiter",
-                 "_whole",
-                 "deadline",
-                 "headers", "status")
+                 "_pieces", "_read_timer", "_reused", "_sent", "_size", "_total_timer",
+                 "_waiter", "_whole", "deadline", "headers", "status")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self._loop, self._limits = loop, limits
@@ -114,13 +112,22 @@ class Response:
         assert connection.transport is not None
         connection.transport.write(request)
         self._last = self._sent = self._loop.time()
-        if self._limits.read is not None:
-            self._read_timer = self._loop.call_at(self._last + self._limits.read,
-                                                  self._read_watch)
+        self._watch_silence()
 
     def _silence_limit(self) -> float | None:
+        """The longest silence allowed now: ``read`` until the head, then ``idle``."""
         limits = self._limits
         return limits.idle if self.status and limits.idle is not None else limits.read
+
+    def _watch_silence(self) -> None:
+        """(Re)start the one timer that keeps the silence limit, from now."""
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        limit = self._silence_limit()
+        if limit is not None:
+            self._read_timer = self._loop.call_at(self._loop.time() + limit,
+                                                  self._read_watch)
 
     def feed(self, data: bytes) -> None:
         self._last = self._loop.time()
@@ -171,10 +178,7 @@ class Response:
         headers = self.headers
         self.status = status
         if self._limits.idle is not None:  # from now on, the idle limit
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-            self._read_timer = self._loop.call_at(self._loop.time() + self._limits.idle,
-                                                  self._read_watch)
+            self._watch_silence()
         self._keep_alive = self._parser.should_keep_alive()
         chunked = headers.get("transfer-encoding", "").lower().rstrip().endswith("chunked")
         self._close_delimited = status not in (204, 304) and not chunked and \

@@ -104,11 +104,7 @@ class EventReader:
 
     def end(self) -> list[tuple[bytes, bytes]]:
         """The last event, should the stream end without its blank line."""
-        rest, self._rest = self._rest, b""
-        if not self._started:
-            rest = rest.removeprefix(_BOM)
-        event = _event(rest.replace(b"\r\n", b"\n").replace(b"\r", b"\n")) if rest else None
-        return [event] if event is not None else []
+        return self.feed(b"\n\n")
 
 
 def _event(block: bytes) -> tuple[bytes, bytes] | None:
