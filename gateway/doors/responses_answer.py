@@ -53,8 +53,10 @@ class ResponseStream:
         self._sequence = 0
         self._indexes: dict[str, int] = {}  # output index by item id
         self._open: dict[str, Any] | None = None  # the reasoning or message item being written
-        self._text = ""  # ... its text so far
+        # ... its text so far, in pieces (a string grown in place is copied whole each time)
+        self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # function_call items by tool-call index
+        self._arguments: dict[int, list[str]] = {}  # their arguments' pieces, not yet joined
         self._usage: Usage | None = None
         self._finish = "stop"
 
@@ -97,6 +99,7 @@ class ResponseStream:
     def error(self, error: GatewayError) -> bytes:
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
         self.response["status"] = "failed"
+        self._join_arguments()
         self.response["error"] = {"code": code, "message": error.message}
         return self._event("error", code=error.code or code, message=error.message,
                            param=error.param) + self._lifecycle("response.failed")
@@ -140,7 +143,7 @@ class ResponseStream:
         if self._open is None or self._open["type"] != kind:
             out = self._close() + self._start(kind)
         assert self._open is not None
-        self._text += text
+        self._text.append(text)
         where = self._where()
         if kind == "reasoning":
             return out + self._event("response.reasoning_summary_text.delta", **where,
@@ -155,7 +158,7 @@ class ResponseStream:
         else:
             item = {"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
                     "status": "in_progress", "content": []}
-        self._open, self._text = item, ""
+        self._open, self._text = item, []
         out = self._added(item)
         if kind == "reasoning":
             return out + self._event("response.reasoning_summary_part.added", **self._where(),
@@ -164,7 +167,7 @@ class ResponseStream:
                                  content_index=0, part=_output_text(""))
 
     def _close(self) -> bytes:
-        item, text = self._open, self._text
+        item, text = self._open, "".join(self._text)
         if item is None:
             return b""
         self._open = None
@@ -199,12 +202,18 @@ class ResponseStream:
             item["name"] = function["name"]
         piece = function.get("arguments") or ""
         if piece:
-            item["arguments"] += piece
+            self._arguments.setdefault(index, []).append(piece)
             out += self._event("response.function_call_arguments.delta", **self._where(item),
                                delta=piece)
         return out
 
+    def _join_arguments(self) -> None:
+        for index, pieces in self._arguments.items():
+            self._calls[index]["arguments"] += "".join(pieces)
+        self._arguments.clear()
+
     def _close_calls(self) -> bytes:
+        self._join_arguments()
         out = b""
         for item in self._calls.values():
             out += self._event("response.function_call_arguments.done", **self._where(item),

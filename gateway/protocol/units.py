@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -54,24 +54,63 @@ class Chunk:
         return bool(self.content or self.reasoning or self.tool_calls or self.finish_reason)
 
 
-@dataclass(slots=True)
 class Completion:
-    """A whole answer: what a non-streaming response reports."""
+    """A whole answer: what a non-streaming response reports. Built by ``add`` from a
+    stream's pieces, whose texts are kept in lists and joined when read: adding to a
+    string held in an attribute copies it whole each time, which a long answer (tens of
+    thousands of pieces) turns into seconds.
+    """
 
-    model: str = ""  # the model that gave it
-    content: str = ""
-    reasoning: str = ""
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str = "stop"
-    usage: Usage | None = None
-    logprobs: dict[str, Any] | None = None
-    fingerprint: str | None = None
+    __slots__ = ("_arguments", "_calls", "_content", "_reasoning", "fingerprint",
+                 "finish_reason", "logprobs", "model", "usage")
+
+    def __init__(self, model: str = "", content: str = "", reasoning: str = "",
+                 tool_calls: list[dict[str, Any]] | None = None, finish_reason: str = "stop",
+                 usage: Usage | None = None, logprobs: dict[str, Any] | None = None,
+                 fingerprint: str | None = None) -> None:
+        self.model = model  # the model that gave it
+        self._content = [content] if content else []
+        self._reasoning = [reasoning] if reasoning else []
+        self._calls = tool_calls if tool_calls is not None else []
+        self._arguments: dict[int, list[str]] = {}  # tool calls' argument pieces, not joined
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.logprobs = logprobs
+        self.fingerprint = fingerprint
+
+    @property
+    def content(self) -> str:
+        return _joined(self._content)
+
+    @content.setter
+    def content(self, text: str) -> None:
+        self._content = [text] if text else []
+
+    @property
+    def reasoning(self) -> str:
+        return _joined(self._reasoning)
+
+    @reasoning.setter
+    def reasoning(self, text: str) -> None:
+        self._reasoning = [text] if text else []
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        for index, pieces in self._arguments.items():
+            self._calls[index]["function"]["arguments"] += "".join(pieces)
+        self._arguments.clear()
+        return self._calls
+
+    def __repr__(self) -> str:
+        return (f"Completion(model={self.model!r}, content={self.content!r}, "
+                f"reasoning={self.reasoning!r}, tool_calls={self.tool_calls!r}, "
+                f"finish_reason={self.finish_reason!r}, usage={self.usage!r})")
 
     def add(self, chunk: Chunk) -> None:
         if chunk.content:
-            self.content += chunk.content
+            self._content.append(chunk.content)
         if chunk.reasoning:
-            self.reasoning += chunk.reasoning
+            self._reasoning.append(chunk.reasoning)
         if chunk.tool_calls:
             for delta in chunk.tool_calls:
                 self._merge_tool_call(delta)
@@ -85,19 +124,18 @@ class Completion:
             self.fingerprint = chunk.fingerprint
 
     def _merge_tool_call(self, delta: dict[str, Any]) -> None:
-        index = delta.get("index", len(self.tool_calls))
-        while len(self.tool_calls) <= index:
-            self.tool_calls.append(
-                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-            )
-        call = self.tool_calls[index]
+        calls = self._calls
+        index = delta.get("index", len(calls))
+        while len(calls) <= index:
+            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = calls[index]
         if delta.get("id"):
             call["id"] = delta["id"]
         function = delta.get("function") or {}
         if function.get("name"):
             call["function"]["name"] = function["name"]
         if function.get("arguments"):
-            call["function"]["arguments"] += function["arguments"]
+            self._arguments.setdefault(index, []).append(function["arguments"])
 
     def chunks(self) -> list[Chunk]:
         """The answer as a stream again (a cached or checked answer, replayed)."""
@@ -105,6 +143,13 @@ class Completion:
         return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None,
                       logprobs=self.logprobs, fingerprint=self.fingerprint),
                 Chunk(finish_reason=self.finish_reason, usage=self.usage)]
+
+
+def _joined(pieces: list[str]) -> str:
+    """The pieces as one text, kept joined for the next read."""
+    if len(pieces) > 1:
+        pieces[:] = ["".join(pieces)]
+    return pieces[0] if pieces else ""
 
 
 def merge_logprobs(whole: dict[str, Any] | None, piece: dict[str, Any]) -> dict[str, Any]:

@@ -122,6 +122,25 @@ def test_a_whole_answer_gathers_the_logprobs_of_its_pieces() -> None:
                                    "tokens": ["C"], "token_logprobs": [-1.0]}
 
 
+def test_a_whole_answer_read_while_it_grows_has_every_piece() -> None:
+    """Its texts are held in pieces and joined when read: a read between pieces (the QA
+    plugin looks at a buffered answer, a door at a tool call) loses none of them.
+    """
+    completion = Completion(content="He")
+    seen = []
+    for piece in ("llo", ", ", "world"):
+        completion.add(Chunk(content=piece, reasoning=piece.upper(), tool_calls=[
+            {"index": 1, "id": "call_x", "function": {"name": "f", "arguments": piece}}]))
+        seen.append((completion.content, completion.reasoning,
+                     completion.tool_calls[1]["function"]["arguments"]))
+    assert seen == [("Hello", "LLO", "llo"), ("Hello, ", "LLO, ", "llo, "),
+                    ("Hello, world", "LLO, WORLD", "llo, world")]
+    assert completion.tool_calls[0]["function"]["arguments"] == ""  # a call never sent
+    assert [c.content for c in completion.chunks()] == ["Hello, world", ""]
+    completion.content = ""
+    assert completion.content == "" and completion.reasoning == "LLO, WORLD"
+
+
 def test_openai_tool_calls_get_ids_and_finish_as_tool_calls() -> None:
     t = OpenAITranslator("m")
     first = t.chunk({"choices": [{"delta": {"tool_calls": [
