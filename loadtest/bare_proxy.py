@@ -30,7 +30,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 async def make_app(upstream: str) -> web.Application:
     app = web.Application()
     app["upstream"] = upstream
-    app["session"] = aiohttp.ClientSession()
+    app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     app.on_cleanup.append(lambda app: app["session"].close())
     app.router.add_post("/{path:.*}", forward)
     return app

@@ -1,11 +1,14 @@
 """A thousand streams at once: each 200 tokens at a simulated 20 tokens a second, straight
-to the simulator and through the gateway, in one run.
+to the simulator, through the bare proxy, and through the gateway without and with the
+default config's plugins, in one run.
 
     .venv/bin/python -m loadtest.streams      # writes its section of loadtest/RESULTS.md
 
 One aiohttp client (this process) opens ``--streams`` streams together and notes when each
-chunk arrives; what the gateway adds is the difference between the two runs' delays between
-chunks. The simulator, the gateway and this client share the machine's cores.
+chunk arrives; what a proxy adds is the difference between its run's delays between chunks
+and those straight to the simulator. The simulator, the proxies and this client share the
+machine's cores, so what a proxy costs a chunk (its CPU time, from /proc) is reported too.
+Every stream asks its own question, so the cache answers none of them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import aiohttp
 
-from loadtest.batches import write_section
+from loadtest.batches import cpu_of, percentile, write_section
+from loadtest.litellm import default_plugins, wait_port
 from loadtest.run import ROOT, free_ports, start, wait_ready
 
 HERE = Path(__file__).resolve().parent
@@ -41,15 +45,13 @@ class Run:
     first_ms: list[float] = field(default_factory=list)  # time to the first chunk
     gaps_ms: list[float] = field(default_factory=list)  # between one chunk and the next
     seconds: float = 0.0
-
-    def percentile(self, values: list[float], p: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    cpu_us: float | None = None  # the proxy's CPU time a chunk (None: no proxy)
 
 
-async def one(http: aiohttp.ClientSession, url: str, run: Run, go: asyncio.Event) -> None:
+async def one(http: aiohttp.ClientSession, url: str, question: str, run: Run,
+              go: asyncio.Event) -> None:
     body = {"model": MODEL, "stream": True, "max_tokens": TOKENS + 50,
-            "messages": [{"role": "user", "content": "Say it all."}]}
+            "messages": [{"role": "user", "content": question}]}
     await go.wait()
     sent = time.perf_counter()
     last = None
@@ -72,19 +74,43 @@ async def one(http: aiohttp.ClientSession, url: str, run: Run, go: asyncio.Event
         run.failed.append(type(exc).__name__)
 
 
-async def drive(name: str, url: str, streams: int) -> Run:
+async def drive(name: str, url: str, streams: int, proxy: int | None = None) -> Run:
+    """``streams`` streams opened together; ``proxy``: the pid whose CPU time is counted."""
     run = Run(name)
     go = asyncio.Event()
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
+    tag = time.monotonic_ns()  # a question of its own for every stream of every run
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        tasks = [asyncio.create_task(one(http, url, run, go)) for _ in range(streams)]
+        tasks = [asyncio.create_task(one(http, url, f"Say it all. ({tag}.{i})", run, go))
+                 for i in range(streams)]
         await asyncio.sleep(0.1)
+        cpu = cpu_of(proxy) if proxy else 0.0
         started = time.perf_counter()
         go.set()
         await asyncio.gather(*tasks)
         run.seconds = time.perf_counter() - started
+        if proxy:
+            chunks = len(run.gaps_ms) + len(run.first_ms)
+            run.cpu_us = (cpu_of(proxy) - cpu) / max(1, chunks) * 1e6
     return run
+
+
+def gateway_config(port: int, sim_url: str, streams: int, data: Path, plugins: str) -> str:
+    return f"""[server]
+port = {port}
+
+[tasks]
+data_dir = "{data}"
+
+[[backends]]
+name = "sim"
+kind = "openai"
+url = "{sim_url}"
+max_connections = {streams + 100}
+max_queue = {streams}
+
+{plugins}"""
 
 
 def main() -> None:
@@ -94,71 +120,97 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)
     work = Path(tempfile.mkdtemp(prefix="loadtest-streams-"))
-    ports = free_ports(("sim", "gateway"))
+    ports = free_ports(("sim", "proxy", "gateway", "plugins"))
     sim_url = f"http://127.0.0.1:{ports['sim']}/v1"
-    config = work / "gateway.toml"
-    config.write_text(f"""[server]
-port = {ports['gateway']}
-
-[tasks]
-data_dir = "{work / 'data'}"
-
-[[backends]]
-name = "sim"
-kind = "openai"
-url = "{sim_url}"
-max_connections = {args.streams + 100}
-max_queue = {args.streams}
-""")
-    processes = [
-        start([sys.executable, "-m", "gateway.sim", "mlx", "--port", str(ports["sim"]),
-               "--reply", REPLY, "--tokens-per-s", str(PACE), "--ttft", "0"],
-              work / "sim.log"),
-        start([sys.executable, "-m", "gateway", "--log-level", "warning", "serve", "--config",
-               str(config)], work / "gateway.log")]
+    plugin_names, plugins = default_plugins()
+    processes = {"sim": start(
+        [sys.executable, "-m", "gateway.sim", "mlx", "--port", str(ports["sim"]), "--reply",
+         REPLY, "--tokens-per-s", str(PACE), "--ttft", "0"], work / "sim.log")}
+    processes["proxy"] = start(
+        [sys.executable, "loadtest/bare_proxy.py", "--upstream",
+         f"http://127.0.0.1:{ports['sim']}", "--port", str(ports["proxy"])], work / "proxy.log")
+    for name, declared in (("gateway", ""), ("plugins", plugins)):
+        config = work / f"{name}.toml"
+        config.write_text(gateway_config(ports[name], sim_url, args.streams, work / name,
+                                         declared))
+        processes[name] = start([sys.executable, "-m", "gateway", "--log-level", "warning",
+                                 "serve", "--config", str(config)], work / f"{name}.log")
+    listed = ", ".join(plugin_names)
+    paths = [("direct to the simulator", "sim", f"{sim_url}/chat/completions"),
+             ("the bare proxy", "proxy",
+              f"http://127.0.0.1:{ports['proxy']}/v1/chat/completions"),
+             ("the gateway", "gateway",
+              f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions"),
+             (f"the gateway + {listed}", "plugins",
+              f"http://127.0.0.1:{ports['plugins']}/v1/chat/completions")]
     try:
-        wait_ready(f"{sim_url}/models", process=processes[0])
-        wait_ready(f"http://127.0.0.1:{ports['gateway']}/health", process=processes[1])
+        wait_ready(f"{sim_url}/models", process=processes["sim"])
+        wait_port(ports["proxy"], processes["proxy"])
+        for name in ("gateway", "plugins"):
+            wait_ready(f"http://127.0.0.1:{ports[name]}/health", process=processes[name])
         runs = []
-        for name, url in (("direct to the simulator", f"{sim_url}/chat/completions"),
-                          ("through the gateway",
-                           f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions")):
+        for name, key, url in paths:
+            proxy = None if key == "sim" else processes[key].pid
             asyncio.run(drive(name, url, 20))  # warm up
-            runs.append(asyncio.run(drive(name, url, args.streams)))
+            runs.append(asyncio.run(drive(name, url, args.streams, proxy)))
             print(f"{name}: {runs[-1].completed} of {args.streams} completed in "
                   f"{runs[-1].seconds:.1f} s", file=sys.stderr)
     finally:
-        for process in processes:
+        for process in processes.values():
             process.terminate()
             process.wait(timeout=30)
-    direct, gateway = runs
+    write_section(args.out, report(runs, args.streams, listed), SECTION)
+    print(report(runs, args.streams, listed))
+
+
+def report(runs: list[Run], streams: int, listed: str) -> str:
+    direct, bare, plain, plugged = runs
+
+    def added(run: Run) -> float:
+        return percentile(run.gaps_ms, 99) - percentile(direct.gaps_ms, 99)
+
+    def cpu(run: Run) -> str:
+        return "" if run.cpu_us is None else f"{run.cpu_us:.0f}"
+
     table = "\n".join([
         "| path | completed | failed | seconds | first chunk p50 ms | p99 | between chunks "
-        "p50 ms | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "p50 ms | p99 | max | p99 added | proxy CPU a chunk, µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| {r.name} | {r.completed:,} | {len(r.failed)} | {r.seconds:.1f} | "
-          f"{r.percentile(r.first_ms, 50):.1f} | {r.percentile(r.first_ms, 99):.1f} | "
-          f"{r.percentile(r.gaps_ms, 50):.1f} | {r.percentile(r.gaps_ms, 99):.1f} | "
-          f"{max(r.gaps_ms):.1f} |" for r in runs)])
-    added = gateway.percentile(gateway.gaps_ms, 99) - direct.percentile(direct.gaps_ms, 99)
-    met = "met" if added <= TARGET_MS and gateway.completed == args.streams else "NOT met"
-    command = f".venv/bin/python -m loadtest.streams --streams {args.streams}"
-    report = "\n\n".join([
+          f"{percentile(r.first_ms, 50):.1f} | {percentile(r.first_ms, 99):.1f} | "
+          f"{percentile(r.gaps_ms, 50):.1f} | {percentile(r.gaps_ms, 99):.1f} | "
+          f"{max(r.gaps_ms):.1f} | {'' if r is direct else f'{added(r):+.1f}'} | {cpu(r)} |"
+          for r in runs)])
+    findings = []
+    for run in (plugged, plain):
+        met = added(run) <= TARGET_MS and run.completed == streams
+        failed = ", ".join(sorted(set(run.failed))) or "none failed"
+        findings.append(
+            f"- Through {run.name}: {run.completed:,} of {streams:,} streams completed "
+            f"({failed}); the delay between chunks at p99 is **{added(run):+.1f} ms** "
+            f"against straight to the simulator (target: at most +{TARGET_MS:g} ms, all "
+            f"complete: {'met' if met else 'NOT met'}).")
+    findings.append(
+        f"- The bare proxy, in the same run, adds {added(bare):+.1f} ms at p99 and spends "
+        f"{bare.cpu_us:.0f} µs of CPU a chunk; the gateway {plain.cpu_us:.0f} µs, with "
+        f"{listed} {plugged.cpu_us:.0f} µs. Every chunk costs each proxy a read and a "
+        "write on a socket; on these two cores the simulator and the client need the same "
+        "time the proxy takes, so what a proxy spends a chunk comes back as delay.")
+    command = f".venv/bin/python -m loadtest.streams --streams {streams}"
+    return "\n\n".join([
         SECTION,
         f"Command: `{command}`\n({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}.)",
-        f"{args.streams:,} streams opened together, each {TOKENS} tokens from the simulated "
+        f"{streams:,} streams opened together, each {TOKENS} tokens from the simulated "
         f"MLX server at {PACE:g} tokens a second (a chunk every {1000 / PACE:g} ms, about "
-        f"{TOKENS / PACE:g} s a stream), first straight to it, then through one gateway "
-        f"process (its backend allowed {args.streams + 100} connections). One aiohttp "
-        "client opens them all and notes each chunk's arrival.",
+        f"{TOKENS / PACE:g} s a stream): straight to it, through the bare proxy, and "
+        f"through one gateway process without plugins and with the default config's "
+        f"({listed}; every question a cache miss); the gateway's backend allows "
+        f"{streams + 100} connections. One aiohttp client opens them all and notes each "
+        "chunk's arrival.",
         table,
-        f"- Through the gateway {gateway.completed:,} of {args.streams:,} streams completed "
-        f"({', '.join(sorted(set(gateway.failed))) or 'none failed'}); the delay between "
-        f"chunks at p99 is **{added:+.1f} ms** against straight to the simulator (target: "
-        f"at most +{TARGET_MS:g} ms, all complete: {met}).",
+        "\n".join(findings),
     ]) + "\n"
-    write_section(args.out, report, SECTION)
-    print(report)
 
 
 if __name__ == "__main__":
