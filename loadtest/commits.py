@@ -7,8 +7,10 @@ throughput and CPU, free of the machine's drift from one run to the next.
 Each commit is checked out in a git worktree of its own (in a temporary folder, removed
 after) and served by this checkout's virtualenv, in front of one simulated OpenAI-compatible
 server (``python -m gateway.sim openai``, a 17-word reply); the bare proxy runs beside them.
-wrk (one thread, c=32) drives them in interleaved rounds; CPU per request is each process's
-CPU time over the requests it answered. Prints a table; writes nothing.
+wrk (one thread, c=32, or ``--connections``) drives them in interleaved rounds, and the
+simulator directly; CPU per request is each process's CPU time over the requests it
+answered; the latency each adds is its p50 over direct's (at ``--connections 1``, the
+issue's added latency). Prints a table; writes nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from loadtest.run import (
     ROOT,
     _config,
     _target,
+    ensure_wrk,
     free_ports,
     start,
     wait_ready,
@@ -44,7 +47,9 @@ def main() -> None:
                         help="the default config's plugins on, every request a cache miss")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
+    ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="loadtest-commits-") as folder:
         work = Path(folder)
         trees = [_worktree(commit, work / f"tree-{i}") for i, commit in enumerate(args.commits)]
@@ -90,23 +95,28 @@ def _compare(args: argparse.Namespace, trees: list[Path], work: Path) -> None:
                     cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
             wait_ready(f"http://127.0.0.1:{ports[name]}/health", process=processes[name])
         headers = MISS if args.plugins else None
-        targets = {"proxy": _target("proxy", ports["proxy"], BODY, work)} | {
+        targets = {"direct": _target("direct", ports["sim"], BODY, work),
+                   "proxy": _target("proxy", ports["proxy"], BODY, work)} | {
             f"gateway-{i}": _target(f"gateway-{i}", ports[f"gateway-{i}"], BODY, work, headers)
             for i in range(len(trees))}
         for target in targets.values():  # warm up
-            wrk(target.url, 32, 1, target.script)
+            wrk(target.url, args.connections, 1, target.script)
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        p50s: dict[str, list[float]] = {name: [] for name in targets}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
         for _ in range(args.rounds):
             for name, target in targets.items():
-                before = cpu_of(processes[name].pid), cpu_of(processes["sim"].pid)
-                rate = wrk(target.url, 32, args.seconds, target.script)["rps"]
-                after = cpu_of(processes[name].pid), cpu_of(processes["sim"].pid)
+                pid = processes["sim" if name == "direct" else name].pid
+                before = cpu_of(pid), cpu_of(processes["sim"].pid)
+                result = wrk(target.url, args.connections, args.seconds, target.script)
+                after = cpu_of(pid), cpu_of(processes["sim"].pid)
+                rate = result["rps"]
                 answered = rate * args.seconds
                 rates[name].append(rate)
+                p50s[name].append(result["p50_ms"])
                 cpu[name].append(((after[0] - before[0]) / answered * 1e6,
                                   (after[1] - before[1]) / answered * 1e6))
-        _report(args, rates, cpu)
+        _report(args, rates, p50s, cpu)
     finally:
         for process in processes.values():
             process.terminate()
@@ -115,19 +125,24 @@ def _compare(args: argparse.Namespace, trees: list[Path], work: Path) -> None:
 
 
 def _report(args: argparse.Namespace, rates: dict[str, list[float]],
-            cpu: dict[str, list[tuple[float, float]]]) -> None:
+            p50s: dict[str, list[float]], cpu: dict[str, list[tuple[float, float]]]) -> None:
     bare = statistics.median(rates["proxy"])
-    print(f"| path | c=32 req/s (median of {args.rounds}) | share of bare | CPU µs per request "
-          "| simulator CPU µs per request |")
-    print("|---|---:|---:|---:|---:|")
-    labels = {"proxy": "bare aiohttp proxy"} | {
+    direct = statistics.median(p50s["direct"])
+    c = args.connections
+    print(f"| path | c={c} req/s (median of {args.rounds}) | share of bare | p50 ms | added "
+          "p50 ms | CPU µs per request | simulator CPU µs per request |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    labels = {"direct": "direct to the simulator", "proxy": "bare aiohttp proxy"} | {
         f"gateway-{i}": f"gateway at {commit}" + (" + plugins" if args.plugins else "")
         for i, commit in enumerate(args.commits)}
     for name, label in labels.items():
         rate = statistics.median(rates[name])
-        own = statistics.median(c[0] for c in cpu[name])
-        sim = statistics.median(c[1] for c in cpu[name])
-        print(f"| {label} | {rate:,.0f} | {100 * rate / bare:.1f}% | {own:.0f} | {sim:.0f} |")
+        own = statistics.median(u[0] for u in cpu[name])
+        sim = statistics.median(u[1] for u in cpu[name])
+        p50 = statistics.median(p50s[name])
+        added = "" if name == "direct" else f"{p50 - direct:+.3f}"
+        print(f"| {label} | {rate:,.0f} | {100 * rate / bare:.1f}% | {p50:.3f} | {added} | "
+              f"{own:.0f} | {sim:.0f} |")
 
 
 if __name__ == "__main__":
