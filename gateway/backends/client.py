@@ -27,7 +27,9 @@ from gateway.backends.response import (
     Response,
 )
 
-KEEP_IDLE = 15.0  # seconds a connection is kept unused (servers close theirs after 5-75 s)
+KEEP_IDLE = 15.0  # seconds a connection is kept unused (some servers close theirs sooner;
+# Ollama's never does, so after a burst its sockets, and the tunnel's channels they run
+# through, would stay open until the gateway stopped)
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -38,7 +40,8 @@ class ConnectFailed(OSError):
 
 class Pool:
     """The connections to one server; at most ``limit`` open, the rest of the requests
-    wait for one. ``headers`` go on every request.
+    wait for one. ``headers`` go on every request. A connection unused for ``KEEP_IDLE``
+    seconds is closed (one timer a pool, while any is idle).
     """
 
     def __init__(self, url: str, limit: int, headers: dict[str, str]) -> None:
@@ -62,6 +65,7 @@ class Pool:
         self._idle: deque[Connection] = deque()
         self._all: set[Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def request(self, method: str, target: str, body: bytes | None, limits: Limits,
@@ -145,9 +149,22 @@ class Pool:
             return
         assert connection.transport is not None
         connection.transport.resume_reading()  # (a no-op unless the answer paused it)
-        connection.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        connection.idle_since = loop.time()
         self._idle.append(connection)
+        if self._sweep is None:
+            self._sweep = loop.call_at(connection.idle_since + KEEP_IDLE, self._close_idle)
         self._wake()
+
+    def _close_idle(self) -> None:
+        """Close the connections unused for ``KEEP_IDLE`` (the oldest are first in line)."""
+        self._sweep = None
+        idle = self._idle
+        loop = asyncio.get_running_loop()
+        while idle and loop.time() - idle[0].idle_since >= KEEP_IDLE:
+            idle.popleft().close()
+        if idle:
+            self._sweep = loop.call_at(idle[0].idle_since + KEEP_IDLE, self._close_idle)
 
     def _drop(self, connection: Connection) -> None:
         """A connection that closed: its place is free."""
@@ -166,6 +183,9 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for connection in list(self._all):
             connection.close()
         self._all.clear()

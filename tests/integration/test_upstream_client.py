@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
+from gateway.backends import client
 from gateway.backends.client import ConnectFailed, Pool
 from gateway.backends.http import HttpBackend
 from gateway.backends.response import BadResponse, Disconnected, IdleTimeout, Limits
@@ -435,6 +436,34 @@ async def test_a_waiter_cancelled_as_its_turn_comes_is_cancelled_cleanly() -> No
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert await body_of(pool) == (200, b"ok")  # and the next one still gets it
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "it did not happen in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_connections_left_unused_are_closed_and_one_in_use_is_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst the connections it opened are closed once unused for KEEP_IDLE, by the
+    gateway (Ollama never closes an idle one), not only when a request next looks.
+    """
+    monkeypatch.setattr(client, "KEEP_IDLE", 1.0)
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with pooled(answering(*[reply] * 20, pause=0.05), 4) as (server, pool):
+        assert await asyncio.gather(*(body_of(pool) for _ in range(4))) == [(200, b"ok")] * 4
+        assert pool.open_connections == server.open == 4
+        await asyncio.sleep(0.5)
+        assert await body_of(pool) == (200, b"ok")  # one used again: its wait starts over
+        await until(lambda: pool.open_connections < 4)
+        assert pool.open_connections == 1  # the three left unused went together
+        await until(lambda: server.open == 1)  # closed on the server's side too
+        await until(lambda: pool.open_connections == 0)
+        await until(lambda: server.open == 0)
+        assert await body_of(pool) == (200, b"ok")  # and the pool goes on with a new one
+        assert server.connections == 5
 
 
 async def test_odd_urls_and_statuses() -> None:
