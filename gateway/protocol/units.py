@@ -58,7 +58,8 @@ class Completion:
     """A whole answer: what a non-streaming response reports. Built by ``add`` from a
     stream's pieces, whose texts are kept in lists and joined when read: adding to a
     string held in an attribute copies it whole each time, which a long answer (tens of
-    thousands of pieces) turns into seconds.
+    thousands of pieces) turns into seconds. (Reading them after every piece would copy as
+    much again: read once it is whole.)
     """
 
     __slots__ = ("_arguments", "_calls", "_content", "_reasoning", "fingerprint",
