@@ -99,6 +99,8 @@ class ResponseStream:
     def error(self, error: GatewayError) -> bytes:
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
         self.response["status"] = "failed"
+        if self._open is not None:  # the failed response holds what had come of it
+            self._fill(self._open)
         self._join_arguments()
         self.response["error"] = {"code": code, "message": error.message}
         return self._event("error", code=error.code or code, message=error.message,
@@ -166,20 +168,28 @@ class ResponseStream:
         return out + self._event("response.content_part.added", **self._where(),
                                  content_index=0, part=_output_text(""))
 
+    def _fill(self, item: dict[str, Any]) -> str:
+        """The open item given its text; the text."""
+        text = "".join(self._text)
+        if item["type"] == "reasoning":
+            item["summary"] = [_summary(text)]
+        else:
+            item["content"] = [_output_text(text)]
+        return text
+
     def _close(self) -> bytes:
-        item, text = self._open, "".join(self._text)
+        item = self._open
         if item is None:
             return b""
         self._open = None
         where = self._where(item)
+        text = self._fill(item)
         if item["type"] == "reasoning":
-            item["summary"] = [_summary(text)]
             out = self._event("response.reasoning_summary_text.done", **where,
                               summary_index=0, text=text) + \
                 self._event("response.reasoning_summary_part.done", **where,
                             summary_index=0, part=_summary(text))
         else:
-            item["content"] = [_output_text(text)]
             out = self._event("response.output_text.done", **where, content_index=0,
                               text=text, logprobs=[]) + \
                 self._event("response.content_part.done", **where, content_index=0,

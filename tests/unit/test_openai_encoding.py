@@ -71,3 +71,33 @@ def test_text_completion_body() -> None:
     body = completion_body("text", completion, "separate")
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["text"] == "return a + b"
+
+
+def test_a_failed_response_stream_carries_what_had_come_as_the_sdk_reads_it() -> None:
+    """An answer that breaks off in the Responses door: ``response.failed`` holds the text
+    and tool-call arguments that had arrived (received in pieces, joined once), and the
+    ``openai`` SDK's own event type reads it.
+    """
+    from openai.types.responses import ResponseFailedEvent
+
+    from gateway.doors.responses_answer import ResponseStream, new_response
+    from gateway.errors import UpstreamError
+
+    stream = ResponseStream(new_response({"model": "m"}, store=False), "separate")
+    sent = stream.begin()
+    for piece in ("Hel", "lo"):
+        sent += stream.chunk(Chunk(content=piece))
+    for piece in ('{"city": ', '"Paris"}'):
+        sent += stream.chunk(Chunk(tool_calls=[{"index": 0, "id": "call_1", "function": {
+            "name": "weather", "arguments": piece}}]))
+    sent += stream.chunk(Chunk(content=" again"))  # a second message, open when it breaks
+    sent += stream.error(UpstreamError("the backend went away", backend="b"))
+    failed = [line[len(b"data: "):] for line in sent.split(b"\n")
+              if line.startswith(b"data: ") and b'"response.failed"' in line]
+    assert len(failed) == 1
+    event = ResponseFailedEvent.model_validate_json(failed[0])
+    message, call, open_message = event.response.output
+    assert message.type == "message" and message.content[0].text == "Hello"
+    assert call.type == "function_call" and call.arguments == '{"city": "Paris"}'
+    assert open_message.content[0].text == " again"
+    assert event.response.status == "failed"
