@@ -6,9 +6,11 @@ default config's plugins, in one run.
 
 One aiohttp client (this process) opens ``--streams`` streams together and notes when each
 chunk arrives; what a proxy adds is the difference between its run's delays between chunks
-and those straight to the simulator. The simulator, the proxies and this client share the
-machine's cores, so what a proxy costs a chunk (its CPU time, from /proc) is reported too.
-Every stream asks its own question, so the cache answers none of them.
+and those straight to the simulator in the same round. The simulator, the proxies and this
+client share the machine's cores, so what a proxy costs a chunk (its CPU time, from /proc)
+is reported too. Every stream asks its own question, so the cache answers none of them. The
+paths take turns for ``--rounds`` rounds; the table has each figure's median over them (a
+p99 of delays moves a lot from one run to the next here).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -116,6 +119,7 @@ max_queue = {streams}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -148,55 +152,92 @@ def main() -> None:
         wait_port(ports["proxy"], processes["proxy"])
         for name in ("gateway", "plugins"):
             wait_ready(f"http://127.0.0.1:{ports[name]}/health", process=processes[name])
-        runs = []
-        for name, key, url in paths:
-            proxy = None if key == "sim" else processes[key].pid
-            asyncio.run(drive(name, url, 20))  # warm up
-            runs.append(asyncio.run(drive(name, url, args.streams, proxy)))
-            print(f"{name}: {runs[-1].completed} of {args.streams} completed in "
-                  f"{runs[-1].seconds:.1f} s", file=sys.stderr)
+        rounds: list[list[Run]] = []
+        for round_ in range(args.rounds):
+            runs = []
+            for name, key, url in paths:
+                proxy = None if key == "sim" else processes[key].pid
+                asyncio.run(drive(name, url, 20))  # warm up
+                runs.append(asyncio.run(drive(name, url, args.streams, proxy)))
+                print(f"round {round_ + 1}: {name}: {runs[-1].completed} of {args.streams} "
+                      f"completed in {runs[-1].seconds:.1f} s", file=sys.stderr)
+            rounds.append(runs)
     finally:
         for process in processes.values():
             process.terminate()
             process.wait(timeout=30)
-    write_section(args.out, report(runs, args.streams, listed), SECTION)
-    print(report(runs, args.streams, listed))
+    section = report(rounds, args.streams, listed)
+    write_section(args.out, section, SECTION)
+    print(section)
 
 
-def report(runs: list[Run], streams: int, listed: str) -> str:
-    direct, bare, plain, plugged = runs
+class Summary:
+    """One path's figures over the rounds: medians, but for what completed and failed."""
 
-    def added(run: Run) -> float:
-        return percentile(run.gaps_ms, 99) - percentile(direct.gaps_ms, 99)
+    name: str
+    completed: int
+    failed: list[str]
+    first_p50: float
+    first_p99: float
+    gap_p50: float
+    gap_p99: float
+    gap_max: float
+    added: list[float]  # its p99 over direct's, each round
+    cpu_us: float | None
 
-    def cpu(run: Run) -> str:
-        return "" if run.cpu_us is None else f"{run.cpu_us:.0f}"
+    def __init__(self, runs: list[Run], directs: list[Run]) -> None:
+        median = statistics.median
+        self.name = runs[0].name
+        self.completed = sum(r.completed for r in runs)
+        self.failed = [f for r in runs for f in r.failed]
+        self.first_p50 = median(percentile(r.first_ms, 50) for r in runs)
+        self.first_p99 = median(percentile(r.first_ms, 99) for r in runs)
+        self.gap_p50 = median(percentile(r.gaps_ms, 50) for r in runs)
+        self.gap_p99 = median(percentile(r.gaps_ms, 99) for r in runs)
+        self.gap_max = max(max(r.gaps_ms) for r in runs)
+        self.added = [percentile(r.gaps_ms, 99) - percentile(d.gaps_ms, 99)
+                      for r, d in zip(runs, directs, strict=True)]
+        used = [r.cpu_us for r in runs if r.cpu_us is not None]
+        self.cpu_us = median(used) if used else None
 
+    def added_cell(self) -> str:
+        each = ", ".join(f"{a:+.1f}" for a in self.added)
+        return f"{statistics.median(self.added):+.1f} ({each})"
+
+
+def report(rounds: list[list[Run]], streams: int, listed: str) -> str:
+    directs = [runs[0] for runs in rounds]
+    direct, bare, plain, plugged = (Summary([runs[i] for runs in rounds], directs)
+                                    for i in range(4))
+    total = streams * len(rounds)
     table = "\n".join([
-        "| path | completed | failed | seconds | first chunk p50 ms | p99 | between chunks "
-        "p50 ms | p99 | max | p99 added | proxy CPU a chunk, µs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {r.name} | {r.completed:,} | {len(r.failed)} | {r.seconds:.1f} | "
-          f"{percentile(r.first_ms, 50):.1f} | {percentile(r.first_ms, 99):.1f} | "
-          f"{percentile(r.gaps_ms, 50):.1f} | {percentile(r.gaps_ms, 99):.1f} | "
-          f"{max(r.gaps_ms):.1f} | {'' if r is direct else f'{added(r):+.1f}'} | {cpu(r)} |"
-          for r in runs)])
+        "| path | completed | failed | first chunk p50 ms | p99 | between chunks p50 ms | "
+        "p99 | max | p99 added (each round) | proxy CPU a chunk, µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {s.name} | {s.completed:,} | {len(s.failed)} | {s.first_p50:.1f} | "
+          f"{s.first_p99:.1f} | {s.gap_p50:.1f} | {s.gap_p99:.1f} | {s.gap_max:.1f} | "
+          f"{'' if s is direct else s.added_cell()} | "
+          f"{'' if s.cpu_us is None else f'{s.cpu_us:.0f}'} |"
+          for s in (direct, bare, plain, plugged))])
     findings = []
-    for run in (plugged, plain):
-        met = added(run) <= TARGET_MS and run.completed == streams
-        failed = ", ".join(sorted(set(run.failed))) or "none failed"
+    for path in (plugged, plain):
+        added = statistics.median(path.added)
+        met = added <= TARGET_MS and path.completed == total
+        failed = ", ".join(sorted(set(path.failed))) or "none failed"
         findings.append(
-            f"- Through {run.name}: {run.completed:,} of {streams:,} streams completed "
-            f"({failed}); the delay between chunks at p99 is **{added(run):+.1f} ms** "
-            f"against straight to the simulator (target: at most +{TARGET_MS:g} ms, all "
-            f"complete: {'met' if met else 'NOT met'}).")
+            f"- Through {path.name}: {path.completed:,} of {total:,} streams completed "
+            f"({failed}); the delay between chunks at p99 is **{added:+.1f} ms** against "
+            f"straight to the simulator, the median of {len(rounds)} rounds (target: at most "
+            f"+{TARGET_MS:g} ms, all complete: {'met' if met else 'NOT met'}).")
     findings.append(
-        f"- The bare proxy, in the same run, adds {added(bare):+.1f} ms at p99 and spends "
-        f"{bare.cpu_us:.0f} µs of CPU a chunk; the gateway {plain.cpu_us:.0f} µs, with "
-        f"{listed} {plugged.cpu_us:.0f} µs. Every chunk costs each proxy a read and a "
-        "write on a socket; on these two cores the simulator and the client need the same "
-        "time the proxy takes, so what a proxy spends a chunk comes back as delay.")
-    command = f".venv/bin/python -m loadtest.streams --streams {streams}"
+        f"- The bare proxy, in the same rounds, adds {statistics.median(bare.added):+.1f} ms "
+        f"at p99 and spends {bare.cpu_us:.0f} µs of CPU a chunk; the gateway "
+        f"{plain.cpu_us:.0f} µs, with {listed} {plugged.cpu_us:.0f} µs. Every chunk costs "
+        "each proxy a read and a write on a socket; on these two cores the simulator and "
+        "the client need the same time the proxy takes, so what a proxy spends a chunk "
+        "comes back as delay.")
+    command = (f".venv/bin/python -m loadtest.streams --streams {streams} "
+               f"--rounds {len(rounds)}")
     return "\n\n".join([
         SECTION,
         f"Command: `{command}`\n({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -207,7 +248,8 @@ def report(runs: list[Run], streams: int, listed: str) -> str:
         f"through one gateway process without plugins and with the default config's "
         f"({listed}; every question a cache miss); the gateway's backend allows "
         f"{streams + 100} connections. One aiohttp client opens them all and notes each "
-        "chunk's arrival.",
+        f"chunk's arrival. The paths take turns, {len(rounds)} rounds; each figure is the "
+        "median of the rounds' (completed and failed: their sum; max: the largest).",
         table,
         "\n".join(findings),
     ]) + "\n"
