@@ -174,17 +174,6 @@ def main() -> None:
 class Summary:
     """One path's figures over the rounds: medians, but for what completed and failed."""
 
-    name: str
-    completed: int
-    failed: list[str]
-    first_p50: float
-    first_p99: float
-    gap_p50: float
-    gap_p99: float
-    gap_max: float
-    added: list[float]  # its p99 over direct's, each round
-    cpu_us: float | None
-
     def __init__(self, runs: list[Run], directs: list[Run]) -> None:
         median = statistics.median
         self.name = runs[0].name
@@ -195,7 +184,7 @@ class Summary:
         self.gap_p50 = median(percentile(r.gaps_ms, 50) for r in runs)
         self.gap_p99 = median(percentile(r.gaps_ms, 99) for r in runs)
         self.gap_max = max(max(r.gaps_ms) for r in runs)
-        self.added = [percentile(r.gaps_ms, 99) - percentile(d.gaps_ms, 99)
+        self.added = [percentile(r.gaps_ms, 99) - percentile(d.gaps_ms, 99)  # each round's
                       for r, d in zip(runs, directs, strict=True)]
         used = [r.cpu_us for r in runs if r.cpu_us is not None]
         self.cpu_us = median(used) if used else None
