@@ -40,8 +40,10 @@ class ConnectFailed(OSError):
 
 class Pool:
     """The connections to one server; at most ``limit`` open, the rest of the requests
-    wait for one. ``headers`` go on every request. A connection unused for ``KEEP_IDLE``
-    seconds is closed (one timer a pool, while any is idle).
+    wait for one, first come first served: a connection put back is handed to the first
+    in line, and the place of one that closed is kept for it, so a newcomer never takes
+    a turn from a request that waited. ``headers`` go on every request. A connection
+    unused for ``KEEP_IDLE`` seconds is closed (one timer a pool, while any is idle).
     """
 
     def __init__(self, url: str, limit: int, headers: dict[str, str]) -> None:
@@ -64,7 +66,9 @@ class Pool:
         self.limit = max(1, limit)
         self._idle: deque[Connection] = deque()
         self._all: set[Connection] = set()
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Each gets the connection put back for it, or None: a place is free (or the end).
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._kept = 0  # places of closed connections kept for the waiters woken to them
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -94,6 +98,7 @@ class Pool:
 
     async def _connection(self, loop: asyncio.AbstractEventLoop, connect: float,
                           deadline: float | None) -> Connection:
+        kept = False  # a place of a connection that closed is kept for this one
         while True:
             if self._closed:
                 raise ConnectFailed("the backend's connections are closed")
@@ -104,21 +109,28 @@ class Pool:
                     connection.reused = True
                     return connection
                 connection.close()
-            if len(self._all) < self.limit:
+            if kept or (len(self._all) + self._kept < self.limit and not self._waiters):
                 due = loop.time() + connect
                 return await self._open(loop, due if deadline is None else min(due, deadline))
-            waiter = loop.create_future()
+            waiter: asyncio.Future[Connection | None] = loop.create_future()
             self._waiters.append(waiter)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await waiter
+                    handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # it was this one's turn: pass it on
+                if waiter.done() and not waiter.cancelled():  # its turn came: pass it on
+                    self._pass_on(self._taken(waiter.result()))
                 else:
                     with contextlib.suppress(ValueError):  # (a wake may have taken it)
                         self._waiters.remove(waiter)
                 raise
+            if (handed := self._taken(handed)) is None:  # a place kept for it, or the end
+                kept = len(self._all) < self.limit
+            elif not handed.lost:
+                handed.reused = True
+                return handed
+            else:  # it broke as it was handed on
+                handed.close()
 
     async def _open(self, loop: asyncio.AbstractEventLoop, due: float) -> Connection:
         connection = Connection(self)
@@ -149,12 +161,13 @@ class Pool:
             return
         assert connection.transport is not None
         connection.transport.resume_reading()  # (a no-op unless the answer paused it)
+        if self._wake(connection):
+            return
         loop = asyncio.get_running_loop()
         connection.idle_since = loop.time()
         self._idle.append(connection)
         if self._sweep is None:
             self._sweep = loop.call_at(connection.idle_since + KEEP_IDLE, self._close_idle)
-        self._wake()
 
     def _close_idle(self) -> None:
         """Close the connections unused for ``KEEP_IDLE`` (the oldest are first in line),
@@ -174,14 +187,29 @@ class Pool:
             self._all.discard(connection)
             with contextlib.suppress(ValueError):
                 self._idle.remove(connection)
-            self._wake()
+            self._pass_on(None)
 
-    def _wake(self) -> None:
+    def _taken(self, handed: Connection | None) -> Connection | None:
+        """What a woken waiter was handed; a place kept for it is kept no longer."""
+        if handed is None and self._kept:
+            self._kept -= 1
+        return handed
+
+    def _pass_on(self, connection: Connection | None) -> None:
+        """A connection, or the place of one that closed, goes to the first in line."""
+        if connection is not None:
+            self.put_back(connection)
+        elif self._wake(None):
+            self._kept += 1
+
+    def _wake(self, connection: Connection | None) -> bool:
+        """Whether a waiter was woken, and handed ``connection``."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(connection)
+                return True
+        return False
 
     async def close(self) -> None:
         self._closed = True

@@ -438,6 +438,96 @@ async def test_a_waiter_cancelled_as_its_turn_comes_is_cancelled_cleanly() -> No
         assert await body_of(pool) == (200, b"ok")  # and the next one still gets it
 
 
+@pytest.mark.parametrize("first_closes", [False, True], ids=["put-back", "closed"])
+async def test_a_request_that_waits_its_turn_is_not_overtaken_by_a_newcomer(
+        first_closes: bool) -> None:
+    """A connection put back goes to the request that waited for it, and so does the place
+    of one that closed: a request that arrives in the same moment queues behind.
+    """
+    paths: list[bytes] = []
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            paths.append((await read_request(reader)).split(b" ")[1])
+            closing = first_closes and len(paths) == 1
+            writer.write(ok.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                         if closing else ok)
+            await writer.drain()
+            if closing:  # the gateway closes it, as it puts the answer down
+                await reader.read()
+                return
+
+    async with pooled(handler, 1) as (server, pool):
+        first = await pool.request("POST", "/first", b"{}", LIMITS)
+        waiting = asyncio.create_task(body_of(pool, "/waiting"))
+        await asyncio.sleep(0.05)  # in line for the one connection
+        assert await first.read() == b"ok"
+        newcomer = asyncio.create_task(body_of(pool, "/newcomer"))  # runs before the waiter
+        first.release()
+        assert await asyncio.gather(waiting, newcomer) == [(200, b"ok")] * 2
+        assert paths == [b"/first", b"/waiting", b"/newcomer"]
+        assert server.connections == (2 if first_closes else 1)
+        assert server.most_open == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_turns_survive_requests_cancelled_timed_out_and_connections_closed(
+        seed: int) -> None:
+    """Many requests on a few connections, some given up while they wait (cancelled, or out
+    of time) and some answers closing their connection: every other request is answered,
+    never more connections open than the limit, and nothing is left waiting or kept.
+    """
+    rng = random.Random(seed)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    most_open = 0  # as the pool counts them (one the gateway closed may not have gone yet)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most_open
+        while True:
+            await read_request(reader)
+            most_open = max(most_open, pool.open_connections)
+            await asyncio.sleep(rng.random() * 0.01)
+            if rng.random() < 0.3:
+                writer.write(ok.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+                await reader.read()
+                return
+            writer.write(ok)
+            await writer.drain()
+
+    async def ask(kind: str) -> str:
+        await asyncio.sleep(rng.random() * 0.05)
+        limits = Limits(2.0, 5.0, 0.01) if kind == "short" else LIMITS
+        try:
+            response = await pool.request("POST", "/", b"{}", limits)
+        except (TimeoutError, ConnectFailed):  # (out of time as its connection opened)
+            return "timed out"
+        try:
+            return (await response.read()).decode()
+        except TimeoutError:
+            return "timed out"
+        finally:
+            response.release()
+
+    async with pooled(handler, 3) as (server, pool):
+        kinds = rng.choices(["whole", "cancelled", "short"], [6, 2, 2], k=80)
+        tasks = [asyncio.create_task(ask(kind)) for kind in kinds]
+        for kind, task in zip(kinds, tasks, strict=True):
+            if kind == "cancelled":
+                asyncio.get_running_loop().call_later(rng.random() * 0.1, task.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for kind, result in zip(kinds, results, strict=True):
+            if kind == "whole":
+                assert result == "ok"
+            elif kind == "short":
+                assert result in ("ok", "timed out")
+            else:
+                assert result == "ok" or isinstance(result, asyncio.CancelledError)
+        assert most_open == 3 and server.connections > 3
+        assert not pool._waiters and pool._kept == 0
+        assert await body_of(pool) == (200, b"ok")
+
+
 async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
     while not condition():
