@@ -3,7 +3,8 @@
 
 Tolerant by design, since upstream servers differ: comment and keepalive lines
 (``: keepalive 3/10``) are skipped, CRLF endings accepted, ``data:`` with or without the
-space, a final event without its blank line still delivered, a line that is not JSON skipped.
+space, a final event without its blank line still delivered, a line that is not JSON skipped
+(an empty ``data:`` quietly).
 """
 
 from __future__ import annotations
@@ -164,11 +165,14 @@ async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]
 
 
 def _decoded(payloads: list[bytes], what: str) -> list[Any]:
-    """The payloads parsed; one that is not JSON is skipped (and logged)."""
+    """The payloads parsed; one that is not JSON is skipped (and logged, unless empty: a
+    ``data:`` with nothing after it, which some servers send to keep a stream alive).
+    """
     objects = []
     for data in payloads:
         try:
             objects.append(orjson.loads(data))
         except orjson.JSONDecodeError:
-            log.warning("skipped a stream %s that is not JSON: %.80r", what, data)
+            if data.strip():
+                log.warning("skipped a stream %s that is not JSON: %.80r", what, data)
     return objects

@@ -95,6 +95,15 @@ async def test_payloads_stop_at_done_and_objects_come_per_read() -> None:
         [{"a": 1}], [{"b": 2}], [{"c": 3}]]
 
 
+async def test_what_is_not_json_is_skipped_and_logged_unless_it_is_empty(
+        caplog: pytest.LogCaptureFixture) -> None:
+    wire = [b'data: {"a": 1}\n\ndata:\n\ndata: \r\n\r\n', b'data: not json\n\ndata: {"b": 2}\n\n']
+    with caplog.at_level("WARNING", logger="gateway.protocol.sse"):
+        assert [objects async for objects in decode_sse(feed(wire))] == [[{"a": 1}], [{"b": 2}]]
+    assert [record.getMessage() for record in caplog.records] == [
+        "skipped a stream event that is not JSON: b'not json'"]
+
+
 async def test_an_event_past_the_limit_is_refused() -> None:
     with pytest.raises(LineTooLong):
         EventReader().feed(b"data: " + b"x" * (4 * 1024 * 1024 + 1))
