@@ -67,6 +67,7 @@ class HttpBackend:
         self.base_url = config.url.rstrip("/")
         self.capacity = config.slots  # requests it runs at once per model (0: not known)
         self._pool: Pool | None = None
+        self.unreachable = False  # its last connection could not be opened (logged once)
         limits = config.timeouts
         # Answers are always asked for as streams, which send headers at once and then keep
         # talking: the read limit bounds the wait for headers, the idle limit the silences
@@ -229,7 +230,13 @@ class Exchange:
                 response = await backend.pool.request(self._method, self._target, self._data,
                                                       self._limits, headers)
         except Exception as exc:
+            if isinstance(exc, ConnectFailed):
+                # Logged as it happens, not at each probe while it stays so (every 2 s).
+                log.log(logging.DEBUG if backend.unreachable else logging.INFO,
+                        "backend %s: cannot connect: %s", backend.name, exc.__cause__ or exc)
+                backend.unreachable = True
             raise _translate(backend.name, exc, started=False) from None
+        backend.unreachable = False
         self._response = response
         if not 200 <= response.status < 300:  # (a redirect too: backends are not followed)
             error: Exception
@@ -278,7 +285,6 @@ def _translate(backend: str, exc: Exception, *, started: bool) -> Exception:
         return UpstreamError(f"{backend} sent {exc}", backend=backend)
     if isinstance(exc, ConnectFailed):
         # The client hears why in words, never the backend's address; the log has it all.
-        log.info("backend %s: cannot connect: %s", backend, exc.__cause__ or exc)
         why = (exc.strerror or "the connection failed").lower()  # words, no address
         return UpstreamError(f"cannot connect to backend {backend}: {why}",
                              backend=backend, code="backend_unreachable")

@@ -605,16 +605,37 @@ async def test_requests_carry_the_backends_headers_and_a_body_an_aiohttp_server_
         await runner.cleanup()
 
 
-async def test_a_backend_that_cannot_be_reached_is_a_clean_gateway_error() -> None:
+async def test_a_backend_that_cannot_be_reached_is_a_clean_gateway_error_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Refused connections are an error in words; the log says so as the backend becomes
+    unreachable, not at each of the health monitor's probes while it stays so.
+    """
     async with raw_server(answering()) as server:
         url = server.url
+    port = int(url.rsplit(":", 1)[1])
     backend = HttpBackend(BackendConfig(name="gone", kind="openai", url=url))
     await backend.start()
+    caplog.set_level("INFO", logger="gateway.backends.http")
     try:
-        with pytest.raises(UpstreamError) as error:
+        for _ in range(3):
+            with pytest.raises(UpstreamError) as error:
+                await backend.post_json("/x", {})
+            assert error.value.message == "cannot connect to backend gone: connection refused"
+            assert error.value.code == "backend_unreachable"
+        async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+            writer.close()
+
+        back = await asyncio.start_server(once, "127.0.0.1", port)
+        assert await backend.post_json("/x", {}) == {}  # back: logged again when it goes
+        back.close()
+        await back.wait_closed()
+        with pytest.raises(UpstreamError):
             await backend.post_json("/x", {})
-        assert error.value.message == "cannot connect to backend gone: connection refused"
-        assert error.value.code == "backend_unreachable"
+        assert [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()] \
+            == [f"backend gone: cannot connect: [Errno 111] Connect call failed "
+                f"('127.0.0.1', {port})"] * 2
     finally:
         await backend.close()
 
