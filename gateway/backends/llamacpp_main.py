@@ -28,6 +28,10 @@ def main() -> None:
     params.cpuparams.n_threads = settings["threads"]
     params.cpuparams_batch.n_threads = settings["threads"]
     params.use_jinja = True
+    # /v1/embeddings too (chat answers the same with it on); a mean of the tokens' vectors,
+    # since the endpoint refuses a chat model's own pooling, none.
+    params.embedding = True
+    params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     params.model_alias = {settings["alias"]}
     server = xllamacpp.Server(params)  # returns once the model is loaded and serving
     print(f"llama.cpp serving {settings['alias']} on {server.listening_address}", flush=True)

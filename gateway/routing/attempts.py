@@ -3,8 +3,9 @@
 Bounded attempts; jittered exponential backoff for transient failures; ``Retry-After``
 honoured up to a cap (a longer wait fails over instead); the same upstream model name on
 every retry; a silent deployment (a timeout) failed over rather than retried; a
-context-length error sent to a model with a larger window; client errors and content-policy
-rejections passed on untouched.
+context-length error sent to a model with a larger window; a request a deployment cannot do
+at all (its 501) taken elsewhere without counting against it; client errors and
+content-policy rejections passed on untouched.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def disposition(error: GatewayError) -> Disposition:
         return "propagate"
     if error.code == "context_length_exceeded":
         return "bigger"
-    if error.code == "deployment_busy":
-        return "failover"
+    if error.code in ("deployment_busy", "unsupported_by_backend"):
+        return "failover"  # full, or it cannot do this kind of request: another may
     if error.status in (429, 503):
         return "wait"
     if isinstance(error, UpstreamError):
@@ -53,7 +54,8 @@ def disposition(error: GatewayError) -> Disposition:
 
 def counts_against(error: GatewayError) -> bool:
     """Whether an error is the deployment's fault (and so counts toward its breaker)."""
-    return disposition(error) in ("retry", "wait", "failover") and error.code != "deployment_busy"
+    return disposition(error) in ("retry", "wait", "failover") and \
+        error.code not in ("deployment_busy", "unsupported_by_backend")
 
 
 class Lease:

@@ -58,6 +58,16 @@ def test_serves_smollm2_and_comes_back_after_being_killed(
     assert embedded.restarts == 1
 
 
+def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedBackend]) -> None:
+    """The first embeddings request on a fresh machine works too, and chat beside it."""
+    server, _ = light
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        result = client.embeddings.create(model="smollm2:135m", input=["hello", "world"])
+        assert [len(row.embedding) for row in result.data] == [576, 576]  # SmolLM2's width
+        assert result.data[0].embedding != result.data[1].embedding
+        assert client.chat.completions.create(**ASK).choices[0].message.content  # type: ignore[call-overload]
+
+
 def test_stops_its_server_on_shutdown() -> None:
     config = gateway_config(backend("light", "embedded", "", tier="server"))
     server = start_gateway(config)

@@ -7,11 +7,14 @@ the server returns to a direct call: the translation loses nothing.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from gateway.keys import BACKENDS, CATALOG, ROUTER
+from tests import peers
 from tests.e2e.conftest import RealServer
 from tests.support import ServerThread, backend, gateway_config, start_gateway
 
@@ -184,3 +187,33 @@ def test_llamacpp_says_how_many_it_runs_at_once_and_its_window(
     assert backends["mlx"].capacity == 0  # mlx_lm.server has no /props: not known
     assert gateway_to_real.call(
         lambda: gateway_to_real.app[ROUTER].balancer.state(deployment).limit) == 2
+
+
+def test_a_llamacpp_server_without_embeddings_says_so_and_goes_on_chatting(
+        tmp_path: Path) -> None:
+    """llama.cpp started without ``--embeddings`` answers them 501: the client hears its
+    hint as a 400 (which the SDK does not retry), and the refusals do not open the
+    deployment's breaker: chat on the same server goes on.
+    """
+    port = peers.free_port()
+    process = peers.start_llamacpp_server(peers.smollm2_gguf_path(), port,
+                                          tmp_path / "server.log", alias="smollm2-135m")
+    server = start_gateway(gateway_config(
+        backend("llamacpp", "openai", f"http://127.0.0.1:{port}/v1")))
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            for _ in range(4):  # more than the breaker's failures
+                with pytest.raises(openai.BadRequestError) as refused:
+                    client.embeddings.create(model="smollm2-135m", input="hello")
+                assert refused.value.code == "unsupported_by_backend"
+                assert "does not support embeddings. Start it with `--embeddings`" in \
+                    refused.value.message
+            health = httpx.get(server.url + "/health").json()
+            assert health["deployments"]["llamacpp/smollm2-135m"]["breaker"] == "closed"
+            reply = client.chat.completions.create(
+                model="smollm2-135m", messages=QUESTION,  # type: ignore[arg-type]
+                temperature=0, max_tokens=6)
+            assert reply.choices[0].message.content
+    finally:
+        server.stop()
+        peers.stop(process)

@@ -135,6 +135,29 @@ async def test_persistent_503_fails_over_and_bills_only_the_answer(
     assert reply.body["usage"]["completion_tokens"] == len(DEFAULT_REPLY.split())
 
 
+async def test_a_model_its_server_cannot_run_goes_elsewhere_and_leaves_its_breaker_closed(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    """A 501 (llama.cpp's "not supported") is not retried and not held against the
+    deployment: it stays in use for what it can do.
+    """
+    fleet.primary.fault("qwq:32b", status=501, message="This server does not support that")
+    for _ in range(4):  # more than the breaker's 3 failures
+        reply = await ask(routed_gateway, "qwq:32b")
+        complete(reply)
+        assert reply.headers["x-gateway-attempts"] == "2"  # one try, then the fallback
+        assert reply.body["model"] == "qwen2.5-coder:32b"
+    assert len([r for r in fleet.primary.requests("/api/chat")
+                if r["model"] == "qwq:32b"]) == 4
+    async with aiohttp.ClientSession() as http, http.get(routed_gateway.url + "/health") as r:
+        health = await r.json()
+    assert health["deployments"]["primary/qwq:32b"]["breaker"] == "closed"
+    fleet.primary.clear()
+    reply = await ask(routed_gateway, "qwq:32b")  # no cool-down to wait out
+    complete(reply)
+    assert reply.headers["x-gateway-model"] == "qwq:32b"
+
+
 async def test_reset_before_headers_is_retried_then_failed_over(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:

@@ -11,7 +11,7 @@ from gateway.errors import from_upstream_status
 @pytest.mark.parametrize(("upstream", "client", "kind"), [
     (400, 400, "invalid_request_error"), (401, 502, "api_error"), (403, 502, "api_error"),
     (404, 404, "invalid_request_error"), (408, 504, "api_error"),
-    (413, 413, "invalid_request_error"),
+    (413, 413, "invalid_request_error"), (501, 400, "invalid_request_error"),
     (429, 429, "rate_limit_error"), (500, 502, "api_error"), (502, 502, "api_error"),
     (503, 503, "service_unavailable"), (504, 504, "api_error"),
 ])
