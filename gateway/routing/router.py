@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.units import Chunk, EmbeddingResult
 from gateway.routing.attempts import Attempts
@@ -167,6 +167,11 @@ class Router:
         """Embeddings, failing over only among deployments of the model asked for: another
         model's vectors would not be comparable.
         """
+        if self.selector.is_alias(req.model):
+            raise InvalidRequest(
+                f"{req.model!r} picks among models for chat; ask for embeddings by a model's "
+                "own name (vectors from different models cannot be compared).",
+                param="model", code="model_not_supported")
         candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
         attempts = Attempts(self.config.routing, self.balancer, Route([candidate], list),
                             self.instruments, "embeddings", self.on_unreachable,

@@ -192,6 +192,9 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
     floats = client.embeddings.create(model="nomic-embed-text", input="one",
                                       encoding_format="float")
     assert floats.data[0].embedding == pytest.approx(result.data[0].embedding, abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as alias:  # an alias picks for chat
+        client.embeddings.create(model="auto", input="one")
+    assert alias.value.param == "model" and "by a model's own name" in alias.value.message
 
 
 def test_model_list_and_retrieve(client: openai.OpenAI) -> None:
