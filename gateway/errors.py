@@ -143,12 +143,14 @@ def from_upstream_status(
 ) -> GatewayError:
     """Map an upstream HTTP error onto what the client should see.
 
-    Client mistakes (400, 404, 413) are passed on as such, and so is a backend's "not
-    implemented" (501: another server could, but asking this one again would not help); the
-    gateway's own credentials being refused is the gateway's problem (502), not the
-    client's 401.
+    Client mistakes (400, 404, 413, and a context too small for the request whatever its
+    status) are passed on as such, and so is a backend's "not implemented" (501: another
+    server could, but asking this one again would not help); the gateway's own credentials
+    being refused is the gateway's problem (502), not the client's 401.
     """
     text = f"{backend}: {message}" if message else f"{backend} answered HTTP {status}"
+    if code == "context_length_exceeded":  # whatever its status: a bigger model may take it
+        return InvalidRequest(message or text, code=code)
     if status == 400 or status == 422:
         return InvalidRequest(message or text, code=code or _error_code(message))
     if status == 404:

@@ -313,7 +313,11 @@ def error_details(body: bytes) -> tuple[str, str | None]:
         return error[:500], None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         code = error.get("code")
-        if error.get("type") == "exceed_context_size_error":  # llama.cpp
+        if error.get("type") == "exceed_context_size_error" or \
+                "is too large to process" in error["message"]:
+            # llama.cpp's: a prompt past its slot's context (400); an input to embed past
+            # its batch (a 500, though the server is fine: "input (N tokens) is too large
+            # to process. increase the physical batch size").
             code = "context_length_exceeded"
         return error["message"][:500], code if isinstance(code, str) else None
     return text, None

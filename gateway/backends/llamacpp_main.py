@@ -32,6 +32,8 @@ def main() -> None:
     # since the endpoint refuses a chat model's own pooling, none.
     params.embedding = True
     params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    # An input is embedded in one batch: as large as a slot's context, not 512 tokens.
+    params.n_batch = params.n_ubatch = settings["context_size"] // settings["parallel"]
     params.model_alias = {settings["alias"]}
     server = xllamacpp.Server(params)  # returns once the model is loaded and serving
     print(f"llama.cpp serving {settings['alias']} on {server.listening_address}", flush=True)

@@ -59,12 +59,20 @@ def test_serves_smollm2_and_comes_back_after_being_killed(
 
 
 def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedBackend]) -> None:
-    """The first embeddings request on a fresh machine works too, and chat beside it."""
+    """The first embeddings request on a fresh machine works too, one as long as the
+    model's context as well; a longer one is the client's 400, which leaves chat be.
+    """
     server, _ = light
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
         result = client.embeddings.create(model="smollm2:135m", input=["hello", "world"])
         assert [len(row.embedding) for row in result.data] == [576, 576]  # SmolLM2's width
         assert result.data[0].embedding != result.data[1].embedding
+        long = client.embeddings.create(model="smollm2:135m", input="word " * 1800)
+        assert 1800 <= long.usage.prompt_tokens <= 2048  # the slot's context
+        for _ in range(4):  # more than the breaker's failures
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.embeddings.create(model="smollm2:135m", input="word " * 3000)
+            assert refused.value.code == "context_length_exceeded"
         assert client.chat.completions.create(**ASK).choices[0].message.content  # type: ignore[call-overload]
 
 

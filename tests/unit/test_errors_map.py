@@ -20,6 +20,17 @@ def test_status_mapping(upstream: int, client: int, kind: str) -> None:
     assert (error.status, error.type) == (client, kind)
 
 
+def test_a_context_too_small_is_the_clients_whatever_the_status() -> None:
+    # llama.cpp answers an input to embed that is longer than its batch with a 500.
+    body = (b'{"error": {"code": 500, "message": "input (2501 tokens) is too large to process.'
+            b' increase the physical batch size (current batch size: 512)", "type": '
+            b'"server_error"}}')
+    message, code = error_details(body)
+    error = from_upstream_status("light", 500, message, None, code)
+    assert (error.status, error.code) == (400, "context_length_exceeded")
+    assert error.message.startswith("input (2501 tokens) is too large to process")
+
+
 def test_the_gateways_own_credentials_being_refused_is_not_the_clients_401() -> None:
     error = from_upstream_status("cloud", 401, "Incorrect API key provided: sk-...", None)
     assert "sk-" not in error.message and error.status == 502
