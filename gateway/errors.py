@@ -71,12 +71,15 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
 
 
-class Unsupported(InvalidRequest):
+class Unsupported(GatewayError):
     """A backend that cannot do this kind of request at all (its 501: llama.cpp's server
     asked for embeddings without ``--embeddings``, say). Another deployment may; retrying
-    this one would not, and it is not broken for it.
+    this one would not, and it is not broken for it. (Not an ``InvalidRequest``: the
+    request is fine, and a rescue does not take it for a refused prefill.)
     """
 
+    status = 400
+    type = "invalid_request_error"
     code = "unsupported_by_backend"
 
 

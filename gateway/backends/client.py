@@ -99,6 +99,7 @@ class Pool:
     async def _connection(self, loop: asyncio.AbstractEventLoop, connect: float,
                           deadline: float | None) -> Connection:
         kept = False  # a place of a connection that closed is kept for this one
+        waited = False  # it was in line already: it goes back to the front
         while True:
             if self._closed:
                 raise ConnectFailed("the backend's connections are closed")
@@ -110,10 +111,13 @@ class Pool:
                     return connection
                 connection.close()
             if kept or (len(self._all) + self._kept < self.limit and not self._waiters):
-                due = loop.time() + connect
-                return await self._open(loop, due if deadline is None else min(due, deadline))
+                return await self._open(loop, loop.time() + connect, deadline)
             waiter: asyncio.Future[Connection | None] = loop.create_future()
-            self._waiters.append(waiter)
+            if waited:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            waited = True
             try:
                 async with asyncio.timeout_at(deadline):
                     handed = await waiter
@@ -129,19 +133,29 @@ class Pool:
             elif not handed.lost:
                 handed.reused = True
                 return handed
-            else:  # it broke as it was handed on
+            else:  # it broke as it was handed on: its place is this one's, if still held
+                kept = handed in self._all
+                self._all.discard(handed)  # (so that closing it passes nothing on)
                 handed.close()
 
-    async def _open(self, loop: asyncio.AbstractEventLoop, due: float) -> Connection:
+    async def _open(self, loop: asyncio.AbstractEventLoop, due: float,
+                    deadline: float | None) -> Connection:
+        """A new connection, within the connect limit (``due``) and the request's own
+        ``deadline``: that one running out is the request's time up (a ``TimeoutError``),
+        not a backend that cannot be reached.
+        """
         connection = Connection(self)
         self._all.add(connection)  # counted while it opens, so the limit holds
+        ours = deadline is not None and deadline < due
         try:
-            async with asyncio.timeout_at(due):
+            async with asyncio.timeout_at(deadline if ours else due):
                 await loop.create_connection(
                     lambda: connection, self.host, self.port, ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None)
         except TimeoutError as exc:  # the limit, or the system's own
             self._drop(connection)
+            if ours:
+                raise
             raise ConnectFailed(errno.ETIMEDOUT, "connection timed out") from exc
         except OSError as exc:
             self._drop(connection)

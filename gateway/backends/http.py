@@ -230,11 +230,11 @@ class Exchange:
                 response = await backend.pool.request(self._method, self._target, self._data,
                                                       self._limits, headers)
         except Exception as exc:
-            if isinstance(exc, ConnectFailed):
-                # Logged as it happens, not at each probe while it stays so (every 2 s).
+            refused = isinstance(exc, ConnectFailed)
+            if refused:  # logged as it happens, not at each probe while it lasts (every 2 s)
                 log.log(logging.DEBUG if backend.unreachable else logging.INFO,
                         "backend %s: cannot connect: %s", backend.name, exc.__cause__ or exc)
-                backend.unreachable = True
+            backend.unreachable = refused
             raise _translate(backend.name, exc, started=False) from None
         backend.unreachable = False
         self._response = response

@@ -139,7 +139,10 @@ class Attempts:
         ``move_on``: do not retry the deployment that just failed (a stream broke mid-way).
         """
         if error is not None:
-            if self._first_error is None and error.code != "deployment_busy":
+            # What the model asked for said, unless only that it was full or cannot do
+            # this at all: then what came after (a fallback's passing failure, say).
+            if self._first_error is None and \
+                    error.code not in ("deployment_busy", "unsupported_by_backend"):
                 self._first_error = error
             await self._after(error, move_on)
         while True:

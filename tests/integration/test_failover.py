@@ -156,6 +156,13 @@ async def test_a_model_its_server_cannot_run_goes_elsewhere_and_leaves_its_break
     reply = await ask(routed_gateway, "qwq:32b")  # no cool-down to wait out
     complete(reply)
     assert reply.headers["x-gateway-model"] == "qwq:32b"
+    # When the fallback then fails for a passing reason, that is what the client hears
+    # (a 502 it may try again), not the 400 of a model that cannot do it.
+    fleet.primary.fault("qwq:32b", status=501, message="This server does not support that")
+    for sim in (fleet.primary, fleet.secondary):
+        sim.fault("qwen2.5-coder:32b", status=500, message="runner crashed")
+    reply = await ask(routed_gateway, "qwq:32b")
+    assert reply.status == 502 and "runner crashed" in reply.error["message"]
 
 
 async def test_reset_before_headers_is_retried_then_failed_over(
