@@ -75,7 +75,7 @@ class Lease:
         self.started = time.monotonic()
         self.released = False
         self.judged = False
-        self.batch = False  # a batch line's slot (DeploymentState.take_batch_slot)
+        self.batch = False  # a batch line's slot (DeploymentState.acquire_batch)
         self.span: AnySpan = NO_SPAN  # the attempt's, once it begins
         self.counted: Instruments | None = None  # (set when it begins)
 
@@ -106,9 +106,7 @@ class Lease:
             self.released = True
             if not self.judged:
                 self.state.breaker.end_trial()
-            self.state.release()
-            if self.batch:
-                self.state.batch_in_flight -= 1
+            self.state.release(self.batch)
             self.span.end()
 
 
@@ -199,7 +197,7 @@ class Attempts:
         if self._batch_share is None:
             await lease.state.acquire(self._config.queue_timeout)
         else:
-            lease.state.take_batch_slot(self._batch_share)
+            await lease.state.acquire_batch(self._batch_share, self._config.queue_timeout)
             lease.batch = True
 
     async def _after(self, error: GatewayError, move_on: bool) -> None:

@@ -25,8 +25,8 @@ STALE_SECONDS = 15.0
 class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
-    __slots__ = ("batch_in_flight", "breaker", "in_flight", "latency", "limit", "max_queue",
-                 "observed_at", "verdicts", "waiters")
+    __slots__ = ("batch_in_flight", "batch_waiters", "breaker", "in_flight", "latency",
+                 "limit", "max_queue", "observed_at", "verdicts", "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -37,6 +37,8 @@ class DeploymentState:
         self.latency: float | None = None  # None: never answered, so worth a try
         self.observed_at = 0.0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Batch lines waiting for their share; woken to look again as slots free up.
+        self.batch_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # How its answers were judged (quality assurance): "pass", "fail" and each reason.
         self.verdicts = collections.Counter[str]()
 
@@ -83,21 +85,50 @@ class DeploymentState:
             if not waiter.done():
                 self.in_flight += 1
                 waiter.set_result(None)
+        for _ in range(len(self.batch_waiters)):
+            self._wake_batch()
 
-    def take_batch_slot(self, share: float) -> None:
-        """A slot for a batch line, only while interactive requests would still find room:
-        batch lines take at most ``share`` of the deployment's slots, never wait in line,
-        and never take the last free one (the line is put back and tried later).
+    async def acquire_batch(self, share: float, patience: float) -> None:
+        """A slot for a batch line. Batch lines take at most ``share`` of the deployment's
+        slots, and only what interactive requests leave: none while one waits in line. A
+        line waits for that (at most ``patience`` seconds), behind the interactive requests.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
         cap = max(1, int(self.limit * share)) if self.limit else 0
-        if self.waiters or (cap and (self.batch_in_flight >= cap or
-                                     self.in_flight >= self.limit)):
-            raise RateLimited("This deployment's share for queued work is in use.",
-                              retry_after=1)
+        while self.waiters or (cap and (self.batch_in_flight >= cap or
+                                        self.in_flight >= self.limit)):
+            waiter = loop.create_future()
+            self.batch_waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_batch()  # woken as it gave up: the next looks instead
+                elif waiter in self.batch_waiters:
+                    self.batch_waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise RateLimited("This deployment's share for queued work is in use.",
+                                      retry_after=1) from None
+                raise
+            cap = max(1, int(self.limit * share)) if self.limit else 0  # (resized meanwhile)
         self.in_flight += 1
         self.batch_in_flight += 1
 
-    def release(self) -> None:
+    def _wake_batch(self) -> None:
+        while self.batch_waiters:
+            waiter = self.batch_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def release(self, batch: bool = False) -> None:
+        """A slot given back (``batch``: a batch line's): to the next in line, else free,
+        and a batch line waiting looks whether it may take it.
+        """
+        if batch:
+            self.batch_in_flight -= 1
         if self.limit and self.in_flight > self.limit:  # the limit was lowered: shrink first
             self.in_flight -= 1
             return
@@ -107,6 +138,8 @@ class DeploymentState:
                 waiter.set_result(None)  # the slot goes straight to the next in line
                 return
         self.in_flight -= 1
+        if self.batch_waiters:
+            self._wake_batch()
 
     def judged(self, ok: bool, reasons: Sequence[str]) -> None:
         self.verdicts["pass" if ok else "fail"] += 1
