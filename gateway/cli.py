@@ -134,6 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _supervise(args, config)
     try:
+        # The main address is only tried here (its site binds it once the app is up),
+        # so that one in use is said at once, before any backend has been started.
+        _listening(config.server.host, config.server.port, args.reuse_port).close()
         more = [_listening(host, port, args.reuse_port)
                 for host, port in config.server.addresses()[1:]]
     except OSError as exc:

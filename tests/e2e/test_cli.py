@@ -282,18 +282,24 @@ def test_also_listen_serves_ollamas_address_too(tmp_path: Path, ollama_sim: Sim,
         process.communicate(timeout=15)
 
 
-def test_an_also_listen_address_in_use_is_a_clear_refusal(tmp_path: Path, ollama_sim: Sim,
-                                                          mlx_sim: Sim) -> None:
+@pytest.mark.parametrize("which", ["main", "also_listen"])
+def test_an_address_in_use_is_a_clear_refusal(tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim,
+                                              which: str) -> None:
+    """Said in one line, before any backend starts (a second ./run-gateway beside the first
+    printed a traceback).
+    """
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim,
-                              extra=f'also_listen = ["127.0.0.1:{port}"]')
+        main = port if which == "main" else free_port()
+        extra = "" if which == "main" else f'also_listen = ["127.0.0.1:{port}"]'
+        config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim, extra=extra)
         result = subprocess.run([*GATEWAY, "serve", "--config", str(config), "--port",
-                                 str(free_port())], capture_output=True, text=True, timeout=30)
+                                 str(main)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr and "catalog" not in result.stderr
 
 
 def test_log_level_debug_shows_each_request_and_attempt(tmp_path: Path, ollama_sim: Sim,
