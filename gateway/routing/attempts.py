@@ -27,6 +27,10 @@ from gateway.telemetry import NO_SPAN, UPSTREAM, AnySpan, Instruments, Span
 log = logging.getLogger(__name__)
 
 Disposition = Literal["propagate", "retry", "wait", "failover", "bigger"]
+# Codes of a deployment that cannot take a request (it is full, or cannot do this kind at
+# all), not one that failed at it: the request goes elsewhere, the deployment is not held
+# to account, and the client hears what came after, if anything did.
+ELSEWHERE = frozenset({"deployment_busy", "unsupported_by_backend"})
 
 
 def disposition(error: GatewayError) -> Disposition:
@@ -41,8 +45,8 @@ def disposition(error: GatewayError) -> Disposition:
         return "propagate"
     if error.code == "context_length_exceeded":
         return "bigger"
-    if error.code in ("deployment_busy", "unsupported_by_backend"):
-        return "failover"  # full, or it cannot do this kind of request: another may
+    if error.code in ELSEWHERE:
+        return "failover"
     if error.status in (429, 503):
         return "wait"
     if isinstance(error, UpstreamError):
@@ -54,8 +58,7 @@ def disposition(error: GatewayError) -> Disposition:
 
 def counts_against(error: GatewayError) -> bool:
     """Whether an error is the deployment's fault (and so counts toward its breaker)."""
-    return disposition(error) in ("retry", "wait", "failover") and \
-        error.code not in ("deployment_busy", "unsupported_by_backend")
+    return disposition(error) in ("retry", "wait", "failover") and error.code not in ELSEWHERE
 
 
 class Lease:
@@ -137,10 +140,7 @@ class Attempts:
         ``move_on``: do not retry the deployment that just failed (a stream broke mid-way).
         """
         if error is not None:
-            # What the model asked for said, unless only that it was full or cannot do
-            # this at all: then what came after (a fallback's passing failure, say).
-            if self._first_error is None and \
-                    error.code not in ("deployment_busy", "unsupported_by_backend"):
+            if self._first_error is None and error.code not in ELSEWHERE:
                 self._first_error = error
             await self._after(error, move_on)
         while True:

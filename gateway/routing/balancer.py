@@ -95,9 +95,7 @@ class DeploymentState:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
-        cap = max(1, int(self.limit * share)) if self.limit else 0
-        while self.waiters or (cap and (self.batch_in_flight >= cap or
-                                        self.in_flight >= self.limit)):
+        while self._batch_waits(share):
             waiter = loop.create_future()
             self.batch_waiters.append(waiter)
             try:
@@ -112,9 +110,17 @@ class DeploymentState:
                     raise RateLimited("This deployment's share for queued work is in use.",
                                       retry_after=1) from None
                 raise
-            cap = max(1, int(self.limit * share)) if self.limit else 0  # (resized meanwhile)
         self.in_flight += 1
         self.batch_in_flight += 1
+
+    def _batch_waits(self, share: float) -> bool:
+        """Whether a batch line must wait: an interactive request is waiting, or the
+        batch lines' share or every slot is taken.
+        """
+        if self.waiters:
+            return True
+        cap = max(1, int(self.limit * share)) if self.limit else 0
+        return bool(cap) and (self.batch_in_flight >= cap or self.in_flight >= self.limit)
 
     def _wake_batch(self) -> None:
         while self.batch_waiters:
