@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import getpass
 import logging
 import socket
@@ -235,7 +236,15 @@ def _demo(args: argparse.Namespace) -> int:
     config = load_config(DEMO_CONFIG)
     if args.port is not None:
         config = config.with_server(port=args.port)
-    run_demo(config)
+    try:
+        run_demo(config)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"gateway demo: {exc.strerror} (is another gateway demo running? Its simulated "
+              "servers use ports 21434 and 21435; --port moves the gateway's own)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -248,6 +248,18 @@ def test_demo_serves_the_simulated_fleet() -> None:
     assert "curl" in output and 'base_url="http://127.0.0.1:' in output
 
 
+def test_a_second_demo_is_a_clear_refusal() -> None:
+    with socket.socket() as taken:  # as a demo already running holds it
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 21434))
+        taken.listen()
+        result = subprocess.run([*GATEWAY, "demo", "--port", str(free_port())],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "address already in use (is another gateway demo running?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_reports_a_cache_whose_redis_does_not_answer(tmp_path: Path) -> None:
     config = tmp_path / "cache.toml"
     redis_url = f"redis://127.0.0.1:{free_port()}/0"
