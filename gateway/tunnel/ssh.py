@@ -186,16 +186,22 @@ async def keep_connected(config: TunnelConfig, session: Callable[[], Awaitable[f
     tunnel directions.
 
     A failure of any kind is told to ``on_failure`` and the loop goes on (it must outlive
-    any surprise). A link that keeps dropping right after it is made is not redialled in a
-    tight loop: the backoff starts over only after a link that was up for ``backoff_max``.
+    any surprise); the log says one as it happens, not again at each redial while it lasts
+    (a workstation asleep for the night). A link that keeps dropping right after it is made
+    is not redialled in a tight loop: the backoff starts over only after a link that was up
+    for ``backoff_max``.
     """
     attempt = 0
+    said = ""  # the failure last logged, while it lasts
     while True:
         up = 0.0
         try:
             up = await session()
+            said = ""
         except TunnelError as exc:
-            log.warning("%s: %s", label, exc)
+            log.log(logging.DEBUG if str(exc) == said else logging.WARNING, "%s: %s", label,
+                    exc)
+            said = str(exc)
             on_failure(exc)
         except Exception as exc:
             log.exception("%s: unexpected failure", label)

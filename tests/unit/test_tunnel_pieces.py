@@ -97,12 +97,13 @@ def test_a_backend_must_name_an_existing_forward() -> None:
 
 
 def test_the_backoff_starts_over_only_after_a_link_that_was_up_long_enough(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     tried: list[int] = []
     monkeypatch.setattr(ssh, "backoff", lambda attempt, *_: tried.append(attempt) or 0.0)
-    # Two failures (however slow), a link up briefly, one up for backoff_max, one more failure.
-    outcomes: list[float | Exception] = [TunnelError("refused"), TunnelError("timed out"), 1.0,
-                                         TUNNEL.backoff_max, TunnelError("refused")]
+    # Failures (however slow), a link up briefly, one up for backoff_max, one more failure.
+    outcomes: list[float | Exception] = [TunnelError("refused"), TunnelError("refused"),
+                                         TunnelError("timed out"), 1.0, TUNNEL.backoff_max,
+                                         TunnelError("refused")]
 
     async def session() -> float:
         if not outcomes:
@@ -113,7 +114,12 @@ def test_the_backoff_starts_over_only_after_a_link_that_was_up_long_enough(
         return outcome
 
     failures: list[Exception] = []
-    with pytest.raises(asyncio.CancelledError):
+    with caplog.at_level("DEBUG", logger="gateway.tunnel.ssh"), \
+            pytest.raises(asyncio.CancelledError):
         asyncio.run(ssh.keep_connected(TUNNEL, session, failures.append, "test"))
-    assert tried == [0, 1, 2, 0, 1]
-    assert len(failures) == 3
+    assert tried == [0, 1, 2, 3, 0, 1]
+    assert len(failures) == 4
+    # Each failure logged as it happens; one repeated while it lasts only at DEBUG.
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "test: refused"), ("DEBUG", "test: refused"),
+        ("WARNING", "test: timed out"), ("WARNING", "test: refused")]
