@@ -137,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         # The main address is only tried here (its site binds it once the app is up),
         # so that one in use is said at once, before any backend has been started.
-        _listening(config.server.host, config.server.port, args.reuse_port).close()
+        _bindable(config.server.host, config.server.port, args.reuse_port)
         more = [_listening(host, port, args.reuse_port)
                 for host, port in config.server.addresses()[1:]]
     except OSError as exc:
@@ -180,6 +180,24 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 def _listening(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A socket listening on one of ``[server] also_listen``'s addresses."""
+    sock = _bound(host, port, reuse_port)
+    sock.listen(BACKLOG)
+    return sock
+
+
+def _bindable(host: str, port: int, reuse_port: bool) -> None:
+    """Raises if the address cannot be had. Bound, never listening: a socket that listened
+    would join the workers' SO_REUSEPORT group, and connections the kernel gave it would be
+    reset as it closed. A host name that does not resolve here is left to the site.
+    """
+    try:
+        _bound(host, port, reuse_port).close()
+    except OSError as exc:
+        if not isinstance(exc.__cause__, socket.gaierror):
+            raise
+
+
+def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -189,8 +207,7 @@ def _listening(host: str, port: int, reuse_port: bool = False) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from None
-    sock.listen(BACKLOG)
+        raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from exc
     return sock
 
 

@@ -29,20 +29,20 @@ async def _demo(config: GatewayConfig) -> None:
     for model in fleet["ollama"] + fleet["mlx"]:
         model.ttft, model.tokens_per_s = PACE["ttft"], PACE["tokens_per_s"]
     runners: list[web.AppRunner] = []
-    for backend in config.backends:
-        address = urlsplit(backend.url)
-        host, port = address.hostname or "127.0.0.1", address.port or 80
-        app = create_ollama_app(fleet["ollama"]) if backend.kind == "ollama" else \
-            create_openai_app(fleet["mlx"], flavor="mlx")
-        runners.append(await start_site(app, host, port))
-        print(f"simulated {backend.kind:<6} ({backend.name}) on {backend.url}")
     gateway = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None,
                             shutdown_timeout=config.server.shutdown_grace)
-    await gateway.setup()
-    await web.TCPSite(gateway, config.server.host, config.server.port).start()
-    base = f"http://{config.server.host}:{config.server.port}"
-    print(_EXAMPLES.format(base=base), flush=True)
-    try:
+    try:  # (an address in use ends it at any step: what was started is stopped)
+        for backend in config.backends:
+            address = urlsplit(backend.url)
+            host, port = address.hostname or "127.0.0.1", address.port or 80
+            app = create_ollama_app(fleet["ollama"]) if backend.kind == "ollama" else \
+                create_openai_app(fleet["mlx"], flavor="mlx")
+            runners.append(await start_site(app, host, port))
+            print(f"simulated {backend.kind:<6} ({backend.name}) on {backend.url}")
+        await gateway.setup()
+        await web.TCPSite(gateway, config.server.host, config.server.port).start()
+        base = f"http://{config.server.host}:{config.server.port}"
+        print(_EXAMPLES.format(base=base), flush=True)
         await until_signalled()
     finally:
         await gateway.cleanup()

@@ -17,6 +17,7 @@ import argparse
 import io
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,7 +94,12 @@ def run(lines: int, latency: float, parallel: int, rounds: int) -> tuple[float, 
         finally:
             for process in processes:
                 process.terminate()
-                process.wait(timeout=30)
+            for process in processes:
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
 
 def main() -> None:

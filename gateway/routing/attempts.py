@@ -133,6 +133,7 @@ class Attempts:
         self._retries: dict[tuple[str, str], int] = {}
         self._current: Lease | None = None
         self._first_error: GatewayError | None = None
+        self._batch_until: float | None = None  # when a batch line's waits for a slot end
         self.count = 0
 
     async def next(self, error: GatewayError | None = None, *, move_on: bool = False) -> Lease:
@@ -197,7 +198,12 @@ class Attempts:
         if self._batch_share is None:
             await lease.state.acquire(self._config.queue_timeout)
         else:
-            await lease.state.acquire_batch(self._batch_share, self._config.queue_timeout)
+            # One wait in all, however many deployments it is tried on: a line held past
+            # its claim's visibility timeout would be claimed, and answered, again.
+            now = time.monotonic()
+            if self._batch_until is None:
+                self._batch_until = now + self._config.queue_timeout
+            await lease.state.acquire_batch(self._batch_share, self._batch_until - now)
             lease.batch = True
 
     async def _after(self, error: GatewayError, move_on: bool) -> None:
@@ -268,6 +274,10 @@ class Attempts:
         while True:
             for candidate in self._candidates:
                 untried = [d for d in candidate.deployments if _key(d) not in self._tried]
+                if self._batch_share is not None and len(untried) > 1:  # one with room
+                    share = self._batch_share
+                    untried = [d for d in untried if not self._balancer.state(d)
+                               .batch_waits(share)] or untried
                 chosen = self._balancer.choose(untried)
                 if chosen is not None:
                     return Lease(candidate, chosen, self._balancer.state(chosen))

@@ -25,8 +25,8 @@ STALE_SECONDS = 15.0
 class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
-    __slots__ = ("batch_in_flight", "batch_waiters", "breaker", "in_flight", "latency",
-                 "limit", "max_queue", "observed_at", "verdicts", "waiters")
+    __slots__ = ("batch_in_flight", "batch_waiters", "batch_woken", "breaker", "in_flight",
+                 "latency", "limit", "max_queue", "observed_at", "verdicts", "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -39,6 +39,7 @@ class DeploymentState:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # Batch lines waiting for their share; woken to look again as slots free up.
         self.batch_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.batch_woken = 0  # of them, woken and yet to look
         # How its answers were judged (quality assurance): "pass", "fail" and each reason.
         self.verdicts = collections.Counter[str]()
 
@@ -95,14 +96,21 @@ class DeploymentState:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
-        while self._batch_waits(share):
+        woken = False  # once woken, a line still kept waiting goes back to the front
+        # A newcomer goes behind the lines waiting, and those woken that have yet to look.
+        while self.batch_waits(share) or \
+                (not woken and (self.batch_waiters or self.batch_woken)):
             waiter = loop.create_future()
-            self.batch_waiters.append(waiter)
+            if woken:
+                self.batch_waiters.appendleft(waiter)
+            else:
+                self.batch_waiters.append(waiter)
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except BaseException as exc:
                 if waiter.done() and not waiter.cancelled():
+                    self.batch_woken -= 1
                     self._wake_batch()  # woken as it gave up: the next looks instead
                 elif waiter in self.batch_waiters:
                     self.batch_waiters.remove(waiter)
@@ -110,10 +118,12 @@ class DeploymentState:
                     raise RateLimited("This deployment's share for queued work is in use.",
                                       retry_after=1) from None
                 raise
+            self.batch_woken -= 1
+            woken = True
         self.in_flight += 1
         self.batch_in_flight += 1
 
-    def _batch_waits(self, share: float) -> bool:
+    def batch_waits(self, share: float) -> bool:
         """Whether a batch line must wait: an interactive request is waiting, or the
         batch lines' share or every slot is taken.
         """
@@ -127,6 +137,7 @@ class DeploymentState:
             waiter = self.batch_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self.batch_woken += 1
                 return
 
     def release(self, batch: bool = False) -> None:

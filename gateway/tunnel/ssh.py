@@ -205,6 +205,7 @@ async def keep_connected(config: TunnelConfig, session: Callable[[], Awaitable[f
             on_failure(exc)
         except Exception as exc:
             log.exception("%s: unexpected failure", label)
+            said = ""
             on_failure(exc)
         if up >= config.backoff_max:
             attempt = 0

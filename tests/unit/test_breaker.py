@@ -93,6 +93,31 @@ async def test_waiting_too_long_is_a_429_and_a_cancelled_waiter_leaves_the_line(
     assert state.in_flight == 0
 
 
+async def test_batch_lines_wait_their_share_behind_interactive_requests_in_turn() -> None:
+    state = DeploymentState(limit=2, max_queue=5, breaker=CircuitBreaker(3, 1))
+    await state.acquire_batch(0.5, 1)  # the share: 1 of the 2 slots
+    second = asyncio.create_task(state.acquire_batch(0.5, 5))
+    await asyncio.sleep(0.01)
+    assert not second.done() and state.in_flight == 1  # the other slot is left free
+    await state.acquire(1)  # for an interactive request, at once
+    interactive = asyncio.create_task(state.acquire(5))
+    await asyncio.sleep(0.01)
+    state.release(batch=True)  # the slot goes to the interactive request waiting
+    await interactive
+    assert not second.done()
+    newcomer = asyncio.create_task(state.acquire_batch(0.5, 5))  # runs before the one woken
+    state.release()
+    state.release()  # room for one batch line: the one that waited, not the newcomer
+    await second
+    await asyncio.sleep(0.01)
+    assert not newcomer.done() and state.batch_in_flight == 1
+    state.release(batch=True)
+    await newcomer
+    with pytest.raises(RateLimited):  # out of patience
+        await state.acquire_batch(0.5, 0.05)
+    assert state.batch_in_flight == 1 and not state.batch_waiters and not state.batch_woken
+
+
 def test_other_processes_hear_of_an_opening_and_of_a_trial_closing_it_only() -> None:
     told: list[bool] = []
     breaker = CircuitBreaker(failures=2, cooldown=10.0)
