@@ -17,7 +17,6 @@ import argparse
 import io
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import openai
 import orjson
 
 from loadtest.batches import write_section
+from loadtest.litellm import stop
 from loadtest.run import free_ports, start, wait_ready
 
 HERE = Path(__file__).resolve().parent
@@ -92,14 +92,7 @@ def run(lines: int, latency: float, parallel: int, rounds: int) -> tuple[float, 
                 sequential.append(_one_after_another(client, lines))
             return statistics.median(batch), statistics.median(sequential)
         finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(processes)
 
 
 def main() -> None:
