@@ -38,6 +38,12 @@ TIER_ORDER = ("primary", "server", "cloud")
 PRIORITY = Priority()
 PICKS_CACHE = 64  # remembered alias picks (per alias, capability needs, catalog version)
 CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
+# A window must hold the prompt and the start of the answer: its limit, up to this many
+# tokens. A limit is a ceiling, often a client's standing default (Claude Code asks for
+# 32,000 every time): rather than pass over the best model for it, or refuse when no window
+# holds it, a longer answer ends where the window does ("length"), and a backend that
+# refuses the limit is failed over as a context error.
+ANSWER_ROOM = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +52,7 @@ class Needs:
 
     vision: bool = False
     tools: bool = False
-    tokens: int = 0  # estimated prompt tokens plus the completion limit
+    tokens: int = 0  # estimated prompt tokens plus room for the answer
 
     def met_by(self, deployment: Deployment) -> bool:
         info = deployment.model
@@ -67,14 +73,14 @@ class Needs:
 
 
 def needs_of(req: ChatRequest | CompletionRequest) -> Needs:
-    limit = req.sampling.max_tokens or 0
+    room = min(req.sampling.max_tokens or 0, ANSWER_ROOM)
     if isinstance(req, CompletionRequest):
-        return Needs(tokens=len(req.prompt) // CHARS_PER_TOKEN + limit)
+        return Needs(tokens=len(req.prompt) // CHARS_PER_TOKEN + room)
     chars = sum(len(text_of(m.get("content"))) for m in req.messages)
     vision = any(isinstance(m.get("content"), list) and
                  any(p.get("type") == "image_url" for p in m["content"]) for m in req.messages)
     return Needs(vision=vision, tools=bool(req.tools and req.tool_choice != "none"),
-                 tokens=chars // CHARS_PER_TOKEN + limit)
+                 tokens=chars // CHARS_PER_TOKEN + room)
 
 
 class Selector:

@@ -86,6 +86,20 @@ def test_a_long_prompt_goes_to_a_model_whose_window_fits(client: openai.OpenAI) 
                                                     "auto: ollama priority #3")
 
 
+def test_a_completion_limit_is_a_ceiling_not_a_need(client: openai.OpenAI) -> None:
+    # An agent's standing max_tokens, far past every window, does not pass over the alias's
+    # best model (nor send the request to a model whose window is not known, as if it fitted).
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert picked(client, "auto:code", tools=[tool], max_tokens=500_000) == (
+        "qwen2.5-coder:32b", "auto:code: ollama priority #1")
+    # The start of the answer must fit: a prompt that fills qwq's 32k window but for a few
+    # hundred tokens goes to a larger one, whatever the limit says.
+    near = [{"role": "user", "content": "word " * 25_900}]  # ~32.4k tokens
+    assert picked(client, "auto", messages=near, max_tokens=500_000)[0] != "qwq:32b"
+    assert picked(client, "auto", messages=near, max_tokens=100) == (
+        "qwq:32b", "auto: ollama priority #1")
+
+
 def test_aliases_are_listed_as_models(client: openai.OpenAI) -> None:
     ids = {m.id: m.owned_by for m in client.models.list()}
     assert ids["auto"] == ids["auto:code"] == "gateway"
