@@ -100,7 +100,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         if self._supervisor is None:
             return []
         # The gateway chose this model itself: what it can do is known, not presumed.
-        return [ModelInfo(name=self.model_name, backend=self.name, known=True,
+        return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=True,
                           parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
                           context_length=self.config.context_size // self.config.slots)]
 

@@ -30,9 +30,22 @@ class OpenAICompatBackend(HttpBackend):
         data = await self.get_json("/models")
         listed = data.get("data") if isinstance(data, dict) else None
         window = await self._llamacpp_props() if self.tier != "cloud" else None
-        return [ModelInfo(name=m["id"], backend=self.name, context_length=window,
-                          created=plausible_seconds(m.get("created")))
+        return [self._info(m, window)
                 for m in listed or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def _info(self, entry: dict[str, Any], window: int | None) -> ModelInfo:
+        """A listed model; llama.cpp adds ``meta`` for the model it has loaded (its
+        parameters, its quantization).
+        """
+        meta = entry.get("meta")
+        if not isinstance(meta, dict):
+            meta = {}
+        n_params, ftype = meta.get("n_params"), meta.get("ftype")
+        return ModelInfo(
+            name=entry["id"], backend=self.name, context_length=window,
+            created=plausible_seconds(entry.get("created")),
+            parameters=float(n_params) if isinstance(n_params, int) and n_params > 0 else None,
+            quantization=ftype if isinstance(ftype, str) else "", loaded=bool(meta))
 
     async def _llamacpp_props(self) -> int | None:
         """A llama.cpp server says how many requests it runs at once (its slots: the

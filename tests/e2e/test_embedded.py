@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import ollama
 import openai
 import pytest
 
@@ -40,6 +41,11 @@ def test_serves_smollm2_and_comes_back_after_being_killed(
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
         first = client.chat.completions.create(**ASK)  # type: ignore[call-overload]
         assert first.choices[0].message.content and first.model == "smollm2:135m"
+        ollama_client = ollama.Client(host=server.url)  # `ollama ps`: it is loaded
+        try:
+            assert [m.model for m in ollama_client.ps().models] == ["smollm2:135m"]
+        finally:
+            ollama_client.close()
         assert embedded.process is not None
         old_pid = embedded.process.pid
         os.kill(old_pid, signal.SIGKILL)

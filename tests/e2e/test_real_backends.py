@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -187,6 +188,22 @@ def test_llamacpp_says_how_many_it_runs_at_once_and_its_window(
     assert backends["mlx"].capacity == 0  # mlx_lm.server has no /props: not known
     assert gateway_to_real.call(
         lambda: gateway_to_real.app[ROUTER].balancer.state(deployment).limit) == 2
+
+
+def test_llamacpp_says_which_model_it_has_loaded_and_how_large(
+    gateway_to_real: ServerThread, real_llamacpp: RealServer, real_mlx: RealServer
+) -> None:
+    # `ollama ps` through the gateway: llama.cpp's /v1/models describes the model it has
+    # loaded (its `meta`); mlx_lm.server's lists names only, which says nothing of memory.
+    client = ollama.Client(host=gateway_to_real.url)
+    try:
+        running, shown = client.ps(), client.show(real_llamacpp.model)
+    finally:
+        client.close()
+    assert [m.model for m in running.models] == [real_llamacpp.model]
+    assert shown.details.quantization_level == "Q4_1"  # (SmolLM2-135M-Instruct.Q4_1.gguf)
+    [deployment] = gateway_to_real.app[CATALOG].deployments(real_llamacpp.model)
+    assert 1.3e8 < (deployment.model.parameters or 0) < 1.4e8  # SmolLM2-135M
 
 
 def test_a_llamacpp_server_without_embeddings_says_so_and_goes_on_chatting(
