@@ -243,8 +243,11 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
         log.info("gateway listening on %s (config %s)", ", ".join(
             f"http://{host}:{port}" for host, port in server.addresses()), config.source)
         await until_signalled()
+        log.info("gateway stopping: no new connections; requests in flight have %g s to "
+                 "finish", server.shutdown_grace)
     finally:
         await runner.cleanup()  # stops accepting, then lets requests in flight finish
+    log.info("gateway stopped")
 
 
 def _demo(args: argparse.Namespace) -> int:

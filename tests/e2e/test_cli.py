@@ -99,6 +99,11 @@ def test_shutdown_lets_a_stream_in_flight_finish(
     reader.join(timeout=30)
     assert process.wait(timeout=15) == 0
     assert "data: [DONE]\n" in received
+    assert process.stdout is not None
+    said = [line.split(": ", 1)[-1] for line in process.stdout.read().splitlines()
+            if "gateway stop" in line]  # what an operator's log says of it
+    assert len(said) == 2 and said[1] == "gateway stopped"
+    assert said[0].startswith("gateway stopping: no new connections; requests in flight have")
     # New connections are refused once shutdown has begun.
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url + "/health", timeout=2)
