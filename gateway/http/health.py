@@ -27,6 +27,9 @@ async def health(request: web.Request) -> web.Response:
         name: {"ok": ok[name], "models": s.models, "checked_at": int(s.refreshed_at) or None}
         for name, s in statuses.items()
     }
+    for backend in request.app[CONFIG].backends:  # which tunnel to look at when one is down
+        if backend.tunnel and backend.name in backends:
+            backends[backend.name]["tunnel"] = request.app[TUNNELS].tunnel_of(backend.tunnel).name
     up = sum(ok.values())
     status = "ok" if up == len(backends) else "degraded" if up else "no_backends"
     if request.app[CONFIG].keyed and not is_admin(request):

@@ -269,6 +269,7 @@ def test_health_lists_the_tunnel_states(keys: Keys, workstation: Sim) -> None:
     try:
         states = health(gateway)["tunnels"]
         assert states["studio"]["state"] == "up" and states["studio"]["reconnects"] == 0
+        assert health(gateway)["backends"]["studio"]["tunnel"] == "studio"  # the one it is behind
         server.stop()
         wait_until(lambda: health(gateway)["tunnels"]["studio"]["state"] != "up", 3.0,
                    "the tunnel leaving the up state")
