@@ -23,7 +23,7 @@ async def health(request: web.Request) -> web.Response:
     statuses = request.app[CATALOG].status()
     balancer = request.app[ROUTER].balancer
     ok = {name: s.ok and not balancer.is_down(name) for name, s in statuses.items()}
-    backends = {
+    backends: dict[str, dict[str, object]] = {
         name: {"ok": ok[name], "models": s.models, "checked_at": int(s.refreshed_at) or None}
         for name, s in statuses.items()
     }

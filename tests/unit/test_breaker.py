@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from gateway.config import RoutingConfig
 from gateway.errors import (
     InvalidRequest,
     NotFound,
@@ -15,9 +17,14 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.routing.attempts import disposition
-from gateway.routing.balancer import DeploymentState
+from gateway.protocol.units import ModelInfo
+from gateway.routing.attempts import Attempts, disposition
+from gateway.routing.balancer import Balancer, DeploymentState
 from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.candidates import Candidate, Route
+from gateway.routing.catalog import Deployment
+from gateway.telemetry import Instruments
+from gateway.telemetry.metrics import Metrics
 
 
 def test_opens_after_consecutive_failures_and_lets_one_trial_through_after_cooldown() -> None:
@@ -116,6 +123,28 @@ async def test_batch_lines_wait_their_share_behind_interactive_requests_in_turn(
     with pytest.raises(RateLimited):  # out of patience
         await state.acquire_batch(0.5, 0.05)
     assert state.batch_in_flight == 1 and not state.batch_waiters and not state.batch_woken
+
+
+async def test_a_batch_line_waits_one_queue_timeout_in_all_however_many_deployments() -> None:
+    """A line's claim on the queue expires (the visibility timeout): however many
+    deployments it is tried on, its waits for their shares add up to one queue_timeout.
+    """
+    config = RoutingConfig(queue_timeout=0.4)
+    balancer = Balancer(config, lambda backend: (2, 8))  # 2 slots: a batch share of 1 each
+    deployments = [Deployment(SimpleNamespace(name=name), ModelInfo("m", name))  # type: ignore[arg-type]
+                   for name in ("a", "b", "c")]
+    for deployment in deployments:
+        await balancer.state(deployment).acquire_batch(0.5, 1)  # every share taken
+    route = Route([Candidate("m", deployments, "test")], list)
+    attempts = Attempts(config, balancer, route, Instruments(Metrics(enabled=False)),
+                        batch_share=0.5)
+    began = time.monotonic()
+    with pytest.raises(RateLimited) as caught:
+        await attempts.next()
+    took = time.monotonic() - began
+    assert caught.value.code == "deployment_busy"
+    assert 0.35 < took < 0.6, f"waited {took:.2f} s in all"  # not 0.4 s on each of the 3
+    assert all(not balancer.state(d).batch_waiters for d in deployments)
 
 
 def test_other_processes_hear_of_an_opening_and_of_a_trial_closing_it_only() -> None:
