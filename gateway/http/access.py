@@ -34,6 +34,12 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/api/version", *DASHBOARD})
 # Paths for the operator: anyone's on a gateway without keys, else an admin key's.
 OPERATOR_PATHS = frozenset({"/metrics", "/admin/status", "/dashboard/events",
                             "/admin/router/outcomes"})
+# What a key's limits count: the requests that set a model to work. Listing models, reading
+# a file or a batch's progress, Ollama's /api/show, all come free (IDEs and batch clients
+# poll them), as do a batch's lines, which have their share of the deployments instead.
+METERED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                     "/v1/responses", "/v1/messages", "/api/chat", "/api/generate",
+                     "/api/embed", "/api/embeddings"})
 OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say
 REFUSALS = {"requests": "requests per minute", "tokens": "tokens per minute",
             "concurrency": "requests at once", "budget": "token budget"}
@@ -96,6 +102,10 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         for name in (body.get("model"), body.get("name")):
             if isinstance(name, str) and name:
                 check_model(request, name)
+    if request.path not in METERED:  # (its headers say what is left all the same)
+        if key.rpm or key.tpm:
+            request[RATE_HEADERS] = (await limits.look(key)).headers(key)
+        return await handler(request)  # type: ignore[no-any-return]
     estimate = await _estimate(request, body) if key.tpm or key.budget else 0
     admission = await limits.admit(key, estimate)
     request[RATE_HEADERS] = admission.headers(key)

@@ -73,6 +73,8 @@ class Tally:
 
 class Limits(Protocol):
     async def admit(self, key: KeyConfig, tokens: int) -> Admission: ...
+    async def look(self, key: KeyConfig) -> Admission:
+        """What is left, for the headers of a request the limits do not count."""
     async def settle(self, key: KeyConfig, admission: Admission, used: int) -> None: ...
     async def close(self) -> None: ...
 
@@ -141,13 +143,13 @@ class MemoryLimits:
                 admission.lease = str(next(self._ids))
                 leases[admission.lease] = now + MEMORY_LEASE_SECONDS
             admission.period = label
-        if requests is not None:
-            admission.requests_left = requests.tokens
-            admission.requests_reset = (key.rpm - requests.tokens) * 60 / key.rpm
-        if bucket is not None:
-            admission.tokens_left = bucket.tokens
-            admission.tokens_reset = (key.tpm - bucket.tokens) * 60 / key.tpm
-        return admission
+        return _left(admission, key, requests, bucket)
+
+    async def look(self, key: KeyConfig) -> Admission:
+        now = time.monotonic()
+        return _left(Admission(local=True), key,
+                     self._bucket(key.id, "requests", key.rpm, now) if key.rpm else None,
+                     self._bucket(key.id, "tokens", key.tpm, now) if key.tpm else None)
 
     async def settle(self, key: KeyConfig, admission: Admission, used: int) -> None:
         if key.tpm and used != admission.charged:
@@ -175,3 +177,15 @@ class MemoryLimits:
 
     async def close(self) -> None:
         return None
+
+
+def _left(admission: Admission, key: KeyConfig, requests: _Bucket | None,
+          tokens: _Bucket | None) -> Admission:
+    """The admission, with what its key has left (for its headers)."""
+    if requests is not None:
+        admission.requests_left = requests.tokens
+        admission.requests_reset = (key.rpm - requests.tokens) * 60 / key.rpm
+    if tokens is not None:
+        admission.tokens_left = tokens.tokens
+        admission.tokens_reset = (key.tpm - tokens.tokens) * 60 / key.tpm
+    return admission

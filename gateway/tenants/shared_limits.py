@@ -28,8 +28,8 @@ GIVE_BACK_AT_ONCE = 1000  # leases given back in one command
 # Every limit of one key checked, and charged only if all allow it, on Redis's clock.
 # KEYS: requests bucket, tokens bucket, leases, budget counter (one hash slot: {key id}).
 # ARGV: rpm, tpm, concurrency, budget, tokens, lease id, lease ms, the budget period's
-# seconds left. Returns the refusal ("" when admitted), the wait in ms, the requests and
-# tokens left, the tokens charged.
+# seconds left, "1" for a look only (nothing checked or charged). Returns the refusal (""
+# when admitted), the wait in ms, the requests and tokens left, the tokens charged.
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,12 +45,11 @@ local estimate = tonumber(ARGV[5])
 local cost = math.min(estimate, tpm)
 local reason, wait = '', 0
 local requests, tokens = -1, -1
-if rpm > 0 then
-  requests = level(KEYS[1], rpm)
-  if requests < 1 then reason = 'requests'; wait = (1 - requests) * 60000 / rpm end
-end
+if rpm > 0 then requests = level(KEYS[1], rpm) end
+if tpm > 0 then tokens = level(KEYS[2], tpm) end
+if ARGV[9] == '1' then return {'', '0', tostring(requests), tostring(tokens), '0'} end
+if rpm > 0 and requests < 1 then reason = 'requests'; wait = (1 - requests) * 60000 / rpm end
 if tpm > 0 then
-  tokens = level(KEYS[2], tpm)
   if cost > tokens then
     if reason == '' then reason = 'tokens' end
     wait = math.max(wait, (cost - tokens) * 60000 / tpm)
@@ -142,17 +141,28 @@ class RedisLimits:
     async def admit(self, key: KeyConfig, tokens: int) -> Admission:
         if not (key.rpm or key.tpm or key.concurrency or key.budget):
             return Admission()
-        lease = f"{self._prefix}-{next(self._leases)}" if key.concurrency else ""
+        return await self._ask(key, tokens, look=False)
+
+    async def look(self, key: KeyConfig) -> Admission:
+        if not (key.rpm or key.tpm):
+            return Admission()
+        return await self._ask(key, 0, look=True)
+
+    async def _ask(self, key: KeyConfig, tokens: int, look: bool) -> Admission:
+        lease = f"{self._prefix}-{next(self._leases)}" if key.concurrency and not look else ""
         label, ends = period(key, time.time())
         keys = _keys(key, label)
         args: list[str | int | float] = [key.rpm, key.tpm, key.concurrency, key.budget,
-                                         tokens, lease, int(LEASE_SECONDS * 1000), ends]
+                                         tokens, lease, int(LEASE_SECONDS * 1000), ends,
+                                         "1" if look else "0"]
         try:
             said, wait, requests, left, charged = await self.link.call(
                 lambda: self._admit(keys, args))
         except Away as away:
             if lease and not isinstance(away, Unasked):  # (the script may have run before
                 self._orphan(keys[2], lease)             # the answer was given up on)
+            if look:
+                return await self._local.look(key)
             return await self._without_redis(key, tokens)
         reason: Reason = said.decode()
         admission = Admission(reason=reason, retry_after=float(wait) / 1000)

@@ -138,6 +138,21 @@ def test_two_processes_allow_a_keys_requests_per_minute_once_not_twice(
     assert all(r["error"]["code"] == "requests_limit_exceeded" for r in refused)
 
 
+def test_what_a_key_has_left_is_shown_by_every_process_and_listing_models_is_free(
+        pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    first, second = pair
+    issued = issue(first, name="lister", rpm=3)
+
+    def left(gateway: GatewayProcess) -> str:
+        status, headers, listed = call(gateway.url, "/v1/models", issued["key"])
+        assert status == 200 and listed["data"]
+        return headers["x-ratelimit-remaining-requests"]
+
+    assert [left(first), left(second)] * 3 == ["3"] * 6  # a look, nothing charged
+    assert chat(second.url, issued["key"])[0] == 200
+    assert [left(first), left(second)] == ["2", "2"]  # (20 s to refill one)
+
+
 def test_two_processes_allow_a_keys_tokens_per_minute_once_not_twice(
         pair: tuple[GatewayProcess, GatewayProcess]) -> None:
     first, second = pair

@@ -95,6 +95,20 @@ def test_requests_per_minute_answer_429_past_the_limit_with_openais_headers(
     assert "x-ratelimit-limit-tokens" not in refused.response.headers  # no such limit
 
 
+def test_listing_models_reading_files_and_batches_costs_no_requests(
+        keyed: ServerThread) -> None:
+    # What IDEs and batch clients poll sets no model to work: it is not what rpm counts.
+    with client(keyed, "rpm3") as c, ollama_as(keyed, "rpm3") as o:
+        for _ in range(4):
+            assert MODEL in [m.id for m in c.models.list()]
+            assert c.models.retrieve(MODEL).id == MODEL
+            assert c.files.list().data == [] and c.batches.list().data == []
+            assert o.list().models and o.show(MODEL).details
+        left = [c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
+                .headers["x-ratelimit-remaining-requests"] for _ in range(3)]
+        assert left == ["2", "1", "0"]
+
+
 def test_rate_headers_come_with_streams_and_errors_too(keyed: ServerThread) -> None:
     with client(keyed, "rpm3") as c:
         with c.chat.completions.with_streaming_response.create(
