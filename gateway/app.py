@@ -135,7 +135,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_plugins_ctx)
     app.cleanup_ctx.append(_monitor_ctx)
     app.cleanup_ctx.append(_learned_ctx)
-    tasks = app[tasks_api.TASKS] = Tasks(config, pipeline)
+    tasks = app[tasks_api.TASKS] = Tasks(config, pipeline, book, limits)
     app[MONITOR].sections["tasks"] = tasks.report
     telemetry.metrics.gauge(
         "gateway.batch.requests", "Requests of the batches not yet finished, by state "

@@ -20,7 +20,7 @@ from gateway.keys import CONFIG, KEY, RATE_HEADERS, REQUEST_ID, TENANT, USAGE
 from gateway.pipeline import Listed
 from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
 from gateway.routing.catalog import named_in
-from gateway.tenants import KeyBook, Limits, Tally, key_digest
+from gateway.tenants import Admission, KeyBook, Limits, Tally, key_digest
 from plugins.base import RequestContext
 
 # Paths anyone may call: liveness for load balancers and orchestrators, and the greeting
@@ -74,11 +74,23 @@ async def identify(request: web.Request, book: KeyBook) -> KeyConfig | None:
     key = await book.find(key_digest(presented))
     if key is None:
         raise AuthenticationFailed("Invalid API key.")
+    check_standing(key)
+    return key
+
+
+def check_standing(key: KeyConfig) -> None:
+    """Refuse a key that was revoked or has expired."""
     if key.revoked:
         raise AuthenticationFailed("This API key was revoked.", code="revoked_api_key")
     if key.expires and key.expires < time.time():
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
-    return key
+
+
+def over_limit(admission: Admission) -> RateLimited:
+    """The refusal of a request a key's limit did not admit."""
+    return RateLimited(f"This API key is over its {REFUSALS[admission.reason]}; retry later.",
+                       retry_after=admission.retry_after,
+                       code=f"{admission.reason}_limit_exceeded")
 
 
 def admit_admin(request: web.Request) -> None:
@@ -110,9 +122,7 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     admission = await limits.admit(key, estimate)
     request[RATE_HEADERS] = admission.headers(key)
     if admission.reason:
-        raise RateLimited(f"This API key is over its {REFUSALS[admission.reason]}; retry "
-                          "later.", retry_after=admission.retry_after,
-                          code=f"{admission.reason}_limit_exceeded")
+        raise over_limit(admission)
     tally = request[USAGE] = Tally()
     answered = False
     try:

@@ -15,7 +15,9 @@ from gateway.pipeline import Pipeline
 from gateway.tasks.batches import Batches, Store, StoreDown
 from gateway.tasks.local import LocalStore
 from gateway.tasks.shared import RedisStore
+from gateway.tasks.spending import Spending
 from gateway.tasks.worker import Worker
+from gateway.tenants import KeyBook, Limits
 
 __all__ = ["Tasks"]
 
@@ -27,14 +29,15 @@ WATCH_SECONDS = 2.0
 class Tasks:
     """The store, the batches and (in ``gateway serve``, unless told not to) a worker."""
 
-    def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
+    def __init__(self, config: GatewayConfig, pipeline: Pipeline, book: KeyBook,
+                 limits: Limits) -> None:
         tasks = config.tasks
         self.store: Store = RedisStore(tasks.redis_url, tasks.visibility_timeout) \
             if tasks.queue == "redis" else LocalStore(tasks.data_dir, tasks.visibility_timeout)
         self.queue = tasks.queue
         self.batches = Batches(self.store, tasks.max_lines)
-        self.worker = Worker(self.batches, pipeline, tasks, config.server.reasoning) \
-            if tasks.worker else None
+        self.worker = Worker(self.batches, pipeline, tasks, config.server.reasoning,
+                             Spending(book, limits)) if tasks.worker else None
         self._tasks: list[asyncio.Task[None]] = []
         self.recent: list[dict[str, Any]] = []  # the batches, as last looked at
 

@@ -17,13 +17,16 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 from gateway.backoff import backoff
 from gateway.config import ReasoningMode, TasksConfig
+from gateway.errors import GatewayError, Unavailable
 from gateway.pipeline import Pipeline
 from gateway.tasks.answer import Who, answer
 from gateway.tasks.batches import Batches, StoreDown, result_line
 from gateway.tasks.records import Line
+from gateway.tasks.spending import Spending
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ NOT_YET = 0.05  # seconds before a line of a batch still being started is tried 
 
 class Worker:
     def __init__(self, batches: Batches, pipeline: Pipeline, config: TasksConfig,
-                 reasoning: ReasoningMode) -> None:
+                 reasoning: ReasoningMode, spending: Spending) -> None:
+        self._spending = spending
         self._batches = batches
         self._store = batches.store
         self._pipeline = pipeline
@@ -119,16 +123,31 @@ class Worker:
             await self._store.put_back(line, 0)
             await self._batches.expire(line.batch)
             return
+        try:
+            spend = await self._spending.admit(batch["tenant"])
+        except Unavailable:  # the keys' store is away: later
+            await self._later(line)
+            return
+        except GatewayError as refused:  # the key revoked or expired, its budget spent
+            await self._finish(line, refused.status, refused.payload())
+            return
         who = Who(batch["tenant"], tuple(batch.get("models") or ()),
                   batch.get("cache_scope") or "")
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
                                     self._reasoning)
+        await self._spending.settle(spend, status, body)
         if status in NOT_NOW:
-            tries = self._tries[(line.batch, line.n)] = \
-                self._tries.get((line.batch, line.n), 0) + 1
-            await self._store.put_back(line, backoff(tries - 1, self._config.retry_initial,
-                                                     self._config.retry_max))
-            return
+            await self._later(line)
+        else:
+            await self._finish(line, status, body)
+
+    async def _later(self, line: Line) -> None:
+        """Put the line back, to be tried again after a backoff."""
+        tries = self._tries[(line.batch, line.n)] = self._tries.get((line.batch, line.n), 0) + 1
+        await self._store.put_back(line, backoff(tries - 1, self._config.retry_initial,
+                                                 self._config.retry_max))
+
+    async def _finish(self, line: Line, status: int, body: dict[str, Any]) -> None:
         self._tries.pop((line.batch, line.n), None)
         await self._store.finish(line, status == 200, result_line(line.custom_id, status,
                                                                   body))

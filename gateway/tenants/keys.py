@@ -112,6 +112,15 @@ class KeyBook:
                 return None  # an id of the config's: one tenant must not have two keys
         return found
 
+    async def by_id(self, key_id: str) -> KeyConfig | None:
+        """The key with this id, the config's or one in Redis (raises ``Away`` when Redis
+        does not answer).
+        """
+        found = self.local(key_id)
+        if found is None and self.shared is not None:
+            found = await self.shared.get(key_id)
+        return found
+
     def configured(self) -> list[KeyConfig]:
         return list(self._local.values())
 

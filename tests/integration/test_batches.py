@@ -164,6 +164,40 @@ def test_a_line_that_fails_goes_to_the_error_file(gateway: ServerThread) -> None
     assert list(output(api, done.output_file_id)) == ["request-1"]  # type: ignore[arg-type]
 
 
+def test_batch_lines_spend_their_keys_token_budget(fleet: Fleet) -> None:
+    """A key's budget is not a batch's to bypass: its lines spend it as its live requests
+    do, and once it is spent the rest fail with the key's refusal (rates do not apply).
+    """
+    fleet.primary.fault("qwq:32b", reply=" ".join(["word"] * 30))  # ~40 tokens a line
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        keys=[{"id": "alice", "hash": hashlib.sha256(KEYS["alice"].encode()).hexdigest(),
+               "budget": 100, "rpm": 1}],
+        tasks={"concurrency": 1}))  # a line at a time: the budget is looked at for each
+    try:
+        api = client(server)
+        source = api.files.create(file=("spend.jsonl", jsonl([chat_line(n) for n in range(6)])),
+                                  purpose="batch")
+        done = finished(api, api.batches.create(input_file_id=source.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (3, 3)
+        answered = output(api, done.output_file_id)  # type: ignore[arg-type]
+        assert sum(a["response"]["body"]["usage"]["total_tokens"]
+                   for a in answered.values()) >= 100
+        refused = output(api, done.error_file_id)  # type: ignore[arg-type]
+        assert {r["response"]["status_code"] for r in refused.values()} == {429}
+        assert {r["response"]["body"]["error"]["code"] for r in refused.values()} == \
+            {"budget_limit_exceeded"}
+        with pytest.raises(openai.RateLimitError) as caught:  # and live, the same budget
+            api.chat.completions.create(model="qwq:32b", messages=[
+                {"role": "user", "content": "hi"}])
+        assert caught.value.code == "budget_limit_exceeded"
+    finally:
+        server.stop()
+
+
 def test_a_bad_input_file_fails_validation_before_any_work(
     gateway: ServerThread, fleet: Fleet
 ) -> None:

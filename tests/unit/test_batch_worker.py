@@ -11,7 +11,9 @@ from gateway.config import TasksConfig
 from gateway.tasks.batches import Batches
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import Line, batch_record
+from gateway.tasks.spending import Spending
 from gateway.tasks.worker import Worker
+from gateway.tenants import KeyBook, MemoryLimits
 
 
 async def test_a_line_of_a_batch_still_validating_is_put_back(tmp_path: Path) -> None:
@@ -25,7 +27,8 @@ async def test_a_line_of_a_batch_still_validating_is_put_back(tmp_path: Path) ->
         await store.enqueue([line])
         [claimed] = await store.claim("worker", 8, 0.1)
         worker = Worker(Batches(store, 100), pipeline=None,  # type: ignore[arg-type]
-                        config=TasksConfig(), reasoning="separate")
+                        config=TasksConfig(), reasoning="separate",
+                        spending=Spending(KeyBook([], []), MemoryLimits()))
         await worker._do(claimed)  # (the pipeline is never reached)
         assert await store.remaining("batch_1") == 1  # still queued, not dropped
         assert [x.custom_id for x in await store.claim("worker", 8, 1.0)] == ["request-1"]

@@ -1,0 +1,60 @@
+"""A batch's lines spend its key's token budget, as the key's live requests do; a key
+revoked or expired since the batch was made answers no more of its lines. The key's rates
+and slots do not apply to them: the lines have their share of the deployments instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import KeyConfig
+from gateway.errors import AuthenticationFailed, Unavailable
+from gateway.http.access import check_standing, over_limit
+from gateway.tenants import Admission, Away, KeyBook, Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """A line admitted against its key's budget, to be settled with what it used."""
+
+    budget: KeyConfig  # the key with its budget alone
+    admission: Admission
+
+
+class Spending:
+    def __init__(self, book: KeyBook, limits: Limits) -> None:
+        self._book = book
+        self._limits = limits
+
+    async def admit(self, tenant: str) -> Spend | None:
+        """Whether the batch's key may have a line answered now; raises the refusal
+        (``Unavailable`` while the keys' store is away: the line waits).
+        """
+        if not tenant or not self._book.required:
+            return None
+        try:
+            key = await self._book.by_id(tenant)
+        except Away:
+            raise Unavailable("The store of API keys is unavailable right now.",
+                              retry_after=1, code="key_store_unavailable") from None
+        if key is None:
+            raise AuthenticationFailed("The batch's API key no longer exists.")
+        check_standing(key)
+        if not key.budget:
+            return None
+        budget = KeyConfig(id=key.id, hash=key.hash, budget=key.budget,
+                           budget_period=key.budget_period)
+        admission = await self._limits.admit(budget, 0)
+        if admission.reason:
+            raise over_limit(admission)
+        return Spend(budget, admission)
+
+    async def settle(self, spend: Spend | None, status: int, body: dict[str, Any]) -> None:
+        """Count the tokens the line's answer used."""
+        if spend is None:
+            return
+        usage = body.get("usage") if status == 200 else None
+        used = usage.get("total_tokens") if isinstance(usage, dict) else None
+        await self._limits.settle(spend.budget, spend.admission,
+                                  used if isinstance(used, int) and used > 0 else 0)
