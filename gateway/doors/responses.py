@@ -5,7 +5,7 @@ speaks it (Codex CLI, newer SDK code).
 A response asked to be stored (``store``, true unless the request says otherwise) is kept,
 for its tenant only, for ``[responses] ttl`` seconds: ``previous_response_id`` continues the
 conversation from it. Built-in tools (web search, file search, code interpreter...) need
-OpenAI's own servers: the gateway refuses them clearly.
+OpenAI's own servers: the model is not offered them (``responses_request`` says how).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ async def create(request: web.Request) -> web.StreamResponse:
         if not isinstance(previous, str):
             raise invalid("previous_response_id", "'previous_response_id' must be a string.")
         history = (await _load(request, previous, "previous_response_id"))["conversation"]
-    chat, conversation = chat_body(body, history)
+    chat, conversation, dropped = chat_body(body, history)
     answer = await request.app[PIPELINE].run(context(request, "chat", parse_chat(chat)))
+    if dropped:
+        answer.headers["x-gateway-dropped-tools"] = ", ".join(dropped)
     reasoning = request.app[CONFIG].server.reasoning
     response = new_response(body, store)
     if isinstance(answer, Whole):

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from gateway.config import ReasoningMode
+from gateway.doors.responses_request import namespaced, namespaces
 from gateway.errors import GatewayError
 from gateway.http.stream import SSE, sse_comments, sse_event
 from gateway.protocol.ids import unique_id
@@ -56,6 +57,7 @@ class ResponseStream:
         # ... its text so far, in pieces (a string grown in place is copied whole each time)
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # function_call items by tool-call index
+        self._namespaced = namespaces(response["tools"])  # a function's name → its namespace
         self._arguments: dict[int, list[str]] = {}  # their arguments' pieces, not yet joined
         self._usage: Usage | None = None
         self._finish = "stop"
@@ -118,9 +120,11 @@ class ResponseStream:
             output.append({"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
                            "status": "incomplete" if self._finish == "length" else "completed",
                            "content": [_output_text(text)]})
-        output += [{"id": "fc_" + unique_id(), "type": "function_call", "call_id": call["id"],
-                    "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                    "status": "incomplete" if self._finish == "length" else "completed"}
+        output += [self._named({"id": "fc_" + unique_id(), "type": "function_call",
+                                "call_id": call["id"], "name": call["function"]["name"],
+                                "arguments": call["function"]["arguments"],
+                                "status": "incomplete" if self._finish == "length"
+                                else "completed"})
                    for call in completion.tool_calls]
         self._conclude()
         self.dumped = orjson.dumps(self.response)
@@ -130,8 +134,9 @@ class ResponseStream:
         """The answer as a chat message, to continue the conversation from."""
         text = "".join(part["text"] for item in self.response["output"]
                        if item["type"] == "message" for part in item["content"])
-        calls = [{"id": item["call_id"], "type": "function",
-                  "function": {"name": item["name"], "arguments": item["arguments"]}}
+        calls = [{"id": item["call_id"], "type": "function", "function": {
+                     "name": namespaced(item["namespace"], item["name"]) if item.get("namespace")
+                     else item["name"], "arguments": item["arguments"]}}
                  for item in self.response["output"] if item["type"] == "function_call"]
         turn: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
         if calls:
@@ -204,18 +209,28 @@ class ResponseStream:
         if item is None:
             out = self._close()
             call_id = delta.get("id") or "call_" + unique_id()
-            item = self._calls[index] = {
+            item = self._calls[index] = self._named({
                 "id": "fc_" + unique_id(), "type": "function_call", "call_id": call_id,
-                "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
+                "name": function.get("name") or "", "arguments": "", "status": "in_progress"})
             out += self._added(item)
         if function.get("name") and not item["name"]:  # a server that names it late
             item["name"] = function["name"]
+            self._named(item)
         piece = function.get("arguments") or ""
         if piece:
             self._arguments.setdefault(index, []).append(piece)
             out += self._event("response.function_call_arguments.delta", **self._where(item),
                                delta=piece)
         return out
+
+    def _named(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The call item, its name split into namespace and name where it is one of a
+        namespace's functions.
+        """
+        found = self._namespaced.get(item["name"])
+        if found is not None:
+            item["namespace"], item["name"] = found
+        return item
 
     def _join_arguments(self) -> None:
         for index, pieces in self._arguments.items():

@@ -1,5 +1,12 @@
 """The Responses API's requests: ``instructions`` and ``input`` items (messages, function
 calls and their outputs) as the gateway's chat request.
+
+Function tools grouped in a ``namespace`` reach the model as functions named
+``namespace__name`` (a name every backend accepts), and its calls of them go back to the
+client split again. Built-in tools (web search, file search, code interpreter...) need
+OpenAI's own servers: the model is not offered them, and the answer's
+``x-gateway-dropped-tools`` header names them (Codex CLI sends ``web_search`` with every
+request).
 """
 
 from __future__ import annotations
@@ -10,10 +17,11 @@ from gateway.protocol.openai import invalid
 
 
 def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
-              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """The chat request for a Responses request continuing ``history`` (the messages of the
-    responses before it), and the conversation to keep with this response (the history and
-    this input; the instructions are not carried over, as OpenAI does not).
+    responses before it), the conversation to keep with this response (the history and
+    this input; the instructions are not carried over, as OpenAI does not), and the types
+    of the built-in tools left out.
     """
     if "input" not in body:
         raise invalid("input", "'input' is required: a string or an array of input items.")
@@ -27,8 +35,11 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
         "model": body.get("model"), "stream": body.get("stream", False),
         "messages": [{"role": "system", "content": instructions}, *conversation]
         if instructions else conversation}
+    dropped: list[str] = []
     if body.get("tools"):
-        chat["tools"] = _tools(body["tools"])
+        chat["tools"], dropped = _tools(body["tools"])
+        if not chat["tools"]:
+            del chat["tools"]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     fmt = _format(body.get("text"))
@@ -42,7 +53,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
         chat["reasoning_effort"] = reasoning["effort"]
-    return chat, conversation
+    return chat, conversation, dropped
 
 
 def input_messages(items: Any) -> list[dict[str, Any]]:
@@ -63,8 +74,11 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
             out.append({"role": item.get("role"),
                         "content": _content(item.get("content"), where)})
         elif kind == "function_call":
+            name = _string(item, "name", where)
+            if isinstance(item.get("namespace"), str) and item["namespace"]:
+                name = namespaced(item["namespace"], name)
             call = {"id": _string(item, "call_id", where), "type": "function", "function": {
-                "name": _string(item, "name", where), "arguments": item.get("arguments") or "{}"}}
+                "name": name, "arguments": item.get("arguments") or "{}"}}
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -125,24 +139,61 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
+def namespaced(namespace: str, name: str) -> str:
+    """The name the model knows a namespace's function by."""
+    return f"{namespace}__{name}"
+
+
+def namespaces(tools: Any) -> dict[str, tuple[str, str]]:
+    """The namespaced functions of a request's tools: model's name → (namespace, name)."""
+    out: dict[str, tuple[str, str]] = {}
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and \
+                isinstance(tool.get("name"), str) and isinstance(tool.get("tools"), list):
+            for inner in tool["tools"]:
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                    out[namespaced(tool["name"], inner["name"])] = (tool["name"], inner["name"])
+    return out
+
+
+def _tools(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The function tools as chat tools, and the types of the built-in ones left out."""
     if not isinstance(tools, list):
         raise invalid("tools", "'tools' must be an array.")
-    out = []
+    out: list[dict[str, Any]] = []
+    dropped: list[str] = []
     for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind != "function":
-            raise invalid(f"tools[{i}]", f"The gateway cannot run the built-in tool {kind!r}: only "
-                                     "function tools ({'type': 'function', 'name': ...}) work.")
-        function: dict[str, Any] = {"name": _string(tool, "name", f"tools[{i}]"),
-                                    "parameters": tool.get("parameters") or
-                                    {"type": "object", "properties": {}}}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        if isinstance(tool.get("strict"), bool):
-            function["strict"] = tool["strict"]
-        out.append({"type": "function", "function": function})
-    return out
+        if kind == "function":
+            out.append(_function(tool, where))
+        elif kind == "namespace":
+            namespace = _string(tool, "name", where)
+            inner = tool.get("tools")
+            if not isinstance(inner, list):
+                raise invalid(f"{where}.tools", f"{where}.tools must be an array of tools.")
+            for j, function in enumerate(inner):
+                if not isinstance(function, dict) or function.get("type") != "function":
+                    raise invalid(f"{where}.tools[{j}]", f"{where}.tools[{j}]: only function "
+                                                      "tools are supported in a namespace.")
+                out.append(_function(function, f"{where}.tools[{j}]", namespace))
+        elif isinstance(kind, str) and kind:
+            dropped.append(kind)
+        else:
+            raise invalid(f"{where}.type", f"{where}.type is required (a string).")
+    return out, dropped
+
+
+def _function(tool: dict[str, Any], where: str, namespace: str = "") -> dict[str, Any]:
+    name = _string(tool, "name", where)
+    function: dict[str, Any] = {"name": namespaced(namespace, name) if namespace else name,
+                                "parameters": tool.get("parameters") or
+                                {"type": "object", "properties": {}}}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
+    return {"type": "function", "function": function}
 
 
 def _tool_choice(choice: Any) -> Any:
@@ -150,7 +201,10 @@ def _tool_choice(choice: Any) -> Any:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and \
             isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+        name = choice["name"]
+        if isinstance(choice.get("namespace"), str) and choice["namespace"]:
+            name = namespaced(choice["namespace"], name)
+        return {"type": "function", "function": {"name": name}}
     raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
                              "{'type': 'function', 'name': ...}.")
 

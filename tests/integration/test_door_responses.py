@@ -161,15 +161,55 @@ def test_a_tenant_sees_only_its_own_responses(ollama_sim: Sim) -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("tool", [{"type": "web_search"}, {"type": "file_search",
-                                                           "vector_store_ids": ["vs_1"]},
+@pytest.mark.parametrize("tool", [{"type": "web_search", "external_web_access": False},
+                                  {"type": "file_search", "vector_store_ids": ["vs_1"]},
                                   {"type": "code_interpreter", "container": {"type": "auto"}}])
-def test_built_in_tools_are_refused_clearly(client: openai.OpenAI, tool: dict[str, object]
-                                            ) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="phi3.5:3.8b", input="Search", tools=[tool])  # type: ignore[list-item]
-    assert "cannot run the built-in tool" in caught.value.message
-    assert caught.value.param == "tools[0]"
+def test_built_in_tools_are_left_out_and_the_answer_says_so(
+        client: openai.OpenAI, ollama_sim: Sim, tool: dict[str, object]) -> None:
+    # Codex CLI sends web_search with every request: refusing it would refuse Codex.
+    raw = client.responses.with_raw_response.create(
+        model="qwen2.5-coder:32b", input="Weather in Paris?", tools=[tool, TOOL])  # type: ignore[list-item]
+    assert raw.headers["x-gateway-dropped-tools"] == tool["type"]
+    calls = [item for item in raw.parse().output if item.type == "function_call"]
+    assert [c.name for c in calls] == ["get_weather"]  # the function tool still works
+    offered = ollama_sim.requests("/api/chat")[-1]["payload"]["tools"]
+    assert [t["function"]["name"] for t in offered] == ["get_weather"]
+    alone = client.responses.with_raw_response.create(
+        model="qwen2.5-coder:32b", input="Hello there", tools=[tool])  # type: ignore[list-item]
+    assert alone.parse().output_text == DEFAULT_REPLY  # asked with no tools at all
+    assert "tools" not in ollama_sim.requests("/api/chat")[-1]["payload"]
+
+
+NAMESPACE = {"type": "namespace", "name": "weather", "description": "Weather tools",
+             "tools": [{k: v for k, v in TOOL.items() if k != "strict"}]}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_namespaces_function_is_called_by_its_namespace_and_name(
+        client: openai.OpenAI, ollama_sim: Sim, streamed: bool) -> None:
+    ask = {"model": "qwen2.5-coder:32b", "tools": [NAMESPACE], "input": "Weather in Paris?",
+           "store": False}
+    if streamed:
+        with client.responses.stream(**ask) as stream:  # type: ignore[call-overload]
+            first = stream.get_final_response()
+    else:
+        first = client.responses.create(**ask)  # type: ignore[call-overload]
+    offered = ollama_sim.requests("/api/chat")[-1]["payload"]["tools"]
+    assert [t["function"]["name"] for t in offered] == ["weather__get_weather"]
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert (call.namespace, call.name, json.loads(call.arguments)) == \
+        ("weather", "get_weather", {"city": "Paris"})
+    # Codex sends the whole conversation back (store false): the call, then its output.
+    second = client.responses.create(
+        model="qwen2.5-coder:32b", tools=[NAMESPACE], store=False,  # type: ignore[list-item]
+        input=[{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "namespace": "weather",
+                "name": "get_weather", "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id,
+                "output": "sunny, 21 C"}])
+    assert second.output_text == "The tool said: sunny, 21 C"
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "weather__get_weather"
 
 
 def test_an_unknown_previous_response_is_a_404(client: openai.OpenAI) -> None:
