@@ -28,6 +28,9 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
     if body.get("background"):
         raise invalid("background", "Background responses are not supported by the gateway.")
     conversation = [*history, *input_messages(body["input"])]
+    if not conversation:
+        raise invalid("input", "'input' must have at least one item (or continue a response "
+                               "with previous_response_id).")
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("instructions", "'instructions' must be a string.")

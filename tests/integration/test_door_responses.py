@@ -273,3 +273,9 @@ def test_a_response_over_the_size_limit_is_answered_but_not_kept(ollama_sim: Sim
                 client.responses.retrieve(large.id)
     finally:
         server.stop()
+
+
+def test_an_empty_input_is_a_400_on_input(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="phi3.5:3.8b", input=[], max_output_tokens=1)
+    assert caught.value.param == "input"
