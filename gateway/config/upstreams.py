@@ -30,11 +30,14 @@ class Timeouts:
     # the backend's kind (BackendConfig.first_token_limit). A request waiting for a free
     # slot waits in the gateway's queue, not here.
     first_token: float = 0.0
+    # The same for a model its backend said is not loaded (Ollama's /api/ps, looked at
+    # every discovery_interval): loading a large one from disk takes longer than answering.
+    first_token_cold: float = 120.0
     idle: float = 60.0  # longest silence between two chunks of a stream
     total: float = 600.0
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        for name in ("connect", "headers", "idle", "total"):
+        for name in ("connect", "headers", "first_token_cold", "idle", "total"):
             if getattr(self, name) <= 0:
                 yield name, "expected a number of seconds > 0"
         if self.first_token < 0:

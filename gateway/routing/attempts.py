@@ -61,6 +61,11 @@ def counts_against(error: GatewayError) -> bool:
     return disposition(error) in ("retry", "wait", "failover") and error.code not in ELSEWHERE
 
 
+# A model that answered this recently is taken to be loaded still (Ollama keeps one loaded
+# 5 minutes after its last request, unless told otherwise).
+WARM_SECONDS = 300.0
+
+
 class Lease:
     """One attempt on one deployment, holding one of its concurrency slots until released.
     Releasing it is safe on every path (twice is harmless), and a breaker trial that ended
@@ -81,6 +86,20 @@ class Lease:
         self.batch = False  # a batch line's slot (DeploymentState.acquire_batch)
         self.span: AnySpan = NO_SPAN  # the attempt's, once it begins
         self.counted: Instruments | None = None  # (set when it begins)
+
+    @property
+    def first_token_limit(self) -> float:
+        """How long its first token may take: longer while the model is cold (its backend
+        said it is not loaded, and it has not answered since), so the first request of the
+        morning waits for the model to load rather than failing over while it does. Only
+        Ollama says what it has loaded.
+        """
+        config = self.deployment.backend.config
+        answered = self.state.observed_at  # (monotonic seconds; 0: never)
+        if config.kind == "ollama" and not self.deployment.model.loaded and \
+                not (answered and time.monotonic() - answered < WARM_SECONDS):
+            return max(config.first_token_limit, config.timeouts.first_token_cold)
+        return config.first_token_limit
 
     def answered(self) -> None:
         """The first token arrived: the deployment works, and this is how fast it was."""

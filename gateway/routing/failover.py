@@ -176,7 +176,7 @@ class RoutedAnswer:
         slot then freed at once, so a retry never waits on it).
         """
         self._lease = lease  # close() releases it if the client leaves meanwhile
-        limit = lease.deployment.backend.config.first_token_limit
+        limit = lease.first_token_limit
         stream: AsyncGenerator[Chunk] | None = None
         try:
             stream = self._open(lease.deployment, prefill, len(self._sent))

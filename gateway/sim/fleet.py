@@ -71,6 +71,7 @@ class SimModel:
     ttft: float = 0.0
     tokens_per_s: float = 0.0  # 0 = as fast as possible
     loaded: bool = False
+    load_s: float = 0.0  # how long the model takes to load, when it is not
     faults: Faults = field(default_factory=Faults)
     # Skill by kind of task (chat, code, extract, reason, long, as the gateway's router
     # guesses them): the chance its answer is a good one; otherwise it is one QA rejects

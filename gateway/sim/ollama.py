@@ -4,6 +4,7 @@ NDJSON streams and ``{"error": "..."}`` errors.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -127,7 +128,7 @@ async def _chat(request: web.Request, state: SimState, model: SimModel,
 async def _generate(request: web.Request, state: SimState, model: SimModel,
                     payload: dict[str, Any]) -> web.StreamResponse:
     if not payload.get("prompt") and not payload.get("images") and "suffix" not in payload:
-        return _load(request, state, model, payload)
+        return await _load(request, state, model, payload)
     ask = Ask(
         texts=[str(payload.get("prompt") or "")],
         suffix=payload.get("suffix"),
@@ -138,14 +139,16 @@ async def _generate(request: web.Request, state: SimState, model: SimModel,
     return await _answer(request, state, model, payload, ask, chat=False)
 
 
-def _load(request: web.Request, state: SimState, model: SimModel,
-          payload: dict[str, Any]) -> web.Response:
+async def _load(request: web.Request, state: SimState, model: SimModel,
+                payload: dict[str, Any]) -> web.Response:
     """A generate without a prompt loads the model (``keep_alive`` 0: unloads it), and
     answers with one object whatever ``stream`` says, as Ollama does.
     """
     unload = payload.get("keep_alive") in (0, "0", "0s", "0m")
     record = state.record(request, model.name, payload, False, False)
     record["outcome"] = "unloaded" if unload else "loaded"
+    if not unload:
+        await _loaded(model)
     model.loaded = not unload
     return web.json_response({
         "model": model.name, "created_at": _now(), "response": "", "done": True,
@@ -161,7 +164,7 @@ async def _answer(request: web.Request, state: SimState, model: SimModel,
         await apply_faults(request, faults, ask, record)
         _check_options(model, payload)
         plan = plan_answer(model, ask, faults)
-        model.loaded = True
+        await _loaded(model)
         framer = _Framer(model.name, chat)
         if not stream:
             await pace_whole(model, plan)
@@ -339,3 +342,10 @@ def _answer_with(make: Callable[[], Any]) -> Callable[[web.Request], Awaitable[w
         return web.Response(text=data) if isinstance(data, str) else _json(data)
 
     return handler
+
+
+async def _loaded(model: SimModel) -> None:
+    """Load the model if it is not: as Ollama does, before it answers (no headers meanwhile)."""
+    if not model.loaded and model.load_s:
+        await asyncio.sleep(model.load_s)
+    model.loaded = True

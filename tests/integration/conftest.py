@@ -70,7 +70,8 @@ def fleet() -> Iterator[Fleet]:
             thread.stop()
 
 
-FAST = {"headers": 1.0, "first_token": 1.0, "idle": 1.0, "total": 10.0, "connect": 1.0}
+FAST = {"headers": 1.0, "first_token": 1.0, "first_token_cold": 1.0, "idle": 1.0,
+        "total": 10.0, "connect": 1.0}
 
 
 def fleet_config(fleet: Fleet, **routing: Any) -> Any:

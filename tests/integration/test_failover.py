@@ -19,7 +19,7 @@ from gateway.keys import CATALOG
 from gateway.sim import SIM_STATE, SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
-from tests.support import ServerThread, backend, gateway_config, start_gateway
+from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
 
 USER = [{"role": "user", "content": "Hello"}]
 THINK = len(THOUGHT.split())  # qwq:32b thinks this many tokens before it answers
@@ -201,6 +201,35 @@ async def test_slow_first_token_fails_over(routed_gateway: ServerThread, fleet: 
     slow = fleet.primary.hung_up("/api/chat", "qwq:32b")
     assert slow["closed_by_client"] and slow["tokens"] == 0
     assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+
+
+async def test_a_cold_model_is_given_time_to_load_and_a_warm_one_is_not() -> None:
+    """The first request of the morning for a model Ollama has not loaded waits for it to
+    load (``first_token_cold``); once it has answered, a silence that long is a stall.
+    """
+    big = SimModel("big:70b", parameter_size="70B", load_s=1.5)
+    upstream = ServerThread(lambda: create_ollama_app([big, SimModel("small:3b")])).start()
+    gateway = start_gateway(gateway_config(
+        backend("ollama", "ollama", upstream.url,
+                timeouts={"first_token": 0.5, "first_token_cold": 3.0}),
+        routing={"fallbacks": ["small:3b"]}))
+    try:
+        [deployment] = gateway.app[CATALOG].deployments("big:70b")
+        assert not deployment.model.loaded  # as /api/ps said at start
+        started = time.monotonic()
+        reply = await ask(gateway, "big:70b", stream=True)
+        complete(reply)
+        assert reply.headers["x-gateway-model"] == "big:70b"  # waited for it to load
+        assert time.monotonic() - started > 1.4
+        Sim(upstream, "ollama").fault("big:70b", ttft=1.5)  # now a stall
+        started = time.monotonic()
+        reply = await ask(gateway, "big:70b", stream=True)
+        complete(reply)
+        assert reply.headers["x-gateway-model"] == "small:3b"  # failed over at 0.5 s
+        assert time.monotonic() - started < 1.4
+    finally:
+        gateway.stop()
+        upstream.stop()
 
 
 async def test_context_length_error_goes_to_a_larger_window(
