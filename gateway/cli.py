@@ -43,7 +43,9 @@ BACKLOG = 2048
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+    # A report's own lines say what went wrong; its log says only what they do not.
+    level = args.log_level or getattr(args, "quiet_log", "info")
+    logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # chatty at INFO
     try:
@@ -57,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway",
                                      allow_abbrev=False)
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info (warning for the models and check reports)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway")
@@ -80,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the models each backend has")
     models.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
-    models.set_defaults(run=_models)
+    models.set_defaults(run=_models, quiet_log="warning")
 
     check = commands.add_parser("check", help="open the tunnels, ask the backends, say what "
                                 "to fix; non-zero exit when the primary tier is unreachable")
     check.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG})")
-    check.set_defaults(run=_check)
+    check.set_defaults(run=_check, quiet_log="warning")
 
     agent = commands.add_parser(
         "tunnel-agent", help="on the workstation: keep reverse tunnels to the gateway server",
@@ -167,7 +169,7 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
     if alone:
         log.warning("gateway: each of the %d workers keeps its own %s", args.workers,
                     "; ".join(alone))
-    command = [sys.executable, "-m", "gateway", "--log-level", args.log_level, "serve",
+    command = [sys.executable, "-m", "gateway", "--log-level", args.log_level or "info", "serve",
                "--reuse-port"]
     for flag, value in (("--config", args.config), ("--host", args.host),
                         ("--port", args.port)):
@@ -298,7 +300,7 @@ def _tunnel_agent(args: argparse.Namespace) -> int:
         host_key="accept-new" if args.accept_new else "strict", keepalive=args.keepalive,
         interactive=not args.no_interactive)
     if args.print_systemd or args.print_launchd:
-        print(unit(ssh, forwards, args.log_level, "systemd" if args.print_systemd
+        print(unit(ssh, forwards, args.log_level or "info", "systemd" if args.print_systemd
                    else "launchd"))
         return 0
     loop = new_event_loop()
