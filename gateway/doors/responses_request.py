@@ -3,14 +3,15 @@ calls and their outputs) as the gateway's chat request.
 
 Function tools grouped in a ``namespace`` reach the model as functions named
 ``namespace__name`` (a name every backend accepts), and its calls of them go back to the
-client split again. Built-in tools (web search, file search, code interpreter...) need
-OpenAI's own servers: the model is not offered them, and the answer's
-``x-gateway-dropped-tools`` header names them (Codex CLI sends ``web_search`` with every
-request).
+client split again. Tools OpenAI's own servers run (web search, file search, code
+interpreter...) are not offered to the model, and the answer's ``x-gateway-dropped-tools``
+header names them (Codex CLI sends ``web_search`` with every request); other kinds of tool
+the client runs itself (``custom``, ``local_shell``) are refused.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gateway.protocol.openai import invalid
@@ -41,10 +42,13 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
     dropped: list[str] = []
     if body.get("tools"):
         chat["tools"], dropped = _tools(body["tools"])
-        if not chat["tools"]:
-            del chat["tools"]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    if dropped and not chat["tools"]:  # only hosted tools: the model is asked without any
+        del chat["tools"]
+        if chat.pop("tool_choice", None) == "required":
+            raise invalid("tool_choice", "'tool_choice' is 'required' but the only tools are "
+                                         f"ones OpenAI's servers run ({', '.join(dropped)}).")
     fmt = _format(body.get("text"))
     if fmt is not None:
         chat["response_format"] = fmt
@@ -159,32 +163,54 @@ def namespaces(tools: Any) -> dict[str, tuple[str, str]]:
     return out
 
 
+# Tools OpenAI's servers run (dated variants such as web_search_preview_2025_03_11 too).
+HOSTED = re.compile(r"(web_search|file_search|code_interpreter|computer_use|image_generation"
+                    r"|mcp)[a-z0-9_]*")
+
+
 def _tools(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """The function tools as chat tools, and the types of the built-in ones left out."""
+    """The function tools as chat tools, and the types of the hosted ones left out."""
     if not isinstance(tools, list):
         raise invalid("tools", "'tools' must be an array.")
     out: list[dict[str, Any]] = []
     dropped: list[str] = []
+    seen: set[str] = set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == "function":
-            out.append(_function(tool, where))
+            functions = [_function(tool, where)]
         elif kind == "namespace":
-            namespace = _string(tool, "name", where)
-            inner = tool.get("tools")
-            if not isinstance(inner, list):
-                raise invalid(f"{where}.tools", f"{where}.tools must be an array of tools.")
-            for j, function in enumerate(inner):
-                if not isinstance(function, dict) or function.get("type") != "function":
-                    raise invalid(f"{where}.tools[{j}]", f"{where}.tools[{j}]: only function "
-                                                      "tools are supported in a namespace.")
-                out.append(_function(function, f"{where}.tools[{j}]", namespace))
-        elif isinstance(kind, str) and kind:
+            functions = _namespace(tool, where)
+        elif isinstance(kind, str) and HOSTED.fullmatch(kind):
             dropped.append(kind)
+            continue
         else:
-            raise invalid(f"{where}.type", f"{where}.type is required (a string).")
+            raise invalid(f"{where}.type", f"{where}: tools of type {str(kind)[:40]!r} are not "
+                                           "supported by the gateway (function and namespace "
+                                           "tools are).")
+        for function in functions:
+            name = function["function"]["name"]
+            if name in seen:  # (a namespace's a + b__c is a__b's c, say)
+                raise invalid(where, f"{where}: a second tool named {name!r}, as the model "
+                                     "would see it.")
+            seen.add(name)
+        out += functions
     return out, dropped
+
+
+def _namespace(tool: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    namespace = _string(tool, "name", where)
+    inner = tool.get("tools")
+    if not isinstance(inner, list):
+        raise invalid(f"{where}.tools", f"{where}.tools must be an array of tools.")
+    functions = []
+    for j, function in enumerate(inner):
+        if not isinstance(function, dict) or function.get("type") != "function":
+            raise invalid(f"{where}.tools[{j}]", f"{where}.tools[{j}]: only function tools are "
+                                              "supported in a namespace.")
+        functions.append(_function(function, f"{where}.tools[{j}]", namespace))
+    return functions
 
 
 def _function(tool: dict[str, Any], where: str, namespace: str = "") -> dict[str, Any]:

@@ -34,12 +34,13 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/api/version", *DASHBOARD})
 # Paths for the operator: anyone's on a gateway without keys, else an admin key's.
 OPERATOR_PATHS = frozenset({"/metrics", "/admin/status", "/dashboard/events",
                             "/admin/router/outcomes"})
-# What a key's limits count: the requests that set a model to work. Listing models, reading
-# a file or a batch's progress, Ollama's /api/show, all come free (IDEs and batch clients
-# poll them), as do a batch's lines, which have their share of the deployments instead.
+# What a key's limits count: the requests that set a model to work (counting a prompt's
+# tokens too: a one-token answer says how many). Listing models, reading a file or a
+# batch's progress, Ollama's /api/show, all come free (IDEs and batch clients poll them).
+# (tests/integration/test_tenants.py holds every other POST route to a list of free ones.)
 METERED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                     "/v1/responses", "/v1/messages", "/api/chat", "/api/generate",
-                     "/api/embed", "/api/embeddings"})
+                     "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+                     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
 OUTPUT_GUESS = 256  # tokens of an answer whose limit the request does not say
 REFUSALS = {"requests": "requests per minute", "tokens": "tokens per minute",
             "concurrency": "requests at once", "budget": "token budget"}

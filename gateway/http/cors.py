@@ -22,7 +22,7 @@ from aiohttp import web
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 EXPOSE_HEADERS = ("x-request-id, x-gateway-backend, x-gateway-model, x-gateway-attempts, "
                   "x-gateway-route, x-gateway-cache, x-gateway-qa, x-gateway-safety, "
-                  "x-gateway-escalated, retry-after")
+                  "x-gateway-escalated, x-gateway-dropped-tools, retry-after")
 MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 HOSTS_KEPT = 64  # Host headers whose judgement is remembered
 

@@ -61,11 +61,6 @@ def counts_against(error: GatewayError) -> bool:
     return disposition(error) in ("retry", "wait", "failover") and error.code not in ELSEWHERE
 
 
-# A model that answered this recently is taken to be loaded still (Ollama keeps one loaded
-# 5 minutes after its last request, unless told otherwise).
-WARM_SECONDS = 300.0
-
-
 class Lease:
     """One attempt on one deployment, holding one of its concurrency slots until released.
     Releasing it is safe on every path (twice is harmless), and a breaker trial that ended
@@ -95,9 +90,8 @@ class Lease:
         Ollama says what it has loaded.
         """
         config = self.deployment.backend.config
-        answered = self.state.observed_at  # (monotonic seconds; 0: never)
         if config.kind == "ollama" and not self.deployment.model.loaded and \
-                not (answered and time.monotonic() - answered < WARM_SECONDS):
+                self.state.observed_at <= self.deployment.listed_at:  # (0: never answered)
             return max(config.first_token_limit, config.timeouts.first_token_cold)
         return config.first_token_limit
 

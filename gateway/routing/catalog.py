@@ -35,6 +35,8 @@ class Deployment:
 
     backend: Backend
     model: ModelInfo
+    # When (monotonic seconds) its backend listed the model as it is described here.
+    listed_at: float = field(default=0.0, compare=False)
 
     @property
     def continues_prefill(self) -> bool:
@@ -57,6 +59,7 @@ class BackendStatus:
 class _Listing:
     models: list[ModelInfo] = field(default_factory=list)
     status: BackendStatus = field(default_factory=BackendStatus)
+    listed_at: float = 0.0  # (monotonic seconds)
 
 
 class ModelCatalog:
@@ -90,15 +93,17 @@ class ModelCatalog:
         by_name = {b.name: b for b in self._backends}
         listed = {(b.name, m.name): m for b in self._backends
                   for m in self._listings[b.name].models}
+        at = {b.name: self._listings[b.name].listed_at for b in self._backends}
         index: dict[str, list[Deployment]] = {}
         for (backend, _), info in listed.items():
-            index.setdefault(info.name, []).append(Deployment(by_name[backend], info))
+            index.setdefault(info.name, []).append(
+                Deployment(by_name[backend], info, at[backend]))
         for spec in self._models:
             deployments = index.setdefault(spec.name, [])
             for d in spec.deployments:
                 found = listed.get((d.backend, d.model))
                 if found is not None and all(x.model is not found for x in deployments):
-                    deployments.append(Deployment(by_name[d.backend], found))
+                    deployments.append(Deployment(by_name[d.backend], found, at[d.backend]))
             if spec.capabilities or spec.context_length or spec.prefill != "auto":
                 index[spec.name] = [_override(d, spec) for d in deployments]
             if not deployments:
@@ -131,6 +136,7 @@ class ModelCatalog:
             log.info("backend %s: %d models", backend.name, len(models))
         listing.models = models
         listing.status = BackendStatus(True, "", len(models), time.time())
+        listing.listed_at = time.monotonic()
 
     def resolve(self, name: str) -> list[Deployment]:
         """The deployments of a model, by exact name, without ``:latest``, or ``backend/name``."""
@@ -203,4 +209,5 @@ def _override(deployment: Deployment, spec: ModelConfig) -> Deployment:
         changes["context_length"] = spec.context_length
     if spec.prefill != "auto":
         changes["prefill"] = spec.prefill == "yes"
-    return Deployment(deployment.backend, dataclasses.replace(info, **changes))
+    return Deployment(deployment.backend, dataclasses.replace(info, **changes),
+                      deployment.listed_at)

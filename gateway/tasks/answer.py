@@ -5,6 +5,7 @@ may use, its answer written as the OpenAI door writes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,11 @@ class Who:
 
 
 async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: Who,
-                 reasoning: ReasoningMode) -> tuple[int, dict[str, Any]]:
-    """The status and body the endpoint would have answered the line with."""
+                 reasoning: ReasoningMode, on_usage: Callable[[int], None] | None = None
+                 ) -> tuple[int, dict[str, Any]]:
+    """The status and body the endpoint would have answered the line with; ``on_usage`` is
+    told the tokens its answer used (none for a cached answer), as a live request's key is.
+    """
     original = body
     try:
         body = {**body, "stream": False}  # a batch's answers are whole
@@ -40,7 +44,8 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
             body.pop("stream")
             embedding = parse_embedding(body)
             check_allowed(who.models, embedding.model)
-            return 200, embeddings_body(embedding, await pipeline.embed(embedding, batch=True))
+            return 200, embeddings_body(embedding, await pipeline.embed(
+                embedding, on_usage=on_usage, batch=True))
         if endpoint == "/v1/responses":
             if body.get("previous_response_id") is not None:
                 raise invalid("previous_response_id", "A batch line cannot continue a stored "
@@ -50,7 +55,8 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
         req = parse_chat(body) if kind == "chat" else parse_completion(body)
         check_allowed(who.models, req.model)
         ctx = RequestContext(kind=kind, req=req, tenant=who.tenant, client_headers={},
-                             cache_scope=who.cache_scope, models=who.models, batch=True)
+                             cache_scope=who.cache_scope, models=who.models, batch=True,
+                             on_usage=on_usage)
         result = await pipeline.run(ctx)
         assert isinstance(result, Whole)  # (stream is false)
         if endpoint != "/v1/responses":

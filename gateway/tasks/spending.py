@@ -6,12 +6,11 @@ and slots do not apply to them: the lines have their share of the deployments in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, Unavailable
 from gateway.http.access import check_standing, over_limit
-from gateway.tenants import Admission, Away, KeyBook, Limits
+from gateway.tenants import Admission, Away, KeyBook, Limits, Tally
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +49,9 @@ class Spending:
             raise over_limit(admission)
         return Spend(budget, admission)
 
-    async def settle(self, spend: Spend | None, status: int, body: dict[str, Any]) -> None:
-        """Count the tokens the line's answer used."""
-        if spend is None:
-            return
-        usage = body.get("usage") if status == 200 else None
-        used = usage.get("total_tokens") if isinstance(usage, dict) else None
-        await self._limits.settle(spend.budget, spend.admission,
-                                  used if isinstance(used, int) and used > 0 else 0)
+    async def settle(self, spend: Spend | None, used: Tally) -> None:
+        """Count the tokens the line's answer used, as the pipeline reported them (a
+        cached answer: none).
+        """
+        if spend is not None:
+            await self._limits.settle(spend.budget, spend.admission, used.tokens)

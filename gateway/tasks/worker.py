@@ -27,6 +27,7 @@ from gateway.tasks.answer import Who, answer
 from gateway.tasks.batches import Batches, StoreDown, result_line
 from gateway.tasks.records import Line
 from gateway.tasks.spending import Spending
+from gateway.tenants import Tally
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,10 @@ class Worker:
             return
         who = Who(batch["tenant"], tuple(batch.get("models") or ()),
                   batch.get("cache_scope") or "")
+        used = Tally()
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
-                                    self._reasoning)
-        await self._spending.settle(spend, status, body)
+                                    self._reasoning, used.add)
+        await self._spending.settle(spend, used)
         if status in NOT_NOW:
             await self._later(line)
         else:

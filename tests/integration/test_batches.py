@@ -198,6 +198,32 @@ def test_batch_lines_spend_their_keys_token_budget(fleet: Fleet) -> None:
         server.stop()
 
 
+def test_cached_answers_to_batch_lines_spend_nothing_of_the_budget(fleet: Fleet) -> None:
+    fleet.primary.fault("qwq:32b", reply=" ".join(["word"] * 30))  # ~40 tokens a line
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        plugins=[{"name": "cache", "options": {"backend": "memory"}}],
+        keys=[{"id": "alice", "hash": hashlib.sha256(KEYS["alice"].encode()).hexdigest(),
+               "budget": 100}],
+        tasks={"concurrency": 1}))
+    try:
+        api = client(server)
+        line = chat_line(0)
+        line["body"]["temperature"] = 0  # (only deterministic answers are cached)
+        same = [{**line, "custom_id": f"request-{n}"} for n in range(6)]
+        source = api.files.create(file=("same.jsonl", jsonl(same)), purpose="batch")
+        done = finished(api, api.batches.create(input_file_id=source.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+        assert done.request_counts is not None
+        # One answer from the model, five from the cache: as live, a hit costs nothing.
+        assert (done.request_counts.completed, done.request_counts.failed) == (6, 0)
+        assert len([r for r in fleet.primary.requests("/api/chat")
+                    if r["model"] == "qwq:32b"]) == 1
+    finally:
+        server.stop()
+
+
 def test_a_bad_input_file_fails_validation_before_any_work(
     gateway: ServerThread, fleet: Fleet
 ) -> None:

@@ -212,6 +212,27 @@ def test_a_namespaces_function_is_called_by_its_namespace_and_name(
     assert sent[1]["tool_calls"][0]["function"]["name"] == "weather__get_weather"
 
 
+@pytest.mark.parametrize(("tools", "choice", "param"), [
+    # Two tools the model would know by one name: the namespace's, and a function's...
+    ([{"type": "function", "name": "weather__get_weather"}, NAMESPACE], None, "tools[1]"),
+    # ...or two namespaces' (a__b's c, a's b__c).
+    ([{**NAMESPACE, "name": "a__b", "tools": [{"type": "function", "name": "c"}]},
+      {**NAMESPACE, "name": "a", "tools": [{"type": "function", "name": "b__c"}]}], None,
+     "tools[1]"),
+    ([{"type": "custom", "name": "apply_patch"}], None, "tools[0].type"),
+    ([{"type": "web\r\nx-evil: 1"}], None, "tools[0].type"),
+    ([{"type": "web_search"}], "required", "tool_choice"),
+])
+def test_tools_the_gateway_cannot_offer_as_asked_are_a_400(
+        client: openai.OpenAI, tools: list[dict[str, object]], choice: str | None,
+        param: str) -> None:
+    extra = {"tool_choice": choice} if choice else {}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="qwen2.5-coder:32b", input="Hi", tools=tools,  # type: ignore[arg-type]
+                                **extra)  # type: ignore[arg-type]
+    assert caught.value.param == param
+
+
 def test_an_unknown_previous_response_is_a_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model="phi3.5:3.8b", input="Hi",

@@ -19,7 +19,14 @@ from gateway.keys import CATALOG
 from gateway.sim import SIM_STATE, SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
-from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    gateway_config,
+    start_gateway,
+    wait_until,
+)
 
 USER = [{"role": "user", "content": "Hello"}]
 THINK = len(THOUGHT.split())  # qwq:32b thinks this many tokens before it answers
@@ -205,28 +212,37 @@ async def test_slow_first_token_fails_over(routed_gateway: ServerThread, fleet: 
 
 async def test_a_cold_model_is_given_time_to_load_and_a_warm_one_is_not() -> None:
     """The first request of the morning for a model Ollama has not loaded waits for it to
-    load (``first_token_cold``); once it has answered, a silence that long is a stall.
+    load (``first_token_cold``); once it has answered, a silence that long is a stall; once
+    Ollama says it unloaded the model, it is cold again.
     """
     big = SimModel("big:70b", parameter_size="70B", load_s=1.5)
     upstream = ServerThread(lambda: create_ollama_app([big, SimModel("small:3b")])).start()
+    sim = Sim(upstream, "ollama")
     gateway = start_gateway(gateway_config(
         backend("ollama", "ollama", upstream.url,
                 timeouts={"first_token": 0.5, "first_token_cold": 3.0}),
-        routing={"fallbacks": ["small:3b"]}))
+        routing={"fallbacks": ["small:3b"]}, server={"discovery_interval": 0.2}))
+
+    def loaded() -> bool:
+        return gateway.app[CATALOG].deployments("big:70b")[0].model.loaded
+
     try:
-        [deployment] = gateway.app[CATALOG].deployments("big:70b")
-        assert not deployment.model.loaded  # as /api/ps said at start
-        started = time.monotonic()
+        assert not loaded()  # as /api/ps said at start
+        reply = await ask(gateway, "big:70b", stream=True)
+        complete(reply)  # in 1.5 s, past first_token: the gateway waited for it to load
+        assert reply.headers["x-gateway-model"] == "big:70b"
+        wait_until(loaded, 5, "the next discovery to see it loaded")
+        sim.fault("big:70b", ttft=1.5, remaining=1)  # loaded now: 1.5 s is a stall
         reply = await ask(gateway, "big:70b", stream=True)
         complete(reply)
-        assert reply.headers["x-gateway-model"] == "big:70b"  # waited for it to load
-        assert time.monotonic() - started > 1.4
-        Sim(upstream, "ollama").fault("big:70b", ttft=1.5)  # now a stall
-        started = time.monotonic()
+        assert reply.headers["x-gateway-model"] == "small:3b"
+        async with aiohttp.ClientSession() as http:  # Ollama unloads it (keep_alive 0)
+            await (await http.post(upstream.url + "/api/generate",
+                                   json={"model": "big:70b", "keep_alive": 0})).read()
+        wait_until(lambda: not loaded(), 5, "the next discovery to see it unloaded")
         reply = await ask(gateway, "big:70b", stream=True)
-        complete(reply)
-        assert reply.headers["x-gateway-model"] == "small:3b"  # failed over at 0.5 s
-        assert time.monotonic() - started < 1.4
+        complete(reply)  # cold again: loading it takes 1.5 s, and it is waited for
+        assert reply.headers["x-gateway-model"] == "big:70b"
     finally:
         gateway.stop()
         upstream.stop()

@@ -21,6 +21,7 @@ import ollama
 import openai
 import pytest
 
+from gateway.http.access import METERED
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway, wait_until
 
 MODEL = "qwq:32b"
@@ -107,6 +108,28 @@ def test_listing_models_reading_files_and_batches_costs_no_requests(
         left = [c.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
                 .headers["x-ratelimit-remaining-requests"] for _ in range(3)]
         assert left == ["2", "1", "0"]
+
+
+def test_counting_a_prompts_tokens_is_a_request_like_any(keyed: ServerThread) -> None:
+    # It asks the model for a one-token answer: a key's limits count it (Claude Code calls it).
+    with anthropic.Anthropic(base_url=keyed.url, api_key=secret("rpm3"), max_retries=0) as a:
+        for _ in range(3):
+            assert a.messages.count_tokens(model=MODEL, messages=USER).input_tokens > 0
+        with pytest.raises(anthropic.RateLimitError):
+            a.messages.count_tokens(model=MODEL, messages=USER)
+
+
+# The POST routes that set no model to work, and so spend nothing of a key's limits; a new
+# route must be added here or to access.METERED.
+FREE = {"/api/show", "/v1/files", "/v1/batches", "/v1/batches/{id}/cancel",
+        "/v1/feedback", "/admin/keys", "/api/pull", "/api/push", "/api/create", "/api/copy"}
+
+
+def test_every_route_that_sets_a_model_to_work_is_metered(keyed: ServerThread) -> None:
+    posts = {r.resource.canonical for r in keyed.app.router.routes()
+             if r.method == "POST" and r.resource is not None}
+    assert posts - METERED - FREE == set()
+    assert posts >= METERED
 
 
 def test_rate_headers_come_with_streams_and_errors_too(keyed: ServerThread) -> None:

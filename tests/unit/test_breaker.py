@@ -143,7 +143,7 @@ async def test_a_batch_line_waits_one_queue_timeout_in_all_however_many_deployme
         await attempts.next()
     took = time.monotonic() - began
     assert caught.value.code == "deployment_busy"
-    assert 0.35 < took < 0.6, f"waited {took:.2f} s in all"  # not 0.4 s on each of the 3
+    assert 0.35 < took < 1.0, f"waited {took:.2f} s in all"  # not 0.4 s on each: 1.2 s
     assert all(not balancer.state(d).batch_waiters for d in deployments)
 
 

@@ -20,7 +20,7 @@ IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
 
 
 def _responses(body: dict[str, Any]) -> None:
-    chat, _ = responses_request.chat_body(body, [])
+    chat, _, _ = responses_request.chat_body(body, [])
     parse_chat(chat)
 
 
@@ -53,13 +53,18 @@ DOORS: dict[str, tuple[Callable[[dict[str, Any]], object], dict[str, Any]]] = {
     "responses": (_responses, {
         "model": "m", "instructions": "be brief", "stream": True, "max_output_tokens": 9,
         "temperature": 0.2, "tool_choice": {"type": "function", "name": "f"},
-        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+                  {"type": "namespace", "name": "n", "description": "d", "tools": [
+                      {"type": "function", "name": "g", "parameters": {"type": "object"}}]},
+                  {"type": "web_search"}],
         "text": {"format": {"type": "json_schema", "name": "n", "schema": {}}},
         "reasoning": {"effort": "low"},
         "input": [{"role": "user", "content": [
             {"type": "input_text", "text": "hi"},
             {"type": "input_image", "image_url": "data:image/png;base64,AA"}]},
             {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call", "call_id": "d", "namespace": "n", "name": "g",
+             "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c",
              "output": [{"type": "input_text", "text": "ok"}]}]}),
     "anthropic": (_anthropic, {
