@@ -43,6 +43,12 @@ class Faults:
     finish: str | None = None  # end with this finish reason ("length": cut by its own limit)
     remaining: int | None = None
 
+    def at(self, i: int) -> bool:
+        """Whether an in-stream fault happens before token ``i``."""
+        return any(after is not None and i >= after for after in
+                   (self.cut_after, self.stall_after, self.error_after)) or \
+            i in (self.malformed_at, self.bad_shape_at)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Faults:
         names = {f.name for f in dataclasses.fields(cls)}
