@@ -191,7 +191,7 @@ def _tools(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
                                            "tools are).")
         for function in functions:
             name = function["function"]["name"]
-            if name in seen:  # (a namespace's a + b__c is a__b's c, say)
+            if name in seen:  # (namespace a's b__c and namespace a__b's c: both a__b__c)
                 raise invalid(where, f"{where}: a second tool named {name!r}, as the model "
                                      "would see it.")
             seen.add(name)
