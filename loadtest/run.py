@@ -381,7 +381,8 @@ per round).
 Every row answers the same request from a simulated OpenAI-compatible server
 (`python -m gateway.sim openai`, a {len(REPLY.split())}-word reply, no pacing): directly,
 through `loadtest/bare_proxy.py` (forward the body, relay the answer), and through the
-gateway (parse and validate, resolve the model, translate, re-encode). All three servers run
+gateway (parse and validate, resolve the model, translate, re-encode; it asks for a stream,
+which the simulator writes in one write, and collects it). All three servers run
 on uvloop; the gateway also keeps its start-up objects out of the garbage collector's full
 passes (`gc.freeze()`, gateway/app.py), which the bare proxy does not.
 
