@@ -502,8 +502,9 @@ def render(rows: list[Row], plugin_names: list[str], seconds: float, rounds: int
         f"""Non-streaming: wrk (one thread, `--timeout 10s`) for {seconds:g} s at 1 and at 32
         connections, against the simulator answering at once, so the numbers are the path's
         own cost (the gateway asks for a stream, which the simulator then writes in one
-        write, the bare proxy and LiteLLM for the whole answer). Streaming: {stream_requests} sequential requests per path and round from an
-        aiohttp client, while the simulator paces its tokens at {pace:g} tokens/s
+        write, the bare proxy and LiteLLM for the whole answer). Streaming:
+        {stream_requests} sequential requests per path and round from an aiohttp client,
+        while the simulator paces its tokens at {pace:g} tokens/s
         ({1000 / pace:g} ms apart, no time to first token of its own); time to first token is
         to the first chunk with text, inter-chunk delay is between consecutive chunks with
         text (p50 and p99 over all of a round's answers). Medians of {rounds} rounds, the
