@@ -1,10 +1,11 @@
 """The Responses API door: ``POST /v1/responses`` (streamed as semantic events, or whole),
-``GET`` and ``DELETE /v1/responses/{id}``, as the ``openai`` SDKs' ``client.responses``
-speaks it (Codex CLI, newer SDK code).
+``GET`` and ``DELETE /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items``, as the
+``openai`` SDKs' ``client.responses`` speaks it (Codex CLI, newer SDK code).
 
 A response asked to be stored (``store``, true unless the request says otherwise) is kept,
-for its tenant only, for ``[responses] ttl`` seconds: ``previous_response_id`` continues the
-conversation from it. Built-in tools (web search, file search, code interpreter...) need
+for its tenant only, for ``[responses] ttl`` seconds, with its conversation (in chat form:
+``previous_response_id`` continues it) and the items it was asked with (as the API lists
+them). Built-in tools (web search, file search, code interpreter...) need
 OpenAI's own servers: the model is not offered them (``responses_request`` says how).
 """
 
@@ -17,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway.doors.responses_answer import ResponseStream, new_response
-from gateway.doors.responses_request import chat_body
+from gateway.doors.responses_request import chat_body, input_items
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.http.access import context
 from gateway.http.bodies import body_of
@@ -44,6 +45,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         history = (await _load(request, previous, "previous_response_id"))["conversation"]
     chat, conversation, dropped = chat_body(body, history)
     answer = await request.app[PIPELINE].run(context(request, "chat", parse_chat(chat)))
+    given = input_items(body["input"]) if store else []
     if dropped:
         answer.headers["x-gateway-dropped-tools"] = ", ".join(dropped)
     reasoning = request.app[CONFIG].server.reasoning
@@ -53,14 +55,14 @@ async def create(request: web.Request) -> web.StreamResponse:
         encoder = ResponseStream(response, reasoning)
         encoder.whole(answer.completion)
         if store:
-            await _keep(request, encoder, conversation)
+            await _keep(request, encoder, conversation, given)
         return json_response(encoder.dumped, answer.headers)
     response["model"] = answer.model
     encoder = ResponseStream(response, reasoning)
 
     async def keep() -> None:
         if store:
-            await _keep(request, encoder, conversation)
+            await _keep(request, encoder, conversation, given)
 
     return await write_stream(request, answer, encoder, before_end=keep)
 
@@ -71,6 +73,46 @@ async def retrieve(request: web.Request) -> web.Response:
                             "supported.")
     record = await _load(request, request.match_info["id"], None)
     return json_response(record["response"])
+
+
+async def listed_input(request: web.Request) -> web.Response:
+    """``GET /v1/responses/{id}/input_items``: the items the response was asked with, a page
+    at a time (``limit``, 20; ``order``, newest first unless ``asc``; ``after``/``before``
+    an item's id).
+    """
+    query = request.query
+    limit = _limit(query.get("limit", "20"))
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("order", "'order' must be 'asc' or 'desc'.")
+    items = (await _load(request, request.match_info["id"], None)).get("input", [])
+    if order == "desc":
+        items = items[::-1]
+    ids = [item["id"] for item in items]
+    start, end = 0, len(items)
+    for param, cursor in (("after", query.get("after")), ("before", query.get("before"))):
+        if cursor is not None:
+            if cursor not in ids:
+                raise invalid(param, f"No input item {cursor!r} in this response.")
+            if param == "after":
+                start = ids.index(cursor) + 1
+            else:
+                end = ids.index(cursor)
+    page = items[start:end][:limit]
+    return json_response({"object": "list", "data": page,
+                          "first_id": page[0]["id"] if page else "",
+                          "last_id": page[-1]["id"] if page else "",
+                          "has_more": start + len(page) < end})
+
+
+def _limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise invalid("limit", "'limit' must be a whole number from 1 to 100.")
+    return limit
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -85,13 +127,14 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def _keep(request: web.Request, encoder: ResponseStream,
-                conversation: list[dict[str, Any]]) -> None:
-    """Store the response and its conversation; a store that is down costs the request
-    nothing but this (the log says so).
+                conversation: list[dict[str, Any]], given: list[dict[str, Any]]) -> None:
+    """Store the response, its conversation and its input items; a store that is down costs
+    the request nothing but this (the log says so).
     """
     response = encoder.response
     turns = orjson.dumps([*conversation, encoder.assistant_turn()])
-    record = b'{"response":%s,"conversation":%s}' % (encoder.dumped, turns)
+    record = b'{"response":%s,"conversation":%s,"input":%s}' % (encoder.dumped, turns,
+                                                                 orjson.dumps(given))
     limit = request.app[CONFIG].responses.max_record_bytes
     if len(record) > limit:
         log.warning("response %s is not stored: with its conversation it is %d bytes, over "
@@ -132,4 +175,5 @@ def _store_down() -> GatewayError:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", create)
     app.router.add_get("/v1/responses/{id}", retrieve)
+    app.router.add_get("/v1/responses/{id}/input_items", listed_input)
     app.router.add_delete("/v1/responses/{id}", delete)

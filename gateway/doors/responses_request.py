@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from gateway.protocol.ids import unique_id
 from gateway.protocol.openai import invalid
 
 
@@ -99,6 +100,42 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
             raise invalid(f"{where}.type", f"{where}: input items of type {kind!r} are not "
                                        "supported by the gateway.")
     return out
+
+
+def input_items(items: Any) -> list[dict[str, Any]]:
+    """``input`` (already found valid by ``input_messages``) as the API lists it back: each
+    item with an id and a status, text given as a string as a part; reasoning left out.
+    """
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type") or "message"
+        if kind == "message":
+            assistant = item.get("role") == "assistant"
+            parts = item["content"] if isinstance(item["content"], list) else [
+                {"type": "output_text" if assistant else "input_text", "text": item["content"]}]
+            out.append({"id": _id_of(item, "msg_"), "type": "message",
+                        "role": item.get("role"), "status": "completed",
+                        "content": [_listed_part(part) for part in parts]})
+        elif kind in ("function_call", "function_call_output"):
+            out.append({**item, "id": _id_of(item, "fc_" if kind == "function_call" else "fco_"),
+                        "status": "completed"})
+    return out
+
+
+def _id_of(item: dict[str, Any], prefix: str) -> str:
+    """The item's own id, or a new one."""
+    given = item.get("id")
+    return given if isinstance(given, str) and given else prefix + unique_id()
+
+
+def _listed_part(part: dict[str, Any]) -> dict[str, Any]:
+    if part["type"] == "output_text":
+        return {"annotations": [], **part}
+    if part["type"] == "input_image":
+        return {"detail": "auto", **part}
+    return part
 
 
 def _content(content: Any, where: str) -> Any:

@@ -155,6 +155,8 @@ def test_a_tenant_sees_only_its_own_responses(ollama_sim: Sim) -> None:
             with pytest.raises(openai.NotFoundError):
                 bob.responses.retrieve(mine.id)
             with pytest.raises(openai.NotFoundError):
+                bob.responses.input_items.list(mine.id)
+            with pytest.raises(openai.NotFoundError):
                 bob.responses.create(model="phi3.5:3.8b", input="and?",
                                      previous_response_id=mine.id)
     finally:
@@ -300,3 +302,33 @@ def test_an_empty_input_is_a_400_on_input(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="phi3.5:3.8b", input=[], max_output_tokens=1)
     assert caught.value.param == "input"
+
+
+def test_a_stored_responses_input_items_are_listed_a_page_at_a_time(
+        client: openai.OpenAI) -> None:
+    given = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+              "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+             {"role": "assistant", "content": "It is sunny."},
+             {"role": "user", "content": "Thanks"}]
+    response = client.responses.create(model="phi3.5:3.8b", input=given)  # type: ignore[arg-type]
+    newest_first = list(client.responses.input_items.list(response.id, limit=2))  # 3 pages
+    assert [item.type for item in newest_first] == [
+        "message", "message", "function_call_output", "function_call", "message", "message"]
+    assert newest_first[0].content[0].text == "Thanks"  # type: ignore[union-attr]
+    assert newest_first[3].name == "get_weather"  # type: ignore[union-attr]
+    assert len({item.id for item in newest_first}) == 6  # every item has an id of its own
+    page = client.responses.input_items.list(response.id, order="asc", limit=2,
+                                             after=newest_first[-2].id)
+    assert [item.id for item in page.data] == [newest_first[-3].id, newest_first[-4].id]
+    assert page.has_more
+    one = client.responses.create(model="phi3.5:3.8b", input="Hello there")
+    [item] = client.responses.input_items.list(one.id).data
+    assert item.content[0].text == "Hello there"  # type: ignore[union-attr]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nothing")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.input_items.list(one.id, limit=500)
+    assert caught.value.param == "limit"
