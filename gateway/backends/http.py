@@ -239,15 +239,20 @@ class Exchange:
         backend.unreachable = False
         self._response = response
         if not 200 <= response.status < 300:  # (a redirect too: backends are not followed)
-            error: Exception
-            try:
-                error = await backend.status_error(response)
-            except Exception as exc:  # the error's body could not be read
-                error = _translate(backend.name, exc, started=True)
-            finally:
-                self._finish()
-            raise error
+            raise await self._refusal(response)
         return response
+
+    async def _refusal(self, response: Response) -> Exception:
+        """The error an answer with an error status stands for; its connection let go.
+        (Made here, not held in a variable of the frame that raises it: the traceback would
+        hold that frame, and the frame the error, a cycle only the gc frees.)
+        """
+        try:
+            return await self._backend.status_error(response)
+        except Exception as exc:  # the error's body could not be read
+            return _translate(self._backend.name, exc, started=True)
+        finally:
+            self._finish()
 
     def _resend(self, exc: Disconnected) -> bool:
         """Whether a request whose kept-alive connection the server had closed meanwhile

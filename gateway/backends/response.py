@@ -80,7 +80,7 @@ class Response:
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self._loop, self._limits = loop, limits
         self._connection: Connection | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: dict[str, str] = {}
         self._head_size = 0  # bytes received before the head was whole
@@ -131,11 +131,12 @@ class Response:
 
     def feed(self, data: bytes) -> None:
         self._last = self._loop.time()
-        if self._whole:  # more after the answer's end: a server out of step
+        parser = self._parser
+        if self._whole or parser is None:  # more after the answer's end: a server out of step
             self._keep_alive = False
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._whole:  # (an error raised by a callback is the parser's context)
                 why = exc.__context__ if isinstance(exc.__context__, BadResponse) else exc
@@ -168,7 +169,9 @@ class Response:
     def on_headers_complete(self) -> None:
         if self.status:
             return
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # (its own callback)
+        status = parser.get_status_code()
         if status < 100 or status == 101:  # (wrapped into an error feed_data raises)
             raise BadResponse(f"status {status}")
         if status < 200:  # an interim answer (100 Continue): the real one follows
@@ -179,7 +182,7 @@ class Response:
         self.status = status
         if self._limits.idle is not None:  # from now on, the idle limit
             self._watch_silence()
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = parser.should_keep_alive()
         chunked = headers.get("transfer-encoding", "").lower().rstrip().endswith("chunked")
         self._close_delimited = status not in (204, 304) and not chunked and \
             "content-length" not in headers
@@ -347,6 +350,7 @@ class Response:
         read to its end, and is closed otherwise (the server sees the request end).
         """
         self._stop_timers()
+        self._parser = None  # (it holds this response's callbacks: freed now, not by the gc)
         connection, self._connection = self._connection, None
         if connection is None:
             return

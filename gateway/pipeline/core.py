@@ -152,6 +152,7 @@ class Pipeline:
                 await chunks.aclose()  # the plugins' stream wrappers, then the upstream
                 await routed.close()
             finally:
+                routed.on_switch = None  # (it holds the answer, which holds this closure)
                 self._finish(ctx)
 
         answer = Streamed(first_out, chunks, headers, ctx.model, finish, close)

@@ -1,12 +1,14 @@
 """A short soak: bursts of mixed traffic (streams and whole answers, cache hits, errors, and
 clients that hang up mid-stream) leave nothing behind. After each burst the gateway's tasks
 come back to what they were before, and the process's open files and its connections to the
-upstream do not grow: nothing leaks per request, however it ended.
+upstream do not grow: nothing leaks per request, however it ended. Nor does a request leave
+a cycle of objects for the garbage collector: its memory is freed as it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import time
@@ -18,6 +20,7 @@ import aiohttp
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
 
 MODEL = "phi3.5:3.8b"
+FAILING = "qwq:32b"  # a model whose server answers every request with an error
 BURST, AT_ONCE, HANG_UPS = 120, 16, 24  # requests per burst, at once, hung up mid-stream
 
 
@@ -48,6 +51,8 @@ async def one(http: aiohttp.ClientSession, url: str, kind: str, n: int) -> str:
         chat = {**chat, "temperature": 0, "messages": [{"role": "user", "content": "Same"}]}
     if kind == "unknown model":
         chat = {**chat, "model": "no-such-model:1b"}
+    if kind == "upstream error":
+        chat = {**chat, "model": FAILING}
     if kind == "bad body":
         async with http.post(url, data=b"{not json", headers={
                 "Content-Type": "application/json"}) as response:
@@ -64,10 +69,11 @@ async def one(http: aiohttp.ClientSession, url: str, kind: str, n: int) -> str:
         return f"{kind} {response.status}"
 
 
-async def burst(url: str, seed: int) -> Counter[str]:
+async def burst(url: str, seed: int, *, failing: bool = False) -> Counter[str]:
     rng = random.Random(seed)
     kinds = ["hang up"] * HANG_UPS + rng.choices(
-        ["whole", "stream", "cached", "unknown model", "bad body"], k=BURST - HANG_UPS)
+        ["whole", "stream", "cached", "unknown model", "bad body"]
+        + (["upstream error"] if failing else []), k=BURST - HANG_UPS)
     rng.shuffle(kinds)
     limit = asyncio.Semaphore(AT_ONCE)
     async with aiohttp.ClientSession() as http:
@@ -116,3 +122,58 @@ async def test_bursts_with_disconnects_leave_no_tasks_files_or_connections_behin
     finally:
         server.stop()
     assert connections_to(upstream) == 0  # the gateway closed every one on its way out
+
+
+def cycles_of_the_gateway() -> Counter[str]:
+    """The gateway's objects (and its functions' frames) the cycle collector finds
+    unreachable now, by type: what its reference counts could not free.
+    """
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found: Counter[str] = Counter()
+        for thing in gc.garbage:
+            if isinstance(thing, type(cycles_of_the_gateway.__code__)):
+                continue
+            module = getattr(type(thing), "__module__", "") or ""
+            if module.startswith(("gateway.", "plugins.")):
+                found[type(thing).__qualname__] += 1
+            elif hasattr(thing, "f_code") and "/gateway/" in thing.f_code.co_filename:
+                found[f"frame of {thing.f_code.co_name}"] += 1
+        return found
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+async def test_a_finished_request_leaves_no_cycle_for_the_garbage_collector(
+    ollama_sim: Sim
+) -> None:
+    """With a thousand streams open, a full pass of the cycle collector takes tens of
+    milliseconds, every stream waiting: so the gateway's requests free their objects by
+    reference counting alone, whatever the answer and however it ended.
+    """
+    ollama_sim.fault(MODEL, tokens_per_s=200)
+    ollama_sim.fault(FAILING, status=500, message="out of memory")
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url, max_connections=AT_ONCE),
+        plugins=[{"name": "safety"}, {"name": "qa"}, {"name": "cache"}]))
+    url = server.url + "/v1/chat/completions"
+    try:
+        await burst(url, 0, failing=True)  # warm: what is made once is made
+        await asyncio.sleep(0.5)
+        gc.collect()
+        gc.disable()  # (no collection may free a cycle before it is looked for)
+        try:
+            seen = await burst(url, 1, failing=True)
+            settled(server, 0, limit=1.0)
+            found = cycles_of_the_gateway()
+        finally:
+            gc.enable()
+    finally:
+        server.stop()
+    # (The breaker opens on the failing model: what follows is refused without trying it.)
+    assert seen["upstream error 502"] + seen["upstream error 503"] > 0, seen
+    assert seen["hang up 200"] == HANG_UPS, seen
+    assert seen["stream 200"] > 0 and seen["cached 200"] > 0, seen
+    assert not found, found
