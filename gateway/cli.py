@@ -29,7 +29,7 @@ from gateway.http.server import GatewayRunner
 from gateway.key_commands import add_keys_command
 from gateway.report import print_catalog
 from gateway.router_commands import add_router_command
-from gateway.runtime import new_event_loop, until_signalled
+from gateway.runtime import new_event_loop, paced_collector, until_signalled
 
 log = logging.getLogger("gateway")
 
@@ -244,7 +244,8 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
             await web.SockSite(runner, sock, backlog=BACKLOG).start()
         log.info("gateway listening on %s (config %s)", ", ".join(
             f"http://{host}:{port}" for host, port in server.addresses()), config.source)
-        await until_signalled()
+        async with paced_collector():
+            await until_signalled()
         log.info("gateway stopping: no new connections; requests in flight have %g s to "
                  "finish", server.shutdown_grace)
     finally:

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.http.server import GatewayRunner
-from gateway.runtime import new_event_loop, until_signalled
+from gateway.runtime import new_event_loop, paced_collector, until_signalled
 from gateway.sim import create_ollama_app, create_openai_app, seed_fleet, start_site
 
 PACE = {"ttft": 0.25, "tokens_per_s": 30.0}  # a workstation-like feel when streaming
@@ -43,7 +43,8 @@ async def _demo(config: GatewayConfig) -> None:
         await web.TCPSite(gateway, config.server.host, config.server.port).start()
         base = f"http://{config.server.host}:{config.server.port}"
         print(_EXAMPLES.format(base=base), flush=True)
-        await until_signalled()
+        async with paced_collector():
+            await until_signalled()
     finally:
         await gateway.cleanup()
         for runner in runners:
