@@ -27,6 +27,7 @@ from gateway.config import (
 )
 from gateway.http.server import GatewayRunner
 from gateway.key_commands import add_keys_command
+from gateway.keys import ROUTER
 from gateway.report import print_catalog
 from gateway.router_commands import add_router_command
 from gateway.runtime import new_event_loop, paced_collector, until_signalled
@@ -244,7 +245,7 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
             await web.SockSite(runner, sock, backlog=BACKLOG).start()
         log.info("gateway listening on %s (config %s)", ", ".join(
             f"http://{host}:{port}" for host, port in server.addresses()), config.source)
-        async with paced_collector():
+        async with paced_collector(app[ROUTER].balancer.at_work):
             await until_signalled()
         log.info("gateway stopping: no new connections; requests in flight have %g s to "
                  "finish", server.shutdown_grace)

@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.http.server import GatewayRunner
+from gateway.keys import ROUTER
 from gateway.runtime import new_event_loop, paced_collector, until_signalled
 from gateway.sim import create_ollama_app, create_openai_app, seed_fleet, start_site
 
@@ -29,7 +30,8 @@ async def _demo(config: GatewayConfig) -> None:
     for model in fleet["ollama"] + fleet["mlx"]:
         model.ttft, model.tokens_per_s = PACE["ttft"], PACE["tokens_per_s"]
     runners: list[web.AppRunner] = []
-    gateway = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None,
+    served = create_app(config)
+    gateway = GatewayRunner(served, handler_cancellation=True, access_log=None,
                             shutdown_timeout=config.server.shutdown_grace)
     try:  # (an address in use ends it at any step: what was started is stopped)
         for backend in config.backends:
@@ -43,7 +45,7 @@ async def _demo(config: GatewayConfig) -> None:
         await web.TCPSite(gateway, config.server.host, config.server.port).start()
         base = f"http://{config.server.host}:{config.server.port}"
         print(_EXAMPLES.format(base=base), flush=True)
-        async with paced_collector():
+        async with paced_collector(served[ROUTER].balancer.at_work):
             await until_signalled()
     finally:
         await gateway.cleanup()

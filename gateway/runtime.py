@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
-FULL_COLLECTION_EVERY = 30.0  # seconds
+FULL_PASS_EVERY, FULL_PASS_LONGEST = 30.0, 600.0  # seconds (see paced_collector)
+QUIET = 16  # requests at work, at most, for a full pass to be made on time
 _NEVER = 1 << 30  # a threshold no count reaches
 
 
@@ -45,23 +47,25 @@ async def end_loops(tasks: list[asyncio.Task[None]], within: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def paced_collector(every: float = FULL_COLLECTION_EVERY) -> AsyncIterator[None]:
+async def paced_collector(at_work: Callable[[], int], every: float = FULL_PASS_EVERY,
+                          longest: float = FULL_PASS_LONGEST) -> AsyncIterator[None]:
     """The cyclic garbage collector of a serving process, whose requests free their objects
     by reference counting alone (``tests/integration/test_soak.py`` holds them to that).
 
     What start-up built lives as long as the process: it is frozen, out of every pass (about
     a fifth of the CPU a request takes, measured with loadtest/). CPython starts a full pass
     whenever what survived into its oldest generation since the last one reaches a quarter
-    of it; with a thousand streams open that came every few seconds, each pass scanning
-    every stream's objects while every stream waited (20 to 150 ms), to free nothing. Here a
-    full pass comes every ``every`` seconds instead, and still frees what cycles others make;
-    the young generations are collected as ever.
+    of it: with a thousand streams open, every few seconds, each pass scanning every
+    stream's objects while every stream waited (20 to 150 ms), to find nothing. Here a full
+    pass comes every ``every`` seconds when at most ``QUIET`` requests are at work
+    (``at_work()``), so it is short, and at the latest after ``longest`` seconds however
+    busy; it frees what cycles others make. The young generations are collected as ever.
     """
     gc.collect()
     gc.freeze()
     young, middle, oldest = gc.get_threshold()
     gc.set_threshold(young, middle, _NEVER)
-    task = asyncio.create_task(_collect_every(every), name="full collections")
+    task = asyncio.create_task(_full_passes(at_work, every, longest), name="full passes")
     try:
         yield
     finally:
@@ -71,7 +75,10 @@ async def paced_collector(every: float = FULL_COLLECTION_EVERY) -> AsyncIterator
         gc.set_threshold(young, middle, oldest)
 
 
-async def _collect_every(every: float) -> None:
+async def _full_passes(at_work: Callable[[], int], every: float, longest: float) -> None:
+    last = time.monotonic()
     while True:
         await asyncio.sleep(every)
-        gc.collect()
+        if at_work() <= QUIET or time.monotonic() - last >= longest:
+            gc.collect()
+            last = time.monotonic()

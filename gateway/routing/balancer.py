@@ -219,6 +219,10 @@ class Balancer:
             for (backend, model), s in sorted(self._states.items())
         }
 
+    def at_work(self) -> int:
+        """Requests the deployments are answering or have queued, all told."""
+        return sum(s.in_flight + len(s.waiters) for s in self._states.values())
+
     def states(self) -> list[tuple[tuple[str, str], DeploymentState]]:
         """(backend, model) and state of every deployment that has seen traffic."""
         return list(self._states.items())

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 
-from gateway.runtime import new_event_loop
+from gateway.runtime import new_event_loop, paced_collector
 from gateway.sim import SimModel, create_ollama_app, create_openai_app, seed_fleet, start_site
 
 
@@ -36,8 +36,9 @@ def main() -> None:
     async def serve() -> None:
         runner = await start_site(app, args.host, args.port)
         print(f"simulated {args.kind} on http://{args.host}:{args.port}", flush=True)
-        try:
-            await asyncio.Event().wait()
+        try:  # (its handlers are its tasks: few of them, and its own stalls are short)
+            async with paced_collector(lambda: len(asyncio.all_tasks())):
+                await asyncio.Event().wait()
         finally:
             await runner.cleanup()
 

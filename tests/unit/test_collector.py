@@ -1,14 +1,15 @@
-"""A serving process's garbage collector: full passes on a clock, never on allocation
-counts, and cycles still freed by them.
+"""A serving process's garbage collector: full passes on a clock, when few requests are at
+work, never on allocation counts; and cycles still freed by them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
 
-from gateway.runtime import paced_collector
+from gateway.runtime import QUIET, paced_collector
 
 
 class Node:
@@ -30,7 +31,7 @@ async def test_full_passes_come_on_a_clock_and_still_free_cycles() -> None:
     before = gc.get_threshold()
     freed = asyncio.Event()
     try:
-        async with paced_collector(every=0.5):
+        async with paced_collector(lambda: 0, every=0.5):
             old_cycle(freed)
             kept = [[] for _ in range(200_000)]  # allocations enough for many young passes
             assert gc.get_count()[2] > 10  # young passes since the last full one: it waits
@@ -40,3 +41,24 @@ async def test_full_passes_come_on_a_clock_and_still_free_cycles() -> None:
         assert gc.get_threshold() == before  # as it was found, once the server stops
     finally:
         gc.unfreeze()  # (this process is the test run's: what it froze, it lets go)
+
+
+async def test_a_busy_server_gets_its_full_pass_later_but_gets_it() -> None:
+    """With many requests at work a full pass would hold them all: it waits for a quieter
+    moment, up to its longest wait.
+    """
+    at_work = QUIET + 1
+    freed = asyncio.Event()
+    try:
+        async with paced_collector(lambda: at_work, every=0.1, longest=1.0):
+            started = time.monotonic()
+            old_cycle(freed)
+            await asyncio.wait_for(freed.wait(), 3)
+            assert time.monotonic() - started > 0.8  # not at 0.1 s, busy as it was
+            at_work = QUIET
+            old_cycle(freed := asyncio.Event())
+            started = time.monotonic()
+            await asyncio.wait_for(freed.wait(), 3)
+            assert time.monotonic() - started < 0.5  # quiet: on the clock
+    finally:
+        gc.unfreeze()
