@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -143,6 +144,7 @@ def create_app(config: GatewayConfig) -> web.Application:
                                  FINISHED)) for state in ("total", "completed", "failed")],
         across="own")  # (every worker reads the same batches)
     app.cleanup_ctx.append(_tasks_ctx)
+    app.on_startup.append(_freeze_startup_objects)
     openai.add_routes(app)
     ollama.add_routes(app)
     responses.add_routes(app)
@@ -271,6 +273,16 @@ async def _tunnels_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[TUNNELS].start()
     yield
     await app[TUNNELS].close()
+
+
+async def _freeze_startup_objects(app: web.Application) -> None:
+    """Everything built so far lives as long as the process: keeping it out of the cyclic
+    garbage collector's full passes cuts the gateway's CPU per request by about a fifth
+    (measured with loadtest/). When those passes come is the serving process's choice
+    (``gateway.runtime.paced_collector``).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -50,19 +50,17 @@ async def end_loops(tasks: list[asyncio.Task[None]], within: float) -> None:
 async def paced_collector(at_work: Callable[[], int], every: float = FULL_PASS_EVERY,
                           longest: float = FULL_PASS_LONGEST) -> AsyncIterator[None]:
     """The cyclic garbage collector of a serving process, whose requests free their objects
-    by reference counting alone (``tests/integration/test_soak.py`` holds them to that).
+    by reference counting alone (``tests/integration/test_soak.py`` holds them to that), and
+    whose start-up objects the app has frozen.
 
-    What start-up built lives as long as the process: it is frozen, out of every pass (about
-    a fifth of the CPU a request takes, measured with loadtest/). CPython starts a full pass
-    whenever what survived into its oldest generation since the last one reaches a quarter
-    of it: with a thousand streams open, every few seconds, each pass scanning every
-    stream's objects while every stream waited (20 to 150 ms), to find nothing. Here a full
-    pass comes every ``every`` seconds when at most ``QUIET`` requests are at work
-    (``at_work()``), so it is short, and at the latest after ``longest`` seconds however
-    busy; it frees what cycles others make. The young generations are collected as ever.
+    CPython starts a full pass whenever what survived into its oldest generation since the
+    last one reaches a quarter of it: with a thousand streams open, every few seconds, each
+    pass scanning every stream's objects while every stream waited (20 to 150 ms), to find
+    nothing. Here a full pass comes every ``every`` seconds when at most ``QUIET`` requests
+    are at work (``at_work()``), so it is short, and at the latest after ``longest`` seconds
+    however busy; it frees what cycles others make. The young generations are collected as
+    ever.
     """
-    gc.collect()
-    gc.freeze()
     young, middle, oldest = gc.get_threshold()
     gc.set_threshold(young, middle, _NEVER)
     task = asyncio.create_task(_full_passes(at_work, every, longest), name="full passes")
