@@ -132,7 +132,8 @@ class Response:
     def feed(self, data: bytes) -> None:
         self._last = self._loop.time()
         parser = self._parser
-        if self._whole or parser is None:  # more after the answer's end: a server out of step
+        if self._whole or parser is None:  # more after the answer's end (or its release):
+            # a server out of step
             self._keep_alive = False
             return
         try:
