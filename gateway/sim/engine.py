@@ -247,20 +247,41 @@ def watch(record: dict[str, Any]) -> Iterator[None]:
         raise
 
 
-async def stream_plan(request: web.Request, response: web.StreamResponse, model: SimModel,
+class _AtOnce(web.StreamResponse):
+    """A stream whose every event is ready when it starts: its head goes out with them, in
+    one write, as aiohttp's ``Response`` sends its own.
+    """
+
+    _send_headers_immediately = False
+
+
+async def stream_plan(request: web.Request, headers: dict[str, str], model: SimModel,
                       faults: Faults, plan: Plan, framer: Framer,
-                      record: dict[str, Any]) -> None:
-    """Send a planned answer at the model's pace, with the in-stream faults. Unpaced, the
-    events go out together, in one write: a model that answers at once has the whole answer
-    ready (one write an event would cost the simulator as much as the proxy it feeds, on
-    the cores a benchmark shares between them).
+                      record: dict[str, Any]) -> web.StreamResponse:
+    """Send a planned answer at the model's pace, with the in-stream faults. Unpaced and
+    without faults, the head and the events go out together, in one write: a model that
+    answers at once has the whole answer ready (a write an event, or one for the head, would
+    cost the simulator as much as the proxy it feeds, on the cores a benchmark shares
+    between them).
     """
     ttft, delay = model.pace()
+    pieces = plan.pieces()
+    if not (ttft or delay or faults.in_stream() or faults.end_delay):
+        response: web.StreamResponse = _AtOnce(headers=headers)
+        await response.prepare(request)
+        events = [framer.piece(kind, value) for kind, value in pieces]
+        events.append(framer.end(plan, terminate=not faults.missing_done))
+        record["tokens"] += len(pieces)
+        await response.write_eof(b"".join(events))
+        record["outcome"] = "completed"
+        return response
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
     if ttft:
         await response.write(framer.keepalive())
         await asyncio.sleep(ttft)
     ready: list[bytes] = []  # events not yet written (unpaced, and no fault at hand)
-    for i, (kind, value) in enumerate(plan.pieces()):
+    for i, (kind, value) in enumerate(pieces):
         if faults.at(i):
             await _write(response, ready)
         if faults.cut_after is not None and i >= faults.cut_after:
@@ -276,7 +297,7 @@ async def stream_plan(request: web.Request, response: web.StreamResponse, model:
             record["outcome"] = "error_event"
             await response.write(framer.error(faults.message or "simulated failure"))
             await response.write_eof()
-            return
+            return response
         if faults.malformed_at == i:
             await response.write(framer.malformed())
         if faults.bad_shape_at == i:
@@ -294,6 +315,7 @@ async def stream_plan(request: web.Request, response: web.StreamResponse, model:
     await response.write_eof()
     if record["outcome"] == "pending":
         record["outcome"] = "completed"
+    return response
 
 
 async def _write(response: web.StreamResponse, ready: list[bytes]) -> None:

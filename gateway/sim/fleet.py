@@ -49,6 +49,12 @@ class Faults:
                    (self.cut_after, self.stall_after, self.error_after)) or \
             i in (self.malformed_at, self.bad_shape_at)
 
+    def in_stream(self) -> bool:
+        """Whether any fault strikes in the middle of a stream."""
+        return any(at is not None for at in (self.cut_after, self.stall_after,
+                                              self.error_after, self.malformed_at,
+                                              self.bad_shape_at))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Faults:
         names = {f.name for f in dataclasses.fields(cls)}

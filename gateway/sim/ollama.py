@@ -171,10 +171,8 @@ async def _answer(request: web.Request, state: SimState, model: SimModel,
             record["outcome"] = "completed"
             record["tokens"] = plan.completion_tokens
             return web.Response(body=framer.whole(plan), content_type="application/json")
-        response = web.StreamResponse(headers={"Content-Type": NDJSON})
-        await response.prepare(request)
-        await stream_plan(request, response, model, faults, plan, framer, record)
-    return response
+        return await stream_plan(request, {"Content-Type": NDJSON}, model, faults, plan,
+                                 framer, record)
 
 
 _DURATION = re.compile(r"-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")

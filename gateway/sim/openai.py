@@ -6,6 +6,7 @@ llama.cpp (its error shape), or a cloud API.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from gateway.sim.fleet import SimModel, count_tokens, embedding
 Flavor = Literal["mlx", "llamacpp", "openai"]
 
 
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 LLAMACPP_SLOTS = 4  # llama.cpp's server: --parallel's default
 
 
@@ -180,11 +182,7 @@ async def _answer(request: web.Request, state: SimState, model: SimModel, body: 
             record["outcome"] = "completed"
             record["tokens"] = plan.completion_tokens
             return _json(framer.whole(plan))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        await stream_plan(request, response, model, faults, plan, framer, record)
-    return response
+        return await stream_plan(request, _SSE_HEADERS, model, faults, plan, framer, record)
 
 
 class _Framer:
@@ -193,8 +191,10 @@ class _Framer:
         self.chat = chat
         self.include_usage = include_usage
         self.first = True
+        self._frames: dict[bool, tuple[bytes, bytes]] = {}  # a text piece's bytes around
+        # its text, by whether the delta repeats the role
         self.base = {
-            "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8),
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(64):016x}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()),
             "model": model,
@@ -214,6 +214,8 @@ class _Framer:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def piece(self, kind: str, value: Any) -> bytes:
+        if kind == "content" and isinstance(value, str):
+            return self._text_piece(value)
         if kind == "content":
             delta: dict[str, Any] = {"content": value}
         elif kind == "thinking":
@@ -221,6 +223,22 @@ class _Framer:
         else:
             delta = {"tool_calls": _tool_calls(value)}
         return self._event({**self.base, "choices": [self._choice(delta, None)]})
+
+    def _text_piece(self, text: str) -> bytes:
+        """A text token's event: the bytes the whole event would be, made once an answer
+        and then only the text encoded (a server frames its tokens at a cost next to
+        nothing beside making them; here, where no token costs anything to make, the
+        framing must not either).
+        """
+        role = self.chat and (self.first or self.flavor == "mlx")
+        frame = self._frames.get(role)
+        if frame is None:
+            event = self._event({**self.base, "choices": [self._choice({"content": "\0"},
+                                                                        None)]})
+            before, after = event.split(b'"\\u0000"')
+            frame = self._frames[role] = (before, after)
+        self.first = False
+        return frame[0] + orjson.dumps(text) + frame[1]
 
     def malformed(self) -> bytes:
         return b'data: {"id": "chatcmpl-broken", "choices": [{"delta": \n\n'
