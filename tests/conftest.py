@@ -7,7 +7,14 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.sim import create_ollama_app, create_openai_app, seed_fleet
-from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    close_test_clients,
+    gateway_config,
+    start_gateway,
+)
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +29,13 @@ def mlx_sim() -> Iterator[Sim]:
     fleet = seed_fleet()["mlx"]
     with ServerThread(lambda: create_openai_app(fleet, flavor="mlx")) as server:
         yield Sim(server, "mlx")
+
+
+@pytest.fixture(autouse=True)
+def _clients_closed() -> Iterator[None]:
+    """The SDK clients a test made through ``closed_after_test`` are closed when it ends."""
+    yield
+    close_test_clients()
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import openai
 
-from tests.support import GatewayProcess, Sim, free_port, wait_ready, wait_until
+from tests.support import GatewayProcess, Sim, free_port, openai_client, wait_ready, wait_until
 
 PER_REQUEST = 0.05  # the simulated model's seconds per answer
 
@@ -56,7 +56,7 @@ def test_interactive_latency_holds_during_a_large_batch(tmp_path: Path) -> None:
                           f'url = "{sim.api_url}"\nmax_concurrency = 2\n\n'
                           f'[tasks]\ndata_dir = "{tmp_path / "data"}"\nshare = 0.5\n')
         gateway = GatewayProcess(config)
-        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        api = openai_client(gateway.url)
         p50(api, [f"warm-up {n}" for n in range(5)])
         idle = p50(api, [f"idle question {n}" for n in range(40)])  # (no two alike: no hits)
 

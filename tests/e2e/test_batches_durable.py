@@ -20,7 +20,7 @@ import openai
 from gateway.sim import create_ollama_app
 from tests.integration.conftest import host_models
 from tests.redis_peer import RedisServer
-from tests.support import GATEWAY, GatewayProcess, ServerThread, Sim, wait_until
+from tests.support import GATEWAY, GatewayProcess, ServerThread, Sim, openai_client, wait_until
 
 LINES = 120
 
@@ -64,7 +64,7 @@ def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Pat
                       f'url = "{sim.api_url}"\n\n[tasks]\ndata_dir = "{tmp_path / "data"}"\n')
     gateway = GatewayProcess(config)
     try:
-        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        api = openai_client(gateway.url)
         content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(LINES))
         source = api.files.create(file=("work.jsonl", io.BytesIO(content)), purpose="batch")
         batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
@@ -74,7 +74,7 @@ def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Pat
         gateway.process.send_signal(signal.SIGKILL)  # no shutdown, no goodbye
         gateway.stop()  # (collects it)
         gateway = GatewayProcess(config)  # the same data directory
-        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        api = openai_client(gateway.url)
         every_line_once(api, batch.id, LINES)
         listed = subprocess.run([*GATEWAY, "batches", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30, check=True).stdout
@@ -101,7 +101,7 @@ def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path)
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                    for _ in range(2)]
         try:
-            api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+            api = openai_client(gateway.url)
             content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(500))
             source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
                                       purpose="batch")
@@ -131,7 +131,7 @@ def test_redis_restarted_mid_batch_loses_no_line(tmp_path: Path) -> None:
         worker = subprocess.Popen([*GATEWAY, "worker", "--config", str(config)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+            api = openai_client(gateway.url)
             content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(300))
             source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
                                       purpose="batch")

@@ -28,6 +28,7 @@ from tests.support import (
     backend,
     free_port,
     gateway_config,
+    openai_client,
     start_gateway,
     wait_until,
 )
@@ -62,7 +63,7 @@ def tunnel_config(keys: Keys, port: int, workstation: Sim, light: Sim | None = N
 
 
 def client(gateway: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    return openai_client(gateway.url)
 
 
 def health(gateway: ServerThread) -> dict[str, Any]:

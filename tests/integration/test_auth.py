@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+from tests.support import ServerThread, Sim, backend, gateway_config, openai_client, start_gateway
 
 KEY = "gw-test-key-0123456789"
 ADMIN = "gw-admin-key-9876543210"
@@ -36,7 +36,7 @@ def guarded(ollama_sim: Sim, mlx_sim: Sim, monkeypatch: pytest.MonkeyPatch
 
 
 def client(server: ServerThread, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    return openai_client(server.url, key)
 
 
 def test_a_valid_key_is_served(guarded: ServerThread) -> None:

@@ -21,7 +21,14 @@ from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
 from gateway.tasks.api import TASKS
 from tests.integration.conftest import FAST, Fleet, fleet_config
-from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
+from tests.support import (
+    ServerThread,
+    backend,
+    gateway_config,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 ADMIN = "gw-admin-key-of-the-batch-tests"
 KEYS = {"alice": "gw-alice-key-of-the-batch-tests", "bob": "gw-bob-key-of-the-batch-tests"}
@@ -47,7 +54,7 @@ def gateway(fleet: Fleet) -> Iterator[ServerThread]:
 
 
 def client(server: ServerThread, who: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[who], max_retries=0)
+    return openai_client(server.url, KEYS[who])
 
 
 def jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
@@ -303,7 +310,7 @@ def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None
                 max_concurrency=4),
         tasks={"share": 0.5}))
     try:
-        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        api = openai_client(server.url)
         source = api.files.create(file=("slow.jsonl", jsonl([chat_line(n) for n in range(12)])),
                                   purpose="batch")
         began = time.monotonic()
@@ -340,7 +347,7 @@ def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet
         backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
         tasks={"retry_initial": 0.05, "retry_max": 0.2}))
     try:
-        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        api = openai_client(server.url)
         lines = [chat_line(n) for n in range(4)] + \
             [chat_line(n, model="qwen2.5-coder:32b") for n in range(4, 8)]
         source = api.files.create(file=("mixed.jsonl", jsonl(lines)), purpose="batch")
@@ -384,7 +391,7 @@ def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet
 def test_a_backend_failing_mid_batch_sends_its_lines_to_the_fallbacks(fleet: Fleet) -> None:
     server = start_gateway(fleet_config(fleet))  # qwq:32b falls back to qwen2.5-coder:32b
     try:
-        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        api = openai_client(server.url)
         fleet.primary.fault("qwq:32b", latency=0.05)
         source = api.files.create(file=("work.jsonl", jsonl([chat_line(n) for n in range(40)])),
                                   purpose="batch")

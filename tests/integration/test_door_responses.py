@@ -16,7 +16,7 @@ import pydantic
 import pytest
 
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
-from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
+from tests.support import ServerThread, Sim, backend, gateway_config, openai_client, start_gateway
 
 TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -24,8 +24,7 @@ TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a 
 
 
 def sdk(url: str, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
-                         _strict_response_validation=True)
+    return openai_client(url, key, _strict_response_validation=True)
 
 
 @pytest.fixture

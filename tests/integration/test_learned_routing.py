@@ -19,7 +19,14 @@ import pytest
 from gateway.keys import ROUTER
 from tests.integration.conftest import FAST, Fleet
 from tests.redis_peer import RedisCluster, RedisServer
-from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
+from tests.support import (
+    ServerThread,
+    backend,
+    gateway_config,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 KEYS = {"alice": "gw-alice-key-of-the-learning-tests", "bob": "gw-bob-key-of-the-learning-tests"}
 ALIAS = "auto:pair"  # two models the fleet has, equally good as far as QA can tell
@@ -45,7 +52,7 @@ def gateway(fleet: Fleet, tmp_path: Path) -> Iterator[ServerThread]:
 
 
 def client(server: ServerThread, who: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[who], max_retries=0)
+    return openai_client(server.url, KEYS[who])
 
 
 def ask(api: openai.OpenAI, n: int = 0) -> tuple[str, str, str]:
@@ -213,7 +220,7 @@ def test_it_learns_which_model_answers_which_kind_from_qa(fleet: Fleet, tmp_path
         plugins=[{"name": "qa", "options": {"escalate": False}}],
         aliases={ALIAS: {"priority": {"ollama": list(PAIR)}, "policy": "learned"}},
         routing={"learned": {"state_file": str(tmp_path / "learned.json")}}))
-    api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    api = openai_client(server.url)
     asks = {"code": "Write a Python function that adds {n} to a number.",
             "chat": "Tell me something nice about the number {n}."}
     picked: list[tuple[str, str, str]] = []
@@ -240,7 +247,7 @@ def test_exploring_never_picks_a_model_without_what_the_request_needs(
                                       "policy": "learned"}},
         routing={"learned": {"exploration": 2.0,  # as curious as it may be
                              "state_file": str(tmp_path / "learned.json")}}))
-    api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    api = openai_client(server.url)
     tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
     try:
         for n in range(20):  # tiny-ctx:1b cannot call tools (its backend says so)

@@ -24,7 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.sim import SimModel, create_ollama_app
 from tests.integration.conftest import FAST, Fleet, host_models
 from tests.redis_peer import RedisServer
-from tests.support import ServerThread, backend, gateway_config, start_gateway, wait_until
+from tests.support import (
+    ServerThread,
+    backend,
+    gateway_config,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 USER = [{"role": "user", "content": "Hello"}]
 ADMIN = "gw-admin-key-of-the-monitor-tests"
@@ -43,7 +50,7 @@ def get(url: str, key: str = "") -> tuple[int, Any]:
 
 
 def chat(server: ServerThread, model: str = "auto", key: str = "x") -> Any:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    client = openai_client(server.url, key)
     return client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
 
 
@@ -279,7 +286,7 @@ def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Pa
         keys=[{"id": "ide", "hash": digest, "name": "ide"}]))
     try:
         chat(server, key=KEY)
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        client = openai_client(server.url, KEY)
         list(client.chat.completions.create(model="qwq:32b", messages=USER, stream=True))
         with pytest.raises(openai.NotFoundError):
             chat(server, "no-such-model", key=KEY)

@@ -41,6 +41,7 @@ from tests.support import (
     Sim,
     backend,
     gateway_config,
+    openai_client,
     start_gateway,
     wait_until,
 )
@@ -60,7 +61,7 @@ def test_the_cache_works_on_a_redis_cluster(ollama_sim: Sim, cluster: RedisClust
         backend("ollama", "ollama", ollama_sim.api_url),
         plugins=[{"name": "cache", "options": {"backend": "redis",
                                                "redis_url": cluster.url}}]))
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    client = openai_client(server.url)
     try:
         def ask(n: int) -> str:
             response = client.chat.completions.with_raw_response.create(
@@ -144,7 +145,7 @@ def test_batches_run_on_a_redis_cluster(ollama_sim: Sim, cluster: RedisCluster) 
     server = start_gateway(gateway_config(
         backend("ollama", "ollama", ollama_sim.api_url),
         tasks={"queue": "redis", "redis_url": cluster.url}))
-    api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    api = openai_client(server.url)
 
     def batch_of(lines: int, tag: str) -> Any:
         rows = [{"custom_id": f"{tag}-{n}", "method": "POST", "url": "/v1/chat/completions",
@@ -209,8 +210,7 @@ def test_a_cluster_away_at_start_is_found_out_when_it_answers(ollama_sim: Sim) -
             wait_until(counted, 15, "the key's requests counted in the cluster")
 
             # the task store found out too (its keys hash all over): a batch runs
-            api = openai.OpenAI(base_url=server.url + "/v1", api_key=issued["key"],
-                                max_retries=0)
+            api = openai_client(server.url, issued["key"])
             lines = [{"custom_id": f"late-{n}", "method": "POST", "url": "/v1/chat/completions",
                       "body": {"model": MODEL, "max_tokens": 8,
                                "messages": [{"role": "user", "content": f"late {n}"}]}}

@@ -22,7 +22,15 @@ import openai
 import pytest
 
 from gateway.http.access import METERED
-from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway, wait_until
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    gateway_config,
+    openai_client,
+    start_gateway,
+    wait_until,
+)
 
 MODEL = "qwq:32b"
 USER = [{"role": "user", "content": "Hello"}]
@@ -61,7 +69,7 @@ def keyed(ollama_sim: Sim) -> Iterator[ServerThread]:
 
 
 def client(server: ServerThread, name: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=secret(name), max_retries=0)
+    return openai_client(server.url, secret(name))
 
 
 @contextlib.contextmanager
