@@ -249,7 +249,8 @@ def watch(record: dict[str, Any]) -> Iterator[None]:
 
 class _AtOnce(web.StreamResponse):
     """A stream whose every event is ready when it starts: its head goes out with them, in
-    one write, as aiohttp's ``Response`` sends its own.
+    one write, as aiohttp's ``Response`` sends its own (by the class attribute ``Response``
+    sets; an aiohttp without it sends the head first, which is only slower).
     """
 
     _send_headers_immediately = False

@@ -191,8 +191,8 @@ class _Framer:
         self.chat = chat
         self.include_usage = include_usage
         self.first = True
-        self._frames: dict[bool, tuple[bytes, bytes]] = {}  # a text piece's bytes around
-        # its text, by whether the delta repeats the role
+        # A text piece's bytes before and after its text, by whether its delta has the role.
+        self._frames: dict[bool, tuple[bytes, bytes]] = {}
         self.base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(64):016x}",
             "object": "chat.completion.chunk" if chat else "text_completion",
