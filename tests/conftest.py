@@ -33,7 +33,7 @@ def mlx_sim() -> Iterator[Sim]:
 
 @pytest.fixture(autouse=True)
 def _clients_closed() -> Iterator[None]:
-    """The SDK clients a test made through ``closed_after_test`` are closed when it ends."""
+    """The SDK clients a test made through ``openai_client`` are closed when it ends."""
     yield
     close_test_clients()
 

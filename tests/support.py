@@ -15,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import openai
 from aiohttp import web
@@ -24,29 +24,17 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.http.server import GatewayRunner
 
-_TO_CLOSE: list[Callable[[], object]] = []
-Closable = TypeVar("Closable", bound="SupportsClose")
-
-
-class SupportsClose(Protocol):
-    def close(self) -> object: ...
-
-
-def closed_after_test(client: Closable) -> Closable:
-    """``client`` (an SDK's client), closed when the test ends (``tests/conftest.py``): its
-    connections are otherwise left to the garbage collector, which would warn about them in
-    whichever later test it happened to run.
-    """
-    _TO_CLOSE.append(client.close)
-    return client
+_TO_CLOSE: list[Callable[[], object]] = []  # what close_test_clients closes
 
 
 def openai_client(url: str, key: str = "x", **options: Any) -> openai.OpenAI:
     """The official SDK pointed at a gateway (``url``: its root), without retries, closed
-    when the test ends.
+    when the test ends (``tests/conftest.py``): its connections are otherwise left to the
+    garbage collector, which would warn about them in whichever later test it ran.
     """
-    return closed_after_test(openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
-                                           **options))
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, **options)
+    _TO_CLOSE.append(client.close)
+    return client
 
 
 def close_test_clients() -> None:
