@@ -187,10 +187,9 @@ class OllamaTranslator:
     def _delta(self, obj: dict[str, Any]) -> Chunk:
         message = obj.get("message")
         if message is None:  # /api/generate
-            return Chunk(content=text_field(obj.get("response")),
-                         reasoning=text_field(obj.get("thinking")))
-        chunk = Chunk(content=text_field(message.get("content")),
-                      reasoning=text_field(message.get("thinking")))
+            return Chunk(text_field(obj.get("response")), text_field(obj.get("thinking")))
+        # (Content, reasoning: positional, which is quicker, for every line.)
+        chunk = Chunk(text_field(message.get("content")), text_field(message.get("thinking")))
         calls = message.get("tool_calls")
         if calls:
             chunk.tool_calls = [self._tool_call(call) for call in calls]

@@ -57,13 +57,14 @@ class OpenAITranslator:
             return Chunk()
         choice = choices[0]
         delta = choice.get("delta") or choice.get("message") or {}
-        chunk = Chunk(
-            content=text_field(delta.get("content") or choice.get("text")),
-            reasoning=text_field(delta.get("reasoning_content") or delta.get("reasoning")),
-            finish_reason=choice.get("finish_reason"),
-        )
+        content = delta.get("content") or choice.get("text") or ""
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        # (Positional, and text_field only for what is not text: this runs for every event.)
+        chunk = Chunk(content if content.__class__ is str else text_field(content),
+                      reasoning if reasoning.__class__ is str else text_field(reasoning),
+                      None, choice.get("finish_reason"))
         logprobs = choice.get("logprobs")
-        if isinstance(logprobs, dict) and logprobs:
+        if logprobs and isinstance(logprobs, dict):
             chunk.logprobs = logprobs
         calls = delta.get("tool_calls")
         if calls:

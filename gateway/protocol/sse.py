@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 4 * 1024 * 1024  # longer than any sane event; beyond it the upstream is broken
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+_NEXT = b"\n\ndata: "  # between two one-line events
+_THEN_DONE = _NEXT + b"[DONE]"
 
 
 class LineTooLong(ValueError):
@@ -78,23 +80,49 @@ class EventReader:
         self._started = False
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        data = self._take(data)
+        return self._events(data) if data else []
+
+    def payloads(self, data: bytes) -> tuple[list[Any], bool]:
+        """The JSON payloads of the events ``data`` completes, up to ``[DONE]``, and whether
+        it came. A read of nothing but one-line ``data: `` events of JSON (what servers send;
+        a whole answer's events often come in one read) is parsed as one JSON array, not
+        event by event.
+        """
+        data = self._take(data)
+        if data[:6] == b"data: " and b"\r" not in data:
+            end = data.rfind(b"\n\n")
+            if end > 0 and (parsed := _at_once(data[6:end])) is not None:
+                self._keep(data[end + 2:])
+                return parsed
+        return _payloads(self._events(data)) if data else ([], False)
+
+    def end(self) -> list[tuple[bytes, bytes]]:
+        """The last event, should the stream end without its blank line."""
+        return self.feed(b"\n\n")
+
+    def _take(self, data: bytes) -> bytes:
+        """``data`` after what the last read left incomplete, without the stream's byte
+        order mark; b"" (all of it held) while too short to tell whether it starts with one.
+        """
         if self._rest:
-            data = self._rest + data
+            data, self._rest = self._rest + data, b""
         if not self._started:
             if len(data) < 3 and _BOM.startswith(data):
-                self._rest = data  # too short to tell yet
-                return []
+                self._rest = data
+                return b""
             self._started = True
             data = data.removeprefix(_BOM)
+        return data
+
+    def _events(self, data: bytes) -> list[tuple[bytes, bytes]]:
         held = b""
         if b"\r" in data:
             if data[-1] == 0x0D:  # a CR whose LF may come with the next read
                 data, held = data[:-1], b"\r"
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         blocks = data.split(b"\n\n")
-        self._rest = blocks.pop() + held
-        if len(self._rest) > MAX_LINE:
-            raise LineTooLong(f"an event longer than {MAX_LINE} bytes")
+        self._keep(blocks.pop() + held)
         out = []
         for block in blocks:
             if block[:6] == b"data: " and b"\n" not in block:
@@ -103,9 +131,11 @@ class EventReader:
                 out.append(event)
         return out
 
-    def end(self) -> list[tuple[bytes, bytes]]:
-        """The last event, should the stream end without its blank line."""
-        return self.feed(b"\n\n")
+    def _keep(self, rest: bytes) -> None:
+        """Hold the start of an event whose end has not come yet."""
+        if len(rest) > MAX_LINE:
+            raise LineTooLong(f"an event longer than {MAX_LINE} bytes")
+        self._rest = rest
 
 
 def _event(block: bytes) -> tuple[bytes, bytes] | None:
@@ -130,7 +160,7 @@ async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
     """
     reader = EventReader()
     async for data in reads:
-        objects, done = _payloads(reader.feed(data))
+        objects, done = reader.payloads(data)
         if objects:
             yield objects
         if done:
@@ -138,6 +168,27 @@ async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
     objects, _ = _payloads(reader.end())
     if objects:
         yield objects
+
+
+def _at_once(data: bytes) -> tuple[list[Any], bool] | None:
+    """The payloads of ``data: `` events separated by blank lines (the first one's ``data: ``
+    taken off), up to a last ``[DONE]``, parsed as one JSON array; None unless each is one
+    JSON value (the events are then read one by one). No JSON text holds a line break, so
+    the blank lines lie between events, never inside one.
+    """
+    if data == b"[DONE]":
+        return [], True
+    done = data.endswith(_THEN_DONE)
+    if done:
+        data = data[:-len(_THEN_DONE)]
+    try:
+        objects = orjson.loads(b"[" + data.replace(_NEXT, b",") + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    # As many values as events: a comma inside one (``data: 1,2``) is not taken as two.
+    if len(objects) != data.count(_NEXT) + 1:
+        return None
+    return objects, done
 
 
 def _payloads(events: list[tuple[bytes, bytes]]) -> tuple[list[Any], bool]:
@@ -152,16 +203,31 @@ def _payloads(events: list[tuple[bytes, bytes]]) -> tuple[list[Any], bool]:
 
 async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
     """The objects of a newline-delimited JSON stream, as many at a time as its reads
-    brought.
+    brought. A read of whole lines of JSON, none blank (a whole answer's often come in one
+    read), is parsed as one JSON array, not line by line.
     """
     reader = LineReader()
     async for data in reads:
-        objects = _decoded([line for line in reader.feed(data) if line.strip()], "line")
+        lines = reader.feed(data)
+        if not lines:
+            continue
+        objects = _lines_at_once(lines) if len(lines) > 1 else None
+        if objects is None:
+            objects = _decoded([line for line in lines if line.strip()], "line")
         if objects:
             yield objects
     objects = _decoded([line for line in reader.end() if line.strip()], "line")
     if objects:
         yield objects
+
+
+def _lines_at_once(lines: list[bytes]) -> list[Any] | None:
+    """Lines parsed as one JSON array; None unless each is one JSON value."""
+    try:
+        objects = orjson.loads(b"[" + b",".join(lines) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return objects if len(objects) == len(lines) else None
 
 
 def _decoded(payloads: list[bytes], what: str) -> list[Any]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 from collections.abc import AsyncIterator, Sequence
 
+import orjson
 import pytest
 
 from gateway.protocol.sse import EventReader, LineTooLong, decode_ndjson, decode_sse
@@ -108,3 +110,47 @@ async def test_an_event_past_the_limit_is_refused() -> None:
     with pytest.raises(LineTooLong):
         EventReader().feed(b"data: " + b"x" * (4 * 1024 * 1024 + 1))
 
+
+
+def parsed(payloads: list[bytes]) -> list[object]:
+    """Each payload parsed alone, those that are not JSON skipped: the reference."""
+    out = []
+    for payload in payloads:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            out.append(orjson.loads(payload))
+    return out
+
+
+# Events a read may parse as one JSON array, and those that must make it read them one by one.
+SHAPES = [b'data: {"n": %d, "text": "a\\n\\ndata: b"}\n\n', b"data: [%d]\n\n", b"data: %d\n\n",
+          b'data: "%d"\n\n', b"data: 1,%d\n\n", b"data: [%d\n\ndata: 2]\n\n", b"data: not json\n\n",
+          b"data: \n\n", b": keepalive %d\n\n", b"event: e\ndata: {\"e\": %d}\n\n",
+          b"data: {\"crlf\": %d}\r\n\r\n", b"data:{\"%d\": 0}\n\n", b"\n\n\n"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_a_read_parsed_at_once_gives_the_objects_parsed_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    usual = [b'data: {"n": %d}\n\n' % i for i in range(rng.randrange(1, 30))]
+    odd = [rng.choice(SHAPES).replace(b"%d", b"%d" % i) for i in range(rng.randrange(0, 4))]
+    parts = usual + odd
+    rng.shuffle(parts)
+    if seed % 3:
+        parts.insert(rng.randrange(len(parts) + 1), b"data: [DONE]\n\n")
+    wire = b"".join(parts)
+    payloads = [data for _name, data in by_lines(wire)]
+    expected = parsed(payloads[:payloads.index(b"[DONE]")] if b"[DONE]" in payloads
+                      else payloads)
+    cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randrange(0, 4))))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    got = [obj async for objects in decode_sse(feed(pieces)) for obj in objects]
+    assert got == expected
+    lines = [b'{"n": %d}' % i for i in range(rng.randrange(1, 30))] + [
+        rng.choice([b"", b"  ", b"1,2", b"[1", b"2]", b"not json", b'{"crlf": 1}\r', b"3"])
+        for _ in range(rng.randrange(0, 4))]
+    rng.shuffle(lines)
+    ndjson = b"\n".join(lines) + b"\n"
+    cut = rng.randrange(1, len(ndjson))
+    got = [obj async for objects in decode_ndjson(feed([ndjson[:cut], ndjson[cut:]]))
+           for obj in objects]
+    assert got == parsed([line for line in lines if line.strip()])
