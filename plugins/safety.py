@@ -32,7 +32,7 @@ from gateway.protocol.openai import (
 from gateway.protocol.units import Chunk
 from plugins.base import BasePlugin, Count, Denied, RequestContext
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Text
-from plugins.safety_stream import StreamRedactor, redact
+from plugins.safety_stream import StreamRedactor, hint_of, redact
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class SafetyPlugin(BasePlugin):
         self.rules = [(rule, actions[rule.name]) for rule in RULES
                       if actions[rule.name] != "off"]
         self.output_rules = [rule for rule in OUTPUT_RULES if actions[rule.name] != "off"]
+        self.output_hint = hint_of(self.output_rules)  # (made once, not per redactor)
         self.stats = collections.Counter[str]()
 
     def report(self) -> dict[str, Any]:
@@ -173,19 +174,23 @@ class SafetyPlugin(BasePlugin):
 
     async def _redacting(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         def redactor() -> StreamRedactor:
-            return StreamRedactor(self.output_rules, self.options.max_block)
+            return StreamRedactor(self.output_rules, self.options.max_block, self.output_hint)
 
-        content, reasoning = redactor(), redactor()
+        content = redactor()
+        reasoning: StreamRedactor | None = None  # made for the first reasoning, if any comes
         arguments: dict[int, StreamRedactor] = {}  # tool calls', by index
         try:
             async for chunk in chunks:
                 text = content.feed(chunk.content) if chunk.content else ""
-                thought = reasoning.feed(chunk.reasoning) if chunk.reasoning else ""
+                thought = ""
+                if chunk.reasoning:
+                    reasoning = reasoning or redactor()
+                    thought = reasoning.feed(chunk.reasoning)
                 calls = [_feed_call(delta, arguments, redactor) for delta in chunk.tool_calls] \
                     if chunk.tool_calls else chunk.tool_calls
                 if chunk.finish_reason is not None:
                     text += content.flush()
-                    thought += reasoning.flush()
+                    thought += reasoning.flush() if reasoning else ""
                     calls = (calls or []) + _flush_calls(arguments) or chunk.tool_calls
                 if text == chunk.content and thought == chunk.reasoning and \
                         calls == chunk.tool_calls:
@@ -193,13 +198,15 @@ class SafetyPlugin(BasePlugin):
                 elif text or thought or calls or chunk.finish_reason or chunk.usage:
                     yield dataclasses.replace(chunk, content=text, reasoning=thought,
                                               tool_calls=calls or None)
-            text, thought, calls = content.flush(), reasoning.flush(), _flush_calls(arguments)
+            text, calls = content.flush(), _flush_calls(arguments)
+            thought = reasoning.flush() if reasoning else ""
             if text or thought or calls:
                 yield Chunk(content=text, reasoning=thought, tool_calls=calls or None)
         finally:
-            found = content.found + reasoning.found
-            for each in arguments.values():
-                found += each.found
+            found = content.found
+            for each in (reasoning, *arguments.values()):
+                if each is not None:
+                    found += each.found
             for rule, n in found.items():
                 self.stats[f"output.{rule}"] += n
 

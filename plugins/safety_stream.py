@@ -64,9 +64,10 @@ Secret = tuple[str, int, Reader]
 class StreamRedactor:
     """Text in, text out with secrets replaced; holds back only what may yet become one."""
 
-    def __init__(self, rules: list[Rule], max_block: int) -> None:
+    def __init__(self, rules: list[Rule], max_block: int,
+                 hint: frozenset[str] | None = None) -> None:
         self.rules = rules
-        self.hint = _hint(rules)
+        self.hint = hint_of(rules) if hint is None else hint  # (the rules': see hint_of)
         self.max_block = max_block
         self.pending = ""  # held back
         self.context = ""  # the last character released
@@ -284,7 +285,7 @@ def _token_rest(text: str) -> tuple[int, bool]:
     return (len(text), False) if other is None else (other.start(), True)
 
 
-def _hint(rules: list[Rule]) -> frozenset[str]:
+def hint_of(rules: list[Rule]) -> frozenset[str]:
     """Everything the rules need, one of which a text must hold for any of them to match
     (empty: some rule needs nothing, so every text is read).
     """

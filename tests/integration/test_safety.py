@@ -136,6 +136,26 @@ def test_secrets_in_answers_are_redacted_in_flight(gateway: ServerThread, ollama
                     "[REDACTED:private_key]\nDone.")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_secrets_in_reasoning_are_redacted_in_flight(gateway: ServerThread, ollama_sim: Sim,
+                                                     stream: bool) -> None:
+    """A model that thinks aloud (``<think>``, moved to the reasoning) may think a secret:
+    the client's reasoning has it redacted, as the text would.
+    """
+    ollama_sim.fault(MODEL, reply=f"<think>The key is {OPENAI_KEY}, so</think>\n\nUse it.")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Which key?"}], stream=stream)
+        if stream:
+            deltas = [c.choices[0].delta for c in answer if c.choices]
+            text = "".join(d.content or "" for d in deltas)
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        else:
+            text = answer.choices[0].message.content or ""
+            reasoning = getattr(answer.choices[0].message, "reasoning_content", "")
+    assert (reasoning, text) == ("The key is [REDACTED:api_key], so", "Use it.")
+
+
 TOOL = {"type": "function", "function": {"name": "call_api", "parameters": {
     "type": "object", "required": ["url", "key"], "properties": {
         "url": {"type": "string"}, "key": {"type": "string", "default": OPENAI_KEY}}}}}
