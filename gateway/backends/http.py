@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -54,7 +54,7 @@ class Translator(Protocol):
     def chunk(self, obj: Any) -> Chunk: ...
 
 
-Decoder = Callable[[AsyncIterable[bytes]], AsyncIterator[list[Any]]]
+Decoder = Callable[[AsyncIterable[bytes]], AsyncGenerator[list[Any]]]
 
 
 class HttpBackend:
@@ -154,8 +154,12 @@ class HttpBackend:
         """
         collected = Completion() if whole else None
         async with self.request("POST", path, payload, timeout="stream") as response:
+            # The decoder is closed here when the answer is whole before its stream ended
+            # ([DONE] still to come): left to the collector, it would be closed in a task of
+            # its own, through a wake-up of the event loop, for every answer.
+            events = decode(response)
             try:
-                async for objects in decode(response):
+                async for objects in events:
                     for obj in objects:
                         try:
                             chunk = translator.chunk(obj)
@@ -174,6 +178,8 @@ class HttpBackend:
             except TimeoutError:  # (IdleTimeout, or the total limit)
                 if not translator.finished:  # silent after the finish: the answer is whole
                     raise
+            finally:
+                await events.aclose()
             await _drain(response)
         if not translator.finished:
             raise UpstreamError(f"{self.name} ended the answer before it was complete",

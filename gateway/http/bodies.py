@@ -48,6 +48,9 @@ class BodyBudget:
 
 async def read_body(request: web.Request, patience: float) -> None:
     """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds."""
+    if request.content.is_eof():  # all of it came with the head: nothing to wait for (and
+        await request.read()  # no timer to set and cancel, on most requests)
+        return
     try:
         async with asyncio.timeout(patience):
             await request.read()

@@ -10,7 +10,7 @@ space, a final event without its blank line still delivered, a line that is not 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
 import orjson
@@ -154,7 +154,7 @@ def _event(block: bytes) -> tuple[bytes, bytes] | None:
     return (name, b"\n".join(data)) if data else None
 
 
-async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
+async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]]:
     """The JSON payloads of an OpenAI-style event stream, up to ``[DONE]``, as many at a
     time as its reads brought.
     """
@@ -201,7 +201,7 @@ def _payloads(events: list[tuple[bytes, bytes]]) -> tuple[list[Any], bool]:
     return _decoded(payloads, "event"), False
 
 
-async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncIterator[list[Any]]:
+async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]]:
     """The objects of a newline-delimited JSON stream, as many at a time as its reads
     brought. A read of whole lines of JSON, none blank (a whole answer's often come in one
     read), is parsed as one JSON array, not line by line.
