@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import json
 import random
 import socket
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -21,6 +25,8 @@ from gateway.backends.http import HttpBackend
 from gateway.backends.response import BadResponse, Disconnected, IdleTimeout, Limits
 from gateway.config import BackendConfig
 from gateway.errors import UpstreamError
+from gateway.protocol.openai_stream import OpenAITranslator
+from gateway.protocol.sse import decode_sse
 
 LIMITS = Limits(connect=2.0, read=5.0, total=10.0)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -728,3 +734,47 @@ async def test_a_key_that_cannot_be_a_header_is_not_sent_and_does_not_stop_the_s
     await backend.close()
     assert "ODD_KEY is not a key" in caplog.text
     assert "ключ" not in caplog.text
+
+
+def sse_answer(*events: dict[str, object]) -> bytes:
+    body = b"".join(b"data: %s\n\n" % json.dumps(event).encode() for event in events)
+    body += b"data: [DONE]\n\n"
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n"
+            % len(body)) + body
+
+
+async def test_an_answer_leaves_no_generator_for_the_event_loop_to_close() -> None:
+    """Reading an answer, whole or streamed, closes what it opened on the way. A generator
+    dropped unfinished (the usage came, [DONE] was still to be read) is closed by the
+    event loop in a task of its own, through a wake-up of the loop: on every request.
+    """
+    reply = sse_answer(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    first_iteration, finalizer = sys.get_asyncgen_hooks()
+    dropped: list[str] = []
+
+    def noting(generator: AsyncGenerator[Any]) -> None:
+        dropped.append(generator.__qualname__)
+        if finalizer is not None:
+            finalizer(generator)
+
+    sys.set_asyncgen_hooks(first_iteration, noting)
+    try:
+        async with raw_server(answering(reply, reply, reply)) as server:
+            backend = await backend_on(server.url)
+            try:
+                for whole in (True, False, True):
+                    chunks = [chunk async for chunk in backend.generate(
+                        "/chat/completions", {}, OpenAITranslator("b"), decode_sse,
+                        whole=whole)]
+                    assert "".join(chunk.content for chunk in chunks) == "Hi"
+                    assert chunks[-1].usage is not None
+                assert server.connections == 1
+            finally:
+                await backend.close()
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(first_iteration, finalizer)
+    assert dropped == []
