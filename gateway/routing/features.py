@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Iterable
 from typing import Any, NamedTuple
+
+import ahocorasick
 
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 
@@ -19,18 +20,37 @@ LONG_CHARS = 6000  # a prompt this long is mostly context to read (summaries, do
 SCRIPT_SAMPLE = 2000  # characters looked at for the script
 HEAD, TAIL = 1500, 500  # of a longer prompt, only its start and end are read for clues
 
-# Clues: words (looked up in a set of the prompt's words: one pass over its text), phrases,
-# lines that start as code does, and arithmetic.
+# Clues: words and phrases (found together, in one pass over the prompt), lines that start as
+# code does, and arithmetic.
 _CODE_WORDS = frozenset(("code", "function", "compile", "compiler", "compiled", "bug",
                          "stacktrace", "regex", "refactor", "python", "javascript",
                          "typescript", "rust", "golang", "java", "sql", "bash"))
 _REASON_WORDS = frozenset(("prove", "proof", "why", "solve", "calculate", "compute",
                            "derive", "reason", "puzzle", "equation", "probability"))
 _PHRASES = {"stack trace": "code", "step by step": "reason", "how many": "reason"}
-_CODE_LINE = re.compile(r"^[ \t]*(?:def |class |import |from \S+ import|function |const |"
-                        r"let |#include|public |select |fn |package |func )", re.MULTILINE)
+# Lines that start as code does (after spaces and tabs).
+_CODE_STARTS = ("def ", "class ", "import ", "function ", "const ", "let ", "#include",
+                "public ", "select ", "fn ", "package ", "func ")
+_FROM_IMPORT = re.compile(r"from \S+ import")
 _ARITHMETIC = re.compile(r"\d\s*[-+*/^=]\s*\d")
 _EDGE = frozenset(string.punctuation)  # (with spaces) where a word starts and ends
+
+
+def _clue_automaton() -> ahocorasick.Automaton:
+    """Every clue word and phrase, found in one pass over a prompt: each with what it is a
+    clue of, and whether it counts only as a word of its own (a phrase counts anywhere).
+    """
+    automaton = ahocorasick.Automaton()
+    for words, kind in ((_CODE_WORDS, "code"), (_REASON_WORDS, "reason"), (("json",), "json")):
+        for word in words:
+            automaton.add_word(word, (len(word), kind, True))
+    for phrase, kind in _PHRASES.items():
+        automaton.add_word(phrase, (len(phrase), kind, False))
+    automaton.make_automaton()
+    return automaton
+
+
+_CLUES = _clue_automaton()
 
 # The vector: a bias, then each feature scaled to about 0..1.
 NAMES = ("bias", "length", "turns", "code", "script", "tools", "images", "json",
@@ -97,28 +117,37 @@ def kind_of(text: str, json: bool = False) -> str:
 def _read(text: str, json: bool) -> tuple[str, bool, bool]:
     """The kind, whether JSON is asked for, whether code is involved."""
     clues = (text if len(text) <= HEAD + TAIL else f"{text[:HEAD]}\n{text[-TAIL:]}").lower()
-    phrases = {kind for phrase, kind in _PHRASES.items() if phrase in clues}
-    json = json or _has_word(clues, ("json",))
-    code = "```" in clues or "code" in phrases or _has_word(clues, _CODE_WORDS) or \
-        _CODE_LINE.search(clues) is not None
-    reason = "reason" in phrases or _has_word(clues, _REASON_WORDS) or \
-        _ARITHMETIC.search(clues[-TAIL:]) is not None
+    found = _clues_in(clues)
+    json = json or "json" in found
+    code = "code" in found or "```" in clues or _code_line(clues)
+    reason = "reason" in found or _ARITHMETIC.search(clues[-TAIL:]) is not None
     return _kind(len(text), code=code, json=json, reason=reason), json, code
 
 
-def _has_word(text: str, words: Iterable[str]) -> bool:
-    """Whether one of ``words`` is a word of ``text`` (between its start or end, spaces and
-    ASCII punctuation): each found by the string's own search, then its edges looked at,
-    which for a prompt's few thousand characters is much cheaper than listing its words.
+def _clues_in(text: str) -> set[str]:
+    """What the clue words and phrases in ``text`` are clues of. A word counts where it
+    stands between the text's start or end, spaces and ASCII punctuation (every place it
+    occurs is looked at: the automaton finds them all, in one pass).
     """
-    for word in words:
-        start = text.find(word)
-        while start >= 0:
-            end = start + len(word)
-            if (start == 0 or text[start - 1] in _EDGE or text[start - 1].isspace()) and \
-                    (end == len(text) or text[end] in _EDGE or text[end].isspace()):
-                return True
-            start = text.find(word, start + 1)
+    found = set()
+    for last, (size, kind, whole_word) in _CLUES.iter(text):
+        if kind in found:
+            continue
+        start, end = last + 1 - size, last + 1
+        if not whole_word or (
+                (start == 0 or text[start - 1] in _EDGE or text[start - 1].isspace()) and
+                (end == len(text) or text[end] in _EDGE or text[end].isspace())):
+            found.add(kind)
+    return found
+
+
+def _code_line(text: str) -> bool:
+    """Whether a line of ``text`` starts as code does (after spaces and tabs)."""
+    for line in text.split("\n"):
+        line = line.lstrip(" \t")
+        if line.startswith(_CODE_STARTS) or (line.startswith("from ") and
+                                              _FROM_IMPORT.match(line) is not None):
+            return True
     return False
 
 
