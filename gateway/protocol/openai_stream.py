@@ -57,12 +57,15 @@ class OpenAITranslator:
             return Chunk()
         choice = choices[0]
         delta = choice.get("delta") or choice.get("message") or {}
-        content = delta.get("content") or choice.get("text") or ""
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-        # (Positional, and text_field only for what is not text: this runs for every event.)
-        chunk = Chunk(content if content.__class__ is str else text_field(content),
-                      reasoning if reasoning.__class__ is str else text_field(reasoning),
-                      None, choice.get("finish_reason"))
+        # (text_field only for what is not text, and the chunk made positionally: this runs
+        # for every event.)
+        content = delta.get("content") or choice.get("text")
+        if content.__class__ is not str:
+            content = text_field(content)
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning.__class__ is not str:
+            reasoning = text_field(reasoning)
+        chunk = Chunk(content, reasoning, None, choice.get("finish_reason"))
         logprobs = choice.get("logprobs")
         if logprobs and isinstance(logprobs, dict):
             chunk.logprobs = logprobs

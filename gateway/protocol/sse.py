@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 MAX_LINE = 4 * 1024 * 1024  # longer than any sane event; beyond it the upstream is broken
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 _NEXT = b"\n\ndata: "  # between two one-line events
-_THEN_DONE = _NEXT + b"[DONE]"
 
 
 class LineTooLong(ValueError):
@@ -85,17 +84,19 @@ class EventReader:
 
     def payloads(self, data: bytes) -> tuple[list[Any], bool]:
         """The JSON payloads of the events ``data`` completes, up to ``[DONE]``, and whether
-        it came. A read of nothing but one-line ``data: `` events of JSON (what servers send;
-        a whole answer's events often come in one read) is parsed as one JSON array, not
-        event by event.
+        it came. A read of nothing but one-line ``data: `` events, each ended by one blank
+        line (what servers send; a whole answer's often come in one read), is cut into its
+        payloads in one split.
         """
         data = self._take(data)
         if data[:6] == b"data: " and b"\r" not in data:
             end = data.rfind(b"\n\n")
-            if end > 0 and (parsed := _at_once(data[6:end])) is not None:
-                self._keep(data[end + 2:])
-                return parsed
-        return _payloads(self._events(data)) if data else ([], False)
+            if end > 0:
+                payloads = data[6:end].split(_NEXT)
+                if data.count(b"\n", 0, end) == 2 * (len(payloads) - 1):  # (no other line)
+                    self._keep(data[end + 2:])
+                    return _payloads(payloads)
+        return _payloads([payload for _, payload in self._events(data)]) if data else ([], False)
 
     def end(self) -> list[tuple[bytes, bytes]]:
         """The last event, should the stream end without its blank line."""
@@ -165,55 +166,26 @@ async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]]:
             yield objects
         if done:
             return
-    objects, _ = _payloads(reader.end())
+    objects, _ = _payloads([payload for _, payload in reader.end()])
     if objects:
         yield objects
 
 
-def _at_once(data: bytes) -> tuple[list[Any], bool] | None:
-    """The payloads of ``data: `` events separated by blank lines (the first one's ``data: ``
-    taken off), up to a last ``[DONE]``, parsed as one JSON array; None unless each is one
-    JSON value (the events are then read one by one). No JSON text holds a line break, so
-    the blank lines lie between events, never inside one.
-    """
-    if data == b"[DONE]":
-        return [], True
-    done = data.endswith(_THEN_DONE)
-    if done:
-        data = data[:-len(_THEN_DONE)]
-    try:
-        objects = orjson.loads(b"[" + data.replace(_NEXT, b",") + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    # As many values as events: a comma inside one (``data: 1,2``) is not taken as two.
-    if len(objects) != data.count(_NEXT) + 1:
-        return None
-    return objects, done
-
-
-def _payloads(events: list[tuple[bytes, bytes]]) -> tuple[list[Any], bool]:
+def _payloads(payloads: list[bytes]) -> tuple[list[Any], bool]:
     """The events' JSON objects up to ``[DONE]``, and whether it came."""
-    if not events:
-        return [], False
-    payloads = [data for _event, data in events]
-    if b"[DONE]" in payloads:
-        return _decoded(payloads[:payloads.index(b"[DONE]")], "event"), True
-    return _decoded(payloads, "event"), False
+    done = b"[DONE]" in payloads
+    if done:
+        payloads = payloads[:payloads.index(b"[DONE]")]
+    return _decoded(payloads, "event"), done
 
 
 async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]]:
     """The objects of a newline-delimited JSON stream, as many at a time as its reads
-    brought. A read of whole lines of JSON, none blank (a whole answer's often come in one
-    read), is parsed as one JSON array, not line by line.
+    brought.
     """
     reader = LineReader()
     async for data in reads:
-        lines = reader.feed(data)
-        if not lines:
-            continue
-        objects = _lines_at_once(lines) if len(lines) > 1 else None
-        if objects is None:
-            objects = _decoded([line for line in lines if line.strip()], "line")
+        objects = _decoded([line for line in reader.feed(data) if line.strip()], "line")
         if objects:
             yield objects
     objects = _decoded([line for line in reader.end() if line.strip()], "line")
@@ -221,19 +193,14 @@ async def decode_ndjson(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]
         yield objects
 
 
-def _lines_at_once(lines: list[bytes]) -> list[Any] | None:
-    """Lines parsed as one JSON array; None unless each is one JSON value."""
-    try:
-        objects = orjson.loads(b"[" + b",".join(lines) + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    return objects if len(objects) == len(lines) else None
-
-
 def _decoded(payloads: list[bytes], what: str) -> list[Any]:
     """The payloads parsed; one that is not JSON is skipped (and logged, unless empty: a
     ``data:`` with nothing after it, which some servers send to keep a stream alive).
     """
+    try:  # (all of them, as nearly always, in one go)
+        return [orjson.loads(data) for data in payloads]
+    except orjson.JSONDecodeError:
+        pass
     objects = []
     for data in payloads:
         try:

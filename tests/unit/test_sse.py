@@ -128,7 +128,7 @@ SHAPES = [b'data: {"n": %d, "text": "a\\n\\ndata: b"}\n\n', b"data: [%d]\n\n", b
           b"data: {\"crlf\": %d}\r\n\r\n", b"data:{\"%d\": 0}\n\n", b"\n\n\n"]
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(200))
 async def test_a_read_parsed_at_once_gives_the_objects_parsed_one_by_one(seed: int) -> None:
     rng = random.Random(seed)
     usual = [b'data: {"n": %d}\n\n' % i for i in range(rng.randrange(1, 30))]
@@ -154,3 +154,17 @@ async def test_a_read_parsed_at_once_gives_the_objects_parsed_one_by_one(seed: i
     got = [obj async for objects in decode_ndjson(feed([ndjson[:cut], ndjson[cut:]]))
            for obj in objects]
     assert got == parsed([line for line in lines if line.strip()])
+
+
+@pytest.mark.parametrize("wire", [
+    b'data: \n\n{"error": {"message": "boom"}}\n\n',  # a line that is no field of an event
+    b'data: {\n  "a": 1\n}\n\n',  # JSON written over lines, as no event's data
+    b"data: [1\n\ndata: 2]\n\ndata: 3,4\n\n",  # no one of them JSON, though all together are
+])
+async def test_what_reads_as_json_only_across_events_is_no_object(wire: bytes) -> None:
+    assert [objects async for objects in decode_sse(feed([wire]))] == []
+
+
+async def test_what_reads_as_json_only_across_lines_is_no_object() -> None:
+    for wire in (b"[1\n2]\n3,4\n", b'{"a": 1\n"b": 2}\n3,4\n'):
+        assert [objects async for objects in decode_ndjson(feed([wire]))] == []

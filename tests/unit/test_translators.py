@@ -86,7 +86,9 @@ def test_openai_think_tags_in_text_become_reasoning() -> None:
 
 
 @pytest.mark.parametrize("obj", [{"choices": ["x"]}, {"choices": [{"delta": {"content": 3}}]},
-                                 {"usage": "many"}, "text"])
+                                 {"usage": "many"}, "text", {"choices": [{"text": 0}]},
+                                 {"choices": [{"delta": {"content": None}, "text": False}]},
+                                 {"choices": [{"delta": {"reasoning": []}}]}])
 def test_openai_events_of_the_wrong_shape_are_malformed(obj: object) -> None:
     with pytest.raises(MalformedEvent):
         OpenAITranslator("m").chunk(obj)
