@@ -200,7 +200,11 @@ def _decoded(payloads: list[bytes], what: str) -> list[Any]:
     try:  # (all of them, as nearly always, in one go)
         return [orjson.loads(data) for data in payloads]
     except orjson.JSONDecodeError:
-        pass
+        return _each(payloads, what)
+
+
+def _each(payloads: list[bytes], what: str) -> list[Any]:
+    """The payloads parsed one by one, what is not JSON skipped (see ``_decoded``)."""
     objects = []
     for data in payloads:
         try:
