@@ -10,7 +10,7 @@ import time
 import warnings
 import weakref
 
-from gateway.runtime import QUIET, paced_collector
+from gateway.runtime import QUIET, YOUNG, paced_collector
 
 
 class Node:
@@ -43,8 +43,10 @@ async def test_full_passes_come_on_a_clock_and_still_free_cycles() -> None:
     freed = asyncio.Event()
     async with paced_collector(lambda: 0, every=0.5):
         old_cycle(freed)
-        kept = [[] for _ in range(200_000)]  # allocations enough for many young passes
-        assert gc.get_count()[2] > 10  # young passes since the last full one: it waits
+        middle = gc.get_threshold()[1]
+        # Allocations enough for more passes of the middle generation than start a full one
+        kept = [[] for _ in range((middle + 3) * (middle + 1) * YOUNG)]
+        assert gc.get_count()[2] > middle  # middle passes since the last full one: it waits
         assert not freed.is_set()
         del kept
         await asyncio.wait_for(freed.wait(), 3)  # the clock's pass
