@@ -61,10 +61,10 @@ class OpenAITranslator:
         # for every event.)
         content = delta.get("content") or choice.get("text")
         if content.__class__ is not str:
-            content = text_field(content)
+            content = "" if content is None else text_field(content)
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if reasoning.__class__ is not str:
-            reasoning = text_field(reasoning)
+            reasoning = "" if reasoning is None else text_field(reasoning)
         chunk = Chunk(content, reasoning, None, choice.get("finish_reason"))
         logprobs = choice.get("logprobs")
         if logprobs and isinstance(logprobs, dict):
