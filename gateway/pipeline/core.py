@@ -118,14 +118,14 @@ class Pipeline:
         started = time.monotonic()
         routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
         try:
-            first = await routed.start()
+            await routed.start()
         except GatewayError as exc:
             self._record(ctx, routed, started, error=exc)
             raise
         taken = Completion()
         try:
             ctx.model = routed.deployment.model.name
-            chunks = _taking(taken, self._wrap(ctx, _chain(first, routed.chunks())))
+            chunks = _taking(taken, self._wrap(ctx, routed.chunks()))
             first_out = await anext(chunks)
         except BaseException:
             await routed.close()
@@ -181,9 +181,9 @@ class Pipeline:
                 hit, route = answered
                 return (hit.usage or Usage()).prompt_tokens, route
             routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
-            first = await routed.start()
+            await routed.start()
             try:
-                answer = await collect(routed.chunks(), first)
+                answer = await collect(routed.chunks())
             finally:
                 await routed.close()
             _used(ctx, answer.usage)
@@ -249,16 +249,17 @@ class Pipeline:
         ``started`` (the first answer's, not an escalation's).
         """
         try:
-            first = await routed.start()
+            await routed.start()
         except GatewayError as exc:
             if started is not None:
                 self._record(ctx, routed, started, error=exc)
             raise
         try:
             completion = Completion()
-            async for chunk in _taking(completion, self._wrap(ctx, _chain(first,
-                                                                          routed.chunks()))):
-                del chunk  # taken into the completion on the way
+            # (Read to its end, or to an error that ends every generator on the way: none is
+            # left open.)
+            async for chunk in self._wrap(ctx, routed.chunks()):
+                completion.add(chunk)
             completion.model = ctx.model = routed.deployment.model.name
         finally:
             await routed.close()
@@ -348,12 +349,6 @@ class Pipeline:
 
     def report(self) -> dict[str, Any]:
         return {plugin.name: plugin.report() for plugin in self.plugins}
-
-
-async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 async def _taking(completion: Completion, chunks: AsyncIterator[Chunk]

@@ -30,7 +30,8 @@ Opener = Callable[[Deployment, str | None, int], AsyncGenerator[Chunk]]
 
 class RoutedAnswer:
     """``await start()`` for the first chunk (headers can then be sent), then iterate
-    ``chunks()`` for the rest; ``deployment``/``attempts``/``route`` say who answered.
+    ``chunks()`` for the whole answer, that chunk first; ``deployment``/``attempts``/``route``
+    say who answered.
     """
 
     def __init__(self, attempts: Attempts, opener: Opener, instruments: Instruments, *,
@@ -45,6 +46,7 @@ class RoutedAnswer:
         self._rescue_enabled = rescue
         self._lease: Lease | None = None
         self._stream: AsyncGenerator[Chunk] | None = None
+        self._head: Chunk | None = None  # the first chunk, until chunks() gives it
         self._sent: list[str] = []  # the answer text the client has (for a rescue)
         self._tool_calls_sent = False
         self._usage: Usage | None = None
@@ -88,6 +90,7 @@ class RoutedAnswer:
                 if first is not None:
                     self._track(first)
                     self._answering(lease)
+                    self._head = first
                     return first
         except BaseException as exc:
             if isinstance(exc, GatewayError):
@@ -107,8 +110,13 @@ class RoutedAnswer:
             span.set("gateway.route.reason", lease.candidate.reason)
 
     async def chunks(self) -> AsyncGenerator[Chunk]:
-        """The rest of the answer, rescued if the stream breaks."""
+        """The answer from its first chunk (the one ``start()`` gave) on, rescued if the
+        stream breaks. (One generator for both: each more costs every chunk a step.)
+        """
         try:
+            head, self._head = self._head, None
+            assert head is not None, "start() first"
+            yield head
             while True:
                 assert self._stream is not None and self._lease is not None
                 try:
