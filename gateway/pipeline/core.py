@@ -254,14 +254,14 @@ class Pipeline:
             if started is not None:
                 self._record(ctx, routed, started, error=exc)
             raise
+        completion = Completion()
+        chunks = self._wrap(ctx, routed.chunks())
         try:
-            completion = Completion()
-            # (Read to its end, or to an error that ends every generator on the way: none is
-            # left open.)
-            async for chunk in self._wrap(ctx, routed.chunks()):
+            async for chunk in chunks:
                 completion.add(chunk)
             completion.model = ctx.model = routed.deployment.model.name
         finally:
+            await _closed(chunks)  # at once, however it ended (never by the loop, later)
             await routed.close()
         return completion, _route_of(routed), routed.deployment
 
@@ -361,9 +361,16 @@ async def _taking(completion: Completion, chunks: AsyncIterator[Chunk]
             completion.add(chunk)
             yield chunk
     finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
+        await _closed(chunks)
+
+
+async def _closed(chunks: AsyncIterator[Chunk]) -> None:
+    """Close a chain of chunks (its plugins' wrappers, then the upstream's) now: one left
+    unfinished would be closed by the event loop later, in a task of its own.
+    """
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _used(ctx: RequestContext, usage: Usage | None) -> None:
