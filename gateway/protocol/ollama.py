@@ -198,17 +198,18 @@ class OllamaTranslator:
     def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
         function = call.get("function") or {}
         arguments = function.get("arguments", {})
-        self._calls += 1
-        return {
-            "index": self._calls - 1,
-            "id": call.get("id") or "call_" + secrets.token_hex(12),
+        out = {
+            "index": self._calls,
+            "id": text_field(call.get("id")) or "call_" + secrets.token_hex(12),
             "type": "function",
             "function": {
-                "name": function.get("name", ""),
+                "name": text_field(function.get("name")),
                 "arguments": arguments if isinstance(arguments, str)
                 else orjson.dumps(arguments).decode(),
             },
         }
+        self._calls += 1  # (a call that is not one is not counted)
+        return out
 
 
 def _count(obj: dict[str, Any], key: str) -> int:

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from gateway.errors import UpstreamError
 from gateway.protocol.ids import unique_id
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
 from gateway.protocol.units import Chunk, Usage
+
+# Tool calls in one answer, at most: a higher index is a broken server's (the calls up to it
+# would be made, empty, to merge it).
+MAX_TOOL_CALLS = 1024
 
 
 class OpenAITranslator:
@@ -78,7 +84,20 @@ class OpenAITranslator:
 
     def _call(self, call: dict[str, Any], position: int) -> dict[str, Any]:
         index = call.get("index", position)
+        if index.__class__ is not int or not 0 <= index < MAX_TOOL_CALLS:
+            raise MalformedEvent(f"a tool call's index is {index!r}")
+        text_field(call.get("id"))
         out = {**call, "index": index}
+        function = call.get("function")
+        if function is not None:
+            if not isinstance(function, dict):
+                raise MalformedEvent("a tool call's function is not an object")
+            text_field(function.get("name"))
+            arguments = function.get("arguments")
+            if isinstance(arguments, dict):  # the arguments themselves, not their JSON
+                out["function"] = {**function, "arguments": orjson.dumps(arguments).decode()}
+            else:
+                text_field(arguments)
         if index not in self._calls:
             self._calls.add(index)
             if not call.get("id"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway.errors import UpstreamError
@@ -160,3 +162,46 @@ def test_a_backends_time_in_milliseconds_is_not_taken_for_seconds() -> None:
     assert plausible_seconds(1_717_000_000_000) is None  # milliseconds
     assert plausible_seconds(True) is None and plausible_seconds("1717000000") is None
     assert rfc3339(1_717_000_000).startswith("2024-05-29T")
+
+
+@pytest.mark.parametrize("call", [
+    {"index": "0", "function": {"name": "f"}},  # an index as text
+    {"index": True, "function": {"name": "f"}},
+    {"index": -1, "function": {"name": "f"}},
+    {"index": 10**9, "function": {"name": "f"}},  # would have the calls up to it made
+    {"index": 0, "function": "f"},
+    {"index": 0, "function": {"name": 5}},
+    {"index": 0, "function": {"name": "f", "arguments": ["a"]}},
+    {"index": 0, "id": 7, "function": {"name": "f"}},
+])
+def test_a_tool_call_delta_that_is_not_one_is_a_malformed_event(call: dict[str, Any]) -> None:
+    """Skipped as any malformed event is (before, it reached the answer and failed the
+    request when merged, or asked for a billion empty calls)."""
+    t = OpenAITranslator("m")
+    with pytest.raises(MalformedEvent):
+        t.chunk({"choices": [{"delta": {"tool_calls": [call]}}]})
+    done = t.chunk({"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]})
+    assert done.finish_reason == "stop"  # no call was begun
+    completion = Completion()
+    completion.add(done)
+    assert completion.tool_calls == [] and completion.content == "ok"
+
+
+def test_tool_call_arguments_sent_as_an_object_are_passed_on_as_json() -> None:
+    t = OpenAITranslator("m")
+    chunk = t.chunk({"choices": [{"delta": {"tool_calls": [
+        {"index": 0, "id": "c1", "function": {"name": "f", "arguments": {"a": 1}}}]}}]})
+    completion = Completion()
+    completion.add(chunk)
+    assert completion.tool_calls[0]["function"] == {"name": "f", "arguments": '{"a":1}'}
+
+
+@pytest.mark.parametrize("call", [{"id": 7, "function": {"name": "f"}},
+                                  {"function": {"name": ["f"]}}])
+def test_an_ollama_tool_call_that_is_not_one_is_a_malformed_event(call: dict[str, Any]
+                                                                   ) -> None:
+    t = OllamaTranslator("m")
+    with pytest.raises(MalformedEvent):
+        t.chunk({"message": {"role": "assistant", "content": "", "tool_calls": [call]}})
+    done = t.chunk({"message": {"role": "assistant", "content": "ok"}, "done": True})
+    assert done.finish_reason == "stop"  # the call that was not one is not counted
