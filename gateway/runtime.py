@@ -66,7 +66,7 @@ async def paced_collector(at_work: Callable[[], int], every: float = FULL_PASS_E
     counts as ever, the youngest once ``YOUNG`` objects are held.
     """
     young, middle, oldest = gc.get_threshold()
-    gc.set_threshold(max(young, YOUNG), middle, _NEVER)
+    gc.set_threshold(max(young, YOUNG) if young else 0, middle, _NEVER)  # (0: kept off)
     task = asyncio.create_task(_full_passes(at_work, every, longest), name="full passes")
     try:
         yield
