@@ -16,8 +16,8 @@ FULL_PASS_EVERY, FULL_PASS_LONGEST = 30.0, 600.0  # seconds (see paced_collector
 QUIET = 16  # requests at work, at most, for a full pass to be made on time
 _NEVER = 1 << 30  # a threshold no count reaches
 # The young generation's threshold: what is allocated and not yet freed since its last pass.
-# CPython's 700 is less than the objects a few dozen requests at work hold at once, so it
-# passed every few requests to find them all alive (2 to 3% of a request's time at c=32).
+# CPython's 700 is less than the objects a few dozen requests at work hold at once: at 32 at
+# once it passed every 23 requests, to find them all alive (at 5,000, every few thousand).
 YOUNG = 5_000
 
 
