@@ -36,6 +36,7 @@ SETTLED = 60.0  # a worker that lived this long starts again at the shortest wai
 WORKER_HEADER = "x-gateway-worker"  # each answer's: which worker (1 to N) gave it
 WORKER_ENV, SUPERVISOR_ENV = "GATEWAY_WORKER", "GATEWAY_SUPERVISOR"
 METRICS_ENV = "GATEWAY_METRICS_DIR"  # where the workers leave their metrics for each other
+METRICS_PREFIX = "gw-metrics-"  # that folder's name: this, the supervisor's pid, a dash
 PR_SET_PDEATHSIG = 1
 
 
@@ -70,7 +71,8 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     crew = [Worker(number, command) for number in range(1, workers + 1)]
-    metrics = tempfile.mkdtemp(prefix="gw-metrics-")
+    _sweep_metrics(tempfile.gettempdir())
+    metrics = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     code = 0
     try:
         for worker in crew:
@@ -86,6 +88,27 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def _sweep_metrics(folder: str) -> None:
+    """Remove the metrics folders of supervisors that are gone without cleaning up (killed
+    with SIGKILL, say): each folder's name holds its supervisor's process id.
+    """
+    for entry in os.scandir(folder):
+        pid = entry.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+        if entry.name.startswith(METRICS_PREFIX) and pid.isdigit() and entry.is_dir() \
+                and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
 
 
 def _tend(crew: list[Worker], stopping: list[int], metrics: str) -> int:

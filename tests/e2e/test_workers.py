@@ -191,15 +191,50 @@ def test_metrics_through_any_worker_count_every_workers_requests(
             assert every_scrape_counts(sent)  # the new worker goes on from the old one's counts
 
 
+def test_a_killed_supervisors_metrics_folder_goes_at_the_next_start(
+        tmp_path: Path, ollama_sim: Sim) -> None:
+    """The folder where workers leave their metrics for each other is removed when they
+    stop; a supervisor killed outright (SIGKILL, the OOM killer) cannot, and the next one
+    to start removes it.
+    """
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    with RedisServer() as redis:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n\n'
+                          f'[[backends]]\nname = "first"\nkind = "ollama"\n'
+                          f'url = "{ollama_sim.api_url}"\n')
+        port = free_port()
+        killed = subprocess.Popen([*GATEWAY, "serve", "--config", str(config), "--port",
+                                   str(port), "--workers", "2"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", killed)
+            workers = worker_pids(killed.pid)
+        finally:
+            killed.kill()
+            killed.wait()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15,
+                   "its workers ending with it")
+        left = [p.name for p in temp.iterdir()]
+        assert left == [f"gw-metrics-{killed.pid}-{left[0].rsplit('-', 1)[1]}"], left
+        with two_workers(config, env) as (_, supervisor):
+            now = [p.name for p in temp.iterdir()]
+            assert len(now) == 1 and now[0].startswith(f"gw-metrics-{supervisor.pid}-"), now
+        assert not list(temp.iterdir())
+
+
 @contextlib.contextmanager
-def two_workers(config: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def two_workers(config: Path, env: dict[str, str] | None = None
+                ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """``gateway serve --workers 2`` on a port of its own, ready; stopped (SIGTERM) after,
     and it must have stopped cleanly.
     """
     port = free_port()
     supervisor = subprocess.Popen(
         [*GATEWAY, "serve", "--config", str(config), "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", supervisor)
         yield port, supervisor
