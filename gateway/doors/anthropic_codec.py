@@ -96,8 +96,11 @@ def thinking_of(body: dict[str, Any]) -> bool | None:
 
 
 def reasoning_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
-    """How reasoning reaches this client: not at all when it turned thinking off."""
-    return "drop" if thinking_of(body) is False else mode
+    """How reasoning reaches this client: not at all unless it turned thinking on, as
+    Anthropic's API gives thinking blocks only then (a client that did not ask reads the
+    first block as the text; a model that thinks anyway still does, unseen).
+    """
+    return mode if thinking_of(body) else "drop"
 
 
 def _system(system: Any) -> list[dict[str, Any]]:
@@ -144,7 +147,7 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
                 .decode()}})
         elif kind not in ("thinking", "redacted_thinking"):  # the model's own, not resent
             raise _unsupported(kind, f"{where}.content[{j}]")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    message: dict[str, Any] = {"role": "assistant", "content": "\n".join(text) or None}
     if calls:
         message["tool_calls"] = calls
     return message
@@ -152,32 +155,55 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
 
 def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
     """Tool results first (as tool messages answering the calls before them), then the
-    rest of the turn.
+    rest of the turn, led by the images the tool results held (a tool message carries text
+    alone). Text blocks are read one to a line.
     """
     results: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
+    shown: list[dict[str, Any]] = []  # the tool results' images
     for j, block in enumerate(blocks):
         at = f"{where}.content[{j}]"
         kind = _kind(block, at)
         if kind == "text":
             parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, at)}})
+            parts.append(_image(block, at))
         elif kind == "tool_result":
             content = block.get("content")
             text = content if isinstance(content, str) else \
-                "".join(_texts(content or [], f"{at}.content"))
+                "\n".join(_result_texts(content or [], f"{at}.content", shown))
             if block.get("is_error"):
                 text = f"Error: {text}"
             results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
                             "content": text})
         else:
             raise _unsupported(kind, at)
+    parts = shown + parts
     if not parts:
         return results
     if all(p["type"] == "text" for p in parts):
-        return [*results, {"role": role, "content": "".join(p["text"] for p in parts)}]
+        return [*results, {"role": role, "content": "\n".join(p["text"] for p in parts)}]
     return [*results, {"role": role, "content": parts}]
+
+
+def _result_texts(blocks: Any, where: str, images: list[dict[str, Any]]) -> list[str]:
+    """A tool result's text blocks; its images are added to ``images``."""
+    if not isinstance(blocks, list):
+        raise invalid(where, f"{where} must be a string or an array of text and image blocks.")
+    texts = []
+    for i, block in enumerate(blocks):
+        kind = _kind(block, f"{where}[{i}]")
+        if kind == "text":
+            texts.append(_text(block, f"{where}[{i}]"))
+        elif kind == "image":
+            images.append(_image(block, f"{where}[{i}]"))
+        else:
+            raise _unsupported(kind, f"{where}[{i}]")
+    return texts
+
+
+def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": _image_url(block, where)}}
 
 
 def _image_url(block: dict[str, Any], where: str) -> str:

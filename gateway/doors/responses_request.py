@@ -29,6 +29,9 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
         raise invalid("input", "'input' is required: a string or an array of input items.")
     if body.get("background"):
         raise invalid("background", "Background responses are not supported by the gateway.")
+    if body.get("conversation") is not None:
+        raise invalid("conversation", "Conversations are not supported by the gateway; "
+                                      "continue a response with 'previous_response_id'.")
     conversation = [*history, *input_messages(body["input"])]
     if not conversation:
         raise invalid("input", "'input' must have at least one item (or continue a response "
@@ -43,10 +46,12 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
     dropped: list[str] = []
     if body.get("tools"):
         chat["tools"], dropped = _tools(body["tools"])
-    if body.get("tool_choice") is not None:
-        chat["tool_choice"] = _tool_choice(body["tool_choice"])
-    if dropped and not chat["tools"]:  # only hosted tools: the model is asked without any
-        del chat["tools"]
+    choice = _tool_choice(body["tool_choice"], chat) if body.get("tool_choice") is not None \
+        else None
+    if choice is not None:
+        chat["tool_choice"] = choice
+    if dropped and not chat.get("tools"):  # only hosted tools: the model is asked without any
+        chat.pop("tools", None)
         if chat.pop("tool_choice", None) == "required":
             raise invalid("tool_choice", "'tool_choice' is 'required' but the only tools are "
                                          f"ones OpenAI's servers run ({', '.join(dropped)}).")
@@ -73,11 +78,15 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         raise invalid("input", "'input' must be a string or an array of input items.")
     out: list[dict[str, Any]] = []
+    shown: list[dict[str, Any]] = []  # images of the function call outputs just before
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise invalid(where, f"{where} must be an object.")
         kind = item.get("type") or ("message" if "role" in item else None)
+        if shown and kind != "function_call_output":
+            out.append({"role": "user", "content": shown})  # after the outputs, not among
+            shown = []
         if kind == "message":
             out.append({"role": item.get("role"),
                         "content": _content(item.get("content"), where)})
@@ -93,12 +102,14 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                        "content": _tool_output(item.get("output"), where)})
+                        "content": _tool_output(item.get("output"), where, shown)})
         elif kind == "reasoning":
             continue  # a model's reasoning is not sent back to it
         else:
             raise invalid(f"{where}.type", f"{where}: input items of type {kind!r} are not "
                                        "supported by the gateway.")
+    if shown:
+        out.append({"role": "user", "content": shown})
     return out
 
 
@@ -138,11 +149,11 @@ def _listed_part(part: dict[str, Any]) -> dict[str, Any]:
     return part
 
 
-def _content(content: Any, where: str) -> Any:
+def _content(content: Any, where: str, field: str = "content") -> Any:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of parts.")
+        raise invalid(f"{where}.{field}", f"{where}.{field} must be a string or an array of parts.")
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -153,27 +164,27 @@ def _content(content: Any, where: str) -> Any:
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
             parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
         elif kind == "input_image":
-            raise invalid(f"{where}.content[{j}]", "Images must be sent as image_url (a data: "
+            raise invalid(f"{where}.{field}[{j}]", "Images must be sent as image_url (a data: "
                                                "URL); file ids are not supported.")
         else:
-            raise invalid(f"{where}.content[{j}]", f"{where}.content[{j}]: parts of type {kind!r} "
+            raise invalid(f"{where}.{field}[{j}]", f"{where}.{field}[{j}]: parts of type {kind!r} "
                                                "are not supported by the gateway.")
     return parts
 
 
-def _tool_output(output: Any, where: str) -> str:
+def _tool_output(output: Any, where: str, images: list[dict[str, Any]]) -> str:
+    """A function call's output as a tool message's text (its text parts one to a line);
+    its images are added to ``images`` (a tool message carries text alone).
+    """
     if isinstance(output, str):
         return output
-    if isinstance(output, list):
-        texts = []
-        for j, part in enumerate(output):
-            if isinstance(part, dict) and part.get("type") == "input_text":
-                if not isinstance(part.get("text"), str):
-                    raise invalid(f"{where}.output[{j}].text", f"{where}.output[{j}].text must "
-                                                           "be a string.")
-                texts.append(part["text"])
-        return "".join(texts)
-    raise invalid(f"{where}.output", f"{where}.output must be a string or an array of parts.")
+    texts = []
+    for part in _content(output, where, "output"):
+        if part["type"] == "text":
+            texts.append(part["text"])
+        else:
+            images.append(part)
+    return "\n".join(texts)
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:
@@ -262,17 +273,39 @@ def _function(tool: dict[str, Any], where: str, namespace: str = "") -> dict[str
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: Any, chat: dict[str, Any]) -> Any:
+    """The chat request's tool choice; ``allowed_tools`` narrows its tools to those named
+    (None: none of them is left, and the model is asked without tools).
+    """
     if choice in ("none", "auto", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and \
-            isinstance(choice.get("name"), str):
-        name = choice["name"]
-        if isinstance(choice.get("namespace"), str) and choice["namespace"]:
-            name = namespaced(choice["namespace"], name)
-        return {"type": "function", "function": {"name": name}}
-    raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
-                             "{'type': 'function', 'name': ...}.")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": _name_of(choice)}}
+    if kind == "allowed_tools" and choice.get("mode") in ("auto", "required") and \
+            isinstance(choice.get("tools"), list):
+        allowed = {_name_of(t) for t in choice["tools"] if isinstance(t, dict)
+                   and t.get("type") == "function" and isinstance(t.get("name"), str)}
+        chat["tools"] = [t for t in chat.get("tools", ()) if t["function"]["name"] in allowed]
+        if chat["tools"]:
+            return choice["mode"]
+        del chat["tools"]
+        if choice["mode"] == "required":
+            raise invalid("tool_choice", "'tool_choice' requires a tool, but allows none of "
+                                         "the request's function tools.")
+        return None
+    raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required', "
+                                 "{'type': 'function', 'name': ...} or {'type': "
+                                 "'allowed_tools', 'mode': 'auto' or 'required', 'tools': "
+                                 "[...]}.")
+
+
+def _name_of(function: dict[str, Any]) -> str:
+    """A function's name as the model knows it (with its namespace, if any)."""
+    name: str = function["name"]
+    if isinstance(function.get("namespace"), str) and function["namespace"]:
+        name = namespaced(function["namespace"], name)
+    return name
 
 
 def _format(text: Any) -> dict[str, Any] | None:

@@ -56,7 +56,7 @@ def chat_payload(req: ChatRequest, model: str, keep_alive: str, *, thinks: bool)
     if opts:
         payload["options"] = opts
     if req.tools and req.tool_choice != "none":
-        payload["tools"] = req.tools
+        payload["tools"] = _chosen(req.tools, req.tool_choice)
     fmt = req.response_format or {}
     if fmt.get("type") == "json_object":
         payload["format"] = "json"
@@ -68,6 +68,17 @@ def chat_payload(req: ChatRequest, model: str, keep_alive: str, *, thinks: bool)
     if keep_alive:
         payload["keep_alive"] = keep_alive_value(keep_alive)
     return _with_client_fields(payload, req.ollama, thinks)
+
+
+def _chosen(tools: list[Any], choice: Any) -> list[Any]:
+    """The tools the model is offered. Ollama has no ``tool_choice``: a choice that names a
+    function is kept by offering that function alone ("required" cannot be kept).
+    """
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    named = [t for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+             and t["function"].get("name") == name] if isinstance(name, str) else []
+    return named or tools
 
 
 def generate_payload(req: CompletionRequest, model: str, keep_alive: str, *,

@@ -348,9 +348,11 @@ def arguments_object(text: str) -> dict[str, Any]:
 
 
 def text_of(content: Any) -> str:
-    """The text of a message's content, whichever form it takes."""
+    """The text of a message's content, whichever form it takes (text parts one to a line,
+    as they are separate pieces: a file's name and the next one's, say).
+    """
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return "\n".join(p.get("text", "") for p in content if p.get("type") == "text")

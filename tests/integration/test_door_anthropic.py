@@ -6,6 +6,7 @@ shape (before a stream and within one).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterator
 
@@ -86,6 +87,72 @@ def test_tool_use_round_trip(client: anthropic.Anthropic, ollama_sim: Sim,
     sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
     assert sent[2] == {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}
+
+
+def test_a_tool_results_images_and_text_blocks_reach_the_model(client: anthropic.Anthropic,
+                                                              ollama_sim: Sim) -> None:
+    """Images in a tool result (a screenshot, a file read) go on in the user turn after the
+    tool messages, which carry text alone; separate text blocks stay separate lines.
+    """
+    image = base64.b64encode(b"\x89PNG\r\n\x1a\n a picture").decode()
+    source = {"type": "base64", "media_type": "image/png", "data": image}
+    client.messages.create(model="llava:7b", max_tokens=64, messages=[
+        {"role": "user", "content": "What is in these files?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read",
+                                           "input": {"path": "."}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.png"},
+                {"type": "image", "source": source}]},  # type: ignore[list-item]
+            {"type": "text", "text": "<system-reminder>Be brief.</system-reminder>"},
+            {"type": "text", "text": "Describe b.png."}]}])
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent[2:] == [
+        {"role": "tool", "content": "a.txt\nb.png", "tool_name": "read"},
+        {"role": "user", "content": "<system-reminder>Be brief.</system-reminder>\n"
+                                    "Describe b.png.", "images": [image]}]
+    with pytest.raises(anthropic.BadRequestError, match="'document' are not supported"):
+        client.messages.create(model="llava:7b", max_tokens=64, messages=[
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "document", "source": {}}]}]}])
+
+
+def test_thinking_blocks_come_only_to_a_client_that_turned_thinking_on(
+        client: anthropic.Anthropic) -> None:
+    """A reasoning model thinks whatever the client said; its thinking is shown only when
+    the client asked, as Anthropic's API does (a client that did not reads the first block
+    as the answer).
+    """
+    asked = client.messages.create(model="qwq:32b", max_tokens=4096, messages=USER,
+                                   thinking={"type": "enabled", "budget_tokens": 2048})
+    assert [b.type for b in asked.content] == ["thinking", "text"]
+    plain = client.messages.create(model="qwq:32b", max_tokens=4096, messages=USER)
+    assert [b.type for b in plain.content] == ["text"]
+    assert plain.content[0].text == asked.content[1].text  # type: ignore[union-attr]
+    streamed = list(client.messages.create(model="qwq:32b", max_tokens=4096, messages=USER,
+                                           stream=True))
+    assert [e.content_block.type for e in streamed  # type: ignore[union-attr]
+            if e.type == "content_block_start"] == ["text"]
+
+
+def test_a_forced_tool_is_the_only_one_an_ollama_model_is_offered(
+        client: anthropic.Anthropic, ollama_sim: Sim) -> None:
+    """Ollama has no tool_choice: a choice that names a tool is kept by offering that tool
+    alone.
+    """
+    other = {**TOOL, "name": "record_answer"}
+    message = client.messages.create(model="qwen2.5-coder:32b", max_tokens=256,
+                                     tools=[TOOL, other],  # type: ignore[list-item]
+                                     tool_choice={"type": "tool", "name": "record_answer"},
+                                     messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert [b.name for b in message.content if b.type == "tool_use"] == ["record_answer"]
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["record_answer"]
+    client.messages.create(model="qwen2.5-coder:32b", max_tokens=256,
+                           tools=[TOOL, other],  # type: ignore[list-item]
+                           messages=[{"role": "user", "content": "Weather in Paris?"}])
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "record_answer"]
 
 
 def test_thinking_blocks_come_signed_and_go_back(client: anthropic.Anthropic) -> None:

@@ -6,6 +6,7 @@ reasoning summaries, stored responses per tenant, and clear refusals.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import urllib.request
@@ -232,6 +233,50 @@ def test_tools_the_gateway_cannot_offer_as_asked_are_a_400(
         client.responses.create(model="qwen2.5-coder:32b", input="Hi", tools=tools,  # type: ignore[arg-type]
                                 **extra)  # type: ignore[arg-type]
     assert caught.value.param == param
+
+
+def test_a_function_outputs_images_reach_the_model_after_the_tool_messages(
+        client: openai.OpenAI, ollama_sim: Sim) -> None:
+    """A tool message carries text alone: a function call output's images go on in a user
+    turn right after the outputs; its text parts stay separate lines.
+    """
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG a picture").decode()
+    client.responses.create(model="llava:7b", input=[  # type: ignore[list-item]
+        {"role": "user", "content": "What is in these files?"},
+        {"type": "function_call", "call_id": "call_1", "name": "read", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [
+            {"type": "input_text", "text": "a.txt"}, {"type": "input_text", "text": "b.png"},
+            {"type": "input_image", "image_url": image}]},
+        {"role": "user", "content": "Describe b.png."}])
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert [(m["role"], m["content"], m.get("images")) for m in sent[2:]] == [
+        ("tool", "a.txt\nb.png", None), ("user", "", [image.split(",", 1)[1]]),
+        ("user", "Describe b.png.", None)]
+
+
+def test_allowed_tools_narrow_the_tools_offered(client: openai.OpenAI, ollama_sim: Sim) -> None:
+    other = {**TOOL, "name": "record_answer"}
+    response = client.responses.create(
+        model="qwen2.5-coder:32b", input="Weather in Paris?",
+        tools=[TOOL, other],  # type: ignore[list-item]
+        tool_choice={"type": "allowed_tools", "mode": "required",
+                     "tools": [{"type": "function", "name": "record_answer"}]})
+    assert [item.name for item in response.output  # type: ignore[union-attr]
+            if item.type == "function_call"] == ["record_answer"]
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["record_answer"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(
+            model="qwen2.5-coder:32b", input="Hi", tools=[TOOL],  # type: ignore[list-item]
+            tool_choice={"type": "allowed_tools", "mode": "required",
+                         "tools": [{"type": "function", "name": "nothing"}]})
+    assert caught.value.param == "tool_choice"
+
+
+def test_a_conversation_is_refused_not_ignored(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="phi3.5:3.8b", input="Hi", conversation="conv_123")
+    assert caught.value.param == "conversation"
 
 
 def test_an_unknown_previous_response_is_a_404(client: openai.OpenAI) -> None:

@@ -76,6 +76,17 @@ def test_reasoning_effort_is_not_sent_to_a_model_that_cannot_think(
     assert "think" not in ollama_sim.requests("/api/chat")[-1]["payload"]
 
 
+def test_text_parts_reach_ollama_as_separate_lines(client: openai.OpenAI,
+                                                   ollama_sim: Sim) -> None:
+    """Ollama takes a message's text as one string: parts (a file's name, the next one's)
+    are not run together.
+    """
+    client.chat.completions.create(model="phi3.5:3.8b", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.txt"}]}])
+    assert ollama_sim.requests("/api/chat")[-1]["payload"]["messages"] == [
+        {"role": "user", "content": "a.txt\nb.txt"}]
+
+
 def test_keep_alive_forever_is_sent_as_a_number(ollama_sim: Sim) -> None:
     server = start_gateway(gateway_config(
         backend("ollama", "ollama", ollama_sim.api_url, keep_alive="-1")))
