@@ -198,13 +198,18 @@ def visible(request: web.Request, models: list[Listed]) -> list[Listed]:
 
 
 async def _estimate(request: web.Request, body: dict[str, Any]) -> int:
-    """The tokens a request will use, before it is answered: its text (about four
-    characters a token) and the answer's limit, or a guess at it (none for embeddings).
-    """
     if "model" not in body and "name" not in body:
         return 0  # nothing to generate (a list of models, say)
-    prompt = len(await request.read()) // 4  # (the body as decoded)
-    if "embed" in request.path:
+    return estimate(body, len(await request.read()), "embed" in request.path)  # (as decoded)
+
+
+def estimate(body: dict[str, Any], size: int, embeds: bool) -> int:
+    """The tokens a request of ``size`` bytes will use, before it is answered: its text
+    (about four characters a token) and the answer's limit, or a guess at it (none for
+    embeddings).
+    """
+    prompt = size // 4
+    if embeds:
         return prompt
     options = body.get("options")
     limits = (body.get("max_completion_tokens"), body.get("max_tokens"),

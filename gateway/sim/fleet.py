@@ -41,6 +41,7 @@ class Faults:
     reject_prefill: bool = False  # refuse a final assistant message (prefill)
     reply: str | None = None  # answer this text, as it is, whatever was asked ("" answers empty)
     finish: str | None = None  # end with this finish reason ("length": cut by its own limit)
+    no_usage: bool = False  # say no token counts (a server that ignores include_usage)
     remaining: int | None = None
 
     def at(self, i: int) -> bool:

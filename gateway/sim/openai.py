@@ -175,7 +175,8 @@ async def _answer(request: web.Request, state: SimState, model: SimModel, body: 
     with watch(record):
         await apply_faults(request, faults, ask, record)
         plan = plan_answer(model, ask, faults)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and \
+            not faults.no_usage
         framer = _Framer(model.name, flavor, chat, include_usage)
         if not stream:
             await pace_whole(model, plan)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import functools
@@ -34,7 +35,7 @@ LIST_LIMIT = 100
 
 
 async def upload(request: web.Request) -> web.Response:
-    fields = _form(request, await request.read())
+    fields = await _form(request, await request.read())
     purpose = fields.get("purpose")
     if not isinstance(purpose, str) or purpose not in PURPOSES[:2]:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES[:2])}.",
@@ -86,7 +87,11 @@ async def create_batch(request: web.Request) -> web.Response:
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or
                                  not all(isinstance(v, str) for v in metadata.values())):
         raise InvalidRequest("metadata must be at most 16 string values.", param="metadata")
-    source = await _file(request, body.get("input_file_id"), param="input_file_id")
+    file_id = body.get("input_file_id")
+    if not isinstance(file_id, str) or not file_id:
+        raise InvalidRequest("input_file_id is required: the id of a file uploaded with "
+                             "purpose batch.", param="input_file_id")
+    source = await _file(request, file_id, param="input_file_id")
     if source["purpose"] != "batch":
         raise InvalidRequest(f"The file {source['id']} was uploaded for {source['purpose']}; "
                              "a batch's input needs purpose batch.", param="input_file_id")
@@ -98,7 +103,8 @@ async def create_batch(request: web.Request) -> web.Response:
     record["models"] = list(key.models) if key is not None else []  # (the key's, for later)
     record["cache_scope"] = key.cache if key is not None else ""
     await tasks.store.put_batch(record)
-    return json_response(shown(await tasks.batches.begin(record, content)))
+    # A client that hangs up now must not leave the batch half made: begin goes on.
+    return json_response(shown(await asyncio.shield(tasks.batches.begin(record, content))))
 
 
 async def get_batch(request: web.Request) -> web.Response:
@@ -150,8 +156,10 @@ async def _batch(request: web.Request) -> dict[str, Any]:
     return record
 
 
-def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
-    """A multipart/form-data body: text fields as strings, files as (name, bytes)."""
+async def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """A multipart/form-data body: text fields as strings, files as (name, bytes); parsed
+    in a thread (a file of 100 MB takes seconds, which the other requests must not wait).
+    """
     if not request.content_type.startswith("multipart/form-data"):
         raise InvalidRequest("Upload a file as multipart/form-data.", code="invalid_upload")
     limit = request.app[CONFIG].tasks.max_file_bytes
@@ -159,7 +167,11 @@ def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
         raise GatewayError(f"The file is larger than the limit of {limit} bytes.",
                            status=413, type="invalid_request_error", code="file_too_large")
     head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    return await asyncio.to_thread(_parts, head + raw, limit)
+
+
+def _parts(body: bytes, limit: int) -> dict[str, Any]:
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(body)
     fields: dict[str, Any] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")

@@ -21,7 +21,9 @@ from gateway.tasks.shared import RedisStore
 
 log = logging.getLogger(__name__)
 
-EXPIRY_RETRY_SECONDS = 60.0  # an expiry whose files are not written by then is redone
+# A change left half made (its process stopped, the store failed while the files were
+# written) is made again by the watch once the batch has been in its state this long.
+STUCK_SECONDS = 60.0
 Store = LocalStore | RedisStore  # (the same methods: local.py is the reference)
 StoreDown = (*local.DOWN, *shared.DOWN)  # what a store raises when it cannot answer now
 
@@ -33,8 +35,8 @@ class Batches:
 
     async def begin(self, record: dict[str, Any], content: bytes) -> dict[str, Any]:
         """Check the input file; queue its lines, or fail the batch with what is wrong."""
-        lines, errors = check_input(content, record["id"], record["endpoint"],
-                                    self._max_lines)
+        lines, errors = await asyncio.to_thread(check_input, content, record["id"],
+                                                record["endpoint"], self._max_lines)
         now = int(time.time())
         if errors:
             changed = await self.store.change_batch(record["id"], {
@@ -89,15 +91,25 @@ class Batches:
     async def expire_overdue(self, batches: list[dict[str, Any]]) -> None:
         """Expire those of ``batches`` whose window has run out (a batch whose lines all
         wait for a fleet that is down is expired here, not only when a line is tried), and
-        finish expiring one whose files could not be written.
+        finish a change left half made: files not written (the store failed meanwhile), a
+        batch left validating (its process stopped before its lines were queued).
         """
         now = time.time()
         for batch in batches:
-            if batch["status"] == "in_progress" and now >= batch["expires_at"]:
+            status = batch["status"]
+            stuck = now - (batch.get(f"{status}_at") or batch["created_at"]) > STUCK_SECONDS
+            if status == "in_progress" and now >= batch["expires_at"]:
                 await self.expire(batch["id"])
-            elif batch["status"] == "finalizing" and batch.get("expiring") and \
-                    now - (batch.get("finalizing_at") or now) > EXPIRY_RETRY_SECONDS:
+            elif not stuck:
+                continue
+            elif status == "finalizing" and batch.get("expiring"):
                 await self._expired_files(batch)
+            elif status == "finalizing":
+                await self._completed(batch)
+            elif status == "cancelling":
+                await self.settle(batch["id"])
+            elif status == "validating":
+                await self._abandoned(batch)
 
     async def settle(self, batch_id: str) -> dict[str, Any] | None:
         """When no line is left: completed (or cancelled) with its output and error files."""
@@ -107,10 +119,7 @@ class Batches:
         done = await self.store.change_batch(
             batch_id, {"status": "finalizing", "finalizing_at": now}, when=("in_progress",))
         if done is not None:
-            files = await self._write_files(done)
-            return await self.store.change_batch(
-                batch_id, {**files, "status": "completed", "completed_at": int(time.time())},
-                when=("finalizing",))
+            return await self._completed(done)
         cancelling = await self.store.batch(batch_id)
         if cancelling is None or cancelling["status"] != "cancelling":
             return None
@@ -118,6 +127,23 @@ class Batches:
         return await self.store.change_batch(
             batch_id, {**files, "status": "cancelled", "cancelled_at": int(time.time())},
             when=("cancelling",))
+
+    async def _completed(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        files = await self._write_files(batch)
+        return await self.store.change_batch(
+            batch["id"], {**files, "status": "completed", "completed_at": int(time.time())},
+            when=("finalizing",))
+
+    async def _abandoned(self, batch: dict[str, Any]) -> None:
+        changed = await self.store.change_batch(batch["id"], {
+            "status": "failed", "failed_at": int(time.time()), "errors": {
+                "object": "list", "data": [{
+                    "code": "validation_interrupted", "param": None, "line": None,
+                    "message": "The gateway stopped while it checked this batch's input; "
+                               "create the batch again."}]}}, when=("validating",))
+        if changed is not None:
+            await self.store.drop_lines(batch["id"])
+            log.warning("batch %s was left validating; failed", batch["id"])
 
     async def _write_files(self, batch: dict[str, Any], unanswered: list[str] | None = None
                            ) -> dict[str, Any]:

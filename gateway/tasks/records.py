@@ -80,8 +80,9 @@ def check_input(content: bytes, batch: str, endpoint: str, max_lines: int
             errors.append({"code": code, "message": message, "param": param, "line": n})
 
     raw_lines = content.splitlines()
-    if len(raw_lines) > max_lines:
-        error("too_many_requests", f"The input file has {len(raw_lines)} lines; a batch may "
+    requests = sum(1 for raw in raw_lines if raw.strip())  # (blank lines ask nothing)
+    if requests > max_lines:
+        error("too_many_requests", f"The input file has {requests} requests; a batch may "
               f"have at most {max_lines}.", None)
         return [], errors
     for n, raw in enumerate(raw_lines, start=1):

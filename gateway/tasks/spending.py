@@ -6,10 +6,13 @@ and slots do not apply to them: the lines have their share of the deployments in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, Unavailable
-from gateway.http.access import check_standing, over_limit
+from gateway.http.access import check_standing, estimate, over_limit
 from gateway.tenants import Admission, Away, KeyBook, Limits, Tally
 
 
@@ -49,9 +52,14 @@ class Spending:
             raise over_limit(admission)
         return Spend(budget, admission)
 
-    async def settle(self, spend: Spend | None, used: Tally) -> None:
+    async def settle(self, spend: Spend | None, used: Tally, body: dict[str, Any],
+                     endpoint: str, answered: bool) -> None:
         """Count the tokens the line's answer used, as the pipeline reported them (a
-        cached answer: none).
+        cached answer: none); an answer from a backend that did not say costs an estimate,
+        as a live request's does; a failure, nothing.
         """
-        if spend is not None:
-            await self._limits.settle(spend.budget, spend.admission, used.tokens)
+        if spend is None:
+            return
+        tokens = used.tokens if used.reported else estimate(
+            body, len(orjson.dumps(body)), endpoint == "/v1/embeddings") if answered else 0
+        await self._limits.settle(spend.budget, spend.admission, tokens)

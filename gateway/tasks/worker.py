@@ -137,7 +137,7 @@ class Worker:
         used = Tally()
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
                                     self._reasoning, used.add)
-        await self._spending.settle(spend, used)
+        await self._spending.settle(spend, used, line.body, batch["endpoint"], status == 200)
         if status in NOT_NOW:
             await self._later(line)
         else:

@@ -23,6 +23,7 @@ from gateway.tasks.api import TASKS
 from tests.integration.conftest import FAST, Fleet, fleet_config
 from tests.support import (
     ServerThread,
+    Sim,
     backend,
     gateway_config,
     openai_client,
@@ -205,6 +206,36 @@ def test_batch_lines_spend_their_keys_token_budget(fleet: Fleet) -> None:
         server.stop()
 
 
+def test_batch_lines_from_a_backend_that_does_not_count_spend_an_estimate(
+        fleet: Fleet) -> None:
+    """An answer without token counts costs what was estimated (its text, about four
+    characters a token, and its max_tokens), for a batch's line as for a live request: a
+    backend that does not count is no way around a budget.
+    """
+    fleet.cloud.fault("gpt-4o-mini", no_usage=True)
+    server = start_gateway(gateway_config(
+        backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST),
+        keys=[{"id": "alice", "hash": hashlib.sha256(KEYS["alice"].encode()).hexdigest(),
+               "budget": 1000}],
+        tasks={"concurrency": 1}))
+    try:
+        api = client(server)
+        lines = [chat_line(n, "gpt-4o-mini") for n in range(6)]
+        for line in lines:
+            line["body"]["max_tokens"] = 400  # about 440 tokens a line, estimated
+        source = api.files.create(file=("uncounted.jsonl", jsonl(lines)), purpose="batch")
+        done = finished(api, api.batches.create(input_file_id=source.id,
+                                                endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (3, 3)
+        answered = output(api, done.output_file_id)  # type: ignore[arg-type]
+        assert {a["response"]["body"]["usage"]["total_tokens"] for a in answered.values()} \
+            == {0}  # (nothing said, and the budget spent all the same)
+    finally:
+        server.stop()
+
+
 def test_cached_answers_to_batch_lines_spend_nothing_of_the_budget(fleet: Fleet) -> None:
     fleet.primary.fault("qwq:32b", reply=" ".join(["word"] * 30))  # ~40 tokens a line
     server = start_gateway(gateway_config(
@@ -245,6 +276,39 @@ def test_a_bad_input_file_fails_validation_before_any_work(
     assert found == [(2, "invalid_json_line"), (3, "duplicate_custom_id"),
                      (4, "mismatched_endpoint")]
     assert fleet.primary.requests("/api/chat") == []  # nothing was asked
+
+
+def test_a_batch_without_an_input_file_is_a_400_on_input_file_id(
+        gateway: ServerThread) -> None:
+    api = client(gateway)
+    for missing in ({}, {"input_file_id": None}, {"input_file_id": ""}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.post("/batches", cast_to=object, body={
+                "endpoint": "/v1/chat/completions", "completion_window": "24h", **missing})
+        assert caught.value.param == "input_file_id"
+
+
+def test_blank_lines_do_not_count_against_the_request_limit(ollama_sim: Sim) -> None:
+    server = start_gateway(gateway_config(backend("primary", "ollama", ollama_sim.api_url),
+                                          tasks={"max_lines": 3}))
+    try:
+        api = openai_client(server.url, "unused")
+        content = b"\n\n".join(json.dumps(chat_line(n, "phi3.5:3.8b")).encode()
+                                for n in range(3)) + b"\n\n"
+        source = api.files.create(file=("spaced.jsonl", io.BytesIO(content)), purpose="batch")
+        batch = finished(api, api.batches.create(input_file_id=source.id,
+                                                 endpoint="/v1/chat/completions",
+                                                 completion_window="24h").id)
+        assert batch.status == "completed" and batch.request_counts.completed == 3
+        four = content + json.dumps(chat_line(3, "phi3.5:3.8b")).encode()
+        source = api.files.create(file=("four.jsonl", io.BytesIO(four)), purpose="batch")
+        batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        assert batch.status == "failed" and batch.errors is not None
+        [error] = batch.errors.data or []
+        assert error.code == "too_many_requests" and "4 requests" in (error.message or "")
+    finally:
+        server.stop()
 
 
 def test_a_tenant_sees_only_its_own_files_and_batches(gateway: ServerThread) -> None:

@@ -1,14 +1,18 @@
 """A line read before its batch says it is in progress (the queue is faster than the
-batch's own change of state) waits for it: it is not dropped as if the batch were over.
+batch's own change of state) waits for it: it is not dropped as if the batch were over; and
+the watch finishes a batch's change that was left half made.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway.config import TasksConfig
-from gateway.tasks.batches import Batches
+from gateway.tasks.batches import STUCK_SECONDS, Batches
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import Line, batch_record
 from gateway.tasks.spending import Spending
@@ -32,5 +36,52 @@ async def test_a_line_of_a_batch_still_validating_is_put_back(tmp_path: Path) ->
         await worker._do(claimed)  # (the pipeline is never reached)
         assert await store.remaining("batch_1") == 1  # still queued, not dropped
         assert [x.custom_id for x in await store.claim("worker", 8, 1.0)] == ["request-1"]
+    finally:
+        await store.close()
+
+
+async def test_the_watch_finishes_a_change_left_half_made(tmp_path: Path) -> None:
+    """A batch left finalizing (the store failed while its files were written) is completed
+    with its files; one left validating (its process stopped while queueing its lines) is
+    failed, its queued lines dropped. Batches in those states for less than a minute are
+    left alone: their change may be under way.
+    """
+    store = LocalStore(str(tmp_path), visibility_timeout=300)
+    await store.start()
+    batches = Batches(store, 100)
+    try:
+        long_ago = int(time.time()) - 2 * int(STUCK_SECONDS)
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+        content = orjson.dumps({"custom_id": "request-1", "method": "POST",
+                                "url": "/v1/chat/completions", "body": body})
+        done = batch_record("batch_done", "alice", "/v1/chat/completions", "file-1", "24h",
+                            None)
+        await store.put_batch(done)
+        await batches.begin(done, content)
+        [line] = await store.claim("worker", 8, 0.1)
+        await store.finish(line, True, {"custom_id": "request-1", "response": {}})
+        await store.change_batch("batch_done", {"status": "finalizing",
+                                                "finalizing_at": long_ago},
+                                 when=("in_progress",))
+        left = batch_record("batch_left", "alice", "/v1/chat/completions", "file-1", "24h",
+                            None)
+        await store.put_batch({**left, "created_at": long_ago})
+        await store.enqueue([Line("batch_left", 1, "request-1", body)])
+        young = batch_record("batch_young", "alice", "/v1/chat/completions", "file-1", "24h",
+                             None)
+        await store.put_batch(young)
+
+        await batches.expire_overdue(await store.recent_batches())
+
+        completed = await store.batch("batch_done")
+        assert completed is not None and completed["status"] == "completed"
+        output = await store.content(completed["output_file_id"])
+        assert output is not None and orjson.loads(output)["custom_id"] == "request-1"
+        failed = await store.batch("batch_left")
+        assert failed is not None and failed["status"] == "failed"
+        assert [e["code"] for e in failed["errors"]["data"]] == ["validation_interrupted"]
+        assert await store.remaining("batch_left") == 0
+        still = await store.batch("batch_young")
+        assert still is not None and still["status"] == "validating"
     finally:
         await store.close()
