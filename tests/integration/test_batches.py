@@ -78,6 +78,14 @@ def finished(api: openai.OpenAI, batch_id: str, limit: float = 30) -> Any:
         time.sleep(0.1)
 
 
+def run(api: openai.OpenAI, name: str, lines: io.BytesIO) -> Any:
+    """A batch of chat completions made of ``lines`` (a file of that name), once finished."""
+    source = api.files.create(file=(name, lines), purpose="batch")
+    return finished(api, api.batches.create(input_file_id=source.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="24h").id)
+
+
 def output(api: openai.OpenAI, file_id: str) -> dict[str, dict[str, Any]]:
     lines = api.files.content(file_id).text.splitlines()
     by_id = {json.loads(line)["custom_id"]: json.loads(line) for line in lines}
@@ -160,10 +168,7 @@ def test_a_responses_batch(gateway: ServerThread) -> None:
 def test_a_line_that_fails_goes_to_the_error_file(gateway: ServerThread) -> None:
     api = client(gateway)
     lines = [chat_line(1), chat_line(2, model="no-such-model")]
-    source = api.files.create(file=("mixed.jsonl", jsonl(lines)), purpose="batch")
-    done = finished(api, api.batches.create(input_file_id=source.id,
-                                            endpoint="/v1/chat/completions",
-                                            completion_window="24h").id)
+    done = run(api, "mixed.jsonl", jsonl(lines))
     assert done.status == "completed"
     assert done.request_counts is not None and done.request_counts.failed == 1
     errors = output(api, done.error_file_id)  # type: ignore[arg-type]
@@ -184,11 +189,7 @@ def test_batch_lines_spend_their_keys_token_budget(fleet: Fleet) -> None:
         tasks={"concurrency": 1}))  # a line at a time: the budget is looked at for each
     try:
         api = client(server)
-        source = api.files.create(file=("spend.jsonl", jsonl([chat_line(n) for n in range(6)])),
-                                  purpose="batch")
-        done = finished(api, api.batches.create(input_file_id=source.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h").id)
+        done = run(api, "spend.jsonl", jsonl([chat_line(n) for n in range(6)]))
         assert done.request_counts is not None
         assert (done.request_counts.completed, done.request_counts.failed) == (3, 3)
         answered = output(api, done.output_file_id)  # type: ignore[arg-type]
@@ -223,10 +224,7 @@ def test_batch_lines_from_a_backend_that_does_not_count_spend_an_estimate(
         lines = [chat_line(n, "gpt-4o-mini") for n in range(6)]
         for line in lines:
             line["body"]["max_tokens"] = 400  # about 440 tokens a line, estimated
-        source = api.files.create(file=("uncounted.jsonl", jsonl(lines)), purpose="batch")
-        done = finished(api, api.batches.create(input_file_id=source.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h").id)
+        done = run(api, "uncounted.jsonl", jsonl(lines))
         assert done.request_counts is not None
         assert (done.request_counts.completed, done.request_counts.failed) == (3, 3)
         answered = output(api, done.output_file_id)  # type: ignore[arg-type]
@@ -249,10 +247,7 @@ def test_cached_answers_to_batch_lines_spend_nothing_of_the_budget(fleet: Fleet)
         line = chat_line(0)
         line["body"]["temperature"] = 0  # (only deterministic answers are cached)
         same = [{**line, "custom_id": f"request-{n}"} for n in range(6)]
-        source = api.files.create(file=("same.jsonl", jsonl(same)), purpose="batch")
-        done = finished(api, api.batches.create(input_file_id=source.id,
-                                                endpoint="/v1/chat/completions",
-                                                completion_window="24h").id)
+        done = run(api, "same.jsonl", jsonl(same))
         assert done.request_counts is not None
         # One answer from the model, five from the cache: as live, a hit costs nothing.
         assert (done.request_counts.completed, done.request_counts.failed) == (6, 0)
@@ -295,10 +290,7 @@ def test_blank_lines_do_not_count_against_the_request_limit(ollama_sim: Sim) -> 
         api = openai_client(server.url, "unused")
         content = b"\n\n".join(json.dumps(chat_line(n, "phi3.5:3.8b")).encode()
                                 for n in range(3)) + b"\n\n"
-        source = api.files.create(file=("spaced.jsonl", io.BytesIO(content)), purpose="batch")
-        batch = finished(api, api.batches.create(input_file_id=source.id,
-                                                 endpoint="/v1/chat/completions",
-                                                 completion_window="24h").id)
+        batch = run(api, "spaced.jsonl", io.BytesIO(content))
         assert batch.status == "completed" and batch.request_counts.completed == 3
         four = content + json.dumps(chat_line(3, "phi3.5:3.8b")).encode()
         source = api.files.create(file=("four.jsonl", io.BytesIO(four)), purpose="batch")
