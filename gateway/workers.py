@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,13 +93,19 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
 
 def _sweep_metrics(folder: str) -> None:
     """Remove the metrics folders of supervisors that are gone without cleaning up (killed
-    with SIGKILL, say): each folder's name holds its supervisor's process id.
+    with SIGKILL, say): each folder's name holds its supervisor's process id. Nothing here
+    may keep the gateway from starting.
     """
-    for entry in os.scandir(folder):
-        pid = entry.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
-        if entry.name.startswith(METRICS_PREFIX) and pid.isdigit() and entry.is_dir() \
-                and not _alive(int(pid)):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    try:
+        for entry in os.scandir(folder):
+            found = _METRICS_NAME.fullmatch(entry.name)
+            if found and entry.is_dir(follow_symlinks=False) and not _alive(int(found[1])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    except OSError as exc:
+        log.warning("gateway: could not look for old metrics folders in %s: %s", folder, exc)
+
+
+_METRICS_NAME = re.compile(re.escape(METRICS_PREFIX) + r"([0-9]{1,9})-[a-z0-9_]+")
 
 
 def _alive(pid: int) -> bool:
@@ -106,7 +113,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:
         pass  # another user's
     return True
 

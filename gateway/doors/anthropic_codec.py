@@ -18,7 +18,7 @@ from gateway.config import ReasoningMode
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.stream import SSE, sse_comments, sse_event
 from gateway.protocol.ids import unique_id
-from gateway.protocol.openai import arguments_object, invalid
+from gateway.protocol.openai import arguments_object, invalid, not_passed_on
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.units import Chunk, Completion, Usage
 
@@ -155,12 +155,10 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
 
 def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
     """Tool results first (as tool messages answering the calls before them), then the
-    rest of the turn, led by the images the tool results held (a tool message carries text
-    alone). Text blocks are read one to a line.
+    rest of the turn. Text blocks are read one to a line.
     """
     results: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    shown: list[dict[str, Any]] = []  # the tool results' images
     for j, block in enumerate(blocks):
         at = f"{where}.content[{j}]"
         kind = _kind(block, at)
@@ -171,14 +169,13 @@ def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
         elif kind == "tool_result":
             content = block.get("content")
             text = content if isinstance(content, str) else \
-                "\n".join(_result_texts(content or [], f"{at}.content", shown))
+                "\n".join(_result_texts(content or [], f"{at}.content"))
             if block.get("is_error"):
                 text = f"Error: {text}"
             results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
                             "content": text})
         else:
             raise _unsupported(kind, at)
-    parts = shown + parts
     if not parts:
         return results
     if all(p["type"] == "text" for p in parts):
@@ -186,19 +183,25 @@ def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
     return [*results, {"role": role, "content": parts}]
 
 
-def _result_texts(blocks: Any, where: str, images: list[dict[str, Any]]) -> list[str]:
-    """A tool result's text blocks; its images are added to ``images``."""
+def _result_texts(blocks: Any, where: str) -> list[str]:
+    """A tool result's blocks as lines of text: a tool message carries text alone. What is
+    not text (an image, a PDF) is named in its place, so that the model knows it was there:
+    passed on as the turn's image, it would make every later turn of the session need a
+    model that sees images.
+    """
     if not isinstance(blocks, list):
-        raise invalid(where, f"{where} must be a string or an array of text and image blocks.")
+        raise invalid(where, f"{where} must be a string or an array of content blocks.")
     texts = []
     for i, block in enumerate(blocks):
         kind = _kind(block, f"{where}[{i}]")
+        source = block.get("source")
         if kind == "text":
             texts.append(_text(block, f"{where}[{i}]"))
-        elif kind == "image":
-            images.append(_image(block, f"{where}[{i}]"))
+        elif kind == "document" and isinstance(source, dict) and source.get("type") == "text" \
+                and isinstance(source.get("data"), str):
+            texts.append(source["data"])
         else:
-            raise _unsupported(kind, f"{where}[{i}]")
+            texts.append(not_passed_on(kind))
     return texts
 
 

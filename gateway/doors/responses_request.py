@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from gateway.protocol.ids import unique_id
-from gateway.protocol.openai import invalid
+from gateway.protocol.openai import invalid, not_passed_on
 
 
 def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
@@ -78,15 +78,11 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         raise invalid("input", "'input' must be a string or an array of input items.")
     out: list[dict[str, Any]] = []
-    shown: list[dict[str, Any]] = []  # images of the function call outputs just before
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise invalid(where, f"{where} must be an object.")
         kind = item.get("type") or ("message" if "role" in item else None)
-        if shown and kind != "function_call_output":
-            out.append({"role": "user", "content": shown})  # after the outputs, not among
-            shown = []
         if kind == "message":
             out.append({"role": item.get("role"),
                         "content": _content(item.get("content"), where)})
@@ -102,14 +98,12 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                        "content": _tool_output(item.get("output"), where, shown)})
+                        "content": _tool_output(item.get("output"), where)})
         elif kind == "reasoning":
             continue  # a model's reasoning is not sent back to it
         else:
             raise invalid(f"{where}.type", f"{where}: input items of type {kind!r} are not "
                                        "supported by the gateway.")
-    if shown:
-        out.append({"role": "user", "content": shown})
     return out
 
 
@@ -149,11 +143,11 @@ def _listed_part(part: dict[str, Any]) -> dict[str, Any]:
     return part
 
 
-def _content(content: Any, where: str, field: str = "content") -> Any:
+def _content(content: Any, where: str) -> Any:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise invalid(f"{where}.{field}", f"{where}.{field} must be a string or an array of parts.")
+        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of parts.")
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -164,26 +158,35 @@ def _content(content: Any, where: str, field: str = "content") -> Any:
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
             parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
         elif kind == "input_image":
-            raise invalid(f"{where}.{field}[{j}]", "Images must be sent as image_url (a data: "
+            raise invalid(f"{where}.content[{j}]", "Images must be sent as image_url (a data: "
                                                "URL); file ids are not supported.")
         else:
-            raise invalid(f"{where}.{field}[{j}]", f"{where}.{field}[{j}]: parts of type {kind!r} "
+            raise invalid(f"{where}.content[{j}]", f"{where}.content[{j}]: parts of type {kind!r} "
                                                "are not supported by the gateway.")
     return parts
 
 
-def _tool_output(output: Any, where: str, images: list[dict[str, Any]]) -> str:
-    """A function call's output as a tool message's text (its text parts one to a line);
-    its images are added to ``images`` (a tool message carries text alone).
+def _tool_output(output: Any, where: str) -> str:
+    """A function call's output as a tool message's text: its text parts one to a line,
+    and what is not text named in its place (a tool message carries text alone).
     """
     if isinstance(output, str):
         return output
+    if not isinstance(output, list):
+        raise invalid(f"{where}.output", f"{where}.output must be a string or an array of parts.")
     texts = []
-    for part in _content(output, where, "output"):
-        if part["type"] == "text":
+    for j, part in enumerate(output):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text"):
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"{where}.output[{j}].text", f"{where}.output[{j}].text must "
+                                                       "be a string.")
             texts.append(part["text"])
+        elif isinstance(kind, str):
+            texts.append(not_passed_on(kind))
         else:
-            images.append(part)
+            raise invalid(f"{where}.output[{j}]", f"{where}.output[{j}] must be a part with a "
+                                              "'type'.")
     return "\n".join(texts)
 
 

@@ -347,6 +347,13 @@ def arguments_object(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": text}
 
 
+def not_passed_on(kind: str) -> str:
+    """What stands in a tool's output for a part of it the gateway cannot pass on (a tool
+    message carries text alone): an image, a file.
+    """
+    return f"[{kind}: not passed on by the gateway]"
+
+
 def text_of(content: Any) -> str:
     """The text of a message's content, whichever form it takes (text parts one to a line,
     as they are separate pieces: a file's name and the next one's, say).

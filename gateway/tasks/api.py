@@ -9,6 +9,7 @@ import asyncio
 import email.parser
 import email.policy
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from gateway.tasks.records import (
     shown,
 )
 
+log = logging.getLogger(__name__)
 TASKS = web.AppKey("tasks", Tasks)
 LIST_LIMIT = 100
 
@@ -104,7 +106,20 @@ async def create_batch(request: web.Request) -> web.Response:
     record["cache_scope"] = key.cache if key is not None else ""
     await tasks.store.put_batch(record)
     # A client that hangs up now must not leave the batch half made: begin goes on.
-    return json_response(shown(await asyncio.shield(tasks.batches.begin(record, content))))
+    beginning = asyncio.ensure_future(tasks.batches.begin(record, content))
+    _BEGINNING.add(beginning)
+    beginning.add_done_callback(functools.partial(_begun, record["id"]))
+    return json_response(shown(await asyncio.shield(beginning)))
+
+
+_BEGINNING: set[asyncio.Future[dict[str, Any]]] = set()  # (held until done)
+
+
+def _begun(batch_id: str, beginning: asyncio.Future[dict[str, Any]]) -> None:
+    """A batch's begin is over: its failure told, should its client have left."""
+    _BEGINNING.discard(beginning)
+    if not beginning.cancelled() and beginning.exception() is not None:
+        log.error("batch %s could not begin: %s", batch_id, beginning.exception())
 
 
 async def get_batch(request: web.Request) -> web.Response:

@@ -48,6 +48,9 @@ class Batches:
                 "status": "in_progress", "in_progress_at": now,
                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}},
                 when=("validating",))
+        if changed is None:  # (cancelled meanwhile, or failed by a watch that took it for
+            # abandoned: its lines are dropped as read)
+            changed = await self.store.batch(record["id"])
         assert changed is not None
         return changed
 

@@ -219,10 +219,13 @@ def test_a_killed_supervisors_metrics_folder_goes_at_the_next_start(
                    "its workers ending with it")
         left = [p.name for p in temp.iterdir()]
         assert left == [f"gw-metrics-{killed.pid}-{left[0].rsplit('-', 1)[1]}"], left
+        kept = {f"gw-metrics-{os.getpid()}-alive", "gw-metrics-99999999999-x", "gw-metrics-²-x"}
+        for name in kept:  # a live supervisor's, and names no supervisor gives
+            (temp / name).mkdir()
         with two_workers(config, env) as (_, supervisor):
-            now = [p.name for p in temp.iterdir()]
-            assert len(now) == 1 and now[0].startswith(f"gw-metrics-{supervisor.pid}-"), now
-        assert not list(temp.iterdir())
+            now = {p.name for p in temp.iterdir()} - kept
+            assert len(now) == 1 and now.pop().startswith(f"gw-metrics-{supervisor.pid}-")
+        assert {p.name for p in temp.iterdir()} == kept
 
 
 @contextlib.contextmanager

@@ -89,32 +89,37 @@ def test_tool_use_round_trip(client: anthropic.Anthropic, ollama_sim: Sim,
     assert sent[2] == {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}
 
 
-def test_a_tool_results_images_and_text_blocks_reach_the_model(client: anthropic.Anthropic,
-                                                              ollama_sim: Sim) -> None:
-    """Images in a tool result (a screenshot, a file read) go on in the user turn after the
-    tool messages, which carry text alone; separate text blocks stay separate lines.
+def test_a_tool_results_blocks_reach_the_model_as_lines_of_text(client: anthropic.Anthropic,
+                                                                ollama_sim: Sim) -> None:
+    """A tool message carries text alone: a tool result's text blocks are its lines (not
+    run together), a text document its text, and an image or a PDF is named in its place.
+    Passed on as the turn's image, an image would make every later turn of the session
+    need a model that sees images; refused, the session could not go on.
     """
     image = base64.b64encode(b"\x89PNG\r\n\x1a\n a picture").decode()
-    source = {"type": "base64", "media_type": "image/png", "data": image}
-    client.messages.create(model="llava:7b", max_tokens=64, messages=[
+    client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, messages=[
         {"role": "user", "content": "What is in these files?"},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read",
                                            "input": {"path": "."}}]},
         {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [  # type: ignore[list-item]
                 {"type": "text", "text": "a.txt"}, {"type": "text", "text": "b.png"},
-                {"type": "image", "source": source}]},  # type: ignore[list-item]
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": image}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                "data": "notes"}},
+                {"type": "document", "source": {"type": "base64",
+                                                "media_type": "application/pdf",
+                                                "data": image}}]},
             {"type": "text", "text": "<system-reminder>Be brief.</system-reminder>"},
             {"type": "text", "text": "Describe b.png."}]}])
     sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
     assert sent[2:] == [
-        {"role": "tool", "content": "a.txt\nb.png", "tool_name": "read"},
+        {"role": "tool", "tool_name": "read", "content": "a.txt\nb.png\n"
+         "[image: not passed on by the gateway]\nnotes\n"
+         "[document: not passed on by the gateway]"},
         {"role": "user", "content": "<system-reminder>Be brief.</system-reminder>\n"
-                                    "Describe b.png.", "images": [image]}]
-    with pytest.raises(anthropic.BadRequestError, match="'document' are not supported"):
-        client.messages.create(model="llava:7b", max_tokens=64, messages=[
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                          "content": [{"type": "document", "source": {}}]}]}])
+                                    "Describe b.png."}]
 
 
 def test_thinking_blocks_come_only_to_a_client_that_turned_thinking_on(
