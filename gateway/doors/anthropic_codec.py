@@ -165,7 +165,7 @@ def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
         if kind == "text":
             parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
-            parts.append(_image(block, at))
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, at)}})
         elif kind == "tool_result":
             content = block.get("content")
             text = content if isinstance(content, str) else \
@@ -203,10 +203,6 @@ def _result_texts(blocks: Any, where: str) -> list[str]:
         else:
             texts.append(not_passed_on(kind))
     return texts
-
-
-def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": _image_url(block, where)}}
 
 
 def _image_url(block: dict[str, Any], where: str) -> str:
