@@ -9,7 +9,8 @@ it is queued, no polling) and lines a dead worker held with ``XAUTOCLAIM`` once 
 been idle for the visibility timeout. A result is written (``HSETNX``: once per
 ``custom_id``, however often the line is done) before the line is acknowledged, so a worker
 that dies between the two only makes another do the line again, and its second result is
-not kept. A line put back for later waits in a sorted set by when it is due.
+not kept. A line acknowledged is deleted from the stream too. A line put back for later
+waits in a sorted set by when it is due.
 """
 
 from __future__ import annotations
@@ -256,17 +257,26 @@ class RedisStore:
                                                                 "line": result}),
                                  "completed" if ok else "failed"],
                            client=self._redis)
-        await self._redis.xack(STREAM, GROUP, line.ref)
+        await self._done_with(line)
 
     async def discard(self, line: Line) -> None:
         results, _, remaining, dropped = batch_keys(line.batch)
         await self._discard(keys=[dropped, results, remaining], args=[line.custom_id],
                             client=self._redis)
-        await self._redis.xack(STREAM, GROUP, line.ref)
+        await self._done_with(line)
 
     async def put_back(self, line: Line, delay: float) -> None:
         await self._redis.zadd(LATER, {encoded(line): time.time() + delay})
-        await self._redis.xack(STREAM, GROUP, line.ref)  # (after: never lost between)
+        await self._done_with(line)  # (after: never lost between)
+
+    async def _done_with(self, line: Line) -> None:
+        """The line's entry acknowledged and taken out of the stream: an entry acknowledged
+        alone stays, and the stream would keep every line ever queued.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(STREAM, GROUP, line.ref)
+            pipe.xdel(STREAM, line.ref)
+            await pipe.execute()
 
     async def drop_lines(self, batch_id: str) -> None:
         """Lines in the stream cannot be taken out by batch: each worker that reads one of

@@ -113,6 +113,8 @@ def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path)
             workers[0].send_signal(signal.SIGKILL)  # mid-line, its claims unacknowledged
             workers[0].wait(timeout=10)
             every_line_once(api, batch.id, 500)
+            # Nothing of the batch stays in the queue (its stream kept every line before).
+            assert redis.command("XLEN", "gw:{tasks}:lines") == b":0"
         finally:
             for worker in workers:
                 if worker.poll() is None:
