@@ -161,7 +161,9 @@ class Batches:
         changes: dict[str, Any] = {}
         for field, lines in (("output_file_id", out), ("error_file_id", bad)):
             if lines:
-                file_id = new_id("file-")
+                # Named after the batch: written again (by a watch that found the batch
+                # stuck, by two at once), each file replaces itself, never adds a copy.
+                file_id = f"file-{batch['id'].removeprefix('batch_')}-{field[:-8]}"
                 content = b"\n".join(lines) + b"\n"
                 await self.store.save_file(file_record(
                     file_id, batch["tenant"], f"{batch['id']}_{field[:-8]}.jsonl",

@@ -100,7 +100,7 @@ class LocalStore:
                 os.fsync(out.fileno())
         await asyncio.to_thread(write)
         await self._run(lambda db: db.execute(
-            "INSERT INTO files VALUES (?, ?, ?)",
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
             (record["id"], record["tenant"], orjson.dumps(record))))
 
     async def file(self, file_id: str) -> dict[str, Any] | None:

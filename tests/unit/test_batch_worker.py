@@ -5,6 +5,7 @@ the watch finishes a batch's change that was left half made.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,9 @@ async def test_a_line_of_a_batch_still_validating_is_put_back(tmp_path: Path) ->
 
 async def test_the_watch_finishes_a_change_left_half_made(tmp_path: Path) -> None:
     """A batch left finalizing (the store failed while its files were written) is completed
-    with its files; one left validating (its process stopped while queueing its lines) is
-    failed, its queued lines dropped. Batches in those states for less than a minute are
-    left alone: their change may be under way.
+    with its files (once, when two processes do it at once); one left validating (its
+    process stopped while queueing its lines) is failed, its queued lines dropped. Batches
+    in those states for less than a minute are left alone: their change may be under way.
     """
     store = LocalStore(str(tmp_path), visibility_timeout=300)
     await store.start()
@@ -71,12 +72,15 @@ async def test_the_watch_finishes_a_change_left_half_made(tmp_path: Path) -> Non
                              None)
         await store.put_batch(young)
 
-        await batches.expire_overdue(await store.recent_batches())
+        seen = await store.recent_batches()  # two watches (two processes) at once
+        await asyncio.gather(batches.expire_overdue(seen), batches.expire_overdue(seen))
 
         completed = await store.batch("batch_done")
         assert completed is not None and completed["status"] == "completed"
         output = await store.content(completed["output_file_id"])
         assert output is not None and orjson.loads(output)["custom_id"] == "request-1"
+        # Both wrote the files; each replaced the other's, and no copy is left over.
+        assert [f["id"] for f in await store.files("alice")] == [completed["output_file_id"]]
         failed = await store.batch("batch_left")
         assert failed is not None and failed["status"] == "failed"
         assert [e["code"] for e in failed["errors"]["data"]] == ["validation_interrupted"]
