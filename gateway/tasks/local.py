@@ -209,6 +209,12 @@ class LocalStore:
                        [(holder, now, r[0], r[1]) for r in rows])
         return [Line(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
 
+    async def keep(self, line: Line, holder: str) -> None:
+        """The claim on a line still at work renewed (from now, the visibility timeout)."""
+        await self._run(lambda db: db.execute(
+            "UPDATE lines SET claimed_at = ? WHERE batch = ? AND n = ? AND holder = ?",
+            (time.time(), line.batch, line.n, holder)))
+
     async def finish(self, line: Line, ok: bool, result: dict[str, Any]) -> None:
         """The line's result kept (once, however often it is finished) and the line gone."""
         def done(db: sqlite3.Connection) -> None:

@@ -250,6 +250,10 @@ class RedisStore:
             return []
         return [_decoded(ref, fields) for _, got in read or [] for ref, fields in got]
 
+    async def keep(self, line: Line, holder: str) -> None:
+        """The claim on a line still at work renewed: its idle time starts again."""
+        await self._redis.xclaim(STREAM, GROUP, holder, 0, [line.ref], justid=True)
+
     async def finish(self, line: Line, ok: bool, result: dict[str, Any]) -> None:
         results, counts, remaining, _ = batch_keys(line.batch)
         await self._finish(keys=[results, counts, remaining],

@@ -95,6 +95,7 @@ class Worker:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _safely(self, line: Line) -> None:
+        keeping = asyncio.create_task(self._keep(line))
         try:
             await self._do(line)
         except asyncio.CancelledError:
@@ -107,6 +108,18 @@ class Worker:
             log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
             with contextlib.suppress(*StoreDown):
                 await self._store.put_back(line, self._config.retry_max)
+        finally:
+            keeping.cancel()
+
+    async def _keep(self, line: Line) -> None:
+        """Renew the claim on the line while it is at work: one that takes longer than the
+        visibility timeout (a long answer, a wait for a slot, retries) would otherwise be
+        taken for a dead worker's, and answered (and charged) twice.
+        """
+        while True:
+            await asyncio.sleep(self._config.visibility_timeout / 3)
+            with contextlib.suppress(*StoreDown):
+                await self._store.keep(line, self.name)
 
     async def _do(self, line: Line) -> None:
         batch = await self._store.batch(line.batch)

@@ -5,6 +5,7 @@ file; on the local queue (SQLite in the data directory) and the simulated fleet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -20,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
 from gateway.tasks.api import TASKS
+from gateway.tasks.worker import CLAIM_WAIT
 from tests.integration.conftest import FAST, Fleet, fleet_config
+from tests.redis_peer import RedisServer
 from tests.support import (
     ServerThread,
     Sim,
@@ -301,6 +304,29 @@ def test_blank_lines_do_not_count_against_the_request_limit(ollama_sim: Sim) -> 
         assert error.code == "too_many_requests" and "4 requests" in (error.message or "")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("queue", ["local", "redis"])
+def test_a_line_longer_than_the_visibility_timeout_is_answered_once(ollama_sim: Sim,
+                                                                    queue: str) -> None:
+    """A worker renews its claim on a line while it is at work: one that takes longer than
+    the visibility timeout is not taken for a dead worker's and asked (and charged) twice.
+    """
+    # (longer than a claim's blocking read on Redis, after which dead workers' lines are
+    # looked for)
+    ollama_sim.fault("phi3.5:3.8b", latency=2.5 if queue == "local" else CLAIM_WAIT + 1)
+    with contextlib.ExitStack() as stack:
+        tasks: dict[str, Any] = {"visibility_timeout": 1.0, "concurrency": 4}  # (room to claim)
+        if queue == "redis":
+            redis = stack.enter_context(RedisServer())
+            tasks.update(queue="redis", redis_url=redis.url)
+        server = start_gateway(gateway_config(backend("primary", "ollama", ollama_sim.api_url),
+                                              tasks=tasks))
+        stack.callback(server.stop)
+        api = openai_client(server.url, "unused")
+        batch = run(api, "slow.jsonl", jsonl([chat_line(n, "phi3.5:3.8b") for n in range(2)]))
+        assert batch.status == "completed" and batch.request_counts.completed == 2
+        assert len(ollama_sim.requests("/api/chat")) == 2  # once each, not again
 
 
 def test_a_tenant_sees_only_its_own_files_and_batches(gateway: ServerThread) -> None:
