@@ -33,7 +33,8 @@ from gateway.tasks.records import (
 
 log = logging.getLogger(__name__)
 TASKS = web.AppKey("tasks", Tasks)
-LIST_LIMIT = 100
+LIST_LIMIT = 100  # batches a page
+FILES_LIMIT = 10_000  # files a page (OpenAI's most, and its default)
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -52,10 +53,17 @@ async def upload(request: web.Request) -> web.Response:
 
 
 async def list_files(request: web.Request) -> web.Response:
+    """A tenant's files, newest first unless ``order=asc``, a page at a time (``limit``,
+    ``after``), as OpenAI lists them.
+    """
     purpose = request.query.get("purpose")
-    files = [shown(f) for f in await request.app[TASKS].store.files(request[TENANT])
-             if purpose is None or f["purpose"] == purpose]
-    return json_response({"object": "list", "data": files, "has_more": False})
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be asc or desc.", param="order")
+    files = sorted((f for f in await request.app[TASKS].store.files(request[TENANT])
+                    if purpose is None or f["purpose"] == purpose),
+                   key=lambda f: f["created_at"], reverse=order == "desc")
+    return json_response(_page(request, files, FILES_LIMIT))
 
 
 async def get_file(request: web.Request) -> web.Response:
@@ -127,20 +135,28 @@ async def get_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
+    everything = await request.app[TASKS].store.batches(request[TENANT])
+    return json_response(_page(request, everything, LIST_LIMIT, default=20))
+
+
+def _page(request: web.Request, records: list[dict[str, Any]], most: int,
+          default: int | None = None) -> dict[str, Any]:
+    """A page of ``records``: ``limit`` of them (up to ``most``) from the one after
+    ``after``, in OpenAI's list shape.
+    """
     try:
-        limit = max(1, min(LIST_LIMIT, int(request.query.get("limit", "20"))))
+        limit = max(1, min(most, int(request.query.get("limit", default or most))))
     except ValueError:
         raise InvalidRequest("limit must be a number.", param="limit") from None
-    everything = await request.app[TASKS].store.batches(request[TENANT])
     after = request.query.get("after")
     if after is not None:
-        ids = [b["id"] for b in everything]
-        everything = everything[ids.index(after) + 1:] if after in ids else []
-    page = [shown(b) for b in everything[:limit]]
-    return json_response({"object": "list", "data": page,
-                          "first_id": page[0]["id"] if page else None,
-                          "last_id": page[-1]["id"] if page else None,
-                          "has_more": len(everything) > limit})
+        ids = [r["id"] for r in records]
+        records = records[ids.index(after) + 1:] if after in ids else []
+    page = [shown(r) for r in records[:limit]]
+    return {"object": "list", "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(records) > limit}
 
 
 async def cancel_batch(request: web.Request) -> web.Response:

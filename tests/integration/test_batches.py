@@ -381,6 +381,22 @@ def test_files_are_listed_shown_and_deleted(gateway: ServerThread) -> None:
         api.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="fine-tune")
 
 
+def test_files_are_listed_newest_first_a_page_at_a_time(gateway: ServerThread) -> None:
+    api = client(gateway)
+    made = []
+    for n in range(5):
+        made.append(api.files.create(file=(f"{n}.txt", io.BytesIO(b"x")),
+                                     purpose="user_data").id)
+        time.sleep(1.01 if n < 4 else 0)  # (created_at is in seconds)
+    first = api.files.list(limit=2)
+    assert [f.id for f in first.data] == made[:-3:-1] and first.has_more
+    assert [f.id for f in api.files.list(limit=2)] == made[::-1]  # every page, in turn
+    assert [f.id for f in api.files.list(order="asc", limit=3)] == made
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.files.list(order="sideways")  # type: ignore[arg-type]
+    assert caught.value.param == "order"
+
+
 def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None:
     """Batch lines wait for their share of the slots, behind interactive requests, and
     take each as it frees up: 12 lines of 0.3 s on 2 slots take about 1.8 s (put back to be
