@@ -95,8 +95,10 @@ async def create_batch(request: web.Request) -> web.Response:
         raise InvalidRequest("completion_window must be 24h.", param="completion_window")
     metadata = body.get("metadata")
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or
-                                 not all(isinstance(v, str) for v in metadata.values())):
-        raise InvalidRequest("metadata must be at most 16 string values.", param="metadata")
+                                 not all(isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                                         for k, v in metadata.items())):
+        raise InvalidRequest("metadata must be at most 16 string values, each key at most 64 "
+                             "characters and each value at most 512.", param="metadata")
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str) or not file_id:
         raise InvalidRequest("input_file_id is required: the id of a file uploaded with "

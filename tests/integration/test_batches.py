@@ -276,7 +276,7 @@ def test_a_bad_input_file_fails_validation_before_any_work(
     assert fleet.primary.requests("/api/chat") == []  # nothing was asked
 
 
-def test_a_batch_without_an_input_file_is_a_400_on_input_file_id(
+def test_a_batch_without_an_input_file_or_with_too_much_metadata_is_a_400(
         gateway: ServerThread) -> None:
     api = client(gateway)
     for missing in ({}, {"input_file_id": None}, {"input_file_id": ""}):
@@ -284,6 +284,12 @@ def test_a_batch_without_an_input_file_is_a_400_on_input_file_id(
             api.post("/batches", cast_to=object, body={
                 "endpoint": "/v1/chat/completions", "completion_window": "24h", **missing})
         assert caught.value.param == "input_file_id"
+    source = api.files.create(file=("one.jsonl", jsonl([chat_line(1)])), purpose="batch")
+    for metadata in ({"k" * 65: "v"}, {"k": "v" * 513}, {f"k{n}": "v" for n in range(17)}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                               completion_window="24h", metadata=metadata)
+        assert caught.value.param == "metadata"
 
 
 def test_blank_lines_do_not_count_against_the_request_limit(ollama_sim: Sim) -> None:
