@@ -8,6 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.doors.anthropic_codec import (
+    FIELDS,
     MessageStream,
     chat_body,
     error_body,
@@ -21,13 +22,14 @@ from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
 from gateway.keys import CONFIG, PIPELINE, REQUEST_ID
 from gateway.pipeline import Whole
-from gateway.protocol.openai import parse_chat
+from gateway.protocol.openai import named_as, parse_chat
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     body = await body_of(request)
     chat, ollama = chat_body(body)
-    req = parse_chat(chat)
+    with named_as(FIELDS):
+        req = parse_chat(chat)
     req.ollama = ollama or None
     answer = await request.app[PIPELINE].run(context(request, "chat", req))
     mode = reasoning_mode(body, request.app[CONFIG].server.reasoning)
@@ -42,7 +44,8 @@ async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's length as the model counts it."""
     body = await body_of(request)
     chat, ollama = chat_body(body, counting=True)
-    req = parse_chat(chat)
+    with named_as(FIELDS):
+        req = parse_chat(chat)
     req.ollama = ollama or None
     tokens, headers = await request.app[PIPELINE].count_tokens(context(request, "chat", req))
     return json_response({"input_tokens": tokens}, headers)

@@ -31,6 +31,9 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
+FIELDS = {"stop": "stop_sequences"}  # chat fields this door names otherwise
+
+
 def error_type(error: GatewayError) -> str:
     return ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500
                            else "api_error")
@@ -63,8 +66,12 @@ def chat_body(body: dict[str, Any], *, counting: bool = False
     if body.get("stop_sequences") is not None:
         chat["stop"] = body["stop_sequences"]
     for key in ("temperature", "top_p"):
-        if body.get(key) is not None:
-            chat[key] = body[key]
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, int | float) or isinstance(value, bool) or \
+                    not 0 <= value <= 1:
+                raise invalid(key, f"'{key}' must be a number between 0 and 1.")
+            chat[key] = value
     if body.get("tools"):
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:

@@ -24,12 +24,16 @@ from gateway.protocol.openai import (
     ChatRequest,
     CompletionRequest,
     arguments_object,
+    named_as,
     parse_chat,
     parse_completion,
 )
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.times import rfc3339
 from gateway.protocol.units import Chunk, Completion, Usage
+
+# The chat request's fields that come from the options: errors name the options.
+FIELDS = {chat: f"options.{option}" for option, chat in OPENAI_FIELDS.items()}
 
 Shape = Literal["chat", "generate"]  # which endpoint's lines: message or response
 
@@ -94,7 +98,8 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
             fields["raw"] = True
         if body.get("format"):
             fields["format"] = body["format"]
-        completion = parse_completion(openai)
+        with named_as(FIELDS):
+            completion = parse_completion(openai)
         completion.ollama = fields
         return completion
     user: dict[str, Any] = {"role": "user", "content": prompt or ""}
@@ -113,7 +118,8 @@ def _chat(body: dict[str, Any], openai: dict[str, Any]) -> ChatRequest:
     if fmt is not None:
         openai["response_format"] = fmt
     fields = _sampling(body, openai)
-    req = parse_chat(openai)
+    with named_as(FIELDS):
+        req = parse_chat(openai)
     req.ollama = fields
     return req
 

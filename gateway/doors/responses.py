@@ -26,8 +26,10 @@ from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
 from gateway.keys import CONFIG, PIPELINE, RESPONSES, TENANT
 from gateway.pipeline import Whole
-from gateway.protocol.openai import invalid, parse_chat
+from gateway.protocol.openai import invalid, named_as, parse_chat
 from gateway.store import StoreUnavailable
+
+FIELDS = {"max_tokens": "max_output_tokens"}  # chat fields this door names otherwise
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ async def create(request: web.Request) -> web.StreamResponse:
             raise invalid("previous_response_id", "'previous_response_id' must be a string.")
         history = (await _load(request, previous, "previous_response_id"))["conversation"]
     chat, conversation, dropped = chat_body(body, history)
-    answer = await request.app[PIPELINE].run(context(request, "chat", parse_chat(chat)))
+    with named_as(FIELDS):
+        req = parse_chat(chat)
+    answer = await request.app[PIPELINE].run(context(request, "chat", req))
     given = input_items(body["input"]) if store else []
     if dropped:
         answer.headers["x-gateway-dropped-tools"] = ", ".join(dropped)

@@ -6,6 +6,8 @@ passed through to OpenAI-compatible backends untouched.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -188,6 +190,21 @@ def _token(value: Any) -> bool:
 
 
 # --- field checks ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def named_as(names: Mapping[str, str]) -> Iterator[None]:
+    """Errors in a door's request, read as a chat request, naming the door's own fields
+    (``names``: the chat request's field → the door's), not fields the client never sent.
+    """
+    try:
+        yield
+    except InvalidRequest as exc:
+        theirs = names.get(exc.param or "")
+        if theirs is not None:
+            exc.message = exc.message.replace(f"'{exc.param}'", f"'{theirs}'")
+            exc.param = theirs
+        raise
 
 
 def invalid(param: str, message: str) -> InvalidRequest:

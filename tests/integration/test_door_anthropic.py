@@ -160,6 +160,18 @@ def test_a_forced_tool_is_the_only_one_an_ollama_model_is_offered(
     assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "record_answer"]
 
 
+def test_errors_name_anthropics_fields_and_ranges(client: anthropic.Anthropic) -> None:
+    """A field the door reads as a chat request's is named as the client sent it, and
+    checked against Anthropic's range, not OpenAI's (temperature up to 1, not 2).
+    """
+    for fields, param in (({"temperature": 1.5}, "temperature"),
+                          ({"stop_sequences": 5}, "stop_sequences")):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, messages=USER,
+                                   extra_body=fields)
+        assert f"'{param}'" in caught.value.message
+
+
 def test_thinking_blocks_come_signed_and_go_back(client: anthropic.Anthropic) -> None:
     thinking = {"type": "enabled", "budget_tokens": 2048}
     with client.messages.stream(model="qwq:32b", max_tokens=4096, messages=USER,

@@ -202,3 +202,14 @@ def test_an_empty_suffix_is_no_suffix(client: ollama.Client, ollama_sim: Sim) ->
     assert reply.response == DEFAULT_REPLY
     assert ollama_sim.requests("/api/chat")  # a chat turn, the model's template applied
     assert not ollama_sim.requests("/api/generate")
+
+
+def test_a_bad_option_is_named_as_the_client_sent_it(client: ollama.Client) -> None:
+    for call in (lambda: client.chat("qwen2.5-coder:32b", [{"role": "user", "content": "Hi"}],
+                                     options={"num_predict": "many"}),
+                 lambda: client.generate("qwen2.5-coder:32b", "Hi",
+                                         options={"temperature": "warm"})):
+        with pytest.raises(ollama.ResponseError) as caught:
+            call()
+        assert caught.value.status_code == 400
+        assert "'options." in caught.value.error and "max_tokens" not in caught.value.error

@@ -273,6 +273,13 @@ def test_allowed_tools_narrow_the_tools_offered(client: openai.OpenAI, ollama_si
     assert caught.value.param == "tool_choice"
 
 
+def test_a_bad_max_output_tokens_is_named_so(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="phi3.5:3.8b", input="Hi", max_output_tokens=0)
+    assert caught.value.param == "max_output_tokens"
+    assert "'max_output_tokens'" in caught.value.message
+
+
 def test_a_conversation_is_refused_not_ignored(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="phi3.5:3.8b", input="Hi", conversation="conv_123")
