@@ -67,9 +67,10 @@ class Batches:
     async def expire(self, batch_id: str) -> None:
         """Its window ran out: lines not yet answered are not answered; the error file
         lists them (``batch_expired``) beside the lines that failed. One process makes the
-        change (the others find it made): the batch is ``finalizing`` while its files are
-        written, then ``expired`` with them; should writing fail, the watch writes them
-        again a minute later.
+        change (the others find it made): the batch is ``finalizing`` until its lines at
+        work are done (their answers are kept, and charged, as OpenAI keeps work done),
+        then ``expired`` with its files; should writing fail, the watch writes them again
+        a minute later.
         """
         changed = await self.store.change_batch(
             batch_id, {"status": "finalizing", "finalizing_at": int(time.time()),
@@ -77,17 +78,17 @@ class Batches:
         if changed is None:
             return
         await self.store.drop_lines(batch_id)  # (on Redis, workers drop them as read)
-        await self._expired_files(changed)
         log.info("batch %s expired", batch_id)
+        await self.settle(batch_id)
 
-    async def _expired_files(self, batch: dict[str, Any]) -> None:
+    async def _expired_files(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         answered = {r["custom_id"] for _, r in await self.store.results(batch["id"])}
         content = await self.store.content(batch["input_file_id"]) or b""
         lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
                                            batch["endpoint"], self._max_lines)
         files = await self._write_files(batch, unanswered=[
             x.custom_id for x in lines if x.custom_id not in answered])
-        await self.store.change_batch(batch["id"], {
+        return await self.store.change_batch(batch["id"], {
             **files, "status": "expired", "expired_at": int(time.time()), "expiring": False},
             when=("finalizing",))
 
@@ -115,7 +116,9 @@ class Batches:
                 await self._abandoned(batch)
 
     async def settle(self, batch_id: str) -> dict[str, Any] | None:
-        """When no line is left: completed (or cancelled) with its output and error files."""
+        """When no line is left: completed (or cancelled, or expired) with its output and
+        error files.
+        """
         if await self.store.remaining(batch_id):
             return None
         now = int(time.time())
@@ -123,10 +126,12 @@ class Batches:
             batch_id, {"status": "finalizing", "finalizing_at": now}, when=("in_progress",))
         if done is not None:
             return await self._completed(done)
-        cancelling = await self.store.batch(batch_id)
-        if cancelling is None or cancelling["status"] != "cancelling":
+        batch = await self.store.batch(batch_id)
+        if batch is not None and batch["status"] == "finalizing" and batch.get("expiring"):
+            return await self._expired_files(batch)
+        if batch is None or batch["status"] != "cancelling":
             return None
-        files = await self._write_files(cancelling)
+        files = await self._write_files(batch)
         return await self.store.change_batch(
             batch_id, {**files, "status": "cancelled", "cancelled_at": int(time.time())},
             when=("cancelling",))

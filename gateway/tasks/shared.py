@@ -62,8 +62,9 @@ for _, line in ipairs(due) do
   redis.call('ZREM', KEYS[1], line)
   redis.call('XADD', KEYS[2], '*', 'line', line)
 end
-return #due
-"""
+local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return next[2] or false
+"""  # (when the next line put back is due, if one is: a claim waits for new lines until then)
 
 
 def batch_keys(batch: str) -> tuple[str, str, str, str]:
@@ -232,7 +233,10 @@ class RedisStore:
         """Lines due again, lines a dead worker held, else new lines (waiting for some)."""
         await self._find_out()
         try:
-            await self._due(keys=[LATER, STREAM], args=[time.time()], client=self._redis)
+            due = await self._due(keys=[LATER, STREAM], args=[time.time()],
+                                  client=self._redis)
+            if due is not None:
+                wait = max(0.001, min(wait, float(due) - time.time()))
             _, entries, *_ = await self._redis.xautoclaim(
                 STREAM, GROUP, holder, min_idle_time=int(self._timeout * 1000), count=count)
             lines = [_decoded(ref, fields) for ref, fields in entries if fields]

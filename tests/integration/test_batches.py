@@ -335,6 +335,42 @@ def test_a_line_longer_than_the_visibility_timeout_is_answered_once(ollama_sim: 
         assert len(ollama_sim.requests("/api/chat")) == 2  # once each, not again
 
 
+@pytest.mark.parametrize("queue", ["local", "redis"])
+def test_lines_at_work_when_a_batch_expires_are_in_its_output(ollama_sim: Sim,
+                                                              queue: str) -> None:
+    """Work done is kept, as OpenAI keeps it: the lines being answered when the window ran
+    out are in the output file (they were asked, and charged); the rest are batch_expired.
+    """
+    ollama_sim.fault("phi3.5:3.8b", latency=2.0)
+    with contextlib.ExitStack() as stack:
+        tasks: dict[str, Any] = {"concurrency": 2}
+        if queue == "redis":
+            redis = stack.enter_context(RedisServer())
+            tasks.update(queue="redis", redis_url=redis.url)
+        server = start_gateway(gateway_config(backend("primary", "ollama", ollama_sim.api_url),
+                                              tasks=tasks))
+        stack.callback(server.stop)
+        api = openai_client(server.url, "unused")
+        source = api.files.create(file=("four.jsonl", jsonl([chat_line(n, "phi3.5:3.8b")
+                                                             for n in range(4)])),
+                                  purpose="batch")
+        batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        wait_until(lambda: len(ollama_sim.requests("/api/chat")) == 2, 10, "two lines asked")
+        server.wait(lambda: server.app[TASKS].store.change_batch(
+            batch.id, {"expires_at": int(time.time()) - 1}))
+        done = finished(api, batch.id)
+        asked = ollama_sim.requests("/api/chat")
+        at_work = sorted("request-" + r["payload"]["messages"][-1]["content"].split()[-1]
+                         for r in asked)
+        assert done.status == "expired" and done.request_counts.completed == 2
+        assert sorted(output(api, done.output_file_id)) == at_work
+        expired = output(api, done.error_file_id)
+        assert sorted([*expired, *at_work]) == [f"request-{n}" for n in range(4)]
+        assert {e["error"]["code"] for e in expired.values()} == {"batch_expired"}
+        assert len(asked) == 2
+
+
 def test_a_tenant_sees_only_its_own_files_and_batches(gateway: ServerThread) -> None:
     alice, bob = client(gateway, "alice"), client(gateway, "bob")
     source = alice.files.create(file=("a.jsonl", jsonl([chat_line(1)])), purpose="batch")
