@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway.doors.responses_answer import ResponseStream, new_response
-from gateway.doors.responses_request import chat_body, input_items
+from gateway.doors.responses_request import FIELDS, chat_body, input_items
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.http.access import context
 from gateway.http.bodies import body_of
@@ -28,8 +28,6 @@ from gateway.keys import CONFIG, PIPELINE, RESPONSES, TENANT
 from gateway.pipeline import Whole
 from gateway.protocol.openai import invalid, named_as, parse_chat
 from gateway.store import StoreUnavailable
-
-FIELDS = {"max_tokens": "max_output_tokens"}  # chat fields this door names otherwise
 
 log = logging.getLogger(__name__)
 

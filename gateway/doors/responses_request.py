@@ -17,6 +17,8 @@ from typing import Any
 from gateway.protocol.ids import unique_id
 from gateway.protocol.openai import invalid, not_passed_on
 
+FIELDS = {"max_tokens": "max_output_tokens"}  # chat fields this door names otherwise
+
 
 def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
               ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:

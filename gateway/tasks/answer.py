@@ -14,11 +14,18 @@ import orjson
 from gateway.config import ReasoningMode
 from gateway.doors.openai import completion_body, embeddings_body
 from gateway.doors.responses_answer import ResponseStream, new_response
-from gateway.doors.responses_request import chat_body
+from gateway.doors.responses_request import FIELDS, chat_body
 from gateway.errors import GatewayError
 from gateway.http.access import check_allowed
 from gateway.pipeline import Pipeline, Whole
-from gateway.protocol.openai import Kind, invalid, parse_chat, parse_completion, parse_embedding
+from gateway.protocol.openai import (
+    Kind,
+    invalid,
+    named_as,
+    parse_chat,
+    parse_completion,
+    parse_embedding,
+)
 from plugins.base import RequestContext
 
 
@@ -52,7 +59,8 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
                               "response; send the whole input.")
             body = chat_body(body, [])[0]
         kind: Kind = "text" if endpoint == "/v1/completions" else "chat"
-        req = parse_chat(body) if kind == "chat" else parse_completion(body)
+        with named_as(FIELDS if endpoint == "/v1/responses" else {}):
+            req = parse_chat(body) if kind == "chat" else parse_completion(body)
         check_allowed(who.models, req.model)
         ctx = RequestContext(kind=kind, req=req, tenant=who.tenant, client_headers={},
                              cache_scope=who.cache_scope, models=who.models, batch=True,

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # A change left half made (its process stopped, the store failed while the files were
 # written) is made again by the watch once the batch has been in its state this long.
 STUCK_SECONDS = 60.0
+# An expiring batch waits for its lines at work; past this, for nothing more (a count of
+# lines left that does not come down: no worker runs). Longer than a line takes unless
+# the backend's limits were raised (their total is 600 s).
+FORCE_SECONDS = 900.0
 Store = LocalStore | RedisStore  # (the same methods: local.py is the reference)
 StoreDown = (*local.DOWN, *shared.DOWN)  # what a store raises when it cannot answer now
 
@@ -43,13 +47,15 @@ class Batches:
                 "status": "failed", "failed_at": now,
                 "errors": {"object": "list", "data": errors}}, when=("validating",))
         else:
-            await self.store.enqueue(lines)
             changed = await self.store.change_batch(record["id"], {
                 "status": "in_progress", "in_progress_at": now,
                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}},
                 when=("validating",))
-        if changed is None:  # (cancelled meanwhile, or failed by a watch that took it for
-            # abandoned: its lines are dropped as read)
+            if changed is not None:  # (queued once in progress: a worker that reads a line
+                # at once finds its batch in progress, not still validating)
+                await self.store.enqueue(lines)
+        if changed is None:  # cancelled meanwhile, or failed by a watch that took it for
+            # abandoned: nothing is queued
             changed = await self.store.batch(record["id"])
         assert changed is not None
         return changed
@@ -70,7 +76,7 @@ class Batches:
         change (the others find it made): the batch is ``finalizing`` until its lines at
         work are done (their answers are kept, and charged, as OpenAI keeps work done),
         then ``expired`` with its files; should writing fail, the watch writes them again
-        a minute later.
+        a minute later (and without waiting for lines left, after ``FORCE_SECONDS``).
         """
         changed = await self.store.change_batch(
             batch_id, {"status": "finalizing", "finalizing_at": int(time.time()),
@@ -82,12 +88,10 @@ class Batches:
         await self.settle(batch_id)
 
     async def _expired_files(self, batch: dict[str, Any]) -> dict[str, Any] | None:
-        answered = {r["custom_id"] for _, r in await self.store.results(batch["id"])}
         content = await self.store.content(batch["input_file_id"]) or b""
         lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
                                            batch["endpoint"], self._max_lines)
-        files = await self._write_files(batch, unanswered=[
-            x.custom_id for x in lines if x.custom_id not in answered])
+        files = await self._write_files(batch, [x.custom_id for x in lines])
         return await self.store.change_batch(batch["id"], {
             **files, "status": "expired", "expired_at": int(time.time()), "expiring": False},
             when=("finalizing",))
@@ -106,8 +110,11 @@ class Batches:
                 await self.expire(batch["id"])
             elif not stuck:
                 continue
+            elif status == "finalizing" and batch.get("expiring") and \
+                    now - (batch.get("finalizing_at") or now) > FORCE_SECONDS:
+                await self._expired_files(batch)  # lines still counted, none at work
             elif status == "finalizing" and batch.get("expiring"):
-                await self._expired_files(batch)
+                await self.settle(batch["id"])  # its files, once no line is at work
             elif status == "finalizing":
                 await self._completed(batch)
             elif status == "cancelling":
@@ -119,7 +126,8 @@ class Batches:
         """When no line is left: completed (or cancelled, or expired) with its output and
         error files.
         """
-        if await self.store.remaining(batch_id):
+        if await self.store.remaining(batch_id) > 0:  # (a count taken down twice, by a
+            # line done twice, may go below 0)
             return None
         now = int(time.time())
         done = await self.store.change_batch(
@@ -153,16 +161,18 @@ class Batches:
             await self.store.drop_lines(batch["id"])
             log.warning("batch %s was left validating; failed", batch["id"])
 
-    async def _write_files(self, batch: dict[str, Any], unanswered: list[str] | None = None
+    async def _write_files(self, batch: dict[str, Any], expected: list[str] | None = None
                            ) -> dict[str, Any]:
-        """The output file (lines answered 200) and the error file (the rest), as OpenAI
-        writes them: ``{"id", "custom_id", "response": {"status_code", "request_id",
-        "body"}, "error"}`` a line.
+        """The output file (lines answered 200) and the error file (the rest, and those of
+        ``expected`` not answered: an expired batch's), as OpenAI writes them: ``{"id",
+        "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` a line.
         """
         results = await self.store.results(batch["id"])
         out = [orjson.dumps(r) for ok, r in results if ok]
         bad = [orjson.dumps(r) for ok, r in results if not ok]
-        bad += [orjson.dumps(_unanswered(custom_id)) for custom_id in unanswered or ()]
+        answered = {r["custom_id"] for _, r in results}
+        bad += [orjson.dumps(_unanswered(custom_id)) for custom_id in expected or ()
+                if custom_id not in answered]
         changes: dict[str, Any] = {}
         for field, lines in (("output_file_id", out), ("error_file_id", bad)):
             if lines:

@@ -100,10 +100,14 @@ class Worker:
             await self._do(line)
         except asyncio.CancelledError:
             raise
-        except StoreDown as exc:  # the line is still claimed: it comes back after the
-            # visibility timeout (and its result, if it was written, is kept once)
+        except StoreDown as exc:  # put back for a moment later, if the store is back by
+            # then (a cluster's node restarting); else still claimed, it comes back after
+            # the visibility timeout (its result, if it was written, is kept once)
             log.warning("batch %s: line %d is left for later: the task store is "
                         "unavailable (%s)", line.batch, line.n, type(exc).__name__)
+            await asyncio.sleep(self._config.retry_initial)
+            with contextlib.suppress(*StoreDown):
+                await self._store.put_back(line, 0)
         except Exception:  # one odd line must not stop the worker; it is tried again
             log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
             with contextlib.suppress(*StoreDown):

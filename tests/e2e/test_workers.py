@@ -202,7 +202,8 @@ def test_a_killed_supervisors_metrics_folder_goes_at_the_next_start(
     env = {**os.environ, "TMPDIR": str(temp)}
     with RedisServer() as redis:
         config = tmp_path / "gateway.toml"
-        config.write_text(f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n\n'
+        config.write_text(f'[server]\nshutdown_grace = 1.0\n\n'  # (its workers end soon)
+                          f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n\n'
                           f'[[backends]]\nname = "first"\nkind = "ollama"\n'
                           f'url = "{ollama_sim.api_url}"\n')
         port = free_port()
@@ -215,7 +216,7 @@ def test_a_killed_supervisors_metrics_folder_goes_at_the_next_start(
         finally:
             killed.kill()
             killed.wait()
-        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15,
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 60,
                    "its workers ending with it")
         left = [p.name for p in temp.iterdir()]
         assert left == [f"gw-metrics-{killed.pid}-{left[0].rsplit('-', 1)[1]}"], left

@@ -152,12 +152,16 @@ def test_a_responses_batch(gateway: ServerThread) -> None:
               "body": {"model": "qwq:32b", "instructions": "Answer briefly.",
                        "input": f"What is {n} + {n}?", "max_output_tokens": 32}}
              for n in range(3)]
-    source = api.files.create(file=("asks.jsonl", jsonl(lines)), purpose="batch")
+    bad = {**lines[0], "custom_id": "bad", "body": {**lines[0]["body"], "max_output_tokens": 0}}
+    source = api.files.create(file=("asks.jsonl", jsonl([*lines, bad])), purpose="batch")
     done = finished(api, api.batches.create(input_file_id=source.id, endpoint="/v1/responses",
                                             completion_window="24h").id)
     assert done.status == "completed", done
     answers = output(api, done.output_file_id)  # type: ignore[arg-type]
     assert sorted(answers) == [f"ask-{n}" for n in range(3)]
+    # A line's error names its own field, as the door does.
+    [refused] = output(api, done.error_file_id).values()  # type: ignore[arg-type]
+    assert refused["response"]["body"]["error"]["param"] == "max_output_tokens"
     for line in answers.values():
         body = line["response"]["body"]
         assert body["object"] == "response" and body["status"] == "completed"

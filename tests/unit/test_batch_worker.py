@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from gateway.config import TasksConfig
-from gateway.tasks.batches import STUCK_SECONDS, Batches
+from gateway.tasks.batches import FORCE_SECONDS, STUCK_SECONDS, Batches
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import Line, batch_record
 from gateway.tasks.spending import Spending
@@ -87,5 +87,61 @@ async def test_the_watch_finishes_a_change_left_half_made(tmp_path: Path) -> Non
         assert await store.remaining("batch_left") == 0
         still = await store.batch("batch_young")
         assert still is not None and still["status"] == "validating"
+    finally:
+        await store.close()
+
+
+async def test_an_expiring_batch_waits_for_its_lines_at_work(tmp_path: Path) -> None:
+    """Expired with a line at work, a batch stays finalizing (the watch too leaves it, a
+    minute on) until the line is answered, and that answer is in its output file; the line
+    not yet begun is batch_expired. A count of lines that never comes down (no worker
+    runs) is waited for FORCE_SECONDS at most.
+    """
+    store = LocalStore(str(tmp_path), visibility_timeout=300)
+    await store.start()
+    batches = Batches(store, 100)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+        content = b"\n".join(orjson.dumps({"custom_id": f"request-{n}", "method": "POST",
+                                           "url": "/v1/chat/completions", "body": body})
+                             for n in (1, 2))
+        source = {"id": "file-1", "object": "file", "bytes": len(content), "created_at": 0,
+                  "filename": "in.jsonl", "purpose": "batch", "tenant": "alice"}
+        await store.save_file(source, content)
+        record = batch_record("batch_1", "alice", "/v1/chat/completions", "file-1", "24h",
+                              None)
+        await store.put_batch(record)
+        await batches.begin(record, content)
+        [at_work] = await store.claim("worker", 1, 0.1)
+
+        await batches.expire("batch_1")
+        a_minute_on = int(time.time()) - 2 * int(STUCK_SECONDS)
+        await store.change_batch("batch_1", {"finalizing_at": a_minute_on},
+                                 when=("finalizing",))
+        await batches.expire_overdue(await store.recent_batches())
+        waiting = await store.batch("batch_1")
+        assert waiting is not None and waiting["status"] == "finalizing"
+
+        await store.finish(at_work, True, {"custom_id": at_work.custom_id, "response": {}})
+        await batches.settle("batch_1")  # (as the worker does once a line is done)
+        expired = await store.batch("batch_1")
+        assert expired is not None and expired["status"] == "expired"
+        kept = await store.content(expired["output_file_id"])
+        assert kept is not None and orjson.loads(kept)["custom_id"] == at_work.custom_id
+        lost = await store.content(expired["error_file_id"])
+        assert lost is not None and orjson.loads(lost)["error"]["code"] == "batch_expired"
+
+        stuck = batch_record("batch_2", "alice", "/v1/chat/completions", "file-1", "24h",
+                             None)
+        await store.put_batch(stuck)
+        await batches.begin(stuck, content)
+        await store.claim("gone", 2, 0.1)  # held by a worker that died
+        await batches.expire("batch_2")
+        long_ago = int(time.time()) - int(FORCE_SECONDS) - 1
+        await store.change_batch("batch_2", {"finalizing_at": long_ago},
+                                 when=("finalizing",))
+        await batches.expire_overdue(await store.recent_batches())
+        forced = await store.batch("batch_2")
+        assert forced is not None and forced["status"] == "expired"
     finally:
         await store.close()
