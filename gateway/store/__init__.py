@@ -19,6 +19,7 @@ from redis.exceptions import MovedError, RedisError, ResponseError
 log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 1.0  # after a failure, Redis is not asked again for this long
+LEARN_SECONDS = 5.0  # the longest a cluster client may take to learn the nodes' slots
 
 
 class StoreUnavailable(Exception):
@@ -168,6 +169,11 @@ class Client:
 
     The cluster client does not wait for a free connection as a blocking pool does (it
     fails at once past ``max_connections`` a node): ``slot()`` makes calls wait their turn.
+
+    It learns the nodes' slots in a task of its own, which a call that stops waiting for it
+    does not end: redis-py's cluster client, cancelled while it learns them, drops what it
+    learned, so where learning takes longer than a call may wait (a loaded machine, a
+    farther Redis) a call-bound learning would never end.
     """
 
     def __init__(self, url: str, label: str, plain: redis.Redis, **cluster_options: Any
@@ -178,15 +184,31 @@ class Client:
         self._options = cluster_options
         self._retired: list[redis.Redis] = []
         self._slots = asyncio.Semaphore(cluster_options.get("max_connections") or 32)
+        self._learning: asyncio.Future[None] | None = None
+        self._learned = False
 
     async def find_out(self, within: float) -> None:
-        """Ask the node whether it is a cluster's, unless that is known."""
+        """Ask the node whether it is a cluster's, unless that is known; on a cluster, wait
+        until the cluster client knows the nodes' slots (``LEARN_SECONDS`` at most: should
+        it fail, the call's own command tries again).
+        """
         if self.cluster is None:
             said = await on_cluster(self.now, within)
             if said:
                 self.moved()
             elif said is False:
                 self.cluster = False
+        if self.cluster and not self._learned:
+            if self._learning is None or self._learning.done():
+                self._learning = asyncio.ensure_future(self._learn())
+                self._learning.add_done_callback(_retrieved)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.shield(self._learning)
+
+    async def _learn(self) -> None:
+        async with asyncio.timeout(LEARN_SECONDS):
+            await self.now.initialize()
+        self._learned = True
 
     def moved(self) -> None:
         """The node is a cluster's: the cluster client from now on."""
@@ -201,9 +223,17 @@ class Client:
         return self._slots if self.cluster else contextlib.nullcontext()
 
     async def close(self) -> None:
+        if self._learning is not None:
+            self._learning.cancel()
         for client in [self.now, *self._retired]:
             await _close(client)
         self._retired.clear()
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """(A learning's failure is its callers' to see; with none left waiting, it is let go.)"""
+    if not task.cancelled():
+        task.exception()
 
 
 async def on_cluster(client: redis.Redis | RedisCluster, within: float) -> bool | None:
