@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Answers that say "not now" rather than "no": the line waits and is tried again.
 NOT_NOW = frozenset({429, 502, 503, 504})
+# Save a timeout (504), which may be the line's own doing (a model that stalls on it, an
+# answer longer than the total limit): after this many it is the line's answer, where it
+# would take a slot at each try until its batch expired.
+TIMEOUT_TRIES = 3
 CLAIM_WAIT = 5.0  # seconds a claim waits for lines before looking again
 NOT_YET = 0.05  # seconds before a line of a batch still being started is tried again
 
@@ -49,6 +53,7 @@ class Worker:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._running: set[asyncio.Task[None]] = set()
         self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
+        self._timeouts: dict[tuple[str, int], int] = {}  # ... of which for a timeout
         self.answered = 0
         self._down = 0  # claims in a row that found the store unavailable
 
@@ -132,7 +137,7 @@ class Worker:
             await self._store.put_back(line, NOT_YET)
             return
         if batch is None or batch["status"] != "in_progress":
-            self._tries.pop((line.batch, line.n), None)
+            self._forget(line)
             await self._store.discard(line)  # cancelled (or gone) meanwhile
             if batch is not None:
                 await self._batches.settle(line.batch)
@@ -155,10 +160,16 @@ class Worker:
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
                                     self._reasoning, used.add)
         await self._spending.settle(spend, used, line.body, batch["endpoint"], status == 200)
-        if status in NOT_NOW:
+        if status in NOT_NOW and not (status == 504 and self._timed_out(line)):
             await self._later(line)
         else:
             await self._finish(line, status, body)
+
+    def _timed_out(self, line: Line) -> bool:
+        """Whether the line has timed out ``TIMEOUT_TRIES`` times, this one counted."""
+        key = (line.batch, line.n)
+        self._timeouts[key] = self._timeouts.get(key, 0) + 1
+        return self._timeouts[key] >= TIMEOUT_TRIES
 
     async def _later(self, line: Line) -> None:
         """Put the line back, to be tried again after a backoff."""
@@ -166,8 +177,12 @@ class Worker:
         await self._store.put_back(line, backoff(tries - 1, self._config.retry_initial,
                                                  self._config.retry_max))
 
-    async def _finish(self, line: Line, status: int, body: dict[str, Any]) -> None:
+    def _forget(self, line: Line) -> None:
         self._tries.pop((line.batch, line.n), None)
+        self._timeouts.pop((line.batch, line.n), None)
+
+    async def _finish(self, line: Line, status: int, body: dict[str, Any]) -> None:
+        self._forget(line)
         await self._store.finish(line, status == 200, result_line(line.custom_id, status,
                                                                   body))
         self.answered += 1

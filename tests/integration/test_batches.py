@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
 from gateway.tasks.api import TASKS
-from gateway.tasks.worker import CLAIM_WAIT
+from gateway.tasks.worker import CLAIM_WAIT, TIMEOUT_TRIES
 from tests.integration.conftest import FAST, Fleet, fleet_config
 from tests.redis_peer import RedisServer
 from tests.support import (
@@ -528,6 +528,38 @@ def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet
         done = finished(api, later.id, limit=20)
         assert done.status == "completed" and done.request_counts is not None
         assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
+    finally:
+        server.stop()
+
+
+def test_a_line_that_times_out_again_and_again_is_answered_with_its_timeout(
+        fleet: Fleet) -> None:
+    """A timeout may be the line's own doing (here the model stalls on every answer): the
+    line is tried a few times, then its timeout is its answer, where it kept taking a slot
+    at each try until its batch expired a day later. Lines the fleet cannot take now (503)
+    still wait (``test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out``).
+    """
+    fleet.primary.fault("qwen2.5-coder:32b", stall_after=2)
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts={**FAST, "idle": 0.3}),
+        routing={"max_attempts": 1, "tier_fallback": False},
+        tasks={"retry_initial": 0.05, "retry_max": 0.2}))
+    try:
+        api = openai_client(server.url)
+        done = run(api, "stalls.jsonl", jsonl(
+            [chat_line(0), chat_line(1, model="qwen2.5-coder:32b"),
+             chat_line(2, model="qwen2.5-coder:32b")]))
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (1, 2)
+        errors = output(api, done.error_file_id)
+        assert sorted(errors) == ["request-1", "request-2"]
+        assert {e["response"]["status_code"] for e in errors.values()} == {504}
+        assert {e["response"]["body"]["error"]["code"] for e in errors.values()} == {
+            "upstream_timeout"}
+        asked = [r["payload"]["messages"][-1]["content"]
+                 for r in fleet.primary.requests("/api/chat")
+                 if r["model"] == "qwen2.5-coder:32b"]
+        assert sorted(asked) == ["Say 1"] * TIMEOUT_TRIES + ["Say 2"] * TIMEOUT_TRIES
     finally:
         server.stop()
 
