@@ -175,8 +175,9 @@ class HttpBackend:
                             break
                     if translator.complete:
                         break
-            except TimeoutError:  # (IdleTimeout, or the total limit)
-                if not translator.finished:  # silent after the finish: the answer is whole
+            except (TimeoutError, OSError, BadResponse):  # (IdleTimeout, the total limit,
+                # a connection closed or broken): after the finish, the answer is whole
+                if not translator.finished:
                     raise
             finally:
                 await events.aclose()

@@ -184,7 +184,7 @@ class OllamaTranslator:
                                 code="upstream_stream_error")
         try:
             chunk = self._delta(obj)
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
             raise MalformedEvent(str(exc)) from None
         if obj.get("done"):
             reason = obj.get("done_reason")

@@ -50,7 +50,7 @@ class OpenAITranslator:
             fingerprint = obj.get("system_fingerprint")
             if isinstance(fingerprint, str) and fingerprint:
                 chunk.fingerprint = fingerprint
-        except (AttributeError, TypeError, ValueError) as exc:
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
             raise MalformedEvent(str(exc)) from None
         if chunk.finish_reason is not None:
             self.finished = True

@@ -96,12 +96,20 @@ class Lease:
         return config.first_token_limit
 
     def answered(self) -> None:
-        """The first token arrived: the deployment works, and this is how fast it was."""
+        """The first token arrived (or a whole embedding): the deployment answers, and this
+        is how fast it was.
+        """
         self.judged = True
-        self.state.breaker.success()
+        self.state.breaker.answering()
         self.state.observe(time.monotonic() - self.started)
         if self.counted is not None:
             self.counted.attempts.add((*_key(self.deployment), "ok"))
+
+    def whole(self) -> None:
+        """The answer came whole: the deployment's failures in a row are over."""
+        breaker = self.state.breaker
+        if breaker.state == "closed":  # (not reopened meanwhile by others' failures)
+            breaker.success()
 
     def failed(self, error: GatewayError) -> None:
         self.judged = True
@@ -146,6 +154,7 @@ class Attempts:
         self._retries: dict[tuple[str, str], int] = {}
         self._current: Lease | None = None
         self._first_error: GatewayError | None = None
+        self._first_from: tuple[str, str] | None = None  # the deployment that said it
         self._batch_until: float | None = None  # when a batch line's waits for a slot end
         self.count = 0
 
@@ -156,6 +165,8 @@ class Attempts:
         if error is not None:
             if self._first_error is None and error.code not in ELSEWHERE:
                 self._first_error = error
+                if self._current is not None:
+                    self._first_from = _key(self._current.deployment)
             await self._after(error, move_on)
         while True:
             if self.count >= self._config.max_attempts:
@@ -221,9 +232,9 @@ class Attempts:
 
     async def _after(self, error: GatewayError, move_on: bool) -> None:
         kind = disposition(error)
-        if kind == "propagate":
-            raise error
         current = self._current
+        if kind == "propagate" and not self._refused_by_fallback(error):
+            raise error
         if current is None:
             raise error
         if error.code == "backend_unreachable":
@@ -245,6 +256,17 @@ class Attempts:
             self._fall_back()
             self._candidates = [c for c in self._candidates if c is not current.candidate
                                 and not (floor and 0 < c.context_length <= floor)]
+
+    def _refused_by_fallback(self, error: GatewayError) -> bool:
+        """Whether a deployment tried after another failed refused the request as a client
+        error (a parameter it does not take): the client is not told that, as if its
+        request were wrong, but what the one it asked for said (``_final``), once the rest
+        are tried. A content-policy refusal is its answer all the same.
+        """
+        current = self._current
+        return (current is not None and self._first_from is not None
+                and _key(current.deployment) != self._first_from
+                and error.code not in ("content_policy_violation", "rescue_diverged"))
 
     def _delay(self, kind: str, error: GatewayError, used: int) -> float | None:
         if kind == "wait" and error.retry_after is not None:

@@ -52,9 +52,17 @@ class CircuitBreaker:
         self.trial_running = False
 
     def success(self) -> None:
+        """An answer, whole: the deployment works."""
+        self.answering()
+        self.failures = 0
+
+    def answering(self) -> None:
+        """An answer began (its first token): the breaker closes, but the failures in a row
+        are forgotten only once an answer is whole (``success``): a deployment whose every
+        answer breaks off mid-way still opens it.
+        """
         was = self.state
         self.state = "closed"
-        self.failures = 0
         self.trial_running = False
         # Only a trial's answer says the deployment is back (a request sent before the
         # breaker opened, answering late, does not).

@@ -10,6 +10,7 @@ forwarded; if neither works the stream ends with one clean in-band error.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -49,6 +50,7 @@ class RoutedAnswer:
         self._head: Chunk | None = None  # the first chunk, until chunks() gives it
         self._sent: list[str] = []  # the answer text the client has (for a rescue)
         self._tool_calls_sent = False
+        self._finished = False  # the client has had the answer's finish
         self._usage: Usage | None = None
         self._first_at = 0.0
         self._span: AnySpan = NO_SPAN
@@ -123,9 +125,17 @@ class RoutedAnswer:
                     async for chunk in self._stream:
                         self._track(chunk)
                         yield chunk
+                    self._lease.whole()
                     self._count_tokens()
                     return
                 except GatewayError as error:
+                    if self._finished:  # what broke came after the answer: it is whole
+                        log.info("%s/%s: %s, after the answer's end",
+                                 self._lease.deployment.backend.name,
+                                 self._lease.deployment.model.name, error.message)
+                        self._lease.whole()
+                        self._count_tokens()
+                        return
                     self._lease.failed(error)
                     self._lease.release()
                     await self._drop_stream()
@@ -150,6 +160,8 @@ class RoutedAnswer:
             self._tool_calls_sent = True
         if chunk.usage is not None:
             self._usage = chunk.usage
+        if chunk.finish_reason is not None:
+            self._finished = True
 
     def _count_tokens(self) -> None:
         """The answer is whole: its tokens, and how fast they came."""
@@ -243,7 +255,8 @@ class RoutedAnswer:
         self._instruments.rescues.add(("continued" if prefill is not None else "restarted",))
         # The client has had its reasoning; a restart also repeats the text already sent.
         self._stream = _continuation(_chain(first, self._stream),
-                                     text if prefill is None else "", lease.deployment)
+                                     text if prefill is None else "", lease.deployment,
+                                     len(self._sent) if prefill is not None else 0)
         if self.on_switch is not None:
             self.on_switch(lease.deployment.model.name)
 
@@ -271,16 +284,23 @@ async def _chain(first: Chunk, rest: AsyncGenerator[Chunk]) -> AsyncGenerator[Ch
         await rest.aclose()
 
 
-async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: Deployment
-                        ) -> AsyncGenerator[Chunk]:
+async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: Deployment,
+                        carried: int) -> AsyncGenerator[Chunk]:
     """A rescuing answer as the client should get it: no reasoning (it had that), and, for a
     restart, without the text it already has. A restart that takes another turn than what
-    was sent cannot be spliced on: that ends the stream with an error.
+    was sent cannot be spliced on: that ends the stream with an error. A continuation's
+    usage counts the ``carried`` tokens of the text it was given (a chunk a token, as they
+    came) as the answer's, not the question's.
     """
     seen = ""
     try:
         async for chunk in stream:
             chunk.reasoning = ""
+            if carried and chunk.usage is not None:
+                moved = min(carried, chunk.usage.prompt_tokens)
+                chunk.usage = dataclasses.replace(
+                    chunk.usage, prompt_tokens=chunk.usage.prompt_tokens - moved,
+                    completion_tokens=chunk.usage.completion_tokens + moved)
             if len(seen) < len(sent):
                 seen += chunk.content
                 if not (seen.startswith(sent) or sent.startswith(seen)):

@@ -189,6 +189,7 @@ class Router:
             finally:
                 lease.release()
             lease.answered()
+            lease.whole()
             return result, lease.deployment, attempts.count
 
     def picks(self) -> dict[str, tuple[str, Deployment] | None]:

@@ -309,7 +309,15 @@ async def stream_plan(request: web.Request, headers: dict[str, str], model: SimM
         if delay:
             await _write(response, ready)
         record["tokens"] += 1
-    ready.append(framer.end(plan, terminate=not faults.missing_done))
+    end = framer.end(plan, terminate=not faults.missing_done)
+    if faults.cut_at_end:  # the end's first event alone: the finish
+        finish, between, _ = end.partition(b"\n\n")
+        ready.append(finish + between)
+        await _write(response, ready)
+        record["outcome"] = "cut"
+        await asyncio.sleep(CUT_SETTLE)
+        await reset(request)
+    ready.append(end)
     await _write(response, ready)
     if faults.end_delay:
         await asyncio.sleep(faults.end_delay)

@@ -36,6 +36,8 @@ class Faults:
     bad_shape_at: int | None = None  # one JSON event of the wrong shape, before token N
     error_after: int | None = None  # an in-band error event after N tokens, then the end
     missing_done: bool = False  # end the stream cleanly without [DONE] / done:true
+    cut_at_end: bool = False  # reset the connection once the finish is sent (before OpenAI's
+    # usage and [DONE]; for Ollama, whose finish is its last line, before the body's end)
     end_delay: float = 0.0  # pause between the last event and the end of the HTTP body
     content_policy: bool = False  # refuse as a content-policy violation
     reject_prefill: bool = False  # refuse a final assistant message (prefill)
@@ -52,9 +54,9 @@ class Faults:
 
     def in_stream(self) -> bool:
         """Whether any fault strikes in the middle of a stream."""
-        return any(at is not None for at in (self.cut_after, self.stall_after,
-                                              self.error_after, self.malformed_at,
-                                              self.bad_shape_at))
+        return self.cut_at_end or any(
+            at is not None for at in (self.cut_after, self.stall_after, self.error_after,
+                                      self.malformed_at, self.bad_shape_at))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Faults:

@@ -282,6 +282,34 @@ async def test_context_length_error_goes_to_the_fallback_when_no_window_is_decla
         upstream.stop()
 
 
+async def test_a_fallbacks_refusal_does_not_hide_what_the_model_asked_for_said(
+    fleet: Fleet
+) -> None:
+    """The model asked for is down (503); its fallback refuses the request as a client
+    error (a parameter it does not take). The client hears the 503, which its SDK retries,
+    not a 400 that says its request was wrong. The fallback's refusal does not count
+    against its breaker.
+    """
+    server = start_gateway(fleet_config(fleet, tier_fallback=False))
+    try:
+        fleet.primary.fault("qwq:32b", status=503)
+        for host in (fleet.primary, fleet.secondary):
+            host.fault("qwen2.5-coder:32b", status=400, message="Unsupported parameter")
+        for stream in (False, True):
+            reply = await ask(server, "qwq:32b", stream=stream)
+            assert reply.status == 503, reply.body
+            assert reply.error and reply.error["code"] == "service_unavailable"
+        refused = [r for s in (fleet.primary, fleet.secondary) for r in s.requests("/api/chat")
+                   if r["model"] == "qwen2.5-coder:32b"]
+        assert len(refused) == 4  # each fallback host, once a request
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/health") as r:
+            health = await r.json()
+        assert {health["deployments"][f"{host}/qwen2.5-coder:32b"]["breaker"]
+                for host in ("primary", "secondary")} == {"closed"}
+    finally:
+        server.stop()
+
+
 async def test_content_policy_rejection_is_passed_on_untouched(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
@@ -313,6 +341,69 @@ async def test_stream_cut_mid_answer_is_continued_with_a_prefill(
     events = [e for e in reply.body if isinstance(e, dict)]
     assert events[0]["model"] == "qwq:32b" and events[-1]["model"] == "qwen2.5-coder:32b"
     await still_answers(routed_gateway)
+
+
+async def test_a_deployment_whose_every_stream_breaks_off_opens_its_breaker(
+    fleet: Fleet
+) -> None:
+    """Each answer begins (a first token) and breaks off mid-way: each is rescued, and after
+    the breaker's 3 failures in a row the requests go to the fallback at once. (The first
+    token used to forget the failures, so the breaker never opened.)
+    """
+    server = start_gateway(fleet_config(fleet, breaker={"failures": 3, "cooldown": 60.0}))
+    try:
+        fleet.primary.fault("qwq:32b", cut_after=THINK + 2)
+        for _ in range(5):
+            complete(await ask(server, "qwq:32b", stream=True))
+        assert len([r for r in fleet.primary.requests("/api/chat")
+                    if r["model"] == "qwq:32b"]) == 3
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/health") as r:
+            health = await r.json()
+        assert health["deployments"]["primary/qwq:32b"]["breaker"] == "open"
+    finally:
+        server.stop()
+
+
+async def test_an_answer_whose_connection_drops_after_its_finish_is_whole(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    """The backend sends the whole answer and its finish, then its connection drops before
+    the usage and ``[DONE]``: the client gets that answer, once, and nothing is asked again
+    (it used to get the answer, then a second one from the fallback, or an error).
+    """
+    fleet.cloud.fault("gpt-4o-mini", cut_at_end=True)
+    for stream in (True, False):
+        extra = {"stream_options": {"include_usage": True}} if stream else {}
+        reply = await ask(routed_gateway, "gpt-4o-mini", stream=stream, **extra)
+        complete(reply)
+        if stream:
+            assert [e["choices"][0]["finish_reason"] for e in reply.body
+                    if isinstance(e, dict) and e.get("choices")
+                    and e["choices"][0]["finish_reason"]] == ["stop"]
+    assert [r["outcome"] for r in fleet.cloud.requests()] == ["cut", "cut"]
+    assert not fleet.primary.requests("/api/chat") and not fleet.secondary.requests("/api/chat")
+    assert not fleet.server.requests("/v1/chat/completions")
+
+
+async def test_a_continued_answer_counts_the_text_carried_over_as_answer(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    """A rescue continues the answer from the text sent so far, which the fallback reads as
+    its question: the usage counts those tokens as the answer's, as the client had them.
+    """
+    fleet.primary.fault("qwq:32b", cut_after=THINK + 5)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True,
+                      stream_options={"include_usage": True})
+    complete(reply)
+    [rescue] = [r for s in (fleet.primary, fleet.secondary) for r in s.requests("/api/chat")
+                if r["model"] == "qwen2.5-coder:32b"]
+    assert rescue["prefill"]
+    usage = reply.body[-2]["usage"]
+    assert usage["completion_tokens"] == len(DEFAULT_REPLY.split())  # 5 carried + the rest
+    fleet.primary.clear()
+    clean = await ask(routed_gateway, "qwen2.5-coder:32b", stream=True,
+                      stream_options={"include_usage": True})
+    assert usage["prompt_tokens"] <= clean.body[-2]["usage"]["prompt_tokens"] + 5
 
 
 async def test_stalled_stream_is_rescued(routed_gateway: ServerThread, fleet: Fleet) -> None:

@@ -46,7 +46,8 @@ def test_ollama_error_line_is_an_upstream_error() -> None:
 
 
 @pytest.mark.parametrize("obj", [["x"], {"message": "text"}, {"message": {"content": 5}},
-                                 {"response": {"a": 1}}])
+                                 {"response": {"a": 1}}, {"message": {"content": "x",
+                                                                      "tool_calls": {"a": 1}}}])
 def test_ollama_objects_of_the_wrong_shape_are_malformed(obj: object) -> None:
     with pytest.raises(MalformedEvent):
         OllamaTranslator("o").chunk(obj)
@@ -90,7 +91,8 @@ def test_openai_think_tags_in_text_become_reasoning() -> None:
 @pytest.mark.parametrize("obj", [{"choices": ["x"]}, {"choices": [{"delta": {"content": 3}}]},
                                  {"usage": "many"}, "text", {"choices": [{"text": 0}]},
                                  {"choices": [{"delta": {"content": None}, "text": False}]},
-                                 {"choices": [{"delta": {"reasoning": []}}]}])
+                                 {"choices": [{"delta": {"reasoning": []}}]},
+                                 {"choices": {"first": {"delta": {"content": "x"}}}}])
 def test_openai_events_of_the_wrong_shape_are_malformed(obj: object) -> None:
     with pytest.raises(MalformedEvent):
         OpenAITranslator("m").chunk(obj)
