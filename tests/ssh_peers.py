@@ -105,11 +105,13 @@ LogLevel VERBOSE
 
 class AsyncSSHServer:
     """asyncssh's own server: key and password auth, local and remote forwarding allowed.
-    Runs in a thread with its own event loop.
+    Runs in a thread with its own event loop. ``hang_ups``: on its first connections, this
+    many, it hangs up right after the login (a restart or a blip at that moment).
     """
 
-    def __init__(self, keys: Keys, host_key: Path | None = None) -> None:
+    def __init__(self, keys: Keys, host_key: Path | None = None, hang_ups: int = 0) -> None:
         self.keys = keys
+        self.hang_ups = hang_ups
         self.host_key = host_key or keys.host
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -125,10 +127,16 @@ class AsyncSSHServer:
 
     async def _start(self) -> None:
         connections = self._connections
+        hang_ups = self.hang_ups
 
         class Server(asyncssh.SSHServer):
             def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
                 connections.append(conn)
+                self.conn = conn
+
+            def auth_completed(self) -> None:
+                if len(connections) <= hang_ups:
+                    self.conn.abort()
 
             def password_auth_supported(self) -> bool:
                 return True

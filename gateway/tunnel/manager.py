@@ -41,6 +41,7 @@ class Tunnel:
         # Fixed for the process's life, so backends keep one URL across reconnects.
         self.ports = {name: sock.getsockname()[1] for name, sock in self._held.items()}
         self._placeholders: dict[str, asyncio.Server] = {}
+        self._listeners: list[asyncssh.SSHListener] = []  # the forwards' while it is up
         self.connected = False
         self.phase: State = "connecting"
         self.error = ""  # why the last attempt failed (no secrets: see ssh.explain)
@@ -107,18 +108,23 @@ class Tunnel:
             await make_interactive(connection, self.config)
             await self._release_placeholders()
             for forward in self.config.forwards:
-                await self._forward(connection, forward)
+                self._listeners.append(await self._forward(connection, forward))
+            if connection.is_closed():  # lost while the forwards were set up
+                raise TunnelError(f"the connection of tunnel {self.name} dropped as it was "
+                                  "set up", "it is dialled again")
         except BaseException:
             connection.close()
+            await self._close_listeners()
             await self._hold_ports()
             raise
         return connection
 
     async def _forward(self, connection: asyncssh.SSHClientConnection,
-                       forward: ForwardConfig) -> None:
+                       forward: ForwardConfig) -> asyncssh.SSHListener:
         try:
-            await connection.forward_local_port("127.0.0.1", self.ports[forward.name],
-                                                forward.remote_host, forward.remote_port)
+            return await connection.forward_local_port(
+                "127.0.0.1", self.ports[forward.name], forward.remote_host,
+                forward.remote_port)
         except OSError as exc:
             raise TunnelError(f"cannot listen on 127.0.0.1:{self.ports[forward.name]} for "
                               f"tunnel {self.name}: {exc.strerror or exc}",
@@ -144,12 +150,27 @@ class Tunnel:
             raise
         finally:
             self.connected = False
+            await self._close_listeners()
         self.reconnects += 1
         self._set("down")
-        await self._hold_ports()
         log.warning("tunnel %s dropped; the backends behind it are out of rotation", self.name)
-        await _notify(self.on_down, self)
+        try:
+            await self._hold_ports()
+        finally:
+            await _notify(self.on_down, self)
         return time.monotonic() - started
+
+    async def _close_listeners(self) -> None:
+        """The forwards' listeners closed: asyncssh closes them with their connection, but
+        not one it was asked for after it had lost the connection, which would keep the port
+        (and every later forward on it would fail).
+        """
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.close()
+        for listener in listeners:
+            with contextlib.suppress(Exception):
+                await listener.wait_closed()
 
     async def _hold_ports(self) -> None:
         """Placeholders on every forward's port: connections are turned away at once."""
@@ -157,7 +178,10 @@ class Tunnel:
         for name, port in self.ports.items():
             if name in self._placeholders:
                 continue
-            sock = self._held.pop(name, None) or _hold(port, self.name)
+            try:
+                sock = self._held.pop(name, None) or _hold(port, self.name)
+            except ConfigError as exc:  # (taken while the forward had it: tried again)
+                raise TunnelError(str(exc), "the port is held again at the next try") from None
             self._placeholders[name] = await loop.create_server(_TurnAway, sock=sock)
 
     async def _release_placeholders(self) -> None:

@@ -53,7 +53,7 @@ async def connect(config: TunnelConfig) -> asyncssh.SSHClientConnection:
                 options["client_keys"] = None  # no key auth (never the default key files)
             return await asyncssh.connect(config.host, **options)
     except Exception as exc:
-        raise explain(exc, config, known_hosts, policy.offered) from None
+        raise explain(exc, config, known_hosts, policy.offered, policy.addr) from None
 
 
 def known_hosts_path(config: TunnelConfig) -> Path:
@@ -122,13 +122,13 @@ async def make_interactive(connection: asyncssh.SSHClientConnection,
 
 
 def explain(exc: Exception, config: TunnelConfig, known_hosts: Path,
-            offered: asyncssh.SSHKey | None = None) -> TunnelError:
+            offered: asyncssh.SSHKey | None = None, addr: str = "") -> TunnelError:
     """An SSH failure as a sentence and a hint."""
     where = f"{config.user}@{config.host}:{config.port}"
     if isinstance(exc, TunnelError):
         return exc
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        return _host_key_error(exc, config, known_hosts, offered)
+        return _host_key_error(exc, config, known_hosts, offered, addr)
     if isinstance(exc, asyncssh.PermissionDenied):
         ways = [w for w, on in (("key " + config.key_file, bool(config.key_file)),
                                 ("ssh-agent", config.agent),
@@ -161,13 +161,13 @@ def explain(exc: Exception, config: TunnelConfig, known_hosts: Path,
 
 
 def _host_key_error(exc: asyncssh.DisconnectError, config: TunnelConfig, known_hosts: Path,
-                    offered: asyncssh.SSHKey | None) -> TunnelError:
+                    offered: asyncssh.SSHKey | None, addr: str) -> TunnelError:
     where = f"{config.host}:{config.port}"
     fingerprint = f" (it offered {offered.get_fingerprint()})" if offered else ""
     if "revoked" in exc.reason.lower():
         return TunnelError(f"the host key of {where} is revoked in {known_hosts}",
                            "do not connect: that key was withdrawn on purpose")
-    if _known_keys(known_hosts, config):
+    if _known_keys(known_hosts, config.host, addr, config.port):
         return TunnelError(
             f"the host key of {where} does not match the one in {known_hosts}{fingerprint}",
             "if the server was really reinstalled, remove its old line from known_hosts; "
@@ -221,16 +221,18 @@ def _secret(variable: str, key: str) -> str:
     return value
 
 
-def _known_keys(known_hosts: Path, config: TunnelConfig) -> bool:
-    """Whether known_hosts has any key for this host (so an unknown key means a change)."""
+def _known_keys(known_hosts: Path, host: str, addr: str, port: int) -> bool:
+    """Whether known_hosts has any key for this host, by its name or by its address (as
+    asyncssh matches it), a CA's or a revoked one included: an unknown key is then a
+    change, never a first meeting.
+    """
     if not known_hosts.is_file():
         return False
     try:
-        keys = asyncssh.read_known_hosts(str(known_hosts)).match(
-            config.host, "", config.port)[0]
+        matched = asyncssh.read_known_hosts(str(known_hosts)).match(host, addr, port)
     except (OSError, ValueError):
         return False
-    return bool(keys)
+    return any(matched[:3])  # (trusted host keys, CA keys, revoked keys)
 
 
 class _HostKeyPolicy(asyncssh.SSHClient):
@@ -243,12 +245,13 @@ class _HostKeyPolicy(asyncssh.SSHClient):
         self._config = config
         self._known_hosts = known_hosts
         self.offered: asyncssh.SSHKey | None = None
+        self.addr = ""  # the address it was reached at
 
     def validate_host_public_key(self, host: str, addr: str, port: int,
                                  key: asyncssh.SSHKey) -> bool:
-        self.offered = key
-        if self._config.host_key != "accept-new" or _known_keys(self._known_hosts,
-                                                                  self._config):
+        self.offered, self.addr = key, addr
+        if self._config.host_key != "accept-new" or _known_keys(self._known_hosts, host,
+                                                                  addr, port):
             return False
         name = host if port == 22 else f"[{host}]:{port}"
         _append_line(self._known_hosts, f"{name} {key.export_public_key().decode().strip()}")

@@ -233,6 +233,16 @@ def test_an_unknown_host_key_is_refused_unless_accept_new(
         assert "does not match" in error
     finally:
         gateway.stop()
+    # ... also when the config names it otherwise: the key is on record for its address.
+    known = empty.read_text()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation, host="localhost",
+                                          known_hosts=str(empty), host_key="accept-new"))
+    try:
+        _, error, _ = tunnel_error(gateway)
+        assert "does not match" in error
+        assert empty.read_text() == known  # and it is not recorded
+    finally:
+        gateway.stop()
         impostor.stop()
 
 
@@ -259,6 +269,27 @@ def test_a_wrong_password_is_refused_and_never_shown(
     try:
         with client(gateway) as c:
             assert c.chat.completions.create(model=MODEL, messages=USER).choices
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def test_a_link_lost_as_the_tunnel_is_set_up_is_dialled_again(
+        keys: Keys, workstation: Sim) -> None:
+    """The server hangs up right after the login, once (restarting, or a blip at that
+    moment). The forward set up on the lost connection used to keep its port, every later
+    try failed on it, and the tunnel never came back. It is dialled again, and carries
+    requests.
+    """
+    server = AsyncSSHServer(keys, hang_ups=1).start()
+    gateway = start_gateway(tunnel_config(keys, server.port, workstation))
+    try:
+        wait_until(lambda: health(gateway)["tunnels"]["studio"]["state"] == "up", 10.0,
+                   "the tunnel up")
+        with client(gateway) as c:
+            answer = c.chat.completions.create(model=MODEL, messages=USER)
+        assert answer.choices[0].message.content == DEFAULT_REPLY
+        assert len(server._connections) == 2
     finally:
         gateway.stop()
         server.stop()
