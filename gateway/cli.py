@@ -162,6 +162,13 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
         print('gateway: --workers needs [tasks] queue = "redis": the local queue is one '
               "process's (several would run a batch's lines twice)", file=sys.stderr)
         return 2
+    pinned = [f"{t.name}/{f.name} ({f.local_port})" for t in config.tunnels
+              for f in t.forwards if f.local_port]
+    if pinned:
+        print("gateway: --workers needs every tunnel forward's local_port = 0: each worker "
+              "keeps a tunnel of its own, and one port cannot be held by two; pinned: "
+              + ", ".join(pinned), file=sys.stderr)
+        return 2
     alone = [what for what, unshared in (
         ("breakers and backends found down ([routing] redis_url)", not config.routing.redis_url),
         ("keys' limits ([tenants] store)", config.tenants.store != "redis" and config.keyed),

@@ -29,6 +29,7 @@ from gateway.monitor.window import Window
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.router import Router
+from gateway.runtime import worker_number
 from gateway.telemetry import Telemetry
 from gateway.tunnel.manager import TunnelManager
 
@@ -67,8 +68,11 @@ class Monitor:
         self.healer = Healer(config, router, catalog, backends, tunnels, health,
                              telemetry.metrics)
         self.window = Window(telemetry.metrics, telemetry.instruments)
+        # Several workers (``serve --workers``) watch the same fleet: the first alone sends
+        # what they all see, so that an alert reaches its sinks once.
         self.dispatcher = Dispatcher(build_sinks(config.monitor.sinks,
-                                                 config.telemetry.service_name))
+                                                 config.telemetry.service_name)
+                                     if worker_number() == "1" else [])
         self.alerter = Alerter(config.monitor, self.dispatcher)
         self._redis = {_redacted(url): url for url in _redis_urls(config)}
         self._redis_down: dict[str, float] = {}  # where → since when

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +152,74 @@ def test_workers_without_a_shared_queue_or_on_port_0_are_refused(tmp_path: Path,
                                  str(port), "--workers", "2"],
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 2 and said in result.stderr, result.stderr
+    # A tunnel's forward pinned to a port: each worker's tunnel would want it.
+    config.write_text(config.read_text() + '[tasks]\nqueue = "redis"\n'
+                      '[[tunnels]]\nname = "studio"\nhost = "127.0.0.1"\nuser = "me"\n'
+                      '[[tunnels.forwards]]\nname = "ollama"\nremote_port = 11434\n'
+                      f'local_port = {free_port()}\n')
+    result = subprocess.run([*GATEWAY, "serve", "--config", str(config), "--port",
+                             str(free_port()), "--workers", "2"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "studio/ollama" in result.stderr and \
+        "local_port = 0" in result.stderr, result.stderr
+
+
+def test_an_alert_seen_by_both_workers_reaches_its_sink_once(tmp_path: Path,
+                                                             ollama_sim: Sim) -> None:
+    """Both workers watch the same fleet and see the same backend down: the first alone
+    sends what they see (each sent it, and the operator had every alert twice).
+    """
+    received: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    with RedisServer() as redis:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f"""
+[tasks]
+queue = "redis"
+redis_url = "{redis.url}"
+
+[monitor]
+interval = 0.2
+group_window = 0.0
+
+[[monitor.alerts]]
+kind = "backend_down"
+
+[[monitor.sinks]]
+kind = "webhook"
+url = "http://127.0.0.1:{hook.server_address[1]}/hook"
+
+[[backends]]
+name = "up"
+kind = "ollama"
+url = "{ollama_sim.api_url}"
+
+[[backends]]
+name = "gone"
+kind = "ollama"
+url = "http://127.0.0.1:{free_port()}"
+""")
+        try:
+            with two_workers(config) as (port, _):
+                until_another(port, call(port, "GET", "/health")[0], "GET", "/health")
+                wait_until(lambda: received, 10, "the alert")
+                time.sleep(2.0)  # (ten rounds of both monitors)
+        finally:
+            hook.shutdown()
+            hook.server_close()
+    alerts = [(a["status"], a["rule"]) for notice in received for a in notice["alerts"]]
+    assert alerts == [("firing", "backend_down")], received
 
 
 def test_metrics_through_any_worker_count_every_workers_requests(
