@@ -105,20 +105,32 @@ class Worker:
             await self._do(line)
         except asyncio.CancelledError:
             raise
-        except StoreDown as exc:  # put back for a moment later, if the store is back by
-            # then (a cluster's node restarting); else still claimed, it comes back after
-            # the visibility timeout (its result, if it was written, is kept once)
+        except StoreDown as exc:  # (its result, if it was written, is kept once)
             log.warning("batch %s: line %d is left for later: the task store is "
                         "unavailable (%s)", line.batch, line.n, type(exc).__name__)
-            await asyncio.sleep(self._config.retry_initial)
-            with contextlib.suppress(*StoreDown):
-                await self._store.put_back(line, 0)
+            await self._put_back_once_up(line)
         except Exception:  # one odd line must not stop the worker; it is tried again
             log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
             with contextlib.suppress(*StoreDown):
                 await self._store.put_back(line, self._config.retry_max)
         finally:
             keeping.cancel()
+
+    async def _put_back_once_up(self, line: Line) -> None:
+        """Put the line back as soon as the store answers again (a cluster's node
+        restarting), trying with backoff for a visibility timeout at most: after that it
+        comes back by itself, its claim lapsed.
+        """
+        until = time.monotonic() + self._config.visibility_timeout
+        tries = 0
+        while time.monotonic() < until:
+            await asyncio.sleep(backoff(tries, self._config.retry_initial,
+                                        self._config.retry_max))
+            try:
+                await self._store.put_back(line, 0)
+                return
+            except StoreDown:
+                tries += 1
 
     async def _keep(self, line: Line) -> None:
         """Renew the claim on the line while it is at work: one that takes longer than the
