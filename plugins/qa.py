@@ -12,6 +12,7 @@ the pipeline for a stronger model. The pipeline counts verdicts per deployment, 
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import orjson
 from gateway.protocol.openai import ChatRequest
 from gateway.protocol.units import Completion
 from plugins.base import BasePlugin, Count, RequestContext, Verdict
+
+log = logging.getLogger(__name__)
 
 HEADER = "x-gateway-qa"
 CHECKS = ("empty", "length", "repetition", "json", "refusal")
@@ -76,8 +79,12 @@ class QualityPlugin(BasePlugin):
             ctx.buffered = True
         return None
 
-    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict:
-        reasons = tuple(self.judge(ctx, result))
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
+        try:
+            reasons = tuple(self.judge(ctx, result))
+        except Exception:  # a check's bug must not fail an answer it was only to judge
+            log.exception("qa: judging the answer failed; it is passed on unjudged")
+            return None
         self.stats["pass" if not reasons else "fail"] += 1
         self.stats.update(reason.split(" (")[0] for reason in reasons)
         verdict = Verdict(ok=not reasons, reasons=reasons,
@@ -168,7 +175,7 @@ def schema_problem(value: Any, schema: dict[str, Any], at: str) -> str | None:
     """
     if "const" in schema and value != schema["const"]:
         return f"{at} is not {schema['const']!r}"
-    if "enum" in schema and value not in schema["enum"]:
+    if isinstance(schema.get("enum"), list) and value not in schema["enum"]:
         return f"{at} is not one of the allowed values"
     for key in ("anyOf", "oneOf"):
         if isinstance(schema.get(key), list) and schema[key] and all(
@@ -179,10 +186,13 @@ def schema_problem(value: Any, schema: dict[str, Any], at: str) -> str | None:
     if types and not any(_is(value, t) for t in types):
         return f"{at} is not of type {'/'.join(map(str, types))}"
     if isinstance(value, dict):
-        for name in schema.get("required", ()):
-            if name not in value:
+        required = schema.get("required")  # (draft 3's "required": true is not a list)
+        for name in required if isinstance(required, list) else ():
+            if isinstance(name, str) and name not in value:
                 return f"{at}.{name} is missing"
-        properties = schema.get("properties") or {}
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            properties = {}
         for name, item in value.items():
             if name in properties and isinstance(properties[name], dict):
                 problem = schema_problem(item, properties[name], f"{at}.{name}")

@@ -31,7 +31,7 @@ from gateway.protocol.openai import (
     parse_chat,
     parse_completion,
 )
-from gateway.protocol.units import Chunk
+from gateway.protocol.units import Chunk, merge_logprobs
 from plugins.base import BasePlugin, Count, Denied, RequestContext
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Text
 from plugins.safety_stream import StreamRedactor, hint_of, redact
@@ -172,35 +172,54 @@ class SafetyPlugin(BasePlugin):
         return self._redacting(chunks)
 
     async def _redacting(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """The answer with secrets redacted as it streams: each channel (the reasoning, the
+        text, each tool call's arguments) holds back what may still grow into a secret. A
+        channel's held text goes out when the next one begins (the answer after the
+        reasoning, a tool call after the text: no secret runs across), so the client gets
+        them in their order; and the log probabilities of text held go out with the next
+        chunk.
+        """
         def redactor() -> StreamRedactor:
             return StreamRedactor(self.output_rules, self.options.max_block, self.output_hint)
 
         content = redactor()
         reasoning: StreamRedactor | None = None  # made for the first reasoning, if any comes
         arguments: dict[int, StreamRedactor] = {}  # tool calls', by index
+        logprobs: dict[str, Any] | None = None  # those of chunks held back whole
         try:
             async for chunk in chunks:
-                text = content.feed(chunk.content) if chunk.content else ""
                 thought = ""
                 if chunk.reasoning:
                     reasoning = reasoning or redactor()
                     thought = reasoning.feed(chunk.reasoning)
-                calls = [_feed_call(delta, arguments, redactor) for delta in chunk.tool_calls] \
-                    if chunk.tool_calls else chunk.tool_calls
+                if reasoning is not None and (chunk.content or chunk.tool_calls):
+                    thought += reasoning.flush()
+                text = content.feed(chunk.content) if chunk.content else ""
+                calls = chunk.tool_calls
+                if calls:
+                    text += content.flush()
+                    calls = [_feed_call(delta, arguments, redactor) for delta in calls]
                 if chunk.finish_reason is not None:
                     text += content.flush()
                     thought += reasoning.flush() if reasoning else ""
                     calls = (calls or []) + _flush_calls(arguments) or chunk.tool_calls
+                if logprobs is not None and chunk.logprobs:
+                    logprobs = merge_logprobs(logprobs, chunk.logprobs)
                 if text == chunk.content and thought == chunk.reasoning and \
-                        calls == chunk.tool_calls:
+                        calls == chunk.tool_calls and logprobs is None:
                     yield chunk
                 elif text or thought or calls or chunk.finish_reason or chunk.usage:
                     yield dataclasses.replace(chunk, content=text, reasoning=thought,
-                                              tool_calls=calls or None)
+                                              tool_calls=calls or None,
+                                              logprobs=logprobs or chunk.logprobs)
+                    logprobs = None
+                elif chunk.logprobs and logprobs is None:  # held back whole
+                    logprobs = merge_logprobs(None, chunk.logprobs)
             text, calls = content.flush(), _flush_calls(arguments)
             thought = reasoning.flush() if reasoning else ""
             if text or thought or calls:
-                yield Chunk(content=text, reasoning=thought, tool_calls=calls or None)
+                yield Chunk(content=text, reasoning=thought, tool_calls=calls or None,
+                            logprobs=logprobs)
         finally:
             found = content.found
             for each in (reasoning, *arguments.values()):

@@ -4,13 +4,17 @@ how little it holds back; repetition loops; JSON and schema checks.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from gateway.protocol.units import Chunk
 from plugins.qa import json_problem, looping
-from plugins.safety import StreamRedactor
+from plugins.safety import SafetyOptions, SafetyPlugin, StreamRedactor
 from plugins.safety_checks import iban_valid, luhn
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule
 
@@ -193,6 +197,12 @@ def test_the_rules_edges() -> None:
     assert url.find("postgres://bob:yourself2024@db/app") != []  # not a placeholder
     for placeholder in ("your_password", "yourpassword", "<password>", "${DB_PASS}", "xxxx"):
         assert url.find(f"postgres://bob:{placeholder}@db/app") == [], placeholder
+    # The images' and tutorials' own defaults: a compose file redacted would not work.
+    for example in ("postgresql://postgres:postgres@db:5432/app", "amqp://guest:guest@mq//",
+                    "mongodb://root:example@mongo:27017/", "redis://default:redis@cache",
+                    "postgres://app:app@localhost/app"):
+        assert url.find(example) == [], example
+    assert url.find("postgres://app:app-S3cr3t-2024@localhost/app") != []
 
 
 def test_a_text_about_pem_files_is_not_redacted() -> None:
@@ -278,8 +288,78 @@ def test_json_schema_checks(text: str, problem: str | None) -> None:
     assert json_problem(text, SCHEMA) == problem
 
 
+@pytest.mark.parametrize(("text", "problem"), [
+    ('{"city": "Oslo"}', None),
+    ('{"city": 1}', "$.city is not of type string"),
+    ('{"size": "xl"}', None),
+    ("{}", None),
+])
+def test_schema_keywords_of_another_shape_are_let_be(text: str, problem: str | None) -> None:
+    """Draft 3's ``"required": true``, an ``enum`` that is not a list, ``properties`` that
+    are not an object: not checked, where they failed the answered request with a 500.
+    """
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "required": True, "properties": {
+            "city": {"type": "string", "required": True},
+            "size": {"enum": "s", "properties": ["a"]}}}}}
+    assert json_problem(text, fmt) == problem
+
+
 def test_json_object_checks() -> None:
     fmt = {"type": "json_object"}
     assert json_problem('{"a": 1}', fmt) is None
     assert json_problem("[1]", fmt) == "not a JSON object"
     assert json_problem("{'a': 1}", fmt) == "not valid JSON"
+
+
+def redacted_stream(chunks: list[Chunk]) -> list[Chunk]:
+    """What the safety plugin lets through of a stream of ``chunks``."""
+    async def feed() -> AsyncIterator[Chunk]:
+        for chunk in chunks:
+            yield chunk
+
+    async def read() -> list[Chunk]:
+        plugin = SafetyPlugin(SafetyOptions())
+        return [chunk async for chunk in plugin.on_stream(None, feed())]  # type: ignore[arg-type]
+
+    return asyncio.run(read())
+
+
+def kinds(chunks: list[Chunk]) -> list[str]:
+    """The channels of a stream in the order they come, each once per run."""
+    out: list[str] = []
+    for chunk in chunks:
+        for kind, there in (("reasoning", chunk.reasoning), ("text", chunk.content),
+                            ("tool call", chunk.tool_calls)):
+            if there and (not out or out[-1] != kind):
+                out.append(kind)
+    return out
+
+
+def test_each_channel_of_a_redacted_stream_comes_whole_before_the_next() -> None:
+    """The end of the reasoning ("date": its "e" may begin a token) and of the text before a
+    tool call ("please") were held back until the finish, and came after what followed
+    them: the Responses and Anthropic doors then made an item or block of each piece.
+    """
+    call = {"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "look", "arguments": '{"q": 1}'}}
+    out = redacted_stream([
+        Chunk(reasoning="Checking the "), Chunk(reasoning="date"),
+        Chunk(content="It is Monday. Look it up, "), Chunk(content="please"),
+        Chunk(tool_calls=[call]), Chunk(finish_reason="tool_calls")])
+    assert kinds(out) == ["reasoning", "text", "tool call"]
+    assert "".join(c.reasoning for c in out) == "Checking the date"
+    assert "".join(c.content for c in out) == "It is Monday. Look it up, please"
+
+
+def test_the_log_probabilities_of_text_held_back_go_out_with_the_next_chunk() -> None:
+    def logprob(token: str) -> dict[str, Any]:
+        return {"content": [{"token": token, "logprob": -0.5, "bytes": None,
+                             "top_logprobs": []}]}
+
+    tokens = ["The", " password", ":", " none", "."]  # (":" is held back whole)
+    out = redacted_stream([Chunk(content=t, logprobs=logprob(t)) for t in tokens]
+                          + [Chunk(finish_reason="stop")])
+    got = [entry["token"] for c in out if c.logprobs for entry in c.logprobs["content"]]
+    assert got == tokens
+    assert "".join(c.content for c in out) == "The password: none."
