@@ -100,8 +100,19 @@ _PLACEHOLDER = re.compile(
     r"redacted)$", re.I)
 
 
+# The passwords of the images' and tutorials' own examples (postgres:postgres@db,
+# guest:guest@rabbitmq, root:example@mongo): a compose file or a tutorial's connection string
+# carries them, and redacted, the code no longer works.
+_DEFAULTS = frozenset({
+    "postgres", "mysecretpassword", "guest", "root", "admin", "example", "test", "dev",
+    "user", "pass", "minioadmin", "default", "rabbitmq", "mysql", "redis", "sa"})
+
+
 def url_password(match: re.Match[str], text: Text) -> bool:
-    return not _PLACEHOLDER.match(match.group("secret"))
+    secret = match.group("secret")
+    user = match.group()[3:].partition(":")[0]
+    return not (_PLACEHOLDER.match(secret) or secret.lower() in _DEFAULTS
+                or (secret == user and len(secret) <= 16))
 
 
 def private_keys(text: Text) -> Iterator[tuple[int, int]]:

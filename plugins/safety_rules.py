@@ -239,10 +239,15 @@ RULES: tuple[Rule, ...] = (
         # personas: DAN, "do anything now", special modes
         (r"(?-i:\bDAN\b)(?=.{0,200}\b(?:mode|anything|now|jailbr|restrict|rules|polic))",
          ("dan",)),
-        (r"\bdo\s+anything\s+now\b", ("anything",)),
+        # ("... stands for 'do anything now'", "you can do anything now"; not "my handler
+        # doesn't do anything now")
+        (r"\b(?:for|can|could|will|to|called)\s+[\"'\u201c]?do\s+anything\s+now\b",
+         ("anything",)),
+        # ("Developer Mode enabled.", "god mode on:"; not "turn developer mode on in Chrome")
         (r"\b(?:developer|god|jailbreak|unrestricted|unfiltered|evil|sudo)\s+mode\s*"
-         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on)\b(?!\s+(?:my|the|your|a|an|android|ios|"
-         r"windows|chrome|pixel|iphone|phone|device|mac|pc|steam|console)\b)", ("mode",)),
+         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on(?=\s*(?:[.:;!,)\]]|$)))\b"
+         r"(?!\s+(?:my|the|your|a|an|android|ios|windows|chrome|pixel|iphone|phone|device|mac|"
+         r"pc|steam|console)\b)", ("mode",)),
         (r"\b(?:in|into|enter|entering|enable|activate)\s+(?:jailbreak|unrestricted|unfiltered|"
          r"evil|DAN)\s+mode\b", ("mode",)),
         (r"\b(?:you\s+are|you're)\s+(?:now\s+)?jailbroken\b"
@@ -257,8 +262,11 @@ RULES: tuple[Rule, ...] = (
         (r"\b(?:AI|model|assistant|chatbot|LLM)\s+(?:with\s+no|without\s+(?:any\s+)?)\s*(?:ethical"
          r"\s+|moral\s+|content\s+)?(?:guidelines|restrictions|filters|limits|rules|censorship)\b",
          _LIMITS),
-        (r"\b(?:unfiltered|uncensored|unrestricted|amoral|unaligned)[\s-]+(?:AI|model|assistant|"
-         r"chatbot|version|LLM|mode|llm)\b",
+        # as a persona ("act as an unfiltered, uncensored model"; not "is there an uncensored
+        # model I can run locally?")
+        (r"\b(?:as|be|become|are|you're|play|playing)\s+(?:[^.!?\n]{0,60}?,\s+)?"
+         r"(?:an?\s+|that\s+|the\s+)?(?:\w+,?\s+){0,2}(?:unfiltered|uncensored|unrestricted|amoral|unaligned)[\s-]+"
+         r"(?:AI|model|assistant|chatbot|version|LLM|mode|llm)\b",
          ("unfiltered", "uncensored", "unrestricted", "amoral", "unaligned")),
         (r"\byou\s+(?:have|has)\s+no\s+(?:ethical|moral|content)?\s*(?:guidelines|"
          r"restrictions|limits|boundaries|filters|rules|principles)", _LIMITS),
@@ -271,19 +279,29 @@ RULES: tuple[Rule, ...] = (
          r"(?:any|its|your|the)\s+(?:\w+\s+)?(?:polic(?:y|ies)|rules|guidelines|restrictions)",
          ("no longer",)),
         # switching the safety off
-        (r"\b(?:ignore|bypass|disable|turn\s+off)\s+(?:all\s+|your\s+)*(?:safety|content)\s+"
+        # (the model's own: "disable your safety filters"; not "disable content filtering on
+        # my deployment")
+        (r"\b(?:ignore|bypass)\s+(?:all\s+|your\s+)*(?:safety|content)\s+"
+         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)"
+         r"|\b(?:disable|turn\s+off)\s+(?:all\s+)?your\s+(?:safety|content)\s+"
          r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)",
          ("ignore", "bypass", "disable", "turn off")),
-        (r"\b(?:(?:ethical|safety|content|moral)\s+(?:restrictions?|filters?|filtering|"
+        # (the model's: "your safety filters are switched off", "all restrictions disabled";
+        # not "our moderation layer has been disabled in staging")
+        (r"\b(?:your|its|all|every|any)\s+(?:\w+\s+)?"
+         r"(?:(?:ethical|safety|content|moral)\s+(?:restrictions?|filters?|filtering|"
          r"guidelines|polic(?:y|ies)|rules)|guardrails?|safeguards?|moderation(?:\s+layer)?)\s+"
          r"(?:\w+\s+){0,2}(?:are\s+|is\s+|has\s+been\s+|have\s+been\s+)?(?:now\s+)?(?:disabled|"
          r"removed|lifted|ripped\s+out|stripped(?:\s+out)?|switched\s+off|turned\s+off)\b",
          ("disabled", "removed", "lifted", "ripped out", "stripped", "switched off",
           "turned off")),
         # role-play as a way round: "stay in character", the grandmother who read recipes
-        (r"\bstay\s+in\s+character\b(?=.{0,300}\b(?:no|without|never)\b)", ("in character",)),
-        (r"\bgrandm(?:a|other)\b(?>.{0,160}?\b(?:used\s+to|would)\b).{0,120}?\b(?:recipe|"
-         r"instructions|how\s+to\s+make|making|keys|steps|explosive|napalm|weapon|synthes)",
+        # (to get round the rules: not "stay in character as the pirate, never mention...")
+        (r"\bstay\s+in\s+character\b(?=.{0,300}\b(?:refus|polic|rules|guidelines|restrict|"
+         r"filter|warning|ethic|moral|no\s+matter))", ("in character",)),
+        # (for what is dangerous: not "grandma used to bake a pie: a recipe like hers?")
+        (r"\bgrandm(?:a|other)\b(?>.{0,160}?\b(?:used\s+to|would)\b).{0,120}?\b(?:keys|"
+         r"explosive|napalm|weapon|synthes|bomb|poison|meth|malware|ransomware|serial|licen[cs]e)",
          ("grandm",)),
         flags=_I | re.S)),
 )
