@@ -192,6 +192,8 @@ class CachePlugin(BasePlugin):
         what[" kind"] = ctx.kind
         shared = self.options.shared if not ctx.cache_scope else ctx.cache_scope == "shared"
         what[" tenant"] = "" if shared else ctx.tenant
+        if shared and ctx.models:  # (an answer another key's models gave is not this one's)
+            what[" models"] = sorted(ctx.models)
         if ctx.req.ollama:  # an Ollama client's options beyond OpenAI's (num_ctx, ...)
             what[" ollama"] = {k: v for k, v in ctx.req.ollama.items() if k != "keep_alive"}
         canonical = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)  # (bodies are at most 128 deep)

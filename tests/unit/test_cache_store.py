@@ -90,3 +90,16 @@ def test_the_key_is_the_tenants_own_unless_shared() -> None:
     assert key({**BASE, " tenant": "t2"}, "t1") != key(BASE, "t2")
     assert key({**BASE, " tenant": ""}, "t1") != key(BASE, "t1", shared=True)
     assert key(BASE, "t1", shared=True) == key(BASE, "t2", shared=True)
+
+
+def test_a_shared_answer_is_shared_only_among_keys_of_the_same_models() -> None:
+    """A key that may use only a small model is not given the answer an alias gave another
+    key through a model it may not use.
+    """
+    def scoped(tenant: str, models: tuple[str, ...]) -> str:
+        ctx = RequestContext("chat", parse_chat({**BASE, "model": "auto"}), tenant, {})
+        ctx.models = models
+        return CachePlugin(CacheOptions(shared=True))._key(ctx)
+
+    assert scoped("t1", ("small:1b",)) != scoped("t2", ())
+    assert scoped("t1", ("small:1b", "auto")) == scoped("t2", ("auto", "small:1b"))
