@@ -237,6 +237,7 @@ class Pipeline:
                 break
             escalated.append(f"{deployment.model.name} ({', '.join(verdict.reasons)})")
             ctx.headers[ESCALATED] = "; ".join(escalated)
+            _used(ctx, completion.usage)  # (the answer found wanting was paid for too)
             completion, headers, deployment = stronger, stronger_headers, stronger_deployment
         else:
             await self._judge(ctx, completion, deployment, outcome)

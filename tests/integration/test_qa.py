@@ -6,6 +6,7 @@ says so.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -119,6 +120,32 @@ def test_a_good_answer_is_not_escalated(gateway: ServerThread, local: Sim) -> No
     body, headers = chat(gateway, max_tokens=2)
     assert body.choices[0].finish_reason == "length" and headers["x-gateway-qa"] == "pass"
     assert asked(local) == [SMALL, SMALL]
+
+
+def test_an_escalated_request_spends_both_answers_of_the_keys_budget(local: Sim,
+                                                                      cloud: Sim) -> None:
+    """The answer found wanting was asked for and paid for too: the key's budget counts its
+    tokens (it counted the stronger answer's alone, some 36 of the 100 here).
+    """
+    secret = "gw-test-escalating-key-0123456789"
+    server = start_gateway(gateway_config(
+        backend("local", "ollama", local.api_url),
+        keys=[{"id": "k", "hash": hashlib.sha256(secret.encode()).hexdigest(),
+               "budget": 100, "budget_period": "month"}],
+        plugins=[{"name": "qa"}]))
+    try:
+        local.fault(SMALL, reply=LOOP)  # some 150 tokens, then the stronger model's 31
+        with openai.OpenAI(base_url=server.url + "/v1", api_key=secret,
+                           max_retries=0) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=SMALL, messages=[{"role": "user", "content": "Hello"}])
+            assert raw.headers["x-gateway-escalated"] == f"{SMALL} (repetition)"
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(
+                    model=SMALL, messages=[{"role": "user", "content": "Hello"}])
+        assert caught.value.body["code"] == "budget_limit_exceeded"  # type: ignore[index]
+    finally:
+        server.stop()
 
 
 def test_escalation_is_bounded(local: Sim, cloud: Sim) -> None:
