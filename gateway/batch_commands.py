@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import DEFAULT_CONFIG, GatewayConfig, TasksConfig, load_config
 from gateway.runtime import new_event_loop, until_signalled
+from gateway.store import shown
 from gateway.tasks.batches import Store
 from gateway.tasks.local import LocalStore
 from gateway.tasks.shared import RedisStore
@@ -62,7 +63,7 @@ async def _working(config: GatewayConfig) -> None:
     runner = web.AppRunner(create_app(config))
     await runner.setup()  # (starts every service; no port is opened)
     try:
-        log.info("gateway worker: answering batch lines from %s", config.tasks.redis_url)
+        log.info("gateway worker: answering batch lines from %s", shown(config.tasks.redis_url))
         await until_signalled()
     finally:
         await runner.cleanup()

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, KeyConfig, load_config
+from gateway.store import shown
 from gateway.tenants import Away, KeyBook, Link, RedisKeys, amend, described, issue
 
 
@@ -181,7 +182,7 @@ async def _redis_keys(config: GatewayConfig) -> AsyncIterator[RedisKeys]:
         yield keys
     except Away:
         raise ConfigError(f"{config.source}: tenants.redis_url: Redis does not answer at "
-                          f"{config.tenants.redis_url}") from None
+                          f"{shown(config.tenants.redis_url)}") from None
     finally:
         await link.close()
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.protocol.units import Completion, Usage
-from gateway.store import Store, StoreUnavailable, open_store
+from gateway.store import Store, StoreUnavailable, open_store, shown
 from plugins.base import BasePlugin, Count, RequestContext, Verdict
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class CachePlugin(BasePlugin):
         try:
             await self.store.ping()
         except StoreUnavailable:
-            return (f"Redis at {self.options.redis_url} does not answer: answers are not "
+            return (f"Redis at {shown(self.options.redis_url)} does not answer: answers are not "
                     f"cached until it does (start redis-server, or set backend = \"memory\")")
         return None
 

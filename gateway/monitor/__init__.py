@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
@@ -30,6 +29,7 @@ from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.router import Router
 from gateway.runtime import worker_number
+from gateway.store import shown
 from gateway.telemetry import Telemetry
 from gateway.tunnel.manager import TunnelManager
 
@@ -74,7 +74,7 @@ class Monitor:
                                                  config.telemetry.service_name)
                                      if worker_number() == "1" else [])
         self.alerter = Alerter(config.monitor, self.dispatcher)
-        self._redis = {_redacted(url): url for url in _redis_urls(config)}
+        self._redis = {shown(url): url for url in _redis_urls(config)}
         self._redis_down: dict[str, float] = {}  # where → since when
         self._redis_clients: dict[str, aioredis.Redis] = {}
         self._task: asyncio.Task[None] | None = None
@@ -224,9 +224,3 @@ def _redis_urls(config: GatewayConfig) -> list[str]:
         if options.get("backend") == "redis":
             urls.append(str(options.get("redis_url", "redis://127.0.0.1:6379/0")))
     return list(dict.fromkeys(urls))
-
-
-def _redacted(url: str) -> str:
-    """host:port/db, never a password."""
-    parts = urlsplit(url)
-    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}{parts.path or ''}"

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
@@ -20,6 +21,18 @@ log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 1.0  # after a failure, Redis is not asked again for this long
 LEARN_SECONDS = 5.0  # the longest a cluster client may take to learn the nodes' slots
+
+
+def shown(url: str) -> str:
+    """A Redis URL as logs and messages show it: host:port/db, never a password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    return f"{parts.hostname or '127.0.0.1'}:{port}{parts.path or ''}"
 
 
 class StoreUnavailable(Exception):
@@ -217,7 +230,7 @@ class Client:
         self._retired.append(self.now)
         self.now = RedisCluster.from_url(self.url, **self._options)
         self.cluster = True
-        log.info("%s: Redis at %s is a cluster", self.label, self.url)
+        log.info("%s: Redis at %s is a cluster", self.label, shown(self.url))
 
     def slot(self) -> contextlib.AbstractAsyncContextManager[object]:
         return self._slots if self.cluster else contextlib.nullcontext()

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, MovedError, RedisError, ResponseError
 
-from gateway.store import Client
+from gateway.store import Client, shown
 from gateway.tasks.records import TERMINAL, Line
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class RedisStore:
             "retry_on_error": [ConnectionError]}
         self._client = Client(url, "tasks", aioredis.from_url(url, **options), **options)
         self._timeout = visibility_timeout
-        self.folder = url  # (what `gateway batches` says it read)
+        self.folder = shown(url)  # (what `gateway batches` says it read)
         plain = self._redis
         self._finish = plain.register_script(FINISH)
         self._discard = plain.register_script(DISCARD)

@@ -205,10 +205,13 @@ def test_keys_commands_say_what_is_wrong(tmp_path: Path) -> None:
     refused = keys("revoke", "key-1")  # the embedded config keeps keys in the config file
     assert refused.returncode == 2 and "edit their [[keys]] blocks" in refused.stderr
     config = tmp_path / "redis.toml"
+    port = free_port()
     config.write_text(f'[tenants]\nstore = "redis"\nredis_url = '
-                      f'"redis://127.0.0.1:{free_port()}/0"\n')
+                      f'"redis://:hunter2-secret@127.0.0.1:{port}/0"\n')
     refused = keys("list", "--config", str(config))
-    assert refused.returncode == 2 and "Redis does not answer" in refused.stderr
+    assert refused.returncode == 2
+    assert f"Redis does not answer at 127.0.0.1:{port}/0" in refused.stderr
+    assert "hunter2" not in refused.stdout + refused.stderr  # (never a password)
     config.write_text(config.read_text() + f'\n[[keys]]\nid = "taken"\nhash = "{"0" * 64}"\n')
     refused = keys("new", "--id", "taken", "--config", str(config))
     assert refused.returncode == 2 and "a key 'taken' exists already" in refused.stderr
@@ -267,7 +270,8 @@ def test_a_second_demo_is_a_clear_refusal() -> None:
 
 def test_check_reports_a_cache_whose_redis_does_not_answer(tmp_path: Path) -> None:
     config = tmp_path / "cache.toml"
-    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    port = free_port()
+    redis_url = f"redis://:hunter2-secret@127.0.0.1:{port}/0"
     config.write_text(f'[[backends]]\nname = "gone"\nkind = "ollama"\noptional = true\n'
                       f'url = "http://127.0.0.1:{free_port()}"\n\n'
                       f'[[plugins]]\nname = "safety"\n\n'
@@ -277,7 +281,8 @@ def test_check_reports_a_cache_whose_redis_does_not_answer(tmp_path: Path) -> No
                             text=True, timeout=30)
     assert "plugin safety  OK" in result.stdout
     assert "plugin cache  DEGRADED" in result.stdout
-    assert f"Redis at {redis_url} does not answer" in result.stdout
+    assert f"Redis at 127.0.0.1:{port}/0 does not answer" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr  # (never a password)
     # The report says it all: the log adds only warnings (not "cannot connect" again).
     assert " INFO " not in result.stderr, result.stderr
 
