@@ -11,6 +11,7 @@ import email.utils
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from typing import Any, Protocol
@@ -43,6 +44,7 @@ MAX_RETRY_AFTER = 3600.0
 DRAIN_SECONDS = 0.25
 LISTING_SECONDS = 30.0
 RESEND_WITHIN = 0.5  # seconds: a connection dropped this soon after sending never carried it
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+")
 
 
 class Translator(Protocol):
@@ -67,6 +69,7 @@ class HttpBackend:
         self.base_url = config.url.rstrip("/")
         self.capacity = config.slots  # requests it runs at once per model (0: not known)
         self._pool: Pool | None = None
+        self._key = ""  # the API key it sends (kept out of what it says back)
         self.unreachable = False  # its last connection could not be opened (logged once)
         limits = config.timeouts
         # Answers are always asked for as streams, which send headers at once and then keep
@@ -91,6 +94,7 @@ class HttpBackend:
             key = os.environ.get(self.config.api_key_env, "").strip()
             if key and key.isprintable() and key.isascii():
                 headers["Authorization"] = f"Bearer {key}"
+                self._key = key
             else:
                 log.warning("backend %s: environment variable %s is %s; requests go "
                             "without an API key", self.name, self.config.api_key_env,
@@ -175,6 +179,10 @@ class HttpBackend:
                             break
                     if translator.complete:
                         break
+            except UpstreamError as exc:  # (an error event: its words go to log and client)
+                exc.message = self.said(exc.message)
+                exc.args = (exc.message,)
+                raise
             except (TimeoutError, OSError, BadResponse):  # (IdleTimeout, the total limit,
                 # a connection closed or broken): after the finish, the answer is whole
                 if not translator.finished:
@@ -189,9 +197,18 @@ class HttpBackend:
             for chunk in collected.chunks():
                 yield chunk
 
+    def said(self, message: str) -> str:
+        """An upstream's message as the log and the client may see it: without the API key
+        the gateway sent it, should it echo the request's headers back.
+        """
+        if self._key and self._key in message:
+            message = message.replace(self._key, "[REDACTED]")
+        return _BEARER.sub(r"\1[REDACTED]", message) if "earer" in message else message
+
     async def status_error(self, response: Response) -> GatewayError:
         body = await response.read(MAX_ERROR_BODY)
         message, code = error_details(body)
+        message = self.said(message)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         return from_upstream_status(self.name, response.status, message, retry_after, code)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -57,6 +58,26 @@ def test_a_missing_key_is_a_401_that_says_how_to_send_one(guarded: ServerThread)
     assert caught.value.code == 401
     error = json.loads(caught.value.read())["error"]
     assert error["code"] == "missing_api_key" and "Bearer" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_echoing_the_gateways_key_in_an_error_does_not_pass_it_on(
+        guarded: ServerThread, mlx_sim: Sim, stream: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A server whose error repeats the request's headers: neither the client nor the log
+    gets the key the gateway sent it.
+    """
+    caplog.set_level(logging.INFO)
+    mlx_sim.fault("command-r-plus:104b", status=500,
+                  message="internal: Authorization: Bearer backend-secret-key")
+    with client(guarded, KEY) as c, pytest.raises(openai.APIError) as caught:
+        answer = c.chat.completions.create(model="command-r-plus:104b", messages=USER,
+                                           stream=stream)
+        if stream:
+            list(answer)  # type: ignore[arg-type]
+    assert "Bearer [REDACTED]" in str(caught.value.body)
+    assert "backend-secret-key" not in str(caught.value.body)
+    assert "backend-secret-key" not in caplog.text and "[REDACTED]" in caplog.text
 
 
 def health(server: ServerThread, key: str | None = None) -> dict[str, object]:
