@@ -136,7 +136,13 @@ class RedisCluster:
                         "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=30)
-        deadline = time.monotonic() + 20
+        self.wait_ok()
+
+    def wait_ok(self, limit: float = 20) -> None:
+        """Until every node says the cluster is whole (after a node came back, the others
+        may hold it down for twice the node timeout, 15 s by default).
+        """
+        deadline = time.monotonic() + limit
         while not all(b"cluster_state:ok" in node.bulk("CLUSTER", "INFO") for node in self.nodes):
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis cluster did not come up")
