@@ -30,7 +30,7 @@ from gateway.key_commands import add_keys_command
 from gateway.keys import ROUTER
 from gateway.report import print_catalog
 from gateway.router_commands import add_router_command
-from gateway.runtime import new_event_loop, paced_collector, until_signalled
+from gateway.runtime import new_event_loop, paced_collector, signalled, unless_stopped
 
 log = logging.getLogger("gateway")
 
@@ -39,6 +39,9 @@ DEMO_CONFIG = DEFAULT_CONFIG.parent / "demo.toml"
 # the queue full (the kernel drops their handshakes, and they try again a second or more
 # later); the system's somaxconn caps it.
 BACKLOG = 2048
+
+
+LEVELS = ("debug", "info", "warning", "error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway",
                                      allow_abbrev=False)
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", choices=LEVELS,
                         help="default: info (warning for the models and check reports)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -119,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     add_keys_command(commands)
     add_batches_command(commands)
     add_router_command(commands)
+    for command in commands.choices.values():  # (after the command too: serve --log-level)
+        command.add_argument("--log-level", choices=LEVELS, default=argparse.SUPPRESS,
+                             help="default: info (warning for the models and check reports)")
     return parser
 
 
@@ -127,11 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = config.with_server(**overrides)
     for host, _ in config.server.addresses():
-        if not is_loopback(host) and not config.keyed and not args.insecure_no_auth:
-            print(f"gateway: refusing to listen on {host} without API keys: anyone who can "
-                  "reach it could use your models.\n  Add keys (gateway keys new → [[keys]]) "
-                  "or pass --insecure-no-auth.", file=sys.stderr)
-            return 2
+        if not is_loopback(host) and not config.keyed:
+            if not args.insecure_no_auth:
+                print(f"gateway: refusing to listen on {host} without API keys: anyone who "
+                      "can reach it could use your models.\n  Add keys (gateway keys new → "
+                      "[[keys]]) or pass --insecure-no-auth.", file=sys.stderr)
+                return 2
+            log.warning("gateway: listening on %s without API keys (--insecure-no-auth): "
+                        "anyone who can reach it can use your models", host)
     if args.workers < 1:
         print("gateway: --workers expects at least 1", file=sys.stderr)
         return 2
@@ -144,8 +153,10 @@ def _serve(args: argparse.Namespace) -> int:
         more = [_listening(host, port, args.reuse_port)
                 for host, port in config.server.addresses()[1:]]
     except OSError as exc:
-        print(f"gateway: cannot listen on {exc.filename}: {exc.strerror} (is another server, "
-              "Ollama itself say, using that port?)", file=sys.stderr)
+        hint = " (is another server, Ollama itself say, using that port?)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        print(f"gateway: cannot listen on {exc.filename}: {exc.strerror}{hint}",
+              file=sys.stderr)
         return 2
     run(config, more, worker=args.reuse_port)
     return 0
@@ -198,13 +209,15 @@ def _listening(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 def _bindable(host: str, port: int, reuse_port: bool) -> None:
     """Raises if the address cannot be had. Bound, never listening: a socket that listened
     would join the workers' SO_REUSEPORT group, and connections the kernel gave it would be
-    reset as it closed. A host name that does not resolve here is left to the site.
+    reset as it closed.
     """
     try:
         _bound(host, port, reuse_port).close()
     except OSError as exc:
-        if not isinstance(exc.__cause__, socket.gaierror):
-            raise
+        if isinstance(exc.__cause__, socket.gaierror):
+            raise ConfigError(f"cannot listen on {host}: no such address here "
+                              f"({exc.strerror})") from None
+        raise
 
 
 def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -236,6 +249,7 @@ def run(config: GatewayConfig, more: list[socket.socket] | None = None,
 
 async def _serving(config: GatewayConfig, more: list[socket.socket], worker: bool) -> None:
     server = config.server
+    stop = signalled()
     app = create_app(config)
     if worker:
         from gateway.workers import as_worker
@@ -244,16 +258,19 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
     runner = GatewayRunner(app, access_log=None,
                            handler_cancellation=True,  # a client that hangs up cancels
                            shutdown_timeout=server.shutdown_grace)  # its upstream request
-    await runner.setup()
     try:
+        if not await unless_stopped(runner.setup(), stop):  # (the services it started end)
+            log.info("gateway stopped before it was up")
+            return
         await web.TCPSite(runner, server.host, server.port, backlog=BACKLOG,
                           reuse_port=worker or None).start()
         for sock in more:
             await web.SockSite(runner, sock, backlog=BACKLOG).start()
-        log.info("gateway listening on %s (config %s)", ", ".join(
-            f"http://{host}:{port}" for host, port in server.addresses()), config.source)
+        log.info("gateway listening on %s (config %s)", ", ".join(  # (port 0: the one had)
+            f"http://[{where[0]}]:{where[1]}" if ":" in where[0] else
+            f"http://{where[0]}:{where[1]}" for where in runner.addresses), config.source)
         async with paced_collector(app[ROUTER].balancer.at_work):
-            await until_signalled()
+            await stop.wait()
         log.info("gateway stopping: no new connections; requests in flight have %g s to "
                  "finish", server.shutdown_grace)
     finally:

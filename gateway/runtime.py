@@ -11,7 +11,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 FULL_PASS_EVERY, FULL_PASS_LONGEST = 30.0, 600.0  # seconds (see paced_collector)
 QUIET = 16  # requests at work, at most, for a full pass to be made on time
@@ -38,13 +38,42 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def until_signalled() -> None:
-    """Until SIGINT or SIGTERM."""
+def signalled() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, from now on (Ctrl-C then stops the process as
+    it stops it, whatever it is doing: never a traceback).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def until_signalled() -> None:
+    """Until SIGINT or SIGTERM."""
+    await signalled().wait()
+
+
+async def unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Whether ``work`` was done (its failure raised) before ``stop`` was set; if not, it
+    is cancelled (a start-up the operator gave up on).
+    """
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # (cancelled itself: so is the work)
+        task.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 async def end_loops(tasks: list[asyncio.Task[None]], within: float) -> None:
