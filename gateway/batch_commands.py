@@ -14,9 +14,10 @@ import time
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.app import create_app
-from gateway.config import DEFAULT_CONFIG, GatewayConfig, TasksConfig, load_config
+from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, TasksConfig, load_config
 from gateway.runtime import new_event_loop, until_signalled
 from gateway.store import shown
 from gateway.tasks.batches import Store
@@ -79,9 +80,12 @@ async def listing(config: TasksConfig, last: int) -> str:
     store: Store = RedisStore(config.redis_url, config.visibility_timeout) \
         if config.queue == "redis" else \
         LocalStore(config.data_dir, config.visibility_timeout, claims=False)
-    await store.start()
     try:
+        await store.start()
         batches = await store.recent_batches(last)
+    except (RedisError, OSError) as exc:
+        raise ConfigError(f"tasks.redis_url: Redis does not answer at {store.folder} "
+                          f"({type(exc).__name__})") from None
     finally:
         await store.close()
     if not batches:

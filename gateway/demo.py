@@ -63,11 +63,11 @@ gateway on {base}  (Ctrl-C to stop)
     -d '{{"model": "qwen2.5-coder:32b", "stream": true,
          "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
-  python - <<'PY'
-  from openai import OpenAI
-  client = OpenAI(base_url="{base}/v1", api_key="unused")
-  reply = client.chat.completions.create(
-      model="qwq:32b", messages=[{{"role": "user", "content": "Hello"}}])
-  print(reply.choices[0].message.content)
-  PY
+python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="unused")
+reply = client.chat.completions.create(
+    model="qwq:32b", messages=[{{"role": "user", "content": "Hello"}}])
+print(reply.choices[0].message.content)
+PY
 """

@@ -55,6 +55,9 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
                if s.tier == "primary" and h is not None]
     reachable = sum(1 for h in primary if h.ok)
     lines.append(f"\nprimary tier: {reachable} of {len(primary)} backends answer")
+    if not config.backends:
+        lines.append("no backends are configured: nothing can answer (add [[backends]])")
+        return "\n".join(lines), False
     return "\n".join(lines), reachable > 0 or not primary
 
 

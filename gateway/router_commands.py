@@ -54,14 +54,23 @@ def _export(args: argparse.Namespace) -> int:
         else:
             body = _from_gateway(args.url or f"http://{_reachable(config.server.host)}:"
                                               f"{config.server.port}")
-    except (OSError, urllib.error.URLError, RedisError) as exc:
+    except urllib.error.HTTPError as exc:
+        hint = f" (set ${ADMIN_KEY_ENV} to an admin key)" if exc.code in (401, 403) else ""
+        print(f"gateway router export: {exc}{hint}", file=sys.stderr)
+        return 1
+    except (OSError, urllib.error.URLError, RedisError, ValueError) as exc:
         print(f"gateway router export: {exc}", file=sys.stderr)
         return 1
-    if args.output:
-        with open(args.output, "wb") as out:
-            out.write(body)
-    else:
-        sys.stdout.buffer.write(body)
+    try:
+        if args.output:
+            with open(args.output, "wb") as out:
+                out.write(body)
+        else:
+            sys.stdout.buffer.write(body)
+    except OSError as exc:
+        print(f"gateway router export: {args.output or 'standard output'}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -96,7 +105,13 @@ def _eval(args: argparse.Namespace) -> int:
     except (OSError, orjson.JSONDecodeError) as exc:
         print(f"gateway router eval: {args.file}: {exc}", file=sys.stderr)
         return 1
-    print(report(replay(outcomes, learned_config)))
+    try:
+        results = replay(outcomes, learned_config)
+    except (AttributeError, KeyError, LookupError, TypeError, ValueError) as exc:
+        print(f"gateway router eval: {args.file}: not outcomes as `gateway router export` "
+              f"writes them ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    print(report(results))
     return 0
 
 

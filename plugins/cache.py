@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import orjson
 
+from gateway.config import redis_url_problem
 from gateway.protocol.units import Completion, Usage
 from gateway.store import Store, StoreUnavailable, open_store, shown
 from plugins.base import BasePlugin, Count, RequestContext, Verdict
@@ -41,6 +42,8 @@ class CacheOptions:
     max_connections: int = 32
 
     def problems(self) -> Any:
+        if self.backend == "redis" and (problem := redis_url_problem(self.redis_url)):
+            yield "redis_url", problem
         for key in ("ttl", "timeout"):
             if getattr(self, key) <= 0:
                 yield key, "expected seconds > 0"

@@ -31,6 +31,7 @@ from gateway.config.serving import (
     ServerConfig,
     TenantsConfig,
     is_loopback,
+    redis_url_problem,
     split_address,
 )
 from gateway.config.tasks import TasksConfig
@@ -74,6 +75,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_config",
+    "redis_url_problem",
     "split_address",
 ]
 
@@ -134,8 +136,12 @@ class GatewayConfig:
         return bool(self.auth.key_hashes or self.keys) or self.tenants.store == "redis"
 
     def with_server(self, **changes: Any) -> GatewayConfig:
-        """A copy with some server settings replaced (CLI flags)."""
-        return dataclasses.replace(self, server=dataclasses.replace(self.server, **changes))
+        """A copy with some server settings replaced (CLI flags), checked as the file's."""
+        server = dataclasses.replace(self.server, **changes)
+        for key, problem in server.problems():
+            flag = f"--{key}" if key in changes else f"{self.source}: server.{key}"
+            raise ConfigError(f"{flag}: {problem}")
+        return dataclasses.replace(self, server=server)
 
 
 def load_config(path: str | Path | None = None) -> GatewayConfig:
@@ -145,6 +151,10 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not text in UTF-8, as TOML must be") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, source=str(path))

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.config.serving import redis_url_problem
+
 
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
@@ -49,6 +51,8 @@ class LearnedConfig:
             yield "memory", "expected at least 20 outcomes"
         if self.outcomes < 1:
             yield "outcomes", "expected an integer >= 1"
+        if self.redis_url and (problem := redis_url_problem(self.redis_url)):
+            yield "redis_url", problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +91,8 @@ class RoutingConfig:
                     "health_interval"):
             if getattr(self, key) < 0:
                 yield key, "expected seconds >= 0"
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
-            yield "redis_url", "expected a redis:// or rediss:// URL"
+        if self.redis_url and (problem := redis_url_problem(self.redis_url)):
+            yield "redis_url", problem
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,20 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 ReasoningMode = Literal["separate", "inline", "drop"]
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, or None (never quoting it: it may hold a password)."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "expected a redis://, rediss:// or unix:// URL"
+    try:
+        urlsplit(url).port  # noqa: B018 (read for its check)
+    except ValueError:
+        return "expected a port 0-65535 in the URL"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +65,16 @@ class ServerConfig:
             yield "shutdown_grace", "expected seconds >= 0"
         if self.discovery_interval <= 0:
             yield "discovery_interval", "expected seconds > 0"
+        seen = {(self.host, self.port)}
         for i, address in enumerate(self.also_listen):
             try:
-                split_address(address)
+                where = split_address(address)
             except ValueError as exc:
                 yield f"also_listen[{i}]", str(exc)
+                continue
+            if where in seen and where[1]:
+                yield f"also_listen[{i}]", f"{address} is listened on already"
+            seen.add(where)
         for i, origin in enumerate(self.cors_origins):
             if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
                 yield (f"cors_origins[{i}]", 'expected "*" or an origin like '
@@ -78,6 +95,8 @@ class ResponsesConfig:
     timeout: float = 0.1  # the longest Redis may make a request wait
 
     def problems(self) -> Iterator[tuple[str, str]]:
+        if self.backend == "redis" and (problem := redis_url_problem(self.redis_url)):
+            yield "redis_url", problem
         for key in ("ttl", "timeout"):
             if getattr(self, key) <= 0:
                 yield key, "expected seconds > 0"
@@ -164,5 +183,7 @@ class TenantsConfig:
     timeout: float = 0.1  # the longest one call to Redis may make a request wait
 
     def problems(self) -> Iterator[tuple[str, str]]:
+        if self.store == "redis" and (problem := redis_url_problem(self.redis_url)):
+            yield "redis_url", problem
         if self.timeout <= 0:
             yield "timeout", "expected seconds > 0"

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.config.serving import redis_url_problem
+
 QueueKind = Literal["local", "redis"]
 
 
@@ -44,5 +46,5 @@ class TasksConfig:
             yield "max_file_bytes", "expected a positive size"
         if self.visibility_timeout <= 0:
             yield "visibility_timeout", "expected seconds > 0"
-        if self.queue == "redis" and not self.redis_url.startswith(("redis://", "rediss://")):
-            yield "redis_url", "expected a redis:// or rediss:// URL"
+        if self.queue == "redis" and (problem := redis_url_problem(self.redis_url)):
+            yield "redis_url", problem

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 BackendKind = Literal["ollama", "openai", "embedded"]
 Tier = Literal["primary", "server", "cloud"]
@@ -181,6 +182,8 @@ class BackendConfig:
             yield "url", "a user and password in the URL are not sent: use api_key_env"
         elif "?" in self.url or "#" in self.url:
             yield "url", "expected a URL without a query or fragment (paths are added to it)"
+        elif self.url and (problem := _address_problem(self.url)):
+            yield "url", f"{problem}, got {self.url!r}"
         if self.tunnel and not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", self.tunnel):
             yield "tunnel", f'expected "tunnel/forward", got {self.tunnel!r}'
         if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
@@ -194,3 +197,13 @@ class BackendConfig:
         if self.keep_alive and not _DURATION.fullmatch(self.keep_alive):
             yield "keep_alive", ('expected seconds ("300", "-1" for ever) or a duration '
                                  f'("5m", "1h30m"), got {self.keep_alive!r}')
+
+
+def _address_problem(url: str) -> str | None:
+    """What is wrong with a URL's host and port, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (read for its check)
+    except ValueError:
+        return "expected a host and a port 0-65535"
+    return None if parts.hostname else "expected a host"

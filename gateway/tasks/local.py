@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway.config import ConfigError
 from gateway.tasks.records import Line
 
 T = TypeVar("T")
@@ -52,7 +53,11 @@ class LocalStore:
         self._arrived = asyncio.Event()  # lines were queued (or put back)
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._open)
+        try:
+            await asyncio.to_thread(self._open)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"tasks.data_dir: cannot keep the batch queue in {self.folder}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def _open(self) -> None:
         (self.folder / "files").mkdir(parents=True, exist_ok=True)

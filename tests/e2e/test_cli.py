@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -109,6 +110,74 @@ def test_shutdown_lets_a_stream_in_flight_finish(
         urllib.request.urlopen(url + "/health", timeout=2)
 
 
+def test_a_request_outliving_the_grace_is_ended_at_the_grace(tmp_path: Path, ollama_sim: Sim,
+                                                             mlx_sim: Sim) -> None:
+    """A stream longer than ``shutdown_grace``: the gateway stops once the grace is over
+    (aiohttp's own shutdown waited it twice over).
+    """
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
+    config.write_text(config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 2.0"))
+    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=2)  # some 15 s for the whole answer
+    gateway = GatewayProcess(config)
+    try:
+        request = urllib.request.Request(
+            f"{gateway.url}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": "phi3.5:3.8b", "stream": True,
+                             "messages": [{"role": "user", "content": "Hello"}]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.readline()  # the stream is under way
+            gateway.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert gateway.process.wait(timeout=15) == 0
+            took = time.monotonic() - started
+    finally:
+        output = gateway.stop()
+    assert 2.0 <= took < 3.5, took
+    assert "Traceback" not in output, output
+
+
+def test_a_stop_while_it_starts_is_quiet(tmp_path: Path) -> None:
+    """Ctrl-C while start-up waits for a backend that does not answer (it waits up to 10 s
+    for the first look at the models): the gateway ends at once, without a traceback.
+    """
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[[backends]]\nname = "silent"\nkind = "ollama"\n'
+                          f'url = "http://127.0.0.1:{silent.getsockname()[1]}"\n')
+        process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config), "--port",
+                                    str(free_port())], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        time.sleep(2.0)
+        assert process.poll() is None  # still starting
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        output = process.communicate(timeout=15)[0]
+    assert process.returncode == 0 and time.monotonic() - started < 3.0, output
+    assert "Traceback" not in output and "was destroyed" not in output, output
+    assert "gateway stopped before it was up" in output
+
+
+def test_port_0_says_the_port_it_had(tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim) -> None:
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
+    process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "gateway listening on" in line:
+                break
+        port = int(line.split("listening on http://127.0.0.1:")[1].split()[0])
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+
+
 def test_models_command_lists_each_backends_models(
     tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
 ) -> None:
@@ -202,6 +271,8 @@ def test_keys_commands_say_what_is_wrong(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "rpm: expected an integer >= 0" in refused.stderr
     refused = keys("new", "--expires", "next tuesday")
     assert refused.returncode == 2 and "expires: expected a date" in refused.stderr
+    refused = keys("new", "--expires", "2020-01-01")
+    assert refused.returncode == 2 and "2020-01-01 is past" in refused.stderr
     refused = keys("revoke", "key-1")  # the embedded config keeps keys in the config file
     assert refused.returncode == 2 and "edit their [[keys]] blocks" in refused.stderr
     config = tmp_path / "redis.toml"
@@ -236,6 +307,49 @@ def test_config_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
     assert f"{config}: server.port: expected an integer, got 'eighty'" in result.stderr
 
 
+@pytest.mark.parametrize(("text", "flags", "said"), [
+    (b"\xff", [], "not text in UTF-8"),
+    (b'[tenants]\nstore = "redis"\nredis_url = "http://127.0.0.1:6379"\n', [],
+     "tenants.redis_url: expected a redis://, rediss:// or unix:// URL"),
+    (b'[[plugins]]\nname = "cache"\n[plugins.options]\nbackend = "redis"\n'
+     b'redis_url = "127.0.0.1:6379"\n', [], "redis_url: expected a redis://"),
+    (b'[[backends]]\nname = "x"\nkind = "openai"\nurl = "http://127.0.0.1:99999/v1"\n', [],
+     "backends[0].url: expected a host and a port 0-65535"),
+    (b'[server]\nport = 4110\nalso_listen = ["127.0.0.1:4110"]\n', [],
+     "also_listen[0]: 127.0.0.1:4110 is listened on already"),
+    (b"", ["--log-level", "warning", "--port", "99999"], "--port: expected a TCP port 0-65535"),
+    (b"", ["--host", "nosuchhost.invalid", "--insecure-no-auth"],
+     "cannot listen on nosuchhost.invalid: no such address here"),
+    (b'[tasks]\ndata_dir = "/proc/no-such/x"\n', [],
+     "tasks.data_dir: cannot keep the batch queue in /proc/no-such/x"),
+])
+def test_mistakes_are_said_in_a_line_never_a_traceback(tmp_path: Path, text: bytes,
+                                                        flags: list[str], said: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(text)
+    result = subprocess.run([*GATEWAY, "serve", "--config", str(config), "--port",
+                             str(free_port()), *flags], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_config_that_cannot_be_read_is_said_so(tmp_path: Path) -> None:
+    folder = tmp_path / "gateway.toml"
+    folder.mkdir()
+    result = subprocess.run([*GATEWAY, "check", "--config", str(folder)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "cannot be read: Is a directory" in result.stderr
+
+
+def test_check_fails_without_backends(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[server]\nport = 4000\n')
+    result = subprocess.run([*GATEWAY, "check", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 1 and "no backends are configured" in result.stdout
+
+
 def test_demo_serves_the_simulated_fleet() -> None:
     port = free_port()
     process = subprocess.Popen([*GATEWAY, "demo", "--port", str(port)], stdout=subprocess.PIPE,
@@ -246,6 +360,19 @@ def test_demo_serves_the_simulated_fleet() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
             ids = [m["id"] for m in json.loads(r.read())["data"]]
         assert {"qwq:32b", "command-r-plus:104b"} <= set(ids)
+        # The Python example it prints works as pasted into a shell.
+        assert process.stdout is not None
+        printed: list[str] = []
+        for line in process.stdout:
+            printed.append(line)
+            if printed[-1].strip() == "PY":
+                break
+        example = "".join(printed[max(i for i, x in enumerate(printed) if "<<'PY'" in x):])
+        venv = str(Path(sys.executable).parent)
+        pasted = subprocess.run(["bash", "-c", example], capture_output=True, text=True,
+                                timeout=30, env={**os.environ, "PATH": venv + ":" +
+                                                 os.environ.get("PATH", "")})
+        assert pasted.returncode == 0 and pasted.stdout.strip(), pasted.stderr
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=15)
     finally:
@@ -253,6 +380,7 @@ def test_demo_serves_the_simulated_fleet() -> None:
             process.kill()
             process.communicate()
     assert process.returncode == 0
+    output = "".join(printed) + output
     assert "curl" in output and 'base_url="http://127.0.0.1:' in output
 
 

@@ -6,16 +6,27 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import ollama
 import openai
 import pytest
+from openai import OpenAI
 
 from gateway.backends.embedded import EmbeddedBackend
 from gateway.keys import BACKENDS
-from tests.support import ServerThread, backend, gateway_config, start_gateway
+from tests.support import (
+    GATEWAY,
+    ServerThread,
+    backend,
+    free_port,
+    gateway_config,
+    start_gateway,
+    wait_ready,
+)
 
 ASK = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Say hello."}],
        "temperature": 0, "max_tokens": 12}
@@ -93,3 +104,24 @@ def test_stops_its_server_on_shutdown() -> None:
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_readmes_first_request_works_on_the_default_config(tmp_path: Path) -> None:
+    """README, "Two commands": on a fresh machine (no Ollama, no MLX server) the default
+    config's first request works, as "Point a client at it" writes it (the SDK, ``auto``).
+    """
+    port = free_port()
+    process = subprocess.Popen(  # (a home of its own: the default keeps batches there)
+        [*GATEWAY, "serve", "--port", str(port)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", process, timeout=120)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                        api_key="your-gateway-key-or-anything")
+        reply = client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "Hello"}])
+        assert reply.choices[0].message.content
+        assert reply.model == "smollm2:135m"
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
