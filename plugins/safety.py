@@ -176,8 +176,11 @@ class SafetyPlugin(BasePlugin):
         text, each tool call's arguments) holds back what may still grow into a secret. A
         channel's held text goes out when the next one begins (the answer after the
         reasoning, a tool call after the text: no secret runs across), so the client gets
-        them in their order; and the log probabilities of text held go out with the next
-        chunk.
+        them in their order.
+
+        Log probabilities name the tokens they are of: those of text held back go out once
+        the text has gone out as it came (with the chunk after which nothing is held), and
+        never when a secret was redacted meanwhile (they would spell it).
         """
         def redactor() -> StreamRedactor:
             return StreamRedactor(self.output_rules, self.options.max_block, self.output_hint)
@@ -185,9 +188,12 @@ class SafetyPlugin(BasePlugin):
         content = redactor()
         reasoning: StreamRedactor | None = None  # made for the first reasoning, if any comes
         arguments: dict[int, StreamRedactor] = {}  # tool calls', by index
-        logprobs: dict[str, Any] | None = None  # those of chunks held back whole
+        held: dict[str, Any] | None = None  # log probabilities of text not yet out as it came
+        spoiled = False  # ... and whether a secret was redacted since they were held
         try:
             async for chunk in chunks:
+                counting = chunk.logprobs is not None or held is not None
+                redacted = sum(content.found.values()) if counting else 0
                 thought = ""
                 if chunk.reasoning:
                     reasoning = reasoning or redactor()
@@ -203,23 +209,26 @@ class SafetyPlugin(BasePlugin):
                     text += content.flush()
                     thought += reasoning.flush() if reasoning else ""
                     calls = (calls or []) + _flush_calls(arguments) or chunk.tool_calls
-                if logprobs is not None and chunk.logprobs:
-                    logprobs = merge_logprobs(logprobs, chunk.logprobs)
+                logprobs = chunk.logprobs
+                if counting:
+                    spoiled = spoiled or sum(content.found.values()) != redacted
+                    if logprobs:
+                        held = merge_logprobs(held, logprobs)
+                    if content.pending or content.reading is not None:
+                        logprobs = None  # (what they are of is not all out yet)
+                    else:
+                        logprobs = None if spoiled else held
+                        held, spoiled = None, False
                 if text == chunk.content and thought == chunk.reasoning and \
-                        calls == chunk.tool_calls and logprobs is None:
+                        calls == chunk.tool_calls and logprobs is chunk.logprobs:
                     yield chunk
-                elif text or thought or calls or chunk.finish_reason or chunk.usage:
+                elif text or thought or calls or chunk.finish_reason or chunk.usage or logprobs:
                     yield dataclasses.replace(chunk, content=text, reasoning=thought,
-                                              tool_calls=calls or None,
-                                              logprobs=logprobs or chunk.logprobs)
-                    logprobs = None
-                elif chunk.logprobs and logprobs is None:  # held back whole
-                    logprobs = merge_logprobs(None, chunk.logprobs)
+                                              tool_calls=calls or None, logprobs=logprobs)
             text, calls = content.flush(), _flush_calls(arguments)
             thought = reasoning.flush() if reasoning else ""
             if text or thought or calls:
-                yield Chunk(content=text, reasoning=thought, tool_calls=calls or None,
-                            logprobs=logprobs)
+                yield Chunk(content=text, reasoning=thought, tool_calls=calls or None)
         finally:
             found = content.found
             for each in (reasoning, *arguments.values()):

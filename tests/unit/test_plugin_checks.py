@@ -363,3 +363,12 @@ def test_the_log_probabilities_of_text_held_back_go_out_with_the_next_chunk() ->
     got = [entry["token"] for c in out if c.logprobs for entry in c.logprobs["content"]]
     assert got == tokens
     assert "".join(c.content for c in out) == "The password: none."
+
+    # Those of a secret redacted never go out: they would spell it.
+    tokens = ["Your", " key", " is", " sk", "-proj", "-", "Ab3dEf9hIj", "Kl2mNoPq", "Rs7tUvWx",
+              "Yz01", " ok", "."]
+    out = redacted_stream([Chunk(content=t, logprobs=logprob(t)) for t in tokens]
+                          + [Chunk(finish_reason="stop")])
+    assert "".join(c.content for c in out) == "Your key is [REDACTED:api_key] ok."
+    spelled = "".join(e["token"] for c in out if c.logprobs for e in c.logprobs["content"])
+    assert spelled.startswith("Your key is") and "sk" not in spelled and "Ab3d" not in spelled
