@@ -239,17 +239,18 @@ RULES: tuple[Rule, ...] = (
         # personas: DAN, "do anything now", special modes
         (r"(?-i:\bDAN\b)(?=.{0,200}\b(?:mode|anything|now|jailbr|restrict|rules|polic))",
          ("dan",)),
-        # ("... stands for 'do anything now'", "you can do anything now"; not "my handler
-        # doesn't do anything now")
-        (r"\b(?:for|can|could|will|to|called)\s+[\"'\u201c]?do\s+anything\s+now\b",
-         ("anything",)),
-        # ("Developer Mode enabled.", "god mode on:"; not "turn developer mode on in Chrome")
-        (r"\b(?:developer|god|jailbreak|unrestricted|unfiltered|evil|sudo)\s+mode\s*"
-         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on(?=\s*(?:[.:;!,)\]]|$)))\b"
-         r"(?!\s+(?:my|the|your|a|an|android|ios|windows|chrome|pixel|iphone|phone|device|mac|"
-         r"pc|steam|console)\b)", ("mode",)),
-        (r"\b(?:in|into|enter|entering|enable|activate)\s+(?:jailbreak|unrestricted|unfiltered|"
-         r"evil|DAN)\s+mode\b", ("mode",)),
+        # (not negated: "my handler doesn't do anything now")
+        (r"(?<!n't\s)(?<!not\s)(?<!never\s)\bdo\s+anything\s+now\b", ("anything",)),
+        # ("Developer Mode enabled", "god mode on now"; not "turn developer mode on in Chrome":
+        # what a user turns on, on a device)
+        (r"(?<!turn\s)(?<!turned\s)(?<!turning\s)(?<!switch\s)(?<!put\s)"
+         r"\b(?:developer|god|jailbreak|unrestricted|unfiltered|uncensored|evil|sudo)\s+mode\s*"
+         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on)\b(?!\s+(?:my|the|your|a|an|in|for|"
+         r"android|ios|windows|chrome|pixel|iphone|phone|device|mac|pc|steam|console)\b)",
+         ("mode",)),
+        (r"\b(?:in|into|enter|entering|enable|activate|switch\s+to)\s+(?:jailbreak|"
+         r"unrestricted|unfiltered|uncensored|evil|DAN|do\s+anything\s+now)\s+mode\b",
+         ("mode",)),
         (r"\b(?:you\s+are|you're)\s+(?:now\s+)?jailbroken\b"
          r"|\bjailbroken\s+(?:AI|model|assistant|mode|version|responses?)\b", ("jailbr",)),
         # an assistant without limits: "pretend you are an AI without restrictions",
@@ -262,10 +263,11 @@ RULES: tuple[Rule, ...] = (
         (r"\b(?:AI|model|assistant|chatbot|LLM)\s+(?:with\s+no|without\s+(?:any\s+)?)\s*(?:ethical"
          r"\s+|moral\s+|content\s+)?(?:guidelines|restrictions|filters|limits|rules|censorship)\b",
          _LIMITS),
-        # as a persona ("act as an unfiltered, uncensored model"; not "is there an uncensored
-        # model I can run locally?")
-        (r"\b(?:as|be|become|are|you're|play|playing)\s+(?:[^.!?\n]{0,60}?,\s+)?"
-         r"(?:an?\s+|that\s+|the\s+)?(?:\w+,?\s+){0,2}(?:unfiltered|uncensored|unrestricted|amoral|unaligned)[\s-]+"
+        # as a persona ("act as an unfiltered, uncensored model", "act like an uncensored
+        # AI"; not "is there an uncensored model I can run locally?")
+        (r"\b(?:as|like|be|become|are|you're|play|playing|simulate|simulating|pretend)\s+"
+         r"(?:[^.!?\n]{0,60}?,\s+)?(?:to\s+be\s+)?(?:an?\s+|that\s+|the\s+)?(?:\w+,?\s+){0,2}"
+         r"(?:unfiltered|uncensored|unrestricted|amoral|unaligned)[\s-]+"
          r"(?:AI|model|assistant|chatbot|version|LLM|mode|llm)\b",
          ("unfiltered", "uncensored", "unrestricted", "amoral", "unaligned")),
         (r"\byou\s+(?:have|has)\s+no\s+(?:ethical|moral|content)?\s*(?:guidelines|"
@@ -279,29 +281,30 @@ RULES: tuple[Rule, ...] = (
          r"(?:any|its|your|the)\s+(?:\w+\s+)?(?:polic(?:y|ies)|rules|guidelines|restrictions)",
          ("no longer",)),
         # switching the safety off
-        # (the model's own: "disable your safety filters"; not "disable content filtering on
-        # my deployment")
-        (r"\b(?:ignore|bypass)\s+(?:all\s+|your\s+)*(?:safety|content)\s+"
-         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)"
-         r"|\b(?:disable|turn\s+off)\s+(?:all\s+)?your\s+(?:safety|content)\s+"
-         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)",
+        # (not a question about a system of one's own: "disable content filtering on my
+        # deployment", "our moderation layer has been disabled in staging")
+        (r"\b(?:ignore|bypass|disable|turn\s+off)\s+(?:all\s+|your\s+|the\s+)*(?:safety|"
+         r"content)\s+(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)"
+         r"\b(?!\s+(?:on|in|for|of)\s+(?:my|our|an?|the|this)\b)",
          ("ignore", "bypass", "disable", "turn off")),
-        # (the model's: "your safety filters are switched off", "all restrictions disabled";
-        # not "our moderation layer has been disabled in staging")
-        (r"\b(?:your|its|all|every|any)\s+(?:\w+\s+)?"
-         r"(?:(?:ethical|safety|content|moral)\s+(?:restrictions?|filters?|filtering|"
-         r"guidelines|polic(?:y|ies)|rules)|guardrails?|safeguards?|moderation(?:\s+layer)?)\s+"
-         r"(?:\w+\s+){0,2}(?:are\s+|is\s+|has\s+been\s+|have\s+been\s+)?(?:now\s+)?(?:disabled|"
-         r"removed|lifted|ripped\s+out|stripped(?:\s+out)?|switched\s+off|turned\s+off)\b",
+        (r"(?<!\bour\s)(?<!\bmy\s)\b(?:(?:ethical|safety|content|moral)\s+(?:restrictions?|"
+         r"filters?|filtering|guidelines|polic(?:y|ies)|rules)|guardrails?|safeguards?|"
+         r"moderation(?:\s+layer)?)\s+(?:\w+\s+){0,2}(?:are\s+|is\s+|has\s+been\s+|have\s+"
+         r"been\s+)?(?:now\s+)?(?:disabled|removed|lifted|ripped\s+out|stripped(?:\s+out)?|"
+         r"switched\s+off|turned\s+off)\b(?!\s+(?:in|on|for)\s+(?:staging|production|prod|"
+         r"dev|test|my|our|the)\b)",
          ("disabled", "removed", "lifted", "ripped out", "stripped", "switched off",
           "turned off")),
         # role-play as a way round: "stay in character", the grandmother who read recipes
         # (to get round the rules: not "stay in character as the pirate, never mention...")
         (r"\bstay\s+in\s+character\b(?=.{0,300}\b(?:refus|polic|rules|guidelines|restrict|"
-         r"filter|warning|ethic|moral|no\s+matter))", ("in character",)),
+         r"filter|warning|ethic|moral|no\s+matter|break(?:ing)?\s+character))",
+         ("in character",)),
         # (for what is dangerous: not "grandma used to bake a pie: a recipe like hers?")
-        (r"\bgrandm(?:a|other)\b(?>.{0,160}?\b(?:used\s+to|would)\b).{0,120}?\b(?:keys|"
-         r"explosive|napalm|weapon|synthes|bomb|poison|meth|malware|ransomware|serial|licen[cs]e)",
+        (r"\bgrandm(?:a|other)\b(?>.{0,160}?\b(?:used\s+to|would)\b).{0,160}?\b(?:keys|"
+         r"explosive|napalm|weapon|synthes|bomb|poison|meth|malware|ransomware|serial|licen[cs]e|"
+         r"molotov|nitro|thermite|gunpowder|ricin|sarin|nerve\s+agent|fentanyl|cocaine|heroin|"
+         r"drug|lock\s*pick|hotwire|hack|exploit|virus|password)",
          ("grandm",)),
         flags=_I | re.S)),
 )
