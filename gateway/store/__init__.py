@@ -165,6 +165,7 @@ class RedisStore:
             client.moved()
             raise StoreUnavailable from None
         except (RedisError, OSError, TimeoutError) as exc:
+            client.failed()
             if time.monotonic() >= self._quiet_until:
                 log.warning("%s: Redis unavailable (%s); going on without it", self._label,
                             type(exc).__name__)
@@ -217,6 +218,13 @@ class Client:
                 self._learning.add_done_callback(_retrieved)
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await asyncio.shield(self._learning)
+
+    def failed(self) -> None:
+        """A call failed: on a cluster, the client may have dropped the nodes' slots (it
+        does on a lost connection), to be learned again in a task of their own.
+        """
+        if self.cluster:
+            self._learned = False
 
     async def _learn(self) -> None:
         async with asyncio.timeout(LEARN_SECONDS):

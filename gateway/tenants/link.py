@@ -91,6 +91,7 @@ class Link:
                 log.warning("tenants: Redis refused a command: %s", exc)
             raise Away from None
         except (RedisError, OSError, TimeoutError) as exc:
+            self._client.failed()
             if patient:
                 raise Away from None
             if time.monotonic() >= self.quiet_until:

@@ -15,6 +15,7 @@ and what one script or step touches shares one slot (no CROSSSLOT):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -31,9 +32,10 @@ from typing import Any
 import openai
 import pytest
 import redis.asyncio
+from redis.asyncio.cluster import NodesManager
 
 from gateway.config import KeyConfig
-from gateway.store import Client
+from gateway.store import Client, RedisStore, StoreUnavailable
 from gateway.tasks.shared import RedisStore as TaskStore
 from gateway.tenants.link import Link
 from gateway.tenants.shared_limits import RedisLimits
@@ -113,6 +115,47 @@ def test_a_cluster_slower_to_learn_than_a_call_may_wait_for_is_learned_all_the_s
 
     asyncio.run(scenario())
     assert cluster.nodes[2].command("GET", key) == b"$8"
+
+
+def test_a_cluster_whose_connections_broke_is_learned_again_all_the_same(
+        cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connections break (a node restarts): the cluster client drops the slots it
+    knew, and learns them again. Learning takes longer here than a cache call may wait
+    (redis-py's own learning made slower, as on a loaded machine); the cache answers again
+    all the same, where each call began the learning and gave it up.
+    """
+    learn = NodesManager.initialize
+
+    async def slowly(self: NodesManager, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.3)
+        await learn(self, *args, **kwargs)
+
+    monkeypatch.setattr(NodesManager, "initialize", slowly)
+
+    async def answered(store: RedisStore, calls: int) -> int:
+        count = 0
+        for _ in range(calls):
+            with contextlib.suppress(StoreUnavailable):
+                await store.set("k1", b"v", 60)
+                count += 1
+            await asyncio.sleep(0.05)
+        return count
+
+    async def scenario() -> tuple[int, int]:
+        store = RedisStore(cluster.url, 0.05, 8, "cache")
+        await store.start()  # (learns the slots, slowly)
+        try:
+            before = await answered(store, 10)
+            for node in cluster.nodes:
+                node.command("CLIENT", "KILL", "TYPE", "normal")
+            await asyncio.sleep(0.1)
+            return before, await answered(store, 60)  # 3 s
+        finally:
+            await store.close()
+
+    before, after = asyncio.run(scenario())
+    assert before == 10
+    assert after >= 10, after
 
 
 def tenants_config(cluster: RedisCluster) -> dict[str, Any]:
