@@ -155,6 +155,9 @@ class Attempts:
         self._current: Lease | None = None
         self._first_error: GatewayError | None = None
         self._first_from: tuple[str, str] | None = None  # the deployment that said it
+        # The first deployment found full, if one was (and where): what the model asked for
+        # said, should what comes after be a fallback's refusal.
+        self._busy: tuple[GatewayError, tuple[str, str]] | None = None
         self._batch_until: float | None = None  # when a batch line's waits for a slot end
         self.count = 0
 
@@ -164,9 +167,12 @@ class Attempts:
         """
         if error is not None:
             if self._first_error is None and error.code not in ELSEWHERE:
-                self._first_error = error
-                if self._current is not None:
-                    self._first_from = _key(self._current.deployment)
+                if self._busy is not None:
+                    self._first_error, self._first_from = self._busy
+                else:
+                    self._first_error = error
+                    if self._current is not None:
+                        self._first_from = _key(self._current.deployment)
             await self._after(error, move_on)
         while True:
             if self.count >= self._config.max_attempts:
@@ -179,6 +185,7 @@ class Attempts:
                 await self._acquire(lease)
             except RateLimited as busy:
                 busy.code = "deployment_busy"
+                self._busy = self._busy or (busy, _key(lease.deployment))
                 self._tried.add(_key(lease.deployment))
                 self._instruments.failovers.add((lease.deployment.backend.name, busy.label))
                 error = self._first_error or busy
@@ -258,10 +265,10 @@ class Attempts:
                                 and not (floor and 0 < c.context_length <= floor)]
 
     def _refused_by_fallback(self, error: GatewayError) -> bool:
-        """Whether a deployment tried after another failed refused the request as a client
-        error (a parameter it does not take): the client is not told that, as if its
-        request were wrong, but what the one it asked for said (``_final``), once the rest
-        are tried. A content-policy refusal is its answer all the same.
+        """Whether a deployment tried after another failed (or was full) refused the
+        request as a client error (a parameter it does not take): the client is not told
+        that, as if its request were wrong, but what the one it asked for said (``_final``),
+        once the rest are tried. A content-policy refusal is its answer all the same.
         """
         current = self._current
         return (current is not None and self._first_from is not None

@@ -310,6 +310,30 @@ async def test_a_fallbacks_refusal_does_not_hide_what_the_model_asked_for_said(
         server.stop()
 
 
+async def test_a_fallbacks_refusal_does_not_hide_that_the_model_was_full(fleet: Fleet) -> None:
+    """The model asked for is busy (its one slot taken, the wait in line over); its fallback
+    refuses the request as a client error: the client hears the 429 it may try again.
+    """
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST, max_concurrency=1),
+        backend("secondary", "ollama", fleet.secondary.api_url, timeouts={**FAST, "total": 30}),
+        models=[{"name": "qwq:32b", "fallbacks": ["qwen2.5-coder:32b"]}],
+        routing={"retries": 1, "backoff_initial": 0.05, "backoff_max": 0.2,
+                 "queue_timeout": 0.3, "tier_fallback": False}))
+    try:
+        fleet.primary.fault("qwq:32b", tokens_per_s=5.0)  # (some 10 s: it holds the slot)
+        for host in (fleet.primary, fleet.secondary):
+            host.fault("qwen2.5-coder:32b", status=400, message="Unsupported parameter")
+        slow = asyncio.create_task(ask(server, "qwq:32b", stream=True))
+        await asyncio.sleep(0.5)
+        reply = await ask(server, "qwq:32b")
+        assert reply.status == 429, reply.body
+        assert reply.error and reply.error["code"] == "deployment_busy"
+        slow.cancel()
+    finally:
+        server.stop()
+
+
 async def test_content_policy_rejection_is_passed_on_untouched(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
