@@ -106,16 +106,17 @@ class Lease:
             self.counted.attempts.add((*_key(self.deployment), "ok"))
 
     def whole(self) -> None:
-        """The answer came whole: the deployment's failures in a row are over."""
+        """The answer came whole: the deployment's breaks in a row are over."""
         breaker = self.state.breaker
         if breaker.state == "closed":  # (not reopened meanwhile by others' failures)
             breaker.success()
 
-    def failed(self, error: GatewayError) -> None:
+    def failed(self, error: GatewayError, broke: bool = False) -> None:
+        """The attempt failed; ``broke``: its answer had begun and broke off."""
         self.judged = True
         fault = counts_against(error)
         if fault:
-            self.state.breaker.failure()
+            self.state.breaker.failure(broke)
         else:
             self.state.breaker.end_trial()
         if self.counted is not None:

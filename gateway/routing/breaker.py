@@ -14,16 +14,21 @@ State = Literal["closed", "open", "half_open"]
 class CircuitBreaker:
     """closed → (``failures`` in a row) → open → (``cooldown`` later) half-open: one trial
     request; its success closes the breaker, its failure opens it again.
+
+    Two rows are counted: failures before an answer begins, which its first token ends, and
+    answers that broke off mid-way (``breaks``), which only an answer that came whole ends:
+    a deployment whose every answer begins and breaks off opens it too.
     """
 
-    __slots__ = ("_cooldown", "_threshold", "failures", "on_change", "opened_at", "state",
-                 "trial_running")
+    __slots__ = ("_cooldown", "_threshold", "breaks", "failures", "on_change", "opened_at",
+                 "state", "trial_running")
 
     def __init__(self, failures: int, cooldown: float) -> None:
         self._threshold = failures
         self._cooldown = cooldown
         self.state: State = "closed"
         self.failures = 0
+        self.breaks = 0
         self.opened_at = 0.0
         self.trial_running = False
         # Told when the breaker opens (True) or a trial closes it again (False), on what it
@@ -54,25 +59,29 @@ class CircuitBreaker:
     def success(self) -> None:
         """An answer, whole: the deployment works."""
         self.answering()
-        self.failures = 0
+        self.breaks = 0
 
     def answering(self) -> None:
-        """An answer began (its first token): the breaker closes, but the failures in a row
-        are forgotten only once an answer is whole (``success``): a deployment whose every
-        answer breaks off mid-way still opens it.
+        """An answer began (its first token): the breaker closes, and the failures before
+        an answer began are over (not the breaks: ``success``).
         """
         was = self.state
         self.state = "closed"
+        self.failures = 0
         self.trial_running = False
         # Only a trial's answer says the deployment is back (a request sent before the
         # breaker opened, answering late, does not).
         if was == "half_open" and self.on_change is not None:
             self.on_change(False)
 
-    def failure(self) -> None:
-        self.failures += 1
+    def failure(self, broke: bool = False) -> None:
+        """A failure; ``broke``: an answer that had begun broke off."""
+        if broke:
+            self.breaks += 1
+        else:
+            self.failures += 1
         self.trial_running = False
-        if self.state == "half_open" or self.failures >= self._threshold:
+        if self.state == "half_open" or max(self.failures, self.breaks) >= self._threshold:
             was = self.state
             self.state = "open"
             self.opened_at = time.monotonic()
@@ -103,5 +112,5 @@ class CircuitBreaker:
     def closed_elsewhere(self) -> None:
         """Another gateway process saw this deployment answer again: close here too."""
         self.state = "closed"
-        self.failures = 0
+        self.failures = self.breaks = 0
         self.trial_running = False

@@ -136,7 +136,7 @@ class RoutedAnswer:
                         self._lease.whole()
                         self._count_tokens()
                         return
-                    self._lease.failed(error)
+                    self._lease.failed(error, broke=True)
                     self._lease.release()
                     await self._drop_stream()
                     if not self._rescuable(error):

@@ -27,6 +27,37 @@ from gateway.telemetry import Instruments
 from gateway.telemetry.metrics import Metrics
 
 
+def test_answers_that_begin_and_break_off_open_it_and_a_trial_that_begins_closes_it() -> None:
+    """An answer's first token ends the failures before it, not the breaks: a deployment
+    whose every answer begins and breaks off opens its breaker; a whole answer ends them.
+    A trial that begins forgets the failures that opened it: one more failure of another
+    request does not open it again at once.
+    """
+    breaker = CircuitBreaker(failures=3, cooldown=0.05)
+    for _ in range(3):
+        breaker.answering()
+        breaker.failure(broke=True)
+    assert breaker.state == "open"
+    breaker.closed_elsewhere()
+    breaker.answering()
+    breaker.failure(broke=True)
+    breaker.success()  # one came whole
+    breaker.answering()
+    breaker.failure(broke=True)
+    breaker.answering()
+    breaker.failure(broke=True)
+    assert breaker.state == "closed"
+
+    for _ in range(3):
+        breaker.failure()
+    assert breaker.state == "open"
+    time.sleep(0.06)
+    breaker.claim()  # the trial
+    breaker.answering()
+    breaker.failure()  # another request's
+    assert breaker.state == "closed"
+
+
 def test_opens_after_consecutive_failures_and_lets_one_trial_through_after_cooldown() -> None:
     breaker = CircuitBreaker(failures=2, cooldown=0.05)
     breaker.failure()
