@@ -23,12 +23,12 @@ from gateway.config import GatewayConfig
 from gateway.monitor.alerts import Alert, Alerter, Facts, conditions
 from gateway.monitor.healing import Healer
 from gateway.monitor.health import HealthWatcher
+from gateway.monitor.shared import AlertClaims
 from gateway.monitor.sinks import Dispatcher, build_sinks
 from gateway.monitor.window import Window
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.router import Router
-from gateway.runtime import worker_number
 from gateway.store import shown
 from gateway.telemetry import Telemetry
 from gateway.tunnel.manager import TunnelManager
@@ -68,11 +68,13 @@ class Monitor:
         self.healer = Healer(config, router, catalog, backends, tunnels, health,
                              telemetry.metrics)
         self.window = Window(telemetry.metrics, telemetry.instruments)
-        # Several workers (``serve --workers``) watch the same fleet: the first alone sends
-        # what they all see, so that an alert reaches its sinks once.
+        # Processes sharing a Redis (``serve --workers``, hosts) watch the same fleet: each
+        # notice goes out from the one that claims it there first.
+        shared = config.tasks.redis_url if config.tasks.queue == "redis" else \
+            config.routing.redis_url
+        self._claims = AlertClaims(shared) if shared else None
         self.dispatcher = Dispatcher(build_sinks(config.monitor.sinks,
-                                                 config.telemetry.service_name)
-                                     if worker_number() == "1" else [])
+                                                 config.telemetry.service_name), self._claims)
         self.alerter = Alerter(config.monitor, self.dispatcher)
         self._redis = {shown(url): url for url in _redis_urls(config)}
         self._redis_down: dict[str, float] = {}  # where → since when
@@ -92,6 +94,8 @@ class Monitor:
                 await self._task
         await self.healer.close()
         await self.dispatcher.close()
+        if self._claims is not None:
+            await self._claims.close()
         for client in self._redis_clients.values():
             await client.aclose()
 

@@ -27,6 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError, RedisError
 
 from gateway.monitor.health import HealthWatcher
+from gateway.monitor.sinks import Notice
 from gateway.routing.balancer import Balancer
 from gateway.runtime import end_loops
 from gateway.store import connect
@@ -224,3 +225,35 @@ class SharedHealth:
             else:
                 return
         self.heard += 1
+
+
+CLAIMS = "gw:{alerts}:"  # a notice's claim: this, its status, rule and target
+# How long a claim holds: the other processes' notices of the same change come within it
+# (their rounds a few seconds apart), one of a later change after it.
+CLAIM_SECONDS = 60
+
+
+class AlertClaims:
+    """Which of the processes that watch one fleet through one Redis sends a notice: the
+    first to claim it (``SET NX``, for ``CLAIM_SECONDS``). While Redis is away, each sends
+    its own: a notice twice rather than none.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._redis: Any = None
+
+    async def __call__(self, notice: Notice) -> bool:
+        try:
+            if self._redis is None:
+                self._redis = await connect(self._url, socket_connect_timeout=2,
+                                            socket_timeout=2)
+            key = f"{CLAIMS}{notice.status}:{notice.rule}:{notice.target}"
+            return bool(await self._redis.set(key, b"1", nx=True, ex=CLAIM_SECONDS))
+        except DOWN:
+            return True
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            with contextlib.suppress(*DOWN):
+                await self._redis.aclose()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -158,11 +158,19 @@ def build_sinks(configs: Sequence[SinkConfig], source: str) -> list[Sink]:
     return out
 
 
-class Dispatcher:
-    """Sends each batch to every sink, each sink in its own task."""
+Claim = Callable[[Notice], Awaitable[bool]]
 
-    def __init__(self, sinks: Sequence[Sink]) -> None:
+
+class Dispatcher:
+    """Sends each batch to every sink, each sink in its own task. With ``claim`` (several
+    processes watching the same fleet: the workers of ``serve --workers``, hosts on one
+    Redis), a notice goes out only from the process that claimed it first.
+    """
+
+    def __init__(self, sinks: Sequence[Sink], claim: Claim | None = None) -> None:
         self.sinks = list(sinks)
+        self._claim = claim
+        self._claiming: asyncio.Queue[list[Notice]] = asyncio.Queue(QUEUE)
         self._queues: list[asyncio.Queue[list[Notice]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -176,8 +184,31 @@ class Dispatcher:
             self._queues.append(queue)
             self._tasks.append(asyncio.create_task(self._deliver(sink, queue),
                                                    name=f"alerts-{sink.kind}"))
+        if self._claim is not None and self.sinks:
+            self._tasks.append(asyncio.create_task(self._claimed(self._claim),
+                                                   name="alerts-claims"))
 
     def send(self, batch: list[Notice]) -> None:
+        if self._claim is not None and self.sinks:
+            if self._claiming.full():
+                self._claiming.get_nowait()
+                self._claiming.task_done()
+            self._claiming.put_nowait(batch)
+            return
+        self._fan_out(batch)
+
+    async def _claimed(self, claim: Claim) -> None:
+        """Each batch, with only the notices this process claimed."""
+        while True:
+            batch = await self._claiming.get()
+            try:
+                kept = [notice for notice in batch if await claim(notice)]
+                if kept:
+                    self._fan_out(kept)
+            finally:
+                self._claiming.task_done()
+
+    def _fan_out(self, batch: list[Notice]) -> None:
         for sink, queue in zip(self.sinks, self._queues, strict=True):
             if queue.full():
                 queue.get_nowait()
@@ -190,6 +221,7 @@ class Dispatcher:
         """Give what is queued a moment to go out, then stop."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(patience):
+                await self._claiming.join()
                 await asyncio.gather(*(q.join() for q in self._queues))
         for task in self._tasks:
             task.cancel()

@@ -166,8 +166,9 @@ def test_workers_without_a_shared_queue_or_on_port_0_are_refused(tmp_path: Path,
 
 def test_an_alert_seen_by_both_workers_reaches_its_sink_once(tmp_path: Path,
                                                              ollama_sim: Sim) -> None:
-    """Both workers watch the same fleet and see the same backend down: the first alone
-    sends what they see (each sent it, and the operator had every alert twice).
+    """Both workers watch the same fleet and see the same backend down: the notice goes
+    out from the one that claims it first in their Redis (each sent it, and the operator
+    had every alert twice).
     """
     received: list[dict[str, Any]] = []
 
