@@ -22,6 +22,8 @@ from gateway.http.middlewares import error_response
 
 log = logging.getLogger(__name__)
 
+HANDLERS_END = 2.0  # seconds the requests cut at the end of the grace get to clean up
+
 
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` whose server makes ``GatewayHandler`` connections."""
@@ -47,9 +49,15 @@ class _GatewayServer(web.Server):
             async with asyncio.timeout(timeout):
                 await super().shutdown(timeout)
         except TimeoutError:
+            handlers = [task for connection in self._connections
+                        if (task := getattr(connection, "_task_handler", None)) is not None
+                        and not task.done()]
             for connection in list(self._connections):
                 connection.force_close()
             self._connections.clear()
+            if handlers:  # their cancellation's own cleanup (the upstream request closed,
+                # what was used counted), before the services they use are closed
+                await asyncio.wait(handlers, timeout=HANDLERS_END)
 
 
 class GatewayHandler(web.RequestHandler):
