@@ -178,9 +178,10 @@ class SafetyPlugin(BasePlugin):
         reasoning, a tool call after the text: no secret runs across), so the client gets
         them in their order.
 
-        Log probabilities name the tokens they are of: those of text held back go out once
-        the text has gone out as it came (with the chunk after which nothing is held), and
-        never when a secret was redacted meanwhile (they would spell it).
+        Log probabilities name the tokens they are of (of the text, and with some servers
+        of the reasoning and the arguments too): those of anything held back go out once it
+        has gone out as it came (with the chunk after which no channel holds anything), and
+        never when a secret was redacted meanwhile, in any channel (they would spell it).
         """
         def redactor() -> StreamRedactor:
             return StreamRedactor(self.output_rules, self.options.max_block, self.output_hint)
@@ -190,10 +191,16 @@ class SafetyPlugin(BasePlugin):
         arguments: dict[int, StreamRedactor] = {}  # tool calls', by index
         held: dict[str, Any] | None = None  # log probabilities of text not yet out as it came
         spoiled = False  # ... and whether a secret was redacted since they were held
+        def state() -> tuple[int, bool]:
+            """Secrets redacted in every channel so far, and whether one holds text back."""
+            redactors = [content, *arguments.values(), *([reasoning] if reasoning else [])]
+            return (sum(sum(r.found.values()) for r in redactors),
+                    any(r.pending or r.reading is not None for r in redactors))
+
         try:
             async for chunk in chunks:
                 counting = chunk.logprobs is not None or held is not None
-                redacted = sum(content.found.values()) if counting else 0
+                redacted = state()[0] if counting else 0
                 thought = ""
                 if chunk.reasoning:
                     reasoning = reasoning or redactor()
@@ -211,10 +218,11 @@ class SafetyPlugin(BasePlugin):
                     calls = (calls or []) + _flush_calls(arguments) or chunk.tool_calls
                 logprobs = chunk.logprobs
                 if counting:
-                    spoiled = spoiled or sum(content.found.values()) != redacted
+                    now_redacted, holding = state()
+                    spoiled = spoiled or now_redacted != redacted
                     if logprobs:
                         held = merge_logprobs(held, logprobs)
-                    if content.pending or content.reading is not None:
+                    if holding:
                         logprobs = None  # (what they are of is not all out yet)
                     else:
                         logprobs = None if spoiled else held

@@ -372,3 +372,11 @@ def test_the_log_probabilities_of_text_held_back_go_out_with_the_next_chunk() ->
     assert "".join(c.content for c in out) == "Your key is [REDACTED:api_key] ok."
     spelled = "".join(e["token"] for c in out if c.logprobs for e in c.logprobs["content"])
     assert spelled.startswith("Your key is") and "sk" not in spelled and "Ab3d" not in spelled
+
+    # ... nor of one in the reasoning (servers that give those of the reasoning too).
+    out = redacted_stream([Chunk(reasoning=t, logprobs=logprob(t)) for t in tokens]
+                          + [Chunk(content="Done", logprobs=logprob("Done")),
+                             Chunk(finish_reason="stop")])
+    assert "".join(c.reasoning for c in out) == "Your key is [REDACTED:api_key] ok."
+    spelled = "".join(e["token"] for c in out if c.logprobs for e in c.logprobs["content"])
+    assert "sk" not in spelled and "Ab3d" not in spelled
