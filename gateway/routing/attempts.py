@@ -168,7 +168,8 @@ class Attempts:
         """
         if error is not None:
             if self._first_error is None and error.code not in ELSEWHERE:
-                if self._busy is not None:
+                if self._busy is not None and self._refusal(error) and \
+                        self._busy[1][1] != _model_of(self._current):
                     self._first_error, self._first_from = self._busy
                 else:
                     self._first_error = error
@@ -266,15 +267,21 @@ class Attempts:
                                 and not (floor and 0 < c.context_length <= floor)]
 
     def _refused_by_fallback(self, error: GatewayError) -> bool:
-        """Whether a deployment tried after another failed (or was full) refused the
+        """Whether another model than the one that failed first (or was full) refused the
         request as a client error (a parameter it does not take): the client is not told
-        that, as if its request were wrong, but what the one it asked for said (``_final``),
-        once the rest are tried. A content-policy refusal is its answer all the same.
+        that, as if its request were wrong, but what the model it asked for said
+        (``_final``), once the rest are tried. A content-policy refusal is its answer all the
+        same; a deployment of the same model refusing it says the request is wrong.
         """
-        current = self._current
-        return (current is not None and self._first_from is not None
-                and _key(current.deployment) != self._first_from
-                and error.code not in ("content_policy_violation", "rescue_diverged"))
+        return (self._first_from is not None and self._refusal(error)
+                and _model_of(self._current) != self._first_from[1])
+
+    @staticmethod
+    def _refusal(error: GatewayError) -> bool:
+        """A client error: the request refused as it is (not a content-policy refusal,
+        which is an answer)."""
+        return disposition(error) == "propagate" and \
+            error.code not in ("content_policy_violation", "rescue_diverged")
 
     def _delay(self, kind: str, error: GatewayError, used: int) -> float | None:
         if kind == "wait" and error.retry_after is not None:
@@ -338,3 +345,7 @@ class Attempts:
 
 def _key(deployment: Deployment) -> tuple[str, str]:
     return deployment.backend.name, deployment.model.name
+
+
+def _model_of(lease: Lease | None) -> str:
+    return lease.deployment.model.name if lease is not None else ""

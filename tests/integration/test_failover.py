@@ -329,6 +329,11 @@ async def test_a_fallbacks_refusal_does_not_hide_that_the_model_was_full(fleet: 
         reply = await ask(server, "qwq:32b")
         assert reply.status == 429, reply.body
         assert reply.error and reply.error["code"] == "deployment_busy"
+        # A fallback that fails is heard as such (a batch line counts its timeouts).
+        for host in (fleet.primary, fleet.secondary):
+            host.fault("qwen2.5-coder:32b", status=500, message="runner crashed")
+        reply = await ask(server, "qwq:32b")
+        assert reply.status == 502 and "runner crashed" in reply.error["message"], reply.body
         slow.cancel()
     finally:
         server.stop()
