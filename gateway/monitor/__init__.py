@@ -72,7 +72,7 @@ class Monitor:
         # notice goes out from the one that claims it there first.
         shared = config.tasks.redis_url if config.tasks.queue == "redis" else \
             config.routing.redis_url
-        self._claims = AlertClaims(shared) if shared else None
+        self._claims = AlertClaims(shared, config.telemetry.service_name) if shared else None
         self.dispatcher = Dispatcher(build_sinks(config.monitor.sinks,
                                                  config.telemetry.service_name), self._claims)
         self.alerter = Alerter(config.monitor, self.dispatcher)
@@ -120,6 +120,9 @@ class Monitor:
         self.healer.tick()
         await self._ping_redis()
         self.alerter.check(conditions(self.config.monitor.alerts, self.facts()))
+        if self._claims is not None:  # (this process sees them still)
+            await self._claims.keep([(a.condition.rule.id, a.condition.target)
+                                     for a in self.alerter.firing()])
 
     def facts(self) -> Facts:
         now = time.time()

@@ -227,33 +227,93 @@ class SharedHealth:
         self.heard += 1
 
 
-CLAIMS = "gw:{alerts}:"  # a notice's claim: this, its status, rule and target
-# How long a claim holds: the other processes' notices of the same change come within it
-# (their rounds a few seconds apart), one of a later change after it.
-CLAIM_SECONDS = 60
+# An alert's keys: its watchers (the processes that see it now, each until its last word)
+# and whether it was announced; one hash tag, one slot.
+ALERT = "gw:{{alert:{service}:{rule}:{target}}}:"
+# How long a process counts as seeing an alert without saying so again: it says so every
+# monitor round; one that stopped (killed) drops out after this.
+WATCH_SECONDS = 120
+# (KEYS: the watchers, the announcement; ARGV: now, until, the process)
+STARTS = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+local ttl = math.ceil(ARGV[2] - ARGV[1])
+redis.call('EXPIRE', KEYS[1], ttl)
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ttl) then return 1 end
+return 0
+"""
+KEEPS = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+local ttl = math.ceil(ARGV[2] - ARGV[1])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return 0
+"""
+ENDS = """
+redis.call('ZREM', KEYS[1], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) == 0 then return redis.call('DEL', KEYS[2]) end
+return 0
+"""
 
 
 class AlertClaims:
-    """Which of the processes that watch one fleet through one Redis sends a notice: the
-    first to claim it (``SET NX``, for ``CLAIM_SECONDS``). While Redis is away, each sends
+    """Which of the processes that watch one fleet through one Redis (the workers of
+    ``serve --workers``, hosts) sends a notice. Each judges the rules on what it sees itself
+    (its own tunnels, its own traffic), so each alert keeps its watchers in Redis, the
+    processes that see it now (each says so every round): the first to announce it sends
+    "firing"; the last that sees it end sends "resolved". While Redis is away, each sends
     its own: a notice twice rather than none.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, service: str) -> None:
         self._url = url
+        self._service = service
+        self._me = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._redis: Any = None
+        self._scripts: dict[str, Any] = {}
+
+    def _keys(self, rule: str, target: str) -> list[str]:
+        prefix = ALERT.format(service=self._service, rule=rule, target=target)
+        return [prefix + "watchers", prefix + "announced"]
 
     async def __call__(self, notice: Notice) -> bool:
+        """Whether this process sends ``notice``."""
+        script = STARTS if notice.status == "firing" else ENDS
         try:
-            if self._redis is None:
-                self._redis = await connect(self._url, socket_connect_timeout=2,
-                                            socket_timeout=2)
-            key = f"{CLAIMS}{notice.status}:{notice.rule}:{notice.target}"
-            return bool(await self._redis.set(key, b"1", nx=True, ex=CLAIM_SECONDS))
+            said = await self._run(script, self._keys(notice.rule, notice.target))
         except DOWN:
+            await self._forget()
             return True
+        return bool(said)
+
+    async def keep(self, alerts: list[tuple[str, str]]) -> None:
+        """Say again that this process sees these alerts (``(rule, target)``), every round."""
+        if not alerts:
+            return
+        try:
+            for rule, target in alerts:
+                await self._run(KEEPS, self._keys(rule, target))
+        except DOWN:
+            await self._forget()
+
+    async def _run(self, script: str, keys: list[str]) -> Any:
+        if self._redis is None:
+            self._redis = await connect(self._url, socket_connect_timeout=2, socket_timeout=2)
+            self._scripts = {}
+        registered = self._scripts.get(script)
+        if registered is None:
+            registered = self._scripts[script] = self._redis.register_script(script)
+        now = time.time()
+        return await registered(keys=keys, args=[now, now + WATCH_SECONDS, self._me])
+
+    async def _forget(self) -> None:
+        """(A client found out while a node was away may be the wrong kind, a plain one for
+        a cluster: the next call connects again.)"""
+        client, self._redis = self._redis, None
+        if client is not None:
+            with contextlib.suppress(*DOWN):
+                await client.aclose()
 
     async def close(self) -> None:
-        if self._redis is not None:
-            with contextlib.suppress(*DOWN):
-                await self._redis.aclose()
+        await self._forget()

@@ -12,10 +12,12 @@ import contextlib
 from collections.abc import Iterator
 
 from gateway.keys import HEALTH, ROUTER
+from gateway.monitor.shared import AlertClaims
+from gateway.monitor.sinks import Notice
 from tests.integration.conftest import Fleet, fleet_config
 from tests.integration.test_failover import ask, complete
 from tests.redis_peer import RedisCluster, RedisServer
-from tests.support import ServerThread, start_gateway, wait_until
+from tests.support import ServerThread, free_port, start_gateway, wait_until
 
 MODEL = "qwen2.5-coder:32b"  # on both the primary and the secondary host
 
@@ -119,3 +121,51 @@ async def test_breakers_are_shared_on_a_redis_cluster(fleet: Fleet) -> None:
         await open_breaker(one)
         wait_until(lambda: breaker(two, "primary") == "open", 5,
                    "the other process hearing of it through the cluster")
+
+
+def test_an_alert_seen_by_several_processes_is_announced_once_and_ended_by_the_last() -> None:
+    """Two processes on one Redis each judge the rules on what they see (their tunnels,
+    their traffic). The first to see an alert announces it; the other's notice is not sent;
+    it ends for the sinks only when the last that saw it sees it end; and a process that
+    stopped saying so drops out. While Redis is away, each sends its own.
+    """
+    def notice(status: str) -> Notice:
+        return Notice(status, "error_rate", "error_rate", "gpu-box", "warning", "errors", 0.0)
+
+    async def scenario(url: str) -> list[bool]:
+        first, second = AlertClaims(url, "gw"), AlertClaims(url, "gw")
+        try:
+            said = [await first(notice("firing")), await second(notice("firing"))]
+            await second.keep([("error_rate", "gpu-box")])
+            said += [await first(notice("resolved")),  # the second still sees it
+                     await second(notice("resolved"))]
+            said.append(await first(notice("firing")))  # it starts again
+            return said
+        finally:
+            await first.close()
+            await second.close()
+
+    with RedisServer() as redis:
+        assert asyncio.run(scenario(redis.url)) == [True, False, False, True, True]
+    # Redis away: a notice twice rather than none.
+    assert asyncio.run(scenario(f"redis://127.0.0.1:{free_port()}/0")) == [True] * 5
+
+
+def test_alert_claims_find_a_cluster_that_was_away_at_their_first_call() -> None:
+    async def scenario(cluster: RedisCluster) -> list[bool]:
+        claims = AlertClaims(cluster.nodes[0].url, "gw")
+        firing = Notice("firing", "tunnel_down", "tunnel_down", "studio", "critical", "down",
+                        0.0)
+        try:
+            cluster.nodes[0].kill()
+            said = [await claims(firing)]  # (away: sent)
+            cluster.nodes[0].restart()
+            cluster.wait_ok(40)
+            said.append(await claims(firing))
+            said.append(await claims(firing))  # announced already
+            return said
+        finally:
+            await claims.close()
+
+    with RedisCluster() as cluster:
+        assert asyncio.run(scenario(cluster)) == [True, True, False]
