@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,14 +19,6 @@ _NEVER = 1 << 30  # a threshold no count reaches
 # CPython's 700 is less than the objects a few dozen requests at work hold at once: at 32 at
 # once it passed every 23 requests, to find them all alive (at 5,000, every few thousand).
 YOUNG = 5_000
-
-
-WORKER_ENV = "GATEWAY_WORKER"  # which of ``serve --workers N``'s processes this is: 1 to N
-
-
-def worker_number() -> str:
-    """Which of ``serve --workers N``'s processes this is ("1" when it runs alone)."""
-    return os.environ.get(WORKER_ENV, "1")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -27,7 +27,6 @@ from types import FrameType
 from aiohttp import web
 
 from gateway.keys import TELEMETRY
-from gateway.runtime import WORKER_ENV, worker_number
 from gateway.telemetry.workers import WorkerMetrics
 
 log = logging.getLogger("gateway")
@@ -36,7 +35,7 @@ STARTING = 10.0  # a worker's first start that ends sooner than this: it cannot 
 RESTART_AFTER, RESTART_MAX = 1.0, 30.0  # seconds before a dead worker is started again
 SETTLED = 60.0  # a worker that lived this long starts again at the shortest wait
 WORKER_HEADER = "x-gateway-worker"  # each answer's: which worker (1 to N) gave it
-SUPERVISOR_ENV = "GATEWAY_SUPERVISOR"
+WORKER_ENV, SUPERVISOR_ENV = "GATEWAY_WORKER", "GATEWAY_SUPERVISOR"
 METRICS_ENV = "GATEWAY_METRICS_DIR"  # where the workers leave their metrics for each other
 METRICS_PREFIX = "gw-metrics-"  # that folder's name: this, the supervisor's pid, a dash
 PR_SET_PDEATHSIG = 1
@@ -171,7 +170,7 @@ def as_worker(app: web.Application) -> None:
     in each answer.
     """
     _end_with_supervisor()
-    number = worker_number()
+    number = os.environ.get(WORKER_ENV, "1")
 
     async def name_worker(_: web.Request, response: web.StreamResponse) -> None:
         response.headers[WORKER_HEADER] = number

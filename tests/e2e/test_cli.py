@@ -42,6 +42,15 @@ url = "{mlx.api_url}"
     return path
 
 
+def streamed(url: str, model: str) -> urllib.request.Request:
+    """A streamed chat completion of ``model`` through the gateway at ``url``."""
+    return urllib.request.Request(
+        f"{url}/v1/chat/completions", method="POST",
+        data=json.dumps({"model": model, "stream": True,
+                         "messages": [{"role": "user", "content": "Hello"}]}).encode(),
+        headers={"Content-Type": "application/json"})
+
+
 @pytest.fixture
 def served(
     tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
@@ -85,12 +94,7 @@ def test_shutdown_lets_a_stream_in_flight_finish(
     received: list[str] = []
 
     def read_stream() -> None:
-        request = urllib.request.Request(
-            f"{url}/v1/chat/completions", method="POST",
-            data=json.dumps({"model": "phi3.5:3.8b", "stream": True,
-                             "messages": [{"role": "user", "content": "Hello"}]}).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(streamed(url, "phi3.5:3.8b"), timeout=30) as response:
             received.extend(line.decode() for line in response)
 
     reader = threading.Thread(target=read_stream)
@@ -120,12 +124,8 @@ def test_a_request_outliving_the_grace_is_ended_at_the_grace(tmp_path: Path, oll
     ollama_sim.fault("phi3.5:3.8b", tokens_per_s=2)  # some 15 s for the whole answer
     gateway = GatewayProcess(config)
     try:
-        request = urllib.request.Request(
-            f"{gateway.url}/v1/chat/completions", method="POST",
-            data=json.dumps({"model": "phi3.5:3.8b", "stream": True,
-                             "messages": [{"role": "user", "content": "Hello"}]}).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(streamed(gateway.url, "phi3.5:3.8b"),
+                                    timeout=30) as response:
             response.readline()  # the stream is under way
             gateway.process.send_signal(signal.SIGTERM)
             started = time.monotonic()
