@@ -113,7 +113,11 @@ class SafetyPlugin(BasePlugin):
         (raises ``Denied`` for what a rule blocks).
         """
         check, verdicts = self._checker()
-        return _map_request(req, check), verdicts()
+        try:
+            return _map_request(req, check), verdicts()
+        except Denied as refused:  # (named as the client sent it)
+            refused.param = "prompt" if isinstance(req, CompletionRequest) else "messages"
+            raise
 
     def _checker(self) -> tuple[Check, Callable[[], str]]:
         """A check of texts, one request's, and what it has redacted and flagged so far."""
@@ -160,7 +164,11 @@ class SafetyPlugin(BasePlugin):
         if not self.options.embeddings or req.token_ids:
             return req
         check, _ = self._checker()
-        checked = [check(text, "trusted") for text in req.inputs if isinstance(text, str)]
+        try:
+            checked = [check(text, "trusted") for text in req.inputs if isinstance(text, str)]
+        except Denied as refused:
+            refused.param = "input"
+            raise
         if checked == req.inputs:
             return req
         return dataclasses.replace(req, inputs=checked, body={**req.body, "input": checked})

@@ -46,7 +46,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     chat, conversation, dropped = chat_body(body, history)
     with named_as(FIELDS):
         req = parse_chat(chat)
-    answer = await request.app[PIPELINE].run(context(request, "chat", req))
+    with named_as({"messages": "input"}):  # (a request refused as it is, by a plugin)
+        answer = await request.app[PIPELINE].run(context(request, "chat", req))
     given = input_items(body["input"]) if store else []
     if dropped:
         answer.headers["x-gateway-dropped-tools"] = ", ".join(dropped)
