@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -260,6 +261,14 @@ def test_keys_new_prints_a_key_and_its_config_block(tmp_path: Path, ollama_sim: 
     finally:
         process.kill()
         process.communicate(timeout=10)
+
+
+def test_output_piped_to_a_reader_that_leaves_is_no_traceback() -> None:
+    """``gateway keys new | head -1``, or a reader gone before the first line."""
+    result = subprocess.run(["bash", "-c", shlex.join([*GATEWAY, "keys", "new"]) + " | true"],
+                            capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, \
+        result.stderr
 
 
 def test_keys_commands_say_what_is_wrong(tmp_path: Path) -> None:
