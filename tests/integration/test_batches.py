@@ -316,6 +316,20 @@ def test_blank_lines_do_not_count_against_the_request_limit(ollama_sim: Sim) -> 
         server.stop()
 
 
+def on_queue(stack: contextlib.ExitStack, queue: str, sim: Sim, **tasks: Any
+             ) -> tuple[ServerThread, openai.OpenAI]:
+    """A gateway on ``sim`` whose batches wait on the ``queue`` ("local", or a Redis of the
+    test's own), with these ``[tasks]`` settings; stopped as ``stack`` closes.
+    """
+    if queue == "redis":
+        redis = stack.enter_context(RedisServer())
+        tasks.update(queue="redis", redis_url=redis.url)
+    server = start_gateway(gateway_config(backend("primary", "ollama", sim.api_url),
+                                          tasks=tasks))
+    stack.callback(server.stop)
+    return server, openai_client(server.url, "unused")
+
+
 @pytest.mark.parametrize("queue", ["local", "redis"])
 def test_a_line_longer_than_the_visibility_timeout_is_answered_once(ollama_sim: Sim,
                                                                     queue: str) -> None:
@@ -326,14 +340,8 @@ def test_a_line_longer_than_the_visibility_timeout_is_answered_once(ollama_sim: 
     # looked for)
     ollama_sim.fault("phi3.5:3.8b", latency=2.5 if queue == "local" else CLAIM_WAIT + 1)
     with contextlib.ExitStack() as stack:
-        tasks: dict[str, Any] = {"visibility_timeout": 1.0, "concurrency": 4}  # (room to claim)
-        if queue == "redis":
-            redis = stack.enter_context(RedisServer())
-            tasks.update(queue="redis", redis_url=redis.url)
-        server = start_gateway(gateway_config(backend("primary", "ollama", ollama_sim.api_url),
-                                              tasks=tasks))
-        stack.callback(server.stop)
-        api = openai_client(server.url, "unused")
+        _, api = on_queue(stack, queue, ollama_sim, visibility_timeout=1.0,
+                          concurrency=4)  # (room to claim)
         batch = run(api, "slow.jsonl", jsonl([chat_line(n, "phi3.5:3.8b") for n in range(2)]))
         assert batch.status == "completed" and batch.request_counts.completed == 2
         assert len(ollama_sim.requests("/api/chat")) == 2  # once each, not again
@@ -347,14 +355,7 @@ def test_lines_at_work_when_a_batch_expires_are_in_its_output(ollama_sim: Sim,
     """
     ollama_sim.fault("phi3.5:3.8b", latency=2.0)
     with contextlib.ExitStack() as stack:
-        tasks: dict[str, Any] = {"concurrency": 2}
-        if queue == "redis":
-            redis = stack.enter_context(RedisServer())
-            tasks.update(queue="redis", redis_url=redis.url)
-        server = start_gateway(gateway_config(backend("primary", "ollama", ollama_sim.api_url),
-                                              tasks=tasks))
-        stack.callback(server.stop)
-        api = openai_client(server.url, "unused")
+        server, api = on_queue(stack, queue, ollama_sim, concurrency=2)
         source = api.files.create(file=("four.jsonl", jsonl([chat_line(n, "phi3.5:3.8b")
                                                              for n in range(4)])),
                                   purpose="batch")
