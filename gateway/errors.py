@@ -117,6 +117,11 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+# What Ollama's 503 says when its queue is full (``OLLAMA_MAX_QUEUE``): a busy server, not
+# a failing one.
+BUSY = "maximum pending requests exceeded"
+
+
 class UpstreamError(GatewayError):
     """A backend failed: unreachable, answered with an error, or broke off a stream."""
 
@@ -166,12 +171,49 @@ def from_upstream_status(
         return RateLimited(text, retry_after=retry_after)
     if status in (408, 504):
         return UpstreamTimeout(text, backend=backend)
+    if status == 503 and BUSY in message:  # Ollama's queue is full: it is up, and busy
+        return RateLimited(text, retry_after=retry_after)
     if status == 503:
         return Unavailable(text, backend=backend, retry_after=retry_after)
     if status in (401, 403):
         return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend,
                              code="upstream_auth_failed")
     return UpstreamError(text, backend=backend)
+
+
+def error_fields(error: Any) -> tuple[str, str | None, int | None] | None:
+    """The message, (string) code and status of an upstream's error object, whichever
+    dialect it is in: Ollama's string, OpenAI's ``{"message", "code"}``, llama.cpp's integer
+    codes (its status); None when it is none of these.
+    """
+    if isinstance(error, str):
+        return error[:500], None, None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return None
+    message = error["message"]
+    code = error.get("code")
+    if error.get("type") == "exceed_context_size_error" or "is too large to process" in message:
+        # llama.cpp's: a prompt past its slot's context (400); an input to embed past its
+        # batch (a 500, though the server is fine: "input (N tokens) is too large to
+        # process. increase the physical batch size").
+        code = "context_length_exceeded"
+    status = code if isinstance(code, int) and 400 <= code < 600 else None
+    return message[:500], code if isinstance(code, str) else None, status
+
+
+def stream_error(backend: str, error: Any) -> GatewayError:
+    """An error a backend sent as an event of its stream, its HTTP status long since 200:
+    a refusal of the request (a context too small, a parameter it does not take, a rate
+    limit) is what it would have been as a status, so a bigger model or the client hears
+    it as such; anything else is the backend failing.
+    """
+    fields = error_fields(error)
+    message, code, status = fields if fields is not None else (str(error)[:500], None, None)
+    code = code or _error_code(message)
+    if code in ("context_length_exceeded", "content_policy_violation") or \
+            (status is not None and 400 <= status < 500):
+        return from_upstream_status(backend, status or 400, message, None, code)
+    return UpstreamError(f"{backend}: {message}", backend=backend, code="upstream_stream_error")
 
 
 def _error_code(message: str) -> str | None:

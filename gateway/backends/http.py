@@ -31,6 +31,7 @@ from gateway.errors import (
     GatewayError,
     UpstreamError,
     UpstreamTimeout,
+    error_fields,
     from_upstream_status,
 )
 from gateway.protocol.sse import LineTooLong, MalformedEvent
@@ -179,7 +180,7 @@ class HttpBackend:
                             break
                     if translator.complete:
                         break
-            except UpstreamError as exc:  # (an error event: its words go to log and client)
+            except GatewayError as exc:  # (an error event: its words go to log and client)
                 exc.message = self.said(exc.message)
                 exc.args = (exc.message,)
                 raise
@@ -206,7 +207,10 @@ class HttpBackend:
         return _BEARER.sub(r"\1[REDACTED]", message) if "earer" in message else message
 
     async def status_error(self, response: Response) -> GatewayError:
-        body = await response.read(MAX_ERROR_BODY)
+        try:
+            body = await response.read(MAX_ERROR_BODY)
+        except (TimeoutError, OSError, BadResponse):  # cut off or stalled: its status
+            body = b""  # says what it was (a 429's Retry-After with it)
         message, code = error_details(body)
         message = self.said(message)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -328,9 +332,8 @@ def _translate(backend: str, exc: Exception, *, started: bool) -> Exception:
 
 
 def error_details(body: bytes) -> tuple[str, str | None]:
-    """The message and (string) code of an upstream error body, whichever dialect it is in:
-    Ollama's ``{"error": "..."}``, OpenAI's ``{"error": {"message", "code"}}``, llama.cpp's
-    integer codes, or plain text.
+    """The message and (string) code of an upstream error body, whichever dialect it is in
+    (``error_fields``), or plain text.
     """
     text = body.decode("utf-8", "replace").strip()[:500]
     try:
@@ -338,18 +341,8 @@ def error_details(body: bytes) -> tuple[str, str | None]:
     except orjson.JSONDecodeError:
         return text, None
     error = data.get("error", data.get("detail")) if isinstance(data, dict) else None
-    if isinstance(error, str):
-        return error[:500], None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        code = error.get("code")
-        if error.get("type") == "exceed_context_size_error" or \
-                "is too large to process" in error["message"]:
-            # llama.cpp's: a prompt past its slot's context (400); an input to embed past
-            # its batch (a 500, though the server is fine: "input (N tokens) is too large
-            # to process. increase the physical batch size").
-            code = "context_length_exceeded"
-        return error["message"][:500], code if isinstance(code, str) else None
-    return text, None
+    fields = error_fields(error)
+    return (fields[0], fields[1]) if fields is not None else (text, None)
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import InvalidRequest, UpstreamError
+from gateway.errors import InvalidRequest, stream_error
 from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
@@ -180,8 +180,7 @@ class OllamaTranslator:
         if not isinstance(obj, dict):
             raise MalformedEvent("not an object")
         if "error" in obj:
-            raise UpstreamError(f"{self._backend}: {obj['error']}", backend=self._backend,
-                                code="upstream_stream_error")
+            raise stream_error(self._backend, obj["error"])
         try:
             chunk = self._delta(obj)
         except (AttributeError, LookupError, TypeError, ValueError) as exc:

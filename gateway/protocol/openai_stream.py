@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import UpstreamError
+from gateway.errors import stream_error
 from gateway.protocol.ids import unique_id
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
@@ -38,10 +38,7 @@ class OpenAITranslator:
         if not isinstance(obj, dict):
             raise MalformedEvent("not an object")
         if obj.get("error"):
-            error = obj["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            raise UpstreamError(f"{self._backend}: {message}", backend=self._backend,
-                                code="upstream_stream_error")
+            raise stream_error(self._backend, obj["error"])
         try:
             chunk = self._choice(obj.get("choices"))
             usage = obj.get("usage")

@@ -1,7 +1,8 @@
 """The attempt plan of one request: which deployment to try next after what went wrong.
 
 Bounded attempts; jittered exponential backoff for transient failures; ``Retry-After``
-honoured up to a cap (a longer wait fails over instead); the same upstream model name on
+honoured up to a cap (a longer wait fails over instead), and a rate-limited deployment
+rests that long rather than counting against its breaker; the same upstream model name on
 every retry; a silent deployment (a timeout) failed over rather than retried; a
 context-length error sent to a model with a larger window; a request a deployment cannot do
 at all (its 501) taken elsewhere without counting against it; client errors and
@@ -57,8 +58,16 @@ def disposition(error: GatewayError) -> Disposition:
 
 
 def counts_against(error: GatewayError) -> bool:
-    """Whether an error is the deployment's fault (and so counts toward its breaker)."""
-    return disposition(error) in ("retry", "wait", "failover") and error.code not in ELSEWHERE
+    """Whether an error is the deployment's fault (and so counts toward its breaker). Its
+    upstream's rate limit is not: the deployment rests for the ``Retry-After`` instead.
+    """
+    return disposition(error) in ("retry", "wait", "failover") and \
+        error.code not in ELSEWHERE and not throttled(error)
+
+
+def throttled(error: GatewayError) -> bool:
+    """The upstream's rate limit (not a deployment found full here)."""
+    return error.status == 429 and error.code not in ELSEWHERE
 
 
 class Lease:
@@ -119,6 +128,8 @@ class Lease:
             self.state.breaker.failure(broke)
         else:
             self.state.breaker.end_trial()
+            if throttled(error):
+                self.state.rest(error.retry_after)
         if self.counted is not None:
             self.counted.attempts.add((*_key(self.deployment), error.label))
             if fault:
@@ -309,8 +320,12 @@ class Attempts:
         now = time.monotonic()
         healthy = [self._balancer.state(d) for c in self._candidates for d in c.deployments
                    if self._balancer.usable(d, now)]
-        if healthy:  # up, but every one of them full, queue included
-            wait = min(s.latency or 1.0 for s in healthy)
+        if healthy:  # up, but every one full (queue included) or resting after a 429
+            wait = min(s.rest_until - now if s.rest_until > now else s.latency or 1.0
+                       for s in healthy)
+            if all(s.rest_until > now for s in healthy):
+                return RateLimited("The upstreams of this model are rate-limiting it; retry "
+                                   "after the wait they asked for.", retry_after=max(1.0, wait))
             return RateLimited("All deployments of this model are busy; retry shortly.",
                                retry_after=max(1.0, wait), code="deployment_busy")
         down = sorted({d.backend.name for c in self._candidates for d in c.deployments

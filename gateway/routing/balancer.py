@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -20,13 +21,18 @@ EWMA_WEIGHT = 0.3  # share of the newest latency sample
 # A latency older than this says little about now: the deployment is tried again (a slow
 # host that recovered must be able to show it).
 STALE_SECONDS = 15.0
+# How long a deployment rests after its upstream's 429 without a Retry-After, and the most
+# any Retry-After rests it (a quota's "come back tomorrow" is checked again each minute).
+REST_SECONDS = 1.0
+REST_MAX = 60.0
 
 
 class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
     __slots__ = ("batch_in_flight", "batch_waiters", "batch_woken", "breaker", "in_flight",
-                 "latency", "limit", "max_queue", "observed_at", "verdicts", "waiters")
+                 "latency", "limit", "max_queue", "observed_at", "rest_until", "verdicts",
+                 "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -36,12 +42,21 @@ class DeploymentState:
         self.batch_in_flight = 0  # of in_flight: queued work's (batch lines)
         self.latency: float | None = None  # None: never answered, so worth a try
         self.observed_at = 0.0
+        self.rest_until = 0.0  # (monotonic) its upstream asked for no requests until then
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # Batch lines waiting for their share; woken to look again as slots free up.
         self.batch_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.batch_woken = 0  # of them, woken and yet to look
         # How its answers were judged (quality assurance): "pass", "fail" and each reason.
         self.verdicts = collections.Counter[str]()
+
+    def rest(self, seconds: float | None) -> None:
+        """Its upstream is rate-limiting (a 429, or Ollama's full queue): no new request
+        goes there for ``seconds``, its ``Retry-After``. Not a failure: its breaker is not
+        told, and a request already waiting it out may try it again.
+        """
+        seconds = REST_SECONDS if seconds is None else min(seconds, REST_MAX)
+        self.rest_until = max(self.rest_until, time.monotonic() + seconds)
 
     def score(self, now: float) -> float:
         if self.latency is None or now - self.observed_at > STALE_SECONDS:
@@ -209,12 +224,17 @@ class Balancer:
                 state.resize(limit)
 
     def report(self) -> dict[str, dict[str, object]]:
-        """Every deployment that has seen traffic: breaker, load, latency."""
+        """Every deployment that has seen traffic: breaker, load, latency, and how long it
+        still rests when its upstream is rate-limiting it.
+        """
+        now = time.monotonic()
         return {
             f"{backend}/{model}": {
                 "breaker": s.breaker.state, "in_flight": s.in_flight, "queued": len(s.waiters),
                 "latency_ms": round(s.latency * 1000, 1) if s.latency is not None else None,
                 **({"verdicts": dict(s.verdicts)} if s.verdicts else {}),
+                **({"rate_limited_s": math.ceil(s.rest_until - now)}
+                   if s.rest_until > now else {}),
             }
             for (backend, model), s in sorted(self._states.items())
         }
@@ -250,15 +270,24 @@ class Balancer:
         return deployment.backend.name not in self._down and \
             self.state(deployment).breaker.available(now)
 
+    def takes(self, deployment: Deployment, now: float) -> bool:
+        """Usable, and not resting after its upstream's rate limit: a new request may go
+        there now.
+        """
+        if deployment.backend.name in self._down:
+            return False
+        state = self.state(deployment)
+        return state.rest_until <= now and state.breaker.available(now)
+
     def choose(self, deployments: Sequence[Deployment]) -> Deployment | None:
-        """Power of two choices among the deployments whose breaker lets traffic through
-        and that can take (or queue) one more request.
+        """Power of two choices among the deployments that take requests now (``takes``)
+        and can take (or queue) one more.
         """
         now = time.monotonic()
         if len(deployments) == 1:  # the common case: nothing to balance
             only = deployments[0]
-            return only if self.usable(only, now) and self.state(only).can_queue() else None
-        open_ = [d for d in deployments if self.usable(d, now) and self.state(d).can_queue()]
+            return only if self.takes(only, now) and self.state(only).can_queue() else None
+        open_ = [d for d in deployments if self.takes(d, now) and self.state(d).can_queue()]
         if len(open_) <= 1:
             return open_[0] if open_ else None
         first, second = random.sample(open_, 2)

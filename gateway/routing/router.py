@@ -66,7 +66,7 @@ class Router:
     def _answers_now(self, candidate: Candidate) -> bool:
         now = time.monotonic()
         for deployment in candidate.deployments:  # noqa: SIM110 (a generator costs more)
-            if self.balancer.usable(deployment, now):
+            if self.balancer.takes(deployment, now):
                 return True
         return False
 
@@ -200,7 +200,7 @@ class Router:
         out: dict[str, tuple[str, Deployment] | None] = {}
         for alias in self.selector.aliases(available=False):
             out[alias] = next(((c.reason, d) for c in self.selector.alias_picks(alias, Needs())
-                               for d in c.deployments if self.balancer.usable(d, now)), None)
+                               for d in c.deployments if self.balancer.takes(d, now)), None)
         return out
 
     def usable(self) -> list[Deployment]:

@@ -161,7 +161,7 @@ class Framer(Protocol):
     def piece(self, kind: str, value: Any) -> bytes: ...
     def malformed(self) -> bytes: ...
     def bad_shape(self) -> bytes: ...
-    def error(self, message: str) -> bytes: ...
+    def error(self, message: str, code: str | int | None) -> bytes: ...
     def keepalive(self) -> bytes: ...
     def end(self, plan: Plan, terminate: bool) -> bytes:
         """The closing bytes; without ``terminate``, the end-of-stream marker is left out."""
@@ -205,6 +205,14 @@ async def apply_faults(request: web.Request, faults: Faults, ask: Ask,
         await hold()
     if faults.status:
         record["outcome"] = f"status {faults.status}"
+        if faults.cut_body:  # the head, and the body broken off after a few bytes
+            response = web.StreamResponse(status=faults.status, headers={
+                "Content-Type": "application/json", "Content-Length": "200",
+                **({"Retry-After": f"{faults.retry_after:g}"} if faults.retry_after else {})})
+            await response.prepare(request)
+            await response.write(b'{"error": {"mess')
+            await asyncio.sleep(CUT_SETTLE)
+            await reset(request)
         raise SimError(faults.status, faults.message or f"simulated HTTP {faults.status}",
                        retry_after=faults.retry_after)
     if faults.content_policy:
@@ -296,7 +304,8 @@ async def stream_plan(request: web.Request, headers: dict[str, str], model: SimM
             await hold()
         if faults.error_after is not None and i >= faults.error_after:
             record["outcome"] = "error_event"
-            await response.write(framer.error(faults.message or "simulated failure"))
+            await response.write(framer.error(faults.message or "simulated failure",
+                                              faults.error_code))
             await response.write_eof()
             return response
         if faults.malformed_at == i:

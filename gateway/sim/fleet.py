@@ -35,6 +35,9 @@ class Faults:
     malformed_at: int | None = None  # one event that is not JSON, before token N
     bad_shape_at: int | None = None  # one JSON event of the wrong shape, before token N
     error_after: int | None = None  # an in-band error event after N tokens, then the end
+    error_code: str | int | None = None  # ... with this code (OpenAI's word, or llama.cpp's
+    # and vLLM's status), where the server's event has one
+    cut_body: bool = False  # with ``status``: send its head and part of its body, then reset
     missing_done: bool = False  # end the stream cleanly without [DONE] / done:true
     cut_at_end: bool = False  # reset the connection once the finish is sent (before OpenAI's
     # usage and [DONE]; for Ollama, whose finish is its last line, before the body's end)

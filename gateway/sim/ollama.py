@@ -249,8 +249,8 @@ class _Framer:
     def bad_shape(self) -> bytes:
         return b'["not", "an", "object"]\n'
 
-    def error(self, message: str) -> bytes:
-        return orjson.dumps({"error": message}) + b"\n"
+    def error(self, message: str, code: str | int | None) -> bytes:
+        return orjson.dumps({"error": message}) + b"\n"  # (Ollama's carry no code)
 
     def keepalive(self) -> bytes:
         return b""

@@ -247,9 +247,11 @@ class _Framer:
     def bad_shape(self) -> bytes:
         return self._event({**self.base, "choices": ["not", "a", "choice"]})
 
-    def error(self, message: str) -> bytes:
-        return self._event({"error": {"message": message, "type": "server_error",
-                                      "param": None, "code": None}})
+    def error(self, message: str, code: str | int | None) -> bytes:
+        client = code == "context_length_exceeded" or (isinstance(code, int) and code < 500)
+        return self._event({"error": {"message": message, "param": None, "code": code,
+                                      "type": "invalid_request_error" if client
+                                      else "server_error"}})
 
     def keepalive(self) -> bytes:
         return b": keepalive 1/1\n\n" if self.flavor == "mlx" else b""

@@ -119,6 +119,47 @@ async def test_persistent_429_without_retry_after_fails_over(
     assert reply.headers["x-gateway-attempts"] == "3"
 
 
+async def test_a_rate_limited_deployment_rests_for_its_retry_after_and_keeps_its_breaker(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    """A 429 is the upstream saying "not now", not failing: the deployment gets no new
+    request for its Retry-After, and the clients hear that wait. (It used to count toward
+    the breaker: after three, clients got 503 "breaker open" with Retry-After: 1, and each
+    cool-down sent another request to an upstream that had asked for 30 seconds.)
+    """
+    fleet.cloud.fault("gpt-4o-mini", status=429, retry_after=30)
+    for _ in range(5):  # more than the breaker's 3 failures
+        reply = await ask(routed_gateway, "gpt-4o-mini")
+        assert reply.status == 429, reply.body
+        assert 28 <= int(reply.headers["Retry-After"]) <= 30
+        assert reply.error is not None and reply.error["type"] == "rate_limit_error"
+    assert len(fleet.cloud.requests("/v1/chat/completions")) == 1
+    async with aiohttp.ClientSession() as http, http.get(routed_gateway.url + "/health") as r:
+        health = await r.json()
+    deployment = health["deployments"]["cloud/gpt-4o-mini"]
+    assert deployment["breaker"] == "closed" and 28 <= deployment["rate_limited_s"] <= 30
+
+
+async def test_a_rate_limited_model_is_passed_over_for_its_fallback_while_it_rests(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.primary.fault("qwq:32b", status=429, retry_after=30)
+    for _ in range(4):
+        reply = await ask(routed_gateway, "qwq:32b", stream=True)
+        complete(reply)
+        assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+    assert [r["model"] for r in fleet.primary.requests("/api/chat")].count("qwq:32b") == 1
+
+
+async def test_a_429_whose_body_breaks_off_is_still_a_429_with_its_retry_after(
+    routed_gateway: ServerThread, fleet: Fleet
+) -> None:
+    fleet.cloud.fault("gpt-4o-mini", status=429, retry_after=20, cut_body=True)
+    reply = await ask(routed_gateway, "gpt-4o-mini")
+    assert reply.status == 429, reply.body
+    assert 18 <= int(reply.headers["Retry-After"]) <= 20
+
+
 async def test_500_once_is_retried_once(routed_gateway: ServerThread, fleet: Fleet) -> None:
     fleet.primary.fault("qwq:32b", status=500, message="runner crashed", remaining=1)
     reply = await ask(routed_gateway, "qwq:32b")
@@ -257,6 +298,35 @@ async def test_context_length_error_goes_to_a_larger_window(
     assert [r["outcome"] for r in fleet.primary.requests("/api/chat")
             if r["model"] == "tiny-ctx:1b"] == ["pending"]  # refused, once, not retried
     assert reply.body["model"] == "qwen2.5-coder:32b"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_context_length_error_sent_in_the_stream_goes_to_a_larger_window(
+    routed_gateway: ServerThread, fleet: Fleet, stream: bool
+) -> None:
+    """Servers that begin the stream before they read the prompt say it is too long in an
+    error event: that is the same refusal as its 400, not a failure to retry.
+    """
+    fleet.primary.fault("tiny-ctx:1b", error_after=0,
+                        message="the input length exceeds the context length")
+    reply = await ask(routed_gateway, "tiny-ctx:1b", stream=stream)
+    complete(reply)
+    assert [r["model"] for r in fleet.primary.requests("/api/chat")].count("tiny-ctx:1b") == 1
+    assert reply.headers["x-gateway-model"] == "qwen2.5-coder:32b"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_refused_in_the_stream_is_the_clients_400_not_a_502(
+    routed_gateway: ServerThread, fleet: Fleet, stream: bool
+) -> None:
+    # vLLM's and llama.cpp's error events carry the status the refusal would have had.
+    fleet.cloud.fault("gpt-4o-mini", error_after=0, error_code=400,
+                      message="top_logprobs must be at most 20")
+    reply = await ask(routed_gateway, "gpt-4o-mini", stream=stream)
+    assert reply.status == 400, reply.body
+    assert reply.error is not None and reply.error["message"] == \
+        "top_logprobs must be at most 20"
+    assert len(fleet.cloud.requests("/v1/chat/completions")) == 1  # not retried
 
 
 async def test_context_length_error_goes_to_the_fallback_when_no_window_is_declared() -> None:

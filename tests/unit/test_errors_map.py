@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.backends.http import error_details, parse_retry_after
-from gateway.errors import from_upstream_status
+from gateway.errors import from_upstream_status, stream_error
+from gateway.routing.attempts import counts_against, disposition
 
 
 @pytest.mark.parametrize(("upstream", "client", "kind"), [
@@ -59,3 +60,38 @@ def test_error_bodies_in_every_dialect(body: bytes, expected: tuple[str, str | N
 ])
 def test_retry_after_parsing(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value) == seconds
+
+
+def test_ollamas_full_queue_is_a_busy_server_not_a_failing_one() -> None:
+    # Ollama answers 503 when OLLAMA_MAX_QUEUE requests wait: the breaker must not open
+    # on a host that is merely busy.
+    busy = from_upstream_status(
+        "studio", 503, "server busy, please try again.  maximum pending requests exceeded", None)
+    assert (busy.status, busy.type) == (429, "rate_limit_error")
+    assert disposition(busy) == "wait" and not counts_against(busy)
+    down = from_upstream_status("studio", 503, "Loading model", None)
+    assert down.status == 503 and counts_against(down)
+
+
+@pytest.mark.parametrize(("event", "status", "code", "retried"), [
+    ("out of memory", 502, "upstream_stream_error", True),  # Ollama's line
+    ({"message": "boom", "type": "server_error", "code": None}, 502, "upstream_stream_error",
+     True),
+    ({"code": 500, "message": "decode failed", "type": "server_error"}, 502,
+     "upstream_stream_error", True),
+    ({"code": 400, "message": "too long", "type": "exceed_context_size_error"}, 400,
+     "context_length_exceeded", False),  # llama.cpp's
+    ({"message": "max 4096 tokens", "code": "context_length_exceeded"}, 400,
+     "context_length_exceeded", False),  # OpenAI's
+    ("the input length exceeds the context length", 400, "context_length_exceeded", False),
+    ({"object": "error", "message": "bad top_k", "type": "BadRequestError", "code": 400}, 400,
+     None, False),  # vLLM's
+    ({"code": 429, "message": "slow down", "type": "rate_limit_error"}, 429,
+     "rate_limit_exceeded", False),
+    (["not", "an", "object"], 502, "upstream_stream_error", True),
+])
+def test_an_error_event_is_what_its_status_or_code_says(
+        event: object, status: int, code: str | None, retried: bool) -> None:
+    error = stream_error("b", event)
+    assert (error.status, error.code) == (status, code)
+    assert (disposition(error) == "retry") is retried

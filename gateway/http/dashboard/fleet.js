@@ -68,7 +68,8 @@ function layout(s) {
 
 function showFleet(s) {
   const drawnFrom = JSON.stringify([s.ready, s.tunnels, s.backends, Object.entries(
-    s.deployments).map(([k, d]) => [k, d.breaker, d.in_flight, d.queued])]);
+    s.deployments).map(([k, d]) => [k, d.breaker, d.in_flight, d.queued,
+                                    d.rate_limited_s > 0])]);
   if (drawnFrom === fleetDrawnFrom) return;  // redrawn only when something shown changed
   fleetDrawnFrom = drawnFrom;
   const {lanes: placed, tunnelY, height} = layout(s);
@@ -155,7 +156,8 @@ function modelRow(id, model, d, y) {
   const {x, w} = BACKEND;
   const breaker = d ? d.breaker : 'none';
   const note = d ? `${breaker.replace('_', '-')} · ${d.in_flight} in flight`
-    + (d.queued ? ` · ${d.queued} queued` : '') : 'no deployment';
+    + (d.queued ? ` · ${d.queued} queued` : '')
+    + (d.rate_limited_s ? ' · rate-limited' : '') : 'no deployment';
   return svg('g', {class: `model breaker-${breaker}`, 'data-deployment': id,
                    'data-breaker': breaker, 'data-in-flight': d ? d.in_flight : 0},
     svg('title', {}, d && d.latency_ms != null ? `${model}: ${d.latency_ms} ms` : model),
