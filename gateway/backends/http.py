@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -57,7 +57,7 @@ class Translator(Protocol):
     def chunk(self, obj: Any) -> Chunk: ...
 
 
-Decoder = Callable[[AsyncIterable[bytes]], AsyncGenerator[list[Any]]]
+Decoder = Callable[[Response], AsyncGenerator[list[Any]]]
 
 
 class HttpBackend:

@@ -12,10 +12,11 @@ from typing import Any
 
 from gateway.backends.base import Health
 from gateway.backends.http import HttpBackend
+from gateway.backends.response import Response
 from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.openai_stream import OpenAITranslator
-from gateway.protocol.sse import decode_sse
+from gateway.protocol.sse import decode_sse, decode_whole
 from gateway.protocol.times import plausible_seconds
 from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
 
@@ -77,11 +78,11 @@ class OpenAICompatBackend(HttpBackend):
     def chat(self, req: ChatRequest, model: str) -> AsyncGenerator[Chunk]:
         payload = self._payload(req, model)
         return self.generate("/chat/completions", payload, OpenAITranslator(self.name),
-                             decode_sse, whole=not req.stream)
+                             _decode, whole=not req.stream)
 
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
         payload = self._payload(req, model)
-        return self.generate("/completions", payload, OpenAITranslator(self.name), decode_sse,
+        return self.generate("/completions", payload, OpenAITranslator(self.name), _decode,
                              whole=not req.stream)
 
     async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult:
@@ -111,3 +112,12 @@ class OpenAICompatBackend(HttpBackend):
         elif req.sampling.max_tokens is not None:
             payload["max_tokens"] = req.sampling.max_tokens
         return payload
+
+
+def _decode(response: Response) -> AsyncGenerator[list[Any]]:
+    """The answer's event stream, as asked for; or, from a server that ignores ``stream``
+    and answers whole, that answer as its one event.
+    """
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return decode_whole(response)
+    return decode_sse(response)

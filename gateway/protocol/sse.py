@@ -171,6 +171,15 @@ async def decode_sse(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]]:
         yield objects
 
 
+async def decode_whole(reads: AsyncIterable[bytes]) -> AsyncGenerator[list[Any]]:
+    """A whole JSON answer, as the one event of its stream: what a server that ignores
+    ``stream`` sends.
+    """
+    objects = _each([b"".join([data async for data in reads])], "answer")
+    if objects:
+        yield objects
+
+
 def _payloads(payloads: list[bytes]) -> tuple[list[Any], bool]:
     """The events' JSON objects up to ``[DONE]``, and whether it came."""
     done = b"[DONE]" in payloads

@@ -47,6 +47,7 @@ class Faults:
     reply: str | None = None  # answer this text, as it is, whatever was asked ("" answers empty)
     finish: str | None = None  # end with this finish reason ("length": cut by its own limit)
     no_usage: bool = False  # say no token counts (a server that ignores include_usage)
+    ignore_stream: bool = False  # answer whole even when asked for a stream
     remaining: int | None = None
 
     def at(self, i: int) -> bool:

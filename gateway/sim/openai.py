@@ -178,7 +178,7 @@ async def _answer(request: web.Request, state: SimState, model: SimModel, body: 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and \
             not faults.no_usage
         framer = _Framer(model.name, flavor, chat, include_usage)
-        if not stream:
+        if not stream or faults.ignore_stream:
             await pace_whole(model, plan)
             record["outcome"] = "completed"
             record["tokens"] = plan.completion_tokens

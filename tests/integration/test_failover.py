@@ -571,6 +571,20 @@ async def test_malformed_event_is_skipped_without_another_attempt(
     assert len(fleet.primary.requests("/api/chat")) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_server_that_ignores_stream_and_answers_whole_is_understood(
+    routed_gateway: ServerThread, fleet: Fleet, stream: bool
+) -> None:
+    # The gateway asks every upstream for a stream; a server without streaming answers whole.
+    fleet.cloud.fault("gpt-4o-mini", ignore_stream=True)
+    reply = await ask(routed_gateway, "gpt-4o-mini", stream=stream,
+                      stream_options={"include_usage": True} if stream else None)
+    complete(reply)
+    usage = reply.body[-2]["usage"] if stream else reply.body["usage"]
+    assert usage["completion_tokens"] == len(DEFAULT_REPLY.split())
+    assert len(fleet.cloud.requests()) == 1
+
+
 async def test_stream_without_done_is_finalised_at_once(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
