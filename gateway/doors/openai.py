@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from gateway.config import ReasoningMode
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ModelNotFound
 from gateway.http.access import context, usage_sink, visible
 from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
@@ -87,7 +87,12 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return json_response(model_entry(request.app[PIPELINE].models.one(request.match_info["model"])))
+    """A model, as the list shows it: one the key may not use is not found, as OpenAI
+    answers for a model the account has no access to."""
+    name = request.match_info["model"]
+    if not visible(request, [model := request.app[PIPELINE].models.one(name)]):
+        raise ModelNotFound(name)
+    return json_response(model_entry(model))
 
 
 def model_entry(model: Listed) -> dict[str, Any]:

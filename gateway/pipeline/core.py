@@ -201,6 +201,7 @@ class Pipeline:
         for plugin in self.plugins:
             req = await plugin.on_embed(req)
         result, deployment, attempts = await self.router.embed(req, batch)
+        result.shortened(req.dimensions, req.model)
         if on_usage is not None:
             on_usage(result.prompt_tokens)
         model = deployment.model.name

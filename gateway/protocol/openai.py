@@ -158,7 +158,7 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
 
 def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
     inputs = _embedding_inputs(body.get("input"))
-    encoding = body.get("encoding_format", "float")
+    encoding = body.get("encoding_format") or "float"  # (null: unset, as some wrappers send)
     if encoding not in ("float", "base64"):
         raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
     dimensions = _integer(body, "dimensions", 1, 65_536)

@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
+
+from gateway.errors import InvalidRequest
+
 
 @dataclass(slots=True)
 class Usage:
@@ -201,6 +205,21 @@ class ModelInfo:
 class EmbeddingResult:
     vectors: list[list[float]]
     prompt_tokens: int = 0
+
+    def shortened(self, dimensions: int | None, model: str) -> None:
+        """The vectors cut to ``dimensions`` and scaled back to unit length, as OpenAI
+        shortens its own, where the backend ignored the field (llama.cpp, vLLM for most
+        models); more than the model makes is the client's mistake.
+        """
+        if dimensions is None or not self.vectors or len(self.vectors[0]) == dimensions:
+            return
+        made = len(self.vectors[0])
+        if made < dimensions:
+            raise InvalidRequest(f"{model} makes embeddings of {made} dimensions; "
+                                 f"'dimensions' must be at most {made}.", param="dimensions")
+        cut = numpy.asarray(self.vectors, dtype=numpy.float64)[:, :dimensions]
+        norms = numpy.linalg.norm(cut, axis=1, keepdims=True)
+        self.vectors = (cut / numpy.where(norms == 0, 1.0, norms)).tolist()
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMBT]?)\s*$", re.IGNORECASE)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy
 import ollama
 import openai
 import pytest
@@ -126,6 +127,25 @@ def test_llamacpp_embeddings(via_gateway: openai.OpenAI, real_llamacpp: RealServ
         expected = direct.embeddings.create(model="smollm2-135m", input="hello",
                                             encoding_format="float")
     assert result.data[0].embedding == pytest.approx(expected.data[0].embedding, abs=1e-6)
+
+
+def test_llamacpp_embeddings_are_shortened_to_the_dimensions_asked_for(
+    via_gateway: openai.OpenAI, real_llamacpp: RealServer
+) -> None:
+    """llama.cpp ignores ``dimensions`` and answers 576; a vector store made for 64 then
+    refuses the insert. They are cut and scaled to unit length, as OpenAI shortens its own.
+    """
+    full = via_gateway.embeddings.create(model="smollm2-135m", input=["hello", "world"])
+    short = via_gateway.embeddings.create(model="smollm2-135m", input=["hello", "world"],
+                                          dimensions=64)  # (base64, the SDK's default)
+    for whole, cut in zip(full.data, short.data, strict=True):
+        assert len(cut.embedding) == 64
+        expected = numpy.array(whole.embedding[:64])
+        assert cut.embedding == pytest.approx(list(expected / numpy.linalg.norm(expected)),
+                                              abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as refused:
+        via_gateway.embeddings.create(model="smollm2-135m", input="hello", dimensions=1024)
+    assert refused.value.param == "dimensions" and "at most 576" in refused.value.message
 
 
 def test_llamacpp_request_with_tools_passes_through_unchanged(

@@ -121,6 +121,10 @@ async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession) -
         status, body, _ = await post(http, "/v1/embeddings", {
             "model": "nomic-embed-text", "input": "x", "dimensions": dimensions})
         assert_error(status, body, 400, param="dimensions")
+    # An explicit null is "not set", as wrappers send it.
+    status, body, _ = await post(http, "/v1/embeddings", {
+        "model": "nomic-embed-text", "input": "x", "encoding_format": None, "dimensions": None})
+    assert status == 200 and isinstance(orjson.loads(body)["data"][0]["embedding"], list), body
 
 
 async def test_unknown_model_is_a_404_model_not_found(http: aiohttp.ClientSession) -> None:

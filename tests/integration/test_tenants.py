@@ -219,6 +219,9 @@ def test_a_key_may_use_only_its_models_and_lists_only_those(keyed: ServerThread)
             c.chat.completions.create(model=MODEL, messages=USER)
         assert caught.value.body["code"] == "model_not_allowed"  # type: ignore[index]
         assert {m.id for m in c.models.list()} == {"phi3.5:3.8b", "auto:fast"}
+        assert c.models.retrieve("phi3.5:3.8b").id == "phi3.5:3.8b"
+        with pytest.raises(openai.NotFoundError):  # as the list: not there for this key
+            c.models.retrieve(MODEL)
         with pytest.raises(openai.PermissionDeniedError):
             c.embeddings.create(model="nomic-embed-text", input="hi")
     with ollama_as(keyed, "small") as ollama_client:
