@@ -172,7 +172,7 @@ def from_upstream_status(
     if status in (408, 504):
         return UpstreamTimeout(text, backend=backend)
     if status == 503 and BUSY in message:  # Ollama's queue is full: it is up, and busy
-        return RateLimited(text, retry_after=retry_after)
+        return Unavailable(text, backend=backend, retry_after=retry_after, code="backend_busy")
     if status == 503:
         return Unavailable(text, backend=backend, retry_after=retry_after)
     if status in (401, 403):

@@ -66,8 +66,8 @@ def counts_against(error: GatewayError) -> bool:
 
 
 def throttled(error: GatewayError) -> bool:
-    """The upstream's rate limit (not a deployment found full here)."""
-    return error.status == 429 and error.code not in ELSEWHERE
+    """The upstream's rate limit, or its queue full (not a deployment found full here)."""
+    return (error.status == 429 and error.code not in ELSEWHERE) or error.code == "backend_busy"
 
 
 class Lease:
@@ -324,8 +324,9 @@ class Attempts:
             wait = min(s.rest_until - now if s.rest_until > now else s.latency or 1.0
                        for s in healthy)
             if all(s.rest_until > now for s in healthy):
-                return RateLimited("The upstreams of this model are rate-limiting it; retry "
-                                   "after the wait they asked for.", retry_after=max(1.0, wait))
+                return RateLimited("Every deployment of this model is rate-limited or busy "
+                                   "upstream; retry after the wait it asked for.",
+                                   retry_after=max(1.0, wait))
             return RateLimited("All deployments of this model are busy; retry shortly.",
                                retry_after=max(1.0, wait), code="deployment_busy")
         down = sorted({d.backend.name for c in self._candidates for d in c.deployments

@@ -67,7 +67,7 @@ def test_ollamas_full_queue_is_a_busy_server_not_a_failing_one() -> None:
     # on a host that is merely busy.
     busy = from_upstream_status(
         "studio", 503, "server busy, please try again.  maximum pending requests exceeded", None)
-    assert (busy.status, busy.type) == (429, "rate_limit_error")
+    assert (busy.status, busy.code) == (503, "backend_busy")
     assert disposition(busy) == "wait" and not counts_against(busy)
     down = from_upstream_status("studio", 503, "Loading model", None)
     assert down.status == 503 and counts_against(down)
