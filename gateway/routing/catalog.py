@@ -146,7 +146,7 @@ class ModelCatalog:
             if backend in self._listings:
                 found = [d for d in self._lookup(rest) if d.backend.name == backend]
         if not found:
-            raise ModelNotFound(name, self._unreachable())
+            raise ModelNotFound(name, self.unreachable())
         return found
 
     def _lookup(self, name: str) -> list[Deployment]:
@@ -157,7 +157,9 @@ class ModelCatalog:
             found = self._index.get(name.removesuffix(":latest"))
         return found or []
 
-    def _unreachable(self) -> list[str]:
+    def unreachable(self) -> list[str]:
+        """The backends whose models could not be listed last time (any model may be
+        theirs)."""
         return [name for name, listing in self._listings.items() if not listing.status.ok]
 
     def models(self) -> list[tuple[str, Deployment]]:

@@ -4,7 +4,8 @@ worker that dies loses nothing (its lines are claimed again after the visibility
 and a line done twice is written once (results are kept per ``custom_id``).
 
 A line no backend can answer now (the whole fleet down, every deployment busy) is put back
-and tried again with backoff, until the batch's window runs out: it is not failed. A store
+and tried again with backoff, until the batch's window runs out: it is not failed. So is,
+for ten minutes, one whose model is not found while a backend cannot be listed. A store
 that goes away (Redis restarting) stops nothing either: the worker waits for it, and the
 lines it held come back to the queue after the visibility timeout.
 """
@@ -37,6 +38,9 @@ NOT_NOW = frozenset({429, 502, 503, 504})
 # answer longer than the total limit): after this many it is the line's answer, where it
 # would take a slot at each try until its batch expired.
 TIMEOUT_TRIES = 3
+# A model not found while a backend cannot be listed may be that backend's (a gateway
+# started while the workstation reboots): its lines wait this long before the 404 is theirs.
+MISSING_SECONDS = 600.0
 CLAIM_WAIT = 5.0  # seconds a claim waits for lines before looking again
 NOT_YET = 0.05  # seconds before a line of a batch still being started is tried again
 
@@ -54,6 +58,8 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
         self._timeouts: dict[tuple[str, int], int] = {}  # ... of which for a timeout
+        # ... and since when its model was not found, a backend unlisted (monotonic)
+        self._missing: dict[tuple[str, int], float] = {}
         self.answered = 0
         self._down = 0  # claims in a row that found the store unavailable
 
@@ -172,10 +178,21 @@ class Worker:
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
                                     self._reasoning, used.add)
         await self._spending.settle(spend, used, line.body, batch["endpoint"], status == 200)
-        if status in NOT_NOW and not (status == 504 and self._timed_out(line)):
+        if (status in NOT_NOW and not (status == 504 and self._timed_out(line))) or \
+                (status == 404 and self._maybe_unlisted(line, body)):
             await self._later(line)
         else:
             await self._finish(line, status, body)
+
+    def _maybe_unlisted(self, line: Line, body: dict[str, Any]) -> bool:
+        """Whether a line's model not found may be a backend's that could not be listed,
+        for ``MISSING_SECONDS`` from the first time.
+        """
+        if body["error"].get("code") != "model_not_found" or \
+                not self._pipeline.router.catalog.unreachable():
+            return False
+        since = self._missing.setdefault((line.batch, line.n), time.monotonic())
+        return time.monotonic() - since < MISSING_SECONDS
 
     def _timed_out(self, line: Line) -> bool:
         """Whether the line has timed out ``TIMEOUT_TRIES`` times, this one counted."""
@@ -192,6 +209,7 @@ class Worker:
     def _forget(self, line: Line) -> None:
         self._tries.pop((line.batch, line.n), None)
         self._timeouts.pop((line.batch, line.n), None)
+        self._missing.pop((line.batch, line.n), None)
 
     async def _finish(self, line: Line, status: int, body: dict[str, Any]) -> None:
         self._forget(line)

@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app
+from gateway.tasks import worker
 from gateway.tasks.api import TASKS
 from gateway.tasks.worker import CLAIM_WAIT, TIMEOUT_TRIES
-from tests.integration.conftest import FAST, Fleet, fleet_config
+from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
 from tests.redis_peer import RedisServer
 from tests.support import (
     ServerThread,
@@ -529,6 +530,50 @@ def test_a_fleet_down_leaves_lines_queued_until_the_window_runs_out(fleet: Fleet
         done = finished(api, later.id, limit=20)
         assert done.status == "completed" and done.request_counts is not None
         assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
+    finally:
+        server.stop()
+
+
+def test_a_gateway_started_while_a_backend_is_down_keeps_its_models_lines_for_it(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model not found while a backend could not be listed may be that backend's (the
+    gateway restarted while the workstation reboots): its lines wait for it, where they
+    failed with 404 for good. A model no backend has is still a 404, after a while.
+    """
+    monkeypatch.setattr(worker, "MISSING_SECONDS", 3.0)
+    fleet.threads["primary"].stop()  # the workstation, away as the gateway starts
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST),
+        server={"discovery_interval": 0.5}, routing={"health_interval": 0.5},
+        tasks={"retry_initial": 0.05, "retry_max": 0.2}))
+    try:
+        api = openai_client(server.url)
+
+        def batch_of(*lines: dict[str, Any]) -> str:
+            source = api.files.create(file=("lines.jsonl", jsonl(list(lines))), purpose="batch")
+            return api.batches.create(input_file_id=source.id, completion_window="24h",
+                                      endpoint="/v1/chat/completions").id
+
+        waiting = batch_of(chat_line(0), chat_line(1))
+        time.sleep(1.5)
+        now = api.batches.retrieve(waiting)
+        assert now.status == "in_progress" and now.request_counts is not None
+        assert now.request_counts.failed == 0  # waiting, not failed
+        fleet.restart("primary", lambda: create_ollama_app(host_models()))
+        done = finished(api, waiting, limit=20)
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+
+        fleet.threads["primary"].stop()  # away again: a model no backend has waits a while
+        wait_until(lambda: server.app[CATALOG].unreachable() == ["primary"], 10,
+                   "the workstation found away")
+        started = time.monotonic()
+        unknown = finished(api, batch_of(chat_line(2, model="no-such-model:7b")), limit=10)
+        assert time.monotonic() - started >= 2.5  # (MISSING_SECONDS)
+        assert unknown.request_counts is not None and unknown.request_counts.failed == 1
+        errors = output(api, unknown.error_file_id)  # type: ignore[arg-type]
+        assert errors["request-2"]["response"]["status_code"] == 404
     finally:
         server.stop()
 
