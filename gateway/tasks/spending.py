@@ -1,5 +1,6 @@
 """A batch's lines spend its key's token budget, as the key's live requests do; a key
-revoked or expired since the batch was made answers no more of its lines. The key's rates
+revoked or expired since the batch was made answers no more of its lines, and one allowed
+fewer models since has its lines refused those. The key's rates
 and slots do not apply to them: the lines have their share of the deployments instead.
 """
 
@@ -29,12 +30,13 @@ class Spending:
         self._book = book
         self._limits = limits
 
-    async def admit(self, tenant: str) -> Spend | None:
-        """Whether the batch's key may have a line answered now; raises the refusal
-        (``Unavailable`` while the keys' store is away: the line waits).
+    async def admit(self, tenant: str) -> tuple[Spend | None, KeyConfig | None]:
+        """Whether the batch's key may have a line answered now, and the key as it is now
+        (the models it may use may have changed since the batch was made); raises the
+        refusal (``Unavailable`` while the keys' store is away: the line waits).
         """
         if not tenant or not self._book.required:
-            return None
+            return None, None
         try:
             key = await self._book.by_id(tenant)
         except Away:
@@ -44,13 +46,13 @@ class Spending:
             raise AuthenticationFailed("The batch's API key no longer exists.")
         check_standing(key)
         if not key.budget:
-            return None
+            return None, key
         budget = KeyConfig(id=key.id, hash=key.hash, budget=key.budget,
                            budget_period=key.budget_period)
         admission = await self._limits.admit(budget, 0)
         if admission.reason:
             raise over_limit(admission)
-        return Spend(budget, admission)
+        return Spend(budget, admission), key
 
     async def settle(self, spend: Spend | None, used: Tally, body: dict[str, Any],
                      endpoint: str, answered: bool) -> None:

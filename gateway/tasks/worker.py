@@ -165,15 +165,15 @@ class Worker:
             await self._batches.expire(line.batch)
             return
         try:
-            spend = await self._spending.admit(batch["tenant"])
+            spend, key = await self._spending.admit(batch["tenant"])
         except Unavailable:  # the keys' store is away: later
             await self._later(line)
             return
         except GatewayError as refused:  # the key revoked or expired, its budget spent
             await self._finish(line, refused.status, refused.payload())
             return
-        who = Who(batch["tenant"], tuple(batch.get("models") or ()),
-                  batch.get("cache_scope") or "")
+        who = Who(batch["tenant"], key.models, key.cache) if key is not None else \
+            Who(batch["tenant"], tuple(batch.get("models") or ()), batch.get("cache_scope") or "")
         used = Tally()
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
                                     self._reasoning, used.add)

@@ -215,6 +215,53 @@ def test_batch_lines_spend_their_keys_token_budget(fleet: Fleet) -> None:
         server.stop()
 
 
+def admin_call(server: ServerThread, path: str, body: Any, method: str) -> Any:
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     method=method, headers={
+                                         "Authorization": f"Bearer {ADMIN}",
+                                         "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_key_allowed_fewer_models_mid_batch_has_its_lines_refused_them(fleet: Fleet) -> None:
+    """The models a key may use are looked up for each line, as its standing and budget
+    are: an admin narrowing them stops the batch's lines for the others at once, as it
+    stops its live requests (they went on with the models of the key when it was made).
+    """
+    fleet.primary.fault("qwq:32b", latency=0.2)
+    with RedisServer() as redis:
+        server = start_gateway(gateway_config(
+            backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+            tenants={"store": "redis", "redis_url": redis.url},
+            auth={"admin_key_hashes": [hashlib.sha256(ADMIN.encode()).hexdigest()]},
+            tasks={"concurrency": 1}))
+        try:
+            issued = admin_call(server, "/admin/keys", {
+                "id": "team", "models": ["qwq:32b", "qwen2.5-coder:32b"]}, "POST")
+            api = openai_client(server.url, issued["key"])
+            source = api.files.create(file=("lines.jsonl", jsonl(
+                [chat_line(n) for n in range(8)])), purpose="batch")
+            batch = api.batches.create(input_file_id=source.id, completion_window="24h",
+                                       endpoint="/v1/chat/completions")
+
+            def answered() -> int:
+                counts = api.batches.retrieve(batch.id).request_counts
+                return counts.completed if counts is not None else 0
+
+            wait_until(lambda: answered() >= 1, 10, "a line answered")
+            admin_call(server, "/admin/keys/team", {"models": ["qwen2.5-coder:32b"]}, "PATCH")
+            done = finished(api, batch.id)
+            assert done.request_counts is not None
+            assert done.request_counts.completed <= 3  # (those answered as it changed)
+            refused = output(api, done.error_file_id)  # type: ignore[arg-type]
+            assert len(refused) >= 5
+            assert {r["response"]["body"]["error"]["code"] for r in refused.values()} == {
+                "model_not_allowed"}
+        finally:
+            server.stop()
+
+
 def test_batch_lines_from_a_backend_that_does_not_count_spend_an_estimate(
         fleet: Fleet) -> None:
     """An answer without token counts costs what was estimated (its text, about four
