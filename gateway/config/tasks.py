@@ -42,8 +42,10 @@ class TasksConfig:
             yield "concurrency", "expected at least 1"
         if not 0.0 < self.share <= 1.0:
             yield "share", "expected a share above 0, at most 1 (0.5: half)"
-        if self.max_file_bytes < 1 or self.max_lines < 1:
+        if self.max_file_bytes < 1:
             yield "max_file_bytes", "expected a positive size"
+        if self.max_lines < 1:
+            yield "max_lines", "expected a positive number"
         if self.visibility_timeout <= 0:
             yield "visibility_timeout", "expected seconds > 0"
         if self.queue == "redis" and (problem := redis_url_problem(self.redis_url)):

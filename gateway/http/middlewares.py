@@ -128,12 +128,17 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             elif request.path.startswith("/admin/"):
                 admit_admin(request)
             server = request.app[CONFIG].server
-            limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD \
-                if request.path == UPLOADS else server.max_body_bytes
+            upload = request.path == UPLOADS
+            limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD if upload \
+                else server.max_body_bytes
             check_body(request, limit)
             if request.body_exists:
-                with bodies.holding(request.content_length or limit):
-                    await read_body(request, server.body_timeout)
+                size = request.content_length or limit
+                with bodies.holding(size):
+                    # An upload (a client with a key) gets the time its size takes on a
+                    # slow link too: a 100 MB batch file does not arrive in 30 seconds.
+                    await read_body(request, server.body_timeout +
+                                    (size / UPLOAD_RATE if upload else 0.0))
                     response = await (handler(request) if key is None
                                       else limited(request, handler, key, limits))
             else:
@@ -223,6 +228,7 @@ def _record(request: web.Request, response: web.StreamResponse, door: str, opera
 
 
 UPLOADS = "/v1/files"  # bodies up to [tasks] max_file_bytes, not [server] max_body_bytes
+UPLOAD_RATE = 128 * 1024  # bytes a second an upload is given time for (a 1 Mbit/s link)
 UPLOAD_OVERHEAD = 64 * 1024  # a multipart body's own, around the file
 
 

@@ -62,8 +62,8 @@ async def list_files(request: web.Request) -> web.Response:
         raise InvalidRequest("order must be asc or desc.", param="order")
     files = sorted((f for f in await request.app[TASKS].store.files(request[TENANT])
                     if purpose is None or f["purpose"] == purpose),
-                   key=lambda f: f["created_at"], reverse=order == "desc")
-    return json_response(_page(request, files, FILES_LIMIT))
+                   key=lambda f: (f["created_at"], f["id"]), reverse=order == "desc")
+    return json_response(_page(request, files, FILES_LIMIT, descending=order == "desc"))
 
 
 async def get_file(request: web.Request) -> web.Response:
@@ -91,7 +91,7 @@ async def create_batch(request: web.Request) -> web.Response:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.",
                              param="endpoint")
     window = body.get("completion_window", "24h")
-    if window not in WINDOWS:
+    if not isinstance(window, str) or window not in WINDOWS:
         raise InvalidRequest("completion_window must be 24h.", param="completion_window")
     metadata = body.get("metadata")
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or
@@ -137,14 +137,15 @@ async def get_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    everything = await request.app[TASKS].store.batches(request[TENANT])
+    everything = sorted(await request.app[TASKS].store.batches(request[TENANT]),
+                        key=lambda b: (b["created_at"], b["id"]), reverse=True)
     return json_response(_page(request, everything, LIST_LIMIT, default=20))
 
 
 def _page(request: web.Request, records: list[dict[str, Any]], most: int,
-          default: int | None = None) -> dict[str, Any]:
-    """A page of ``records``: ``limit`` of them (up to ``most``) from the one after
-    ``after``, in OpenAI's list shape.
+          default: int | None = None, descending: bool = True) -> dict[str, Any]:
+    """A page of ``records`` (in the order of their ids, ``descending`` or not): ``limit``
+    of them (up to ``most``) from the one after ``after``, in OpenAI's list shape.
     """
     try:
         limit = max(1, min(most, int(request.query.get("limit", default or most))))
@@ -153,7 +154,11 @@ def _page(request: web.Request, records: list[dict[str, Any]], most: int,
     after = request.query.get("after")
     if after is not None:
         ids = [r["id"] for r in records]
-        records = records[ids.index(after) + 1:] if after in ids else []
+        if after in ids:
+            records = records[ids.index(after) + 1:]
+        else:  # deleted meanwhile: those it came before
+            records = [r for r in records if (r["id"] < after if descending
+                                              else r["id"] > after)]
     page = [shown(r) for r in records[:limit]]
     return {"object": "list", "data": page,
             "first_id": page[0]["id"] if page else None,

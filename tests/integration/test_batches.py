@@ -342,6 +342,19 @@ def test_a_batch_without_an_input_file_or_with_too_much_metadata_is_a_400(
             api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
                                completion_window="24h", metadata=metadata)
         assert caught.value.param == "metadata"
+    with pytest.raises(openai.BadRequestError) as caught:  # (a 500 it was)
+        api.post("/batches", cast_to=object, body={
+            "input_file_id": source.id, "endpoint": "/v1/chat/completions",
+            "completion_window": ["24h"]})
+    assert caught.value.param == "completion_window"
+
+
+def test_a_file_written_with_a_byte_order_mark_runs(gateway: ServerThread) -> None:
+    api = client(gateway)
+    done = run(api, "windows.jsonl", io.BytesIO(b"\xef\xbb\xbf" + jsonl(
+        [chat_line(1), chat_line(2)]).getvalue()))
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
 
 
 def test_blank_lines_do_not_count_against_the_request_limit(ollama_sim: Sim) -> None:
@@ -479,10 +492,9 @@ def test_files_are_listed_shown_and_deleted(gateway: ServerThread) -> None:
 def test_files_are_listed_newest_first_a_page_at_a_time(gateway: ServerThread) -> None:
     api = client(gateway)
     made = []
-    for n in range(5):
+    for n in range(5):  # (within a second: created_at is in seconds, the order is not)
         made.append(api.files.create(file=(f"{n}.txt", io.BytesIO(b"x")),
                                      purpose="user_data").id)
-        time.sleep(1.01 if n < 4 else 0)  # (created_at is in seconds)
     first = api.files.list(limit=2)
     assert [f.id for f in first.data] == made[:-3:-1] and first.has_more
     assert [f.id for f in api.files.list(limit=2)] == made[::-1]  # every page, in turn
@@ -490,6 +502,12 @@ def test_files_are_listed_newest_first_a_page_at_a_time(gateway: ServerThread) -
     with pytest.raises(openai.BadRequestError) as caught:
         api.files.list(order="sideways")  # type: ignore[arg-type]
     assert caught.value.param == "order"
+    # The clean-up loop: each page's last id is deleted before the next page is asked for.
+    for n in range(5):
+        api.files.create(file=(f"more-{n}.txt", io.BytesIO(b"x")), purpose="user_data")
+    for file in api.files.list(limit=3):
+        api.files.delete(file.id)
+    assert list(api.files.list()) == []
 
 
 def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None:
