@@ -36,6 +36,7 @@ from gateway.config.serving import (
 )
 from gateway.config.tasks import TasksConfig
 from gateway.config.upstreams import (
+    TIERS,
     BackendConfig,
     BackendKind,
     ForwardConfig,
@@ -46,6 +47,7 @@ from gateway.config.upstreams import (
 from gateway.typed_toml import ConfigError, build
 
 __all__ = [
+    "TIERS",
     "AlertRule",
     "AliasConfig",
     "AuthConfig",

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 BackendKind = Literal["ollama", "openai", "embedded"]
 Tier = Literal["primary", "server", "cloud"]
+# Best first: a model's deployments on a lower tier answer only when those above cannot.
+TIERS: tuple[Tier, ...] = ("primary", "server", "cloud")
 FIRST_TOKEN = 30.0  # a first token that has not come in this long is a stall...
 EMBEDDED_FIRST_TOKEN = 120.0  # ...except from a small CPU working through a long prompt
 EMBEDDED_SLOTS = 2

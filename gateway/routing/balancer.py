@@ -12,11 +12,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.config import RoutingConfig
+from gateway.config import TIERS, RoutingConfig
 from gateway.errors import RateLimited
 from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.catalog import Deployment
 
+TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
 EWMA_WEIGHT = 0.3  # share of the newest latency sample
 # A latency older than this says little about now: the deployment is tried again (a slow
 # host that recovered must be able to show it).
@@ -281,13 +282,16 @@ class Balancer:
 
     def choose(self, deployments: Sequence[Deployment]) -> Deployment | None:
         """Power of two choices among the deployments that take requests now (``takes``)
-        and can take (or queue) one more.
+        and can take (or queue) one more, of the best tier among them.
         """
         now = time.monotonic()
         if len(deployments) == 1:  # the common case: nothing to balance
             only = deployments[0]
             return only if self.takes(only, now) and self.state(only).can_queue() else None
         open_ = [d for d in deployments if self.takes(d, now) and self.state(d).can_queue()]
+        if len(open_) > 1:  # the best tier's: the cloud is the last resort, not a share
+            best = min(TIER_RANK[d.backend.tier] for d in open_)
+            open_ = [d for d in open_ if TIER_RANK[d.backend.tier] == best]
         if len(open_) <= 1:
             return open_[0] if open_ else None
         first, second = random.sample(open_, 2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.config import AliasConfig, GatewayConfig
+from gateway.config import TIERS, AliasConfig, GatewayConfig
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 from gateway.routing.candidates import Candidate, Route
@@ -34,7 +34,6 @@ BUILTIN_ALIASES: dict[str, AliasConfig] = {
                                             "mlx": ("deepseek-r1-distill-llama:70b",)},
                                   prefer=("ollama", "mlx")),
 }
-TIER_ORDER = ("primary", "server", "cloud")
 PRIORITY = Priority()
 PICKS_CACHE = 64  # remembered alias picks (per alias, capability needs, catalog version)
 CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
@@ -261,9 +260,9 @@ class Selector:
     def _lower_tiers(self, route: list[Candidate], needs: Needs) -> list[Candidate]:
         """Models of the tiers below the lowest one already in the route (server, cloud)."""
         tiers = {d.backend.tier for c in route for d in c.deployments}
-        lowest = max((TIER_ORDER.index(t) for t in tiers), default=0)
+        lowest = max((TIERS.index(t) for t in tiers), default=0)
         out: list[Candidate] = []
-        for tier in TIER_ORDER[lowest + 1:]:
+        for tier in TIERS[lowest + 1:]:
             tier_models = [
                 Candidate(name, ds, f"{tier} tier fallback")
                 for name in self._catalog.names()

@@ -148,3 +148,30 @@ async def test_ollamas_parallel_in_the_config_caps_what_it_is_sent(fleet: Fleet)
             complete(reply)
     finally:
         gateway.stop()
+
+
+async def test_a_model_also_in_the_cloud_is_answered_there_only_when_its_host_cannot(
+    fleet: Fleet
+) -> None:
+    """The cloud tier is the last resort, also for a model it serves under the same name:
+    it took a share of the traffic (all of it, as its simulated latency was lower) while the
+    workstation was up and idle.
+    """
+    cloud = ServerThread(lambda: create_openai_app([SimModel(MODEL)], flavor="openai")).start()
+    gateway = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url),
+        backend("cloud", "openai", cloud.url + "/v1", tier="cloud"),
+        routing={"breaker": {"failures": 2, "cooldown": 30.0}}))
+    try:
+        for _ in range(12):
+            reply = await ask(gateway, MODEL)
+            complete(reply)
+            assert reply.headers["x-gateway-backend"] == "primary"
+        fleet.primary.fault(MODEL, status=500)  # the host fails: the cloud answers
+        for _ in range(4):
+            reply = await ask(gateway, MODEL)
+            complete(reply)
+            assert reply.headers["x-gateway-backend"] == "cloud"
+    finally:
+        gateway.stop()
+        cloud.stop()

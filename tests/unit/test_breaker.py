@@ -162,7 +162,7 @@ async def test_a_batch_line_waits_one_queue_timeout_in_all_however_many_deployme
     """
     config = RoutingConfig(queue_timeout=0.4)
     balancer = Balancer(config, lambda backend: (2, 8))  # 2 slots: a batch share of 1 each
-    deployments = [Deployment(SimpleNamespace(name=name), ModelInfo("m", name))  # type: ignore[arg-type]
+    deployments = [Deployment(SimpleNamespace(name=name, tier="primary"), ModelInfo("m", name))  # type: ignore[arg-type]
                    for name in ("a", "b", "c")]
     for deployment in deployments:
         await balancer.state(deployment).acquire_batch(0.5, 1)  # every share taken
