@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig, KeyConfig
+from gateway.errors import GatewayError
 from gateway.monitor import HealthWatcher, Monitor
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
@@ -38,3 +39,7 @@ KEY = web.RequestKey("key", KeyConfig)  # the key presented, when there is one
 BODY = web.RequestKey("body", dict[str, Any])  # the JSON body, once parsed
 USAGE = web.RequestKey("usage", Tally)  # the tokens the answers used (a key with limits)
 RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])  # x-ratelimit-*
+# How a stream that had begun ended otherwise than whole: its in-band error, or the client
+# leaving (``CLIENT_CLOSED``): what the records say of it, its status long since 200.
+ENDED = web.RequestKey("ended", GatewayError)
+STREAM = web.RequestKey("stream", web.StreamResponse)  # the stream answering it, once begun

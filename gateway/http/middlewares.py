@@ -7,10 +7,11 @@ the default).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -22,11 +23,12 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    client_closed,
 )
 from gateway.http.access import OPERATOR_PATHS, admit_admin, identify, limited
 from gateway.http.bodies import BodyBudget, check_body, read_body
 from gateway.http.cors import Cors
-from gateway.keys import BODY, CONFIG, REQUEST_ID, TENANT
+from gateway.keys import BODY, CONFIG, ENDED, REQUEST_ID, STREAM, TENANT
 from gateway.protocol.ids import unique_id
 from gateway.protocol.times import ms, stamp
 from gateway.telemetry import NOTES, AnySpan, Instruments, Telemetry
@@ -163,33 +165,56 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             log.exception("request %s failed", request_id)
             response = shaped(request, GatewayError(
                 "The gateway failed to handle this request.", code="internal_error"))
+        except asyncio.CancelledError:  # the client left (aiohttp cancels its handler):
+            if metered or span.recording or notes is not None:  # it is in the records
+                stream = request.get(STREAM)
+                _account(telemetry, span, notes, door, operation, request,
+                         stream.headers if stream is not None else {}, started,
+                         client_closed())
+            raise
         if not response.prepared:  # a stream sets it before its headers go out
             response.headers["x-request-id"] = request_id
             if response.status in (408, 413, 415):
                 response.force_close()  # the body was not read: the connection is spent
-        took = time.perf_counter() - started
-        if metered or span.recording:
-            _observed(telemetry.instruments, span, door, operation, request, response, took)
-        if notes is not None:
-            telemetry.answered(_record(request, response, door, operation, took, notes))
+        if metered or span.recording or notes is not None:
+            _account(telemetry, span, notes, door, operation, request, response.headers,
+                     started, request.get(ENDED), response.status)
         if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)
             log.debug("%s %s %s: %d in %.1f ms", request_id, request.method, request.path,
-                      response.status, took * 1000)
+                      response.status, (time.perf_counter() - started) * 1000)
         return response
 
     return middleware
 
 
+def _account(telemetry: Telemetry, span: AnySpan, notes: dict[str, Any] | None, door: str,
+             operation: str, request: web.Request, headers: Mapping[str, str],
+             started: float, ended: GatewayError | None, status: int = 0) -> None:
+    """The request in the metrics, its span and the request log, with the status the client
+    was told in the end: a stream's in-band error, or the client leaving (499), rather than
+    the 200 that began it.
+    """
+    took = time.perf_counter() - started
+    if ended is not None:
+        status = ended.status
+        if notes is not None:
+            notes["error"] = ended.label
+    if telemetry.metrics.enabled or span.recording:
+        _observed(telemetry.instruments, span, door, operation, request, headers, status, took)
+    if notes is not None:
+        telemetry.answered(_record(request, headers, status, door, operation, took, notes))
+
+
 def _observed(counted: Instruments, span: AnySpan, door: str, operation: str,
-              request: web.Request, response: web.StreamResponse, took: float) -> None:
+              request: web.Request, headers: Mapping[str, str], status: int,
+              took: float) -> None:
     """The request in the metrics, and its span ended."""
-    headers = response.headers
     model = headers.get("x-gateway-model", "")
-    counted.requests.add((door, str(response.status), model))
-    if operation and response.status < 400:
+    counted.requests.add((door, str(status), model))
+    if operation and status < 400:
         counted.duration.record((operation, model, door), took)
     if span.recording:
-        span.set("http.response.status_code", response.status)
+        span.set("http.response.status_code", status)
         if operation:
             span.set("gen_ai.operation.name", operation)
         body = request.get(BODY)
@@ -200,17 +225,16 @@ def _observed(counted: Instruments, span: AnySpan, door: str, operation: str,
                 span.set(attribute, headers[header])
         if request.get(TENANT):
             span.set("gateway.tenant", request[TENANT])
-        if response.status >= 500:
-            span.fail(f"HTTP {response.status}", str(response.status))
+        if status >= 500:
+            span.fail(f"HTTP {status}", str(status))
         span.end()
 
 
-def _record(request: web.Request, response: web.StreamResponse, door: str, operation: str,
-            took: float, notes: dict[str, Any]) -> dict[str, Any]:
+def _record(request: web.Request, headers: Mapping[str, str], status: int, door: str,
+            operation: str, took: float, notes: dict[str, Any]) -> dict[str, Any]:
     """The request's line in the request log (and among the dashboard's last requests):
     what was asked and how it was answered, never what was said.
     """
-    headers = response.headers
     body = request.get(BODY)
     asked = body.get("model") if body is not None else None
     record = {"time": stamp(time.time()), "id": request[REQUEST_ID],
@@ -220,7 +244,7 @@ def _record(request: web.Request, response: web.StreamResponse, door: str, opera
               "backend": headers.get("x-gateway-backend", ""),
               "attempts": int(headers.get("x-gateway-attempts", 0) or 0),
               "route": headers.get("x-gateway-route", ""),
-              "status": response.status, "ms": ms(took),
+              "status": status, "ms": ms(took),
               "stream": isinstance(body, dict) and body.get("stream") is True, **notes}
     if "x-gateway-cache" in headers:
         record["cache"] = headers["x-gateway-cache"]

@@ -77,7 +77,7 @@ class Lease:
     """
 
     __slots__ = ("batch", "candidate", "counted", "deployment", "judged", "released", "span",
-                 "started", "state")
+                 "started", "state", "told")
 
     def __init__(self, candidate: Candidate, deployment: Deployment,
                  state: DeploymentState) -> None:
@@ -90,6 +90,7 @@ class Lease:
         self.batch = False  # a batch line's slot (DeploymentState.acquire_batch)
         self.span: AnySpan = NO_SPAN  # the attempt's, once it begins
         self.counted: Instruments | None = None  # (set when it begins)
+        self.told = False  # its outcome counted: whole, failed, or left by the client
 
     @property
     def first_token_limit(self) -> float:
@@ -111,14 +112,21 @@ class Lease:
         self.judged = True
         self.state.breaker.answering()
         self.state.observe(time.monotonic() - self.started)
-        if self.counted is not None:
-            self.counted.attempts.add((*_key(self.deployment), "ok"))
 
     def whole(self) -> None:
         """The answer came whole: the deployment's breaks in a row are over."""
         breaker = self.state.breaker
         if breaker.state == "closed":  # (not reopened meanwhile by others' failures)
             breaker.success()
+        self._tell("ok")
+
+    def _tell(self, outcome: str) -> None:
+        """The attempt's outcome, counted once (an answer that began and then broke off
+        is a failure, not an answer as well)."""
+        if not self.told:
+            self.told = True
+            if self.counted is not None:
+                self.counted.attempts.add((*_key(self.deployment), outcome))
 
     def failed(self, error: GatewayError, broke: bool = False) -> None:
         """The attempt failed; ``broke``: its answer had begun and broke off."""
@@ -130,10 +138,9 @@ class Lease:
             self.state.breaker.end_trial()
             if throttled(error):
                 self.state.rest(error.retry_after)
-        if self.counted is not None:
-            self.counted.attempts.add((*_key(self.deployment), error.label))
-            if fault:
-                self.counted.faults.add((self.deployment.backend.name,))
+        if fault and self.counted is not None and not self.told:
+            self.counted.faults.add((self.deployment.backend.name,))
+        self._tell(error.label)
         self.span.fail(error.message, error.label)
         self.span.set("gateway.disposition", disposition(error))
 
@@ -142,6 +149,7 @@ class Lease:
             self.released = True
             if not self.judged:
                 self.state.breaker.end_trial()
+            self._tell("client_closed")  # (when nothing else was: the client left)
             self.state.release(self.batch)
             self.span.end()
 

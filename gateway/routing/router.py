@@ -186,10 +186,11 @@ class Router:
                 lease.failed(exc)
                 error = exc
                 continue
+            else:
+                lease.answered()
+                lease.whole()
             finally:
                 lease.release()
-            lease.answered()
-            lease.whole()
             return result, lease.deployment, attempts.count
 
     def picks(self) -> dict[str, tuple[str, Deployment] | None]:

@@ -307,6 +307,51 @@ def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Pa
     assert KEY not in text and "Hello" not in text  # never a key or a prompt
 
 
+def test_a_stream_that_broke_off_or_that_its_client_left_is_recorded_as_such(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """Their status went out as 200 before the answer; the records say how they ended: the
+    in-band error's status, or 499 for the client that left. (Both were a 200 in the
+    metrics and the log, or nowhere at all, and the attempt that broke off counted as an
+    answer and a failure both, so an error-rate alert saw half the failures.)
+    """
+    log = tmp_path / "requests.jsonl"
+    server = start_gateway(one_ollama(fleet, telemetry={"request_log": str(log)}))
+    try:
+        fleet.primary.fault("qwq:32b", cut_after=3)
+        client = openai_client(server.url, "x")
+        with pytest.raises(openai.APIError):
+            list(client.chat.completions.create(model="qwq:32b", messages=USER, stream=True))
+        fleet.primary.fault("qwq:32b", tokens_per_s=5)  # long enough to leave in the middle
+        with urllib.request.urlopen(urllib.request.Request(
+                server.url + "/v1/chat/completions", method="POST",
+                headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": "qwq:32b", "messages": USER,
+                                 "stream": True}).encode()), timeout=10) as response:
+            assert response.readline().startswith(b"data: ")
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2, 10,
+                   "both requests in the log")
+        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as scraped:
+            text = scraped.read().decode()
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["status"], r["error"], r["served"]) for r in lines] == [
+        (502, "upstream_error", "qwq:32b"), (499, "client_closed", "qwq:32b")]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def counted(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    requests = "gateway_requests_total"
+    assert counted(requests, door="openai", status="502", model="qwq:32b") == 1
+    assert counted(requests, door="openai", status="499", model="qwq:32b") == 1
+    assert counted(requests, door="openai", status="200", model="qwq:32b") == 0
+    attempts = {dict(labels)["outcome"]: n for (name, labels), n in samples.items()
+                if name == "gateway_attempts_total"}
+    assert attempts == {"upstream_error": 1, "client_closed": 1}  # one outcome an attempt
+
+
 def test_a_sink_that_never_answers_holds_nothing_up(fleet: Fleet) -> None:
     hang = web.Application()
 
