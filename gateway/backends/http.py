@@ -36,7 +36,7 @@ from gateway.errors import (
 )
 from gateway.protocol.sse import LineTooLong, MalformedEvent
 from gateway.protocol.units import Chunk, Completion
-from gateway.telemetry import UPSTREAM
+from gateway.telemetry import ANSWER_BEGAN, UPSTREAM
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class HttpBackend:
         skipped; an answer that ends before its finish is an error, never a shorter answer.
         """
         collected = Completion() if whole else None
+        began = False
         async with self.request("POST", path, payload, timeout="stream") as response:
             # The decoder is closed here when the answer is whole before its stream ended
             # ([DONE] still to come): left to the collector, it would be closed in a task of
@@ -175,6 +176,9 @@ class HttpBackend:
                         if collected is None:
                             yield chunk
                         else:
+                            if not began and chunk.says_something():
+                                began = True
+                                ANSWER_BEGAN.set(time.monotonic())
                             collected.add(chunk)
                         if translator.complete:
                             break

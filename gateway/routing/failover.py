@@ -21,7 +21,7 @@ from gateway.protocol.units import Chunk, Usage
 from gateway.routing.attempts import Attempts, Lease
 from gateway.routing.candidates import Decision
 from gateway.routing.catalog import Deployment
-from gateway.telemetry import NO_SPAN, NOTES, AnySpan, Instruments, current_span
+from gateway.telemetry import ANSWER_BEGAN, NO_SPAN, NOTES, AnySpan, Instruments, current_span
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,6 @@ class RoutedAnswer:
 
     def _answering(self, lease: Lease) -> None:
         model = lease.deployment.model.name
-        self._first_at = time.monotonic()
         if self._alias:
             self._instruments.picks.add((self._alias, model))
         span = self._span
@@ -204,6 +203,7 @@ class RoutedAnswer:
                 async with asyncio.timeout(limit):
                     first = await _first(stream, lease.deployment)
             else:  # a whole answer comes at its end: the header and idle limits bound it
+                ANSWER_BEGAN.set(0.0)
                 first = await _first(stream, lease.deployment)
         except TimeoutError:
             error: GatewayError = UpstreamTimeout(
@@ -213,9 +213,11 @@ class RoutedAnswer:
             error = exc
         else:
             lease.answered()
+            # (A whole answer's first token came as the backend collected it.)
+            self._first_at = (not self._streamed and ANSWER_BEGAN.get()) or time.monotonic()
             notes = NOTES.get()
             if self._instruments.enabled or notes is not None:
-                ttft = time.monotonic() - lease.started
+                ttft = self._first_at - lease.started
                 self._instruments.ttft.record(
                     (lease.deployment.model.name, lease.deployment.backend.name), ttft)
                 if notes is not None:

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 RECENT = 50  # requests kept for the dashboard
 
-__all__ = ["NOTES", "NO_SPAN", "UPSTREAM", "AnySpan", "Instruments", "Metrics", "Span", "Telemetry",
-           "Tracer", "current_span"]
+__all__ = ["ANSWER_BEGAN", "NOTES", "NO_SPAN", "UPSTREAM", "AnySpan", "Instruments", "Metrics",
+           "Span", "Telemetry", "Tracer", "current_span"]
 
 # The span of the request being answered (NO_SPAN when it is not traced).
 CURRENT: contextvars.ContextVar[AnySpan] = contextvars.ContextVar("span", default=NO_SPAN)
@@ -44,6 +44,11 @@ def current_span() -> AnySpan:
 # line in the request log; None when nobody keeps requests.
 NOTES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "notes", default=None)
+
+# When the first piece of an answer a backend collects whole arrived (``time.monotonic()``;
+# 0: none yet): its time to first token, which the one whole chunk it gives cannot say.
+ANSWER_BEGAN: contextvars.ContextVar[float] = contextvars.ContextVar("answer_began",
+                                                                    default=0.0)
 
 
 class Instruments:

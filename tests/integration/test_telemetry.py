@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import itertools
+import json
 import random
 import subprocess
 import sys
@@ -261,3 +262,27 @@ def test_metrics_and_spans_reach_an_otlp_collector(fleet: Fleet) -> None:
     spans = [s for t in traces for r in t.resource_spans for sc in r.scope_spans
              for s in sc.spans]
     assert {"POST /v1/chat/completions", "route", "chat qwq:32b"} <= {s.name for s in spans}
+
+
+def test_a_whole_answer_says_its_time_to_first_token_and_speed_as_a_stream_does(
+        fleet: Fleet, tmp_path: Any) -> None:
+    """A whole answer (the SDKs' default) is collected from a stream: its first token is
+    when the first piece came, not the whole answer (its speed was 100,000 tokens/s)."""
+    log = tmp_path / "requests.jsonl"
+    server = start_gateway(config(fleet, telemetry={"request_log": str(log)}))
+    try:
+        fleet.primary.fault("qwen2.5-coder:32b", ttft=0.3, tokens_per_s=40)
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            reply = client.chat.completions.create(model="qwen2.5-coder:32b", messages=USER)
+        assert reply.usage is not None and reply.usage.completion_tokens > 5
+        samples = scrape(server)
+    finally:
+        server.stop()
+    line = json.loads(log.read_text().splitlines()[0])
+    assert 250 <= line["ttft_ms"] <= 600 and line["ms"] - line["ttft_ms"] >= 100, line
+    speed = [v for (name, _), v in samples.items()
+             if name == "gateway_output_speed_tokens_per_second_sum"]
+    assert speed and 20 <= sum(speed) <= 80, speed  # paced at 40 a second
+    ttft = [v for (name, _), v in samples.items()
+            if name == "gen_ai_server_time_to_first_token_seconds_sum"]
+    assert ttft and 0.25 <= sum(ttft) <= 0.6, ttft
