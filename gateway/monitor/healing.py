@@ -151,14 +151,17 @@ class Healer:
         self.warnings = warnings
 
     def _breaker_probes(self) -> list[tuple[tuple[str, str], Deployment]]:
-        """The deployments whose open breaker's cool-down has passed, their trial claimed."""
+        """The deployments whose open breaker's cool-down has passed, or that wait
+        half-open for a trial no request has made (their backend came back), their trial
+        claimed: with no traffic they would stay so (and show degraded) for good.
+        """
         now = time.monotonic()
         balancer = self._router.balancer
         due = []
         deployments: dict[tuple[str, str], Deployment] | None = None
         for key, state in balancer.states():
             breaker = state.breaker
-            if breaker.state != "open" or not breaker.available(now) or \
+            if breaker.state == "closed" or not breaker.available(now) or \
                     balancer.is_down(key[0]) or key in self._probing:
                 continue
             if deployments is None:

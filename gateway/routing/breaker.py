@@ -21,7 +21,7 @@ class CircuitBreaker:
     """
 
     __slots__ = ("_cooldown", "_threshold", "breaks", "failures", "on_change", "opened_at",
-                 "state", "trial_running")
+                 "state", "trial_running", "tripped")
 
     def __init__(self, failures: int, cooldown: float) -> None:
         self._threshold = failures
@@ -31,6 +31,7 @@ class CircuitBreaker:
         self.breaks = 0
         self.opened_at = 0.0
         self.trial_running = False
+        self.tripped = False  # open only because its backend was found down
         # Told when the breaker opens (True) or a trial closes it again (False), on what it
         # saw itself (other gateway processes hear of it: ``monitor.shared``).
         self.on_change: Callable[[bool], None] | None = None
@@ -68,7 +69,7 @@ class CircuitBreaker:
         was = self.state
         self.state = "closed"
         self.failures = 0
-        self.trial_running = False
+        self.trial_running = self.tripped = False
         # Only a trial's answer says the deployment is back (a request sent before the
         # breaker opened, answering late, does not).
         if was == "half_open" and self.on_change is not None:
@@ -84,19 +85,30 @@ class CircuitBreaker:
         if self.state == "half_open" or max(self.failures, self.breaks) >= self._threshold:
             was = self.state
             self.state = "open"
+            self.tripped = False
             self.opened_at = time.monotonic()
             if was != "open" and self.on_change is not None:
                 self.on_change(True)
 
     def trip(self) -> None:
         """Open at once (the backend behind it is known to be down)."""
+        if self.state == "closed":
+            self.tripped = True
         self.state = "open"
         self.opened_at = time.monotonic()
         self.trial_running = False
 
     def retry_now(self) -> None:
-        """The backend is back: allow a trial right away instead of after the cool-down."""
-        if self.state != "closed":
+        """The backend is back: a breaker open only for that closes (the backend's probe was
+        its trial); one its own failures opened allows a trial right away instead of after
+        the cool-down.
+        """
+        if self.tripped:
+            self.state = "closed"
+            self.tripped = False
+            self.failures = self.breaks = 0
+            self.trial_running = False
+        elif self.state != "closed":
             self.state = "half_open"
             self.trial_running = False
 
@@ -104,6 +116,7 @@ class CircuitBreaker:
         """Another gateway process opened its breaker for this deployment: open here too
         for what remains of its cool-down (then one trial, as for one opened here).
         """
+        self.tripped = False
         if self.state != "open":
             self.state = "open"
             self.opened_at = time.monotonic() - max(0.0, self._cooldown - remaining)
@@ -113,4 +126,4 @@ class CircuitBreaker:
         """Another gateway process saw this deployment answer again: close here too."""
         self.state = "closed"
         self.failures = self.breaks = 0
-        self.trial_running = False
+        self.trial_running = self.tripped = False

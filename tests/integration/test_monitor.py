@@ -110,6 +110,24 @@ def test_ready_says_whether_any_route_can_serve(fleet: Fleet) -> None:
         server.stop()
 
 
+def test_breakers_close_when_their_backend_is_back_without_traffic(fleet: Fleet) -> None:
+    """A backend found down opens its deployments' breakers; back, they close, not left
+    half-open for a trial no request makes (shown degraded for good)."""
+    server = start_gateway(one_ollama(fleet))
+    try:
+        chat(server, "qwq:32b")
+
+        def breaker() -> str:
+            return str(get(server.url + "/health")[1]["deployments"]["primary/qwq:32b"]["breaker"])
+
+        fleet.threads["primary"].stop()
+        wait_until(lambda: breaker() == "open", 10, "the breaker open with its backend down")
+        fleet.restart("primary", lambda: create_ollama_app(host_models()))
+        wait_until(lambda: breaker() == "closed", 10, "the breaker closed, with no request")
+    finally:
+        server.stop()
+
+
 def test_admin_status_shows_the_fleet_and_needs_the_admin_key_when_keyed(fleet: Fleet) -> None:
     digest = hashlib.sha256
     server = start_gateway(one_ollama(

@@ -79,11 +79,22 @@ def test_opens_after_consecutive_failures_and_lets_one_trial_through_after_coold
 
 
 def test_a_backend_known_down_trips_and_a_recovered_one_is_tried_at_once() -> None:
+    """A breaker open only because its backend was down closes when the backend is back:
+    left half-open, with no request to be its trial, it showed degraded for good. One its
+    own failures opened gets its one trial at once.
+    """
     breaker = CircuitBreaker(failures=3, cooldown=60)
     breaker.trip()
     assert not breaker.available()
     breaker.retry_now()
+    assert breaker.available() and breaker.state == "closed"
+    for _ in range(3):
+        breaker.failure()
+    breaker.trip()  # (and then its backend went down too)
+    breaker.retry_now()
     assert breaker.available() and breaker.state == "half_open"
+    breaker.claim()
+    assert not breaker.available()  # one trial at a time
 
 
 @pytest.mark.parametrize(("error", "expected"), [
