@@ -214,7 +214,7 @@ def shape_of(x: tuple[float, ...]) -> Shape:
 
 def _explain(names: Sequence[str], best: tuple[int, float, float],
              runner: tuple[int, float, float], samples: int) -> str:
-    return (f"learned: {names[best[0]]} {best[1]:.2f}±{best[2]:.2f} > {names[runner[0]]} "
+    return (f"learned: {names[best[0]]} {best[1]:.2f}+/-{best[2]:.2f} > {names[runner[0]]} "
             f"{runner[1]:.2f}; {samples} samples")
 
 

@@ -77,7 +77,7 @@ def rate(server: ServerThread, request_id: str, who: str = "alice", **verdict: A
 def test_a_learned_pick_explains_itself(gateway: ServerThread) -> None:
     model, route, _ = ask(client(gateway))
     assert model == PAIR[0]  # a fresh gateway picks as the priority lists say
-    assert route.startswith(f"learned: {PAIR[0]} 0.60±") and f"> {PAIR[1]} 0.55" in route
+    assert route.startswith(f"learned: {PAIR[0]} 0.60+/-") and f"> {PAIR[1]} 0.55" in route
     assert route.endswith("; 0 samples")
     _, route, _ = ask(client(gateway), 1)
     assert route.endswith("; 1 samples")

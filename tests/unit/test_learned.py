@@ -103,7 +103,8 @@ def test_a_fresh_policy_follows_the_static_priority() -> None:
     req = parse_chat(prompt("chat", random.Random(1)))
     order, decision = policy.order("auto", candidates(), req, lambda c: True)
     assert [c.name for c in order] == list(MODELS)
-    assert decision is not None and decision.explanation.startswith("learned: big 0.60±")
+    assert decision is not None and decision.explanation.startswith("learned: big 0.60+/-")
+    assert decision.explanation.isascii()  # (a header's value: "±" came out as "Â±")
     assert order[0].reason == decision.explanation and order[1].reason == "auto: priority #2"
 
 
