@@ -9,6 +9,7 @@ import errno
 import getpass
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from gateway.config import (
 )
 from gateway.http.server import GatewayRunner
 from gateway.key_commands import add_keys_command
-from gateway.keys import ROUTER
+from gateway.keys import ROUTER, TELEMETRY
 from gateway.report import print_catalog
 from gateway.router_commands import add_router_command
 from gateway.runtime import new_event_loop, paced_collector, signalled, unless_stopped
@@ -255,6 +256,8 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
     server = config.server
     stop = signalled()
     app = create_app(config)
+    asyncio.get_running_loop().add_signal_handler(  # logrotate's postrotate
+        signal.SIGHUP, app[TELEMETRY].requests_log.reopen)
     if worker:
         from gateway.workers import as_worker
 

@@ -54,7 +54,9 @@ class Worker:
     def start(self, metrics: str) -> None:
         env = {**os.environ, WORKER_ENV: str(self.number), SUPERVISOR_ENV: str(os.getpid()),
                METRICS_ENV: metrics}
-        self.process = subprocess.Popen(self.command, env=env)
+        # SIGHUP (logrotate's) ignored until it is handled: one passed on as a worker
+        # starts up would end it.
+        self.process = subprocess.Popen(self.command, env=env, preexec_fn=_hangups_ignored)
         self.started = time.monotonic()
         self.starts += 1
         self.due = 0.0
@@ -70,8 +72,15 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
     def stop(signum: int, _: FrameType | None) -> None:
         stopping.append(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     crew = [Worker(number, command) for number in range(1, workers + 1)]
+
+    def pass_on(signum: int, _: FrameType | None) -> None:  # SIGHUP: reopen the request log
+        for worker in crew:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, pass_on)
     _sweep_metrics(tempfile.gettempdir())
     metrics = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     code = 0
@@ -89,6 +98,10 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def _hangups_ignored() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (kept through exec, until handled)
 
 
 def _sweep_metrics(folder: str) -> None:

@@ -2,7 +2,7 @@
 front door, the model asked for and the one that answered, the backend, attempts, how the
 route was chosen, status, time taken, tokens, cache — and never a prompt, an answer or a
 key. To a file (appended, line-buffered, so ``tail -f`` and log shippers see each request
-as it ends) or to standard output.
+as it ends; opened again on SIGHUP, as logrotate's postrotate sends) or to standard output.
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ class RequestLog:
             log.error("request log: writing to %s failed: %s; no longer logging requests",
                       self.target, exc)
             self._out = None
+
+    def reopen(self) -> None:
+        """Open the file again by its name (SIGHUP, after logrotate moved it away): the
+        lines went on to the moved file, and none to a new one.
+        """
+        if self.target and self.target != "-":
+            self.close()
+            self.open()
+            log.info("request log: reopened %s", self.target)
 
     def close(self) -> None:
         out, self._out = self._out, None

@@ -262,6 +262,38 @@ def test_metrics_through_any_worker_count_every_workers_requests(
             assert every_scrape_counts(sent)  # the new worker goes on from the old one's counts
 
 
+def test_sighup_reopens_the_request_log_in_every_worker(tmp_path: Path,
+                                                       ollama_sim: Sim) -> None:
+    """logrotate moves the file and sends SIGHUP: each worker goes on in a new file of the
+    name. (The lines went on into the moved file, and SIGHUP ended the gateway.)
+    """
+    log, moved = tmp_path / "requests.jsonl", tmp_path / "requests.jsonl.1"
+    with RedisServer() as redis:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n\n'
+                          f'[telemetry]\nrequest_log = "{log}"\n\n'
+                          f'[[backends]]\nname = "first"\nkind = "ollama"\n'
+                          f'url = "{ollama_sim.api_url}"\n')
+
+        def ask(n: int) -> str:
+            return call(port, "POST", "/v1/chat/completions", {
+                "model": MODEL, "messages": [{"role": "user", "content": f"No. {n}"}]})[0]
+
+        with two_workers(config) as (port, supervisor):
+            for n in range(4):
+                ask(n)
+            wait_until(lambda: len(log.read_text().splitlines()) == 4, 5, "4 lines logged")
+            log.rename(moved)
+            supervisor.send_signal(signal.SIGHUP)
+            wait_until(log.exists, 5, "a new log file")
+            time.sleep(0.5)  # (both workers have it)
+            workers = {ask(n) for n in range(4, 40)}
+            assert len(workers) == 2, "every connection went to the same worker"
+            wait_until(lambda: len(log.read_text().splitlines()) == 36, 5, "36 lines logged")
+            assert len(moved.read_text().splitlines()) == 4
+            assert supervisor.poll() is None
+
+
 def test_a_killed_supervisors_metrics_folder_goes_at_the_next_start(
         tmp_path: Path, ollama_sim: Sim) -> None:
     """The folder where workers leave their metrics for each other is removed when they
