@@ -17,6 +17,7 @@ from gateway.config import TelemetryConfig
 from gateway.telemetry.metrics import RATES, TOKENS, Counter, Histogram, Metrics
 from gateway.telemetry.requests import RequestLog
 from gateway.telemetry.tracing import (
+    CLOSE_SECONDS,
     NO_SPAN,
     UPSTREAM,
     AnySpan,
@@ -158,7 +159,9 @@ class Telemetry:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.export_metrics()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self.export_metrics()
         for exporter in self.metric_exporters:
             with contextlib.suppress(Exception):
                 exporter.shutdown()

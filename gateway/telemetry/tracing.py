@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 BATCH = 512  # spans exported at once at most
 KEPT = 8192  # spans waiting for export at most (past that, the oldest go)
 EXPORT_SECONDS = 2.0
+# The most a stop waits for the last spans and metrics to go out: a collector that is away
+# (each batch retried for seconds) must not hold a stop past a service manager's patience.
+CLOSE_SECONDS = 5.0
 
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
@@ -162,31 +165,47 @@ class Tracer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.flush()
+        try:
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self.flush()
+        except TimeoutError:
+            pass
+        if self._finished and self.exporters:
+            log.warning("traces: %d spans not exported: the collector did not take them",
+                        len(self._finished))
         for exporter in self.exporters:
             with contextlib.suppress(Exception):
                 exporter.shutdown()
 
     async def flush(self) -> None:
-        """Export every finished span now."""
+        """Export every finished span now; what a collector refuses waits for the next
+        round (the oldest go past ``KEPT``).
+        """
         while self._finished:
-            await self._export_batch()
+            if not await self._export_batch():
+                return
 
     async def _exporting(self) -> None:
         while True:
             await asyncio.sleep(EXPORT_SECONDS)
             await self.flush()
 
-    async def _export_batch(self) -> None:
+    async def _export_batch(self) -> bool:
+        """Export the oldest spans; whether an exporter took them (refused by every one,
+        they are put back)."""
         batch = [self._finished.popleft() for _ in range(min(BATCH, len(self._finished)))]
-        if not self.exporters or not batch:
-            return
-        if self._readable is None:
-            return
+        if not self.exporters or not batch or self._readable is None:
+            return True
         spans = await asyncio.to_thread(self._readable, batch, self.service_name)
+        taken = False
         for exporter in self.exporters:
             try:
-                await asyncio.to_thread(exporter.export, spans)
+                result = await asyncio.to_thread(exporter.export, spans)
             except Exception:
                 log.exception("traces: exporter %s failed", type(exporter).__name__)
+            else:
+                taken = taken or getattr(result, "name", "SUCCESS") == "SUCCESS"
+        if not taken:  # (by none: taken by one, it is not sent to that one twice)
+            self._finished.extendleft(reversed(batch))
+        return taken
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shlex
@@ -136,6 +137,36 @@ def test_a_request_outliving_the_grace_is_ended_at_the_grace(tmp_path: Path, oll
         output = gateway.stop()
     assert 2.0 <= took < 3.5, took
     assert "Traceback" not in output, output
+
+
+def test_a_collector_that_is_away_does_not_hold_up_a_stop(tmp_path: Path, ollama_sim: Sim,
+                                                          mlx_sim: Sim) -> None:
+    """Spans waiting for an OTLP collector that does not answer: the stop waits a few
+    seconds for them, not a retried export of every batch in turn (about 6 s each: 55 s
+    for 4,000 requests, past systemd's 90 s with a full buffer).
+    """
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim, extra=f"""
+[telemetry]
+traces = true
+otlp_endpoint = "http://127.0.0.1:{free_port()}"
+export_interval = 60.0
+""")
+    gateway = GatewayProcess(config)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]),
+                                          timeout=10)
+        for _ in range(3000):  # 3,000 spans: six batches
+            conn.request("GET", "/v1/models")
+            conn.getresponse().read()
+        conn.close()
+        gateway.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert gateway.process.wait(timeout=90) == 0
+        took = time.monotonic() - started
+    finally:
+        output = gateway.stop()
+    assert took < 15, took
+    assert "spans not exported" in output, output[-2000:]
 
 
 def test_a_stop_while_it_starts_is_quiet(tmp_path: Path) -> None:
