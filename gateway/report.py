@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from gateway.config import GatewayConfig
 from gateway.protocol.units import ModelInfo
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.selector import Needs, Selector
+from gateway.runtime import ADMIN_KEY_ENV, local_url
 from gateway.tunnel.manager import TunnelManager
 
 
@@ -52,6 +54,9 @@ async def catalog_report(config: GatewayConfig, backends: list[Backend]) -> str:
     if breakers is _UNKNOWN:
         lines.append(f"\n(no gateway answering on {config.server.host}:{config.server.port}: "
                      "breaker states unknown)")
+    elif breakers is _KEYED:
+        lines.append(f"\n(the gateway on {config.server.host}:{config.server.port} shows its "
+                     f"breakers to an admin: set ${ADMIN_KEY_ENV} to an admin key)")
     return "\n".join(lines)
 
 
@@ -65,17 +70,25 @@ def _model_line(info: ModelInfo, breaker: str | None) -> str:
             f"ctx {context:>7}  {caps}  {extra}").rstrip()
 
 
-_UNKNOWN: dict[str, str] = {}
+_UNKNOWN: dict[str, str] = {}  # (no gateway answered)
+_KEYED: dict[str, str] = {}  # (one did, and would not say without an admin key)
 
 
 async def _live_breakers(config: GatewayConfig) -> dict[str, str]:
-    """Breaker states from the running gateway, if one answers on the configured address."""
-    url = f"http://{config.server.host}:{config.server.port}/health"
+    """Breaker states from the running gateway, if one answers on the configured address
+    (asked with the admin key in ``$GATEWAY_ADMIN_KEY``: a gateway with keys shows its
+    deployments to an admin alone).
+    """
+    url = local_url(config.server.host, config.server.port) + "/health"
+    key = os.environ.get(ADMIN_KEY_ENV)
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, OSError):
         async with aiohttp.ClientSession() as http, http.get(
-            url, timeout=aiohttp.ClientTimeout(total=1)
+            url, timeout=aiohttp.ClientTimeout(total=1),
+            headers={"Authorization": f"Bearer {key}"} if key else None,
         ) as response:
             data: Any = await response.json()
+            if "deployments" not in data:
+                return _KEYED
             return {k: v["breaker"] for k, v in (data.get("deployments") or {}).items()}
     return _UNKNOWN
 

@@ -24,8 +24,7 @@ from redis.exceptions import RedisError
 from gateway.config import DEFAULT_CONFIG, LearnedConfig, load_config
 from gateway.routing.learned import LearnedOrder
 from gateway.routing.learning_link import OUTCOMES
-
-ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
+from gateway.runtime import ADMIN_KEY_ENV, local_url
 
 
 def add_router_command(commands: Any) -> None:
@@ -52,8 +51,7 @@ def _export(args: argparse.Namespace) -> int:
         if redis_url and not args.url:
             body = asyncio.run(_from_redis(redis_url, config.routing.learned.outcomes))
         else:
-            body = _from_gateway(args.url or f"http://{_reachable(config.server.host)}:"
-                                              f"{config.server.port}")
+            body = _from_gateway(args.url or local_url(config.server.host, config.server.port))
     except urllib.error.HTTPError as exc:
         hint = f" (set ${ADMIN_KEY_ENV} to an admin key)" if exc.code in (401, 403) else ""
         print(f"gateway router export: {exc}{hint}", file=sys.stderr)
@@ -72,10 +70,6 @@ def _export(args: argparse.Namespace) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _reachable(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _from_gateway(url: str) -> bytes:

@@ -21,6 +21,17 @@ _NEVER = 1 << 30  # a threshold no count reaches
 YOUNG = 5_000
 
 
+# The admin key the commands that ask a running gateway present (``gateway models``,
+# ``gateway router export``).
+ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a command on this host reaches the gateway listening on ``host`` at."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop

@@ -249,6 +249,43 @@ def test_models_command_shows_alias_picks_and_the_live_gateways_breakers(
     assert any(line.strip().startswith("auto:vision") and "→ llava:7b" in line for line in lines)
 
 
+def test_models_command_asks_a_gateway_with_keys_with_the_admin_key(
+    tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
+) -> None:
+    port, admin, client = free_port(), "gw-admin-of-the-models-command", "gw-client-key"
+
+    def digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim,
+                          f'port = {port}\n\n[auth]\nkey_hashes = ["{digest(client)}"]\n'
+                          f'admin_key_hashes = ["{digest(admin)}"]')
+    process = subprocess.Popen([*GATEWAY, "serve", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", process)
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": "qwq:32b", "messages": [{"role": "user", "content": "hi"}]}
+                            ).encode(), headers={"Content-Type": "application/json",
+                                                 "Authorization": f"Bearer {client}"}),
+            timeout=10).read()
+        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_KEY"}
+        without = subprocess.run([*GATEWAY, "models", "--config", str(config)], env=env,
+                                 capture_output=True, text=True, timeout=30, check=True)
+        keyed = subprocess.run([*GATEWAY, "models", "--config", str(config)],
+                               env={**env, "GATEWAY_ADMIN_KEY": admin},
+                               capture_output=True, text=True, timeout=30, check=True)
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+    assert "set $GATEWAY_ADMIN_KEY to an admin key" in without.stdout, without.stdout
+    assert "breaker closed" not in without.stdout
+    assert "GATEWAY_ADMIN_KEY" not in keyed.stdout and "breaker states" not in keyed.stdout
+    assert any(line.strip().startswith("qwq:32b") and line.endswith("breaker closed")
+               for line in keyed.stdout.splitlines()), keyed.stdout
+
+
 def test_models_command_reports_a_backend_that_is_down(tmp_path: Path) -> None:
     config = tmp_path / "down.toml"
     config.write_text(f'[[backends]]\nname = "gone"\nkind = "ollama"\n'
