@@ -126,11 +126,19 @@ async def embed(request: web.Request) -> web.Response:
     ask = {"model": model, "input": text}
     if body.get("dimensions") is not None:
         ask["dimensions"] = body["dimensions"]
-    answer = await request.app[PIPELINE].embed(parse_embedding(ask), usage_sink(request))
+    req = parse_embedding(ask)
+    if body.get("options") is not None and not isinstance(body["options"], dict):
+        raise bad("options must be an object")
+    req.ollama = {k: body[k] for k in EMBED_FIELDS if body.get(k) is not None} or None
+    answer = await request.app[PIPELINE].embed(req, usage_sink(request))
     return json_response({"model": answer.model, "embeddings": answer.result.vectors,
                           "total_duration": int((time.perf_counter() - started) * 1e9),
                           "load_duration": 0, "prompt_eval_count": answer.result.prompt_tokens},
                          answer.headers)
+
+
+# Fields of /api/embed Ollama itself acts on that OpenAI's embeddings do not have.
+EMBED_FIELDS = ("options", "keep_alive", "truncate")
 
 
 async def embeddings(request: web.Request) -> web.Response:

@@ -98,6 +98,9 @@ class EmbeddingRequest:
     inputs: list[str] | list[list[int]]  # texts, or token ids (one list per input)
     encoding_format: str
     dimensions: int | None
+    # What an Ollama client asked for beyond OpenAI's fields (options, keep_alive,
+    # truncate), passed on to Ollama as it asked.
+    ollama: dict[str, Any] | None = None
 
     @property
     def token_ids(self) -> bool:

@@ -162,6 +162,17 @@ def test_embed_and_the_older_embeddings(client: ollama.Client) -> None:
     assert list(single.embedding) == pytest.approx(list(result.embeddings[0]), abs=1e-6)
 
 
+def test_embeds_ollama_fields_reach_ollama_as_sent(client: ollama.Client,
+                                                  ollama_sim: Sim) -> None:
+    # A long document with truncate off must fail at Ollama, not be cut to its context;
+    # keep_alive and num_ctx as the client set them.
+    client.embed(model="nomic-embed-text", input="a long document", truncate=False,
+                 keep_alive="1h", options={"num_ctx": 8192})
+    sent = ollama_sim.requests("/api/embed")[-1]["payload"]
+    assert (sent["truncate"], sent["keep_alive"], sent["options"]) == (
+        False, "1h", {"num_ctx": 8192})
+
+
 def test_errors_come_as_ollama_sends_them(client: ollama.Client, ollama_sim: Sim) -> None:
     with pytest.raises(ollama.ResponseError) as missing:
         client.chat(model="no-such-model", messages=USER)
