@@ -157,18 +157,22 @@ class SafetyPlugin(BasePlugin):
 
         return check, verdicts
 
-    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest:
+    async def on_embed(self, req: EmbeddingRequest,
+                       headers: dict[str, str]) -> EmbeddingRequest:
         """Texts to embed, read for personal data and secrets (not prompt attacks: nothing
-        follows them).
+        follows them); what was redacted or flagged is said in the header, as for a chat.
         """
         if not self.options.embeddings or req.token_ids:
             return req
-        check, _ = self._checker()
+        check, verdicts = self._checker()
         try:
             checked = [check(text, "trusted") for text in req.inputs if isinstance(text, str)]
         except Denied as refused:
             refused.param = "input"
             raise
+        said = verdicts()
+        if said:
+            headers[HEADER] = said
         if checked == req.inputs:
             return req
         return dataclasses.replace(req, inputs=checked, body={**req.body, "input": checked})

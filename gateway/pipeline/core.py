@@ -198,15 +198,16 @@ class Pipeline:
         safety checker's redactions; nothing is generated, so nothing else applies).
         ``on_usage`` is told the tokens embedded; ``batch``: a batch line's.
         """
+        said: dict[str, str] = {}
         for plugin in self.plugins:
-            req = await plugin.on_embed(req)
+            req = await plugin.on_embed(req, said)
         result, deployment, attempts = await self.router.embed(req, batch)
         result.shortened(req.dimensions, req.model)
         if on_usage is not None:
             on_usage(result.prompt_tokens)
         model = deployment.model.name
-        return Embeddings(result, model,
-                          route_headers(deployment.backend.name, model, attempts, "requested"))
+        return Embeddings(result, model, {**route_headers(
+            deployment.backend.name, model, attempts, "requested"), **said})
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""

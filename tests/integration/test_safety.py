@@ -376,8 +376,11 @@ def test_texts_to_embed_are_read_too(ollama_sim: Sim, enabled: bool) -> None:
     server = safe_gateway(ollama_sim, embeddings=enabled)
     try:
         with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
-            c.embeddings.create(model="nomic-embed-text", input=[f"my key {OPENAI_KEY}", "ok"])
+            raw = c.embeddings.with_raw_response.create(
+                model="nomic-embed-text", input=[f"my key {OPENAI_KEY}", "ok"])
     finally:
         server.stop()
     sent = ollama_sim.requests("/api/embed")[-1]["payload"]["input"]
     assert (OPENAI_KEY not in sent[0]) is enabled and sent[1] == "ok"
+    # The caller is told its text was changed before it was embedded, as a chat's is.
+    assert raw.headers.get("x-gateway-safety") == ("redacted=api_key" if enabled else None)
