@@ -43,6 +43,7 @@ TIMEOUT_TRIES = 3
 MISSING_SECONDS = 600.0
 CLAIM_WAIT = 5.0  # seconds a claim waits for lines before looking again
 NOT_YET = 0.05  # seconds before a line of a batch still being started is tried again
+PUT_BACK_SECONDS = 2.0  # the most a stop waits to put the lines at work back
 
 
 class Worker:
@@ -55,7 +56,7 @@ class Worker:
         self._config = config
         self._reasoning = reasoning
         self.name = f"{socket.gethostname()}-{os.getpid()}"
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], Line] = {}  # the lines at work
         self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
         self._timeouts: dict[tuple[str, int], int] = {}  # ... of which for a timeout
         # ... and since when its model was not found, a backend unlisted (monotonic)
@@ -73,13 +74,13 @@ class Worker:
                 await room.wait()
                 continue
             def ended(task: asyncio.Task[None]) -> None:
-                self._running.discard(task)
+                self._running.pop(task, None)
                 room.set()
 
             lines = await self._claim(free)
             for line in lines:
                 task = asyncio.create_task(self._safely(line))
-                self._running.add(task)
+                self._running[task] = line
                 task.add_done_callback(ended)
 
     async def _claim(self, count: int) -> list[Line]:
@@ -99,11 +100,19 @@ class Worker:
         return lines
 
     async def close(self) -> None:
-        """Stop claiming; lines in flight go back to the queue (another takes them)."""
-        for task in list(self._running):
+        """Stop claiming; lines in flight go back to the queue at once (another worker, or
+        this one started again, takes them), not after their claims' visibility timeout.
+        """
+        at_work = dict(self._running)
+        for task in at_work:
             task.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await asyncio.gather(*at_work, return_exceptions=True)
+        back = [line for task, line in at_work.items() if task.cancelled()]
+        with contextlib.suppress(TimeoutError, *StoreDown):  # (else: after the timeout)
+            async with asyncio.timeout(PUT_BACK_SECONDS):
+                for line in back:
+                    await self._store.put_back(line, 0)
 
     async def _safely(self, line: Line) -> None:
         keeping = asyncio.create_task(self._keep(line))

@@ -91,6 +91,38 @@ def redis_config(path: Path, sim: Sim, redis: RedisServer, worker: bool) -> Path
     return path
 
 
+def test_a_gateway_stopped_mid_batch_puts_its_lines_back_at_once(tmp_path: Path) -> None:
+    """A stop (SIGTERM, a deploy) puts the lines at work back in the queue: started again,
+    the gateway answers them now, not once their claims lapse (the visibility timeout,
+    five minutes by default).
+    """
+    sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
+    sim.fault("qwq:32b", latency=0.5)
+    with RedisServer() as redis:
+        config = redis_config(tmp_path / "gateway.toml", sim, redis, worker=True)
+        config.write_text(config.read_text().replace("visibility_timeout = 2.0",
+                                                     "visibility_timeout = 60.0"))
+        gateway = GatewayProcess(config)
+        try:
+            api = openai_client(gateway.url)
+            content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(40))
+            source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
+                                      purpose="batch")
+            batch = api.batches.create(input_file_id=source.id,
+                                       endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+            under_way(api, batch.id, 8, 40)
+            gateway.stop()  # SIGTERM, lines at work
+            gateway = GatewayProcess(config)
+            started = time.monotonic()
+            api = openai_client(gateway.url)
+            every_line_once(api, batch.id, 40)
+            assert time.monotonic() - started < 30  # (not the 60 s of their claims)
+        finally:
+            gateway.stop()
+            sim.server.stop()
+
+
 def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path) -> None:
     sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
     sim.fault("qwq:32b", latency=0.05)
