@@ -67,6 +67,17 @@ return next[2] or false
 """  # (when the next line put back is due, if one is: a claim waits for new lines until then)
 
 
+def _counts_kept(record: dict[str, Any]) -> bool:
+    """Whether the batch's lines are counted in its counts key (once it is under way)."""
+    return record["status"] not in ("validating", "failed")
+
+
+def _count(record: dict[str, Any], counts: dict[bytes, bytes]) -> None:
+    record["request_counts"] = {**record["request_counts"],
+                                "completed": int(counts.get(b"completed", 0)),
+                                "failed": int(counts.get(b"failed", 0))}
+
+
 def batch_keys(batch: str) -> tuple[str, str, str, str]:
     tag = f"{P}{{{batch}}}"
     return f"{tag}:results", f"{tag}:counts", f"{tag}:remaining", f"{tag}:dropped"
@@ -139,8 +150,8 @@ class RedisStore:
 
     async def files(self, tenant: str) -> list[dict[str, Any]]:
         ids = await self._redis.zrange(f"{P}files:{tenant}", 0, -1)
-        docs = [await self.file(i.decode()) for i in ids]
-        return [d for d in docs if d is not None]
+        return [orjson.loads(doc) for doc in await self._each(
+            "hget", [f"{P}file:{i.decode()}" for i in ids], "doc") if doc]
 
     async def content(self, file_id: str) -> bytes | None:
         content: bytes | None = await self._redis.hget(f"{P}file:{file_id}", "content")
@@ -166,17 +177,33 @@ class RedisStore:
         return await self._counted(orjson.loads(doc)) if doc else None
 
     async def _counted(self, record: dict[str, Any]) -> dict[str, Any]:
-        if record["status"] not in ("validating", "failed"):
-            counts = await self._redis.hgetall(batch_keys(record["id"])[1])
-            record["request_counts"] = {**record["request_counts"],
-                                        "completed": int(counts.get(b"completed", 0)),
-                                        "failed": int(counts.get(b"failed", 0))}
+        if _counts_kept(record):
+            _count(record, await self._redis.hgetall(batch_keys(record["id"])[1]))
         return record
 
     async def batches(self, tenant: str) -> list[dict[str, Any]]:
-        ids = await self._redis.zrevrange(f"{P}batches:{tenant}", 0, -1)
-        docs = [await self.batch(i.decode()) for i in ids]
-        return [d for d in docs if d is not None]
+        """The tenant's batches, newest first, in two round trips however many (one a
+        batch took 1.2 s for 3,000)."""
+        return await self._batches(await self._redis.zrevrange(f"{P}batches:{tenant}", 0, -1))
+
+    async def _batches(self, ids: list[bytes]) -> list[dict[str, Any]]:
+        """The batches of ``ids`` that are kept, counted: two round trips in all."""
+        records = [orjson.loads(doc) for doc in await self._each(
+            "get", [f"{P}batch:{i.decode()}" for i in ids]) if doc]
+        counted = [r for r in records if _counts_kept(r)]
+        for record, counts in zip(counted, await self._each(
+                "hgetall", [batch_keys(r["id"])[1] for r in counted]), strict=True):
+            _count(record, counts)
+        return records
+
+    async def _each(self, command: str, keys: list[str], *args: Any) -> list[Any]:
+        """One command for each of ``keys``, in one round trip (a cluster's: one a node)."""
+        if not keys:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                getattr(pipe, command)(key, *args)
+            return list(await pipe.execute())
 
     async def recent_batches(self, finished: int = 10) -> list[dict[str, Any]]:
         """(Looked at every few seconds by every process: where a Redis that was away at
@@ -189,10 +216,7 @@ class RedisStore:
             self._client.moved()
             ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
         out, done = [], 0
-        for batch_id in ids:
-            record = await self.batch(batch_id.decode())
-            if record is None:
-                continue
+        for record in await self._batches(ids):
             if record["status"] in TERMINAL:
                 done += 1
                 if done > finished:
