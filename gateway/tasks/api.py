@@ -204,26 +204,48 @@ async def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
     if len(raw) > limit + UPLOAD_OVERHEAD:
         raise GatewayError(f"The file is larger than the limit of {limit} bytes.",
                            status=413, type="invalid_request_error", code="file_too_large")
-    head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
-    return await asyncio.to_thread(_parts, head + raw, limit)
+    boundary = _HEADERS.parsestr(f"Content-Type: {request.headers['Content-Type']}\r\n\r\n"
+                                 ).get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise InvalidRequest("The multipart/form-data body names no boundary.",
+                             code="invalid_upload")
+    return await asyncio.to_thread(_parts, raw, boundary.encode("latin-1", "replace"), limit)
 
 
-def _parts(body: bytes, limit: int) -> dict[str, Any]:
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(body)
+_HEADERS = email.parser.HeaderParser(policy=email.policy.HTTP)
+
+
+def _parts(body: bytes, boundary: bytes, limit: int) -> dict[str, Any]:
+    """The parts of a multipart/form-data body (RFC 7578), found by their delimiters: each
+    part's few header lines parsed, its content sliced out once. (A parser of whole MIME
+    messages took 620 MB and held the interpreter for 0.7 s on a 100 MB file.)
+    """
+    delimiter = b"--" + boundary
     fields: dict[str, Any] = {}
-    for part in message.iter_parts():
+    at = body.find(delimiter)
+    while at >= 0:
+        at += len(delimiter)
+        if body.startswith(b"--", at):
+            return fields  # the closing delimiter
+        head_end = body.find(b"\r\n\r\n", at)
+        end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
+        if end < 0:
+            break
+        part = _HEADERS.parsestr(body[at:head_end].decode("utf-8", "surrogateescape").lstrip())
         name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True)
-        content = payload if isinstance(payload, bytes) else b""
-        if part.get_filename() is not None:
+        filename = part.get_filename()
+        content = body[head_end + 4:end]
+        if filename is not None:
             if len(content) > limit:
                 raise GatewayError(f"The file is larger than the limit of {limit} bytes.",
                                    status=413, type="invalid_request_error",
                                    code="file_too_large")
-            fields[str(name)] = (part.get_filename(), content)
+            fields[str(name)] = (filename, content)
         elif isinstance(name, str):
             fields[name] = content.decode("utf-8", "replace")
-    return fields
+        at = end + 2
+    raise InvalidRequest("The multipart/form-data body ends before its closing boundary.",
+                         code="invalid_upload")
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
