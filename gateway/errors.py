@@ -66,13 +66,6 @@ class GatewayError(Exception):
 
 
 
-def client_closed() -> GatewayError:
-    """A request whose client left before its answer was whole: no one is told, the records
-    say it (499, as nginx logs it)."""
-    return GatewayError("The client closed the connection.", status=499,
-                        type="invalid_request_error", code="client_closed")
-
-
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig, KeyConfig
-from gateway.errors import GatewayError
 from gateway.monitor import HealthWatcher, Monitor
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
@@ -39,7 +39,10 @@ KEY = web.RequestKey("key", KeyConfig)  # the key presented, when there is one
 BODY = web.RequestKey("body", dict[str, Any])  # the JSON body, once parsed
 USAGE = web.RequestKey("usage", Tally)  # the tokens the answers used (a key with limits)
 RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])  # x-ratelimit-*
-# How a stream that had begun ended otherwise than whole: its in-band error, or the client
-# leaving (``CLIENT_CLOSED``): what the records say of it, its status long since 200.
-ENDED = web.RequestKey("ended", GatewayError)
-STREAM = web.RequestKey("stream", web.StreamResponse)  # the stream answering it, once begun
+# How a stream that had begun ended otherwise than whole, as (status, label): its in-band
+# error's, or the client's leaving (``CLIENT_CLOSED``): what the records say of it, its status
+# long since 200. (Not the error itself: its traceback would hold the request, a cycle.)
+ENDED = web.RequestKey("ended", tuple[int, str])
+CLIENT_CLOSED = (499, "client_closed")  # (as nginx logs a client that left)
+# The headers of the stream answering it, once begun (who answered, should the client leave).
+STREAM_HEADERS = web.RequestKey("stream_headers", Mapping[str, str])

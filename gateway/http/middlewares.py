@@ -23,12 +23,11 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    client_closed,
 )
 from gateway.http.access import OPERATOR_PATHS, admit_admin, identify, limited
 from gateway.http.bodies import BodyBudget, check_body, read_body
 from gateway.http.cors import Cors
-from gateway.keys import BODY, CONFIG, ENDED, REQUEST_ID, STREAM, TENANT
+from gateway.keys import BODY, CLIENT_CLOSED, CONFIG, ENDED, REQUEST_ID, STREAM_HEADERS, TENANT
 from gateway.protocol.ids import unique_id
 from gateway.protocol.times import ms, stamp
 from gateway.telemetry import NOTES, AnySpan, Instruments, Telemetry
@@ -167,10 +166,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                 "The gateway failed to handle this request.", code="internal_error"))
         except asyncio.CancelledError:  # the client left (aiohttp cancels its handler):
             if metered or span.recording or notes is not None:  # it is in the records
-                stream = request.get(STREAM)
                 _account(telemetry, span, notes, door, operation, request,
-                         stream.headers if stream is not None else {}, started,
-                         client_closed())
+                         request.get(STREAM_HEADERS, {}), started, CLIENT_CLOSED)
             raise
         if not response.prepared:  # a stream sets it before its headers go out
             response.headers["x-request-id"] = request_id
@@ -189,16 +186,16 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
 
 def _account(telemetry: Telemetry, span: AnySpan, notes: dict[str, Any] | None, door: str,
              operation: str, request: web.Request, headers: Mapping[str, str],
-             started: float, ended: GatewayError | None, status: int = 0) -> None:
+             started: float, ended: tuple[int, str] | None, status: int = 0) -> None:
     """The request in the metrics, its span and the request log, with the status the client
     was told in the end: a stream's in-band error, or the client leaving (499), rather than
     the 200 that began it.
     """
     took = time.perf_counter() - started
     if ended is not None:
-        status = ended.status
+        status = ended[0]
         if notes is not None:
-            notes["error"] = ended.label
+            notes["error"] = ended[1]
     if telemetry.metrics.enabled or span.recording:
         _observed(telemetry.instruments, span, door, operation, request, headers, status, took)
     if notes is not None:

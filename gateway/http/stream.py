@@ -19,8 +19,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from gateway.errors import GatewayError, client_closed
-from gateway.keys import ENDED, REQUEST_ID, STREAM
+from gateway.errors import GatewayError
+from gateway.keys import CLIENT_CLOSED, ENDED, REQUEST_ID, STREAM_HEADERS
 from gateway.pipeline import Streamed
 from gateway.protocol.units import Chunk
 
@@ -87,7 +87,7 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
                                                    "Content-Type": encoder.media_type})
             response.enable_chunked_encoding()
         await response.prepare(request)
-        request[STREAM] = response  # (its headers say who answered, should the client leave)
+        request[STREAM_HEADERS] = response.headers  # (who answered, should the client leave)
         pinging = response if isinstance(response, EventSourceResponse) \
             else contextlib.nullcontext(response)
         async with pinging:
@@ -114,16 +114,16 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
         if before_end is not None:
             await before_end()
     except GatewayError as exc:
-        request[ENDED] = exc
+        request[ENDED] = exc.status, exc.label
         await _send_last(request, response, encoder.error(exc))
         return False
     except (ConnectionError, TimeoutError):
-        request[ENDED] = client_closed()
+        request[ENDED] = CLIENT_CLOSED
         return False  # the client left or stopped reading; the caller cleans up
     except Exception:
         log.exception("stream %s failed", request.get(REQUEST_ID, "?"))
-        request[ENDED] = error = GatewayError("The gateway failed while streaming.",
-                                              code="internal_error")
+        error = GatewayError("The gateway failed while streaming.", code="internal_error")
+        request[ENDED] = error.status, error.label
         await _send_last(request, response, encoder.error(error))
         return False
     finally:

@@ -271,7 +271,8 @@ def test_a_whole_answer_says_its_time_to_first_token_and_speed_as_a_stream_does(
     log = tmp_path / "requests.jsonl"
     server = start_gateway(config(fleet, telemetry={"request_log": str(log)}))
     try:
-        fleet.primary.fault("qwen2.5-coder:32b", ttft=0.3, tokens_per_s=40)
+        for host in (fleet.primary, fleet.secondary):  # (it is on both)
+            host.fault("qwen2.5-coder:32b", ttft=0.3, tokens_per_s=40)
         with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
             reply = client.chat.completions.create(model="qwen2.5-coder:32b", messages=USER)
         assert reply.usage is not None and reply.usage.completion_tokens > 5
