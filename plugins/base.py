@@ -4,8 +4,8 @@
 it by raising ``Denied``); ``on_stream`` wraps the answer's chunks on their way out;
 ``on_complete`` sees the whole answer once it is done (and may ask for a stronger model);
 ``on_finish`` is told the request is over, however it ended (answered, failed, or the client
-gone); ``on_embed`` sees what is to be embedded (and may rewrite it, or refuse it, and add
-to the answer's headers what it did). The
+gone); ``on_embed`` sees what is to be embedded (and may rewrite it, or refuse it, and say
+what it did in ``req.headers``, the answer's). The
 one place that knows the order is ``gateway.pipeline``.
 """
 
@@ -97,8 +97,7 @@ class Plugin(Protocol):
                   chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]: ...
     async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None: ...
     def on_finish(self, ctx: RequestContext) -> None: ...
-    async def on_embed(self, req: EmbeddingRequest,
-                       headers: dict[str, str]) -> EmbeddingRequest: ...
+    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest: ...
     def report(self) -> dict[str, Any]: ...
     def counts(self) -> list[Count]: ...
 
@@ -127,8 +126,7 @@ class BasePlugin:
     def on_finish(self, ctx: RequestContext) -> None:
         return None
 
-    async def on_embed(self, req: EmbeddingRequest,
-                       headers: dict[str, str]) -> EmbeddingRequest:
+    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest:
         return req
 
     def report(self) -> dict[str, Any]:

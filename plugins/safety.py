@@ -157,8 +157,7 @@ class SafetyPlugin(BasePlugin):
 
         return check, verdicts
 
-    async def on_embed(self, req: EmbeddingRequest,
-                       headers: dict[str, str]) -> EmbeddingRequest:
+    async def on_embed(self, req: EmbeddingRequest) -> EmbeddingRequest:
         """Texts to embed, read for personal data and secrets (not prompt attacks: nothing
         follows them); what was redacted or flagged is said in the header, as for a chat.
         """
@@ -172,7 +171,7 @@ class SafetyPlugin(BasePlugin):
             raise
         said = verdicts()
         if said:
-            headers[HEADER] = said
+            req.headers[HEADER] = said
         if checked == req.inputs:
             return req
         return dataclasses.replace(req, inputs=checked, body={**req.body, "input": checked})

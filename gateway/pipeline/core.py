@@ -198,16 +198,15 @@ class Pipeline:
         safety checker's redactions; nothing is generated, so nothing else applies).
         ``on_usage`` is told the tokens embedded; ``batch``: a batch line's.
         """
-        said: dict[str, str] = {}
         for plugin in self.plugins:
-            req = await plugin.on_embed(req, said)
+            req = await plugin.on_embed(req)
         result, deployment, attempts = await self.router.embed(req, batch)
         result.shortened(req.dimensions, req.model)
         if on_usage is not None:
             on_usage(result.prompt_tokens)
         model = deployment.model.name
         return Embeddings(result, model, {**route_headers(
-            deployment.backend.name, model, attempts, "requested"), **said})
+            deployment.backend.name, model, attempts, "requested"), **req.headers})
 
     async def _whole(self, ctx: RequestContext) -> tuple[Completion, dict[str, str]]:
         """The answer, checked, escalated to stronger models while it fails (bounded)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -101,6 +101,8 @@ class EmbeddingRequest:
     # What an Ollama client asked for beyond OpenAI's fields (options, keep_alive,
     # truncate), passed on to Ollama as it asked.
     ollama: dict[str, Any] | None = None
+    # What the plugins said of it, for the answer's headers (the safety checker's).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def token_ids(self) -> bool:
