@@ -288,12 +288,26 @@ class Balancer:
         if len(deployments) == 1:  # the common case: nothing to balance
             only = deployments[0]
             return only if self.takes(only, now) and self.state(only).can_queue() else None
-        open_ = [d for d in deployments if self.takes(d, now) and self.state(d).can_queue()]
-        if len(open_) > 1:  # the best tier's: the cloud is the last resort, not a share
-            best = min(TIER_RANK[d.backend.tier] for d in open_)
-            open_ = [d for d in open_ if TIER_RANK[d.backend.tier] == best]
-        if len(open_) <= 1:
-            return open_[0] if open_ else None
-        first, second = random.sample(open_, 2)
-        return first if self.state(first).score(now) <= self.state(second).score(now) \
-            else second
+        # (One pass, each state looked up once: this runs for every request.)
+        down, states, best = self._down, self._states, len(TIER_RANK)
+        open_: list[tuple[Deployment, DeploymentState]] = []
+        for d in deployments:
+            backend = d.backend
+            if backend.name in down:
+                continue
+            state = states.get((backend.name, d.model.name)) or self.state(d)
+            if state.rest_until > now or not state.breaker.available(now) or \
+                    not state.can_queue():
+                continue
+            rank = TIER_RANK[backend.tier]  # the best tier's: the cloud is the last resort
+            if rank < best:
+                best, open_ = rank, [(d, state)]
+            elif rank == best:
+                open_.append((d, state))
+        n = len(open_)
+        if n <= 1:
+            return open_[0][0] if open_ else None
+        i = int(random.random() * n)  # two of them at random (random.sample costs more)
+        j = int(random.random() * (n - 1))
+        first, second = open_[i], open_[j + (j >= i)]
+        return first[0] if first[1].score(now) <= second[1].score(now) else second[0]
