@@ -178,8 +178,8 @@ class Tracer:
                 exporter.shutdown()
 
     async def flush(self) -> None:
-        """Export every finished span now; what a collector refuses waits for the next
-        round (the oldest go past ``KEPT``).
+        """Export every finished span now; after a batch no exporter took (the collector
+        away, each try retried for seconds), the rest wait for the next round.
         """
         while self._finished:
             if not await self._export_batch():
@@ -192,7 +192,8 @@ class Tracer:
 
     async def _export_batch(self) -> bool:
         """Export the oldest spans; whether an exporter took them (refused by every one,
-        they are put back)."""
+        they are dropped: a batch a collector refuses for what it holds must not stop the
+        spans behind it)."""
         batch = [self._finished.popleft() for _ in range(min(BATCH, len(self._finished)))]
         if not self.exporters or not batch or self._readable is None:
             return True
@@ -205,7 +206,5 @@ class Tracer:
                 log.exception("traces: exporter %s failed", type(exporter).__name__)
             else:
                 taken = taken or getattr(result, "name", "SUCCESS") == "SUCCESS"
-        if not taken:  # (by none: taken by one, it is not sent to that one twice)
-            self._finished.extendleft(reversed(batch))
         return taken
 
