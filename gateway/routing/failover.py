@@ -127,7 +127,12 @@ class RoutedAnswer:
                     self._lease.whole()
                     self._count_tokens()
                     return
-                except GatewayError as error:
+                except GatewayError as broken:
+                    # Whatever an error event says once the answer has begun (a provider's
+                    # 429, a 400), the stream broke: it is rescued as any break is.
+                    error = broken if isinstance(broken, UpstreamError) else UpstreamError(
+                        broken.message, code="upstream_stream_error",
+                        backend=self._lease.deployment.backend.name)
                     if self._finished:  # what broke came after the answer: it is whole
                         log.info("%s/%s: %s, after the answer's end",
                                  self._lease.deployment.backend.name,

@@ -505,6 +505,30 @@ async def test_a_continued_answer_counts_the_text_carried_over_as_answer(
     assert usage["prompt_tokens"] <= clean.body[-2]["usage"]["prompt_tokens"] + 5
 
 
+@pytest.mark.parametrize("code", [429, 400])
+async def test_an_error_event_with_a_status_mid_answer_is_a_break_and_is_rescued(
+        code: int) -> None:
+    """Once the answer has begun, an error event is the stream breaking, whatever status it
+    names (an aggregator passes a provider's 429 on mid-stream): it is rescued as a cut is,
+    not passed on as the client's error after half an answer.
+    """
+    ups = [ServerThread(lambda: create_openai_app([SimModel("m1")], flavor="vllm")).start()
+           for _ in range(2)]
+    sims = [Sim(up, "openai") for up in ups]
+    gateway = start_gateway(gateway_config(  # (the first tier's first: a)
+        backend("a", "openai", sims[0].api_url, timeouts=FAST),
+        backend("b", "openai", sims[1].api_url, tier="server", timeouts=FAST)))
+    try:
+        sims[0].fault("m1", error_after=3, error_code=code, message="provider error")
+        reply = await ask(gateway, "m1", stream=True)
+        complete(reply)
+        assert len(sims[0].requests("/v1/chat/completions")) == 1
+    finally:
+        gateway.stop()
+        for up in ups:
+            up.stop()
+
+
 async def test_stalled_stream_is_rescued(routed_gateway: ServerThread, fleet: Fleet) -> None:
     fleet.primary.fault("qwq:32b", stall_after=4)
     started = time.monotonic()
