@@ -137,7 +137,7 @@ class Lease:
         else:
             self.state.breaker.end_trial()
             if throttled(error):
-                self.state.rest(error.retry_after)
+                self.state.rest(error.retry_after, busy=error.code == "backend_busy")
         if fault and self.counted is not None and not self.told:
             self.counted.faults.add((self.deployment.backend.name,))
         self._tell(error.label)
@@ -331,9 +331,14 @@ class Attempts:
         if healthy:  # up, but every one full (queue included) or resting after a 429
             wait = min(s.rest_until - now if s.rest_until > now else s.latency or 1.0
                        for s in healthy)
-            if all(s.rest_until > now for s in healthy):
-                return RateLimited("Every deployment of this model is rate-limited or busy "
-                                   "upstream; retry after the wait it asked for.",
+            resting = [s for s in healthy if s.rest_until > now]
+            if len(resting) == len(healthy):  # as its upstream said it, the first time
+                if all(s.rest_busy for s in resting):
+                    return Unavailable("Every deployment of this model is busy (its server's "
+                                       "queue is full); retry shortly.",
+                                       retry_after=max(1.0, wait), code="backend_busy")
+                return RateLimited("Every deployment of this model is rate-limited upstream; "
+                                   "retry after the wait it asked for.",
                                    retry_after=max(1.0, wait))
             return RateLimited("All deployments of this model are busy; retry shortly.",
                                retry_after=max(1.0, wait), code="deployment_busy")

@@ -32,8 +32,8 @@ class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
     __slots__ = ("batch_in_flight", "batch_waiters", "batch_woken", "breaker", "in_flight",
-                 "latency", "limit", "max_queue", "observed_at", "rest_until", "verdicts",
-                 "waiters")
+                 "latency", "limit", "max_queue", "observed_at", "rest_busy", "rest_until",
+                 "verdicts", "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -44,6 +44,7 @@ class DeploymentState:
         self.latency: float | None = None  # None: never answered, so worth a try
         self.observed_at = 0.0
         self.rest_until = 0.0  # (monotonic) its upstream asked for no requests until then
+        self.rest_busy = False  # ... as its queue was full (Ollama's 503), not a rate limit
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # Batch lines waiting for their share; woken to look again as slots free up.
         self.batch_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -51,13 +52,14 @@ class DeploymentState:
         # How its answers were judged (quality assurance): "pass", "fail" and each reason.
         self.verdicts = collections.Counter[str]()
 
-    def rest(self, seconds: float | None) -> None:
+    def rest(self, seconds: float | None, busy: bool = False) -> None:
         """Its upstream is rate-limiting (a 429, or Ollama's full queue): no new request
         goes there for ``seconds``, its ``Retry-After``. Not a failure: its breaker is not
         told, and a request already waiting it out may try it again.
         """
         seconds = REST_SECONDS if seconds is None else min(seconds, REST_MAX)
         self.rest_until = max(self.rest_until, time.monotonic() + seconds)
+        self.rest_busy = busy
 
     def score(self, now: float) -> float:
         if self.latency is None or now - self.observed_at > STALE_SECONDS:

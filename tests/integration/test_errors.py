@@ -191,6 +191,12 @@ async def test_upstream_503_with_retry_after_is_passed_on(
     error = assert_error(status, body, 503)
     assert "server busy" in error["message"]
     assert headers["Retry-After"] == "7"
+    # Resting meanwhile, it is not asked again: the next request hears the same, as busy.
+    status, body, headers = await post(http, CHAT, {"model": "qwq:32b", "messages": USER,
+                                                    "stream": stream})
+    assert assert_error(status, body, 503)["code"] == "backend_busy"
+    assert 6 <= int(headers["Retry-After"]) <= 7
+    assert len(ollama_sim.requests("/api/chat")) == 1
 
 
 async def test_upstream_429_is_a_429_with_retry_after(
