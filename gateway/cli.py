@@ -201,7 +201,13 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
             command += [flag, str(value)]
     if args.insecure_no_auth:
         command.append("--insecure-no-auth")
-    return supervise(command, args.workers, config.server.shutdown_grace)
+    return supervise(command, args.workers, config.server.shutdown_grace,
+                     hangups=reopens(config))
+
+
+def reopens(config: GatewayConfig) -> bool:
+    """Whether SIGHUP reopens a request log file (there is one), rather than ending it."""
+    return config.telemetry.request_log not in ("", "-")
 
 
 def _listening(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -256,8 +262,9 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
     server = config.server
     stop = signalled()
     app = create_app(config)
-    asyncio.get_running_loop().add_signal_handler(  # logrotate's postrotate
-        signal.SIGHUP, app[TELEMETRY].requests_log.reopen)
+    if reopens(config):  # logrotate's postrotate (else SIGHUP ends it, as a hang-up does)
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, app[TELEMETRY].requests_log.reopen)
     if worker:
         from gateway.workers import as_worker
 

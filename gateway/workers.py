@@ -42,9 +42,10 @@ PR_SET_PDEATHSIG = 1
 
 
 class Worker:
-    def __init__(self, number: int, command: list[str]) -> None:
+    def __init__(self, number: int, command: list[str], hangups: bool = False) -> None:
         self.number = number
         self.command = command
+        self.hangups = hangups  # SIGHUP is passed on to it: ignored until it handles it
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.starts = 0
@@ -56,23 +57,25 @@ class Worker:
                METRICS_ENV: metrics}
         # SIGHUP (logrotate's) ignored until it is handled: one passed on as a worker
         # starts up would end it.
-        self.process = subprocess.Popen(self.command, env=env, preexec_fn=_hangups_ignored)
+        self.process = subprocess.Popen(self.command, env=env,
+                                        preexec_fn=_hangups_ignored if self.hangups else None)
         self.started = time.monotonic()
         self.starts += 1
         self.due = 0.0
 
 
-def supervise(command: list[str], workers: int, grace: float) -> int:
+def supervise(command: list[str], workers: int, grace: float, hangups: bool = False) -> int:
     """Run ``workers`` copies of ``command`` (a ``gateway serve`` that binds with
     SO_REUSEPORT) until signalled; an exit code (a worker that could not start at all ends
-    them all with its own).
+    them all with its own). ``hangups``: SIGHUP is passed on to them (each reopens its
+    request log), where it would end them all.
     """
     stopping: list[int] = []
 
     def stop(signum: int, _: FrameType | None) -> None:
         stopping.append(signum)
 
-    crew = [Worker(number, command) for number in range(1, workers + 1)]
+    crew = [Worker(number, command, hangups) for number in range(1, workers + 1)]
 
     def pass_on(signum: int, _: FrameType | None) -> None:  # SIGHUP: reopen the request log
         for worker in crew:
@@ -80,7 +83,8 @@ def supervise(command: list[str], workers: int, grace: float) -> int:
                 worker.process.send_signal(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, pass_on)
+    if hangups:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, pass_on)
     _sweep_metrics(tempfile.gettempdir())
     metrics = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     code = 0
