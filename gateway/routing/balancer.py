@@ -284,28 +284,39 @@ class Balancer:
 
     def choose(self, deployments: Sequence[Deployment]) -> Deployment | None:
         """Power of two choices among the deployments that take requests now (``takes``)
-        and can take (or queue) one more, of the best tier among them.
+        and can take one more: of the best tier with a free slot, else of the best tier that
+        can queue it.
         """
         now = time.monotonic()
         if len(deployments) == 1:  # the common case: nothing to balance
             only = deployments[0]
             return only if self.takes(only, now) and self.state(only).can_queue() else None
-        # (One pass, each state looked up once: this runs for every request.)
-        down, states, best = self._down, self._states, len(TIER_RANK)
-        open_: list[tuple[Deployment, DeploymentState]] = []
+        # The best tier's with a free slot; else (every one full) the best tier's that can
+        # queue it: the cloud answers what the workstation cannot take now, not a share of
+        # what it can. (One pass, each state looked up once: this runs for every request.)
+        down, states = self._down, self._states
+        best_free = best_queued = len(TIER_RANK)
+        free: list[tuple[Deployment, DeploymentState]] = []
+        queued: list[tuple[Deployment, DeploymentState]] = []
         for d in deployments:
             backend = d.backend
             if backend.name in down:
                 continue
             state = states.get((backend.name, d.model.name)) or self.state(d)
-            if state.rest_until > now or not state.breaker.available(now) or \
-                    not state.can_queue():
+            if state.rest_until > now or not state.breaker.available(now):
                 continue
-            rank = TIER_RANK[backend.tier]  # the best tier's: the cloud is the last resort
-            if rank < best:
-                best, open_ = rank, [(d, state)]
-            elif rank == best:
-                open_.append((d, state))
+            rank = TIER_RANK[backend.tier]
+            if state.has_room() and not state.waiters:
+                if rank < best_free:
+                    best_free, free = rank, [(d, state)]
+                elif rank == best_free:
+                    free.append((d, state))
+            elif not free and state.can_queue():
+                if rank < best_queued:
+                    best_queued, queued = rank, [(d, state)]
+                elif rank == best_queued:
+                    queued.append((d, state))
+        open_ = free or queued
         n = len(open_)
         if n <= 1:
             return open_[0][0] if open_ else None

@@ -175,3 +175,24 @@ async def test_a_model_also_in_the_cloud_is_answered_there_only_when_its_host_ca
     finally:
         gateway.stop()
         cloud.stop()
+
+
+async def test_what_the_workstation_cannot_take_now_goes_to_the_cloud_not_its_queue(
+    fleet: Fleet
+) -> None:
+    """A burst past the workstation's slots overflows to the model's cloud deployment at
+    once, rather than waiting in the workstation's queue for up to ``queue_timeout``."""
+    fleet.primary.fault(MODEL, ttft=1.0)
+    cloud = ServerThread(lambda: create_openai_app([SimModel(MODEL)], flavor="openai")).start()
+    gateway = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, max_concurrency=1),
+        backend("cloud", "openai", cloud.url + "/v1", tier="cloud")))
+    try:
+        replies = await asyncio.gather(*(ask(gateway, MODEL) for _ in range(3)))
+        for reply in replies:
+            complete(reply)
+        assert sorted(r.headers["x-gateway-backend"] for r in replies) == [
+            "cloud", "cloud", "primary"]
+    finally:
+        gateway.stop()
+        cloud.stop()
