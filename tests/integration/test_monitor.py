@@ -112,8 +112,9 @@ def test_ready_says_whether_any_route_can_serve(fleet: Fleet) -> None:
 
 def test_breakers_close_when_their_backend_is_back_without_traffic(fleet: Fleet) -> None:
     """A backend found down opens its deployments' breakers; back, they close, not left
-    half-open for a trial no request makes (shown degraded for good)."""
-    server = start_gateway(one_ollama(fleet))
+    half-open for a trial no request makes (shown degraded for good). (The monitor's probes
+    off: a probe is traffic.)"""
+    server = start_gateway(one_ollama(fleet, monitor={"probe_breakers": False}))
     try:
         chat(server, "qwq:32b")
 
