@@ -210,6 +210,8 @@ def stream_error(backend: str, error: Any) -> GatewayError:
     fields = error_fields(error)
     message, code, status = fields if fields is not None else (str(error)[:500], None, None)
     code = code or _error_code(message)
+    if code == "rate_limit_exceeded" and status is None:  # (OpenAI's word, no status)
+        status = 429
     if code in ("context_length_exceeded", "content_policy_violation") or \
             (status is not None and 400 <= status < 500):
         return from_upstream_status(backend, status or 400, message, None, code)

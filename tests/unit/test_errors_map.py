@@ -88,6 +88,8 @@ def test_ollamas_full_queue_is_a_busy_server_not_a_failing_one() -> None:
      None, False),  # vLLM's
     ({"code": 429, "message": "slow down", "type": "rate_limit_error"}, 429,
      "rate_limit_exceeded", False),
+    ({"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}, 429,
+     "rate_limit_exceeded", False),  # OpenAI's words, no status
     (["not", "an", "object"], 502, "upstream_stream_error", True),
 ])
 def test_an_error_event_is_what_its_status_or_code_says(
