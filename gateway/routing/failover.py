@@ -128,21 +128,25 @@ class RoutedAnswer:
                     self._count_tokens()
                     return
                 except GatewayError as broken:
-                    # Whatever an error event says once the answer has begun (a provider's
-                    # 429, a 400), the stream broke: it is rescued as any break is.
-                    error = broken if isinstance(broken, UpstreamError) else UpstreamError(
-                        broken.message, code="upstream_stream_error",
-                        backend=self._lease.deployment.backend.name)
                     if self._finished:  # what broke came after the answer: it is whole
                         log.info("%s/%s: %s, after the answer's end",
                                  self._lease.deployment.backend.name,
-                                 self._lease.deployment.model.name, error.message)
+                                 self._lease.deployment.model.name, broken.message)
                         self._lease.whole()
                         self._count_tokens()
                         return
-                    self._lease.failed(error, broke=True)
+                    # Held to account as it says (a rate limit rests the deployment, a
+                    # refusal is no fault of it)...
+                    self._lease.failed(broken, broke=True)
                     self._lease.release()
                     await self._drop_stream()
+                    # ... and otherwise, whatever an error event says once the answer has
+                    # begun (a provider's 429, a 400), the stream broke: it is rescued as any
+                    # break is. A content-policy refusal ends the answer.
+                    error = broken if isinstance(broken, UpstreamError) or \
+                        broken.code == "content_policy_violation" else UpstreamError(
+                            broken.message, code="upstream_stream_error",
+                            backend=self._lease.deployment.backend.name)
                     if not self._rescuable(error):
                         raise
                     log.warning("stream from %s/%s broke (%s); rescuing",

@@ -529,6 +529,34 @@ async def test_an_error_event_with_a_status_mid_answer_is_a_break_and_is_rescued
             up.stop()
 
 
+async def test_a_content_policy_error_mid_answer_ends_it_and_is_no_fault() -> None:
+    """A provider's content filter stopping an answer half-way is that answer's end: not
+    continued by another model from the flagged text, not held against the deployment."""
+    ups = [ServerThread(lambda: create_openai_app([SimModel("m1")], flavor="openai")).start()
+           for _ in range(2)]
+    sims = [Sim(up, "openai") for up in ups]
+    gateway = start_gateway(gateway_config(
+        backend("a", "openai", sims[0].api_url, timeouts=FAST),
+        backend("b", "openai", sims[1].api_url, tier="server", timeouts=FAST),
+        routing={"breaker": {"failures": 2, "cooldown": 30.0}}))
+    try:
+        sims[0].fault("m1", error_after=3, error_code="content_policy_violation",
+                      message="The response was filtered by the content filter")
+        for _ in range(3):
+            reply = await ask(gateway, "m1", stream=True)
+            assert reply.error is not None and reply.error["code"] == \
+                "content_policy_violation"
+            assert "[DONE]" not in reply.body
+        assert sims[1].requests("/v1/chat/completions") == []
+        sims[0].clear()
+        complete(reply := await ask(gateway, "m1"))
+        assert reply.headers["x-gateway-backend"] == "a"  # its breaker closed
+    finally:
+        gateway.stop()
+        for up in ups:
+            up.stop()
+
+
 async def test_stalled_stream_is_rescued(routed_gateway: ServerThread, fleet: Fleet) -> None:
     fleet.primary.fault("qwq:32b", stall_after=4)
     started = time.monotonic()
