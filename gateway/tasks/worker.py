@@ -57,6 +57,8 @@ class Worker:
         self._reasoning = reasoning
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._running: dict[asyncio.Task[None], Line] = {}  # the lines at work
+        self._written: set[tuple[str, int]] = set()  # ... whose results are written
+        self._closing = False
         self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
         self._timeouts: dict[tuple[str, int], int] = {}  # ... of which for a timeout
         # ... and since when its model was not found, a backend unlisted (monotonic)
@@ -74,7 +76,9 @@ class Worker:
                 await room.wait()
                 continue
             def ended(task: asyncio.Task[None]) -> None:
-                self._running.pop(task, None)
+                line = self._running.pop(task, None)
+                if line is not None and not self._closing:  # (close() looks at it)
+                    self._written.discard((line.batch, line.n))
                 room.set()
 
             lines = await self._claim(free)
@@ -103,12 +107,14 @@ class Worker:
         """Stop claiming; lines in flight go back to the queue at once (another worker, or
         this one started again, takes them), not after their claims' visibility timeout.
         """
+        self._closing = True
         at_work = dict(self._running)
         for task in at_work:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*at_work, return_exceptions=True)
-        back = [line for task, line in at_work.items() if task.cancelled()]
+        back = [line for task, line in at_work.items() if task.cancelled()
+                and (line.batch, line.n) not in self._written]  # (written: answered once)
         with contextlib.suppress(TimeoutError, *StoreDown):  # (else: after the timeout)
             async with asyncio.timeout(PUT_BACK_SECONDS):
                 for line in back:
@@ -224,5 +230,6 @@ class Worker:
         self._forget(line)
         await self._store.finish(line, status == 200, result_line(line.custom_id, status,
                                                                   body))
+        self._written.add((line.batch, line.n))
         self.answered += 1
         await self._batches.settle(line.batch)

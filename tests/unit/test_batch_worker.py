@@ -145,3 +145,59 @@ async def test_an_expiring_batch_waits_for_its_lines_at_work(tmp_path: Path) -> 
         assert forced is not None and forced["status"] == "expired"
     finally:
         await store.close()
+
+
+async def test_a_stop_puts_back_only_the_lines_not_yet_answered(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """Lines at work when the worker stops go back to the queue at once, but not one whose
+    result was written as the stop came (it would be answered, and charged, again)."""
+    store = LocalStore(str(tmp_path), visibility_timeout=300)
+    await store.start()
+    batches = Batches(store, 100)
+    try:
+        record: dict[str, Any] = batch_record("batch_1", "", "/v1/chat/completions",
+                                              "file-1", "24h", None)
+        await store.put_batch(record)
+        await store.change_batch("batch_1", {"status": "in_progress"})
+        await store.enqueue([Line("batch_1", n, f"request-{n}", {"model": "m"})
+                             for n in (1, 2)])
+
+        settling_now, second = asyncio.Event(), asyncio.Event()
+        asked: list[int] = []
+
+        async def answer(*_: Any, **__: Any) -> tuple[int, dict[str, Any]]:
+            asked.append(1)
+            if len(asked) == 2:
+                second.set()
+            await asyncio.sleep(0.05 if len(asked) == 1 else 30)
+            return 200, {"ok": True}
+
+        async def settling(batch: str) -> None:
+            settling_now.set()  # the stop comes as the first line's batch is settled
+            await asyncio.sleep(30)
+
+        monkeypatch.setattr("gateway.tasks.worker.answer", answer)
+        monkeypatch.setattr(batches, "settle", settling)
+        put_back: list[str] = []
+        put = store.put_back
+
+        async def recorded(line: Line, delay: float) -> None:
+            put_back.append(line.custom_id)
+            await put(line, delay)
+
+        monkeypatch.setattr(store, "put_back", recorded)
+        worker = Worker(batches, pipeline=None,  # type: ignore[arg-type]
+                        config=TasksConfig(), reasoning="separate",
+                        spending=Spending(KeyBook([], []), MemoryLimits()))
+        running = asyncio.create_task(worker.run())
+        async with asyncio.timeout(10):
+            await settling_now.wait()
+            await second.wait()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await worker.close()
+        [(_, written)] = await store.results("batch_1")
+        assert put_back == [n for n in ("request-1", "request-2")
+                            if n != written["custom_id"]]
+    finally:
+        await store.close()
