@@ -46,19 +46,38 @@ class BodyBudget:
             self.held -= size
 
 
-async def read_body(request: web.Request, patience: float) -> None:
-    """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds."""
+async def read_body(request: web.Request, patience: float, rate: float = 0.0) -> None:
+    """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds;
+    with a ``rate`` (bytes a second), a second more for each ``rate`` bytes that arrive (a
+    large upload on a slow link, its length declared or not; one that trickles does not
+    get longer).
+    """
     if request.content.is_eof():  # all of it came with the head: nothing to wait for (and
         await request.read()  # no timer to set and cancel, on most requests)
         return
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    step = min(1.0, patience / 4)  # (how often the limit is moved: well before it falls)
+    watch: asyncio.TimerHandle | None = None
     try:
-        async with asyncio.timeout(patience):
+        async with asyncio.timeout(patience) as limit:
+            def extend() -> None:
+                nonlocal watch
+                limit.reschedule(started + patience + request.content.total_bytes / rate)
+                watch = loop.call_later(step, extend)
+
+            if rate:
+                watch = loop.call_later(step, extend)
             await request.read()
     except TimeoutError:
         request.content.feed_eof()  # no lingering for the rest: it is not coming
-        raise GatewayError(f"The request body did not arrive within {patience:g} seconds.",
-                           status=408, type="invalid_request_error",
+        raise GatewayError(f"The request body did not arrive in time ({patience:g} seconds"
+                           + (f", and one more for each {rate / 1024:g} KiB" if rate else "")
+                           + ").", status=408, type="invalid_request_error",
                            code="body_timeout") from None
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
 # Content-Encodings of request bodies the gateway decodes.

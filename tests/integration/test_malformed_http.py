@@ -166,9 +166,12 @@ def test_bodies_in_flight_past_the_budget_are_turned_away(impatient: ServerThrea
     assert status == 200  # the budget is given back when a request ends
 
 
-def test_an_upload_is_given_the_time_its_size_takes_on_a_slow_link(ollama_sim: Sim) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_upload_is_given_the_time_its_size_takes_on_a_slow_link(ollama_sim: Sim,
+                                                                   chunked: bool) -> None:
     """A batch file of some size takes longer than ``body_timeout`` to arrive over a slow
-    link: it is given time by its size (an upload comes with a key), where it was a 408.
+    link: it is given more time as it arrives (an upload comes with a key), where it was a
+    408; its length declared or not (httpx sends a file it cannot size chunked).
     """
     server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
                                           server={"body_timeout": 1.0}))
@@ -178,15 +181,19 @@ def test_an_upload_is_given_the_time_its_size_takes_on_a_slow_link(ollama_sim: S
         body = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
                 b'--b\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
                 b"Content-Type: application/jsonl\r\n\r\n" + content + b"\r\n--b--\r\n")
+        length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
         head = ("POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 "Content-Type: multipart/form-data; boundary=b\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+                f"{length}\r\nConnection: close\r\n\r\n").encode()
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(head)
             piece = len(body) // 6 + 1
             for start in range(0, len(body), piece):  # 2.4 s in all, at about 160 KB/s
                 time.sleep(0.4)
-                sock.sendall(body[start:start + piece])
+                data = body[start:start + piece]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
             answer = b""
             while chunk := sock.recv(65536):
                 answer += chunk
