@@ -213,6 +213,7 @@ async def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
 
 
 _HEADERS = email.parser.HeaderParser(policy=email.policy.HTTP)
+MAX_PARTS = 16
 
 
 def _parts(body: bytes, boundary: bytes, limit: int) -> dict[str, Any]:
@@ -223,10 +224,15 @@ def _parts(body: bytes, boundary: bytes, limit: int) -> dict[str, Any]:
     delimiter = b"--" + boundary
     fields: dict[str, Any] = {}
     at = body.find(delimiter)
+    parts = 0
     while at >= 0:
         at += len(delimiter)
         if body.startswith(b"--", at):
             return fields  # the closing delimiter
+        parts += 1
+        if parts > MAX_PARTS:  # (each costs its headers' parse: a flood of them, minutes)
+            raise InvalidRequest(f"An upload has a file and its purpose: more than "
+                                 f"{MAX_PARTS} parts is not one.", code="invalid_upload")
         head_end = body.find(b"\r\n\r\n", at)
         end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
         if end < 0:

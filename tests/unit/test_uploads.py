@@ -44,3 +44,12 @@ def test_a_large_file_is_sliced_out_once() -> None:
         tracemalloc.stop()
     assert len(parts["file"][1]) == size
     assert peak < 1.5 * size, peak  # (a MIME parser held ten copies: 1 GB for 100 MB)
+
+
+def test_a_flood_of_parts_is_refused_at_once() -> None:
+    boundary = b"b"
+    body = b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % n
+                    for n in range(100_000)) + b"--b--\r\n"
+    with pytest.raises(InvalidRequest) as caught:
+        _parts(body, boundary, 10**9)
+    assert caught.value.code == "invalid_upload"
