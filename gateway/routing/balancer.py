@@ -62,9 +62,12 @@ class DeploymentState:
         self.rest_busy = busy
 
     def score(self, now: float) -> float:
+        """The wait a new request may expect here, relatively: those ahead of it (answering
+        or in line) times how long each takes (lowest wins)."""
+        ahead = self.in_flight + len(self.waiters)
         if self.latency is None or now - self.observed_at > STALE_SECONDS:
-            return float(self.in_flight)  # unknown or stale: explore (lowest scores win)
-        return (self.in_flight + 1) * self.latency
+            return float(ahead)  # unknown or stale: explore
+        return (ahead + 1) * self.latency
 
     def has_room(self) -> bool:
         return not self.limit or self.in_flight < self.limit

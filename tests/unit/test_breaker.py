@@ -214,3 +214,29 @@ def test_a_breaker_opened_elsewhere_waits_out_what_remains_of_its_cool_down() ->
     assert breaker.state == "open"
     assert not breaker.available(now + 2.9)
     assert breaker.available(now + 3.1)
+
+
+async def test_when_every_deployment_is_full_new_requests_line_up_where_the_wait_is_shortest(
+) -> None:
+    """Two deployments, one slot each, both answering; one a little faster. The requests
+    that must wait are spread by the wait each line means (those in it included): they all
+    queued on the faster one, the 30th for some 30 s, the other's line empty.
+    """
+    balancer = Balancer(RoutingConfig(), lambda backend: (1, 64))
+    fast, slow = (Deployment(SimpleNamespace(name=name, tier="primary"),  # type: ignore[arg-type]
+                             ModelInfo("m", name)) for name in ("fast", "slow"))
+    balancer.state(fast).observe(1.0)
+    balancer.state(slow).observe(1.2)
+    for deployment in (fast, slow):
+        await balancer.state(deployment).acquire(1)
+    waiting = []
+    for _ in range(30):
+        chosen = balancer.choose([fast, slow])
+        assert chosen is not None
+        waiting.append(asyncio.create_task(balancer.state(chosen).acquire(600)))
+        await asyncio.sleep(0)
+    lines = [len(balancer.state(d).waiters) for d in (fast, slow)]
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert lines[0] >= lines[1] >= 10, lines  # (about 1.2 to 1)
