@@ -165,11 +165,9 @@ class Tracer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        try:
+        with contextlib.suppress(TimeoutError):  # (what is left is said below)
             async with asyncio.timeout(CLOSE_SECONDS):
                 await self.flush()
-        except TimeoutError:
-            pass
         if self._finished and self.exporters:
             log.warning("traces: %d spans not exported: the collector did not take them",
                         len(self._finished))
