@@ -26,6 +26,8 @@ from gateway.config import BackendConfig
 from gateway.errors import GatewayError
 from gateway.protocol.units import ModelInfo
 
+# What its llama.cpp server does: chat, text and embeddings (started with --embeddings).
+EMBEDDED_CAPABILITIES = frozenset({"chat", "completion", "embedding"})
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +103,7 @@ class EmbeddedBackend(OpenAICompatBackend):
             return []
         # The gateway chose this model itself: what it can do is known, not presumed.
         return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=True,
+                          capabilities=EMBEDDED_CAPABILITIES,
                           parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
                           context_length=self.config.context_size // self.config.slots)]
 

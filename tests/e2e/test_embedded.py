@@ -91,6 +91,10 @@ def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedB
                 client.embeddings.create(model="smollm2:135m", input="word " * 3000)
             assert refused.value.code == "context_length_exceeded"
         assert client.chat.completions.create(**ASK).choices[0].message.content  # type: ignore[call-overload]
+    # Ollama's clients that pick embedding models by what /api/show says find it.
+    with ollama.Client(host=server.url) as ollama_client:
+        shown = ollama_client.show("smollm2:135m")
+    assert "embedding" in (shown.capabilities or []) and "completion" in (shown.capabilities or [])
 
 
 def test_stops_its_server_on_shutdown() -> None:
