@@ -37,7 +37,7 @@ class Traffic:
     """What happened between two snapshots."""
 
     seconds: float
-    requests: float  # to the model APIs (not /health, /metrics...)
+    requests: float  # to the models (not /health, /metrics, /v1/models...)
     errors: float
     timed: float  # model requests answered, whose time is in the quantiles
     p50: float | None
@@ -87,9 +87,12 @@ class Window:
             return
         i = self._i
         snap = Snapshot(now)
-        for (door, status, _), n in list(i.requests.values.items()):
-            if door == "gateway":
-                continue  # /health, /ready, /metrics, /admin/status, the dashboard
+        for (door, status, model), n in list(i.requests.values.items()):
+            if door == "gateway" or (not model and status[0] in "123"):
+                # /health, /ready, /metrics, /admin/status, the dashboard; and what a door
+                # answers without a model (its list of models, files and batches): a
+                # model's answer always names it
+                continue
             snap.requests += n
             if status.startswith("5"):
                 snap.errors += n

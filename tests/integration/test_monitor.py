@@ -129,6 +129,27 @@ def test_breakers_close_when_their_backend_is_back_without_traffic(fleet: Fleet)
         server.stop()
 
 
+def test_the_request_rate_counts_requests_to_models_not_model_lists(fleet: Fleet) -> None:
+    """IDE plugins poll /v1/models and /api/tags: the dashboard's requests a second (and the
+    error-rate base) counted every poll as a request."""
+    server = start_gateway(one_ollama(fleet))
+    try:
+        def counted() -> Any:
+            traffic = get(server.url + "/admin/status")[1]["traffic"]
+            return traffic["requests"] if traffic else None
+
+        wait_until(lambda: counted() == 0, 10, "the traffic window under way")
+        for _ in range(3):
+            chat(server)
+        for path in ("/v1/models", "/api/tags", "/api/version") * 7:
+            assert get(server.url + path)[0] == 200
+        wait_until(lambda: counted() == 3, 10, "the three chats counted")
+        time.sleep(1.5)  # (the next samples)
+        assert counted() == 3
+    finally:
+        server.stop()
+
+
 def test_admin_status_shows_the_fleet_and_needs_the_admin_key_when_keyed(fleet: Fleet) -> None:
     digest = hashlib.sha256
     server = start_gateway(one_ollama(
