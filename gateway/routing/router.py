@@ -75,10 +75,12 @@ class Router:
                  ) -> RoutedAnswer | None:
         """The answer of a stronger model than ``than``, or None when there is none."""
         stronger = self.selector.stronger(req, than, why, allowed)
-        return self._answer(req, Route(stronger, list), batch) if stronger else None
+        # (Not the alias's pick again: its first answer was, and the escalation is counted.)
+        return self._answer(req, Route(stronger, list), batch, picked=False) \
+            if stronger else None
 
-    def _answer(self, req: ChatRequest | CompletionRequest, route: Route, batch: bool
-                ) -> RoutedAnswer:
+    def _answer(self, req: ChatRequest | CompletionRequest, route: Route, batch: bool,
+                picked: bool = True) -> RoutedAnswer:
         def opener(deployment: Deployment, prefill: str | None, sent: int
                    ) -> AsyncGenerator[Chunk]:
             ask = _continuing(req, prefill, sent) if prefill else req
@@ -91,7 +93,7 @@ class Router:
         attempts = Attempts(self.config.routing, self.balancer, route, self.instruments,
                             operation, self.on_unreachable,
                             self.config.tasks.share if batch else None)
-        alias = req.model if self.selector.is_alias(req.model) else ""
+        alias = req.model if picked and self.selector.is_alias(req.model) else ""
         return RoutedAnswer(attempts, opener, self.instruments, alias=alias,
                             streamed=req.stream, rescue=self.config.routing.rescue,
                             decision=route.decision)

@@ -95,7 +95,8 @@ class Instruments:
             "gateway.escalations", "Answers found wanting and asked of a stronger model",
             ("reason",))
         self.picks: Counter = m.counter(
-            "gateway.alias.picks", "The model each alias (auto, auto:code, ...) had answer",
+            "gateway.alias.picks", "The model each alias (auto, auto:code, ...) had answer "
+            "(an answer QA then took to a stronger model: that escalation is counted apart)",
             ("alias", "gen_ai.response.model"))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
@@ -289,3 +290,25 @@ def test_identical_requests_waiting_on_an_escalated_one_get_the_stronger_answer(
     assert {model for model, _ in answers} == {BIG}
     assert len({text for _, text in answers}) == 1 and answers[0][1]
     assert asked(local) == [SMALL, BIG]
+
+
+def test_an_escalated_alias_request_counts_one_pick(local: Sim, cloud: Sim) -> None:
+    """``gateway_alias_picks_total`` says what each alias picked: the answer set aside for a
+    stronger model's was the pick, the escalation is counted as such (it counted two)."""
+    server = start_gateway(gateway_config(
+        backend("local", "ollama", local.api_url),
+        routing={"max_escalations": 1},
+        aliases={"pick:small": {"priority": {"any": [SMALL, BIG]}}},
+        plugins=[{"name": "qa"}]))
+    try:
+        local.fault(SMALL, reply="")
+        body, headers = chat(server, model="pick:small")
+        assert body.model == BIG and headers["x-gateway-escalated"] == f"{SMALL} (empty)"
+        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as scraped:
+            text = scraped.read().decode()
+    finally:
+        server.stop()
+    picks = {tuple(sorted(s.labels.items())): s.value
+             for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name == "gateway_alias_picks_total"}
+    assert picks == {(("alias", "pick:small"), ("gen_ai_response_model", SMALL)): 1.0}, picks
