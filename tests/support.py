@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -227,6 +228,13 @@ class GatewayProcess:
         except BaseException:
             self.stop()
             raise
+
+    def stopped_in(self, limit: float) -> float:
+        """SIGTERM, as a service manager stops it; the seconds it took to exit (cleanly)."""
+        self.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert self.process.wait(timeout=limit) == 0
+        return time.monotonic() - started
 
     def stop(self) -> str:
         """Ends it (by its PID); what it printed."""

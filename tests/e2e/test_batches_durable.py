@@ -31,6 +31,14 @@ def line(n: int) -> dict[str, Any]:
                      "max_tokens": 16}}
 
 
+def batch_of(api: openai.OpenAI, lines: int) -> str:
+    """A batch of ``lines`` chat completions, made through the API; its id."""
+    content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(lines))
+    source = api.files.create(file=("work.jsonl", io.BytesIO(content)), purpose="batch")
+    return api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                              completion_window="24h").id
+
+
 def under_way(api: openai.OpenAI, batch_id: str, done: int, of: int) -> None:
     """Wait until ``done`` lines are answered, and make sure the batch is not over."""
     def some_done() -> bool:
@@ -65,29 +73,27 @@ def test_a_gateway_killed_mid_batch_finishes_it_when_started_again(tmp_path: Pat
     gateway = GatewayProcess(config)
     try:
         api = openai_client(gateway.url)
-        content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(LINES))
-        source = api.files.create(file=("work.jsonl", io.BytesIO(content)), purpose="batch")
-        batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
-                                   completion_window="24h")
+        batch_id = batch_of(api, LINES)
 
-        under_way(api, batch.id, 10, LINES)  # killed in the middle
+        under_way(api, batch_id, 10, LINES)  # killed in the middle
         gateway.process.send_signal(signal.SIGKILL)  # no shutdown, no goodbye
         gateway.stop()  # (collects it)
         gateway = GatewayProcess(config)  # the same data directory
         api = openai_client(gateway.url)
-        every_line_once(api, batch.id, LINES)
+        every_line_once(api, batch_id, LINES)
         listed = subprocess.run([*GATEWAY, "batches", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30, check=True).stdout
-        assert f"{batch.id}  completed   [{'#' * 24}] {LINES}/{LINES}" in listed
+        assert f"{batch_id}  completed   [{'#' * 24}] {LINES}/{LINES}" in listed
     finally:
         gateway.stop()
         sim.server.stop()
 
 
-def redis_config(path: Path, sim: Sim, redis: RedisServer, worker: bool) -> Path:
+def redis_config(path: Path, sim: Sim, redis: RedisServer, worker: bool,
+                 visibility: float = 2.0) -> Path:
     path.write_text(f'[[backends]]\nname = "studio"\nkind = "ollama"\nurl = "{sim.api_url}"\n\n'
                     f'[tasks]\nqueue = "redis"\nredis_url = "{redis.url}"\n'
-                    f'worker = {str(worker).lower()}\nvisibility_timeout = 2.0\n')
+                    f'worker = {str(worker).lower()}\nvisibility_timeout = {visibility}\n')
     return path
 
 
@@ -99,24 +105,18 @@ def test_a_gateway_stopped_mid_batch_puts_its_lines_back_at_once(tmp_path: Path)
     sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
     sim.fault("qwq:32b", latency=0.5)
     with RedisServer() as redis:
-        config = redis_config(tmp_path / "gateway.toml", sim, redis, worker=True)
-        config.write_text(config.read_text().replace("visibility_timeout = 2.0",
-                                                     "visibility_timeout = 60.0"))
+        config = redis_config(tmp_path / "gateway.toml", sim, redis, worker=True,
+                              visibility=60.0)
         gateway = GatewayProcess(config)
         try:
             api = openai_client(gateway.url)
-            content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(40))
-            source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
-                                      purpose="batch")
-            batch = api.batches.create(input_file_id=source.id,
-                                       endpoint="/v1/chat/completions",
-                                       completion_window="24h")
-            under_way(api, batch.id, 8, 40)
+            batch_id = batch_of(api, 40)
+            under_way(api, batch_id, 8, 40)
             gateway.stop()  # SIGTERM, lines at work
             gateway = GatewayProcess(config)
             started = time.monotonic()
             api = openai_client(gateway.url)
-            every_line_once(api, batch.id, 40)
+            every_line_once(api, batch_id, 40)
             assert time.monotonic() - started < 30  # (not the 60 s of their claims)
         finally:
             gateway.stop()
@@ -134,17 +134,12 @@ def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path)
                    for _ in range(2)]
         try:
             api = openai_client(gateway.url)
-            content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(500))
-            source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
-                                      purpose="batch")
-            batch = api.batches.create(input_file_id=source.id,
-                                       endpoint="/v1/chat/completions",
-                                       completion_window="24h")
+            batch_id = batch_of(api, 500)
 
-            under_way(api, batch.id, 50, 500)  # killed in the middle
+            under_way(api, batch_id, 50, 500)  # killed in the middle
             workers[0].send_signal(signal.SIGKILL)  # mid-line, its claims unacknowledged
             workers[0].wait(timeout=10)
-            every_line_once(api, batch.id, 500)
+            every_line_once(api, batch_id, 500)
             # Nothing of the batch stays in the queue (its stream kept every line before).
             assert redis.command("XLEN", "gw:{tasks}:lines") == b":0"
         finally:
@@ -166,24 +161,19 @@ def test_redis_restarted_mid_batch_loses_no_line(tmp_path: Path) -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             api = openai_client(gateway.url)
-            content = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(300))
-            source = api.files.create(file=("work.jsonl", io.BytesIO(content)),
-                                      purpose="batch")
-            batch = api.batches.create(input_file_id=source.id,
-                                       endpoint="/v1/chat/completions",
-                                       completion_window="24h")
+            batch_id = batch_of(api, 300)
 
-            under_way(api, batch.id, 40, 300)
+            under_way(api, batch_id, 40, 300)
             redis.kill()  # gone mid-batch, as in a crash
             try:
-                api.batches.retrieve(batch.id)
+                api.batches.retrieve(batch_id)
                 raise AssertionError("the batch was read from a Redis that is down")
             except openai.APIStatusError as exc:  # said plainly, to be tried again
                 assert exc.status_code == 503
                 assert exc.response.headers.get("retry-after") == "1"
             time.sleep(1.0)
             redis.start()  # the same port and folder: its append-only file read back
-            every_line_once(api, batch.id, 300)
+            every_line_once(api, batch_id, 300)
             assert worker.poll() is None  # the worker apart waited for Redis, and goes on
         finally:
             if worker.poll() is None:

@@ -129,10 +129,7 @@ def test_a_request_outliving_the_grace_is_ended_at_the_grace(tmp_path: Path, oll
         with urllib.request.urlopen(streamed(gateway.url, "phi3.5:3.8b"),
                                     timeout=30) as response:
             response.readline()  # the stream is under way
-            gateway.process.send_signal(signal.SIGTERM)
-            started = time.monotonic()
-            assert gateway.process.wait(timeout=15) == 0
-            took = time.monotonic() - started
+            took = gateway.stopped_in(15)
     finally:
         output = gateway.stop()
     assert 2.0 <= took < 3.5, took
@@ -153,16 +150,12 @@ export_interval = 60.0
 """)
     gateway = GatewayProcess(config)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]),
-                                          timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
         for _ in range(3000):  # 3,000 spans: six batches
             conn.request("GET", "/v1/models")
             conn.getresponse().read()
         conn.close()
-        gateway.process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        assert gateway.process.wait(timeout=90) == 0
-        took = time.monotonic() - started
+        took = gateway.stopped_in(90)
     finally:
         output = gateway.stop()
     assert took < 15, took
