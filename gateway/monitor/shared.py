@@ -260,7 +260,7 @@ return 0
 class AlertClaims:
     """Which of the processes that watch one fleet through one Redis (the workers of
     ``serve --workers``, hosts) sends a notice. Each judges the rules on what it sees itself
-    (its own tunnels, its own traffic), so each alert keeps its watchers in Redis, the
+    (its own tunnels, its host's traffic), so each alert keeps its watchers in Redis, the
     processes that see it now (each says so every round): the first to announce it sends
     "firing"; the last that sees it end sends "resolved". While Redis is away, each sends
     its own: a notice twice rather than none.

@@ -10,6 +10,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.config.observing import LONGEST_WINDOW
 from gateway.telemetry import Instruments, Metrics
@@ -83,11 +84,14 @@ class Window:
         return self._metrics.enabled
 
     def sample(self, now: float) -> None:
+        """A snapshot of what the whole gateway counted (all its workers, with ``serve
+        --workers N``: each worker's status and dashboard show the traffic of all).
+        """
         if not self._metrics.enabled:
             return
-        i = self._i
+        counters, histograms = self._metrics.totals()
         snap = Snapshot(now)
-        for (door, status, model), n in list(i.requests.values.items()):
+        for (door, status, model), n in counters[self._i.requests.name].items():
             if door == "gateway" or (not model and status[0] in "123"):
                 # /health, /ready, /metrics, /admin/status, the dashboard; and what a door
                 # answers without a model (its list of models, files and batches): a
@@ -96,19 +100,19 @@ class Window:
             snap.requests += n
             if status.startswith("5"):
                 snap.errors += n
-        snap.duration = _buckets(i.duration.series, len(self._bounds) + 1)
-        snap.ttft = _buckets(i.ttft.series, len(self._ttft_bounds) + 1)
-        snap.output_tokens = sum(s[1] for (kind, _), s in list(i.tokens.series.items())
-                                 if kind == "output")
+        snap.duration = _buckets(histograms[self._i.duration.name], len(self._bounds) + 1)
+        snap.ttft = _buckets(histograms[self._i.ttft.name], len(self._ttft_bounds) + 1)
+        snap.output_tokens = sum(s[1] for (kind, _), s in
+                                 histograms[self._i.tokens.name].items() if kind == "output")
         # [attempts the backend answered, those that failed by its fault]: one that rightly
         # refused a request (a content policy, too long a prompt) answered.
-        for (backend, _, _), n in list(i.attempts.values.items()):
+        for (backend, _, _), n in counters[self._i.attempts.name].items():
             snap.attempts.setdefault(backend, [0.0, 0.0])[0] += n
-        for (backend,), n in list(i.faults.values.items()):
+        for (backend,), n in counters[self._i.faults.name].items():
             pair = snap.attempts.setdefault(backend, [0.0, 0.0])
             pair[0] -= n
             pair[1] += n
-        lookups = self._metrics.read_counter("gateway.cache.lookups")
+        lookups = counters.get("gateway.cache.lookups", {})
         snap.hits = sum(n for labels, n in lookups.items() if labels[:1] in HIT)
         snap.misses = sum(n for labels, n in lookups.items() if labels[:1] == ("miss",))
         self.snapshots.append(snap)
@@ -164,9 +168,9 @@ def quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float 
     return bounds[-1] if bounds else None
 
 
-def _buckets(series: Mapping[tuple[str, ...], list[object]], size: int) -> list[float]:
+def _buckets(series: Mapping[tuple[str, ...], list[Any]], size: int) -> list[float]:
     out = [0.0] * size
-    for values in list(series.values()):
+    for values in series.values():
         counts = values[0]
         assert isinstance(counts, list)
         for i, n in enumerate(counts):

@@ -185,6 +185,14 @@ class Metrics:
         out.append("")
         return "\n".join(out)
 
+    def totals(self) -> tuple[dict[str, dict[Labels, float]],
+                              dict[str, dict[Labels, list[Any]]]]:
+        """Each counter's and histogram's values now, by name, with the other workers' (of
+        ``gateway serve --workers N``) when there are some: what the whole gateway counted.
+        """
+        counters, histograms, _ = self._totals(self.siblings())
+        return counters, histograms
+
     def snapshot(self) -> Snapshot:
         """This worker's totals (its predecessors' included), as plain data."""
         counters, histograms, gauges = self._totals([])

@@ -225,8 +225,8 @@ url = "http://127.0.0.1:{free_port()}"
 
 def test_metrics_through_any_worker_count_every_workers_requests(
         tmp_path: Path, ollama_sim: Sim) -> None:
-    """``/metrics`` answers for the host: whichever worker a scrape reaches counts every
-    worker's requests, and a worker killed and started again does not take its counts away.
+    """``/metrics`` and ``/admin/status`` answer for the host: whichever worker a scrape
+    reaches counts every worker's requests, and a worker killed and started again does not take its counts away.
     """
     with RedisServer() as redis:
         config = tmp_path / "gateway.toml"
@@ -251,6 +251,18 @@ def test_metrics_through_any_worker_count_every_workers_requests(
                 return len(said) == 2 and all(c == (total, total) for c in said.values())
 
             wait_until(lambda: every_scrape_counts(sent), 10, "every worker counting them all")
+
+            def every_status_counts(total: int) -> bool:
+                """The traffic on /admin/status (and the dashboard) is the host's, too: it
+                showed the answering worker's half."""
+                said: dict[str, float] = {}
+                deadline = time.monotonic() + 10
+                while len(said) < 2 and time.monotonic() < deadline:
+                    worker, _, status = call(port, "GET", "/admin/status")
+                    said[worker] = (status["traffic"] or {}).get("requests", 0)
+                return len(said) == 2 and all(n == total for n in said.values())
+
+            wait_until(lambda: every_status_counts(sent), 10, "every status counting them all")
 
             victim = worker_pids(supervisor.pid)[0]
             # (a worker that dies within its first STARTING seconds could not start: all stop)
