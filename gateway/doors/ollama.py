@@ -27,7 +27,7 @@ from gateway.doors.ollama_codec import (
     thinking_mode,
 )
 from gateway.errors import GatewayError, ModelNotFound
-from gateway.http.access import context, usage_sink, visible
+from gateway.http.access import check_model, context, usage_sink, visible
 from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
 from gateway.http.stream import write_stream
@@ -68,7 +68,9 @@ async def running(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    model = request.app[PIPELINE].models.one(model_of(await body_of(request)))
+    name = model_of(await body_of(request))
+    check_model(request, name)
+    model = request.app[PIPELINE].models.one(name)
     info = model.info
     model_info: dict[str, Any] = {}
     if info is not None:
@@ -130,7 +132,7 @@ async def embed(request: web.Request) -> web.Response:
     if body.get("options") is not None and not isinstance(body["options"], dict):
         raise bad("options must be an object")
     req.ollama = {k: body[k] for k in EMBED_FIELDS if body.get(k) is not None} or None
-    answer = await request.app[PIPELINE].embed(req, usage_sink(request))
+    answer = await request.app[PIPELINE].embed(req, usage_sink(request, req.model))
     return json_response({"model": answer.model, "embeddings": answer.result.vectors,
                           "total_duration": int((time.perf_counter() - started) * 1e9),
                           "load_duration": 0, "prompt_eval_count": answer.result.prompt_tokens},
@@ -150,7 +152,7 @@ async def embeddings(request: web.Request) -> web.Response:
     if not prompt:
         return json_response({"embedding": []})
     answer = await request.app[PIPELINE].embed(
-        parse_embedding({"model": model, "input": prompt}), usage_sink(request))
+        parse_embedding({"model": model, "input": prompt}), usage_sink(request, model))
     return json_response({"embedding": answer.result.vectors[0]}, answer.headers)
 
 

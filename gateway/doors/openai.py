@@ -59,7 +59,7 @@ async def _generate(request: web.Request, kind: Kind, req: ChatRequest | Complet
 
 async def embeddings(request: web.Request) -> web.Response:
     req = parse_embedding(await body_of(request))
-    answer = await request.app[PIPELINE].embed(req, usage_sink(request))
+    answer = await request.app[PIPELINE].embed(req, usage_sink(request, req.model))
     return json_response(embeddings_body(req, answer), answer.headers)
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
-from gateway.http.bodies import body_of
+from gateway.http.bodies import UPLOADS, body_of
 from gateway.keys import CONFIG, KEY, RATE_HEADERS, REQUEST_ID, TENANT, USAGE
 from gateway.pipeline import Listed
 from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
@@ -109,8 +109,9 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     if key is None:
         return await handler(request)  # type: ignore[no-any-return]
     request[KEY] = key
-    body = await body_of(request) if request.body_exists and \
-        not request.content_type.startswith("multipart/") else {}  # (a file upload)
+    # (Every body but a file upload is read as JSON, whatever its Content-Type says: the
+    # doors read it so, and a body labelled otherwise must not pass unchecked.)
+    body = await body_of(request) if request.body_exists and request.path != UPLOADS else {}
     if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
         for name in (body.get("model"), body.get("name")):
             if isinstance(name, str) and name:
@@ -183,8 +184,11 @@ def context(request: web.Request, kind: Kind, req: ChatRequest | CompletionReque
                           cache_scope=key.cache, models=key.models, request_id=request_id)
 
 
-def usage_sink(request: web.Request) -> Any:
-    """Where the tokens of an answer made outside a ``RequestContext`` are reported."""
+def usage_sink(request: web.Request, model: str) -> Any:
+    """Where the tokens of an answer made outside a ``RequestContext`` (embeddings) are
+    reported; refused for a ``model`` the request's key may not use, as ``context`` is.
+    """
+    check_model(request, model)
     tally = request.get(USAGE)
     return tally.add if tally is not None else None
 

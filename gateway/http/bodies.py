@@ -16,6 +16,12 @@ from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
 from gateway.keys import BODY
 from gateway.protocol.openai import parse_body
 
+# The one path whose body is a file upload (multipart/form-data, up to [tasks]
+# max_file_bytes, not [server] max_body_bytes); every other body is JSON.
+UPLOADS = "/v1/files"
+UPLOAD_RATE = 128 * 1024  # bytes a second an upload is given time for (a 1 Mbit/s link)
+UPLOAD_OVERHEAD = 64 * 1024  # a multipart body's own, around the file
+
 
 async def body_of(request: web.Request) -> dict[str, Any]:
     """The request's JSON body, parsed (and checked) once."""

@@ -25,7 +25,14 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.http.access import OPERATOR_PATHS, admit_admin, identify, limited
-from gateway.http.bodies import BodyBudget, check_body, read_body
+from gateway.http.bodies import (
+    UPLOAD_OVERHEAD,
+    UPLOAD_RATE,
+    UPLOADS,
+    BodyBudget,
+    check_body,
+    read_body,
+)
 from gateway.http.cors import Cors
 from gateway.keys import BODY, CLIENT_CLOSED, CONFIG, ENDED, REQUEST_ID, STREAM_HEADERS, TENANT
 from gateway.protocol.ids import unique_id
@@ -245,11 +252,6 @@ def _record(request: web.Request, headers: Mapping[str, str], status: int, door:
     if "x-gateway-cache" in headers:
         record["cache"] = headers["x-gateway-cache"]
     return record
-
-
-UPLOADS = "/v1/files"  # bodies up to [tasks] max_file_bytes, not [server] max_body_bytes
-UPLOAD_RATE = 128 * 1024  # bytes a second an upload is given time for (a 1 Mbit/s link)
-UPLOAD_OVERHEAD = 64 * 1024  # a multipart body's own, around the file
 
 
 # Answer headers that say how a request was answered, as its span's attributes.

@@ -16,8 +16,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, Unavailable
-from gateway.http.bodies import body_of
-from gateway.http.middlewares import UPLOAD_OVERHEAD, json_response
+from gateway.http.bodies import UPLOAD_OVERHEAD, body_of
+from gateway.http.middlewares import json_response
 from gateway.keys import CONFIG, KEY, TENANT
 from gateway.tasks import Tasks
 from gateway.tasks.batches import StoreDown

@@ -298,6 +298,18 @@ def test_the_admin_api_shows_config_keys_and_says_where_to_change_them(
     assert status == 401 and error["error"]["code"] == "admin_key_required"
 
 
+def test_a_body_labelled_as_an_upload_is_charged_as_what_it_is(keyed: ServerThread) -> None:
+    """A chat request whose Content-Type says multipart is still read, and its tokens
+    estimated: it was admitted as costing nothing, so a burst of them passed the limit."""
+    request = urllib.request.Request(
+        keyed.url + "/v1/chat/completions",
+        data=json.dumps({"model": MODEL, "messages": USER, "max_tokens": 500}).encode(),
+        headers={"Authorization": f"Bearer {secret('tpm')}",
+                 "Content-Type": "multipart/form-data; boundary=x"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert int(response.headers["x-ratelimit-remaining-tokens"]) < 100  # 600 - 500 - ...
+
+
 def test_what_costs_tokens_an_error_nothing_a_cut_stream_its_estimate(
         keyed: ServerThread, ollama_sim: Sim) -> None:
     def left(c: openai.OpenAI) -> int:
@@ -387,13 +399,18 @@ def test_an_answer_longer_than_a_minutes_tokens_is_paid_off_before_the_next(
     ("/api/embed", {"model": "", "name": "nomic-embed-text", "input": "Hi"}),
     ("/v1/responses", {"model": MODEL, "input": "Hi"}),
     ("/v1/messages", {"model": MODEL, "max_tokens": 10, "messages": USER}),
+    ("/v1/embeddings", {"model": "nomic-embed-text", "input": "Hi"}),
+    ("/api/embeddings", {"model": "nomic-embed-text", "prompt": "Hi"}),
 ])
+@pytest.mark.parametrize("labelled", ["application/json", "multipart/form-data; boundary=x"])
 def test_no_door_or_field_lets_a_key_past_its_models(keyed: ServerThread, path: str,
-                                                     body: dict[str, Any]) -> None:
+                                                     body: dict[str, Any], labelled: str
+                                                     ) -> None:
+    """(A JSON body labelled as a file upload is read as the JSON it is: it passed the
+    middleware's check unread, and the embedding doors answered it.)"""
     request = urllib.request.Request(
         keyed.url + path, data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {secret('small')}",
-                 "Content-Type": "application/json"})
+        headers={"Authorization": f"Bearer {secret('small')}", "Content-Type": labelled})
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=10)
     assert caught.value.code == 403
