@@ -19,6 +19,7 @@ from gateway.http.bodies import UPLOADS, body_of
 from gateway.keys import CONFIG, KEY, RATE_HEADERS, REQUEST_ID, TENANT, USAGE
 from gateway.pipeline import Listed
 from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
+from gateway.protocol.units import CHARS_PER_TOKEN
 from gateway.routing.catalog import named_in
 from gateway.tenants import Admission, KeyBook, Limits, Tally, key_digest
 from plugins.base import RequestContext
@@ -120,7 +121,8 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         if key.rpm or key.tpm:
             request[RATE_HEADERS] = (await limits.look(key)).headers(key)
         return await handler(request)  # type: ignore[no-any-return]
-    estimate = await _estimate(request, body) if key.tpm or key.budget else 0
+    prompt = len(await request.read()) // CHARS_PER_TOKEN  # (as decoded)
+    estimate = _estimate(request, body, prompt) if key.tpm or key.budget else 0
     admission = await limits.admit(key, estimate)
     request[RATE_HEADERS] = admission.headers(key)
     if admission.reason:
@@ -136,9 +138,10 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         raise
     finally:
         # The tokens used, as the answer said; an answer that did not say (cut off by the
-        # client, or from a backend that does not count) costs what was estimated; an
-        # error, nothing.
-        used = tally.tokens if tally.reported else estimate if answered else 0
+        # client, or from a backend that does not count) costs what was estimated, or its
+        # prompt and what came of it when that is more; an error, nothing.
+        used = tally.tokens + tally.output if tally.reported else \
+            max(estimate, prompt + tally.output) if answered else 0
         await limits.settle(key, admission, min(used, MAX_TOKENS))
 
 
@@ -181,6 +184,7 @@ def context(request: web.Request, kind: Kind, req: ChatRequest | CompletionReque
     return RequestContext(kind=kind, req=req, tenant=request[TENANT],
                           client_headers=request.headers,
                           on_usage=tally.add if tally is not None else None,
+                          on_output=tally.saw if tally is not None else None,
                           cache_scope=key.cache, models=key.models, request_id=request_id)
 
 
@@ -201,18 +205,17 @@ def visible(request: web.Request, models: list[Listed]) -> list[Listed]:
     return [m for m in models if named_in(m.name, key.models)]
 
 
-async def _estimate(request: web.Request, body: dict[str, Any]) -> int:
+def _estimate(request: web.Request, body: dict[str, Any], prompt: int) -> int:
     if "model" not in body and "name" not in body:
         return 0  # nothing to generate (a list of models, say)
-    return estimate(body, len(await request.read()), "embed" in request.path)  # (as decoded)
+    return estimate(body, prompt, "embed" in request.path)
 
 
-def estimate(body: dict[str, Any], size: int, embeds: bool) -> int:
-    """The tokens a request of ``size`` bytes will use, before it is answered: its text
-    (about four characters a token) and the answer's limit, or a guess at it (none for
+def estimate(body: dict[str, Any], prompt: int, embeds: bool) -> int:
+    """The tokens a request will use, before it is answered: its ``prompt`` (its size, at
+    about four characters a token) and the answer's limit, or a guess at it (none for
     embeddings).
     """
-    prompt = size // 4
     if embeds:
         return prompt
     options = body.get("options")

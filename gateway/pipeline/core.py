@@ -62,14 +62,14 @@ class Pipeline:
         try:
             answered = await self._ask_plugins(ctx)
             if answered is not None:
-                _used(ctx, Usage())  # no model was asked: no tokens used
+                _used(ctx, Completion(usage=Usage()))  # no model was asked: no tokens used
                 answer = self._deliver(ctx, *answered)
                 return answer
             if ctx.req.stream and not ctx.buffered:
                 answer = await self._stream(ctx)
                 return answer
             completion, route = await self._whole(ctx)
-            _used(ctx, completion.usage)
+            _used(ctx, completion)
             answer = self._deliver(ctx, completion, route)
             return answer
         finally:
@@ -137,7 +137,7 @@ class Pipeline:
         async def finish() -> dict[str, str]:
             nonlocal judged
             taken.model = ctx.model = routed.deployment.model.name
-            _used(ctx, taken.usage)
+            _used(ctx, taken)
             judged = True
             await self._judge(ctx, taken, routed.deployment, (routed, started))
             return {k: v for k, v in ctx.headers.items() if headers.get(k) != v}
@@ -145,7 +145,9 @@ class Pipeline:
         async def close(ok: bool) -> None:
             ctx.failed = ctx.failed or not ok
             if not judged:  # it ended before it was whole: kept, not learned from (the
-                # client leaving and the stream breaking look alike from here)
+                # client leaving and the stream breaking look alike from here); what came
+                # of it is paid for
+                _used(ctx, taken)
                 self._record(ctx, routed, started,
                              error=StreamEnded("The stream ended before its answer was whole."))
             try:
@@ -186,7 +188,7 @@ class Pipeline:
                 answer = await collect(routed.chunks())
             finally:
                 await routed.close()
-            _used(ctx, answer.usage)
+            _used(ctx, answer)
             return (answer.usage or Usage()).prompt_tokens, _route_of(routed)
         finally:
             self._finish(ctx)
@@ -238,7 +240,7 @@ class Pipeline:
                 break
             escalated.append(f"{deployment.model.name} ({', '.join(verdict.reasons)})")
             ctx.headers[ESCALATED] = "; ".join(escalated)
-            _used(ctx, completion.usage)  # (the answer found wanting was paid for too)
+            _used(ctx, completion)  # (the answer found wanting was paid for too)
             completion, headers, deployment = stronger, stronger_headers, stronger_deployment
         else:
             await self._judge(ctx, completion, deployment, outcome)
@@ -375,10 +377,16 @@ async def _closed(chunks: AsyncIterator[Chunk]) -> None:
         await close()
 
 
-def _used(ctx: RequestContext, usage: Usage | None) -> None:
-    """Tell the caller the tokens a model's answer used (when it said)."""
-    if ctx.on_usage is not None and usage is not None:
-        ctx.on_usage(usage.prompt_tokens + usage.completion_tokens)
+def _used(ctx: RequestContext, answer: Completion) -> None:
+    """Tell the caller the tokens a model's answer used, as it said; or, when it did not
+    (cut off, or a backend that does not count), the tokens of it that came, estimated.
+    """
+    usage = answer.usage
+    if usage is not None:
+        if ctx.on_usage is not None:
+            ctx.on_usage(usage.prompt_tokens + usage.completion_tokens)
+    elif ctx.on_output is not None:
+        ctx.on_output(answer.rough_tokens())
 
 
 def _route_of(routed: RoutedAnswer) -> dict[str, str]:

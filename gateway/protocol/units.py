@@ -58,6 +58,9 @@ class Chunk:
         return bool(self.content or self.reasoning or self.tool_calls or self.finish_reason)
 
 
+CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate of a token's characters
+
+
 class Completion:
     """A whole answer: what a non-streaming response reports. Built by ``add`` from a
     stream's pieces, whose texts are kept in lists and joined when read: adding to a
@@ -141,6 +144,14 @@ class Completion:
             call["function"]["name"] = function["name"]
         if function.get("arguments"):
             self._arguments.setdefault(index, []).append(function["arguments"])
+
+    def rough_tokens(self) -> int:
+        """Its tokens as estimated from its characters (what an answer that does not say
+        its usage, or was cut off, is charged at least)."""
+        chars = sum(map(len, self._content)) + sum(map(len, self._reasoning)) + sum(
+            len(call["function"]["name"]) + len(call["function"]["arguments"])
+            for call in self.tool_calls)
+        return -(-chars // CHARS_PER_TOKEN)
 
     def chunks(self) -> list[Chunk]:
         """The answer as a stream again (a cached or checked answer, replayed)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from gateway.config import TIERS, AliasConfig, GatewayConfig
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
+from gateway.protocol.units import CHARS_PER_TOKEN
 from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment, ModelCatalog, named_in
 from gateway.routing.learned import LearnedOrder
@@ -36,7 +37,6 @@ BUILTIN_ALIASES: dict[str, AliasConfig] = {
 }
 PRIORITY = Priority()
 PICKS_CACHE = 64  # remembered alias picks (per alias, capability needs, catalog version)
-CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate
 # A window must hold the prompt and the start of the answer: its limit, up to this many
 # tokens. A limit is a ceiling, often a client's standing default (Claude Code asks for
 # 32,000 every time): rather than pass over the best model for it, or refuse when no window

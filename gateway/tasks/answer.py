@@ -5,7 +5,6 @@ may use, its answer written as the OpenAI door writes it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from gateway.protocol.openai import (
     parse_completion,
     parse_embedding,
 )
+from gateway.tenants import Tally
 from plugins.base import RequestContext
 
 
@@ -39,10 +39,10 @@ class Who:
 
 
 async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: Who,
-                 reasoning: ReasoningMode, on_usage: Callable[[int], None] | None = None
+                 reasoning: ReasoningMode, used: Tally | None = None
                  ) -> tuple[int, dict[str, Any]]:
-    """The status and body the endpoint would have answered the line with; ``on_usage`` is
-    told the tokens its answer used (none for a cached answer), as a live request's key is.
+    """The status and body the endpoint would have answered the line with; ``used`` is
+    told the tokens its answer used (none for a cached answer), as a live request's is.
     """
     original = body
     try:
@@ -52,7 +52,7 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
             embedding = parse_embedding(body)
             check_allowed(who.models, embedding.model)
             return 200, embeddings_body(embedding, await pipeline.embed(
-                embedding, on_usage=on_usage, batch=True))
+                embedding, on_usage=used.add if used else None, batch=True))
         if endpoint == "/v1/responses":
             if body.get("previous_response_id") is not None:
                 raise invalid("previous_response_id", "A batch line cannot continue a stored "
@@ -64,7 +64,8 @@ async def answer(pipeline: Pipeline, endpoint: str, body: dict[str, Any], who: W
         check_allowed(who.models, req.model)
         ctx = RequestContext(kind=kind, req=req, tenant=who.tenant, client_headers={},
                              cache_scope=who.cache_scope, models=who.models, batch=True,
-                             on_usage=on_usage)
+                             on_usage=used.add if used else None,
+                             on_output=used.saw if used else None)
         result = await pipeline.run(ctx)
         assert isinstance(result, Whole)  # (stream is false)
         if endpoint != "/v1/responses":

@@ -14,6 +14,7 @@ import orjson
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, Unavailable
 from gateway.http.access import check_standing, estimate, over_limit
+from gateway.protocol.units import CHARS_PER_TOKEN
 from gateway.tenants import Admission, Away, KeyBook, Limits, Tally
 
 
@@ -57,11 +58,14 @@ class Spending:
     async def settle(self, spend: Spend | None, used: Tally, body: dict[str, Any],
                      endpoint: str, answered: bool) -> None:
         """Count the tokens the line's answer used, as the pipeline reported them (a
-        cached answer: none); an answer from a backend that did not say costs an estimate,
-        as a live request's does; a failure, nothing.
+        cached answer: none); an answer from a backend that did not say costs an estimate
+        (or its prompt and the answer, estimated, when that is more), as a live request's
+        does; a failure, nothing.
         """
         if spend is None:
             return
-        tokens = used.tokens if used.reported else estimate(
-            body, len(orjson.dumps(body)), endpoint == "/v1/embeddings") if answered else 0
+        prompt = len(orjson.dumps(body)) // CHARS_PER_TOKEN
+        tokens = used.tokens + used.output if used.reported else max(
+            estimate(body, prompt, endpoint == "/v1/embeddings"),
+            prompt + used.output) if answered else 0
         await self._limits.settle(spend.budget, spend.admission, tokens)

@@ -191,7 +191,7 @@ class Worker:
             Who(batch["tenant"], tuple(batch.get("models") or ()), batch.get("cache_scope") or "")
         used = Tally()
         status, body = await answer(self._pipeline, batch["endpoint"], line.body, who,
-                                    self._reasoning, used.add)
+                                    self._reasoning, used)
         await self._spending.settle(spend, used, line.body, batch["endpoint"], status == 200)
         if (status in NOT_NOW and not (status == 504 and self._timed_out(line))) or \
                 (status == 404 and self._maybe_unlisted(line, body)):

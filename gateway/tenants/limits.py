@@ -60,15 +60,19 @@ class Admission:
 class Tally:
     """The tokens one request's answers used, as the pipeline reports them."""
 
-    __slots__ = ("reported", "tokens")
+    __slots__ = ("output", "reported", "tokens")
 
     def __init__(self) -> None:
         self.tokens = 0
         self.reported = False  # nothing said: the answer was cut off, or came without usage
+        self.output = 0  # the tokens estimated of answers that did not say (what came of them)
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
         self.reported = True
+
+    def saw(self, tokens: int) -> None:
+        self.output += tokens
 
 
 class Limits(Protocol):

@@ -310,6 +310,42 @@ def test_a_body_labelled_as_an_upload_is_charged_as_what_it_is(keyed: ServerThre
         assert int(response.headers["x-ratelimit-remaining-tokens"]) < 100  # 600 - 500 - ...
 
 
+def test_an_answer_that_does_not_say_its_usage_costs_at_least_what_came_of_it(
+        ollama_sim: Sim, mlx_sim: Sim) -> None:
+    """A stream read almost to its end and then cut off, or a whole answer from a backend
+    that does not count: each cost the estimate (the prompt and 256 tokens for an answer
+    without a limit), however long the answer was; a client that hung up near the end of
+    each answer got answers for next to nothing.
+    """
+    def left(c: openai.OpenAI) -> int:
+        raw = c.models.with_raw_response.list()
+        return int(raw.headers["x-ratelimit-remaining-tokens"])
+
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        backend("mlx", "openai", mlx_sim.api_url),
+        keys=[key("cut", tpm=600), key("uncounted", tpm=600)]))
+    try:
+        ollama_sim.fault(MODEL, reply=" ".join(["word"] * 400), tokens_per_s=100)
+        with client(server, "cut") as c:
+            came = 0
+            with c.chat.completions.create(model=MODEL, messages=USER, stream=True) as stream:
+                for chunk in stream:
+                    came += len(chunk.choices[0].delta.content or "") if chunk.choices else 0
+                    if came >= 1600:  # (about 400 tokens), and then the client hangs up
+                        break
+            wait_until(lambda: left(c) < 250, 5, "the cut stream to be settled")
+            assert left(c) < 250  # 600 - 400 and more, and a few seconds of refill
+        reasoner = "deepseek-r1-distill-llama:70b"
+        mlx_sim.fault(reasoner, reply=" ".join(["word"] * 400), no_usage=True)
+        with client(server, "uncounted") as c:
+            answer = c.chat.completions.create(model=reasoner, messages=USER)
+            assert answer.usage is not None and answer.usage.total_tokens == 0  # (none said)
+            assert left(c) < 150  # 600 - 500 and more (the estimate: 256 and the prompt)
+    finally:
+        server.stop()
+
+
 def test_what_costs_tokens_an_error_nothing_a_cut_stream_its_estimate(
         keyed: ServerThread, ollama_sim: Sim) -> None:
     def left(c: openai.OpenAI) -> int:
