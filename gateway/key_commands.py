@@ -132,11 +132,10 @@ def _keys_change(args: argparse.Namespace, changes: dict[str, Any]) -> int:
 
     async def change() -> KeyConfig:
         async with _redis_keys(config) as keys:
-            record = await keys.get(args.id)
-            if record is None:
+            changed = await keys.change(args.id, lambda record: amend(record, changes,
+                                                                      "options"))
+            if changed is None:
                 raise ConfigError(f"options: id: no key {args.id!r} in Redis")
-            changed = amend(record, changes, "options")
-            await keys.put(changed)
             return changed
 
     record = asyncio.run(change())

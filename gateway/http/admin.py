@@ -8,6 +8,7 @@ in the config file are shown, and changed by editing the file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -47,10 +48,9 @@ async def get_key(request: web.Request) -> web.Response:
 
 
 async def change_key(request: web.Request) -> web.Response:
-    record, _ = await _find(request, changing=True)
     fields = _fields(await body_of(request))
-    changed = _checked(lambda: amend(record, fields, SOURCE))
-    await _shared_call(_shared(request).put(changed))
+    changed = await _change(request, lambda record: _checked(
+        lambda: amend(record, fields, SOURCE)))
     return json_response(described(changed, "redis"))
 
 
@@ -58,10 +58,18 @@ async def revoke_key(request: web.Request) -> web.Response:
     """Revoking keeps the record (who had it, since when) but the key no longer works, on
     any process, within a second.
     """
-    record, _ = await _find(request, changing=True)
-    revoked = amend(record, {"revoked": True}, SOURCE)
-    await _shared_call(_shared(request).put(revoked))
+    revoked = await _change(request, lambda record: amend(record, {"revoked": True}, SOURCE))
     return json_response(described(revoked, "redis"))
+
+
+async def _change(request: web.Request, edit: Callable[[KeyConfig], KeyConfig]
+                  ) -> KeyConfig:
+    await _find(request, changing=True)  # (one in the config file: changed there)
+    key_id = request.match_info["id"]
+    changed = await _shared_call(_shared(request).change(key_id, edit))
+    if changed is None:
+        raise NotFound(f"No key with the id {key_id!r}.", code="key_not_found")
+    return changed  # type: ignore[no-any-return]
 
 
 def add_routes(app: web.Application) -> None:

@@ -10,10 +10,11 @@ key revoked through one process stops working on all of them within that time. `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -136,6 +137,7 @@ class RedisKeys:
         self.link = link
         self._find = link.script(FIND)
         self._create = link.script(CREATE)
+        self._swap = link.script(SWAP)
         self._seen: dict[str, tuple[float, KeyConfig | None]] = {}  # digest → (until, record)
 
     async def start(self) -> None:
@@ -181,11 +183,25 @@ class RedisKeys:
         created = await self.link.call(lambda: self._create(self._names, args))
         return bool(created)
 
-    async def put(self, record: KeyConfig) -> None:
-        """Store a key's changed record (settings, revoked)."""
-        body = orjson.dumps(dataclasses.asdict(record))
-        await self.link.call(lambda: self.link.client.hset(self._names[0], record.id, body))
-        self._seen.pop(digest_of(record.hash), None)
+    async def change(self, key_id: str, edit: Callable[[KeyConfig], KeyConfig]
+                     ) -> KeyConfig | None:
+        """Change a key's record (settings, revoked) to what ``edit`` makes of it as it is
+        now, written only if nobody changed it meanwhile, else made again from the new one:
+        a revocation is never undone by a change made at the same moment. None: no such
+        key.
+        """
+        names = self._names
+        for _ in range(CHANGE_TRIES):
+            raw = await self.link.call(lambda: self.link.client.hget(names[0], key_id))
+            record = _record(raw) if raw else None
+            if record is None:
+                return None
+            changed = edit(record)
+            args = [key_id, raw, orjson.dumps(dataclasses.asdict(changed))]
+            if await self.link.call(functools.partial(self._swap, names[:1], args)):
+                self._seen.pop(digest_of(changed.hash), None)
+                return changed
+        raise Away(f"the key {key_id!r} kept changing")
 
 
 # A key's record by the digest of its secret, in one step. KEYS: by-digest, records.
@@ -194,6 +210,15 @@ local id = redis.call('HGET', KEYS[1], ARGV[1])
 if not id then return false end
 return redis.call('HGET', KEYS[2], id)
 """
+
+# A key's record replaced, unless it changed since it was read. KEYS: records. ARGV: id,
+# the record as read, the new record.
+SWAP = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+CHANGE_TRIES = 20  # reads and writes of a key changed by others meanwhile, before giving up
 
 # A new key, unless its id is taken. KEYS: records, by-digest. ARGV: id, record, digest.
 CREATE = """
