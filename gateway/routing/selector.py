@@ -203,7 +203,9 @@ class Selector:
         if groups is None:
             if len(self._picks) >= PICKS_CACHE:
                 self._picks.clear()
-            groups = self._picks[key] = self._group(alias, required)
+            # (without the prompt's length: the first request's must not decide for all)
+            groups = self._picks[key] = self._group(
+                alias, Needs(vision=required.vision, tools=required.tools))
         return groups
 
     def _group(self, alias: str, required: Needs

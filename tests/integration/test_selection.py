@@ -4,6 +4,7 @@ needs (images, tools, a long prompt) deciding among them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -14,6 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from gateway.keys import CATALOG
 from tests.integration.conftest import Fleet
 from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
 
@@ -84,6 +86,18 @@ def test_a_long_prompt_goes_to_a_model_whose_window_fits(client: openai.OpenAI) 
     long = [{"role": "user", "content": "word " * 35_000}]  # ~44k tokens: past qwq's 32k
     assert picked(client, "auto", messages=long) == ("phi3.5:3.8b",
                                                     "auto: ollama priority #3")
+
+
+def test_the_first_long_prompt_after_a_scan_does_not_decide_for_the_next(
+        client: openai.OpenAI, gateway: ServerThread) -> None:
+    """An alias's picks are remembered until the models are scanned again, but not the
+    length of the request that found them: every short request after a long first one
+    went to the model the long one needed, until the next scan."""
+    assert gateway.app is not None
+    asyncio.run_coroutine_threadsafe(gateway.app[CATALOG].refresh(), gateway.loop).result(10)
+    long = [{"role": "user", "content": "word " * 35_000}]
+    assert picked(client, "auto", messages=long)[0] == "phi3.5:3.8b"
+    assert picked(client, "auto") == ("qwq:32b", "auto: ollama priority #1")
 
 
 def test_a_completion_limit_is_a_ceiling_not_a_need(client: openai.OpenAI) -> None:
