@@ -101,7 +101,9 @@ class ModelCatalog:
         for spec in self._models:
             deployments = index.setdefault(spec.name, [])
             for d in spec.deployments:
-                found = listed.get((d.backend, d.model))
+                found = listed.get((d.backend, d.model)) or next(
+                    (m for (b, n), m in listed.items() if b == d.backend and
+                     named_in(n, (d.model,))), None)  # (``llama3.2`` for ``llama3.2:latest``)
                 if found is not None and all(x.model is not found for x in deployments):
                     deployments.append(Deployment(by_name[d.backend], found, at[d.backend]))
             if spec.capabilities or spec.context_length or spec.prefill != "auto":
@@ -150,12 +152,19 @@ class ModelCatalog:
         return found
 
     def _lookup(self, name: str) -> list[Deployment]:
-        found = self._index.get(name)
-        if found is None and ":" not in name:
-            found = self._index.get(name + ":latest")
-        if found is None and name.endswith(":latest"):
-            found = self._index.get(name.removesuffix(":latest"))
-        return found or []
+        return self._index.get(self.known_as(name), [])
+
+    def known_as(self, name: str) -> str:
+        """The name a model is known by here: ``name``, or it with or without ``:latest``
+        (Ollama lists ``llama3.2:latest``; configs and clients often write ``llama3.2``).
+        """
+        if name in self._index:
+            return name
+        if ":" not in name and name + ":latest" in self._index:
+            return name + ":latest"
+        if name.endswith(":latest") and name.removesuffix(":latest") in self._index:
+            return name.removesuffix(":latest")
+        return name
 
     def unreachable(self) -> list[str]:
         """The backends whose models could not be listed last time (any model may be
@@ -176,8 +185,9 @@ class ModelCatalog:
         return list(self._index)
 
     def deployments(self, name: str) -> list[Deployment]:
-        """The deployments under exactly this name (none if unknown)."""
-        return self._index.get(name, [])
+        """The deployments under this name (``model`` and ``model:latest`` being one; none
+        if unknown)."""
+        return self._lookup(name)
 
     def unlisted(self) -> list[str]:
         """The configured ``[[models]]`` deployments whose backend answered without listing

@@ -238,7 +238,8 @@ class Selector:
 
     def _candidate(self, name: str, needs: Needs, alias: str, why: str) -> Candidate | None:
         deployments = [d for d in self._catalog.deployments(name) if needs.met_by(d)]
-        return Candidate(name, deployments, f"{alias}: {why}") if deployments else None
+        return Candidate(self._catalog.known_as(name), deployments, f"{alias}: {why}") \
+            if deployments else None
 
     def _qualifying(self, needs: Needs, alias: str, require: Iterable[str]) -> list[Candidate]:
         out = []
@@ -257,7 +258,7 @@ class Selector:
             return [Candidate(c.name, c.deployments, f"{why} ({c.reason})")
                     for c in self.alias_picks(name, needs)]
         found = self._candidate(name, needs, why, "listed")
-        return [Candidate(name, found.deployments, why)] if found else []
+        return [Candidate(found.name, found.deployments, why)] if found else []
 
     def _lower_tiers(self, route: list[Candidate], needs: Needs) -> list[Candidate]:
         """Models of the tiers below the lowest one already in the route (server, cloud)."""

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway.keys import CATALOG
+from gateway.sim import SimModel, create_ollama_app
 from tests.integration.conftest import Fleet
 from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
 
@@ -161,3 +162,35 @@ def test_a_backend_with_a_strange_health_answer_does_not_stop_the_watch(fleet: F
     finally:
         gateway.stop()
         odd_server.stop()
+
+
+def test_names_in_the_config_find_the_models_ollama_lists_as_latest() -> None:
+    """Ollama lists ``llama3.2:latest``; a config says ``llama3.2``, as clients do. A
+    priority list, a ``[[models]]`` deployment, a model's own name with fallbacks, and a
+    fallback, each written without ``:latest``, were never matched: the list's next model,
+    the other deployment or the fallback answered, or a 502."""
+    models = [SimModel("llama3.2:latest", parameter_size="3.2B"),
+              SimModel("qwen2.5:0.5b", parameter_size="0.5B"),
+              SimModel("mistral:latest", parameter_size="7.2B")]
+    with ServerThread(lambda: create_ollama_app(models)) as ollama:
+        gateway = start_gateway(gateway_config(
+            backend("ollama", "ollama", ollama.url),
+            aliases={"mine": {"priority": {"ollama": ["llama3.2", "qwen2.5:0.5b"]}}},
+            models=[{"name": "local", "deployments": [
+                        {"backend": "ollama", "model": "llama3.2"}]},
+                    {"name": "llama3.2", "fallbacks": ["qwen2.5:0.5b"]},
+                    {"name": "qwen2.5:0.5b", "fallbacks": ["mistral"]}]))
+        try:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
+                               max_retries=0) as c:
+                assert picked(c, "mine") == ("llama3.2:latest", "mine: ollama priority #1")
+                assert picked(c, "local")[0] == "llama3.2:latest"
+                assert picked(c, "llama3.2")[0] == "llama3.2:latest"
+                with urllib.request.urlopen(gateway.url + "/admin/status") as response:
+                    status = json.load(response)
+                assert status["models"]["local"] == ["ollama/llama3.2:latest"]
+                assert not status["warnings"]
+                Sim(ollama, "ollama").fault("qwen2.5:0.5b", status=500)
+                assert picked(c, "qwen2.5:0.5b")[0] == "mistral:latest"
+        finally:
+            gateway.stop()
