@@ -33,8 +33,6 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req.ollama = ollama or None
     answer = await request.app[PIPELINE].run(context(request, "chat", req))
     mode = reasoning_mode(body, request.app[CONFIG].server.reasoning)
-    # The SDK reads its request id from "request-id".
-    answer.headers["request-id"] = request[REQUEST_ID]
     if isinstance(answer, Whole):
         return json_response(message_body(answer.completion, mode), answer.headers)
     return await write_stream(request, answer, MessageStream(answer.model, mode))
@@ -57,6 +55,16 @@ def error_response(error: GatewayError) -> web.Response:
                         content_type="application/json", headers=error.headers())
 
 
+async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``request-id`` on every answer of this door, errors and streams too: the SDK reads a
+    request's id there (``_request_id``, an error's ``request_id``), not in ``x-request-id``.
+    An ``on_response_prepare`` signal, as an error's shape is made without its request.
+    """
+    if request.path.startswith("/v1/messages") and REQUEST_ID in request:
+        response.headers["request-id"] = request[REQUEST_ID]
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.on_response_prepare.append(request_id_header)

@@ -58,13 +58,18 @@ def chat_body(body: dict[str, Any], *, counting: bool = False
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "'messages' must be a non-empty array of messages.")
     system = _system(body.get("system"))
+    # stream as sent: parse_chat refuses one that is not a boolean, as Anthropic does
     chat: dict[str, Any] = {"model": body.get("model"),
-                            "stream": body.get("stream", False) and not counting,
+                            "stream": False if counting else body.get("stream"),
                             "messages": [*system, *_messages(messages)]}
     if not counting:
         chat["max_tokens"] = max_tokens
-    if body.get("stop_sequences") is not None:
-        chat["stop"] = body["stop_sequences"]
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        # Anthropic takes a list alone; a chat request would read a string as one sequence.
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise invalid("stop_sequences", "'stop_sequences' must be an array of strings.")
+        chat["stop"] = stop
     for key in ("temperature", "top_p"):
         value = body.get(key)
         if value is not None:
@@ -268,10 +273,16 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
 
 
 def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
+    """The chat request's tool choice (its tools already read). A tool named that is not
+    among the tools is refused, as Anthropic refuses it, rather than left to each backend.
+    """
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind in ("auto", "any", "none"):
         chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
     elif kind == "tool" and isinstance(choice.get("name"), str):
+        if choice["name"] not in {t["function"]["name"] for t in chat.get("tools", ())}:
+            raise invalid("tool_choice", f"'tool_choice' names the tool {choice['name']!r}, "
+                                         "which is not one of 'tools'.")
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     else:
         raise invalid("tool_choice", "'tool_choice' must be {'type': 'auto'}, {'type': 'any'}, "
@@ -301,9 +312,13 @@ def message_body(completion: Completion, reasoning: ReasoningMode) -> dict[str, 
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
-    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": usage.cached_tokens or 0}
+    """Usage as Anthropic counts it: its ``input_tokens`` leave out the tokens read from the
+    prompt cache (clients add the two up), where OpenAI's ``prompt_tokens`` include them.
+    """
+    cached = usage.cached_tokens or 0
+    return {"input_tokens": max(usage.prompt_tokens - cached, 0),
+            "output_tokens": usage.completion_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached}
 
 
 class MessageStream:

@@ -1,6 +1,7 @@
 """The Responses API door: ``POST /v1/responses`` (streamed as semantic events, or whole),
 ``GET`` and ``DELETE /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items``, as the
-``openai`` SDKs' ``client.responses`` speaks it (Codex CLI, newer SDK code).
+``openai`` SDKs' ``client.responses`` speaks it (Codex CLI, newer SDK code); its
+``input_tokens`` and ``compact`` endpoints are a 404 that says they are not served.
 
 A response asked to be stored (``store``, true unless the request says otherwise) is kept,
 for its tenant only, for ``[responses] ttl`` seconds, with its conversation (in chat form:
@@ -34,8 +35,10 @@ log = logging.getLogger(__name__)
 
 async def create(request: web.Request) -> web.StreamResponse:
     body = await body_of(request)
-    store = body.get("store", True)
-    if not isinstance(store, bool):
+    store = body.get("store")
+    if store is None:  # null is not said (the SDK's store=None), as OpenAI reads it
+        store = True
+    elif not isinstance(store, bool):
         raise invalid("store", "'store' must be true or false.")
     history: list[dict[str, Any]] = []
     previous = body.get("previous_response_id")
@@ -175,8 +178,19 @@ def _store_down() -> GatewayError:
     return Unavailable("The store of responses is unavailable right now.", retry_after=1)
 
 
+async def unserved(request: web.Request) -> web.Response:
+    """An endpoint of the Responses API the gateway does not serve: a 404 that says so (left
+    to match ``/v1/responses/{id}``, it would be a 405 saying to use GET or DELETE).
+    """
+    raise NotFound(f"{request.method} {request.path} is not supported by this gateway (it "
+                   "creates, retrieves and deletes responses, and lists their input items).",
+                   code="unknown_url")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", create)
+    app.router.add_post("/v1/responses/input_tokens", unserved)
+    app.router.add_post("/v1/responses/compact", unserved)
     app.router.add_get("/v1/responses/{id}", retrieve)
     app.router.add_get("/v1/responses/{id}/input_items", listed_input)
     app.router.add_delete("/v1/responses/{id}", delete)

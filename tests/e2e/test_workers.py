@@ -226,7 +226,8 @@ url = "http://127.0.0.1:{free_port()}"
 def test_metrics_through_any_worker_count_every_workers_requests(
         tmp_path: Path, ollama_sim: Sim) -> None:
     """``/metrics`` and ``/admin/status`` answer for the host: whichever worker a scrape
-    reaches counts every worker's requests, and a worker killed and started again does not take its counts away.
+    reaches counts every worker's requests, and a worker killed and started again does not
+    take its counts away.
     """
     with RedisServer() as redis:
         config = tmp_path / "gateway.toml"

@@ -1,18 +1,20 @@
 """The Anthropic door, through the official ``anthropic`` SDK: messages whole and streamed,
 the ``messages.stream`` helper, a tool-use round trip, thinking blocks from a reasoning
-model, token counting, the model list, keys by ``x-api-key``, and errors in Anthropic's
-shape (before a stream and within one).
+model, token counting, usage as Anthropic counts it (cache reads apart), the model list,
+keys by ``x-api-key``, and errors in Anthropic's shape (before a stream and within one).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 
 import aiohttp
 import anthropic
 import pytest
+from aiohttp import web
 
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway
@@ -165,11 +167,24 @@ def test_errors_name_anthropics_fields_and_ranges(client: anthropic.Anthropic) -
     checked against Anthropic's range, not OpenAI's (temperature up to 1, not 2).
     """
     for fields, param in (({"temperature": 1.5}, "temperature"),
-                          ({"stop_sequences": 5}, "stop_sequences")):
+                          ({"stop_sequences": 5}, "stop_sequences"),
+                          ({"stop_sequences": "END"}, "stop_sequences"),  # a list, not a string
+                          ({"stream": "yes"}, "stream")):
         with pytest.raises(anthropic.BadRequestError) as caught:
             client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, messages=USER,
                                    extra_body=fields)
         assert f"'{param}'" in caught.value.message
+        assert caught.value.type == "invalid_request_error"
+
+
+def test_a_tool_choice_naming_no_tool_of_the_request_is_a_400(
+        client: anthropic.Anthropic) -> None:
+    """As Anthropic answers it, not left to the model (which would call another tool)."""
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, messages=USER,
+                               tools=[TOOL],  # type: ignore[list-item]
+                               tool_choice={"type": "tool", "name": "nope"})
+    assert "'tool_choice'" in caught.value.message and "'nope'" in caught.value.message
 
 
 def test_thinking_blocks_come_signed_and_go_back(client: anthropic.Anthropic) -> None:
@@ -198,6 +213,51 @@ def test_count_tokens_is_the_models_count(client: anthropic.Anthropic) -> None:
     assert counted.input_tokens == used.usage.input_tokens > 0
 
 
+CACHED_USAGE = {"prompt_tokens": 1000, "completion_tokens": 1, "total_tokens": 1001,
+                "prompt_tokens_details": {"cached_tokens": 800}}
+
+
+def prompt_caching_server() -> web.Application:
+    """An OpenAI-compatible server (vLLM, llama.cpp, a cloud API) that read 800 of the
+    prompt's 1000 tokens from its prompt cache; OpenAI's prompt_tokens include those 800.
+    """
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "cached"}]})
+
+    async def chat(request: web.Request) -> web.Response:
+        events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"},
+                                "finish_reason": "stop"}]},
+                  {"choices": [], "usage": CACHED_USAGE}]
+        body = b"".join(b"data: %s\n\n" % json.dumps(
+            {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "cached",
+             **event}).encode() for event in events)
+        return web.Response(body=body + b"data: [DONE]\n\n", content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+def test_input_tokens_leave_out_those_read_from_the_prompt_cache() -> None:
+    """Anthropic's input_tokens leave out cache reads (a client adds the two up to get the
+    prompt's length), whole and streamed.
+    """
+    with ServerThread(prompt_caching_server) as upstream:
+        server = start_gateway(gateway_config(backend("cache", "openai", upstream.url + "/v1")))
+        try:
+            with anthropic.Anthropic(base_url=server.url, api_key="unused",
+                                     max_retries=0) as sdk:
+                whole = sdk.messages.create(model="cached", max_tokens=16, messages=USER)
+                with sdk.messages.stream(model="cached", max_tokens=16,
+                                         messages=USER) as stream:
+                    streamed = stream.get_final_message()
+        finally:
+            server.stop()
+    for usage in (whole.usage, streamed.usage):
+        assert (usage.input_tokens, usage.cache_read_input_tokens) == (200, 800)
+
+
 def test_the_model_list_ends(client: anthropic.Anthropic) -> None:
     models = list(client.models.list())  # pages on unless told there are no more
     assert "qwq:32b" in [m.id for m in models]
@@ -217,6 +277,16 @@ def test_errors_in_anthropics_shape(client: anthropic.Anthropic, ollama_sim: Sim
         list(client.messages.create(model="phi3.5:3.8b", max_tokens=256, messages=USER,
                                     stream=True))
     assert cut.value.status_code == 200 and cut.value.type == "api_error"
+
+
+def test_an_error_carries_its_request_id_as_a_success_does(client: anthropic.Anthropic) -> None:
+    """The SDK reads a request's id from ``request-id`` (what a user quotes in a report)."""
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="no-such-model", max_tokens=16, messages=USER)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model="qwen2.5-coder:32b", max_tokens=0, messages=USER)
+    for caught in (missing, refused):
+        assert caught.value.request_id == caught.value.response.headers["x-request-id"]
 
 
 async def test_a_key_in_x_api_key_is_accepted_and_max_tokens_is_required(

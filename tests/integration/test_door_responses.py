@@ -334,6 +334,29 @@ def test_parallel_tool_calls_null_is_echoed_as_a_boolean(gateway: ServerThread) 
     openai.types.responses.Response.model_validate(body, strict=False)
 
 
+def test_a_field_given_as_none_is_not_said(client: openai.OpenAI) -> None:
+    """The SDK sends a parameter given as None as null; OpenAI reads it as unset (``store``
+    true, the default), and so does the gateway.
+    """
+    response = client.responses.create(
+        model="phi3.5:3.8b", input="Hi", store=None, stream=None, background=None,
+        conversation=None, include=None, instructions=None, max_output_tokens=None,
+        metadata=None, parallel_tool_calls=None, previous_response_id=None, reasoning=None,
+        temperature=None, top_p=None, truncation=None, prompt_cache_key=None)
+    assert response.output_text == DEFAULT_REPLY and response.store is True
+    assert client.responses.retrieve(response.id).id == response.id
+
+
+def test_endpoints_the_gateway_does_not_serve_are_a_404_that_says_so(
+        client: openai.OpenAI) -> None:
+    for call in (lambda: client.responses.input_tokens.count(model="phi3.5:3.8b", input="Hi"),
+                 lambda: client.responses.compact(model="phi3.5:3.8b", input="Hi")):
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert caught.value.code == "unknown_url"
+        assert "not supported by this gateway" in caught.value.message
+
+
 def test_a_response_over_the_size_limit_is_answered_but_not_kept(ollama_sim: Sim) -> None:
     server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
                                           responses={"max_record_bytes": 2048}))
