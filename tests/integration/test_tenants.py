@@ -130,7 +130,8 @@ def test_counting_a_prompts_tokens_is_a_request_like_any(keyed: ServerThread) ->
 # The POST routes that set no model to work, and so spend nothing of a key's limits; a new
 # route must be added here or to access.METERED.
 FREE = {"/api/show", "/v1/files", "/v1/batches", "/v1/batches/{id}/cancel",
-        "/v1/feedback", "/admin/keys", "/api/pull", "/api/push", "/api/create", "/api/copy"}
+        "/v1/feedback", "/admin/keys", "/api/pull", "/api/push", "/api/create", "/api/copy",
+        "/v1/responses/input_tokens", "/v1/responses/compact"}  # (the last two: a 404)
 
 
 def test_every_route_that_sets_a_model_to_work_is_metered(keyed: ServerThread) -> None:
