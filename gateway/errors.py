@@ -146,6 +146,11 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+# A model that cannot do what a request asks (images, tools...): the client's error when it
+# named that model, but a model the gateway picked for it is passed over for the next.
+UNSUPPORTED_BY_MODEL = "unsupported_by_model"
+
+
 def from_upstream_status(
     backend: str, status: int, message: str, retry_after: float | None, code: str | None = None
 ) -> GatewayError:
@@ -220,6 +225,10 @@ def stream_error(backend: str, error: Any) -> GatewayError:
 
 def _error_code(message: str) -> str | None:
     lowered = message.lower()
+    if "does not support" in lowered or "not a multimodal model" in lowered:
+        # Ollama's '"x" does not support tools' (images, generate, chat, thinking...), vLLM's
+        # and llama.cpp's alike: this model cannot do what was asked; another may
+        return UNSUPPORTED_BY_MODEL
     if "context" in lowered and ("length" in lowered or "window" in lowered or "size" in lowered):
         return "context_length_exceeded"
     if ("content" in lowered and ("policy" in lowered or "filter" in lowered)) or \

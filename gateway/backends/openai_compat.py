@@ -18,7 +18,7 @@ from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingReq
 from gateway.protocol.openai_stream import OpenAITranslator
 from gateway.protocol.sse import decode_sse, decode_whole
 from gateway.protocol.times import plausible_seconds
-from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
+from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo, presumed
 
 # Fields of the client's body the gateway sets itself for the upstream leg.
 _GATEWAY_SET = ("stream", "stream_options", "max_completion_tokens", "max_tokens")
@@ -27,7 +27,8 @@ _GATEWAY_SET = ("stream", "stream_options", "max_completion_tokens", "max_tokens
 class OpenAICompatBackend(HttpBackend):
     async def list_models(self) -> list[ModelInfo]:
         if self.config.models:
-            return [ModelInfo(name=name, backend=self.name) for name in self.config.models]
+            return [ModelInfo(name, self.name, capabilities=can, known=known)
+                    for name in self.config.models for can, known in [presumed(name)]]
         data = await self.get_json("/models")
         listed = data.get("data") if isinstance(data, dict) else None
         window = await self._llamacpp_props() if self.tier != "cloud" else None
@@ -42,8 +43,10 @@ class OpenAICompatBackend(HttpBackend):
         if not isinstance(meta, dict):
             meta = {}
         n_params, ftype = meta.get("n_params"), meta.get("ftype")
+        can, known = presumed(entry["id"])
         return ModelInfo(
             name=entry["id"], backend=self.name, context_length=window,
+            capabilities=can, known=known,
             created=plausible_seconds(entry.get("created")),
             parameters=float(n_params) if isinstance(n_params, int) and n_params > 0 else None,
             quantization=ftype if isinstance(ftype, str) else "", loaded=bool(meta))

@@ -15,7 +15,7 @@ from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, im
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
 from gateway.protocol.times import epoch_seconds
-from gateway.protocol.units import Chunk, ModelInfo, Usage, parse_parameter_size
+from gateway.protocol.units import Chunk, ModelInfo, Usage, parse_parameter_size, presumed
 
 # Extra sampling fields some clients send, which Ollama understands under the same name.
 _PASSTHROUGH_OPTIONS = ("top_k", "min_p", "repeat_penalty", "frequency_penalty",
@@ -234,8 +234,12 @@ def model_info(
     details = entry.get("details") or {}
     name = entry.get("name") or entry.get("model") or ""
     capabilities = set((show or {}).get("capabilities") or entry.get("capabilities") or [])
-    if not capabilities:
-        capabilities = {"completion"}
+    known = True
+    if not capabilities:  # /api/show failed (it is asked again at the next scan), or an
+        # Ollama older than capabilities said nothing: a model that generates, unless its
+        # name says it embeds (after a failure, only presumed)
+        guess, sure = presumed(name, details.get("family", ""))
+        capabilities, known = set(guess), sure or show is not None
     if "completion" in capabilities:
         capabilities.add("chat")
     return ModelInfo(
@@ -246,7 +250,7 @@ def model_info(
         quantization=details.get("quantization_level", ""),
         context_length=_context_length(details, show),
         capabilities=frozenset(capabilities),
-        known=True,
+        known=known,
         loaded=name in loaded,
         created=epoch_seconds(entry.get("modified_at")),
     )

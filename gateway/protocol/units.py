@@ -202,7 +202,8 @@ class ModelInfo:
     context_length: int | None = None
     capabilities: frozenset[str] = frozenset({"completion", "chat"})
     # Whether the capabilities come from the backend (Ollama) or are a guess (an
-    # OpenAI-compatible server tells only names): a guess never rules a model out.
+    # OpenAI-compatible server tells only names): a guess never rules a model out (but see
+    # ``presumed``).
     known: bool = False
     loaded: bool = False
     created: int | None = None  # when the backend says the model was made (Unix seconds)
@@ -210,6 +211,17 @@ class ModelInfo:
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities or not self.known
+
+
+def presumed(name: str, family: str = "") -> tuple[frozenset[str], bool]:
+    """What a model nobody described can do, and whether that is as good as known: one
+    whose name says it embeds (``text-embedding-3-small``, ``nomic-embed-text``,
+    ``mxbai-embed-large``) or of a BERT family only embeds, and is never asked to chat (an
+    ``auto`` pick that answers every chat with a 400); any other may do anything.
+    """
+    if "embed" in name.lower() or family.lower().endswith("bert"):
+        return frozenset({"embedding"}), True
+    return frozenset({"completion", "chat"}), False
 
 
 @dataclass(slots=True)

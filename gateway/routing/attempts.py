@@ -19,9 +19,16 @@ from typing import Literal
 
 from gateway.backoff import backoff
 from gateway.config import RoutingConfig
-from gateway.errors import GatewayError, RateLimited, Unavailable, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    UNSUPPORTED_BY_MODEL,
+    GatewayError,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.routing.balancer import Balancer, DeploymentState
-from gateway.routing.candidates import Candidate, Route
+from gateway.routing.candidates import REQUESTED, Candidate, Route
 from gateway.routing.catalog import Deployment
 from gateway.telemetry import NO_SPAN, UPSTREAM, AnySpan, Instruments, Span
 
@@ -261,6 +268,11 @@ class Attempts:
     async def _after(self, error: GatewayError, move_on: bool) -> None:
         kind = disposition(error)
         current = self._current
+        if error.code == UNSUPPORTED_BY_MODEL and current is not None and \
+                current.candidate.reason != REQUESTED:
+            # a model picked for the client (an alias's, a fallback) that cannot do what was
+            # asked (its capabilities were presumed, or described wrong): the next may
+            kind = "failover"
         if kind == "propagate" and not self._refused_by_fallback(error):
             raise error
         if current is None:

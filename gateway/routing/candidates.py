@@ -12,6 +12,8 @@ from typing import NamedTuple
 from gateway.routing.catalog import Deployment
 from gateway.routing.features import Features
 
+REQUESTED = "requested"  # the reason of the model the client named (not one picked for it)
+
 
 @dataclass(slots=True)
 class Candidate:

@@ -14,7 +14,7 @@ from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingReq
 from gateway.protocol.units import Chunk, EmbeddingResult
 from gateway.routing.attempts import Attempts
 from gateway.routing.balancer import Balancer
-from gateway.routing.candidates import Candidate, Route
+from gateway.routing.candidates import REQUESTED, Candidate, Route
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.features import features_of
@@ -174,7 +174,7 @@ class Router:
                 f"{req.model!r} picks among models for chat; ask for embeddings by a model's "
                 "own name (vectors from different models cannot be compared).",
                 param="model", code="model_not_supported")
-        candidate = Candidate(req.model, self.catalog.resolve(req.model), "requested")
+        candidate = Candidate(req.model, self.catalog.resolve(req.model), REQUESTED)
         attempts = Attempts(self.config.routing, self.balancer, Route([candidate], list),
                             self.instruments, "embeddings", self.on_unreachable,
                             self.config.tasks.share if batch else None)

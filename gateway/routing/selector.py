@@ -12,7 +12,7 @@ from gateway.config import TIERS, AliasConfig, GatewayConfig
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 from gateway.protocol.units import CHARS_PER_TOKEN
-from gateway.routing.candidates import Candidate, Route
+from gateway.routing.candidates import REQUESTED, Candidate, Route
 from gateway.routing.catalog import Deployment, ModelCatalog, named_in
 from gateway.routing.learned import LearnedOrder
 from gateway.routing.ordering import Ordering, Priority, Usable
@@ -122,14 +122,24 @@ class Selector:
             first = self.alias_picks(name, needs)
             if not first:
                 raise self._nothing_fits(name, self._required(name, needs))
+            presumed: list[Candidate] = []
+            if needs.vision or needs.tools or self._aliases[name].require:
+                # Those known to have what is needed are ordered (and learned) among
+                # themselves; those only presumed to come after them, however ordered.
+                required = self._required(name, needs)
+                sure = [c for c in first if required.sure(c)]
+                if sure:
+                    first, presumed = sure, first[len(sure):]
             first, decision = self._orderings[name].order(name, first, req, usable)
+            if presumed:
+                first = [*first, *presumed]
         elif name in self._known:
             # A configured model whose backend is away right now (never listed since start):
             # its fallbacks answer instead of a 404.
             deployments = self._catalog.deployments(name)
-            first = [Candidate(name, deployments, "requested")] if deployments else []
+            first = [Candidate(name, deployments, REQUESTED)] if deployments else []
         else:
-            first = [Candidate(name, self._catalog.resolve(name), "requested")]
+            first = [Candidate(name, self._catalog.resolve(name), REQUESTED)]
         if allowed:
             return Route(first, lambda: [c for c in self._fallbacks_for(name, first,
                                                                         needs_of(req))

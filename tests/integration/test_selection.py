@@ -10,13 +10,14 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
 from aiohttp import web
 
 from gateway.keys import CATALOG
-from gateway.sim import SimModel, create_ollama_app
+from gateway.sim import SimModel, create_ollama_app, create_openai_app, seed_fleet
 from tests.integration.conftest import Fleet
 from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
 
@@ -194,3 +195,89 @@ def test_names_in_the_config_find_the_models_ollama_lists_as_latest() -> None:
                 assert picked(c, "qwen2.5:0.5b")[0] == "mistral:latest"
         finally:
             gateway.stop()
+
+
+def test_an_embedding_model_an_openai_compatible_server_lists_is_not_picked_to_chat() -> None:
+    """An OpenAI-compatible server (LM Studio, vLLM) says only names; one listed first whose
+    name says it embeds was presumed to chat, and every ``auto`` request went to it and
+    came back a 400."""
+    models = [SimModel("text-embedding-nomic-embed-text-v1.5", capabilities=("embedding",),
+                       embedding_length=8),
+              SimModel("qwen2.5-7b-instruct", context_length=32768)]
+    with ServerThread(lambda: create_openai_app(models, flavor="openai")) as server:
+        gateway = start_gateway(gateway_config(backend("lmstudio", "openai", server.url + "/v1")))
+        try:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
+                               max_retries=0) as c:
+                for alias in ("auto", "auto:fast", "auto:code"):
+                    assert picked(c, alias)[0] == "qwen2.5-7b-instruct"
+                assert c.embeddings.create(model="text-embedding-nomic-embed-text-v1.5",
+                                           input="hi").data[0].embedding
+        finally:
+            gateway.stop()
+
+
+def test_a_model_ollama_could_not_describe_is_presumed_not_known_to_lack(
+        ollama_sim: Sim) -> None:
+    """``/api/show`` failing during a scan (a busy Ollama) made each model a known chat-only
+    model: ``auto:fast`` (smallest first) picked the embedding model and got a 400, and
+    ``auto:vision`` refused though a vision model was there."""
+    @web.middleware
+    async def busy_show(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/api/show":
+            return web.json_response({"error": "timed out"}, status=500)
+        return await handler(request)  # type: ignore[no-any-return]
+
+    def make() -> web.Application:
+        app = create_ollama_app(seed_fleet()["ollama"])
+        app.middlewares.append(busy_show)
+        return app
+
+    with ServerThread(make) as ollama:
+        gateway = start_gateway(gateway_config(backend("ollama", "ollama", ollama.url)))
+        try:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
+                               max_retries=0) as c:
+                Sim(ollama, "ollama").fault("phi3.5:3.8b", status=500)  # (auto:fast's #1)
+                assert picked(c, "auto:fast")[0] not in ("nomic-embed-text:latest",
+                                                         "phi3.5:3.8b")
+                # Every model is presumed able to see now: those that cannot say so, and
+                # the next is asked, until the one that can answers.
+                image = [{"role": "user", "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": PIXEL}}]}]
+                assert picked(c, "auto:vision", messages=image)[0] == "llava:7b"
+        finally:
+            gateway.stop()
+
+
+def test_a_model_the_client_named_that_cannot_do_what_was_asked_is_its_400(
+        client: openai.OpenAI) -> None:
+    """(An alias's pick that cannot is passed over; the model the client named is not.)"""
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                          {"type": "image_url", "image_url": {"url": PIXEL}}]}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="command-r-plus:104b", messages=image)  # type: ignore[arg-type]
+    assert "does not support" in caught.value.message
+
+
+def test_learned_routing_orders_the_models_known_to_see_before_those_presumed_to(
+        ollama_sim: Sim, mlx_sim: Sim) -> None:
+    """The learned order put an MLX model (whose capabilities nobody says) before the
+    vision model Ollama describes, and every image request to ``auto`` went to it first."""
+    gateway = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url), backend("mlx", "openai", mlx_sim.api_url),
+        routing={"policy": "learned"}))
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                          {"type": "image_url", "image_url": {"url": PIXEL}}]}]
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+            picked(c, "auto")
+            for _ in range(5):
+                raw = c.chat.completions.with_raw_response.create(
+                    model="auto", messages=image)  # type: ignore[arg-type]
+                assert raw.parse().model == "llava:7b"
+                assert raw.headers["x-gateway-attempts"] == "1"
+        assert not [r for r in mlx_sim.requests() if r["path"].endswith("/completions")]
+    finally:
+        gateway.stop()
