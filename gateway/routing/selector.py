@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import orjson
+
 from gateway.config import TIERS, AliasConfig, GatewayConfig
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
@@ -75,7 +77,13 @@ def needs_of(req: ChatRequest | CompletionRequest) -> Needs:
     room = min(req.sampling.max_tokens or 0, ANSWER_ROOM)
     if isinstance(req, CompletionRequest):
         return Needs(tokens=len(req.prompt) // CHARS_PER_TOKEN + room)
-    chars = sum(len(text_of(m.get("content"))) for m in req.messages)
+    # The messages' text, the calls an assistant made, and the tools' definitions (an
+    # agent's run to thousands of tokens): all of it goes into the window.
+    chars = sum(len(text_of(m.get("content"))) + (len(orjson.dumps(m["tool_calls"]))
+                                                   if m.get("tool_calls") else 0)
+                for m in req.messages)
+    if req.tools:
+        chars += len(orjson.dumps(req.tools))
     vision = any(isinstance(m.get("content"), list) and
                  any(p.get("type") == "image_url" for p in m["content"]) for m in req.messages)
     return Needs(vision=vision, tools=bool(req.tools and req.tool_choice != "none"),

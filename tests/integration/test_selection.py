@@ -102,6 +102,17 @@ def test_the_first_long_prompt_after_a_scan_does_not_decide_for_the_next(
     assert picked(client, "auto") == ("qwq:32b", "auto: ollama priority #1")
 
 
+def test_the_tools_an_agent_sends_count_in_the_length(client: openai.OpenAI) -> None:
+    """An agent's tool definitions run to thousands of tokens; only the messages were
+    counted, and a model whose window the whole request did not fit was picked (a real
+    Ollama then cuts the prompt without a word)."""
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": "word " * 3_500,
+        "parameters": {"type": "object"}}} for i in range(8)]  # ~35k tokens in all
+    model, _ = picked(client, "auto", tools=tools)
+    assert model == "command-r-plus:104b"  # the only model with tools and a window of 131k
+
+
 def test_a_completion_limit_is_a_ceiling_not_a_need(client: openai.OpenAI) -> None:
     # An agent's standing max_tokens, far past every window, does not pass over the alias's
     # best model (nor send the request to a model whose window is not known, as if it fitted).
