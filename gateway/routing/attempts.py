@@ -182,6 +182,9 @@ class Attempts:
         self._current: Lease | None = None
         self._first_error: GatewayError | None = None
         self._first_from: tuple[str, str] | None = None  # the deployment that said it
+        # The candidates (by name) an attempt on failed by the deployment's fault: not by
+        # a rate limit, a full queue, or a request it could not do.
+        self.at_fault: set[str] = set()
         # The first deployment found full, if one was (and where): what the model asked for
         # said, should what comes after be a fallback's refusal.
         self._busy: tuple[GatewayError, tuple[str, str]] | None = None
@@ -193,6 +196,8 @@ class Attempts:
         ``move_on``: do not retry the deployment that just failed (a stream broke mid-way).
         """
         if error is not None:
+            if self._current is not None and counts_against(error):
+                self.at_fault.add(self._current.candidate.name)
             if self._first_error is None and error.code not in ELSEWHERE:
                 if self._busy is not None and self._refusal(error) and \
                         self._busy[1][1] != _model_of(self._current):

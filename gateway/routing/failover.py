@@ -81,6 +81,11 @@ class RoutedAnswer:
         assert self._lease is not None, "start() first"
         return self._lease.candidate.reason
 
+    def failed_by_fault(self, model: str) -> bool:
+        """Whether an attempt on ``model`` (a candidate's name) failed by its deployment's
+        fault (not a rate limit, a full queue, a request it could not do)."""
+        return model in self._attempts.at_fault
+
     async def start(self) -> Chunk:
         """Attempts until one deployment sends its first token."""
         error: GatewayError | None = None

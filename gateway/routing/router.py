@@ -103,7 +103,8 @@ class Router:
         """Keep a request's outcome, and learn from it when a learned pick routed it
         (``quality``: 0 to 1; None: nothing to learn, the request itself was at fault).
         The chosen model earns the quality only if it answered: a fallback's answer means
-        the chosen one failed.
+        the chosen one failed; by its own fault, it earns nothing, and otherwise (its
+        upstream's rate limit, its queue full) nothing is learned of it.
         """
         decision = routed.decision if routed is not None else None
         if decision is None:
@@ -112,8 +113,10 @@ class Router:
             outcome.update(features=decision.features.as_dict(), chosen=decision.model,
                            candidates=decision.candidates, x=decision.x)
             cost = self.selector.latency_cost(decision.alias)
-            if quality is not None and self.selector.learned is not None and cost is not None:
-                earned = quality if outcome.get("model") == decision.model else 0.0
+            answered = outcome.get("model") == decision.model
+            if quality is not None and self.selector.learned is not None and cost is not None \
+                    and (answered or routed is None or routed.failed_by_fault(decision.model)):
+                earned = quality if answered else 0.0
                 value = reward(earned, outcome.get("latency_ms", 0) / 1000, cost)
                 outcome["reward"] = value
                 self._learn(decision.alias, decision.model, decision.x, value,

@@ -275,6 +275,23 @@ def test_a_stream_that_ends_early_is_kept_not_learned_from(gateway: ServerThread
     assert "reward" not in outcome  # the client leaving says nothing of the model
 
 
+@pytest.mark.parametrize("fault", [{"status": 429, "retry_after": 30, "remaining": 1},
+                                   {"status": 500, "remaining": 5}])  # (5: past its retries)
+def test_a_pick_passed_over_for_a_rate_limit_is_not_learned_from(
+        gateway: ServerThread, fleet: Fleet, fault: dict[str, Any]) -> None:
+    """A rate limit is not the model's fault: it earned a reward of 0 for the fallback's
+    answer, as a model that failed does (and learned routing came to pass it over)."""
+    fleet.primary.fault(PAIR[0], **fault)
+    model, _, request_id = ask(client(gateway))
+    assert model == PAIR[1]
+    outcome = gateway.call(lambda: gateway.app[ROUTER].outcomes.get("alice", request_id))
+    assert outcome["chosen"] == PAIR[0]
+    if fault["status"] == 429:
+        assert "reward" not in outcome
+    else:  # (its own failure: it earns nothing)
+        assert outcome["reward"] <= 0
+
+
 def test_processes_learn_from_each_other_on_a_redis_cluster(fleet: Fleet,
                                                             tmp_path: Path) -> None:
     with RedisCluster() as cluster:
