@@ -53,8 +53,9 @@ class Panel:
     with numpy: the changed models' matrices inverted together, then each shape of vector
     seen lately worked out for every model, so that a request is scored in plain Python
     from a few numbers per model. Old outcomes fade (each weighs ``1 - 1/memory`` less per
-    outcome since): a model that changes is noticed, while the prior and the regularisation
-    stay.
+    outcome of its model since, and ``1 - 1/(2 * memory * models)`` less per outcome of
+    the alias): a model that changes is noticed, and one passed over is tried again in time,
+    while the prior and the regularisation stay.
 
     Each model's sums are kept as one matrix, its features' (``A``, starting as the
     regularisation) bordered by their products with the reward (``b``, starting as the
@@ -135,7 +136,11 @@ class Panel:
         self.total += 1
 
     def fold(self) -> None:
-        """Take the pending outcomes in: each model's old ones faded by as many steps."""
+        """Take the pending outcomes in: each model's old ones faded by as many steps, and
+        every model's a little for each outcome of the others: a model no longer picked goes
+        back towards its prior, its doubt growing, so it is tried again (one that had a bad
+        spell is not given up for good on what it did then).
+        """
         pending, self.pending = self.pending, []
         if not pending:
             return
@@ -146,14 +151,19 @@ class Panel:
                 flat = by_model[model] = []
             flat.extend(x)
             flat.append(reward)
+        sums, start = self.sums, self.start
+        sums -= start  # what was learned fades; the start stays
+        # every model's a little with each outcome of the alias (half as fast as with its
+        # own, were the outcomes shared out evenly: faster, and what was learned of models
+        # rarely picked is forgotten too soon), a model's own more with each of its own
+        sums *= (1.0 - (1.0 - self.decay) / (2 * len(self.names))) ** len(pending)
+        for model, flat in by_model.items():
+            sums[model] *= self.decay ** (len(flat) // BORDERED)
+        sums += start
         for model, flat in by_model.items():
             z = np.array(flat).reshape(-1, BORDERED)
-            sums, start = self.sums[model], self.start[model]
-            sums -= start  # what was learned fades; the start stays
-            sums *= self.decay ** len(z)
-            sums += start
-            sums += z.T @ z
-        self._refresh(list(by_model))
+            sums[model] += z.T @ z
+        self._refresh(list(range(len(self.names))))
 
     def _refresh(self, models: list[int]) -> None:
         """The estimates of ``models`` from their sums (their matrices inverted together),

@@ -126,6 +126,23 @@ def test_a_model_that_starts_failing_one_kind_loses_it_and_keeps_the_others() ->
     assert late_chat.count("small") >= 0.75 * len(late_chat)  # chat stays where it was
 
 
+@pytest.mark.parametrize("outage", [1000])
+def test_a_model_that_had_a_bad_spell_is_tried_again_once_it_is_over(outage: int) -> None:
+    """Its outcomes faded only when it had new ones: a model that failed while it was down,
+    and so was no longer picked, kept its low estimate and narrow doubt for good (picked 0
+    times in 3,000 after it came back, the better model again)."""
+    rng = random.Random(1)
+    policy = LearnedOrder(LearnedConfig())
+
+    def skill(down: bool) -> Callable[[str, str], float]:
+        return lambda model, kind: 0.0 if down and model == "big" else SKILL[model][kind]
+
+    run(policy, 200, rng, kinds=("long",))  # (big's best kind)
+    run(policy, outage, rng, skill(down=True), kinds=("long",))
+    after = [model for _, model in run(policy, 3000, rng, skill(down=False), kinds=("long",))]
+    assert after[-1000:].count("big") >= 500, after[-1000:].count("big")
+
+
 def test_exploration_never_picks_a_model_that_cannot_answer_now() -> None:
     rng = random.Random(3)
     policy = LearnedOrder(LearnedConfig(exploration=2.0))  # as curious as it may be
