@@ -117,6 +117,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     health = app[HEALTH] = HealthWatcher(list(backends.values()), router.balancer,
                                          config.routing.health_interval)
     router.on_unreachable = health.lost
+    router.on_missing = catalog.stale
     pipeline = app[PIPELINE] = Pipeline(load_plugins(config), router,
                                         config.routing.max_escalations)
     _watch_tunnels(config, tunnels, health)
@@ -377,3 +378,4 @@ async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await catalog.close()

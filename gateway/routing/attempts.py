@@ -167,6 +167,7 @@ class Attempts:
     def __init__(self, config: RoutingConfig, balancer: Balancer, route: Route,
                  instruments: Instruments, operation: str = "chat",
                  on_unreachable: Callable[[str], None] = lambda backend: None,
+                 on_missing: Callable[[str], None] = lambda backend: None,
                  batch_share: float | None = None) -> None:
         self._config = config
         self._batch_share = batch_share  # a batch line's: the deployments' share it may take
@@ -174,6 +175,7 @@ class Attempts:
         self._operation = operation  # (as the GenAI conventions name it: chat, embeddings)
         self.span: AnySpan = NO_SPAN  # the routing's: each attempt's is a child of it
         self._on_unreachable = on_unreachable
+        self._on_missing = on_missing  # (a backend without a model it listed)
         self._balancer = balancer
         self._candidates = list(route.first)
         self._more: Callable[[], list[Candidate]] | None = route.fallbacks
@@ -284,6 +286,8 @@ class Attempts:
             raise error
         if error.code == "backend_unreachable":
             self._on_unreachable(current.deployment.backend.name)
+        elif error.status == 404:
+            self._on_missing(current.deployment.backend.name)
         key = _key(current.deployment)
         used = self._retries.get(key, 0)
         if not move_on and kind in ("retry", "wait") and used < self._config.retries:

@@ -22,6 +22,8 @@ from gateway.protocol.units import ModelInfo
 
 log = logging.getLogger(__name__)
 
+RELIST_SECONDS = 5.0  # a backend found behind is listed again at once at most this often
+
 
 def named_in(name: str, names: Iterable[str]) -> bool:
     """Whether ``name`` is one of ``names`` (``model`` and ``model:latest`` being one)."""
@@ -76,6 +78,8 @@ class ModelCatalog:
         self._listings = {b.name: _Listing() for b in self._backends}
         self._index: dict[str, list[Deployment]] = {}
         self._refreshing: asyncio.Lock | None = None
+        self._relisted: dict[str, float] = {}  # backend → when last listed again at once
+        self._relisting: set[asyncio.Task[None]] = set()
         self.version = 0  # bumped whenever the index is rebuilt
         self.on_change: list[Callable[[], None]] = []  # called after each rebuild
 
@@ -123,6 +127,41 @@ class ModelCatalog:
         for listener in self.on_change:
             listener()
 
+    def stale(self, backend: str | None = None) -> None:
+        """A backend (None: any) is behind the catalog: it answered that it has no such
+        model (``ollama rm``), or a model was asked for that none lists (``ollama pull`` a
+        moment ago). List it again now, in the background, rather than at the next round;
+        each backend at most once every ``RELIST_SECONDS``.
+        """
+        now = time.monotonic()
+        due = [b for b in self._backends if backend in (None, b.name) and
+               now - self._relisted.get(b.name, -RELIST_SECONDS) >= RELIST_SECONDS]
+        if not due:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._relist(due))
+        except RuntimeError:  # (no loop: a command reading the catalog)
+            return
+        for b in due:
+            self._relisted[b.name] = now
+        self._relisting.add(task)
+        task.add_done_callback(self._relisting.discard)
+
+    async def _relist(self, backends: list[Backend]) -> None:
+        self._refreshing = self._refreshing or asyncio.Lock()
+        await asyncio.gather(*(self._refresh_one(b) for b in backends))
+        async with self._refreshing:
+            self._index = self._build_index()
+            self.version += 1
+        for listener in self.on_change:
+            listener()
+
+    async def close(self) -> None:
+        """Stop the listings still running (``stale``'s)."""
+        for task in list(self._relisting):
+            task.cancel()
+        await asyncio.gather(*self._relisting, return_exceptions=True)
+
     async def _refresh_one(self, backend: Backend) -> None:
         listing = self._listings[backend.name]
         try:
@@ -148,6 +187,7 @@ class ModelCatalog:
             if backend in self._listings:
                 found = [d for d in self._lookup(rest) if d.backend.name == backend]
         if not found:
+            self.stale()  # (pulled a moment ago? the next request finds it)
             raise ModelNotFound(name, self.unreachable())
         return found
 

@@ -54,6 +54,8 @@ class Router:
             if learned.redis_url and self.selector.learned is not None else None
         # Told when a connection to a backend is refused (the health watcher listens).
         self.on_unreachable: Callable[[str], None] = lambda backend: None
+        # Told of a backend that says it has not got a model it listed (ModelCatalog.stale).
+        self.on_missing: Callable[[str], None] = lambda backend: None
 
     def answer(self, req: ChatRequest | CompletionRequest, allowed: tuple[str, ...] = (),
                batch: bool = False) -> RoutedAnswer:
@@ -91,7 +93,7 @@ class Router:
 
         operation = "chat" if isinstance(req, ChatRequest) else "text_completion"
         attempts = Attempts(self.config.routing, self.balancer, route, self.instruments,
-                            operation, self.on_unreachable,
+                            operation, self.on_unreachable, self.on_missing,
                             self.config.tasks.share if batch else None)
         alias = req.model if picked and self.selector.is_alias(req.model) else ""
         return RoutedAnswer(attempts, opener, self.instruments, alias=alias,
@@ -179,7 +181,7 @@ class Router:
                 param="model", code="model_not_supported")
         candidate = Candidate(req.model, self.catalog.resolve(req.model), REQUESTED)
         attempts = Attempts(self.config.routing, self.balancer, Route([candidate], list),
-                            self.instruments, "embeddings", self.on_unreachable,
+                            self.instruments, "embeddings", self.on_unreachable, self.on_missing,
                             self.config.tasks.share if batch else None)
         attempts.span = current_span()
         error: GatewayError | None = None

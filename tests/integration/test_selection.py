@@ -18,8 +18,17 @@ from aiohttp import web
 
 from gateway.keys import CATALOG
 from gateway.sim import SimModel, create_ollama_app, create_openai_app, seed_fleet
+from gateway.sim.engine import SIM_STATE
 from tests.integration.conftest import Fleet
-from tests.support import ServerThread, Sim, backend, free_port, gateway_config, start_gateway
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    free_port,
+    gateway_config,
+    start_gateway,
+    wait_until,
+)
 
 USER = [{"role": "user", "content": "Hello"}]
 PIXEL = "data:image/png;base64," + base64.b64encode(b"\x89PNG pixel").decode()
@@ -292,3 +301,36 @@ def test_learned_routing_orders_the_models_known_to_see_before_those_presumed_to
         assert not [r for r in mlx_sim.requests() if r["path"].endswith("/completions")]
     finally:
         gateway.stop()
+
+
+def test_a_model_removed_or_pulled_is_known_at_the_next_request_not_the_next_scan() -> None:
+    """``ollama rm`` and ``ollama pull`` while the gateway runs: the removed model's requests
+    went to Ollama's 404 until its breaker opened (then 503s saying to retry), and a model
+    just pulled was a 404, until the next scan of the models (30 s)."""
+    models = seed_fleet()["ollama"]
+    with ServerThread(lambda: create_ollama_app(models)) as ollama:
+        gateway = start_gateway(gateway_config(backend("ollama", "ollama", ollama.url),
+                                               server={"discovery_interval": 300}))
+        try:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
+                               max_retries=0) as c:
+                assert picked(c, "qwq:32b")[0] == "qwq:32b"
+                assert ollama.app is not None
+                state, gemma = ollama.app[SIM_STATE], SimModel("gemma3:4b", parameter_size="4.3B")
+                del state.models["qwq:32b"]  # ollama rm qwq:32b
+                state.models[gemma.name] = gemma  # ollama pull gemma3:4b
+                models[:] = [*(m for m in models if m.name != "qwq:32b"), gemma]  # (its list)
+                with pytest.raises(openai.NotFoundError):
+                    c.chat.completions.create(model="qwq:32b", messages=USER)  # type: ignore[arg-type]
+                with pytest.raises(openai.NotFoundError):
+                    c.chat.completions.create(model="gemma3:4b", messages=USER)  # type: ignore[arg-type]
+                wait_until(lambda: "qwq:32b" not in {m.id for m in c.models.list()}, 5,
+                           "the removed model to be gone from the list")
+                assert "gemma3:4b" in {m.id for m in c.models.list()}
+                assert picked(c, "gemma3:4b")[0] == "gemma3:4b"
+                for _ in range(4):  # the model's own 404, not a breaker's 503
+                    with pytest.raises(openai.NotFoundError) as caught:
+                        c.chat.completions.create(model="qwq:32b", messages=USER)  # type: ignore[arg-type]
+                    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+        finally:
+            gateway.stop()
