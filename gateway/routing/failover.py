@@ -49,6 +49,7 @@ class RoutedAnswer:
         self._stream: AsyncGenerator[Chunk] | None = None
         self._head: Chunk | None = None  # the first chunk, until chunks() gives it
         self._sent: list[str] = []  # the answer text the client has (for a rescue)
+        self._thought: list[str] = []  # the reasoning it has, while no text has come
         self._tool_calls_sent = False
         self._finished = False  # the client has had the answer's finish
         self._usage: Usage | None = None
@@ -169,6 +170,8 @@ class RoutedAnswer:
         """Remember what the client has been given, to continue from it if need be."""
         if chunk.content:
             self._sent.append(chunk.content)
+        elif chunk.reasoning and not self._sent:
+            self._thought.append(chunk.reasoning)
         if chunk.tool_calls:
             self._tool_calls_sent = True
         if chunk.usage is not None:
@@ -269,10 +272,12 @@ class RoutedAnswer:
             error = error_
         assert self._stream is not None
         self._instruments.rescues.add(("continued" if prefill is not None else "restarted",))
-        # The client has had its reasoning; a restart also repeats the text already sent.
+        # A restart also repeats the text already sent; and the reasoning, but for what
+        # the client has had of it (the break came before the text: its reasoning is cut).
         self._stream = _continuation(_chain(first, self._stream),
                                      text if prefill is None else "", lease.deployment,
-                                     len(self._sent) if prefill is not None else 0)
+                                     len(self._sent) if prefill is not None else 0,
+                                     "".join(self._thought) if not text else None)
         if self.on_switch is not None:
             self.on_switch(lease.deployment.model.name)
 
@@ -301,17 +306,31 @@ async def _chain(first: Chunk, rest: AsyncGenerator[Chunk]) -> AsyncGenerator[Ch
 
 
 async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: Deployment,
-                        carried: int) -> AsyncGenerator[Chunk]:
-    """A rescuing answer as the client should get it: no reasoning (it had that), and, for a
-    restart, without the text it already has. A restart that takes another turn than what
-    was sent cannot be spliced on: that ends the stream with an error. A continuation's
-    usage counts the ``carried`` tokens of the text it was given (a chunk a token, as they
-    came) as the answer's, not the question's.
+                        carried: int, thought: str | None = None) -> AsyncGenerator[Chunk]:
+    """A rescuing answer as the client should get it: no reasoning once the text had begun
+    (it had all of that), and, for a restart, without the text it already has. A restart
+    that takes another turn than what was sent cannot be spliced on: that ends the stream
+    with an error. A continuation's usage counts the ``carried`` tokens of the text it was
+    given (a chunk a token, as they came) as the answer's, not the question's.
+
+    The break came while the model reasoned (``thought``: what the client has of that): the
+    new reasoning goes on from there when it begins the same, and is given whole, after a
+    blank line, when it does not: the client's reasoning is never left cut off.
     """
     seen = ""
+    mind = "" if thought else None  # the new reasoning, while it is compared with ``thought``
     try:
         async for chunk in stream:
-            chunk.reasoning = ""
+            if thought is None:
+                chunk.reasoning = ""
+            elif mind is not None and chunk.reasoning:
+                mind += chunk.reasoning
+                if thought.startswith(mind):
+                    chunk.reasoning = ""  # (the client has this much)
+                else:
+                    chunk.reasoning = mind[len(thought):] if mind.startswith(thought) \
+                        else "\n\n" + mind
+                    mind = None
             if carried and chunk.usage is not None:
                 moved = min(carried, chunk.usage.prompt_tokens)
                 chunk.usage = dataclasses.replace(
@@ -325,7 +344,8 @@ async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: De
                                         "differs from what was already sent", backend=name,
                                         code="rescue_diverged")
                 chunk.content = seen[len(sent):]
-            if chunk.content or chunk.finish_reason or chunk.usage or chunk.tool_calls:
+            if chunk.content or chunk.reasoning or chunk.finish_reason or chunk.usage or \
+                    chunk.tool_calls:
                 yield chunk
     finally:
         await stream.aclose()

@@ -124,7 +124,8 @@ def plan_answer(model: SimModel, ask: Ask, faults: Faults | None = None) -> Plan
                        "context_length_exceeded")
     plan = Plan(prompt_tokens=prompt_tokens)
     if model.thinking == "field" and ask.think is not False and not ask.prefill:
-        plan.thinking = tokens(THOUGHT)
+        plan.thinking = tokens(faults.thought if faults and faults.thought is not None
+                               else THOUGHT)
     if reply is not None:  # a fault: this text as it is (no tool call, no JSON shaping)
         text = reply
     elif ask.tools and ask.last_role != "tool":

@@ -6,6 +6,7 @@ model names, prefill or not), and that the gateway still answers afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -698,15 +699,46 @@ async def test_an_open_breaker_sends_traffic_elsewhere_and_shows_in_health(
     assert reply.headers["x-gateway-model"] == "qwq:32b"
 
 
-async def test_a_rescue_does_not_repeat_reasoning_the_client_already_has(
+async def test_a_rescue_by_another_model_does_not_repeat_the_reasoning(
     routed_gateway: ServerThread, fleet: Fleet
 ) -> None:
     fleet.primary.fault("qwq:32b", cut_after=3)  # mid-thought: no answer text sent yet
-    reply = await ask(routed_gateway, "qwq:32b", stream=True)
+    reply = await ask(routed_gateway, "qwq:32b", stream=True)  # (its fallback: no thinker)
     complete(reply)
     reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content") or ""
                         for e in reply.body if isinstance(e, dict) and e.get("choices"))
     assert reasoning == "".join(THOUGHT.split(" ")[i] + " " for i in range(3))
+
+
+@pytest.mark.parametrize(("other", "expected"), [
+    (None, THOUGHT),
+    ("Another line of thought.", " ".join(THOUGHT.split(" ")[:3]) + " \n\nAnother line of "
+                                 "thought."),
+])
+async def test_a_rescue_mid_thought_leaves_the_reasoning_whole(
+        other: str | None, expected: str) -> None:
+    """The stream breaks while the model reasons, before any text, and a model that reasons
+    too rescues it: its reasoning goes on from where the client's broke off when it begins
+    the same, and comes whole after a blank line when it does not. It was dropped, and the
+    client's reasoning was left cut off ("The user wants")."""
+    thinker = next(m for m in host_models() if m.name == "qwq:32b")
+    twin = dataclasses.replace(thinker, name="qwq-twin:32b")
+    with ServerThread(lambda: create_ollama_app([thinker])) as first, \
+            ServerThread(lambda: create_ollama_app([twin])) as second:
+        gateway = start_gateway(gateway_config(
+            backend("first", "ollama", first.url), backend("second", "ollama", second.url),
+            models=[{"name": "qwq:32b", "fallbacks": ["qwq-twin:32b"]}]))
+        try:
+            Sim(first, "ollama").fault("qwq:32b", cut_after=3)
+            if other is not None:
+                Sim(second, "ollama").fault("qwq-twin:32b", thought=other)
+            reply = await ask(gateway, "qwq:32b", stream=True)
+        finally:
+            gateway.stop()
+    complete(reply)
+    reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content") or ""
+                        for e in reply.body if isinstance(e, dict) and e.get("choices"))
+    assert reasoning.strip() == expected
 
 
 async def test_a_cancelled_breaker_trial_does_not_lock_the_deployment_out(
