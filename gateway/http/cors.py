@@ -20,9 +20,14 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-EXPOSE_HEADERS = ("x-request-id, x-gateway-backend, x-gateway-model, x-gateway-attempts, "
-                  "x-gateway-route, x-gateway-cache, x-gateway-qa, x-gateway-safety, "
-                  "x-gateway-escalated, x-gateway-dropped-tools, retry-after")
+# (the SDKs read request-id, the x-ratelimit-* headers and retry-after; a page's script
+# can read only the headers named here)
+EXPOSE_HEADERS = ("x-request-id, request-id, x-gateway-backend, x-gateway-model, "
+                  "x-gateway-attempts, x-gateway-route, x-gateway-cache, x-gateway-qa, "
+                  "x-gateway-safety, x-gateway-escalated, x-gateway-dropped-tools, retry-after, "
+                  "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+                  "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
+                  "x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
 MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 HOSTS_KEPT = 64  # Host headers whose judgement is remembered
 
