@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
+from gateway.routing.selector import needs_of
 from gateway.telemetry import NO_SPAN, NOTES, current_span
 from plugins.base import Plugin, RequestContext, Verdict
 
@@ -183,7 +185,14 @@ class Pipeline:
                 hit, route = answered
                 return (hit.usage or Usage()).prompt_tokens, route
             routed = self.router.answer(ctx.req, ctx.models, ctx.batch)
-            await routed.start()
+            try:
+                await routed.start()
+            except GatewayError as refused:
+                if refused.code != "context_length_exceeded":
+                    raise
+                # No model's window holds it (asking "does it fit?" is what counting is
+                # for): what the refusal said it came to, or the gateway's estimate.
+                return _tokens_said(refused.message) or needs_of(ctx.req).tokens, {}
             try:
                 answer = await collect(routed.chunks())
             finally:
@@ -375,6 +384,16 @@ async def _closed(chunks: AsyncIterator[Chunk]) -> None:
     close = getattr(chunks, "aclose", None)
     if close is not None:
         await close()
+
+
+def _tokens_said(message: str) -> int:
+    """The prompt's tokens as a context-length refusal counts them ("... maximum context
+    length is 4096 tokens. However, your messages resulted in 6012 tokens."), 0 if it does
+    not say."""
+    return max((int(n.replace(",", "")) for n in TOKENS_SAID.findall(message)), default=0)
+
+
+TOKENS_SAID = re.compile(r"(\d[\d,]*) tokens")
 
 
 def _used(ctx: RequestContext, answer: Completion) -> None:

@@ -213,6 +213,14 @@ def test_count_tokens_is_the_models_count(client: anthropic.Anthropic) -> None:
     assert counted.input_tokens == used.usage.input_tokens > 0
 
 
+def test_count_tokens_counts_a_prompt_no_model_can_take(client: anthropic.Anthropic) -> None:
+    """Counting is how a client asks whether a prompt fits: one too long for every window
+    was a 400 (the model was asked for a token, and refused), where it wants the number."""
+    long = [{"role": "user", "content": "word " * 160_000}]  # ~160k tokens: past every window
+    counted = client.messages.count_tokens(model="llava:7b", messages=long)  # type: ignore[arg-type]
+    assert counted.input_tokens >= 160_000
+
+
 CACHED_USAGE = {"prompt_tokens": 1000, "completion_tokens": 1, "total_tokens": 1001,
                 "prompt_tokens_details": {"cached_tokens": 800}}
 
