@@ -225,13 +225,13 @@ def stream_error(backend: str, error: Any) -> GatewayError:
 
 def _error_code(message: str) -> str | None:
     lowered = message.lower()
-    if "does not support" in lowered or "not a multimodal model" in lowered:
-        # Ollama's '"x" does not support tools' (images, generate, chat, thinking...), vLLM's
-        # and llama.cpp's alike: this model cannot do what was asked; another may
-        return UNSUPPORTED_BY_MODEL
     if "context" in lowered and ("length" in lowered or "window" in lowered or "size" in lowered):
         return "context_length_exceeded"
     if ("content" in lowered and ("policy" in lowered or "filter" in lowered)) or \
             "safety system" in lowered:  # OpenAI's wording for a content-policy refusal
         return "content_policy_violation"
+    if "does not support" in lowered or "not a multimodal model" in lowered:
+        # Ollama's '"x" does not support tools' (images, generate, chat, thinking...), vLLM's
+        # and llama.cpp's alike: this model cannot do what was asked; another may
+        return UNSUPPORTED_BY_MODEL
     return None

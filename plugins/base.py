@@ -47,9 +47,6 @@ class RequestContext:
     state: dict[str, Any] = field(default_factory=dict)  # each plugin's own, by its name
     # Told the tokens an answer from a model used, once it is whole (a key's limits count).
     on_usage: Callable[[int], None] | None = None
-    # Told, of an answer that did not say its usage (cut off, or from a backend that does
-    # not count), the tokens of it that came, estimated: a key's limits charge at least those.
-    on_output: Callable[[int], None] | None = None
     # Whose cached answers the caller may get: its key's setting ("key", "shared", "off"),
     # or "" for the cache's own.
     cache_scope: str = ""
@@ -59,6 +56,9 @@ class RequestContext:
     # interactive requests always find room.
     batch: bool = False
     request_id: str = ""  # as the client sees it (x-request-id): feedback names it
+    # Told, of an answer that did not say its usage (cut off, or from a backend that does
+    # not count), the tokens of it that came, estimated: a key's limits charge at least those.
+    on_output: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

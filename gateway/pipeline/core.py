@@ -213,8 +213,8 @@ class Pipeline:
             req = await plugin.on_embed(req)
         result, deployment, attempts = await self.router.embed(req, batch)
         result.shortened(req.dimensions, req.model)
-        if on_usage is not None:
-            on_usage(result.prompt_tokens)
+        if on_usage is not None and result.prompt_tokens:  # (0: the backend did not say,
+            on_usage(result.prompt_tokens)  # and the caller's estimate stands)
         model = deployment.model.name
         return Embeddings(result, model, {**route_headers(
             deployment.backend.name, model, attempts, "requested"), **req.headers})

@@ -238,7 +238,7 @@ def model_info(
     if not capabilities:  # /api/show failed (it is asked again at the next scan), or an
         # Ollama older than capabilities said nothing: a model that generates, unless its
         # name says it embeds (after a failure, only presumed)
-        guess, sure = presumed(name, details.get("family", ""))
+        guess, sure = presumed(name, details.get("family") or "")
         capabilities, known = set(guess), sure or show is not None
     if "completion" in capabilities:
         capabilities.add("chat")

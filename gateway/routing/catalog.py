@@ -103,7 +103,10 @@ class ModelCatalog:
             index.setdefault(info.name, []).append(
                 Deployment(by_name[backend], info, at[backend]))
         for spec in self._models:
-            deployments = index.setdefault(spec.name, [])
+            # (a name without ``:latest`` is the model a backend lists with it: the same)
+            name = spec.name if spec.name in index or ":" in spec.name or \
+                spec.name + ":latest" not in index else spec.name + ":latest"
+            deployments = index.setdefault(name, [])
             for d in spec.deployments:
                 found = listed.get((d.backend, d.model)) or next(
                     (m for (b, n), m in listed.items() if b == d.backend and
@@ -111,9 +114,9 @@ class ModelCatalog:
                 if found is not None and all(x.model is not found for x in deployments):
                     deployments.append(Deployment(by_name[d.backend], found, at[d.backend]))
             if spec.capabilities or spec.context_length or spec.prefill != "auto":
-                index[spec.name] = [_override(d, spec) for d in deployments]
+                index[name] = [_override(d, spec) for d in deployments]
             if not deployments:
-                del index[spec.name]
+                del index[name]
         return index
 
     async def refresh_backend(self, name: str) -> None:
@@ -134,8 +137,11 @@ class ModelCatalog:
         each backend at most once every ``RELIST_SECONDS``.
         """
         now = time.monotonic()
-        due = [b for b in self._backends if backend in (None, b.name) and
-               now - self._relisted.get(b.name, -RELIST_SECONDS) >= RELIST_SECONDS]
+        # (asked of any, not a cloud's: its models change rarely, and a typo could ask often)
+        wanted = [b for b in self._backends if b.name == backend or
+                  (backend is None and b.tier != "cloud")]
+        due = [b for b in wanted
+               if now - self._relisted.get(b.name, -RELIST_SECONDS) >= RELIST_SECONDS]
         if not due:
             return
         try:

@@ -94,12 +94,13 @@ class Selector:
     def __init__(self, catalog: ModelCatalog, config: GatewayConfig) -> None:
         self._catalog = catalog
         self._aliases = {**BUILTIN_ALIASES, **config.aliases}
-        self._fallbacks = {m.name: m.fallbacks for m in config.models if m.fallbacks}
+        # (by name without ``:latest``: ``llama3.2`` and ``llama3.2:latest`` are one)
+        self._fallbacks = {_bare(m.name): m.fallbacks for m in config.models if m.fallbacks}
         self._default_fallbacks = config.routing.fallbacks
         self._tier_fallback = config.routing.tier_fallback
         self._picks: dict[tuple[str, bool, bool, int],
                           tuple[list[list[Candidate]], list[Candidate]]] = {}
-        self._known = {m.name for m in config.models}
+        self._known = {_bare(m.name) for m in config.models}
         learns = [name for name, spec in self._aliases.items()
                   if (spec.policy or config.routing.policy) == "learned"]
         # What was learned from outcomes (None: every alias keeps its static order).
@@ -141,7 +142,7 @@ class Selector:
             first, decision = self._orderings[name].order(name, first, req, usable)
             if presumed:
                 first = [*first, *presumed]
-        elif name in self._known:
+        elif _bare(name) in self._known:
             # A configured model whose backend is away right now (never listed since start):
             # its fallbacks answer instead of a 404.
             deployments = self._catalog.deployments(name)
@@ -269,7 +270,7 @@ class Selector:
         return out
 
     def _fallback_names(self, name: str) -> tuple[str, ...]:
-        return self._fallbacks.get(name, self._default_fallbacks)
+        return self._fallbacks.get(_bare(name), self._default_fallbacks)
 
     def _expand(self, name: str, needs: Needs, why: str) -> list[Candidate]:
         if name in self._aliases:
@@ -308,6 +309,10 @@ def _fitting(candidates: list[Candidate], needs: Needs) -> list[Candidate]:
         if deployments:
             out.append(Candidate(c.name, deployments, c.reason))
     return out
+
+
+def _bare(name: str) -> str:
+    return name.removesuffix(":latest")
 
 
 def _size(candidate: Candidate) -> float:

@@ -75,19 +75,23 @@ def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx",
             inputs = [inputs]
         inputs = inputs or []
         record = state.record(request, model.name, body, False, False)
-        await apply_faults(request, model.take_faults(), Ask(texts=inputs), record)
+        faults = model.take_faults()
+        await apply_faults(request, faults, Ask(texts=inputs), record)
         if "embedding" not in model.capabilities:
             raise SimError(400, f"{model.name} does not support embeddings")
         dims = body.get("dimensions") or model.embedding_length
         record["outcome"] = "completed"
         tokens = sum(len(t) if isinstance(t, list) else count_tokens(str(t)) for t in inputs)
-        return _json({
+        answer: dict[str, Any] = {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": embedding(str(t), dims)}
                      for i, t in enumerate(inputs)],
             "model": model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        }
+        if faults.no_usage:
+            del answer["usage"]
+        return _json(answer)
 
     async def list_models(request: web.Request) -> web.Response:
         created = int(time.time())

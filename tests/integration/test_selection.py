@@ -199,7 +199,8 @@ def test_names_in_the_config_find_the_models_ollama_lists_as_latest() -> None:
             aliases={"mine": {"priority": {"ollama": ["llama3.2", "qwen2.5:0.5b"]}}},
             models=[{"name": "local", "deployments": [
                         {"backend": "ollama", "model": "llama3.2"}]},
-                    {"name": "llama3.2", "fallbacks": ["qwen2.5:0.5b"]},
+                    {"name": "llama3.2", "fallbacks": ["qwen2.5:0.5b"],
+                     "capabilities": ["completion", "vision"]},
                     {"name": "qwen2.5:0.5b", "fallbacks": ["mistral"]}]))
         try:
             with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
@@ -211,6 +212,13 @@ def test_names_in_the_config_find_the_models_ollama_lists_as_latest() -> None:
                     status = json.load(response)
                 assert status["models"]["local"] == ["ollama/llama3.2:latest"]
                 assert not status["warnings"]
+                # The entry's settings are the listed model's, asked for by either name.
+                shown = urllib.request.Request(gateway.url + "/api/show",
+                                               data=json.dumps({"model": "llama3.2"}).encode())
+                with urllib.request.urlopen(shown) as response:
+                    assert "vision" in json.load(response)["capabilities"]
+                Sim(ollama, "ollama").fault("llama3.2:latest", status=500)
+                assert picked(c, "llama3.2:latest")[0] == "qwen2.5:0.5b"
                 Sim(ollama, "ollama").fault("qwen2.5:0.5b", status=500)
                 assert picked(c, "qwen2.5:0.5b")[0] == "mistral:latest"
         finally:

@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from gateway.http.access import METERED
+from gateway.sim import SimModel, create_openai_app
 from tests.support import (
     ServerThread,
     Sim,
@@ -345,6 +346,24 @@ def test_an_answer_that_does_not_say_its_usage_costs_at_least_what_came_of_it(
             assert left(c) < 150  # 600 - 500 and more (the estimate: 256 and the prompt)
     finally:
         server.stop()
+
+
+def test_embeddings_from_a_backend_that_does_not_count_cost_their_estimate() -> None:
+    """An embeddings answer without usage (prompt_tokens 0) was charged 0 tokens."""
+    embedder = SimModel("text-embedding-small", capabilities=("embedding",), embedding_length=8)
+    with ServerThread(lambda: create_openai_app([embedder], flavor="openai")) as upstream:
+        server = start_gateway(gateway_config(
+            backend("cloudish", "openai", upstream.url + "/v1"), keys=[key("e", tpm=600)]))
+        try:
+            Sim(upstream, "openai").fault(embedder.name, no_usage=True)
+            with client(server, "e") as c:
+                raw = c.embeddings.with_raw_response.create(model=embedder.name,
+                                                             input="word " * 400)
+                assert raw.parse().usage.prompt_tokens == 0  # (the backend did not say)
+                left = c.models.with_raw_response.list().headers
+                assert int(left["x-ratelimit-remaining-tokens"]) < 600 - 400  # its ~500
+        finally:
+            server.stop()
 
 
 def test_what_costs_tokens_an_error_nothing_a_cut_stream_its_estimate(

@@ -97,3 +97,15 @@ def test_an_error_event_is_what_its_status_or_code_says(
     error = stream_error("b", event)
     assert (error.status, error.code) == (status, code)
     assert (disposition(error) == "retry") is retried
+
+
+@pytest.mark.parametrize(("message", "code"), [
+    ('"llava:7b" does not support tools', "unsupported_by_model"),
+    ("registry.ollama.ai/library/qwq:32b does not support images", "unsupported_by_model"),
+    # (a context too small is that, whatever else it says: a bigger model may take it)
+    ("This model's context length does not support a prompt of 9000 tokens",
+     "context_length_exceeded"),
+])
+def test_a_model_that_cannot_do_what_was_asked_says_so(message: str, code: str) -> None:
+    error = from_upstream_status("ollama", 400, message, None)
+    assert error.status == 400 and error.code == code

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import UpstreamError
+from gateway.protocol import ollama
 from gateway.protocol.ollama import OllamaTranslator
 from gateway.protocol.openai_stream import OpenAITranslator
 from gateway.protocol.sse import MalformedEvent
@@ -207,3 +208,15 @@ def test_an_ollama_tool_call_that_is_not_one_is_a_malformed_event(call: dict[str
         t.chunk({"message": {"role": "assistant", "content": "", "tool_calls": [call]}})
     done = t.chunk({"message": {"role": "assistant", "content": "ok"}, "done": True})
     assert done.finish_reason == "stop"  # the call that was not one is not counted
+
+
+@pytest.mark.parametrize("family", [None, "", "llama"])
+def test_a_model_ollama_did_not_describe_is_presumed_able(family: str | None) -> None:
+    """/api/show failed: capabilities presumed (a null family among /api/tags' details took
+    the whole backend's listing down)."""
+    entry = {"name": "mystery:7b", "details": {"family": family, "parameter_size": "7B"}}
+    info = ollama.model_info("ollama", entry, None, set())
+    assert not info.known and info.can("chat") and info.can("vision")
+    embedder = ollama.model_info("ollama", {"name": "nomic-embed-text:latest",
+                                            "details": {"family": family}}, None, set())
+    assert embedder.known and embedder.capabilities == {"embedding"}
