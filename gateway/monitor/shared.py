@@ -1,16 +1,17 @@
 """Health shared through Redis (``[routing] redis_url``): a deployment's breaker that one
-gateway process opens, or a backend that one finds down, is avoided by every process on that
-Redis (the workers of ``gateway serve --workers N``, other hosts) at once, not after each
-has sent it traffic of its own to fail.
+gateway process opens, one whose upstream asked for a rest (a 429's ``Retry-After``), or a
+backend that one finds down, is avoided by every process on that Redis (the workers of
+``gateway serve --workers N``, other hosts) at once, not after each has sent it traffic of
+its own to fail.
 
 Each change goes out on one channel (``gw:{health}:events``, published and heard by every
 process) and into one hash (``gw:{health}:state``), from which a process that starts reads
-what is open or down now. What a process hears it applies as its own, but checks itself:
-a breaker opened elsewhere has its cool-down here, then one trial; a backend found down
-elsewhere is probed here until it answers; a backend back elsewhere is probed here at once.
-While Redis is away, each process goes by what it sees alone.
+what is open or down now (a rest, a minute at most, only goes out). What a process hears it
+applies as its own, but checks itself: a breaker opened elsewhere has its cool-down here,
+then one trial; a backend found down elsewhere is probed here until it answers; a backend
+back elsewhere is probed here at once. While Redis is away, each process goes by what it
+sees alone.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -64,6 +65,7 @@ class SharedHealth:
     async def start(self) -> None:
         self._redis = await self._connect()
         self._balancer.on_breaker = self._breaker_changed
+        self._balancer.on_rest = self._rested
         self._watcher.on_lost.append(lambda backend: self._backend_changed(backend, False))
         self._watcher.on_recovered.append(lambda backend: self._backend_changed(backend, True))
         self._tasks = [asyncio.create_task(self._listen(), name="shared health: listen"),
@@ -76,6 +78,7 @@ class SharedHealth:
     async def close(self) -> None:
         self._closing = True
         self._balancer.on_breaker = None
+        self._balancer.on_rest = None
         await end_loops([*self._tasks, *self._checks], CLOSE_WAIT)
         with contextlib.suppress(*DOWN):
             await self._redis.aclose()
@@ -86,6 +89,11 @@ class SharedHealth:
         if not self._hearing and not self._closing:
             self._say("deployment:" + "/".join(key), {
                 "deployment": list(key), "open": opened, "for": self._cooldown})
+
+    def _rested(self, key: tuple[str, str], seconds: float, busy: bool) -> None:
+        if not self._hearing and not self._closing:
+            self._say("rest:" + "/".join(key), {
+                "deployment": list(key), "rest": seconds, "busy": busy})
 
     def _backend_changed(self, backend: str, up: bool) -> None:
         if not self._hearing and not self._closing:
@@ -117,6 +125,8 @@ class SharedHealth:
         for field, change in changes.items():
             raw = orjson.dumps(change)
             await self._redis.publish(EVENTS, raw)
+            if "rest" in change:
+                continue  # (heard now or not at all: it is over in a minute at most)
             if change.get("open") is False or change.get("up") is True:
                 await self._redis.hdel(STATE, field)
             else:
@@ -203,8 +213,14 @@ class SharedHealth:
             if (backend, model) not in dict(self._balancer.states()) and \
                     backend not in self._watcher.up:
                 return  # (not one of this process's)
-            breaker = self._balancer.state_at((backend, model)).breaker
-            if not change["open"]:
+            state = self._balancer.state_at((backend, model))
+            breaker = state.breaker
+            if "rest" in change:
+                left = float(change["rest"]) - max(0.0, age)
+                if left <= 0:
+                    return
+                state.rest(left, bool(change.get("busy")))
+            elif not change["open"]:
                 breaker.closed_elsewhere()
             elif age < float(change["for"]):
                 breaker.opened_elsewhere(float(change["for"]) - max(0.0, age))

@@ -32,8 +32,8 @@ class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
     __slots__ = ("batch_in_flight", "batch_waiters", "batch_woken", "breaker", "in_flight",
-                 "latency", "limit", "max_queue", "observed_at", "rest_busy", "rest_until",
-                 "verdicts", "waiters")
+                 "latency", "limit", "max_queue", "observed_at", "on_rest", "rest_busy",
+                 "rest_until", "verdicts", "waiters")
 
     def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -45,6 +45,7 @@ class DeploymentState:
         self.observed_at = 0.0
         self.rest_until = 0.0  # (monotonic) its upstream asked for no requests until then
         self.rest_busy = False  # ... as its queue was full (Ollama's 503), not a rate limit
+        self.on_rest: Callable[[float, bool], None] | None = None  # told of each rest
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # Batch lines waiting for their share; woken to look again as slots free up.
         self.batch_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -60,6 +61,8 @@ class DeploymentState:
         seconds = REST_SECONDS if seconds is None else min(seconds, REST_MAX)
         self.rest_until = max(self.rest_until, time.monotonic() + seconds)
         self.rest_busy = busy
+        if self.on_rest is not None:
+            self.on_rest(seconds, busy)
 
     def score(self, now: float) -> float:
         """The wait a new request may expect here, relatively: those ahead of it (answering
@@ -200,8 +203,10 @@ class Balancer:
         self._limits = limits  # backend → (requests at once per model, longest line)
         self._states: dict[tuple[str, str], DeploymentState] = {}
         self._down: set[str] = set()  # backends known to be unreachable right now
-        # Told when a deployment's breaker opens (True) or closes (False) on its own.
+        # Told when a deployment's breaker opens (True) or closes (False) on its own, and
+        # when it rests (seconds, its queue full rather than rate-limited).
         self.on_breaker: Callable[[tuple[str, str], bool], None] | None = None
+        self.on_rest: Callable[[tuple[str, str], float, bool], None] | None = None
 
     def state(self, deployment: Deployment) -> DeploymentState:
         key = (deployment.backend.name, deployment.model.name)
@@ -216,7 +221,12 @@ class Balancer:
             breaker = CircuitBreaker(self._config.breaker.failures, self._config.breaker.cooldown)
             breaker.on_change = lambda opened: self._breaker_changed(key, opened)
             state = self._states[key] = DeploymentState(limit, queue, breaker)
+            state.on_rest = lambda seconds, busy: self._rested(key, seconds, busy)
         return state
+
+    def _rested(self, key: tuple[str, str], seconds: float, busy: bool) -> None:
+        if self.on_rest is not None:
+            self.on_rest(key, seconds, busy)
 
     def _breaker_changed(self, key: tuple[str, str], opened: bool) -> None:
         if self.on_breaker is not None:

@@ -82,6 +82,25 @@ async def test_a_breaker_opened_in_one_process_keeps_traffic_off_in_the_other(
         assert fleet.primary.requests("/api/chat") == []  # not one tried there
 
 
+async def test_a_rest_one_process_is_asked_for_is_kept_by_the_other(fleet: Fleet) -> None:
+    """A 429 with ``Retry-After: 30`` through one process: the other sent its next request
+    there all the same, and each worker of ``--workers N`` had its own 429 to find."""
+    fleet.primary.fault(MODEL, status=429, retry_after=30)
+    with RedisServer() as redis, breaking_pair(fleet, redis.url) as (one, two):
+        for _ in range(4):  # (until one tries the primary host: the balancer picks)
+            complete(await ask(one, MODEL))
+            if fleet.primary.requests("/api/chat"):
+                break
+        assert fleet.primary.requests("/api/chat"), "the primary host was never tried"
+        wait_until(lambda: "rate_limited_s" in two.call(
+            lambda: two.app[ROUTER].balancer.report()).get(f"primary/{MODEL}", {}),  # type: ignore[index]
+            5, "the other process hearing of the rest")
+        fleet.primary.clear()
+        for _ in range(6):
+            complete(await ask(two, MODEL))
+        assert fleet.primary.requests("/api/chat") == []  # not one tried there
+
+
 async def test_a_backend_one_process_finds_down_is_avoided_by_the_other_until_it_answers(
     fleet: Fleet
 ) -> None:
