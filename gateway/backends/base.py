@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config import BackendConfig, Tier
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -36,3 +36,4 @@ class Backend(Protocol):
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]: ...
     async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult: ...
     async def keep_warm(self, model: str, within: float) -> str | None: ...
+    async def load(self, model: str, keep_alive: Any) -> str: ...

@@ -113,6 +113,13 @@ class HttpBackend:
         """
         return None
 
+    async def load(self, model: str, keep_alive: Any) -> str:
+        """Load ``model`` for ``keep_alive`` (Ollama's duration; 0: unload it), as a client
+        asked; what was done, in Ollama's words ("load", "unload"). A server that keeps its
+        models loaded itself has nothing to do.
+        """
+        return "load"
+
     @property
     def pool(self) -> Pool:
         if self._pool is None:  # not started, or an embedded server that is off

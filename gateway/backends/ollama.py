@@ -103,6 +103,15 @@ class OllamaBackend(HttpBackend):
                                                                   WARM_FOR)})
         return "refreshed" if entry is not None else "loaded"
 
+    async def load(self, model: str, keep_alive: Any) -> str:
+        """Ollama's own load and unload: a generate without a prompt."""
+        payload: dict[str, Any] = {"model": model}
+        if keep_alive is not None:
+            payload["keep_alive"] = keep_alive
+        data = await self.post_json("/api/generate", payload)
+        said = data.get("done_reason") if isinstance(data, dict) else None
+        return said if isinstance(said, str) and said else "load"
+
     async def _loaded(self) -> set[str]:
         try:
             data = await self.get_json("/api/ps")

@@ -91,7 +91,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await body_of(request)
     req = chat_request(body)
     if req is None:
-        return json_response(loaded(request.app[PIPELINE].models.one(model_of(body)).name, "chat"))
+        return await _load(request, body, "chat")
     return await _answer(request, "chat", req, body, started)
 
 
@@ -100,9 +100,17 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await body_of(request)
     req = generate_request(body)
     if req is None:
-        return json_response(loaded(request.app[PIPELINE].models.one(model_of(body)).name,
-                                    "generate"))
+        return await _load(request, body, "generate")
     return await _answer(request, "generate", req, body, started)
+
+
+async def _load(request: web.Request, body: dict[str, Any], shape: Shape) -> web.Response:
+    """A request without a prompt: Ollama's load of the model, or with ``keep_alive`` 0 its
+    unload, passed on to the backends that have it (``ollama stop``, Open WebUI's unload)."""
+    model = model_of(body)
+    check_model(request, model)
+    name, reason = await request.app[PIPELINE].models.load(model, body.get("keep_alive"))
+    return json_response(loaded(name, shape, reason))
 
 
 async def _answer(request: web.Request, shape: Shape, req: ChatRequest | CompletionRequest,
@@ -120,8 +128,10 @@ async def embed(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await body_of(request)
     model, text = model_of(body), body.get("input")
-    if text in ("", []):
-        return json_response({"model": model, "embeddings": []})
+    if text in ("", []):  # (Ollama's load of an embedding model)
+        check_model(request, model)
+        name, _ = await request.app[PIPELINE].models.load(model, body.get("keep_alive"))
+        return json_response({"model": name, "embeddings": []})
     if not isinstance(text, str) and not (isinstance(text, list) and
                                           all(isinstance(t, str) for t in text)):
         raise bad("invalid input type: input must be a string or an array of strings")
@@ -149,7 +159,9 @@ async def embeddings(request: web.Request) -> web.Response:
     model, prompt = model_of(body), body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise bad("prompt must be a string")
-    if not prompt:
+    if not prompt:  # (a load, as /api/embed's)
+        check_model(request, model)
+        await request.app[PIPELINE].models.load(model, body.get("keep_alive"))
         return json_response({"embedding": []})
     answer = await request.app[PIPELINE].embed(
         parse_embedding({"model": model, "input": prompt}), usage_sink(request, model))

@@ -125,8 +125,12 @@ def _chat(body: dict[str, Any], openai: dict[str, Any]) -> ChatRequest:
 
 
 def thinking_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
-    """How reasoning reaches this client: not at all when it said ``think: false``."""
-    return "drop" if body.get("think") is False else mode
+    """How reasoning reaches this client: not at all when it said ``think: false``, in its
+    own ``thinking`` field when it asked for it (``think: true``, ``"high"``), whatever the
+    gateway's ``[server] reasoning`` does for clients that read only text.
+    """
+    think = body.get("think")
+    return "drop" if think is False else "separate" if think else mode
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -213,6 +217,11 @@ def _response_format(fmt: Any) -> dict[str, Any] | None:
     raise bad('format must be "json" or a JSON schema object')
 
 
+# What OpenAI's API takes of the options both have (Ollama takes more).
+OPENAI_BOUNDS = {"temperature": (0.0, 2.0), "frequency_penalty": (-2.0, 2.0),
+                 "presence_penalty": (-2.0, 2.0)}
+
+
 def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
     """Sets the OpenAI fields of the request's options on ``openai``; the Ollama fields
     that have none (other options, keep_alive, think).
@@ -227,6 +236,13 @@ def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
             rest[option] = value
         elif value is not None and not (option == "num_predict" and isinstance(value, int)
                                         and value <= 0):  # -1: no limit, -2: to the end
+            bounds = OPENAI_BOUNDS.get(option)
+            if bounds is not None and isinstance(value, (int, float)) and \
+                    not isinstance(value, bool) and not bounds[0] <= value <= bounds[1]:
+                # Ollama takes it (a temperature of 2.5): Ollama is sent it as it is, and
+                # an OpenAI-compatible backend the nearest it takes
+                rest[option] = value
+                value = min(max(value, bounds[0]), bounds[1])
             openai[field] = value
     fields: dict[str, Any] = {"options": rest} if rest else {}
     for key in ("keep_alive", "think"):
@@ -349,11 +365,12 @@ def tool_calls(completion: Completion) -> list[dict[str, Any]]:
         for i, call in enumerate(completion.tool_calls)]
 
 
-def loaded(model: str, shape: Shape) -> dict[str, Any]:
-    """What Ollama answers to a request without a prompt: the model is ready."""
+def loaded(model: str, shape: Shape, reason: str = "load") -> dict[str, Any]:
+    """What Ollama answers to a request without a prompt: the model is ready ("load"), or
+    gone ("unload", asked with ``keep_alive`` 0)."""
     line: dict[str, Any] = {"model": model, "created_at": rfc3339(time.time())}
     if shape == "chat":
         line["message"] = {"role": "assistant", "content": ""}
     else:
         line["response"] = ""
-    return {**line, "done": True, "done_reason": "load"}
+    return {**line, "done": True, "done_reason": reason}

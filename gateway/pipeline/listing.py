@@ -5,7 +5,9 @@ now, each with the time its backend gives for it or else when the gateway first 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 from gateway.errors import ModelNotFound
 from gateway.pipeline.answer import Listed
@@ -36,6 +38,24 @@ class Models:
             raise ModelNotFound(name)
         deployment = self.router.catalog.resolve(name)[0]
         return self._listed(name, deployment.backend.name, deployment.model)
+
+    async def load(self, name: str, keep_alive: Any) -> tuple[str, str]:
+        """Ollama's load of a model by name, as a client asks it (a request without a
+        prompt; ``keep_alive`` 0: unload): each backend that has it is told, those that keep
+        their models loaded themselves have nothing to do. The name, and what was done in
+        Ollama's words ("load", "unload"); raises ``ModelNotFound``, or the error of every
+        backend that was asked and failed.
+        """
+        listed = self.one(name)
+        if self.router.selector.is_alias(name):
+            return listed.name, "load"  # (it picks per request: nothing to load now)
+        deployments = self.router.catalog.resolve(name)
+        said = await asyncio.gather(*(d.backend.load(d.model.name, keep_alive)
+                                      for d in deployments), return_exceptions=True)
+        done = [s for s in said if isinstance(s, str)]
+        if not done:
+            raise next(s for s in said if isinstance(s, BaseException))
+        return listed.name, "unload" if "unload" in done else done[0]
 
     def _listed(self, name: str, owner: str, info: ModelInfo | None) -> Listed:
         """With the time the backend gives for the model, else when the gateway first saw

@@ -124,6 +124,37 @@ def test_thinking_comes_as_thinking_and_think_false_drops_it(client: ollama.Clie
     assert not plain.message.thinking and plain.message.content == DEFAULT_REPLY
 
 
+@pytest.mark.parametrize("reasoning", ["inline", "drop"])
+def test_think_true_gives_thinking_whatever_the_gateway_does_for_text_only_clients(
+        ollama_sim: Sim, reasoning: str) -> None:
+    """``[server] reasoning`` is for OpenAI clients that read only text; an Ollama client
+    that says ``think: true`` reads its own field. It got <think> tags in the content, or
+    no thinking at all."""
+    gateway = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                                           server={"reasoning": reasoning}))
+    client = ollama.Client(host=gateway.url)
+    try:
+        for think in (True, "high"):
+            reply = client.chat(model="qwq:32b", messages=USER, think=think)
+            assert reply.message.thinking == THOUGHT
+            assert reply.message.content == DEFAULT_REPLY
+        unsaid = client.chat(model="qwq:32b", messages=USER)  # (the gateway's setting)
+        assert not unsaid.message.thinking
+    finally:
+        client.close()
+        gateway.stop()
+
+
+def test_options_past_openais_ranges_reach_ollama_as_sent(client: ollama.Client,
+                                                          ollama_sim: Sim) -> None:
+    """Ollama takes a temperature of 2.5; it was a 400 ("must be between 0 and 2")."""
+    reply = client.chat(model="qwen2.5-coder:32b", messages=USER,
+                        options={"temperature": 2.5, "presence_penalty": 3})
+    assert reply.message.content == DEFAULT_REPLY
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["options"]
+    assert sent["temperature"] == 2.5 and sent["presence_penalty"] == 3
+
+
 def test_json_format_and_schema(client: ollama.Client, ollama_sim: Sim) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}}}
     reply = client.chat(model="qwen2.5-coder:32b", messages=USER, format=schema)
@@ -187,9 +218,24 @@ def test_errors_come_as_ollama_sends_them(client: ollama.Client, ollama_sim: Sim
     assert cut.value.status_code == -1  # an error line mid-stream, as Ollama sends one
 
 
-def test_a_prompt_less_request_loads_the_model(client: ollama.Client) -> None:
-    assert client.generate(model="phi3.5:3.8b").done_reason == "load"
+def test_a_prompt_less_request_loads_or_unloads_the_model_on_ollama(
+        client: ollama.Client, ollama_sim: Sim) -> None:
+    """A request without a prompt is Ollama's load, and with ``keep_alive`` 0 its unload
+    (``ollama stop``, Open WebUI's unload): passed on to the Ollama that has the model. The
+    gateway answered "load" itself, and nothing was loaded or unloaded."""
+    assert client.generate(model="phi3.5:3.8b", keep_alive="1h").done_reason == "load"
     assert client.chat(model="phi3.5:3.8b", messages=[]).done_reason == "load"
+    assert client.generate(model="phi3.5:3.8b", keep_alive=0).done_reason == "unload"
+    assert client.chat(model="phi3.5:3.8b", messages=[], keep_alive=0).done_reason == "unload"
+    asked = [(r["payload"].get("keep_alive"), r["outcome"])
+             for r in ollama_sim.requests("/api/generate")
+             if r["payload"].get("keep_alive") != "30m"]  # (not the monitor's keep-warm)
+    assert asked == [("1h", "loaded"), (None, "loaded"), (0, "unloaded"), (0, "unloaded")]
+    # (an embedding model's load is an empty input; a model nobody has is a 404)
+    assert client.embed(model="nomic-embed-text", input=[]).embeddings == []
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.embed(model="no-such-model", input=[])
+    assert caught.value.status_code == 404
 
 
 def test_root_and_version_answer_as_ollama(gateway: ServerThread) -> None:
