@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from gateway.doors.ollama_codec import (
+    CONTEXT_ROLES,
     OllamaStream,
     Shape,
     bad,
@@ -34,7 +35,13 @@ from gateway.http.stream import write_stream
 from gateway.keys import CONFIG, PIPELINE
 from gateway.pipeline import Listed, Whole
 from gateway.protocol.ollama import parameter_size
-from gateway.protocol.openai import ChatRequest, CompletionRequest, Kind, parse_embedding
+from gateway.protocol.openai import (
+    ChatRequest,
+    CompletionRequest,
+    Kind,
+    parse_embedding,
+    text_of,
+)
 from gateway.protocol.times import rfc3339
 
 API_VERSION = "0.12.6"  # the Ollama release whose API this door follows (clients check it)
@@ -116,12 +123,17 @@ async def _load(request: web.Request, body: dict[str, Any], shape: Shape) -> web
 async def _answer(request: web.Request, shape: Shape, req: ChatRequest | CompletionRequest,
                   body: dict[str, Any], started: float) -> web.StreamResponse:
     kind: Kind = "chat" if isinstance(req, ChatRequest) else "text"
+    # (a generate turn's conversation as the client sent it, for its answer's context)
+    turns = [{"role": m["role"], "content": text_of(m.get("content"))} for m in req.messages
+             if m["role"] in CONTEXT_ROLES] \
+        if shape == "generate" and isinstance(req, ChatRequest) else None
     answer = await request.app[PIPELINE].run(context(request, kind, req))
     mode = thinking_mode(body, request.app[CONFIG].server.reasoning)
     if isinstance(answer, Whole):
-        encoder = OllamaStream(shape, answer.completion.model, mode, started)
+        encoder = OllamaStream(shape, answer.completion.model, mode, started, turns)
         return json_response(encoder.whole(answer.completion), answer.headers)
-    return await write_stream(request, answer, OllamaStream(shape, answer.model, mode, started))
+    return await write_stream(request, answer,
+                              OllamaStream(shape, answer.model, mode, started, turns))
 
 
 async def embed(request: web.Request) -> web.Response:

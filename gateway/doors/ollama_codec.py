@@ -5,7 +5,9 @@ A request's Ollama options that OpenAI also has (temperature, num_predict...) be
 fields; the rest (num_ctx, top_k, keep_alive, think...) ride along in ``req.ollama`` and only
 Ollama backends send them on. ``/api/generate`` is a text completion when it is ``raw`` or
 fills in the middle (``suffix``), and otherwise one chat turn, as Ollama applies the model's
-template to it.
+template to it. Its answer carries a ``context`` to send back for the next turn, as
+Ollama's does: the conversation so far, packed into numbers (not tokens: no backend is asked
+for those), which a later request unpacks into the turns before its own.
 """
 
 from __future__ import annotations
@@ -105,9 +107,43 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
     user: dict[str, Any] = {"role": "user", "content": prompt or ""}
     if images:
         user["images"] = images
-    openai["messages"] = _messages([*([{"role": "system", "content": system}] if system
+    openai["messages"] = _messages([*history_of(body.get("context")),
+                                    *([{"role": "system", "content": system}] if system
                                       else []), user])
     return _chat(body, openai)
+
+
+CONTEXT_MARK = 0x6777  # a context's first number, when the gateway made it
+CONTEXT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+def context_of(turns: list[dict[str, str]]) -> list[int]:
+    """A conversation as a generate answer's ``context``: its JSON, three bytes a number,
+    after the mark and the JSON's length."""
+    data = orjson.dumps(turns)
+    size = len(data)
+    data += b"\0" * (-size % 3)
+    return [CONTEXT_MARK, size, *(int.from_bytes(data[i:i + 3], "big")
+                                  for i in range(0, len(data), 3))]
+
+
+def history_of(context: Any) -> list[dict[str, str]]:
+    """The turns a ``context`` the gateway made holds; none for any other (one from Ollama
+    itself, its tokens, cannot be read without its model).
+    """
+    if not isinstance(context, list) or len(context) < 2 or context[0] != CONTEXT_MARK or \
+            not all(isinstance(n, int) and 0 <= n < 1 << 24 for n in context[1:]):
+        return []
+    raw = b"".join(n.to_bytes(3, "big") for n in context[2:])[:context[1]]
+    try:
+        turns = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and t.get("role") in CONTEXT_ROLES and
+            isinstance(t.get("content"), str) for t in turns):
+        return []
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def _chat(body: dict[str, Any], openai: dict[str, Any]) -> ChatRequest:
@@ -270,12 +306,16 @@ class OllamaStream:
     """
 
     media_type = NDJSON
-    __slots__ = ("_calls", "_first_at", "_model", "_reason", "_shape", "_started", "_usage",
-                 "_view")
+    __slots__ = ("_calls", "_first_at", "_model", "_reason", "_said", "_shape", "_started",
+                 "_turns", "_usage", "_view")
 
     def __init__(self, shape: Shape, model: str, reasoning: ReasoningMode,
-                 started: float) -> None:
+                 started: float, turns: list[dict[str, str]] | None = None) -> None:
+        """``turns``: a generate answer's conversation up to its question, for the
+        ``context`` of its last line."""
         self._shape = shape
+        self._turns = turns
+        self._said: list[str] = []  # (the answer's text, for that context)
         self._model = model
         self._view = ReasoningView(reasoning)
         self._started = started  # time.perf_counter() when the request arrived
@@ -303,6 +343,8 @@ class OllamaStream:
         thought, text = self._view.split(chunk)
         if not text and not thought:
             return b""
+        if self._turns is not None and chunk.content:
+            self._said.append(chunk.content)
         return ndjson_line(self._line(text, thought, done=False))
 
     def end(self, trailers: dict[str, str]) -> bytes:
@@ -315,8 +357,14 @@ class OllamaStream:
             line["message"]["tool_calls"] = tool_calls(self._calls)
             out = ndjson_line(line)
         last = {**self._line("", "", done=True), **self._counts()}
+        if self._turns is not None:
+            last["context"] = self._context("".join(self._said))
         last.update({name.replace("-", "_"): value for name, value in trailers.items()})
         return out + ndjson_line(last)
+
+    def _context(self, answer: str) -> list[int]:
+        assert self._turns is not None
+        return context_of([*self._turns, {"role": "assistant", "content": answer}])
 
     def error(self, error: GatewayError) -> bytes:
         return ndjson_line({"error": error.message})
@@ -327,6 +375,8 @@ class OllamaStream:
         self._reason = "length" if completion.finish_reason == "length" else "stop"
         thought, text = self._view.whole(completion)
         body = {**self._line(text, thought, done=True), **self._counts()}
+        if self._turns is not None:
+            body["context"] = self._context(completion.content)
         if completion.tool_calls and self._shape == "chat":
             body["message"]["tool_calls"] = tool_calls(completion)
         return body

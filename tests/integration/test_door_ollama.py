@@ -9,6 +9,7 @@ import base64
 import json
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import ollama
 import pytest
@@ -178,6 +179,33 @@ def test_generate_with_system_is_a_chat_turn(client: ollama.Client, ollama_sim: 
     sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
     assert sent == [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_keeps_the_conversation_in_its_context(client: ollama.Client,
+                                                        ollama_sim: Sim, stream: bool) -> None:
+    """The ``context`` a generate answer carries, sent back with the next prompt, carries
+    the conversation (the older LangChain Ollama LLM, the Ollama docs' example). None came,
+    and one sent back was dropped: each turn forgot the ones before."""
+    def last(prompt: str, context: list[int] | None) -> Any:
+        reply = client.generate(model="qwen2.5-coder:32b", prompt=prompt, context=context,
+                                system="Be brief." if context is None else None,
+                                stream=stream)
+        return list(reply)[-1] if stream else reply  # type: ignore[arg-type]
+
+    first = last("My name is Ada.", None)
+    assert first.context and first.done
+    second = last("What is my name?", first.context)
+    assert second.response == ("" if stream else DEFAULT_REPLY) and second.context
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent == [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "My name is Ada."},
+                    {"role": "assistant", "content": DEFAULT_REPLY},
+                    {"role": "user", "content": "What is my name?"}]
+    last("And then?", second.context)
+    assert len(ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]) == 6
+    last("Someone else's tokens?", [1, 2, 3])  # (Ollama's own: read as no context)
+    assert len(ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]) == 1
 
 
 def test_raw_generate_is_sent_raw(client: ollama.Client, ollama_sim: Sim) -> None:
