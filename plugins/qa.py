@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from gateway.protocol.openai import ChatRequest
+from gateway.protocol.openai import ChatRequest, text_of
 from gateway.protocol.units import Completion
 from plugins.base import BasePlugin, Count, RequestContext, Verdict
 
@@ -29,12 +29,17 @@ log = logging.getLogger(__name__)
 HEADER = "x-gateway-qa"
 CHECKS = ("empty", "length", "repetition", "json", "refusal")
 
+# A refusal opens the answer: "I can't help with that.", "I'm sorry, but I cannot provide
+# ...", "As an AI, I won't write ...", or a bare "I can't." — what the model will not do, not
+# what it could not find ("Sorry, I can't find a bug in it: ..."), an idiom ("I can't help
+# but point out..."), or a hedge that goes on to answer ("I can't answer that with
+# certainty, but forecasts show...").
 _REFUSAL = re.compile(
-    r"^\W*(?:I(?:'m| am)\s+(?:sorry|afraid)[,.]?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|"
-    r"won't|am\s+(?:not\s+able|unable))|I\s+(?:can(?:no|')t|cannot|won't|am\s+(?:not\s+able|"
-    r"unable)\s+to)\s+(?:help|assist|provide|comply|do\s+that|fulfil|answer|create|write)|"
-    r"(?:Sorry|Unfortunately),?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|won't)|"
-    r"As\s+an\s+AI(?:\s+language\s+model)?,?\s+I\s+(?:can(?:no|')t|cannot|don't|am\s+not))",
+    r"^\W*(?:(?:I(?:'m|\s+am)\s+(?:sorry|afraid)|Sorry|Unfortunately|As\s+an\s+AI"
+    r"(?:\s+language\s+model)?)[,.]?\s+(?:but\s+)?)?I(?:'m|\s+am)?\s+(?:can(?:no|')t|cannot|"
+    r"won't|will\s+not|not\s+able\s+to|unable\s+to)(?:\s+(?:help(?!\s+but\b)|assist|provide|"
+    r"comply|do\s+that|fulfil|answer|create|write|generate|share|engage|give|support)\b"
+    r"(?![^.!?\n]{0,80}\bbut\b)|\s*[.!]?\s*$)",
     re.IGNORECASE)
 
 
@@ -98,6 +103,8 @@ class QualityPlugin(BasePlugin):
         if result.tool_calls:  # an answer by tool call: its text may well be empty
             return
         if "empty" in self.checks and not text.strip():
+            if result.finish_reason == "length" and ctx.req.sampling.max_tokens is not None:
+                return  # (the client's own limit, spent before the text: on reasoning, say)
             yield "empty"
             return
         if "length" in self.checks and result.finish_reason == "length" and \
@@ -111,8 +118,19 @@ class QualityPlugin(BasePlugin):
             if problem is not None:
                 yield f"json ({problem})"
         if "refusal" in self.checks and len(text) <= self.options.refusal_max_chars and \
-                _REFUSAL.match(text) and not ctx.headers.get("x-gateway-safety"):
+                _REFUSAL.match(text) and not ctx.headers.get("x-gateway-safety") and \
+                not _asked_for(ctx, text):
             yield "refusal"
+
+
+def _asked_for(ctx: RequestContext, text: str) -> bool:
+    """Whether the request's own instructions give the answer's words ("if it is not about
+    cooking, answer 'I cannot answer that.'"): a refusal asked for is the answer."""
+    if not isinstance(ctx.req, ChatRequest):
+        return False
+    said = text.strip().strip("\"'").rstrip(".!").lower()
+    return any(m.get("role") in ("system", "developer") and said in text_of(m.get("content"))
+               .lower() for m in ctx.req.messages)
 
 
 def _json_format(ctx: RequestContext) -> dict[str, Any] | None:

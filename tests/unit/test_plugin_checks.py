@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.protocol.units import Chunk
-from plugins.qa import json_problem, looping
+from gateway.protocol.openai import parse_chat
+from gateway.protocol.units import Chunk, Completion
+from plugins.base import RequestContext
+from plugins.qa import QualityOptions, QualityPlugin, json_problem, looping
 from plugins.safety import SafetyOptions, SafetyPlugin, StreamRedactor
 from plugins.safety_checks import iban_valid, luhn
 from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule
@@ -380,3 +382,47 @@ def test_the_log_probabilities_of_text_held_back_go_out_with_the_next_chunk() ->
     assert "".join(c.reasoning for c in out) == "Your key is [REDACTED:api_key] ok."
     spelled = "".join(e["token"] for c in out if c.logprobs for e in c.logprobs["content"])
     assert "sk" not in spelled and "Ab3d" not in spelled
+
+
+def _judged(reply: str, system: str | None = None, *, finish: str = "stop",
+            max_tokens: int | None = None) -> list[str]:
+    messages = [*([{"role": "system", "content": system}] if system else []),
+                {"role": "user", "content": "Help me, please."}]
+    body: dict[str, Any] = {"model": "m", "messages": messages}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    ctx = RequestContext(kind="chat", req=parse_chat(body), tenant="", client_headers={})
+    return list(QualityPlugin(QualityOptions()).judge(
+        ctx, Completion(content=reply, finish_reason=finish)))
+
+
+@pytest.mark.parametrize(("reply", "refused"), [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I cannot provide instructions for that.", True),
+    ("As an AI language model, I cannot create that content.", True),
+    ("I'm unable to help with that.", True),
+    ("I can't.", True),
+    # (what the model could not find, an idiom, a hedge that goes on: answers, each taken to
+    # a stronger model, and paid twice)
+    ("Sorry, I can't find any bug in this function: it correctly returns the sum.", False),
+    ("Unfortunately, I can't reproduce this without the traceback. Could you paste it?", False),
+    ("I can't help but point out that floating point is inexact.", False),
+    ("As an AI, I don't have personal preferences, but vim is popular.", False),
+    ("I can't answer that with certainty, but forecasts show 60% rain.", False),
+])
+def test_a_refusal_is_one_and_an_answer_that_opens_with_an_apology_is_not(
+        reply: str, refused: bool) -> None:
+    assert ("refusal" in _judged(reply)) is refused
+
+
+def test_a_refusal_the_instructions_asked_for_is_the_answer() -> None:
+    system = "Answer questions about cooking. For anything else, reply: I cannot answer that."
+    assert _judged("I cannot answer that.", system) == []
+    assert _judged("I cannot answer that.") == ["refusal"]
+
+
+def test_an_answer_that_spent_the_clients_limit_before_its_text_is_not_empty() -> None:
+    """A reasoning model that spent ``max_tokens`` on its reasoning: the client's limit, not a
+    poor answer (it was taken to a stronger model, the cloud's)."""
+    assert _judged("", finish="length", max_tokens=3) == []
+    assert _judged("", finish="stop") == ["empty"]
