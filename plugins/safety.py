@@ -341,9 +341,26 @@ def _walk(value: Any, check: Check, trust: Trust) -> Any:
         items = [_walk(item, check, trust) for item in value]
         return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     if isinstance(value, dict):
-        mapped = {k: _walk(v, check, trust) for k, v in value.items()}
+        tool = value.get("role") in ("tool", "function")
+        mapped = {k: _walk_json(v, check, trust) if k == "arguments" or (tool and k == "content")
+                  else _walk(v, check, trust) for k, v in value.items()}
         return value if all(mapped[k] is v for k, v in value.items()) else mapped
     return value
+
+
+def _walk_json(value: Any, check: Check, trust: Trust) -> Any:
+    """A tool call's arguments, or a tool's result: JSON in a string, walked as JSON (its
+    strings checked, its numbers left: a redaction keeps it JSON, and an id that looks like
+    a card number is an id); as text when it is not JSON.
+    """
+    if not isinstance(value, str) or value[:1] not in ("{", "["):
+        return _walk(value, check, trust)
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return _walk(value, check, trust)
+    walked = _walk(parsed, check, trust)
+    return value if walked is parsed else orjson.dumps(walked).decode()
 
 
 def _quoted(text: str, spans: list[tuple[int, int]]) -> bool:

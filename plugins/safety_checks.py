@@ -32,12 +32,19 @@ def luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-_CARD_PREFIX = re.compile(r"4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5|4[4-9])|35")
+# The card networks' number prefixes, each with the lengths its numbers come in: Visa,
+# Mastercard, American Express, Discover, JCB. (An 18-digit id that starts with 4 and
+# happens to pass Luhn, as one in ten do, is no card.)
+_CARDS = ((re.compile(r"4"), (13, 16, 19)),
+          (re.compile(r"5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)"), (16,)),
+          (re.compile(r"3[47]"), (15,)),
+          (re.compile(r"6(?:011|5|4[4-9])|35"), (16, 17, 18, 19)))
 
 
 def card(match: re.Match[str], text: Text) -> bool:
     digits = re.sub(r"\D", "", match.group())
-    return 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None and luhn(digits)
+    return any(prefix.match(digits) is not None and len(digits) in lengths
+               for prefix, lengths in _CARDS) and luhn(digits)
 
 
 IBAN_LENGTHS = {

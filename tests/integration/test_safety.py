@@ -205,6 +205,34 @@ def test_tool_call_arguments_are_checked_both_ways(gateway: ServerThread,
         assert OPENAI_KEY not in arguments
 
 
+def test_an_agents_json_keeps_its_ids_and_stays_json(gateway: ServerThread,
+                                                     ollama_sim: Sim) -> None:
+    """A tool call's arguments and a tool's result are JSON: checked as JSON, a number in
+    them stays a number. A Discord-style id that passed Luhn became [REDACTED:card] inside
+    the arguments, which were no longer JSON, and Ollama refused the request (a 400)."""
+    channel = 409107434367750144  # 18 digits, starts with 4, passes Luhn: no card's length
+    history = [
+        {"role": "user", "content": "Post to the channel"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {
+                "name": "call_api", "arguments": json.dumps({"channel_id": channel,
+                                                             "card": 4111111111111111})}}]},
+        {"role": "tool", "tool_call_id": "call_1",
+         "content": json.dumps({"id": 4111111111111111, "token": OPENAI_KEY})},
+    ]
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+        client.chat.completions.create(model=MODEL, messages=history,  # type: ignore[arg-type]
+                                       tools=[TOOL])
+    sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
+    assert sent[1]["tool_calls"][0]["function"]["arguments"] == {
+        "channel_id": channel, "card": 4111111111111111}  # (numbers: not text)
+    assert json.loads(sent[2]["content"]) == {"id": 4111111111111111,
+                                              "token": "[REDACTED:api_key]"}
+    chat(gateway, f"Why is channel {channel} silent? Card 4111 1111 1111 1111.")
+    assert sent_to_model(ollama_sim) == \
+        f"Why is channel {channel} silent? Card [REDACTED:card]."
+
+
 def test_every_text_sent_on_is_checked(mlx_sim: Sim) -> None:
     """An OpenAI-compatible backend gets the body as the client wrote it, so every text in it
     is read: the older ``function_call`` form, refusals, and predicted output too.

@@ -426,3 +426,16 @@ def test_an_answer_that_spent_the_clients_limit_before_its_text_is_not_empty() -
     poor answer (it was taken to a stronger model, the cloud's)."""
     assert _judged("", finish="length", max_tokens=3) == []
     assert _judged("", finish="stop") == ["empty"]
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ('{"base_url":"http://localhost:11434","owner":"bob@corp.io"}', []),
+    ("curl http://localhost:8080?next=me@x.io fails", []),
+    ("DATABASE_URL=postgresql://app:hunter2@db:5432/app", ["hunter2"]),
+])
+def test_a_url_password_ends_where_the_url_part_or_the_json_string_does(
+        text: str, found: list[str]) -> None:
+    """(It ran on over a port, a JSON string's end and the next field, up to someone's
+    address: the field was cut out of the answer.)"""
+    rule = BY_NAME["url_password"]
+    assert [text[a:b] for a, b in rule.find(text)] == found
