@@ -104,8 +104,10 @@ class CachePlugin(BasePlugin):
         key = self._key(ctx)
         ctx.state[self.name] = key
         if directive != "refresh":
-            if key in self._inflight:  # the same request is being answered: wait for it
-                hit = await self._follow(key)
+            if key in self._inflight:  # the same request is being answered: wait for it,
+                # unless this one streams (it would get nothing until the other's answer is
+                # whole: it is asked of the model, and streamed as it comes)
+                hit = await self._follow(key) if not ctx.req.stream or ctx.buffered else None
             else:
                 hit = await self._lookup(ctx, key)
             if hit is not None:

@@ -252,6 +252,33 @@ def test_identical_concurrent_misses_share_one_upstream_call(gateway: ServerThre
     assert health(gateway)["plugins"]["cache"]["coalesced"] >= 90
 
 
+def test_a_stream_does_not_wait_for_the_same_request_answered_whole(
+        gateway: ServerThread, ollama_sim: Sim) -> None:
+    """The second of two identical streams waited for the first one's answer to be whole,
+    and got it all at once at its end (its first token 2.7 s late, not 0.02 s)."""
+    ollama_sim.fault(MODEL, tokens_per_s=10)  # 28 tokens: about 3 s an answer
+
+    async def first_token_after(delay: float) -> float:
+        await asyncio.sleep(delay)
+        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x",
+                                      max_retries=0, timeout=30) as client:
+            started = time.monotonic()
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Stream it twice."}],
+                temperature=0, stream=True)
+            took = 0.0
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content and not took:
+                    took = time.monotonic() - started
+            return took
+
+    async def both() -> list[float]:
+        return await asyncio.gather(first_token_after(0.0), first_token_after(0.3))
+
+    leader, follower = asyncio.run(both())
+    assert leader < 1.0 and follower < 1.0, (leader, follower)
+
+
 def test_a_stalled_redis_costs_a_bounded_wait(gateway: ServerThread, ollama_sim: Sim,
                                               redis_server: RedisServer) -> None:
     ask(gateway, "Is Redis single-threaded?")
