@@ -293,7 +293,15 @@ class Pipeline:
         for plugin in self.plugins:
             span = request_span.child(f"{plugin.name} on_complete") \
                 if request_span.recording else NO_SPAN
-            verdict = await plugin.on_complete(ctx, completion)
+            try:
+                verdict = await plugin.on_complete(ctx, completion)
+            except GatewayError:
+                span.end()
+                raise
+            except Exception:  # a judge's bug must not throw away an answer already made
+                log.exception("plugin %s: on_complete failed; the answer goes on unjudged",
+                              plugin.name)
+                verdict = None
             if verdict is not None:
                 span.set("gateway.verdict", verdict.checks())
             span.end()

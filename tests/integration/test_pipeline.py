@@ -15,6 +15,7 @@ import pytest
 
 from gateway.pipeline import load_plugins
 from gateway.protocol.units import Chunk, Completion
+from gateway.sim.fleet import DEFAULT_REPLY
 from gateway.typed_toml import ConfigError
 from plugins.base import BasePlugin, RequestContext, Verdict
 from tests.support import Sim, backend, gateway_config, start_gateway
@@ -146,3 +147,35 @@ def test_a_plugin_failing_to_clean_up_does_not_stop_the_others(ollama_sim: Sim) 
         server.stop()
     assert [step for step in steps if step.endswith(".finish")] == [
         "broken.finish", "shout.finish"] * 2
+
+
+class BrokenJudge(BasePlugin):
+    """A third-party plugin whose judging fails."""
+
+    def __init__(self, options: Any) -> None:
+        pass
+
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
+        raise RuntimeError("a bug in the judge")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_plugin_failing_to_judge_an_answer_does_not_throw_it_away(
+        ollama_sim: Sim, stream: bool) -> None:
+    """The model's answer, made, was a 500 (whole) or ended in an error event (streamed)."""
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        plugins=[{"name": "judge", "path": "tests.integration.test_pipeline:BrokenJudge"}]))
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            if stream:
+                chunks = list(client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True))
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                text = client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}]
+                ).choices[0].message.content or ""
+        assert text == DEFAULT_REPLY
+    finally:
+        server.stop()
