@@ -101,6 +101,29 @@ def email(match: re.Match[str], text: Text) -> bool:
     return not any(marker in near.lower() for marker in _CODE_MARKERS)
 
 
+# What a key in a README, a tutorial or the vendor's own documentation holds instead of a
+# key ("sk-your-api-key-goes-here", "sk-xxxxxxxx", AWS's AKIAIOSFODNN7EXAMPLE): words set
+# apart by dashes or dots, a run of x, AWS's suffix (a real key's random characters hold
+# such a word, set apart so, about never).
+_KEY_PLACEHOLDER = re.compile(
+    r"(?:^|[-_.])(?i:your|here|placeholder|dummy|fake|sample|example|redacted)(?=[-_.]|$)"
+    r"|(?i:x{6,})|\*{3,}|EXAMPLE$")
+
+
+def api_key(match: re.Match[str], text: Text) -> bool:
+    return _KEY_PLACEHOLDER.search(match.group()) is None
+
+
+def bearer_token(match: re.Match[str], text: Text) -> bool:
+    """A token after "Bearer" has digits, or letters of both cases: not "Bearer
+    authentication/authorization flows", prose about the scheme."""
+    found = match.group()
+    if found[:6].lower() != "bearer":
+        return True  # (a JWT)
+    token = found[6:].strip()
+    return any(c.isdigit() for c in token) or (token.lower() != token and token.upper() != token)
+
+
 _PLACEHOLDER = re.compile(
     r"^(?:pass(?:word|wd)?|secret|changeme|token|x+|\*+|\.+|<[^>]*>|\$\{?\w+\}?|\{+\w+\}+|"
     r"%\w+%|your[-_]\w+|your(?:pass(?:word)?|secret|token|key|pwd)\w*|\w*[-_]here|pwd|"

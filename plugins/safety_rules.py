@@ -169,14 +169,17 @@ RULES: tuple[Rule, ...] = (
         r"(?<![\w-])(?:sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?[A-Za-z0-9_-]{20,}"
         r"|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
         r"|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|[rs]k_live_[0-9A-Za-z]{20,}"
-        r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})(?!\w)",
-        "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-")),
+        r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36}"
+        r"|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}|ya29\.[0-9A-Za-z_-]{20,}"
+        r"|hooks\.slack\.com/services/T[A-Za-z0-9]+/B[A-Za-z0-9]+/[A-Za-z0-9]{20,})(?!\w)",
+        "sk-", "akia", "asia", "gh", "github_pat_", "xox", "aiza", "k_live_", "hf_", "glpat-",
+        "npm_", "sg.", "ya29.", "hooks.slack.com"), checks.api_key),
     Rule("private_key", "secret", "a private key", (),
          finder=(frozenset({"-----begin"}), checks.private_keys)),
     Rule("bearer_token", "secret", "a bearer token", _one(
         r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"
         r"|(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
-        "bearer", "eyj")),
+        "bearer", "eyj"), checks.bearer_token),
     Rule("url_password", "secret", "a password in a URL", _one(
         # (the password ends where a URL's part or a JSON string would: not "localhost:8080?
         # next=me@x.io", nor a port and the fields after it up to someone's address)

@@ -36,7 +36,8 @@ TAIL = 64  # what is kept of a run let go: enough for the start of any secret
 
 # How secrets begin. A key's prefix must start a word, as its rule says.
 _KEY_MARKERS = ("sk-", "sk_live_", "rk_live_", "akia", "asia", "ghp_", "gho_", "ghu_", "ghs_",
-                "ghr_", "github_pat_", "xox", "aiza", "hf_", "glpat-")
+                "ghr_", "github_pat_", "xox", "aiza", "hf_", "glpat-", "npm_", "sg.", "ya29.",
+                "hooks.slack.com")
 _OTHER_MARKERS = ("bearer", "eyj", "://", "-----begin")
 _MARKER = re.compile(
     r"(?<![A-Za-z0-9_-])(?:" + "|".join(map(re.escape, _KEY_MARKERS)) + ")|"

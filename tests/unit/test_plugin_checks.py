@@ -18,7 +18,7 @@ from plugins.base import RequestContext
 from plugins.qa import QualityOptions, QualityPlugin, json_problem, looping
 from plugins.safety import SafetyOptions, SafetyPlugin, StreamRedactor
 from plugins.safety_checks import iban_valid, luhn
-from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule
+from plugins.safety_rules import BY_NAME, OUTPUT_RULES, RULES, Rule, Text
 
 SECRET_TEXT = (
     "Use key sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789 and the header Authorization: "
@@ -134,6 +134,14 @@ ENCRYPTED_KEY = ("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
      "c2lnbmF0dXJl"),
     # a bearer token in capitals
     ("AUTHORIZATION: BEARER abcdefghijklmnop0123456789 ok", "abcdefghijklmnop"),
+    # npm, SendGrid, Google OAuth and Slack webhook tokens (each was missed, asked and answered)
+    ("//registry.npmjs.org/:_authToken=npm_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A ok",
+     "aB3dE5fG7hJ9kL1m"),
+    ("SENDGRID_API_KEY=SG.aBcDeFgHiJkLmNoPqRsTuV.aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789aBcDeFg ok",
+     "aBcDeFgHiJkLmNoPqRsTuV"),
+    ("Authorization: OAuth ya29.a0AfH6SMBx3kLmNo9PqRsT_uVwXyZ ok", "a0AfH6SMBx3kLmNo"),
+    ("curl -X POST https://hooks.slack.com/services/T0123ABCD/B0456EFGH/abcdefghijklmnopqrstuvwx"
+     " -d x", "abcdefghijklmnopqrstuvwx"),
 ])
 def test_secrets_of_every_shape_are_redacted_however_the_stream_is_cut(text: str,
                                                                        secret: str) -> None:
@@ -439,3 +447,14 @@ def test_a_url_password_ends_where_the_url_part_or_the_json_string_does(
     address: the field was cut out of the answer.)"""
     rule = BY_NAME["url_password"]
     assert [text[a:b] for a, b in rule.find(text)] == found
+
+
+@pytest.mark.parametrize("text", [
+    "export OPENAI_API_KEY=sk-your-api-key-goes-here-xxxx",
+    "key = 'sk-xxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
+    "Why does `aws configure` reject AKIAIOSFODNN7EXAMPLE?",  # (AWS's documented example)
+    "Explain bearer authentication/authorization flows vs cookies",
+])
+def test_placeholders_and_prose_are_not_secrets(text: str) -> None:
+    """(Each was redacted: a README's placeholder, AWS's own example, prose about Bearer.)"""
+    assert [rule.name for rule in RULES if list(rule.find(Text(text)))] == []
