@@ -178,8 +178,10 @@ class Selector:
             elif than.backend.tier != "cloud" and any(d.backend.tier == "cloud"
                                                       for d in deployments):
                 cloud.append(candidate)
-        larger.sort(key=_size)
-        return larger + sorted(cloud, key=_size, reverse=True)
+        # (those known to have what is needed first: one only presumed to see images, asked
+        # to, may only say it cannot)
+        larger.sort(key=lambda c: (not needs.sure(c), _size(c)))
+        return larger + sorted(cloud, key=lambda c: (not needs.sure(c), -_size(c)))
 
     def _fallbacks_for(self, name: str, first: list[Candidate], needs: Needs
                        ) -> list[Candidate]:

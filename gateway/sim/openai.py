@@ -15,6 +15,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from gateway.protocol.units import parse_parameter_size
 from gateway.sim.engine import (
     SIM_STATE,
     Ask,
@@ -100,6 +101,9 @@ def create_openai_app(models: Sequence[SimModel], flavor: Flavor = "mlx",
             entry: dict[str, Any] = {"id": model.name, "object": "model", "created": created}
             if flavor != "mlx":
                 entry["owned_by"] = "llamacpp" if flavor == "llamacpp" else "system"
+            size = parse_parameter_size(model.parameter_size)
+            if flavor == "llamacpp" and size:  # (llama.cpp describes the model it has loaded)
+                entry["meta"] = {"n_params": int(size), "n_ctx_train": model.context_length}
             data.append(entry)
         return _json({"object": "list", "data": data})
 

@@ -312,3 +312,34 @@ def test_an_escalated_alias_request_counts_one_pick(local: Sim, cloud: Sim) -> N
              for family in text_string_to_metric_families(text) for s in family.samples
              if s.name == "gateway_alias_picks_total"}
     assert picks == {(("alias", "pick:small"), ("gen_ai_response_model", SMALL)): 1.0}, picks
+
+
+def test_an_image_is_escalated_to_a_model_known_to_see_before_one_presumed_to() -> None:
+    """The next larger model was asked first, one whose vision was only presumed (an
+    OpenAI-compatible server says only names): a call to hear it could not, though a larger
+    model known to see was there."""
+    seeing = [SimModel("llava:7b", parameter_size="7.2B", capabilities=("completion", "vision")),
+              SimModel("llava:120b", parameter_size="120B",
+                       capabilities=("completion", "vision"))]
+    pixel = "data:image/png;base64," + "iVBORw0KGgo="
+    with ServerThread(lambda: create_ollama_app(seeing)) as ollama, \
+            ServerThread(lambda: create_openai_app(
+                [SimModel("text-only-70b", parameter_size="70B")], flavor="llamacpp")) as other:
+        Sim(ollama, "ollama").fault("llava:7b", reply="")  # an empty answer: QA fails it
+        server = start_gateway(gateway_config(
+            backend("ollama", "ollama", ollama.url),
+            backend("other", "openai", other.url + "/v1"),
+            models=[{"name": "text-only-70b", "deployments": [
+                {"backend": "other", "model": "text-only-70b"}], "context_length": 8192}],
+            plugins=[{"name": "qa", "options": {}}]))
+        try:
+            with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
+                raw = c.chat.completions.with_raw_response.create(
+                    model="llava:7b", messages=[{"role": "user", "content": [  # type: ignore[misc]
+                        {"type": "text", "text": "What is it?"},
+                        {"type": "image_url", "image_url": {"url": pixel}}]}])
+                assert raw.parse().model == "llava:120b"
+                assert "failed" not in raw.headers["x-gateway-escalated"]
+            assert Sim(other, "openai").requests() == []  # (not asked, to say it cannot)
+        finally:
+            server.stop()
