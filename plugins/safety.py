@@ -18,6 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -349,18 +350,31 @@ def _walk(value: Any, check: Check, trust: Trust) -> Any:
 
 
 def _walk_json(value: Any, check: Check, trust: Trust) -> Any:
-    """A tool call's arguments, or a tool's result: JSON in a string, walked as JSON (its
-    strings checked, its numbers left: a redaction keeps it JSON, and an id that looks like
-    a card number is an id); as text when it is not JSON.
+    """A tool call's arguments, or a tool's result: read as text, as every string is (keys,
+    numbers, every copy of a key); should a redaction leave JSON that is JSON no longer (a
+    number redacted), the redaction is made a string in it, so the JSON stays JSON.
     """
-    if not isinstance(value, str) or value[:1] not in ("{", "["):
-        return _walk(value, check, trust)
+    walked = _walk(value, check, trust)
+    if walked is value or not isinstance(value, str) or value[:1] not in ("{", "["):
+        return walked
     try:
-        parsed = orjson.loads(value)
+        orjson.loads(walked)
+        return walked
     except orjson.JSONDecodeError:
-        return _walk(value, check, trust)
-    walked = _walk(parsed, check, trust)
-    return value if walked is parsed else orjson.dumps(walked).decode()
+        pass
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return walked  # (it was not JSON to begin with)
+    mended = BARE_REDACTION.sub(r'"\g<0>"', walked)
+    try:
+        orjson.loads(mended)
+    except orjson.JSONDecodeError:
+        return walked
+    return mended
+
+
+BARE_REDACTION = re.compile(r'(?<!")\[REDACTED:\w+\](?!")')  # (a redaction outside a string)
 
 
 def _quoted(text: str, spans: list[tuple[int, int]]) -> bool:

@@ -207,9 +207,10 @@ def test_tool_call_arguments_are_checked_both_ways(gateway: ServerThread,
 
 def test_an_agents_json_keeps_its_ids_and_stays_json(gateway: ServerThread,
                                                      ollama_sim: Sim) -> None:
-    """A tool call's arguments and a tool's result are JSON: checked as JSON, a number in
-    them stays a number. A Discord-style id that passed Luhn became [REDACTED:card] inside
-    the arguments, which were no longer JSON, and Ollama refused the request (a 400)."""
+    """A tool call's arguments and a tool's result are JSON, and stay JSON when something in
+    them is redacted (a card number that was a number is a string saying so). A Discord-style
+    id that passed Luhn became [REDACTED:card] inside the arguments, which were no longer
+    JSON, and Ollama refused the request (a 400)."""
     channel = 409107434367750144  # 18 digits, starts with 4, passes Luhn: no card's length
     history = [
         {"role": "user", "content": "Post to the channel"},
@@ -225,8 +226,8 @@ def test_an_agents_json_keeps_its_ids_and_stays_json(gateway: ServerThread,
                                        tools=[TOOL])
     sent = ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]
     assert sent[1]["tool_calls"][0]["function"]["arguments"] == {
-        "channel_id": channel, "card": 4111111111111111}  # (numbers: not text)
-    assert json.loads(sent[2]["content"]) == {"id": 4111111111111111,
+        "channel_id": channel, "card": "[REDACTED:card]"}
+    assert json.loads(sent[2]["content"]) == {"id": "[REDACTED:card]",
                                               "token": "[REDACTED:api_key]"}
     chat(gateway, f"Why is channel {channel} silent? Card 4111 1111 1111 1111.")
     assert sent_to_model(ollama_sim) == \
