@@ -102,27 +102,32 @@ def email(match: re.Match[str], text: Text) -> bool:
 
 
 # What a key in a README, a tutorial or the vendor's own documentation holds instead of a
-# key ("sk-your-api-key-goes-here", "sk-xxxxxxxx", AWS's AKIAIOSFODNN7EXAMPLE): words set
-# apart by dashes or dots, a run of x, AWS's suffix (a real key's random characters hold
-# such a word, set apart so, about never).
+# key ("sk-your-api-key-goes-here", "sk-xxxxxxxx"): no digit at all, and a word of the kind
+# set apart by dashes, or a run of x (a real key's random characters, digits among them,
+# are left however they are dressed up); and AWS's own example key.
 _KEY_PLACEHOLDER = re.compile(
-    r"(?:^|[-_.])(?i:your|here|placeholder|dummy|fake|sample|example|redacted)(?=[-_.]|$)"
-    r"|(?i:x{6,})|\*{3,}|EXAMPLE$")
+    r"(?:^|[-_.])(?i:your|here|placeholder|dummy|fake|sample|example|redacted|key)(?=[-_.]|$)"
+    r"|(?i:x{6,})|\*{3,}")
+AWS_EXAMPLE = "AKIAIOSFODNN7EXAMPLE"  # (in every AWS document that shows a key)
 
 
 def api_key(match: re.Match[str], text: Text) -> bool:
-    return _KEY_PLACEHOLDER.search(match.group()) is None
+    found = match.group()
+    if found == AWS_EXAMPLE:
+        return False
+    return any(c.isdigit() for c in found) or _KEY_PLACEHOLDER.search(found) is None
+
+
+_PROSE = re.compile(r"[A-Za-z]+(?:/[A-Za-z]+)+")  # "authentication/authorization"
 
 
 def bearer_token(match: re.Match[str], text: Text) -> bool:
-    """A token after "Bearer" has digits, or letters of both cases: not "Bearer
-    authentication/authorization flows", prose about the scheme."""
+    """Not prose about the scheme: "Bearer authentication/authorization flows"."""
     found = match.group()
-    if found[:6].lower() != "bearer":
-        return True  # (a JWT)
-    token = found[6:].strip()
-    return any(c.isdigit() for c in token) or (token.lower() != token and token.upper() != token)
+    return found[:6].lower() != "bearer" or _PROSE.fullmatch(found[6:].strip()) is None
 
+
+_PORT_AND_QUERY = re.compile(r"\d{1,5}[?#]")  # host:8080?next=me@...: a port, then a query
 
 _PLACEHOLDER = re.compile(
     r"^(?:pass(?:word|wd)?|secret|changeme|token|x+|\*+|\.+|<[^>]*>|\$\{?\w+\}?|\{+\w+\}+|"
@@ -140,6 +145,8 @@ _DEFAULTS = frozenset({
 
 def url_password(match: re.Match[str], text: Text) -> bool:
     secret = match.group("secret")
+    if _PORT_AND_QUERY.match(secret):
+        return False
     user = match.group()[3:].partition(":")[0]
     return not (_PLACEHOLDER.match(secret) or secret.lower() in _DEFAULTS
                 or (secret == user and len(secret) <= 16))

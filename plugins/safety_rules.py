@@ -188,9 +188,9 @@ RULES: tuple[Rule, ...] = (
         r"|(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
         "bearer", "eyj"), checks.bearer_token),
     Rule("url_password", "secret", "a password in a URL", _one(
-        # (the password ends where a URL's part or a JSON string would: not "localhost:8080?
-        # next=me@x.io", nor a port and the fields after it up to someone's address)
-        r"://[^\s:/@\"'<>]*:(?P<secret>[^\s@/?#\"',<>`]+)@", "://"), checks.url_password,
+        # (the password ends where a JSON string would: not a port and the fields after it up
+        # to someone's address; a port and a query, "localhost:8080?next=me@x.io", is none)
+        r"://[^\s:/@\"]*:(?P<secret>[^\s@/\"]+)@", "://"), checks.url_password,
         redacts="secret"),
     Rule("prompt_injection", "injection", "an attempt to override the instructions", _phrases(
         # "ignore all previous instructions", "disregard your system prompt"
