@@ -104,10 +104,12 @@ class CachePlugin(BasePlugin):
         key = self._key(ctx)
         ctx.state[self.name] = key
         if directive != "refresh":
-            if key in self._inflight:  # the same request is being answered: wait for it,
-                # unless this one streams (it would get nothing until the other's answer is
-                # whole: it is asked of the model, and streamed as it comes)
-                hit = await self._follow(key) if not ctx.req.stream or ctx.buffered else None
+            if key in self._inflight and (not ctx.req.stream or ctx.buffered):
+                hit = await self._follow(key)  # the same request is being answered: wait
+            elif key in self._inflight:  # ... but a stream would get nothing until the
+                # other's answer is whole: what is stored, else the model, streamed as it comes
+                ctx.state[self.name + ".beside"] = True  # (the other stores the answer)
+                hit = await self._get(key)
             else:
                 hit = await self._lookup(ctx, key)
             if hit is not None:
@@ -155,7 +157,7 @@ class CachePlugin(BasePlugin):
         whole = result.finish_reason in ("stop", "tool_calls") or (
             result.finish_reason == "length" and ctx.req.sampling.max_tokens is not None)
         keep = whole and not ctx.failed
-        if keep:
+        if keep and not ctx.state.get(self.name + ".beside"):
             await self._put(key, result)
         self._release(ctx, result if keep else None)
         return None

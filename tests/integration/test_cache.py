@@ -279,6 +279,29 @@ def test_a_stream_does_not_wait_for_the_same_request_answered_whole(
     assert leader < 1.0 and follower < 1.0, (leader, follower)
 
 
+def test_identical_streams_at_once_are_answered_from_what_is_stored(
+        gateway: ServerThread, ollama_sim: Sim) -> None:
+    """(A first version of the stream fix let the streams that found the question in flight
+    skip the store too: 38 of 40 went to the model, and their writes overran Redis.)"""
+    async def one(client: openai.AsyncOpenAI) -> str:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Same question."}],
+            temperature=0, stream=True)
+        async for _ in raw.parse():
+            pass
+        return raw.headers["x-gateway-cache"]
+
+    async def rounds() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x",
+                                      max_retries=0, timeout=30) as client:
+            assert await one(client) == "miss"
+            ollama_sim.clear()
+            return list(await asyncio.gather(*(one(client) for _ in range(30))))
+
+    assert asyncio.run(rounds()) == ["hit"] * 30
+    assert upstream_calls(ollama_sim) == 0
+
+
 def test_a_stalled_redis_costs_a_bounded_wait(gateway: ServerThread, ollama_sim: Sim,
                                               redis_server: RedisServer) -> None:
     ask(gateway, "Is Redis single-threaded?")
