@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from gateway.protocol.openai import ChatRequest, text_of
+from gateway.protocol.openai import ChatRequest
 from gateway.protocol.units import Completion
 from plugins.base import BasePlugin, Count, RequestContext, Verdict
 
@@ -30,16 +30,21 @@ HEADER = "x-gateway-qa"
 CHECKS = ("empty", "length", "repetition", "json", "refusal")
 
 # A refusal opens the answer: "I can't help with that.", "I'm sorry, but I cannot provide
-# ...", "As an AI, I won't write ...", or a bare "I can't." — what the model will not do, not
+# ...", "As an AI, I won't write ...", "I must decline", or a bare "I can't." (a typographic
+# apostrophe too) — what the model will not do, not
 # what it could not find ("Sorry, I can't find a bug in it: ..."), an idiom ("I can't help
 # but point out..."), or a hedge that goes on to answer ("I can't answer that with
 # certainty, but forecasts show...").
 _REFUSAL = re.compile(
-    r"^\W*(?:(?:I(?:'m|\s+am)\s+(?:sorry|afraid)|Sorry|Unfortunately|As\s+an\s+AI"
-    r"(?:\s+language\s+model)?)[,.]?\s+(?:but\s+)?)?I(?:'m|\s+am)?\s+(?:can(?:no|')t|cannot|"
-    r"won't|will\s+not|not\s+able\s+to|unable\s+to)(?:\s+(?:help(?!\s+but\b)|assist|provide|"
-    r"comply|do\s+that|fulfil|answer|create|write|generate|share|engage|give|support)\b"
-    r"(?![^.!?\n]{0,80}\bbut\b)|\s*[.!]?\s*$)",
+    r"^\W*(?:(?:I(?:['\u2019]m|\s+am)\s+(?:sorry|afraid)|I\s+apologi[sz]e|Sorry|Unfortunately|"
+    r"As\s+an\s+AI"
+    r"(?:\s+language\s+model)?)[,.]?\s+(?:but\s+)?)?I(?:['\u2019]m|\s+am)?\s+(?:"
+    r"must\s+(?:respectfully\s+)?decline\b|(?:can(?:no|['\u2019])t|cannot|won['\u2019]t|"
+    r"will\s+not|not\s+able\s+to|unable\s+to)(?:\s+and\s+(?:will|can)\s*not)?"
+    r"(?:\s+(?:help(?!\s+but\b)|assist|provide|comply|do\s+that|fulfill?|"
+    r"answer(?!\s+(?:that|this|it)\s+(?:with\s+(?:any\s+)?(?:certainty|confidence)|"
+    r"for\s+(?:sure|certain)|definitively|precisely|exactly)\b)|create|write|generate|share|"
+    r"engage|give|support)\b|\s*[.!]?\s*$))",
     re.IGNORECASE)
 
 
@@ -118,19 +123,8 @@ class QualityPlugin(BasePlugin):
             if problem is not None:
                 yield f"json ({problem})"
         if "refusal" in self.checks and len(text) <= self.options.refusal_max_chars and \
-                _REFUSAL.match(text) and not ctx.headers.get("x-gateway-safety") and \
-                not _asked_for(ctx, text):
+                _REFUSAL.match(text) and not ctx.headers.get("x-gateway-safety"):
             yield "refusal"
-
-
-def _asked_for(ctx: RequestContext, text: str) -> bool:
-    """Whether the request's own instructions give the answer's words ("if it is not about
-    cooking, answer 'I cannot answer that.'"): a refusal asked for is the answer."""
-    if not isinstance(ctx.req, ChatRequest):
-        return False
-    said = text.strip().strip("\"'").rstrip(".!").lower()
-    return any(m.get("role") in ("system", "developer") and said in text_of(m.get("content"))
-               .lower() for m in ctx.req.messages)
 
 
 def _json_format(ctx: RequestContext) -> dict[str, Any] | None:

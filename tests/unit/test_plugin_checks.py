@@ -410,6 +410,13 @@ def _judged(reply: str, system: str | None = None, *, finish: str = "stop",
     ("As an AI language model, I cannot create that content.", True),
     ("I'm unable to help with that.", True),
     ("I can't.", True),
+    # (a refusal that offers something else is one all the same)
+    ("I can't help with that request, but I'd be happy to help with something else.", True),
+    ("I cannot assist with that, but here are some general tips.", True),
+    ("I\u2019m sorry, but I can\u2019t assist with that request.", True),
+    ("I cannot and will not provide instructions for making weapons.", True),
+    ("I must decline this request.", True),
+    ("I apologize, but I cannot fulfill this request.", True),
     # (what the model could not find, an idiom, a hedge that goes on: answers, each taken to
     # a stronger model, and paid twice)
     ("Sorry, I can't find any bug in this function: it correctly returns the sum.", False),
@@ -421,12 +428,6 @@ def _judged(reply: str, system: str | None = None, *, finish: str = "stop",
 def test_a_refusal_is_one_and_an_answer_that_opens_with_an_apology_is_not(
         reply: str, refused: bool) -> None:
     assert ("refusal" in _judged(reply)) is refused
-
-
-def test_a_refusal_the_instructions_asked_for_is_the_answer() -> None:
-    system = "Answer questions about cooking. For anything else, reply: I cannot answer that."
-    assert _judged("I cannot answer that.", system) == []
-    assert _judged("I cannot answer that.") == ["refusal"]
 
 
 def test_an_answer_that_spent_the_clients_limit_before_its_text_is_not_empty() -> None:
