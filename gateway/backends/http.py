@@ -113,10 +113,10 @@ class HttpBackend:
         """
         return None
 
-    async def load(self, model: str, keep_alive: Any) -> str:
-        """Load ``model`` for ``keep_alive`` (Ollama's duration; 0: unload it), as a client
-        asked; what was done, in Ollama's words ("load", "unload"). A server that keeps its
-        models loaded itself has nothing to do.
+    async def load(self, model: str, keep_alive: Any, embeds: bool = False) -> str:
+        """Load ``model`` (``embeds``: an embedding model) for ``keep_alive`` (Ollama's
+        duration; 0: unload it), as a client asked; what was done, in Ollama's words ("load",
+        "unload"). A server that keeps its models loaded itself has nothing to do.
         """
         return "load"
 

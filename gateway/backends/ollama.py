@@ -103,11 +103,15 @@ class OllamaBackend(HttpBackend):
                                                                   WARM_FOR)})
         return "refreshed" if entry is not None else "loaded"
 
-    async def load(self, model: str, keep_alive: Any) -> str:
-        """Ollama's own load and unload: a generate without a prompt."""
+    async def load(self, model: str, keep_alive: Any, embeds: bool = False) -> str:
+        """Ollama's own load and unload: a generate without a prompt; for an embedding
+        model (which refuses to generate), an embed of nothing."""
         payload: dict[str, Any] = {"model": model}
         if keep_alive is not None:
             payload["keep_alive"] = keep_alive
+        if embeds:
+            await self.post_json("/api/embed", {**payload, "input": []})
+            return "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
         data = await self.post_json("/api/generate", payload)
         said = data.get("done_reason") if isinstance(data, dict) else None
         return said if isinstance(said, str) and said else "load"

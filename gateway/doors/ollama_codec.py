@@ -114,6 +114,9 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
 
 
 CONTEXT_MARK = 0x6777  # a context's first number, when the gateway made it
+# The most numbers a context may hold (768 KiB of conversation, more than a 128k-token
+# window's): unpacking one is work on the event loop.
+CONTEXT_MAX = 1 << 18
 CONTEXT_ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -131,8 +134,12 @@ def history_of(context: Any) -> list[dict[str, str]]:
     """The turns a ``context`` the gateway made holds; none for any other (one from Ollama
     itself, its tokens, cannot be read without its model).
     """
-    if not isinstance(context, list) or len(context) < 2 or context[0] != CONTEXT_MARK or \
-            not all(isinstance(n, int) and 0 <= n < 1 << 24 for n in context[1:]):
+    if not isinstance(context, list) or len(context) < 2 or context[0] != CONTEXT_MARK:
+        return []
+    if len(context) > CONTEXT_MAX:
+        raise bad("context is longer than this gateway keeps a conversation in one; send "
+                  "the conversation as /api/chat messages")
+    if not all(isinstance(n, int) and 0 <= n < 1 << 24 for n in context[1:]):
         return []
     raw = b"".join(n.to_bytes(3, "big") for n in context[2:])[:context[1]]
     try:

@@ -50,7 +50,7 @@ class Models:
         if self.router.selector.is_alias(name):
             return listed.name, "load"  # (it picks per request: nothing to load now)
         deployments = self.router.catalog.resolve(name)
-        said = await asyncio.gather(*(d.backend.load(d.model.name, keep_alive)
+        said = await asyncio.gather(*(d.backend.load(d.model.name, keep_alive, _embeds(d.model))
                                       for d in deployments), return_exceptions=True)
         done = [s for s in said if isinstance(s, str)]
         if not done:
@@ -64,3 +64,9 @@ class Models:
         created = info.created if info is not None and info.created else \
             self._first_seen.setdefault(name, int(time.time()))
         return Listed(name, owner, info, created)
+
+
+def _embeds(model: ModelInfo) -> bool:
+    """Whether the model only embeds (loaded by an embed, not a generate)."""
+    return model.known and "embedding" in model.capabilities and \
+        "completion" not in model.capabilities

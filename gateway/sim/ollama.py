@@ -145,6 +145,8 @@ async def _load(request: web.Request, state: SimState, model: SimModel,
     answers with one object whatever ``stream`` says, as Ollama does.
     """
     unload = payload.get("keep_alive") in (0, "0", "0s", "0m")
+    if not unload and "completion" not in model.capabilities:  # (as Ollama: an unload is
+        raise SimError(400, f'"{model.name}" does not support generate')  # let through first)
     record = state.record(request, model.name, payload, False, False)
     record["outcome"] = "unloaded" if unload else "loaded"
     if not unload:

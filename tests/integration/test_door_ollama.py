@@ -206,6 +206,9 @@ def test_generate_keeps_the_conversation_in_its_context(client: ollama.Client,
     assert len(ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]) == 6
     last("Someone else's tokens?", [1, 2, 3])  # (Ollama's own: read as no context)
     assert len(ollama_sim.requests("/api/chat")[-1]["payload"]["messages"]) == 1
+    with pytest.raises(ollama.ResponseError) as caught:  # (too long to unpack on the loop)
+        last("A novel?", [first.context[0], *[0] * 300_000])
+    assert caught.value.status_code == 400 and "/api/chat" in caught.value.error
 
 
 def test_raw_generate_is_sent_raw(client: ollama.Client, ollama_sim: Sim) -> None:
@@ -259,8 +262,11 @@ def test_a_prompt_less_request_loads_or_unloads_the_model_on_ollama(
              for r in ollama_sim.requests("/api/generate")
              if r["payload"].get("keep_alive") != "30m"]  # (not the monitor's keep-warm)
     assert asked == [("1h", "loaded"), (None, "loaded"), (0, "unloaded"), (0, "unloaded")]
-    # (an embedding model's load is an empty input; a model nobody has is a 404)
+    # (an embedding model's load is an empty input, passed on as one: Ollama refuses to load
+    # it by a generate; a model nobody has is a 404)
+    ollama_sim.clear()
     assert client.embed(model="nomic-embed-text", input=[]).embeddings == []
+    assert [r["payload"]["input"] for r in ollama_sim.requests("/api/embed")] == [[]]
     with pytest.raises(ollama.ResponseError) as caught:
         client.embed(model="no-such-model", input=[])
     assert caught.value.status_code == 404
