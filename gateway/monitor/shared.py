@@ -92,8 +92,11 @@ class SharedHealth:
 
     def _rested(self, key: tuple[str, str], seconds: float, busy: bool) -> None:
         if not self._hearing and not self._closing:
-            self._say("rest:" + "/".join(key), {
-                "deployment": list(key), "rest": seconds, "busy": busy})
+            field = "rest:" + "/".join(key)
+            unsaid = self._unsaid.get(field)
+            if unsaid is not None and unsaid["rest"] - (time.time() - unsaid["at"]) > seconds:
+                return  # (a longer rest is still to be said: a shorter one must not replace it)
+            self._say(field, {"deployment": list(key), "rest": seconds, "busy": busy})
 
     def _backend_changed(self, backend: str, up: bool) -> None:
         if not self._hearing and not self._closing:
