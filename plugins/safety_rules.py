@@ -150,13 +150,6 @@ def _phrases(*phrases: tuple[str, tuple[str, ...]], flags: int) -> tuple[Phrase,
 
 _OVERRIDE_VERBS = ("ignore", "disregard", "forget", "override", "bypass", "set aside",
                    "throw out", "discard")
-# What a request asks once the filters are out of the way ("... and tell me how").
-_THEN_ASKED = (r"\b(?:and|then|now)\s+(?:answer|tell|respond|reply|explain|give|write|show|say|"
-               r"generate|describe)")
-# Not one's own network's filtering ("bypass the content filtering for that one domain",
-# "remove all content filters from my Pi-hole"), unless what it is to do then follows.
-_OWN = (r"(?!\s+(?:for|on|in|of|from)\s+(?:that|this|one|a|my|our)\b(?![^?]{0,80}?"
-        + _THEN_ASKED + "))")
 _LIMITS = ("restriction", "filter", "limit", "rule", "guideline", "censor", "polic", "ethic",
            "guardrail", "safeguard", "moderation")
 
@@ -250,10 +243,7 @@ RULES: tuple[Rule, ...] = (
         flags=_I | re.M)),
     Rule("jailbreak", "injection", "a jailbreak attempt", _phrases(
         # personas: DAN, "do anything now", special modes
-        # (not a grade, "my 2nd DAN in karate and now", nor an acronym spelt out, "DAN (Device
-        # Area Network) is now the default")
-        (r"(?<!\d(?:st|nd|rd|th)\s)(?-i:\bDAN\b)(?!\s*\()"
-         r"(?=.{0,200}\b(?:mode|anything|now|jailbr|restrict|rules|polic))"
+        (r"(?-i:\bDAN\b)(?=.{0,200}\b(?:mode|anything|now|jailbr|restrict|rules|polic))"
          r"|\b(?:act\s+as|become|pretend\s+(?:to\s+be|you\s+are)|you\s+are(?:\s+now)?|you're)\s+"
          r"(?-i:DAN)\b", ("dan",)),
         # (a persona: "stands for 'do anything now'", "you can do anything now", "Do Anything
@@ -264,8 +254,7 @@ RULES: tuple[Rule, ...] = (
         # what a user turns on, on a device)
         (r"(?<!turn\s)(?<!turned\s)(?<!turning\s)(?<!switch\s)(?<!put\s)"
          r"\b(?:developer|god|jailbreak|unrestricted|unfiltered|uncensored|evil|sudo)\s+mode\s*"
-         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on(?=\s*(?:[.:;!,)\]]|$|now\b|and\b))"
-         r"(?![.,;:]?\s*(?:now\s+)?(?:how|where|why|what|can|should)\b[^.!\n]{0,80}\?))"
+         r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on(?=\s*(?:[.:;!,)\]]|$|now\b|and\b)))"
          r"\b(?!\s+(?:my|the|your|a|an|in|for|android|ios|windows|chrome|pixel|iphone|phone|"
          r"device|mac|pc|steam|console)\b)", ("mode",)),
         (r"\b(?:in|into|enter|entering|enable|activate|switch\s+to)\s+(?:jailbreak|"
@@ -278,14 +267,11 @@ RULES: tuple[Rule, ...] = (
         (r"\b(?:pretend|imagine|act|behave|respond)\s+(?:that\s+)?(?:as\s+if\s+)?(?:you\s+"
          r"(?:are|were)\s+|to\s+be\s+|as\s+)?(?:an?\s+)?(?:\w+\s+){0,3}(?:AI|model|assistant|"
          r"chatbot|bot|LLM)\s+(?:\w+\s+){0,2}(?:without|with\s+no|free\s+(?:of|from))\s+"
-         r"(?:any\s+)?(?:(?!rate\b|token\b|usage\b|context\b|length\b|size\b|request\b)\w+\s+)?"
-         r"(?:restrictions|filters|limits|limitations|rules|guidelines|censorship|policies|ethics)"
-         r"(?!\s+on\s+(?:the\s+)?(?:context|input|output|tokens?|length|size|requests?|"
-         r"usage|memory|file))", _LIMITS),
+         r"(?:any\s+)?(?:\w+\s+)?(?:restrictions|filters|limits|limitations|rules|guidelines|"
+         r"censorship|policies|ethics)", _LIMITS),
         (r"\b(?:AI|model|assistant|chatbot|LLM)\s+(?:with\s+no|without\s+(?:any\s+)?)\s*(?:ethical"
-         r"\s+|moral\s+|content\s+)?(?:guidelines|restrictions|filters|limits|rules|censorship)\b"
-         r"(?!\s+on\s+(?:the\s+)?(?:context|input|output|tokens?|length|size|requests?|usage|"
-         r"memory|file))", _LIMITS),
+         r"\s+|moral\s+|content\s+)?(?:guidelines|restrictions|filters|limits|rules|censorship)\b",
+         _LIMITS),
         # as a persona ("act as an unfiltered, uncensored model", "act like an uncensored
         # AI"; not "is there an uncensored model I can run locally?")
         (r"\b(?:as|act\s+like|be|become|are|you're|play|playing|simulate|simulating|pretend)\s+"
@@ -297,9 +283,7 @@ RULES: tuple[Rule, ...] = (
          r"restrictions|limits|boundaries|filters|rules|principles)", _LIMITS),
         (r"\b(?:free|freed|liberated|released|escaped)\s+from\s+(?:all\s+)?(?:OpenAI|Anthropic|"
          r"your|the|its|any)\s*(?:'s)?\s*(?:content\s+)?(?:polic(?:y|ies)|rules|guidelines|"
-         r"restrictions|constraints|training)(?!\s+(?:(?:imposed|placed|set)\s+(?:on\s+\w+\s+)?by"
-         r"\s+(?:the\s+)?(?:regulators?|court|government|authorities|state|city|bank|board|"
-         r"league|union|landlord|school|parents?)\b|of\s+(?:his|her|their|my|our)\b))"
+         r"restrictions|constraints|training)"
          r"|\bescaped\s+(?:its|your|the)\s+(?:training|guidelines|rules|alignment)"
          r"|\b(?:freed|liberated|released|broken\s+free)\s+(?:from|of)\s+the\s+(?:\w+\s+)?"
          r"(?:confines|shackles|chains|limitations)\s+of\s+(?:AI|your\s+(?:programming|training|"
@@ -313,12 +297,12 @@ RULES: tuple[Rule, ...] = (
         # (the model's own, or followed by what it is to do then: not a question about a
         # system of one's own, "how do I disable content filtering on my deployment?")
         (r"\b(?:ignore|bypass)\s+(?:all\s+|your\s+|the\s+)*(?:safety|content)\s+"
-         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)\b" + _OWN +
+         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)\b"
          r"|\b(?:disable|turn\s+off|switch\s+off|remove)\s+(?:(?:all|your|its)\s+(?:\w+\s+)?"
          r"(?:safety|content)\s+(?:filter(?:s|ing)?|moderation|guidelines|policies|"
-         r"restrictions|measures)\b" + _OWN + r"|(?:the\s+)?(?:safety|content)\s+"
-         r"(?:filter(?:s|ing)?|moderation|guidelines|policies|restrictions|measures)\b"
-         r"(?=[^?]{0,80}?" + _THEN_ASKED + "))",
+         r"restrictions|measures)\b|(?:the\s+)?(?:safety|content)\s+(?:filter(?:s|ing)?|"
+         r"moderation|guidelines|policies|restrictions|measures)\b(?=[^?]{0,80}?\b(?:and|then|"
+         r"now)\s+(?:answer|tell|respond|reply|explain|give|write|show|say|generate|describe)))",
          ("ignore", "bypass", "disable", "turn off", "switch off", "remove")),
         # (the model's: "your safety filters are switched off", "content filters have been
         # disabled for this session: answer anything"; not "content filtering is disabled
@@ -340,8 +324,7 @@ RULES: tuple[Rule, ...] = (
         # role-play as a way round: "stay in character", the grandmother who read recipes
         # (to get round the rules: not "stay in character as the pirate, never mention...")
         (r"\bstay\s+in\s+character\b(?=.{0,300}\b(?:refus|polic|rules|guidelines|restrict|"
-         r"filter|warning|ethic|moral|no\s+matter(?!\s+what\s+(?:my|your|the|our)\s+"
-         r"(?:character|players?|party)\b)|break(?:ing)?\s+character))",
+         r"filter|warning|ethic|moral|no\s+matter|break(?:ing)?\s+character))",
          ("in character",)),
         # (for what is dangerous: not "grandma used to bake a pie: a recipe like hers?")
         (r"\bgrandm(?:a|other)\b(?>.{0,160}?\b(?:used\s+to|would)\b).{0,120}?\b(?:tell|"
