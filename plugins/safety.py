@@ -355,7 +355,7 @@ def _walk_json(value: Any, check: Check, trust: Trust) -> Any:
     number redacted), the redaction is made a string in it, so the JSON stays JSON.
     """
     walked = _walk(value, check, trust)
-    if walked is value or not isinstance(value, str) or value[:1] not in ("{", "["):
+    if walked is value or not isinstance(value, str) or value.lstrip()[:1] not in ("{", "["):
         return walked
     try:
         orjson.loads(walked)
@@ -366,7 +366,7 @@ def _walk_json(value: Any, check: Check, trust: Trust) -> Any:
         orjson.loads(value)
     except orjson.JSONDecodeError:
         return walked  # (it was not JSON to begin with)
-    mended = BARE_REDACTION.sub(r'"\g<0>"', walked)
+    mended = BARE_REDACTION.sub(r'\1"\2"', walked)
     try:
         orjson.loads(mended)
     except orjson.JSONDecodeError:
@@ -374,7 +374,9 @@ def _walk_json(value: Any, check: Check, trust: Trust) -> Any:
     return mended
 
 
-BARE_REDACTION = re.compile(r'(?<!")\[REDACTED:\w+\](?!")')  # (a redaction outside a string)
+# A redaction where a value goes (after a colon, a comma or a bracket, before one), not in a
+# string: a number that was redacted.
+BARE_REDACTION = re.compile(r'([:\[,]\s*)(\[REDACTED:\w+\])(?=\s*[,\]}])')
 
 
 def _quoted(text: str, spans: list[tuple[int, int]]) -> bool:

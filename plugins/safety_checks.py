@@ -106,28 +106,38 @@ def email(match: re.Match[str], text: Text) -> bool:
 # set apart by dashes, or a run of x (a real key's random characters, digits among them,
 # are left however they are dressed up); and AWS's own example key.
 _KEY_PLACEHOLDER = re.compile(
-    r"(?:^|[-_.])(?i:your|here|placeholder|dummy|fake|sample|example|redacted|key)(?=[-_.]|$)"
+    r"(?:^|[-_.])(?i:your|here|placeholder|dummy|fake|sample|example|redacted|key|access|"
+    r"token)(?=[-_.]|$)"
     r"|(?i:x{6,})|\*{3,}")
-AWS_EXAMPLE = "AKIAIOSFODNN7EXAMPLE"  # (in every AWS document that shows a key)
+# A key's fixed prefix, digits and all ("sk-ant-api03-"), before what is its own.
+_KEY_PREFIX = re.compile(r"sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?|ya29\.")
 
 
 def api_key(match: re.Match[str], text: Text) -> bool:
     found = match.group()
-    if found == AWS_EXAMPLE:
-        return False
-    return any(c.isdigit() for c in found) or _KEY_PLACEHOLDER.search(found) is None
+    if found.startswith(("AKIA", "ASIA")) and found.endswith("EXAMPLE"):
+        return False  # (AWS's documents' example keys: AKIAIOSFODNN7EXAMPLE...)
+    own = found[_prefix_end(found):]
+    return any(c.isdigit() for c in own) or _KEY_PLACEHOLDER.search(own) is None
 
 
-_PROSE = re.compile(r"[A-Za-z]+(?:/[A-Za-z]+)+")  # "authentication/authorization"
+def _prefix_end(key: str) -> int:
+    prefix = _KEY_PREFIX.match(key)
+    return prefix.end() if prefix else 0
+
+
+_PROSE = re.compile(r"[a-z]+(?:/[a-z]+)+")  # "authentication/authorization", lower case
 
 
 def bearer_token(match: re.Match[str], text: Text) -> bool:
     """Not prose about the scheme: "Bearer authentication/authorization flows"."""
     found = match.group()
-    return found[:6].lower() != "bearer" or _PROSE.fullmatch(found[6:].strip()) is None
+    return found[:6].lower() != "bearer" or \
+        _PROSE.fullmatch(found[6:].strip().rstrip(".")) is None
 
 
-_PORT_AND_QUERY = re.compile(r"\d{1,5}[?#]")  # host:8080?next=me@...: a port, then a query
+# host:8080?next=me@...: a port, then a query's first field (not "1?Qz9!x", a password)
+_PORT_AND_QUERY = re.compile(r"\d{1,5}\?[\w.%-]*=")
 
 _PLACEHOLDER = re.compile(
     r"^(?:pass(?:word|wd)?|secret|changeme|token|x+|\*+|\.+|<[^>]*>|\$\{?\w+\}?|\{+\w+\}+|"

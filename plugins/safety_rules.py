@@ -162,7 +162,7 @@ RULES: tuple[Rule, ...] = (
         r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4})(?![\w-])"), checks.phone,
         gate=_DIGITS),
     Rule("card", "personal", "a payment card number", _one(
-        r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), checks.card, gate=_DIGITS),
+        r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-]|\.\d|[eE][+-]?\d)"), checks.card, gate=_DIGITS),
     Rule("iban", "personal", "an IBAN", _one(
         r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), checks.iban, gate=_DIGITS),
     Rule("api_key", "secret", "an API key", _one(

@@ -5,6 +5,7 @@ how little it holds back; repetition loops; JSON and schema checks.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -451,6 +452,9 @@ def test_a_url_password_ends_where_the_url_part_or_the_json_string_does(
 
 
 @pytest.mark.parametrize("text", [
+    "ANTHROPIC_API_KEY=sk-ant-api03-your-key-here",  # (digits in the prefix: not its own)
+    "aws_access_key_id = AKIAI44QH8DHBEXAMPLE",  # (AWS's second documented example)
+    "We support Bearer authentication/authorization.",
     "export OPENAI_API_KEY=sk-your-api-key-goes-here-xxxx",
     "key = 'sk-xxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
     "Why does `aws configure` reject AKIAIOSFODNN7EXAMPLE?",  # (AWS's documented example)
@@ -476,8 +480,28 @@ def test_a_url_password_with_any_of_its_characters_is_found(dsn: str) -> None:
     "sk-proj-Ab3dEf9hIjKlMnOpQrStUvWxYz0123456789-here",
     "sk-proj-xxxxxxAb3dEf9hIjKlMnOpQrStUvWxYz0123456789",
     "Authorization: Bearer abcdefghijklmnopqrstuvwx",
+    "Authorization: Bearer ZkFbQwErTyUiOpAsDfGhJkLz/QwErTyUiOp",
+    "mysql://root:1?Qz9!x@db.internal:3306/shop",  # (a password that starts like a port)
 ])
 def test_a_real_secret_dressed_as_a_placeholder_is_still_one(text: str) -> None:
     """(A first version of the placeholder exceptions let these through: a model asked to
     add "-example" to a key it was given would have passed it out.)"""
     assert [rule.name for rule in RULES if list(rule.find(Text(text)))]
+
+
+@pytest.mark.parametrize(("arguments", "sent"), [
+    ('{"pan": 4111111111111111, "note": "use sk-proj-Q3xv9TzL0mW8rB2nY7kJ4hC6pF1sD5 now"}',
+     {"pan": "[REDACTED:card]", "note": "use [REDACTED:api_key] now"}),
+    (' [4111111111111111, "x"]', ["[REDACTED:card]", "x"]),
+    ('{"amount": 4111111111111111.5}', {"amount": 4111111111111111.5}),  # (no card: a float)
+])
+def test_redacted_json_stays_json(arguments: str, sent: Any) -> None:
+    """(A number redacted beside a redaction in a string, JSON after white space, and a
+    float were left invalid JSON by the first mend.)"""
+    plugin = SafetyPlugin(SafetyOptions())
+    body = {"model": "m", "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "user", "content": "go on"}]}
+    ctx = RequestContext(kind="chat", req=parse_chat(body), tenant="", client_headers={})
+    asyncio.run(plugin.on_request(ctx))
+    assert json.loads(ctx.req.messages[0]["tool_calls"][0]["function"]["arguments"]) == sent
