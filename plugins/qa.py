@@ -30,21 +30,33 @@ HEADER = "x-gateway-qa"
 CHECKS = ("empty", "length", "repetition", "json", "refusal")
 
 # A refusal opens the answer: "I can't help with that.", "I'm sorry, but I cannot provide
-# ...", "As an AI, I won't write ...", "I must decline", or a bare "I can't." (a typographic
-# apostrophe too) — what the model will not do, not
-# what it could not find ("Sorry, I can't find a bug in it: ..."), an idiom ("I can't help
-# but point out..."), or a hedge that goes on to answer ("I can't answer that with
-# certainty, but forecasts show...").
+# ...", "As an AI, I cannot ...", "I must decline", "I won't be able to help", or a bare "I
+# can't." (a typographic apostrophe too) — what the model will not do, not what it could not
+# find ("Sorry, I can't find a bug in it: ..."), an idiom ("I can't help but point out..."),
+# or one that goes on to answer ("I cannot give medical advice, but the usual dose is ...");
+# one that goes on only to offer something else ("but I'd be happy to help with ...") is a
+# refusal all the same.
+_OFFER = (r"(?:I(?:['\u2019]d|\s+would)\s+be\s+(?:happy|glad)|I\s+can\s+(?:help|offer|suggest|"
+          r"assist|point)|here\s+(?:are|is)\s+(?:some\s+)?(?:general|other|alternative))")
+_BUT = r"(?![^.!?\n]{0,80}\bbut\b(?!\s+" + _OFFER + r"))"  # (going on to answer)
+_CANT = r"(?:can(?:no|['\u2019])t|cannot)"
 _REFUSAL = re.compile(
-    r"^\W*(?:(?:I(?:['\u2019]m|\s+am)\s+(?:sorry|afraid)|I\s+apologi[sz]e|Sorry|Unfortunately|"
-    r"As\s+an\s+AI"
-    r"(?:\s+language\s+model)?)[,.]?\s+(?:but\s+)?)?I(?:['\u2019]m|\s+am)?\s+(?:"
-    r"must\s+(?:respectfully\s+)?decline\b|(?:can(?:no|['\u2019])t|cannot|won['\u2019]t|"
-    r"will\s+not|not\s+able\s+to|unable\s+to)(?:\s+and\s+(?:will|can)\s*not)?"
-    r"(?:\s+(?:help(?!\s+but\b)|assist|provide|comply|do\s+that|fulfill?|"
-    r"answer(?!\s+(?:that|this|it)\s+(?:with\s+(?:any\s+)?(?:certainty|confidence)|"
-    r"for\s+(?:sure|certain)|definitively|precisely|exactly)\b)|create|write|generate|share|"
-    r"engage|give|support)\b|\s*[.!]?\s*$))",
+    # As an AI, it cannot (anything: "browse the internet" is a refusal to)
+    r"^\W*As\s+an\s+AI(?:\s+language\s+model)?,?\s+I\s+(?:" + _CANT + r"|don['\u2019]t\s+have"
+    r"\s+the\s+(?:ability|capability))\b" + _BUT +
+    # or it will not do what was asked
+    r"|^\W*(?:No,?\s+)?(?:(?:I(?:['\u2019]m|\s+am)\s+(?:really\s+|so\s+|very\s+)?(?:sorry|"
+    r"afraid)|I\s+apologi[sz]e|Sorry|Unfortunately)[,.]?\s+(?:but\s+)?)?(?:that['\u2019]s\s+not\s+"
+    r"something\s+I\s+can\s+(?:help|assist)\b|I(?:['\u2019]m|\s+am)?\s+(?:must\s+(?:respectfully"
+    r"\s+)?decline\b|(?:" + _CANT + r"|won['\u2019]t(?:\s+be\s+able\s+to)?|"
+    r"will\s+not(?:\s+be\s+able\s+to)?|not\s+(?:able|going)\s+to|unable\s+to)"
+    r"(?:\s+and\s+(?:will|can)\s*not)?"
+    r"(?:\s+(?:help(?!\s+(?:but|thinking|feeling|wondering|noticing)\b)|assist|provide|comply|"
+    r"do\s+(?:that|this|it)|fulfill?|answer(?!\s+(?:that|this|it)\s+(?:(?:with\s+(?:any\s+|"
+    r"\d+%\s+)?(?:certainty|confidence)|for\s+(?:sure|certain)|definitively|precisely|exactly|"
+    r"accurately)\b|(?:accurately\s+)?without\b))|create|write(?!\s+to\b)|generate|share|"
+    r"engage|give|support(?!\s+(?:that|this|the)\s+claim\b))\b" + _BUT +
+    r"|\s*[,.!]?\s*(?:sorry[.!]?)?\s*$)))",
     re.IGNORECASE)
 
 
