@@ -120,6 +120,7 @@ class CachePlugin(BasePlugin):
         ctx.headers[HEADER] = "refresh" if directive == "refresh" else "miss"
         if directive != "refresh" and self.name + ".future" not in ctx.state and \
                 key not in self._inflight:
+            ctx.state.pop(self.name + ".beside", None)  # (the other is done: this one leads)
             self._lead(ctx, key)  # (a refresh leads no one: others may take the stored answer)
         return None
 
@@ -157,7 +158,9 @@ class CachePlugin(BasePlugin):
         whole = result.finish_reason in ("stop", "tool_calls") or (
             result.finish_reason == "length" and ctx.req.sampling.max_tokens is not None)
         keep = whole and not ctx.failed
-        if keep and not ctx.state.get(self.name + ".beside"):
+        # (a stream answered beside the same request stores its answer only once that one is
+        # no longer in flight: it failed, or left it to this one)
+        if keep and not (ctx.state.get(self.name + ".beside") and key in self._inflight):
             await self._put(key, result)
         self._release(ctx, result if keep else None)
         return None

@@ -109,9 +109,9 @@ class OllamaBackend(HttpBackend):
         payload: dict[str, Any] = {"model": model}
         if keep_alive is not None:
             payload["keep_alive"] = keep_alive
-        if embeds:
-            await self.post_json("/api/embed", {**payload, "input": []})
-            return "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
+        if embeds and not _unloads(keep_alive):  # (an unload is a generate's for any model:
+            await self.post_json("/api/embed", {**payload, "input": []})  # an embed loads it)
+            return "load"
         data = await self.post_json("/api/generate", payload)
         said = data.get("done_reason") if isinstance(data, dict) else None
         return said if isinstance(said, str) and said else "load"
@@ -140,6 +140,14 @@ class OllamaBackend(HttpBackend):
         return None
 
 
+def _unloads(keep_alive: Any) -> bool:
+    """Whether ``keep_alive`` is none at all (0, "0", "0s", "0.0m"): an unload."""
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return keep_alive == 0
+    return isinstance(keep_alive, str) and ZERO.fullmatch(keep_alive.strip()) is not None
+
+
+ZERO = re.compile(r"0+(?:\.0*)?(?:ns|us|\u00b5s|ms|s|m|h)?")
 WARM_FOR = "30m"  # how long a model kept warm stays loaded, unless keep_alive says
 
 

@@ -117,6 +117,7 @@ CONTEXT_MARK = 0x6777  # a context's first number, when the gateway made it
 # The most numbers a context may hold (768 KiB of conversation, more than a 128k-token
 # window's): unpacking one is work on the event loop.
 CONTEXT_MAX = 1 << 18
+CONTEXT_BYTES = (CONTEXT_MAX - 2) * 3  # the conversation a context made here holds at most
 CONTEXT_ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -124,6 +125,9 @@ def context_of(turns: list[dict[str, str]]) -> list[int]:
     """A conversation as a generate answer's ``context``: its JSON, three bytes a number,
     after the mark and the JSON's length."""
     data = orjson.dumps(turns)
+    while len(data) > CONTEXT_BYTES and len(turns) > 2:  # (the oldest turns go first, as
+        turns = turns[1:]  # a window that fills forgets them)
+        data = orjson.dumps(turns)
     size = len(data)
     data += b"\0" * (-size % 3)
     return [CONTEXT_MARK, size, *(int.from_bytes(data[i:i + 3], "big")

@@ -118,7 +118,8 @@ class SharedHealth:
                 log.warning("shared health: could not tell the other processes (%s)",
                             type(exc).__name__)
                 await self._cluster_after_all(exc)
-                self._unsaid = {**changes, **self._unsaid}
+                self._unsaid = {**changes, **{f: c for f, c in self._unsaid.items()
+                                              if not _outlasted(changes.get(f), c)}}
                 self._something_unsaid.set()
                 await asyncio.sleep(1.0)
 
@@ -244,6 +245,12 @@ class SharedHealth:
             else:
                 return
         self.heard += 1
+
+
+def _outlasted(earlier: dict[str, Any] | None, later: dict[str, Any]) -> bool:
+    """Whether a rest still to be said ends before an earlier one that was not said."""
+    return earlier is not None and "rest" in earlier and "rest" in later and \
+        earlier["at"] + earlier["rest"] > later["at"] + later["rest"]
 
 
 # An alert's keys: its watchers (the processes that see it now, each until its last word)

@@ -267,6 +267,11 @@ def test_a_prompt_less_request_loads_or_unloads_the_model_on_ollama(
     ollama_sim.clear()
     assert client.embed(model="nomic-embed-text", input=[]).embeddings == []
     assert [r["payload"]["input"] for r in ollama_sim.requests("/api/embed")] == [[]]
+    # (its unload is a generate's, as any model's: an embed would load it first)
+    assert client.embed(model="nomic-embed-text", input=[], keep_alive=0).embeddings == []
+    assert len(ollama_sim.requests("/api/embed")) == 1
+    assert [r["outcome"] for r in ollama_sim.requests("/api/generate")
+            if r["model"] == "nomic-embed-text:latest"] == ["unloaded"]
     with pytest.raises(ollama.ResponseError) as caught:
         client.embed(model="no-such-model", input=[])
     assert caught.value.status_code == 404

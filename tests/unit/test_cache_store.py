@@ -103,3 +103,32 @@ def test_a_shared_answer_is_shared_only_among_keys_of_the_same_models() -> None:
 
     assert scoped("t1", ("small:1b",)) != scoped("t2", ())
     assert scoped("t1", ("small:1b", "auto")) == scoped("t2", ("auto", "small:1b"))
+
+
+def test_a_stream_answered_beside_a_request_that_failed_is_stored() -> None:
+    """Two identical streams: the second, finding the first in flight, is answered by the
+    model too. The first fails: the second's answer is stored (it was thrown away, and the
+    next identical request missed again)."""
+    from gateway.protocol.units import Completion
+
+    async def scenario() -> Completion | None:
+        plugin = CachePlugin(CacheOptions())
+        await plugin.start()
+        body = {"model": "m", "temperature": 0, "stream": True,
+                "messages": [{"role": "user", "content": "Same question."}]}
+
+        def ctx() -> RequestContext:
+            return RequestContext(kind="chat", req=parse_chat(dict(body)), tenant="t",
+                                  client_headers={})
+
+        first, second = ctx(), ctx()
+        assert await plugin.on_request(first) is None  # a miss: it leads
+        assert await plugin.on_request(second) is None  # beside it, to the model
+        first.failed = True
+        plugin.on_finish(first)  # the first failed
+        await plugin.on_complete(second, Completion(content="Answer.", finish_reason="stop"))
+        plugin.on_finish(second)
+        return await plugin.on_request(ctx())
+
+    hit = asyncio.run(scenario())
+    assert hit is not None and hit.content == "Answer."

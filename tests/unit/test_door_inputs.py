@@ -135,3 +135,16 @@ def test_every_field_of_the_wrong_kind_is_a_clear_400(door: str) -> None:
             except Exception as exc:
                 crashes.append(f"{'.'.join(map(str, path))} = {odd!r}: {exc!r}")
     assert crashes == []
+
+
+def test_a_generate_context_forgets_its_oldest_turns_to_stay_within_what_is_read_back() -> None:
+    """(A conversation longer than a context may hold came out whole, and the next turn,
+    sending it back, was refused.)"""
+    from gateway.doors.ollama_codec import CONTEXT_MAX, context_of, history_of
+
+    turns = [{"role": "user" if i % 2 else "assistant", "content": f"{i} " + "w" * 40_000}
+             for i in range(30)]  # ~1.2 MB
+    context = context_of(turns)
+    assert len(context) <= CONTEXT_MAX
+    kept = history_of(context)
+    assert kept == turns[-len(kept):] and 2 <= len(kept) < 30
