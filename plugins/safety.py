@@ -355,23 +355,19 @@ def _walk_json(value: Any, check: Check, trust: Trust) -> Any:
     number redacted), the redaction is made a string in it, so the JSON stays JSON.
     """
     walked = _walk(value, check, trust)
-    if walked is value or not isinstance(value, str) or value.lstrip()[:1] not in ("{", "["):
+    if walked is value or not isinstance(value, str) or value.lstrip()[:1] not in ("{", "[") \
+            or _is_json(walked) or not _is_json(value):
         return walked
-    try:
-        orjson.loads(walked)
-        return walked
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return walked  # (it was not JSON to begin with)
     mended = BARE_REDACTION.sub(r'\1"\2"', walked)
+    return mended if _is_json(mended) else walked
+
+
+def _is_json(text: str) -> bool:
     try:
-        orjson.loads(mended)
+        orjson.loads(text)
     except orjson.JSONDecodeError:
-        return walked
-    return mended
+        return False
+    return True
 
 
 # A redaction where a value goes (after a colon, a comma or a bracket, before one), not in a

@@ -17,7 +17,6 @@ import orjson
 from aiohttp import web
 
 from gateway.doors.ollama_codec import (
-    CONTEXT_ROLES,
     OllamaStream,
     Shape,
     bad,
@@ -27,6 +26,7 @@ from gateway.doors.ollama_codec import (
     model_of,
     thinking_mode,
 )
+from gateway.doors.ollama_context import turns_of
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.http.access import check_model, context, usage_sink, visible
 from gateway.http.bodies import body_of
@@ -40,7 +40,6 @@ from gateway.protocol.openai import (
     CompletionRequest,
     Kind,
     parse_embedding,
-    text_of,
 )
 from gateway.protocol.times import rfc3339
 
@@ -124,9 +123,8 @@ async def _answer(request: web.Request, shape: Shape, req: ChatRequest | Complet
                   body: dict[str, Any], started: float) -> web.StreamResponse:
     kind: Kind = "chat" if isinstance(req, ChatRequest) else "text"
     # (a generate turn's conversation as the client sent it, for its answer's context)
-    turns = [{"role": m["role"], "content": text_of(m.get("content"))} for m in req.messages
-             if m["role"] in CONTEXT_ROLES] \
-        if shape == "generate" and isinstance(req, ChatRequest) else None
+    turns = turns_of(req.messages) if shape == "generate" and isinstance(req, ChatRequest) \
+        else None
     answer = await request.app[PIPELINE].run(context(request, kind, req))
     mode = thinking_mode(body, request.app[CONFIG].server.reasoning)
     if isinstance(answer, Whole):

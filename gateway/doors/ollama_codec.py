@@ -6,8 +6,7 @@ fields; the rest (num_ctx, top_k, keep_alive, think...) ride along in ``req.olla
 Ollama backends send them on. ``/api/generate`` is a text completion when it is ``raw`` or
 fills in the middle (``suffix``), and otherwise one chat turn, as Ollama applies the model's
 template to it. Its answer carries a ``context`` to send back for the next turn, as
-Ollama's does: the conversation so far, packed into numbers (not tokens: no backend is asked
-for those), which a later request unpacks into the turns before its own.
+Ollama's does (``gateway.doors.ollama_context``).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.config import ReasoningMode
+from gateway.doors.ollama_context import context_of, history_of
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.http.stream import NDJSON, ndjson_line
 from gateway.protocol.ollama import OPENAI_FIELDS
@@ -111,50 +111,6 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
                                     *([{"role": "system", "content": system}] if system
                                       else []), user])
     return _chat(body, openai)
-
-
-CONTEXT_MARK = 0x6777  # a context's first number, when the gateway made it
-# The most numbers a context may hold (768 KiB of conversation, more than a 128k-token
-# window's): unpacking one is work on the event loop.
-CONTEXT_MAX = 1 << 18
-CONTEXT_BYTES = (CONTEXT_MAX - 2) * 3  # the conversation a context made here holds at most
-CONTEXT_ROLES = frozenset({"system", "user", "assistant"})
-
-
-def context_of(turns: list[dict[str, str]]) -> list[int]:
-    """A conversation as a generate answer's ``context``: its JSON, three bytes a number,
-    after the mark and the JSON's length."""
-    data = orjson.dumps(turns)
-    while len(data) > CONTEXT_BYTES and len(turns) > 2:  # (the oldest turns go first, as
-        turns = turns[1:]  # a window that fills forgets them)
-        data = orjson.dumps(turns)
-    size = len(data)
-    data += b"\0" * (-size % 3)
-    return [CONTEXT_MARK, size, *(int.from_bytes(data[i:i + 3], "big")
-                                  for i in range(0, len(data), 3))]
-
-
-def history_of(context: Any) -> list[dict[str, str]]:
-    """The turns a ``context`` the gateway made holds; none for any other (one from Ollama
-    itself, its tokens, cannot be read without its model).
-    """
-    if not isinstance(context, list) or len(context) < 2 or context[0] != CONTEXT_MARK:
-        return []
-    if len(context) > CONTEXT_MAX:
-        raise bad("context is longer than this gateway keeps a conversation in one; send "
-                  "the conversation as /api/chat messages")
-    if not all(isinstance(n, int) and 0 <= n < 1 << 24 for n in context[1:]):
-        return []
-    raw = b"".join(n.to_bytes(3, "big") for n in context[2:])[:context[1]]
-    try:
-        turns = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return []
-    if not isinstance(turns, list) or not all(
-            isinstance(t, dict) and t.get("role") in CONTEXT_ROLES and
-            isinstance(t.get("content"), str) for t in turns):
-        return []
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def _chat(body: dict[str, Any], openai: dict[str, Any]) -> ChatRequest:

@@ -140,7 +140,7 @@ def test_every_field_of_the_wrong_kind_is_a_clear_400(door: str) -> None:
 def test_a_generate_context_forgets_its_oldest_turns_to_stay_within_what_is_read_back() -> None:
     """(A conversation longer than a context may hold came out whole, and the next turn,
     sending it back, was refused.)"""
-    from gateway.doors.ollama_codec import CONTEXT_MAX, context_of, history_of
+    from gateway.doors.ollama_context import CONTEXT_MAX, context_of, history_of
 
     turns = [{"role": "user" if i % 2 else "assistant", "content": f"{i} " + "w" * 40_000}
              for i in range(30)]  # ~1.2 MB
