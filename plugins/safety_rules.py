@@ -285,9 +285,12 @@ RULES: tuple[Rule, ...] = (
          r"your|the|its|any)\s*(?:'s)?\s*(?:content\s+)?(?:polic(?:y|ies)|rules|guidelines|"
          r"restrictions|constraints|training)"
          r"|\bescaped\s+(?:its|your|the)\s+(?:training|guidelines|rules|alignment)"
-         r"|\b(?:freed|liberated|released|broken\s+free)\s+(?:from|of)\s+the\s+(?:\w+\s+)?"
-         r"(?:confines|shackles|chains|limitations)\s+of\s+(?:AI|your\s+(?:programming|training|"
-         r"creators|developers))\b|\b(?:you\s+are|you're)\s+(?:now\s+)?(?:freed|liberated)\s+"
+         # ("freed from the typical confines of AI", "the shackles of your programming"; not
+         # an essay's "freed from the limitations of AI as we know it")
+         r"|\b(?:freed|liberated|released|broken\s+free)\s+(?:from|of)\s+the\s+(?:(?:typical|"
+         r"usual|normal)\s+(?:confines|shackles|chains|limitations)\s+of\s+AI|(?:\w+\s+)?(?:confines|"
+         r"shackles|chains|limitations)\s+of\s+your\s+(?:programming|training|creators|developers))"
+         r"\b|\b(?:you\s+are|you're)\s+(?:now\s+)?(?:freed|liberated)\s+"
          r"from\s+(?:the\s+|all\s+)?(?:usual\s+|typical\s+)?(?:restrictions|rules|limitations)\b",
          ("free", "liberated", "released", "escaped")),
         (r"\bno\s+longer\s+(?:has|have|needs?)\s+to\s+(?:follow|obey|comply\s+with|respect)\s+"
