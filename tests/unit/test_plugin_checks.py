@@ -466,6 +466,8 @@ def test_a_url_password_ends_where_the_url_part_or_the_json_string_does(
     "key = 'sk-xxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
     "Why does `aws configure` reject AKIAIOSFODNN7EXAMPLE?",  # (AWS's documented example)
     "Explain bearer authentication/authorization flows vs cookies",
+    # (nor an essay's words a jailbreak's prompts use too)
+    "Researchers hope future systems will be freed from the limitations of AI as we know it.",
 ])
 def test_placeholders_and_prose_are_not_secrets(text: str) -> None:
     """(Each was redacted: a README's placeholder, AWS's own example, prose about Bearer.)"""
