@@ -25,10 +25,15 @@ log = logging.getLogger(__name__)
 RELIST_SECONDS = 5.0  # a backend found behind is listed again at once at most this often
 
 
+def bare(name: str) -> str:
+    """A model's name without ``:latest`` (``model`` and ``model:latest`` are one)."""
+    return name.removesuffix(":latest")
+
+
 def named_in(name: str, names: Iterable[str]) -> bool:
     """Whether ``name`` is one of ``names`` (``model`` and ``model:latest`` being one)."""
-    bare = name.removesuffix(":latest")
-    return any(n.removesuffix(":latest") == bare for n in names)
+    name = bare(name)
+    return any(bare(n) == name for n in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +126,7 @@ class ModelCatalog:
 
     async def refresh_backend(self, name: str) -> None:
         """Ask one backend again (it just came back) and rebuild the index."""
-        self._refreshing = self._refreshing or asyncio.Lock()
-        backend = next(b for b in self._backends if b.name == name)
-        await self._refresh_one(backend)
-        async with self._refreshing:
-            self._index = self._build_index()
-            self.version += 1
-        for listener in self.on_change:
-            listener()
+        await self._relist([b for b in self._backends if b.name == name])
 
     def stale(self, backend: str | None = None) -> None:
         """A backend (None: any) is behind the catalog: it answered that it has no such
@@ -154,6 +152,7 @@ class ModelCatalog:
         task.add_done_callback(self._relisting.discard)
 
     async def _relist(self, backends: list[Backend]) -> None:
+        """Ask these backends again and rebuild the index."""
         self._refreshing = self._refreshing or asyncio.Lock()
         await asyncio.gather(*(self._refresh_one(b) for b in backends))
         async with self._refreshing:
@@ -187,18 +186,15 @@ class ModelCatalog:
 
     def resolve(self, name: str) -> list[Deployment]:
         """The deployments of a model, by exact name, without ``:latest``, or ``backend/name``."""
-        found = self._lookup(name)
+        found = self.deployments(name)
         if not found and "/" in name:
             backend, _, rest = name.partition("/")
             if backend in self._listings:
-                found = [d for d in self._lookup(rest) if d.backend.name == backend]
+                found = [d for d in self.deployments(rest) if d.backend.name == backend]
         if not found:
             self.stale()  # (pulled a moment ago? the next request finds it)
             raise ModelNotFound(name, self.unreachable())
         return found
-
-    def _lookup(self, name: str) -> list[Deployment]:
-        return self._index.get(self.known_as(name), [])
 
     def known_as(self, name: str) -> str:
         """The name a model is known by here: ``name``, or it with or without ``:latest``
@@ -208,8 +204,8 @@ class ModelCatalog:
             return name
         if ":" not in name and name + ":latest" in self._index:
             return name + ":latest"
-        if name.endswith(":latest") and name.removesuffix(":latest") in self._index:
-            return name.removesuffix(":latest")
+        if name.endswith(":latest") and bare(name) in self._index:
+            return bare(name)
         return name
 
     def unreachable(self) -> list[str]:
@@ -233,7 +229,7 @@ class ModelCatalog:
     def deployments(self, name: str) -> list[Deployment]:
         """The deployments under this name (``model`` and ``model:latest`` being one; none
         if unknown)."""
-        return self._lookup(name)
+        return self._index.get(self.known_as(name), [])
 
     def unlisted(self) -> list[str]:
         """The configured ``[[models]]`` deployments whose backend answered without listing

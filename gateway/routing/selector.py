@@ -15,7 +15,7 @@ from gateway.errors import InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 from gateway.protocol.units import CHARS_PER_TOKEN
 from gateway.routing.candidates import REQUESTED, Candidate, Route
-from gateway.routing.catalog import Deployment, ModelCatalog, named_in
+from gateway.routing.catalog import Deployment, ModelCatalog, bare, named_in
 from gateway.routing.learned import LearnedOrder
 from gateway.routing.ordering import Ordering, Priority, Usable
 
@@ -95,12 +95,12 @@ class Selector:
         self._catalog = catalog
         self._aliases = {**BUILTIN_ALIASES, **config.aliases}
         # (by name without ``:latest``: ``llama3.2`` and ``llama3.2:latest`` are one)
-        self._fallbacks = {_bare(m.name): m.fallbacks for m in config.models if m.fallbacks}
+        self._fallbacks = {bare(m.name): m.fallbacks for m in config.models if m.fallbacks}
         self._default_fallbacks = config.routing.fallbacks
         self._tier_fallback = config.routing.tier_fallback
         self._picks: dict[tuple[str, bool, bool, int],
                           tuple[list[list[Candidate]], list[Candidate]]] = {}
-        self._known = {_bare(m.name) for m in config.models}
+        self._known = {bare(m.name) for m in config.models}
         learns = [name for name, spec in self._aliases.items()
                   if (spec.policy or config.routing.policy) == "learned"]
         # What was learned from outcomes (None: every alias keeps its static order).
@@ -142,7 +142,7 @@ class Selector:
             first, decision = self._orderings[name].order(name, first, req, usable)
             if presumed:
                 first = [*first, *presumed]
-        elif _bare(name) in self._known:
+        elif bare(name) in self._known:
             # A configured model whose backend is away right now (never listed since start):
             # its fallbacks answer instead of a 404.
             deployments = self._catalog.deployments(name)
@@ -272,7 +272,7 @@ class Selector:
         return out
 
     def _fallback_names(self, name: str) -> tuple[str, ...]:
-        return self._fallbacks.get(_bare(name), self._default_fallbacks)
+        return self._fallbacks.get(bare(name), self._default_fallbacks)
 
     def _expand(self, name: str, needs: Needs, why: str) -> list[Candidate]:
         if name in self._aliases:
@@ -311,10 +311,6 @@ def _fitting(candidates: list[Candidate], needs: Needs) -> list[Candidate]:
         if deployments:
             out.append(Candidate(c.name, deployments, c.reason))
     return out
-
-
-def _bare(name: str) -> str:
-    return name.removesuffix(":latest")
 
 
 def _size(candidate: Candidate) -> float:
