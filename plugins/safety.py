@@ -44,7 +44,8 @@ ACTIONS = ("block", "redact", "flag", "off")
 DEFAULT_ACTIONS = {
     "email": "flag", "phone": "flag", "card": "redact", "iban": "redact",
     "api_key": "redact", "private_key": "redact", "bearer_token": "redact",
-    "url_password": "redact", "prompt_injection": "flag", "jailbreak": "block",
+    "url_password": "redact", "credential": "redact", "prompt_injection": "flag",
+    "jailbreak": "block",
 }
 INLINE_CHARS = 65_536  # requests larger than this (as JSON) are checked in a worker thread
 

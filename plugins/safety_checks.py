@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from typing import Protocol
 
+from plugins.safety_credentials import DEFAULTS, credentials
 from plugins.safety_keys import keys
 
 
@@ -117,8 +118,12 @@ def api_key(match: re.Match[str], text: Text) -> bool:
     found = match.group()
     if found.startswith(("AKIA", "ASIA")) and found.endswith("EXAMPLE"):
         return False  # (AWS's documents' example keys: AKIAIOSFODNN7EXAMPLE...)
+    return not placeholder_key(found)
+
+
+def placeholder_key(found: str) -> bool:
     own = found[_prefix_end(found):]
-    return any(c.isdigit() for c in own) or _KEY_PLACEHOLDER.search(own) is None
+    return not any(c.isdigit() for c in own) and _KEY_PLACEHOLDER.search(own) is not None
 
 
 def _prefix_end(key: str) -> int:
@@ -145,22 +150,25 @@ _PLACEHOLDER = re.compile(
     r"redacted)$", re.I)
 
 
-# The passwords of the images' and tutorials' own examples (postgres:postgres@db,
-# guest:guest@rabbitmq, root:example@mongo): a compose file or a tutorial's connection string
-# carries them, and redacted, the code no longer works.
-_DEFAULTS = frozenset({
-    "postgres", "mysecretpassword", "guest", "root", "admin", "example", "test", "dev",
-    "user", "pass", "minioadmin", "default", "rabbitmq", "mysql", "redis", "sa"})
-
-
 def url_password(match: re.Match[str], text: Text) -> bool:
     secret = match.group("secret")
     if _PORT_AND_QUERY.match(secret):
         return False
     user = match.group()[3:].partition(":")[0]
-    return not (_PLACEHOLDER.match(secret) or secret.lower() in _DEFAULTS
+    # (the images' and tutorials' own passwords, postgres:postgres@db, guest:guest@rabbitmq,
+    # root:example@mongo, are left: redacted, a compose file's connection string no longer
+    # works)
+    return not (_PLACEHOLDER.match(secret) or secret.lower() in DEFAULTS
                 or (secret == user and len(secret) <= 16))
 
 
 def private_keys(text: Text) -> Iterator[tuple[int, int]]:
     return keys(text.text)
+
+
+def assigned_credentials(text: Text) -> Iterator[tuple[int, int]]:
+    """Credentials given a value by name, but for a key's placeholder ("sk-ant-api03-your-
+    key-here", as an API key's is read).
+    """
+    return ((start, end) for start, end in credentials(text.text)
+            if not placeholder_key(text.text[start:end]))

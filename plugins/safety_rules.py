@@ -22,6 +22,7 @@ from typing import Literal
 import ahocorasick
 
 from plugins import safety_checks as checks
+from plugins.safety_credentials import ANCHORS as credential_anchors
 
 Category = Literal["personal", "secret", "injection"]
 
@@ -183,8 +184,11 @@ RULES: tuple[Rule, ...] = (
     Rule("url_password", "secret", "a password in a URL", _one(
         # (the password ends where a JSON string would: not a port and the fields after it up
         # to someone's address; a port and a query, "localhost:8080?next=me@x.io", is none)
-        r"://[^\s:/@\"]*:(?P<secret>[^\s@/\"]+)@", "://"), checks.url_password,
-        redacts="secret"),
+        # (or at a quote, but for one escaped in JSON: "s3cr\\"et")
+        r"://[^\s:/@\"]*:(?P<secret>(?:[^\s@/\"\\]|\\[^\s])+)@", "://"),
+        checks.url_password, redacts="secret"),
+    Rule("credential", "secret", "a password, secret or token given a value", (),
+         finder=(frozenset(credential_anchors), checks.assigned_credentials)),
     Rule("prompt_injection", "injection", "an attempt to override the instructions", _phrases(
         # "ignore all previous instructions", "disregard your system prompt"
         (r"\b(?:ignore|disregard|forget|override|bypass)\s+(?:all\s+|any\s+)?(?:of\s+)?"

@@ -3,7 +3,8 @@
 Text leaves as soon as it cannot be part of a secret. What is held back: a run of text
 (no white space) from where a secret may begin (a key's prefix such as ``sk-`` at the start
 of a word, ``eyJ``, ``://``, or the start of one of those at the very end), a ``Bearer``
-word and what follows it, and an open private-key block. Released text is read by the same
+word and what follows it, a credential's name (``password``, ``API_KEY``) until its value
+is whole, and an open private-key block. Released text is read by the same
 rules as a request, with the character released before it as context, so the stream says
 what redacting the whole answer at once would say.
 
@@ -20,6 +21,7 @@ import collections
 import re
 from collections.abc import Callable
 
+from plugins.safety_credentials import open_at_end
 from plugins.safety_keys import (
     BEGIN,
     HEADER_MAX,
@@ -139,6 +141,9 @@ class StreamRedactor:
             return self._too_long(text, hold)
         else:
             cut = hold
+        named = open_at_end(text)  # a credential that may yet be given its value
+        if named is not None and named < cut:
+            cut = _hold_before(text, named)
         return (whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut), None
 
     def _too_long(self, text: str, hold: int) -> tuple[int, Secret | None]:

@@ -63,6 +63,37 @@ def test_prose_is_not_held_back() -> None:
         assert redactor.feed(word + " ") == word + " "
 
 
+def test_prose_about_credentials_is_held_back_a_word_at_most() -> None:
+    """(A credential's name is held until what follows says it is given no value.)"""
+    redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
+    prose = "Each token counts, so pick a strong password for every user and keep it secret ."
+    fed = out = ""
+    for word in prose.split():
+        fed += word + " "
+        out += redactor.feed(word + " ")
+        assert fed.startswith(out) and len(fed[len(out):].split()) <= 2, (fed, out)
+    assert out + redactor.flush() == prose + " "
+    assert StreamRedactor(list(OUTPUT_RULES), 16384).feed("a password manager ") == \
+        "a password manager "
+
+
+@pytest.mark.parametrize("text", [
+    "password = args.password", "token: string", 'eos_token: "</s>"', "max_token: 512",
+    "PWD=/home/me/src", "bypass=abc123", "POSTGRES_PASSWORD=postgres",
+    "password: ${DB_PASSWORD}", 'secret_key = os.environ["SECRET_KEY"]',
+    "SECRET_KEY=your-secret-key-here", "ANTHROPIC_API_KEY=sk-ant-api03-your-key-here",
+    "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",  # (AWS's example)
+    "entity_mask2_token=entity_mask2_token,", 'CHALLENGE_PASSWORD: "challengePassword",',
+    '"password": "string?",', "smtp://apikey:YOUR_SENDGRID_API_KEY2@smtp.sendgrid.net:587",
+    "           password changes.", "the password is wrong", "Password manager: 1Password 8",
+])
+def test_a_credentials_name_without_a_secret_is_left(text: str) -> None:
+    """Code reading a secret, types, tokenizer settings, placeholders, images' defaults and
+    prose (each of these was found by a first version, or in installed packages' sources).
+    """
+    assert [text[a:b] for a, b in BY_NAME["credential"].find(text)] == []
+
+
 def test_holdback_is_bounded_by_what_a_secret_needs() -> None:
     # A bearer token is held whole (up to the longest token looked for)...
     _, held = redact_in_pieces("Authorization: Bearer " + "a" * 300 + " end", random.Random(1))
@@ -143,6 +174,16 @@ ENCRYPTED_KEY = ("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
     ("Authorization: OAuth ya29.a0AfH6SMBx3kLmNo9PqRsT_uVwXyZ ok", "a0AfH6SMBx3kLmNo"),
     ("curl -X POST https://hooks.slack.com/services/T0123ABCD/B0456EFGH/abcdefghijklmnopqrstuvwx"
      " -d x", "abcdefghijklmnopqrstuvwx"),
+    # credentials given a value by name (each was passed on: no prefix says what they are)
+    ("DB_HOST=db\nDB_PASSWORD=Tr0ub4dor&3xK!92\nDB_NAME=orders", "Tr0ub4dor"),
+    ("[prod]\naws_secret_access_key = 9fK2mQ7vR1xT8bN4cW6zL0pH3sJ5dY2gE7uA1iO4\nregion = x",
+     "9fK2mQ7vR1xT8bN4"),
+    ('{"endpoint": "https://x.io", "apiKey": "b7f3e9a1c4d82f6e0a5b9c3d7e1f4a28", "n": 1}',
+     "b7f3e9a1c4d82f6e"),
+    ('password = "correct horse battery staple" # ok', "horse battery"),
+    ("The staging admin password is Stg#Adm1n!2024q and that is all.", "Adm1n"),
+    ("bind 0.0.0.0\nrequirepass Rd!s_Cl4ster9\nport 6379", "Cl4ster9"),
+    ('{"dsn": "postgres://app:s3cr\\"et9Qx@db/x"}', "et9Qx"),  # (a quote escaped in JSON)
 ])
 def test_secrets_of_every_shape_are_redacted_however_the_stream_is_cut(text: str,
                                                                        secret: str) -> None:
@@ -189,6 +230,7 @@ def test_what_a_stream_holds_costs_time_in_proportion_to_it() -> None:
             (key, "[REDACTED:private_key]\nafter"),
             ("-----BEGIN RSA PRIVATE KEY-----" + " " * 17000 + "\nafter", None),
             ("intro -----BEGIN" + " AB" * 4000, None),  # a header that never ends
+            ("password:" * 2000, None),  # a credential's name again and again
             ("-----BEGIN PRIVATE KEY-----\n" + "QUJDREVGR0hJSktMTU5PUFFSU1RV\n" * 600
              + " " * 20000, None)):  # a key past max_block, then a line of spaces
         redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
@@ -244,6 +286,8 @@ ADVERSARIAL = (  # inputs that make careless patterns backtrack; 64 KB each
     "grandma would " * 4681, "DAN " * 16384, "://a:" * 13107,
     "-----BEGIN PRIVATE KEY-----" + "\\nQUJD" * 10000 + "!",  # a JSON-escaped key, cut
     "-----BEGIN PRIVATE KEY-----\n" + " " * 65000 + "!",
+    "password=" * 7281, "password:" * 7281, "secret_access_" * 4681, "password: 'x\\" * 5000,
+    "password x1 " * 5461, "password is " * 5461, "bypass" * 10922,
 )
 
 
