@@ -42,7 +42,7 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
         try:
             results = await asyncio.gather(*(_probe(spec, b) for spec, b in backends))
             for (spec, backend), health in zip(backends, results, strict=True):
-                lines += _backend_lines(spec, backend, health, tunnels)
+                lines += await _backend_lines(spec, backend, health, tunnels)
             lines += await _model_lines(config, [b for (_, b), h in zip(
                 backends, results, strict=True) if h is not None and h.ok])
         finally:
@@ -95,8 +95,8 @@ async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:
         return Health(False, f"the check itself failed: {type(exc).__name__}")
 
 
-def _backend_lines(spec: BackendConfig, backend: Backend, health: Health | None,
-                   tunnels: TunnelManager) -> list[str]:
+async def _backend_lines(spec: BackendConfig, backend: Backend, health: Health | None,
+                         tunnels: TunnelManager) -> list[str]:
     via = f"via tunnel {spec.tunnel}" if spec.tunnel else \
         "embedded" if spec.kind == "embedded" else spec.url
     head = f"backend {spec.name}  ({spec.kind}, {spec.tier}, {via})"
@@ -104,19 +104,20 @@ def _backend_lines(spec: BackendConfig, backend: Backend, health: Health | None,
         return [f"{head}  runs with the gateway (not checked here)"]
     if health.ok:
         return [f"{head}  OK: {health.detail} ({health.latency_ms:.0f} ms)"]
-    return [f"{head}  DOWN: {health.detail}", f"  → {_hint(spec, tunnels)}"]
+    return [f"{head}  DOWN: {health.detail}", f"  → {await _hint(spec, tunnels)}"]
 
 
-def _hint(spec: BackendConfig, tunnels: TunnelManager) -> str:
+async def _hint(spec: BackendConfig, tunnels: TunnelManager) -> str:
     service = "Ollama (ollama serve)" if spec.kind == "ollama" else "the server"
     if spec.tunnel:
         tunnel = tunnels.tunnel_of(spec.tunnel)
         if not tunnel.connected:
             return f"the tunnel {tunnel.name} is down (see above)"
-        forward = next(f for f in tunnel.config.forwards
-                       if f.name == spec.tunnel.partition("/")[2])
-        return (f"the service behind the tunnel is down: is {service} running on "
-                f"{tunnel.config.host}, listening on {forward.remote_host}:{forward.remote_port}?")
+        name = spec.tunnel.partition("/")[2]
+        forward = next(f for f in tunnel.config.forwards if f.name == name)
+        return await tunnel.refusal(name) or (
+            f"the service behind the tunnel is down: is {service} running on "
+            f"{tunnel.config.host}, listening on {forward.remote_host}:{forward.remote_port}?")
     if spec.optional:
         return f"optional: start {service} at {spec.url} when you want it"
     host = urlsplit(spec.url).hostname or ""

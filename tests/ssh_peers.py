@@ -63,9 +63,10 @@ class OpenSSHServer:
     forked, as a crash of the machine's sshd would.
     """
 
-    def __init__(self, keys: Keys, port: int | None = None) -> None:
+    def __init__(self, keys: Keys, port: int | None = None, forwarding: str = "yes") -> None:
         self.keys = keys
         self.port = port or free_port()
+        self.forwarding = forwarding  # sshd_config's AllowTcpForwarding
         self.config = keys.folder / f"sshd_config-{self.port}"
         self.log = keys.folder / f"sshd-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,7 +85,7 @@ KbdInteractiveAuthentication no
 PermitRootLogin yes
 UsePAM no
 StrictModes no
-AllowTcpForwarding yes
+AllowTcpForwarding {self.forwarding}
 GatewayPorts no
 ClientAliveInterval 2
 LogLevel VERBOSE

@@ -91,9 +91,11 @@ class ReverseAgent:
             try:
                 await connection.forward_remote_port(
                     "127.0.0.1", forward.listen_port, forward.local_host, forward.local_port)
-            except asyncssh.Error as exc:
+            except (asyncssh.Error, asyncssh.ChannelListenError) as exc:
+                # (a refusal is a ChannelListenError, which is no asyncssh.Error)
+                reason = getattr(exc, "reason", None) or str(exc)
                 raise TunnelError(f"the server refused to listen on port {forward.listen_port}"
-                                  f": {exc.reason}", "is AllowTcpForwarding on in sshd_config, "
+                                  f": {reason}", "is AllowTcpForwarding on in sshd_config, "
                                   "and the port free on the server? (an old session of this "
                                   "agent may still hold it until sshd's ClientAliveInterval "
                                   "notices it is gone)") from None
@@ -138,6 +140,8 @@ Restart=always
 RestartSec=5
 # A password or key passphrase goes in an environment file, never on the command line:
 # EnvironmentFile=%h/.config/hybrid-gateway/tunnel-agent.env
+# On the server, sshd_config's ClientAliveInterval 15 frees the ports of a session whose
+# network dropped; without it the agent's new session is refused them for hours.
 
 [Install]
 WantedBy=default.target

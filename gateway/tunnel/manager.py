@@ -42,6 +42,7 @@ class Tunnel:
         self.ports = {name: sock.getsockname()[1] for name, sock in self._held.items()}
         self._placeholders: dict[str, asyncio.Server] = {}
         self._listeners: list[asyncssh.SSHListener] = []  # the forwards' while it is up
+        self._connection: asyncssh.SSHClientConnection | None = None  # while it is up
         self.connected = False
         self.phase: State = "connecting"
         self.error = ""  # why the last attempt failed (no secrets: see ssh.explain)
@@ -88,6 +89,28 @@ class Tunnel:
         else:
             self.error, self.hint = f"unexpected failure: {type(exc).__name__}", ""
 
+    async def refusal(self, forward: str) -> str:
+        """Why the remote host's sshd will not open a forward's channel ("" if it will, or
+        cannot be asked): a service that is down reads the same through the forward's port
+        as an sshd that forbids forwarding.
+        """
+        connection = self._connection
+        spec = next(f for f in self.config.forwards if f.name == forward)
+        if connection is None:
+            return ""
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await connection.open_connection(spec.remote_host, spec.remote_port)
+            writer.close()
+        except asyncssh.ChannelOpenError as exc:
+            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+                return (f"sshd on {self.config.host} forbids forwarding to {spec.remote_host}:"
+                        f"{spec.remote_port}: set AllowTcpForwarding yes in its sshd_config "
+                        "(and, if PermitOpen is set, let it name that port)")
+        except (OSError, TimeoutError, asyncssh.Error):
+            pass
+        return ""
+
     async def wait_first_attempt(self, patience: float) -> None:
         """Until the first connection attempt has succeeded or failed (or ``patience`` ran
         out): start-up gives a tunnel a moment before discovery asks through it.
@@ -133,14 +156,14 @@ class Tunnel:
     async def _serve(self, connection: asyncssh.SSHClientConnection) -> float:
         """Until the link drops; how long it was up."""
         started = time.monotonic()
-        self.connected = True
+        self.connected, self._connection = True, connection
         log.info("tunnel %s is up (%s)", self.name, ", ".join(
             f"127.0.0.1:{self.ports[f.name]} → {f.remote_host}:{f.remote_port}"
             for f in self.config.forwards))
         self._set("up")
         self._first.set()
-        await _notify(self.on_up, self)
         try:
+            await _notify(self.on_up, self)  # (inside: a stop meanwhile closes the link too)
             await connection.wait_closed()
         except asyncio.CancelledError:  # the gateway is stopping: close it ourselves
             connection.close()
@@ -149,7 +172,7 @@ class Tunnel:
                     await connection.wait_closed()
             raise
         finally:
-            self.connected = False
+            self.connected, self._connection = False, None
             await self._close_listeners()
         self.reconnects += 1
         self._set("down")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,10 +18,11 @@ import asyncssh
 import openai
 import pytest
 
-from gateway.config import AlertRule
+from gateway.config import AlertRule, ForwardConfig, TunnelConfig
 from gateway.keys import TUNNELS
 from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY
+from gateway.tunnel.manager import TunnelManager
 from tests import ssh_peers
 from tests.e2e.conftest import TUNNEL_MODEL
 from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
@@ -271,6 +275,74 @@ def test_a_wrong_password_is_refused_and_never_shown(
             assert c.chat.completions.create(model=MODEL, messages=USER).choices
     finally:
         gateway.stop()
+        server.stop()
+
+
+def test_a_key_ssh_keygen_wrote_with_a_passphrase_is_used(
+    keys: Keys, workstation: Sim, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """ssh-keygen writes OpenSSH's own format, whose passphrase takes bcrypt to open (it was
+    not installed: every passphrase, right or wrong, was "cannot use the key").
+    """
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "open sesame 42", "-f", str(key)],
+                   check=True)
+    with keys.authorized_keys.open("a") as authorized:
+        authorized.write(key.with_suffix(".pub").read_text())
+    server = OpenSSHServer(keys).start()
+    caplog.set_level(logging.DEBUG)
+    try:
+        monkeypatch.setenv("STUDIO_KEY_PASSPHRASE", "not it")
+        gateway = start_gateway(tunnel_config(keys, server.port, workstation, key_file=str(key),
+                                              key_passphrase_env="STUDIO_KEY_PASSPHRASE"))
+        try:
+            _state, error, hint = tunnel_error(gateway)
+            assert error.startswith(f"cannot use the key {key}") and "bcrypt" not in error
+            assert "key_passphrase_env" in hint and "not it" not in error + hint + caplog.text
+        finally:
+            gateway.stop()
+        monkeypatch.setenv("STUDIO_KEY_PASSPHRASE", "open sesame 42")
+        gateway = start_gateway(tunnel_config(keys, server.port, workstation, key_file=str(key),
+                                              key_passphrase_env="STUDIO_KEY_PASSPHRASE"))
+        try:
+            with client(gateway) as c:
+                answer = c.chat.completions.create(model=MODEL, messages=USER)
+            assert answer.choices[0].message.content == DEFAULT_REPLY
+            assert "open sesame" not in caplog.text
+        finally:
+            gateway.stop()
+    finally:
+        server.kill()
+
+
+async def test_a_stop_while_the_tunnels_up_listeners_run_closes_the_link(
+        keys: Keys, workstation: Sim) -> None:
+    """The gateway stopped while it probed the backends behind a tunnel just up: the SSH
+    session stayed open, and the forward's port went on taking connections.
+    """
+    server = AsyncSSHServer(keys).start()
+    manager = TunnelManager((TunnelConfig(
+        name="studio", host="127.0.0.1", port=server.port, user="root",
+        key_file=str(keys.client), agent=False, known_hosts=str(keys.known_hosts(server.port)),
+        forwards=(ForwardConfig(name="ollama", remote_port=workstation.server.port),)),))
+    tunnel = manager.tunnels["studio"]
+    probing = asyncio.Event()
+
+    async def probe(_tunnel: object) -> None:  # (the app's probe of the backends behind it)
+        probing.set()
+        await asyncio.sleep(30)
+
+    tunnel.on_up.append(probe)
+    try:
+        await manager.start(patience=5)
+        await asyncio.wait_for(probing.wait(), 5)
+        await manager.close()
+        await asyncio.sleep(0.5)
+        assert [c for c in server._connections if not c.is_closed()] == []
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", tunnel.ports["ollama"])) != 0
+    finally:
         server.stop()
 
 

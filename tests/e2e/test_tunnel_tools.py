@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -65,6 +67,32 @@ def test_reverse_agent_keeps_its_forward_through_an_sshd_restart(
         output, _ = agent.communicate(timeout=10)
         sshd.kill()
     assert "tunnel agent: up" in output and "dropped" in output
+
+
+def test_reverse_agent_says_why_the_server_refused_its_port(keys: Keys, workstation: Sim
+                                                            ) -> None:
+    """The port is taken on the server (its own Ollama, or the agent's old session that sshd
+    has not yet noticed is gone): the agent said so with a traceback on every try, never
+    with its own words.
+    """
+    sshd = OpenSSHServer(keys).start()
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    agent = subprocess.Popen(
+        [*GATEWAY, "tunnel-agent", "--server", f"root@127.0.0.1:{sshd.port}",
+         "--key", str(keys.client), "--no-agent",
+         "--known-hosts", str(keys.known_hosts(sshd.port)),
+         "--forward", f"{port}:127.0.0.1:{workstation.server.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(4)
+    finally:
+        agent.terminate()
+        output, _ = agent.communicate(timeout=10)
+        taken.close()
+        sshd.kill()
+    assert f"the server refused to listen on port {port}" in output, output
+    assert "ClientAliveInterval" in output and "Traceback" not in output
 
 
 @pytest.mark.parametrize("flag", ["--print-systemd", "--print-launchd"])
@@ -157,6 +185,22 @@ def test_check_explains_a_service_down_behind_the_tunnel(keys: Keys, tmp_path: P
     assert result.stdout.splitlines()[0].endswith("  up")
     assert "the service behind the tunnel is down: is Ollama (ollama serve) running on " \
         "127.0.0.1" in result.stdout
+
+
+def test_check_tells_an_sshd_that_forbids_forwarding_from_a_service_down(
+        keys: Keys, workstation: Sim, tmp_path: Path) -> None:
+    """(It said "is Ollama running?" of an Ollama that was, behind an sshd whose
+    AllowTcpForwarding is no.)"""
+    server = OpenSSHServer(keys, forwarding="no").start()
+    try:
+        result = run_check(write_check_config(tmp_path / "g.toml", keys, server.port,
+                                              workstation.server.port,
+                                              f'key_file = "{keys.client}"'))
+    finally:
+        server.kill()
+    assert result.returncode == 1
+    assert "sshd on 127.0.0.1 forbids forwarding to 127.0.0.1:" in result.stdout
+    assert "AllowTcpForwarding yes" in result.stdout and "is Ollama" not in result.stdout
 
 
 def test_check_explains_refused_credentials_without_showing_them(
