@@ -214,6 +214,7 @@ async def _form(request: web.Request, raw: bytes) -> dict[str, Any]:
 
 _HEADERS = email.parser.HeaderParser(policy=email.policy.HTTP)
 MAX_PARTS = 16
+MAX_HEADERS = 8192  # of a part's header lines (aiohttp's limit of a request's header field)
 
 
 def _parts(body: bytes, boundary: bytes, limit: int) -> dict[str, Any]:
@@ -233,7 +234,12 @@ def _parts(body: bytes, boundary: bytes, limit: int) -> dict[str, Any]:
         if parts > MAX_PARTS:  # (each costs its headers' parse: a flood of them, minutes)
             raise InvalidRequest(f"An upload has a file and its purpose: more than "
                                  f"{MAX_PARTS} parts is not one.", code="invalid_upload")
-        head_end = body.find(b"\r\n\r\n", at)
+        head_end = body.find(b"\r\n\r\n", at, at + MAX_HEADERS)
+        if head_end < 0 and body.find(b"\r\n\r\n", at) >= 0:
+            # (a Content-Disposition of many parameters costs its parse far more than its
+            # length: 1 MB of them took 50 s and a gigabyte)
+            raise InvalidRequest(f"A part's headers are longer than {MAX_HEADERS} bytes.",
+                                 code="invalid_upload")
         end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
         if end < 0:
             break
