@@ -220,8 +220,13 @@ def _alert(alert: Alert) -> dict[str, Any]:
 
 
 def _redis_urls(config: GatewayConfig) -> list[str]:
-    """Every Redis the gateway uses (the cache's, the keys', the Responses store's)."""
-    urls = []
+    """Every Redis the gateway uses (the cache's, the keys', the Responses store's, the
+    shared routing state's, what was learned, the task queue's).
+    """
+    urls = [url for url in (config.routing.redis_url, config.routing.learned.redis_url)
+            if url]
+    if config.tasks.queue == "redis":
+        urls.append(config.tasks.redis_url)
     if config.tenants.store == "redis":
         urls.append(config.tenants.redis_url)
     if config.responses.backend == "redis":

@@ -92,10 +92,11 @@ class Window:
         counters, histograms = self._metrics.totals()
         snap = Snapshot(now)
         for (door, status, model), n in counters[self._i.requests.name].items():
-            if door == "gateway" or (not model and status[0] in "123"):
+            if door == "gateway" or (not model and status[0] != "5"):
                 # /health, /ready, /metrics, /admin/status, the dashboard; and what a door
-                # answers without a model (its list of models, files and batches): a
-                # model's answer always names it
+                # answers or refuses without a model (its list of models, files and
+                # batches, a stale key's polls, an unknown path): a model's answer, and its
+                # refusal, always names it; the gateway's failure counts either way
                 continue
             snap.requests += n
             if status.startswith("5"):

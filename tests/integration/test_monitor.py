@@ -54,11 +54,11 @@ def chat(server: ServerThread, model: str = "auto", key: str = "x") -> Any:
     return client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
 
 
-def one_ollama(fleet: Fleet, **sections: Any) -> Any:
+def one_ollama(fleet: Fleet, routing: dict[str, Any] | None = None, **sections: Any) -> Any:
     return gateway_config(backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
                           routing={"health_interval": 0.2, "retries": 0,
                                    "breaker": {"failures": 2, "cooldown": 0.5},
-                                   "tier_fallback": False},
+                                   "tier_fallback": False, **(routing or {})},
                           **sections)
 
 
@@ -143,6 +143,8 @@ def test_the_request_rate_counts_requests_to_models_not_model_lists(fleet: Fleet
             chat(server)
         for path in ("/v1/models", "/api/tags", "/api/version") * 7:
             assert get(server.url + path)[0] == 200
+        for path in ("/v1/no/such/route", "/v1/models/no-such-model") * 7:  # (and refusals)
+            assert get(server.url + path)[0] == 404
         wait_until(lambda: counted() == 3, 10, "the three chats counted")
         time.sleep(1.5)  # (the next samples)
         assert counted() == 3
@@ -298,13 +300,21 @@ def test_alerts_fire_once_and_resolve_once_in_every_sink(
     assert telegram[0][1]["chat_id"] == "42"
 
 
-def test_redis_that_stops_answering_is_an_alert(receiver: Receiver, fleet: Fleet) -> None:
+@pytest.mark.parametrize("use", ["cache", "routing", "tasks"])
+def test_redis_that_stops_answering_is_an_alert(receiver: Receiver, fleet: Fleet,
+                                                use: str) -> None:
+    """Whatever the gateway uses it for (the shared routing state's and the task queue's
+    went unwatched)."""
     with RedisServer() as redis:
+        uses: dict[str, Any] = {
+            "cache": {"plugins": [{"name": "cache", "options": {"backend": "redis",
+                                                                "redis_url": redis.url}}]},
+            "routing": {"routing": {"redis_url": redis.url}},
+            "tasks": {"tasks": {"queue": "redis", "redis_url": redis.url}}}[use]
         server = start_gateway(one_ollama(
             fleet, monitor={**QUICK, "alerts": [{"kind": "redis_down", "after": 0.2}],
                             "sinks": [{"kind": "webhook", "url": receiver.url + "/hook"}]},
-            plugins=[{"name": "cache", "options": {"backend": "redis",
-                                                   "redis_url": redis.url}}]))
+            **uses))
         try:
             time.sleep(0.5)
             assert receiver.posts == []
