@@ -196,6 +196,7 @@ def as_worker(app: web.Application) -> None:
     folder = os.environ.get(METRICS_ENV)
     if folder and app[TELEMETRY].metrics.enabled:
         shared = WorkerMetrics(app[TELEMETRY].metrics, folder, number)
+        shared.attach()
 
         async def metrics_of_all(_: web.Application) -> AsyncIterator[None]:
             shared.start()

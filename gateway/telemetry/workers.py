@@ -30,9 +30,15 @@ class WorkerMetrics:
         self._path = self._folder / f"worker-{number}.json"
         self._writing: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def attach(self) -> None:
+        """Counts go on from a predecessor's, and read the others': from before anything
+        (the monitor's traffic window above all) first reads them, or the jump from this
+        worker's own counts to all of theirs reads as a burst of traffic.
+        """
         self._metrics.carried = _read(self._path)
         self._metrics.siblings = self._others
+
+    def start(self) -> None:
         self._writing = asyncio.get_running_loop().create_task(self._keep_writing())
 
     async def close(self) -> None:
