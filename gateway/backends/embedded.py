@@ -10,6 +10,7 @@ core install stays lean, and a missing piece only disables this backend.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import json
@@ -35,7 +36,8 @@ SMOLLM2_PARAMETERS = 135e6
 CHECK_SECONDS = 5.0  # health checks of a running server
 HEALTH_SECONDS = 2.0  # for one health check's answer
 WEDGED_AFTER = 3  # failed checks in a row before a live but silent server is restarted
-START_SECONDS = 120.0  # loading a model on a small CPU box takes a while
+START_SECONDS = 120.0  # for a server to answer at all (it may take longer to load)
+SAID_LINES = 12  # of what the server said, kept to tell why it did not come up
 MAX_RESTART_DELAY = 30.0
 
 
@@ -65,6 +67,9 @@ class EmbeddedBackend(OpenAICompatBackend):
         self._port = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._tried = asyncio.Event()  # the first server came up, or failed to
+        self._said: collections.deque[str] = collections.deque(maxlen=SAID_LINES)
+        self._listener: asyncio.Task[None] | None = None  # reads what the server says
         self.restarts = 0
         self._limits["health"] = Limits(config.timeouts.connect, total=HEALTH_SECONDS)
 
@@ -80,13 +85,22 @@ class EmbeddedBackend(OpenAICompatBackend):
             log.log(level, "backend %s (embedded) is off: %s", self.name, exc)
             return
         self._model_path = model
+        await self._listen_anew()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"embedded-{self.name}")
+        # Until the first try came up or failed (its reason logged): a model that cannot be
+        # loaded must not keep the gateway's other backends from being served.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_SECONDS):
+                await self._tried.wait()
+
+    async def _listen_anew(self) -> None:
+        """A port of its own for the next server: one left taken (by whatever took it while
+        the last server was down) is never tried again and again.
+        """
+        await super().close()
         self._port = _free_port()
         self.base_url = f"http://127.0.0.1:{self._port}/v1"
         await super().start()
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"embedded-{self.name}")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(START_SECONDS):
-                await self._ready.wait()
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -99,7 +113,7 @@ class EmbeddedBackend(OpenAICompatBackend):
             await super().close()
 
     async def list_models(self) -> list[ModelInfo]:
-        if self._supervisor is None:
+        if not self._ready.is_set():  # (off, loading, or failing to: no model to list yet)
             return []
         # The gateway chose this model itself: what it can do is known, not presumed.
         return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=True,
@@ -123,14 +137,19 @@ class EmbeddedBackend(OpenAICompatBackend):
                 await self._spawn()
                 if await self._wait_healthy():
                     self._ready.set()
+                    self._tried.set()
                     delay = 1.0
                     why = await self._watch()
                 else:
                     why = "it did not come up"
                 await self._stop_process()
+                if not self._ready.is_set():
+                    why += "".join(f"\n  {line}" for line in self._said)
+                    await self._listen_anew()
             except Exception as exc:  # the supervisor itself must not die
                 log.exception("backend %s: supervising llama.cpp failed", self.name)
                 why = repr(exc)
+            self._tried.set()
             log.warning("backend %s: the llama.cpp server stopped (%s); restarting in %.0fs",
                         self.name, why, delay)
             await asyncio.sleep(delay)
@@ -148,16 +167,18 @@ class EmbeddedBackend(OpenAICompatBackend):
                 return f"exit code {code}"
             except TimeoutError:
                 pass
-            failures = 0 if await self._healthy() else failures + 1
+            failures = 0 if await self._healthy() is not None else failures + 1
             if failures >= WEDGED_AFTER:
                 return f"no answer to {failures} health checks"
 
-    async def _healthy(self) -> bool:
-        with contextlib.suppress(GatewayError):
+    async def _healthy(self) -> bool | None:
+        """True: loaded; False: it answers, not ready (503 while it loads); None: no answer."""
+        try:
             async with self.request("GET", "/health", timeout="health", root=True) as r:
                 await r.read()
-                return True  # 200: loaded (503 while loading is an error status)
-        return False
+                return True
+        except GatewayError as exc:
+            return None if exc.code in ("backend_unreachable", "upstream_timeout") else False
 
     async def _spawn(self) -> None:
         settings = {"model": str(self._model_path), "port": self._port,
@@ -167,32 +188,60 @@ class EmbeddedBackend(OpenAICompatBackend):
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.backends.llamacpp_main", json.dumps(settings),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        self._said.clear()
+        assert self.process.stderr is not None
+        self._listener = asyncio.create_task(self._listen(self.process.stderr),
+                                             name=f"embedded-{self.name}-log")
         log.info("backend %s: llama.cpp (pid %d) loading %s on port %d", self.name,
                  self.process.pid, self._model_path.name, self._port)
 
+    async def _listen(self, said: asyncio.StreamReader) -> None:
+        """What the server says, read as it comes (a full pipe would stop it); its last
+        lines are kept to tell why it did not come up.
+        """
+        with contextlib.suppress(ValueError, OSError):  # (a line past the reader's limit)
+            while line := await said.readline():
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    self._said.append(text[:300])
+                    log.debug("backend %s: llama.cpp: %s", self.name, text)
+
     async def _wait_healthy(self) -> bool:
-        """Poll /health until the model is loaded (503 while loading) or the process dies."""
-        deadline = asyncio.get_running_loop().time() + START_SECONDS
+        """Poll /health until the model is loaded; False when the process dies, or answers
+        nothing for ``START_SECONDS``. One still loading (a 503) is waited for however long
+        it takes: a big model on a small box takes minutes, and killing it would only begin
+        the load again.
+        """
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
         assert self.process is not None
-        while self.process.returncode is None and asyncio.get_running_loop().time() < deadline:
-            if await self._healthy():
+        while self.process.returncode is None and loop.time() - heard < START_SECONDS:
+            healthy = await self._healthy()
+            if healthy:
                 log.info("backend %s: llama.cpp is serving %s", self.name, self.model_name)
                 return True
+            if healthy is not None:
+                heard = loop.time()
             await asyncio.sleep(0.2)
         return False
 
     async def _stop_process(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            async with asyncio.timeout(10):
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
                 await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if self._listener is not None:  # (what it said to the end: the pipe closes with it)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    await asyncio.shield(self._listener)
+            self._listener.cancel()
+            self._listener = None
 
 
 def _free_port() -> int:

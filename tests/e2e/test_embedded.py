@@ -21,6 +21,7 @@ from gateway.keys import BACKENDS
 from tests.support import (
     GATEWAY,
     ServerThread,
+    Sim,
     backend,
     free_port,
     gateway_config,
@@ -95,6 +96,31 @@ def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedB
     with ollama.Client(host=server.url) as ollama_client:
         shown = ollama_client.show("smollm2:135m")
     assert "embedding" in (shown.capabilities or []) and "completion" in (shown.capabilities or [])
+
+
+def test_a_model_that_cannot_load_keeps_nothing_else_from_being_served(
+        ollama_sim: Sim, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A model file llama.cpp cannot read: the gateway did not listen for two minutes (its
+    Ollama's models unserved too), logged "it did not come up" without llama.cpp's reason,
+    and listed the model it could not serve.
+    """
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(os.urandom(4096))
+    started = time.monotonic()
+    server = start_gateway(gateway_config(
+        backend("light", "embedded", "", tier="server", model_path=str(broken)),
+        backend("studio", "ollama", ollama_sim.api_url)))
+    try:
+        assert time.monotonic() - started < 30
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            assert "broken" not in [m.id for m in client.models.list()]
+            answer = client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content
+        failed = [r.getMessage() for r in caplog.records if "did not come up" in r.getMessage()]
+        assert failed and "\n  " in failed[0], failed  # with what llama.cpp said
+    finally:
+        server.stop()
 
 
 def test_stops_its_server_on_shutdown() -> None:
