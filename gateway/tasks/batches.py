@@ -16,7 +16,7 @@ import orjson
 
 from gateway.tasks import local, shared
 from gateway.tasks.local import LocalStore
-from gateway.tasks.records import check_input, file_record, new_id
+from gateway.tasks.records import Line, check_input, file_record, new_id
 from gateway.tasks.shared import RedisStore
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,50 @@ class Batches:
                 "errors": {"object": "list", "data": errors}}, when=("validating",))
         else:
             changed = await self.store.change_batch(record["id"], {
-                "status": "in_progress", "in_progress_at": now,
+                "status": "in_progress", "in_progress_at": now, "queued": False,
                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}},
                 when=("validating",))
             if changed is not None:  # (queued once in progress: a worker that reads a line
                 # at once finds its batch in progress, not still validating)
-                await self.store.enqueue(lines)
+                await self.store.keep_ids(record["id"], [x.custom_id for x in lines])
+                changed = await self._queue(record["id"], lines, len(lines)) or changed
         if changed is None:  # cancelled meanwhile, or failed by a watch that took it for
             # abandoned: nothing is queued
             changed = await self.store.batch(record["id"])
         assert changed is not None
         return changed
+
+    async def _queue(self, batch_id: str, lines: list[Line], total: int
+                     ) -> dict[str, Any] | None:
+        """``lines`` (of ``total``) queued, and the batch said to be: one whose process
+        stopped half way is queued again by the watch (a line queued twice is answered
+        twice, and counted once).
+        """
+        await self.store.enqueue(lines, total)
+        return await self.store.change_batch(batch_id, {"queued": True}, when=("in_progress",))
+
+    async def _requeue(self, batch: dict[str, Any]) -> None:
+        """A batch left in progress with its lines not all queued (its process stopped as
+        it queued them): queued again, or failed if its input is gone.
+        """
+        content = await self.store.content(batch["input_file_id"])
+        if content is None:
+            await self.store.change_batch(batch["id"], {
+                "status": "failed", "failed_at": int(time.time()), "errors": {
+                    "object": "list", "data": [{
+                        "code": "validation_interrupted", "param": None, "line": None,
+                        "message": "The gateway stopped while it queued this batch's lines, "
+                                   "and its input file is gone; create the batch again."}]}},
+                when=("in_progress",))
+            return
+        lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
+                                           batch["endpoint"], self._max_lines)
+        answered = {r["custom_id"] for _, r in await self.store.results(batch["id"])}
+        log.warning("batch %s was left with its lines not all queued; queued again",
+                    batch["id"])
+        await self._queue(batch["id"], [x for x in lines if x.custom_id not in answered],
+                          len(lines))
+        await self.settle(batch["id"])  # (should every line have been answered meanwhile)
 
     async def cancel(self, batch_id: str) -> dict[str, Any] | None:
         """Stop answering the batch's lines; those in flight finish."""
@@ -88,10 +121,13 @@ class Batches:
         await self.settle(batch_id)
 
     async def _expired_files(self, batch: dict[str, Any]) -> dict[str, Any] | None:
-        content = await self.store.content(batch["input_file_id"]) or b""
-        lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
-                                           batch["endpoint"], self._max_lines)
-        files = await self._write_files(batch, [x.custom_id for x in lines])
+        ids = await self.store.ids(batch["id"])
+        if ids is None:  # (a batch begun before its ids were kept: its input's)
+            content = await self.store.content(batch["input_file_id"]) or b""
+            lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
+                                               batch["endpoint"], self._max_lines)
+            ids = [x.custom_id for x in lines]
+        files = await self._write_files(batch, ids)
         return await self.store.change_batch(batch["id"], {
             **files, "status": "expired", "expired_at": int(time.time()), "expiring": False},
             when=("finalizing",))
@@ -110,6 +146,8 @@ class Batches:
                 await self.expire(batch["id"])
             elif not stuck:
                 continue
+            elif status == "in_progress" and batch.get("queued") is False:
+                await self._requeue(batch)
             elif status == "finalizing" and batch.get("expiring") and \
                     now - (batch.get("finalizing_at") or now) > FORCE_SECONDS:
                 await self._expired_files(batch)  # lines still counted, none at work

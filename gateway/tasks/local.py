@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS lines (batch TEXT, n INTEGER, custom_id TEXT, body TE
 CREATE INDEX IF NOT EXISTS lines_due ON lines (holder, due);
 CREATE TABLE IF NOT EXISTS results (batch TEXT, n INTEGER, custom_id TEXT, ok INTEGER,
     line TEXT, PRIMARY KEY (batch, custom_id));
+CREATE TABLE IF NOT EXISTS custom_ids (batch TEXT PRIMARY KEY, ids TEXT);
 """
 
 
@@ -185,7 +186,8 @@ class LocalStore:
 
     # ---- the queue
 
-    async def enqueue(self, lines: list[Line]) -> None:
+    async def enqueue(self, lines: list[Line], total: int | None = None) -> None:
+        """``lines`` queued (a line's count is its row: ``total`` is for the Redis store's)."""
         await self._run(lambda db: db.executemany(
             "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, NULL, 0, 0)",
             [(x.batch, x.n, x.custom_id, orjson.dumps(x.body)) for x in lines]))
@@ -244,6 +246,18 @@ class LocalStore:
         """The batch's lines no worker holds now are not answered (cancelled, expired)."""
         await self._run(lambda db: db.execute(
             "DELETE FROM lines WHERE batch = ? AND holder IS NULL", (batch_id,)))
+
+    async def keep_ids(self, batch_id: str, ids: list[str]) -> None:
+        """A batch's custom_ids, in order: what an expired batch's error file lists as not
+        answered, its input file deleted or not.
+        """
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO custom_ids VALUES (?, ?)",
+                                              (batch_id, orjson.dumps(ids))))
+
+    async def ids(self, batch_id: str) -> list[str] | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT ids FROM custom_ids WHERE batch = ?", (batch_id,)).fetchone())
+        return orjson.loads(row[0]) if row else None
 
     async def remaining(self, batch_id: str) -> int:
         row = await self._run(lambda db: db.execute(

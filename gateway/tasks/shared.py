@@ -32,7 +32,8 @@ from gateway.tasks.records import TERMINAL, Line
 log = logging.getLogger(__name__)
 
 P = "gw:tasks:"
-RECENT = 100  # the newest batches the operator's view looks at (every few seconds)
+RECENT = 100  # the newest finished batches looked at (every few seconds): and every open one
+OPEN = f"{P}open"  # the batches not yet finished, by when they were made
 STREAM, LATER, GROUP = "gw:{tasks}:lines", "gw:{tasks}:later", "workers"
 DOWN = (RedisError, OSError, TimeoutError)  # Redis is down, restarting or unreachable
 
@@ -56,6 +57,11 @@ if now ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
+# A batch's count of lines left: of its lines, those with no result yet (a batch queued
+# again, its process having stopped half way, counts the lines answered meanwhile once).
+REMAINING = """
+redis.call('SET', KEYS[2], tonumber(ARGV[1]) - redis.call('HLEN', KEYS[1]))
+"""
 DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
 for _, line in ipairs(due) do
@@ -78,9 +84,10 @@ def _count(record: dict[str, Any], counts: dict[bytes, bytes]) -> None:
                                 "failed": int(counts.get(b"failed", 0))}
 
 
-def batch_keys(batch: str) -> tuple[str, str, str, str]:
+def batch_keys(batch: str) -> tuple[str, str, str, str, str]:
     tag = f"{P}{{{batch}}}"
-    return f"{tag}:results", f"{tag}:counts", f"{tag}:remaining", f"{tag}:dropped"
+    return (f"{tag}:results", f"{tag}:counts", f"{tag}:remaining", f"{tag}:dropped",
+            f"{tag}:ids")
 
 
 class RedisStore:
@@ -104,6 +111,7 @@ class RedisStore:
         self._discard = plain.register_script(DISCARD)
         self._due = plain.register_script(DUE)
         self._change = plain.register_script(CHANGE)
+        self._remaining = plain.register_script(REMAINING)
 
     @property
     def _redis(self) -> Any:  # (loosely typed)
@@ -170,6 +178,8 @@ class RedisStore:
             pipe.set(f"{P}batch:{record['id']}", orjson.dumps(record))
             pipe.zadd(f"{P}batches:{record['tenant']}", {record["id"]: time.time()})
             pipe.zadd(f"{P}batches", {record["id"]: time.time()})
+            if record["status"] not in TERMINAL:
+                pipe.zadd(OPEN, {record["id"]: time.time()})
             await pipe.execute()
 
     async def batch(self, batch_id: str) -> dict[str, Any] | None:
@@ -211,18 +221,29 @@ class RedisStore:
         """
         await self._find_out()
         try:
-            ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
+            ids = await self._recent_ids()
         except MovedError:  # a cluster after all (it could not be asked)
             self._client.moved()
-            ids = await self._redis.zrevrange(f"{P}batches", 0, RECENT - 1)
+            ids = await self._recent_ids()
         out, done = [], 0
-        for record in await self._batches(ids):
+        for record in sorted(await self._batches(ids), key=lambda b: b["created_at"],
+                             reverse=True):
             if record["status"] in TERMINAL:
                 done += 1
                 if done > finished:
                     continue
             out.append(record)
         return out
+
+    async def _recent_ids(self) -> list[bytes]:
+        """Every open batch (however many newer ones there are: the watch must see each to
+        expire it or finish a change left half made) and the newest finished ones.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(OPEN, 0, -1)
+            pipe.zrevrange(f"{P}batches", 0, RECENT - 1)
+            open_ids, newest = await pipe.execute()
+        return list(dict.fromkeys([*open_ids, *newest]))
 
     async def change_batch(self, batch_id: str, changes: dict[str, Any],
                            when: tuple[str, ...] = ()) -> dict[str, Any] | None:
@@ -237,16 +258,23 @@ class RedisStore:
             record.update(changes)
             if await self._change(keys=[key], args=[doc, orjson.dumps(record)],
                                   client=self._redis):
+                if record["status"] in TERMINAL:
+                    await self._redis.zrem(OPEN, batch_id)
                 return await self._counted(record)
             # changed meanwhile: look again
 
     # ---- the queue
 
-    async def enqueue(self, lines: list[Line]) -> None:
+    async def enqueue(self, lines: list[Line], total: int | None = None) -> None:
+        """``lines`` queued; the batch's count of lines left made ``total`` (of all its
+        lines: ``lines`` may be those not yet answered) less those answered.
+        """
         if not lines:
             return
-        # SET, not INCRBY: a batch's lines are queued once, and a SET tried twice counts once
-        await self._redis.set(batch_keys(lines[0].batch)[2], len(lines))
+        results, _, remaining, *_ = batch_keys(lines[0].batch)
+        # Set, not added to: a count set twice (a call tried again) counts once
+        await self._remaining(keys=[results, remaining], args=[total or len(lines)],
+                              client=self._redis)
         for start in range(0, len(lines), 500):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for line in lines[start:start + 500]:
@@ -283,7 +311,7 @@ class RedisStore:
         await self._redis.xclaim(STREAM, GROUP, holder, 0, [line.ref], justid=True)
 
     async def finish(self, line: Line, ok: bool, result: dict[str, Any]) -> None:
-        results, counts, remaining, _ = batch_keys(line.batch)
+        results, counts, remaining, *_ = batch_keys(line.batch)
         await self._finish(keys=[results, counts, remaining],
                            args=[line.custom_id, orjson.dumps({"n": line.n, "ok": ok,
                                                                 "line": result}),
@@ -292,7 +320,7 @@ class RedisStore:
         await self._done_with(line)
 
     async def discard(self, line: Line) -> None:
-        results, _, remaining, dropped = batch_keys(line.batch)
+        results, _, remaining, dropped, _ = batch_keys(line.batch)
         await self._discard(keys=[dropped, results, remaining], args=[line.custom_id],
                             client=self._redis)
         await self._done_with(line)
@@ -314,6 +342,13 @@ class RedisStore:
         """Lines in the stream cannot be taken out by batch: each worker that reads one of
         a batch no longer in progress drops it (``discard``), which is quick.
         """
+
+    async def keep_ids(self, batch_id: str, ids: list[str]) -> None:
+        await self._redis.set(batch_keys(batch_id)[4], orjson.dumps(ids))
+
+    async def ids(self, batch_id: str) -> list[str] | None:
+        ids = await self._redis.get(batch_keys(batch_id)[4])
+        return orjson.loads(ids) if ids else None
 
     async def remaining(self, batch_id: str) -> int:
         return int(await self._redis.get(batch_keys(batch_id)[2]) or 0)

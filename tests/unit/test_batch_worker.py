@@ -6,19 +6,24 @@ the watch finishes a batch's change that was left half made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from gateway.config import TasksConfig
 from gateway.tasks.batches import FORCE_SECONDS, STUCK_SECONDS, Batches
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import Line, batch_record
+from gateway.tasks.shared import RedisStore
 from gateway.tasks.spending import Spending
 from gateway.tasks.worker import Worker
 from gateway.tenants import KeyBook, MemoryLimits
+from tests.redis_peer import RedisServer
 
 
 async def test_a_line_of_a_batch_still_validating_is_put_back(tmp_path: Path) -> None:
@@ -201,3 +206,118 @@ async def test_a_stop_puts_back_only_the_lines_not_yet_answered(
                             if n != written["custom_id"]]
     finally:
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def a_store(kind: str, folder: Path) -> AsyncIterator[LocalStore | RedisStore]:
+    """The local store, or the Redis one on a redis-server of the test's own."""
+    with contextlib.ExitStack() as stack:
+        store: LocalStore | RedisStore
+        if kind == "redis":
+            store = RedisStore(stack.enter_context(RedisServer()).url, visibility_timeout=300)
+        else:
+            store = LocalStore(str(folder), visibility_timeout=300)
+        await store.start()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+def batch_input(n: int) -> tuple[bytes, list[Line]]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    content = b"\n".join(orjson.dumps({"custom_id": f"request-{i}", "method": "POST",
+                                       "url": "/v1/chat/completions", "body": body})
+                         for i in range(1, n + 1))
+    return content, [Line("batch_1", i, f"request-{i}", body) for i in range(1, n + 1)]
+
+
+async def drop_what_is_queued(store: LocalStore | RedisStore, batches: Batches) -> None:
+    """As a worker does with the lines of a batch no longer in progress (on Redis, an
+    expiring batch waits for that)."""
+    for line in await store.claim("worker", 100, 0.1):
+        await store.discard(line)
+        await batches.settle(line.batch)
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_a_batch_left_half_queued_is_queued_again_and_completes(
+        kind: str, tmp_path: Path) -> None:
+    """The gateway stopped while it queued a batch's lines: the batch said in_progress for a
+    day with nothing left to do, then expired (on Redis, its count of lines left never came
+    down to 0). The watch queues again the lines not yet answered.
+    """
+    async with a_store(kind, tmp_path) as store:
+        batches = Batches(store, 100)
+        content, lines = batch_input(3)
+        await store.save_file({"id": "file-1", "object": "file", "bytes": len(content),
+                               "created_at": 0, "filename": "in.jsonl", "purpose": "batch",
+                               "tenant": "alice"}, content)
+        record = batch_record("batch_1", "alice", "/v1/chat/completions", "file-1", "24h",
+                              None)
+        await store.put_batch(record)
+        long_ago = int(time.time()) - 2 * int(STUCK_SECONDS)
+        await store.change_batch("batch_1", {
+            "status": "in_progress", "in_progress_at": long_ago, "queued": False,
+            "request_counts": {"total": 3, "completed": 0, "failed": 0}})
+        await store.enqueue(lines[:1], total=3)  # ... and the process stopped
+        [first] = await store.claim("worker", 8, 0.1)
+        await store.finish(first, True, {"custom_id": first.custom_id, "response": {}})
+
+        await batches.expire_overdue(await store.recent_batches())
+        again = await store.claim("worker", 8, 1.0)
+        assert sorted(x.custom_id for x in again) == ["request-2", "request-3"]
+        for line in again:
+            await store.finish(line, True, {"custom_id": line.custom_id, "response": {}})
+        await batches.settle("batch_1")  # (as the worker does once a line is done)
+        done = await store.batch("batch_1")
+        assert done is not None and done["status"] == "completed", done
+        assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+        output = await store.content(done["output_file_id"])
+        assert output is not None and len(output.splitlines()) == 3
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_an_expired_batch_lists_its_unanswered_lines_with_its_input_deleted(
+        kind: str, tmp_path: Path) -> None:
+    """(OpenAI lets a batch's input file be deleted once the batch is made: its error file
+    then listed no batch_expired line at all.)"""
+    async with a_store(kind, tmp_path) as store:
+        batches = Batches(store, 100)
+        content, _ = batch_input(3)
+        record = batch_record("batch_1", "alice", "/v1/chat/completions", "file-1", "24h",
+                              None)
+        await store.put_batch(record)
+        await batches.begin(record, content)
+        await store.delete_file("file-1")
+        await batches.expire("batch_1")
+        await drop_what_is_queued(store, batches)
+        expired = await store.batch("batch_1")
+        assert expired is not None and expired["status"] == "expired"
+        lost = await store.content(expired["error_file_id"])
+        assert lost is not None
+        assert sorted(orjson.loads(x)["custom_id"] for x in lost.splitlines()) == \
+            ["request-1", "request-2", "request-3"]
+
+
+async def test_the_watch_sees_an_open_batch_behind_a_hundred_newer_ones(tmp_path: Path
+                                                                       ) -> None:
+    """(On Redis the watch read the hundred newest batches only: an older one left in
+    progress past its window never expired.)"""
+    async with a_store("redis", tmp_path) as store:
+        batches = Batches(store, 100)
+        content, _ = batch_input(1)
+        old = batch_record("batch_old", "alice", "/v1/chat/completions", "file-1", "24h", None)
+        await store.put_batch(old)
+        await batches.begin(old, content)
+        await store.change_batch("batch_old", {"expires_at": int(time.time()) - 1})
+        for n in range(120):
+            newer = batch_record(f"batch_{n:03}", "bob", "/v1/chat/completions", "file-2",
+                                 "24h", None)
+            await store.put_batch({**newer, "status": "completed"})
+        await batches.expire_overdue(await store.recent_batches())
+        await drop_what_is_queued(store, batches)
+        expired = await store.batch("batch_old")
+        assert expired is not None and expired["status"] == "expired"
+        assert len([b for b in await store.recent_batches()
+                    if b["status"] == "completed"]) == 10
