@@ -141,10 +141,17 @@ class StreamRedactor:
             return self._too_long(text, hold)
         else:
             cut = hold
-        named = open_at_end(text)  # a credential that may yet be given its value
+        named = self._credential(text)  # a credential that may yet be given its value
         if named is not None and named < cut:
             cut = _hold_before(text, named)
         return (whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut), None
+
+    def _credential(self, text: str) -> int | None:
+        """Where a credential that may yet be given its value starts in ``text``, what is
+        held, read after the character released before it (the end of its name, perhaps).
+        """
+        named = open_at_end(self.context + text)
+        return None if named is None else max(0, named - len(self.context))
 
     def _too_long(self, text: str, hold: int) -> tuple[int, Secret | None]:
         """A run held past ``MAX_RUN``: a secret still arriving is redacted where it starts
@@ -174,7 +181,8 @@ class StreamRedactor:
         for s, e, _ in spans:
             if s < cut < e:
                 cut = e
-        return cut, None
+        named = self._credential(text[:cut])  # (nor between a credential's name and value)
+        return (cut if named is None or named <= hold else named), None
 
     def _redact(self, text: str) -> str:
         """The released text with secrets replaced; the last character released before is

@@ -86,6 +86,14 @@ def test_prose_about_credentials_is_held_back_a_word_at_most() -> None:
     "entity_mask2_token=entity_mask2_token,", 'CHALLENGE_PASSWORD: "challengePassword",',
     '"password": "string?",', "smtp://apikey:YOUR_SENDGRID_API_KEY2@smtp.sendgrid.net:587",
     "           password changes.", "the password is wrong", "Password manager: 1Password 8",
+    'publicKeyToken="30ad4fe6b2a6aeed"', "MasterUserPassword: !Ref DBPassword",
+    'url = "jdbc:mysql://db?user=app&password=" + dbPw + "&useSSL=false"',
+    '"password=%s&user=%s" % (pw, user)', "OPENAI_API_KEY=sk-proj-...",
+    '-e "MSSQL_SA_PASSWORD=YourStrong@Passw0rd"', "high_pass = 2000",
+    "ORIG_PWD=/home/user/project", "passphrase: &#x3C;string>",
+    "DB_PASSWORD=op://Production/postgres/password", 'let api_key = std::env::var("API_KEY")',
+    "password: (bool, optional): Hide typed text.", 'print(f"password={password!r}")',
+    'export OPENAI_API_KEY="$(pass show openai/api)"',
 ])
 def test_a_credentials_name_without_a_secret_is_left(text: str) -> None:
     """Code reading a secret, types, tokenizer settings, placeholders, images' defaults and
@@ -184,6 +192,14 @@ ENCRYPTED_KEY = ("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
     ("The staging admin password is Stg#Adm1n!2024q and that is all.", "Adm1n"),
     ("bind 0.0.0.0\nrequirepass Rd!s_Cl4ster9\nport 6379", "Cl4ster9"),
     ('{"dsn": "postgres://app:s3cr\\"et9Qx@db/x"}', "et9Qx"),  # (a quote escaped in JSON)
+    # (each was missed, or cut short, by a first version)
+    ('{"path": ".env", "content": "DB_PASSWORD=\\"Tr0ub4dor&3xK!92\\"\\n"}', "Tr0ub4dor"),
+    ("Set `DB_PASSWORD=Tr0ub4dor(3xK)!92` in your .env", "3xK"),
+    ("DB_PASSWORD=Tr0ub4dor;3xK!92 ok", "3xK!92"), ("'password' => 'Sup3rS3cr3t!x'", "S3cr"),
+    ('password := "Sup3rS3cr3t!x"', "S3cr"), ("PGPASSWORD=Sup3rS3cr3t9 psql", "S3cr"),
+    ("requirepass          Rd!s_Cl4ster9\n", "Cl4ster9"),
+    ('{"notes":"' + "a" * 3990 + '","password":"Tr0ub4dor&3xK!92Qz","more":"' + "b" * 200 + '"}',
+     "Tr0ub4dor"),  # (past the longest run held: one was let go between name and value)
 ])
 def test_secrets_of_every_shape_are_redacted_however_the_stream_is_cut(text: str,
                                                                        secret: str) -> None:
@@ -300,6 +316,17 @@ def test_no_rule_is_slow_on_adversarial_input(rule: Rule) -> None:
         started = time.perf_counter()
         rule.find(text)
         assert time.perf_counter() - started < 2.0, (rule.name, text[:20])
+
+
+def test_a_credentials_directive_is_read_in_linear_time() -> None:
+    """(Each candidate copied its line's start: 1 MB of them on one line took 4 s.)"""
+    for n in (21_845, 87_381):  # 256 KB and 1 MB
+        started = time.perf_counter()
+        BY_NAME["credential"].find("password x1 " * n)
+        took = time.perf_counter() - started
+        if n == 21_845:
+            small = took
+    assert took < 8 * small + 0.2, (small, took)
 
 
 def test_number_checks() -> None:
