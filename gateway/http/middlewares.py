@@ -180,7 +180,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             if response.status in (408, 413, 415):
                 response.force_close()  # the body was not read: the connection is spent
         if metered or span.recording or notes is not None:
-            _account(telemetry, span, notes, door, operation, request, response.headers,
+            _account(telemetry, span, notes, door, operation, request,
+                     request.get(STREAM_HEADERS, response.headers),
                      started, request.get(ENDED), response.status)
         if log.isEnabledFor(logging.DEBUG):  # (never a header's value: it may be a key)
             log.debug("%s %s %s: %d in %.1f ms", request_id, request.method, request.path,

@@ -18,6 +18,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+from multidict import CIMultiDict
 
 from gateway.errors import GatewayError
 from gateway.keys import CLIENT_CLOSED, ENDED, REQUEST_ID, STREAM_HEADERS
@@ -73,8 +74,16 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
     Responses door stores the response there, so a client that continues the conversation
     the moment it has the end finds it).
     """
-    answer.on_switch = encoder.switch_model
     headers = {**answer.headers, "x-request-id": request[REQUEST_ID]}
+    # Who answered, as the metrics, the trace and the request log say it: a rescue's model
+    # and backend once it takes over (the headers sent named the first).
+    served = CIMultiDict(headers)
+
+    def switched(model: str) -> None:
+        encoder.switch_model(model)
+        served["x-gateway-model"], served["x-gateway-backend"] = model, answer.backend
+
+    answer.on_switch = switched
     ok = False
     try:
         response: web.StreamResponse
@@ -87,7 +96,7 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
                                                    "Content-Type": encoder.media_type})
             response.enable_chunked_encoding()
         await response.prepare(request)
-        request[STREAM_HEADERS] = response.headers  # (who answered, should the client leave)
+        request[STREAM_HEADERS] = served  # (should the client leave, it is read at once)
         pinging = response if isinstance(response, EventSourceResponse) \
             else contextlib.nullcontext(response)
         async with pinging:

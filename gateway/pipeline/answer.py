@@ -35,7 +35,8 @@ class Streamed:
     ended: it frees the upstream connection and tells the plugins the request is over.
     """
 
-    __slots__ = ("_close", "_finish", "first", "headers", "model", "on_switch", "rest")
+    __slots__ = ("_close", "_finish", "backend", "first", "headers", "model", "on_switch",
+                 "rest")
 
     def __init__(self, first: Chunk, rest: AsyncIterator[Chunk], headers: dict[str, str],
                  model: str, finish: Callable[[], Awaitable[dict[str, str]]],
@@ -44,13 +45,14 @@ class Streamed:
         self.rest = rest
         self.headers = headers
         self.model = model  # the model answering; a rescued stream goes on from another
+        self.backend = headers.get("x-gateway-backend", "")  # (and its backend)
         self._finish = finish
         self._close: Callable[[bool], Awaitable[None]] | None = close
         # Told when a rescue moves the stream to another model (the door names it after).
         self.on_switch: Callable[[str], None] = _ignore
 
-    def switched(self, model: str) -> None:
-        self.model = model
+    def switched(self, model: str, backend: str) -> None:
+        self.model, self.backend = model, backend
         self.on_switch(model)
 
     async def finish(self) -> dict[str, str]:

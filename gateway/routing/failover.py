@@ -55,7 +55,7 @@ class RoutedAnswer:
         self._usage: Usage | None = None
         self._first_at = 0.0
         self._span: AnySpan = NO_SPAN
-        self.on_switch: Callable[[str], None] | None = None
+        self.on_switch: Callable[[str, str], None] | None = None  # (the model, its backend)
 
     @property
     def deployment(self) -> Deployment:
@@ -106,9 +106,12 @@ class RoutedAnswer:
             await self.close()
             raise
 
-    def _answering(self, lease: Lease) -> None:
+    def _answering(self, lease: Lease, picked: bool = True) -> None:
+        """The model now answering (``picked``: the first; or one that took over a stream),
+        as its metrics and its span say.
+        """
         model = lease.deployment.model.name
-        if self._alias:
+        if self._alias and picked:
             self._instruments.picks.add((self._alias, model))
         span = self._span
         if span.recording:
@@ -278,8 +281,9 @@ class RoutedAnswer:
                                      text if prefill is None else "", lease.deployment,
                                      len(self._sent) if prefill is not None else 0,
                                      "".join(self._thought) if not text else None)
+        self._answering(lease, picked=False)
         if self.on_switch is not None:
-            self.on_switch(lease.deployment.model.name)
+            self.on_switch(lease.deployment.model.name, lease.deployment.backend.name)
 
     async def _drop_stream(self) -> None:
         if self._stream is not None:

@@ -287,3 +287,26 @@ def test_a_whole_answer_says_its_time_to_first_token_and_speed_as_a_stream_does(
     ttft = [v for (name, _), v in samples.items()
             if name == "gen_ai_server_time_to_first_token_seconds_sum"]
     assert ttft and 0.25 <= sum(ttft) <= 0.6, ttft
+
+
+def test_a_rescued_stream_is_credited_to_the_model_that_took_it_over(
+        traced: tuple[ServerThread, InMemorySpanExporter], fleet: Fleet) -> None:
+    """The client had its answer from the fallback; the metrics, the request's trace and
+    the dashboard's request list said the model that broke off."""
+    server, exporter = traced
+    fleet.primary.fault("qwq:32b", cut_after=8)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        chunks = list(client.chat.completions.create(model="qwq:32b", messages=USER,
+                                                     stream=True))
+    assert chunks[-1].model == "qwen2.5-coder:32b"
+    samples = scrape(server)
+    assert value(samples, "gateway_requests_total", door="openai", status="200",
+                 model="qwen2.5-coder:32b") == 1
+    assert value(samples, "gateway_requests_total", door="openai", status="200",
+                 model="qwq:32b") == 0
+    spans = spans_of(server, exporter)
+    request = next(s for s in spans if s.kind == SpanKind.SERVER)
+    assert request.attributes is not None
+    assert request.attributes["gen_ai.response.model"] == "qwen2.5-coder:32b"
+    [line] = server.app[TELEMETRY].recent
+    assert line["served"] == "qwen2.5-coder:32b" and line["model"] == "qwq:32b"
