@@ -184,6 +184,23 @@ def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
         tunnel.on_up.append(up)
         tunnel.services_ok = services_ok
 
+    checking: set[asyncio.Task[None]] = set()  # (held until done)
+
+    def lost(name: str) -> None:
+        """A backend behind a tunnel that is up stopped answering: its link is asked at
+        once (one gone silent is dropped, and the requests waiting on it fail over now).
+        """
+        spec = next((b for b in config.backends if b.name == name), None)
+        if spec is None or not spec.tunnel:
+            return
+        tunnel = tunnels.tunnel_of(spec.tunnel)
+        if tunnel.connected:
+            task = asyncio.get_running_loop().create_task(tunnel.check_link())
+            checking.add(task)
+            task.add_done_callback(checking.discard)
+
+    health.on_lost.append(lost)
+
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 

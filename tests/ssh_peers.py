@@ -210,3 +210,53 @@ def _kill_tree(pid: int) -> None:
     for victim in reversed(doomed):
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+class Link:
+    """A TCP relay to ``port`` that can go silent (``black_hole()``): bytes stop moving both
+    ways and no connection is closed, as a network that drops everything does. Runs on the
+    test's event loop.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.silent = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._relays: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Link:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def black_hole(self) -> None:
+        self.silent.set()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        their_reader, their_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, their_writer]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if self.silent.is_set():
+                    await asyncio.Event().wait()  # (lost, and nothing more: ever)
+                sink.write(data)
+                await sink.drain()
+
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await asyncio.gather(pump(reader, their_writer), pump(their_reader, writer))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._relays:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

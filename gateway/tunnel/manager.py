@@ -28,6 +28,7 @@ from gateway.tunnel.ssh import TunnelError, connect, keep_connected, make_intera
 log = logging.getLogger(__name__)
 
 State = Literal["connecting", "up", "degraded", "down", "backing_off"]
+LINK_CHECK_SECONDS = 2.0  # for the remote sshd to answer a channel's opening
 Listener = Callable[["Tunnel"], Awaitable[None] | None]
 
 
@@ -110,6 +111,29 @@ class Tunnel:
         except (OSError, TimeoutError, asyncssh.Error):
             pass
         return ""
+
+    async def check_link(self, within: float = LINK_CHECK_SECONDS) -> None:
+        """Whether the link still carries anything, asked now (a backend behind it stopped
+        answering): a channel opened through it is answered at once, even refused; a link
+        gone silent (a network that drops everything) is dropped, not left to its
+        keepalives (three of them: 20 s by default, while requests through it wait).
+        """
+        connection = self._connection
+        if connection is None or not self.config.forwards:
+            return
+        forward = self.config.forwards[0]
+        try:
+            async with asyncio.timeout(within):
+                _, writer = await connection.open_connection(forward.remote_host,
+                                                             forward.remote_port)
+            writer.close()
+        except TimeoutError:
+            if connection is self._connection:
+                log.warning("tunnel %s: the link did not answer within %gs; dropping it",
+                            self.name, within)
+                connection.abort()
+        except (OSError, asyncssh.Error):
+            pass  # (answered: refused, or failed, is an answer)
 
     async def wait_first_attempt(self, patience: float) -> None:
         """Until the first connection attempt has succeeded or failed (or ``patience`` ran

@@ -25,7 +25,7 @@ from gateway.sim.fleet import DEFAULT_REPLY
 from gateway.tunnel.manager import TunnelManager
 from tests import ssh_peers
 from tests.e2e.conftest import TUNNEL_MODEL
-from tests.ssh_peers import AsyncSSHServer, Keys, OpenSSHServer
+from tests.ssh_peers import AsyncSSHServer, Keys, Link, OpenSSHServer
 from tests.support import (
     ServerThread,
     Sim,
@@ -343,6 +343,38 @@ async def test_a_stop_while_the_tunnels_up_listeners_run_closes_the_link(
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", tunnel.ports["ollama"])) != 0
     finally:
+        server.stop()
+
+
+async def test_a_link_gone_silent_is_dropped_when_a_backend_behind_it_stops_answering(
+        keys: Keys, workstation: Sim) -> None:
+    """A network that drops everything: the backend's probe times out, and the requests
+    waiting on the link waited for three missed keepalives (20 s by default). Asked at once,
+    a silent link is dropped within seconds; one that answers is kept.
+    """
+    server = AsyncSSHServer(keys).start()
+    link = await Link(server.port).start()
+    manager = TunnelManager((TunnelConfig(
+        name="studio", host="127.0.0.1", port=link.port, user="root",
+        key_file=str(keys.client), agent=False, known_hosts=str(keys.known_hosts(link.port)),
+        keepalive=60.0,
+        forwards=(ForwardConfig(name="ollama", remote_port=workstation.server.port),)),))
+    tunnel = manager.tunnels["studio"]
+    try:
+        await manager.start(patience=5)
+        assert tunnel.connected
+        await tunnel.check_link()
+        assert tunnel.connected  # (it answered)
+        link.black_hole()
+        dropped = asyncio.Event()
+        tunnel.on_down.append(lambda _tunnel: dropped.set())
+        started = time.monotonic()
+        await tunnel.check_link()
+        await asyncio.wait_for(dropped.wait(), 10)
+        assert time.monotonic() - started < 4
+    finally:
+        await manager.close()
+        await link.stop()
         server.stop()
 
 
