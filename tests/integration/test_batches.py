@@ -489,7 +489,8 @@ def test_files_are_listed_shown_and_deleted(gateway: ServerThread) -> None:
         api.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="fine-tune")
 
 
-def test_files_are_listed_newest_first_a_page_at_a_time(gateway: ServerThread) -> None:
+def test_files_are_listed_newest_first_a_page_at_a_time(gateway: ServerThread,
+                                                         fleet: Fleet) -> None:
     api = client(gateway)
     made = []
     for n in range(5):  # (within a second: created_at is in seconds, the order is not)
@@ -502,12 +503,27 @@ def test_files_are_listed_newest_first_a_page_at_a_time(gateway: ServerThread) -
     with pytest.raises(openai.BadRequestError) as caught:
         api.files.list(order="sideways")  # type: ignore[arg-type]
     assert caught.value.param == "order"
-    # The clean-up loop: each page's last id is deleted before the next page is asked for.
+    # The clean-up loop: each page's last id is deleted before the next page is asked for
+    # (a batch's output and error files among them: one was left behind, listed in the
+    # order it was written but placed by its id)
     for n in range(5):
         api.files.create(file=(f"more-{n}.txt", io.BytesIO(b"x")), purpose="user_data")
-    for file in api.files.list(limit=3):
-        api.files.delete(file.id)
-    assert list(api.files.list()) == []
+    fleet.primary.fault("qwq:32b", latency=1.2)  # (its files are written a second later)
+    source = api.files.create(file=("in.jsonl", jsonl([chat_line(1),
+                                                       chat_line(2, model="no-such-model")])),
+                              purpose="batch")
+    made = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    api.files.create(file=("meanwhile.txt", io.BytesIO(b"x")), purpose="user_data")
+    batch = finished(api, made.id)
+    assert batch.output_file_id and batch.error_file_id
+    for size in (1, 3):
+        for file in api.files.list(limit=size):
+            api.files.delete(file.id)
+        assert list(api.files.list()) == []
+        if size == 1:
+            for n in range(3):
+                api.files.create(file=(f"again-{n}.txt", io.BytesIO(b"x")), purpose="user_data")
 
 
 def test_batch_lines_take_only_their_share_of_a_deployment(fleet: Fleet) -> None:
