@@ -112,7 +112,6 @@ async def create_batch(request: web.Request) -> web.Response:
         raise InvalidRequest(f"The file {source['id']} was uploaded for {source['purpose']}; "
                              "a batch's input needs purpose batch.", param="input_file_id")
     tasks = request.app[TASKS]
-    content = await tasks.store.content(source["id"]) or b""
     record = batch_record(new_id("batch_"), request[TENANT], endpoint, source["id"], window,
                           metadata)
     key = request.get(KEY)
@@ -120,7 +119,7 @@ async def create_batch(request: web.Request) -> web.Response:
     record["cache_scope"] = key.cache if key is not None else ""
     await tasks.store.put_batch(record)
     # A client that hangs up now must not leave the batch half made: begin goes on.
-    beginning = asyncio.ensure_future(tasks.batches.begin(record, content))
+    beginning = asyncio.ensure_future(tasks.batches.begin(record))
     _BEGINNING.add(beginning)
     beginning.add_done_callback(functools.partial(_begun, record["id"]))
     return json_response(shown(await asyncio.shield(beginning)))

@@ -36,9 +36,21 @@ class Batches:
     def __init__(self, store: Store, max_lines: int) -> None:
         self.store = store
         self._max_lines = max_lines
+        # One batch begun at a time: a 100 MB file's lines take several times that in memory
+        # until they are queued (four at once took 2 GB); the others wait their turn.
+        self._checking = asyncio.Semaphore(1)
 
-    async def begin(self, record: dict[str, Any], content: bytes) -> dict[str, Any]:
-        """Check the input file; queue its lines, or fail the batch with what is wrong."""
+    async def begin(self, record: dict[str, Any], content: bytes | None = None
+                    ) -> dict[str, Any]:
+        """Check the input file (``content``, or read from the store in its turn); queue its
+        lines, or fail the batch with what is wrong.
+        """
+        async with self._checking:
+            if content is None:
+                content = await self.store.content(record["input_file_id"]) or b""
+            return await self._begin(record, content)
+
+    async def _begin(self, record: dict[str, Any], content: bytes) -> dict[str, Any]:
         lines, errors = await asyncio.to_thread(check_input, content, record["id"],
                                                 record["endpoint"], self._max_lines)
         now = int(time.time())
