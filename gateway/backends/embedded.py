@@ -24,7 +24,7 @@ from gateway.backends.base import Health
 from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.backends.response import Limits
 from gateway.config import BackendConfig
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol.units import ModelInfo
 
 # What its llama.cpp server does: chat, text and embeddings (started with --embeddings).
@@ -68,6 +68,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._tried = asyncio.Event()  # the first server came up, or failed to
+        self._served = False  # a server has come up (a later one that is down restarts)
         self._said: collections.deque[str] = collections.deque(maxlen=SAID_LINES)
         self._listener: asyncio.Task[None] | None = None  # reads what the server says
         self.restarts = 0
@@ -113,8 +114,13 @@ class EmbeddedBackend(OpenAICompatBackend):
             await super().close()
 
     async def list_models(self) -> list[ModelInfo]:
-        if not self._ready.is_set():  # (off, loading, or failing to: no model to list yet)
-            return []
+        if not self._ready.is_set():
+            if self._supervisor is None or not self._served:  # off, or never up: none yet
+                return []
+            # Down a moment (restarting): its model is still its, and it cannot answer now,
+            # as any backend that does not answer (its requests fail over; a batch's wait)
+            raise UpstreamError(f"backend {self.name}: the llama.cpp server is restarting",
+                                backend=self.name)
         # The gateway chose this model itself: what it can do is known, not presumed.
         return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=True,
                           capabilities=EMBEDDED_CAPABILITIES,
@@ -138,6 +144,7 @@ class EmbeddedBackend(OpenAICompatBackend):
                 if await self._wait_healthy():
                     self._ready.set()
                     self._tried.set()
+                    self._served = True
                     delay = 1.0
                     why = await self._watch()
                 else:
@@ -197,15 +204,19 @@ class EmbeddedBackend(OpenAICompatBackend):
                  self.process.pid, self._model_path.name, self._port)
 
     async def _listen(self, said: asyncio.StreamReader) -> None:
-        """What the server says, read as it comes (a full pipe would stop it); its last
-        lines are kept to tell why it did not come up.
+        """What the server says, read as it comes (a full pipe would stop it), however long
+        its lines; its last lines are kept to tell why it did not come up.
         """
-        with contextlib.suppress(ValueError, OSError):  # (a line past the reader's limit)
-            while line := await said.readline():
-                text = line.decode("utf-8", "replace").rstrip()
-                if text:
-                    self._said.append(text[:300])
-                    log.debug("backend %s: llama.cpp: %s", self.name, text)
+        rest = b""
+        with contextlib.suppress(OSError):
+            while chunk := await said.read(65536):
+                *lines, rest = (rest + chunk).split(b"\n")
+                rest = rest[-4096:]  # (a line without end is kept in part)
+                for line in lines:
+                    text = line.decode("utf-8", "replace").rstrip()
+                    if text:
+                        self._said.append(text[:300])
+                        log.debug("backend %s: llama.cpp: %s", self.name, text[:300])
 
     async def _wait_healthy(self) -> bool:
         """Poll /health until the model is loaded; False when the process dies, or answers

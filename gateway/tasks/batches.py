@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # A change left half made (its process stopped, the store failed while the files were
 # written) is made again by the watch once the batch has been in its state this long.
 STUCK_SECONDS = 60.0
+# A batch whose lines are not all queued this long after it began (or after it was last
+# queued again) is queued again: its process stopped as it queued them (a live one queues
+# 100 MB of lines in seconds).
+REQUEUE_SECONDS = 300.0
 # An expiring batch waits for its lines at work; past this, for nothing more (a count of
 # lines left that does not come down: no worker runs). Longer than a line takes unless
 # the backend's limits were raised (their total is 600 s).
@@ -84,16 +88,26 @@ class Batches:
 
     async def _requeue(self, batch: dict[str, Any]) -> None:
         """A batch left in progress with its lines not all queued (its process stopped as
-        it queued them): queued again, or failed if its input is gone.
+        it queued them): queued again by one process (the others' watches find it taken),
+        or, its input gone, failed with the answers it has.
         """
+        now = int(time.time())
+        claimed = await self.store.change_batch(
+            batch["id"], {"requeued_at": now}, when=("in_progress",),
+            match={"queued": False, "requeued_at": batch.get("requeued_at")})
+        if claimed is None:
+            return
         content = await self.store.content(batch["input_file_id"])
         if content is None:
+            files = await self._write_files(claimed, await self.store.ids(batch["id"]),
+                                            "batch_interrupted")
             await self.store.change_batch(batch["id"], {
-                "status": "failed", "failed_at": int(time.time()), "errors": {
+                **files, "status": "failed", "failed_at": now, "errors": {
                     "object": "list", "data": [{
-                        "code": "validation_interrupted", "param": None, "line": None,
+                        "code": "batch_interrupted", "param": None, "line": None,
                         "message": "The gateway stopped while it queued this batch's lines, "
-                                   "and its input file is gone; create the batch again."}]}},
+                                   "and its input file is gone: the lines answered are in "
+                                   "its output file; create a batch of the rest."}]}},
                 when=("in_progress",))
             return
         lines, _ = await asyncio.to_thread(check_input, content, batch["id"],
@@ -158,7 +172,9 @@ class Batches:
                 await self.expire(batch["id"])
             elif not stuck:
                 continue
-            elif status == "in_progress" and batch.get("queued") is False:
+            elif status == "in_progress" and batch.get("queued") is False and \
+                    now - max(batch.get("in_progress_at") or 0,
+                              batch.get("requeued_at") or 0) > REQUEUE_SECONDS:
                 await self._requeue(batch)
             elif status == "finalizing" and batch.get("expiring") and \
                     now - (batch.get("finalizing_at") or now) > FORCE_SECONDS:
@@ -211,17 +227,18 @@ class Batches:
             await self.store.drop_lines(batch["id"])
             log.warning("batch %s was left validating; failed", batch["id"])
 
-    async def _write_files(self, batch: dict[str, Any], expected: list[str] | None = None
-                           ) -> dict[str, Any]:
+    async def _write_files(self, batch: dict[str, Any], expected: list[str] | None = None,
+                           why: str = "batch_expired") -> dict[str, Any]:
         """The output file (lines answered 200) and the error file (the rest, and those of
-        ``expected`` not answered: an expired batch's), as OpenAI writes them: ``{"id",
-        "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` a line.
+        ``expected`` not answered, for ``why``: an expired batch's), as OpenAI writes them:
+        ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``
+        a line.
         """
         results = await self.store.results(batch["id"])
         out = [orjson.dumps(r) for ok, r in results if ok]
         bad = [orjson.dumps(r) for ok, r in results if not ok]
         answered = {r["custom_id"] for _, r in results}
-        bad += [orjson.dumps(_unanswered(custom_id)) for custom_id in expected or ()
+        bad += [orjson.dumps(_unanswered(custom_id, why)) for custom_id in expected or ()
                 if custom_id not in answered]
         changes: dict[str, Any] = {}
         for field, lines in (("output_file_id", out), ("error_file_id", bad)):
@@ -244,7 +261,13 @@ def result_line(custom_id: str, status: int, body: dict[str, Any]) -> dict[str, 
             "error": None}
 
 
-def _unanswered(custom_id: str) -> dict[str, Any]:
+UNANSWERED = {
+    "batch_expired": "This request was not answered before the batch's completion window "
+                     "ran out.",
+    "batch_interrupted": "This request was not answered: the gateway stopped while it queued "
+                         "the batch's lines, and the batch's input file is gone."}
+
+
+def _unanswered(custom_id: str, why: str) -> dict[str, Any]:
     return {"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
-            "error": {"code": "batch_expired", "message": "This request was not answered "
-                      "before the batch's completion window ran out."}}
+            "error": {"code": why, "message": UNANSWERED[why]}}

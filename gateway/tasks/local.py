@@ -167,16 +167,19 @@ class LocalStore:
         return await self._run(read)
 
     async def change_batch(self, batch_id: str, changes: dict[str, Any],
-                           when: tuple[str, ...] = ()) -> dict[str, Any] | None:
-        """Apply ``changes`` if the batch's status is one of ``when`` (any, if empty); the
-        batch as it is then, or None when it was not changed.
+                           when: tuple[str, ...] = (), match: dict[str, Any] | None = None
+                           ) -> dict[str, Any] | None:
+        """Apply ``changes`` if the batch's status is one of ``when`` (any, if empty) and its
+        fields are as ``match`` says; the batch as it is then, or None when it was not
+        changed.
         """
         def change(db: sqlite3.Connection) -> dict[str, Any] | None:
             row = db.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if row is None:
                 return None
             record = orjson.loads(row[0])
-            if when and record["status"] not in when:
+            if (when and record["status"] not in when) or \
+                    any(record.get(k) != v for k, v in (match or {}).items()):
                 return None
             record.update(changes)
             db.execute("UPDATE batches SET doc = ? WHERE id = ?",

@@ -38,7 +38,7 @@ def file_record(file_id: str, tenant: str, filename: str, purpose: str, size: in
 
 
 # Whose it is, what that key may do, and the gateway's own notes.
-PRIVATE = frozenset({"tenant", "models", "cache_scope", "expiring", "queued"})
+PRIVATE = frozenset({"tenant", "models", "cache_scope", "expiring", "queued", "requeued_at"})
 
 
 def shown(record: dict[str, Any]) -> dict[str, Any]:

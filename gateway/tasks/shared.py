@@ -226,8 +226,11 @@ class RedisStore:
             self._client.moved()
             ids = await self._recent_ids()
         out, done = [], 0
-        for record in sorted(await self._batches(ids), key=lambda b: b["created_at"],
-                             reverse=True):
+        records = await self._batches(ids)
+        closed = [r["id"] for r in records if r["status"] in TERMINAL]
+        if closed:
+            await self._redis.zrem(OPEN, *closed)  # (left there by a change cut short)
+        for record in sorted(records, key=lambda b: b["created_at"], reverse=True):
             if record["status"] in TERMINAL:
                 done += 1
                 if done > finished:
@@ -239,27 +242,45 @@ class RedisStore:
         """Every open batch (however many newer ones there are: the watch must see each to
         expire it or finish a change left half made) and the newest finished ones.
         """
+        if await self._redis.set(f"{OPEN}:filled", 1, nx=True):
+            await self._fill_open()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zrange(OPEN, 0, -1)
             pipe.zrevrange(f"{P}batches", 0, RECENT - 1)
             open_ids, newest = await pipe.execute()
         return list(dict.fromkeys([*open_ids, *newest]))
 
+    async def _fill_open(self) -> None:
+        """The set of open batches made from every batch, once (batches made before it was
+        kept are in no set).
+        """
+        ids = await self._redis.zrange(f"{P}batches", 0, -1, withscores=True)
+        for start in range(0, len(ids), 1000):
+            part = ids[start:start + 1000]
+            records = await self._each("get", [f"{P}batch:{i.decode()}" for i, _ in part])
+            opened = {i: when for (i, when), doc in zip(part, records, strict=True)
+                      if doc and orjson.loads(doc)["status"] not in TERMINAL}
+            if opened:
+                await self._redis.zadd(OPEN, opened)
+
     async def change_batch(self, batch_id: str, changes: dict[str, Any],
-                           when: tuple[str, ...] = ()) -> dict[str, Any] | None:
+                           when: tuple[str, ...] = (), match: dict[str, Any] | None = None
+                           ) -> dict[str, Any] | None:
         key = f"{P}batch:{batch_id}"
         while True:
             doc = await self._redis.get(key)
             if doc is None:
                 return None
             record = orjson.loads(doc)
-            if when and record["status"] not in when:
+            if (when and record["status"] not in when) or \
+                    any(record.get(k) != v for k, v in (match or {}).items()):
                 return None
             record.update(changes)
             if await self._change(keys=[key], args=[doc, orjson.dumps(record)],
                                   client=self._redis):
-                if record["status"] in TERMINAL:
-                    await self._redis.zrem(OPEN, batch_id)
+                if record["status"] in TERMINAL:  # (should this fail, the watch's next
+                    with contextlib.suppress(*DOWN):  # look takes it out)
+                        await self._redis.zrem(OPEN, batch_id)
                 return await self._counted(record)
             # changed meanwhile: look again
 

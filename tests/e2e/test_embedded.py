@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 
 from gateway.backends.embedded import EmbeddedBackend
-from gateway.keys import BACKENDS
+from gateway.keys import BACKENDS, CATALOG
 from tests.support import (
     GATEWAY,
     ServerThread,
@@ -61,6 +61,13 @@ def test_serves_smollm2_and_comes_back_after_being_killed(
         assert embedded.process is not None
         old_pid = embedded.process.pid
         os.kill(old_pid, signal.SIGKILL)
+        # A discovery round while it loads again keeps its model (one found without it
+        # made its requests 404 model_not_found until the next round)
+        while embedded.process is None or embedded.process.pid == old_pid:
+            time.sleep(0.01)
+        catalog = server.app[CATALOG]
+        server.wait(catalog.refresh)
+        assert server.call(catalog.names) == ["smollm2:135m"]
         deadline = time.monotonic() + 60
         while True:  # requests fail cleanly while it is down, then succeed again
             try:

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from gateway.config import TasksConfig
-from gateway.tasks.batches import FORCE_SECONDS, STUCK_SECONDS, Batches
+from gateway.tasks.batches import FORCE_SECONDS, REQUEUE_SECONDS, STUCK_SECONDS, Batches
 from gateway.tasks.local import LocalStore
 from gateway.tasks.records import Line, batch_record
 from gateway.tasks.shared import RedisStore
@@ -256,17 +256,21 @@ async def test_a_batch_left_half_queued_is_queued_again_and_completes(
         record = batch_record("batch_1", "alice", "/v1/chat/completions", "file-1", "24h",
                               None)
         await store.put_batch(record)
-        long_ago = int(time.time()) - 2 * int(STUCK_SECONDS)
         await store.change_batch("batch_1", {
-            "status": "in_progress", "in_progress_at": long_ago, "queued": False,
+            "status": "in_progress", "in_progress_at": int(time.time()), "queued": False,
             "request_counts": {"total": 3, "completed": 0, "failed": 0}})
         await store.enqueue(lines[:1], total=3)  # ... and the process stopped
         [first] = await store.claim("worker", 8, 0.1)
         await store.finish(first, True, {"custom_id": first.custom_id, "response": {}})
-
         await batches.expire_overdue(await store.recent_batches())
+        assert await store.claim("worker", 8, 0.1) == []  # (it may be queueing them still)
+
+        long_ago = int(time.time()) - int(REQUEUE_SECONDS) - 1
+        await store.change_batch("batch_1", {"in_progress_at": long_ago})
+        seen = await store.recent_batches()  # two watches (two processes) at once
+        await asyncio.gather(batches.expire_overdue(seen), batches.expire_overdue(seen))
         again = await store.claim("worker", 8, 1.0)
-        assert sorted(x.custom_id for x in again) == ["request-2", "request-3"]
+        assert sorted(x.custom_id for x in again) == ["request-2", "request-3"]  # once each
         for line in again:
             await store.finish(line, True, {"custom_id": line.custom_id, "response": {}})
         await batches.settle("batch_1")  # (as the worker does once a line is done)
@@ -275,6 +279,34 @@ async def test_a_batch_left_half_queued_is_queued_again_and_completes(
         assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
         output = await store.content(done["output_file_id"])
         assert output is not None and len(output.splitlines()) == 3
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_a_batch_left_half_queued_with_its_input_deleted_keeps_what_it_answered(
+        kind: str, tmp_path: Path) -> None:
+    async with a_store(kind, tmp_path) as store:
+        batches = Batches(store, 100)
+        _, lines = batch_input(3)
+        record = batch_record("batch_1", "alice", "/v1/chat/completions", "file-1", "24h",
+                              None)
+        await store.put_batch(record)
+        long_ago = int(time.time()) - int(REQUEUE_SECONDS) - 1
+        await store.change_batch("batch_1", {
+            "status": "in_progress", "in_progress_at": long_ago, "queued": False,
+            "request_counts": {"total": 3, "completed": 0, "failed": 0}})
+        await store.keep_ids("batch_1", [x.custom_id for x in lines])
+        await store.enqueue(lines[:1], total=3)
+        [first] = await store.claim("worker", 8, 0.1)
+        await store.finish(first, True, {"custom_id": first.custom_id, "response": {}})
+        await batches.expire_overdue(await store.recent_batches())  # (no file-1: deleted)
+        failed = await store.batch("batch_1")
+        assert failed is not None and failed["status"] == "failed"
+        kept = await store.content(failed["output_file_id"])
+        assert kept is not None and orjson.loads(kept)["custom_id"] == "request-1"
+        lost = await store.content(failed["error_file_id"])
+        assert lost is not None
+        assert {orjson.loads(x)["error"]["code"] for x in lost.splitlines()} == \
+            {"batch_interrupted"}
 
 
 @pytest.mark.parametrize("kind", ["local", "redis"])
@@ -315,9 +347,12 @@ async def test_the_watch_sees_an_open_batch_behind_a_hundred_newer_ones(tmp_path
             newer = batch_record(f"batch_{n:03}", "bob", "/v1/chat/completions", "file-2",
                                  "24h", None)
             await store.put_batch({**newer, "status": "completed"})
+        await store._redis.delete("gw:tasks:open", "gw:tasks:open:filled")  # (as before the
+        # set was kept: it is made once from every batch)
         await batches.expire_overdue(await store.recent_batches())
         await drop_what_is_queued(store, batches)
         expired = await store.batch("batch_old")
         assert expired is not None and expired["status"] == "expired"
+        assert await store._redis.zrange("gw:tasks:open", 0, -1) == []
         assert len([b for b in await store.recent_batches()
                     if b["status"] == "completed"]) == 10
