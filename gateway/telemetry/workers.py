@@ -29,6 +29,7 @@ class WorkerMetrics:
         self._folder = Path(folder)
         self._path = self._folder / f"worker-{number}.json"
         self._writing: asyncio.Task[None] | None = None
+        self._attached = False
 
     def attach(self) -> None:
         """Counts go on from a predecessor's, and read the others': from before anything
@@ -37,8 +38,11 @@ class WorkerMetrics:
         """
         self._metrics.carried = _read(self._path)
         self._metrics.siblings = self._others
+        self._attached = True
 
     def start(self) -> None:
+        if not self._attached:
+            self.attach()
         self._writing = asyncio.get_running_loop().create_task(self._keep_writing())
 
     async def close(self) -> None:
