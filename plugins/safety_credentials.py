@@ -1,18 +1,22 @@
 """Credentials given a value by name: ``DB_PASSWORD=...``, ``aws_secret_access_key = ...``,
-``"apiKey": "..."``, ``password: ...``, ``'password' => '...'``, ``requirepass ...``, "the
-password is ..." (env, INI, YAML and JSON files, code, a config's directives, prose; in JSON
-text too, with its escaped quotes and tabs).
+``"apiKey": "..."``, ``password: ...``, ``'password' => '...'``, ``<password>...<``,
+``setPassword("...")``, ``requirepass ...``, ``--password ...``, "the password is ..." (env,
+INI, YAML, JSON and XML files, code, a config's directives, a command's flags, prose; in
+JSON text too, with its escaped quotes and tabs).
 
-A name ends in one of the words (``WORDS``): a password, a secret, an API key or a token, as
-a whole word, after a separator (``DB_PASSWORD``, ``x-api-key``) or a lower-case letter
-(``dbPassword``); "pass" and "pwd" only after one (``SMTP_PASS``, not a shell's ``PWD``).
-Its value is quoted, or the run of text up to white space or a quote (but for the
-punctuation that ends a sentence or a list). What is not a secret is left: a placeholder
-(``changeme``, ``${DB_PASSWORD}``, ``<your-token>``, ``%s``), a default of an image's
+A name ends in one of the words (``WORDS``), perhaps with a suffix (``DB_PASSWORD_PROD``,
+``SECRET_KEY_BASE``): a password, a secret, an API key or a token, as a whole word, after
+a separator (``DB_PASSWORD``, ``x-api-key``, ``;Pwd=``) or a lower-case letter
+(``dbPassword``), or PASSWORD after capitals (``PGPASSWORD``). Its value is quoted (with a
+string's prefix: ``f"..."``, ``b'...'``, ``@"..."``, ``N'...'``, or three quotes), or the run
+of text up to white space or a quote, less what ends a sentence or a list, or the next field
+of a minified object. What is not a secret is left: a placeholder (``changeme``,
+``${DB_PASSWORD}``, ``<your-token>``, ``%s``, ``op://vault/item``), a default of an image's
 documents (``POSTGRES_PASSWORD=postgres``), code (``password = args.password``,
-``getenv("X")``, ``"&password=" + pw``), a type (``token: string``), a YAML tag (``!Ref``), a
-value too short or, for a token, not shaped like one (``eos_token: "</s>"``, ``max_token:
-512``, a .NET ``PublicKeyToken``).
+``getenv("X")``, ``"&password=" + pw``, ``$request->input('password')``, ``@password``), a
+type (``token: Optional[str]``), a YAML tag (``!Ref``), a validation rule, a number with a
+unit (``high_pass: 80Hz``), a value too short or, for a token, not shaped like one
+(``eos_token: "</s>"``, a .NET ``PublicKeyToken``).
 
 What is redacted is the value, so the name stays readable. The word and the character
 before it decide everything but the value, so a stream that released the start of a name
@@ -26,32 +30,43 @@ from collections.abc import Iterator
 
 WORDS = (r"pass(?:word|wd|phrase)?|requirepass|pwd|secret(?:[_ -]?access)?(?:[_ -]?key)?"
          r"|api[_ -]?key|token")
+_SUFFIX = r"(?P<suffix>[_-][A-Za-z0-9]{1,12})?"  # DB_PASSWORD_PROD, SECRET_KEY_BASE, API_KEY_2
 # (looked for in case-folded text: one must be in a text for a credential to be in it)
 ANCHORS = ("pass", "pwd", "secret", "apikey", "api_key", "api-key", "api key", "token")
 
-_SP = r"(?:[ \t]|\\t)"  # white space, or a tab escaped in JSON
+_SP = "(?:[ \\t\u00a0]|\\\\t)"  # white space, or a tab escaped in JSON
 # How a name is given its value: ``=``, ``:``, ``:=``, ``=>`` ("password = x", "password: x",
 # Go's, PHP's and Ruby's), in prose ("the password is x"), an XML setting's (key="DbPassword"
-# value="x"), or a directive's white space ("requirepass x" in redis.conf, "password x" in
-# .netrc, SQL's PASSWORD 'x').
-_OPERATOR = (rf"{_SP}{{0,16}}(?::=|=>|[:=]){_SP}{{0,16}}|{_SP}{{1,16}}is:?{_SP}{{1,16}}"
-             rf"|{_SP}{{1,16}}value{_SP}{{0,3}}={_SP}{{0,3}}|{_SP}{{1,16}}")
-# A quoted value (its quote escaped too, as in JSON text: \"x\"), closed, or cut off by the
-# end of the text (an answer cut short); or a bare one.
-_QUOTED = (r"(?P<q>\\?[\"'`])(?P<quoted>(?:(?!(?P=q))(?:[^\\\n]|\\[^\n])){1,128}+)"
-           r"(?:(?P=q)|\Z)")
-_BARE = r"(?P<bare>(?:[^\s\"'`\\]|\\\\){1,128}+)(?![^\s\"'`\\])"
+# value="x"), an XML element's (<password>x), a call's (setPassword("x"), define('X', 'x')),
+# or a directive's white space ("requirepass x" in redis.conf, "--password x", SQL's
+# PASSWORD 'x').
+_OPERATOR = (rf"{_SP}{{0,32}}(?::=|=>|[:=\uff1a]){_SP}{{0,32}}|{_SP}{{1,16}}is:?{_SP}{{1,16}}"
+             rf"|{_SP}{{1,16}}value{_SP}{{0,3}}={_SP}{{0,3}}|>|,{_SP}{{0,3}}|\(|{_SP}{{1,32}}")
+# A quoted value (a string's prefix before it; its quote escaped too, as in JSON text:
+# \"x\"), closed, or cut off by the end of the text (an answer cut short); or a bare one.
+_QUOTE = r"\"\"\"|'''|\\?[\"'`]"
+_QUOTED = (rf"(?:[fFbBrRuU]{{1,2}}|@|N)?(?P<q>{_QUOTE})"
+           r"(?P<quoted>(?:(?!(?P=q))(?:[^\\\n]|\\[^\n]))++)(?:(?P=q)|\Z)")
+_BARE_FIRST = r"[^\s\"'`\\<]|<(?!/)|\\\\"  # (not a quote: that is a quoted value)
+_BARE = rf"(?P<bare>(?:{_BARE_FIRST})(?:{_BARE_FIRST}|')*+)"
 ASSIGNED = re.compile(
-    rf"(?P<word>{WORDS})\\?[\"'`]?(?P<op>{_OPERATOR})(?:{_QUOTED}|{_BARE})", re.IGNORECASE)
+    rf"(?P<word>{WORDS}){_SUFFIX}\\?[\"'`]?\]?(?P<op>{_OPERATOR})(?:{_QUOTED}|{_BARE})",
+    re.IGNORECASE)
 # What may still grow into one at the end of a text (a stream's): a word, then perhaps (a
 # start of) its operator and of its value (looser than the above: it holds a little more);
 # or the start of a word.
 _OPEN = (
-    rf"(?:{WORDS})\\?[\"'`]?{_SP}{{0,16}}(?:(?::=?|=>?|i(?:s:?)?|v(?:a(?:l(?:u(?:e{_SP}{{0,3}}"
-    rf"=?)?)?)?)?|\\)(?:{_SP}{{0,16}}|\\)?)?"
-    r"(?:(\\?[\"'`])(?:(?!\1)(?:[^\\\n]|\\[^\n])){0,128}+\\?"
-    r"|(?:[^\s\"'`\\]|\\\\){0,128}+\\?)?\Z")
-OPEN_MAX = 240  # the most an open one takes (a word, its operator, a value of 128)
+    rf"(?:{WORDS})(?:[_-][A-Za-z0-9]{{0,12}})?\\?[\"'`]?\]?{_SP}{{0,32}}"
+    rf"(?:(?::=?|=>?|\uff1a|>|,|\(|i(?:s:?)?|v(?:a(?:l(?:u(?:e{_SP}{{0,3}}=?)?)?)?)?|\\)"
+    rf"(?:{_SP}{{0,32}}|\\)?)?"
+    r"(?P<value>(?:[fFbBrRuU]{1,2}|@|N)?(?P<quote>\"{1,3}|'{1,3}|\\?[\"'`])"
+    r"(?:(?!(?P=quote))(?:[^\\\n]|\\[^\n]))*+\\?"
+    rf"|(?:(?:{_BARE_FIRST})(?:{_BARE_FIRST}|')*+)?<?\\?)\Z")
+# A stream holds a credential's value this long at most: one that runs on is redacted from
+# its start, and the rest of it is dropped as it comes (an AWS session token, 500 or more).
+VALUE_HOLD = 256
+OPEN_MAX = VALUE_HOLD + 100  # the most an open one takes (its name, its operator, its value)
+_OPEN_AFTER = OPEN_MAX - 20  # ... after its word (a word further from the end is not one)
 _SEPARATORS = ("", "_", "-", " ")
 _SPELLINGS = ("password", "passwd", "passphrase", "requirepass", "pwd", "token",
               *(f"api{s}key" for s in _SEPARATORS),
@@ -74,41 +89,66 @@ _WORD = re.compile(WORDS, re.IGNORECASE)
 PARTIAL = re.compile(_prefixes(sorted(set(_SPELLINGS))) + r"\Z", re.IGNORECASE)
 PARTIAL_MAX = max(map(len, _SPELLINGS))
 
-_NEEDS_NAME = ("pass", "pwd")  # words that are a credential only as the end of a longer name
+_NEEDS_NAME = ("pass", "pwd")  # words that are a credential alone only quoted, with a digit
 _GLUED = ("PASSWORD", "PASSWD")  # words that end a name glued on in capitals (PGPASSWORD)
-_LINE_END = re.compile(r"[ \t\r]*(?:\n|\Z)")
-_TRAILING = ".,;:!?"  # what ends a sentence or a list, not the value before it
+_SEPARATOR = "_.-;&?"  # (before a word that ends a name: DB_PASS, x-api-key, ;Pwd=, &pwd=)
+_TRAILING = ".,;:!?'"  # what ends a sentence, a list or a string, not the value before it
+# Names of what is said about a credential, not of it (password_encryption = scram-sha-256,
+# TOKEN_TTL=3600, PASSWORD_FILE=/run/secrets/db)
+_ABOUT = frozenset({
+    "encryption", "hash", "hashed", "hasher", "length", "len", "policy", "type", "types",
+    "file", "path", "dir", "url", "uri", "min", "max", "count", "expiry", "expires", "ttl",
+    "lifetime", "header", "name", "id", "prefix", "field", "hint", "endpoint", "mode",
+    "algorithm", "algo", "format", "reset", "rules", "regex", "pattern", "label", "env",
+    "var", "source", "provider", "store", "manager", "timeout", "limit", "strength", "scope"})
 _CLOSING = {")": "(", "]": "[", "}": "{", ">": "<"}
-_NEXT_FIELD = re.compile(r"&(?=[\w.-]+=)")  # a query's next field (&ssl=true), not a value's
+# A minified object's next field ({password:t,token:n}, .btn-pass:hover{color:...}): where
+# a bare value ends
+_NEXT_FIELD = re.compile(r"[,;){}](?=[A-Za-z_$][\w$-]+\s*[:=])")
 _CODE = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)*")  # a name in code, or a type
-_CALL = re.compile(r"[A-Za-z_$][\w$.:]*[(\[]")  # a call's or a subscript's start, or a type's
+# A call's or a subscript's start, or a type's (of a name of three or more: P(,+n is none)
+_CALL = re.compile(r"[A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][\w$]*)*[(\[]")
 _TEMPLATE = re.compile(
-    r"\$\{|\$\(|\{\{|%\(|%[sdr]|<[^>]*>|<[a-z/]|\[REDACTED:|\*{3,}|\.{3}|&#|&[lg]t;|^\$[\w:.]+$"
-    r"|^x{3,}$"
-    r"|^\{[^{}]*\}$|^![\w:.!]+$|^[a-z][\w+.-]*://", re.I)  # (a YAML tag, !Ref or !vault; a
-# reference to where the secret is kept: op://vault/item, vault://)
+    r"\$\{[A-Za-z_][\w.:-]*\}|\$\([a-z]|\{\{.*\}\}|\{%|<\?|<%|%\(\w+\)[sd]|(?<![\w%])%[sd](?!\w)"
+    r"|<[A-Za-z][\w .-]+>|<(?:span|div|a|p|b|i|em|strong|code|pre|br|td|tr|li)\b"
+    r"|\[REDACTED:|\*{3,}|\.{3}|&#x?[0-9a-fA-F]+;|&[lg]t;|^\$[A-Za-z_][\w:.]*$|^\$\w+(?:->|::)"
+    r"|^[xX]{3,}$|^\{[^{}]*\}$|^![A-Za-z][A-Za-z:.!]*$"
+    r"|^[a-z][a-z0-9+.-]*://|^urn:"  # (a YAML tag, !Ref; a reference to where the secret is
+    # kept, op://vault/item; a name, urn:...)
+    r"|^(?i:[a-z_]+(?::[\w,]+)?(?:\|[a-z_]+(?::[\w,]+)?)+)$"  # (a rule list: required|min:8)
+    r"|^(?i:null|true|false|none|nil|undefined|!0|!1)\b")  # (a literal: n.password=null;...)
 _CONCATENATED = re.compile(r"^\s+[+.*%]|[+.*%]\s+$")  # a quoted run of code: " + pw + "
 _PLACEHOLDER_WORD = re.compile(
     r"(?:^|[-_. ])(?:your|my|here|placeholder|dummy|fake|sample|example|redacted|changeme|"
     r"change|replace|todo|secret|password|passwd|key|token|test|none|null|nil|undefined|"
-    r"true|false|required|optional|string|str|bytes|int|env)(?=[-_. ?!]|$)", re.I)
+    r"true|false|required|optional|string|str|bytes|int|env)(?=[-_. ?!,;)]|$)", re.I)
+# Words that make any value a placeholder, digits or not (SECRET_KEY=change_me_123)
+_PLACEHOLDER = re.compile(r"change[_-]?me|replace[_-]?(?:me|with)|your[_-]|example|placeholder|"
+                          r"dummy|generate[_-]|-random-", re.I)
 # One of the words starting a part of a value: a name in code (password=self.password, the
 # forwarded entity_mask2_token=entity_mask2_token) or, without a digit, a placeholder or a
 # constant ("challengePassword"); not a word that merely holds one ("Monkey").
 _WORD_INSIDE = re.compile(
     r"(?:^|[-_.]|(?<=[a-z0-9])(?=[A-Z]))(?i:pass(?:word|wd|phrase)?|pwd|secret|key|token)")
+# A number, or one with a unit or a range (high_pass: 80Hz, second_pass: 1.5e-3, 8-64)
+_SLUG = re.compile(r"[a-z]+(?:[-_][a-z]+)+")
+_NUMBER = re.compile(r"\d+(?:[.,:-]\d+)*(?:e[+-]?\d+)?(?:[a-zA-Z%]{1,3})?")
+_PATH = re.compile(r"[/~](?:[\w.@-]+/)*[\w.@-]*")
+_MIXED = re.compile(r"(?=\S*[a-z])(?=\S*[A-Z])(?=\S*\d)[A-Za-z0-9]{12,}")  # random, not a word
+_LETTERS = re.compile(r"(?=(?:[a-z]*[A-Z]){8})(?=(?:[A-Z]*[a-z]){8})[A-Za-z]{20,}")  # (random)
 # The passwords of the images' and tutorials' own examples (POSTGRES_PASSWORD=postgres).
 DEFAULTS = frozenset({
     "postgres", "mysecretpassword", "guest", "root", "admin", "example", "test", "dev",
     "user", "pass", "minioadmin", "default", "rabbitmq", "mysql", "redis", "sa", "wordpress",
-    "yourstrong@passw0rd", "yourstrong!passw0rd", "changeit", "notasecret"})
+    "yourstrong@passw0rd", "yourstrong!passw0rd", "changeit", "notasecret", "android"})
 # A token: letters and digits both, 20 or more (not a .NET PublicKeyToken's 16 hex digits)
-_TOKEN = re.compile(r"(?=[^\s]*[A-Za-z])(?=[^\s]*\d)[A-Za-z0-9._~+/=:-]{20,}")
+_TOKEN = re.compile(r"(?=[^\s]*[A-Za-z])(?=[^\s]*\d)[A-Za-z0-9._~+/=:%&-]{20,}")
 
 
 def credentials(text: str) -> Iterator[tuple[int, int]]:
     """The spans of the values of the credentials in a text."""
     at = 0
+    rejected = (0, 0)  # the last match found not to be one, and how many since inside it
     while (match := ASSIGNED.search(text, at)) is not None:
         if _named(text, match.start(), match.group("word")) and _secret(match, text):
             if match.group("q"):
@@ -116,25 +156,29 @@ def credentials(text: str) -> Iterator[tuple[int, int]]:
             else:
                 yield match.start("bare"), match.start("bare") + len(_value(match))
             at = match.end()
-        else:  # (what it took for a value may hold a name of its own: "pass" : "x DB_PWD=y")
-            at = match.start() + 1
+            continue
+        # What it took for a value may hold a name of its own ("pass" : "x DB_PWD=y"): the
+        # first few are read (not every one: a run of thousands would be read as often)
+        end, inside = rejected
+        rejected = (end, inside + 1) if match.start() < end else (match.end(), 0)
+        at = match.start() + 1 if rejected[1] < 3 else rejected[0]
 
 
 def open_at_end(text: str) -> int | None:
     """Where a credential that may still be given its value, or have it grow, starts: a
     word at the end of the text, perhaps with its operator and the start of its value; or
-    what may yet become a word.
+    what may yet become a word. (Each word tried once: a text of many is read in time in
+    proportion to it.)
     """
     start = max(0, len(text) - OPEN_MAX)
     window = text[start:].lower()  # (a look for the words' stems first: most text has none)
     if "pass" in window or "pwd" in window or "secret" in window or "api" in window or \
             "token" in window:
-        found = OPEN.search(text, start)
-        while found is not None:
-            word = _WORD.match(found.group())
-            if word is not None and _named(text, found.start(), word.group()):
-                return found.start()
-            found = OPEN.search(text, found.start() + 1)
+        for word in _WORD.finditer(text, start):
+            if len(text) - word.end() <= _OPEN_AFTER and \
+                    _named(text, word.start(), word.group()) and \
+                    OPEN.match(text, word.start()) is not None:
+                return word.start()
     if text and (text[-1].isalpha() or text[-1] in "_- "):  # (a word may go on)
         found = PARTIAL.search(text, max(0, len(text) - PARTIAL_MAX))
         while found is not None:
@@ -145,18 +189,17 @@ def open_at_end(text: str) -> int | None:
 
 
 def _named(text: str, at: int, word: str, partial: bool = False) -> bool:
-    """Whether the word at ``at`` (or, ``partial``, what may become one) ends a name: it
+    """Whether the word at ``at`` (or, ``partial``, what may become one) may end a name: it
     starts one, or follows a separator or (as a capital) a lower-case letter or digit, or
     (PASSWORD) capitals; not a URL's user ("smtp://apikey:KEY@host").
     """
     before = text[at - 1] if at else " "
-    if before in "_.-" or (word[0].isupper() and (before.islower() or before.isdigit())):
+    if before in _SEPARATOR or (word[0].isupper() and (before.islower() or before.isdigit())):
         return True
     if before.isupper() and word.isupper() and any(
             glued.startswith(word) if partial else word.startswith(glued) for glued in _GLUED):
         return True
-    return not (before.isalnum() or before in "_/") and \
-        (partial or word.lower() not in _NEEDS_NAME)
+    return not (before.isalnum() or before in "_/")
 
 
 def _value(match: re.Match[str]) -> str:
@@ -173,51 +216,75 @@ def _value(match: re.Match[str]) -> str:
 
 def _secret(match: re.Match[str], text: str) -> bool:
     word = match.group("word").lower()
+    suffix = match.group("suffix")
+    if suffix and suffix[1:].lower() in _ABOUT:
+        return False
     value = _value(match)
     raw = match.group("quoted") or match.group("bare")
     folded = value.lower()
     if not value or _TEMPLATE.search(raw) or folded in DEFAULTS or folded == word or \
-            value.endswith("EXAMPLEKEY"):  # (AWS's documents' example secret key)
-        return False
+            value.endswith("EXAMPLEKEY") or _PLACEHOLDER.search(value):
+        return False  # (EXAMPLEKEY: AWS's documents' example secret key)
     quoted = match.group("quoted") is not None
-    if quoted and _CONCATENATED.search(value):
-        return False
+    if quoted and (value != value.strip() or _CONCATENATED.search(value)):
+        return False  # (`Password:` to `New password:`; " + pw + ")
     digits = any(c.isdigit() for c in value)
-    if not digits and (_PLACEHOLDER_WORD.search(value) or _WORD_INSIDE.search(value)):
+    if not digits and (_PLACEHOLDER_WORD.search(value) or _WORD_INSIDE.search(value)
+                       or _SLUG.fullmatch(value)):
+        return False  # (and a name of words: "workload-identity-auth")
+    if not quoted and _code(value):
         return False
-    code = not quoted and _CODE.fullmatch(value) is not None
-    call = None if quoted else _CALL.match(value)
-    if (call is not None and (not any(c.isdigit() for c in call.group())
-                              or value[-1] in ")]")) or (not quoted and value[0] in "([{<:") or \
-            (code and ("_" in value or "." in value) and _WORD_INSIDE.search(value)):
-        # code: a call, a subscript or a type (getenv("X"), env["X"], Optional[str], (self.
-        # user + ...); not a password Tr0ub4dor(3xK)!92), a name (settings.API_KEY, hf_token)
-        return False
-    if value[0] in "/~" or (word in _NEEDS_NAME and value.isdigit()):
-        return False  # (a file: ORIG_PWD=/home/me, sudo's NOPASSWD: /bin/x; high_pass = 2000)
+    if value[0] == "@" and _WORD_INSIDE.search(value[1:]):
+        return False  # (an SQL parameter: @password, @NewPassword1)
+    if _NUMBER.fullmatch(value) and (word in _NEEDS_NAME or not value.isdigit()
+                                     or len(value) < 6):
+        return False  # (a filter's high_pass = 2000, 80Hz, 8-64: numbers, not passwords)
+    if _PATH.fullmatch(value) and ("/" in value[1:] or value[0] == "~") and \
+            not _MIXED.search(value):
+        return False  # (a file: ORIG_PWD=/home/me, sudo's NOPASSWD: /bin/x)
     op = match.group("op")
-    said = op.replace("\\t", " ").strip()
-    if not said and not quoted and not (digits and _directive(match, text)):
-        return False  # ("password manager", a line's "password changes.": not a directive)
+    said = op.replace("\\t", " ").replace("\u00a0", " ").strip()
+    at = match.start()
+    before = text[at - 1] if at else " "
+    standalone = word in _NEEDS_NAME and before not in _SEPARATOR and not before.isalnum()
+    # <password>x: an XML element's; define('DB_PASSWORD', 'x'), setPassword("x"): a
+    # call's (not password_hash('sha512'), lookup('password', '/dev/null length=20')); pass:
+    # 'x9' (nodemailer's): alone, the word is a credential only so
+    if (said in (">", ",", "(") or standalone) and (
+            (said == ">" and before != "<") or (said != ">" and not quoted) or
+            (said == "(" and match.group("suffix")) or
+            (said == "," and (before not in "_-" or not digits)) or
+            (said == ">" and not text.startswith("</", match.end())) or
+            (standalone and (not digits or said not in (":", "=", ":=", "=>")))):
+        return False
+    if not said:  # a directive's white space: requirepass x, --password x, PASSWORD 'x'
+        if quoted and (not digits or re.match(r"\s*\{", text[match.end():])):
+            return False  # (CMake's CHECK_PASS "found"; Terraform's resource labels)
+        if not quoted and not (digits and len(value) >= 8 and
+                               any(c.isalpha() for c in value)):
+            return False  # ("password manager", "password twice2": words, not a directive)
+    if said.startswith("is") and not quoted and re.search(r"[()'\"]", value):
+        return False  # (code: required('Password is required').min(8))
     if word.endswith("token"):
         return _TOKEN.fullmatch(value) is not None
     if len(value) < (4 if word.startswith(("pass", "pwd")) else 8):
         return False
-    if code and not digits:
+    if not quoted and _CODE.fullmatch(value) and not digits and not _LETTERS.fullmatch(value):
         # a name in code, a type or a word (password = args.password, token: string, the
         # password is wrong); but an env file's PASSWORD=hunter, a query's &password=hunter
-        at = match.start()
-        return (match.group("word").isupper() and op == "=") or \
-            (at > 0 and text[at - 1] in "?&")
+        return (match.group("word").isupper() and op == "=") or before in "?&"
     return not said.startswith("is") or digits or quoted
 
 
-def _directive(match: re.Match[str], text: str) -> bool:
-    """A line that is the name and its value alone ("requirepass x", "password x")."""
-    at = match.start()
-    while at > 0 and (text[at - 1].isalnum() or text[at - 1] in "_.-"):
-        at -= 1  # (the name's start)
-    while at > 0 and text[at - 1] in " \t":
-        at -= 1
-    return (at == 0 or text[at - 1] == "\n") and \
-        _LINE_END.match(text, match.end()) is not None
+def _code(value: str) -> bool:
+    """A bare value that is code: a call, a subscript or a type (getenv("X"), env["X"],
+    Optional[str], base64.b64decode(...); not a password such as Tr0ub4dor(3xK)!92), a
+    parenthesised expression, a name (settings.API_KEY, hf_token).
+    """
+    call = _CALL.match(value)
+    if call is not None and len(call.group()) > 3 and (
+            not any(c.isdigit() for c in call.group()) or "." in call.group()
+                             or "_" in call.group() or value[-1] in ")]"):
+        return True
+    return value[0] in "([{<:" or (_CODE.fullmatch(value) is not None and (
+        "_" in value or "." in value) and _WORD_INSIDE.search(value) is not None)

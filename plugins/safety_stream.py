@@ -21,7 +21,7 @@ import collections
 import re
 from collections.abc import Callable
 
-from plugins.safety_credentials import open_at_end
+from plugins.safety_credentials import OPEN, VALUE_HOLD, open_at_end
 from plugins.safety_keys import (
     BEGIN,
     HEADER_MAX,
@@ -55,6 +55,7 @@ _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a s
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
 _URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
 _SPACE = re.compile(r"[ \n\t\r\f\v]")
+_NOT_BARE = re.compile(r"[\s\"'`\\]")  # what ends a credential's value without quotes
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
 # still part of it, and whether it has ended there.
@@ -141,10 +142,28 @@ class StreamRedactor:
             return self._too_long(text, hold)
         else:
             cut = hold
-        named = self._credential(text)  # a credential that may yet be given its value
-        if named is not None and named < cut:
-            cut = _hold_before(text, named)
-        return (whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut), None
+        return self._outside_credentials(
+            text, whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut)
+
+    def _outside_credentials(self, text: str, cut: int) -> tuple[int, Secret | None]:
+        """``cut``, or before it where a credential that may yet be given its value (or
+        have it grow) starts: what is released never ends inside one (a value cut where
+        a key's marker inside it is held, "q8W3eyJf...", was read as a value of its own);
+        and one whose value runs past ``VALUE_HOLD``, redacted from its value's start.
+        """
+        for _ in range(4):
+            named = self._credential(text[:cut] if cut < len(text) else text)
+            if named is None or named >= cut:
+                return cut, None
+            if cut == len(text) and (found := OPEN.match(text, named)) is not None and \
+                    found.end("value") - found.start("value") > VALUE_HOLD:
+                quote = found.group("quote")
+                value = found.end("quote") if quote else found.start("value")
+                return value, ("credential", len(text) - value,
+                               _quoted_rest(quote[-1]) if quote else _bare_rest)
+            cut = _hold_before(text, named)  # (and again: its name may be inside the value
+            # of one open before it, "requirepass 9Xy_pass")
+        return cut, None
 
     def _credential(self, text: str) -> int | None:
         """Where a credential that may yet be given its value starts in ``text``, what is
@@ -181,8 +200,10 @@ class StreamRedactor:
         for s, e, _ in spans:
             if s < cut < e:
                 cut = e
-        named = self._credential(text[:cut])  # (nor between a credential's name and value)
-        return (cut if named is None or named <= hold else named), None
+        # (nor between a credential's name and its value: held from its name, not from the
+        # run's start, which is let go)
+        named = self._credential(text[:cut])
+        return (named if named is not None and hold < named < cut else cut), None
 
     def _redact(self, text: str) -> str:
         """The released text with secrets replaced; the last character released before is
@@ -200,6 +221,12 @@ class StreamRedactor:
             spans = [span for span in rule.find(scan) if span[0] >= len(context)]
             if spans:
                 self.found[rule.name] += len(spans)
+                if rule.name == "credential" and spans[-1][1] == len(text):
+                    # A value that runs to the end of what is released (come in one piece
+                    # longer than is held): the rest of it is dropped as it comes
+                    start = spans[-1][0]
+                    quote = text[start - 1] if start and text[start - 1] in "\"'`" else ""
+                    self.reading = _quoted_rest(quote) if quote else _bare_rest
                 text = redact(text, spans, rule.name)
                 scan = Text(text)
         self.context = text[-1]  # as the client has it: a tag's "]" if it ends in one
@@ -291,6 +318,22 @@ def _one_line_rest(text: str) -> tuple[int, bool]:
     if other is not None:
         return other.start(), True
     return max(0, len(text) - TAIL), False  # what may be the start of its END is kept
+
+
+def _bare_rest(text: str) -> tuple[int, bool]:
+    """The rest of a credential's value without quotes: up to white space or a quote."""
+    other = _NOT_BARE.search(text)
+    return (len(text), False) if other is None else (other.start(), True)
+
+
+def _quoted_rest(quote: str) -> Reader:
+    """A reader of the rest of a credential's quoted value: up to its quote, or the line's
+    end (a quote left open).
+    """
+    def rest(text: str) -> tuple[int, bool]:
+        end = min((at for at in (text.find(quote), text.find("\n")) if at >= 0), default=-1)
+        return (len(text), False) if end < 0 else (end, True)
+    return rest
 
 
 def _token_rest(text: str) -> tuple[int, bool]:

@@ -94,6 +94,19 @@ def test_prose_about_credentials_is_held_back_a_word_at_most() -> None:
     "DB_PASSWORD=op://Production/postgres/password", 'let api_key = std::env::var("API_KEY")',
     "password: (bool, optional): Hide typed text.", 'print(f"password={password!r}")',
     'export OPENAI_API_KEY="$(pass show openai/api)"',
+    "$password = $request->input('password');",
+    'api_key = base64.b64decode(os.environ["API_KEY_B64"])',
+    'resource "random_password" "master" {', 'message(CHECK_PASS "found")',
+    "'password' => 'required|string|min:8|confirmed'", "UPDATE users SET password = @password",
+    "The prompt changes from `Password:` to `New password:` when you run it.",
+    "{radio:!0,checkbox:!0,file:!0,password:!0,image:!0}", "n.password=null;let r=1",
+    ".btn-pass:hover{color:#0a0}", "def connect(host:str,password:str,token:str=None)->None:",
+    "low_pass = 0.25", "high_pass: 80Hz", 'storePassword "android"', "Password: 8-64 characters.",
+    "SECRET_KEY=change_me_123", "Pass `verbosity=0` to get a table",
+    '_SENSITIVE = ("access_token", "client_secret", "device_code")',
+    "password_encryption = scram-sha-256", 'proxy_url="socks5h://<username>:<password>@host"',
+    "{{ lookup('password', '/dev/null length=20 chars=ascii_letters') }}",
+    "1. Enter your password twice2.", 'WORKLOAD_API_KEY_PLACEHOLDER = "workload-identity-auth"',
 ])
 def test_a_credentials_name_without_a_secret_is_left(text: str) -> None:
     """Code reading a secret, types, tokenizer settings, placeholders, images' defaults and
@@ -200,6 +213,23 @@ ENCRYPTED_KEY = ("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
     ("requirepass          Rd!s_Cl4ster9\n", "Cl4ster9"),
     ('{"notes":"' + "a" * 3990 + '","password":"Tr0ub4dor&3xK!92Qz","more":"' + "b" * 200 + '"}',
      "Tr0ub4dor"),  # (past the longest run held: one was let go between name and value)
+    # (a second review's: a key's marker inside a value, a name inside one, flags, long
+    # tokens, XML, PHP, ODBC, a string's prefix, random passwords)
+    ('{"apiKey": "eyJrIjoiT0tTcG1pUlY2RnVKZTFVaDFsNFZXdDA3OUJ1ZUZ6cWgiLCJuIjoiYWRtaW4ifQ=="}',
+     "T0tTcG1pUlY2"),
+    ('{"client_secret":"q8W3eyJf0bX2kL9mN4pR7sT1","grant_type":"client_credentials"}',
+     "0bX2kL9m"),
+    ("requirepass 9Xy_pass_Qz \n", "9Xy_pass"),
+    ("docker login r.example.com --username deploy --password xK9mP2qL7vR\n", "xK9mP2q"),
+    ("aws_session_token = IQoJb3JpZ2luX2VjEJr" + "A1b2C3d4E5f6G7h8" * 36 + "\nregion = x",
+     "E5f6G7h8A1b2"),
+    ("<password>xK9#mP2qL7vR</password>", "mP2qL7"), ("define( 'DB_PASSWORD', 'xK9#mP2qL7vR' );",
+                                                      "mP2qL7"),
+    ("pass: 'xK9#mP2qL7vR'", "mP2qL7"), ("Uid=app;Pwd=xK9#mP2qL7vR;Db=x", "mP2qL7"),
+    ("SECRET_KEY_BASE=9f8e7d6c5b4a39281706f5e4d3c2b1a0 ok", "5b4a3928"),
+    ('password = f"Xk9#mP2qL7vR"', "mP2qL7"), ("DB_PASSWORD=vBQAfV!@fXc%dJgSwxg2 ok", "fXc%dJ"),
+    ('{"password": "J6JT}]6A<P!=xu@gj|XY"}', "xu@gj"),
+    ("aws_secret_access_key = /k3JdXq9pL7mN2bV5cX8zQ1wE4rT6yU0iO3pA9sD\n", "pL7mN2bV"),
 ])
 def test_secrets_of_every_shape_are_redacted_however_the_stream_is_cut(text: str,
                                                                        secret: str) -> None:
