@@ -40,7 +40,7 @@ _SP = "(?:[ \\t\u00a0]|\\\\t)"  # white space, or a tab escaped in JSON
 # value="x"), an XML element's (<password>x), a call's (setPassword("x"), define('X', 'x')),
 # or a directive's white space ("requirepass x" in redis.conf, "--password x", SQL's
 # PASSWORD 'x').
-_OPERATOR = (rf"{_SP}{{0,32}}(?::=|=>|[:=\uff1a]){_SP}{{0,32}}|{_SP}{{1,16}}is:?{_SP}{{1,16}}"
+_OPERATOR = (rf"{_SP}{{0,32}}(?::=|=>|[:=\uff1a])(?!=){_SP}{{0,32}}|{_SP}{{1,16}}is:?{_SP}{{1,16}}"
              rf"|{_SP}{{1,16}}value{_SP}{{0,3}}={_SP}{{0,3}}|>|,{_SP}{{0,3}}|\(|{_SP}{{1,32}}")
 # A quoted value (a string's prefix before it; its quote escaped too, as in JSON text:
 # \"x\"), closed, or cut off by the end of the text (an answer cut short); or a bare one.
@@ -50,13 +50,13 @@ _QUOTED = (rf"(?:[fFbBrRuU]{{1,2}}|@|N)?(?P<q>{_QUOTE})"
 _BARE_FIRST = r"[^\s\"'`\\<]|<(?!/)|\\\\"  # (not a quote: that is a quoted value)
 _BARE = rf"(?P<bare>(?:{_BARE_FIRST})(?:{_BARE_FIRST}|')*+)"
 ASSIGNED = re.compile(
-    rf"(?P<word>{WORDS}){_SUFFIX}\\?[\"'`]?\]?(?P<op>{_OPERATOR})(?:{_QUOTED}|{_BARE})",
+    rf"(?P<word>{WORDS}){_SUFFIX}(?:\\?[\"'`]\]?)?(?P<op>{_OPERATOR})(?:{_QUOTED}|{_BARE})",
     re.IGNORECASE)
 # What may still grow into one at the end of a text (a stream's): a word, then perhaps (a
 # start of) its operator and of its value (looser than the above: it holds a little more);
 # or the start of a word.
 _OPEN = (
-    rf"(?:{WORDS})(?:[_-][A-Za-z0-9]{{0,12}})?\\?[\"'`]?\]?{_SP}{{0,32}}"
+    rf"(?:{WORDS})(?:[_-][A-Za-z0-9]{{0,12}})?(?:\\?[\"'`]\]?)?{_SP}{{0,32}}"
     rf"(?:(?::=?|=>?|\uff1a|>|,|\(|i(?:s:?)?|v(?:a(?:l(?:u(?:e{_SP}{{0,3}}=?)?)?)?)?|\\)"
     rf"(?:{_SP}{{0,32}}|\\)?)?"
     r"(?P<value>(?:[fFbBrRuU]{1,2}|@|N)?(?P<quote>\"{1,3}|'{1,3}|\\?[\"'`])"
@@ -100,7 +100,9 @@ _ABOUT = frozenset({
     "file", "path", "dir", "url", "uri", "min", "max", "count", "expiry", "expires", "ttl",
     "lifetime", "header", "name", "id", "prefix", "field", "hint", "endpoint", "mode",
     "algorithm", "algo", "format", "reset", "rules", "regex", "pattern", "label", "env",
-    "var", "source", "provider", "store", "manager", "timeout", "limit", "strength", "scope"})
+    "var", "source", "provider", "store", "manager", "timeout", "limit", "strength", "scope",
+    "help", "message", "msg", "error", "errors", "text", "description", "placeholder",
+    "prompt", "title", "tooltip"})
 _CLOSING = {")": "(", "]": "[", "}": "{", ">": "<"}
 # A minified object's next field ({password:t,token:n}, .btn-pass:hover{color:...}): where
 # a bare value ends
@@ -109,12 +111,12 @@ _CODE = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)*")  # a name in code
 # A call's or a subscript's start, or a type's (of a name of three or more: P(,+n is none)
 _CALL = re.compile(r"[A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][\w$]*)*[(\[]")
 _TEMPLATE = re.compile(
-    r"\$\{[A-Za-z_][\w.:-]*\}|\$\([a-z]|\{\{.*\}\}|\{%|<\?|<%|%\(\w+\)[sd]|(?<![\w%])%[sd](?!\w)"
+    r"\$\{|\$\([a-z]|\{\{.*\}\}|\{%|<\?|<%|%\(\w+\)[sd]|(?<![\w%])%[sd](?!\w)"
     r"|<[A-Za-z][\w .-]+>|<(?:span|div|a|p|b|i|em|strong|code|pre|br|td|tr|li)\b"
     r"|\[REDACTED:|\*{3,}|\.{3}|&#x?[0-9a-fA-F]+;|&[lg]t;|^\$[A-Za-z_][\w:.]*$|^\$\w+(?:->|::)"
     r"|^[xX]{3,}$|^\{[^{}]*\}$|^![A-Za-z][A-Za-z:.!]*$"
-    r"|^[a-z][a-z0-9+.-]*://|^urn:"  # (a YAML tag, !Ref; a reference to where the secret is
-    # kept, op://vault/item; a name, urn:...)
+    # (a YAML tag, !Ref; a reference to where the secret is kept, op://vault/item, arn:...)
+    r"|^[a-z][a-z0-9+.-]*://|^(?:urn|arn|vault|ssm|secretsmanager|keyvault|kms):"
     r"|^(?i:[a-z_]+(?::[\w,]+)?(?:\|[a-z_]+(?::[\w,]+)?)+)$"  # (a rule list: required|min:8)
     r"|^(?i:null|true|false|none|nil|undefined|!0|!1)\b")  # (a literal: n.password=null;...)
 _CONCATENATED = re.compile(r"^\s+[+.*%]|[+.*%]\s+$")  # a quoted run of code: " + pw + "
@@ -132,8 +134,16 @@ _WORD_INSIDE = re.compile(
     r"(?:^|[-_.]|(?<=[a-z0-9])(?=[A-Z]))(?i:pass(?:word|wd|phrase)?|pwd|secret|key|token)")
 # A number, or one with a unit or a range (high_pass: 80Hz, second_pass: 1.5e-3, 8-64)
 _SLUG = re.compile(r"[a-z]+(?:[-_][a-z]+)+")
+# A name of words with a number (a Kubernetes secret's, my-tls-cert-2, db-password-secret2)
+_NAMED = re.compile(r"[a-z]+(?:-[a-z]+)+(?:-?[a-z]*\d{1,2})?|[a-z]+-[a-z]*\d{1,2}")
+# Prose: three words or more, one of them a small one (a message: "Must be at least 8
+# characters"), not a passphrase ("correct horse battery staple")
+_PROSE = re.compile(r"(?i)(?=(?:\S+\s+){2,}\S)(?=.*\b(?:the|a|an|be|is|are|at|of|or|and|to|"
+                    r"must|use|least|more|than|with|not|your|characters?|numbers?|minimum)\b)")
+_DIGIT = re.compile(r"\d")
+_ALNUM = re.compile(r"[^\W_]")
 _NUMBER = re.compile(r"\d+(?:[.,:-]\d+)*(?:e[+-]?\d+)?(?:[a-zA-Z%]{1,3})?")
-_PATH = re.compile(r"[/~](?:[\w.@-]+/)*[\w.@-]*")
+_PATH = re.compile(r"(?:[/~]|\.{1,2}/)(?:[\w.@-]+/)*[\w.@-]*")
 _MIXED = re.compile(r"(?=\S*[a-z])(?=\S*[A-Z])(?=\S*\d)[A-Za-z0-9]{12,}")  # random, not a word
 _LETTERS = re.compile(r"(?=(?:[a-z]*[A-Z]){8})(?=(?:[A-Z]*[a-z]){8})[A-Za-z]{20,}")  # (random)
 # The passwords of the images' and tutorials' own examples (POSTGRES_PASSWORD=postgres).
@@ -164,13 +174,13 @@ def credentials(text: str) -> Iterator[tuple[int, int]]:
         at = match.start() + 1 if rejected[1] < 3 else rejected[0]
 
 
-def open_at_end(text: str) -> int | None:
+def open_at_end(text: str, first: int = 0) -> int | None:
     """Where a credential that may still be given its value, or have it grow, starts: a
     word at the end of the text, perhaps with its operator and the start of its value; or
-    what may yet become a word. (Each word tried once: a text of many is read in time in
-    proportion to it.)
+    what may yet become a word (from ``first`` on). (Each word tried once: a text of many
+    is read in time in proportion to it.)
     """
-    start = max(0, len(text) - OPEN_MAX)
+    start = max(first, len(text) - OPEN_MAX)
     window = text[start:].lower()  # (a look for the words' stems first: most text has none)
     if "pass" in window or "pwd" in window or "secret" in window or "api" in window or \
             "token" in window:
@@ -180,7 +190,7 @@ def open_at_end(text: str) -> int | None:
                     OPEN.match(text, word.start()) is not None:
                 return word.start()
     if text and (text[-1].isalpha() or text[-1] in "_- "):  # (a word may go on)
-        found = PARTIAL.search(text, max(0, len(text) - PARTIAL_MAX))
+        found = PARTIAL.search(text, max(first, len(text) - PARTIAL_MAX))
         while found is not None:
             if _named(text, found.start(), found.group(), partial=True):
                 return found.start()
@@ -188,12 +198,34 @@ def open_at_end(text: str) -> int | None:
     return None
 
 
+def held_value(text: str, at: int) -> int | None:
+    """Where the value of the credential open at ``at`` starts, if it is read as a secret
+    so far (a stream's, too long to hold whole: its start is redacted, the rest dropped).
+    """
+    text = text[:at + OPEN_MAX]  # (its start decides)
+    found = ASSIGNED.match(text, at)
+    if found is None or not _named(text, at, found.group("word")) or not _secret(found, text):
+        return None
+    return found.start("quoted") if found.group("q") else found.start("bare")
+
+
+def quote_of(text: str, value: int) -> str:
+    """The quote a value at ``value`` is in ("" for none)."""
+    for quote in ('"""', "'''", '\\"', "\\'", '"', "'", "`"):
+        if text.endswith(quote, 0, value):
+            return quote
+    return ""
+
+
 def _named(text: str, at: int, word: str, partial: bool = False) -> bool:
     """Whether the word at ``at`` (or, ``partial``, what may become one) may end a name: it
     starts one, or follows a separator or (as a capital) a lower-case letter or digit, or
-    (PASSWORD) capitals; not a URL's user ("smtp://apikey:KEY@host").
+    (PASSWORD) capitals; not a URL's user ("smtp://apikey:KEY@host"), nor a redaction's
+    ("[REDACTED:api_key]").
     """
     before = text[at - 1] if at else " "
+    if before == ":":  # (a path's part: arn:aws:...:secret:prod/db; or a redaction's)
+        return False
     if before in _SEPARATOR or (word[0].isupper() and (before.islower() or before.isdigit())):
         return True
     if before.isupper() and word.isupper() and any(
@@ -215,20 +247,41 @@ def _value(match: re.Match[str]) -> str:
 
 
 def _secret(match: re.Match[str], text: str) -> bool:
+    """Whether what ``match`` found is a secret: its name's, its operator's and its value's
+    exceptions, the cheapest first.
+    """
     word = match.group("word").lower()
     suffix = match.group("suffix")
     if suffix and suffix[1:].lower() in _ABOUT:
         return False
+    quoted = match.group("quoted") is not None
+    op = match.group("op")
+    said = op.replace("\\t", " ").replace("\u00a0", " ").strip()
+    at = match.start()
+    before = text[at - 1] if at else " "
+    standalone = word in _NEEDS_NAME and before not in _SEPARATOR and not before.isalnum()
+    # <password>x: an XML element's; define('DB_PASSWORD', 'x'), setPassword("x"): a
+    # call's (not password_hash('sha512'), lookup('password', '/dev/null length=20')); pass:
+    # 'x9' (nodemailer's): alone, the word is a credential only so
+    if (said in (">", ",", "(") or standalone) and (
+            (said == ">" and (before != "<" or not (text.startswith("</", match.end())
+                                                    or match.end() == len(text)))) or
+            (said != ">" and not quoted) or (said == "(" and suffix) or
+            (said == "," and before not in "_-") or
+            (standalone and said not in (":", "=", ":=", "=>"))):
+        return False
     value = _value(match)
     raw = match.group("quoted") or match.group("bare")
+    digits = _DIGIT.search(value) is not None
+    if (said == "," or standalone) and not digits:
+        return False
     folded = value.lower()
-    if not value or _TEMPLATE.search(raw) or folded in DEFAULTS or folded == word or \
-            value.endswith("EXAMPLEKEY") or _PLACEHOLDER.search(value):
+    if _ALNUM.search(value) is None or _TEMPLATE.search(raw) or folded in DEFAULTS or \
+            folded == word or value.endswith("EXAMPLEKEY") or _PLACEHOLDER.search(value) or \
+            _NAMED.fullmatch(value) or _PROSE.match(value):
         return False  # (EXAMPLEKEY: AWS's documents' example secret key)
-    quoted = match.group("quoted") is not None
     if quoted and (value != value.strip() or _CONCATENATED.search(value)):
         return False  # (`Password:` to `New password:`; " + pw + ")
-    digits = any(c.isdigit() for c in value)
     if not digits and (_PLACEHOLDER_WORD.search(value) or _WORD_INSIDE.search(value)
                        or _SLUG.fullmatch(value)):
         return False  # (and a name of words: "workload-identity-auth")
@@ -239,30 +292,16 @@ def _secret(match: re.Match[str], text: str) -> bool:
     if _NUMBER.fullmatch(value) and (word in _NEEDS_NAME or not value.isdigit()
                                      or len(value) < 6):
         return False  # (a filter's high_pass = 2000, 80Hz, 8-64: numbers, not passwords)
-    if _PATH.fullmatch(value) and ("/" in value[1:] or value[0] == "~") and \
+    if _PATH.fullmatch(value) and ("/" in value[1:] or value[0] in "~.") and \
             not _MIXED.search(value):
         return False  # (a file: ORIG_PWD=/home/me, sudo's NOPASSWD: /bin/x)
-    op = match.group("op")
-    said = op.replace("\\t", " ").replace("\u00a0", " ").strip()
-    at = match.start()
-    before = text[at - 1] if at else " "
-    standalone = word in _NEEDS_NAME and before not in _SEPARATOR and not before.isalnum()
-    # <password>x: an XML element's; define('DB_PASSWORD', 'x'), setPassword("x"): a
-    # call's (not password_hash('sha512'), lookup('password', '/dev/null length=20')); pass:
-    # 'x9' (nodemailer's): alone, the word is a credential only so
-    if (said in (">", ",", "(") or standalone) and (
-            (said == ">" and before != "<") or (said != ">" and not quoted) or
-            (said == "(" and match.group("suffix")) or
-            (said == "," and (before not in "_-" or not digits)) or
-            (said == ">" and not text.startswith("</", match.end())) or
-            (standalone and (not digits or said not in (":", "=", ":=", "=>")))):
-        return False
     if not said:  # a directive's white space: requirepass x, --password x, PASSWORD 'x'
         if quoted and (not digits or re.match(r"\s*\{", text[match.end():])):
             return False  # (CMake's CHECK_PASS "found"; Terraform's resource labels)
-        if not quoted and not (digits and len(value) >= 8 and
-                               any(c.isalpha() for c in value)):
-            return False  # ("password manager", "password twice2": words, not a directive)
+        if not quoted and not (digits and len(value) >= 8 and any(c.isalpha() for c in value)
+                               and ("/" not in value or _MIXED.search(value))):
+            return False  # ("password manager", "password twice2": words, not a directive;
+            # "-field=password secret/myapp/db2": a path)
     if said.startswith("is") and not quoted and re.search(r"[()'\"]", value):
         return False  # (code: required('Password is required').min(8))
     if word.endswith("token"):

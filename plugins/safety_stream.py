@@ -21,7 +21,7 @@ import collections
 import re
 from collections.abc import Callable
 
-from plugins.safety_credentials import OPEN, VALUE_HOLD, open_at_end
+from plugins.safety_credentials import VALUE_HOLD, held_value, open_at_end, quote_of
 from plugins.safety_keys import (
     BEGIN,
     HEADER_MAX,
@@ -55,7 +55,7 @@ _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a s
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
 _URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
 _SPACE = re.compile(r"[ \n\t\r\f\v]")
-_NOT_BARE = re.compile(r"[\s\"'`\\]")  # what ends a credential's value without quotes
+_NOT_BARE = re.compile(r"[\s\"`\\<,;)}\]]")  # what ends a credential's value without quotes
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
 # still part of it, and whether it has ended there.
@@ -74,6 +74,9 @@ class StreamRedactor:
         self.hint = hint_of(rules) if hint is None else hint  # (the rules': see hint_of)
         self.max_block = max_block
         self.pending = ""  # held back
+        self.offset = 0  # where in the answer what is held starts
+        self.live_from = 0  # where in the answer a credential may start (those before, found
+        # too long to be one, are not read again at each piece)
         self.context = ""  # the last character released
         self.reading: Reader | None = None  # inside a secret too long to hold: dropping it
         self.resume: int | None = None  # where the open key at the start of pending goes on
@@ -86,11 +89,13 @@ class StreamRedactor:
             if self.reading is not None:
                 end, ended = self.reading(self.pending)
                 self.pending = self.pending[end:]
+                self.offset += end
                 if not ended:
                     break
                 self.reading = None
             cut, secret = self._cut(self.pending)
             released, self.pending = self.pending[:cut], self.pending[cut:]
+            self.offset += cut
             out.append(self._redact(released))
             if secret is None:
                 break
@@ -98,10 +103,12 @@ class StreamRedactor:
             out.append(f"[REDACTED:{rule}]")
             self.found[rule] += 1
             self.pending, self.context, self.resume = self.pending[taken:], "]", None
+            self.offset += taken
         return "".join(out)
 
     def flush(self) -> str:
         held, self.pending, self.resume = self.pending, "", None
+        self.offset += len(held)
         if self.reading is not None:  # the stream ended inside a secret too long to hold
             self.reading = None
             return ""
@@ -151,16 +158,19 @@ class StreamRedactor:
         a key's marker inside it is held, "q8W3eyJf...", was read as a value of its own);
         and one whose value runs past ``VALUE_HOLD``, redacted from its value's start.
         """
-        for _ in range(4):
+        for _ in range(3):
             named = self._credential(text[:cut] if cut < len(text) else text)
             if named is None or named >= cut:
                 return cut, None
-            if cut == len(text) and (found := OPEN.match(text, named)) is not None and \
-                    found.end("value") - found.start("value") > VALUE_HOLD:
-                quote = found.group("quote")
-                value = found.end("quote") if quote else found.start("value")
-                return value, ("credential", len(text) - value,
-                               _quoted_rest(quote[-1]) if quote else _bare_rest)
+            if cut == len(text) and len(text) - named > VALUE_HOLD:
+                value = held_value(text, named)
+                if value is None:  # (not one, however it goes on: read no more)
+                    self.live_from = self.offset + named + 1
+                    continue
+                if len(text) - value > VALUE_HOLD:
+                    quote = quote_of(text, value)
+                    return value, ("credential", len(text) - value,
+                                   _quoted_rest(quote) if quote else _bare_rest)
             cut = _hold_before(text, named)  # (and again: its name may be inside the value
             # of one open before it, "requirepass 9Xy_pass")
         return cut, None
@@ -169,7 +179,8 @@ class StreamRedactor:
         """Where a credential that may yet be given its value starts in ``text``, what is
         held, read after the character released before it (the end of its name, perhaps).
         """
-        named = open_at_end(self.context + text)
+        first = max(0, self.live_from - self.offset + len(self.context))
+        named = open_at_end(self.context + text, first)
         return None if named is None else max(0, named - len(self.context))
 
     def _too_long(self, text: str, hold: int) -> tuple[int, Secret | None]:
@@ -224,8 +235,7 @@ class StreamRedactor:
                 if rule.name == "credential" and spans[-1][1] == len(text):
                     # A value that runs to the end of what is released (come in one piece
                     # longer than is held): the rest of it is dropped as it comes
-                    start = spans[-1][0]
-                    quote = text[start - 1] if start and text[start - 1] in "\"'`" else ""
+                    quote = quote_of(text, spans[-1][0])
                     self.reading = _quoted_rest(quote) if quote else _bare_rest
                 text = redact(text, spans, rule.name)
                 scan = Text(text)
@@ -321,18 +331,29 @@ def _one_line_rest(text: str) -> tuple[int, bool]:
 
 
 def _bare_rest(text: str) -> tuple[int, bool]:
-    """The rest of a credential's value without quotes: up to white space or a quote."""
+    """The rest of a credential's value without quotes: up to white space, a quote, or what
+    ends a field or a list (",user:bob}", "</password>").
+    """
     other = _NOT_BARE.search(text)
     return (len(text), False) if other is None else (other.start(), True)
 
 
 def _quoted_rest(quote: str) -> Reader:
-    """A reader of the rest of a credential's quoted value: up to its quote, or the line's
-    end (a quote left open).
+    """A reader of the rest of a credential's quoted value: up to its quote (the whole of
+    it: \\" or three), past the escapes within, or the line's end (a quote left open).
     """
     def rest(text: str) -> tuple[int, bool]:
-        end = min((at for at in (text.find(quote), text.find("\n")) if at >= 0), default=-1)
-        return (len(text), False) if end < 0 else (end, True)
+        at = 0
+        while at < len(text):
+            if text.startswith(quote, at) or text[at] == "\n":
+                return at, True
+            if text[at] == "\\":
+                if at + 1 == len(text):
+                    return at, False  # (an escape not yet whole: kept)
+                at += 2
+                continue
+            at += 1
+        return max(0, at - len(quote) + 1), False  # (a quote of several, cut, is kept)
     return rest
 
 

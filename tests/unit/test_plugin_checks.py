@@ -63,6 +63,28 @@ def test_prose_is_not_held_back() -> None:
         assert redactor.feed(word + " ") == word + " "
 
 
+V = "Qx7" + "aB3dE5fG7h" * 26  # (longer than a stream holds of a value)
+
+
+@pytest.mark.parametrize("text", [
+    "{password:" + V + ",user:bob} ok", "(password: " + V + ") ok", "<password>" + V +
+    "</password> ok", '{"content": "{\\"password\\": \\"' + V + '\\", \\"u\\": 1}"}',
+    '{"password": "' + V + '\\"Tail9Secret7Zq", "u": 1}', "mytool --password i" + V + " --u b",
+    "export OPENAI_API_KEY=sk-proj-Ab3dE9fGh1Jk2Lm3No4Pq5Rs6Tu7Vw8 OPENAI_ORG_ID=org-9fK2mQ7vR1x",
+])
+def test_a_stream_says_what_the_whole_text_says_around_a_long_value(text: str) -> None:
+    """A value longer than is held is redacted from its start and the rest dropped as it
+    comes: up to where the whole text's value ends, not past it (the field after it, the
+    closing tag, the escaped quote), nor short of it (an escaped quote inside it, a value
+    starting "i" read as the start of "is")."""
+    whole, _ = redact_in_pieces(text, None)
+    for size in (1, 4, 7, len(text)):
+        redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
+        streamed = "".join(redactor.feed(text[i:i + size]) for i in range(0, len(text), size))
+        assert streamed + redactor.flush() == whole, size
+    assert "aB3dE5fG7h" not in whole and "Tail9Secret" not in whole
+
+
 def test_prose_about_credentials_is_held_back_a_word_at_most() -> None:
     """(A credential's name is held until what follows says it is given no value.)"""
     redactor = StreamRedactor(list(OUTPUT_RULES), 16384)
@@ -107,6 +129,11 @@ def test_prose_about_credentials_is_held_back_a_word_at_most() -> None:
     "password_encryption = scram-sha-256", 'proxy_url="socks5h://<username>:<password>@host"',
     "{{ lookup('password', '/dev/null length=20 chars=ascii_letters') }}",
     "1. Enter your password twice2.", 'WORKLOAD_API_KEY_PLACEHOLDER = "workload-identity-auth"',
+    # (a third review's)
+    "if(password==confirm2){return!0}", 'Password=${file("db_password2.txt")}',
+    "secret: arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db-AbCdEf",
+    "existingSecret: redis-auth-2", "vault kv get -field=password secret/myapp/db2",
+    '"password": "Must be at least 8 characters"', "secret: " + "-" * 300,
 ])
 def test_a_credentials_name_without_a_secret_is_left(text: str) -> None:
     """Code reading a secret, types, tokenizer settings, placeholders, images' defaults and
