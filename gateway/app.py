@@ -163,9 +163,11 @@ def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
     """A tunnel that drops takes its backends out of rotation at once; one that comes back
     has them probed at once (they rejoin as soon as they answer).
     """
+    tunnel_of: dict[str, Tunnel] = {}  # (each backend behind one)
     for tunnel in tunnels.tunnels.values():
         behind = [b.name for b in config.backends
                   if b.tunnel and tunnels.tunnel_of(b.tunnel) is tunnel]
+        tunnel_of.update(dict.fromkeys(behind, tunnel))
 
         def down(t: Tunnel, names: list[str] = behind) -> None:
             for name in names:
@@ -190,11 +192,8 @@ def _watch_tunnels(config: GatewayConfig, tunnels: TunnelManager,
         """A backend behind a tunnel that is up stopped answering: its link is asked at
         once (one gone silent is dropped, and the requests waiting on it fail over now).
         """
-        spec = next((b for b in config.backends if b.name == name), None)
-        if spec is None or not spec.tunnel:
-            return
-        tunnel = tunnels.tunnel_of(spec.tunnel)
-        if tunnel.connected:
+        tunnel = tunnel_of.get(name)
+        if tunnel is not None and tunnel.connected:
             task = asyncio.get_running_loop().create_task(tunnel.check_link())
             checking.add(task)
             task.add_done_callback(checking.discard)

@@ -115,7 +115,7 @@ async def _hint(spec: BackendConfig, tunnels: TunnelManager) -> str:
             return f"the tunnel {tunnel.name} is down (see above)"
         name = spec.tunnel.partition("/")[2]
         forward = next(f for f in tunnel.config.forwards if f.name == name)
-        return await tunnel.refusal(name) or (
+        return await tunnel.refusal(forward) or (
             f"the service behind the tunnel is down: is {service} running on "
             f"{tunnel.config.host}, listening on {forward.remote_host}:{forward.remote_port}?")
     if spec.optional:

@@ -1,5 +1,5 @@
 """Credentials given a value by name: ``DB_PASSWORD=...``, ``aws_secret_access_key = ...``,
-``"apiKey": "..."``, ``password: ...``, ``'password' => '...'``, ``<password>...<``,
+``"apiKey": "..."``, ``password: ...``, ``'password' => '...'``, ``<password>...</``,
 ``setPassword("...")``, ``requirepass ...``, ``--password ...``, "the password is ..." (env,
 INI, YAML, JSON and XML files, code, a config's directives, a command's flags, prose; in
 JSON text too, with its escaped quotes and tabs).
@@ -9,18 +9,24 @@ A name ends in one of the words (``WORDS``), perhaps with a suffix (``DB_PASSWOR
 a separator (``DB_PASSWORD``, ``x-api-key``, ``;Pwd=``) or a lower-case letter
 (``dbPassword``), or PASSWORD after capitals (``PGPASSWORD``). Its value is quoted (with a
 string's prefix: ``f"..."``, ``b'...'``, ``@"..."``, ``N'...'``, or three quotes), or the run
-of text up to white space or a quote, less what ends a sentence or a list, or the next field
-of a minified object. What is not a secret is left: a placeholder (``changeme``,
-``${DB_PASSWORD}``, ``<your-token>``, ``%s``, ``op://vault/item``), a default of an image's
-documents (``POSTGRES_PASSWORD=postgres``), code (``password = args.password``,
-``getenv("X")``, ``"&password=" + pw``, ``$request->input('password')``, ``@password``), a
-type (``token: Optional[str]``), a YAML tag (``!Ref``), a validation rule, a number with a
-unit (``high_pass: 80Hz``), a value too short or, for a token, not shaped like one
+of text up to white space, a double quote, a backtick, a backslash or a closing tag, less
+the punctuation that ends a sentence or a list, or a minified object's next field.
+
+What is not a secret is left: a placeholder (``changeme``, ``${DB_PASSWORD}``,
+``<your-token>``, ``%s``), a reference to where the secret is kept (``op://vault/item``,
+``arn:...``), a default of an image's documents (``POSTGRES_PASSWORD=postgres``), code
+(``password = args.password``, ``getenv("X")``, ``"&password=" + pw``,
+``$request->input('password')``, ``@password``, ``password==x``), a type (``token:
+Optional[str]``), a YAML tag (``!Ref``), a validation rule, a message ("Must be at least 8
+characters"), a number with a unit (``high_pass: 80Hz``), a path, a name of words
+(``redis-auth-2``), what a name's suffix says is about a credential
+(``password_encryption``), a value too short or, for a token, not shaped like one
 (``eos_token: "</s>"``, a .NET ``PublicKeyToken``).
 
-What is redacted is the value, so the name stays readable. The word and the character
-before it decide everything but the value, so a stream that released the start of a name
-before its word arrived says what the whole text says.
+What is redacted is the value, so the name stays readable. Only the word, the character
+before it, its operator and value, and (for an XML element, a Terraform label) what comes
+right after decide: so a stream that released the start of a name before its word arrived
+says what the whole text says.
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ _ABOUT = frozenset({
 _CLOSING = {")": "(", "]": "[", "}": "{", ">": "<"}
 # A minified object's next field ({password:t,token:n}, .btn-pass:hover{color:...}): where
 # a bare value ends
-_NEXT_FIELD = re.compile(r"[,;){}](?=[A-Za-z_$][\w$-]+\s*[:=])")
+NEXT_FIELD = re.compile(r"[,;){}](?=[A-Za-z_$][\w$-]+\s*[:=])")
+BARE_END = re.compile(r"[\s\"`\\]|</")  # where a value without quotes ends, at the latest
 _CODE = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)*")  # a name in code, or a type
 # A call's or a subscript's start, or a type's (of a name of three or more: P(,+n is none)
 _CALL = re.compile(r"[A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][\w$]*)*[(\[]")
@@ -198,23 +205,26 @@ def open_at_end(text: str, first: int = 0) -> int | None:
     return None
 
 
-def held_value(text: str, at: int) -> int | None:
-    """Where the value of the credential open at ``at`` starts, if it is read as a secret
-    so far (a stream's, too long to hold whole: its start is redacted, the rest dropped).
+def held_value(text: str, at: int) -> tuple[int, str] | None:
+    """Where the value of the credential open at ``at`` starts, and its quote ("" for none),
+    if it is read as a secret so far (a stream's, too long to hold whole: its start is
+    redacted, the rest dropped).
     """
     text = text[:at + OPEN_MAX]  # (its start decides)
     found = ASSIGNED.match(text, at)
     if found is None or not _named(text, at, found.group("word")) or not _secret(found, text):
         return None
-    return found.start("quoted") if found.group("q") else found.start("bare")
+    quote = found.group("q")
+    return (found.start("quoted"), quote) if quote else (found.start("bare"), "")
+
+
+_QUOTE_BEFORE = re.compile(rf"(?:{_QUOTE})\Z")
 
 
 def quote_of(text: str, value: int) -> str:
-    """The quote a value at ``value`` is in ("" for none)."""
-    for quote in ('"""', "'''", '\\"', "\\'", '"', "'", "`"):
-        if text.endswith(quote, 0, value):
-            return quote
-    return ""
+    """The quote a value found at ``value`` is in ("" for none)."""
+    found = _QUOTE_BEFORE.search(text, max(0, value - 3), value)
+    return found.group() if found else ""
 
 
 def _named(text: str, at: int, word: str, partial: bool = False) -> bool:
@@ -239,7 +249,7 @@ def _value(match: re.Match[str]) -> str:
     quoted = match.group("quoted")
     if quoted is not None:
         return quoted
-    value = _NEXT_FIELD.split(match.group("bare"), 1)[0].rstrip(_TRAILING)
+    value = NEXT_FIELD.split(match.group("bare"), 1)[0].rstrip(_TRAILING)
     while value and value[-1] in _CLOSING and \
             value.count(value[-1]) > value.count(_CLOSING[value[-1]]):
         value = value[:-1].rstrip(_TRAILING)  # ("(the password: x)")

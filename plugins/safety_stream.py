@@ -4,11 +4,15 @@ Text leaves as soon as it cannot be part of a secret. What is held back: a run o
 (no white space) from where a secret may begin (a key's prefix such as ``sk-`` at the start
 of a word, ``eyJ``, ``://``, or the start of one of those at the very end), a ``Bearer``
 word and what follows it, a credential's name (``password``, ``API_KEY``) until its value
-is whole, and an open private-key block. Released text is read by the same
-rules as a request, with the character released before it as context, so the stream says
-what redacting the whole answer at once would say.
+is whole (if that rule is on), and an open private-key block. Released text is read by the
+same rules as a request, with the character released before it as context, so the stream
+says what redacting the whole answer at once would say; text is never released that ends
+inside a credential's value.
 
-Bounds: a run is held up to ``MAX_RUN`` characters and a private key up to ``max_block``.
+Bounds: a run is held up to ``MAX_RUN`` characters, a credential's value up to
+``VALUE_HOLD`` and a private key up to ``max_block``. A longer value the rule takes for a
+credential is redacted from its start and the rest of it dropped as it arrives, up to where
+the whole text's value would end.
 Past that, a run shaped like a secret (a key's prefix or a bearer token, then only token
 characters) or one a rule finds still going on is redacted there and the rest of it is
 dropped as it arrives; any other run is let go, but for its last few characters. Each
@@ -21,7 +25,14 @@ import collections
 import re
 from collections.abc import Callable
 
-from plugins.safety_credentials import VALUE_HOLD, held_value, open_at_end, quote_of
+from plugins.safety_credentials import (
+    BARE_END,
+    NEXT_FIELD,
+    VALUE_HOLD,
+    held_value,
+    open_at_end,
+    quote_of,
+)
 from plugins.safety_keys import (
     BEGIN,
     HEADER_MAX,
@@ -55,14 +66,15 @@ _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a s
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
 _URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
 _SPACE = re.compile(r"[ \n\t\r\f\v]")
-_NOT_BARE = re.compile(r"[\s\"`\\<,;)}\]]")  # what ends a credential's value without quotes
+_AFTER_VALUE = ".,;:!?')]}><"  # what may follow a value without being part of it
+_FIELD_START = re.compile(r"[,;){}][A-Za-z_$]?[\w$-]*\s*\Z")  # a next field, not yet whole
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
 # still part of it, and whether it has ended there.
 Reader = Callable[[str], tuple[int, bool]]
 # A secret found where the text is cut: its rule, how much of the text from the cut it
 # takes, and what reads the rest of it.
-Secret = tuple[str, int, Reader]
+Secret = tuple[str, int, Reader | None]
 
 
 class StreamRedactor:
@@ -72,6 +84,8 @@ class StreamRedactor:
                  hint: frozenset[str] | None = None) -> None:
         self.rules = rules
         self.hint = hint_of(rules) if hint is None else hint  # (the rules': see hint_of)
+        # Credentials given by name are held, if their rule is on
+        self.credentials = any(rule.name == "credential" for rule in rules)
         self.max_block = max_block
         self.pending = ""  # held back
         self.offset = 0  # where in the answer what is held starts
@@ -149,8 +163,8 @@ class StreamRedactor:
             return self._too_long(text, hold)
         else:
             cut = hold
-        return self._outside_credentials(
-            text, whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut)
+        cut = whole_key[1] if whole_key[0] <= cut < whole_key[1] else cut
+        return self._outside_credentials(text, cut) if self.credentials else (cut, None)
 
     def _outside_credentials(self, text: str, cut: int) -> tuple[int, Secret | None]:
         """``cut``, or before it where a credential that may yet be given its value (or
@@ -159,18 +173,19 @@ class StreamRedactor:
         and one whose value runs past ``VALUE_HOLD``, redacted from its value's start.
         """
         for _ in range(3):
-            named = self._credential(text[:cut] if cut < len(text) else text)
+            named = self._credential(text[:cut])
             if named is None or named >= cut:
                 return cut, None
             if cut == len(text) and len(text) - named > VALUE_HOLD:
-                value = held_value(text, named)
-                if value is None:  # (not one, however it goes on: read no more)
+                held = held_value(text, named)
+                if held is None:  # (not one, however it goes on: read no more)
                     self.live_from = self.offset + named + 1
                     continue
+                value, quote = held
                 if len(text) - value > VALUE_HOLD:
-                    quote = quote_of(text, value)
-                    return value, ("credential", len(text) - value,
-                                   _quoted_rest(quote) if quote else _bare_rest)
+                    reader = _quoted_rest(quote) if quote else _bare_rest
+                    end, ended = reader(text[value:])  # (it may have ended already)
+                    return value, ("credential", end, None if ended else reader)
             cut = _hold_before(text, named)  # (and again: its name may be inside the value
             # of one open before it, "requirepass 9Xy_pass")
         return cut, None
@@ -213,7 +228,7 @@ class StreamRedactor:
                 cut = e
         # (nor between a credential's name and its value: held from its name, not from the
         # run's start, which is let go)
-        named = self._credential(text[:cut])
+        named = self._credential(text[:cut]) if self.credentials else None
         return (named if named is not None and hold < named < cut else cut), None
 
     def _redact(self, text: str) -> str:
@@ -331,11 +346,21 @@ def _one_line_rest(text: str) -> tuple[int, bool]:
 
 
 def _bare_rest(text: str) -> tuple[int, bool]:
-    """The rest of a credential's value without quotes: up to white space, a quote, or what
-    ends a field or a list (",user:bob}", "</password>").
+    """The rest of a credential's value without quotes, as the whole text's value ends:
+    before white space, a quote or a backslash, a closing tag ("</password>") or a minified
+    object's next field (",user:bob}"), less the punctuation before those ("... ok.", "x)").
+    What may yet turn out to be one of those is kept.
     """
-    other = _NOT_BARE.search(text)
-    return (len(text), False) if other is None else (other.start(), True)
+    end = BARE_END.search(text)
+    field = NEXT_FIELD.search(text, 0, len(text) if end is None else end.start())
+    if field is not None:
+        return field.start(), True
+    stop = len(text) if end is None else end.start()
+    kept = len(text[:stop].rstrip(_AFTER_VALUE))  # (punctuation that may end the value)
+    if end is not None:
+        return kept, True
+    maybe = _FIELD_START.search(text)  # (",user" may yet be a field: "user:")
+    return (kept if maybe is None else min(kept, maybe.start())), False
 
 
 def _quoted_rest(quote: str) -> Reader:

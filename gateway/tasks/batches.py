@@ -97,9 +97,14 @@ class Batches:
             match={"queued": False, "requeued_at": batch.get("requeued_at")})
         if claimed is None:
             return
+        async with self._checking:  # (a big input's lines take memory, as a begin's do)
+            await self._requeue_lines(claimed)
+
+    async def _requeue_lines(self, batch: dict[str, Any]) -> None:
+        now = int(time.time())
         content = await self.store.content(batch["input_file_id"])
         if content is None:
-            files = await self._write_files(claimed, await self.store.ids(batch["id"]),
+            files = await self._write_files(batch, await self.store.ids(batch["id"]),
                                             "batch_interrupted")
             await self.store.change_batch(batch["id"], {
                 **files, "status": "failed", "failed_at": now, "errors": {

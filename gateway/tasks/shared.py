@@ -105,6 +105,8 @@ class RedisStore:
             "retry_on_error": [ConnectionError]}
         self._client = Client(url, "tasks", aioredis.from_url(url, **options), **options)
         self._timeout = visibility_timeout
+        self._filled = False  # the set of open batches is known to be made
+        self._opened: set[bytes] = set()  # the ids in it, as last read
         self.folder = shown(url)  # (what `gateway batches` says it read)
         plain = self._redis
         self._finish = plain.register_script(FINISH)
@@ -227,7 +229,8 @@ class RedisStore:
             ids = await self._recent_ids()
         out, done = [], 0
         records = await self._batches(ids)
-        closed = [r["id"] for r in records if r["status"] in TERMINAL]
+        closed = [r["id"] for r in records
+                  if r["status"] in TERMINAL and r["id"].encode() in self._opened]
         if closed:
             await self._redis.zrem(OPEN, *closed)  # (left there by a change cut short)
         for record in sorted(records, key=lambda b: b["created_at"], reverse=True):
@@ -242,12 +245,16 @@ class RedisStore:
         """Every open batch (however many newer ones there are: the watch must see each to
         expire it or finish a change left half made) and the newest finished ones.
         """
-        if await self._redis.set(f"{OPEN}:filled", 1, nx=True):
-            await self._fill_open()
+        if not self._filled:
+            if not await self._redis.exists(f"{OPEN}:filled"):
+                await self._fill_open()
+                await self._redis.set(f"{OPEN}:filled", 1)  # (after: a fill cut short is
+            self._filled = True  # made again, and adding twice is harmless)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zrange(OPEN, 0, -1)
             pipe.zrevrange(f"{P}batches", 0, RECENT - 1)
             open_ids, newest = await pipe.execute()
+        self._opened = set(open_ids)
         return list(dict.fromkeys([*open_ids, *newest]))
 
     async def _fill_open(self) -> None:

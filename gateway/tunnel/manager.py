@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 State = Literal["connecting", "up", "degraded", "down", "backing_off"]
 LINK_CHECK_SECONDS = 2.0  # for the remote sshd to answer a channel's opening
+REFUSAL_SECONDS = 5.0  # ... when `gateway check` asks why a service does not answer
 Listener = Callable[["Tunnel"], Awaitable[None] | None]
 
 
@@ -90,29 +91,20 @@ class Tunnel:
         else:
             self.error, self.hint = f"unexpected failure: {type(exc).__name__}", ""
 
-    async def refusal(self, forward: str) -> str:
+    async def refusal(self, forward: ForwardConfig) -> str:
         """Why the remote host's sshd will not open a forward's channel ("" if it will, or
         cannot be asked): a service that is down reads the same through the forward's port
         as an sshd that forbids forwarding.
         """
-        connection = self._connection
-        spec = next(f for f in self.config.forwards if f.name == forward)
-        if connection is None:
-            return ""
-        try:
-            async with asyncio.timeout(5):
-                _, writer = await connection.open_connection(spec.remote_host, spec.remote_port)
-            writer.close()
-        except asyncssh.ChannelOpenError as exc:
-            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                return (f"sshd on {self.config.host} forbids forwarding to {spec.remote_host}:"
-                        f"{spec.remote_port}: set AllowTcpForwarding yes in its sshd_config "
-                        "(and, if PermitOpen is set, let it name that port)")
-        except (OSError, TimeoutError, asyncssh.Error):
-            pass
+        failure = await self._open_channel(forward, REFUSAL_SECONDS)
+        if isinstance(failure, asyncssh.ChannelOpenError) and \
+                failure.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+            return (f"sshd on {self.config.host} forbids forwarding to {forward.remote_host}:"
+                    f"{forward.remote_port}: set AllowTcpForwarding yes in its sshd_config "
+                    "(and, if PermitOpen is set, let it name that port)")
         return ""
 
-    async def check_link(self, within: float = LINK_CHECK_SECONDS) -> None:
+    async def check_link(self) -> None:
         """Whether the link still carries anything, asked now (a backend behind it stopped
         answering): a channel opened through it is answered at once, even refused; a link
         gone silent (a network that drops everything) is dropped, not left to its
@@ -121,19 +113,28 @@ class Tunnel:
         connection = self._connection
         if connection is None or not self.config.forwards:
             return
-        forward = self.config.forwards[0]
+        failure = await self._open_channel(self.config.forwards[0], LINK_CHECK_SECONDS)
+        if isinstance(failure, TimeoutError) and connection is self._connection:
+            log.warning("tunnel %s: the link did not answer within %gs; dropping it",
+                        self.name, LINK_CHECK_SECONDS)
+            connection.abort()
+
+    async def _open_channel(self, forward: ForwardConfig, within: float
+                            ) -> BaseException | None:
+        """A channel opened to a forward's service and closed again: why it was not (None:
+        it was, or there is no link to ask).
+        """
+        connection = self._connection
+        if connection is None:
+            return None
         try:
             async with asyncio.timeout(within):
                 _, writer = await connection.open_connection(forward.remote_host,
                                                              forward.remote_port)
             writer.close()
-        except TimeoutError:
-            if connection is self._connection:
-                log.warning("tunnel %s: the link did not answer within %gs; dropping it",
-                            self.name, within)
-                connection.abort()
-        except (OSError, asyncssh.Error):
-            pass  # (answered: refused, or failed, is an answer)
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            return exc
+        return None
 
     async def wait_first_attempt(self, patience: float) -> None:
         """Until the first connection attempt has succeeded or failed (or ``patience`` ran

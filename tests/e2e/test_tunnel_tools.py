@@ -35,17 +35,23 @@ def answers(url: str) -> bool:
         return False
 
 
-def test_reverse_agent_keeps_its_forward_through_an_sshd_restart(
-    keys: Keys, workstation: Sim
-) -> None:
-    sshd = OpenSSHServer(keys).start()
-    listen = free_port()  # on the "server" side: where the gateway will find the workstation
-    agent = subprocess.Popen(
+def run_agent(keys: Keys, sshd: OpenSSHServer, listen: int,
+              workstation: Sim) -> subprocess.Popen[str]:
+    """``gateway tunnel-agent`` asking ``sshd`` to listen on ``listen`` for the workstation."""
+    return subprocess.Popen(
         [*GATEWAY, "tunnel-agent", "--server", f"root@127.0.0.1:{sshd.port}",
          "--key", str(keys.client), "--no-agent",
          "--known-hosts", str(keys.known_hosts(sshd.port)),
          "--forward", f"{listen}:127.0.0.1:{workstation.server.port}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_reverse_agent_keeps_its_forward_through_an_sshd_restart(
+    keys: Keys, workstation: Sim
+) -> None:
+    sshd = OpenSSHServer(keys).start()
+    listen = free_port()  # on the "server" side: where the gateway will find the workstation
+    agent = run_agent(keys, sshd, listen, workstation)
     server_side = f"http://127.0.0.1:{listen}"
     gateway = None
     try:
@@ -78,12 +84,7 @@ def test_reverse_agent_says_why_the_server_refused_its_port(keys: Keys, workstat
     sshd = OpenSSHServer(keys).start()
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
-    agent = subprocess.Popen(
-        [*GATEWAY, "tunnel-agent", "--server", f"root@127.0.0.1:{sshd.port}",
-         "--key", str(keys.client), "--no-agent",
-         "--known-hosts", str(keys.known_hosts(sshd.port)),
-         "--forward", f"{port}:127.0.0.1:{workstation.server.port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = run_agent(keys, sshd, port, workstation)
     try:
         time.sleep(4)
     finally:
