@@ -79,9 +79,9 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
     # and backend once it takes over (the headers sent named the first).
     served = CIMultiDict(headers)
 
-    def switched(model: str) -> None:
+    def switched(model: str, backend: str) -> None:  # (holds no answer: no cycle)
         encoder.switch_model(model)
-        served["x-gateway-model"], served["x-gateway-backend"] = model, answer.backend
+        served["x-gateway-model"], served["x-gateway-backend"] = model, backend
 
     answer.on_switch = switched
     ok = False

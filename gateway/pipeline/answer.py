@@ -35,8 +35,7 @@ class Streamed:
     ended: it frees the upstream connection and tells the plugins the request is over.
     """
 
-    __slots__ = ("_close", "_finish", "backend", "first", "headers", "model", "on_switch",
-                 "rest")
+    __slots__ = ("_close", "_finish", "first", "headers", "model", "on_switch", "rest")
 
     def __init__(self, first: Chunk, rest: AsyncIterator[Chunk], headers: dict[str, str],
                  model: str, finish: Callable[[], Awaitable[dict[str, str]]],
@@ -45,15 +44,14 @@ class Streamed:
         self.rest = rest
         self.headers = headers
         self.model = model  # the model answering; a rescued stream goes on from another
-        self.backend = headers.get("x-gateway-backend", "")  # (and its backend)
         self._finish = finish
         self._close: Callable[[bool], Awaitable[None]] | None = close
         # Told when a rescue moves the stream to another model (the door names it after).
-        self.on_switch: Callable[[str], None] = _ignore
+        self.on_switch: Callable[[str, str], None] = _ignore  # (the model, its backend)
 
     def switched(self, model: str, backend: str) -> None:
-        self.model, self.backend = model, backend
-        self.on_switch(model)
+        self.model = model
+        self.on_switch(model, backend)
 
     async def finish(self) -> dict[str, str]:
         return await self._finish()
@@ -86,5 +84,5 @@ class Listed:
     created: int
 
 
-def _ignore(model: str) -> None:
+def _ignore(model: str, backend: str) -> None:
     return None
