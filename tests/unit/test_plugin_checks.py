@@ -642,3 +642,16 @@ def test_redacted_json_stays_json(arguments: str, sent: Any) -> None:
     ctx = RequestContext(kind="chat", req=parse_chat(body), tenant="", client_headers={})
     asyncio.run(plugin.on_request(ctx))
     assert json.loads(ctx.req.messages[0]["tool_calls"][0]["function"]["arguments"]) == sent
+
+
+def test_a_credential_rule_turned_off_holds_and_redacts_nothing() -> None:
+    """(`credential = "off"` still held names and redacted long values in streams.)"""
+    rules = [rule for rule in OUTPUT_RULES if rule.name != "credential"]
+    text = "DB_PASSWORD=" + V + " and the password is Stg#Adm1n!2024q."
+    for size in (1, 20):
+        redactor = StreamRedactor(rules, 16384)
+        out = []
+        for i in range(0, len(text), size):
+            out.append(redactor.feed(text[i:i + size]))
+            assert len(redactor.pending) < 8, i  # (a key's prefix at most, not a value)
+        assert "".join(out) + redactor.flush() == text
