@@ -94,6 +94,8 @@ OPEN = re.compile(_OPEN, re.IGNORECASE)
 _WORD = re.compile(WORDS, re.IGNORECASE)
 PARTIAL = re.compile(_prefixes(sorted(set(_SPELLINGS))) + r"\Z", re.IGNORECASE)
 PARTIAL_MAX = max(map(len, _SPELLINGS))
+_PREFIXES = frozenset(word[:k] for word in _SPELLINGS for k in range(1, len(word) + 1))
+_RUN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-."  # (of a name)
 
 _NEEDS_NAME = ("pass", "pwd")  # words that are a credential alone only quoted, with a digit
 _GLUED = ("PASSWORD", "PASSWD")  # words that end a name glued on in capitals (PGPASSWORD)
@@ -196,7 +198,7 @@ def open_at_end(text: str, first: int = 0) -> int | None:
                     _named(text, word.start(), word.group()) and \
                     OPEN.match(text, word.start()) is not None:
                 return word.start()
-    if text and (text[-1].isalpha() or text[-1] in "_- "):  # (a word may go on)
+    if text and (text[-1].isalpha() or text[-1] in "_- ") and _may_start(text):
         found = PARTIAL.search(text, max(first, len(text) - PARTIAL_MAX))
         while found is not None:
             if _named(text, found.start(), found.group(), partial=True):
@@ -225,6 +227,30 @@ def quote_of(text: str, value: int) -> str:
     """The quote a value found at ``value`` is in ("" for none)."""
     found = _QUOTE_BEFORE.search(text, max(0, value - 3), value)
     return found.group() if found else ""
+
+
+def may_hold(text: str) -> bool:
+    """Whether a credential may be open at the end of a text: it holds one of the words'
+    stems, or may end with a word's start (a cheap look first: most pieces of an answer
+    have neither).
+    """
+    low = text[-OPEN_MAX:].lower()
+    return "pass" in low or "pwd" in low or "secret" in low or "api" in low or \
+        "token" in low or (bool(text) and (text[-1].isalpha() or text[-1] in "_- ")
+                           and _may_start(text))
+
+
+def _may_start(text: str) -> bool:
+    """Whether a word's start may end the text (a cheap look, most pieces of prose are
+    ruled out by): its last run of letters is one, or holds a separator or a capital past
+    its first letter (a name's part may be one); or "api " ("api key") may be going on.
+    """
+    tail = text[-PARTIAL_MAX:]
+    run = tail[len(tail.rstrip(_RUN)):]
+    if not run:
+        return tail[-4:].lower() == "api "
+    return run.lower() in _PREFIXES or not run[1:].islower() or "_" in run or "-" in run \
+        or "." in run
 
 
 def _named(text: str, at: int, word: str, partial: bool = False) -> bool:

@@ -30,6 +30,7 @@ from plugins.safety_credentials import (
     NEXT_FIELD,
     VALUE_HOLD,
     held_value,
+    may_hold,
     open_at_end,
     quote_of,
 )
@@ -194,6 +195,8 @@ class StreamRedactor:
         """Where a credential that may yet be given its value starts in ``text``, what is
         held, read after the character released before it (the end of its name, perhaps).
         """
+        if not may_hold(text):  # (most pieces: no word of one, nor the start of one)
+            return None
         first = max(0, self.live_from - self.offset + len(self.context))
         named = open_at_end(self.context + text, first)
         return None if named is None else max(0, named - len(self.context))
