@@ -32,7 +32,7 @@ says what the whole text says.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 WORDS = (r"pass(?:word|wd|phrase)?|requirepass|pwd|secret(?:[_ -]?access)?(?:[_ -]?key)?"
          r"|api[_ -]?key|token")
@@ -112,10 +112,12 @@ _ABOUT = frozenset({
     "help", "message", "msg", "error", "errors", "text", "description", "placeholder",
     "prompt", "title", "tooltip"})
 _CLOSING = {")": "(", "]": "[", "}": "{", ">": "<"}
+_AFTER_VALUE = ".,;:!?')]}><"  # what may follow a value without being part of it
+_FIELD_START = re.compile(r"[,;){}][A-Za-z_$]?[\w$-]*\s*\Z")  # a next field, not yet whole
 # A minified object's next field ({password:t,token:n}, .btn-pass:hover{color:...}): where
 # a bare value ends
-NEXT_FIELD = re.compile(r"[,;){}](?=[A-Za-z_$][\w$-]+\s*[:=])")
-BARE_END = re.compile(r"[\s\"`\\]|</")  # where a value without quotes ends, at the latest
+_NEXT_FIELD = re.compile(r"[,;){}](?=[A-Za-z_$][\w$-]+\s*[:=])")
+_BARE_END = re.compile(r"[\s\"`\\]|</")  # where a value without quotes ends, at the latest
 _CODE = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)*")  # a name in code, or a type
 # A call's or a subscript's start, or a type's (of a name of three or more: P(,+n is none)
 _CALL = re.compile(r"[A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][\w$]*)*[(\[]")
@@ -275,7 +277,7 @@ def _value(match: re.Match[str]) -> str:
     quoted = match.group("quoted")
     if quoted is not None:
         return quoted
-    value = NEXT_FIELD.split(match.group("bare"), 1)[0].rstrip(_TRAILING)
+    value = _NEXT_FIELD.split(match.group("bare"), 1)[0].rstrip(_TRAILING)
     while value and value[-1] in _CLOSING and \
             value.count(value[-1]) > value.count(_CLOSING[value[-1]]):
         value = value[:-1].rstrip(_TRAILING)  # ("(the password: x)")
@@ -363,3 +365,48 @@ def _code(value: str) -> bool:
         return True
     return value[0] in "([{<:" or (_CODE.fullmatch(value) is not None and (
         "_" in value or "." in value) and _WORD_INSIDE.search(value) is not None)
+
+
+def value_rest(quote: str) -> Callable[[str], tuple[int, bool]]:
+    """A reader of the rest of a value (in ``quote``, or without): how much of the text that
+    follows is still the value, and whether it ends there (a stream's, of a value too long
+    to hold: it is dropped as it comes).
+    """
+    return _quoted_rest(quote) if quote else _bare_rest
+
+
+def _bare_rest(text: str) -> tuple[int, bool]:
+    """The rest of a credential's value without quotes, as the whole text's value ends:
+    before white space, a quote or a backslash, a closing tag ("</password>") or a minified
+    object's next field (",user:bob}"), less the punctuation before those ("... ok.", "x)").
+    What may yet turn out to be one of those is kept.
+    """
+    end = _BARE_END.search(text)
+    field = _NEXT_FIELD.search(text, 0, len(text) if end is None else end.start())
+    if field is not None:
+        return field.start(), True
+    stop = len(text) if end is None else end.start()
+    kept = len(text[:stop].rstrip(_AFTER_VALUE))  # (punctuation that may end the value)
+    if end is not None:
+        return kept, True
+    maybe = _FIELD_START.search(text)  # (",user" may yet be a field: "user:")
+    return (kept if maybe is None else min(kept, maybe.start())), False
+
+
+def _quoted_rest(quote: str) -> Callable[[str], tuple[int, bool]]:
+    """A reader of the rest of a credential's quoted value: up to its quote (the whole of
+    it: \\" or three), past the escapes within, or the line's end (a quote left open).
+    """
+    def rest(text: str) -> tuple[int, bool]:
+        at = 0
+        while at < len(text):
+            if text.startswith(quote, at) or text[at] == "\n":
+                return at, True
+            if text[at] == "\\":
+                if at + 1 == len(text):
+                    return at, False  # (an escape not yet whole: kept)
+                at += 2
+                continue
+            at += 1
+        return max(0, at - len(quote) + 1), False  # (a quote of several, cut, is kept)
+    return rest

@@ -26,13 +26,12 @@ import re
 from collections.abc import Callable
 
 from plugins.safety_credentials import (
-    BARE_END,
-    NEXT_FIELD,
     VALUE_HOLD,
     held_value,
     may_hold,
     open_at_end,
     quote_of,
+    value_rest,
 )
 from plugins.safety_keys import (
     BEGIN,
@@ -67,8 +66,6 @@ _SHAPED = re.compile(r"(?:bearer\s+)?[A-Za-z0-9._~+/=-]*", re.IGNORECASE)  # a s
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
 _URL_DONE = re.compile(r"[/@]")  # past the part of a URL a password may be in
 _SPACE = re.compile(r"[ \n\t\r\f\v]")
-_AFTER_VALUE = ".,;:!?')]}><"  # what may follow a value without being part of it
-_FIELD_START = re.compile(r"[,;){}][A-Za-z_$]?[\w$-]*\s*\Z")  # a next field, not yet whole
 
 # What reads the rest of a secret too long to hold as it arrives: how much of the text is
 # still part of it, and whether it has ended there.
@@ -184,7 +181,7 @@ class StreamRedactor:
                     continue
                 value, quote = held
                 if len(text) - value > VALUE_HOLD:
-                    reader = _quoted_rest(quote) if quote else _bare_rest
+                    reader = value_rest(quote)
                     end, ended = reader(text[value:])  # (it may have ended already)
                     return value, ("credential", end, None if ended else reader)
             cut = _hold_before(text, named)  # (and again: its name may be inside the value
@@ -254,7 +251,7 @@ class StreamRedactor:
                     # A value that runs to the end of what is released (come in one piece
                     # longer than is held): the rest of it is dropped as it comes
                     quote = quote_of(text, spans[-1][0])
-                    self.reading = _quoted_rest(quote) if quote else _bare_rest
+                    self.reading = value_rest(quote)
                 text = redact(text, spans, rule.name)
                 scan = Text(text)
         self.context = text[-1]  # as the client has it: a tag's "]" if it ends in one
@@ -346,43 +343,6 @@ def _one_line_rest(text: str) -> tuple[int, bool]:
     if other is not None:
         return other.start(), True
     return max(0, len(text) - TAIL), False  # what may be the start of its END is kept
-
-
-def _bare_rest(text: str) -> tuple[int, bool]:
-    """The rest of a credential's value without quotes, as the whole text's value ends:
-    before white space, a quote or a backslash, a closing tag ("</password>") or a minified
-    object's next field (",user:bob}"), less the punctuation before those ("... ok.", "x)").
-    What may yet turn out to be one of those is kept.
-    """
-    end = BARE_END.search(text)
-    field = NEXT_FIELD.search(text, 0, len(text) if end is None else end.start())
-    if field is not None:
-        return field.start(), True
-    stop = len(text) if end is None else end.start()
-    kept = len(text[:stop].rstrip(_AFTER_VALUE))  # (punctuation that may end the value)
-    if end is not None:
-        return kept, True
-    maybe = _FIELD_START.search(text)  # (",user" may yet be a field: "user:")
-    return (kept if maybe is None else min(kept, maybe.start())), False
-
-
-def _quoted_rest(quote: str) -> Reader:
-    """A reader of the rest of a credential's quoted value: up to its quote (the whole of
-    it: \\" or three), past the escapes within, or the line's end (a quote left open).
-    """
-    def rest(text: str) -> tuple[int, bool]:
-        at = 0
-        while at < len(text):
-            if text.startswith(quote, at) or text[at] == "\n":
-                return at, True
-            if text[at] == "\\":
-                if at + 1 == len(text):
-                    return at, False  # (an escape not yet whole: kept)
-                at += 2
-                continue
-            at += 1
-        return max(0, at - len(quote) + 1), False  # (a quote of several, cut, is kept)
-    return rest
 
 
 def _token_rest(text: str) -> tuple[int, bool]:
