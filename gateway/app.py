@@ -9,7 +9,6 @@ the monitor (healing, alerts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -53,6 +52,7 @@ from gateway.routing.learned import LearnedOrder
 from gateway.routing.learning_link import DOWN as LINK_DOWN
 from gateway.routing.learning_link import LearningLink
 from gateway.routing.router import Router
+from gateway.runtime import end_loops
 from gateway.store import open_store
 from gateway.tasks import Tasks
 from gateway.tasks import api as tasks_api
@@ -312,9 +312,7 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[HEALTH].run(), name="health")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await end_loops([task])
 
 
 async def _shared_health_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -353,9 +351,7 @@ async def _learned_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(keep(), name="learned routing")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await end_loops([task])
     if link is not None:
         await link.close()
     else:
@@ -391,7 +387,5 @@ async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(loop(), name="discovery")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await end_loops([task])
     await catalog.close()

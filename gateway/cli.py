@@ -32,7 +32,14 @@ from gateway.key_commands import add_keys_command
 from gateway.keys import ROUTER, TELEMETRY
 from gateway.report import print_catalog
 from gateway.router_commands import add_router_command
-from gateway.runtime import new_event_loop, paced_collector, signalled, unless_stopped
+from gateway.runtime import (
+    STOP_MARGIN,
+    new_event_loop,
+    paced_collector,
+    signalled,
+    stopped_within,
+    unless_stopped,
+)
 
 log = logging.getLogger("gateway")
 
@@ -288,7 +295,8 @@ async def _serving(config: GatewayConfig, more: list[socket.socket], worker: boo
         log.info("gateway stopping: no new connections; requests in flight have %g s to "
                  "finish", server.shutdown_grace)
     finally:
-        await runner.cleanup()  # stops accepting, then lets requests in flight finish
+        with stopped_within(server.shutdown_grace + STOP_MARGIN):
+            await runner.cleanup()  # stops accepting, then lets requests in flight finish
     log.info("gateway stopped")
 
 

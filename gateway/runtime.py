@@ -8,9 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import os
 import signal
+import site
+import sysconfig
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from types import CodeType
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 FULL_PASS_EVERY, FULL_PASS_LONGEST = 30.0, 600.0  # seconds (see paced_collector)
 QUIET = 16  # requests at work, at most, for a full pass to be made on time
@@ -19,6 +27,9 @@ _NEVER = 1 << 30  # a threshold no count reaches
 # CPython's 700 is less than the objects a few dozen requests at work hold at once: at 32 at
 # once it passed every 23 requests, to find them all alive (at 5,000, every few thousand).
 YOUNG = 5_000
+LOOPS_END = 5.0  # seconds a service's background tasks get to end, at shutdown
+RECANCEL = 0.5  # seconds between cancellations of a task that goes on (see end_loops)
+STOP_MARGIN = 10.0  # seconds past its grace period a stopping gateway gets to be done
 
 
 # The admin key the commands that ask a running gateway present (``gateway models``,
@@ -56,6 +67,56 @@ async def until_signalled() -> None:
     await signalled().wait()
 
 
+@contextlib.contextmanager
+def stopped_within(seconds: float) -> Iterator[None]:
+    """The process ends (exit code 1) should the stop this wraps take longer than
+    ``seconds``, after saying what it still waited for. A stop that waits for ever leaves a
+    process that serves nothing and never goes: told again, it would only be told what it
+    knows (a worker whose supervisor died is told once).
+    """
+    handle = asyncio.get_running_loop().call_later(seconds, _give_up, seconds)
+    try:
+        yield
+    finally:
+        handle.cancel()
+
+
+def _give_up(seconds: float) -> None:
+    waiting = sorted(f"{task.get_name()} ({_awaiting(task)})" for task in asyncio.all_tasks())
+    log.error("not stopped %g s after being told to; ending now (still running: %s)",
+              seconds, ", ".join(waiting) or "nothing")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """What a task is at: its coroutine and, of those it awaits in turn (through async
+    generators too, such as the app's cleanup contexts), the innermost of the gateway's own
+    or a plugin's (else of a library's).
+    """
+    chain: list[CodeType] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        if hasattr(awaited, "cr_code"):
+            chain.append(awaited.cr_code)
+            awaited = awaited.cr_await
+        elif hasattr(awaited, "ag_code"):
+            chain.append(awaited.ag_code)
+            awaited = awaited.ag_await
+        else:  # an async generator's __anext__: its generator is what it holds
+            awaited = next((held for held in gc.get_referents(awaited)
+                            if hasattr(held, "ag_code")), None)
+    if not chain:
+        return "?"
+    inner = next((code for code in reversed(chain)
+                  if not code.co_filename.startswith(_LIBRARIES)), chain[-1])
+    return " ... ".join(dict.fromkeys((chain[0].co_qualname, inner.co_qualname)))
+
+
+_LIBRARIES = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib")} |
+                   set(site.getsitepackages()) - {""})
+
+
 async def unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
     """Whether ``work`` was done (its failure raised) before ``stop`` was set; if not, it
     is cancelled (a start-up the operator gave up on).
@@ -78,16 +139,28 @@ async def unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
     return False
 
 
-async def end_loops(tasks: list[asyncio.Task[None]], within: float) -> None:
-    """Cancel a service's background loops and wait for them, at most ``within`` seconds:
-    a cancelled Redis command can come back as a ConnectionError rather than the
-    cancellation, which a loop would take for Redis being down and go on (such a loop also
-    checks a closing flag of its own).
+async def end_loops(tasks: Collection[asyncio.Task[Any]], within: float = LOOPS_END) -> None:
+    """Cancel a service's background tasks and wait for them, at most ``within`` seconds.
+
+    A cancellation can be lost: Python 3.11's ``asyncio.wait_for``, which redis-py sends
+    each command through, returns the command's answer when it is cancelled just as that
+    answer comes, and a loop so told nothing goes on for ever. A task still running is
+    therefore cancelled again every ``RECANCEL`` seconds. A cancelled Redis command can also
+    come back as a ConnectionError, which a loop would take for Redis being down and go on:
+    such a loop checks a closing flag of its own too.
     """
+    pending = set(tasks)
+    deadline = time.monotonic() + within
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(RECANCEL, left))
     for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks, timeout=within)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("%s had ended with an error", task.get_name(), exc_info=task.exception())
 
 
 @contextlib.asynccontextmanager
@@ -111,9 +184,7 @@ async def paced_collector(at_work: Callable[[], int], every: float = FULL_PASS_E
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await end_loops([task])
         gc.set_threshold(young, middle, oldest)
 
 

@@ -27,12 +27,14 @@ from types import FrameType
 from aiohttp import web
 
 from gateway.keys import TELEMETRY
+from gateway.runtime import STOP_MARGIN
 from gateway.telemetry.workers import WorkerMetrics
 
 log = logging.getLogger("gateway")
 
 STARTING = 10.0  # a worker's first start that ends sooner than this: it cannot start
 RESTART_AFTER, RESTART_MAX = 1.0, 30.0  # seconds before a dead worker is started again
+KILL_AFTER = 2.0  # seconds past a worker's own deadline to stop (STOP_MARGIN) it is killed
 SETTLED = 60.0  # a worker that lived this long starts again at the shortest wait
 WORKER_HEADER = "x-gateway-worker"  # each answer's: which worker (1 to N) gave it
 WORKER_ENV, SUPERVISOR_ENV = "GATEWAY_WORKER", "GATEWAY_SUPERVISOR"
@@ -172,7 +174,7 @@ def _stop_all(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
     for process in processes:
         if process.poll() is None:
             process.terminate()
-    deadline = time.monotonic() + grace + 10
+    deadline = time.monotonic() + grace + STOP_MARGIN + KILL_AFTER
     for process in processes:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))

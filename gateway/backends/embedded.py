@@ -26,6 +26,7 @@ from gateway.backends.response import Limits
 from gateway.config import BackendConfig
 from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol.units import ModelInfo
+from gateway.runtime import end_loops
 
 # What its llama.cpp server does: chat, text and embeddings (started with --embeddings).
 EMBEDDED_CAPABILITIES = frozenset({"chat", "completion", "embedding"})
@@ -105,9 +106,7 @@ class EmbeddedBackend(OpenAICompatBackend):
 
     async def close(self) -> None:
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            await end_loops([self._supervisor])
         try:
             await self._stop_process()
         finally:

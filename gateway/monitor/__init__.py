@@ -9,7 +9,6 @@ seconds the healing that is due, Redis pinged, and the alert rules checked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import logging
 import time
@@ -29,6 +28,7 @@ from gateway.monitor.window import Window
 from gateway.pipeline import Pipeline
 from gateway.routing.catalog import ModelCatalog
 from gateway.routing.router import Router
+from gateway.runtime import end_loops
 from gateway.store import shown
 from gateway.telemetry import Telemetry
 from gateway.tunnel.manager import TunnelManager
@@ -89,9 +89,7 @@ class Monitor:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await end_loops([self._task])
         await self.healer.close()
         await self.dispatcher.close()
         if self._claims is not None:

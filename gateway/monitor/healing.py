@@ -33,6 +33,7 @@ from gateway.protocol.openai import ChatRequest, EmbeddingRequest, parse_chat, p
 from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment, ModelCatalog
 from gateway.routing.router import Router
+from gateway.runtime import end_loops
 from gateway.telemetry import Metrics
 from gateway.tunnel.manager import Tunnel, TunnelManager
 
@@ -236,10 +237,7 @@ class Healer:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await end_loops(list(self._tasks))
 
 
 async def _ask(deployment: Deployment) -> None:

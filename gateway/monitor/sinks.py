@@ -20,6 +20,7 @@ import aiohttp
 
 from gateway.backoff import backoff
 from gateway.config import SinkConfig
+from gateway.runtime import end_loops
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +224,7 @@ class Dispatcher:
             async with asyncio.timeout(patience):
                 await self._claiming.join()
                 await asyncio.gather(*(q.join() for q in self._queues))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await end_loops(self._tasks)
         if self._session is not None:
             await self._session.close()
 

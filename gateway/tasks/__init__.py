@@ -6,12 +6,12 @@ kept (``local``: SQLite and files in the data directory).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.pipeline import Pipeline
+from gateway.runtime import end_loops
 from gateway.tasks.batches import Batches, Store, StoreDown
 from gateway.tasks.local import LocalStore
 from gateway.tasks.shared import RedisStore
@@ -63,11 +63,7 @@ class Tasks:
             await asyncio.sleep(WATCH_SECONDS)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await end_loops(self._tasks)
         if self.worker is not None:
             await self.worker.close()
         await self.store.close()

@@ -24,6 +24,7 @@ from gateway.backoff import backoff
 from gateway.config import ReasoningMode, TasksConfig
 from gateway.errors import GatewayError, Unavailable
 from gateway.pipeline import Pipeline
+from gateway.runtime import end_loops
 from gateway.tasks.answer import Who, answer
 from gateway.tasks.batches import Batches, StoreDown, result_line
 from gateway.tasks.records import Line
@@ -109,10 +110,7 @@ class Worker:
         """
         self._closing = True
         at_work = dict(self._running)
-        for task in at_work:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*at_work, return_exceptions=True)
+        await end_loops(at_work)
         back = [line for task, line in at_work.items() if task.cancelled()
                 and (line.batch, line.n) not in self._written]  # (written: answered once)
         with contextlib.suppress(TimeoutError, *StoreDown):  # (else: after the timeout)

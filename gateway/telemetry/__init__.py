@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from gateway.config import TelemetryConfig
+from gateway.runtime import end_loops
 from gateway.telemetry.metrics import RATES, TOKENS, Counter, Histogram, Metrics
 from gateway.telemetry.requests import RequestLog
 from gateway.telemetry.tracing import (
@@ -157,9 +158,7 @@ class Telemetry:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await end_loops([self._task])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_SECONDS):
                 await self.export_metrics()

@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from gateway.runtime import end_loops
+
 log = logging.getLogger(__name__)
 
 BATCH = 512  # spans exported at once at most
@@ -161,9 +163,7 @@ class Tracer:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await end_loops([self._task])
             self._task = None
         with contextlib.suppress(TimeoutError):  # (what is left is said below)
             async with asyncio.timeout(CLOSE_SECONDS):

@@ -9,13 +9,13 @@ in the last few seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
 
 import orjson
 
+from gateway.runtime import end_loops
 from gateway.telemetry.metrics import Metrics, Snapshot
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ class WorkerMetrics:
 
     async def close(self) -> None:
         if self._writing is not None:
-            self._writing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writing
+            await end_loops([self._writing])
         self._write()
 
     def _others(self) -> list[Snapshot]:

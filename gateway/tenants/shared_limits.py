@@ -18,6 +18,7 @@ from typing import Literal
 
 from gateway.config import KeyConfig
 from gateway.errors import Unavailable
+from gateway.runtime import end_loops
 from gateway.tenants.limits import Admission, MemoryLimits, Reason, period
 from gateway.tenants.link import Away, Link, Unasked
 
@@ -251,9 +252,7 @@ class RedisLimits:
 
     async def close(self) -> None:
         if self._tending is not None:
-            self._tending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tending
+            await end_loops([self._tending])
 
 
 def _keys(key: KeyConfig, label: str) -> list[str]:

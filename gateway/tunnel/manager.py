@@ -23,6 +23,7 @@ from typing import Literal
 import asyncssh
 
 from gateway.config import ConfigError, ForwardConfig, TunnelConfig
+from gateway.runtime import end_loops
 from gateway.tunnel.ssh import TunnelError, connect, keep_connected, make_interactive
 
 log = logging.getLogger(__name__)
@@ -271,11 +272,7 @@ class TunnelManager:
         await asyncio.gather(*(t.wait_first_attempt(patience) for t in self.tunnels.values()))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await end_loops(self._tasks)
         await asyncio.gather(*(t.close() for t in self.tunnels.values()))
 
     def report(self) -> dict[str, dict[str, object]]:

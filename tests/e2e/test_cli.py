@@ -21,6 +21,7 @@ from pathlib import Path
 import ollama
 import pytest
 
+from gateway.runtime import STOP_MARGIN
 from tests.support import GATEWAY, GatewayProcess, Sim, free_port, wait_ready
 
 
@@ -160,6 +161,56 @@ export_interval = 60.0
         output = gateway.stop()
     assert took < 15, took
     assert "spans not exported" in output, output[-2000:]
+
+
+STUCK_PLUGIN = """
+import asyncio
+
+from plugins.base import BasePlugin
+
+
+class NeverClosing(BasePlugin):
+    def __init__(self, options):
+        pass
+
+    async def close(self):
+        await asyncio.Event().wait()
+"""
+
+
+def test_a_stop_that_would_wait_for_ever_ends_the_gateway_anyway(
+        tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim) -> None:
+    """Something that never finishes stopping (here a plugin whose close never returns; in
+    the field a background loop whose cancellation asyncio lost): the gateway ends
+    ``STOP_MARGIN`` seconds past its grace, saying what it waited for, rather than living on
+    serving nothing (a worker whose supervisor died is told to stop once).
+    """
+    (tmp_path / "stuck_plugin.py").write_text(STUCK_PLUGIN)
+    config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim, extra="""
+[[plugins]]
+name = "stuck"
+path = "stuck_plugin:NeverClosing"
+""")
+    config.write_text(config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 1.0"))
+    port = free_port()
+    process = subprocess.Popen(
+        [*GATEWAY, "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", process)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        output = process.communicate(timeout=1.0 + STOP_MARGIN + 10)[0]
+        took = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, output
+    assert 1.0 + STOP_MARGIN <= took < 1.0 + STOP_MARGIN + 3, took
+    assert f"not stopped {1.0 + STOP_MARGIN:g} s after being told to; ending now" in output, output
+    assert "NeverClosing.close" in output, output
 
 
 def test_a_stop_while_it_starts_is_quiet(tmp_path: Path) -> None:
