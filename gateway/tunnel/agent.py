@@ -18,13 +18,16 @@ from xml.sax.saxutils import escape
 
 import asyncssh
 
+from gateway.backoff import backoff
 from gateway.config import TunnelConfig
+from gateway.runtime import end_loops
 from gateway.tunnel.ssh import TunnelError, connect, keep_connected, make_interactive
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FORWARDS = ("11434", "11435")  # Ollama and the MLX server, same ports on the server
 LABEL = "io.hybrid-gateway.tunnel-agent"
+ASK_AGAIN_FIRST = 2.0  # seconds before a forward the server refused is asked for again
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,30 +78,59 @@ class ReverseAgent:
     async def _serve(self, connection: asyncssh.SSHClientConnection) -> float:
         try:
             await make_interactive(connection, self.ssh)
-            await self._request(connection)
-            log.info("tunnel agent: up: %s", "; ".join(map(str, self.forwards)))
+            refused = await self._request(connection, self.forwards)
+            if len(refused) == len(self.forwards):
+                raise refused[0][1]
+            for _, exc in refused:  # (the others are up meanwhile)
+                log.warning("tunnel agent: %s; asking again until it can", exc)
+            log.info("tunnel agent: up: %s", "; ".join(
+                str(f) for f in self.forwards if f not in dict(refused)))
             self.connected.set()
             started = time.monotonic()
-            await connection.wait_closed()
+            asking = [asyncio.create_task(self._ask_again(connection, [f for f, _ in refused]),
+                                          name="tunnel agent: refused forwards")] if refused else []
+            try:
+                await connection.wait_closed()
+            finally:
+                await end_loops(asking)
             log.warning("tunnel agent: the connection to %s dropped", self.ssh.host)
             return time.monotonic() - started
         finally:
             self.connected.clear()
             connection.close()
 
-    async def _request(self, connection: asyncssh.SSHClientConnection) -> None:
-        for forward in self.forwards:
+    async def _request(self, connection: asyncssh.SSHClientConnection,
+                       forwards: list[RemoteForward]) -> list[tuple[RemoteForward, TunnelError]]:
+        """Asks the server to listen for each forward; those it refused, and why."""
+        refused = []
+        for forward in forwards:
             try:
                 await connection.forward_remote_port(
                     "127.0.0.1", forward.listen_port, forward.local_host, forward.local_port)
             except (asyncssh.Error, asyncssh.ChannelListenError) as exc:
                 # (a refusal is a ChannelListenError, which is no asyncssh.Error)
                 reason = getattr(exc, "reason", None) or str(exc)
-                raise TunnelError(f"the server refused to listen on port {forward.listen_port}"
-                                  f": {reason}", "is AllowTcpForwarding on in sshd_config, "
-                                  "and the port free on the server? (an old session of this "
-                                  "agent may still hold it until sshd's ClientAliveInterval "
-                                  "notices it is gone)") from None
+                refused.append((forward, TunnelError(
+                    f"the server refused to listen on port {forward.listen_port}: {reason}",
+                    "is AllowTcpForwarding on in sshd_config, and the port free on the "
+                    "server? (an old session of this agent may still hold it until sshd's "
+                    "ClientAliveInterval notices it is gone)")))
+        return refused
+
+    async def _ask_again(self, connection: asyncssh.SSHClientConnection,
+                         refused: list[RemoteForward]) -> None:
+        """The forwards the server refused, asked for again while the others are up (a port
+        an old session held is freed once sshd notices that session is gone).
+        """
+        attempt = 0
+        while refused:
+            await asyncio.sleep(backoff(attempt, ASK_AGAIN_FIRST, self.ssh.backoff_max))
+            attempt += 1
+            still = dict(await self._request(connection, refused))
+            for forward in refused:
+                if forward not in still:
+                    log.info("tunnel agent: up: %s", forward)
+            refused = list(still)
 
 
 def arguments(ssh: TunnelConfig, forwards: list[RemoteForward]) -> list[str]:

@@ -36,13 +36,16 @@ def answers(url: str) -> bool:
 
 
 def run_agent(keys: Keys, sshd: OpenSSHServer, listen: int,
-              workstation: Sim) -> subprocess.Popen[str]:
-    """``gateway tunnel-agent`` asking ``sshd`` to listen on ``listen`` for the workstation."""
+              workstation: Sim, *more: int) -> subprocess.Popen[str]:
+    """``gateway tunnel-agent`` asking ``sshd`` to listen on ``listen`` (and each port of
+    ``more``) for the workstation.
+    """
+    forwards = [arg for port in (listen, *more)
+                for arg in ("--forward", f"{port}:127.0.0.1:{workstation.server.port}")]
     return subprocess.Popen(
         [*GATEWAY, "tunnel-agent", "--server", f"root@127.0.0.1:{sshd.port}",
          "--key", str(keys.client), "--no-agent",
-         "--known-hosts", str(keys.known_hosts(sshd.port)),
-         "--forward", f"{listen}:127.0.0.1:{workstation.server.port}"],
+         "--known-hosts", str(keys.known_hosts(sshd.port)), *forwards],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -95,6 +98,32 @@ def test_reverse_agent_says_why_the_server_refused_its_port(keys: Keys, workstat
     assert f"the server refused to listen on port {port}" in output, output
     assert "ClientAliveInterval" in output and "Traceback" not in output
 
+
+def test_reverse_agent_keeps_the_forwards_it_got_and_asks_again_for_a_refused_one(
+        keys: Keys, workstation: Sim) -> None:
+    """One forward's port is taken on the server (the agent's old session holds it until
+    sshd notices that session is gone), another's is free: the free one serves at once (a
+    refusal dropped them all, and the agent redialled for ever), and the refused one comes
+    up once its port is free.
+    """
+    sshd = OpenSSHServer(keys).start()
+    taken = socket.create_server(("127.0.0.1", 0))
+    busy, free = taken.getsockname()[1], free_port()
+    agent = run_agent(keys, sshd, busy, workstation, free)
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{free}"), 10, "the free port's forward")
+        taken.close()
+        wait_until(lambda: answers(f"http://127.0.0.1:{busy}"), 15,
+                   "the refused forward, once its port is free")
+        assert answers(f"http://127.0.0.1:{free}")
+    finally:
+        agent.terminate()
+        output, _ = agent.communicate(timeout=10)
+        taken.close()
+        sshd.kill()
+    assert f"the server refused to listen on port {busy}" in output, output
+    assert "asking again until it can" in output and "Traceback" not in output, output
+    assert "dropped" not in output, output  # (one session all along)
 
 @pytest.mark.parametrize("flag", ["--print-systemd", "--print-launchd"])
 def test_agent_prints_a_boot_unit_with_the_users_arguments(flag: str, tmp_path: Path) -> None:
