@@ -133,7 +133,7 @@ class MonitorConfig:
     group_window: float = 5.0
     probe_breakers: bool = True  # try an open breaker's deployment without a client waiting
     keep_warm: tuple[str, ...] = ("auto",)  # keep the model these aliases pick loaded (Ollama)
-    resolve_after: float = 30.0  # an alert ends once its condition has been gone this long
+    resolve_after: float = 30.0  # a condition has ended once it has been gone this long
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.interval <= 0:

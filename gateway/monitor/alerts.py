@@ -1,9 +1,9 @@
 """Alerts: the config's rules checked against what the monitor sees, each alert sent once
 when it starts and once when it ends.
 
-A condition must hold for its rule's ``after`` seconds to fire; an alert ends once its
-condition has been gone for ``resolve_after`` seconds (a flapping backend is one alert, not
-a storm); an alert that ended less than ``min_interval`` ago and starts again is sent only
+A condition must hold for its rule's ``after`` seconds to fire, and it has ended only once
+it has been gone for ``resolve_after`` seconds: a flapping backend is one alert, not a storm,
+and one that is down but for a few seconds at a time is an alert all the same; an alert that ended less than ``min_interval`` ago and starts again is sent only
 once that interval has passed (if it still holds); notices that come within
 ``group_window`` seconds of each other go out as one message.
 """
@@ -157,14 +157,15 @@ class Alerter:
         for key, alert in list(self.open.items()):
             if key in seen:
                 continue
-            if not alert.sent:
-                del self.open[key]  # it never held long enough to be an alert
-                continue
+            # Gone for less than resolve_after, it has not ended: a firing alert stays, and
+            # one about to fire keeps its time (a tunnel up for a few seconds at a time
+            # between long drops was down for ever and never long enough to be an alert)
             alert.gone = alert.gone or now
             if now - alert.gone >= self._config.resolve_after:
                 del self.open[key]
-                self._ended[key] = now
-                self._notice(alert, "resolved", now)
+                if alert.sent:
+                    self._ended[key] = now
+                    self._notice(alert, "resolved", now)
         self._flush(now)
 
     def firing(self) -> list[Alert]:

@@ -62,6 +62,30 @@ def test_a_flapping_condition_is_one_alert_resolved_once() -> None:
     assert statuses(sent) == [[("firing", "mac")], [("resolved", "mac")]]
 
 
+def test_one_down_but_for_a_few_seconds_at_a_time_is_an_alert() -> None:
+    """Down 8 s, up 2 s, again and again: each time down is shorter than the rule's 10 s,
+    and it was an alert never.
+    """
+    alerts, sent = alerter()
+    for t in range(100, 130, 10):
+        for held in range(0, 8, 2):
+            alerts.check(down(held), now=t + held)
+        alerts.check([], now=t + 8)
+    assert statuses(sent) == [[("firing", "mac")]]
+    assert sent.batches[0][0].started == 110  # 10 s after it was first seen down
+
+
+def test_one_gone_for_long_enough_starts_its_time_again() -> None:
+    alerts, sent = alerter(resolve_after=30.0)
+    alerts.check(down(8), now=100)
+    alerts.check([], now=102)
+    alerts.check([], now=140)  # gone for 38 s: it ended
+    alerts.check(down(1), now=141)
+    alerts.check(down(5), now=145)
+    assert sent.batches == []
+    alerts.check(down(10), now=150)
+    assert statuses(sent) == [[("firing", "mac")]]
+
 def test_one_that_comes_back_soon_waits_for_the_minimum_interval() -> None:
     alerts, sent = alerter(min_interval=300.0, resolve_after=0.0)
     alerts.check(down(20), now=100)
