@@ -105,7 +105,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     kept = config.responses
     app[RESPONSES] = open_store(kept.backend, kept.redis_url, max_entries=kept.max_entries,
                                 max_bytes=kept.max_bytes, timeout=kept.timeout,
-                                max_connections=16, label="responses")
+                                max_connections=16, label="responses", owner=responses.owner)
     tunnels = app[TUNNELS] = TunnelManager(config.tunnels)
     backends = {b.name: build_backend(b, tunnels) for b in config.backends}
     app[BACKENDS] = backends

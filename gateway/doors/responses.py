@@ -31,6 +31,7 @@ from gateway.protocol.openai import invalid, named_as, parse_chat
 from gateway.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
+PREFIX = "gw:response:"  # a stored response's key: this, its tenant, a colon, its id
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -166,7 +167,14 @@ async def _load(request: web.Request, response_id: str, param: str | None) -> di
 
 
 def _key(request: web.Request, response_id: str) -> str:
-    return f"gw:response:{request[TENANT]}:{response_id}"
+    return f"{PREFIX}{request[TENANT]}:{response_id}"
+
+
+def owner(key: str) -> str:
+    """The tenant a stored response's key is of (the store makes room at the expense of
+    whoever stores the most).
+    """
+    return key[len(PREFIX):].rpartition(":")[0]
 
 
 def _missing(response_id: str, param: str | None) -> GatewayError:

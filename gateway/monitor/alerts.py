@@ -3,9 +3,10 @@ when it starts and once when it ends.
 
 A condition must hold for its rule's ``after`` seconds to fire, and it has ended only once
 it has been gone for ``resolve_after`` seconds: a flapping backend is one alert, not a storm,
-and one that is down but for a few seconds at a time is an alert all the same; an alert that ended less than ``min_interval`` ago and starts again is sent only
-once that interval has passed (if it still holds); notices that come within
-``group_window`` seconds of each other go out as one message.
+and one that is down but for a few seconds at a time is an alert all the same. An alert
+that ended less than ``min_interval`` ago and starts again is sent only once that interval
+has passed (if it still holds); notices that come within ``group_window`` seconds of each
+other go out as one message.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -49,23 +51,30 @@ class Store(Protocol):
 
 
 def open_store(kind: str, redis_url: str, *, max_entries: int, timeout: float,
-               max_connections: int, label: str, max_bytes: int | None = None) -> Store:
-    """A Redis store (``kind`` "redis") or a memory one; ``label`` names it in the log."""
+               max_connections: int, label: str, max_bytes: int | None = None,
+               owner: Callable[[str], str] | None = None) -> Store:
+    """A Redis store (``kind`` "redis") or a memory one; ``label`` names it in the log;
+    ``owner``: who a key is of, for a memory store to make room fairly (see MemoryStore).
+    """
     if kind == "redis":
         return RedisStore(redis_url, timeout, max_connections, label)
-    return MemoryStore(max_entries, max_bytes)
+    return MemoryStore(max_entries, max_bytes, owner)
 
 
 class MemoryStore:
     """An LRU of at most ``max_entries`` values (and ``max_bytes`` of them, when given),
-    each kept until its time is up.
+    each kept until its time is up. With ``owner`` (who a key is of: a tenant), room is made
+    at the expense of whoever holds the most: one tenant storing much evicts its own oldest,
+    never another's.
     """
 
-    def __init__(self, max_entries: int, max_bytes: int | None = None) -> None:
-        self._entries: collections.OrderedDict[str, tuple[float, bytes]] = \
-            collections.OrderedDict()
+    def __init__(self, max_entries: int, max_bytes: int | None = None,
+                 owner: Callable[[str], str] | None = None) -> None:
+        self._held: dict[str, _Held] = {}  # by owner ("" without ``owner``)
+        self._owner = owner or (lambda _: "")
         self._max = max_entries
         self._max_bytes = max_bytes
+        self._count = 0
         self._bytes = 0
 
     async def start(self) -> None:
@@ -75,37 +84,61 @@ class MemoryStore:
         return None
 
     async def close(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
+        self._held.clear()
+        self._count = self._bytes = 0
 
     async def get(self, key: str) -> bytes | None:
-        entry = self._entries.get(key)
+        held = self._held.get(self._owner(key))
+        entry = None if held is None else held.entries.get(key)
         if entry is None:
             return None
         expires, value = entry
         if expires < time.monotonic():
             self._drop(key)
             return None
-        self._entries.move_to_end(key)
+        held.entries.move_to_end(key)  # type: ignore[union-attr]
         return value
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._drop(key)
-        self._entries[key] = (time.monotonic() + ttl, value)
+        held = self._held.setdefault(self._owner(key), _Held())
+        held.entries[key] = (time.monotonic() + ttl, value)
+        held.bytes += len(value)
+        self._count += 1
         self._bytes += len(value)
-        while len(self._entries) > self._max or \
-                (self._max_bytes is not None and self._bytes > self._max_bytes):
-            self._drop(next(iter(self._entries)))  # the least recently used
+        while self._count > self._max:
+            self._drop_oldest(max(self._held.values(), key=lambda h: len(h.entries)))
+        while self._max_bytes is not None and self._bytes > self._max_bytes:
+            self._drop_oldest(max(self._held.values(), key=lambda h: h.bytes))
 
     async def delete(self, key: str) -> bool:
         return self._drop(key)
 
+    def _drop_oldest(self, held: _Held) -> None:
+        self._drop(next(iter(held.entries)))  # its least recently used
+
     def _drop(self, key: str) -> bool:
-        entry = self._entries.pop(key, None)
+        owner = self._owner(key)
+        held = self._held.get(owner)
+        entry = None if held is None else held.entries.pop(key, None)
         if entry is None:
             return False
+        assert held is not None
+        held.bytes -= len(entry[1])
+        self._count -= 1
         self._bytes -= len(entry[1])
+        if not held.entries:
+            del self._held[owner]
         return True
+
+
+@dataclass(slots=True)
+class _Held:
+    """One owner's values, least recently used first, and their size."""
+
+    entries: collections.OrderedDict[str, tuple[float, bytes]] = field(
+        default_factory=collections.OrderedDict)
+    bytes: int = 0
 
 
 class RedisStore:

@@ -163,6 +163,27 @@ def test_a_tenant_sees_only_its_own_responses(ollama_sim: Sim) -> None:
         server.stop()
 
 
+def test_a_tenant_storing_much_evicts_its_own_oldest_never_anothers(ollama_sim: Sim) -> None:
+    """The memory store is full: one tenant's many responses made room by evicting every
+    other tenant's, whose conversations could then not be continued.
+    """
+    keys = ["sk-alice", "sk-bob"]
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url), responses={"max_entries": 4},
+        auth={"key_hashes": [hashlib.sha256(k.encode()).hexdigest() for k in keys]}))
+    try:
+        with sdk(server.url, "sk-alice") as alice, sdk(server.url, "sk-bob") as bob:
+            kept = alice.responses.create(model="phi3.5:3.8b", input="remember this")
+            bobs = [bob.responses.create(model="phi3.5:3.8b", input=f"note {n}")
+                    for n in range(6)]
+            assert alice.responses.create(model="phi3.5:3.8b", input="and?",
+                                          previous_response_id=kept.id).output_text
+            with pytest.raises(openai.NotFoundError):  # bob's oldest made room for his own
+                bob.responses.retrieve(bobs[0].id)
+            assert bob.responses.retrieve(bobs[-1].id).id == bobs[-1].id
+    finally:
+        server.stop()
+
 @pytest.mark.parametrize("tool", [{"type": "web_search", "external_web_access": False},
                                   {"type": "file_search", "vector_store_ids": ["vs_1"]},
                                   {"type": "code_interpreter", "container": {"type": "auto"}}])

@@ -37,6 +37,23 @@ def test_the_memory_store_keeps_no_more_bytes_than_its_bound() -> None:
     assert asyncio.run(scenario()) == [b"12", None, b"abcd", b"efgh"]
 
 
+def test_the_memory_store_makes_room_at_the_expense_of_whoever_holds_the_most() -> None:
+    async def scenario() -> tuple[list[bytes | None], list[bytes | None]]:
+        by_count = MemoryStore(max_entries=4, owner=lambda k: k.split(":")[0])
+        await by_count.set("a:1", b"1", 60)
+        await by_count.set("a:2", b"2", 60)
+        for n in range(6):  # b stores the most: its own oldest go, never a's
+            await by_count.set(f"b:{n}", b"x", 60)
+        by_size = MemoryStore(max_entries=100, max_bytes=10, owner=lambda k: k.split(":")[0])
+        await by_size.set("a:1", b"1234", 60)
+        await by_size.set("b:1", b"5678", 60)
+        await by_size.set("b:2", b"9abc", 60)  # b holds the most bytes: its oldest goes
+        return ([await by_count.get(k) for k in ("a:1", "a:2", "b:3", "b:4", "b:5")],
+                [await by_size.get(k) for k in ("a:1", "b:1", "b:2")])
+
+    assert asyncio.run(scenario()) == ([b"1", b"2", None, b"x", b"x"],
+                                       [b"1234", None, b"9abc"])
+
 def key(body: dict[str, object], tenant: str = "t1", shared: bool = False) -> str:
     plugin = CachePlugin(CacheOptions(shared=shared))
     return plugin._key(RequestContext("chat", parse_chat(body), tenant, {}))
