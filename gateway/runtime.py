@@ -29,7 +29,10 @@ _NEVER = 1 << 30  # a threshold no count reaches
 YOUNG = 5_000
 LOOPS_END = 5.0  # seconds a service's background tasks get to end, at shutdown
 RECANCEL = 0.5  # seconds between cancellations of a task that goes on (see end_loops)
-STOP_MARGIN = 10.0  # seconds past its grace period a stopping gateway gets to be done
+# Seconds past its grace period a stopping gateway gets to be done: its services' closes are
+# each bounded (telemetry's last export and flush 5 s each, llama.cpp's stop 11 s, alerts 2 s,
+# the batch worker's lines put back 2 s...), and together they rarely take a few seconds.
+STOP_MARGIN = 30.0
 
 
 # The admin key the commands that ask a running gateway present (``gateway models``,
@@ -82,11 +85,14 @@ def stopped_within(seconds: float) -> Iterator[None]:
 
 
 def _give_up(seconds: float) -> None:
-    waiting = sorted(f"{task.get_name()} ({_awaiting(task)})" for task in asyncio.all_tasks())
-    log.error("not stopped %g s after being told to; ending now (still running: %s)",
-              seconds, ", ".join(waiting) or "nothing")
-    logging.shutdown()
-    os._exit(1)
+    try:
+        waiting = sorted(f"{task.get_name()} ({_awaiting(task)})"
+                         for task in asyncio.all_tasks())
+        log.error("not stopped %g s after being told to; ending now (still running: %s)",
+                  seconds, ", ".join(waiting) or "nothing")
+        logging.shutdown()
+    finally:
+        os._exit(1)
 
 
 def _awaiting(task: asyncio.Task[Any]) -> str:
@@ -103,18 +109,22 @@ def _awaiting(task: asyncio.Task[Any]) -> str:
         elif hasattr(awaited, "ag_code"):
             chain.append(awaited.ag_code)
             awaited = awaited.ag_await
-        else:  # an async generator's __anext__: its generator is what it holds
-            awaited = next((held for held in gc.get_referents(awaited)
+        elif type(awaited).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            awaited = next((held for held in gc.get_referents(awaited)  # (its generator)
                             if hasattr(held, "ag_code")), None)
+        else:
+            break
     if not chain:
         return "?"
-    inner = next((code for code in reversed(chain)
-                  if not code.co_filename.startswith(_LIBRARIES)), chain[-1])
+    inner = next((code for code in reversed(chain) if code.co_filename.startswith(_OWN)
+                  or not code.co_filename.startswith(_LIBRARIES)), chain[-1])
     return " ... ".join(dict.fromkeys((chain[0].co_qualname, inner.co_qualname)))
 
 
 _LIBRARIES = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib")} |
                    set(site.getsitepackages()) - {""})
+_OWN = tuple(os.path.join(os.path.dirname(os.path.dirname(__file__)), package, "")
+             for package in ("gateway", "plugins"))  # (wherever installed)
 
 
 async def unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
@@ -158,6 +168,10 @@ async def end_loops(tasks: Collection[asyncio.Task[Any]], within: float = LOOPS_
         if left <= 0:
             break
         _, pending = await asyncio.wait(pending, timeout=min(RECANCEL, left))
+    if pending:
+        log.warning("still running %g s after being cancelled, left behind: %s", within,
+                    ", ".join(sorted(f"{task.get_name()} ({_awaiting(task)})"
+                                     for task in pending)))
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("%s had ended with an error", task.get_name(), exc_info=task.exception())

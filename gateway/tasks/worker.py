@@ -119,7 +119,7 @@ class Worker:
                     await self._store.put_back(line, 0)
 
     async def _safely(self, line: Line) -> None:
-        keeping = asyncio.create_task(self._keep(line))
+        keeping = asyncio.create_task(self._keep(line, asyncio.current_task()))
         try:
             await self._do(line)
         except asyncio.CancelledError:
@@ -151,13 +151,15 @@ class Worker:
             except StoreDown:
                 tries += 1
 
-    async def _keep(self, line: Line) -> None:
-        """Renew the claim on the line while it is at work: one that takes longer than the
-        visibility timeout (a long answer, a wait for a slot, retries) would otherwise be
-        taken for a dead worker's, and answered (and charged) twice.
+    async def _keep(self, line: Line, at_work: asyncio.Task[Any] | None) -> None:
+        """Renew the claim on the line while it is at work (``at_work``): one that takes
+        longer than the visibility timeout (a long answer, a wait for a slot, retries) would
+        otherwise be taken for a dead worker's, and answered (and charged) twice.
         """
         while True:
             await asyncio.sleep(self._config.visibility_timeout / 3)
+            if at_work is None or at_work.done():  # (and its cancellation lost: see end_loops)
+                return
             with contextlib.suppress(*StoreDown):
                 await self._store.keep(line, self.name)
 

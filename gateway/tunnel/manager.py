@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 State = Literal["connecting", "up", "degraded", "down", "backing_off"]
 LINK_CHECK_SECONDS = 2.0  # for the remote sshd to answer a channel's opening
 REFUSAL_SECONDS = 5.0  # ... when `gateway check` asks why a service does not answer
+LEAVING_SECONDS = 2.0  # for the link to close cleanly as the gateway stops
 Listener = Callable[["Tunnel"], Awaitable[None] | None]
 
 
@@ -46,6 +47,7 @@ class Tunnel:
         self._placeholders: dict[str, asyncio.Server] = {}
         self._listeners: list[asyncssh.SSHListener] = []  # the forwards' while it is up
         self._connection: asyncssh.SSHClientConnection | None = None  # while it is up
+        self._leaving: asyncssh.SSHClientConnection | None = None  # closed as it stops
         self.connected = False
         self.phase: State = "connecting"
         self.error = ""  # why the last attempt failed (no secrets: see ssh.explain)
@@ -146,7 +148,12 @@ class Tunnel:
                 await self._first.wait()
 
     async def close(self) -> None:
-        """After ``run`` is cancelled: give the ports back."""
+        """After ``run`` is cancelled: the link closed cleanly, the ports given back."""
+        if self._leaving is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(LEAVING_SECONDS):
+                    await self._leaving.wait_closed()
+            self._leaving = None
         await self._release_placeholders()
         for sock in self._held.values():
             sock.close()
@@ -191,11 +198,9 @@ class Tunnel:
         try:
             await _notify(self.on_up, self)  # (inside: a stop meanwhile closes the link too)
             await connection.wait_closed()
-        except asyncio.CancelledError:  # the gateway is stopping: close it ourselves
+        except asyncio.CancelledError:  # the gateway is stopping: close it (close() waits)
             connection.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await connection.wait_closed()
+            self._leaving = connection
             raise
         finally:
             self.connected, self._connection = False, None
