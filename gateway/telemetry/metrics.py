@@ -11,11 +11,14 @@ underscores, the unit a suffix, counters end in ``_total``.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 # Seconds: from a cache hit (well under a millisecond) to a long generation.
 SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -140,9 +143,17 @@ class Metrics:
 
     def observed_counter(self, name: str, description: str, labels: Sequence[str],
                          read: Reading, unit: str = "1") -> None:
-        """A counter whose totals something else keeps, read when collected."""
-        if self.enabled:
-            self.external.append((Counter(name, description, labels, unit), read))
+        """A counter whose totals something else keeps (a plugin), read when collected;
+        not one whose name is taken (two copies of a plugin): Prometheus refuses a whole
+        scrape that names a metric twice.
+        """
+        if not self.enabled:
+            return
+        if name in {c.name for c in self.counters} | {c.name for c, _ in self.external}:
+            log.warning("metrics: %s is counted already; a second counter of that name is "
+                        "left out", name)
+            return
+        self.external.append((Counter(name, description, labels, unit), read))
 
     def read_counter(self, name: str) -> dict[Labels, float]:
         """A counter's values now, by name (one kept elsewhere read now); {} for none."""
@@ -295,7 +306,8 @@ def prometheus_name(name: str, unit: str) -> str:
 
 
 def _header(out: list[str], name: str, description: str, kind: str) -> None:
-    out.append(f"# HELP {name} {description.replace(chr(92), chr(92) * 2)}")
+    escaped = description.replace("\\", "\\\\").replace("\n", "\\n")  # (as the format says)
+    out.append(f"# HELP {name} {escaped}")
     out.append(f"# TYPE {name} {kind}")
 
 

@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import TELEMETRY
+from plugins.base import BasePlugin, Count, RequestContext
 from tests.integration.conftest import FAST, Fleet
 from tests.support import ServerThread, backend, gateway_config, start_gateway
 
@@ -310,3 +311,39 @@ def test_a_rescued_stream_is_credited_to_the_model_that_took_it_over(
     assert request.attributes["gen_ai.response.model"] == "qwen2.5-coder:32b"
     [line] = server.app[TELEMETRY].recent
     assert line["served"] == "qwen2.5-coder:32b" and line["model"] == "qwq:32b"
+
+
+class Counting(BasePlugin):
+    """A plugin of the user's with a counter whose description runs over two lines."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.seen = 0
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        self.seen += 1
+
+    def counts(self) -> list[Count]:
+        return [Count("acme.requests.seen", "Requests seen\nby the acme plugin \\o/", (),
+                      {(): self.seen})]
+
+
+def test_metrics_stay_readable_with_a_plugin_counting_twice_in_words_over_lines(
+        fleet: Fleet) -> None:
+    """Two copies of a user's plugin, each with the same counter, described over two lines:
+    Prometheus refuses a whole scrape that names a metric twice or breaks a line of it.
+    """
+    plugin = {"name": "acme", "path": f"{__name__}:Counting"}
+    server = start_gateway(gateway_config(backend("primary", "ollama", fleet.primary.api_url),
+                                          plugins=[plugin, {**plugin, "name": "acme2"}]))
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            client.chat.completions.create(model="qwq:32b", messages=USER)
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        server.stop()
+    assert text.count("# TYPE acme_requests_seen_total counter") == 1, text
+    assert "# HELP acme_requests_seen_total Requests seen\\nby the acme plugin \\\\o/\n" in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["acme_requests_seen"].documentation == "Requests seen\nby the acme plugin \\o/"
+    assert [s.value for s in families["acme_requests_seen"].samples] == [1.0]
