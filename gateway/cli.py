@@ -333,10 +333,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _tunnel_agent(args: argparse.Namespace) -> int:
-    from gateway.tunnel.agent import DEFAULT_FORWARDS, RemoteForward, ReverseAgent, unit
+    from gateway.tunnel.agent import DEFAULT_FORWARDS, ReverseAgent, parse_forwards, unit
 
     try:
-        forwards = [RemoteForward.parse(f) for f in args.forward or DEFAULT_FORWARDS]
+        forwards = parse_forwards(args.forward or DEFAULT_FORWARDS)
         user, host, port = _server(args.server)
     except ValueError as exc:
         print(f"gateway tunnel-agent: {exc}", file=sys.stderr)

@@ -214,7 +214,8 @@ class Monitor:
 def _alert(alert: Alert) -> dict[str, Any]:
     c = alert.condition
     return {"rule": c.rule.id, "kind": c.rule.kind, "target": c.target,
-            "severity": c.rule.severity, "summary": c.summary, "started": alert.started}
+            "severity": c.rule.severity, "summary": alert.summary(time.time()),
+            "started": alert.started}
 
 
 def _redis_urls(config: GatewayConfig) -> list[str]:

@@ -3,7 +3,8 @@ when it starts and once when it ends.
 
 A condition must hold for its rule's ``after`` seconds to fire, and it has ended only once
 it has been gone for ``resolve_after`` seconds: a flapping backend is one alert, not a storm,
-and one that is down but for a few seconds at a time is an alert all the same. An alert
+and one that is down but for a few seconds at a time is an alert all the same (its short
+gaps bridged: see ``Alert.back``). An alert
 that ended less than ``min_interval`` ago and starts again is sent only once that interval
 has passed (if it still holds); notices that come within ``group_window`` seconds of each
 other go out as one message.
@@ -125,10 +126,32 @@ def _dur(seconds: float) -> str:
 @dataclass(slots=True)
 class Alert:
     condition: Condition
-    seen: float  # when its condition was first seen holding (this time)
+    seen: float  # when its condition began to hold (this time), moved on by its short gaps
     started: float = 0.0  # when it fired (0: not yet)
     gone: float = 0.0  # when its condition was last seen gone (0: it holds)
     sent: bool = False
+    first: float = 0.0  # when its condition began to hold, gaps and all
+    since: float = 0.0  # when it began to hold again after its last gap
+
+    def back(self, now: float, held: float) -> None:
+        """Its condition holds again (for ``held`` seconds), after a gap shorter than
+        ``resolve_after``. A gap shorter than the time it had held before it is bridged,
+        its length not counted (a tunnel back for a few seconds at a time between long drops
+        was never down long enough at once to be an alert); a longer one starts it anew (a
+        backend seen down for a moment now and then is not down).
+        """
+        since = max(now - held, self.gone)
+        if since - self.gone < self.gone - self.since or self.sent:
+            self.seen += since - self.gone
+        else:
+            self.seen = self.first = since
+        self.since, self.gone = since, 0.0
+
+    def summary(self, now: float) -> str:
+        if self.first >= self.seen:
+            return self.condition.summary
+        return (f"{self.condition.summary}; it has held for {_dur(now - self.seen)} of the "
+                f"last {_dur(now - self.first)}, gone only for moments")
 
 
 class Alerter:
@@ -149,8 +172,11 @@ class Alerter:
             seen.add(condition.key)
             alert = self.open.get(condition.key)
             if alert is None:
-                alert = self.open[condition.key] = Alert(condition, now - held)
-            alert.condition, alert.gone = condition, 0.0
+                alert = self.open[condition.key] = Alert(condition, now - held, first=now - held,
+                                                         since=now - held)
+            elif alert.gone:
+                alert.back(now, held)
+            alert.condition = condition
             if not alert.sent and now - alert.seen >= condition.rule.after and \
                     now - self._ended.get(condition.key, -1e18) >= self._config.min_interval:
                 alert.started, alert.sent = now, True
@@ -159,8 +185,7 @@ class Alerter:
             if key in seen:
                 continue
             # Gone for less than resolve_after, it has not ended: a firing alert stays, and
-            # one about to fire keeps its time (a tunnel up for a few seconds at a time
-            # between long drops was down for ever and never long enough to be an alert)
+            # one about to fire may go on (see Alert.back)
             alert.gone = alert.gone or now
             if now - alert.gone >= self._config.resolve_after:
                 del self.open[key]
@@ -174,8 +199,9 @@ class Alerter:
 
     def _notice(self, alert: Alert, status: str, now: float) -> None:
         c = alert.condition
-        notice = Notice(status, c.rule.id, c.rule.kind, c.target, c.rule.severity, c.summary,
-                        alert.started, now if status == "resolved" else None)
+        notice = Notice(status, c.rule.id, c.rule.kind, c.target, c.rule.severity,
+                        alert.summary(now), alert.started,
+                        now if status == "resolved" else None)
         self.history.append(notice)
         if not self._pending:
             self._pending_since = now

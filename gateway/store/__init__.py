@@ -107,15 +107,28 @@ class MemoryStore:
         self._count += 1
         self._bytes += len(value)
         while self._count > self._max:
-            self._drop_oldest(max(self._held.values(), key=lambda h: len(h.entries)))
+            self._drop_oldest(key, lambda h: len(h.entries))
         while self._max_bytes is not None and self._bytes > self._max_bytes:
-            self._drop_oldest(max(self._held.values(), key=lambda h: h.bytes))
+            self._drop_oldest(key, lambda h: h.bytes)
 
     async def delete(self, key: str) -> bool:
         return self._drop(key)
 
-    def _drop_oldest(self, held: _Held) -> None:
-        self._drop(next(iter(held.entries)))  # its least recently used
+    def _drop_oldest(self, kept: str, weight: Callable[[_Held], int]) -> None:
+        """The least recently used value of whoever holds the most (by ``weight``), never
+        ``kept`` (the value just set: its setter holding the most loses its own older
+        ones, else the next one's) while anything else can go.
+        """
+        if self._drop_older(max(self._held.values(), key=weight), kept):
+            return
+        for held in sorted(self._held.values(), key=weight, reverse=True):  # (seldom)
+            if self._drop_older(held, kept):
+                return
+        self._drop(kept)  # alone, and still too much
+
+    def _drop_older(self, held: _Held, kept: str) -> bool:
+        key = next((key for key in held.entries if key != kept), None)
+        return key is not None and self._drop(key)
 
     def _drop(self, key: str) -> bool:
         owner = self._owner(key)

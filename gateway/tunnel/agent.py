@@ -12,6 +12,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -55,6 +56,17 @@ class RemoteForward:
 
     def __str__(self) -> str:
         return f"server 127.0.0.1:{self.listen_port} → {self.local_host}:{self.local_port}"
+
+
+def parse_forwards(texts: Sequence[str]) -> list[RemoteForward]:
+    """Each ``--forward``; a server port given twice is a mistake (the server refuses it
+    the second time)."""
+    forwards = [RemoteForward.parse(text) for text in texts]
+    ports = [forward.listen_port for forward in forwards]
+    twice = sorted({port for port in ports if ports.count(port) > 1})
+    if twice:
+        raise ValueError(f"server port {twice[0]} is forwarded twice; give each port once")
+    return forwards
 
 
 class ReverseAgent:

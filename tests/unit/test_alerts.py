@@ -63,8 +63,8 @@ def test_a_flapping_condition_is_one_alert_resolved_once() -> None:
 
 
 def test_one_down_but_for_a_few_seconds_at_a_time_is_an_alert() -> None:
-    """Down 8 s, up 2 s, again and again: each time down is shorter than the rule's 10 s,
-    and it was an alert never.
+    """Down 8 s, back for 2 s, again and again: each time down is shorter than the rule's
+    10 s, and it was an alert never. The time it held is what counts, not the gaps.
     """
     alerts, sent = alerter()
     for t in range(100, 130, 10):
@@ -72,7 +72,18 @@ def test_one_down_but_for_a_few_seconds_at_a_time_is_an_alert() -> None:
             alerts.check(down(held), now=t + held)
         alerts.check([], now=t + 8)
     assert statuses(sent) == [[("firing", "mac")]]
-    assert sent.batches[0][0].started == 110  # 10 s after it was first seen down
+    assert sent.batches[0][0].started == 112  # 8 + 2 s held, the 2 s between not counted
+    assert sent.batches[0][0].summary == ("backend mac has been down for 2s; it has held for "
+                                          "10s of the last 12s, gone only for moments")
+
+
+def test_one_seen_now_and_then_for_a_moment_is_no_alert() -> None:
+    """Down for a second every 20 s, for minutes: not down, whatever its total."""
+    alerts, sent = alerter()
+    for t in range(100, 400, 20):
+        alerts.check(down(1), now=t)
+        alerts.check([], now=t + 5)
+    assert sent.batches == []
 
 
 def test_one_gone_for_long_enough_starts_its_time_again() -> None:

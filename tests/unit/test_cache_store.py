@@ -45,14 +45,16 @@ def test_the_memory_store_makes_room_at_the_expense_of_whoever_holds_the_most() 
         for n in range(6):  # b stores the most: its own oldest go, never a's
             await by_count.set(f"b:{n}", b"x", 60)
         by_size = MemoryStore(max_entries=100, max_bytes=10, owner=lambda k: k.split(":")[0])
-        await by_size.set("a:1", b"1234", 60)
+        await by_size.set("a:1", b"123", 60)
         await by_size.set("b:1", b"5678", 60)
         await by_size.set("b:2", b"9abc", 60)  # b holds the most bytes: its oldest goes
+        await by_size.set("c:1", b"123456", 60)  # c does now, by its one value, which stays:
+        # the one who held the most before it loses (b), its last one
         return ([await by_count.get(k) for k in ("a:1", "a:2", "b:3", "b:4", "b:5")],
-                [await by_size.get(k) for k in ("a:1", "b:1", "b:2")])
+                [await by_size.get(k) for k in ("a:1", "b:1", "b:2", "c:1")])
 
     assert asyncio.run(scenario()) == ([b"1", b"2", None, b"x", b"x"],
-                                       [b"1234", None, b"9abc"])
+                                       [b"123", None, None, b"123456"])
 
 def key(body: dict[str, object], tenant: str = "t1", shared: bool = False) -> str:
     plugin = CachePlugin(CacheOptions(shared=shared))

@@ -11,7 +11,7 @@ import pytest
 from gateway.backoff import backoff
 from gateway.config import ConfigError, TunnelConfig, parse_config
 from gateway.tunnel import ssh
-from gateway.tunnel.agent import RemoteForward, arguments
+from gateway.tunnel.agent import RemoteForward, arguments, parse_forwards
 from gateway.tunnel.ssh import TunnelError, _append_line, explain
 
 TUNNEL = TunnelConfig(name="studio", host="studio.local", user="me", port=2222,
@@ -38,6 +38,13 @@ def test_forward_specs(text: str, forward: RemoteForward) -> None:
 def test_bad_forward_specs_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a forward"):
         RemoteForward.parse(text)
+
+
+def test_a_server_port_forwarded_twice_is_refused() -> None:
+    """The server refused the second, and the agent asked for it again for ever."""
+    with pytest.raises(ValueError, match="server port 11434 is forwarded twice"):
+        parse_forwards(["11434", "21434", "11434:127.0.0.1:8080"])
+    assert len(parse_forwards(["11434", "21434:11434"])) == 2
 
 
 def test_agent_arguments_round_trip_the_settings() -> None:
