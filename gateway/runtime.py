@@ -31,7 +31,7 @@ LOOPS_END = 5.0  # seconds a service's background tasks get to end, at shutdown
 RECANCEL = 0.5  # seconds between cancellations of a task that goes on (see end_loops)
 # Seconds past its grace period a stopping gateway gets to be done: its services' closes are
 # each bounded (telemetry's last export and flush 5 s each, llama.cpp's stop 11 s, alerts 2 s,
-# the batch worker's lines put back 2 s...), and together they rarely take a few seconds.
+# the batch worker's lines put back 2 s...); together they rarely take more than a few.
 STOP_MARGIN = 30.0
 
 
@@ -155,9 +155,9 @@ async def end_loops(tasks: Collection[asyncio.Task[Any]], within: float = LOOPS_
     A cancellation can be lost: Python 3.11's ``asyncio.wait_for``, which redis-py sends
     each command through, returns the command's answer when it is cancelled just as that
     answer comes, and a loop so told nothing goes on for ever. A task still running is
-    therefore cancelled again every ``RECANCEL`` seconds. A cancelled Redis command can also
-    come back as a ConnectionError, which a loop would take for Redis being down and go on:
-    such a loop checks a closing flag of its own too.
+    therefore cancelled again every ``RECANCEL`` seconds. (A cancelled Redis command can
+    also come back as a ConnectionError, which a loop takes for Redis being down: it goes on
+    to its next wait, where the next cancellation ends it.)
     """
     pending = set(tasks)
     deadline = time.monotonic() + within
