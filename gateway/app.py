@@ -28,7 +28,7 @@ from gateway.doors import anthropic, ollama, openai, responses
 from gateway.http import admin, feedback, middlewares, status
 from gateway.http import health as health_endpoint
 from gateway.http.access import rate_headers
-from gateway.http.bodies import UPLOAD_OVERHEAD, BodyBudget
+from gateway.http.bodies import BodyBudget
 from gateway.http.cors import Cors
 from gateway.keys import (
     BACKENDS,
@@ -89,8 +89,8 @@ def create_app(config: GatewayConfig) -> web.Application:
         is_loopback(host) for host, _ in config.server.addresses()))
     book, limits = _tenancy(config)
     app = web.Application(
-        client_max_size=max(config.server.max_body_bytes,
-                            config.tasks.max_file_bytes + UPLOAD_OVERHEAD),
+        client_max_size=config.server.max_body_bytes,  # (of what is read: gzip's decoded;
+        # an upload's own is set as it comes, see gateway_middleware)
         middlewares=[middlewares.gateway_middleware(
             book, limits, cors, BodyBudget(config.server.bodies_in_flight_bytes), telemetry,
             shapes=[("/api/", ollama.error_response),

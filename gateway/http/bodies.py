@@ -41,15 +41,32 @@ class BodyBudget:
         self.held = 0
 
     @contextlib.contextmanager
-    def holding(self, size: int) -> Iterator[None]:
+    def holding(self, size: int) -> Iterator[Held]:
+        """``size`` bytes held (a body's declared length, or the most it may be) until the
+        request is answered; ``settle`` says how large the body turned out to be.
+        """
         if self.held + size > self.limit:
             raise Unavailable("Too many large request bodies are being received at once; "
                               "retry shortly.", retry_after=1, code="bodies_in_flight")
+        held = Held(self, size)
         self.held += size
         try:
-            yield
+            yield held
         finally:
-            self.held -= size
+            self.held -= held.size
+
+
+class Held:
+    """A body's share of the budget."""
+
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: BodyBudget, size: int) -> None:
+        self.budget, self.size = budget, size
+
+    def settle(self, size: int) -> None:
+        self.budget.held += size - self.size
+        self.size = size
 
 
 async def read_body(request: web.Request, patience: float, rate: float = 0.0) -> None:

@@ -140,12 +140,15 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD if upload \
                 else server.max_body_bytes
             check_body(request, limit)
+            if upload:  # (the app's limit of a body read, as decoded, is max_body_bytes)
+                request = request.clone(client_max_size=limit)
             if request.body_exists:
-                with bodies.holding(request.content_length or limit):
+                with bodies.holding(request.content_length or limit) as held:
                     # An upload (a client with a key) gets more time as it arrives: a
                     # 100 MB batch file does not arrive in 30 seconds on a slow link.
                     await read_body(request, server.body_timeout,
                                     UPLOAD_RATE if upload else 0.0)
+                    held.settle(len(await request.read()))  # (a chunked one: what it was)
                     response = await (handler(request) if key is None
                                       else limited(request, handler, key, limits))
             else:
@@ -267,8 +270,10 @@ def _http_exception(request: web.Request, exc: web.HTTPException,
                     ) -> web.StreamResponse:
     """aiohttp's own errors (no route, wrong method, body too large), shaped as the door
     of the path would shape them."""
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        limit = request.app[CONFIG].server.max_body_bytes
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):  # (as read: gzip's, decoded)
+        config = request.app[CONFIG]
+        limit = config.tasks.max_file_bytes if request.path == UPLOADS else \
+            config.server.max_body_bytes
         return shaped(request, PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."))
     if isinstance(exc, web.HTTPNotFound):

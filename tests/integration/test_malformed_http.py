@@ -131,6 +131,29 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
         server.stop()
 
 
+@pytest.mark.parametrize("how", ["chunked", "gzip"])
+def test_a_body_over_the_limit_as_read_is_refused(ollama_sim: Sim, how: str) -> None:
+    """No length declared (chunked), or a small gzip body that decodes large: the limit
+    held only for a declared length, and such a body was read, and sent on, up to the
+    upload limit (100 MB).
+    """
+    server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                                          server={"max_body_bytes": 4096}))
+    try:
+        big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 8000}]})
+        if how == "gzip":
+            data = gzip.compress(big.encode())
+            raw = post(data, "Content-Encoding: gzip")
+        else:
+            raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big.encode()))
+        status, _, body = exchange(server, raw)
+        assert status == 413 and openai_error(body)["code"] == "request_too_large", body
+        assert ollama_sim.requests() == []  # (nothing was sent on)
+    finally:
+        server.stop()
+
 @pytest.fixture
 def impatient(ollama_sim: Sim) -> Iterator[ServerThread]:
     server = start_gateway(gateway_config(
@@ -165,6 +188,29 @@ def test_bodies_in_flight_past_the_budget_are_turned_away(impatient: ServerThrea
     status, _, _ = exchange(impatient, post(json.dumps(CHAT).encode(), "Connection: close"))
     assert status == 200  # the budget is given back when a request ends
 
+
+def test_a_small_chunked_body_holds_its_size_of_the_budget_not_the_limit(
+        impatient: ServerThread, ollama_sim: Sim) -> None:
+    """Clients that send their JSON chunked (no length declared) were each charged the
+    whole body limit while their answers streamed: two at once used up the budget, and the
+    next requests were 503s.
+    """
+    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=10)  # answers that take a while
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    streams = [socket.create_connection(("127.0.0.1", impatient.port), timeout=10)
+               for _ in range(3)]
+    try:
+        heads = []
+        for sock in streams:  # three at once, each answer under way
+            sock.sendall(chunked)
+            heads.append(sock.recv(65536).split(b"\r\n", 1)[0])
+        assert heads == [b"HTTP/1.1 200 OK"] * 3, heads
+    finally:
+        for sock in streams:
+            sock.close()
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_an_upload_is_given_the_time_its_size_takes_on_a_slow_link(ollama_sim: Sim,
