@@ -85,7 +85,8 @@ class Pool:
         loop = asyncio.get_running_loop()
         response = Response(loop, limits)
         try:
-            connection = await self._connection(loop, limits.connect, response.deadline)
+            connection = await self._connection(loop, limits.connect, response.deadline,
+                                                limits.beside)
             if response._error is not None:  # its time ran out as its turn came: not sent
                 self.put_back(connection)
                 raise response._error
@@ -97,8 +98,8 @@ class Pool:
         return response
 
     async def _connection(self, loop: asyncio.AbstractEventLoop, connect: float,
-                          deadline: float | None) -> Connection:
-        kept = False  # a place of a connection that closed is kept for this one
+                          deadline: float | None, beside: bool = False) -> Connection:
+        kept = beside  # (beside the line: a connection of its own, past the limit if need be)
         waited = False  # it was in line already: it goes back to the front
         while True:
             if self._closed:

@@ -82,8 +82,9 @@ class HttpBackend:
                              idle=limits.idle),
             "whole": Limits(limits.connect, total=limits.total),
             # Model listings: a server that takes longer is as good as down for discovery.
-            "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total)),
-            "quick": Limits(limits.connect, total=limits.connect),
+            "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total),
+                              beside=True),
+            "quick": Limits(limits.connect, total=limits.connect, beside=True),
         }
 
     async def start(self) -> None:

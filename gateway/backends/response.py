@@ -44,13 +44,16 @@ class Limits:
     """Seconds: ``connect`` to open a connection, ``read`` at most between two arrivals of
     data (the wait for the headers included), ``idle`` instead of it once the headers
     have come, ``total`` for the whole exchange, from the wait for a connection to the
-    body's end. None: no limit.
+    body's end. None: no limit. ``beside``: the exchange does not wait in line for one of
+    the pool's connections (a probe or a listing, which must not time out behind the very
+    requests whose backend it checks on): with none idle, it opens one of its own.
     """
 
     connect: float
     read: float | None = None
     total: float | None = None
     idle: float | None = None
+    beside: bool = False
 
 
 class Connection(Protocol):

@@ -37,13 +37,16 @@ class Router:
 
         def limits(name: str) -> tuple[int, int]:
             """``max_concurrency``, else what the backend runs at once (its ``parallel``, or
-            a llama.cpp server's slots): more wait in the gateway's line, not the backend's,
-            where their wait would count against the first-token limit.
+            a llama.cpp server's slots), and never more than its connections: more wait in
+            the gateway's line, not the backend's (or the pool's), where their wait would
+            count against the first-token limit, and a few such timeouts open the breaker
+            of a backend that answers well.
             """
             spec, backend = specs.get(name), backends.get(name)
             if spec is None:
                 return 0, 64
-            return spec.max_concurrency or (backend.capacity if backend else 0), spec.max_queue
+            runs = spec.max_concurrency or (backend.capacity if backend else 0)
+            return min(runs or spec.max_connections, spec.max_connections), spec.max_queue
 
         self.balancer = Balancer(config.routing, limits)
         catalog.on_change.append(self.balancer.relimit)

@@ -196,3 +196,43 @@ async def test_what_the_workstation_cannot_take_now_goes_to_the_cloud_not_its_qu
     finally:
         gateway.stop()
         cloud.stop()
+
+
+async def test_more_requests_than_connections_wait_in_line_and_open_no_breaker(
+        fleet: Fleet) -> None:
+    """A backend with 1 connection and no other limit, 4 streams at once: the 3 that
+    waited for the connection did so inside their first-token limit, were 504s, and
+    opened the breaker of a backend that answers well.
+    """
+    fleet.primary.fault(MODEL, ttft=0.4)
+    gateway = start_gateway(gateway_config(
+        backend("studio", "ollama", fleet.primary.api_url, max_connections=1,
+                timeouts={"first_token": 1.0})))
+    try:
+        for reply in await asyncio.gather(*(ask(gateway, MODEL, stream=True)
+                                            for _ in range(4))):
+            complete(reply)
+        deployment = gateway.app[CATALOG].deployments(MODEL)[0]
+        assert gateway.call(lambda: gateway.app[ROUTER].balancer.state(deployment).limit) == 1
+    finally:
+        gateway.stop()
+
+
+async def test_a_backend_busy_with_every_connection_is_not_taken_for_down(
+        fleet: Fleet) -> None:
+    """Its connections all carrying long streams, the health probe waited for one, timed
+    out, and the backend was marked down: its next requests were 503s.
+    """
+    fleet.primary.fault(MODEL, tokens_per_s=4)  # streams of some seconds
+    gateway = start_gateway(gateway_config(
+        backend("studio", "ollama", fleet.primary.api_url, max_connections=2,
+                max_concurrency=2, timeouts={"connect": 0.5, "idle": 5.0}),
+        routing={"health_interval": 0.5}))
+    try:
+        streams = [asyncio.ensure_future(ask(gateway, MODEL, stream=True)) for _ in range(2)]
+        await asyncio.sleep(4.5)  # a healthy backend is probed every 2.5 s: at least one
+        assert not gateway.call(lambda: gateway.app[ROUTER].balancer.is_down("studio"))
+        for reply in await asyncio.gather(*streams):
+            complete(reply)
+    finally:
+        gateway.stop()
