@@ -79,7 +79,8 @@ class HttpBackend:
         # their work is done: only `total` bounds them.
         self._limits = {
             "stream": Limits(limits.connect, read=limits.headers, total=limits.total,
-                             idle=limits.idle),
+                             idle=limits.idle,
+                             first=max(config.first_token_limit, limits.first_token_cold)),
             "whole": Limits(limits.connect, total=limits.total),
             # Model listings: a server that takes longer is as good as down for discovery.
             "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total),

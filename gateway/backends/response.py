@@ -42,17 +42,20 @@ class BadResponse(ValueError):
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Seconds: ``connect`` to open a connection, ``read`` at most between two arrivals of
-    data (the wait for the headers included), ``idle`` instead of it once the headers
-    have come, ``total`` for the whole exchange, from the wait for a connection to the
-    body's end. None: no limit. ``beside``: the exchange does not wait in line for one of
-    the pool's connections (a probe or a listing, which must not time out behind the very
-    requests whose backend it checks on): with none idle, it opens one of its own.
+    data (the wait for the headers included), ``idle`` instead of it once the body has
+    begun (and, from the headers to the body's start, ``first`` if that is longer: a model
+    that thinks, or loads, after its server sent the headers), ``total`` for the whole
+    exchange, from the wait for a connection to the body's end. None: no limit.
+    ``beside``: the exchange does not wait in line for one of the pool's connections (a
+    probe or a listing, which must not time out behind the very requests whose backend it
+    checks on): with none idle, it opens one of its own.
     """
 
     connect: float
     read: float | None = None
     total: float | None = None
     idle: float | None = None
+    first: float | None = None
     beside: bool = False
 
 
@@ -75,7 +78,7 @@ class Response:
     body was not read to its end).
     """
 
-    __slots__ = ("_close_delimited", "_connection", "_eof", "_error", "_head_size",
+    __slots__ = ("_bodied", "_close_delimited", "_connection", "_eof", "_error", "_head_size",
                  "_interim", "_keep_alive", "_last", "_limits", "_loop", "_parser", "_paused",
                  "_pieces", "_read_timer", "_reused", "_sent", "_size", "_total_timer",
                  "_waiter", "_whole", "deadline", "headers", "status")
@@ -96,6 +99,7 @@ class Response:
         self._size = 0
         self._eof = False
         self._paused = False
+        self._bodied = False  # the body has begun
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._last = self._sent = loop.time()  # when data last came (or reading resumed)
@@ -118,9 +122,15 @@ class Response:
         self._watch_silence()
 
     def _silence_limit(self) -> float | None:
-        """The longest silence allowed now: ``read`` until the head, then ``idle``."""
+        """The longest silence allowed now: ``read`` until the head, then ``idle`` (until
+        the body begins, ``first`` if longer).
+        """
         limits = self._limits
-        return limits.idle if self.status and limits.idle is not None else limits.read
+        if not self.status or limits.idle is None:
+            return limits.read
+        if not self._bodied and limits.first is not None:
+            return max(limits.idle, limits.first)
+        return limits.idle
 
     def _watch_silence(self) -> None:
         """(Re)start the one timer that keeps the silence limit, from now."""
@@ -196,6 +206,10 @@ class Response:
             self._keep_alive = False
 
     def on_body(self, body: bytes) -> None:
+        if not self._bodied:
+            self._bodied = True
+            if self._limits.first is not None:  # from now on, the idle limit alone
+                self._watch_silence()
         if not self._whole:
             self._pieces.append(body)
             self._size += len(body)

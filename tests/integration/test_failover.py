@@ -773,3 +773,24 @@ async def test_a_configured_model_whose_host_was_down_at_start_falls_back(
     complete(reply)
     assert reply.headers["x-gateway-backend"] == "secondary"
     assert reply.headers["x-gateway-route"] == "fallback for qwq:32b"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_model_thinking_past_the_idle_limit_before_its_first_token_is_waited_for(
+        stream: bool) -> None:
+    """A server that sends its headers at once and its first token 2.5 s later (a model
+    thinking, or loading): the idle limit (1 s) cut it off as stalled, though its first
+    token was due within 5 s.
+    """
+    model = SimModel("m:1b", ttft=2.5, loaded=True)
+    upstream = ServerThread(lambda: create_openai_app([model], flavor="llamacpp")).start()
+    gateway = start_gateway(gateway_config(
+        backend("light", "openai", upstream.url + "/v1",
+                timeouts={"headers": 10.0, "first_token": 5.0, "idle": 1.0, "total": 30.0})))
+    try:
+        reply = await ask(gateway, "m:1b", stream=stream)
+        assert reply.status == 200, reply.body
+        assert reply.text
+    finally:
+        gateway.stop()
+        upstream.stop()
