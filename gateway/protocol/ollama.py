@@ -11,7 +11,14 @@ from typing import Any
 import orjson
 
 from gateway.errors import InvalidRequest, stream_error
-from gateway.protocol.openai import ChatRequest, CompletionRequest, Sampling, image_url, text_of
+from gateway.protocol.openai import (
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    image_url,
+    not_passed_on,
+    text_of,
+)
 from gateway.protocol.reasoning import ThinkTagSplitter
 from gateway.protocol.sse import MalformedEvent, text_field
 from gateway.protocol.times import epoch_seconds
@@ -115,7 +122,10 @@ def keep_alive_value(text: str) -> str | int:
 
 
 def messages(source: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages in Ollama's shape: text content, base64 ``images``, object arguments."""
+    """OpenAI messages in Ollama's shape: text content, base64 ``images``, object arguments;
+    a part Ollama has no place for (audio, a file) named in the text, so that the model
+    knows it was there (it answered as if it had never been sent).
+    """
     out: list[dict[str, Any]] = []
     tool_names: dict[str, str] = {}
     for message in source:
@@ -127,6 +137,10 @@ def messages(source: list[dict[str, Any]]) -> list[dict[str, Any]]:
             images = [_image_data(p) for p in content if p.get("type") == "image_url"]
             if images:
                 converted["images"] = images
+            left = [not_passed_on(str(p.get("type"))) for p in content
+                    if p.get("type") not in ("text", "image_url")]
+            if left:
+                converted["content"] = "\n".join(filter(None, (converted["content"], *left)))
         calls = message.get("tool_calls")
         if calls:
             converted["tool_calls"] = [_tool_call_out(call, tool_names) for call in calls]

@@ -220,3 +220,18 @@ def test_a_model_ollama_did_not_describe_is_presumed_able(family: str | None) ->
     embedder = ollama.model_info("ollama", {"name": "nomic-embed-text:latest",
                                             "details": {"family": family}}, None, set())
     assert embedder.known and embedder.capabilities == {"embedding"}
+
+
+def test_parts_ollama_has_no_place_for_are_named_in_the_text() -> None:
+    """Audio and a file (a PDF) sent to a model on Ollama: they were dropped, and the model
+    answered as if they had never been sent.
+    """
+    [message] = ollama.messages([{"role": "user", "content": [
+        {"type": "text", "text": "What is said here?"},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;"
+                                  "base64,JVBERi0="}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    assert message == {"role": "user", "images": ["iVBORw0KGgo="], "content": (
+        "What is said here?\n[input_audio: not passed on by the gateway]\n"
+        "[file: not passed on by the gateway]")}
