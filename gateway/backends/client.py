@@ -170,8 +170,14 @@ class Pool:
         return connection
 
     def put_back(self, connection: Connection) -> None:
-        """A connection whose answer was read to its end, free for the next request."""
+        """A connection whose answer was read to its end, free for the next request (one
+        opened past the limit, beside the line, is closed: the limit holds).
+        """
         if self._closed or connection.lost:
+            connection.close()
+            return
+        if len(self._all) > self.limit:  # (its place is passed on to no one)
+            self._all.discard(connection)
             connection.close()
             return
         assert connection.transport is not None

@@ -78,9 +78,10 @@ class HttpBackend:
         # between chunks. Other calls (embeddings, /api/show) send their headers when
         # their work is done: only `total` bounds them.
         self._limits = {
+            # Between the headers and the body's start, the first token is due (a model
+            # Ollama loads sends no headers until it is loaded: the headers limit is its).
             "stream": Limits(limits.connect, read=limits.headers, total=limits.total,
-                             idle=limits.idle,
-                             first=max(config.first_token_limit, limits.first_token_cold)),
+                             idle=limits.idle, first=config.first_token_limit),
             "whole": Limits(limits.connect, total=limits.total),
             # Model listings: a server that takes longer is as good as down for discovery.
             "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total),

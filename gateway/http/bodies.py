@@ -32,8 +32,21 @@ async def body_of(request: web.Request) -> dict[str, Any]:
     if body is None:
         raw = await request.read()
         body = request[BODY] = parse_body(raw) if len(raw) < PARSED_APART \
-            else await asyncio.to_thread(parse_body, raw)
+            else await _apart(raw)
     return body
+
+
+async def _apart(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed in a thread, which no client leaving stops: its request is over when
+    the parse is (the body's share of the budget is held until then).
+    """
+    parsing = asyncio.ensure_future(asyncio.to_thread(parse_body, raw))
+    try:
+        return await asyncio.shield(parsing)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await parsing
+        raise
 
 
 class BodyBudget:

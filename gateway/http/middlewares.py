@@ -104,6 +104,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
+        asked = request  # (the request aiohttp answers: it prepares the response with it)
         supplied = request.headers.get("x-request-id", "")
         request_id = request[REQUEST_ID] = \
             supplied if _CLIENT_ID.fullmatch(supplied) else unique_id()
@@ -140,10 +141,14 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD if upload \
                 else server.max_body_bytes
             check_body(request, limit)
-            if upload:  # (the app's limit of a body read, as decoded, is max_body_bytes)
-                request = request.clone(client_max_size=limit)
+            if upload and request.method == "POST":  # (the app's limit of a body read, as
+                request = request.clone(client_max_size=limit)  # decoded: max_body_bytes)
             if request.body_exists:
-                with bodies.holding(request.content_length or limit) as held:
+                # Held at its declared length, or (sent chunked, or compressed) the most it
+                # may be, until it is read
+                encoded = request.headers.get("Content-Encoding", "identity") != "identity"
+                with bodies.holding(limit if encoded else request.content_length or limit
+                                    ) as held:
                     # An upload (a client with a key) gets more time as it arrives: a
                     # 100 MB batch file does not arrive in 30 seconds on a slow link.
                     await read_body(request, server.body_timeout,
@@ -178,6 +183,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                 _account(telemetry, span, notes, door, operation, request,
                          request.get(STREAM_HEADERS, {}), started, CLIENT_CLOSED)
             raise
+        if asked is not request:  # (what the handler noted, such as a key's rate headers,
+            asked.update(request)  # for the response's preparation)
         if not response.prepared:  # a stream sets it before its headers go out
             response.headers["x-request-id"] = request_id
             if response.status in (408, 413, 415):

@@ -137,8 +137,9 @@ def messages(source: list[dict[str, Any]]) -> list[dict[str, Any]]:
             images = [_image_data(p) for p in content if p.get("type") == "image_url"]
             if images:
                 converted["images"] = images
-            left = [not_passed_on(str(p.get("type"))) for p in content
-                    if p.get("type") not in ("text", "image_url")]
+            left = [p["refusal"] if p.get("type") == "refusal" and isinstance(
+                        p.get("refusal"), str) else not_passed_on(str(p.get("type")))
+                    for p in content if p.get("type") not in ("text", "image_url")]
             if left:
                 converted["content"] = "\n".join(filter(None, (converted["content"], *left)))
         calls = message.get("tool_calls")

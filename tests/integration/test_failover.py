@@ -794,3 +794,33 @@ async def test_a_model_thinking_past_the_idle_limit_before_its_first_token_is_wa
     finally:
         gateway.stop()
         upstream.stop()
+
+
+async def test_a_server_that_sends_headers_then_nothing_is_given_up_within_its_limits(
+        ) -> None:
+    """Headers, then silence: a whole answer waited ``first_token_cold`` (a cold Ollama
+    model's allowance, 12 s here) where it waited ``idle`` (2 s), a first version of the
+    fix that let a thinking model's first token come later than ``idle``.
+    """
+    class Silent(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            assert isinstance(self.transport, asyncio.Transport)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")  # and no more
+
+    server = await asyncio.get_running_loop().create_server(Silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gateway = start_gateway(gateway_config(backend(
+        "silent", "openai", f"http://127.0.0.1:{port}/v1", models=["m"],
+        timeouts={"first_token": 2.0, "idle": 2.0, "first_token_cold": 12.0, "total": 60.0})))
+    try:
+        for stream in (True, False):
+            started = time.monotonic()
+            reply = await ask(gateway, "m", stream=stream)
+            assert reply.status == 504 and time.monotonic() - started < 4.0, reply.body
+    finally:
+        gateway.stop()
+        server.close()

@@ -119,6 +119,16 @@ def test_listing_models_reading_files_and_batches_costs_no_requests(
         assert left == ["2", "1", "0"]
 
 
+def test_an_upload_is_answered_with_the_keys_rate_headers(keyed: ServerThread) -> None:
+    """An upload is read under a limit of its own (a copy of the request made for it): the
+    rate headers the key's check noted on the copy never reached the answer.
+    """
+    with client(keyed, "rpm3") as c:
+        raw = c.files.with_raw_response.create(file=("in.jsonl", b'{"a": 1}\n'),
+                                               purpose="batch")
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "3"  # (it costs none)
+
 def test_counting_a_prompts_tokens_is_a_request_like_any(keyed: ServerThread) -> None:
     # It asks the model for a one-token answer: a key's limits count it (Claude Code calls it).
     with anthropic.Anthropic(base_url=keyed.url, api_key=secret("rpm3"), max_retries=0) as a:

@@ -234,6 +234,26 @@ async def test_at_most_limit_connections_and_the_rest_wait_their_turn() -> None:
         assert server.connections == 2
 
 
+async def test_a_probe_does_not_wait_in_line_and_the_limit_holds_after_it() -> None:
+    """A probe (``beside``) with every connection busy opens one of its own rather than
+    time out behind them; once done, that one is closed, not kept (a first version handed
+    it on, and the connections open grew with the demand).
+    """
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with pooled(answering(*[reply] * 40, pause=0.2), 2) as (server, pool):
+        busy = [asyncio.ensure_future(body_of(pool)) for _ in range(10)]
+        await asyncio.sleep(0.05)  # two at work, eight in line
+        probe = await pool.request("GET", "/version", None,
+                                   Limits(connect=1.0, total=1.0, beside=True))
+        try:
+            assert (probe.status, await probe.read()) == (200, b"ok")
+        finally:
+            probe.release()
+        await asyncio.sleep(0.05)
+        assert server.open == 2  # the probe's closed, the line still waiting
+        assert await asyncio.gather(*busy) == [(200, b"ok")] * 10
+        assert server.most_open == 3  # two, and the probe's
+
 async def test_silence_and_slowness_end_in_timeouts_not_hangs() -> None:
     head_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
     # The read limit bounds a silence; once the headers are in, the idle limit does if set.

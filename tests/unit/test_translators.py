@@ -235,3 +235,9 @@ def test_parts_ollama_has_no_place_for_are_named_in_the_text() -> None:
     assert message == {"role": "user", "images": ["iVBORw0KGgo="], "content": (
         "What is said here?\n[input_audio: not passed on by the gateway]\n"
         "[file: not passed on by the gateway]")}
+
+
+def test_an_assistants_refusal_part_goes_to_ollama_as_its_text() -> None:
+    [message] = ollama.messages([{"role": "assistant", "content": [
+        {"type": "refusal", "refusal": "I cannot help with that."}]}])
+    assert message == {"role": "assistant", "content": "I cannot help with that."}
