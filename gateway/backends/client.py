@@ -112,7 +112,10 @@ class Pool:
                     return connection
                 connection.close()
             if kept or (len(self._all) + self._kept < self.limit and not self._waiters):
-                return await self._open(loop, loop.time() + connect, deadline)
+                past = len(self._all) + self._kept >= self.limit
+                connection = await self._open(loop, loop.time() + connect, deadline)
+                connection.beside = beside and past
+                return connection
             waiter: asyncio.Future[Connection | None] = loop.create_future()
             if waited:
                 self._waiters.appendleft(waiter)
@@ -176,10 +179,11 @@ class Pool:
         if self._closed or connection.lost:
             connection.close()
             return
-        if len(self._all) > self.limit:  # (its place is passed on to no one)
+        if connection.beside and len(self._all) > self.limit:  # (no place passed on)
             self._all.discard(connection)
             connection.close()
             return
+        connection.beside = False  # (the limit holds again: one of the pool's now)
         assert connection.transport is not None
         connection.transport.resume_reading()  # (a no-op unless the answer paused it)
         if self._wake(connection):
@@ -269,7 +273,7 @@ def _header(name: str, value: str) -> bytes:
 class Connection(asyncio.Protocol):
     """One connection; it feeds the response it is carrying."""
 
-    __slots__ = ("idle_since", "lost", "pool", "response", "reused", "transport")
+    __slots__ = ("beside", "idle_since", "lost", "pool", "response", "reused", "transport")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -278,6 +282,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.lost = False
         self.reused = False
+        self.beside = False  # opened past the pool's limit, for a probe (see Pool.put_back)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass

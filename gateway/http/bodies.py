@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, PayloadTooLarge, Unavailable
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, Unavailable
 from gateway.keys import BODY
 from gateway.protocol.openai import parse_body
 
@@ -44,8 +44,9 @@ async def _apart(raw: bytes) -> dict[str, Any]:
     try:
         return await asyncio.shield(parsing)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await parsing
+        while not parsing.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([parsing])
         raise
 
 
@@ -121,6 +122,11 @@ async def read_body(request: web.Request, patience: float, rate: float = 0.0) ->
             watch.cancel()
 
 
+def encoding_of(request: web.Request) -> str:
+    """The request body's Content-Encoding, as compared ("" for none)."""
+    return request.headers.get("Content-Encoding", "").strip().lower()
+
+
 # Content-Encodings of request bodies the gateway decodes.
 ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 
@@ -131,7 +137,10 @@ def check_body(request: web.Request, limit: int) -> None:
     """
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if len(request.headers.getall("Content-Encoding", ())) > 1:  # (aiohttp decodes by the
+        # last, what is said here of a body by the first)
+        raise InvalidRequest("A request body has one Content-Encoding.", code="bad_body")
+    encoding = encoding_of(request)
     if encoding not in ENCODINGS:
         raise GatewayError(f"The request body's Content-Encoding {encoding!r} cannot be "
                            "decoded here: send it plain, or compressed with gzip or deflate.",

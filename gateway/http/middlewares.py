@@ -31,6 +31,7 @@ from gateway.http.bodies import (
     UPLOADS,
     BodyBudget,
     check_body,
+    encoding_of,
     read_body,
 )
 from gateway.http.cors import Cors
@@ -137,17 +138,17 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             elif request.path.startswith("/admin/"):
                 admit_admin(request)
             server = request.app[CONFIG].server
-            upload = request.path == UPLOADS
+            upload = request.path == UPLOADS and request.method == "POST"
             limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD if upload \
                 else server.max_body_bytes
             check_body(request, limit)
-            if upload and request.method == "POST":  # (the app's limit of a body read, as
-                request = request.clone(client_max_size=limit)  # decoded: max_body_bytes)
+            if upload:  # (the app's limit of a body read, as decoded, is max_body_bytes)
+                request = request.clone(client_max_size=limit)
             if request.body_exists:
                 # Held at its declared length, or (sent chunked, or compressed) the most it
                 # may be, until it is read
-                encoded = request.headers.get("Content-Encoding", "identity") != "identity"
-                with bodies.holding(limit if encoded else request.content_length or limit
+                plain = encoding_of(request) in ("", "identity")
+                with bodies.holding(request.content_length or limit if plain else limit
                                     ) as held:
                     # An upload (a client with a key) gets more time as it arrives: a
                     # 100 MB batch file does not arrive in 30 seconds on a slow link.
@@ -279,8 +280,8 @@ def _http_exception(request: web.Request, exc: web.HTTPException,
     of the path would shape them."""
     if isinstance(exc, web.HTTPRequestEntityTooLarge):  # (as read: gzip's, decoded)
         config = request.app[CONFIG]
-        limit = config.tasks.max_file_bytes if request.path == UPLOADS else \
-            config.server.max_body_bytes
+        limit = config.tasks.max_file_bytes if request.path == UPLOADS and \
+            request.method == "POST" else config.server.max_body_bytes
         return shaped(request, PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."))
     if isinstance(exc, web.HTTPNotFound):

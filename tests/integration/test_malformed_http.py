@@ -154,6 +154,19 @@ def test_a_body_over_the_limit_as_read_is_refused(ollama_sim: Sim, how: str) -> 
     finally:
         server.stop()
 
+def test_a_body_said_twice_to_be_encoded_is_refused(ollama_sim: Sim) -> None:
+    """``identity`` then ``gzip``: aiohttp decodes by the last, the gateway's checks read
+    the first, and a small gzip body was held at its compressed size while it decoded.
+    """
+    server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url)))
+    try:
+        data = gzip.compress(json.dumps(CHAT).encode())
+        status, _, body = exchange(server, post(data, "Content-Encoding: identity",
+                                                "Content-Encoding: gzip"))
+        assert status == 400 and openai_error(body)["code"] == "bad_body", body
+    finally:
+        server.stop()
+
 @pytest.fixture
 def impatient(ollama_sim: Sim) -> Iterator[ServerThread]:
     server = start_gateway(gateway_config(

@@ -254,6 +254,29 @@ async def test_a_probe_does_not_wait_in_line_and_the_limit_holds_after_it() -> N
         assert await asyncio.gather(*busy) == [(200, b"ok")] * 10
         assert server.most_open == 3  # two, and the probe's
 
+async def test_the_connection_closed_past_the_limit_is_the_probes_not_one_in_line() -> None:
+    """A request's connection came back while a probe's (opened past the limit) was still
+    at work: the request's was closed, and the next in line waited for the probe."""
+    async def by_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            await asyncio.sleep(float(head.split(b" ")[1].strip(b"/")))  # (the path: a pause)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with pooled(by_path, 2) as (_, pool):
+        quick = asyncio.ensure_future(body_of(pool, "/0.1"))
+        slow = asyncio.ensure_future(body_of(pool, "/1.5"))
+        await asyncio.sleep(0.02)
+        probe = asyncio.ensure_future(pool.request(
+            "GET", "/1.0", None, Limits(connect=1.0, total=5.0, beside=True)))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        assert await body_of(pool, "/0") == (200, b"ok")  # in line behind the two
+        assert time.monotonic() - started < 0.5  # served as the quick one was done
+        await asyncio.gather(quick, slow)
+        (await probe).release()
+
 async def test_silence_and_slowness_end_in_timeouts_not_hangs() -> None:
     head_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
     # The read limit bounds a silence; once the headers are in, the idle limit does if set.
