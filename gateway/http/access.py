@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
-from gateway.http.bodies import UPLOADS, body_of
+from gateway.http.bodies import body_of, is_upload
 from gateway.keys import CONFIG, KEY, RATE_HEADERS, REQUEST_ID, TENANT, USAGE
 from gateway.pipeline import Listed
 from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
@@ -112,7 +112,7 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     request[KEY] = key
     # (Every body but a file upload is read as JSON, whatever its Content-Type says: the
     # doors read it so, and a body labelled otherwise must not pass unchecked.)
-    body = await body_of(request) if request.body_exists and request.path != UPLOADS else {}
+    body = await body_of(request) if request.body_exists and not is_upload(request) else {}
     if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
         for name in (body.get("model"), body.get("name")):
             if isinstance(name, str) and name:

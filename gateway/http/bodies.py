@@ -24,6 +24,11 @@ UPLOAD_OVERHEAD = 64 * 1024  # a multipart body's own, around the file
 PARSED_APART = 1024 * 1024  # bytes of a body from which it is parsed off the event loop
 
 
+def is_upload(request: web.Request) -> bool:
+    """Whether the request sends a file (its body's limit is [tasks] max_file_bytes)."""
+    return request.path == UPLOADS and request.method == "POST"
+
+
 async def body_of(request: web.Request) -> dict[str, Any]:
     """The request's JSON body, parsed (and checked) once; a large one in a thread (16 MB
     of small arrays took six seconds, which every other request waited for).

@@ -28,10 +28,10 @@ from gateway.http.access import OPERATOR_PATHS, admit_admin, identify, limited
 from gateway.http.bodies import (
     UPLOAD_OVERHEAD,
     UPLOAD_RATE,
-    UPLOADS,
     BodyBudget,
     check_body,
     encoding_of,
+    is_upload,
     read_body,
 )
 from gateway.http.cors import Cors
@@ -138,7 +138,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             elif request.path.startswith("/admin/"):
                 admit_admin(request)
             server = request.app[CONFIG].server
-            upload = request.path == UPLOADS and request.method == "POST"
+            upload = is_upload(request)
             limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD if upload \
                 else server.max_body_bytes
             check_body(request, limit)
@@ -154,7 +154,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                     # 100 MB batch file does not arrive in 30 seconds on a slow link.
                     await read_body(request, server.body_timeout,
                                     UPLOAD_RATE if upload else 0.0)
-                    held.settle(len(await request.read()))  # (a chunked one: what it was)
+                    held.settle(len(await request.read()))  # (what it turned out to be)
                     response = await (handler(request) if key is None
                                       else limited(request, handler, key, limits))
             else:
@@ -280,8 +280,8 @@ def _http_exception(request: web.Request, exc: web.HTTPException,
     of the path would shape them."""
     if isinstance(exc, web.HTTPRequestEntityTooLarge):  # (as read: gzip's, decoded)
         config = request.app[CONFIG]
-        limit = config.tasks.max_file_bytes if request.path == UPLOADS and \
-            request.method == "POST" else config.server.max_body_bytes
+        limit = config.tasks.max_file_bytes if is_upload(request) else \
+            config.server.max_body_bytes
         return shaped(request, PayloadTooLarge(
             f"The request body is larger than the limit of {limit} bytes."))
     if isinstance(exc, web.HTTPNotFound):
