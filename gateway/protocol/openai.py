@@ -24,7 +24,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # (a BOM, as Windows
+        # PowerShell's UTF-8 writes one, is no part of the JSON)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

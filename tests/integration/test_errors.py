@@ -127,6 +127,14 @@ async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession) -
     assert status == 200 and isinstance(orjson.loads(body)["data"][0]["embedding"], list), body
 
 
+async def test_a_body_that_begins_with_a_bom_is_read(http: aiohttp.ClientSession) -> None:
+    """Windows PowerShell's UTF-8 (``Invoke-RestMethod -Body`` of a file it wrote) puts a
+    byte order mark before the JSON: it was a 400 "not valid JSON"."""
+    body = b"\xef\xbb\xbf" + orjson.dumps({"model": "qwq:32b", "messages": USER})
+    async with http.post(CHAT, data=body, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 200, await r.read()
+        assert (await r.json())["choices"][0]["message"]["content"]
+
 async def test_unknown_model_is_a_404_model_not_found(http: aiohttp.ClientSession) -> None:
     status, body, _ = await post(http, CHAT, {"model": "gpt-17", "messages": USER})
     error = assert_error(status, body, 404, code="model_not_found", param="model")
