@@ -298,8 +298,13 @@ def test_identical_streams_at_once_are_answered_from_what_is_stored(
             ollama_sim.clear()
             return list(await asyncio.gather(*(one(client) for _ in range(30))))
 
-    assert asyncio.run(rounds()) == ["hit"] * 30
-    assert upstream_calls(ollama_sim) == 0
+    states = asyncio.run(rounds())
+    # On a loaded machine a lookup may outlast the store's bounded wait (50 ms): that
+    # request goes to the model, and is counted a store error. No other one may.
+    misses = states.count("miss")
+    assert states.count("hit") + misses == 30, states
+    assert misses <= health(gateway)["plugins"]["cache"].get("store_errors", 0), states
+    assert upstream_calls(ollama_sim) == misses
 
 
 def test_a_stalled_redis_costs_a_bounded_wait(gateway: ServerThread, ollama_sim: Sim,
