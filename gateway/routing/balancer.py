@@ -28,15 +28,67 @@ REST_SECONDS = 1.0
 REST_MAX = 60.0
 
 
+class Connections:
+    """A backend's connections, which the deployments of its models share: at most
+    ``limit`` requests on it at once (0: no limit), whichever model they ask; the rest wait
+    here, first come first served, in the gateway's line. (Waiting for a connection in the
+    backends' pool instead, a request would spend its first-token limit there, and a few
+    such timeouts open the breaker of a backend that answers well.)
+    """
+
+    __slots__ = ("in_flight", "limit", "waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def has_room(self) -> bool:
+        return not self.limit or (self.in_flight < self.limit and not self.waiters)
+
+    async def take(self, deadline: float) -> None:
+        """One of them, waiting until ``deadline`` (the loop's time) at most."""
+        if self.has_room():
+            self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter  # give_back() hands its connection over
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.give_back()  # it came just as this request gave up: pass it on
+            elif waiter in self.waiters:
+                self.waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise RateLimited("Waited too long for a connection to a busy backend.",
+                                  retry_after=1) from None
+            raise
+
+    def give_back(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_flight -= 1
+
+
+NO_LIMIT = Connections(0)  # (a backend the config does not name: nothing to share)
+
+
 class DeploymentState:
     """What the gateway knows of one deployment from the traffic it sent there."""
 
-    __slots__ = ("batch_in_flight", "batch_waiters", "batch_woken", "breaker", "in_flight",
-                 "latency", "limit", "max_queue", "observed_at", "on_rest", "rest_busy",
-                 "rest_until", "verdicts", "waiters")
+    __slots__ = ("batch_in_flight", "batch_waiters", "batch_woken", "breaker", "connections",
+                 "in_flight", "latency", "limit", "max_queue", "observed_at", "on_rest",
+                 "rest_busy", "rest_until", "verdicts", "waiters")
 
-    def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker) -> None:
+    def __init__(self, limit: int, max_queue: int, breaker: CircuitBreaker,
+                 connections: Connections = NO_LIMIT) -> None:
         self.breaker = breaker
+        self.connections = connections  # its backend's, shared with its other models
         self.limit = limit  # 0: unlimited
         self.max_queue = max_queue
         self.in_flight = 0
@@ -75,11 +127,31 @@ class DeploymentState:
     def has_room(self) -> bool:
         return not self.limit or self.in_flight < self.limit
 
+    def free(self) -> bool:
+        """A request would go at once: a slot here and a connection to its backend."""
+        return self.has_room() and not self.waiters and self.connections.has_room()
+
     def can_queue(self) -> bool:
         return self.has_room() or len(self.waiters) < self.max_queue
 
     async def acquire(self, patience: float) -> None:
-        """A slot, waiting in line (at most ``patience`` seconds) when the deployment is full."""
+        """A slot and a connection to its backend, waiting in line (at most ``patience``
+        seconds in all) when the deployment, or the backend, is full.
+        """
+        deadline = asyncio.get_running_loop().time() + patience
+        await self._slot(patience)
+        await self._connection(deadline, batch=False)
+
+    async def _connection(self, deadline: float, batch: bool) -> None:
+        connections = self.connections
+        if connections.limit:
+            try:
+                await connections.take(deadline)
+            except BaseException:
+                self._free_slot(batch)
+                raise
+
+    async def _slot(self, patience: float) -> None:
         if self.has_room() and not self.waiters:
             self.in_flight += 1
             return
@@ -92,7 +164,7 @@ class DeploymentState:
                 await waiter  # release() hands its slot over: in_flight stays counted
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
-                self.release()  # the slot arrived just as this request gave up: pass it on
+                self._free_slot(False)  # the slot came just as this request gave up
             elif waiter in self.waiters:
                 self.waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
@@ -146,6 +218,7 @@ class DeploymentState:
             woken = True
         self.in_flight += 1
         self.batch_in_flight += 1
+        await self._connection(deadline, batch=True)
 
     def batch_waits(self, share: float) -> bool:
         """Whether a batch line must wait: an interactive request is waiting, or the
@@ -168,6 +241,11 @@ class DeploymentState:
         """A slot given back (``batch``: a batch line's): to the next in line, else free,
         and a batch line waiting looks whether it may take it.
         """
+        if self.connections.limit:
+            self.connections.give_back()
+        self._free_slot(batch)
+
+    def _free_slot(self, batch: bool) -> None:
         if batch:
             self.batch_in_flight -= 1
         if self.limit and self.in_flight > self.limit:  # the limit was lowered: shrink first
@@ -198,9 +276,12 @@ class Balancer:
     """Every deployment's state, kept across catalog refreshes, and the choice among them."""
 
     def __init__(self, config: RoutingConfig,
-                 limits: Callable[[str], tuple[int, int]] = lambda backend: (0, 64)) -> None:
+                 limits: Callable[[str], tuple[int, int]] = lambda backend: (0, 64),
+                 connections: Callable[[str], int] = lambda backend: 0) -> None:
         self._config = config
         self._limits = limits  # backend → (requests at once per model, longest line)
+        self._connections_of = connections  # backend → its connections (0: no limit)
+        self._connections: dict[str, Connections] = {}
         self._states: dict[tuple[str, str], DeploymentState] = {}
         self._down: set[str] = set()  # backends known to be unreachable right now
         # Told when a deployment's breaker opens (True) or closes (False) on its own, and
@@ -220,7 +301,11 @@ class Balancer:
             limit, queue = self._limits(key[0])
             breaker = CircuitBreaker(self._config.breaker.failures, self._config.breaker.cooldown)
             breaker.on_change = lambda opened: self._breaker_changed(key, opened)
-            state = self._states[key] = DeploymentState(limit, queue, breaker)
+            connections = self._connections.get(key[0])
+            if connections is None:
+                connections = self._connections[key[0]] = \
+                    Connections(self._connections_of(key[0]))
+            state = self._states[key] = DeploymentState(limit, queue, breaker, connections)
             state.on_rest = lambda seconds, busy: self._rested(key, seconds, busy)
         return state
 
@@ -319,7 +404,7 @@ class Balancer:
             if state.rest_until > now or not state.breaker.available(now):
                 continue
             rank = TIER_RANK[backend.tier]
-            if state.has_room() and not state.waiters:
+            if state.free():
                 if rank < best_free:
                     best_free, free = rank, [(d, state)]
                 elif rank == best_free:

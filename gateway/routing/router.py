@@ -37,10 +37,8 @@ class Router:
 
         def limits(name: str) -> tuple[int, int]:
             """``max_concurrency``, else what the backend runs at once (its ``parallel``, or
-            a llama.cpp server's slots), and never more than its connections: more wait in
-            the gateway's line, not the backend's (or the pool's), where their wait would
-            count against the first-token limit, and a few such timeouts open the breaker
-            of a backend that answers well.
+            a llama.cpp server's slots), and never more than its connections (which the
+            balancer's ``Connections`` keep for all of its models together).
             """
             spec, backend = specs.get(name), backends.get(name)
             if spec is None:
@@ -48,7 +46,9 @@ class Router:
             runs = spec.max_concurrency or (backend.capacity if backend else 0)
             return min(runs or spec.max_connections, spec.max_connections), spec.max_queue
 
-        self.balancer = Balancer(config.routing, limits)
+        self.balancer = Balancer(
+            config.routing, limits,
+            lambda name: specs[name].max_connections if name in specs else 0)
         catalog.on_change.append(self.balancer.relimit)
         learned = config.routing.learned
         self.outcomes = Outcomes(learned.outcomes)

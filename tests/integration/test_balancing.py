@@ -218,6 +218,29 @@ async def test_more_requests_than_connections_wait_in_line_and_open_no_breaker(
         gateway.stop()
 
 
+async def test_the_models_of_one_backend_share_its_connections_in_line(fleet: Fleet) -> None:
+    """Two models on a backend with 1 connection, 2 streams of each at once: each model
+    had the connection to itself by the gateway's count, so a stream of the one waited
+    for the other's in the pool, inside its first-token limit: 504s, and the breaker of
+    a backend that answers well opened.
+    """
+    for model in (MODEL, "qwq:32b"):
+        fleet.primary.fault(model, ttft=0.6)
+    gateway = start_gateway(gateway_config(
+        backend("studio", "ollama", fleet.primary.api_url, max_connections=1,
+                timeouts={"first_token": 1.0}),
+        routing={"tier_fallback": False}))
+    try:
+        for reply in await asyncio.gather(*(ask(gateway, model, stream=True)
+                                            for model in (MODEL, "qwq:32b") * 2)):
+            complete(reply)
+        report = gateway.call(gateway.app[ROUTER].balancer.report)
+        assert [report[f"studio/{model}"]["breaker"] for model in (MODEL, "qwq:32b")] == [
+            "closed", "closed"]
+    finally:
+        gateway.stop()
+
+
 async def test_a_backend_busy_with_every_connection_is_not_taken_for_down(
         fleet: Fleet) -> None:
     """Its connections all carrying long streams, the health probe waited for one, timed

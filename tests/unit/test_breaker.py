@@ -19,7 +19,7 @@ from gateway.errors import (
 )
 from gateway.protocol.units import ModelInfo
 from gateway.routing.attempts import Attempts, disposition
-from gateway.routing.balancer import Balancer, DeploymentState
+from gateway.routing.balancer import Balancer, Connections, DeploymentState
 from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment
@@ -165,6 +165,37 @@ async def test_batch_lines_wait_their_share_behind_interactive_requests_in_turn(
     with pytest.raises(RateLimited):  # out of patience
         await state.acquire_batch(0.5, 0.05)
     assert state.batch_in_flight == 1 and not state.batch_waiters and not state.batch_woken
+
+
+async def test_the_models_of_a_backend_take_turns_at_its_connections() -> None:
+    """Each deployment's slots were its own: two models on a backend with one connection
+    had two requests on it at once, and the second waited for the connection in the
+    backends' pool, where its wait counted against its first-token limit.
+    """
+    connections = Connections(1)
+    one, other = (DeploymentState(limit=1, max_queue=5, breaker=CircuitBreaker(3, 1),
+                                  connections=connections) for _ in range(2))
+    await one.acquire(1)
+    assert not other.free() and other.can_queue()
+    waiting = asyncio.create_task(other.acquire(5))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and other.in_flight == 1  # its own slot, not the connection
+    third = DeploymentState(limit=1, max_queue=5, breaker=CircuitBreaker(3, 1),
+                            connections=connections)
+    with pytest.raises(RateLimited):  # out of patience: its slot goes back too
+        await third.acquire_batch(0.5, 0.05)
+    assert (third.in_flight, third.batch_in_flight) == (0, 0)
+    one.release()  # the connection goes to the one waiting for it
+    await waiting
+    assert (one.in_flight, other.in_flight, connections.in_flight) == (0, 1, 1)
+    cancelled = asyncio.create_task(one.acquire(5))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert one.in_flight == 0 and not connections.waiters
+    other.release()
+    assert connections.in_flight == 0 and one.free()
 
 
 async def test_a_batch_line_waits_one_queue_timeout_in_all_however_many_deployments() -> None:
