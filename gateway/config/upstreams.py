@@ -23,8 +23,8 @@ _DURATION = re.compile(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Per-backend limits, in seconds. Each ends the attempt in a failover or a clean error.
-    ``headers``, ``first_token`` and ``idle`` bound streamed calls; a whole (non-streamed)
-    answer only comes when generation is done, so ``total`` bounds it.
+    ``headers`` bounds the wait for every answer's headers (an embedding's come when its
+    work is done); ``first_token`` and ``idle`` bound streams; ``total`` every exchange.
     """
 
     connect: float = 3.0

@@ -824,3 +824,33 @@ async def test_a_server_that_sends_headers_then_nothing_is_given_up_within_its_l
     finally:
         gateway.stop()
         server.close()
+
+
+async def test_a_silent_embedding_server_is_left_within_its_headers_limit() -> None:
+    """An embedding server sends its headers when its work is done: one that took the
+    request and fell silent held it for ``total`` (600 s by default) before the next
+    deployment was tried.
+    """
+    def embedder() -> SimModel:
+        return SimModel("nomic-embed-text:latest", capabilities=("embedding",),
+                        embedding_length=8)
+    with ServerThread(lambda: create_ollama_app([embedder()])) as hung, \
+            ServerThread(lambda: create_ollama_app([embedder()])) as sound:
+        Sim(hung, "ollama").fault("nomic-embed-text:latest", no_response=True)
+        gateway = start_gateway(gateway_config(
+            backend("hung", "ollama", hung.url, timeouts={"headers": 1.0}),
+            backend("sound", "ollama", sound.url, tier="server")))
+        try:
+            began = time.monotonic()
+            async with aiohttp.ClientSession() as http, http.post(
+                    gateway.url + "/v1/embeddings",
+                    json={"model": "nomic-embed-text", "input": "hello"},
+                    timeout=aiohttp.ClientTimeout(total=20)) as response:
+                body = await response.json()
+            took = time.monotonic() - began
+            assert response.status == 200, body
+            assert response.headers["x-gateway-backend"] == "sound"
+            assert len(body["data"][0]["embedding"]) == 8
+            assert took < 5, f"took {took:.1f} s"
+        finally:
+            gateway.stop()
