@@ -17,6 +17,10 @@ TIERS: tuple[Tier, ...] = ("primary", "server", "cloud")
 FIRST_TOKEN = 30.0  # a first token that has not come in this long is a stall...
 EMBEDDED_FIRST_TOKEN = 120.0  # ...except from a small CPU working through a long prompt
 EMBEDDED_SLOTS = 2
+# What Ollama runs at once per model unless told otherwise (its OLLAMA_NUM_PARALLEL's
+# default): more wait in Ollama's own queue, where the wait counts against the first-token
+# limit, and a few such timeouts open the breaker of a backend that answers well.
+OLLAMA_PARALLEL = 1
 _DURATION = re.compile(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
 
 
@@ -152,9 +156,10 @@ class BackendConfig:
     model_path: str = ""
     context_size: int = 4096
     threads: int = 2
-    # Requests the backend runs at once per model: Ollama's OLLAMA_NUM_PARALLEL, a llama.cpp
-    # server's slots (embedded: the server's, 2 by default). 0: as the backend says (a
-    # llama.cpp server's /props), else unknown. More than that wait in the gateway's queue.
+    # Requests the backend runs at once per model: Ollama's OLLAMA_NUM_PARALLEL (1 by
+    # default, as Ollama's), a llama.cpp server's slots (embedded: the server's, 2 by
+    # default). 0: as the backend says (a llama.cpp server's /props), else unknown. More
+    # than that wait in the gateway's queue.
     parallel: int = 0
 
     @property
@@ -164,7 +169,8 @@ class BackendConfig:
     @property
     def slots(self) -> int:
         """Requests it runs at once per model, as configured (0: not said)."""
-        return self.parallel or (EMBEDDED_SLOTS if self.kind == "embedded" else 0)
+        return self.parallel or (EMBEDDED_SLOTS if self.kind == "embedded" else
+                                 OLLAMA_PARALLEL if self.kind == "ollama" else 0)
 
     @property
     def first_token_limit(self) -> float:

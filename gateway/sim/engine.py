@@ -176,6 +176,16 @@ class SimState:
         self.models = {m.name: m for m in models}
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_LIMIT)
         self._count = 0
+        self._turns: dict[str, asyncio.Semaphore] = {}
+
+    def turn(self, model: SimModel) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Held while a request is answered: a model runs ``parallel`` at once."""
+        if not model.parallel:
+            return contextlib.nullcontext()
+        turns = self._turns.get(model.name)
+        if turns is None:
+            turns = self._turns[model.name] = asyncio.Semaphore(model.parallel)
+        return turns
 
     def record(self, request: web.Request, model: str, payload: dict[str, Any],
                stream: bool, prefill: bool) -> dict[str, Any]:

@@ -92,6 +92,9 @@ class SimModel:
     tokens_per_s: float = 0.0  # 0 = as fast as possible
     loaded: bool = False
     load_s: float = 0.0  # how long the model takes to load, when it is not
+    # Requests it answers at once (Ollama's OLLAMA_NUM_PARALLEL); the rest wait in the
+    # server's queue, unanswered (no headers) until their turn. 0: no limit.
+    parallel: int = 0
     faults: Faults = field(default_factory=Faults)
     # Skill by kind of task (chat, code, extract, reason, long, as the gateway's router
     # guesses them): the chance its answer is a good one; otherwise it is one QA rejects

@@ -46,8 +46,8 @@ def create_ollama_app(models: Sequence[SimModel]) -> web.Application:
         web.get("/api/ps", _answer_with(
             lambda: {"models": [_running(m) for m in models if m.loaded]})),
         web.post("/api/show", _with_model(state, _show)),
-        web.post("/api/chat", _with_model(state, _chat)),
-        web.post("/api/generate", _with_model(state, _generate)),
+        web.post("/api/chat", _with_model(state, _chat, queued=True)),
+        web.post("/api/generate", _with_model(state, _generate, queued=True)),
         web.post("/api/embed", _with_model(state, _embed)),
         *control_routes(state),
     ])
@@ -57,7 +57,8 @@ def create_ollama_app(models: Sequence[SimModel]) -> web.Application:
 Handler = Callable[[web.Request, SimState, SimModel, dict[str, Any]], Awaitable[web.StreamResponse]]
 
 
-def _with_model(state: SimState, handler: Handler) -> Callable[[web.Request], Any]:
+def _with_model(state: SimState, handler: Handler, queued: bool = False
+                ) -> Callable[[web.Request], Any]:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             payload = orjson.loads(await request.read())
@@ -68,6 +69,9 @@ def _with_model(state: SimState, handler: Handler) -> Callable[[web.Request], An
         model = state.models.get(payload["model"]) or state.models.get(payload["model"] + ":latest")
         if model is None:
             raise SimError(404, f"model '{payload['model']}' not found")
+        if queued:  # (a generation waits its turn at the model's runner)
+            async with state.turn(model):
+                return await handler(request, state, model, payload)
         return await handler(request, state, model, payload)
 
     return wrapped

@@ -7,7 +7,7 @@ import asyncio
 import collections
 
 from gateway.keys import CATALOG, ROUTER
-from gateway.sim import SimModel, create_openai_app
+from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from tests.integration.conftest import Fleet, fleet_config
 from tests.integration.test_failover import ask, complete
 from tests.support import ServerThread, backend, gateway_config, start_gateway
@@ -239,6 +239,23 @@ async def test_the_models_of_one_backend_share_its_connections_in_line(fleet: Fl
             "closed", "closed"]
     finally:
         gateway.stop()
+
+
+async def test_ollama_is_sent_one_request_a_model_at_once_unless_told_more() -> None:
+    """Ollama answers OLLAMA_NUM_PARALLEL requests a model at once (1 unless set), the rest
+    waiting unanswered in its queue: sent every request at once, those that waited there
+    did so inside their first-token limit: 504s, and the breaker opened.
+    """
+    with ServerThread(lambda: create_ollama_app(
+            [SimModel(MODEL, parallel=1, ttft=0.6, loaded=True)])) as ollama:
+        gateway = start_gateway(gateway_config(
+            backend("studio", "ollama", ollama.url, timeouts={"first_token": 1.0})))
+        try:
+            for reply in await asyncio.gather(*(ask(gateway, MODEL, stream=True)
+                                                for _ in range(4))):
+                complete(reply)
+        finally:
+            gateway.stop()
 
 
 async def test_a_backend_busy_with_every_connection_is_not_taken_for_down(

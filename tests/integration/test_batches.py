@@ -385,7 +385,8 @@ def on_queue(stack: contextlib.ExitStack, queue: str, sim: Sim, **tasks: Any
     if queue == "redis":
         redis = stack.enter_context(RedisServer())
         tasks.update(queue="redis", redis_url=redis.url)
-    server = start_gateway(gateway_config(backend("primary", "ollama", sim.api_url),
+    server = start_gateway(gateway_config(backend("primary", "ollama", sim.api_url,
+                                                  parallel=4),  # (lines at once)
                                           tasks=tasks))
     stack.callback(server.stop)
     return server, openai_client(server.url, "unused")

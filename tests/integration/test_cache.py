@@ -34,7 +34,7 @@ def cached_gateway(sim: Sim, redis: RedisServer | None, **options: Any) -> Serve
     store = {"backend": "redis", "redis_url": redis.url} if redis else {"backend": "memory"}
     auth = options.pop("auth", {})
     return start_gateway(gateway_config(
-        backend("ollama", "ollama", sim.api_url),
+        backend("ollama", "ollama", sim.api_url, parallel=4),  # (several streams at once)
         plugins=[{"name": "cache", "options": {**store, **options}}],
         **({"auth": auth} if auth else {})))
 
