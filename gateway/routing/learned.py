@@ -359,7 +359,7 @@ class LearnedOrder:
             self.load(orjson.loads(path.read_bytes()))
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("learned routing: cannot read %s (%s); starting from the priority "
                         "lists", path, exc)
             return
@@ -371,13 +371,19 @@ class LearnedOrder:
             return {"dimensions": DIMENSIONS, "aliases": {
                 alias: panel.dump() for alias, panel in self._panels.items()}}
 
-    def load(self, state: dict[str, Any]) -> None:
-        if state.get("dimensions") != DIMENSIONS:
-            raise ValueError("a learned state of other dimensions")
-        panels = {}
-        for alias, items in state["aliases"].items():
-            panel = panels[alias] = Panel(self._config.prior_strength, self._config.memory)
-            panel.load(items)
+    def load(self, state: Any) -> None:
+        """What ``dump`` wrote, learned again; ValueError for anything else (a file or a
+        snapshot damaged, or of another version), and nothing changed.
+        """
+        try:
+            if state.get("dimensions") != DIMENSIONS:
+                raise ValueError("a learned state of other dimensions")
+            panels = {}
+            for alias, items in state["aliases"].items():
+                panel = panels[alias] = Panel(self._config.prior_strength, self._config.memory)
+                panel.load(items)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a learned state ({type(exc).__name__}: {exc})") from None
         with self._lock:
             self._panels = panels
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,6 +169,25 @@ def test_what_it_learned_survives_a_dump_and_load() -> None:
     assert [c.name for c in first] == [c.name for c in second]
     assert first[0].reason == second[0].reason
     assert again.samples() == policy.samples()
+
+
+@pytest.mark.parametrize("damaged", [
+    b"[]", b'{"dimensions": %d, "aliases": null}' % DIMENSIONS,
+    b'{"dimensions": %d, "aliases": {"auto": [{"model": "m"}]}}' % DIMENSIONS,
+    b'{"dimensions": %d, "aliases": {"auto": [null]}}' % DIMENSIONS, b"not json"])
+def test_a_damaged_file_of_what_was_learned_is_left_not_fatal(
+        damaged: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Valid JSON of another shape raised an AttributeError at start-up: the gateway did
+    not start."""
+    rng = random.Random(6)
+    policy = LearnedOrder(LearnedConfig())
+    run(policy, 100, rng)
+    before = policy.samples()
+    path = tmp_path / "learned-routing.json"
+    path.write_bytes(damaged)
+    policy.restore(path)
+    assert policy.samples() == before  # (what it had is kept)
+    assert "cannot read" in caplog.text
 
 
 def test_a_request_is_scored_as_the_model_itself_would_score_it() -> None:
