@@ -363,9 +363,12 @@ class Attempts:
                                    retry_after=max(1.0, wait))
             return RateLimited("All deployments of this model are busy; retry shortly.",
                                retry_after=max(1.0, wait), code="deployment_busy")
+        names = ", ".join(dict.fromkeys(c.name for c in self._candidates))
+        if not any(c.deployments for c in self._candidates):  # a configured model not listed
+            return Unavailable(f"No backend up now serves {names or 'this model'}.",
+                               retry_after=5)
         down = sorted({d.backend.name for c in self._candidates for d in c.deployments
                        if self._balancer.is_down(d.backend.name)})
-        names = ", ".join(dict.fromkeys(c.name for c in self._candidates))
         detail = f" (down: {', '.join(down)})" if down else " (their circuit breakers are open)"
         return Unavailable(f"No deployment of {names} can answer right now{detail}.",
                            retry_after=self._config.breaker.cooldown)

@@ -5,6 +5,7 @@ needs (images → vision, tools → tools, its length → a context window that 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,29 +55,38 @@ class Needs:
     vision: bool = False
     tools: bool = False
     tokens: int = 0  # estimated prompt tokens plus room for the answer
+    insert: bool = False  # fill-in-the-middle (a text completion's ``suffix``)
 
     def met_by(self, deployment: Deployment) -> bool:
         info = deployment.model
         return (info.can("completion")
                 and (not self.vision or info.can("vision"))
                 and (not self.tools or info.can("tools"))
+                and (not self.insert or info.can("insert"))
                 and (not info.context_length or info.context_length >= self.tokens))
+
+    def wanted(self) -> list[str]:
+        """The capabilities needed beyond completion."""
+        return [c for c, on in (("vision", self.vision), ("tools", self.tools),
+                                ("insert", self.insert)) if on]
 
     def sure(self, candidate: Candidate) -> bool:
         """Whether the model is known (not just presumed) to have what is needed."""
-        wanted = [c for c, on in (("vision", self.vision), ("tools", self.tools)) if on]
+        wanted = self.wanted()
         return all(d.model.known and all(c in d.model.capabilities for c in wanted)
                    for d in candidate.deployments) if wanted else True
 
     def describe(self) -> str:
-        parts = [p for p, on in (("images", self.vision), ("tools", self.tools)) if on]
+        parts = [p for p, on in (("images", self.vision), ("tools", self.tools),
+                                 ("fill-in-the-middle", self.insert)) if on]
         return " and ".join([*parts, f"~{self.tokens} tokens of context"])
 
 
 def needs_of(req: ChatRequest | CompletionRequest) -> Needs:
     room = min(req.sampling.max_tokens or 0, ANSWER_ROOM)
     if isinstance(req, CompletionRequest):
-        return Needs(tokens=len(req.prompt) // CHARS_PER_TOKEN + room)
+        return Needs(tokens=(len(req.prompt) + len(req.suffix or "")) // CHARS_PER_TOKEN +
+                     room, insert=bool(req.suffix))
     # The messages' text, the calls an assistant made, and the tools' definitions (an
     # agent's run to thousands of tokens): all of it goes into the window.
     chars = sum(len(text_of(m.get("content"))) + (len(orjson.dumps(m["tool_calls"]))
@@ -98,7 +108,7 @@ class Selector:
         self._fallbacks = {bare(m.name): m.fallbacks for m in config.models if m.fallbacks}
         self._default_fallbacks = config.routing.fallbacks
         self._tier_fallback = config.routing.tier_fallback
-        self._picks: dict[tuple[str, bool, bool, int],
+        self._picks: dict[tuple[str, bool, bool, bool, int],
                           tuple[list[list[Candidate]], list[Candidate]]] = {}
         self._known = {bare(m.name) for m in config.models}
         learns = [name for name, spec in self._aliases.items()
@@ -132,7 +142,7 @@ class Selector:
             if not first:
                 raise self._nothing_fits(name, self._required(name, needs))
             presumed: list[Candidate] = []
-            if needs.vision or needs.tools or self._aliases[name].require:
+            if needs.wanted() or self._aliases[name].require:
                 # Those known to have what is needed are ordered (and learned) among
                 # themselves; those only presumed to come after them, however ordered.
                 required = self._required(name, needs)
@@ -145,8 +155,8 @@ class Selector:
         elif bare(name) in self._known:
             # A configured model whose backend is away right now (never listed since start):
             # its fallbacks answer instead of a 404.
-            deployments = self._catalog.deployments(name)
-            first = [Candidate(name, deployments, REQUESTED)] if deployments else []
+            # (None to try: the name is kept for what the client is told)
+            first = [Candidate(name, self._catalog.deployments(name), REQUESTED)]
         else:
             first = [Candidate(name, self._catalog.resolve(name), REQUESTED)]
         if allowed:
@@ -219,14 +229,13 @@ class Selector:
         """The alias's priority lists and its other models, as available now (remembered
         until the catalog changes).
         """
-        key = (alias, required.vision, required.tools, self._catalog.version)
+        key = (alias, required.vision, required.tools, required.insert, self._catalog.version)
         groups = self._picks.get(key)
         if groups is None:
             if len(self._picks) >= PICKS_CACHE:
                 self._picks.clear()
             # (without the prompt's length: the first request's must not decide for all)
-            groups = self._picks[key] = self._group(
-                alias, Needs(vision=required.vision, tools=required.tools))
+            groups = self._picks[key] = self._group(alias, dataclasses.replace(required, tokens=0))
         return groups
 
     def _group(self, alias: str, required: Needs
@@ -250,7 +259,8 @@ class Selector:
     def _required(self, alias: str, needs: Needs) -> Needs:
         require = self._aliases[alias].require
         return Needs(vision=needs.vision or "vision" in require,
-                     tools=needs.tools or "tools" in require, tokens=needs.tokens)
+                     tools=needs.tools or "tools" in require, tokens=needs.tokens,
+                     insert=needs.insert or "insert" in require)
 
     def aliases(self, *, available: bool = True) -> list[str]:
         """The aliases (only those that can pick a model right now, unless not asked to)."""
@@ -297,7 +307,13 @@ class Selector:
         return out
 
     def _nothing_fits(self, alias: str, needs: Needs) -> Exception:
-        if any(self._catalog.deployments(name) for name in self._catalog.names()):
+        """A 400 when the alias has models up and none can take this request; a 503 when
+        it has none up now (its backends away, or the models it names not there yet).
+        """
+        spec = self._aliases[alias]
+        names = self._catalog.names() if spec.others != "none" else \
+            [name for names in spec.priority.values() for name in names]
+        if any(self._catalog.deployments(name) for name in names):
             return InvalidRequest(f"No model available for {alias!r} can take this request "
                                   f"({needs.describe()}).", param="model",
                                   code="no_capable_model")

@@ -94,6 +94,20 @@ def test_tools_go_to_a_model_that_can_call_them(client: openai.OpenAI) -> None:
     assert model in ("qwen2.5-coder:32b", "qwq:32b")
 
 
+def test_fill_in_the_middle_goes_to_a_model_that_can_insert(client: openai.OpenAI,
+                                                           ollama_sim: Sim) -> None:
+    """A suffix was no need of the request's: auto:fast tried phi3.5 first, then others
+    that cannot insert either, and answered 400 "does not support insert" once its
+    attempts ran out, while qwen2.5-coder, which can, was up.
+    """
+    raw = client.completions.with_raw_response.create(
+        model="auto:fast", prompt="def add(a, b):", suffix="\nprint(add(1, 2))",
+        max_tokens=20)
+    assert raw.parse().model == "qwen2.5-coder:32b"
+    assert raw.headers["x-gateway-attempts"] == "1"
+    assert ollama_sim.requests("/api/generate")[-1]["payload"]["suffix"]
+
+
 def test_a_long_prompt_goes_to_a_model_whose_window_fits(client: openai.OpenAI) -> None:
     long = [{"role": "user", "content": "word " * 35_000}]  # ~44k tokens: past qwq's 32k
     assert picked(client, "auto", messages=long) == ("phi3.5:3.8b",
@@ -155,6 +169,28 @@ async def test_when_nothing_can_take_the_request_the_error_says_why(fleet: Fleet
         gateway.stop()
     assert caught.value.code == "no_capable_model"
     assert "images" in caught.value.message
+
+
+async def test_an_alias_or_a_model_not_served_now_is_a_503_that_says_so(fleet: Fleet) -> None:
+    """An alias whose models were not listed (yet) was a 400 "no model can take this
+    request", which clients do not retry; a configured model not listed was a 503 "No
+    deployment of  can answer right now (their circuit breakers are open)".
+    """
+    gateway = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url),
+        aliases={"auto:later": {"priority": {"ollama": ["llama4:400b"]}, "others": "none"}},
+        models=[{"name": "coder", "deployments": [
+            {"backend": "primary", "model": "not-pulled:7b"}]}]))
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+            for model, said in (("auto:later", "'auto:later'"), ("coder", "coder")):
+                with pytest.raises(openai.InternalServerError) as caught:
+                    c.chat.completions.create(model=model, messages=USER)
+                assert caught.value.status_code == 503
+                assert caught.value.response.headers["retry-after"]
+                assert said in caught.value.message and "breaker" not in caught.value.message
+    finally:
+        gateway.stop()
 
 
 def test_a_backend_with_a_strange_health_answer_does_not_stop_the_watch(fleet: Fleet) -> None:
