@@ -18,16 +18,17 @@ from gateway.routing.router import Router
 class Models:
     def __init__(self, router: Router) -> None:
         self.router = router
-        self._first_seen: dict[str, int] = {}  # model name → when the gateway first saw it
+        self._created: dict[str, int] = {}  # model name → its time, as first given
 
     def all(self) -> list[Listed]:
         """Every model a client can ask for: the backends' models, then the aliases that
         can pick one now.
         """
+        selector = self.router.selector
         listed = [self._listed(name, d.backend.name, d.model)
-                  for name, d in self.router.catalog.models()]
-        return listed + [self._listed(alias, "gateway", None)
-                         for alias in self.router.selector.aliases()]
+                  for name, d in self.router.catalog.models()
+                  if not selector.is_alias(name)]  # (that name asks the alias)
+        return listed + [self._listed(alias, "gateway", None) for alias in selector.aliases()]
 
     def one(self, name: str) -> Listed:
         """One model by the name a client asks for (raises ``ModelNotFound``)."""
@@ -59,10 +60,13 @@ class Models:
 
     def _listed(self, name: str, owner: str, info: ModelInfo | None) -> Listed:
         """With the time the backend gives for the model, else when the gateway first saw
-        it (an alias: when it was first listed).
+        it (an alias: when it was first listed); the earliest given, for a server that says
+        "now" at every listing (mlx_lm's) says nothing of when.
         """
-        created = info.created if info is not None and info.created else \
-            self._first_seen.setdefault(name, int(time.time()))
+        said = info.created if info is not None and info.created else None
+        created = self._created.get(name)
+        if created is None or (said is not None and said < created):
+            created = self._created[name] = said or int(time.time())
         return Listed(name, owner, info, created)
 
 

@@ -98,6 +98,29 @@ def test_models_say_when_they_were_made(client: openai.OpenAI, ollama_sim: Sim) 
     assert 0 < models["command-r-plus:104b"].created <= time.time()  # MLX says "now"
 
 
+def test_a_models_time_holds_from_one_scan_to_the_next_and_each_id_is_listed_once(
+        ollama_sim: Sim, mlx_sim: Sim) -> None:
+    """mlx_lm's server says "now" as every model's time: the MLX models' ``created`` moved
+    on at each scan. An alias named as a model was listed twice (the model, the alias),
+    and the name asks the alias.
+    """
+    gateway = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        backend("mlx", "openai", mlx_sim.api_url),
+        server={"discovery_interval": 0.5},
+        aliases={"qwq:32b": {"priority": {"ollama": ["phi3.5:3.8b"]}}}))
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as c:
+            first = {m.id: m.created for m in c.models.list()}
+            time.sleep(2.1)  # scans, a second or two later
+            listed = list(c.models.list())
+        assert {m.id: m.created for m in listed} == first
+        assert len([m.id for m in listed]) == len(first)
+        assert [m.owned_by for m in listed if m.id == "qwq:32b"] == ["gateway"]
+    finally:
+        gateway.stop()
+
+
 def test_an_unknown_model_is_an_invalid_request_with_model_not_found(
         client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
