@@ -67,6 +67,8 @@ class _Listing:
     models: list[ModelInfo] = field(default_factory=list)
     status: BackendStatus = field(default_factory=BackendStatus)
     listed_at: float = 0.0  # (monotonic seconds)
+    asked: int = 0  # listings asked for, in turn
+    told: int = 0  # the turn of the one whose answer is kept: an earlier one's is older
 
 
 class ModelCatalog:
@@ -169,15 +171,23 @@ class ModelCatalog:
 
     async def _refresh_one(self, backend: Backend) -> None:
         listing = self._listings[backend.name]
+        listing.asked += 1
+        turn = listing.asked
         try:
             models = await backend.list_models()
         except Exception as exc:  # a discovery round must survive any one backend
+            if turn < listing.told:
+                return
+            listing.told = turn
             reason = exc.message if isinstance(exc, GatewayError) else repr(exc)
             if listing.status.ok or not listing.status.error:
                 level = logging.INFO if backend.name in self._optional else logging.WARNING
                 log.log(level, "backend %s: cannot list models: %s", backend.name, reason)
             listing.status = BackendStatus(False, reason, len(listing.models), time.time())
             return
+        if turn < listing.told:  # a listing asked later (a model just removed) answered first
+            return
+        listing.told = turn
         if not listing.status.ok:
             log.info("backend %s: %d models", backend.name, len(models))
         listing.models = models

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 import pytest
@@ -99,3 +100,38 @@ async def test_one_name_for_the_same_model_on_ollama_and_mlx() -> None:
                for d in deployments)
     # The backends' own names still work, one deployment each.
     assert len(cat.resolve("qwen2.5-coder:32b")) == 1
+
+
+class Slow(Listed):
+    """A backend whose listings answer when told, each with the models as they were when
+    it was asked."""
+
+    def __init__(self, name: str, models: list[str]) -> None:
+        super().__init__(name, models)
+        self.asked: asyncio.Queue[asyncio.Event] = asyncio.Queue()  # (each one's answer)
+
+    async def list_models(self) -> list[ModelInfo]:
+        models = list(self._models or [])
+        answer = asyncio.Event()
+        self.asked.put_nowait(answer)
+        await answer.wait()
+        return [ModelInfo(name=m, backend=self.name) for m in models]
+
+
+async def test_a_listing_asked_before_a_later_one_and_answered_after_it_is_not_kept() -> None:
+    """A slow discovery round that began before a model was removed, answering after the
+    listing the removal set off, brought the removed model back until the next round.
+    """
+    backend = Slow("ollama", ["a", "b"])
+    cat = ModelCatalog([backend])  # type: ignore[arg-type]
+    slow_round = asyncio.create_task(cat.refresh())
+    first = await backend.asked.get()
+    backend._models = ["a"]  # ("ollama rm b")
+    relist = asyncio.create_task(cat.refresh_backend("ollama"))
+    (await backend.asked.get()).set()  # the later listing answers first...
+    for _ in range(5):
+        await asyncio.sleep(0)
+    first.set()  # ...then the round's
+    async with asyncio.timeout(5):
+        await asyncio.gather(slow_round, relist)
+    assert [name for name, _ in cat.models()] == ["a"]
