@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, RedisError, ResponseError
 
 log = logging.getLogger(__name__)
@@ -171,9 +174,7 @@ class RedisStore:
         self._quiet_until = 0.0
 
     async def start(self) -> None:
-        pool = redis.BlockingConnectionPool.from_url(
-            self._url, max_connections=self._max_connections, timeout=self._timeout,
-            socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
+        pool = pooled(self._url, self._max_connections, self._timeout, self._timeout)
         self._client = Client(self._url, self._label, redis.Redis(connection_pool=pool),
                               max_connections=self._max_connections,
                               socket_timeout=self._timeout,
@@ -315,6 +316,20 @@ async def on_cluster(client: redis.Redis | RedisCluster, within: float) -> bool 
         return False
     except (RedisError, OSError, TimeoutError):
         return None
+
+
+def pooled(url: str, max_connections: int, wait: float, timeout: float
+           ) -> redis.BlockingConnectionPool:
+    """Connections to a plain Redis, ``max_connections`` at most (a call waits ``wait``
+    seconds for one), each command given ``timeout``. A command that finds its connection
+    closed is sent once more on a new one: Redis closes idle connections (its ``timeout``,
+    set on most managed ones) and all of them when it restarts, and without that the first
+    call after either failed, and the caller took Redis for down.
+    """
+    return redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=wait, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError])
 
 
 async def connect(url: str, **options: Any) -> redis.Redis | RedisCluster:

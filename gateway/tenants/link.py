@@ -20,7 +20,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError, RedisError, ResponseError
 
-from gateway.store import Client
+from gateway.store import Client, pooled
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ class Link:
     def __init__(self, url: str, timeout: float, max_connections: int = 32) -> None:
         self.url = url
         self.timeout = timeout
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout,
-            socket_timeout=timeout * 2, socket_connect_timeout=timeout * 2)
+        pool = pooled(url, max_connections, timeout, timeout * 2)
         self._client = Client(url, "tenants", redis.Redis(connection_pool=pool),
                               max_connections=max_connections, socket_timeout=timeout * 2,
                               socket_connect_timeout=timeout * 2)

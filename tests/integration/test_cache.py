@@ -17,6 +17,8 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.store import RedisStore
+from gateway.tenants.link import Link
 from tests.redis_peer import RedisServer
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway, wait_until
 
@@ -396,3 +398,26 @@ def test_when_the_first_of_identical_requests_fails_the_others_do_not_wait_on_it
     statuses = asyncio.run(burst())
     assert set(statuses) == {502}
     assert time.monotonic() - started < 10  # each asked on its own, none waited for a leader
+
+
+async def test_a_connection_redis_closed_while_idle_is_no_redis_down(
+        redis_server: RedisServer) -> None:
+    """Redis closes a client's idle connections (its ``timeout``, set on most managed
+    Redis; and all of them as it restarts): the first call after an idle spell failed on
+    the closed one, and the gateway took Redis for down: a cache miss, a stored response
+    lost, and with ``on_redis_down = "closed"`` a second of 503s to every keyed request.
+    """
+    redis_server.command("CONFIG", "SET", "timeout", "1")
+    store, link = RedisStore(redis_server.url, 1.0, 4, "cache"), Link(redis_server.url, 1.0, 4)
+    await store.start()
+    await link.start()
+    try:
+        await store.set("k", b"v", 60)
+        await link.call(lambda: link.client.set("t", b"1"))
+        await asyncio.sleep(2.5)  # (Redis looks for idle clients every 100 ms or so)
+        assert await store.get("k") == b"v"
+        assert await link.call(lambda: link.client.get("t")) == b"1"
+    finally:
+        await store.close()
+        await link.close()
+        redis_server.command("CONFIG", "SET", "timeout", "0")  # (the module's server)
