@@ -161,7 +161,7 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                 response = await (handler(request) if key is None
                                   else limited(request, handler, key, limits))
         except GatewayError as exc:
-            response = shaped(request, exc)
+            response = shaped(request, exc.kept())
             if notes is not None:
                 notes["error"] = exc.label
         except web.RequestPayloadError:

@@ -152,10 +152,10 @@ class RoutedAnswer:
                     # ... and otherwise, whatever an error event says once the answer has
                     # begun (a provider's 429, a 400), the stream broke: it is rescued as any
                     # break is. A content-policy refusal ends the answer.
-                    error = broken if isinstance(broken, UpstreamError) or \
-                        broken.code == "content_policy_violation" else UpstreamError(
-                            broken.message, code="upstream_stream_error",
-                            backend=self._lease.deployment.backend.name)
+                    error = (broken if isinstance(broken, UpstreamError) or
+                             broken.code == "content_policy_violation" else UpstreamError(
+                                 broken.message, code="upstream_stream_error",
+                                 backend=self._lease.deployment.backend.name)).kept()
                     if not self._rescuable(error):
                         raise
                     log.warning("stream from %s/%s broke (%s); rescuing",
@@ -228,9 +228,9 @@ class RoutedAnswer:
         except TimeoutError:
             error: GatewayError = UpstreamTimeout(
                 f"{lease.deployment.backend.name} sent no token within {limit:g}s",
-                backend=lease.deployment.backend.name)
+                backend=lease.deployment.backend.name).kept()
         except GatewayError as exc:
-            error = exc
+            error = exc.kept()
         else:
             lease.answered()
             # (A whole answer's first token came as the backend collected it.)

@@ -194,7 +194,7 @@ class Router:
                 result = await lease.deployment.backend.embed(req, lease.deployment.model.name)
             except GatewayError as exc:
                 lease.failed(exc)
-                error = exc
+                error = exc.kept()
                 continue
             else:
                 lease.answered()

@@ -175,3 +175,33 @@ async def test_a_finished_request_leaves_no_cycle_for_the_garbage_collector(
     assert seen["hang up 200"] == HANG_UPS, seen
     assert seen["stream 200"] > 0 and seen["cached 200"] > 0, seen
     assert not found, found
+
+
+async def test_an_answer_after_a_failed_attempt_leaves_no_cycle(ollama_sim: Sim) -> None:
+    """The failed attempt's error, kept to be said should nothing answer, held the frames
+    it was raised through, and they held it: every answer that came after a retry or a
+    failover left the request's objects to the cycle collector.
+    """
+    server = start_gateway(gateway_config(backend("ollama", "ollama", ollama_sim.api_url),
+                                          routing={"backoff_initial": 0.01}))
+    url = server.url + "/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for faults in ({}, {"status": 500, "remaining": 1}):  # (the first: warm)
+                ollama_sim.fault(MODEL, **faults)
+                gc.collect()
+                gc.disable()
+                try:
+                    async with http.post(url, json={
+                            "model": MODEL, "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]}) as response:
+                        assert response.status == 200
+                        await response.read()
+                    settled(server, 0, limit=1.0)
+                    found = cycles_of_the_gateway()
+                finally:
+                    gc.enable()
+                assert not found, (faults, found)
+    finally:
+        server.stop()
+        ollama_sim.clear()
