@@ -24,7 +24,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MovedError, RedisError
 
 from gateway.routing.learned import LearnedOrder, encode
 from gateway.runtime import end_loops
@@ -63,6 +64,7 @@ class LearningLink:
         self.dropped = 0  # entries not sent: the backlog was full
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._finding_out: asyncio.Lock | None = None
 
     async def start(self) -> None:
         """What every process learned so far, then keep reading and sending."""
@@ -78,6 +80,16 @@ class LearningLink:
             self._restored = True
         self._tasks = [asyncio.create_task(self._read(), name="learned routing: read"),
                        asyncio.create_task(self._send(), name="learned routing: send")]
+
+    async def _moved(self) -> None:
+        """Redis answered MOVED: the node is a cluster's after all (it did not answer at
+        start): through a cluster client from now on.
+        """
+        self._finding_out = self._finding_out or asyncio.Lock()
+        async with self._finding_out:
+            if not isinstance(self._redis, RedisCluster):
+                plain, self._redis = self._redis, await connect(self._url, **CONNECTIONS)
+                await plain.aclose()
 
     async def close(self) -> None:
         self._closing = True
@@ -134,6 +146,9 @@ class LearningLink:
             except DOWN as exc:  # learned from here alone; the others never hear of it
                 log.warning("learned routing: could not share %d entries (%s)", len(batch),
                             type(exc).__name__)
+                if isinstance(exc, MovedError):
+                    with contextlib.suppress(*DOWN):
+                        await self._moved()
                 for stream, fields in batch:
                     if stream == LEARNED:
                         self._apply_one(fields)
@@ -176,6 +191,9 @@ class LearningLink:
                 if not failures:
                     log.warning("learned routing: Redis is unavailable (%s)",
                                 type(exc).__name__)
+                if isinstance(exc, MovedError):
+                    with contextlib.suppress(*DOWN):
+                        await self._moved()
                 failures += 1
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** failures))
                 continue

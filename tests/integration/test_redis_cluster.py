@@ -34,7 +34,10 @@ import pytest
 import redis.asyncio
 from redis.asyncio.cluster import NodesManager
 
-from gateway.config import KeyConfig
+from gateway.config import KeyConfig, LearnedConfig
+from gateway.routing.features import DIMENSIONS
+from gateway.routing.learned import LearnedOrder
+from gateway.routing.learning_link import LearningLink
 from gateway.store import Client, RedisStore, StoreUnavailable
 from gateway.tasks.shared import RedisStore as TaskStore
 from gateway.tenants.link import Link
@@ -357,3 +360,31 @@ async def test_the_task_store_takes_a_burst_on_a_cluster(cluster: RedisCluster) 
         assert all(record is not None and record["id"] == "batch_burst" for record in found)
     finally:
         await store.close()
+
+
+async def test_learning_shared_through_a_cluster_away_at_start_is_shared_once_it_answers(
+) -> None:
+    """A node that did not answer at start was taken for a plain Redis, and the learning
+    link never asked again: told MOVED at every read and write, nothing learned was ever
+    shared, and feedback through another process was a 503, for as long as it ran.
+    """
+    with RedisCluster() as own:
+        given = own.nodes[2]  # (not the node of {router}'s slot: it answers MOVED)
+        given.kill()
+        link = LearningLink(given.url, LearnedOrder(LearnedConfig()), 100)
+        await link.start()
+        try:
+            given.restart()
+            await asyncio.to_thread(own.wait_ok, 40)
+            x = [0.0] * DIMENSIONS
+
+            async def shared() -> bool:
+                link.learned("auto", "qwq:32b", x, 1.0, 0)
+                await asyncio.sleep(0.5)
+                return sum(node.keys("gw:{router}:learned") for node in own.nodes) > 0
+
+            deadline = time.monotonic() + 20
+            while not await shared():
+                assert time.monotonic() < deadline, "nothing learned was shared"
+        finally:
+            await link.close()
