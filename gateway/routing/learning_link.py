@@ -29,7 +29,7 @@ from redis.exceptions import MovedError, RedisError
 
 from gateway.routing.learned import LearnedOrder, encode
 from gateway.runtime import end_loops
-from gateway.store import connect
+from gateway.store import START_WAIT, connect
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class LearningLink:
         plain, self._redis = self._redis, await connect(self._url, **CONNECTIONS)
         await plain.aclose()
         try:
-            await self._restore()
+            async with asyncio.timeout(START_WAIT):  # (else: restored by the reading loop)
+                await self._restore()
         except DOWN as exc:
             log.warning("learned routing: Redis is unavailable (%s); learning here alone "
                         "until it is back", type(exc).__name__)

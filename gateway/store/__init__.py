@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 1.0  # after a failure, Redis is not asked again for this long
 LEARN_SECONDS = 5.0  # the longest a cluster client may take to learn the nodes' slots
+# The longest a part waits for Redis as the gateway starts (what it could not do then, it
+# does once Redis answers): a Redis that takes connections and answers nothing held the
+# start, and every request with it, for minutes.
+START_WAIT = 5.0
 
 
 def shown(url: str) -> str:

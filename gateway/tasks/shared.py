@@ -15,6 +15,7 @@ waits in a sorted set by when it is due.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -26,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, MovedError, RedisError, ResponseError
 
-from gateway.store import Client, shown
+from gateway.store import START_WAIT, Client, shown
 from gateway.tasks.records import TERMINAL, Line
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class RedisStore:
     async def start(self) -> None:
         await self._find_out()
         try:
-            await self._group()
+            async with asyncio.timeout(START_WAIT):  # (a Redis that does not answer holds
+                await self._group()                  # each command 30 s, and tries thrice)
         except DOWN as exc:  # a worker may start before its Redis: it waits for it
             log.warning("tasks: Redis is unavailable (%s); the queue is made when it is "
                         "back", type(exc).__name__)

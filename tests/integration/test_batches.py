@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -714,3 +715,29 @@ def test_a_backend_failing_mid_batch_sends_its_lines_to_the_fallbacks(fleet: Fle
         assert models.count("qwen2.5-coder:32b") == 40 - models.count("qwq:32b")
     finally:
         server.stop()
+
+
+def test_a_gateway_starts_while_its_redis_takes_connections_and_answers_nothing(
+        ollama_sim: Sim) -> None:
+    """A Redis that is stuck (stopped, its host swapping) takes connections and answers
+    nothing: the task store's start waited for it 30 s a command, three times, and the
+    gateway answered no request, chats included, for a minute and a half.
+    """
+    with RedisServer() as redis:
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            server = start_gateway(gateway_config(
+                backend("primary", "ollama", ollama_sim.api_url),
+                tasks={"queue": "redis", "redis_url": redis.url}))
+            took = time.monotonic() - began
+            try:
+                assert openai_client(server.url).chat.completions.create(
+                    model="phi3.5:3.8b", messages=[{"role": "user", "content": "hi"}],
+                ).choices[0].message.content
+            finally:
+                server.stop()
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+    assert took < 20, f"started in {took:.1f} s"
