@@ -192,14 +192,25 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
               "keeps a tunnel of its own, and one port cannot be held by two; pinned: "
               + ", ".join(pinned), file=sys.stderr)
         return 2
+    learns = config.routing.policy == "learned" or any(
+        a.policy == "learned" for a in config.aliases.values())
     alone = [what for what, unshared in (
         ("breakers and backends found down ([routing] redis_url)", not config.routing.redis_url),
         ("keys' limits ([tenants] store)", config.tenants.store != "redis" and config.keyed),
         ("stored responses ([responses] backend)", config.responses.backend != "redis"),
+        ("response cache (the cache plugin's backend)", any(
+            p.name == "cache" and p.options.get("backend", "memory") != "redis"
+            for p in config.plugins)),
+        ("learned routing ([routing.learned] redis_url)",
+         learns and not config.routing.learned.redis_url),
     ) if unshared]
     if alone:
         log.warning("gateway: each of the %d workers keeps its own %s", args.workers,
                     "; ".join(alone))
+    # (each worker keeps its own line to each backend)
+    log.info("gateway: each backend's max_connections, max_concurrency and parallel hold "
+             "per worker: %d workers may send %d times as many requests at once",
+             args.workers, args.workers)
     command = [sys.executable, "-m", "gateway", "--log-level", args.log_level or "info", "serve",
                "--reuse-port"]
     for flag, value in (("--config", args.config), ("--host", args.host),
