@@ -50,6 +50,10 @@ def _outcome_key(tenant: str, request_id: str) -> str:
     return f"gw:router:outcome:{tenant}:{request_id}"
 
 
+def _rated_key(tenant: str, request_id: str) -> str:
+    return f"gw:router:rated:{tenant}:{request_id}"
+
+
 class LearningLink:
     def __init__(self, url: str, learned: LearnedOrder, outcomes: int) -> None:
         self._url = url
@@ -130,6 +134,16 @@ class LearningLink:
         raw = await self._redis.get(_outcome_key(tenant, request_id))
         found: dict[str, Any] | None = orjson.loads(raw) if raw else None
         return found
+
+    async def first_word(self, tenant: str, request_id: str) -> bool | None:
+        """Whether this is the first word on an outcome said to any process (None: Redis
+        cannot say now).
+        """
+        try:
+            return bool(await self._redis.set(_rated_key(tenant, request_id), b"1", nx=True,
+                                              ex=FEEDBACK_SECONDS))
+        except DOWN:
+            return None
 
     async def all(self) -> list[dict[str, Any]]:
         """The newest outcomes of every process, oldest first."""

@@ -191,6 +191,9 @@ def test_two_processes_sharing_redis_learn_from_each_other(fleet: Fleet,
             # (each ask of `samples` is learned from too, where it was asked)
             wait_until(lambda: samples(two) >= 8, 10, "the other process learning of them")
             assert rate(two, ids[0], thumbs="down")["learned"] is True  # found via Redis
+            # A second word, through the process that answered, is kept, not learned from
+            # again (that process's own record of it had no word yet).
+            assert rate(one, ids[0], thumbs="up")["learned"] is False
             with pytest.raises(openai.NotFoundError):  # and still only for its own key
                 client(two, "bob").post("/feedback", cast_to=object,
                                         body={"request_id": ids[1], "thumbs": "up"})
@@ -303,6 +306,7 @@ def test_processes_learn_from_each_other_on_a_redis_cluster(fleet: Fleet,
             ids = [ask(client(one), n)[2] for n in range(8)]
             wait_until(lambda: samples(two) >= 8, 10, "the other process learning of them")
             assert rate(two, ids[0], thumbs="down")["learned"] is True  # found via Redis
+            assert rate(one, ids[0], thumbs="up")["learned"] is False  # (a second word)
             before = samples(one)
         finally:
             one.stop()
