@@ -72,6 +72,10 @@ class Line:
     custom_id: str
     body: dict[str, Any]
     ref: str = ""  # the queue's handle of it, once claimed (a Redis stream entry's id)
+    # How often it was put back to be tried again, and of those for a timeout: carried
+    # with it on a queue that several processes share, whichever of them claims it next.
+    tries: int = 0
+    timeouts: int = 0
 
 
 def check_input(content: bytes, batch: str, endpoint: str, max_lines: int

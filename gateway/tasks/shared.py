@@ -390,10 +390,13 @@ class RedisStore:
 
 
 def encoded(line: Line) -> bytes:
-    return orjson.dumps({"batch": line.batch, "n": line.n, "custom_id": line.custom_id,
-                         "body": line.body})
+    data = {"batch": line.batch, "n": line.n, "custom_id": line.custom_id, "body": line.body}
+    if line.tries:
+        data.update(tries=line.tries, timeouts=line.timeouts)
+    return orjson.dumps(data)
 
 
 def _decoded(ref: bytes, fields: dict[bytes, bytes]) -> Line:
     data = orjson.loads(fields[b"line"])
-    return Line(data["batch"], data["n"], data["custom_id"], data["body"], ref.decode())
+    return Line(data["batch"], data["n"], data["custom_id"], data["body"], ref.decode(),
+                int(data.get("tries", 0)), int(data.get("timeouts", 0)))

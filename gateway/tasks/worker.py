@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -60,8 +61,10 @@ class Worker:
         self._running: dict[asyncio.Task[None], Line] = {}  # the lines at work
         self._written: set[tuple[str, int]] = set()  # ... whose results are written
         self._closing = False
-        self._tries: dict[tuple[str, int], int] = {}  # lines put back, and how often
-        self._timeouts: dict[tuple[str, int], int] = {}  # ... of which for a timeout
+        # Lines put back, and how often (and of those for a timeout), as counted here: the
+        # local queue keeps no count; a shared one's lines carry theirs (Line.tries).
+        self._tries: dict[tuple[str, int], int] = {}
+        self._timeouts: dict[tuple[str, int], int] = {}
         # ... and since when its model was not found, a backend unlisted (monotonic)
         self._missing: dict[tuple[str, int], float] = {}
         self.answered = 0
@@ -212,14 +215,22 @@ class Worker:
     def _timed_out(self, line: Line) -> bool:
         """Whether the line has timed out ``TIMEOUT_TRIES`` times, this one counted."""
         key = (line.batch, line.n)
-        self._timeouts[key] = self._timeouts.get(key, 0) + 1
+        self._timeouts[key] = max(self._timeouts.get(key, 0), line.timeouts) + 1
         return self._timeouts[key] >= TIMEOUT_TRIES
 
     async def _later(self, line: Line) -> None:
         """Put the line back, to be tried again after a backoff."""
-        tries = self._tries[(line.batch, line.n)] = self._tries.get((line.batch, line.n), 0) + 1
-        await self._store.put_back(line, backoff(tries - 1, self._config.retry_initial,
-                                                 self._config.retry_max))
+        key = (line.batch, line.n)
+        tries = max(self._tries.get(key, 0), line.tries) + 1
+        timeouts = max(self._timeouts.get(key, 0), line.timeouts)
+        if line.ref:  # a shared queue's: it carries its counts, to whoever claims it next
+            self._tries.pop(key, None)
+            self._timeouts.pop(key, None)
+        else:
+            self._tries[key] = tries
+        carried = dataclasses.replace(line, tries=tries, timeouts=timeouts)
+        await self._store.put_back(carried, backoff(tries - 1, self._config.retry_initial,
+                                                    self._config.retry_max))
 
     def _forget(self, line: Line) -> None:
         self._tries.pop((line.batch, line.n), None)

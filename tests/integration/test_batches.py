@@ -5,6 +5,7 @@ file; on the local queue (SQLite in the data directory) and the simulated fleet.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
@@ -691,6 +692,32 @@ def test_a_line_that_times_out_again_and_again_is_answered_with_its_timeout(
         assert sorted(asked) == ["Say 1"] * TIMEOUT_TRIES + ["Say 2"] * TIMEOUT_TRIES
     finally:
         server.stop()
+
+
+def test_workers_sharing_a_queue_count_a_lines_timeouts_together(fleet: Fleet) -> None:
+    """Each worker counted a line's tries itself: with two gateways on one Redis queue, a
+    line that times out was tried up to twice as often (each try holding a slot for the
+    whole timeout), its backoff starting over at each worker.
+    """
+    fleet.primary.fault("qwen2.5-coder:32b", stall_after=2)
+    with RedisServer() as redis:
+        servers = [start_gateway(gateway_config(
+            backend("primary", "ollama", fleet.primary.api_url, parallel=4,
+                    timeouts={**FAST, "idle": 0.3}),
+            routing={"max_attempts": 1, "tier_fallback": False},
+            tasks={"retry_initial": 0.05, "retry_max": 0.2, "queue": "redis",
+                   "redis_url": redis.url})) for _ in range(2)]
+        try:
+            done = run(openai_client(servers[0].url), "stalls.jsonl", jsonl(
+                [chat_line(n, model="qwen2.5-coder:32b") for n in range(1, 5)]))
+            assert done.request_counts is not None and done.request_counts.failed == 4
+        finally:
+            for server in servers:
+                server.stop()
+    asked = collections.Counter(r["payload"]["messages"][-1]["content"]
+                                for r in fleet.primary.requests("/api/chat")
+                                if r["payload"]["messages"][-1]["content"].startswith("Say"))
+    assert asked == {f"Say {n}": TIMEOUT_TRIES for n in range(1, 5)}, asked
 
 
 def test_a_backend_failing_mid_batch_sends_its_lines_to_the_fallbacks(fleet: Fleet) -> None:
