@@ -60,6 +60,10 @@ class SharedHealth:
         self._closing = False
         self._hearing = False  # (applying what another process said: not said again)
         self.heard = 0  # changes applied from other processes
+        # Redis's clock less this host's, as last measured: every change is stamped, and
+        # its age worked out, on Redis's clock, so that a host whose own is some seconds
+        # off neither ignores what others said nor keeps it too long.
+        self._offset = 0.0
         self._checks: set[asyncio.Task[None]] = set()  # probes of a backend back elsewhere
 
     async def start(self) -> None:
@@ -94,7 +98,7 @@ class SharedHealth:
         if not self._hearing and not self._closing:
             field = "rest:" + "/".join(key)
             unsaid = self._unsaid.get(field)
-            if unsaid is not None and unsaid["rest"] - (time.time() - unsaid["at"]) > seconds:
+            if unsaid is not None and unsaid["rest"] - (self._now() - unsaid["at"]) > seconds:
                 return  # (a longer rest is still to be said: a shorter one must not replace it)
             self._say(field, {"deployment": list(key), "rest": seconds, "busy": busy})
 
@@ -102,8 +106,24 @@ class SharedHealth:
         if not self._hearing and not self._closing:
             self._say(f"backend:{backend}", {"backend": backend, "up": up})
 
+    def _now(self) -> float:
+        return time.time() + self._offset
+
+    async def _measure(self) -> None:
+        """How far this host's clock is from Redis's (the node of the shared keys)."""
+        before = time.time()
+        if isinstance(self._redis, RedisCluster):
+            said = await self._redis.execute_command(
+                "TIME", target_nodes=self._redis.get_node_from_key(STATE))
+        else:
+            said = await self._redis.time()
+        after = time.time()
+        if isinstance(said, dict):  # (a cluster's answer, by node)
+            said = next(iter(said.values()))
+        self._offset = float(said[0]) + float(said[1]) / 1e6 - (before + after) / 2
+
     def _say(self, field: str, change: dict[str, Any]) -> None:
-        change.update(by=self.name, at=time.time())
+        change.update(by=self.name, at=self._now())
         self._unsaid[field] = change
         self._something_unsaid.set()
 
@@ -155,6 +175,7 @@ class SharedHealth:
                 if isinstance(self._redis, RedisCluster):
                     await self._redis.initialize()  # (done once: what the nodes hold)
                 await pubsub.subscribe(EVENTS)
+                await self._measure()
                 await self._catch_up()  # (after subscribing: nothing falls between)
                 failures = 0
                 await self._hear_all(pubsub)
@@ -211,7 +232,7 @@ class SharedHealth:
             log.warning("shared health: a change it cannot read (%s)", exc)
 
     def _apply(self, change: dict[str, Any]) -> None:
-        age = time.time() - float(change["at"])
+        age = self._now() - float(change["at"])
         if "deployment" in change:
             backend, model = (str(part) for part in change["deployment"])
             if (backend, model) not in dict(self._balancer.states()) and \

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 from gateway.keys import HEALTH, ROUTER
 from gateway.monitor.shared import AlertClaims
@@ -17,9 +22,17 @@ from gateway.monitor.sinks import Notice
 from tests.integration.conftest import Fleet, fleet_config
 from tests.integration.test_failover import ask, complete
 from tests.redis_peer import RedisCluster, RedisServer
-from tests.support import ServerThread, free_port, start_gateway, wait_until
+from tests.support import (
+    GATEWAY,
+    ServerThread,
+    free_port,
+    start_gateway,
+    wait_ready,
+    wait_until,
+)
 
 MODEL = "qwen2.5-coder:32b"  # on both the primary and the secondary host
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def breaker(server: ServerThread, backend: str) -> str | None:
@@ -188,3 +201,54 @@ def test_alert_claims_find_a_cluster_that_was_away_at_their_first_call() -> None
 
     with RedisCluster() as cluster:
         assert asyncio.run(scenario(cluster)) == [True, True, False]
+
+
+def other_host(fleet: Fleet, redis_url: str, folder: Path, skew: float
+               ) -> tuple[subprocess.Popen[str], int]:
+    """A gateway process whose wall clock runs ``skew`` seconds ahead (as another host's
+    may), on the same Redis and fleet as ``breaking_pair``'s, and its port.
+    """
+    skewed = folder / "skewed"
+    skewed.mkdir()
+    (skewed / "sitecustomize.py").write_text(
+        f"import time\n_real = time.time\ntime.time = lambda: _real() + {skew}\n")
+    port = free_port()
+    config = folder / "other-host.toml"
+    config.write_text(
+        f'[server]\nport = {port}\n[tasks]\ndata_dir = "{folder / "data"}"\n'
+        f'[routing]\nredis_url = "{redis_url}"\nretries = 0\n'
+        '[routing.breaker]\nfailures = 2\ncooldown = 30.0\n' + "".join(
+            f'[[backends]]\nname = "{name}"\nkind = "ollama"\nurl = "{sim.api_url}"\n'
+            for name, sim in (("primary", fleet.primary), ("secondary", fleet.secondary))))
+    process = subprocess.Popen(
+        [*GATEWAY, "--log-level", "warning", "serve", "--config", str(config)],
+        env={**os.environ, "PYTHONPATH": str(skewed)}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    wait_ready(f"http://127.0.0.1:{port}/health", process)
+    return process, port
+
+
+async def test_a_host_whose_clock_is_off_still_hears_of_a_breaker_opened_elsewhere(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """Each change was stamped with its sender's clock and aged by the hearer's: a host
+    whose clock ran 40 s ahead took a breaker opened elsewhere a moment ago for one whose
+    30 s cool-down was over, and kept sending the failing deployment traffic.
+    """
+    fleet.primary.fault(MODEL, status=500)
+    with RedisServer() as redis:
+        other, port = other_host(fleet, redis.url, tmp_path, 40.0)
+        try:
+            with breaking_pair(fleet, redis.url) as (one, _):
+                await open_breaker(one)
+
+                def heard() -> bool:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
+                                                timeout=5) as response:
+                        body = json.loads(response.read())
+                    state = body.get("deployments", {}).get(f"primary/{MODEL}") or {}
+                    return state.get("breaker") == "open"
+
+                wait_until(heard, 5, "the host whose clock is off hearing of it")
+        finally:
+            other.terminate()
+            other.wait(timeout=30)
