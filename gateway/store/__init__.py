@@ -328,11 +328,15 @@ def pooled(url: str, max_connections: int, wait: float, timeout: float
     seconds for one), each command given ``timeout``. A command that finds its connection
     closed is sent once more on a new one: Redis closes idle connections (its ``timeout``,
     set on most managed ones) and all of them when it restarts, and without that the first
-    call after either failed, and the caller took Redis for down.
+    call after either failed, and the caller took Redis for down. A timeout is not tried
+    again (a stalled Redis would cost each call twice its bound). (A connection cut after
+    Redis ran the command and before its answer came makes it run twice: a key's limits
+    then count one request twice.)
     """
     return redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=wait, socket_timeout=timeout,
-        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError])
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from gateway.store import RedisStore
+from gateway.store import RedisStore, StoreUnavailable
 from gateway.tenants.link import Link
 from tests.redis_peer import RedisServer
 from tests.support import ServerThread, Sim, backend, gateway_config, start_gateway, wait_until
@@ -421,3 +421,22 @@ async def test_a_connection_redis_closed_while_idle_is_no_redis_down(
         await store.close()
         await link.close()
         redis_server.command("CONFIG", "SET", "timeout", "0")  # (the module's server)
+
+
+async def test_a_stalled_redis_is_not_asked_twice_per_call(redis_server: RedisServer) -> None:
+    """A command that timed out was sent again: each call on a stalled Redis waited
+    twice the store's bound."""
+    store = RedisStore(redis_server.url, 0.5, 4, "cache")
+    await store.start()
+    sleeper = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "2"))
+    sleeper.start()
+    try:
+        await asyncio.sleep(0.2)  # Redis is now asleep, answering no one
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get("k")
+        took = time.monotonic() - began
+    finally:
+        await asyncio.to_thread(sleeper.join)
+        await store.close()
+    assert took < 0.8, f"waited {took:.2f} s"
