@@ -262,7 +262,10 @@ class Attempts:
 
     async def _acquire(self, lease: Lease) -> None:
         if self._batch_share is None:
-            await lease.state.acquire(self._config.queue_timeout)
+            # (a cold model's first answer, which those in line wait for, may take longer
+            # than the line's own patience: as long as its first token is allowed to)
+            await lease.state.acquire(max(self._config.queue_timeout,
+                                          lease.first_token_limit))
         else:
             # One wait in all, however many deployments it is tried on: a line held past
             # its claim's visibility timeout would be claimed, and answered, again.

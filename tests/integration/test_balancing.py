@@ -258,6 +258,24 @@ async def test_ollama_is_sent_one_request_a_model_at_once_unless_told_more() -> 
             gateway.stop()
 
 
+async def test_requests_in_line_behind_a_model_ollama_loads_wait_for_its_load() -> None:
+    """Sent one at a time to a model Ollama had not loaded, those in line waited for the
+    load in the gateway's line, whose patience (queue_timeout) was shorter than a cold
+    model's allowance: 429s, where Ollama's own queue would have answered them.
+    """
+    with ServerThread(lambda: create_ollama_app([SimModel(
+            MODEL, load_s=1.5, ttft=0.1, parallel=1)])) as ollama:
+        gateway = start_gateway(gateway_config(
+            backend("studio", "ollama", ollama.url,
+                    timeouts={"first_token_cold": 4.0, "headers": 4.0}),
+            routing={"queue_timeout": 1.0, "tier_fallback": False}))
+        try:
+            for reply in await asyncio.gather(*(ask(gateway, MODEL) for _ in range(3))):
+                complete(reply)
+        finally:
+            gateway.stop()
+
+
 async def test_a_backend_busy_with_every_connection_is_not_taken_for_down(
         fleet: Fleet) -> None:
     """Its connections all carrying long streams, the health probe waited for one, timed
