@@ -75,15 +75,16 @@ class HttpBackend:
         limits = config.timeouts
         # Answers are always asked for as streams, which send headers at once and then keep
         # talking: the read limit bounds the wait for headers, the idle limit the silences
-        # between chunks. Other calls (embeddings, /api/show, a load) send their headers
-        # when their work is done: the headers limit bounds that work (a server that took
-        # the request and fell silent is left then, not only when `total` runs out).
+        # between chunks. Other calls (/api/show, a load) send their headers when their
+        # work is done: the headers limit bounds that work, as a stream's. An embedding's
+        # work grows with its input (thousands of texts on a CPU take minutes): `total`.
         self._limits = {
             # Between the headers and the body's start, the first token is due (a model
             # Ollama loads sends no headers until it is loaded: the headers limit is its).
             "stream": Limits(limits.connect, read=limits.headers, total=limits.total,
                              idle=limits.idle, first=config.first_token_limit),
             "whole": Limits(limits.connect, read=limits.headers, total=limits.total),
+            "embedding": Limits(limits.connect, total=limits.total),
             # Model listings: a server that takes longer is as good as down for discovery.
             "listing": Limits(limits.connect, total=min(LISTING_SECONDS, limits.total),
                               beside=True),

@@ -76,7 +76,7 @@ class OllamaBackend(HttpBackend):
             payload["keep_alive"] = ollama.keep_alive_value(self.config.keep_alive)
         if req.ollama:  # (an Ollama client's own: options, keep_alive, truncate)
             payload.update(req.ollama)
-        data = await self.post_json("/api/embed", payload)
+        data = await self.post_json("/api/embed", payload, limits="embedding")
         vectors = data.get("embeddings") if isinstance(data, dict) else None
         if not isinstance(vectors, list) or len(vectors) != len(req.inputs):
             raise UpstreamError(f"{self.name} sent an embedding response without embeddings",

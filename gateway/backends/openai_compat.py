@@ -92,7 +92,7 @@ class OpenAICompatBackend(HttpBackend):
         payload: dict[str, Any] = {"model": model, "input": req.inputs, "encoding_format": "float"}
         if req.dimensions is not None:
             payload["dimensions"] = req.dimensions
-        data = await self.post_json("/embeddings", payload)
+        data = await self.post_json("/embeddings", payload, limits="embedding")
         try:
             rows = sorted(data["data"], key=lambda row: row.get("index", 0))
             vectors = [row["embedding"] for row in rows]

@@ -27,8 +27,9 @@ _DURATION = re.compile(r"-?\d+|-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Per-backend limits, in seconds. Each ends the attempt in a failover or a clean error.
-    ``headers`` bounds the wait for every answer's headers (an embedding's come when its
-    work is done); ``first_token`` and ``idle`` bound streams; ``total`` every exchange.
+    ``headers`` bounds the wait for an answer's headers (an embedding's excepted: they come
+    when its work is done, which grows with its input); ``first_token`` and ``idle`` bound
+    streams; ``total`` every exchange.
     """
 
     connect: float = 3.0

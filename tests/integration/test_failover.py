@@ -826,31 +826,23 @@ async def test_a_server_that_sends_headers_then_nothing_is_given_up_within_its_l
         server.close()
 
 
-async def test_a_silent_embedding_server_is_left_within_its_headers_limit() -> None:
-    """An embedding server sends its headers when its work is done: one that took the
-    request and fell silent held it for ``total`` (600 s by default) before the next
-    deployment was tried.
+async def test_an_embedding_that_takes_longer_than_the_headers_limit_is_waited_for() -> None:
+    """An embedding server sends its headers when its work is done, which grows with the
+    input (thousands of texts on a CPU take minutes): held to the headers limit, a big
+    batch was a 504, and a few of them opened the breaker for everyone's small ones.
     """
-    def embedder() -> SimModel:
-        return SimModel("nomic-embed-text:latest", capabilities=("embedding",),
-                        embedding_length=8)
-    with ServerThread(lambda: create_ollama_app([embedder()])) as hung, \
-            ServerThread(lambda: create_ollama_app([embedder()])) as sound:
-        Sim(hung, "ollama").fault("nomic-embed-text:latest", no_response=True)
+    model = SimModel("nomic-embed-text:latest", capabilities=("embedding",),
+                     embedding_length=8)
+    with ServerThread(lambda: create_ollama_app([model])) as ollama:
         gateway = start_gateway(gateway_config(
-            backend("hung", "ollama", hung.url, timeouts={"headers": 1.0}),
-            backend("sound", "ollama", sound.url, tier="server")))
+            backend("ollama", "ollama", ollama.url, timeouts={"headers": 1.0})))
         try:
-            began = time.monotonic()
+            Sim(ollama, "ollama").fault(model.name, latency=1.5)  # (once it is listed)
             async with aiohttp.ClientSession() as http, http.post(
                     gateway.url + "/v1/embeddings",
-                    json={"model": "nomic-embed-text", "input": "hello"},
-                    timeout=aiohttp.ClientTimeout(total=20)) as response:
+                    json={"model": "nomic-embed-text", "input": ["a"] * 100}) as response:
                 body = await response.json()
-            took = time.monotonic() - began
             assert response.status == 200, body
-            assert response.headers["x-gateway-backend"] == "sound"
-            assert len(body["data"][0]["embedding"]) == 8
-            assert took < 5, f"took {took:.1f} s"
+            assert len(body["data"]) == 100
         finally:
             gateway.stop()
