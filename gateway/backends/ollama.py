@@ -116,13 +116,15 @@ class OllamaBackend(HttpBackend):
         said = data.get("done_reason") if isinstance(data, dict) else None
         return said if isinstance(said, str) and said else "load"
 
-    async def _loaded(self) -> set[str]:
+    async def _loaded(self) -> dict[str, int | None]:
+        """The models loaded now, each with the window it runs with (when said)."""
         try:
             data = await self.get_json("/api/ps")
         except GatewayError:
-            return set()
+            return {}
         listed = data.get("models") if isinstance(data, dict) else None
-        return {m.get("name", "") for m in listed or [] if isinstance(m, dict)}
+        return {m.get("name", ""): window if isinstance(window := m.get("context_length"), int)
+                and window > 0 else None for m in listed or [] if isinstance(m, dict)}
 
     async def _show(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         digest = entry.get("digest") or entry.get("name", "")

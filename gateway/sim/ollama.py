@@ -315,7 +315,7 @@ def _running(model: SimModel) -> dict[str, Any]:
     entry = _entry(model)
     del entry["modified_at"]
     entry.update(expires_at="2099-01-01T00:00:00Z", size_vram=entry["size"],
-                 context_length=model.context_length)
+                 context_length=model.runs_with or model.context_length)
     return entry
 
 

@@ -215,10 +215,10 @@ def test_a_model_ollama_did_not_describe_is_presumed_able(family: str | None) ->
     """/api/show failed: capabilities presumed (a null family among /api/tags' details took
     the whole backend's listing down)."""
     entry = {"name": "mystery:7b", "details": {"family": family, "parameter_size": "7B"}}
-    info = ollama.model_info("ollama", entry, None, set())
+    info = ollama.model_info("ollama", entry, None, {})
     assert not info.known and info.can("chat") and info.can("vision")
     embedder = ollama.model_info("ollama", {"name": "nomic-embed-text:latest",
-                                            "details": {"family": family}}, None, set())
+                                            "details": {"family": family}}, None, {})
     assert embedder.known and embedder.capabilities == {"embedding"}
 
 
