@@ -113,5 +113,5 @@ def test_first_token_limits_suit_interactive_use_and_the_embedded_cpu_model() ->
     limits = {b.name: b.first_token_limit for b in config.backends}
     assert limits == {"studio": 30.0, "light": 120.0, "slow": 180.0}
     slots = {b.name: b.slots for b in config.backends}
-    assert slots == {"studio": 0, "light": 2, "slow": 0}  # Ollama's: not said, so unknown
+    assert slots == {"studio": 1, "light": 2, "slow": 1}  # Ollama's: its own default
     assert config.routing.queue_timeout == 60.0
