@@ -65,6 +65,10 @@ class Worker:
         # local queue keeps no count; a shared one's lines carry theirs (Line.tries).
         self._tries: dict[tuple[str, int], int] = {}
         self._timeouts: dict[tuple[str, int], int] = {}
+        # A line being put back, as it goes (its counts with it): should the store fail
+        # meanwhile, it is this line that is put back, not one of another encoding (a
+        # shared queue would then hold both, and answer it twice).
+        self._going_back: dict[tuple[str, int], Line] = {}
         # ... and since when its model was not found, a backend unlisted (monotonic)
         self._missing: dict[tuple[str, int], float] = {}
         self.answered = 0
@@ -130,7 +134,7 @@ class Worker:
         except StoreDown as exc:  # (its result, if it was written, is kept once)
             log.warning("batch %s: line %d is left for later: the task store is "
                         "unavailable (%s)", line.batch, line.n, type(exc).__name__)
-            await self._put_back_once_up(line)
+            await self._put_back_once_up(self._going_back.pop((line.batch, line.n), line))
         except Exception:  # one odd line must not stop the worker; it is tried again
             log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
             with contextlib.suppress(*StoreDown):
@@ -228,9 +232,11 @@ class Worker:
             self._timeouts.pop(key, None)
         else:
             self._tries[key] = tries
-        carried = dataclasses.replace(line, tries=tries, timeouts=timeouts)
+        carried = self._going_back[key] = dataclasses.replace(line, tries=tries,
+                                                              timeouts=timeouts)
         await self._store.put_back(carried, backoff(tries - 1, self._config.retry_initial,
                                                     self._config.retry_max))
+        del self._going_back[key]
 
     def _forget(self, line: Line) -> None:
         self._tries.pop((line.batch, line.n), None)

@@ -356,3 +356,40 @@ async def test_the_watch_sees_an_open_batch_behind_a_hundred_newer_ones(tmp_path
         assert await store._redis.zrange("gw:tasks:open", 0, -1) == []
         assert len([b for b in await store.recent_batches()
                     if b["status"] == "completed"]) == 10
+
+
+async def test_a_line_whose_put_back_broke_half_way_is_queued_once() -> None:
+    """The store failed after the line went into the queue's later set and before its
+    claim was acknowledged: the worker put the line back again, as it was claimed, where
+    the set held it with its tries counted: two members, and the line answered twice.
+    """
+    with RedisServer() as redis:
+        store = RedisStore(redis.url, visibility_timeout=30)
+        await store.start()
+        try:
+            await store.enqueue([Line("batch_1", 1, "request-1", {"model": "m"})], 1)
+            [claimed] = await store.claim("worker", 8, 1.0)
+            worker = Worker(Batches(store, 100), pipeline=None,  # type: ignore[arg-type]
+                            config=TasksConfig(retry_initial=0.01, retry_max=0.01),
+                            reasoning="separate",
+                            spending=Spending(KeyBook([], []), MemoryLimits()))
+            acknowledge = store._done_with
+            broken = [True]
+
+            async def done_with(line: Line) -> None:
+                if broken.pop() if broken else False:
+                    raise ConnectionError("the connection broke")  # (once)
+                await acknowledge(line)
+
+            store._done_with = done_with  # type: ignore[method-assign]
+
+            async def do(line: Line) -> None:  # as for a 503: put back for later
+                await worker._later(line)
+
+            worker._do = do  # type: ignore[method-assign]
+            await worker._safely(claimed)
+            await asyncio.sleep(0.1)
+            again = [line for _ in range(3) for line in await store.claim("other", 8, 0.2)]
+            assert [(line.n, line.tries) for line in again] == [(1, 1)]
+        finally:
+            await store.close()
