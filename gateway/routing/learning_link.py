@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LEARNED, OUTCOMES, STATE = "gw:{router}:learned", "gw:{router}:outcomes", "gw:{router}:state"
 FEEDBACK_SECONDS = 3600  # how long an outcome can be rated through another process
+FIRST_WORD_WAIT = 1.0  # seconds feedback waits for Redis to say whether it is the first
 STREAM_LIMIT = 100_000  # entries kept in each stream (about)
 BACKLOG = 10_000  # entries waiting to be sent while Redis is slow or away (then dropped)
 RATED = ("id", "tenant", "alias", "chosen", "model", "x", "latency_ms", "candidates",
@@ -137,11 +138,12 @@ class LearningLink:
 
     async def first_word(self, tenant: str, request_id: str) -> bool | None:
         """Whether this is the first word on an outcome said to any process (None: Redis
-        cannot say now).
+        cannot say now, within a second).
         """
         try:
-            return bool(await self._redis.set(_rated_key(tenant, request_id), b"1", nx=True,
-                                              ex=FEEDBACK_SECONDS))
+            async with asyncio.timeout(FIRST_WORD_WAIT):
+                return bool(await self._redis.set(_rated_key(tenant, request_id), b"1",
+                                                  nx=True, ex=FEEDBACK_SECONDS))
         except DOWN:
             return None
 

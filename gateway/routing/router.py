@@ -153,10 +153,9 @@ class Router:
             outcome = await self.link.find(tenant, request_id)  # (kept by another process)
         if outcome is None:
             return None
-        first = outcome.get("feedback") is None  # (here; with others, Redis says)
-        if self.link is not None:
-            said = await self.link.first_word(tenant, request_id)
-            first = first if said is None else said
+        first = outcome.get("feedback") is None  # (as kept here; Redis, for all)
+        if first and self.link is not None:
+            first = await self.link.first_word(tenant, request_id) is not False
         outcome["feedback"] = score
         chosen, alias = outcome.get("chosen"), outcome.get("alias", "")
         cost = self.selector.latency_cost(alias)

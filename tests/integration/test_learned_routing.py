@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +214,33 @@ def test_two_processes_sharing_redis_learn_from_each_other(fleet: Fleet,
             assert samples(again) >= before
         finally:
             again.stop()
+
+
+def test_a_word_said_while_redis_was_away_is_not_learned_from_again(fleet: Fleet,
+                                                                    tmp_path: Path) -> None:
+    """Whether a word is the first was what Redis said, over what the process knew: one
+    said while Redis was away, said again once it was back, was learned from twice; and
+    on a stalled Redis a word waited 15 s for the answer.
+    """
+    with RedisServer() as redis:
+        server = learning_gateway(fleet, tmp_path / "unused.json", redis_url=redis.url)
+        try:
+            first, second = (ask(client(server), n)[2] for n in range(2))
+            redis.kill()
+            assert rate(server, first, thumbs="down")["learned"] is True
+            redis.restart()
+            assert rate(server, first, thumbs="up")["learned"] is False
+            assert redis.process is not None
+            redis.process.send_signal(signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                assert rate(server, second, thumbs="up")["learned"] is True
+                took = time.monotonic() - began
+            finally:
+                redis.process.send_signal(signal.SIGCONT)
+            assert took < 3, f"the word took {took:.1f} s"
+        finally:
+            server.stop()
 
 
 def test_it_learns_which_model_answers_which_kind_from_qa(fleet: Fleet, tmp_path: Path) -> None:
