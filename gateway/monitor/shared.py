@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import MovedError, RedisError
+from redis.exceptions import MovedError, RedisError, ResponseError
 
 from gateway.monitor.health import HealthWatcher
 from gateway.monitor.sinks import Notice
@@ -112,11 +112,16 @@ class SharedHealth:
     async def _measure(self) -> None:
         """How far this host's clock is from Redis's (the node of the shared keys)."""
         before = time.time()
-        if isinstance(self._redis, RedisCluster):
-            said = await self._redis.execute_command(
-                "TIME", target_nodes=self._redis.get_node_from_key(STATE))
-        else:
-            said = await self._redis.time()
+        try:
+            if isinstance(self._redis, RedisCluster):
+                said = await self._redis.execute_command(
+                    "TIME", target_nodes=self._redis.get_node_from_key(STATE))
+            else:
+                said = await self._redis.time()
+        except ResponseError as exc:  # (a user without TIME: its own clock, as before)
+            log.warning("shared health: Redis will not say its time (%s); going by this "
+                        "host's clock", exc)
+            return
         after = time.time()
         if isinstance(said, dict):  # (a cluster's answer, by node)
             said = next(iter(said.values()))

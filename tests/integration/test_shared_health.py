@@ -203,6 +203,22 @@ def test_alert_claims_find_a_cluster_that_was_away_at_their_first_call() -> None
         assert asyncio.run(scenario(cluster)) == [True, True, False]
 
 
+async def test_sharing_goes_on_for_a_redis_user_that_may_not_ask_the_time(
+        fleet: Fleet) -> None:
+    """Asking Redis's time (TIME, of ACL category @fast) failed for a user given only what
+    sharing needs, and the listener tried again for ever: no process heard the others.
+    """
+    fleet.primary.fault(MODEL, status=500)
+    with RedisServer() as redis:
+        redis.command("ACL", "SETUSER", "gateway", "on", ">secret-of-the-test", "~*", "&*",
+                      "+@read", "+@write", "+@pubsub", "+@connection")
+        url = f"redis://gateway:secret-of-the-test@127.0.0.1:{redis.port}/0"
+        with breaking_pair(fleet, url) as (one, two):
+            await open_breaker(one)
+            wait_until(lambda: breaker(two, "primary") == "open", 5,
+                       "the other process hearing of the open breaker")
+
+
 def other_host(fleet: Fleet, redis_url: str, folder: Path, skew: float
                ) -> tuple[subprocess.Popen[str], int]:
     """A gateway process whose wall clock runs ``skew`` seconds ahead (as another host's
