@@ -107,10 +107,16 @@ class Lease:
         Ollama says what it has loaded.
         """
         config = self.deployment.backend.config
-        if config.kind == "ollama" and not self.deployment.model.loaded and \
-                self.state.observed_at <= self.deployment.listed_at:  # (0: never answered)
+        if self.cold:
             return max(config.first_token_limit, config.timeouts.first_token_cold)
         return config.first_token_limit
+
+    @property
+    def cold(self) -> bool:
+        """Its backend said the model is not loaded, and it has not answered since."""
+        return self.deployment.backend.config.kind == "ollama" and \
+            not self.deployment.model.loaded and \
+            self.state.observed_at <= self.deployment.listed_at  # (0: never answered)
 
     def answered(self) -> None:
         """The first token arrived (or a whole embedding): the deployment answers, and this
@@ -264,8 +270,8 @@ class Attempts:
         if self._batch_share is None:
             # (a cold model's first answer, which those in line wait for, may take longer
             # than the line's own patience: as long as its first token is allowed to)
-            await lease.state.acquire(max(self._config.queue_timeout,
-                                          lease.first_token_limit))
+            await lease.state.acquire(max(self._config.queue_timeout, lease.first_token_limit)
+                                      if lease.cold else self._config.queue_timeout)
         else:
             # One wait in all, however many deployments it is tried on: a line held past
             # its claim's visibility timeout would be claimed, and answered, again.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SimModel, create_ollama_app, create_openai_app
@@ -272,6 +273,26 @@ async def test_requests_in_line_behind_a_model_ollama_loads_wait_for_its_load() 
         try:
             for reply in await asyncio.gather(*(ask(gateway, MODEL) for _ in range(3))):
                 complete(reply)
+        finally:
+            gateway.stop()
+
+
+async def test_behind_a_warm_model_the_line_waits_its_own_patience() -> None:
+    """(The longer wait is a cold model's alone: behind one loaded, a request in line waits
+    queue_timeout, as an operator who set it short, to spill to another tier, expects.)"""
+    with ServerThread(lambda: create_ollama_app([SimModel(
+            MODEL, loaded=True, ttft=0.1, tokens_per_s=5, parallel=1)])) as ollama:
+        gateway = start_gateway(gateway_config(
+            backend("studio", "ollama", ollama.url),
+            routing={"queue_timeout": 0.5, "tier_fallback": False}))
+        try:
+            first = asyncio.ensure_future(ask(gateway, MODEL))
+            await asyncio.sleep(0.3)
+            began = time.monotonic()
+            second = await ask(gateway, MODEL)
+            took = time.monotonic() - began
+            assert second.status == 429 and took < 3, (second.status, took)
+            complete(await first)
         finally:
             gateway.stop()
 
