@@ -73,10 +73,11 @@ class LearningLink:
 
     async def start(self) -> None:
         """What every process learned so far, then keep reading and sending."""
+        deadline = asyncio.get_running_loop().time() + START_WAIT  # (in all)
         plain, self._redis = self._redis, await connect(self._url, **CONNECTIONS)
         await plain.aclose()
         try:
-            async with asyncio.timeout(START_WAIT):  # (else: restored by the reading loop)
+            async with asyncio.timeout_at(deadline):  # (else: restored by the reading loop)
                 await self._restore()
         except DOWN as exc:
             log.warning("learned routing: Redis is unavailable (%s); learning here alone "

@@ -121,10 +121,13 @@ class RedisStore:
         return self._client.now
 
     async def start(self) -> None:
+        # (START_WAIT in all: a Redis that does not answer holds each command 30 s, and
+        # tries thrice)
+        deadline = asyncio.get_running_loop().time() + START_WAIT
         await self._find_out()
         try:
-            async with asyncio.timeout(START_WAIT):  # (a Redis that does not answer holds
-                await self._group()                  # each command 30 s, and tries thrice)
+            async with asyncio.timeout_at(deadline):
+                await self._group()
         except DOWN as exc:  # a worker may start before its Redis: it waits for it
             log.warning("tasks: Redis is unavailable (%s); the queue is made when it is "
                         "back", type(exc).__name__)
