@@ -247,9 +247,7 @@ def model_info(
     loaded: dict[str, int | None]
 ) -> ModelInfo:
     """One ``/api/tags`` entry, completed by ``/api/show`` when available. ``loaded``: the
-    models ``/api/ps`` says are loaded, each with the window it runs with (Ollama loads a
-    model with its own context length, often far short of what the model was trained
-    for, and cuts a longer prompt short without a word): a loaded model's is the shorter.
+    models ``/api/ps`` says are loaded, each with the window it runs with now.
     """
     details = entry.get("details") or {}
     name = entry.get("name") or entry.get("model") or ""
@@ -268,7 +266,8 @@ def model_info(
         family=details.get("family", ""),
         parameters=parse_parameter_size(details.get("parameter_size")),
         quantization=details.get("quantization_level", ""),
-        context_length=_shortest(_context_length(details, show), loaded.get(name)),
+        context_length=_context_length(details, show),
+        running_context=loaded.get(name),
         capabilities=frozenset(capabilities),
         known=known,
         loaded=name in loaded,
@@ -285,10 +284,6 @@ def parameter_size(count: float | None) -> str:
     if count >= 1e6:
         return f"{count / 1e6:.0f}M"
     return f"{count / 1e3:.0f}K"
-
-
-def _shortest(trained: int | None, running: int | None) -> int | None:
-    return min(trained, running) if trained and running else trained or running
 
 
 def _context_length(details: dict[str, Any], show: dict[str, Any] | None) -> int | None:

@@ -206,6 +206,10 @@ class ModelInfo:
     # ``presumed``).
     known: bool = False
     loaded: bool = False
+    # The window it runs with now, where its backend says so (Ollama loads a model with
+    # its own context length, often far short of the model's, and cuts a longer prompt
+    # short without a word; a request's num_ctx, or a load when it is not loaded, changes it)
+    running_context: int | None = None
     created: int | None = None  # when the backend says the model was made (Unix seconds)
     prefill: bool | None = None  # continues a final assistant message (None: as its backend)
 

@@ -70,6 +70,11 @@ class Needs:
         return [c for c, on in (("vision", self.vision), ("tools", self.tools),
                                 ("insert", self.insert)) if on]
 
+    def held_now(self, candidate: Candidate) -> bool:
+        """Whether the window its backend runs it with now (where said) holds the prompt."""
+        return all(not d.model.running_context or d.model.running_context >= self.tokens
+                   for d in candidate.deployments)
+
     def sure(self, candidate: Candidate) -> bool:
         """Whether the model is known (not just presumed) to have what is needed."""
         wanted = self.wanted()
@@ -221,7 +226,10 @@ class Selector:
             others = _fitting(others, needs)
         picks = [group[0] for group in lists if group]
         picks += [c for group in lists for c in group[1:]] + others
-        picks.sort(key=lambda c: not required.sure(c))
+        # (then, those whose backend runs them with a window that holds the prompt now:
+        # one that would cut it short answers only when no other can)
+        picks.sort(key=lambda c: (not required.sure(c),
+                                  bool(needs.tokens) and not needs.held_now(c)))
         return picks
 
     def _groups(self, alias: str, required: Needs

@@ -383,22 +383,26 @@ def test_a_model_removed_or_pulled_is_known_at_the_next_request_not_the_next_sca
             gateway.stop()
 
 
-def test_a_loaded_model_is_given_only_prompts_its_running_window_holds() -> None:
+def test_a_prompt_goes_to_a_model_whose_running_window_holds_it_when_one_can() -> None:
     """Ollama runs a model with its own context length (4,096 tokens by default on a
     small machine), whatever the model was trained for, and cuts a longer prompt short
-    without a word: a model trained for 32k, loaded with 4k, was given a 10k-token prompt.
+    without a word: a model trained for 32k, loaded with 4k, was given a 10k-token prompt
+    another model could hold. (With no other, it still answers, as Ollama would.)
     """
     models = [SimModel("first:7b", context_length=32768, loaded=True, runs_with=4096),
               SimModel("second:7b", context_length=32768)]
     with ServerThread(lambda: create_ollama_app(models)) as ollama:
         gateway = start_gateway(gateway_config(
             backend("ollama", "ollama", ollama.url),
-            aliases={"auto:pair": {"priority": {"ollama": ["first:7b", "second:7b"]}}}))
+            aliases={"auto:pair": {"priority": {"ollama": ["first:7b", "second:7b"]}},
+                     "auto:first": {"priority": {"ollama": ["first:7b"]},
+                                    "others": "none"}}))
         try:
             with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
                                max_retries=0) as c:
                 assert picked(c, "auto:pair")[0] == "first:7b"
                 long = [{"role": "user", "content": "word " * 8_000}]  # ~10k tokens
                 assert picked(c, "auto:pair", messages=long)[0] == "second:7b"
+                assert picked(c, "auto:first", messages=long)[0] == "first:7b"
         finally:
             gateway.stop()
