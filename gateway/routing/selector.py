@@ -70,10 +70,10 @@ class Needs:
         return [c for c, on in (("vision", self.vision), ("tools", self.tools),
                                 ("insert", self.insert)) if on]
 
-    def held_now(self, candidate: Candidate) -> bool:
+    def held_now(self, deployment: Deployment) -> bool:
         """Whether the window its backend runs it with now (where said) holds the prompt."""
-        return all(not d.model.running_context or d.model.running_context >= self.tokens
-                   for d in candidate.deployments)
+        window = deployment.model.running_context
+        return not window or window >= self.tokens
 
     def sure(self, candidate: Candidate) -> bool:
         """Whether the model is known (not just presumed) to have what is needed."""
@@ -224,12 +224,15 @@ class Selector:
         if needs.tokens:  # the prompt's length decides per request: not part of the cache
             lists = [_fitting(group, needs) for group in lists]
             others = _fitting(others, needs)
+            # Only deployments whose backend runs them with a window that holds the prompt
+            # now, if any does: one that would cut it short answers when no other can.
+            held = [_fitting(group, needs, now=True) for group in lists]
+            held_others = _fitting(others, needs, now=True)
+            if any(held) or held_others:
+                lists, others = held, held_others
         picks = [group[0] for group in lists if group]
         picks += [c for group in lists for c in group[1:]] + others
-        # (then, those whose backend runs them with a window that holds the prompt now:
-        # one that would cut it short answers only when no other can)
-        picks.sort(key=lambda c: (not required.sure(c),
-                                  bool(needs.tokens) and not needs.held_now(c)))
+        picks.sort(key=lambda c: not required.sure(c))
         return picks
 
     def _groups(self, alias: str, required: Needs
@@ -328,10 +331,14 @@ class Selector:
         return Unavailable(f"No model is available for {alias!r} right now.", retry_after=5)
 
 
-def _fitting(candidates: list[Candidate], needs: Needs) -> list[Candidate]:
+def _fitting(candidates: list[Candidate], needs: Needs, now: bool = False
+             ) -> list[Candidate]:
+    """Those of the candidates (and of their deployments) that meet the needs (``now``:
+    and hold the prompt in the window they run with now)."""
     out = []
     for c in candidates:
-        deployments = [d for d in c.deployments if needs.met_by(d)]
+        deployments = [d for d in c.deployments
+                       if needs.met_by(d) and (not now or needs.held_now(d))]
         if deployments:
             out.append(Candidate(c.name, deployments, c.reason))
     return out

@@ -395,14 +395,38 @@ def test_a_prompt_goes_to_a_model_whose_running_window_holds_it_when_one_can() -
         gateway = start_gateway(gateway_config(
             backend("ollama", "ollama", ollama.url),
             aliases={"auto:pair": {"priority": {"ollama": ["first:7b", "second:7b"]}},
+                     "auto:learning": {"priority": {"ollama": ["first:7b", "second:7b"]},
+                                       "policy": "learned"},
                      "auto:first": {"priority": {"ollama": ["first:7b"]},
                                     "others": "none"}}))
         try:
             with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
                                max_retries=0) as c:
-                assert picked(c, "auto:pair")[0] == "first:7b"
                 long = [{"role": "user", "content": "word " * 8_000}]  # ~10k tokens
-                assert picked(c, "auto:pair", messages=long)[0] == "second:7b"
+                for alias in ("auto:pair", "auto:learning"):
+                    assert picked(c, alias)[0] == "first:7b"
+                    assert picked(c, alias, messages=long)[0] == "second:7b"
                 assert picked(c, "auto:first", messages=long)[0] == "first:7b"
+        finally:
+            gateway.stop()
+
+
+def test_a_long_prompt_goes_to_the_host_whose_window_holds_it() -> None:
+    """(One model on two hosts: the one that runs it with a window too short is passed
+    over for the other, not only another model for this one.)"""
+    def coder(**loaded: Any) -> list[SimModel]:
+        return [SimModel("coder:7b", context_length=32768, **loaded)]
+    with ServerThread(lambda: create_ollama_app(coder(loaded=True, runs_with=4096))) as short, \
+            ServerThread(lambda: create_ollama_app(coder())) as full:
+        gateway = start_gateway(gateway_config(
+            backend("short", "ollama", short.url), backend("full", "ollama", full.url),
+            aliases={"auto:coder": {"priority": {"ollama": ["coder:7b"]}}}))
+        try:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x",
+                               max_retries=0) as c:
+                long = [{"role": "user", "content": "word " * 8_000}]
+                assert {c.chat.completions.with_raw_response.create(
+                    model="auto:coder", messages=long).headers["x-gateway-backend"]
+                    for _ in range(6)} == {"full"}
         finally:
             gateway.stop()
