@@ -123,7 +123,7 @@ class Worker:
         with contextlib.suppress(TimeoutError, *StoreDown):  # (else: after the timeout)
             async with asyncio.timeout(PUT_BACK_SECONDS):
                 for line in back:
-                    await self._store.put_back(line, 0)
+                    await self._store.put_back(self._as_it_goes_back(line), 0)
 
     async def _safely(self, line: Line) -> None:
         keeping = asyncio.create_task(self._keep(line, asyncio.current_task()))
@@ -134,13 +134,18 @@ class Worker:
         except StoreDown as exc:  # (its result, if it was written, is kept once)
             log.warning("batch %s: line %d is left for later: the task store is "
                         "unavailable (%s)", line.batch, line.n, type(exc).__name__)
-            await self._put_back_once_up(self._going_back.pop((line.batch, line.n), line))
+            await self._put_back_once_up(self._as_it_goes_back(line))
         except Exception:  # one odd line must not stop the worker; it is tried again
             log.exception("batch %s: line %d failed in the worker", line.batch, line.n)
             with contextlib.suppress(*StoreDown):
-                await self._store.put_back(line, self._config.retry_max)
+                await self._store.put_back(self._as_it_goes_back(line), self._config.retry_max)
         finally:
             keeping.cancel()
+
+    def _as_it_goes_back(self, line: Line) -> Line:
+        """The line as it was being put back, if it was (its counts with it), else as it was
+        claimed: one line, one encoding in the queue."""
+        return self._going_back.pop((line.batch, line.n), line)
 
     async def _put_back_once_up(self, line: Line) -> None:
         """Put the line back as soon as the store answers again (a cluster's node

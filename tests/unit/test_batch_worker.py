@@ -393,3 +393,40 @@ async def test_a_line_whose_put_back_broke_half_way_is_queued_once() -> None:
             assert [(line.n, line.tries) for line in again] == [(1, 1)]
         finally:
             await store.close()
+
+
+async def test_a_line_put_back_half_way_as_the_worker_stops_is_queued_once() -> None:
+    """(The same, when the worker stops as the put-back is half way: it put the line back
+    as it was claimed.)"""
+    with RedisServer() as redis:
+        store = RedisStore(redis.url, visibility_timeout=30)
+        await store.start()
+        try:
+            await store.enqueue([Line("batch_1", 1, "request-1", {"model": "m"})], 1)
+            [claimed] = await store.claim("worker", 8, 1.0)
+            worker = Worker(Batches(store, 100), pipeline=None,  # type: ignore[arg-type]
+                            config=TasksConfig(retry_initial=0.01, retry_max=0.01),
+                            reasoning="separate",
+                            spending=Spending(KeyBook([], []), MemoryLimits()))
+            acknowledge = store._done_with
+            stalled = asyncio.Event()
+
+            async def done_with(line: Line) -> None:  # an acknowledgement that takes long
+                stalled.set()
+                await asyncio.sleep(5)
+
+            store._done_with = done_with  # type: ignore[method-assign]
+
+            async def do(line: Line) -> None:
+                await worker._later(line)
+
+            worker._do = do  # type: ignore[method-assign]
+            task = asyncio.create_task(worker._safely(claimed))
+            worker._running[task] = claimed
+            await stalled.wait()  # (in the later set; its claim not acknowledged)
+            store._done_with = acknowledge  # type: ignore[method-assign]
+            await worker.close()
+            again = [line for _ in range(3) for line in await store.claim("other", 8, 0.2)]
+            assert [(line.n, line.tries) for line in again] == [(1, 1)]
+        finally:
+            await store.close()
