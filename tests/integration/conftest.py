@@ -75,9 +75,10 @@ FAST = {"headers": 1.0, "first_token": 1.0, "first_token_cold": 1.0, "idle": 1.0
 
 
 def fleet_config(fleet: Fleet, **routing: Any) -> Any:
+    # (the simulated hosts answer any number at once: their Ollama is told to)
     return gateway_config(
-        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
-        backend("secondary", "ollama", fleet.secondary.api_url, timeouts=FAST),
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST, parallel=8),
+        backend("secondary", "ollama", fleet.secondary.api_url, timeouts=FAST, parallel=8),
         backend("server", "openai", fleet.server.api_url, tier="server", timeouts=FAST),
         backend("cloud", "openai", fleet.cloud.api_url, tier="cloud", timeouts=FAST,
                 models=["gpt-4o-mini"]),
