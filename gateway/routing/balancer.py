@@ -138,6 +138,12 @@ class DeploymentState:
         """A slot and a connection to its backend, waiting in line (at most ``patience``
         seconds in all) when the deployment, or the backend, is full.
         """
+        connections = self.connections
+        if self.has_room() and not self.waiters and connections.has_room():  # (most often)
+            self.in_flight += 1
+            if connections.limit:
+                connections.in_flight += 1
+            return
         deadline = asyncio.get_running_loop().time() + patience
         await self._slot(patience)
         await self._connection(deadline, batch=False)
