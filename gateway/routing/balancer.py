@@ -16,6 +16,7 @@ from gateway.config import TIERS, RoutingConfig
 from gateway.errors import RateLimited
 from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.catalog import Deployment
+from gateway.routing.connections import NO_LIMIT, Connections
 
 TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
 EWMA_WEIGHT = 0.3  # share of the newest latency sample
@@ -26,56 +27,6 @@ STALE_SECONDS = 15.0
 # any Retry-After rests it (a quota's "come back tomorrow" is checked again each minute).
 REST_SECONDS = 1.0
 REST_MAX = 60.0
-
-
-class Connections:
-    """A backend's connections, which the deployments of its models share: at most
-    ``limit`` requests on it at once (0: no limit), whichever model they ask; the rest wait
-    here, first come first served, in the gateway's line. (Waiting for a connection in the
-    backends' pool instead, a request would spend its first-token limit there, and a few
-    such timeouts open the breaker of a backend that answers well.)
-    """
-
-    __slots__ = ("in_flight", "limit", "waiters")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def has_room(self) -> bool:
-        return not self.limit or (self.in_flight < self.limit and not self.waiters)
-
-    async def take(self, deadline: float) -> None:
-        """One of them, waiting until ``deadline`` (the loop's time) at most."""
-        if self.has_room():
-            self.in_flight += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await waiter  # give_back() hands its connection over
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self.give_back()  # it came just as this request gave up: pass it on
-            elif waiter in self.waiters:
-                self.waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                raise RateLimited("Waited too long for a connection to a busy backend.",
-                                  retry_after=1) from None
-            raise
-
-    def give_back(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.in_flight -= 1
-
-
-NO_LIMIT = Connections(0)  # (a backend the config does not name: nothing to share)
 
 
 class DeploymentState:

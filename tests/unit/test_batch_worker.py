@@ -358,75 +358,70 @@ async def test_the_watch_sees_an_open_batch_behind_a_hundred_newer_ones(tmp_path
                     if b["status"] == "completed"]) == 10
 
 
+@contextlib.asynccontextmanager
+async def one_line_claimed() -> AsyncIterator[tuple[RedisStore, Worker, Line]]:
+    """A Redis queue of the test's own holding one line, claimed, and a worker."""
+    with RedisServer() as redis:
+        store = RedisStore(redis.url, visibility_timeout=30)
+        await store.start()
+        try:
+            await store.enqueue([Line("batch_1", 1, "request-1", {"model": "m"})], 1)
+            [claimed] = await store.claim("worker", 8, 1.0)
+            yield store, Worker(Batches(store, 100), pipeline=None,  # type: ignore[arg-type]
+                                config=TasksConfig(retry_initial=0.01, retry_max=0.01),
+                                reasoning="separate",
+                                spending=Spending(KeyBook([], []), MemoryLimits())), claimed
+        finally:
+            await store.close()
+
+
 async def test_a_line_whose_put_back_broke_half_way_is_queued_once() -> None:
     """The store failed after the line went into the queue's later set and before its
     claim was acknowledged: the worker put the line back again, as it was claimed, where
     the set held it with its tries counted: two members, and the line answered twice.
     """
-    with RedisServer() as redis:
-        store = RedisStore(redis.url, visibility_timeout=30)
-        await store.start()
-        try:
-            await store.enqueue([Line("batch_1", 1, "request-1", {"model": "m"})], 1)
-            [claimed] = await store.claim("worker", 8, 1.0)
-            worker = Worker(Batches(store, 100), pipeline=None,  # type: ignore[arg-type]
-                            config=TasksConfig(retry_initial=0.01, retry_max=0.01),
-                            reasoning="separate",
-                            spending=Spending(KeyBook([], []), MemoryLimits()))
-            acknowledge = store._done_with
-            broken = [True]
+    async with one_line_claimed() as (store, worker, claimed):
+        acknowledge = store._done_with
+        broken = [True]
 
-            async def done_with(line: Line) -> None:
-                if broken.pop() if broken else False:
-                    raise ConnectionError("the connection broke")  # (once)
-                await acknowledge(line)
+        async def done_with(line: Line) -> None:
+            if broken.pop() if broken else False:
+                raise ConnectionError("the connection broke")  # (once)
+            await acknowledge(line)
 
-            store._done_with = done_with  # type: ignore[method-assign]
+        store._done_with = done_with  # type: ignore[method-assign]
 
-            async def do(line: Line) -> None:  # as for a 503: put back for later
-                await worker._later(line)
+        async def do(line: Line) -> None:  # as for a 503: put back for later
+            await worker._later(line)
 
-            worker._do = do  # type: ignore[method-assign]
-            await worker._safely(claimed)
-            await asyncio.sleep(0.1)
-            again = [line for _ in range(3) for line in await store.claim("other", 8, 0.2)]
-            assert [(line.n, line.tries) for line in again] == [(1, 1)]
-        finally:
-            await store.close()
+        worker._do = do  # type: ignore[method-assign]
+        await worker._safely(claimed)
+        await asyncio.sleep(0.1)
+        again = [line for _ in range(3) for line in await store.claim("other", 8, 0.2)]
+        assert [(line.n, line.tries) for line in again] == [(1, 1)]
 
 
 async def test_a_line_put_back_half_way_as_the_worker_stops_is_queued_once() -> None:
     """(The same, when the worker stops as the put-back is half way: it put the line back
     as it was claimed.)"""
-    with RedisServer() as redis:
-        store = RedisStore(redis.url, visibility_timeout=30)
-        await store.start()
-        try:
-            await store.enqueue([Line("batch_1", 1, "request-1", {"model": "m"})], 1)
-            [claimed] = await store.claim("worker", 8, 1.0)
-            worker = Worker(Batches(store, 100), pipeline=None,  # type: ignore[arg-type]
-                            config=TasksConfig(retry_initial=0.01, retry_max=0.01),
-                            reasoning="separate",
-                            spending=Spending(KeyBook([], []), MemoryLimits()))
-            acknowledge = store._done_with
-            stalled = asyncio.Event()
+    async with one_line_claimed() as (store, worker, claimed):
+        acknowledge = store._done_with
+        stalled = asyncio.Event()
 
-            async def done_with(line: Line) -> None:  # an acknowledgement that takes long
-                stalled.set()
-                await asyncio.sleep(5)
+        async def done_with(line: Line) -> None:  # an acknowledgement that takes long
+            stalled.set()
+            await asyncio.sleep(5)
 
-            store._done_with = done_with  # type: ignore[method-assign]
+        store._done_with = done_with  # type: ignore[method-assign]
 
-            async def do(line: Line) -> None:
-                await worker._later(line)
+        async def do(line: Line) -> None:
+            await worker._later(line)
 
-            worker._do = do  # type: ignore[method-assign]
-            task = asyncio.create_task(worker._safely(claimed))
-            worker._running[task] = claimed
-            await stalled.wait()  # (in the later set; its claim not acknowledged)
-            store._done_with = acknowledge  # type: ignore[method-assign]
-            await worker.close()
-            again = [line for _ in range(3) for line in await store.claim("other", 8, 0.2)]
-            assert [(line.n, line.tries) for line in again] == [(1, 1)]
-        finally:
-            await store.close()
+        worker._do = do  # type: ignore[method-assign]
+        task = asyncio.create_task(worker._safely(claimed))
+        worker._running[task] = claimed
+        await stalled.wait()  # (in the later set; its claim not acknowledged)
+        store._done_with = acknowledge  # type: ignore[method-assign]
+        await worker.close()
+        again = [line for _ in range(3) for line in await store.claim("other", 8, 0.2)]
+        assert [(line.n, line.tries) for line in again] == [(1, 1)]

@@ -19,10 +19,11 @@ from gateway.errors import (
 )
 from gateway.protocol.units import ModelInfo
 from gateway.routing.attempts import Attempts, disposition
-from gateway.routing.balancer import Balancer, Connections, DeploymentState
+from gateway.routing.balancer import Balancer, DeploymentState
 from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment
+from gateway.routing.connections import Connections
 from gateway.telemetry import Instruments
 from gateway.telemetry.metrics import Metrics
 
