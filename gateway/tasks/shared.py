@@ -37,6 +37,9 @@ RECENT = 100  # the newest finished batches looked at (every few seconds): and e
 OPEN = f"{P}open"  # the batches not yet finished, by when they were made
 STREAM, LATER, GROUP = "gw:{tasks}:lines", "gw:{tasks}:later", "workers"
 DOWN = (RedisError, OSError, TimeoutError)  # Redis is down, restarting or unreachable
+# Seconds a command's answer may take: over the longest blocking read (a claim waits 5 s
+# for lines, the worker's CLAIM_WAIT), far under what a request waits for its 503.
+READ_TIMEOUT = 10.0
 
 # Keys of one batch share a hash tag, so each script touches one cluster slot.
 FINISH = """
@@ -97,12 +100,15 @@ class RedisStore:
         # new one (every command here may run twice: results are kept once per custom_id,
         # a batch's count of lines is set, not added to; a line queued twice is answered
         # twice and written once).
-        # The read timeout is well over the longest blocking read (a claim's wait). As many
-        # connections as calls need, on a cluster too (whose client fails past its size,
-        # 100 a node by default, where a plain client's pool grows).
+        # A command that timed out is not: a stalled Redis holds each call READ_TIMEOUT
+        # once (a Files or Batches request waited 90 s for its 503). As many connections
+        # as calls need, on a cluster too (whose client fails past its size, 100 a node by
+        # default, where a plain client's pool grows).
         options: dict[str, Any] = {
-            "socket_connect_timeout": 5, "socket_timeout": 30, "max_connections": 2**31,
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
+            "socket_connect_timeout": 5, "socket_timeout": READ_TIMEOUT,
+            "max_connections": 2**31,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), 2,
+                           supported_errors=(ConnectionError,)),
             "retry_on_error": [ConnectionError]}
         self._client = Client(url, "tasks", aioredis.from_url(url, **options), **options)
         self._timeout = visibility_timeout

@@ -760,11 +760,20 @@ def test_a_gateway_starts_while_its_redis_takes_connections_and_answers_nothing(
                 tasks={"queue": "redis", "redis_url": redis.url}))
             took = time.monotonic() - began
             try:
-                assert openai_client(server.url).chat.completions.create(
+                api = openai_client(server.url, timeout=60)
+                assert api.chat.completions.create(
                     model="phi3.5:3.8b", messages=[{"role": "user", "content": "hi"}],
                 ).choices[0].message.content
+                # (and a Batches request is told so within its read timeout, once: it
+                # waited 30 s three times)
+                began = time.monotonic()
+                with pytest.raises(openai.APIStatusError) as caught:
+                    api.batches.list()
+                refused = time.monotonic() - began
+                assert caught.value.status_code == 503
             finally:
                 server.stop()
         finally:
             redis.process.send_signal(signal.SIGCONT)
     assert took < 20, f"started in {took:.1f} s"
+    assert refused < 15, f"a 503 after {refused:.1f} s"
