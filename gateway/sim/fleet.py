@@ -95,8 +95,8 @@ class SimModel:
     # Requests it answers at once (Ollama's OLLAMA_NUM_PARALLEL); the rest wait in the
     # server's queue, unanswered (no headers) until their turn. 0: no limit.
     parallel: int = 0
-    # The window it runs with once loaded (Ollama's context length, which it loads a model
-    # with whatever it was trained for; /api/ps says it). 0: its context_length.
+    # The window it runs with once loaded (Ollama loads a model with its own context
+    # length, whatever the model was trained for; /api/ps says it). 0: its context_length.
     runs_with: int = 0
     faults: Faults = field(default_factory=Faults)
     # Skill by kind of task (chat, code, extract, reason, long, as the gateway's router
