@@ -226,6 +226,7 @@ def _encode(result: Completion) -> bytes:
         "tool_calls": result.tool_calls, "finish_reason": result.finish_reason,
         "usage": dataclasses.astuple(result.usage) if result.usage else None,
         "logprobs": result.logprobs, "fingerprint": result.fingerprint, "at": time.time(),
+        **({"refusal": result.refusal} if result.refusal else {}),
     })
 
 
@@ -237,7 +238,8 @@ def _decode(raw: bytes) -> Completion | None:
                           reasoning=data["reasoning"], tool_calls=data["tool_calls"],
                           finish_reason=data["finish_reason"],
                           usage=Usage(*usage) if usage else None,
-                          logprobs=data.get("logprobs"), fingerprint=data.get("fingerprint"))
+                          logprobs=data.get("logprobs"), fingerprint=data.get("fingerprint"),
+                          refusal=data.get("refusal") or "")
     except (orjson.JSONDecodeError, KeyError, TypeError):
         log.warning("cache: skipped an entry that cannot be read")
         return None

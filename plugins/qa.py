@@ -119,6 +119,10 @@ class QualityPlugin(BasePlugin):
         text = result.content
         if result.tool_calls:  # an answer by tool call: its text may well be empty
             return
+        if result.refusal:  # the model's refusal, said in its own field
+            if "refusal" in self.checks and not ctx.headers.get("x-gateway-safety"):
+                yield "refusal"
+            return
         if "empty" in self.checks and not text.strip():
             if result.finish_reason == "length" and ctx.req.sampling.max_tokens is not None:
                 return  # (the client's own limit, spent before the text: on reasoning, say)

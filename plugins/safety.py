@@ -243,7 +243,8 @@ class SafetyPlugin(BasePlugin):
                 if text == chunk.content and thought == chunk.reasoning and \
                         calls == chunk.tool_calls and logprobs is chunk.logprobs:
                     yield chunk
-                elif text or thought or calls or chunk.finish_reason or chunk.usage or logprobs:
+                elif text or thought or calls or chunk.finish_reason or chunk.usage or logprobs \
+                        or chunk.refusal:
                     yield dataclasses.replace(chunk, content=text, reasoning=thought,
                                               tool_calls=calls or None, logprobs=logprobs)
             text, calls = content.flush(), _flush_calls(arguments)

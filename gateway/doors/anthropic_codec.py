@@ -295,8 +295,9 @@ def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
 
 
 def message_body(completion: Completion, reasoning: ReasoningMode) -> dict[str, Any]:
-    """A whole answer as a Message."""
+    """A whole answer as a Message (a model's refusal, as text, stopped for ``refusal``)."""
     thought, text = ReasoningView(reasoning).whole(completion)
+    text += completion.refusal
     content: list[dict[str, Any]] = []
     if thought:
         content.append({"type": "thinking", "thinking": thought, "signature": SIGNATURE})
@@ -307,7 +308,8 @@ def message_body(completion: Completion, reasoning: ReasoningMode) -> dict[str, 
                         "input": arguments_object(call["function"]["arguments"])})
     return {"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
             "model": completion.model, "content": content,
-            "stop_reason": STOP_REASONS.get(completion.finish_reason, "end_turn"),
+            "stop_reason": "refusal" if completion.refusal
+            else STOP_REASONS.get(completion.finish_reason, "end_turn"),
             "stop_sequence": None, "usage": _usage(completion.usage or Usage())}
 
 
@@ -330,7 +332,8 @@ class MessageStream:
     """
 
     media_type = SSE
-    __slots__ = ("_block", "_calls", "_index", "_message", "_reason", "_usage", "_view")
+    __slots__ = ("_block", "_calls", "_index", "_message", "_reason", "_refused", "_usage",
+                 "_view")
 
     def __init__(self, model: str, reasoning: ReasoningMode) -> None:
         self._view = ReasoningView(reasoning)
@@ -343,6 +346,7 @@ class MessageStream:
         self._calls = Completion()  # the tool-call deltas, merged
         self._usage: Usage | None = None
         self._reason = "end_turn"
+        self._refused = False  # the model said a refusal (as text: stopped for ``refusal``)
 
     def switch_model(self, model: str) -> None:
         self._message["model"] = model
@@ -356,6 +360,9 @@ class MessageStream:
         if chunk.finish_reason is not None:
             self._reason = STOP_REASONS.get(chunk.finish_reason, "end_turn")
         thought, text = self._view.split(chunk)
+        if chunk.refusal:
+            text += chunk.refusal
+            self._refused = True
         out = b""
         if thought:
             out += self._open("thinking", {"type": "thinking", "thinking": "",
@@ -379,6 +386,8 @@ class MessageStream:
                 self._close()
         if self._calls.tool_calls and self._reason != "max_tokens":
             self._reason = "tool_use"
+        if self._refused:
+            self._reason = "refusal"
         return out + sse_comments(trailers) + _event(
             "message_delta", delta={"stop_reason": self._reason, "stop_sequence": None},
             usage=_usage(self._usage or Usage())) + _event("message_stop")

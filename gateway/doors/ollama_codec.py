@@ -308,10 +308,11 @@ class OllamaStream:
             self._calls = self._calls or Completion()
             self._calls.add(Chunk(tool_calls=chunk.tool_calls))
         thought, text = self._view.split(chunk)
+        text += chunk.refusal  # (Ollama has no field for a refusal: it is said as text)
         if not text and not thought:
             return b""
-        if self._turns is not None and chunk.content:
-            self._said.append(chunk.content)
+        if self._turns is not None and (chunk.content or chunk.refusal):
+            self._said.append(chunk.content + chunk.refusal)
         return ndjson_line(self._line(text, thought, done=False))
 
     def end(self, trailers: dict[str, str]) -> bytes:
@@ -341,9 +342,10 @@ class OllamaStream:
         self._usage = completion.usage
         self._reason = "length" if completion.finish_reason == "length" else "stop"
         thought, text = self._view.whole(completion)
+        text += completion.refusal
         body = {**self._line(text, thought, done=True), **self._counts()}
         if self._turns is not None:
-            body["context"] = self._context(completion.content)
+            body["context"] = self._context(completion.content + completion.refusal)
         if completion.tool_calls and self._shape == "chat":
             body["message"]["tool_calls"] = tool_calls(completion)
         return body

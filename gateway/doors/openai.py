@@ -156,6 +156,7 @@ class ChatStream:
             self._base["system_fingerprint"] = chunk.fingerprint
         reasoning, text = self._view.split(chunk)
         if self._kind == "text":
+            text += chunk.refusal  # (text completions have no field for it)
             if not text and chunk.finish_reason is None:
                 return b""
             return self._event({"index": 0, "text": text, "logprobs": chunk.logprobs,
@@ -167,6 +168,9 @@ class ChatStream:
             delta["reasoning_content"] = reasoning
         if text:
             delta["content"] = text
+        if chunk.refusal:
+            delta.setdefault("content", None)
+            delta["refusal"] = chunk.refusal
         if chunk.tool_calls:
             delta.setdefault("content", None)
             delta["tool_calls"] = chunk.tool_calls
@@ -208,13 +212,15 @@ def completion_body(kind: Kind, completion: Completion, reasoning: ReasoningMode
         message: dict[str, Any] = {"role": "assistant"}
         if thought:
             message["reasoning_content"] = thought
-        message["content"] = text if text or not completion.tool_calls else None
+        message["content"] = text if text or not (completion.tool_calls or completion.refusal) \
+            else None
+        message["refusal"] = completion.refusal or None
         if completion.tool_calls:
             message["tool_calls"] = completion.tool_calls
         choice = {"index": 0, "message": message, "logprobs": completion.logprobs,
                   "finish_reason": completion.finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": completion.logprobs,
+        choice = {"index": 0, "text": text + completion.refusal, "logprobs": completion.logprobs,
                   "finish_reason": completion.finish_reason}
     return {
         "id": new_id(kind),

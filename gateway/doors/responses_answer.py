@@ -2,7 +2,8 @@
 (``response.created`` … ``response.completed``), as the ``openai`` SDK's types define them.
 
 A model's reasoning becomes a ``reasoning`` item whose summary is the reasoning text; its
-text a ``message`` item; each tool call a ``function_call`` item.
+text a ``message`` item (its refusal, one with a ``refusal`` part); each tool call a
+``function_call`` item.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ResponseStream:
         self._sequence = 0
         self._indexes: dict[str, int] = {}  # output index by item id
         self._open: dict[str, Any] | None = None  # the reasoning or message item being written
+        self._writing = ""  # ... what of the answer it holds: reasoning, message or refusal
         # ... its text so far, in pieces (a string grown in place is copied whole each time)
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # function_call items by tool-call index
@@ -79,6 +81,8 @@ class ResponseStream:
             out += self._write("reasoning", thought)
         if text:
             out += self._write("message", text)
+        if chunk.refusal:
+            out += self._write("refusal", chunk.refusal)
         for delta in chunk.tool_calls or ():
             out += self._call(delta)
         return out
@@ -116,10 +120,12 @@ class ResponseStream:
         if thought:
             output.append({"id": "rs_" + unique_id(), "type": "reasoning",
                            "summary": [_summary(thought)], "status": "completed"})
-        if text or not completion.tool_calls:
+        refusal = completion.refusal
+        if text or refusal or not completion.tool_calls:
             output.append({"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
                            "status": "incomplete" if self._finish == "length" else "completed",
-                           "content": [_output_text(text)]})
+                           "content": ([_output_text(text)] if text or not refusal else []) +
+                           ([_refusal(refusal)] if refusal else [])})
         output += [self._named({"id": "fc_" + unique_id(), "type": "function_call",
                                 "call_id": call["id"], "name": call["function"]["name"],
                                 "arguments": call["function"]["arguments"],
@@ -132,7 +138,8 @@ class ResponseStream:
 
     def assistant_turn(self) -> dict[str, Any]:
         """The answer as a chat message, to continue the conversation from."""
-        text = "".join(part["text"] for item in self.response["output"]
+        text = "".join(part.get("text") or part.get("refusal", "")
+                       for item in self.response["output"]
                        if item["type"] == "message" for part in item["content"])
         calls = [{"id": item["call_id"], "type": "function", "function": {
                      "name": namespaced(item["namespace"], item["name"]) if item.get("namespace")
@@ -147,7 +154,7 @@ class ResponseStream:
 
     def _write(self, kind: str, text: str) -> bytes:
         out = b""
-        if self._open is None or self._open["type"] != kind:
+        if self._open is None or self._writing != kind:
             out = self._close() + self._start(kind)
         assert self._open is not None
         self._text.append(text)
@@ -155,6 +162,9 @@ class ResponseStream:
         if kind == "reasoning":
             return out + self._event("response.reasoning_summary_text.delta", **where,
                                      summary_index=0, delta=text)
+        if kind == "refusal":
+            return out + self._event("response.refusal.delta", **where, content_index=0,
+                                     delta=text)
         return out + self._event("response.output_text.delta", **where, content_index=0,
                                  delta=text, logprobs=[])
 
@@ -165,13 +175,13 @@ class ResponseStream:
         else:
             item = {"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
                     "status": "in_progress", "content": []}
-        self._open, self._text = item, []
+        self._open, self._text, self._writing = item, [], kind
         out = self._added(item)
         if kind == "reasoning":
             return out + self._event("response.reasoning_summary_part.added", **self._where(),
                                      summary_index=0, part=_summary(""))
         return out + self._event("response.content_part.added", **self._where(),
-                                 content_index=0, part=_output_text(""))
+                                 content_index=0, part=_part(kind, ""))
 
     def _fill(self, item: dict[str, Any]) -> str:
         """The open item given its text; the text."""
@@ -179,7 +189,7 @@ class ResponseStream:
         if item["type"] == "reasoning":
             item["summary"] = [_summary(text)]
         else:
-            item["content"] = [_output_text(text)]
+            item["content"] = [_part(self._writing, text)]
         return text
 
     def _close(self) -> bytes:
@@ -194,6 +204,11 @@ class ResponseStream:
                               summary_index=0, text=text) + \
                 self._event("response.reasoning_summary_part.done", **where,
                             summary_index=0, part=_summary(text))
+        elif self._writing == "refusal":
+            out = self._event("response.refusal.done", **where, content_index=0,
+                              refusal=text) + \
+                self._event("response.content_part.done", **where, content_index=0,
+                            part=_refusal(text))
         else:
             out = self._event("response.output_text.done", **where, content_index=0,
                               text=text, logprobs=[]) + \
@@ -289,6 +304,14 @@ def _summary(text: str) -> dict[str, Any]:
 
 def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _refusal(text: str) -> dict[str, Any]:
+    return {"type": "refusal", "refusal": text}
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    return _refusal(text) if kind == "refusal" else _output_text(text)
 
 
 def _usage(usage: Usage) -> dict[str, Any]:

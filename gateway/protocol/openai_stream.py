@@ -69,6 +69,9 @@ class OpenAITranslator:
         if reasoning.__class__ is not str:
             reasoning = "" if reasoning is None else text_field(reasoning)
         chunk = Chunk(content, reasoning, None, choice.get("finish_reason"))
+        refusal = delta.get("refusal")
+        if refusal and refusal.__class__ is str:
+            chunk.refusal = refusal
         logprobs = choice.get("logprobs")
         if logprobs and isinstance(logprobs, dict):
             chunk.logprobs = logprobs

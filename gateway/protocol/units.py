@@ -52,10 +52,14 @@ class Chunk:
     # {"content": [...]} for chat, {"tokens": [...], "token_logprobs": [...], ...} for text.
     logprobs: dict[str, Any] | None = None
     fingerprint: str | None = None  # the backend's system_fingerprint, when it sends one
+    # The model's refusal, in place of the content (OpenAI's ``refusal``: a model that will
+    # not answer, or not in the structured output asked for, says why there)
+    refusal: str = ""
 
     def says_something(self) -> bool:
         """Whether it carries anything of the answer (not only its usage)."""
-        return bool(self.content or self.reasoning or self.tool_calls or self.finish_reason)
+        return bool(self.content or self.reasoning or self.tool_calls or self.finish_reason
+                    or self.refusal)
 
 
 CHARS_PER_TOKEN = 4  # a rough, deliberately generous estimate of a token's characters
@@ -69,16 +73,17 @@ class Completion:
     much again: read once it is whole.)
     """
 
-    __slots__ = ("_arguments", "_calls", "_content", "_reasoning", "fingerprint",
+    __slots__ = ("_arguments", "_calls", "_content", "_reasoning", "_refusal", "fingerprint",
                  "finish_reason", "logprobs", "model", "usage")
 
     def __init__(self, model: str = "", content: str = "", reasoning: str = "",
                  tool_calls: list[dict[str, Any]] | None = None, finish_reason: str = "stop",
                  usage: Usage | None = None, logprobs: dict[str, Any] | None = None,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, refusal: str = "") -> None:
         self.model = model  # the model that gave it
         self._content = [content] if content else []
         self._reasoning = [reasoning] if reasoning else []
+        self._refusal = [refusal] if refusal else []
         self._calls = tool_calls if tool_calls is not None else []
         self._arguments: dict[int, list[str]] = {}  # tool calls' argument pieces, not joined
         self.finish_reason = finish_reason
@@ -103,6 +108,10 @@ class Completion:
         self._reasoning = [text] if text else []
 
     @property
+    def refusal(self) -> str:
+        return _joined(self._refusal)
+
+    @property
     def tool_calls(self) -> list[dict[str, Any]]:
         for index, pieces in self._arguments.items():
             self._calls[index]["function"]["arguments"] += "".join(pieces)
@@ -112,7 +121,8 @@ class Completion:
     def __repr__(self) -> str:
         return (f"Completion(model={self.model!r}, content={self.content!r}, "
                 f"reasoning={self.reasoning!r}, tool_calls={self.tool_calls!r}, "
-                f"finish_reason={self.finish_reason!r}, usage={self.usage!r})")
+                f"refusal={self.refusal!r}, finish_reason={self.finish_reason!r}, "
+                f"usage={self.usage!r})")
 
     def add(self, chunk: Chunk) -> None:
         if chunk.content:
@@ -130,6 +140,8 @@ class Completion:
             self.logprobs = merge_logprobs(self.logprobs, chunk.logprobs)
         if chunk.fingerprint:
             self.fingerprint = chunk.fingerprint
+        if chunk.refusal:
+            self._refusal.append(chunk.refusal)
 
     def _merge_tool_call(self, delta: dict[str, Any]) -> None:
         calls = self._calls
@@ -148,7 +160,8 @@ class Completion:
     def rough_tokens(self) -> int:
         """Its tokens as estimated from its characters (what an answer that does not say
         its usage, or was cut off, is charged at least)."""
-        chars = sum(map(len, self._content)) + sum(map(len, self._reasoning)) + sum(
+        chars = sum(map(len, self._content)) + sum(map(len, self._reasoning)) + \
+            sum(map(len, self._refusal)) + sum(
             len(call["function"]["name"]) + len(call["function"]["arguments"])
             for call in self.tool_calls)
         return -(-chars // CHARS_PER_TOKEN)
@@ -157,7 +170,8 @@ class Completion:
         """The answer as a stream again (a cached or checked answer, replayed)."""
         calls = [{**call, "index": i} for i, call in enumerate(self.tool_calls)]
         return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None,
-                      logprobs=self.logprobs, fingerprint=self.fingerprint),
+                      logprobs=self.logprobs, fingerprint=self.fingerprint,
+                      refusal=self.refusal),
                 Chunk(finish_reason=self.finish_reason, usage=self.usage)]
 
 

@@ -349,7 +349,7 @@ async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: De
                                         code="rescue_diverged")
                 chunk.content = seen[len(sent):]
             if chunk.content or chunk.reasoning or chunk.finish_reason or chunk.usage or \
-                    chunk.tool_calls:
+                    chunk.tool_calls or chunk.refusal:
                 yield chunk
     finally:
         await stream.aclose()

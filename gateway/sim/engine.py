@@ -59,6 +59,7 @@ class Plan:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish: str = "stop"
     prompt_tokens: int = 0
+    refusal: bool = False  # the content is the model's refusal (OpenAI's own field for it)
 
     @property
     def completion_tokens(self) -> int:
@@ -66,7 +67,7 @@ class Plan:
 
     def pieces(self) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = [("thinking", t) for t in self.thinking]
-        out += [("content", t) for t in self.content]
+        out += [("refusal" if self.refusal else "content", t) for t in self.content]
         if self.tool_calls:
             out.append(("tool_calls", self.tool_calls))
         return out
@@ -126,6 +127,9 @@ def plan_answer(model: SimModel, ask: Ask, faults: Faults | None = None) -> Plan
     if model.thinking == "field" and ask.think is not False and not ask.prefill:
         plan.thinking = tokens(faults.thought if faults and faults.thought is not None
                                else THOUGHT)
+    if faults and faults.refusal is not None:
+        plan.content, plan.refusal = tokens(faults.refusal), True
+        return plan
     if reply is not None:  # a fault: this text as it is (no tool call, no JSON shaping)
         text = reply
     elif ask.tools and ask.last_role != "tool":

@@ -45,6 +45,7 @@ class Faults:
     content_policy: bool = False  # refuse as a content-policy violation
     reject_prefill: bool = False  # refuse a final assistant message (prefill)
     reply: str | None = None  # answer this text, as it is, whatever was asked ("" answers empty)
+    refusal: str | None = None  # refuse in this text, in OpenAI's refusal field (Ollama: as text)
     thought: str | None = None  # a thinking model's reasoning, in place of its own
     finish: str | None = None  # end with this finish reason ("length": cut by its own limit)
     no_usage: bool = False  # say no token counts (a server that ignores include_usage)

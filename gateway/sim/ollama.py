@@ -234,7 +234,7 @@ class _Framer:
             return {"thinking": value, "response": ""} if kind == "thinking" else \
                 {"response": value}
         message: dict[str, Any] = {"role": "assistant", "content": ""}
-        if kind == "content":
+        if kind in ("content", "refusal"):
             message["content"] = value
         elif kind == "thinking":
             message["thinking"] = value

@@ -227,6 +227,8 @@ class _Framer:
             return self._text_piece(value)
         if kind == "content":
             delta: dict[str, Any] = {"content": value}
+        elif kind == "refusal":  # (as OpenAI's: the first has content null and refusal "")
+            delta = {"refusal": value} if not self.first else {"content": None, "refusal": value}
         elif kind == "thinking":
             delta = {"reasoning_content": value}
         else:
@@ -277,6 +279,8 @@ class _Framer:
         choice: dict[str, Any]
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if plan.refusal:
+                message.update(content=None, refusal=text)
             if plan.thinking:
                 message["reasoning_content"] = "".join(plan.thinking)
             if plan.tool_calls:
