@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
+from gateway.config.observing import RATED
 from gateway.monitor.alerts import Alert, Alerter, Facts, conditions
 from gateway.monitor.healing import Healer
 from gateway.monitor.health import HealthWatcher
@@ -76,6 +77,10 @@ class Monitor:
         self.dispatcher = Dispatcher(build_sinks(config.monitor.sinks,
                                                  config.telemetry.service_name), self._claims)
         self.alerter = Alerter(config.monitor, self.dispatcher)
+        blind = [rule.id for rule in config.monitor.alerts if rule.kind in RATED]
+        if blind and not telemetry.metrics.enabled:
+            log.warning("alerts: %s judge the traffic, which is not counted with [telemetry] "
+                        "metrics = false: they never fire", ", ".join(blind))
         self._redis = {shown(url): url for url in _redis_urls(config)}
         self._redis_down: dict[str, float] = {}  # where → since when
         self._redis_clients: dict[str, aioredis.Redis] = {}
@@ -90,6 +95,7 @@ class Monitor:
     async def close(self) -> None:
         if self._task is not None:
             await end_loops([self._task])
+        self.alerter.flush()
         await self.healer.close()
         await self.dispatcher.close()
         if self._claims is not None:
@@ -119,8 +125,10 @@ class Monitor:
         await self._ping_redis()
         self.alerter.check(conditions(self.config.monitor.alerts, self.facts()))
         if self._claims is not None:  # (this process sees them still)
-            await self._claims.keep([(a.condition.rule.id, a.condition.target)
-                                     for a in self.alerter.firing()])
+            due = await self._claims.keep([(a.condition.rule.id, a.condition.target)
+                                           for a in self.alerter.firing()])
+            if due:
+                self.dispatcher.deliver(due)
 
     def facts(self) -> Facts:
         now = time.time()
@@ -136,7 +144,7 @@ class Monitor:
             tunnels={t.name: now - t.down_since for t in self.tunnels.tunnels.values()
                      if t.down_since},
             backends={name: self.health.down_for(name) for name, up in self.health.up.items()
-                      if up is False},
+                      if up is False and not self.health.absent(name)},
             redis={where: now - since for where, since in self._redis_down.items()},
             usable_by_tier=usable,
             tier_of={b.name: b.tier for b in self.config.backends},
@@ -187,6 +195,7 @@ class Monitor:
                        "tunnel": b.config.tunnel or None,
                        "up": self.health.up.get(name) is not False and statuses[name].ok,
                        "probe": self.health.up.get(name), "since": self.health.since[name],
+                       "absent": self.health.absent(name),
                        "listed": statuses[name].ok, "error": statuses[name].error,
                        "models": [m.name for m in self.catalog.listing(name)]}
                 for name, b in self.backends.items()},

@@ -207,6 +207,10 @@ class Alerter:
             self._pending_since = now
         self._pending.append(notice)
 
+    def flush(self) -> None:
+        """Send what still waits for its group window (the gateway stops)."""
+        self._flush(float("inf"))
+
     def _flush(self, now: float) -> None:
         if self._pending and now - self._pending_since >= self._config.group_window:
             batch, self._pending = self._pending, []

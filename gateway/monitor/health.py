@@ -1,7 +1,8 @@
 """Watches each backend with its cheap probe. A backend that stops answering has every
 deployment behind it taken out of rotation at once (no request waits for a timeout to find
 out); one that comes back gets its traffic back at once, and the healer is told (it
-rediscovers the backend's models).
+rediscovers the backend's models). An optional backend (a local server that may or may not
+be there) that has not answered since the start is absent, not down: no alert, no warning.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class HealthWatcher:
         self._next: dict[str, float] = {b.name: 0.0 for b in backends}
         self._losses: dict[str, int] = {b.name: 0 for b in backends}  # lost() calls so far
         self.since: dict[str, float] = {b.name: time.time() for b in backends}  # last change
+        self._optional = {b.name for b in backends if b.config.optional}
+        self._seen: set[str] = set()  # the backends that have answered since the start
         self.on_recovered: list[Callable[[str], None]] = []
         self.on_lost: list[Callable[[str], None]] = []  # (when it goes down)
 
@@ -61,6 +64,7 @@ class HealthWatcher:
         self._next[backend.name] = time.monotonic() + self._interval * factor
         if health.ok:
             self.up[backend.name] = True
+            self._seen.add(backend.name)
             if was is None:
                 self.since[backend.name] = time.time()
             if was is False:
@@ -73,7 +77,11 @@ class HealthWatcher:
         """Stop sending it traffic now, and watch for its return closely."""
         was = self.up.get(backend)
         if was is not False:
-            log.warning("backend %s is down (%s); its traffic goes elsewhere", backend, reason)
+            if self.absent(backend):
+                log.info("optional backend %s is not there (%s)", backend, reason)
+            else:
+                log.warning("backend %s is down (%s); its traffic goes elsewhere", backend,
+                            reason)
             self.since[backend] = time.time()
         self.up[backend] = False
         self._losses[backend] = self._losses.get(backend, 0) + 1
@@ -87,10 +95,15 @@ class HealthWatcher:
     def recovered(self, backend: str) -> None:
         """Give it its traffic back now, and tell whoever listens (the healer)."""
         self.up[backend] = True
+        self._seen.add(backend)
         self.since[backend] = time.time()
         self._balancer.mark_up(backend)
         for listener in self.on_recovered:
             listener(backend)
+
+    def absent(self, backend: str) -> bool:
+        """Whether it is an optional backend that has not answered since the start."""
+        return backend in self._optional and backend not in self._seen
 
     def down_for(self, backend: str) -> float:
         """Seconds the backend has been down (0 when it is not known to be)."""

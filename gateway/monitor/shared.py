@@ -294,19 +294,28 @@ redis.call('EXPIRE', KEYS[1], ttl)
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ttl) then return 1 end
 return 0
 """
+# (every watcher knows it was announced: a Redis that lost the keys, restarted, has them back)
 KEEPS = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 local ttl = math.ceil(ARGV[2] - ARGV[1])
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('SET', KEYS[2], '1', 'EX', ttl)
 return 0
 """
+# (1: the last watcher, and the announcement ended; 0: the last, nothing announced; -1: others
+# watch still, and the announcement is kept for the one asking again)
 ENDS = """
 redis.call('ZREM', KEYS[1], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) == 0 then return redis.call('DEL', KEYS[2]) end
+redis.call('EXPIRE', KEYS[2], math.ceil(ARGV[2] - ARGV[1]))
+return -1
+"""
+LEAVES = """
+redis.call('ZREM', KEYS[1], ARGV[3])
 return 0
 """
+LEAVE_WAIT = 2.0  # seconds a stopping process gives Redis to hear that it watches no more
 
 
 class AlertClaims:
@@ -314,8 +323,10 @@ class AlertClaims:
     ``serve --workers``, hosts) sends a notice. Each judges the rules on what it sees itself
     (its own tunnels, its host's traffic), so each alert keeps its watchers in Redis, the
     processes that see it now (each says so every round): the first to announce it sends
-    "firing"; the last that sees it end sends "resolved". While Redis is away, each sends
-    its own: a notice twice rather than none.
+    "firing"; the last that sees it end sends "resolved" (one that sees it end while others
+    still watch asks again every round, so that a watcher that stopped without a word, once
+    it drops out, holds back no end). A process that stops leaves the alerts it watches.
+    While Redis is away, each sends its own: a notice twice rather than none.
     """
 
     def __init__(self, url: str, service: str) -> None:
@@ -324,6 +335,9 @@ class AlertClaims:
         self._me = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
+        self._watching: set[tuple[str, str]] = set()  # (rule, target): firing here, claimed
+        self._unclaimed: set[tuple[str, str]] = set()  # ... of those, sent with Redis away
+        self._ending: dict[tuple[str, str], Notice] = {}  # ended here, others watching still
 
     def _keys(self, rule: str, target: str) -> list[str]:
         prefix = ALERT.format(service=self._service, rule=rule, target=target)
@@ -331,23 +345,48 @@ class AlertClaims:
 
     async def __call__(self, notice: Notice) -> bool:
         """Whether this process sends ``notice``."""
-        script = STARTS if notice.status == "firing" else ENDS
+        alert = (notice.rule, notice.target)
+        firing = notice.status == "firing"
+        if firing:
+            self._watching.add(alert)
+            self._ending.pop(alert, None)
+        else:
+            self._watching.discard(alert)
         try:
-            said = await self._run(script, self._keys(notice.rule, notice.target))
+            said = await self._run(STARTS if firing else ENDS, self._keys(*alert))
         except DOWN:
             await self._forget()
+            if firing:
+                self._unclaimed.add(alert)
             return True
-        return bool(said)
+        if firing:
+            return bool(said)
+        unclaimed = alert in self._unclaimed
+        self._unclaimed.discard(alert)
+        if said == -1:
+            self._ending[alert] = notice
+            return False
+        # (what this process announced while Redis was away, Redis never knew of)
+        return said == 1 or unclaimed
 
-    async def keep(self, alerts: list[tuple[str, str]]) -> None:
-        """Say again that this process sees these alerts (``(rule, target)``), every round."""
-        if not alerts:
-            return
+    async def keep(self, alerts: list[tuple[str, str]]) -> list[Notice]:
+        """Say again that this process sees these alerts (``(rule, target)``), every round;
+        the ends it saw while others watched that are now its to send.
+        """
+        due = []
         try:
-            for rule, target in alerts:
-                await self._run(KEEPS, self._keys(rule, target))
+            for alert in alerts:
+                if alert in self._watching:  # (one not claimed yet is announced first)
+                    await self._run(KEEPS, self._keys(*alert))
+            for alert, notice in list(self._ending.items()):
+                said = await self._run(ENDS, self._keys(*alert))
+                if said != -1:
+                    del self._ending[alert]
+                    if said == 1:
+                        due.append(notice)
         except DOWN:
             await self._forget()
+        return due
 
     async def _run(self, script: str, keys: list[str]) -> Any:
         if self._redis is None:
@@ -368,4 +407,10 @@ class AlertClaims:
                 await client.aclose()
 
     async def close(self) -> None:
+        """Leave the alerts this process watches: the others' ends are theirs to send."""
+        if self._watching:
+            with contextlib.suppress(*DOWN):
+                async with asyncio.timeout(LEAVE_WAIT):
+                    for alert in self._watching:
+                        await self._run(LEAVES, self._keys(*alert))
         await self._forget()

@@ -175,16 +175,19 @@ class Dispatcher:
         self._queues: list[asyncio.Queue[list[Notice]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
-        self.sent = {s.kind: 0 for s in sinks}
-        self.failed = {s.kind: 0 for s in sinks}
+        # Each sink's name: its kind, numbered from the second of a kind ("webhook 2")
+        self.names = [s.kind if i == 1 else f"{s.kind} {i}"
+                      for i, s in _numbered(self.sinks)]
+        self.sent = dict.fromkeys(self.names, 0)
+        self.failed = dict.fromkeys(self.names, 0)
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        for sink in self.sinks:
+        for sink, name in zip(self.sinks, self.names, strict=True):
             queue: asyncio.Queue[list[Notice]] = asyncio.Queue(QUEUE)
             self._queues.append(queue)
-            self._tasks.append(asyncio.create_task(self._deliver(sink, queue),
-                                                   name=f"alerts-{sink.kind}"))
+            self._tasks.append(asyncio.create_task(self._deliver(sink, name, queue),
+                                                   name=f"alerts-{name}"))
         if self._claim is not None and self.sinks:
             self._tasks.append(asyncio.create_task(self._claimed(self._claim),
                                                    name="alerts-claims"))
@@ -196,7 +199,7 @@ class Dispatcher:
                 self._claiming.task_done()
             self._claiming.put_nowait(batch)
             return
-        self._fan_out(batch)
+        self.deliver(batch)
 
     async def _claimed(self, claim: Claim) -> None:
         """Each batch, with only the notices this process claimed."""
@@ -205,17 +208,17 @@ class Dispatcher:
             try:
                 kept = [notice for notice in batch if await claim(notice)]
                 if kept:
-                    self._fan_out(kept)
+                    self.deliver(kept)
             finally:
                 self._claiming.task_done()
 
-    def _fan_out(self, batch: list[Notice]) -> None:
-        for sink, queue in zip(self.sinks, self._queues, strict=True):
+    def deliver(self, batch: list[Notice]) -> None:
+        """The batch to every sink (already claimed, where notices are)."""
+        for name, queue in zip(self.names, self._queues, strict=True):
             if queue.full():
                 queue.get_nowait()
                 queue.task_done()
-                log.error("alerts: the %s sink is behind; its oldest batch was dropped",
-                          sink.kind)
+                log.error("alerts: the %s sink is behind; its oldest batch was dropped", name)
             queue.put_nowait(batch)
 
     async def close(self, patience: float = 2.0) -> None:
@@ -228,7 +231,8 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
 
-    async def _deliver(self, sink: Sink, queue: asyncio.Queue[list[Notice]]) -> None:
+    async def _deliver(self, sink: Sink, name: str, queue: asyncio.Queue[list[Notice]]
+                       ) -> None:
         assert self._session is not None
         while True:
             batch = await queue.get()
@@ -236,21 +240,31 @@ class Dispatcher:
                 for attempt in range(ATTEMPTS):
                     try:
                         await sink.send(batch, self._session)
-                        self.sent[sink.kind] += 1
+                        self.sent[name] += 1
                         break
                     except Exception as exc:  # a sink must never take the monitor down
-                        self.failed[sink.kind] += 1
+                        self.failed[name] += 1
                         if attempt == ATTEMPTS - 1:
                             log.error("alerts: the %s sink failed %d times (%s); %d alerts "
-                                      "were not delivered there", sink.kind, ATTEMPTS,
+                                      "were not delivered there", name, ATTEMPTS,
                                       _reason(exc), len(batch))
                         else:
                             delay = backoff(attempt, BACKOFF_INITIAL, BACKOFF_MAX)
                             log.warning("alerts: the %s sink failed (%s); again in %.1fs",
-                                        sink.kind, _reason(exc), delay)
+                                        name, _reason(exc), delay)
                             await asyncio.sleep(delay)
             finally:
                 queue.task_done()
+
+
+def _numbered(sinks: Sequence[Sink]) -> list[tuple[int, Sink]]:
+    """Each sink with its number among those of its kind (from 1)."""
+    seen: dict[str, int] = {}
+    out = []
+    for sink in sinks:
+        seen[sink.kind] = seen.get(sink.kind, 0) + 1
+        out.append((seen[sink.kind], sink))
+    return out
 
 
 def _reason(exc: Exception) -> str:

@@ -21,12 +21,13 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sim import SimModel, create_ollama_app
+from gateway.sim import SimModel, create_ollama_app, create_openai_app
 from tests.integration.conftest import FAST, Fleet, host_models
 from tests.redis_peer import RedisServer
 from tests.support import (
     ServerThread,
     backend,
+    free_port,
     gateway_config,
     openai_client,
     start_gateway,
@@ -324,8 +325,98 @@ def test_redis_that_stops_answering_is_an_alert(receiver: Receiver, fleet: Fleet
             assert alert["kind"] == "redis_down" and alert["status"] == "firing"
             assert f"127.0.0.1:{redis.port}/0" in alert["summary"]
             assert chat(server).model == "qwq:32b"  # answers go on, uncached
+            redis.start()
+            # (its end was lost where notices are claimed in that Redis: it never knew)
+            wait_until(lambda: len(receiver.posts) >= 2, 15, "the Redis alert ended")
+            assert receiver.posts[1][1]["alerts"][0]["status"] == "resolved"
         finally:
             server.stop()
+
+
+def alerted(receiver: Receiver) -> list[tuple[str, str]]:
+    return [(a["status"], a["target"]) for _, body in receiver.posts for a in body["alerts"]]
+
+
+def test_an_optional_backend_that_is_not_there_is_absent_not_down(
+        fleet: Fleet, receiver: Receiver) -> None:
+    """The shipped config's local servers, either of which may be missing: it raised a
+    backend_down alert that never ended, and /health said "degraded" for good. Once it has
+    answered, its going away is an alert as any backend's.
+    """
+    late = free_port()
+    mlx = backend("mlx", "openai", f"http://127.0.0.1:{late}/v1", optional=True, timeouts=FAST)
+    routing = {"health_interval": 0.2, "retries": 0}
+    monitor = {**QUICK, "alerts": [{"kind": "backend_down", "after": 0.3}],
+               "sinks": [{"kind": "webhook", "url": receiver.url + "/hook"}]}
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST), mlx,
+        routing=routing, monitor=monitor))
+    try:
+        wait_until(lambda: get(server.url + "/admin/status")[1]["backends"]["mlx"]["probe"]
+                   is False, 10, "the missing server probed")
+        assert get(server.url + "/health")[1]["status"] == "ok"
+        time.sleep(1.0)
+        assert receiver.posts == []
+        assert get(server.url + "/admin/status")[1]["backends"]["mlx"]["absent"]
+        with ServerThread(lambda: create_openai_app([SimModel("smol:135m")]), port=late):
+            wait_until(lambda: get(server.url + "/admin/status")[1]["backends"]["mlx"]["up"],
+                       10, "the optional server seen once it is there")
+        wait_until(lambda: ("firing", "mlx") in alerted(receiver), 10, "its going away alerted")
+        status = get(server.url + "/admin/status")[1]["backends"]["mlx"]
+        assert (status["up"], status["absent"]) == (False, False)
+        assert get(server.url + "/health")[1]["status"] == "degraded"
+    finally:
+        server.stop()
+    # A backend that must be there is down all the same.
+    server = start_gateway(gateway_config(
+        backend("primary", "ollama", fleet.primary.api_url, timeouts=FAST),
+        backend("spare", "ollama", f"http://127.0.0.1:{free_port()}", timeouts=FAST),
+        routing=routing, monitor=monitor))
+    try:
+        wait_until(lambda: ("firing", "spare") in alerted(receiver), 10, "the spare alerted")
+        assert get(server.url + "/health")[1]["status"] == "degraded"
+    finally:
+        server.stop()
+
+
+def test_two_sinks_of_one_kind_are_told_apart(fleet: Fleet, receiver: Receiver) -> None:
+    server = start_gateway(one_ollama(fleet, monitor={
+        **QUICK, "alerts": [{"kind": "backend_down", "after": 0.3}],
+        "sinks": [{"kind": "webhook", "url": receiver.url + "/hook"},
+                  {"kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook"}]}))
+    try:
+        fleet.threads["primary"].stop()
+        wait_until(lambda: get(server.url + "/admin/status")[1]["alerts"]["sinks"]["failed"]
+                   .get("webhook 2"), 15, "the dead webhook tried")
+        sinks = get(server.url + "/admin/status")[1]["alerts"]["sinks"]
+        assert sinks["sent"] == {"webhook": 1, "webhook 2": 0}
+        assert sinks["failed"]["webhook"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_notice_waiting_for_its_group_goes_out_as_the_gateway_stops(
+        fleet: Fleet, receiver: Receiver) -> None:
+    server = start_gateway(one_ollama(fleet, monitor={
+        **QUICK, "group_window": 60, "alerts": [{"kind": "backend_down", "after": 0.3}],
+        "sinks": [{"kind": "webhook", "url": receiver.url + "/hook"}]}))
+    try:
+        fleet.threads["primary"].stop()
+        wait_until(lambda: get(server.url + "/admin/status")[1]["alerts"]["firing"], 10,
+                   "the alert")
+        assert receiver.posts == []  # (waiting for the others of its group)
+    finally:
+        server.stop()
+    assert alerted(receiver) == [("firing", "primary")]
+
+
+def test_rules_on_traffic_without_metrics_are_said_to_be_blind(
+        fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    server = start_gateway(one_ollama(fleet, telemetry={"metrics": False}, monitor={
+        **QUICK, "alerts": [{"kind": "error_rate", "over": 0.5}, {"kind": "backend_down"}]}))
+    server.stop()
+    assert "error_rate judge the traffic, which is not counted with [telemetry] metrics = " \
+        "false: they never fire" in caplog.text
 
 
 def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Path) -> None:

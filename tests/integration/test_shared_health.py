@@ -15,8 +15,12 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gateway.keys import HEALTH, ROUTER
+from gateway.monitor import shared
 from gateway.monitor.shared import AlertClaims
 from gateway.monitor.sinks import Notice
 from tests.integration.conftest import Fleet, fleet_config
@@ -181,6 +185,84 @@ def test_an_alert_seen_by_several_processes_is_announced_once_and_ended_by_the_l
         assert asyncio.run(scenario(redis.url)) == [True, False, False, True, True]
     # Redis away: a notice twice rather than none.
     assert asyncio.run(scenario(f"redis://127.0.0.1:{free_port()}/0")) == [True] * 5
+
+
+def alert(status: str) -> Notice:
+    return Notice(status, "backend_down", "backend_down", "studio", "warning", "down", 0.0)
+
+
+def test_an_alert_still_ends_for_the_sinks_after_a_watcher_stopped_or_died(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end was held back for ever by a watcher no longer there: one that stopped (a
+    worker restarted) until it dropped out, and after that by nobody asking again.
+    """
+    monkeypatch.setattr(shared, "WATCH_SECONDS", 1)  # (a watcher that said nothing drops out)
+
+    async def scenario(url: str) -> list[Any]:
+        one, two, three = AlertClaims(url, "gw"), AlertClaims(url, "gw"), AlertClaims(url, "gw")
+        try:
+            said: list[Any] = [await one(alert("firing")), await two(alert("firing"))]
+            await one.close()  # stopped: it watches no more
+            said.append(await two(alert("resolved")))
+            said += [await two(alert("firing")), await three(alert("firing"))]
+            await three.keep([(alert("firing").rule, "studio")])
+            await three._forget()  # died: it says nothing from now on
+            said.append(await two(alert("resolved")))  # (three watches, as far as Redis knows)
+            said.append(await two.keep([]))
+            for _ in range(10):  # two asks every round (here 0.3 s) until three drops out
+                await asyncio.sleep(0.3)
+                if due := await two.keep([]):
+                    said.append([n.status for n in due])
+                    break
+            said.append(await two.keep([]))  # once
+            return said
+        finally:
+            for claims in (one, two, three):
+                await claims.close()
+
+    with RedisServer() as redis:
+        assert asyncio.run(scenario(redis.url)) == [
+            True, False, True, True, False, False, [], ["resolved"], []]
+
+
+def test_two_watchers_ending_one_after_the_other_send_one_end() -> None:
+    async def scenario(url: str) -> list[Any]:
+        one, two = AlertClaims(url, "gw"), AlertClaims(url, "gw")
+        try:
+            said: list[Any] = [await one(alert("firing")), await two(alert("firing"))]
+            said += [await one(alert("resolved")), await two(alert("resolved"))]
+            said += [await one.keep([]), await two.keep([])]
+            return said
+        finally:
+            await one.close()
+            await two.close()
+
+    with RedisServer() as redis:
+        assert asyncio.run(scenario(redis.url)) == [True, False, False, True, [], []]
+
+
+def test_an_alert_announced_while_redis_was_away_or_forgot_it_is_ended() -> None:
+    """The end of what Redis never knew of (redis_down itself: its firing went out while
+    Redis was away), or lost (restarted without its data), was never sent.
+    """
+    async def scenario(redis: RedisServer) -> list[Any]:
+        claims = AlertClaims(redis.url, "gw")
+        try:
+            redis.kill()
+            said: list[Any] = [await claims(alert("firing"))]  # (away: sent)
+            redis.start()
+            said.append(await claims(alert("resolved")))
+            said.append(await claims(alert("firing")))
+            redis.restart()  # (no persistence: what it knew is gone)
+            for _ in range(2):  # (rounds: the first finds its connection closed)
+                said.append(await claims.keep([("backend_down", "studio")]))
+            said.append(await claims(alert("resolved")))
+            return said
+        finally:
+            await claims.close()
+
+    with RedisServer() as redis:
+        assert asyncio.run(scenario(redis)) == [True, True, True, [], [], True]
 
 
 def test_alert_claims_find_a_cluster_that_was_away_at_their_first_call() -> None:

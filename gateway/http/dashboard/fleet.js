@@ -20,7 +20,7 @@ let fleetDrawnFrom = '';  // what the picture was last drawn from
 
 function backendState(name, b, deployments) {
   const broken = (m) => (deployments[`${name}/${m}`] || {breaker: 'closed'}).breaker !== 'closed';
-  if (!b.up) return 'down';
+  if (!b.up) return b.absent ? 'absent' : 'down';  // (an optional one not there: no fault)
   return b.error || b.models.some(broken) ? 'degraded' : 'up';
 }
 
