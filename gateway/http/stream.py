@@ -94,7 +94,8 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
         else:
             response = web.StreamResponse(headers={**headers,
                                                    "Content-Type": encoder.media_type})
-            response.enable_chunked_encoding()
+            if request.version >= (1, 1):  # (HTTP/1.0 has none: the body ends with the
+                response.enable_chunked_encoding()  # connection, as an nginx asks by default)
         await response.prepare(request)
         request[STREAM_HEADERS] = served  # (should the client leave, it is read at once)
         pinging = response if isinstance(response, EventSourceResponse) \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -309,3 +310,24 @@ def test_a_bad_option_is_named_as_the_client_sent_it(client: ollama.Client) -> N
             call()
         assert caught.value.status_code == 400
         assert "'options." in caught.value.error and "max_tokens" not in caught.value.error
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+def test_a_stream_asked_over_http_1_0_ends_with_the_connection(gateway: ServerThread,
+                                                               path: str) -> None:
+    """As an nginx in front asks by default (``proxy_http_version`` 1.0): HTTP/1.0 has no
+    chunked encoding, and the stream was a 500 once its first token had come.
+    """
+    body = json.dumps({"model": "qwen2.5-coder:32b", "messages": USER, "prompt": "Hello"})
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        raw = b""
+        while piece := sock.recv(65536):  # (to the end: the server closes the connection)
+            raw += piece
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
+    lines = [json.loads(line) for line in rest.splitlines() if line]
+    text = "".join(line["message"]["content"] if path == "/api/chat" else line["response"]
+                   for line in lines)
+    assert text == DEFAULT_REPLY and lines[-1]["done"] is True
