@@ -196,9 +196,15 @@ class CachePlugin(BasePlugin):
         """A digest of everything in the request body (as the models will see it: after
         redaction) but the fields that cannot change the answer, with the kind and tenant.
         A field the gateway does not know yet changes the key: two requests share an
-        answer only when nothing that may decide it differs.
+        answer only when nothing that may decide it differs. What is said two ways is keyed
+        one way: a number (``temperature: 0`` is ``0.0``), the limit's two names, ``n: 1``.
         """
-        what = {name: value for name, value in ctx.req.body.items() if name not in _NOT_KEYED}
+        body = ctx.req.body
+        same = _SAME if "max_tokens" not in body else {}
+        what = {same.get(name, name): float(value) if value.__class__ is int else value
+                for name, value in body.items() if name not in _NOT_KEYED}
+        if what.get("n") == 1:
+            del what["n"]
         what[" kind"] = ctx.kind
         shared = self.options.shared if not ctx.cache_scope else ctx.cache_scope == "shared"
         what[" tenant"] = "" if shared else ctx.tenant
@@ -213,6 +219,7 @@ class CachePlugin(BasePlugin):
 # What a request may say that does not change its answer: how it is delivered, and notes
 # about the caller.
 _NOT_KEYED = frozenset({"stream", "stream_options", "user", "metadata", "store"})
+_SAME = {"max_completion_tokens": "max_tokens"}  # (one limit, by its two names)
 
 
 def _deterministic(ctx: RequestContext) -> bool:

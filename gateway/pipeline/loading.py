@@ -15,9 +15,18 @@ BUILTIN = {"safety": "plugins.safety:SafetyPlugin", "cache": "plugins.cache:Cach
 
 
 def load_plugins(config: GatewayConfig) -> list[Plugin]:
-    """The configured plugins, each built from its own checked options."""
+    """The configured plugins, each built from its own checked options; each name once
+    (a plugin keeps what it knows of a request under its name: a second of the same name
+    would overwrite the first's, a cache's mark of a request in flight left for ever).
+    """
     plugins = [_load(spec, config.source, f"plugins[{i}]")
                for i, spec in enumerate(config.plugins)]
+    names = [spec.name for spec in config.plugins]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{config.source}: plugins[{i}].name: {name!r} is already the "
+                              "name of a plugin; give each its own (name = ..., with path = "
+                              "for a second of the same kind)")
     _check_order(config)
     return plugins
 

@@ -89,6 +89,16 @@ def test_sampling_settings_are_part_of_the_key(gateway: ServerThread, ollama_sim
     assert upstream_calls(ollama_sim) == 3
 
 
+def test_a_request_said_another_way_is_the_same_request(gateway: ServerThread,
+                                                         ollama_sim: Sim) -> None:
+    assert ask(gateway, "Name a tree.", temperature=0, max_tokens=50)[1] == "miss"
+    assert ask(gateway, "Name a tree.", temperature=0.0, max_tokens=50)[1] == "hit"
+    assert ask(gateway, "Name a tree.", temperature=0, max_completion_tokens=50)[1] == "hit"
+    assert ask(gateway, "Name a tree.", temperature=0, max_tokens=50, n=1)[1] == "hit"
+    assert ask(gateway, "Name a tree.", temperature=0, max_tokens=51)[1] == "miss"
+    assert upstream_calls(ollama_sim) == 2
+
+
 def test_only_deterministic_requests_are_cached_unless_forced(gateway: ServerThread,
                                                               ollama_sim: Sim) -> None:
     assert ask(gateway, "Write a poem.", temperature=0.8)[1] == "skip"

@@ -5,6 +5,7 @@ each step sees, and config mistakes caught at start-up.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,10 +16,18 @@ import pytest
 
 from gateway.pipeline import load_plugins
 from gateway.protocol.units import Chunk, Completion
+from gateway.sim import SimModel, create_ollama_app
 from gateway.sim.fleet import DEFAULT_REPLY
 from gateway.typed_toml import ConfigError
 from plugins.base import BasePlugin, RequestContext, Verdict
-from tests.support import Sim, backend, gateway_config, start_gateway
+from tests.support import (
+    ServerThread,
+    Sim,
+    backend,
+    gateway_config,
+    openai_client,
+    start_gateway,
+)
 
 MODEL = "qwen2.5-coder:32b"
 steps: list[str] = []
@@ -115,6 +124,32 @@ def test_the_cache_must_come_after_what_it_trusts(order: list[str]) -> None:
     good = gateway_config(backend("o", "ollama", "http://127.0.0.1:1"),
                           plugins=[{"name": name} for name in ("safety", "qa", "cache")])
     assert [plugin.name for plugin in load_plugins(good)] == ["safety", "qa", "cache"]
+
+
+def test_two_plugins_of_one_name_are_refused_and_two_caches_named_apart_work() -> None:
+    """Two caches listed with one name: each repeated request waited 120 s for the first's
+    mark of the request in flight, which the second had overwritten.
+    """
+    twice = gateway_config(backend("o", "ollama", "http://127.0.0.1:1"),
+                           plugins=[{"name": "cache"}, {"name": "cache"}])
+    with pytest.raises(ConfigError, match=r"plugins\[1\]\.name: 'cache' is already"):
+        load_plugins(twice)
+    with ServerThread(lambda: create_ollama_app([SimModel("m:1b")])) as server:
+        sim = Sim(server, "ollama")
+        gateway = start_gateway(gateway_config(
+            backend("o", "ollama", sim.api_url),
+            plugins=[{"name": "cache", "options": {"ttl": 5}},
+                     {"name": "l2", "path": "plugins.cache:CachePlugin"}]))
+        try:
+            client = openai_client(gateway.url)
+            for _ in range(3):
+                started = time.monotonic()
+                client.chat.completions.create(model="m:1b", temperature=0, messages=[
+                    {"role": "user", "content": "Hello"}])
+                assert time.monotonic() - started < 5
+            assert len(sim.requests("/api/chat")) == 1
+        finally:
+            gateway.stop()
 
 
 class Broken(BasePlugin):
