@@ -58,6 +58,10 @@ _REFUSAL = re.compile(
     r"engage|give|support(?!\s+(?:that|this|the)\s+claim\b))\b" + _BUT +
     r"|\s*[,.!]?\s*(?:sorry[.!]?)?\s*$)))",
     re.IGNORECASE)
+# What, after the refusal's words, makes it an answer that opened with a hedge ("I can't run
+# code. Here is the function:\n...", "... As of my last update, it was 2.1 million"): code,
+# a number, or a colon that introduces what follows on its own lines.
+_ANSWERED = re.compile(r"`|\d|:[ \t]*\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +143,8 @@ class QualityPlugin(BasePlugin):
             if problem is not None:
                 yield f"json ({problem})"
         if "refusal" in self.checks and len(text) <= self.options.refusal_max_chars and \
-                _REFUSAL.match(text) and not ctx.headers.get("x-gateway-safety"):
+                (said := _REFUSAL.match(text)) and not _ANSWERED.search(text, said.end()) \
+                and not ctx.headers.get("x-gateway-safety"):
             yield "refusal"
 
 
@@ -242,4 +247,6 @@ def _is(value: Any, type_name: Any) -> bool:
         return True  # a type this check does not know is not held against the answer
     if isinstance(value, bool) and type_name in ("integer", "number"):
         return False
+    if type_name == "integer" and isinstance(value, float):
+        return value.is_integer()  # (JSON Schema's integer: any number without a fraction)
     return isinstance(value, expected)

@@ -420,6 +420,8 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
     ('{"name": "a", "tags": [1]}', "$.tags[0] is not of type string"),
     ('{"name": "a", "tags": [], "size": "xl"}', "$.size is not one of the allowed values"),
     ('{"name": "a", "tags": [], "n": true}', "$.n is not of type integer"),
+    ('{"name": "a", "tags": [], "n": 3.0}', None),  # (JSON Schema's integers: no fraction)
+    ('{"name": "a", "tags": [], "n": 3.5}', "$.n is not of type integer"),
     ('{"name": "a", "tags": [], "extra": 1}', "$.extra is not allowed"),
     ('[1, 2]', "$ is not of type object"),
 ])
@@ -560,6 +562,16 @@ def _judged(reply: str, system: str | None = None, *, finish: str = "stop",
     ("I can't help but point out that floating point is inexact.", False),
     ("As an AI, I don't have personal preferences, but vim is popular.", False),
     ("I can't answer that with certainty, but forecasts show 60% rain.", False),
+    # (the hedge a sentence, the answer the next)
+    ("I can't create files on your machine. Save this as hello.py:\n\n```python\n"
+     "print('hello')\n```", False),
+    ("I cannot provide real-time data. As of my last update, Paris had 2.1 million people.",
+     False),
+    ("I'm sorry, I can't see your screen. From the error, run `pip install requests`.", False),
+    ("I can't run code, so I haven't tested this. Here is the function:\n\n"
+     "def add(a, b):\n    return a + b", False),
+    ("I can't help with that. If you have another question, I'd be happy to help.", True),
+    ("I cannot assist with creating malware. Writing it is illegal and harmful.", True),
 ])
 def test_a_refusal_is_one_and_an_answer_that_opens_with_an_apology_is_not(
         reply: str, refused: bool) -> None:
