@@ -156,6 +156,11 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+# An answer still coming, token after token, when its exchange's ``total`` limit ran out: long,
+# not broken (it ends there, cut as by a length limit; no fault of the deployment's).
+OVERTIME = "answer_overtime"
+
+
 # A model that cannot do what a request asks (images, tools...): the client's error when it
 # named that model, but a model the gateway picked for it is passed over for the next.
 UNSUPPORTED_BY_MODEL = "unsupported_by_model"

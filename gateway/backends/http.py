@@ -24,10 +24,12 @@ from gateway.backends.response import (
     Disconnected,
     IdleTimeout,
     Limits,
+    Overtime,
     Response,
 )
 from gateway.config import BackendConfig
 from gateway.errors import (
+    OVERTIME,
     GatewayError,
     UpstreamError,
     UpstreamTimeout,
@@ -200,8 +202,15 @@ class HttpBackend:
                 exc.message = self.said(exc.message)
                 exc.args = (exc.message,)
                 raise
-            except (TimeoutError, OSError, BadResponse):  # (IdleTimeout, the total limit,
-                # a connection closed or broken): after the finish, the answer is whole
+            except (TimeoutError, OSError, BadResponse) as exc:  # (IdleTimeout, the total
+                # limit, a connection closed or broken): after the finish, the answer is whole
+                if isinstance(exc, Overtime) and began and collected is not None:
+                    log.warning("backend %s: %s; the answer ends there (finish: length)",
+                                self.name, _translate(self.name, exc, started=True))
+                    collected.finish_reason = "length"  # (long, not broken: see OVERTIME)
+                    for chunk in collected.chunks():
+                        yield chunk
+                    return
                 if not translator.finished:
                     raise
             finally:
@@ -327,6 +336,9 @@ def _translate(backend: str, exc: Exception, *, started: bool) -> Exception:
     """A network-level failure as the ``GatewayError`` a client should see."""
     if isinstance(exc, IdleTimeout):
         return UpstreamTimeout(f"{backend} stalled: {exc}", backend=backend)
+    if isinstance(exc, Overtime):
+        return UpstreamTimeout(f"{backend}'s answer was still coming when the backend's "
+                               "total time limit ran out", backend=backend, code=OVERTIME)
     if isinstance(exc, TimeoutError):
         what = "the answer" if started else "response headers"
         return UpstreamTimeout(f"{backend} did not send {what} in time", backend=backend)

@@ -35,6 +35,10 @@ class IdleTimeout(TimeoutError):
     """The server went silent in the middle of its answer for longer than allowed."""
 
 
+class Overtime(TimeoutError):
+    """The answer was still coming when the exchange's ``total`` ran out."""
+
+
 class BadResponse(ValueError):
     """What the server sent is not HTTP/1.x."""
 
@@ -107,8 +111,7 @@ class Response:
         self._total_timer: asyncio.TimerHandle | None = None
         self.deadline = None if limits.total is None else self._last + limits.total
         if self.deadline is not None:
-            self._total_timer = loop.call_at(self.deadline, self._expired,
-                                             "the exchange took too long")
+            self._total_timer = loop.call_at(self.deadline, self._out_of_time)
 
     # -- the connection's side
 
@@ -263,6 +266,9 @@ class Response:
             self._expired(f"no data for {limit:g}s", IdleTimeout if self.status else TimeoutError)
         else:
             self._read_timer = self._loop.call_at(due, self._read_watch)
+
+    def _out_of_time(self) -> None:
+        self._expired("the exchange took too long", Overtime if self._bodied else TimeoutError)
 
     def _expired(self, why: str, kind: type[TimeoutError] = TimeoutError) -> None:
         if not self._eof and self._error is None:

@@ -15,7 +15,13 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    OVERTIME,
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.protocol.times import ms
 from gateway.protocol.units import Chunk, Usage
 from gateway.routing.attempts import Attempts, Lease
@@ -143,6 +149,13 @@ class RoutedAnswer:
                                  self._lease.deployment.model.name, broken.message)
                         self._lease.whole()
                         self._count_tokens()
+                        return
+                    if broken.code == OVERTIME:  # long, not broken: it ends here
+                        log.warning("%s/%s: %s; the answer ends there (finish: length)",
+                                    self._lease.deployment.backend.name,
+                                    self._lease.deployment.model.name, broken.message)
+                        self._lease.whole()
+                        yield Chunk(finish_reason="length")
                         return
                     # Held to account as it says (a rate limit rests the deployment, a
                     # refusal is no fault of it)...

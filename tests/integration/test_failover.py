@@ -16,15 +16,17 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.keys import CATALOG
+from gateway.keys import CATALOG, ROUTER
 from gateway.sim import SIM_STATE, SimModel, create_ollama_app, create_openai_app
 from gateway.sim.fleet import DEFAULT_REPLY, THOUGHT
+from tests.integration import conftest
 from tests.integration.conftest import FAST, Fleet, fleet_config, host_models
 from tests.support import (
     ServerThread,
     Sim,
     backend,
     gateway_config,
+    openai_client,
     start_gateway,
     wait_until,
 )
@@ -846,3 +848,42 @@ async def test_an_embedding_that_takes_longer_than_the_headers_limit_is_waited_f
             assert len(body["data"]) == 100
         finally:
             gateway.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_an_answer_still_coming_at_the_total_limit_ends_there_and_is_no_fault(
+        fleet: Fleet, stream: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A healthy answer, token after token, that outlasts ``total`` (600 s by default: 6,000
+    tokens at 10 a second): it was taken for a broken stream, finished by another model (or
+    a 504 when whole), and counted toward the breaker of a deployment that answered well.
+    It ends where the limit cut it, as a length limit ends one.
+    """
+    monkeypatch.setattr(conftest, "FAST", {**FAST, "total": 2.5})
+    config = fleet_config(fleet, breaker={"failures": 1, "cooldown": 60.0})
+    fleet.primary.fault("qwq:32b", tokens_per_s=10, ttft=0.0)  # 44 tokens: 4.4 s
+    server = start_gateway(config)
+    try:
+        client = openai_client(server.url)
+        for _ in range(2):
+            started = time.monotonic()
+            if stream:
+                chunks = list(client.chat.completions.create(
+                    model="qwq:32b", messages=USER, stream=True))  # type: ignore[arg-type]
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+                models = {c.model for c in chunks}
+            else:
+                whole = client.chat.completions.create(model="qwq:32b",
+                                                       messages=USER)  # type: ignore[arg-type]
+                text, finish = whole.choices[0].message.content or "", \
+                    whole.choices[0].finish_reason
+                models = {whole.model}
+            assert 2.0 < time.monotonic() - started < 4.0
+            assert (finish, models) == ("length", {"qwq:32b"})
+            assert text and DEFAULT_REPLY.startswith(text) and text != DEFAULT_REPLY
+        assert [r["model"] for r in fleet.primary.requests("/api/chat")] == ["qwq:32b"] * 2
+        assert fleet.secondary.requests("/api/chat") == []
+        assert server.call(lambda: server.app[ROUTER].balancer.report())[  # type: ignore
+            "primary/qwq:32b"]["breaker"] == "closed"
+    finally:
+        server.stop()
