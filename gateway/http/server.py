@@ -40,30 +40,38 @@ class _GatewayServer(web.Server):
         return GatewayHandler(self, loop=self._loop, **self._kwargs)
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Requests in flight get ``timeout`` to finish; then their connections are closed,
-        which cancels their handlers (``handler_cancellation``). aiohttp's own waits the
-        timeout, cancels only the reading of a body, and waits as long again: a stop took
-        twice the grace.
+        """Requests in flight get ``timeout`` to finish; then their handlers are cancelled
+        (a stream says in-band that the gateway stops: ``stopping``) and their connections
+        closed. aiohttp's own waits the timeout, cancels only the reading of a body, and
+        waits as long again: a stop took twice the grace.
         """
         try:
             async with asyncio.timeout(timeout):
                 await super().shutdown(timeout)
         except TimeoutError:
-            handlers = [task for connection in self._connections
-                        if (task := getattr(connection, "_task_handler", None)) is not None
-                        and not task.done()]
+            handlers = []
+            for connection in self._connections:
+                task = getattr(connection, "_task_handler", None)
+                if task is not None and not task.done():
+                    if isinstance(connection, GatewayHandler):
+                        connection.stopping = True
+                    task.cancel()
+                    handlers.append(task)
+            if handlers:  # their cancellation's own cleanup (the last event written, the
+                # upstream request closed, what was used counted), before the services they
+                # use are closed
+                await asyncio.wait(handlers, timeout=HANDLERS_END)
             for connection in list(self._connections):
                 connection.force_close()
             self._connections.clear()
-            if handlers:  # their cancellation's own cleanup (the upstream request closed,
-                # what was used counted), before the services they use are closed
-                await asyncio.wait(handlers, timeout=HANDLERS_END)
 
 
 class GatewayHandler(web.RequestHandler):
     """A connection; what aiohttp refuses before the app sees it is refused in the
     gateway's shape, and the connection closed (its parser state is lost).
     """
+
+    stopping = False  # the gateway stops, the grace spent: its handler is cancelled
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None

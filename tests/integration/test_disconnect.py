@@ -8,14 +8,18 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from typing import Any
 
 import aiohttp
+import ollama
+import openai
 import pytest
 
+from gateway.app import create_app
 from gateway.http import stream
-from tests.support import ServerThread, Sim
+from tests.support import ServerThread, Sim, backend, gateway_config, openai_client, wait_until
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -106,3 +110,44 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_closed(
             gateway.url + "/v1/chat/completions",
             json={"model": "phi3.5:3.8b", "messages": USER}) as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize("door", ["openai", "ollama"])
+def test_a_stream_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim: Sim,
+                                                      door: str) -> None:
+    """Its grace spent, a stream was broken off: the SDKs said a protocol error (the body
+    ended in the middle), not why. It says, in-band, that the gateway is stopping, and ends
+    as a stream ends; the backend's request is closed.
+    """
+    server = ServerThread(lambda: create_app(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url))), shutdown_timeout=0.5).start()
+    ollama_sim.fault("phi3.5:3.8b", tokens_per_s=5)
+    caught: list[BaseException] = []
+    text: list[str] = []
+
+    def ask() -> None:
+        try:
+            if door == "openai":
+                client = openai_client(server.url)
+                for chunk in client.chat.completions.create(
+                        model="phi3.5:3.8b", messages=USER, stream=True):  # type: ignore
+                    text.append(chunk.choices[0].delta.content or "")
+            else:
+                local = ollama.Client(host=server.url)
+                try:
+                    for part in local.chat(model="phi3.5:3.8b", messages=USER, stream=True):
+                        text.append(part.message.content or "")
+                finally:
+                    local.close()
+        except BaseException as exc:  # (what the SDK raised is what the test looks at)
+            caught.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    wait_until(lambda: text, 10, "the stream begun")
+    server.stop()
+    thread.join(10)
+    [error] = caught
+    assert isinstance(error, (openai.APIError, ollama.ResponseError)), repr(error)
+    assert "The gateway is stopping" in str(error)
+    assert ollama_sim.hung_up("/api/chat", "phi3.5:3.8b")["closed_by_client"]
