@@ -20,6 +20,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.config import redis_url_problem
+from gateway.protocol.ids import unique_id
 from gateway.protocol.units import Completion, Usage
 from gateway.store import Store, StoreUnavailable, open_store, shown
 from plugins.base import BasePlugin, Count, RequestContext, Verdict
@@ -115,7 +116,7 @@ class CachePlugin(BasePlugin):
             if hit is not None:
                 self.stats["hits"] += 1
                 ctx.headers[HEADER] = "hit"
-                return hit
+                return _own_calls(hit)
         self.stats["misses"] += 1
         ctx.headers[HEADER] = "refresh" if directive == "refresh" else "miss"
         if directive != "refresh" and self.name + ".future" not in ctx.state and \
@@ -235,6 +236,20 @@ def _encode(result: Completion) -> bytes:
         "logprobs": result.logprobs, "fingerprint": result.fingerprint, "at": time.time(),
         **({"refusal": result.refusal} if result.refusal else {}),
     })
+
+
+def _own_calls(answer: Completion) -> Completion:
+    """A stored (or shared) answer whose tool calls have ids of their own: an agent that asks
+    again would otherwise hold two calls of one id, the second answered with the first's
+    result (and an answer shared with those who waited for it stays theirs as it was).
+    """
+    calls = answer.tool_calls
+    if not calls:
+        return answer
+    return Completion(answer.model, answer.content, answer.reasoning,
+                      [{**call, "id": "call_" + unique_id()} for call in calls],
+                      answer.finish_reason, answer.usage, answer.logprobs, answer.fingerprint,
+                      answer.refusal)
 
 
 def _decode(raw: bytes) -> Completion | None:

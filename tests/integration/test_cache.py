@@ -99,6 +99,22 @@ def test_a_request_said_another_way_is_the_same_request(gateway: ServerThread,
     assert upstream_calls(ollama_sim) == 2
 
 
+def test_a_tool_call_from_the_cache_has_an_id_of_its_own(gateway: ServerThread) -> None:
+    """An agent asking again held two calls of one id (and would answer the second with the
+    first's result)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    asked = [client.chat.completions.with_raw_response.create(
+        model=MODEL, temperature=0, tools=[tool],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"}]) for _ in range(2)]
+    client.close()
+    assert [a.headers["x-gateway-cache"] for a in asked] == ["miss", "hit"]
+    calls = [a.parse().choices[0].message.tool_calls for a in asked]
+    assert all(c and c[0].function.name == "get_weather" for c in calls)
+    assert calls[0][0].id != calls[1][0].id  # type: ignore[index]
+
+
 def test_only_deterministic_requests_are_cached_unless_forced(gateway: ServerThread,
                                                               ollama_sim: Sim) -> None:
     assert ask(gateway, "Write a poem.", temperature=0.8)[1] == "skip"
