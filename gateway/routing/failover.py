@@ -332,7 +332,8 @@ async def _continuation(stream: AsyncGenerator[Chunk], sent: str, deployment: De
 
     The break came while the model reasoned (``thought``: what the client has of that): the
     new reasoning goes on from there when it begins the same, and is given whole, after a
-    blank line, when it does not: the client's reasoning is never left cut off.
+    blank line, when it does not. (A fallback that does not reason leaves the client's
+    reasoning as the break cut it, its answer whole.)
     """
     seen = ""
     mind = "" if thought else None  # the new reasoning, while it is compared with ``thought``
