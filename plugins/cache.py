@@ -158,7 +158,7 @@ class CachePlugin(BasePlugin):
         # A cut answer is kept only when the client's own limit cut it: that is its answer.
         whole = result.finish_reason in ("stop", "tool_calls") or (
             result.finish_reason == "length" and ctx.req.sampling.max_tokens is not None)
-        keep = whole and not ctx.failed
+        keep = whole and not ctx.failed and not result.overtime
         # (a stream answered beside the same request stores its answer only once that one is
         # no longer in flight: it failed, or left it to this one)
         if keep and not (ctx.state.get(self.name + ".beside") and key in self._inflight):
@@ -198,11 +198,13 @@ class CachePlugin(BasePlugin):
         redaction) but the fields that cannot change the answer, with the kind and tenant.
         A field the gateway does not know yet changes the key: two requests share an
         answer only when nothing that may decide it differs. What is said two ways is keyed
-        one way: a number (``temperature: 0`` is ``0.0``), the limit's two names, ``n: 1``.
+        one way: a fraction written whole (``temperature: 0`` is ``0.0``), the limit's two
+        names, ``n: 1``.
         """
         body = ctx.req.body
         same = _SAME if "max_tokens" not in body else {}
-        what = {same.get(name, name): float(value) if value.__class__ is int else value
+        what = {same.get(name, name): float(value) if name in _FLOATS and
+                value.__class__ is int else value
                 for name, value in body.items() if name not in _NOT_KEYED}
         if what.get("n") == 1:
             del what["n"]
@@ -221,6 +223,10 @@ class CachePlugin(BasePlugin):
 # about the caller.
 _NOT_KEYED = frozenset({"stream", "stream_options", "user", "metadata", "store"})
 _SAME = {"max_completion_tokens": "max_tokens"}  # (one limit, by its two names)
+# Fields that are fractions (an integer there is the same value: any other, such as a seed
+# past 2**53, is not a float's)
+_FLOATS = frozenset({"temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p",
+                     "repetition_penalty"})
 
 
 def _deterministic(ctx: RequestContext) -> bool:

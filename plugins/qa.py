@@ -59,9 +59,11 @@ _REFUSAL = re.compile(
     r"|\s*[,.!]?\s*(?:sorry[.!]?)?\s*$)))",
     re.IGNORECASE)
 # What, after the refusal's words, makes it an answer that opened with a hedge ("I can't run
-# code. Here is the function:\n...", "... As of my last update, it was 2.1 million"): code,
-# a number, or a colon that introduces what follows on its own lines.
-_ANSWERED = re.compile(r"`|\d|:[ \t]*\n")
+# code. Here is the function:\n...", "... run `pip install x`", "... it was 2.1 million"):
+# a block of code, a colon that introduces lines of their own, code inline (more than a word),
+# a figure with decimals. (Not any number or word in backticks: a refusal may give a hotline's
+# number, a section of a policy, the `safety` guidelines.)
+_ANSWERED = re.compile(r"```|:[ \t]*\n|`[^`\n]*[\s(=/.][^`\n]*`|\d\.\d")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +135,8 @@ class QualityPlugin(BasePlugin):
             yield "empty"
             return
         if "length" in self.checks and result.finish_reason == "length" and \
-                ctx.req.sampling.max_tokens is None:
-            yield "length"
+                ctx.req.sampling.max_tokens is None and not result.overtime:
+            yield "length"  # (cut by its time, it is as long as the gateway lets answers be)
         if "repetition" in self.checks and looping(text, self.options.loop_min_chars):
             yield "repetition"
         fmt = _json_format(ctx)

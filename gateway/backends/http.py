@@ -204,11 +204,12 @@ class HttpBackend:
                 raise
             except (TimeoutError, OSError, BadResponse) as exc:  # (IdleTimeout, the total
                 # limit, a connection closed or broken): after the finish, the answer is whole
-                if isinstance(exc, Overtime) and began and collected is not None:
+                if isinstance(exc, Overtime) and began and collected is not None and \
+                        not translator.finished:
                     log.warning("backend %s: %s; the answer ends there (finish: length)",
                                 self.name, _translate(self.name, exc, started=True))
-                    collected.finish_reason = "length"  # (long, not broken: see OVERTIME)
-                    for chunk in collected.chunks():
+                    collected.add(Chunk(finish_reason="length", overtime=True))
+                    for chunk in collected.chunks():  # (long, not broken: see OVERTIME)
                         yield chunk
                     return
                 if not translator.finished:

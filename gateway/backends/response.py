@@ -268,7 +268,9 @@ class Response:
             self._read_timer = self._loop.call_at(due, self._read_watch)
 
     def _out_of_time(self) -> None:
-        self._expired("the exchange took too long", Overtime if self._bodied else TimeoutError)
+        # (an answer coming token after token, bounded by ``idle``: a generation's stream)
+        overtime = self._bodied and self._limits.idle is not None
+        self._expired("the exchange took too long", Overtime if overtime else TimeoutError)
 
     def _expired(self, why: str, kind: type[TimeoutError] = TimeoutError) -> None:
         if not self._eof and self._error is None:

@@ -121,11 +121,13 @@ class ResponseStream:
             output.append({"id": "rs_" + unique_id(), "type": "reasoning",
                            "summary": [_summary(thought)], "status": "completed"})
         refusal = completion.refusal
-        if text or refusal or not completion.tool_calls:
+        status = "incomplete" if self._finish == "length" else "completed"
+        if text or not (refusal or completion.tool_calls):
             output.append({"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
-                           "status": "incomplete" if self._finish == "length" else "completed",
-                           "content": ([_output_text(text)] if text or not refusal else []) +
-                           ([_refusal(refusal)] if refusal else [])})
+                           "status": status, "content": [_output_text(text)]})
+        if refusal:  # (a message of its own, as a stream has it)
+            output.append({"id": "msg_" + unique_id(), "type": "message", "role": "assistant",
+                           "status": status, "content": [_refusal(refusal)]})
         output += [self._named({"id": "fc_" + unique_id(), "type": "function_call",
                                 "call_id": call["id"], "name": call["function"]["name"],
                                 "arguments": call["function"]["arguments"],

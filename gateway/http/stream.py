@@ -96,6 +96,8 @@ async def write_stream(request: web.Request, answer: Streamed, encoder: StreamEn
                                                    "Content-Type": encoder.media_type})
             if request.version >= (1, 1):  # (HTTP/1.0 has none: the body ends with the
                 response.enable_chunked_encoding()  # connection, as an nginx asks by default)
+        if request.version < (1, 1):  # ... closed, then, even when the client asked to keep it
+            response.force_close()
         await response.prepare(request)
         request[STREAM_HEADERS] = served  # (should the client leave, it is read at once)
         pinging = response if isinstance(response, EventSourceResponse) \

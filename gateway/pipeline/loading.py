@@ -19,8 +19,6 @@ def load_plugins(config: GatewayConfig) -> list[Plugin]:
     (a plugin keeps what it knows of a request under its name: a second of the same name
     would overwrite the first's, a cache's mark of a request in flight left for ever).
     """
-    plugins = [_load(spec, config.source, f"plugins[{i}]")
-               for i, spec in enumerate(config.plugins)]
     names = [spec.name for spec in config.plugins]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -28,7 +26,8 @@ def load_plugins(config: GatewayConfig) -> list[Plugin]:
                               "name of a plugin; give each its own (name = ..., with path = "
                               "for a second of the same kind)")
     _check_order(config)
-    return plugins
+    return [_load(spec, config.source, f"plugins[{i}]")
+            for i, spec in enumerate(config.plugins)]
 
 
 def _check_order(config: GatewayConfig) -> None:

@@ -55,6 +55,9 @@ class Chunk:
     # The model's refusal, in place of the content (OpenAI's ``refusal``: a model that will
     # not answer, or not in the structured output asked for, says why there)
     refusal: str = ""
+    # It ends the answer because the answer's time ran out (``total``), not its length: the
+    # finish says ``length``, but nothing asked for that (no cache keeps it, no QA faults it)
+    overtime: bool = False
 
     def says_something(self) -> bool:
         """Whether it carries anything of the answer (not only its usage)."""
@@ -74,7 +77,7 @@ class Completion:
     """
 
     __slots__ = ("_arguments", "_calls", "_content", "_reasoning", "_refusal", "fingerprint",
-                 "finish_reason", "logprobs", "model", "usage")
+                 "finish_reason", "logprobs", "model", "overtime", "usage")
 
     def __init__(self, model: str = "", content: str = "", reasoning: str = "",
                  tool_calls: list[dict[str, Any]] | None = None, finish_reason: str = "stop",
@@ -90,6 +93,7 @@ class Completion:
         self.usage = usage
         self.logprobs = logprobs
         self.fingerprint = fingerprint
+        self.overtime = False  # (see Chunk.overtime)
 
     @property
     def content(self) -> str:
@@ -142,6 +146,8 @@ class Completion:
             self.fingerprint = chunk.fingerprint
         if chunk.refusal:
             self._refusal.append(chunk.refusal)
+        if chunk.overtime:
+            self.overtime = True
 
     def _merge_tool_call(self, delta: dict[str, Any]) -> None:
         calls = self._calls
@@ -172,7 +178,8 @@ class Completion:
         return [Chunk(content=self.content, reasoning=self.reasoning, tool_calls=calls or None,
                       logprobs=self.logprobs, fingerprint=self.fingerprint,
                       refusal=self.refusal),
-                Chunk(finish_reason=self.finish_reason, usage=self.usage)]
+                Chunk(finish_reason=self.finish_reason, usage=self.usage,
+                      overtime=self.overtime)]
 
 
 def _joined(pieces: list[str]) -> str:

@@ -56,7 +56,7 @@ class RoutedAnswer:
         self._head: Chunk | None = None  # the first chunk, until chunks() gives it
         self._sent: list[str] = []  # the answer text the client has (for a rescue)
         self._thought: list[str] = []  # the reasoning it has, while no text has come
-        self._tool_calls_sent = False
+        self._unspliceable = False  # tool calls or a refusal sent: no rescue goes on from them
         self._finished = False  # the client has had the answer's finish
         self._usage: Usage | None = None
         self._first_at = 0.0
@@ -155,7 +155,7 @@ class RoutedAnswer:
                                     self._lease.deployment.backend.name,
                                     self._lease.deployment.model.name, broken.message)
                         self._lease.whole()
-                        yield Chunk(finish_reason="length")
+                        yield Chunk(finish_reason="length", overtime=True)
                         return
                     # Held to account as it says (a rate limit rests the deployment, a
                     # refusal is no fault of it)...
@@ -188,8 +188,8 @@ class RoutedAnswer:
             self._sent.append(chunk.content)
         elif chunk.reasoning and not self._sent:
             self._thought.append(chunk.reasoning)
-        if chunk.tool_calls:
-            self._tool_calls_sent = True
+        if chunk.tool_calls or chunk.refusal:
+            self._unspliceable = True
         if chunk.usage is not None:
             self._usage = chunk.usage
         if chunk.finish_reason is not None:
@@ -264,7 +264,7 @@ class RoutedAnswer:
         return None, error
 
     def _rescuable(self, error: GatewayError) -> bool:
-        return (self._rescue_enabled and not self._tool_calls_sent
+        return (self._rescue_enabled and not self._unspliceable
                 and isinstance(error, UpstreamError) and error.code != "rescue_diverged")
 
     async def _rescue(self, error: GatewayError) -> None:

@@ -97,6 +97,9 @@ def test_a_request_said_another_way_is_the_same_request(gateway: ServerThread,
     assert ask(gateway, "Name a tree.", temperature=0, max_tokens=50, n=1)[1] == "hit"
     assert ask(gateway, "Name a tree.", temperature=0, max_tokens=51)[1] == "miss"
     assert upstream_calls(ollama_sim) == 2
+    # (seeds far apart as integers, and alike as floats: two requests)
+    assert ask(gateway, "Name a tree.", seed=2**53)[1] == "miss"
+    assert ask(gateway, "Name a tree.", seed=2**53 + 1)[1] == "miss"
 
 
 def test_a_tool_call_from_the_cache_has_an_id_of_its_own(gateway: ServerThread) -> None:

@@ -312,21 +312,31 @@ def test_a_bad_option_is_named_as_the_client_sent_it(client: ollama.Client) -> N
         assert "'options." in caught.value.error and "max_tokens" not in caught.value.error
 
 
-@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+@pytest.mark.parametrize("keep", ["", "Connection: keep-alive\r\n"], ids=["close", "keep"])
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/chat/completions"])
 def test_a_stream_asked_over_http_1_0_ends_with_the_connection(gateway: ServerThread,
-                                                               path: str) -> None:
+                                                               path: str, keep: str) -> None:
     """As an nginx in front asks by default (``proxy_http_version`` 1.0): HTTP/1.0 has no
-    chunked encoding, and the stream was a 500 once its first token had come.
+    chunked encoding, and the stream was a 500 once its first token had come; and one asked
+    to keep the connection (``ab -k``, some proxies) never ended: nothing said where.
     """
-    body = json.dumps({"model": "qwen2.5-coder:32b", "messages": USER, "prompt": "Hello"})
+    body = json.dumps({"model": "qwen2.5-coder:32b", "messages": USER, "prompt": "Hello",
+                       "stream": True})
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: "
+        sock.sendall(f"POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{keep}Content-Type: "
                      f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
         raw = b""
         while piece := sock.recv(65536):  # (to the end: the server closes the connection)
             raw += piece
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
+    if path.startswith("/v1"):
+        events = [line.removeprefix(b"data: ") for line in rest.splitlines()
+                  if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]"
+        assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1]) == DEFAULT_REPLY
+        return
     lines = [json.loads(line) for line in rest.splitlines() if line]
     text = "".join(line["message"]["content"] if path == "/api/chat" else line["response"]
                    for line in lines)

@@ -856,34 +856,63 @@ def test_an_answer_still_coming_at_the_total_limit_ends_there_and_is_no_fault(
     """A healthy answer, token after token, that outlasts ``total`` (600 s by default: 6,000
     tokens at 10 a second): it was taken for a broken stream, finished by another model (or
     a 504 when whole), and counted toward the breaker of a deployment that answered well.
-    It ends where the limit cut it, as a length limit ends one.
+    It ends where the limit cut it, as a length limit ends one; and, with the plugins on, no
+    cache keeps it as if the client's limit had cut it, no QA takes it to another model.
     """
     monkeypatch.setattr(conftest, "FAST", {**FAST, "total": 2.5})
-    config = fleet_config(fleet, breaker={"failures": 1, "cooldown": 60.0})
+    config = dataclasses.replace(fleet_config(fleet, breaker={"failures": 1, "cooldown": 60.0}),
+                                 plugins=gateway_config(plugins=[{"name": "qa"},
+                                                                 {"name": "cache"}]).plugins)
     fleet.primary.fault("qwq:32b", tokens_per_s=10, ttft=0.0)  # 44 tokens: 4.4 s
     server = start_gateway(config)
     try:
         client = openai_client(server.url)
-        for _ in range(2):
+        for limit in (1000, 1000, None):  # (the client's limit: the cache's case, QA's)
             started = time.monotonic()
+            extra = {"temperature": 0, **({"max_tokens": limit} if limit else {})}
             if stream:
                 chunks = list(client.chat.completions.create(
-                    model="qwq:32b", messages=USER, stream=True))  # type: ignore[arg-type]
+                    model="qwq:32b", messages=USER, stream=True,  # type: ignore[arg-type]
+                    **extra))
                 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
                 finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
                 models = {c.model for c in chunks}
             else:
-                whole = client.chat.completions.create(model="qwq:32b",
-                                                       messages=USER)  # type: ignore[arg-type]
+                whole = client.chat.completions.create(model="qwq:32b", messages=USER,
+                                                       **extra)  # type: ignore[arg-type]
                 text, finish = whole.choices[0].message.content or "", \
                     whole.choices[0].finish_reason
                 models = {whole.model}
-            assert 2.0 < time.monotonic() - started < 4.0
+            assert 2.0 < time.monotonic() - started < 4.0  # (asked: not from the cache)
             assert (finish, models) == ("length", {"qwq:32b"})
             assert text and DEFAULT_REPLY.startswith(text) and text != DEFAULT_REPLY
-        assert [r["model"] for r in fleet.primary.requests("/api/chat")] == ["qwq:32b"] * 2
+        assert [r["model"] for r in fleet.primary.requests("/api/chat")] == ["qwq:32b"] * 3
         assert fleet.secondary.requests("/api/chat") == []
         assert server.call(lambda: server.app[ROUTER].balancer.report())[  # type: ignore
             "primary/qwq:32b"]["breaker"] == "closed"
     finally:
         server.stop()
+
+
+def test_an_answer_whose_finish_came_before_the_total_limit_keeps_its_finish(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finish had come, its usage and end not yet, when the limit ran out: the answer
+    is whole, and an agent's tool call must stay one (it was said to be cut, ``length``).
+    """
+    monkeypatch.setattr(conftest, "FAST", {**FAST, "total": 1.5, "idle": 5.0})
+    # (its finish at once; then neither usage nor [DONE], its body ended 3 s later)
+    fleet.cloud.fault("gpt-4o-mini", no_usage=True, missing_done=True, end_delay=3)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    server = start_gateway(fleet_config(fleet))
+    try:
+        client = openai_client(server.url)
+        plain = client.chat.completions.create(model="gpt-4o-mini",
+                                               messages=USER)  # type: ignore[arg-type]
+        called = client.chat.completions.create(model="gpt-4o-mini", messages=USER,  # type: ignore
+                                                tools=[tool])  # type: ignore[list-item]
+    finally:
+        server.stop()
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.choices[0].message.content == DEFAULT_REPLY
+    assert called.choices[0].finish_reason == "tool_calls"

@@ -28,7 +28,8 @@ class Steps(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[Sim]:
-    with ServerThread(lambda: create_openai_app([SimModel(MODEL)], flavor="openai")) as server:
+    with ServerThread(lambda: create_openai_app([SimModel(MODEL), SimModel("gpt-4o")],
+                                                flavor="openai")) as server:
         yield Sim(server, "openai")
 
 
@@ -130,3 +131,37 @@ def test_quality_assurance_takes_a_refusal_for_one(cloud: Sim) -> None:
             "refusal" in raw.headers["x-gateway-qa"]
     finally:
         server.stop()
+
+
+def test_a_refusal_broken_off_is_not_spliced_onto_another_models_answer(cloud: Sim) -> None:
+    """A rescue took no account of a refusal sent: the fallback's answer came after it (or
+    its own refusal, the first said twice over)."""
+    cloud.clear()
+    cloud.fault(MODEL, refusal=NO, cut_after=4)
+    server = start_gateway(gateway_config(
+        backend("cloud", "openai", cloud.api_url),
+        models=[{"name": MODEL, "fallbacks": ["gpt-4o"]}]))
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            said: list[str] = []
+            with pytest.raises(openai.APIError):
+                for chunk in client.chat.completions.create(
+                        model=MODEL, messages=USER, stream=True):  # type: ignore[arg-type]
+                    delta = chunk.choices[0].delta if chunk.choices else None
+                    said.append((delta.refusal or "") + (delta.content or "") if delta else "")
+        assert NO.startswith("".join(said)) and "".join(said)
+        assert [r["model"] for r in cloud.requests("/v1/chat/completions")] == [MODEL]
+    finally:
+        server.stop()
+
+
+def test_the_responses_api_gives_text_and_refusal_alike_whole_and_streamed(
+        client: openai.OpenAI, cloud: Sim) -> None:
+    cloud.clear()
+    cloud.fault(MODEL, refusal=NO)
+    whole = client.responses.create(model=MODEL, input="Hello")
+    with client.responses.stream(model=MODEL, input="Hello") as stream:
+        streamed = stream.get_final_response()
+    shapes = [[(item.type, [p.type for p in item.content]) for item in r.output]
+              for r in (whole, streamed)]
+    assert shapes[0] == shapes[1] == [("message", ["refusal"])]

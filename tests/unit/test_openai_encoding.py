@@ -101,3 +101,23 @@ def test_a_failed_response_stream_carries_what_had_come_as_the_sdk_reads_it() ->
     assert call.type == "function_call" and call.arguments == '{"city": "Paris"}'
     assert open_message.content[0].text == " again"
     assert event.response.status == "failed"
+
+
+def test_a_responses_answer_of_text_and_refusal_has_the_same_items_whole_and_streamed() -> None:
+    from gateway.doors.responses_answer import ResponseStream, new_response
+
+    whole = ResponseStream(new_response({"model": "m"}, False), "separate").whole(
+        Completion(content="Partly. ", refusal="The rest, no."))
+    stream = ResponseStream(new_response({"model": "m"}, False), "separate")
+    stream.begin()
+    for chunk in (Chunk(content="Partly. "), Chunk(refusal="The rest, no."),
+                  Chunk(finish_reason="stop")):
+        stream.chunk(chunk)
+    stream.end({})
+
+    def shape(response: dict[str, object]) -> list[tuple[str, list[str]]]:
+        return [(item["type"], [part["type"] for part in item["content"]])  # type: ignore
+                for item in response["output"]]  # type: ignore[attr-defined]
+
+    assert shape(whole) == shape(stream.response) == [
+        ("message", ["output_text"]), ("message", ["refusal"])]
