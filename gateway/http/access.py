@@ -16,7 +16,16 @@ from aiohttp import web
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
 from gateway.http.bodies import body_of, is_upload
-from gateway.keys import CONFIG, KEY, RATE_HEADERS, REQUEST_ID, TENANT, USAGE
+from gateway.keys import (
+    CLIENT_CLOSED,
+    CONFIG,
+    ENDED,
+    KEY,
+    RATE_HEADERS,
+    REQUEST_ID,
+    TENANT,
+    USAGE,
+)
 from gateway.pipeline import Listed
 from gateway.protocol.openai import MAX_TOKENS, ChatRequest, CompletionRequest, Kind
 from gateway.protocol.units import CHARS_PER_TOKEN
@@ -110,13 +119,19 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     if key is None:
         return await handler(request)  # type: ignore[no-any-return]
     request[KEY] = key
-    # (Every body but a file upload is read as JSON, whatever its Content-Type says: the
-    # doors read it so, and a body labelled otherwise must not pass unchecked.)
-    body = await body_of(request) if request.body_exists and not is_upload(request) else {}
-    if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
-        for name in (body.get("model"), body.get("name")):
-            if isinstance(name, str) and name:
-                check_model(request, name)
+    try:
+        # (Every body but a file upload is read as JSON, whatever its Content-Type says: the
+        # doors read it so, and a body labelled otherwise must not pass unchecked.)
+        body = await body_of(request) if request.body_exists and not is_upload(request) \
+            else {}
+        if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
+            for name in (body.get("model"), body.get("name")):
+                if isinstance(name, str) and name:
+                    check_model(request, name)
+    except GatewayError:
+        if key.rpm or key.tpm:  # (an error's answer says what is left too)
+            request[RATE_HEADERS] = (await limits.look(key)).headers(key)
+        raise
     if request.path not in METERED:  # (its headers say what is left all the same)
         if key.rpm or key.tpm:
             request[RATE_HEADERS] = (await limits.look(key)).headers(key)
@@ -139,8 +154,11 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     finally:
         # The tokens used, as the answer said; an answer that did not say (cut off by the
         # client, or from a backend that does not count) costs what was estimated, or its
-        # prompt and what came of it when that is more; an error, nothing.
+        # prompt and what came of it when that is more; a stream an error broke off (its
+        # status long since 200), its prompt and what came of it; an error, nothing.
+        ended = request.get(ENDED)
         used = tally.tokens + tally.output if tally.reported else \
+            prompt + tally.output if ended is not None and ended != CLIENT_CLOSED else \
             max(estimate, prompt + tally.output) if answered else 0
         await limits.settle(key, admission, min(used, MAX_TOKENS))
 

@@ -396,6 +396,39 @@ def test_what_costs_tokens_an_error_nothing_a_cut_stream_its_estimate(
         assert 340 <= left(c) < 420  # 600 - (200 + the prompt), and a few seconds of refill
 
 
+def test_a_stream_an_error_broke_off_costs_what_came_of_it(keyed: ServerThread,
+                                                          ollama_sim: Sim) -> None:
+    """Its status long since 200, it cost the whole estimate (here all of a minute's
+    tokens): the key's next requests were refused while nothing was wrong.
+    """
+    def left(c: openai.OpenAI) -> int:
+        raw = c.models.with_raw_response.list()
+        return int(raw.headers["x-ratelimit-remaining-tokens"])
+
+    ollama_sim.fault(MODEL, error_after=2, message="model crashed")
+    with client(keyed, "tpm") as c:
+        with pytest.raises(openai.APIError, match="model crashed"):
+            for _ in c.chat.completions.create(model=MODEL, messages=USER, max_tokens=500,
+                                               stream=True):
+                pass
+        assert left(c) > 550  # (the prompt, a few tokens: not 500 and more)
+        ollama_sim.clear()
+        c.chat.completions.create(model=MODEL, messages=USER, max_tokens=300)
+
+
+def test_an_error_before_admission_says_what_is_left(keyed: ServerThread) -> None:
+    """A body that is not JSON is refused before the key's limits are asked: its answer
+    lacked what every answer to a key with limits says."""
+    request = urllib.request.Request(keyed.url + "/v1/chat/completions", data=b"{not json",
+                                     headers={"Authorization": f"Bearer {secret('tpm')}",
+                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    with caught.value as refused:  # (its connection closed)
+        assert refused.code == 400
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "600"
+
+
 def test_a_keys_cache_scope_and_cached_answers_cost_no_tokens(ollama_sim: Sim) -> None:
     config = gateway_config(
         backend("ollama", "ollama", ollama_sim.api_url),
