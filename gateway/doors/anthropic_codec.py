@@ -110,9 +110,11 @@ def thinking_of(body: dict[str, Any]) -> bool | None:
 def reasoning_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
     """How reasoning reaches this client: not at all unless it turned thinking on, as
     Anthropic's API gives thinking blocks only then (a client that did not ask reads the
-    first block as the text; a model that thinks anyway still does, unseen).
+    first block as the text; a model that thinks anyway still does, unseen); in thinking
+    blocks when it did, whatever the gateway's ``[server] reasoning`` does for clients that
+    read only text (its ``inline`` sent ``<think>`` tags as text, its ``drop`` nothing).
     """
-    return mode if thinking_of(body) else "drop"
+    return "separate" if thinking_of(body) else "drop"
 
 
 def _system(system: Any) -> list[dict[str, Any]]:

@@ -69,7 +69,9 @@ async def running(request: web.Request) -> web.Response:
               if m.info is not None and m.info.loaded]
     return json_response({"models": [
         {**_entry(m), "expires_at": None, "size_vram": 0,
-         "context_length": (m.info.context_length if m.info else None) or 0}
+         # (the window Ollama runs it with, where it said: often far short of the model's)
+         "context_length": (m.info.running_context or m.info.context_length if m.info
+                            else None) or 0}
         for m in models]})
 
 

@@ -33,6 +33,7 @@ from gateway.protocol.openai import (
 from gateway.protocol.reasoning import ReasoningView
 from gateway.protocol.times import rfc3339
 from gateway.protocol.units import Chunk, Completion, Usage
+from gateway.telemetry import ANSWER_BEGAN
 
 # The chat request's fields that come from the options: errors name the options.
 FIELDS = {chat: f"options.{option}" for option, chat in OPENAI_FIELDS.items()}
@@ -53,7 +54,9 @@ def model_of(body: dict[str, Any]) -> str:
 
 
 def streams(body: dict[str, Any]) -> bool:
-    stream = body.get("stream", True)  # Ollama streams unless told not to
+    stream = body.get("stream")  # Ollama streams unless told not to (null: not told)
+    if stream is None:
+        return True
     if not isinstance(stream, bool):
         raise bad("stream must be true or false")
     return stream
@@ -340,6 +343,9 @@ class OllamaStream:
     def whole(self, completion: Completion) -> dict[str, Any]:
         """The answer as one object, as Ollama sends it with ``stream: false``."""
         self._usage = completion.usage
+        began = ANSWER_BEGAN.get()  # (when its first piece came: the prompt's time before)
+        if self._first_at is None and began:
+            self._first_at = time.perf_counter() - max(0.0, time.monotonic() - began)
         self._reason = "length" if completion.finish_reason == "length" else "stop"
         thought, text = self._view.whole(completion)
         text += completion.refusal
@@ -365,15 +371,18 @@ class OllamaStream:
         return line
 
     def _counts(self) -> dict[str, Any]:
+        """Ollama's counts and durations (nanoseconds; none 0 where tokens were counted:
+        clients divide by them for tokens a second)."""
         now = time.perf_counter()
         first = self._first_at or self._started
         usage = self._usage or Usage()
         return {"done_reason": self._reason,
-                "total_duration": int((now - self._started) * 1e9), "load_duration": 0,
+                "total_duration": max(1, int((now - self._started) * 1e9)),
+                "load_duration": 0,
                 "prompt_eval_count": usage.prompt_tokens,
-                "prompt_eval_duration": int((first - self._started) * 1e9),
+                "prompt_eval_duration": max(1, int((first - self._started) * 1e9)),
                 "eval_count": usage.completion_tokens,
-                "eval_duration": int((now - first) * 1e9)}
+                "eval_duration": max(1, int((now - first) * 1e9))}
 
 
 def tool_calls(completion: Completion) -> list[dict[str, Any]]:

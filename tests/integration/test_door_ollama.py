@@ -50,12 +50,15 @@ def test_show_tells_capabilities_and_context(client: ollama.Client) -> None:
 
 
 def test_ps_lists_what_the_backend_has_loaded() -> None:
-    models = [SimModel("llama3.2:3b", loaded=True), SimModel("phi3.5:3.8b")]
+    """With the window Ollama runs each with (it said the model's own: 131072 for 4096)."""
+    models = [SimModel("llama3.2:3b", loaded=True, context_length=131072, runs_with=4096),
+              SimModel("phi3.5:3.8b")]
     with ServerThread(lambda: create_ollama_app(models)) as sim:
         server = start_gateway(gateway_config(backend("ollama", "ollama", sim.url)))
         client = ollama.Client(host=server.url)
         try:
             assert [m.model for m in client.ps().models] == ["llama3.2:3b"]
+            assert client.ps().models[0].context_length == 4096
         finally:
             client.close()
             server.stop()
@@ -67,6 +70,8 @@ def test_chat_whole_and_streamed(client: ollama.Client) -> None:
     assert reply.done and reply.done_reason == "stop"
     assert reply.eval_count == len(DEFAULT_REPLY.split()) and reply.prompt_eval_count
     assert reply.total_duration and reply.total_duration > 0
+    # (clients divide by them: tokens a second)
+    assert reply.prompt_eval_duration and reply.eval_duration
     parts = list(client.chat(model="command-r-plus:104b", messages=USER, stream=True))
     assert "".join(p.message.content or "" for p in parts) == DEFAULT_REPLY
     assert [p.done for p in parts].count(True) == 1 and parts[-1].done
@@ -341,3 +346,12 @@ def test_a_stream_asked_over_http_1_0_ends_with_the_connection(gateway: ServerTh
     text = "".join(line["message"]["content"] if path == "/api/chat" else line["response"]
                    for line in lines)
     assert text == DEFAULT_REPLY and lines[-1]["done"] is True
+
+
+def test_a_stream_said_to_be_null_streams_as_ollama_does(gateway: ServerThread) -> None:
+    body = json.dumps({"model": "qwen2.5-coder:32b", "messages": USER, "stream": None})
+    request = urllib.request.Request(gateway.url + "/api/chat", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        lines = [json.loads(line) for line in response.read().splitlines() if line]
+    assert len(lines) > 2 and lines[-1]["done"] is True

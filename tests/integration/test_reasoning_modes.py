@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import anthropic
 import openai
 import pytest
 
@@ -40,3 +41,21 @@ def test_reasoning_modes(mode_gateway: tuple[str, ServerThread], model: str) -> 
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     assert not any(getattr(c.choices[0].delta, "reasoning_content", None)
                    for c in stream if c.choices)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_that_turns_thinking_on_gets_thinking_blocks_whatever_the_mode(
+        mode_gateway: tuple[str, ServerThread], stream: bool) -> None:
+    """The mode is for clients that read only text: an Anthropic client that asked for
+    thinking got the model's in <think> tags as its text (inline), or none (drop)."""
+    _, server = mode_gateway
+    ask = {"model": "qwq:32b", "max_tokens": 512, "messages": USER,
+           "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    with anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0) as client:
+        if stream:
+            with client.messages.stream(**ask) as events:  # type: ignore[arg-type]
+                message = events.get_final_message()
+        else:
+            message = client.messages.create(**ask)  # type: ignore[arg-type]
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None))
+            for b in message.content] == [("thinking", THOUGHT), ("text", DEFAULT_REPLY)]
