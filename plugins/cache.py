@@ -199,7 +199,8 @@ class CachePlugin(BasePlugin):
         A field the gateway does not know yet changes the key: two requests share an
         answer only when nothing that may decide it differs. What is said two ways is keyed
         one way: a fraction written whole (``temperature: 0`` is ``0.0``), the limit's two
-        names, ``n: 1``.
+        names, ``n: 1``, and the tool calls' ids (each its order in the conversation: an
+        agent run again holds other ids for the same calls, a cloud's or the cache's own).
         """
         body = ctx.req.body
         same = _SAME if "max_tokens" not in body else {}
@@ -208,6 +209,11 @@ class CachePlugin(BasePlugin):
                 for name, value in body.items() if name not in _NOT_KEYED}
         if what.get("n") == 1:
             del what["n"]
+        messages = what.get("messages")
+        if isinstance(messages, list) and any(
+                isinstance(m, dict) and ("tool_calls" in m or "tool_call_id" in m)
+                for m in messages):
+            what["messages"] = _calls_in_order(messages)
         what[" kind"] = ctx.kind
         shared = self.options.shared if not ctx.cache_scope else ctx.cache_scope == "shared"
         what[" tenant"] = "" if shared else ctx.tenant
@@ -242,6 +248,31 @@ def _encode(result: Completion) -> bytes:
         "logprobs": result.logprobs, "fingerprint": result.fingerprint, "at": time.time(),
         **({"refusal": result.refusal} if result.refusal else {}),
     })
+
+
+def _calls_in_order(messages: list[Any]) -> list[Any]:
+    """The messages, each tool call's id (and each tool result's ``tool_call_id``) replaced
+    by the call's order of first appearance."""
+    order: dict[str, str] = {}
+
+    def numbered(call_id: str) -> str:
+        return order.setdefault(call_id, f"call {len(order)}")
+
+    out = []
+    for message in messages:
+        if isinstance(message, dict) and ("tool_calls" in message or
+                                          "tool_call_id" in message):
+            message = dict(message)
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                message["tool_calls"] = [
+                    {**call, "id": numbered(call["id"])}
+                    if isinstance(call, dict) and isinstance(call.get("id"), str) else call
+                    for call in calls]
+            if isinstance(message.get("tool_call_id"), str):
+                message["tool_call_id"] = numbered(message["tool_call_id"])
+        out.append(message)
+    return out
 
 
 def _own_calls(answer: Completion) -> Completion:

@@ -102,20 +102,31 @@ def test_a_request_said_another_way_is_the_same_request(gateway: ServerThread,
     assert ask(gateway, "Name a tree.", seed=2**53 + 1)[1] == "miss"
 
 
-def test_a_tool_call_from_the_cache_has_an_id_of_its_own(gateway: ServerThread) -> None:
-    """An agent asking again held two calls of one id (and would answer the second with the
-    first's result)."""
+def test_an_agent_run_again_is_answered_from_the_cache_with_ids_of_its_own(
+        gateway: ServerThread, ollama_sim: Sim) -> None:
+    """A tool call from the cache has an id of its own (an agent asking again held two calls
+    of one id, and would answer the second with the first's result); and the turns after
+    it, whose ids then differ from the first run's, are the same requests all the same.
+    """
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
-    asked = [client.chat.completions.with_raw_response.create(
-        model=MODEL, temperature=0, tools=[tool],  # type: ignore[list-item]
-        messages=[{"role": "user", "content": "Weather in Paris?"}]) for _ in range(2)]
+    said, ids = [], []
+    for _ in range(3):
+        messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+        first = client.chat.completions.with_raw_response.create(
+            model=MODEL, temperature=0, tools=[tool], messages=messages)  # type: ignore
+        call = first.parse().choices[0].message.tool_calls[0]  # type: ignore[index]
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18C, sunny"}]
+        second = client.chat.completions.with_raw_response.create(
+            model=MODEL, temperature=0, tools=[tool], messages=messages)  # type: ignore
+        said.append((first.headers["x-gateway-cache"], second.headers["x-gateway-cache"]))
+        ids.append(call.id)
     client.close()
-    assert [a.headers["x-gateway-cache"] for a in asked] == ["miss", "hit"]
-    calls = [a.parse().choices[0].message.tool_calls for a in asked]
-    assert all(c and c[0].function.name == "get_weather" for c in calls)
-    assert calls[0][0].id != calls[1][0].id  # type: ignore[index]
+    assert said == [("miss", "miss"), ("hit", "hit"), ("hit", "hit")]
+    assert len(set(ids)) == 3
+    assert upstream_calls(ollama_sim) == 2
 
 
 def test_only_deterministic_requests_are_cached_unless_forced(gateway: ServerThread,
