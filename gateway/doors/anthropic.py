@@ -7,14 +7,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.doors.anthropic_codec import (
-    FIELDS,
-    MessageStream,
-    chat_body,
-    error_body,
-    message_body,
-    reasoning_mode,
-)
+from gateway.doors.anthropic_answer import MessageStream, error_body, message_body
+from gateway.doors.anthropic_request import FIELDS, chat_body, reasoning_mode
 from gateway.errors import GatewayError
 from gateway.http.access import context
 from gateway.http.bodies import body_of

@@ -21,9 +21,9 @@ from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
 from gateway.config.observing import RATED
 from gateway.monitor.alerts import Alert, Alerter, Facts, conditions
+from gateway.monitor.claims import AlertClaims
 from gateway.monitor.healing import Healer
 from gateway.monitor.health import HealthWatcher
-from gateway.monitor.shared import AlertClaims
 from gateway.monitor.sinks import Dispatcher, build_sinks
 from gateway.monitor.window import Window
 from gateway.pipeline import Pipeline

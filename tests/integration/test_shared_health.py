@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from gateway.keys import HEALTH, ROUTER
-from gateway.monitor import shared
-from gateway.monitor.shared import AlertClaims
+from gateway.monitor import claims
+from gateway.monitor.claims import AlertClaims
 from gateway.monitor.sinks import Notice
 from tests.integration.conftest import Fleet, fleet_config
 from tests.integration.test_failover import ask, complete
@@ -196,7 +196,7 @@ def test_an_alert_still_ends_for_the_sinks_after_a_watcher_stopped_or_died(
     """The end was held back for ever by a watcher no longer there: one that stopped (a
     worker restarted) until it dropped out, and after that by nobody asking again.
     """
-    monkeypatch.setattr(shared, "WATCH_SECONDS", 1)  # (a watcher that said nothing drops out)
+    monkeypatch.setattr(claims, "WATCH_SECONDS", 1)  # (a watcher that said nothing drops out)
 
     async def scenario(url: str) -> list[Any]:
         one, two, three = AlertClaims(url, "gw"), AlertClaims(url, "gw"), AlertClaims(url, "gw")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.doors.anthropic_codec import MessageStream
+from gateway.doors.anthropic_answer import MessageStream
 from gateway.protocol.units import Chunk, Usage
 
 

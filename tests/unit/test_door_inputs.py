@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.doors import anthropic_codec, ollama_codec, responses_request
+from gateway.doors import anthropic_request, ollama_codec, responses_request
 from gateway.errors import GatewayError
 from gateway.protocol.openai import parse_chat, parse_completion, parse_embedding
 
@@ -25,12 +25,12 @@ def _responses(body: dict[str, Any]) -> None:
 
 
 def _anthropic(body: dict[str, Any]) -> None:
-    chat, _ = anthropic_codec.chat_body(body)
+    chat, _ = anthropic_request.chat_body(body)
     parse_chat(chat)
 
 
 def _anthropic_count(body: dict[str, Any]) -> None:
-    chat, _ = anthropic_codec.chat_body(body, counting=True)
+    chat, _ = anthropic_request.chat_body(body, counting=True)
     parse_chat(chat)
 
 
