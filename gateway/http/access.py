@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
 from gateway.http.bodies import body_of, is_upload
+from gateway.http.stopping import stopping
 from gateway.keys import (
     CLIENT_CLOSED,
     CONFIG,
@@ -149,7 +150,8 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         answered = response.status < 400
         return response
     except asyncio.CancelledError:
-        answered = True  # the client hung up while it was being answered
+        # the client hung up while it was being answered (the gateway stopping: an error)
+        answered = not stopping(request)
         raise
     finally:
         # The tokens used, as the answer said; an answer that did not say (cut off by the

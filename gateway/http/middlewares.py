@@ -35,6 +35,7 @@ from gateway.http.bodies import (
     read_body,
 )
 from gateway.http.cors import Cors
+from gateway.http.stopping import stopping, stopping_error
 from gateway.keys import BODY, CLIENT_CLOSED, CONFIG, ENDED, REQUEST_ID, STREAM_HEADERS, TENANT
 from gateway.protocol.ids import unique_id
 from gateway.protocol.times import ms, stamp
@@ -179,11 +180,20 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             log.exception("request %s failed", request_id)
             response = shaped(request, GatewayError(
                 "The gateway failed to handle this request.", code="internal_error"))
-        except asyncio.CancelledError:  # the client left (aiohttp cancels its handler):
-            if metered or span.recording or notes is not None:  # it is in the records
-                _account(telemetry, span, notes, door, operation, request,
-                         request.get(STREAM_HEADERS, {}), started, CLIENT_CLOSED)
-            raise
+        except asyncio.CancelledError:
+            if not stopping(request) or STREAM_HEADERS in request:
+                # the client left (aiohttp cancels its handler): it is in the records
+                if metered or span.recording or notes is not None:
+                    _account(telemetry, span, notes, door, operation, request,
+                             request.get(STREAM_HEADERS, {}), started, CLIENT_CLOSED)
+                raise
+            # The gateway stops, its grace spent, before the answer began: the client is
+            # told so (the cancellation taken: the answer goes out as answers do)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            response = shaped(request, stopping_error())
+            response.force_close()
         if asked is not request:  # (what the handler noted, such as a key's rate headers,
             asked.update(request)  # for the response's preparation)
         if not response.prepared:  # a stream sets it before its headers go out

@@ -20,7 +20,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from multidict import CIMultiDict
 
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import GatewayError
+from gateway.http.stopping import stopping, stopping_error
 from gateway.keys import CLIENT_CLOSED, ENDED, REQUEST_ID, STREAM_HEADERS
 from gateway.pipeline import Streamed
 from gateway.protocol.units import Chunk
@@ -133,7 +134,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
         request[ENDED] = CLIENT_CLOSED
         return False  # the client left or stopped reading; the caller cleans up
     except asyncio.CancelledError:
-        if not getattr(request.protocol, "stopping", False):
+        if not stopping(request):
             raise  # (the client left: aiohttp cancels its handler)
         # The gateway stops, its grace spent: the client is told so, in-band, rather than
         # left with a stream broken off (the SDKs' protocol error, not the API's), and the
@@ -141,7 +142,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-        error: GatewayError = Unavailable("The gateway is stopping; ask again.", retry_after=1)
+        error: GatewayError = stopping_error()
         request[ENDED] = error.status, error.label
         await _send_last(request, response, encoder.error(error))
         return False

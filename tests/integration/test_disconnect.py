@@ -112,12 +112,14 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_closed(
         assert response.status == 200
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("door", ["openai", "ollama"])
-def test_a_stream_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim: Sim,
-                                                      door: str) -> None:
-    """Its grace spent, a stream was broken off: the SDKs said a protocol error (the body
-    ended in the middle), not why. It says, in-band, that the gateway is stopping, and ends
-    as a stream ends; the backend's request is closed.
+def test_an_answer_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim: Sim,
+                                                       door: str, stream: bool) -> None:
+    """Its grace spent, a stream was broken off (the SDKs said a protocol error: the body
+    ended in the middle) and a whole answer's connection closed, neither saying why. A
+    stream says, in-band, that the gateway is stopping, and ends as a stream ends; a whole
+    answer is a 503 that says so; the backend's request is closed.
     """
     server = ServerThread(lambda: create_app(gateway_config(
         backend("ollama", "ollama", ollama_sim.api_url))), shutdown_timeout=0.5).start()
@@ -129,12 +131,17 @@ def test_a_stream_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim: 
         try:
             if door == "openai":
                 client = openai_client(server.url)
+                if not stream:
+                    client.chat.completions.create(model="phi3.5:3.8b",
+                                                   messages=USER)  # type: ignore[arg-type]
                 for chunk in client.chat.completions.create(
                         model="phi3.5:3.8b", messages=USER, stream=True):  # type: ignore
                     text.append(chunk.choices[0].delta.content or "")
             else:
                 local = ollama.Client(host=server.url)
                 try:
+                    if not stream:
+                        local.chat(model="phi3.5:3.8b", messages=USER, stream=False)
                     for part in local.chat(model="phi3.5:3.8b", messages=USER, stream=True):
                         text.append(part.message.content or "")
                 finally:
@@ -144,10 +151,14 @@ def test_a_stream_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim: 
 
     thread = threading.Thread(target=ask)
     thread.start()
-    wait_until(lambda: text, 10, "the stream begun")
+    wait_until(lambda: text if stream else ollama_sim.requests("/api/chat"), 10,
+               "the answer begun")
+    time.sleep(0.2)
     server.stop()
     thread.join(10)
     [error] = caught
     assert isinstance(error, (openai.APIError, ollama.ResponseError)), repr(error)
     assert "The gateway is stopping" in str(error)
+    if not stream:
+        assert getattr(error, "status_code", None) == 503
     assert ollama_sim.hung_up("/api/chat", "phi3.5:3.8b")["closed_by_client"]

@@ -1,0 +1,20 @@
+"""The gateway stopping, its grace spent: the handlers still running are cancelled
+(``GatewayHandler.stopping`` set on their connections, in ``server``), and each answer not yet
+whole tells its client why, rather than breaking off.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.errors import Unavailable
+
+
+def stopping(request: web.Request) -> bool:
+    """Whether this request's handler is cancelled because the gateway stops (not because
+    its client left)."""
+    return getattr(request.protocol, "stopping", False)
+
+
+def stopping_error() -> Unavailable:
+    return Unavailable("The gateway is stopping; ask again.", retry_after=1)
