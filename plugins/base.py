@@ -106,9 +106,14 @@ class Plugin(Protocol):
 
 
 class BasePlugin:
-    """Does nothing at every step: a plugin overrides only what it needs."""
+    """Does nothing at every step: a plugin overrides only what it needs (its options, the
+    config's ``options`` table, as its ``Options`` dataclass when it has one, are given to
+    its constructor: ``self.options``)."""
 
     name = "plugin"
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
 
     async def start(self) -> None:
         return None

@@ -19,12 +19,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"  # (PATCH: /admin/keys/{id})
 # (the SDKs read request-id, the x-ratelimit-* headers and retry-after; a page's script
 # can read only the headers named here)
 EXPOSE_HEADERS = ("x-request-id, request-id, x-gateway-backend, x-gateway-model, "
                   "x-gateway-attempts, x-gateway-route, x-gateway-cache, x-gateway-qa, "
-                  "x-gateway-safety, x-gateway-escalated, x-gateway-dropped-tools, retry-after, "
+                  "x-gateway-safety, x-gateway-escalated, x-gateway-dropped-tools, "
+                  "x-gateway-worker, retry-after, "
                   "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
                   "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
                   "x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")

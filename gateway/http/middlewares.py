@@ -273,6 +273,8 @@ def _record(request: web.Request, headers: Mapping[str, str], status: int, door:
               "stream": isinstance(body, dict) and body.get("stream") is True, **notes}
     if "x-gateway-cache" in headers:
         record["cache"] = headers["x-gateway-cache"]
+    if "x-gateway-safety" in headers:  # (what the safety checker did to the request)
+        record.setdefault("safety", headers["x-gateway-safety"])
     return record
 
 

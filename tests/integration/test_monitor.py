@@ -423,11 +423,12 @@ def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Pa
     log = tmp_path / "requests.jsonl"
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     server = start_gateway(one_ollama(
-        fleet, telemetry={"request_log": str(log)}, plugins=[{"name": "qa"}],
+        fleet, telemetry={"request_log": str(log)}, plugins=[{"name": "safety"}, {"name": "qa"}],
         keys=[{"id": "ide", "hash": digest, "name": "ide"}]))
     try:
-        chat(server, key=KEY)
         client = openai_client(server.url, KEY)
+        client.chat.completions.create(model="auto", messages=[  # type: ignore[arg-type]
+            {"role": "user", "content": "Hello, my key is sk-proj-Ab3dEf9hIjKl2mNoPqRs7tUvWx"}])
         list(client.chat.completions.create(model="qwq:32b", messages=USER, stream=True))
         with pytest.raises(openai.NotFoundError):
             chat(server, "no-such-model", key=KEY)
@@ -443,9 +444,11 @@ def test_every_request_is_one_line_in_the_request_log(fleet: Fleet, tmp_path: Pa
     assert first["backend"] == "primary" and first["attempts"] == 1
     assert first["output_tokens"] > 0 and first["ttft_ms"] >= 0 and first["ms"] > 0
     assert first["qa"] == lines[1]["qa"] == "pass"  # the stream's late verdict too
+    assert first["safety"] == "redacted=api_key" and "safety" not in lines[1]  # (the request's)
     assert lines[2]["error"] == "model_not_found"
     text = log.read_text()
     assert KEY not in text and "Hello" not in text  # never a key or a prompt
+    assert "Ab3dEf9h" not in text
 
 
 def test_a_stream_that_broke_off_or_that_its_client_left_is_recorded_as_such(

@@ -201,7 +201,9 @@ async def test_an_allowed_origin_gets_its_preflight_and_its_answers(
         async with http.options(url, headers=PREFLIGHT) as preflight:  # no key: browsers
             assert preflight.status == 204                          # send none here
             assert preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
-            assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+            # (PATCH: a page's admin changing a key, /admin/keys/{id})
+            assert {"POST", "PATCH", "DELETE"} <= set(
+                preflight.headers["Access-Control-Allow-Methods"].split(", "))
             assert preflight.headers["Access-Control-Allow-Headers"] == \
                 "authorization, content-type"
         headers = {"Origin": "http://localhost:5173", "Authorization": "Bearer sk-browser-app"}
@@ -214,7 +216,7 @@ async def test_an_allowed_origin_gets_its_preflight_and_its_answers(
                     "http://localhost:5173"
                 exposed = response.headers["Access-Control-Expose-Headers"].split(", ")
                 assert {"x-gateway-model", "x-request-id", "request-id", "retry-after",
-                        "x-ratelimit-remaining-tokens"} <= set(exposed)
+                        "x-ratelimit-remaining-tokens", "x-gateway-worker"} <= set(exposed)
         async with http.post(url, json={"model": "x", "messages": USER},
                              headers={"Origin": "http://localhost:5173"}) as refused:
             assert refused.status == 401  # errors reach the page too, readable

@@ -72,6 +72,27 @@ class Shout(BasePlugin):
 PATH = "tests.integration.test_pipeline:Shout"
 
 
+class Stamp(BasePlugin):
+    """A plugin as the README says to write one: from BasePlugin, one method of its own."""
+
+    async def on_complete(self, ctx: RequestContext, result: Completion) -> Verdict | None:
+        ctx.headers["x-stamp"] = "seen"
+        return None
+
+
+def test_a_plugin_started_from_base_plugin_needs_no_constructor(ollama_sim: Sim) -> None:
+    """The gateway would not start with it: ``Stamp() takes no arguments``."""
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        plugins=[{"name": "stamp", "path": "tests.integration.test_pipeline:Stamp"}]))
+    try:
+        raw = openai_client(server.url).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.stop()
+    assert raw.headers["x-stamp"] == "seen"
+
+
 def test_a_plugin_is_loaded_by_dotted_path_and_run_in_order(ollama_sim: Sim) -> None:
     steps.clear()
     server = start_gateway(gateway_config(
