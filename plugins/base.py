@@ -113,7 +113,9 @@ class BasePlugin:
     name = "plugin"
 
     def __init__(self, options: Any = None) -> None:
-        self.options = options
+        super().__init__()  # (a mixin's too)
+        if options is not None or not hasattr(self, "options"):  # (a subclass may have set
+            self.options = options  # them, and then call this without)
 
     async def start(self) -> None:
         return None

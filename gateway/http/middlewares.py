@@ -181,7 +181,9 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             response = shaped(request, GatewayError(
                 "The gateway failed to handle this request.", code="internal_error"))
         except asyncio.CancelledError:
-            if not stopping(request) or STREAM_HEADERS in request:
+            # (an answer begun, a model's stream or the dashboard's, takes no second one)
+            begun = STREAM_HEADERS in request or request.writer.output_size > 0
+            if not stopping(request) or begun:
                 # the client left (aiohttp cancels its handler): it is in the records
                 if metered or span.recording or notes is not None:
                     _account(telemetry, span, notes, door, operation, request,
@@ -192,8 +194,11 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            response = shaped(request, stopping_error())
+            error = stopping_error()
+            response = shaped(request, error)
             response.force_close()
+            if notes is not None:
+                notes["error"] = error.label
         if asked is not request:  # (what the handler noted, such as a key's rate headers,
             asked.update(request)  # for the response's preparation)
         if not response.prepared:  # a stream sets it before its headers go out

@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -115,14 +116,17 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_closed(
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("door", ["openai", "ollama"])
 def test_an_answer_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim: Sim,
-                                                       door: str, stream: bool) -> None:
+                                                       door: str, stream: bool,
+                                                       tmp_path: Path) -> None:
     """Its grace spent, a stream was broken off (the SDKs said a protocol error: the body
     ended in the middle) and a whole answer's connection closed, neither saying why. A
     stream says, in-band, that the gateway is stopping, and ends as a stream ends; a whole
     answer is a 503 that says so; the backend's request is closed.
     """
+    log = tmp_path / "requests.jsonl"
     server = ServerThread(lambda: create_app(gateway_config(
-        backend("ollama", "ollama", ollama_sim.api_url))), shutdown_timeout=0.5).start()
+        backend("ollama", "ollama", ollama_sim.api_url),
+        telemetry={"request_log": str(log)})), shutdown_timeout=0.5).start()
     ollama_sim.fault("phi3.5:3.8b", tokens_per_s=5)
     caught: list[BaseException] = []
     text: list[str] = []
@@ -161,4 +165,6 @@ def test_an_answer_cut_by_the_gateway_stopping_says_so(ollama_sim: Sim, mlx_sim:
     assert "The gateway is stopping" in str(error)
     if not stream:
         assert getattr(error, "status_code", None) == 503
+    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (record["status"], record["error"]) == (503, "service_unavailable")
     assert ollama_sim.hung_up("/api/chat", "phi3.5:3.8b")["closed_by_client"]

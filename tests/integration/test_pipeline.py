@@ -80,6 +80,22 @@ class Stamp(BasePlugin):
         return None
 
 
+class Ready:
+    def __init__(self) -> None:
+        self.ready = True
+
+
+class KeepsItsOwn(BasePlugin, Ready):
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        super().__init__()
+
+
+def test_a_plugin_that_sets_its_options_and_calls_on_keeps_them() -> None:
+    plugin = KeepsItsOwn({"word": "hello"})
+    assert plugin.options == {"word": "hello"} and plugin.ready
+
+
 def test_a_plugin_started_from_base_plugin_needs_no_constructor(ollama_sim: Sim) -> None:
     """The gateway would not start with it: ``Stamp() takes no arguments``."""
     server = start_gateway(gateway_config(
