@@ -35,7 +35,7 @@ from gateway.http.bodies import (
     read_body,
 )
 from gateway.http.cors import Cors
-from gateway.http.stopping import stopping, stopping_error
+from gateway.http.stopping import stopped, stopping
 from gateway.keys import BODY, CLIENT_CLOSED, CONFIG, ENDED, REQUEST_ID, STREAM_HEADERS, TENANT
 from gateway.protocol.ids import unique_id
 from gateway.protocol.times import ms, stamp
@@ -190,11 +190,8 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
                              request.get(STREAM_HEADERS, {}), started, CLIENT_CLOSED)
                 raise
             # The gateway stops, its grace spent, before the answer began: the client is
-            # told so (the cancellation taken: the answer goes out as answers do)
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            error = stopping_error()
+            # told so, the answer going out as answers do
+            error = stopped()
             response = shaped(request, error)
             response.force_close()
             if notes is not None:

@@ -5,6 +5,8 @@ whole tells its client why, rather than breaking off.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from gateway.errors import Unavailable
@@ -16,5 +18,10 @@ def stopping(request: web.Request) -> bool:
     return getattr(request.protocol, "stopping", False)
 
 
-def stopping_error() -> Unavailable:
+def stopped() -> Unavailable:
+    """The error that tells the client, its handler's cancellation taken (what follows, the
+    answer's last words, runs as ever)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
     return Unavailable("The gateway is stopping; ask again.", retry_after=1)

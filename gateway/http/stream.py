@@ -21,7 +21,7 @@ from aiohttp_sse import EventSourceResponse
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError
-from gateway.http.stopping import stopping, stopping_error
+from gateway.http.stopping import stopped, stopping
 from gateway.keys import CLIENT_CLOSED, ENDED, REQUEST_ID, STREAM_HEADERS
 from gateway.pipeline import Streamed
 from gateway.protocol.units import Chunk
@@ -138,11 +138,8 @@ async def _relay(request: web.Request, response: web.StreamResponse, answer: Str
             raise  # (the client left: aiohttp cancels its handler)
         # The gateway stops, its grace spent: the client is told so, in-band, rather than
         # left with a stream broken off (the SDKs' protocol error, not the API's), and the
-        # stream ends as streams end (the cancellation taken: what follows runs as ever)
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        error: GatewayError = stopping_error()
+        # stream ends as streams end
+        error: GatewayError = stopped()
         request[ENDED] = error.status, error.label
         await _send_last(request, response, encoder.error(error))
         return False
