@@ -138,7 +138,11 @@ class RedisKeys:
         self._find = link.script(FIND)
         self._create = link.script(CREATE)
         self._swap = link.script(SWAP)
-        self._seen: dict[str, tuple[float, KeyConfig | None]] = {}  # digest → (until, record)
+        self._seen: dict[str, tuple[float, KeyConfig]] = {}  # digest → (until, its record)
+        # Digests found to be no key's, and until when (kept apart: a spray of made-up keys,
+        # which empties these, must not make the process forget the keys it knows, which
+        # keep working on what was last read while Redis is away)
+        self._unknown: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.link.start()
@@ -153,19 +157,29 @@ class RedisKeys:
         seen = self._seen.get(digest)
         if seen is not None and seen[0] > now:
             return seen[1]
+        unknown = self._unknown.get(digest)
+        if unknown is not None and unknown > now:
+            return None
         try:
             raw = await self.link.call(lambda: self._find(self._names[::-1], [digest]))
         except Away:
             if seen is not None:  # Redis is away: what was last known stands
                 return seen[1]
+            if unknown is not None:
+                return None
             raise Unavailable("The store of API keys is unavailable right now.",
                               retry_after=1, code="key_store_unavailable") from None
         record = _record(raw) if raw else None
         if record is not None and digest_of(record.hash) != digest:
             record = None  # the id was given to another key since
-        if record is None and len(self._seen) >= UNKNOWN_KEPT:
-            self._seen.clear()  # digests made up to fill memory
-        self._seen[digest] = (now + RECHECK, record)
+        if record is None:
+            self._seen.pop(digest, None)  # (deleted since)
+            if len(self._unknown) >= UNKNOWN_KEPT:
+                self._unknown.clear()  # digests made up to fill memory
+            self._unknown[digest] = now + RECHECK
+        else:
+            self._seen[digest] = (now + RECHECK, record)
+            self._unknown.pop(digest, None)
         return record
 
     async def all(self) -> list[KeyConfig]:

@@ -263,9 +263,14 @@ def test_a_slot_redis_could_not_be_told_of_is_given_back_when_it_answers(
 
 def test_keys_in_redis_keep_working_while_it_is_away(
         pair: tuple[GatewayProcess, GatewayProcess], redis: RedisServer) -> None:
+    """Even after a spray of made-up keys (which emptied what the process remembered of
+    the keys it knows as well)."""
     first, _ = pair
     issued = issue(first, name="steady")
     assert chat(first.url, issued["key"])[0] == 200
+    with ThreadPoolExecutor(8) as pool:
+        refused = set(pool.map(lambda i: chat(first.url, f"sk-made-up-{i}")[0], range(1100)))
+    assert refused == {401}
     redis.kill()
     time.sleep(0.6)  # past the half second a process trusts what it read
     assert [chat(first.url, issued["key"])[0] for _ in range(3)] == [200] * 3
