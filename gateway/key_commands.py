@@ -66,9 +66,6 @@ def _key_settings(parser: argparse.ArgumentParser) -> None:
 def _keys_new(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     settings = _settings(args)
-    if 0 < settings.get("expires", 0) <= time.time():
-        raise ConfigError(f"options: expires: {args.expires} is past: the key would never "
-                          "work")
     if args.id is not None:
         settings["id"] = args.id
     secret, record = issue(settings, "options")

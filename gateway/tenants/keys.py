@@ -63,7 +63,11 @@ def issue(settings: dict[str, Any], source: str) -> tuple[str, KeyConfig]:
     secret = new_secret()
     fields = {"id": f"key-{secrets.token_hex(4)}", **settings, "hash": key_digest(secret),
               "created": int(time.time())}
-    return secret, build(KeyConfig, fields, source)
+    record = build(KeyConfig, fields, source)
+    if 0 < record.expires <= record.created:
+        moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires))
+        raise ConfigError(f"{source}: expires: {moment} is past: the key would never work")
+    return secret, record
 
 
 def amend(record: KeyConfig, changes: dict[str, Any], source: str) -> KeyConfig:

@@ -201,6 +201,8 @@ def test_the_admin_api_changes_a_keys_limits_for_every_process(
     assert status == 400 and "hash: cannot be changed" in error["error"]["message"]
     status, _, error = call(first.url, "/admin/keys", ADMIN, {"id": issued["id"]})
     assert status == 409 and error["error"]["code"] == "key_exists"
+    status, _, error = call(first.url, "/admin/keys", ADMIN, {"expires": 1_600_000_000})
+    assert status == 400 and "2020-09-13T12:26:40Z is past" in error["error"]["message"]
     for models in ("qwq:32b", 5, None, {"a": 1}):  # a list of names, or nothing changes
         status, _, error = call(first.url, f"/admin/keys/{issued['id']}", ADMIN,
                                 {"models": models}, method="PATCH")
