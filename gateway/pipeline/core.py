@@ -25,10 +25,9 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.pipeline.answer import Answer, Embeddings, Streamed, Whole, route_headers
 from gateway.pipeline.listing import Models
+from gateway.pipeline.outcome import StreamEnded, record_outcome
 from gateway.protocol.openai import EmbeddingRequest
-from gateway.protocol.times import ms, stamp
 from gateway.protocol.units import Chunk, Completion, Usage, collect
-from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
@@ -40,13 +39,6 @@ log = logging.getLogger(__name__)
 
 ESCALATED = "x-gateway-escalated"  # the models whose answers were found wanting, and why
 Outcome = tuple[RoutedAnswer, float]  # a routed answer, and when it was asked for
-
-
-class StreamEnded(GatewayError):
-    """A stream that ended before its answer was whole (an outcome, never sent)."""
-
-    status = 499
-    code = "stream_ended_early"
 
 
 class Pipeline:
@@ -122,7 +114,7 @@ class Pipeline:
         try:
             await routed.start()
         except GatewayError as exc:
-            self._record(ctx, routed, started, error=exc)
+            record_outcome(self.router, ctx, routed, started, error=exc)
             raise
         taken = Completion()
         try:
@@ -150,8 +142,9 @@ class Pipeline:
                 # client leaving and the stream breaking look alike from here); what came
                 # of it is paid for
                 _used(ctx, taken)
-                self._record(ctx, routed, started,
-                             error=StreamEnded("The stream ended before its answer was whole."))
+                record_outcome(
+                    self.router, ctx, routed, started,
+                    error=StreamEnded("The stream ended before its answer was whole."))
             try:
                 await chunks.aclose()  # the plugins' stream wrappers, then the upstream
                 await routed.close()
@@ -265,7 +258,7 @@ class Pipeline:
             await routed.start()
         except GatewayError as exc:
             if started is not None:
-                self._record(ctx, routed, started, error=exc)
+                record_outcome(self.router, ctx, routed, started, error=exc)
             raise
         completion = Completion()
         chunks = self._wrap(ctx, routed.chunks())
@@ -318,42 +311,9 @@ class Pipeline:
             reasons = ctx.rejected.reasons if ctx.rejected else ()
             self.router.balancer.state(deployment).judged(ctx.rejected is None, reasons)
         if outcome is not None:
-            self._record(ctx, outcome[0], outcome[1], completion=completion,
-                         escalating=escalate is not None)
+            record_outcome(self.router, ctx, outcome[0], outcome[1], completion=completion,
+                           escalating=escalate is not None)
         return escalate
-
-    def _record(self, ctx: RequestContext, routed: RoutedAnswer, started: float, *,
-                error: GatewayError | None = None, completion: Completion | None = None,
-                escalating: bool = False) -> None:
-        """The request's outcome, for learned routing, feedback and export: quality 1 for
-        an answer every check passed, 0 for one found wanting or a failure of the
-        deployments (a request that was itself at fault teaches nothing).
-        """
-        now = time.monotonic()
-        req = ctx.req
-        record: dict[str, Any] = {
-            "id": ctx.request_id, "at": stamp(time.time()), "tenant": ctx.tenant,
-            "alias": req.model if self.router.selector.is_alias(req.model) else "",
-            "asked": req.model, "batch": ctx.batch, "feedback": None,
-            "latency_ms": ms(now - started)}
-        quality: float | None
-        if error is not None:
-            record.update(ok=False, error=error.code or str(error.status))
-            quality = 0.0 if counts_against(error) else None
-            if isinstance(error, StreamEnded):
-                record.update(model=routed.model, backend=routed.deployment.backend.name)
-        else:
-            usage = completion.usage if completion is not None else None
-            first = routed.first_token_at
-            record.update(ok=ctx.rejected is None, error=None, model=routed.model,
-                          backend=routed.deployment.backend.name,
-                          ttft_ms=ms(first - started),
-                          qa=ctx.rejected.checks() if ctx.rejected else "pass",
-                          escalated=escalating)
-            if usage is not None and usage.completion_tokens > 1 and now > first:
-                record["tokens_per_s"] = round((usage.completion_tokens - 1) / (now - first), 1)
-            quality = 0.0 if ctx.rejected is not None else 1.0
-        self.router.record(req, record, routed, quality)
 
     def _wrap(self, ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         for plugin in self.plugins:
