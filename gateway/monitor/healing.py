@@ -30,8 +30,8 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.monitor.health import HealthWatcher
 from gateway.protocol.openai import ChatRequest, EmbeddingRequest, parse_chat, parse_embedding
-from gateway.routing.attempts import counts_against
 from gateway.routing.catalog import Deployment, ModelCatalog
+from gateway.routing.dispositions import counts_against
 from gateway.routing.router import Router
 from gateway.runtime import end_loops
 from gateway.telemetry import Metrics

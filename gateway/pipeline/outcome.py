@@ -10,7 +10,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.protocol.times import ms, stamp
 from gateway.protocol.units import Completion
-from gateway.routing.attempts import counts_against
+from gateway.routing.dispositions import counts_against
 from gateway.routing.failover import RoutedAnswer
 from gateway.routing.router import Router
 from plugins.base import RequestContext

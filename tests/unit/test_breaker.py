@@ -18,12 +18,13 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.protocol.units import ModelInfo
-from gateway.routing.attempts import Attempts, disposition
+from gateway.routing.attempts import Attempts
 from gateway.routing.balancer import Balancer, DeploymentState
 from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.candidates import Candidate, Route
 from gateway.routing.catalog import Deployment
 from gateway.routing.connections import Connections
+from gateway.routing.dispositions import disposition
 from gateway.telemetry import Instruments
 from gateway.telemetry.metrics import Metrics
 

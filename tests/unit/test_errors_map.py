@@ -6,7 +6,7 @@ import pytest
 
 from gateway.backends.http import error_details, parse_retry_after
 from gateway.errors import from_upstream_status, stream_error
-from gateway.routing.attempts import counts_against, disposition
+from gateway.routing.dispositions import counts_against, disposition
 
 
 @pytest.mark.parametrize(("upstream", "client", "kind"), [
