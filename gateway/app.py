@@ -89,8 +89,8 @@ def create_app(config: GatewayConfig) -> web.Application:
         is_loopback(host) for host, _ in config.server.addresses()))
     book, limits = _tenancy(config)
     app = web.Application(
-        client_max_size=config.server.max_body_bytes,  # (of what is read: gzip's decoded;
-        # an upload's own is set as it comes, see gateway_middleware)
+        client_max_size=config.server.max_body_bytes,  # (the middleware reads bodies itself,
+        # each to its own limit, as decoded: see bodies.read_body)
         middlewares=[middlewares.gateway_middleware(
             book, limits, cors, BodyBudget(config.server.bodies_in_flight_bytes), telemetry,
             shapes=[("/api/", ollama.error_response),

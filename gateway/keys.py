@@ -37,6 +37,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 TENANT = web.RequestKey("tenant", str)
 KEY = web.RequestKey("key", KeyConfig)  # the key presented, when there is one
 BODY = web.RequestKey("body", dict[str, Any])  # the JSON body, once parsed
+RAW_BODY = web.RequestKey("raw_body", bytes)  # the body, as read (decoded)
 USAGE = web.RequestKey("usage", Tally)  # the tokens the answers used (a key with limits)
 RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])  # x-ratelimit-*
 # How a stream that had begun ended otherwise than whole, as (status, label): its in-band

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.config import KeyConfig
 from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
-from gateway.http.bodies import body_of, is_upload
+from gateway.http.bodies import body_of, is_upload, raw_body
 from gateway.http.stopping import stopping
 from gateway.keys import (
     CLIENT_CLOSED,
@@ -123,8 +123,8 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
     try:
         # (Every body but a file upload is read as JSON, whatever its Content-Type says: the
         # doors read it so, and a body labelled otherwise must not pass unchecked.)
-        body = await body_of(request) if request.body_exists and not is_upload(request) \
-            else {}
+        body = await body_of(request) if request.method == "POST" and \
+            request.body_exists and not is_upload(request) else {}
         if key.models:  # (Ollama's clients may name the model "name"; the door checks too)
             for name in (body.get("model"), body.get("name")):
                 if isinstance(name, str) and name:
@@ -137,7 +137,7 @@ async def limited(request: web.Request, handler: Any, key: KeyConfig | None,
         if key.rpm or key.tpm:
             request[RATE_HEADERS] = (await limits.look(key)).headers(key)
         return await handler(request)  # type: ignore[no-any-return]
-    prompt = len(await request.read()) // CHARS_PER_TOKEN  # (as decoded)
+    prompt = len(raw_body(request)) // CHARS_PER_TOKEN  # (as decoded)
     estimate = _estimate(request, body, prompt) if key.tpm or key.budget else 0
     admission = await limits.admit(key, estimate)
     request[RATE_HEADERS] = admission.headers(key)

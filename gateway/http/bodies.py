@@ -1,6 +1,6 @@
 """Request bodies: refused before they are read when they cannot be taken, read within a
-time limit under a budget for all bodies held at once, and parsed once (by whoever asks
-first: the middleware, for what a key may use, or a door).
+time limit under a budget for all bodies held at once (each holding what has arrived of it),
+and parsed once (by whoever asks first: the middleware, for what a key may use, or a door).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, Unavailable
-from gateway.keys import BODY
+from gateway.keys import BODY, RAW_BODY
 from gateway.protocol.openai import parse_body
 
 # The one path whose body is a file upload (multipart/form-data, up to [tasks]
@@ -35,10 +35,16 @@ async def body_of(request: web.Request) -> dict[str, Any]:
     """
     body = request.get(BODY)
     if body is None:
-        raw = await request.read()
+        raw = raw_body(request)
         body = request[BODY] = parse_body(raw) if len(raw) < PARSED_APART \
             else await _apart(raw)
     return body
+
+
+def raw_body(request: web.Request) -> bytes:
+    """The request's body as it was read (decoded), ``b""`` when it has none."""
+    raw: bytes = request.get(RAW_BODY, b"")
+    return raw
 
 
 async def _apart(raw: bytes) -> dict[str, Any]:
@@ -57,7 +63,8 @@ async def _apart(raw: bytes) -> dict[str, Any]:
 
 class BodyBudget:
     """The bytes of request bodies held at once, all requests together, bounded: a flood of
-    large (or never-ending) uploads is turned away instead of filling memory.
+    large uploads is turned away instead of filling memory. A body holds what has arrived
+    of it, not what it says it will be: bodies that never come hold nothing.
     """
 
     def __init__(self, limit: int) -> None:
@@ -65,15 +72,9 @@ class BodyBudget:
         self.held = 0
 
     @contextlib.contextmanager
-    def holding(self, size: int) -> Iterator[Held]:
-        """``size`` bytes held (a body's declared length, or the most it may be) until the
-        request is answered; ``settle`` says how large the body turned out to be.
-        """
-        if self.held + size > self.limit:
-            raise Unavailable("Too many large request bodies are being received at once; "
-                              "retry shortly.", retry_after=1, code="bodies_in_flight")
-        held = Held(self, size)
-        self.held += size
+    def holding(self) -> Iterator[Held]:
+        """A body's share, grown as it arrives, held until the request is answered."""
+        held = Held(self)
         try:
             yield held
         finally:
@@ -85,37 +86,43 @@ class Held:
 
     __slots__ = ("budget", "size")
 
-    def __init__(self, budget: BodyBudget, size: int) -> None:
-        self.budget, self.size = budget, size
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.size = budget, 0
 
-    def settle(self, size: int) -> None:
-        self.budget.held += size - self.size
+    def grow(self, size: int) -> None:
+        """The body is ``size`` bytes so far (refused when the budget cannot hold that)."""
+        budget = self.budget
+        if budget.held + size - self.size > budget.limit:
+            raise Unavailable("Too many large request bodies are being received at once; "
+                              "retry shortly.", retry_after=1, code="bodies_in_flight")
+        budget.held += size - self.size
         self.size = size
 
 
-async def read_body(request: web.Request, patience: float, rate: float = 0.0) -> None:
-    """Read the body now (aiohttp keeps it for the handler), within ``patience`` seconds;
-    with a ``rate`` (bytes a second), a second more for each ``rate`` bytes that arrive (a
-    large upload on a slow link, its length declared or not; one that trickles does not
-    get longer).
+async def read_body(request: web.Request, held: Held, limit: int, patience: float,
+                    rate: float = 0.0) -> None:
+    """Read the body now (``raw_body`` has it then), within ``patience`` seconds, holding
+    what has arrived of it, up to ``limit`` bytes as decoded; with a ``rate`` (bytes a
+    second), a second more for each ``rate`` bytes that arrive (a large upload on a slow
+    link, its length declared or not; one that trickles does not get longer).
     """
     if request.content.is_eof():  # all of it came with the head: nothing to wait for (and
-        await request.read()  # no timer to set and cancel, on most requests)
+        await _read(request, held, limit)  # no timer to set and cancel, on most requests)
         return
     loop = asyncio.get_running_loop()
     started = loop.time()
     step = min(1.0, patience / 4)  # (how often the limit is moved: well before it falls)
     watch: asyncio.TimerHandle | None = None
     try:
-        async with asyncio.timeout(patience) as limit:
+        async with asyncio.timeout(patience) as deadline:
             def extend() -> None:
                 nonlocal watch
-                limit.reschedule(started + patience + request.content.total_bytes / rate)
+                deadline.reschedule(started + patience + request.content.total_bytes / rate)
                 watch = loop.call_later(step, extend)
 
             if rate:
                 watch = loop.call_later(step, extend)
-            await request.read()
+            await _read(request, held, limit)
     except TimeoutError:
         request.content.feed_eof()  # no lingering for the rest: it is not coming
         raise GatewayError(f"The request body did not arrive in time ({patience:g} seconds"
@@ -125,6 +132,18 @@ async def read_body(request: web.Request, patience: float, rate: float = 0.0) ->
     finally:
         if watch is not None:
             watch.cancel()
+
+
+async def _read(request: web.Request, held: Held, limit: int) -> None:
+    content = request.content
+    body = bytearray()
+    while chunk := await content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} "
+                                  "bytes.")
+        held.grow(len(body))
+    request[RAW_BODY] = bytes(body)
 
 
 def encoding_of(request: web.Request) -> str:

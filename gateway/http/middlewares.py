@@ -30,7 +30,6 @@ from gateway.http.bodies import (
     UPLOAD_RATE,
     BodyBudget,
     check_body,
-    encoding_of,
     is_upload,
     read_body,
 )
@@ -106,7 +105,6 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        asked = request  # (the request aiohttp answers: it prepares the response with it)
         supplied = request.headers.get("x-request-id", "")
         request_id = request[REQUEST_ID] = \
             supplied if _CLIENT_ID.fullmatch(supplied) else unique_id()
@@ -143,19 +141,12 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             limit = request.app[CONFIG].tasks.max_file_bytes + UPLOAD_OVERHEAD if upload \
                 else server.max_body_bytes
             check_body(request, limit)
-            if upload:  # (the app's limit of a body read, as decoded, is max_body_bytes)
-                request = request.clone(client_max_size=limit)
             if request.body_exists:
-                # Held at its declared length, or (sent chunked, or compressed) the most it
-                # may be, until it is read
-                plain = encoding_of(request) in ("", "identity")
-                with bodies.holding(request.content_length or limit if plain else limit
-                                    ) as held:
+                with bodies.holding() as held:  # (what has arrived, until it is answered)
                     # An upload (a client with a key) gets more time as it arrives: a
                     # 100 MB batch file does not arrive in 30 seconds on a slow link.
-                    await read_body(request, server.body_timeout,
+                    await read_body(request, held, limit, server.body_timeout,
                                     UPLOAD_RATE if upload else 0.0)
-                    held.settle(len(await request.read()))  # (what it turned out to be)
                     response = await (handler(request) if key is None
                                       else limited(request, handler, key, limits))
             else:
@@ -196,8 +187,6 @@ def gateway_middleware(book: KeyBook, limits: Limits, cors: Cors, bodies: BodyBu
             response.force_close()
             if notes is not None:
                 notes["error"] = error.label
-        if asked is not request:  # (what the handler noted, such as a key's rate headers,
-            asked.update(request)  # for the response's preparation)
         if not response.prepared:  # a stream sets it before its headers go out
             response.headers["x-request-id"] = request_id
             if response.status in (408, 413, 415):

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, NotFound, Unavailable
-from gateway.http.bodies import UPLOAD_OVERHEAD, body_of
+from gateway.http.bodies import UPLOAD_OVERHEAD, body_of, raw_body
 from gateway.http.middlewares import json_response
 from gateway.keys import CONFIG, KEY, TENANT
 from gateway.tasks import Tasks
@@ -38,7 +38,7 @@ FILES_LIMIT = 10_000  # files a page (OpenAI's most, and its default)
 
 
 async def upload(request: web.Request) -> web.Response:
-    fields = await _form(request, await request.read())
+    fields = await _form(request, raw_body(request))
     purpose = fields.get("purpose")
     if not isinstance(purpose, str) or purpose not in PURPOSES[:2]:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES[:2])}.",

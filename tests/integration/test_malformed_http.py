@@ -98,6 +98,17 @@ def test_a_key_that_is_not_utf8_is_refused_not_crashed_on(keyed: ServerThread) -
     assert status == 401 and openai_error(body)["type"] == "authentication_error"
 
 
+def test_a_body_sent_with_a_get_or_delete_is_not_read_as_a_request(
+        keyed: ServerThread) -> None:
+    """Only a POST's body says what is asked (with a key, any other method's body that was
+    not JSON was a 400)."""
+    for method, path in (("GET", "/v1/models"), ("DELETE", "/v1/responses/resp_none")):
+        raw = post(b"not json").replace(b"POST /v1/chat/completions",
+                                        f"{method} {path}".encode())
+        status, _, body = exchange(keyed, raw)
+        assert status == (200 if method == "GET" else 404), body
+
+
 @pytest.mark.parametrize("raw", [
     b"GE\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",  # a method HTTP does not have
     f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\x01x"
@@ -187,11 +198,13 @@ def test_a_body_that_never_ends_is_a_408_within_the_body_timeout(
 
 
 def test_bodies_in_flight_past_the_budget_are_turned_away(impatient: ServerThread) -> None:
-    # One upload of 8 KB is under way (slowly); a second would pass the 12 KB budget.
+    # One body of 8 KB is under way (slowly: 7 KB of it came); a second would pass the
+    # 12 KB budget.
     slow = socket.create_connection(("127.0.0.1", impatient.port), timeout=10)
     try:
         slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 8000\r\n\r\n{")
+                     b"Content-Type: application/json\r\nContent-Length: 8000\r\n\r\n{"
+                     + b" " * 7000)
         time.sleep(0.2)  # the gateway is holding it
         status, headers, body = exchange(impatient, post(b"x" * 8000))
         assert status == 503 and headers["retry-after"] == "1"
@@ -200,6 +213,26 @@ def test_bodies_in_flight_past_the_budget_are_turned_away(impatient: ServerThrea
         slow.close()
     status, _, _ = exchange(impatient, post(json.dumps(CHAT).encode(), "Connection: close"))
     assert status == 200  # the budget is given back when a request ends
+
+
+def test_bodies_that_do_not_come_hold_none_of_the_budget(impatient: ServerThread) -> None:
+    """A body holds what has arrived of it: a dozen requests that say a large body is
+    coming (or send it chunked) and send nothing held the whole budget until their body
+    timeout, and every other client's request was a 503 meanwhile.
+    """
+    lengths = [b"Transfer-Encoding: chunked", b"Content-Length: 4050", b"Content-Length: 8000"]
+    stalled = [socket.create_connection(("127.0.0.1", impatient.port), timeout=10)
+               for _ in lengths]
+    try:
+        for sock, length in zip(stalled, lengths, strict=True):
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\n" + length + b"\r\n\r\n")
+        time.sleep(0.2)  # the gateway is waiting for all three
+        status, _, body = exchange(impatient, post(json.dumps(CHAT).encode()))
+        assert status == 200, body
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_a_small_chunked_body_holds_its_size_of_the_budget_not_the_limit(
