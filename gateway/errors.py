@@ -10,6 +10,15 @@ from typing import Any, Self
 
 import orjson
 
+# The most characters of a model's name: a longer one is a mistake (refused), and is never
+# echoed (in an error, a log line, the dashboard's records) past this.
+MODEL_NAME_MAX = 256
+
+
+def model_shown(name: str) -> str:
+    """A model's name as the gateway repeats it: cut at ``MODEL_NAME_MAX``."""
+    return name if len(name) <= MODEL_NAME_MAX else name[:MODEL_NAME_MAX] + "…"
+
 
 class GatewayError(Exception):
     """An error with a status and an OpenAI body: ``{"error": {message, type, param, code}}``."""
@@ -108,7 +117,7 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str, unreachable: list[str] | None = None) -> None:
-        message = f"The model {model!r} does not exist or is not served here."
+        message = f"The model {model_shown(model)!r} does not exist or is not served here."
         if unreachable:
             message += f" (Not reachable right now: {', '.join(unreachable)}.)"
         super().__init__(message, param="model")

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.backends.base import Health
 from gateway.backends.http import HttpBackend
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, Unsupported, UpstreamError
 from gateway.protocol import ollama
 from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol.sse import decode_ndjson
@@ -59,6 +59,9 @@ class OllamaBackend(HttpBackend):
                              decode_ndjson, whole=not req.stream)
 
     def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
+        if not req.prompt and req.suffix is None:  # (another deployment may complete it)
+            raise Unsupported(f"{self.name} (Ollama) cannot complete an empty prompt: Ollama "
+                              "takes a request without one for a load of the model.")
         payload = ollama.generate_payload(req, model, self.config.keep_alive,
                                           thinks=model in self._thinkers)
         return self.generate("/api/generate", payload, ollama.OllamaTranslator(self.name),

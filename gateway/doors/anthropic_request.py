@@ -52,8 +52,10 @@ def chat_body(body: dict[str, Any], *, counting: bool = False
                     not 0 <= value <= 1:
                 raise invalid(key, f"'{key}' must be a number between 0 and 1.")
             chat[key] = value
-    if body.get("tools"):
-        chat["tools"] = _tools(body["tools"])
+    if body.get("tools") is not None:
+        chat["tools"] = _tools(body["tools"]) or None
+        if chat["tools"] is None:
+            del chat["tools"]
     if body.get("tool_choice") is not None:
         _tool_choice(body["tool_choice"], chat)
     metadata = body.get("metadata")
@@ -65,8 +67,11 @@ def chat_body(body: dict[str, Any], *, counting: bool = False
         chat["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "output", "schema": fmt.get("schema") or {}}}
     ollama: dict[str, Any] = {}
-    if body.get("top_k") is not None:
-        ollama["options"] = {"top_k": body["top_k"]}
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise invalid("top_k", "'top_k' must be an integer of 0 or more.")
+        ollama["options"] = {"top_k": top_k}
     thinking = thinking_of(body)
     if thinking is not None:
         ollama["think"] = thinking
@@ -78,8 +83,13 @@ def thinking_of(body: dict[str, Any]) -> bool | None:
     did not say.
     """
     thinking = body.get("thinking")
+    if thinking is None:
+        return None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
-    return None if kind is None else kind != "disabled"
+    if not isinstance(kind, str):  # (the kinds that think are more than a few, and growing)
+        raise invalid("thinking", "'thinking' must be an object with a type ('enabled', "
+                                  "'adaptive', 'disabled').")
+    return kind != "disabled"
 
 
 def reasoning_mode(body: dict[str, Any], mode: ReasoningMode) -> ReasoningMode:
@@ -197,7 +207,11 @@ def _result_texts(blocks: Any, where: str) -> list[str]:
 def _image_url(block: dict[str, Any], where: str) -> str:
     source = block.get("source")
     if isinstance(source, dict) and source.get("type") == "base64":
-        return f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+        data, media = source.get("data"), source.get("media_type", "image/png")
+        if not isinstance(data, str) or not data or not isinstance(media, str):
+            raise invalid(f"{where}.source.data", "An image's source.data must be its bytes "
+                                                  "in base64, a string.")
+        return f"data:{media};base64,{data}"
     if isinstance(source, dict) and source.get("type") == "url" and \
             isinstance(source.get("url"), str):
         return str(source["url"])

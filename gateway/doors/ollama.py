@@ -22,12 +22,13 @@ from gateway.doors.ollama_codec import (
     bad,
     chat_request,
     generate_request,
+    keep_alive_of,
     loaded,
     model_of,
     thinking_mode,
 )
 from gateway.doors.ollama_context import turns_of
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, ModelNotFound, model_shown
 from gateway.http.access import check_model, context, usage_sink, visible
 from gateway.http.bodies import body_of
 from gateway.http.middlewares import json_response
@@ -117,7 +118,7 @@ async def _load(request: web.Request, body: dict[str, Any], shape: Shape) -> web
     unload, passed on to the backends that have it (``ollama stop``, Open WebUI's unload)."""
     model = model_of(body)
     check_model(request, model)
-    name, reason = await request.app[PIPELINE].models.load(model, body.get("keep_alive"))
+    name, reason = await request.app[PIPELINE].models.load(model, keep_alive_of(body))
     return json_response(loaded(name, shape, reason))
 
 
@@ -142,7 +143,7 @@ async def embed(request: web.Request) -> web.Response:
     model, text = model_of(body), body.get("input")
     if text in ("", []):  # (Ollama's load of an embedding model)
         check_model(request, model)
-        name, _ = await request.app[PIPELINE].models.load(model, body.get("keep_alive"))
+        name, _ = await request.app[PIPELINE].models.load(model, keep_alive_of(body))
         return json_response({"model": name, "embeddings": []})
     if not isinstance(text, str) and not (isinstance(text, list) and
                                           all(isinstance(t, str) for t in text)):
@@ -150,7 +151,7 @@ async def embed(request: web.Request) -> web.Response:
     ask = {"model": model, "input": text}
     if body.get("dimensions") is not None:
         ask["dimensions"] = body["dimensions"]
-    req = parse_embedding(ask)
+    req = parse_embedding(ask, most=None)
     if body.get("options") is not None and not isinstance(body["options"], dict):
         raise bad("options must be an object")
     req.ollama = {k: body[k] for k in EMBED_FIELDS if body.get(k) is not None} or None
@@ -168,12 +169,14 @@ EMBED_FIELDS = ("options", "keep_alive", "truncate")
 async def embeddings(request: web.Request) -> web.Response:
     """The older ``/api/embeddings``: one prompt, one vector."""
     body = await body_of(request)
-    model, prompt = model_of(body), body.get("prompt") or ""
+    model, prompt = model_of(body), body.get("prompt")
+    if prompt is None:
+        prompt = ""
     if not isinstance(prompt, str):
         raise bad("prompt must be a string")
     if not prompt:  # (a load, as /api/embed's)
         check_model(request, model)
-        await request.app[PIPELINE].models.load(model, body.get("keep_alive"))
+        await request.app[PIPELINE].models.load(model, keep_alive_of(body))
         return json_response({"embedding": []})
     answer = await request.app[PIPELINE].embed(
         parse_embedding({"model": model, "input": prompt}), usage_sink(request, model))
@@ -186,7 +189,8 @@ async def not_managed(request: web.Request) -> web.Response:
 
 def error_response(error: GatewayError) -> web.Response:
     """An error as Ollama sends one: ``{"error": "..."}`` (an unknown model in its words)."""
-    message = f"model '{error.model}' not found" if isinstance(error, ModelNotFound) \
+    message = f"model '{model_shown(error.model)}' not found" \
+        if isinstance(error, ModelNotFound) \
         else error.message
     return web.Response(status=error.status, body=orjson.dumps({"error": message}),
                         content_type="application/json", headers=error.headers())

@@ -19,7 +19,7 @@ import orjson
 
 from gateway.config import ReasoningMode
 from gateway.doors.ollama_context import context_of, history_of
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import MODEL_NAME_MAX, GatewayError, InvalidRequest
 from gateway.http.stream import NDJSON, ndjson_line
 from gateway.protocol.ollama import OPENAI_FIELDS
 from gateway.protocol.openai import (
@@ -50,6 +50,8 @@ def model_of(body: dict[str, Any]) -> str:
     model = body.get("model") or body.get("name")
     if not isinstance(model, str) or not model.strip():
         raise bad("model is required")
+    if len(model) > MODEL_NAME_MAX:
+        raise bad(f"model is a name of at most {MODEL_NAME_MAX} characters")
     return model
 
 
@@ -65,14 +67,16 @@ def streams(body: dict[str, Any]) -> bool:
 def chat_request(body: dict[str, Any]) -> ChatRequest | None:
     """The request, or None for one without messages (Ollama's way to load a model)."""
     model, stream = model_of(body), streams(body)
-    messages = body.get("messages") or []
-    if not isinstance(messages, list):
-        raise bad("messages must be an array")
+    messages = body.get("messages")
+    if messages is not None and not isinstance(messages, list):
+        raise bad("messages must be an array")  # (not a load: a request said wrong)
     if not messages:
         return None
     openai: dict[str, Any] = {"model": model, "stream": stream,
                               "messages": _messages(messages)}
     tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad("tools must be an array")
     if tools:  # the Python client sends [] for none
         openai["tools"] = tools
     return _chat(body, openai)
@@ -86,7 +90,9 @@ def generate_request(body: dict[str, Any]) -> ChatRequest | CompletionRequest | 
     prompt, suffix, system = (_text(body, key) for key in ("prompt", "suffix", "system"))
     suffix = suffix or None  # an empty suffix is none, as Ollama has it
     images = _images(body.get("images"), "images")
-    raw = body.get("raw") is True
+    raw = body.get("raw")
+    if raw is not None and not isinstance(raw, bool):
+        raise bad("raw must be true or false")
     if raw and (system or body.get("template") or body.get("context")):
         raise bad("raw mode does not support template, system, or context")
     if not prompt and not images and suffix is None:
@@ -163,9 +169,9 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
                 {"type": "image_url", "image_url": {"url": _data_url(image)}}
                 for image in images)]
         calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise bad(f"messages[{i}].tool_calls must be an array")
         if calls:
-            if not isinstance(calls, list):
-                raise bad(f"messages[{i}].tool_calls must be an array")
             made = [_call(call, f"call_{next(ids)}", f"messages[{i}]") for call in calls]
             converted["tool_calls"] = made
             open_calls += [(c["id"], c["function"]["name"]) for c in made]
@@ -232,7 +238,9 @@ def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
     """Sets the OpenAI fields of the request's options on ``openai``; the Ollama fields
     that have none (other options, keep_alive, think).
     """
-    options = body.get("options") or {}
+    options = body.get("options")
+    if options is None:
+        options = {}
     if not isinstance(options, dict):
         raise bad("options must be an object")
     rest: dict[str, Any] = {}
@@ -251,10 +259,23 @@ def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
                 value = min(max(value, bounds[0]), bounds[1])
             openai[field] = value
     fields: dict[str, Any] = {"options": rest} if rest else {}
-    for key in ("keep_alive", "think"):
-        if body.get(key) is not None:
-            fields[key] = body[key]
+    think, keep_alive = body.get("think"), keep_alive_of(body)
+    if think is not None:
+        if not isinstance(think, bool) and think not in ("high", "medium", "low"):
+            raise bad("think must be true, false, \"high\", \"medium\" or \"low\"")
+        fields["think"] = think
+    if keep_alive is not None:
+        fields["keep_alive"] = keep_alive
     return fields
+
+
+def keep_alive_of(body: dict[str, Any]) -> str | float | None:
+    """How long the model is to stay loaded, as the client said it (None: it did not)."""
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and (not isinstance(keep_alive, str | int | float)
+                                   or isinstance(keep_alive, bool)):
+        raise bad("keep_alive must be a duration (\"5m\") or a number of seconds")
+    return keep_alive
 
 
 def _text(body: dict[str, Any], key: str) -> str | None:

@@ -46,8 +46,10 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
         "messages": [{"role": "system", "content": instructions}, *conversation]
         if instructions else conversation}
     dropped: list[str] = []
-    if body.get("tools"):
+    if body.get("tools") is not None:
         chat["tools"], dropped = _tools(body["tools"])
+        if not chat["tools"]:
+            del chat["tools"]
     choice = _tool_choice(body["tool_choice"], chat) if body.get("tool_choice") is not None \
         else None
     if choice is not None:
@@ -216,9 +218,10 @@ def namespaces(tools: Any) -> dict[str, tuple[str, str]]:
     return out
 
 
-# Tools OpenAI's servers run (dated variants such as web_search_preview_2025_03_11 too).
+# Tools OpenAI's servers run (dated variants such as web_search_preview_2025_03_11 too; each
+# named back in a header, so not of any length).
 HOSTED = re.compile(r"(web_search|file_search|code_interpreter|computer_use|image_generation"
-                    r"|mcp)[a-z0-9_]*")
+                    r"|mcp)[a-z0-9_]{0,32}")
 
 
 def _tools(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -236,7 +239,8 @@ def _tools(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
         elif kind == "namespace":
             functions = _namespace(tool, where)
         elif isinstance(kind, str) and HOSTED.fullmatch(kind):
-            dropped.append(kind)
+            if kind not in dropped:
+                dropped.append(kind)
             continue
         else:
             raise invalid(f"{where}.type", f"{where}: tools of type {str(kind)[:40]!r} are not "

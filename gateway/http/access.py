@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import KeyConfig
-from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
+from gateway.errors import AuthenticationFailed, GatewayError, RateLimited, model_shown
 from gateway.http.bodies import body_of, is_upload, raw_body
 from gateway.http.stopping import stopping
 from gateway.keys import (
@@ -184,8 +184,8 @@ def check_model(request: web.Request, model: str) -> None:
 def check_allowed(models: tuple[str, ...], model: str) -> None:
     """Refuse a model that is not one of ``models`` (none: every model is)."""
     if models and not named_in(model, models):
-        raise GatewayError(f"This API key may not use the model {model!r} (it may use: "
-                           f"{', '.join(models)}).", status=403, type="permission_error",
+        raise GatewayError(f"This API key may not use the model {model_shown(model)!r} (it "
+                           f"may use: {', '.join(models)}).", status=403, type="permission_error",
                            code="model_not_allowed", param="model")
 
 

@@ -18,12 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-)
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, model_shown
 from gateway.http.access import OPERATOR_PATHS, admit_admin, identify, limited
 from gateway.http.bodies import (
     UPLOAD_OVERHEAD,
@@ -235,7 +230,7 @@ def _observed(counted: Instruments, span: AnySpan, door: str, operation: str,
             span.set("gen_ai.operation.name", operation)
         body = request.get(BODY)
         if body is not None and isinstance(body.get("model"), str):
-            span.set("gen_ai.request.model", body["model"])
+            span.set("gen_ai.request.model", model_shown(body["model"]))
         for header, attribute in SPAN_HEADERS:
             if header in headers:
                 span.set(attribute, headers[header])
@@ -255,7 +250,7 @@ def _record(request: web.Request, headers: Mapping[str, str], status: int, door:
     asked = body.get("model") if body is not None else None
     record = {"time": stamp(time.time()), "id": request[REQUEST_ID],
               "tenant": request.get(TENANT, ""), "door": door, "operation": operation,
-              "model": asked if isinstance(asked, str) else "",
+              "model": model_shown(asked) if isinstance(asked, str) else "",
               "served": headers.get("x-gateway-model", ""),
               "backend": headers.get("x-gateway-backend", ""),
               "attempts": int(headers.get("x-gateway-attempts", 0) or 0),

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.errors import InvalidRequest
+from gateway.errors import MODEL_NAME_MAX, InvalidRequest
 
 Kind = Literal["chat", "text"]  # a chat completion, or a text completion
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -35,6 +35,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+EMBEDDING_INPUTS_MAX = 2048  # inputs of one embeddings request (OpenAI's most)
 MAX_DEPTH = 128  # levels of nesting in a body (what is sent on must be written again)
 
 
@@ -135,7 +136,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         include_usage=_include_usage(body),
         sampling=_sampling(body),
         tools=tools or None,
-        tool_choice=body.get("tool_choice"),
+        tool_choice=_tool_choice(body.get("tool_choice"), tools or []),
         response_format=response_format,
         reasoning_effort=effort,
     )
@@ -162,8 +163,15 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     )
 
 
-def parse_embedding(body: dict[str, Any]) -> EmbeddingRequest:
+def parse_embedding(body: dict[str, Any], most: int | None = EMBEDDING_INPUTS_MAX
+                    ) -> EmbeddingRequest:
+    """An embeddings request, of at most ``most`` inputs (None: Ollama's API has no limit,
+    and its clients send every document at once).
+    """
     inputs = _embedding_inputs(body.get("input"))
+    if most is not None and len(inputs) > most:
+        raise invalid("input", f"'input' is an array of at most {most} items: send more in "
+                               "several requests.")
     encoding = body.get("encoding_format") or "float"  # (null: unset, as some wrappers send)
     if encoding not in ("float", "base64"):
         raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'.")
@@ -246,6 +254,8 @@ def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise invalid("model", "'model' is required and must be a non-empty string.")
+    if len(model) > MODEL_NAME_MAX:
+        raise invalid("model", f"'model' is a name of at most {MODEL_NAME_MAX} characters.")
     return model
 
 
@@ -256,6 +266,31 @@ def _stream(body: dict[str, Any]) -> bool:
 def _include_usage(body: dict[str, Any]) -> bool:
     options = _optional(body, "stream_options", dict, "an object")
     return bool(options and options.get("include_usage"))
+
+
+def _tool_choice(choice: Any, tools: list[dict[str, Any]]) -> Any:
+    """The tool choice, checked as OpenAI checks it: a function named is one of the tools
+    (a backend would offer them all, or fail), and a choice that needs a tool has tools.
+    """
+    if choice is None or choice in ("none", "auto"):
+        return choice
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if choice != "required" and kind not in ("function", "allowed_tools", "custom"):
+        raise invalid("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+                                     "{'type': 'function', 'function': {'name': ...}}.")
+    if not tools:
+        raise invalid("tool_choice", "'tool_choice' is only allowed when 'tools' are "
+                                     "specified.")
+    if kind == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise invalid("tool_choice", "'tool_choice' names its function as "
+                                         "{'type': 'function', 'function': {'name': ...}}.")
+        if name not in {tool["function"]["name"] for tool in tools}:
+            raise invalid("tool_choice", f"'tool_choice' names the function {name!r}, which "
+                                         "is not one of 'tools'.")
+    return choice
 
 
 def _single_choice(body: dict[str, Any]) -> None:

@@ -169,12 +169,24 @@ def test_errors_name_anthropics_fields_and_ranges(client: anthropic.Anthropic) -
     for fields, param in (({"temperature": 1.5}, "temperature"),
                           ({"stop_sequences": 5}, "stop_sequences"),
                           ({"stop_sequences": "END"}, "stop_sequences"),  # a list, not a string
-                          ({"stream": "yes"}, "stream")):
+                          ({"stream": "yes"}, "stream"),
+                          # wrong types the backends were sent (or that were ignored)
+                          ({"tools": {}}, "tools"), ({"top_k": -5}, "top_k"),
+                          ({"top_k": "x"}, "top_k"), ({"thinking": "yes"}, "thinking")):
         with pytest.raises(anthropic.BadRequestError) as caught:
             client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, messages=USER,
                                    extra_body=fields)
         assert f"'{param}'" in caught.value.message
         assert caught.value.type == "invalid_request_error"
+
+
+def test_an_image_without_its_data_is_a_400(client: anthropic.Anthropic) -> None:
+    for data in (5, None, ""):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model="llava:7b", max_tokens=64, messages=[{
+                "role": "user", "content": [{"type": "image", "source": {
+                    "type": "base64", "media_type": "image/png", "data": data}}]}])  # type: ignore[typeddict-item]
+        assert "source.data" in caught.value.message
 
 
 def test_a_tool_choice_naming_no_tool_of_the_request_is_a_400(

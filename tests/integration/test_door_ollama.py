@@ -306,6 +306,33 @@ def test_an_empty_suffix_is_no_suffix(client: ollama.Client, ollama_sim: Sim) ->
     assert not ollama_sim.requests("/api/generate")
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embeddings"])
+def test_a_request_said_wrong_is_a_400_not_a_load(gateway: ServerThread, ollama_sim: Sim,
+                                                   path: str) -> None:
+    """A request without a prompt is Ollama's load of the model (with ``keep_alive`` 0, its
+    unload): one whose messages or prompt are of the wrong type was taken for one.
+    """
+    model = "nomic-embed-text" if path == "/api/embeddings" else "qwq:32b"
+    key = "messages" if path == "/api/chat" else "prompt"
+    wrong: list[Any] = ["", 0, False, {}] if key == "messages" else [0, False, [], {}]
+    if path != "/api/embeddings":
+        wrong += [{"options": []}, {"think": "maybe"}, {"keep_alive": {}},
+                  {"tools": {}} if path == "/api/chat" else {"raw": "yes"}]
+    ollama_sim.clear()
+    for value in wrong:
+        fields = value if isinstance(value, dict) and value else {key: value}
+        if key not in fields:
+            fields[key] = USER if key == "messages" else "Hello"
+        body = json.dumps({"model": model, "keep_alive": 0, **fields}).encode()
+        try:
+            urllib.request.urlopen(urllib.request.Request(gateway.url + path, body))
+            raise AssertionError(f"{fields} was answered")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400, (fields, exc.read())
+            assert set(json.loads(exc.read())) == {"error"}
+    assert ollama_sim.requests() == [], "a backend was asked"
+
+
 def test_a_bad_option_is_named_as_the_client_sent_it(client: ollama.Client) -> None:
     for call in (lambda: client.chat("qwen2.5-coder:32b", [{"role": "user", "content": "Hi"}],
                                      options={"num_predict": "many"}),

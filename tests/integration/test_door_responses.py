@@ -191,8 +191,8 @@ def test_built_in_tools_are_left_out_and_the_answer_says_so(
         client: openai.OpenAI, ollama_sim: Sim, tool: dict[str, object]) -> None:
     # Codex CLI sends web_search with every request: refusing it would refuse Codex.
     raw = client.responses.with_raw_response.create(
-        model="qwen2.5-coder:32b", input="Weather in Paris?", tools=[tool, TOOL])  # type: ignore[list-item]
-    assert raw.headers["x-gateway-dropped-tools"] == tool["type"]
+        model="qwen2.5-coder:32b", input="Weather in Paris?", tools=[tool, TOOL, tool])  # type: ignore[list-item]
+    assert raw.headers["x-gateway-dropped-tools"] == tool["type"]  # (named once)
     calls = [item for item in raw.parse().output if item.type == "function_call"]
     assert [c.name for c in calls] == ["get_weather"]  # the function tool still works
     offered = ollama_sim.requests("/api/chat")[-1]["payload"]["tools"]
@@ -299,6 +299,18 @@ def test_a_bad_max_output_tokens_is_named_so(client: openai.OpenAI) -> None:
         client.responses.create(model="phi3.5:3.8b", input="Hi", max_output_tokens=0)
     assert caught.value.param == "max_output_tokens"
     assert "'max_output_tokens'" in caught.value.message
+
+
+def test_tools_not_a_list_or_a_choice_of_no_tool_is_a_400(client: openai.OpenAI) -> None:
+    """(Tools as an object were ignored; a function chosen that is not among the tools was
+    sent on, and the model called another.)"""
+    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
+    for fields in ({"tools": {}}, {"tools": [tool], "tool_choice": {"type": "function",
+                                                                    "name": "elsewhere"}},
+                   {"tools": [{"type": "web_search" + "_x" * 50_000}]}):  # (not named back)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="phi3.5:3.8b", input="Hi", extra_body=fields)
+        assert str(caught.value.param).split(".")[0].split("[")[0] in fields, caught.value
 
 
 def test_a_conversation_is_refused_not_ignored(client: openai.OpenAI) -> None:

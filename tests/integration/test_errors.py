@@ -17,6 +17,7 @@ from tests.support import ServerThread, Sim, backend, free_port, gateway_config,
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "Hello"}]
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 
 
 @pytest.fixture
@@ -99,6 +100,12 @@ async def test_malformed_json_is_a_400(http: aiohttp.ClientSession) -> None:
         ({"model": "qwq:32b", "messages": USER, "seed": 2**63}, "seed"),  # past int64
         ({"model": "qwq:32b", "messages": USER, "top_logprobs": 99}, "top_logprobs"),
         ({"model": "qwq:32b", "messages": USER, "presence_penalty": 9}, "presence_penalty"),
+        # A tool choice names one of the tools, and needs some (a backend offered them all).
+        ({"model": "qwq:32b", "messages": USER, "tools": [TOOL], "tool_choice": {
+            "type": "function", "function": {"name": "elsewhere"}}}, "tool_choice"),
+        ({"model": "qwq:32b", "messages": USER, "tool_choice": "required"}, "tool_choice"),
+        ({"model": "qwq:32b", "messages": USER, "tools": [TOOL], "tool_choice": "sometimes"},
+         "tool_choice"),
     ],
 )
 async def test_missing_or_wrong_typed_fields_are_a_400_naming_the_field(
@@ -108,9 +115,15 @@ async def test_missing_or_wrong_typed_fields_are_a_400_naming_the_field(
     assert_error(status, body, 400, type="invalid_request_error", param=param)
 
 
-async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession) -> None:
+async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession,
+                                                  ollama_sim: Sim) -> None:
     status, body, _ = await post(http, "/v1/completions", {"model": "qwq:32b", "prompt": 5})
     assert_error(status, body, 400, param="prompt")
+    # Ollama takes an empty prompt for a load of the model: no answer would come of it
+    ollama_sim.clear()
+    status, body, _ = await post(http, "/v1/completions", {"model": "qwq:32b", "prompt": ""})
+    assert_error(status, body, 400, code="unsupported_by_backend")
+    assert ollama_sim.requests("/api/generate") == []
     status, body, _ = await post(http, "/v1/embeddings", {"model": "nomic-embed-text"})
     assert_error(status, body, 400, param="input")
     status, body, _ = await post(http, "/v1/embeddings",
@@ -402,11 +415,28 @@ async def test_a_data_url_that_is_not_base64_is_a_400(http: aiohttp.ClientSessio
     assert_error(status, body, 400, code="invalid_image_url")
 
 
+async def test_embeddings_take_openais_most_inputs_at_once(gateway: ServerThread) -> None:
+    """(Ollama's API has no most: its clients send every document in one request.)"""
+    many = {"model": "nomic-embed-text", "input": ["x"] * 2049}
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        status, body, _ = await post(http, "/v1/embeddings", many)
+        assert_error(status, body, 400, param="input")
+        status, body, _ = await post(http, "/api/embed", many)
+        assert status == 200 and len(orjson.loads(body)["embeddings"]) == 2049
+
+
 async def test_a_model_name_of_many_prefixes_is_a_plain_404(gateway: ServerThread) -> None:
     async with aiohttp.ClientSession(base_url=gateway.url) as http:
-        status, body, _ = await post(http, CHAT, {"model": "ollama/" * 3000 + "x",
+        status, body, _ = await post(http, CHAT, {"model": "ollama/" * 36 + "x",
                                                   "messages": USER})
-    assert_error(status, body, 404, code="model_not_found")
+        assert_error(status, body, 404, code="model_not_found")
+        # A name past any model's is refused, and not repeated (in the error, the log line,
+        # the dashboard's records: a megabyte each, and fifty of them kept)
+        for path, shape in ((CHAT, "error"), ("/api/chat", "error")):
+            status, body, _ = await post(http, path, {"model": "x" * 100_000,
+                                                      "messages": USER})
+            assert status == 400 and len(body) < 300, body[:300]
+            assert "at most 256 characters" in str(orjson.loads(body)[shape])
 
 
 async def test_an_absurd_retry_after_is_not_passed_on(
