@@ -232,7 +232,9 @@ def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
         return None
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
-        raise invalid(key, f"'{key}' must be {what}, got {type(value).__name__}.")
+        got = "a number too large" if int in kinds and isinstance(value, float) and \
+            abs(value) >= 2**63 else type(value).__name__  # (JSON's integers past 64 bits
+        raise invalid(key, f"'{key}' must be {what}, got {got}.")  # are read as floats)
     return value
 
 

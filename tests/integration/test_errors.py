@@ -140,6 +140,14 @@ async def test_other_endpoints_check_their_fields(http: aiohttp.ClientSession,
     assert status == 200 and isinstance(orjson.loads(body)["data"][0]["embedding"], list), body
 
 
+async def test_an_integer_past_64_bits_is_said_to_be_too_large(
+        http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, CHAT, b'{"model": "qwq:32b", "messages": [{"role": '
+                                 b'"user", "content": "Hi"}], "max_tokens": 1' + b"0" * 25 + b"}")
+    error = assert_error(status, body, 400, param="max_tokens")
+    assert "too large" in error["message"]
+
+
 async def test_a_body_that_begins_with_a_bom_is_read(http: aiohttp.ClientSession) -> None:
     """Windows PowerShell's UTF-8 (``Invoke-RestMethod -Body`` of a file it wrote) puts a
     byte order mark before the JSON: it was a 400 "not valid JSON"."""
