@@ -182,8 +182,10 @@ def from_upstream_status(
 
     Client mistakes (400, 404, 413, and a context too small for the request whatever its
     status) are passed on as such, and so is a backend's "not implemented" (501: another
-    server could, but asking this one again would not help); the gateway's own credentials
-    being refused is the gateway's problem (502), not the client's 401.
+    server could, but asking this one again would not help), or a 404 that is not about
+    the model (the server has no such endpoint: mlx_lm.server asked for embeddings); the
+    gateway's own credentials being refused is the gateway's problem (502), not the
+    client's 401.
     """
     text = f"{backend}: {message}" if message else f"{backend} answered HTTP {status}"
     if code == "context_length_exceeded":  # whatever its status: a bigger model may take it
@@ -191,6 +193,9 @@ def from_upstream_status(
     if status == 400 or status == 422:
         return InvalidRequest(message or text, code=code or _error_code(message))
     if status == 404:
+        if message and code != "model_not_found" and "model" not in message.lower():
+            return Unsupported(f"{backend} cannot answer this kind of request (HTTP 404: "
+                               f"{message})")
         return NotFound(text, code="model_not_found", param="model")
     if status == 413:
         return PayloadTooLarge(text)

@@ -254,3 +254,24 @@ def test_a_llamacpp_server_without_embeddings_says_so_and_goes_on_chatting(
     finally:
         server.stop()
         peers.stop(process)
+
+
+def test_mlx_asked_for_embeddings_says_so_and_goes_on_chatting(
+        real_mlx: RealServer, gateway_to_real: ServerThread) -> None:
+    """mlx_lm.server has no embeddings endpoint (its 404 "Not Found"): that was taken for
+    a model gone, each refusal counted against the deployment, and after three its chat
+    was refused too (503s for every client while one kept asking for embeddings).
+    """
+    with openai.OpenAI(base_url=gateway_to_real.url + "/v1", api_key="x",
+                       max_retries=0) as client:
+        for _ in range(4):  # more than the breaker's failures
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.embeddings.create(model=real_mlx.model, input="hello")
+            assert refused.value.code == "unsupported_by_backend"
+            assert "HTTP 404: Not Found" in refused.value.message
+        health = httpx.get(gateway_to_real.url + "/health").json()
+        assert health["deployments"][f"mlx/{real_mlx.model}"]["breaker"] == "closed"
+        reply = client.chat.completions.create(
+            model=real_mlx.model, messages=QUESTION,  # type: ignore[arg-type]
+            temperature=0, max_tokens=4)
+        assert reply.choices[0].message.content is not None

@@ -17,8 +17,24 @@ from gateway.routing.dispositions import counts_against, disposition
     (503, 503, "service_unavailable"), (504, 504, "api_error"),
 ])
 def test_status_mapping(upstream: int, client: int, kind: str) -> None:
-    error = from_upstream_status("b", upstream, "msg", None)
+    message = "model 'm' not found" if upstream == 404 else "msg"
+    error = from_upstream_status("b", upstream, message, None)
     assert (error.status, error.type) == (client, kind)
+
+
+@pytest.mark.parametrize(("message", "code", "expected"), [
+    ("model 'm' not found", None, "model_not_found"),  # Ollama's
+    ("The model `m` does not exist", "model_not_found", "model_not_found"),  # OpenAI's
+    ("", None, "model_not_found"),  # (nothing said: the model, as before)
+    ("Not Found", None, "unsupported_by_backend"),  # mlx_lm.server, no such endpoint
+    ("404 page not found", None, "unsupported_by_backend"),  # a Go server's
+])
+def test_a_404_not_about_the_model_is_an_endpoint_the_backend_lacks(
+        message: str, code: str | None, expected: str) -> None:
+    error = from_upstream_status("b", 404, message, None, code)
+    assert error.code == expected
+    # (an endpoint it lacks does not take the deployment out of service for the rest)
+    assert counts_against(error) == (expected == "model_not_found")
 
 
 def test_a_context_too_small_is_the_clients_whatever_the_status() -> None:
