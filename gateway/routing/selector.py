@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.config import TIERS, AliasConfig, GatewayConfig
-from gateway.errors import InvalidRequest, Unavailable
+from gateway.errors import UNSUPPORTED_BY_MODEL, InvalidRequest, Unavailable
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 from gateway.protocol.units import CHARS_PER_TOKEN
 from gateway.routing.candidates import REQUESTED, Candidate, Route
@@ -74,6 +74,11 @@ class Needs:
         """Whether the window its backend runs it with now (where said) holds the prompt."""
         window = deployment.model.running_context
         return not window or window >= self.tokens
+
+    def lacked(self, deployments: list[Deployment]) -> list[str]:
+        """What is needed that every one of the deployments is known not to have."""
+        return [c for c in self.wanted() if deployments and all(
+            d.model.known and c not in d.model.capabilities for d in deployments)]
 
     def sure(self, candidate: Candidate) -> bool:
         """Whether the model is known (not just presumed) to have what is needed."""
@@ -163,7 +168,14 @@ class Selector:
             # (None to try: the name is kept for what the client is told)
             first = [Candidate(name, self._catalog.deployments(name), REQUESTED)]
         else:
-            first = [Candidate(name, self._catalog.resolve(name), REQUESTED)]
+            deployments = self._catalog.resolve(name)
+            lacked = needs_of(req).lacked(deployments)
+            if lacked:  # (said here: a server may not say it, llama.cpp's ignores a suffix)
+                said = {"vision": "images", "insert": "fill-in-the-middle"}
+                raise InvalidRequest(f"The model {name!r} cannot take what this request needs "
+                                     f"({', '.join(said.get(c, c) for c in lacked)}).",
+                                     param="model", code=UNSUPPORTED_BY_MODEL)
+            first = [Candidate(name, deployments, REQUESTED)]
         if allowed:
             return Route(first, lambda: [c for c in self._fallbacks_for(name, first,
                                                                         needs_of(req))

@@ -99,6 +99,13 @@ def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedB
                 client.embeddings.create(model="smollm2:135m", input="word " * 3000)
             assert refused.value.code == "context_length_exceeded"
         assert client.chat.completions.create(**ASK).choices[0].message.content  # type: ignore[call-overload]
+        # Fill in the middle, which this model cannot (llama.cpp's /v1/completions leaves
+        # the suffix out without a word: the answer was a plain continuation)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="smollm2:135m", prompt="def add(a, b):\n",
+                                      suffix="\n    return total\n", max_tokens=8)
+        assert refused.value.code == "unsupported_by_model"
+        assert "fill-in-the-middle" in refused.value.message
     # Ollama's clients that pick embedding models by what /api/show says find it.
     with ollama.Client(host=server.url) as ollama_client:
         shown = ollama_client.show("smollm2:135m")
