@@ -165,13 +165,16 @@ def _serve(args: argparse.Namespace) -> int:
         more = [_listening(host, port, args.reuse_port)
                 for host, port in config.server.addresses()[1:]]
     except OSError as exc:
-        hint = " (is another server, Ollama itself say, using that port?)" \
-            if exc.errno == errno.EADDRINUSE else ""
-        print(f"gateway: cannot listen on {exc.filename}: {exc.strerror}{hint}",
-              file=sys.stderr)
-        return 2
+        return _cannot_listen(exc)
     run(config, more, worker=args.reuse_port)
     return 0
+
+
+def _cannot_listen(exc: OSError) -> int:
+    hint = " (is another server, Ollama itself say, using that port?)" \
+        if exc.errno == errno.EADDRINUSE else ""
+    print(f"gateway: cannot listen on {exc.filename}: {exc.strerror}{hint}", file=sys.stderr)
+    return 2
 
 
 def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
@@ -192,6 +195,11 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
               "keeps a tunnel of its own, and one port cannot be held by two; pinned: "
               + ", ".join(pinned), file=sys.stderr)
         return 2
+    try:  # each address as one process takes it: workers already there are not joined
+        for host, port in config.server.addresses():
+            _bindable(host, port, reuse_port=False)
+    except OSError as exc:
+        return _cannot_listen(exc)
     learns = config.routing.policy == "learned" or any(
         a.policy == "learned" for a in config.aliases.values())
     alone = [what for what, unshared in (

@@ -103,6 +103,13 @@ redis_url = "{redis.url}"
             one, _, _ = call(port, "GET", "/health")
             two, _, _ = until_another(port, one, "GET", "/health")  # both serve
             assert one != two
+            # A second group on the port is refused, as one process is (it joined the
+            # first's SO_REUSEPORT group: answers came from either config's workers)
+            again = subprocess.run([*GATEWAY, "serve", "--config", str(config), "--port",
+                                    str(port), "--workers", "2"],
+                                   capture_output=True, text=True, timeout=30)
+            assert again.returncode == 2 and "Address already in use" in again.stderr, \
+                again.stderr
 
             # An answer cached through one worker is a hit through the other.
             question = {"model": CACHED, "temperature": 0,
