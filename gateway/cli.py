@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # what reads the output left (| head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C on a command that does not serve: no traceback
+        return 130
     return code
 
 
@@ -366,6 +368,10 @@ def _tunnel_agent(args: argparse.Namespace) -> int:
         agent=not args.no_agent, known_hosts=_absolute(args.known_hosts),
         host_key="accept-new" if args.accept_new else "strict", keepalive=args.keepalive,
         interactive=not args.no_interactive)
+    for key, message in ssh.problems():  # (as the config's [[tunnels]] are checked)
+        flag = "server" if key == "port" else key.replace("_", "-")
+        print(f"gateway tunnel-agent: --{flag}: {message}", file=sys.stderr)
+        return 2
     if args.print_systemd or args.print_launchd:
         print(unit(ssh, forwards, args.log_level or "info", "systemd" if args.print_systemd
                    else "launchd"))

@@ -87,10 +87,11 @@ class RoutingConfig:
             yield "max_attempts", "expected an integer >= 1"
         if self.retries < 0:
             yield "retries", "expected an integer >= 0"
-        for key in ("backoff_initial", "backoff_max", "retry_after_cap", "queue_timeout",
-                    "health_interval"):
+        for key in ("backoff_initial", "backoff_max", "retry_after_cap", "queue_timeout"):
             if getattr(self, key) < 0:
                 yield key, "expected seconds >= 0"
+        if self.health_interval <= 0:  # (0: a probe without a pause, a core kept busy)
+            yield "health_interval", "expected seconds > 0"
         if self.redis_url and (problem := redis_url_problem(self.redis_url)):
             yield "redis_url", problem
 

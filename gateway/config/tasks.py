@@ -48,5 +48,8 @@ class TasksConfig:
             yield "max_lines", "expected a positive number"
         if self.visibility_timeout <= 0:
             yield "visibility_timeout", "expected seconds > 0"
+        for key in ("retry_initial", "retry_max"):  # (0: a line retried without a pause)
+            if getattr(self, key) <= 0:
+                yield key, "expected seconds > 0"
         if self.queue == "redis" and (problem := redis_url_problem(self.redis_url)):
             yield "redis_url", problem

@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Span
+from gateway.typed_toml import ConfigError
 
 SCOPE = InstrumentationScope("hybrid-gateway")
 KINDS = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT, "internal": SpanKind.INTERNAL}
@@ -99,8 +100,9 @@ def otlp_exporters(endpoint: str, traces: bool) -> tuple[Any, Any]:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
-        raise RuntimeError("[telemetry] otlp_endpoint needs the OTLP exporter: pip install "
-                           "'hybrid-gateway[otlp]'") from None
+        raise ConfigError("[telemetry] otlp_endpoint needs the OTLP exporter, which is not "
+                          "installed: .venv/bin/pip install -e '.[otlp]' (or pip install "
+                          "'hybrid-gateway[otlp]')") from None
     base = endpoint.rstrip("/")
     spans = OTLPSpanExporter(endpoint=base + "/v1/traces") if traces else None
     return OTLPMetricExporter(endpoint=base + "/v1/metrics"), spans

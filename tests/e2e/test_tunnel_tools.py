@@ -147,6 +147,14 @@ def test_agent_prints_a_boot_unit_with_the_users_arguments(flag: str, tmp_path: 
         assert strings[1:1 + len(expected)] == expected  # [0] is the label
         assert "<key>KeepAlive</key>" in result.stdout
     assert "--print-" not in result.stdout
+    # Settings are checked as a config's [[tunnels]] are: a unit that loops for ever on a
+    # keepalive of -1 is not written.
+    for bad, said in ((["--keepalive", "-1"], "--keepalive: expected seconds > 0"),
+                      (["--password-env", "hunter2!"], "--password-env: expected the name")):
+        result = subprocess.run([*GATEWAY, "tunnel-agent", *args, *bad, flag],
+                                capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert "ExecStart" not in result.stdout and "hunter2" not in result.stderr
 
 
 def write_check_config(path: Path, keys: Keys, port: int, remote_port: int,
