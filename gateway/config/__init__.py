@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.config.observing import AlertRule, MonitorConfig, SinkConfig, TelemetryConfig
 from gateway.config.routing import (
@@ -131,6 +132,28 @@ class GatewayConfig:
                 if deployment.backend not in names:
                     yield (f"models[{i}].deployments[{j}].backend",
                            f"no backend named {deployment.backend!r}")
+        yield from self._asking_itself()
+
+    def _asking_itself(self) -> Iterator[tuple[str, str]]:
+        """Backends whose URL is one of the gateway's own addresses (the shipped config's
+        ``also_listen`` on Ollama's port, beside the Ollama backend there): their requests
+        would come back to the gateway, and each hold a connection until it gave up.
+        """
+        own = [(host, port) for host, port in self.server.addresses() if port]
+        for i, backend in enumerate(self.backends):
+            if not backend.url or backend.tunnel:
+                continue
+            url = urlsplit(backend.url)
+            try:
+                port = url.port or (443 if url.scheme == "https" else 80)
+            except ValueError:
+                continue
+            host = url.hostname or ""
+            for listen, listen_port in own:
+                here = is_loopback(host) and (is_loopback(listen) or listen in ("0.0.0.0", "::"))
+                if port == listen_port and (host == listen or here):
+                    yield (f"backends[{i}].url", f"{backend.url} is the gateway's own address "
+                           f"({listen}:{listen_port}): its requests would come back to it")
 
     @property
     def keyed(self) -> bool:
@@ -143,7 +166,10 @@ class GatewayConfig:
         for key, problem in server.problems():
             flag = f"--{key}" if key in changes else f"{self.source}: server.{key}"
             raise ConfigError(f"{flag}: {problem}")
-        return dataclasses.replace(self, server=server)
+        changed = dataclasses.replace(self, server=server)
+        for key, problem in changed._asking_itself():
+            raise ConfigError(f"{self.source}: {key}: {problem}")
+        return changed
 
 
 def load_config(path: str | Path | None = None) -> GatewayConfig:

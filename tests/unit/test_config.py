@@ -86,6 +86,22 @@ def test_mistakes_are_named(document: dict[str, object], message: str) -> None:
         parse_config(document, source="x.toml")
 
 
+def test_a_backend_at_the_gateways_own_address_is_refused() -> None:
+    """The shipped config suggests also_listen on Ollama's port, above the Ollama backend
+    there: the gateway asked itself, and each request hung until it gave up."""
+    ollama = {"name": "ollama", "kind": "ollama", "url": "http://127.0.0.1:11434"}
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.url: .* the gateway's own address"):
+        parse_config({"server": {"also_listen": ["127.0.0.1:11434"]}, "backends": [ollama]},
+                     source="x.toml")
+    with pytest.raises(ConfigError, match="the gateway's own address"):
+        parse_config({"server": {"host": "0.0.0.0", "port": 4000}, "backends": [
+            {**ollama, "url": "http://localhost:4000/v1", "kind": "openai"}]}, source="x.toml")
+    config = parse_config({"server": {"port": 4000}, "backends": [ollama]}, source="x.toml")
+    with pytest.raises(ConfigError, match="the gateway's own address"):
+        config.with_server(port=11434)  # (gateway serve --port 11434)
+    assert config.with_server(port=4001).server.port == 4001
+
+
 def test_unreadable_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.toml")
