@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from gateway.app import create_app
 from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, TasksConfig, load_config
 from gateway.runtime import new_event_loop, until_signalled
-from gateway.store import shown
+from gateway.store import redis_problem, shown
 from gateway.tasks.batches import Store
 from gateway.tasks.local import LocalStore
 from gateway.tasks.shared import RedisStore
@@ -84,8 +84,9 @@ async def listing(config: TasksConfig, last: int) -> str:
         await store.start()
         batches = await store.recent_batches(last)
     except (RedisError, OSError) as exc:
-        raise ConfigError(f"tasks.redis_url: Redis does not answer at {store.folder} "
-                          f"({type(exc).__name__})") from None
+        problem = await redis_problem(config.redis_url) or \
+            f"Redis at {store.folder} does not answer ({type(exc).__name__})"
+        raise ConfigError(f"tasks.redis_url: {problem}") from None
     finally:
         await store.close()
     if not batches:

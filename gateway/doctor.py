@@ -1,5 +1,7 @@
-"""``gateway check``: opens each tunnel and asks each backend, then says what works and, for
-what does not, what to do. Exits non-zero when no backend of the primary tier answers.
+"""``gateway check``: opens each tunnel, asks each backend and each Redis the config names,
+then says what works and, for what does not, what to do. Exits non-zero when the gateway
+could not serve as configured: nothing would answer, or a backend that is not optional (or
+a Redis) does not.
 """
 
 from __future__ import annotations
@@ -9,16 +11,18 @@ from urllib.parse import urlsplit
 
 from gateway.app import build_backend
 from gateway.backends.base import Backend, Health
+from gateway.backends.embedded import EmbeddedBackend, EmbeddedUnavailable
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.pipeline import load_plugins
 from gateway.routing.catalog import ModelCatalog
+from gateway.store import redis_problem, shown
 from gateway.tunnel.manager import TunnelManager
 
 SETUP_SECONDS = 5.0  # beyond the connect timeout: key exchange, auth, the pty session
 
 
 async def check(config: GatewayConfig) -> tuple[str, bool]:
-    """The report, and whether the primary tier can be reached."""
+    """The report, and whether the gateway can serve as configured."""
     tunnels = TunnelManager(config.tunnels)
     patience = max((t.connect_timeout * 2 for t in config.tunnels), default=0) + SETUP_SECONDS
     await tunnels.start(patience=patience)
@@ -43,22 +47,54 @@ async def check(config: GatewayConfig) -> tuple[str, bool]:
             results = await asyncio.gather(*(_probe(spec, b) for spec, b in backends))
             for (spec, backend), health in zip(backends, results, strict=True):
                 lines += await _backend_lines(spec, backend, health, tunnels)
-            lines += await _model_lines(config, [b for (_, b), h in zip(
-                backends, results, strict=True) if h is not None and h.ok])
+            lines += await _model_lines(config, [b for (s, b), h in zip(
+                backends, results, strict=True) if h.ok and s.kind != "embedded"])
         finally:
             await asyncio.gather(*(b.close() for b in asked))
         lines += await _plugin_lines(config)
+        redis_lines, redis_down = await _redis_lines(config)
+        lines += redis_lines
     finally:
         await tunnels.close()
-    # An embedded backend is not asked here: it neither counts for nor against the tier.
-    primary = [h for (s, _), h in zip(backends, results, strict=True)
-               if s.tier == "primary" and h is not None]
-    reachable = sum(1 for h in primary if h.ok)
-    lines.append(f"\nprimary tier: {reachable} of {len(primary)} backends answer")
+    answering = [s for (s, _), h in zip(backends, results, strict=True) if h.ok]
+    missing = [s.name for (s, _), h in zip(backends, results, strict=True)
+               if not h.ok and not s.optional]
+    primary = [h for (s, _), h in zip(backends, results, strict=True) if s.tier == "primary"]
+    lines.append(f"\n{len(answering)} of {len(backends)} backends answer (primary tier: "
+                 f"{sum(h.ok for h in primary)} of {len(primary)})")
     if not config.backends:
         lines.append("no backends are configured: nothing can answer (add [[backends]])")
         return "\n".join(lines), False
-    return "\n".join(lines), reachable > 0 or not primary
+    if not answering:
+        lines.append("nothing can answer requests now")
+    if missing:
+        lines.append(f"down, and not optional: {', '.join(missing)}")
+    return "\n".join(lines), bool(answering) and not missing and not redis_down
+
+
+def _redis_uses(config: GatewayConfig) -> list[tuple[str, str]]:
+    """Where the config uses a Redis, and its URL (the cache plugin's is the plugin's to
+    check)."""
+    return [(what, url) for what, url in (
+        ("[tenants]", config.tenants.redis_url if config.tenants.store == "redis" else ""),
+        ("[tasks]", config.tasks.redis_url if config.tasks.queue == "redis" else ""),
+        ("[responses]", config.responses.redis_url
+         if config.responses.backend == "redis" else ""),
+        ("[routing]", config.routing.redis_url),
+        ("[routing.learned]", config.routing.learned.redis_url)) if url]
+
+
+async def _redis_lines(config: GatewayConfig) -> tuple[list[str], bool]:
+    """A line for each Redis the config names, with what uses it; and whether one is down."""
+    uses: dict[str, list[str]] = {}
+    for what, url in _redis_uses(config):
+        uses.setdefault(url, []).append(what)
+    problems = await asyncio.gather(*(redis_problem(url) for url in uses))
+    lines = []
+    for (url, used_by), problem in zip(uses.items(), problems, strict=True):
+        head = f"redis {shown(url)}  (for {', '.join(used_by)})"
+        lines += [f"{head}  OK"] if problem is None else [f"{head}  DOWN", f"  → {problem}"]
+    return lines, any(problems)
 
 
 async def _plugin_lines(config: GatewayConfig) -> list[str]:
@@ -86,22 +122,25 @@ async def _model_lines(config: GatewayConfig, answering: list[Backend]) -> list[
     return [f"WARNING {warning}" for warning in catalog.unlisted()]
 
 
-async def _probe(spec: BackendConfig, backend: Backend) -> Health | None:
-    if spec.kind == "embedded":
-        return None  # it runs with the gateway: nothing to ask here
+async def _probe(spec: BackendConfig, backend: Backend) -> Health:
+    if isinstance(backend, EmbeddedBackend):  # it runs with the gateway: whether it can
+        try:
+            return Health(True, f"starts with the gateway (model {backend.model_file()})")
+        except EmbeddedUnavailable as exc:
+            return Health(False, f"cannot start: {exc}")
     try:
         return await backend.probe()
     except Exception as exc:  # one odd backend must not cut the report short
         return Health(False, f"the check itself failed: {type(exc).__name__}")
 
 
-async def _backend_lines(spec: BackendConfig, backend: Backend, health: Health | None,
+async def _backend_lines(spec: BackendConfig, backend: Backend, health: Health,
                          tunnels: TunnelManager) -> list[str]:
     via = f"via tunnel {spec.tunnel}" if spec.tunnel else \
         "embedded" if spec.kind == "embedded" else spec.url
     head = f"backend {spec.name}  ({spec.kind}, {spec.tier}, {via})"
-    if health is None:
-        return [f"{head}  runs with the gateway (not checked here)"]
+    if spec.kind == "embedded":
+        return [f"{head}  {'OK' if health.ok else 'DOWN'}: {health.detail}"]
     if health.ok:
         return [f"{head}  OK: {health.detail} ({health.latency_ms:.0f} ms)"]
     return [f"{head}  DOWN: {health.detail}", f"  → {await _hint(spec, tunnels)}"]

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, KeyConfig, load_config
-from gateway.store import shown
+from gateway.store import redis_problem, shown
 from gateway.tenants import Away, KeyBook, Link, RedisKeys, amend, described, issue
 
 
@@ -180,8 +180,9 @@ async def _redis_keys(config: GatewayConfig) -> AsyncIterator[RedisKeys]:
         await keys.start()
         yield keys
     except Away:
-        raise ConfigError(f"{config.source}: tenants.redis_url: Redis does not answer at "
-                          f"{shown(config.tenants.redis_url)}") from None
+        problem = await redis_problem(config.tenants.redis_url) or \
+            f"Redis at {shown(config.tenants.redis_url)} does not answer"
+        raise ConfigError(f"{config.source}: tenants.redis_url: {problem}") from None
     finally:
         await link.close()
 

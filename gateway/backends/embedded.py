@@ -75,13 +75,19 @@ class EmbeddedBackend(OpenAICompatBackend):
         self.restarts = 0
         self._limits["health"] = Limits(config.timeouts.connect, total=HEALTH_SECONDS)
 
+    def model_file(self) -> Path:
+        """The model it would serve; raises ``EmbeddedUnavailable`` when it cannot (what
+        it needs is not installed, or the file is not there)."""
+        model = Path(self.config.model_path) if self.config.model_path else default_model()
+        if importlib.util.find_spec("xllamacpp") is None:
+            raise EmbeddedUnavailable("xllamacpp is not installed (pip install xllamacpp)")
+        if not model.is_file():
+            raise EmbeddedUnavailable(f"no model file at {model}")
+        return model
+
     async def start(self) -> None:
         try:
-            model = Path(self.config.model_path) if self.config.model_path else default_model()
-            if importlib.util.find_spec("xllamacpp") is None:
-                raise EmbeddedUnavailable("xllamacpp is not installed (pip install xllamacpp)")
-            if not model.is_file():
-                raise EmbeddedUnavailable(f"no model file at {model}")
+            model = self.model_file()
         except EmbeddedUnavailable as exc:
             level = logging.INFO if self.config.optional else logging.WARNING
             log.log(level, "backend %s (embedded) is off: %s", self.name, exc)

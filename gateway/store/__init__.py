@@ -19,8 +19,8 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, MovedError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError, RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,25 @@ def pooled(url: str, max_connections: int, wait: float, timeout: float
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError])
+
+
+async def redis_problem(url: str, within: float = 3.0) -> str | None:
+    """What is wrong with the Redis at ``url``, in words for an operator (None: it answers):
+    one that refuses the URL's password is not one that does not answer.
+    """
+    client = redis.Redis.from_url(url, socket_timeout=within, socket_connect_timeout=within)
+    try:
+        await client.ping()
+    except AuthenticationError:  # (a wrong password, or none where one is wanted)
+        return (f"Redis at {shown(url)} refuses to let the gateway in: check the user and "
+                "password in the URL (redis://user:password@host:port/db)")
+    except ResponseError as exc:
+        return f"Redis at {shown(url)} answers with an error: {str(exc)[:200]}"
+    except (RedisError, OSError, TimeoutError) as exc:
+        return f"Redis at {shown(url)} does not answer ({type(exc).__name__})"
+    finally:
+        await client.aclose(close_connection_pool=True)
+    return None
 
 
 async def connect(url: str, **options: Any) -> redis.Redis | RedisCluster:

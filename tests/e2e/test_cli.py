@@ -22,6 +22,7 @@ import ollama
 import pytest
 
 from gateway.runtime import STOP_MARGIN
+from tests.redis_peer import RedisServer
 from tests.support import GATEWAY, GatewayProcess, Sim, free_port, wait_ready
 
 
@@ -504,6 +505,54 @@ def test_check_fails_without_backends(tmp_path: Path) -> None:
     result = subprocess.run([*GATEWAY, "check", "--config", str(config)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1 and "no backends are configured" in result.stdout
+
+
+def test_check_passes_when_the_gateway_can_serve_as_configured(tmp_path: Path) -> None:
+    """On the shipped config, on a fresh machine (no Ollama, no MLX server: both optional),
+    the light model answers: it exited 1 ("primary tier: 0 of 2"). A backend that must be
+    there, down, fails it (it passed when no backend was of the primary tier), and so do
+    an embedded model that cannot start and a Redis the config uses that does not answer.
+    """
+    def check(config: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*GATEWAY, "check", *(["--config", str(config)] if config else [])],
+                              capture_output=True, text=True, timeout=60)
+
+    shipped = check()
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    assert "backend light  (embedded, server, embedded)  OK: starts with the gateway" in \
+        shipped.stdout
+    down = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[backends]]\nname = "srv"\nkind = "openai"\ntier = "server"\n'
+                      f'url = "http://127.0.0.1:{down}/v1"\n')
+    result = check(config)
+    assert result.returncode == 1 and "down, and not optional: srv" in result.stdout
+    config.write_text('[[backends]]\nname = "light"\nkind = "embedded"\n'
+                      f'model_path = "{tmp_path / "none.gguf"}"\n')
+    result = check(config)
+    assert result.returncode == 1 and "DOWN: cannot start: no model file at" in result.stdout
+    config.write_text(f'[tenants]\nstore = "redis"\nredis_url = '
+                      f'"redis://:hunter2@127.0.0.1:{down}/0"\n\n'
+                      f'[[backends]]\nname = "light"\nkind = "embedded"\n')
+    result = check(config)
+    assert result.returncode == 1, result.stdout
+    assert f"redis 127.0.0.1:{down}/0  (for [tenants])  DOWN" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_a_redis_that_refuses_the_password_is_said_to(tmp_path: Path) -> None:
+    """(It was "Redis does not answer", and only a log line said why.)"""
+    with RedisServer() as redis:
+        redis.command("CONFIG", "SET", "requirepass", "right-one")
+        config = tmp_path / "gateway.toml"
+        for password in ("", ":wrong-one@"):  # none where one is wanted, or a wrong one
+            said = "refuses to let the gateway in: check the user and password in the URL"
+            url = redis.url.replace("redis://", "redis://" + password)
+            config.write_text(f'[tenants]\nstore = "redis"\nredis_url = "{url}"\n')
+            result = subprocess.run([*GATEWAY, "keys", "list", "--config", str(config)],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2 and said in result.stderr, result.stderr
+            assert "wrong-one" not in result.stdout + result.stderr
 
 
 def test_demo_serves_the_simulated_fleet() -> None:
