@@ -7,6 +7,7 @@ a Redis) does not.
 from __future__ import annotations
 
 import asyncio
+import difflib
 from urllib.parse import urlsplit
 
 from gateway.app import build_backend
@@ -15,6 +16,7 @@ from gateway.backends.embedded import EmbeddedBackend, EmbeddedUnavailable
 from gateway.config import BackendConfig, GatewayConfig
 from gateway.pipeline import load_plugins
 from gateway.routing.catalog import ModelCatalog
+from gateway.routing.selector import BUILTIN_ALIASES
 from gateway.store import redis_problem, shown
 from gateway.tunnel.manager import TunnelManager
 
@@ -114,12 +116,29 @@ async def _plugin_lines(config: GatewayConfig) -> list[str]:
 
 
 async def _model_lines(config: GatewayConfig, answering: list[Backend]) -> list[str]:
-    """The ``[[models]]`` deployments whose backend answers but does not list their model."""
-    if not config.models:
+    """The ``[[models]]`` deployments whose backend answers but does not list their model;
+    the names in the config's aliases' priority lists that no backend that answers lists
+    (a typo leaves the alias with nothing to pick: 503s), or that are aliases themselves.
+    """
+    if (not config.models and not config.aliases) or not answering:
         return []
     catalog = ModelCatalog(answering, config.models)
     await catalog.refresh()
-    return [f"WARNING {warning}" for warning in catalog.unlisted()]
+    warnings = catalog.unlisted()
+    aliases = {*BUILTIN_ALIASES, *config.aliases}
+    names = catalog.names()
+    for alias, spec in config.aliases.items():
+        for label, picks in spec.priority.items():
+            for name in picks:
+                where = f"[aliases.{alias!r}] priority.{label}"
+                if name in aliases:
+                    warnings.append(f"{where} names the alias {name!r}: an alias picks among "
+                                    "models (name them)")
+                elif not catalog.deployments(name):
+                    near = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+                    warnings.append(f"{where}: no backend that answers lists {name!r}"
+                                    + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return [f"WARNING {warning}" for warning in warnings]
 
 
 async def _probe(spec: BackendConfig, backend: Backend) -> Health:

@@ -691,13 +691,20 @@ def test_check_warns_of_a_configured_model_its_backend_does_not_list(
     config = write_config(tmp_path / "gateway.toml", ollama_sim, mlx_sim)
     config.write_text(config.read_text() + '\n[[models]]\nname = "coder"\n'
                       'deployments = [{backend = "ollama", model = "qwen2.5-coder:23b"}]\n'
-                      'fallbacks = ["qwq:32b"]\n')
+                      'fallbacks = ["qwq:32b"]\n\n'
+                      # an alias's list with a typo (its requests were 503s, unsaid), and
+                      # one naming an alias (never picked)
+                      '[aliases."mine"]\npriority = {ollama = ["qwen2.5-coder:32", "auto:fast"]}\n')
     result = subprocess.run([*GATEWAY, "check", "--config", str(config)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert ("WARNING [[models]] 'coder': backend 'ollama' does not list the model "
             "'qwen2.5-coder:23b' (did you mean 'qwen2.5-coder:32b'?); requests for it go to the "
             "fallbacks") in result.stdout
+    assert ("WARNING [aliases.'mine'] priority.ollama: no backend that answers lists "
+            "'qwen2.5-coder:32' (did you mean 'qwen2.5-coder:32b'?)") in result.stdout
+    assert ("WARNING [aliases.'mine'] priority.ollama names the alias 'auto:fast'"
+            in result.stdout)
 
 
 def test_router_export_and_eval(tmp_path: Path, ollama_sim: Sim) -> None:
