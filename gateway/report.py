@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from gateway.backends.base import Backend
+from gateway.backends.embedded import EmbeddedBackend
 from gateway.config import GatewayConfig
 from gateway.protocol.units import ModelInfo
 from gateway.routing.catalog import ModelCatalog
@@ -31,7 +32,8 @@ async def catalog_report(config: GatewayConfig, backends: list[Backend]) -> str:
         where = f"via tunnel {spec.tunnel}" if spec.tunnel else spec.url or "embedded"
         state = "up" if status.ok else f"DOWN: {status.error}"
         if spec.kind == "embedded":
-            state = "runs with the gateway (not started for this listing)"
+            state = "starts with the gateway (not started for this listing)" if \
+                catalog.listing(name) else "cannot start (see gateway check)"
         lines.append(f"{name}  ({spec.kind}, {spec.tier}, {where})  {state}")
         lines += [_model_line(info, breakers.get(f"{name}/{info.name}"))
                   for info in catalog.listing(name)]
@@ -100,8 +102,12 @@ async def print_catalog(config: GatewayConfig) -> None:
     tunnels = TunnelManager(config.tunnels)
     await tunnels.start(patience=max((t.connect_timeout for t in config.tunnels), default=0))
     backends = [build_backend(b, tunnels) for b in config.backends]
-    # An embedded backend is not started just to be listed: it would load its model.
-    asked = [b for b in backends if b.config.kind != "embedded"]
+    # An embedded backend is not started just to be listed (it would load its model): it
+    # says what it would serve.
+    asked = [b for b in backends if not isinstance(b, EmbeddedBackend)]
+    for backend in backends:
+        if isinstance(backend, EmbeddedBackend):
+            backend.unstarted = True
     try:
         await asyncio.gather(*(b.start() for b in asked))
         print(await catalog_report(config, backends))

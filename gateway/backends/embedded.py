@@ -73,6 +73,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         self._said: collections.deque[str] = collections.deque(maxlen=SAID_LINES)
         self._listener: asyncio.Task[None] | None = None  # reads what the server says
         self.restarts = 0
+        self.unstarted = False  # listed without being started (gateway models)
         self._limits["health"] = Limits(config.timeouts.connect, total=HEALTH_SECONDS)
 
     def model_file(self) -> Path:
@@ -120,14 +121,22 @@ class EmbeddedBackend(OpenAICompatBackend):
 
     async def list_models(self) -> list[ModelInfo]:
         if not self._ready.is_set():
+            if self.unstarted:  # (gateway models: what it would serve, not started for it)
+                with contextlib.suppress(EmbeddedUnavailable):
+                    self.model_file()
+                    return self._described(loaded=False)
+                return []
             if self._supervisor is None or not self._served:  # off, or never up: none yet
                 return []
             # Down a moment (restarting): its model is still its, and it cannot answer now,
             # as any backend that does not answer (its requests fail over; a batch's wait)
             raise UpstreamError(f"backend {self.name}: the llama.cpp server is restarting",
                                 backend=self.name)
+        return self._described(loaded=True)
+
+    def _described(self, loaded: bool) -> list[ModelInfo]:
         # The gateway chose this model itself: what it can do is known, not presumed.
-        return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=True,
+        return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=loaded,
                           capabilities=EMBEDDED_CAPABILITIES,
                           parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
                           context_length=self.config.context_size // self.config.slots)]

@@ -303,6 +303,20 @@ def test_models_command_lists_each_backends_models(
     assert any("deepseek-r1-distill-llama:70b" in line for line in lines)
 
 
+def test_models_command_shows_the_embedded_model_on_the_shipped_config() -> None:
+    """On a fresh machine it said the light backend had no models and auto picked nothing,
+    while a gateway on the same config answered auto with SmolLM2."""
+    result = subprocess.run([*GATEWAY, "models"], capture_output=True, text=True, timeout=60,
+                            check=True)
+    lines = result.stdout.splitlines()
+    light = lines.index(next(line for line in lines if line.startswith("light  (embedded")))
+    assert lines[light].endswith("starts with the gateway (not started for this listing)")
+    assert lines[light + 1].strip().startswith("smollm2:135m")
+    assert not lines[light + 1].endswith("loaded")  # (it is not running)
+    auto = next(line for line in lines if line.strip().startswith("auto "))
+    assert "(nothing available)" not in auto, result.stdout  # (SmolLM2, or a local server's)
+
+
 def test_models_command_shows_alias_picks_and_the_live_gateways_breakers(
     tmp_path: Path, ollama_sim: Sim, mlx_sim: Sim
 ) -> None:
