@@ -141,9 +141,10 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
         if kind == "text":
             text.append(_text(block, f"{where}.content[{j}]"))
         elif kind == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function", "function": {
-                "name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {})
-                .decode()}})
+            at = f"{where}.content[{j}]"  # (named as the client sent it, not as the chat's)
+            calls.append({"id": _string(block, "id", at), "type": "function", "function": {
+                "name": _string(block, "name", at),
+                "arguments": orjson.dumps(block.get("input") or {}).decode()}})
         elif kind not in ("thinking", "redacted_thinking"):  # the model's own, not resent
             raise _unsupported(kind, f"{where}.content[{j}]")
     message: dict[str, Any] = {"role": "assistant", "content": "\n".join(text) or None}
@@ -171,7 +172,7 @@ def _user(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
                 "\n".join(_result_texts(content or [], f"{at}.content"))
             if block.get("is_error"):
                 text = f"Error: {text}"
-            results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+            results.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", at),
                             "content": text})
         else:
             raise _unsupported(kind, at)
@@ -231,6 +232,13 @@ def _kind(block: Any, where: str) -> str:
     if not isinstance(kind, str):
         raise invalid(where, f"{where} must be a content block with a 'type'.")
     return kind
+
+
+def _string(block: dict[str, Any], key: str, where: str) -> str:
+    value = block.get(key)
+    if not isinstance(value, str):
+        raise invalid(f"{where}.{key}", f"{where}.{key} must be a string.")
+    return value
 
 
 def _text(block: dict[str, Any], where: str) -> str:

@@ -88,8 +88,10 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
             raise invalid(where, f"{where} must be an object.")
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind == "message":
-            out.append({"role": item.get("role"),
-                        "content": _content(item.get("content"), where)})
+            if item.get("role") not in ROLES:  # (named as sent, not as the chat's messages)
+                raise invalid(f"{where}.role", f"{where}.role must be one of "
+                                               f"{', '.join(ROLES)}.")
+            out.append({"role": item["role"], "content": _content(item.get("content"), where)})
         elif kind == "function_call":
             name = _string(item, "name", where)
             if isinstance(item.get("namespace"), str) and item["namespace"]:
@@ -317,6 +319,9 @@ def _name_of(function: dict[str, Any]) -> str:
     return name
 
 
+ROLES = ("user", "assistant", "system", "developer")  # an input message's
+
+
 def _format(text: Any) -> dict[str, Any] | None:
     fmt = text.get("format") if isinstance(text, dict) else None
     if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
@@ -324,6 +329,9 @@ def _format(text: Any) -> dict[str, Any] | None:
     if fmt["type"] == "json_object":
         return {"type": "json_object"}
     if fmt["type"] == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise invalid("text.format.schema", "'text.format.schema' must be a JSON schema "
+                                                "object.")
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
     raise invalid("text.format.type", "'text.format.type' must be 'text', 'json_object' or "

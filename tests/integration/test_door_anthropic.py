@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -178,6 +179,24 @@ def test_errors_name_anthropics_fields_and_ranges(client: anthropic.Anthropic) -
                                    extra_body=fields)
         assert f"'{param}'" in caught.value.message
         assert caught.value.type == "invalid_request_error"
+
+
+def test_a_wrong_type_deep_in_the_turns_is_named_as_the_client_sent_it(
+        client: anthropic.Anthropic) -> None:
+    """(It was named as the chat request it becomes: 'messages[3].tool_call_id'.)"""
+    turns: list[Any] = [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "content": [
+                            {"type": "tool_use", "id": "t1", "name": "w", "input": {}}]},
+                        {"role": "user", "content": [
+                            {"type": "tool_result", "tool_use_id": 7, "content": "sunny"}]}]
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, system="Be brief.",
+                               messages=turns)
+    assert "messages[2].content[0].tool_use_id must be a string" in caught.value.message
+    turns[1]["content"][0]["id"] = 7
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="qwen2.5-coder:32b", max_tokens=64, messages=turns)
+    assert "messages[1].content[0].id must be a string" in caught.value.message
 
 
 def test_an_image_without_its_data_is_a_400(client: anthropic.Anthropic) -> None:

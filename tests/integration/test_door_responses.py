@@ -301,6 +301,19 @@ def test_a_bad_max_output_tokens_is_named_so(client: openai.OpenAI) -> None:
     assert "'max_output_tokens'" in caught.value.message
 
 
+def test_a_wrong_value_is_named_as_the_client_sent_it(client: openai.OpenAI) -> None:
+    """(It was named as the chat request it becomes: 'messages[2].role', 'response_format'.)"""
+    for fields, param in (
+            ({"instructions": "Be brief.", "input": [{"role": "user", "content": "a"},
+                                                      {"role": "critic", "content": "b"}]},
+             "input[1].role"),
+            ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}},
+             "text.format.schema")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="phi3.5:3.8b", **fields)  # type: ignore[call-overload]
+        assert caught.value.param == param, caught.value.message
+
+
 def test_tools_not_a_list_or_a_choice_of_no_tool_is_a_400(client: openai.OpenAI) -> None:
     """(Tools as an object were ignored; a function chosen that is not among the tools was
     sent on, and the model called another.)"""
