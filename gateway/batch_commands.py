@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from redis.exceptions import RedisError
 
 from gateway.app import create_app
 from gateway.config import DEFAULT_CONFIG, ConfigError, GatewayConfig, TasksConfig, load_config
-from gateway.runtime import new_event_loop, until_signalled
+from gateway.runtime import new_event_loop, signalled
 from gateway.store import redis_problem, shown
 from gateway.tasks.batches import Store
 from gateway.tasks.local import LocalStore
@@ -61,11 +62,14 @@ async def _working(config: GatewayConfig) -> None:
     """Every part of the gateway but its HTTP server: the pipeline, routing, the backends,
     the monitor, and the batch worker.
     """
+    # A hang-up (logrotate's, a closed terminal's) is a clean stop too, not one that leaves
+    # the lines it held for others to take back after their claims lapse.
+    stop = signalled(signal.SIGHUP)
     runner = web.AppRunner(create_app(config))
     await runner.setup()  # (starts every service; no port is opened)
     try:
         log.info("gateway worker: answering batch lines from %s", shown(config.tasks.redis_url))
-        await until_signalled()
+        await stop.wait()
     finally:
         await runner.cleanup()
 

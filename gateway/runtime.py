@@ -54,20 +54,20 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def signalled() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM, from now on (Ctrl-C then stops the process as
-    it stops it, whatever it is doing: never a traceback).
+def signalled(*more: signal.Signals) -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (and ``more``), from now on (Ctrl-C then stops the
+    process as it stops it, whatever it is doing: never a traceback).
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, *more):
         loop.add_signal_handler(sig, stop.set)
     return stop
 
 
-async def until_signalled() -> None:
-    """Until SIGINT or SIGTERM."""
-    await signalled().wait()
+async def until_signalled(*more: signal.Signals) -> None:
+    """Until SIGINT or SIGTERM (or one of ``more``)."""
+    await signalled(*more).wait()
 
 
 @contextlib.contextmanager

@@ -151,6 +151,29 @@ def test_a_worker_killed_mid_batch_leaves_its_lines_to_the_other(tmp_path: Path)
             sim.server.stop()
 
 
+def test_a_worker_hung_up_on_stops_as_it_stops_when_told(tmp_path: Path) -> None:
+    """SIGHUP (logrotate's, a closed terminal's) ended it on the spot (exit 129): its lines
+    at work waited out their claims before another took them."""
+    sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
+    with RedisServer() as redis:
+        config = redis_config(tmp_path / "gateway.toml", sim, redis, worker=False)
+        worker = subprocess.Popen([*GATEWAY, "worker", "--config", str(config)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert worker.stdout is not None
+            for line in worker.stdout:  # (up: it says where it takes lines from)
+                if "answering batch lines" in line:
+                    break
+            worker.send_signal(signal.SIGHUP)
+            worker.communicate(timeout=30)
+            assert worker.returncode == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate(timeout=10)
+            sim.server.stop()
+
+
 def test_redis_restarted_mid_batch_loses_no_line(tmp_path: Path) -> None:
     sim = Sim(ServerThread(lambda: create_ollama_app(host_models())).start(), "ollama")
     sim.fault("qwq:32b", latency=0.05)
