@@ -18,6 +18,8 @@ import logging
 import os
 import socket
 import sys
+import time
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from gateway.backends.base import Health
@@ -25,7 +27,8 @@ from gateway.backends.openai_compat import OpenAICompatBackend
 from gateway.backends.response import Limits
 from gateway.config import BackendConfig
 from gateway.errors import GatewayError, UpstreamError
-from gateway.protocol.units import ModelInfo
+from gateway.protocol.openai import ChatRequest, CompletionRequest, EmbeddingRequest
+from gateway.protocol.units import Chunk, EmbeddingResult, ModelInfo
 from gateway.runtime import end_loops
 
 # What its llama.cpp server does: chat, text and embeddings (started with --embeddings).
@@ -40,6 +43,7 @@ WEDGED_AFTER = 3  # failed checks in a row before a live but silent server is re
 START_SECONDS = 120.0  # for a server to answer at all (it may take longer to load)
 SAID_LINES = 12  # of what the server said, kept to tell why it did not come up
 MAX_RESTART_DELAY = 30.0
+RESTART_WAIT = 10.0  # seconds a server that stopped is given to be back (SmolLM2: about 2)
 
 
 class EmbeddedUnavailable(RuntimeError):
@@ -74,6 +78,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         self._listener: asyncio.Task[None] | None = None  # reads what the server says
         self.restarts = 0
         self.unstarted = False  # listed without being started (gateway models)
+        self._stopped_at: float | None = None  # when a server that was serving stopped
         self._limits["health"] = Limits(config.timeouts.connect, total=HEALTH_SECONDS)
 
     def model_file(self) -> Path:
@@ -141,10 +146,88 @@ class EmbeddedBackend(OpenAICompatBackend):
                           parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
                           context_length=self.config.context_size // self.config.slots)]
 
+    def chat(self, req: ChatRequest, model: str) -> AsyncGenerator[Chunk]:
+        return self._through_restarts(lambda: OpenAICompatBackend.chat(self, req, model))
+
+    def complete(self, req: CompletionRequest, model: str) -> AsyncGenerator[Chunk]:
+        return self._through_restarts(lambda: OpenAICompatBackend.complete(self, req, model))
+
+    async def embed(self, req: EmbeddingRequest, model: str) -> EmbeddingResult:
+        await self._back()
+        sent_to = self.process
+        try:
+            return await super().embed(req, model)
+        except UpstreamError:
+            if not self._gone(sent_to):
+                raise
+        await self._back()
+        return await super().embed(req, model)
+
+    async def _through_restarts(self, ask: Callable[[], AsyncGenerator[Chunk]]
+                                ) -> AsyncGenerator[Chunk]:
+        """The server's answer. Asked while it restarts, a request waits for it; one sent
+        to a server that died before its first token is sent again to the next (the
+        gateway's own server: nothing is billed twice). Those sent to the dead port failed
+        at once, and opened the deployment's breaker for seconds after it was back.
+        """
+        await self._back()
+        sent_to = self.process
+        chunks = ask()
+        try:
+            try:
+                first = await anext(chunks)
+            except UpstreamError:
+                if not self._gone(sent_to):
+                    raise
+                await chunks.aclose()
+                await self._back()
+                chunks = ask()
+                first = await anext(chunks)
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        except StopAsyncIteration:
+            return
+        finally:
+            await chunks.aclose()
+
+    def _gone(self, process: asyncio.subprocess.Process | None) -> bool:
+        """Whether the server a request was sent to has died (or been replaced) since."""
+        return process is not None and (process.returncode is not None
+                                        or process is not self.process)
+
+    async def _back(self) -> None:
+        """Until a server that stopped a moment ago is back (at most ``RESTART_WAIT``
+        after it stopped)."""
+        while grace := self._restarting():
+            if self._ready.is_set():  # (dead, and its supervisor about to see it)
+                await asyncio.sleep(0.05)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._ready.wait()
+
     async def probe(self) -> Health:
+        if self._restarting():  # (its requests wait for it: not down)
+            return Health(True, "the llama.cpp server is restarting")
         if self.process is None or self.process.returncode is not None:
             return Health(False, "the llama.cpp server is not running")
         return await super().probe()
+
+    def _restarting(self) -> float:
+        """Seconds left of a restart's grace: the server was serving and stopped a moment
+        ago, and its supervisor is bringing it back (0: not so)."""
+        if not self._served or self._supervisor is None or self._supervisor.done():
+            return 0.0
+        process = self.process
+        exited = process is None or process.returncode is not None
+        if self._ready.is_set() and not exited:
+            return 0.0
+        if self._stopped_at is None:
+            if not exited:
+                return 0.0
+            self._stopped_at = time.monotonic()  # (seen before its supervisor saw it)
+        return max(0.0, RESTART_WAIT - (time.monotonic() - self._stopped_at))
 
     async def _supervise(self) -> None:
         """Keep the server running: start it, and start it again whenever it dies or stops
@@ -155,16 +238,20 @@ class EmbeddedBackend(OpenAICompatBackend):
             try:
                 self._ready.clear()
                 await self._spawn()
-                if await self._wait_healthy():
+                came_up = await self._wait_healthy()
+                if came_up:
                     self._ready.set()
+                    self._stopped_at = None
                     self._tried.set()
                     self._served = True
                     delay = 1.0
                     why = await self._watch()
+                    self._ready.clear()  # (requests wait for the next: restarted)
+                    self._stopped_at = time.monotonic()
                 else:
                     why = "it did not come up"
                 await self._stop_process()
-                if not self._ready.is_set():
+                if not came_up:
                     why += "".join(f"\n  {line}" for line in self._said)
                     await self._listen_anew()
             except Exception as exc:  # the supervisor itself must not die
