@@ -74,23 +74,9 @@ class OpenAICompatBackend(HttpBackend):
         started = time.perf_counter()
         try:
             await self.get_json("/models", quick=True)
-            if self.tier != "cloud":
-                await self._serving()
         except GatewayError as exc:
             return Health(False, exc.message)
         return Health(True, "models listed", (time.perf_counter() - started) * 1000)
-
-    async def _serving(self) -> None:
-        """Raises when a local server lists its models but says it cannot answer (its
-        ``/health`` an error: llama.cpp loading its model, mlx_lm.server whose generation
-        thread died); a server without ``/health`` is taken at its listing.
-        """
-        try:
-            async with self.request("GET", "/health", timeout="quick", root=True) as response:
-                await response.read()
-        except GatewayError as exc:
-            if exc.status >= 500:
-                raise
 
     def chat(self, req: ChatRequest, model: str) -> AsyncGenerator[Chunk]:
         payload = self._payload(req, model)

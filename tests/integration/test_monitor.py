@@ -379,40 +379,6 @@ def test_an_optional_backend_that_is_not_there_is_absent_not_down(
         server.stop()
 
 
-def test_a_server_that_lists_its_models_but_says_it_cannot_serve_is_down(
-        fleet: Fleet) -> None:
-    """mlx_lm.server whose generation thread died (or llama.cpp loading its model) lists
-    its models and answers its /health 503: it was up, and each request to it failed.
-    """
-    serving = {"ok": True}
-
-    def mlx() -> web.Application:
-        app = create_openai_app([SimModel("smol:135m")])
-
-        @web.middleware
-        async def health(request: web.Request, handler: Any) -> web.StreamResponse:
-            if request.path == "/health" and not serving["ok"]:  # (as mlx_lm.server says it)
-                return web.json_response({"status": "unavailable"}, status=503)
-            return await handler(request)  # type: ignore[no-any-return]
-
-        app.middlewares.append(health)
-        return app
-
-    with ServerThread(mlx) as peer:
-        server = start_gateway(gateway_config(
-            backend("mlx", "openai", peer.url + "/v1", timeouts=FAST),
-            routing={"health_interval": 0.2, "retries": 0}, monitor=QUICK))
-        try:
-            status = lambda: get(server.url + "/admin/status")[1]["backends"]["mlx"]  # noqa: E731
-            wait_until(lambda: status()["up"], 10, "the server up")
-            serving["ok"] = False
-            wait_until(lambda: not status()["up"], 10, "the server that cannot serve down")
-            serving["ok"] = True
-            wait_until(lambda: status()["up"], 10, "the server up again")
-        finally:
-            server.stop()
-
-
 def test_two_sinks_of_one_kind_are_told_apart(fleet: Fleet, receiver: Receiver) -> None:
     server = start_gateway(one_ollama(fleet, monitor={
         **QUICK, "alerts": [{"kind": "backend_down", "after": 0.3}],
