@@ -142,6 +142,7 @@ class EmbeddedBackend(OpenAICompatBackend):
     def _described(self, loaded: bool) -> list[ModelInfo]:
         # The gateway chose this model itself: what it can do is known, not presumed.
         return [ModelInfo(name=self.model_name, backend=self.name, known=True, loaded=loaded,
+                          reported=True,
                           capabilities=EMBEDDED_CAPABILITIES,
                           parameters=SMOLLM2_PARAMETERS if not self.config.model_path else None,
                           context_length=self.config.context_size // self.config.slots)]

@@ -252,7 +252,7 @@ def model_info(
     details = entry.get("details") or {}
     name = entry.get("name") or entry.get("model") or ""
     capabilities = set((show or {}).get("capabilities") or entry.get("capabilities") or [])
-    known = True
+    known = reported = bool(capabilities)
     if not capabilities:  # /api/show failed (it is asked again at the next scan), or an
         # Ollama older than capabilities said nothing: a model that generates, unless its
         # name says it embeds (after a failure, only presumed)
@@ -270,6 +270,7 @@ def model_info(
         running_context=loaded.get(name),
         capabilities=frozenset(capabilities),
         known=known,
+        reported=reported,
         loaded=name in loaded,
         created=epoch_seconds(entry.get("modified_at")),
     )

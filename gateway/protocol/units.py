@@ -226,6 +226,10 @@ class ModelInfo:
     # OpenAI-compatible server tells only names): a guess never rules a model out (but see
     # ``presumed``).
     known: bool = False
+    # Whether they were said, not inferred (an Ollama older than capabilities says none:
+    # ``known``, as a model that generates): only a capability said to be missing refuses a
+    # model its client named.
+    reported: bool = False
     loaded: bool = False
     # The window it runs with now, where its backend says so (Ollama loads a model with
     # its own context length, often far short of the model's, and cuts a longer prompt

@@ -268,7 +268,7 @@ def _override(deployment: Deployment, spec: ModelConfig) -> Deployment:
     if spec.capabilities:
         changes["capabilities"] = frozenset(spec.capabilities) | {"chat", "completion"} \
             if "completion" in spec.capabilities else frozenset(spec.capabilities)
-        changes["known"] = True
+        changes["known"] = changes["reported"] = True
     if spec.context_length:
         changes["context_length"] = spec.context_length
     if spec.prefill != "auto":

@@ -75,10 +75,13 @@ class Needs:
         window = deployment.model.running_context
         return not window or window >= self.tokens
 
-    def lacked(self, deployments: list[Deployment]) -> list[str]:
-        """What is needed that every one of the deployments is known not to have."""
-        return [c for c in self.wanted() if deployments and all(
-            d.model.known and c not in d.model.capabilities for d in deployments)]
+    def unserved(self, deployments: list[Deployment]) -> bool:
+        """Whether the request fills in the middle and every one of the deployments is
+        said not to (a server that cannot leaves the suffix out without a word: llama.cpp's
+        /v1/completions; images and tools a server refuses itself).
+        """
+        return self.insert and bool(deployments) and all(
+            d.model.reported and "insert" not in d.model.capabilities for d in deployments)
 
     def sure(self, candidate: Candidate) -> bool:
         """Whether the model is known (not just presumed) to have what is needed."""
@@ -169,12 +172,10 @@ class Selector:
             first = [Candidate(name, self._catalog.deployments(name), REQUESTED)]
         else:
             deployments = self._catalog.resolve(name)
-            lacked = needs_of(req).lacked(deployments)
-            if lacked:  # (said here: a server may not say it, llama.cpp's ignores a suffix)
-                said = {"vision": "images", "insert": "fill-in-the-middle"}
-                raise InvalidRequest(f"The model {name!r} cannot take what this request needs "
-                                     f"({', '.join(said.get(c, c) for c in lacked)}).",
-                                     param="model", code=UNSUPPORTED_BY_MODEL)
+            if needs_of(req).unserved(deployments):
+                raise InvalidRequest(f"The model {name!r} cannot fill in the middle (a text "
+                                     "completion's suffix).", param="model",
+                                     code=UNSUPPORTED_BY_MODEL)
             first = [Candidate(name, deployments, REQUESTED)]
         if allowed:
             return Route(first, lambda: [c for c in self._fallbacks_for(name, first,

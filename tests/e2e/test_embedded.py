@@ -102,7 +102,11 @@ def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedB
             client.completions.create(model="smollm2:135m", prompt="def add(a, b):\n",
                                       suffix="\n    return total\n", max_tokens=8)
         assert refused.value.code == "unsupported_by_model"
-        assert "fill-in-the-middle" in refused.value.message
+        assert "fill in the middle" in refused.value.message
+        # Tools it is asked with (llama.cpp takes them, whatever the model makes of them)
+        assert client.chat.completions.create(**ASK, tools=[{  # type: ignore[call-overload]
+            "type": "function", "function": {"name": "weather", "parameters": {
+                "type": "object", "properties": {}}}}]).choices
     # Ollama's clients that pick embedding models by what /api/show says find it.
     with ollama.Client(host=server.url) as ollama_client:
         shown = ollama_client.show("smollm2:135m")

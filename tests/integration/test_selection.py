@@ -108,6 +108,38 @@ def test_fill_in_the_middle_goes_to_a_model_that_can_insert(client: openai.OpenA
     assert ollama_sim.requests("/api/generate")[-1]["payload"]["suffix"]
 
 
+def test_an_ollama_that_does_not_say_what_models_can_do_is_asked_all_the_same() -> None:
+    """An Ollama older than capabilities (before 0.6.4) says none in /api/show: its models
+    are taken to generate, and picked by aliases for that alone; but a model its client names
+    is asked whatever the request needs (tools were refused by the gateway, unasked).
+    """
+    def old_ollama() -> web.Application:
+        app = create_ollama_app([SimModel("llama3.1:8b", capabilities=("completion", "tools"))])
+
+        @web.middleware
+        async def unsaid(request: web.Request, handler: Any) -> web.StreamResponse:
+            response = await handler(request)
+            if request.path == "/api/show":
+                shown = json.loads(response.body)  # type: ignore[attr-defined]
+                shown.pop("capabilities", None)
+                return web.json_response(shown)
+            return response  # type: ignore[no-any-return]
+
+        app.middlewares.append(unsaid)
+        return app
+
+    with ServerThread(old_ollama) as peer:
+        server = start_gateway(gateway_config(backend("old", "ollama", peer.url)))
+        try:
+            with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
+                reply = c.chat.completions.create(model="llama3.1:8b", messages=USER, tools=[{
+                    "type": "function", "function": {"name": "weather", "parameters": {
+                        "type": "object", "properties": {}}}}])  # type: ignore[list-item]
+            assert reply.choices[0].finish_reason in ("stop", "tool_calls")
+        finally:
+            server.stop()
+
+
 def test_a_long_prompt_goes_to_a_model_whose_window_fits(client: openai.OpenAI) -> None:
     long = [{"role": "user", "content": "word " * 35_000}]  # ~44k tokens: past qwq's 32k
     assert picked(client, "auto", messages=long) == ("phi3.5:3.8b",
