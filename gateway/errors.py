@@ -193,7 +193,7 @@ def from_upstream_status(
     if status == 400 or status == 422:
         return InvalidRequest(message or text, code=code or _error_code(message))
     if status == 404:
-        if message and code != "model_not_found" and "model" not in message.lower():
+        if _no_such_path(message, code):
             return Unsupported(f"{backend} cannot answer this kind of request (HTTP 404: "
                                f"{message})")
         return NotFound(text, code="model_not_found", param="model")
@@ -213,6 +213,17 @@ def from_upstream_status(
         return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend,
                              code="upstream_auth_failed")
     return UpstreamError(text, backend=backend)
+
+
+def _no_such_path(message: str, code: str | None) -> bool:
+    """Whether a 404 says the server has no such endpoint ("Not Found": mlx_lm.server asked
+    for embeddings; "404 page not found", "File Not Found"), not that a model (or an Azure
+    deployment) is missing, or that something else went wrong (mlx_lm.server answers a
+    failed generation 404 too).
+    """
+    lowered = message.lower()
+    return "not found" in lowered and "model" not in lowered and \
+        "deployment" not in lowered and code is None
 
 
 def error_fields(error: Any) -> tuple[str, str | None, int | None] | None:

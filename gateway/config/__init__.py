@@ -150,8 +150,7 @@ class GatewayConfig:
                 continue
             host = url.hostname or ""
             for listen, listen_port in own:
-                here = is_loopback(host) and (is_loopback(listen) or listen in ("0.0.0.0", "::"))
-                if port == listen_port and (host == listen or here):
+                if port == listen_port and _one_socket(host, listen):
                     yield (f"backends[{i}].url", f"{backend.url} is the gateway's own address "
                            f"({listen}:{listen_port}): its requests would come back to it")
 
@@ -170,6 +169,19 @@ class GatewayConfig:
         for key, problem in changed._asking_itself():
             raise ConfigError(f"{self.source}: {key}: {problem}")
         return changed
+
+
+def _one_socket(host: str, listen: str) -> bool:
+    """Whether a request to ``host`` reaches a socket listening on ``listen`` (the same
+    port): the same address, localhost and a loopback address it names, or a loopback
+    address and the wildcard of its family."""
+    if host == listen:
+        return True
+    names = {"localhost": ("127.0.0.1", "::1")}
+    if listen in names.get(host, ()) or host in names.get(listen, ()):
+        return True
+    wild = {"0.0.0.0": ("localhost", "127.0.0.1"), "::": ("localhost", "::1", "127.0.0.1")}
+    return host in wild.get(listen, ()) or (listen == "0.0.0.0" and host.startswith("127."))
 
 
 def load_config(path: str | Path | None = None) -> GatewayConfig:

@@ -33,8 +33,9 @@ class ServerConfig:
     port: int = 4000
     max_body_bytes: int = 20 * 1024 * 1024  # images arrive base64-encoded in the body
     body_timeout: float = 30.0  # the longest a request body may take to arrive
-    # Request bodies held at once, all requests together (a body of unknown length counts
-    # as max_body_bytes): past it, requests are turned away (503) rather than buffered.
+    # Request bodies held at once, all requests together (each holds what has arrived of
+    # it): past it, requests are turned away (503) rather than buffered; a body larger than
+    # all of it is a 413.
     bodies_in_flight_bytes: int = 256 * 1024 * 1024
     shutdown_grace: float = 30.0  # in-flight streams get this long to finish on shutdown
     # How reasoning text reaches clients: a reasoning_content delta, inline in <think> tags

@@ -4,6 +4,7 @@ some of them are behind.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ class TunnelConfig:
         if not 1 <= self.port <= 65535:
             yield "port", "expected a TCP port 1-65535"
         for key in ("keepalive", "connect_timeout", "backoff_initial", "backoff_max"):
-            if getattr(self, key) <= 0:
+            if not 0 < getattr(self, key) < math.inf:  # (nan too: tunnel-agent's own flags)
                 yield key, "expected seconds > 0"
         if self.backoff_initial > self.backoff_max:
             yield "backoff_initial", "expected at most backoff_max"

@@ -261,8 +261,8 @@ def _sampling(body: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {"options": rest} if rest else {}
     think, keep_alive = body.get("think"), keep_alive_of(body)
     if think is not None:
-        if not isinstance(think, bool) and think not in ("high", "medium", "low"):
-            raise bad("think must be true, false, \"high\", \"medium\" or \"low\"")
+        if not isinstance(think, bool | str):  # (a level's name is the model's to know:
+            raise bad("think must be true, false or a level (\"high\")")  # "max" too)
         fields["think"] = think
     if keep_alive is not None:
         fields["keep_alive"] = keep_alive

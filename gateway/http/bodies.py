@@ -92,6 +92,9 @@ class Held:
     def grow(self, size: int) -> None:
         """The body is ``size`` bytes so far (refused when the budget cannot hold that)."""
         budget = self.budget
+        if size > budget.limit:  # (never: not a wait, as a full budget is)
+            raise PayloadTooLarge(f"The request body is larger than the gateway takes at once "
+                                  f"([server] bodies_in_flight_bytes: {budget.limit} bytes).")
         if budget.held + size - self.size > budget.limit:
             raise Unavailable("Too many large request bodies are being received at once; "
                               "retry shortly.", retry_after=1, code="bodies_in_flight")

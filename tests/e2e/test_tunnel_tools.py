@@ -150,6 +150,7 @@ def test_agent_prints_a_boot_unit_with_the_users_arguments(flag: str, tmp_path: 
     # Settings are checked as a config's [[tunnels]] are: a unit that loops for ever on a
     # keepalive of -1 is not written.
     for bad, said in ((["--keepalive", "-1"], "--keepalive: expected seconds > 0"),
+                      (["--keepalive", "nan"], "--keepalive: expected seconds > 0"),
                       (["--password-env", "hunter2!"], "--password-env: expected the name")):
         result = subprocess.run([*GATEWAY, "tunnel-agent", *args, *bad, flag],
                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)

@@ -316,7 +316,7 @@ def test_a_request_said_wrong_is_a_400_not_a_load(gateway: ServerThread, ollama_
     key = "messages" if path == "/api/chat" else "prompt"
     wrong: list[Any] = ["", 0, False, {}] if key == "messages" else [0, False, [], {}]
     if path != "/api/embeddings":
-        wrong += [{"options": []}, {"think": "maybe"}, {"keep_alive": {}},
+        wrong += [{"options": []}, {"think": 1}, {"keep_alive": {}},
                   {"tools": {}} if path == "/api/chat" else {"raw": "yes"}]
     ollama_sim.clear()
     for value in wrong:

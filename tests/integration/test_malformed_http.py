@@ -235,6 +235,25 @@ def test_bodies_that_do_not_come_hold_none_of_the_budget(impatient: ServerThread
             sock.close()
 
 
+def test_an_upload_larger_than_the_whole_budget_is_a_413_not_a_wait(ollama_sim: Sim) -> None:
+    """(A 503 "retry shortly" once the budget's worth had come: it never could.)"""
+    server = start_gateway(gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        server={"max_body_bytes": 8192, "bodies_in_flight_bytes": 16384},
+        tasks={"max_file_bytes": 100_000}))
+    try:
+        body = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                b'--b\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+                b"\r\n" + b"x" * 30_000 + b"\r\n--b--\r\n")
+        head = ("POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        status, _, answer = exchange(server, head + body)
+        assert status == 413 and openai_error(answer)["code"] == "request_too_large", answer
+    finally:
+        server.stop()
+
+
 def test_a_small_chunked_body_holds_its_size_of_the_budget_not_the_limit(
         impatient: ServerThread, ollama_sim: Sim) -> None:
     """Clients that send their JSON chunked (no length declared) were each charged the

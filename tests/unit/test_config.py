@@ -96,6 +96,9 @@ def test_a_backend_at_the_gateways_own_address_is_refused() -> None:
     with pytest.raises(ConfigError, match="the gateway's own address"):
         parse_config({"server": {"host": "0.0.0.0", "port": 4000}, "backends": [
             {**ollama, "url": "http://localhost:4000/v1", "kind": "openai"}]}, source="x.toml")
+    for listen in ("[::1]:11434", "127.0.0.2:11434"):  # another socket of the same port
+        parse_config({"server": {"also_listen": [listen]}, "backends": [ollama]},
+                     source="x.toml")
     config = parse_config({"server": {"port": 4000}, "backends": [ollama]}, source="x.toml")
     with pytest.raises(ConfigError, match="the gateway's own address"):
         config.with_server(port=11434)  # (gateway serve --port 11434)

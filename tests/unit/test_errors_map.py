@@ -28,6 +28,11 @@ def test_status_mapping(upstream: int, client: int, kind: str) -> None:
     ("", None, "model_not_found"),  # (nothing said: the model, as before)
     ("Not Found", None, "unsupported_by_backend"),  # mlx_lm.server, no such endpoint
     ("404 page not found", None, "unsupported_by_backend"),  # a Go server's
+    ("File Not Found", None, "unsupported_by_backend"),  # llama.cpp's
+    # not a missing endpoint: Azure's deployment, mlx_lm.server's failed generation
+    ("The API deployment for this resource does not exist.", "DeploymentNotFound",
+     "model_not_found"),
+    ("generation thread died", None, "model_not_found"),
 ])
 def test_a_404_not_about_the_model_is_an_endpoint_the_backend_lacks(
         message: str, code: str | None, expected: str) -> None:
