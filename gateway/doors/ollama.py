@@ -16,18 +16,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.doors.ollama_codec import (
-    OllamaStream,
-    Shape,
+from gateway.doors.ollama_answer import OllamaStream, Shape, loaded
+from gateway.doors.ollama_context import turns_of
+from gateway.doors.ollama_request import (
     bad,
     chat_request,
     generate_request,
     keep_alive_of,
-    loaded,
     model_of,
     thinking_mode,
 )
-from gateway.doors.ollama_context import turns_of
 from gateway.errors import GatewayError, ModelNotFound, model_shown
 from gateway.http.access import check_model, context, usage_sink, visible
 from gateway.http.bodies import body_of

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.doors import anthropic_request, ollama_codec, responses_request
+from gateway.doors import anthropic_request, ollama_request, responses_request
 from gateway.errors import GatewayError
 from gateway.protocol.openai import parse_chat, parse_completion, parse_embedding
 
@@ -85,7 +85,7 @@ DOORS: dict[str, tuple[Callable[[dict[str, Any]], object], dict[str, Any]]] = {
                                           "content": [{"type": "text", "text": "ok"}]}]}]}),
     "anthropic count": (_anthropic_count, {"model": "m", "messages": [
         {"role": "user", "content": "hi"}]}),
-    "ollama chat": (ollama_codec.chat_request, {
+    "ollama chat": (ollama_request.chat_request, {
         "model": "m", "stream": False, "format": {"type": "object"}, "think": True,
         "keep_alive": "5m", "options": {"temperature": 0.1, "num_predict": 5, "num_ctx": 8},
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
@@ -93,10 +93,10 @@ DOORS: dict[str, tuple[Callable[[dict[str, Any]], object], dict[str, Any]]] = {
                      {"role": "assistant", "content": "", "tool_calls": [
                          {"function": {"name": "f", "arguments": {"a": 1}}}]},
                      {"role": "tool", "content": "ok", "tool_name": "f"}]}),
-    "ollama generate": (ollama_codec.generate_request, {
+    "ollama generate": (ollama_request.generate_request, {
         "model": "m", "prompt": "def", "suffix": "x", "options": {"seed": 1},
         "stream": False}),
-    "ollama generate chat": (ollama_codec.generate_request, {
+    "ollama generate chat": (ollama_request.generate_request, {
         "model": "m", "prompt": "hi", "system": "s", "images": [IMAGE], "format": "json"}),
 }
 
