@@ -212,6 +212,9 @@ def from_upstream_status(
     if status in (401, 403):
         return UpstreamError(f"{backend} refused the gateway's credentials", backend=backend,
                              code="upstream_auth_failed")
+    if status == 500 and _error_code(message) == UNSUPPORTED_BY_MODEL:
+        # (llama.cpp's "image input is not supported": the model cannot, the server is fine)
+        return InvalidRequest(message, code=UNSUPPORTED_BY_MODEL)
     return UpstreamError(text, backend=backend)
 
 
@@ -222,6 +225,8 @@ def _no_such_path(message: str, code: str | None) -> bool:
     failed generation 404 too).
     """
     lowered = message.lower()
+    if code == "unknown_url" or "unknown request url" in lowered or "invalid url" in lowered:
+        return True  # (OpenAI's and Groq's: no such endpoint)
     return "not found" in lowered and "model" not in lowered and \
         "deployment" not in lowered and code is None
 
@@ -270,7 +275,8 @@ def _error_code(message: str) -> str | None:
     if ("content" in lowered and ("policy" in lowered or "filter" in lowered)) or \
             "safety system" in lowered:  # OpenAI's wording for a content-policy refusal
         return "content_policy_violation"
-    if "does not support" in lowered or "not a multimodal model" in lowered:
+    if "does not support" in lowered or "not a multimodal model" in lowered or \
+            "input is not supported" in lowered:
         # Ollama's '"x" does not support tools' (images, generate, chat, thinking...), vLLM's
         # and llama.cpp's alike: this model cannot do what was asked; another may
         return UNSUPPORTED_BY_MODEL

@@ -44,6 +44,7 @@ START_SECONDS = 120.0  # for a server to answer at all (it may take longer to lo
 SAID_LINES = 12  # of what the server said, kept to tell why it did not come up
 MAX_RESTART_DELAY = 30.0
 RESTART_WAIT = 10.0  # seconds a server that stopped is given to be back (SmolLM2: about 2)
+DEATH_SEEN = 1.0  # seconds for a server's exit to be seen once its connections broke
 
 
 class EmbeddedUnavailable(RuntimeError):
@@ -159,7 +160,7 @@ class EmbeddedBackend(OpenAICompatBackend):
         try:
             return await super().embed(req, model)
         except UpstreamError:
-            if not self._gone(sent_to):
+            if not await self._died(sent_to):
                 raise
         await self._back()
         return await super().embed(req, model)
@@ -178,7 +179,7 @@ class EmbeddedBackend(OpenAICompatBackend):
             try:
                 first = await anext(chunks)
             except UpstreamError:
-                if not self._gone(sent_to):
+                if not await self._died(sent_to):
                     raise
                 await chunks.aclose()
                 await self._back()
@@ -192,10 +193,16 @@ class EmbeddedBackend(OpenAICompatBackend):
         finally:
             await chunks.aclose()
 
-    def _gone(self, process: asyncio.subprocess.Process | None) -> bool:
-        """Whether the server a request was sent to has died (or been replaced) since."""
-        return process is not None and (process.returncode is not None
-                                        or process is not self.process)
+    async def _died(self, process: asyncio.subprocess.Process | None) -> bool:
+        """Whether the server a request was sent to has died (or been replaced) since: its
+        connections are closed before its exit is seen, so a moment is given for that."""
+        if process is None:
+            return False
+        if process.returncode is None and process is self.process:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DEATH_SEEN):
+                    await process.wait()
+        return process.returncode is not None or process is not self.process
 
     async def _back(self) -> None:
         """Until a server that stopped a moment ago is back (at most ``RESTART_WAIT``
@@ -251,7 +258,9 @@ class EmbeddedBackend(OpenAICompatBackend):
                     self._stopped_at = time.monotonic()
                 else:
                     why = "it did not come up"
-                await self._stop_process()
+                await self._stop_process()  # (a wedged one: up to its SIGTERM's wait)
+                if came_up:
+                    self._stopped_at = time.monotonic()  # (the grace from its end)
                 if not came_up:
                     why += "".join(f"\n  {line}" for line in self._said)
                     await self._listen_anew()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.config import TIERS, AliasConfig, GatewayConfig
-from gateway.errors import UNSUPPORTED_BY_MODEL, InvalidRequest, Unavailable
+from gateway.errors import UNSUPPORTED_BY_MODEL, InvalidRequest, Unavailable, model_shown
 from gateway.protocol.openai import ChatRequest, CompletionRequest, text_of
 from gateway.protocol.units import CHARS_PER_TOKEN
 from gateway.routing.candidates import REQUESTED, Candidate, Route
@@ -74,14 +74,6 @@ class Needs:
         """Whether the window its backend runs it with now (where said) holds the prompt."""
         window = deployment.model.running_context
         return not window or window >= self.tokens
-
-    def unserved(self, deployments: list[Deployment]) -> bool:
-        """Whether the request fills in the middle and every one of the deployments is
-        said not to (a server that cannot leaves the suffix out without a word: llama.cpp's
-        /v1/completions; images and tools a server refuses itself).
-        """
-        return self.insert and bool(deployments) and all(
-            d.model.reported and "insert" not in d.model.capabilities for d in deployments)
 
     def sure(self, candidate: Candidate) -> bool:
         """Whether the model is known (not just presumed) to have what is needed."""
@@ -169,14 +161,10 @@ class Selector:
             # A configured model whose backend is away right now (never listed since start):
             # its fallbacks answer instead of a 404.
             # (None to try: the name is kept for what the client is told)
-            first = [Candidate(name, self._catalog.deployments(name), REQUESTED)]
+            first = [Candidate(name, _inserting(req, self._catalog.deployments(name)),
+                               REQUESTED)]
         else:
-            deployments = self._catalog.resolve(name)
-            if needs_of(req).unserved(deployments):
-                raise InvalidRequest(f"The model {name!r} cannot fill in the middle (a text "
-                                     "completion's suffix).", param="model",
-                                     code=UNSUPPORTED_BY_MODEL)
-            first = [Candidate(name, deployments, REQUESTED)]
+            first = [Candidate(name, _inserting(req, self._catalog.resolve(name)), REQUESTED)]
         if allowed:
             return Route(first, lambda: [c for c in self._fallbacks_for(name, first,
                                                                         needs_of(req))
@@ -342,6 +330,23 @@ class Selector:
                                   f"({needs.describe()}).", param="model",
                                   code="no_capable_model")
         return Unavailable(f"No model is available for {alias!r} right now.", retry_after=5)
+
+
+def _inserting(req: ChatRequest | CompletionRequest, deployments: list[Deployment]
+               ) -> list[Deployment]:
+    """A named model's deployments, less those said not to fill in the middle when the
+    request does (a server that cannot leaves the suffix out without a word: llama.cpp's
+    /v1/completions; images and tools a server refuses itself); a 400 when none is left.
+    """
+    if not isinstance(req, CompletionRequest) or not req.suffix:
+        return deployments
+    able = [d for d in deployments
+            if not d.model.reported or "insert" in d.model.capabilities]
+    if deployments and not able:
+        raise InvalidRequest(f"The model {model_shown(req.model)!r} cannot fill in the "
+                             "middle (a text completion's suffix).", param="model",
+                             code=UNSUPPORTED_BY_MODEL)
+    return able
 
 
 def _fitting(candidates: list[Candidate], needs: Needs, now: bool = False

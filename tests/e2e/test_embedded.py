@@ -103,6 +103,16 @@ def test_answers_embeddings_as_well_as_chat(light: tuple[ServerThread, EmbeddedB
                                       suffix="\n    return total\n", max_tokens=8)
         assert refused.value.code == "unsupported_by_model"
         assert "fill in the middle" in refused.value.message
+        # An image, which it cannot see (llama.cpp's 500 "image input is not supported"):
+        # the client's 400, and not counted against it (it was, and its breaker opened)
+        pixel = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUl" \
+            "EQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+        for _ in range(4):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model="smollm2:135m", max_tokens=4, messages=[{
+                    "role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": pixel}}]}])
+            assert refused.value.code == "unsupported_by_model", refused.value.message
         # Tools it is asked with (llama.cpp takes them, whatever the model makes of them)
         assert client.chat.completions.create(**ASK, tools=[{  # type: ignore[call-overload]
             "type": "function", "function": {"name": "weather", "parameters": {
@@ -170,3 +180,58 @@ def test_the_readmes_first_request_works_on_the_default_config(tmp_path: Path) -
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_fill_in_the_middle_goes_only_where_the_suffix_is_kept(ollama_sim: Sim) -> None:
+    """The embedded server leaves a suffix out without a word: a model it serves under the
+    name of one Ollama fills in the middle with was failed over to when Ollama's broke, and
+    answered a plain continuation; and a [[models]] entry for it let the suffix through.
+    """
+    model = "qwen2.5-coder:32b"  # Ollama's simulator: it can insert
+    config = gateway_config(
+        backend("ollama", "ollama", ollama_sim.api_url),
+        backend("light", "embedded", "", tier="server", context_size=2048, parallel=1,
+                models=[model]),
+        models=[{"name": "smollm2", "deployments": [{"backend": "light", "model": model}],
+                 "capabilities": ["completion", "tools"]}],
+        routing={"retries": 0})
+    server = start_gateway(config)
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            fim = {"prompt": "def add(a, b):\n", "suffix": "\n    return total\n",
+                   "max_tokens": 8}
+            assert client.completions.create(model=model, **fim).choices  # Ollama's
+            ollama_sim.fault(model, status=500)
+            with pytest.raises(openai.APIStatusError) as failed:  # not the embedded's
+                client.completions.create(model=model, **fim)
+            assert failed.value.status_code == 502
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.completions.create(model="smollm2", **fim)
+            assert "cannot fill in the middle" in refused.value.message
+    finally:
+        server.stop()
+
+
+def test_requests_waiting_inside_a_server_that_dies_are_answered_by_the_next() -> None:
+    """Requests queued inside llama.cpp when it died (no token yet) broke off with it:
+    its connections close before its exit is seen, and they were 502s, then its breaker's
+    503s. They are sent again to the server that comes back.
+    """
+    config = gateway_config(backend("light", "embedded", "", tier="server", context_size=2048,
+                                    parallel=1, max_concurrency=4),
+                            routing={"health_interval": 0.5})
+    server = start_gateway(config)
+    try:
+        embedded = server.app[BACKENDS]["light"]  # type: ignore[index]
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client, \
+                concurrent.futures.ThreadPoolExecutor(4) as pool:
+            long = client.chat.completions.create(**{**ASK, "max_tokens": 400, "stream": True})  # type: ignore[call-overload]
+            next(iter(long))  # the one slot busy: the next three wait inside the server
+            asked = [pool.submit(client.chat.completions.create, **ASK) for _ in range(3)]
+            time.sleep(0.5)
+            os.kill(embedded.process.pid, signal.SIGKILL)
+            answers = [future.result(timeout=60) for future in asked]
+            long.close()
+        assert all(a.choices[0].message.content for a in answers)
+    finally:
+        server.stop()

@@ -29,6 +29,9 @@ def test_status_mapping(upstream: int, client: int, kind: str) -> None:
     ("Not Found", None, "unsupported_by_backend"),  # mlx_lm.server, no such endpoint
     ("404 page not found", None, "unsupported_by_backend"),  # a Go server's
     ("File Not Found", None, "unsupported_by_backend"),  # llama.cpp's
+    ("Unknown request URL: POST /openai/v1/embeddings.", "unknown_url",  # OpenAI's, Groq's
+     "unsupported_by_backend"),
+    ("Invalid URL (POST /v1/completions)", None, "unsupported_by_backend"),
     # not a missing endpoint: Azure's deployment, mlx_lm.server's failed generation
     ("The API deployment for this resource does not exist.", "DeploymentNotFound",
      "model_not_found"),
